@@ -1,0 +1,291 @@
+"""LoraLinear: the thin module that replaces a target linear layer. It owns parameters; kernels do the math."""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+
+from . import lora_init
+from .config import LoraConfig
+from .kernels import lora_linear
+
+
+def _conv1d_type():
+    try:
+        from transformers.pytorch_utils import Conv1D
+
+        return Conv1D
+    except ImportError:  # transformers is a dependency, but keep plain-torch use working
+        return ()
+
+
+def _set_requires_grad(module: nn.Module, flag: bool) -> None:
+    for p in module.parameters():
+        p.requires_grad_(flag)
+
+
+class LoraLinear(nn.Module):
+    """PEFT's ``lora.Linear``: same attribute names, same parameter names, same semantics."""
+
+    adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, r: int, lora_alpha: float,
+                 autocast_adapter_dtype: bool = True):
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        # PEFT keeps these (empty for linear layers); kept so module trees and names line up one to one.
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.use_rslora: dict[str, bool] = {}
+        self.use_dora: dict[str, bool] = {}
+        self.lora_bias: dict[str, bool] = {}
+        self.merged_adapters: list[str] = []
+        self._disable_adapters = False
+        self._active_adapter: list[str] = [adapter_name]
+        self.fan_in_fan_out = self._check_fan_in_fan_out(config)
+        weight = base_layer.weight
+        if self.fan_in_fan_out:
+            self.in_features, self.out_features = weight.shape
+        else:
+            self.out_features, self.in_features = weight.shape
+        self.update_layer(adapter_name, r, lora_alpha, config, autocast_adapter_dtype)
+
+    def _check_fan_in_fan_out(self, config: LoraConfig) -> bool:
+        conv1d = _conv1d_type()
+        if conv1d and isinstance(self.base_layer, conv1d):
+            if not config.fan_in_fan_out:
+                warnings.warn("fan_in_fan_out is set to False but the target module is `Conv1D`. "
+                              "Setting fan_in_fan_out to True.")
+                config.fan_in_fan_out = True
+            return True
+        if config.fan_in_fan_out:
+            warnings.warn("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. "
+                          "Setting fan_in_fan_out to False.")
+            config.fan_in_fan_out = False
+        return False
+
+    # --- adapters ------------------------------------------------------------------------------------------------
+    def update_layer(self, name: str, r: int, lora_alpha: float, config: LoraConfig,
+                     autocast_adapter_dtype: bool = True) -> None:
+        if r <= 0:
+            raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
+        if config.use_dora:
+            raise NotImplementedError("DoRA (use_dora=True) is not implemented in peft_fast yet; use use_dora=False.")
+        if config.lora_bias and getattr(self.base_layer, "bias", None) is None:
+            warnings.warn(f"`lora_bias=True` was passed but the targeted layer of type {type(self.base_layer).__name__} "
+                          "has no bias. This means that merging LoRA weights won't be possible.")
+        self.r[name] = r
+        self.lora_alpha[name] = lora_alpha
+        self.lora_dropout[name] = nn.Dropout(p=config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        # Same module types, created in the same order as PEFT: under one seed both draw identical weights.
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=config.lora_bias)
+        self.lora_bias[name] = config.lora_bias
+        self.use_rslora[name] = config.use_rslora
+        self.use_dora[name] = False
+        self.scaling[name] = lora_alpha / math.sqrt(r) if config.use_rslora else lora_alpha / r
+        lora_init.initialise(self, name, config.init_lora_weights)
+        self._move_adapter_to_base(name, autocast_adapter_dtype)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def _move_adapter_to_base(self, name: str, autocast_adapter_dtype: bool) -> None:
+        # PEFT moves the adapter to the base layer's device and dtype, then upcasts half precision to float32.
+        weight = self.base_layer.weight
+        dtype = weight.dtype if weight.dtype.is_floating_point else None
+        for mod in (self.lora_A, self.lora_B):
+            mod[name] = mod[name].to(weight.device, dtype=dtype)
+            if autocast_adapter_dtype and mod[name].weight.dtype in (torch.float16, torch.bfloat16):
+                mod[name] = mod[name].to(torch.float32)
+
+    def get_base_layer(self) -> nn.Module:
+        return self.base_layer
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return getattr(self.base_layer, "bias", None)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    @property
+    def active_adapter(self) -> list[str]:
+        return self._active_adapter
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapter)
+
+    def available_adapters(self) -> list[str]:
+        return sorted(self.lora_A.keys())
+
+    def set_adapter(self, names: str | list[str], inference_mode: bool = False) -> None:
+        names = [names] if isinstance(names, str) else list(names)
+        for dict_name in ("lora_A", "lora_B"):
+            for key, mod in getattr(self, dict_name).items():
+                _set_requires_grad(mod, key in names and not inference_mode)
+        self._active_adapter = names
+
+    def enable_adapters(self, enabled: bool) -> None:
+        if enabled:
+            self.set_adapter(self.active_adapters)
+            self._disable_adapters = False
+        else:
+            for dict_name in ("lora_A", "lora_B"):
+                for mod in getattr(self, dict_name).values():
+                    _set_requires_grad(mod, False)
+            self._disable_adapters = True
+
+    def delete_adapter(self, name: str) -> None:
+        for attr in ("lora_A", "lora_B", "lora_dropout", "r", "lora_alpha", "scaling", "use_rslora", "use_dora",
+                     "lora_bias"):
+            container = getattr(self, attr)
+            if name in container:
+                del container[name]
+        if name in self.active_adapters:
+            remaining_active = [a for a in self.active_adapters if a != name]
+            if remaining_active:
+                self.set_adapter(remaining_active)
+            else:
+                left = self.available_adapters()
+                self.set_adapter(left[:1])
+
+    # --- math --------------------------------------------------------------------------------------------------
+    def _plain_base(self) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        """(weight [out, in], bias) when the base is a plain Linear/Conv1D we can fuse with; else None."""
+        base = self.base_layer
+        if base._forward_hooks or base._forward_pre_hooks or type(base) not in (nn.Linear, _conv1d_type()):
+            return None
+        weight = base.weight.T if self.fan_in_fan_out else base.weight
+        return weight, base.bias
+
+    def _adapter_args(self, name: str, x_training: bool) -> tuple:
+        dropout = self.lora_dropout[name]
+        p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+        b = self.lora_B[name]
+        return self.lora_A[name].weight, b.weight, self.scaling[name], p, b.bias
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
+        if self._disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        active = [a for a in self.active_adapters if a in self.lora_A]
+        if self.merged or not active:
+            return self.base_layer(x, *args, **kwargs)
+        plain = None if (args or kwargs or len(active) > 1) else self._plain_base()
+        if plain is not None:
+            a, b, s, p, b_bias = self._adapter_args(active[0], self.training)
+            return lora_linear(x, plain[0], plain[1], a, b, s, p, b_bias)
+        result = self.base_layer(x, *args, **kwargs)
+        out_dtype = result.dtype
+        for name in active:
+            a, b, s, p, b_bias = self._adapter_args(name, self.training)
+            result = result + lora_linear(x, None, None, a, b, s, p, b_bias)
+        return result.to(out_dtype)
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
+        result = self.base_layer(x, *args, **kwargs)
+        out_dtype = result.dtype
+        for name in set(adapter_names):
+            if name == "__base__" or name not in self.lora_A:
+                continue
+            rows = [i for i, item in enumerate(adapter_names) if item == name]
+            a, b, s, p, b_bias = self._adapter_args(name, self.training)
+            result[rows] += lora_linear(x[rows], None, None, a, b, s, p, b_bias).to(out_dtype)
+        return result
+
+    # --- merging -----------------------------------------------------------------------------------------------
+    def get_delta_weight(self, name: str) -> torch.Tensor:
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        # CPU matmuls in half precision are slow and lossy: PEFT computes them in float32 and casts back.
+        cast = a.device.type == "cpu" and b.dtype in (torch.float16, torch.bfloat16)
+        delta = (b.float() @ a.float()) if cast else b @ a
+        delta = (delta.T if self.fan_in_fan_out else delta) * self.scaling[name]
+        return delta.to(b.dtype) if cast else delta
+
+    def check_merge_finite(self, adapter_names: Optional[list[str]] = None) -> None:
+        names = self.active_adapters if adapter_names is None else adapter_names
+        for name in names:
+            if name in self.lora_A and name not in self.merged_adapters:
+                merged = self.base_layer.weight.data + self.get_delta_weight(name)
+                finite = torch.isfinite(merged).all()
+                if self.lora_bias[name]:
+                    finite = finite and torch.isfinite(self.lora_B[name].bias).all()
+                if not finite:
+                    raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        names = self._adapters_to_merge(adapter_names)
+        base = self.base_layer
+        for name in names:
+            if name not in self.lora_A:
+                continue
+            new_bias = None
+            if self.lora_bias[name]:
+                if getattr(base, "bias", None) is None:
+                    raise RuntimeError("Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias.")
+                new_bias = base.bias.data + self.lora_B[name].bias.data * self.scaling[name]
+            if safe_merge:
+                merged = base.weight.data.clone()
+                merged += self.get_delta_weight(name).to(merged.dtype)
+                if not torch.isfinite(merged).all() or (new_bias is not None and not torch.isfinite(new_bias).all()):
+                    raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+                base.weight.data = merged
+            else:
+                base.weight.data += self.get_delta_weight(name)
+            if new_bias is not None:
+                base.bias.data = new_bias.to(base.bias.dtype)
+            self.merged_adapters.append(name)
+
+    def _adapters_to_merge(self, adapter_names: Optional[list[str]]) -> list[str]:
+        names = self.active_adapters if adapter_names is None else adapter_names
+        if isinstance(names, str):
+            raise TypeError(f"adapter_names should be a list of strings, got {names!r}.")
+        if self.merged:
+            already = set(self.merged_adapters)
+            names = [n for n in names if n not in already]
+            if names:
+                warnings.warn(f"Already following adapters were merged {','.join(self.merged_adapters)}. "
+                              f"You are now additionally merging {','.join(names)}.")
+            else:
+                warnings.warn("All adapters are already merged, nothing to do.")
+        return list(names)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name not in self.lora_A:
+                continue
+            weight = self.base_layer.weight
+            weight.data -= self.get_delta_weight(name).to(weight.dtype)
+            if self.lora_bias[name]:
+                self.base_layer.bias.data -= self.lora_B[name].bias.data * self.scaling[name]
+
+    def __repr__(self) -> str:
+        return "lora." + super().__repr__()

@@ -1,0 +1,80 @@
+"""Adapter initialisation schemes, as PEFT defines them (same RNG calls in the same order)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+
+def _transpose(w: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    return w.T if fan_in_fan_out else w
+
+
+def reset(layer, name: str, init) -> None:
+    """``True``: A ~ kaiming-uniform, B = 0; ``"gaussian"``: A ~ N(0, 1/r), B = 0; ``False``: leave nn.Linear's init."""
+    if init is False:
+        return
+    a = layer.lora_A[name].weight
+    if init is True:
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+    elif init == "gaussian":
+        nn.init.normal_(a, std=1 / layer.r[name])
+    else:
+        raise ValueError(f"Unknown initialization init_lora_weights={init!r}")
+    nn.init.zeros_(layer.lora_B[name].weight)
+    if layer.lora_bias[name]:
+        nn.init.zeros_(layer.lora_B[name].bias)
+
+
+def _base_weight_float32(layer) -> tuple[torch.Tensor, torch.dtype]:
+    weight = layer.get_base_layer().weight
+    if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(
+            f"PiSSA/OLoRA initialisation needs a float32, float16 or bfloat16 base weight, got {weight.dtype}; "
+            "initialise before quantising, then quantise the residual model."
+        )
+    return _transpose(weight.detach().to(torch.float32), layer.fan_in_fan_out), weight.dtype
+
+
+def _write_residual(layer, residual: torch.Tensor, dtype: torch.dtype) -> None:
+    base = layer.get_base_layer()
+    base.weight.data = _transpose(residual, layer.fan_in_fan_out).to(dtype).contiguous()
+
+
+def pissa(layer, name: str, init: str) -> None:
+    """Principal singular vectors go into the adapter; the base keeps the residual, so outputs are unchanged."""
+    weight, dtype = _base_weight_float32(layer)
+    r, scaling = layer.r[name], layer.scaling[name]
+    if init == "pissa":
+        v, s, uh = torch.linalg.svd(weight, full_matrices=False)
+        vr, sr, uhr = v[:, :r], s[:r] / scaling, uh[:r]
+    else:
+        niter = int(init.split("_niter_")[-1])
+        vr, sr, ur = torch.svd_lowrank(weight, r, niter=niter)
+        sr, uhr = sr / scaling, ur.t()
+    lora_a = torch.diag(torch.sqrt(sr)) @ uhr
+    lora_b = vr @ torch.diag(torch.sqrt(sr))
+    layer.lora_A[name].weight.data = lora_a
+    layer.lora_B[name].weight.data = lora_b
+    _write_residual(layer, weight - scaling * lora_b @ lora_a, dtype)
+
+
+def olora(layer, name: str) -> None:
+    """Orthonormal init from a QR decomposition of the base weight; the base keeps the residual."""
+    weight, dtype = _base_weight_float32(layer)
+    r, scaling = layer.r[name], layer.scaling[name]
+    q, rr = torch.linalg.qr(weight)
+    layer.lora_A[name].weight.data = rr[:r].contiguous()
+    layer.lora_B[name].weight.data = q[:, :r].contiguous()
+    residual = weight - scaling * layer.lora_B[name].weight @ layer.lora_A[name].weight
+    _write_residual(layer, residual, dtype)
+
+
+def initialise(layer, name: str, init) -> None:
+    if isinstance(init, str) and init.startswith("pissa"):
+        pissa(layer, name, init)
+    elif isinstance(init, str) and init.lower() == "olora":
+        olora(layer, name)
+    else:
+        reset(layer, name, init)

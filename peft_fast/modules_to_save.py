@@ -1,0 +1,108 @@
+"""ModulesToSaveWrapper: a fully trained copy of a module per adapter (PEFT's ``modules_to_save``)."""
+from __future__ import annotations
+
+import copy
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+
+_MIXED_BATCH_TYPES = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class ModulesToSaveWrapper(nn.Module):
+    def __init__(self, module_to_save: nn.Module, adapter_name: str):
+        super().__init__()
+        if isinstance(module_to_save, (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)):
+            raise TypeError(f"modules_to_save cannot be applied to modules of type {type(module_to_save)}")
+        self.original_module = module_to_save
+        self.modules_to_save = nn.ModuleDict()
+        self._active_adapter: list[str] = [adapter_name]
+        self._disable_adapters = False
+        self.update(adapter_name)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapter)
+
+    @property
+    def active_adapter(self) -> list[str]:
+        return self._active_adapter
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    def update(self, adapter_name: str) -> None:
+        if adapter_name not in self.modules_to_save:
+            self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
+        self.original_module.requires_grad_(False)
+        if adapter_name in self._active_adapter:
+            self.modules_to_save[adapter_name].requires_grad_(True)
+
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else [n for n in adapter_names if n in self.modules_to_save]
+        if len(names) > 1:
+            raise ValueError(f"Attempted to set multiple ({names}) adapters at once for modules_to_save.")
+        for mod in self.modules_to_save.values():
+            mod.requires_grad_(False)
+        if not names:
+            self._active_adapter = []
+            return
+        if names[0] not in self.modules_to_save:
+            raise ValueError(f"Adapter {names[0]} not found in {sorted(self.modules_to_save.keys())}")
+        self.modules_to_save[names[0]].requires_grad_(not inference_mode)
+        self._active_adapter = names
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self._disable_adapters = not enabled
+        for name, mod in self.modules_to_save.items():
+            mod.requires_grad_(enabled and name in self._active_adapter)
+
+    def delete_adapter(self, adapter_name: str, new_active: Optional[list[str]]) -> None:
+        if adapter_name not in self.modules_to_save:
+            return
+        del self.modules_to_save[adapter_name]
+        keep = [n for n in (new_active or []) if n in self.modules_to_save]
+        self.set_adapter(keep[:1])
+
+    def _passthrough(self) -> bool:
+        return self._disable_adapters or not self._active_adapter or self._active_adapter[0] not in self.modules_to_save
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        adapter_names = kwargs.pop("adapter_names", None)
+        if self._passthrough():
+            return self.original_module(*args, **kwargs)
+        if adapter_names is None:
+            return self.modules_to_save[self._active_adapter[0]](*args, **kwargs)
+        return self._mixed_batch_forward(*args, adapter_names=adapter_names, **kwargs)
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
+        if not isinstance(self.original_module, _MIXED_BATCH_TYPES):
+            names = ", ".join(t.__name__ for t in _MIXED_BATCH_TYPES)
+            raise TypeError(f"Mixed batching is only supported for the following modules: {names}.")
+        results: list[Any] = [None] * len(x)
+        for name in set(adapter_names):
+            rows = [i for i, n in enumerate(adapter_names) if n == name]
+            mod = self.original_module if name == "__base__" else self.modules_to_save[name]
+            out = mod(x[rows], *args, **kwargs)
+            for k, row in enumerate(rows):
+                results[row] = out[k]
+        return torch.stack(results)
+
+    def unload(self) -> nn.Module:
+        """The module that replaces this wrapper on unload: the active adapter's copy, else the original."""
+        if not self._active_adapter or self._active_adapter[0] not in self.modules_to_save:
+            return self.original_module
+        return self.modules_to_save[self._active_adapter[0]]
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            pass
+        if "_modules" not in self.__dict__:
+            raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+        if self._passthrough():
+            return getattr(self.original_module, name)
+        return getattr(self.modules_to_save[self._active_adapter[0]], name)

@@ -1,0 +1,253 @@
+"""PeftModel: the user-facing wrapper, with PEFT's API, semantics and files."""
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from contextlib import contextmanager
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+
+from . import files, injection
+from .config import LoraConfig, as_lora_config
+from .state_dict import check_file_tensors, get_peft_model_state_dict
+from .status import TunerLayerStatus, TunerModelStatus, count_parameters, get_layer_status, get_model_status
+from .tuner import LoraModel
+
+
+class PeftModel(nn.Module):
+    """A model with LoRA adapters. ``state_dict`` keys are PEFT's: ``base_model.model.<path>.lora_A.<name>.weight``."""
+
+    def __init__(self, model: nn.Module, peft_config: Any, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True, **_ignored: Any):
+        super().__init__()
+        self.special_peft_forward_args = {"adapter_names"}
+        self._adapters_disabled = False
+        self.base_model = LoraModel(model, as_lora_config(peft_config), adapter_name, autocast_adapter_dtype)
+
+    @classmethod
+    def _from_plan(cls, model: nn.Module, config: LoraConfig, adapter_name: str, autocast_adapter_dtype: bool,
+                   tensors: dict, plan: injection.Plan) -> "PeftModel":
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.special_peft_forward_args = {"adapter_names"}
+        self._adapters_disabled = False
+        tuner = LoraModel.__new__(LoraModel)
+        nn.Module.__init__(tuner)
+        tuner.model = model
+        tuner.peft_config = {}
+        tuner.active_adapter = adapter_name
+        tuner.add_adapter(adapter_name, config, autocast_adapter_dtype, init=False, plan=plan, tensors=tensors)
+        self.base_model = tuner
+        return self
+
+    # --- passthrough -------------------------------------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model.model
+
+    @property
+    def peft_config(self) -> dict[str, LoraConfig]:
+        return self.base_model.peft_config
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self.base_model.active_adapter
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return self.base_model.active_adapters
+
+    @property
+    def active_peft_config(self) -> LoraConfig:
+        return self.peft_config[self.active_adapters[0]]
+
+    @property
+    def peft_type(self) -> str:
+        return "LORA"
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        adapter_names = kwargs.pop("adapter_names", None)
+        with self.base_model.forward_hooks(adapter_names):
+            return self.get_base_model()(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        adapter_names = kwargs.pop("adapter_names", None)
+        with self.base_model.forward_hooks(adapter_names, kwargs.get("num_beams")):
+            return self.get_base_model().generate(*args, **kwargs)
+
+    # --- adapters ----------------------------------------------------------------------------------------------
+    def add_adapter(self, adapter_name: str, peft_config: Any, low_cpu_mem_usage: bool = False,
+                    autocast_adapter_dtype: bool = True) -> None:
+        self.base_model.add_adapter(adapter_name, peft_config, autocast_adapter_dtype)
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for n in names:
+            if n not in self.peft_config:
+                raise ValueError(f"Adapter {n} not found. Available adapters: {sorted(self.peft_config)}")
+        self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.base_model.delete_adapter(adapter_name)
+
+    @contextmanager
+    def disable_adapter(self):
+        """Run the base model alone inside the ``with`` block."""
+        status = self.get_model_status().enabled
+        if status == "irregular":
+            warnings.warn("The model contains some adapter layers that are enabled and others that are disabled. "
+                          "This is most likely unintentional. After exiting the disable_adapter context, all adapters "
+                          "will be enabled")
+        was_disabled = self._adapters_disabled
+        try:
+            self.base_model.disable_adapter_layers()
+            self._adapters_disabled = True
+            yield
+        finally:
+            if status is not False:
+                self.base_model.enable_adapter_layers()
+            self._adapters_disabled = was_disabled
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        self.base_model.merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        self.base_model.unmerge_adapter()
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: Optional[list[str]] = None) -> nn.Module:
+        return self.base_model.merge_and_unload(progressbar, safe_merge, adapter_names)
+
+    def unload(self) -> nn.Module:
+        return self.base_model.unload()
+
+    # --- bookkeeping -------------------------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        return count_parameters(self)
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / total:.4f}")
+
+    def get_layer_status(self) -> list[TunerLayerStatus]:
+        return get_layer_status(self)
+
+    def get_model_status(self) -> TunerModelStatus:
+        return get_model_status(self)
+
+    # --- files -------------------------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str, safe_serialization: bool = True,
+                        selected_adapters: Optional[list[str]] = None, is_main_process: bool = True,
+                        **kwargs: Any) -> None:
+        """PEFT's layout: the "default" adapter in ``save_directory``, others in ``save_directory/<name>/``."""
+        if os.path.isfile(save_directory):
+            raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
+        if kwargs.get("path_initial_model_for_weight_conversion") is not None:
+            raise NotImplementedError("path_initial_model_for_weight_conversion is not supported by peft_fast yet.")
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        if any(n not in self.peft_config for n in names):
+            raise ValueError("You passed an invalid `selected_adapters` arguments, current supported adapter names "
+                             f"are {list(self.peft_config.keys())} - got {selected_adapters}.")
+        if not is_main_process:
+            return
+        for name in names:
+            out_dir = save_directory if name == "default" else os.path.join(save_directory, name)
+            tensors = get_peft_model_state_dict(self, name)
+            weights = files.WEIGHTS_NAME if safe_serialization else files.LEGACY_WEIGHTS_NAME
+            files.atomic_save_tensors(os.path.join(out_dir, weights), tensors, safe_serialization)
+            config = copy.deepcopy(self.peft_config[name])
+            if config.base_model_name_or_path is None:
+                config.base_model_name_or_path = getattr(self.get_base_model(), "name_or_path", None) or \
+                    getattr(getattr(self.get_base_model(), "config", None), "_name_or_path", None) or None
+            config.inference_mode = True
+            config.save_pretrained(out_dir)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",
+                        is_trainable: bool = False, config: Optional[Any] = None,
+                        autocast_adapter_dtype: bool = True, **kwargs: Any) -> "PeftModel":
+        """Load a PEFT-format adapter onto ``model``. On any error ``model`` is left exactly as it was."""
+        if isinstance(model, PeftModel):
+            raise TypeError("from_pretrained expects the base model; to add an adapter to a PeftModel use "
+                            "load_adapter.")
+        config, tensors, source = _read_adapter(model_id, config, is_trainable, kwargs)
+        plan = injection.plan_adapter(model, config)
+        check_file_tensors(tensors, model, plan, source)
+        peft_model = cls._from_plan(model, config, adapter_name, autocast_adapter_dtype, tensors, plan)
+        if not is_trainable:
+            peft_model.eval()
+        return peft_model
+
+    def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False,
+                     torch_device: Optional[str] = None, autocast_adapter_dtype: bool = True, **kwargs: Any):
+        """Add the adapter saved at ``model_id`` under ``adapter_name`` (or overwrite that adapter's weights)."""
+        model = self.get_base_model()
+        if adapter_name in self.peft_config:
+            _, tensors, source = _read_adapter(model_id, self.peft_config[adapter_name], is_trainable, kwargs)
+            plan = injection.plan_adapter(model, self.peft_config[adapter_name])
+            check_file_tensors(tensors, model, plan, source)
+            from .state_dict import set_peft_model_state_dict
+
+            set_peft_model_state_dict(model, tensors, adapter_name)
+        else:
+            config, tensors, source = _read_adapter(model_id, None, is_trainable, kwargs)
+            plan = injection.plan_adapter(model, config)
+            check_file_tensors(tensors, model, plan, source)
+            self.base_model.add_adapter(adapter_name, config, autocast_adapter_dtype, init=False, plan=plan,
+                                        tensors=tensors)
+            if is_trainable:
+                for n, p in self.named_parameters():
+                    if f".{adapter_name}." in n and "lora_" in n:
+                        p.requires_grad_(True)
+        if not is_trainable:
+            self.eval()
+
+
+def _read_adapter(model_id: str, config: Optional[Any], is_trainable: bool, kwargs: dict):
+    hub = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "subfolder", "local_files_only") if k in kwargs}
+    subfolder = hub.pop("subfolder", None)
+    if config is None:
+        config = LoraConfig.from_pretrained(model_id, subfolder=subfolder, **hub)
+    else:
+        config = copy.deepcopy(as_lora_config(config))
+    config.inference_mode = not is_trainable
+    path = files.find_weights(model_id, subfolder=subfolder, **hub)
+    return config, files.load_tensors(path), path
+
+
+def get_peft_model(model: nn.Module, peft_config: Any, adapter_name: str = "default", mixed: bool = False,
+                   autocast_adapter_dtype: bool = True, revision: Optional[str] = None,
+                   low_cpu_mem_usage: bool = False) -> PeftModel:
+    """Wrap ``model`` with a new LoRA adapter (PEFT's ``get_peft_model``)."""
+    if mixed:
+        raise NotImplementedError("mixed=True (PeftMixedModel) is not supported by peft_fast.")
+    if isinstance(model, PeftModel):
+        raise TypeError("The model is already a PeftModel: use model.add_adapter(name, config) to add an adapter.")
+    config = as_lora_config(peft_config)
+    if revision is not None:
+        config.revision = revision
+    name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if config.base_model_name_or_path is None and name_or_path:
+        config.base_model_name_or_path = name_or_path
+    return PeftModel(model, config, adapter_name, autocast_adapter_dtype)
+
+
+def patch(model: nn.Module, config: Any, adapter_name: str = "default", **kwargs: Any) -> PeftModel:
+    """Turn ``model`` into an adapter model in place: target layers become peft_fast LoRA layers."""
+    return get_peft_model(model, config, adapter_name, **kwargs)
+
+
+# PEFT exposes one subclass per task; they behave the same for LoRA.
+PeftModelForCausalLM = PeftModelForSequenceClassification = PeftModelForSeq2SeqLM = PeftModel
+PeftModelForTokenClassification = PeftModelForQuestionAnswering = PeftModelForFeatureExtraction = PeftModel

@@ -1,0 +1,142 @@
+"""get_layer_status / get_model_status: PEFT's diagnostics of which adapters are where and in what state."""
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+from typing import Literal, Optional, Union
+
+import torch.nn as nn
+
+from .layer import LoraLinear
+from .modules_to_save import ModulesToSaveWrapper
+
+Irregular = Literal["irregular"]
+
+
+@dataclass
+class TunerLayerStatus:
+    name: str
+    module_type: str
+    enabled: bool
+    active_adapters: list[str]
+    merged_adapters: list[str]
+    requires_grad: dict[str, Union[bool, Irregular]]
+    available_adapters: list[str]
+    devices: dict[str, list[str]]
+    quantization_backend: Optional[str] = None
+
+
+@dataclass
+class TunerModelStatus:
+    base_model_type: str
+    adapter_model_type: str
+    peft_types: dict[str, str]
+    trainable_params: int
+    total_params: int
+    num_adapter_layers: int
+    enabled: Union[bool, Irregular]
+    active_adapters: Union[list[str], Irregular]
+    merged_adapters: Union[list[str], Irregular]
+    requires_grad: dict[str, Union[bool, Irregular]]
+    available_adapters: list[str]
+    devices: dict[str, list[str]]
+    quantization_backend: Union[str, None, Irregular] = None
+
+
+def _agree(values: list) -> Union[bool, Irregular]:
+    if all(v is True for v in values):
+        return True
+    if all(v is False for v in values):
+        return False
+    return "irregular"
+
+
+def _adapter_dicts(module: nn.Module) -> list[nn.ModuleDict]:
+    if isinstance(module, LoraLinear):
+        return [module.lora_A, module.lora_B]
+    return [module.modules_to_save]
+
+
+def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
+    from .peft_model import PeftModel
+
+    root = model.base_model if isinstance(model, PeftModel) else model
+    out: list[TunerLayerStatus] = []
+    for name, module in root.named_modules():
+        if not isinstance(module, (LoraLinear, ModulesToSaveWrapper)):
+            continue
+        grads: dict[str, list[bool]] = collections.defaultdict(list)
+        devices: dict[str, set[str]] = collections.defaultdict(set)
+        for container in _adapter_dicts(module):
+            for key, sub in container.items():
+                for p in sub.parameters():
+                    grads[key].append(p.requires_grad)
+                    devices[key].add(p.device.type)
+        merged = module.merged_adapters if isinstance(module, LoraLinear) else []
+        out.append(TunerLayerStatus(
+            name=name,
+            module_type=repr(module).partition("(")[0],
+            enabled=not module.disable_adapters,
+            active_adapters=module.active_adapters,
+            merged_adapters=list(merged),
+            requires_grad={k: _agree(v) for k, v in grads.items()},
+            available_adapters=sorted(_adapter_dicts(module)[0].keys()),
+            devices={k: sorted(v) for k, v in devices.items()},
+        ))
+    if not out:
+        raise ValueError("No adapter layers found in the model, please ensure that it's a PEFT model or that you "
+                         "have PEFT adapters injected in the model.")
+    return out
+
+
+def get_model_status(model: nn.Module) -> TunerModelStatus:
+    from .peft_model import PeftModel
+
+    if isinstance(model, PeftModel):
+        base_type = type(model.get_base_model()).__name__
+        adapter_type = type(model.base_model).__name__
+        peft_types = {k: "LORA" for k in model.peft_config}
+    else:
+        base_type, adapter_type, peft_types = "other", "None", {}
+    trainable, total = count_parameters(model)
+    layers = get_layer_status(model)
+    enabled = {s.enabled for s in layers}
+    actives = {tuple(s.active_adapters) for s in layers}
+    merged_all = sorted({a for s in layers for a in s.merged_adapters})
+    merged: Union[list[str], Irregular] = merged_all
+    if any(set(s.available_adapters) - set(s.merged_adapters) & set(merged_all) for s in layers):
+        merged = "irregular"
+    grads: dict[str, list] = collections.defaultdict(list)
+    devices: dict[str, set[str]] = collections.defaultdict(set)
+    for s in layers:
+        for k, v in s.requires_grad.items():
+            grads[k].append(v)
+        for k, v in s.devices.items():
+            devices[k].update(v)
+    return TunerModelStatus(
+        base_model_type=base_type,
+        adapter_model_type=adapter_type,
+        peft_types=peft_types,
+        trainable_params=trainable,
+        total_params=total,
+        num_adapter_layers=len(layers),
+        enabled=enabled.pop() if len(enabled) == 1 else "irregular",
+        active_adapters=list(actives.pop()) if len(actives) == 1 else ("irregular" if actives else []),
+        merged_adapters=merged,
+        requires_grad={k: _agree(v) for k, v in grads.items()},
+        available_adapters=sorted({a for s in layers for a in s.available_adapters}),
+        devices={k: sorted(v) for k, v in devices.items()},
+    )
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total), counting bitsandbytes 4-bit parameters at their unpacked size, as PEFT does."""
+    trainable = total = 0
+    for _, p in model.named_parameters():
+        n = p.numel()
+        if p.__class__.__name__ == "Params4bit":
+            n *= 2 * (p.element_size() if hasattr(p, "element_size") else 1)
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total

@@ -1,0 +1,130 @@
+"""Which modules an adapter config targets: PEFT's matching rules, plus helpful errors when nothing matches."""
+from __future__ import annotations
+
+import difflib
+import re
+from typing import Optional
+
+import torch.nn as nn
+
+from .config import LoraConfig
+
+# PEFT's defaults for target_modules=None, by transformers model_type (the common architectures).
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "mixtral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"], "gemma3_text": ["q_proj", "v_proj"], "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "gpt2": ["c_attn"], "gpt_bigcode": ["c_attn"], "gpt_neox": ["query_key_value"], "gptj": ["q_proj", "v_proj"],
+    "gpt_neo": ["q_proj", "v_proj"], "opt": ["q_proj", "v_proj"], "bloom": ["query_key_value"],
+    "falcon": ["query_key_value"], "bert": ["query", "value"], "roberta": ["query", "value"],
+    "t5": ["q", "v"], "mt5": ["q", "v"], "bart": ["q_proj", "v_proj"], "stablelm": ["q_proj", "v_proj"],
+}
+SEQ_CLS_HEADS = ("classifier", "score")
+
+
+def linear_types() -> tuple[type, ...]:
+    types: list[type] = [nn.Linear]
+    try:
+        from transformers.pytorch_utils import Conv1D
+
+        types.append(Conv1D)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+def resolve_target_modules(config: LoraConfig, model: nn.Module) -> LoraConfig:
+    """Expand ``None`` and ``"all-linear"`` into explicit targets, as PEFT does before injection."""
+    targets = config.target_modules
+    if targets is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGETS:
+            raise ValueError(
+                f"target_modules is None and there is no default for model_type={model_type!r}: "
+                "pass target_modules (a list of module names, a regex, or 'all-linear')."
+            )
+        config.target_modules = set(DEFAULT_TARGETS[model_type])
+    elif isinstance(targets, str) and targets.lower() == "all-linear":
+        from .layer import LoraLinear
+
+        names = {n for n, m in model.named_modules() if isinstance(m, linear_types() + (LoraLinear,))}
+        exclude: set[str] = set()
+        get_out = getattr(model, "get_output_embeddings", None)
+        out = get_out() if callable(get_out) else None
+        if out is not None:
+            exclude |= {n for n, m in model.named_modules() if m is out}
+        elif config.task_type == "SEQ_CLS":
+            for head in SEQ_CLS_HEADS:
+                mod = getattr(model, head, None)
+                if mod is not None:
+                    exclude |= {n for n, m in model.named_modules() if m is mod}
+                    break
+        for prefix, m in model.named_modules():  # never nest LoRA inside an existing LoRA layer
+            if isinstance(m, LoraLinear):
+                exclude |= {f"{prefix}.{s}" for s, _ in m.named_modules() if s}
+        config.target_modules = names - exclude
+    return config
+
+
+def is_excluded(config: LoraConfig, key: str) -> bool:
+    ex = config.exclude_modules
+    if ex:
+        if isinstance(ex, str):
+            if re.fullmatch(ex, key):
+                return True
+        elif key in ex or any(key.endswith(f".{e}") for e in ex):
+            return True
+    if config.modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in config.modules_to_save):
+        return True
+    return False
+
+
+def matches_target(config: LoraConfig, key: str) -> bool:
+    """PEFT's check_target_module_exists, minus exclusions (see ``is_excluded``)."""
+    targets = config.target_modules
+    if isinstance(targets, str):
+        return re.fullmatch(targets, key) is not None
+    if key in targets:
+        return True
+    found = any(key.endswith(f".{t}") for t in targets)
+    layers = config.layers_to_transform
+    using_layers = layers is not None and (len(layers) != 0 if isinstance(layers, list) else True)
+    if not (found and using_layers):
+        return found
+    patterns = config.layers_pattern
+    match: Optional[re.Match] = None
+    if not patterns:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+    else:
+        for pattern in [patterns] if isinstance(patterns, str) else patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+            if match is not None:
+                break
+    if match is None:
+        return False
+    index = int(match.group("idx"))
+    return index == layers if isinstance(layers, int) else index in layers
+
+
+def pattern_value(patterns: dict, key: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: first pattern whose regex matches the end of ``key``."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return value
+    return default
+
+
+def no_match_error(config: LoraConfig, model: nn.Module) -> ValueError:
+    names = [n for n, _ in model.named_modules() if n]
+    linear_names = [n for n, m in model.named_modules() if isinstance(m, linear_types())]
+    targets = config.target_modules
+    wanted = [targets] if isinstance(targets, str) else sorted(targets)
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in linear_names} or {n.rsplit(".", 1)[-1] for n in names})
+    hints: list[str] = []
+    for t in wanted:
+        hints += difflib.get_close_matches(t.rsplit(".", 1)[-1], suffixes, n=3, cutoff=0.5)
+    hint = sorted(set(hints)) or suffixes[:12]
+    return ValueError(
+        f"Target modules {wanted} not found in the base model. Please check the target modules and try again. "
+        f"Closest module names: {hint}. Linear layers in this model end in: {suffixes[:20]}."
+    )

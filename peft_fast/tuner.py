@@ -1,0 +1,192 @@
+"""LoraModel: the adapted model plus the bookkeeping of its adapters (PEFT's ``LoraModel``)."""
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from functools import partial
+from typing import Any, Iterator, Optional
+
+import torch.nn as nn
+
+from . import injection
+from .config import LoraConfig, as_lora_config
+from .layer import LoraLinear
+from .modules_to_save import ModulesToSaveWrapper
+from .state_dict import set_peft_model_state_dict
+
+
+def _adapter_names_pre_hook(module, args, kwargs, adapter_names):
+    kwargs["adapter_names"] = adapter_names
+    return args, kwargs
+
+
+class LoraModel(nn.Module):
+    prefix = "lora_"
+
+    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True):
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, LoraConfig] = {}
+        self.active_adapter: str | list[str] = adapter_name
+        self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
+
+    def forward(self, *args: Any, **kwargs: Any):
+        return self.model.forward(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self.active_adapter] if isinstance(self.active_adapter, str) else list(self.active_adapter)
+
+    # --- adding and removing -----------------------------------------------------------------------------------
+    def add_adapter(self, adapter_name: str, config: Any, autocast_adapter_dtype: bool = True,
+                    init: Optional[object] = None, plan: Optional[injection.Plan] = None,
+                    tensors: Optional[dict] = None) -> None:
+        """Plan, check, then inject; any failure undoes every change (model, configs, grads)."""
+        config = as_lora_config(config)
+        if adapter_name in self.peft_config:
+            raise ValueError(f"Adapter with name {adapter_name} already exists; delete it first or pick a new name.")
+        if config.bias != "none" and any(c.bias != "none" for c in self.peft_config.values()):
+            raise ValueError("LoraModel supports only 1 adapter with bias. When using multiple adapters, "
+                             "set bias to 'none' for all adapters.")
+        if config.use_dora:
+            raise NotImplementedError("DoRA (use_dora=True) is not implemented in peft_fast yet; use use_dora=False.")
+        plan = plan or injection.plan_adapter(self.model, config)
+        config.target_modules = plan.config.target_modules
+        config.modules_to_save = plan.config.modules_to_save
+        undo = injection.Undo(self.model)
+        try:
+            self.peft_config[adapter_name] = config
+            undo.push(lambda: self.peft_config.pop(adapter_name, None))
+            injection.apply_plan(self.model, plan, adapter_name, undo, autocast_adapter_dtype, init)
+            if tensors is not None:
+                set_peft_model_state_dict(self.model, tensors, adapter_name)
+            self.set_adapter(self.active_adapters, _check=False)
+            injection.mark_only_adapters_trainable(self.model, self.peft_config, self.active_adapters)
+            if config.inference_mode:
+                injection.freeze_adapter(self.model, adapter_name)
+        except BaseException:
+            undo.rollback()
+            raise
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name} does not exist")
+        merged = sorted({a for _, m in self._lora_layers() for a in m.merged_adapters if a == adapter_name})
+        if merged:
+            raise ValueError(f"Cannot delete adapter(s) {merged} while they are merged. Please unmerge them first.")
+        del self.peft_config[adapter_name]
+        remaining = [a for a in self.active_adapters if a != adapter_name]
+        if not remaining and self.peft_config:
+            remaining = [sorted(self.peft_config)[0]]
+            if adapter_name in self.active_adapters:
+                warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to "
+                              f"{remaining[0]}.")
+        for _, m in list(injection.tuner_layers(self.model)):
+            if isinstance(m, LoraLinear):
+                m.delete_adapter(adapter_name)
+                if adapter_name in m.active_adapters or not set(m.active_adapters) <= set(m.lora_A):
+                    m.set_adapter([a for a in remaining if a in m.lora_A])
+            else:
+                m.delete_adapter(adapter_name, remaining)
+        self.active_adapter = remaining[0] if len(remaining) == 1 else remaining
+        if self.peft_config:
+            self.set_adapter(self.active_adapters)
+
+    # --- activation --------------------------------------------------------------------------------------------
+    def _lora_layers(self) -> Iterator[tuple[str, LoraLinear]]:
+        for name, m in injection.tuner_layers(self.model):
+            if isinstance(m, LoraLinear):
+                yield name, m
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False, _check: bool = True) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        if _check:
+            for n in names:
+                if n not in self.peft_config:
+                    raise ValueError(f"Adapter {n} not found. Available adapters: {sorted(self.peft_config)}")
+        for _, m in injection.tuner_layers(self.model):
+            if isinstance(m, LoraLinear) and m.merged and _check:
+                warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
+                m.unmerge()
+            if isinstance(m, ModulesToSaveWrapper):
+                m.set_adapter([n for n in names if n in m.modules_to_save], inference_mode)
+            else:
+                m.set_adapter(names, inference_mode)
+        self.active_adapter = names[0] if len(names) == 1 else names
+
+    def enable_adapter_layers(self) -> None:
+        for _, m in injection.tuner_layers(self.model):
+            m.enable_adapters(True)
+
+    def disable_adapter_layers(self) -> None:
+        for name in self.active_adapters:
+            bias = self.peft_config[name].bias
+            if bias != "none":
+                warnings.warn(f"Careful, disabling adapter layers with bias configured to be '{bias}' does not "
+                              "produce the same output as the base model would without adaption.")
+        for _, m in injection.tuner_layers(self.model):
+            m.enable_adapters(False)
+
+    @contextmanager
+    def forward_hooks(self, adapter_names: Optional[list[str]], num_beams: Optional[int] = None):
+        """Route ``adapter_names`` (one per sample) to every adapter layer for the duration of a call."""
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
+            raise TypeError(f"Got adapter names of type {type(adapter_names).__name__}, expected a list of str.")
+        known = set(self.peft_config)
+        unknown = {n for n in adapter_names if n != "__base__"} - known
+        if unknown:
+            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")
+        if any(m.merged for _, m in self._lora_layers()):
+            raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
+                             "`unmerge_adapter` first.")
+        if isinstance(num_beams, int) and num_beams > 1:
+            adapter_names = [n for n in adapter_names for _ in range(num_beams)]
+        handles = []
+        try:
+            for _, m in injection.tuner_layers(self.model):
+                hook = partial(_adapter_names_pre_hook, adapter_names=list(adapter_names))
+                handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    # --- merging -----------------------------------------------------------------------------------------------
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        self._check_known(adapter_names)
+        injection.merge_layers(self.model, safe_merge, adapter_names)
+
+    def unmerge_adapter(self) -> None:
+        for _, m in self._lora_layers():
+            if m.merged:
+                m.unmerge()
+
+    def _check_known(self, adapter_names: Optional[list[str]]) -> None:
+        for n in adapter_names or []:
+            if n not in self.peft_config:
+                raise ValueError(f"Adapter {n} not found. Available adapters: {sorted(self.peft_config)}")
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: Optional[list[str]] = None) -> nn.Module:
+        self._check_known(adapter_names)
+        return injection.unload(self.model, merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unload(self) -> nn.Module:
+        return injection.unload(self.model, merge=False)
+
+    def get_peft_config_as_dict(self) -> dict[str, dict]:
+        return {k: v.to_dict() for k, v in self.peft_config.items()}
