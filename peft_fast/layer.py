@@ -22,6 +22,12 @@ def _conv1d_type():
         return ()
 
 
+def check_adapter_names(x: torch.Tensor, adapter_names: list[str]) -> None:
+    if len(x) != len(adapter_names):
+        raise ValueError("Length of `adapter_names` should be the same as the number of inputs, but got "
+                         f"{len(adapter_names)} and {len(x)} respectively.")
+
+
 def _set_requires_grad(module: nn.Module, flag: bool) -> None:
     for p in module.parameters():
         p.requires_grad_(flag)
@@ -191,6 +197,10 @@ class LoraLinear(nn.Module):
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
         if adapter_names is not None:
+            check_adapter_names(x, adapter_names)
+            if self.merged:
+                raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
+                                 "`unmerge_adapter` first.")
             return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         active = [a for a in self.active_adapters if a in self.lora_A]
         if self.merged or not active:

@@ -75,6 +75,10 @@ class ModulesToSaveWrapper(nn.Module):
             return self.original_module(*args, **kwargs)
         if adapter_names is None:
             return self.modules_to_save[self._active_adapter[0]](*args, **kwargs)
+        if args:
+            from .layer import check_adapter_names
+
+            check_adapter_names(args[0], adapter_names)
         return self._mixed_batch_forward(*args, adapter_names=adapter_names, **kwargs)
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
