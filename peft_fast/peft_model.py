@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 import warnings
 from contextlib import contextmanager
@@ -26,6 +27,7 @@ class PeftModel(nn.Module):
         self.special_peft_forward_args = {"adapter_names"}
         self._adapters_disabled = False
         self.base_model = LoraModel(model, as_lora_config(peft_config), adapter_name, autocast_adapter_dtype)
+        _expose_forward_signature(self)
 
     @classmethod
     def _from_plan(cls, model: nn.Module, config: LoraConfig, adapter_name: str, autocast_adapter_dtype: bool,
@@ -41,6 +43,7 @@ class PeftModel(nn.Module):
         tuner.active_adapter = adapter_name
         tuner.add_adapter(adapter_name, config, autocast_adapter_dtype, init=False, plan=plan, tensors=tensors)
         self.base_model = tuner
+        _expose_forward_signature(self)
         return self
 
     # --- passthrough -------------------------------------------------------------------------------------------
@@ -212,6 +215,26 @@ class PeftModel(nn.Module):
                         p.requires_grad_(True)
         if not is_trainable:
             self.eval()
+
+
+class _SignedForward:
+    """``forward`` with the wrapped model's signature, so that tools which inspect it (transformers.Trainer's
+    remove_unused_columns) keep the dataset columns the base model accepts. Survives deepcopy and pickling."""
+
+    def __init__(self, owner: "PeftModel", signature: inspect.Signature):
+        self.owner = owner
+        self.__signature__ = signature
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return PeftModel.forward(self.owner, *args, **kwargs)
+
+
+def _expose_forward_signature(peft_model: PeftModel) -> None:
+    try:
+        signature = inspect.signature(peft_model.get_base_model().forward)
+    except (TypeError, ValueError):
+        return
+    peft_model.__dict__["forward"] = _SignedForward(peft_model, signature)
 
 
 def _read_adapter(model_id: str, config: Optional[Any], is_trainable: bool, kwargs: dict):
