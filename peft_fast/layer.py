@@ -60,11 +60,12 @@ class LoraLinear(nn.Module):
         self._disable_adapters = False
         self._active_adapter: list[str] = [adapter_name]
         self.fan_in_fan_out = self._check_fan_in_fan_out(config)
-        weight = base_layer.weight
-        if self.fan_in_fan_out:
-            self.in_features, self.out_features = weight.shape
+        if hasattr(base_layer, "in_features"):  # nn.Linear, and bnb 4-bit layers whose weight is packed
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        elif self.fan_in_fan_out:
+            self.in_features, self.out_features = base_layer.weight.shape
         else:
-            self.out_features, self.in_features = weight.shape
+            self.out_features, self.in_features = base_layer.weight.shape
         self.update_layer(adapter_name, r, lora_alpha, config, autocast_adapter_dtype)
 
     def _check_fan_in_fan_out(self, config: LoraConfig) -> bool:
@@ -237,6 +238,7 @@ class LoraLinear(nn.Module):
         return delta.to(b.dtype) if cast else delta
 
     def check_merge_finite(self, adapter_names: Optional[list[str]] = None) -> None:
+        self._check_mergeable()
         names = self.active_adapters if adapter_names is None else adapter_names
         for name in names:
             if name in self.lora_A and name not in self.merged_adapters:
@@ -247,7 +249,16 @@ class LoraLinear(nn.Module):
                 if not finite:
                     raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
 
+    def _check_mergeable(self) -> None:
+        weight = self.base_layer.weight
+        if type(weight).__name__ in ("Params4bit", "Int8Params") or not weight.dtype.is_floating_point:
+            raise NotImplementedError(
+                f"Merging into a quantized base layer ({type(self.base_layer).__name__}) is not supported yet; "
+                "merge into a 16-bit copy of the base model instead."
+            )
+
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        self._check_mergeable()
         names = self._adapters_to_merge(adapter_names)
         base = self.base_layer
         for name in names:
