@@ -1,6 +1,7 @@
 """LoraConfig: PEFT's LoRA configuration, its defaults, its checks and its adapter_config.json."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -12,6 +13,7 @@ from typing import Any, Optional, Union
 CONFIG_NAME = "adapter_config.json"
 TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 SUPPORTED_INITS = (True, False, "gaussian", "pissa", "pissa_niter_[n]", "olora")
+PEFT_ONLY_INITS = ("loftq", "eva", "corda", "orthogonal", "lora_ga", "mica")
 
 # Keys that Hugging Face PEFT writes into adapter_config.json for LoRA, with the value meaning "feature unused".
 # peft_fast reads such files silently when these keys hold their neutral value, and warns when a file asks for a
@@ -77,8 +79,11 @@ class LoraConfig:
             raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. ")
         init = self.init_lora_weights
         if not (isinstance(init, bool) or init in ("gaussian", "pissa", "olora") or _is_pissa_niter(init)):
-            raise NotImplementedError(
-                f"init_lora_weights={init!r} is not supported by peft_fast; use one of {SUPPORTED_INITS}."
+            known = isinstance(init, str) and init.split("_niter_")[0] in PEFT_ONLY_INITS
+            raise (NotImplementedError if known else ValueError)(
+                f"Unknown initialization init_lora_weights={init!r}" if not known else
+                f"init_lora_weights={init!r} is a PEFT initialisation peft_fast does not implement yet"
+                f"; use one of {SUPPORTED_INITS}."
             )
         if self.lora_bias:
             if not isinstance(init, bool):
@@ -93,11 +98,7 @@ class LoraConfig:
 
     # --- conversions -------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        for key in ("target_modules", "exclude_modules"):
-            if isinstance(out[key], set):
-                out[key] = sorted(out[key])
-        return out
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "the config") -> "LoraConfig":
@@ -129,23 +130,29 @@ class LoraConfig:
         return cls.from_dict(data, source=f"peft.{type(config).__name__}")
 
     # --- files -------------------------------------------------------------------------------------------------
-    def to_json_string(self) -> str:
-        data = self.to_dict()
+    def to_json_string(self, auto_mapping: Optional[dict] = None) -> str:
+        """PEFT's adapter_config.json: every key PEFT writes (its features we lack at their neutral values)."""
         from . import __version__
 
+        written = {k: v for k, v in PEFT_ONLY_KEYS.items() if k != "runtime_config"}  # PEFT never writes it
+        data = {**copy.deepcopy(written), **self.to_dict(), "auto_mapping": auto_mapping}
+        data = {k: sorted(v) if isinstance(v, set) else v for k, v in data.items()}
         data["peft_version"] = f"peft_fast-{__version__}"
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
-    def save_pretrained(self, save_directory: str) -> None:
+    def save_pretrained(self, save_directory: str, auto_mapping: Optional[dict] = None) -> None:
         from .files import atomic_write_text
 
         os.makedirs(save_directory, exist_ok=True)
-        atomic_write_text(os.path.join(save_directory, CONFIG_NAME), self.to_json_string())
+        atomic_write_text(os.path.join(save_directory, CONFIG_NAME), self.to_json_string(auto_mapping))
 
     @classmethod
     def from_json_file(cls, path: str) -> "LoraConfig":
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"No {CONFIG_NAME} at {path!r}: is this a folder written by save_pretrained?")
+            from .files import AdapterFileNotFoundError
+
+            raise AdapterFileNotFoundError(f"Can't find {CONFIG_NAME} at {path!r}: is this a folder written by "
+                                           "save_pretrained?")
         try:
             with open(path, encoding="utf-8") as fh:
                 data = json.load(fh)

@@ -11,6 +11,10 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 
 
+class AdapterFileNotFoundError(FileNotFoundError, ValueError):
+    """A missing adapter file. A ValueError too, as PEFT raises for the same case."""
+
+
 def _atomic_write(path: str, write: Callable[[str], None]) -> None:
     """Write through a temp file in the same folder, then rename: readers never see a half-written file."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -52,16 +56,16 @@ def resolve_file(path: str, filename: str, subfolder: Optional[str] = None, **hu
     local = os.path.join(folder, filename)
     if os.path.isdir(folder):
         if not os.path.isfile(local):
-            raise FileNotFoundError(f"{filename} not found in {folder!r}; the adapter folder is incomplete.")
+            raise AdapterFileNotFoundError(f"{filename} not found in {folder!r}; the adapter folder is incomplete.")
         return local
     if os.path.exists(path) or path.startswith((".", "/")) or path.count("/") > 1:
-        raise FileNotFoundError(f"Adapter folder {folder!r} does not exist.")
+        raise AdapterFileNotFoundError(f"Adapter folder {folder!r} does not exist.")
     try:
         from huggingface_hub import hf_hub_download
 
         return hf_hub_download(path, filename, subfolder=subfolder, **hub_kwargs)
     except Exception as exc:  # network errors, missing repos, missing files: one clear message
-        raise FileNotFoundError(
+        raise AdapterFileNotFoundError(
             f"Could not find {filename} for {path!r}: not a local folder, and the Hub download failed ({exc})."
         ) from exc
 
@@ -69,10 +73,10 @@ def resolve_file(path: str, filename: str, subfolder: Optional[str] = None, **hu
 def find_weights(path: str, subfolder: Optional[str] = None, **hub_kwargs: Any) -> str:
     try:
         return resolve_file(path, WEIGHTS_NAME, subfolder=subfolder, **hub_kwargs)
-    except FileNotFoundError as first:
+    except AdapterFileNotFoundError as first:
         try:
             return resolve_file(path, LEGACY_WEIGHTS_NAME, subfolder=subfolder, **hub_kwargs)
-        except FileNotFoundError:
+        except AdapterFileNotFoundError:
             raise first from None
 
 

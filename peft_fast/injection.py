@@ -117,8 +117,9 @@ class Undo:
 
 
 def apply_plan(model: nn.Module, plan: Plan, adapter_name: str, undo: Undo,
-               autocast_adapter_dtype: bool = True, init: Optional[object] = None) -> None:
-    """Create the adapter in every planned place. ``init`` overrides the config's init (e.g. False when loading)."""
+               autocast_adapter_dtype: bool = True, init: Optional[object] = None) -> LoraConfig:
+    """Create the adapter in every planned place. ``init`` overrides the config's init (e.g. False when loading).
+    Returns the config the layers saw (they correct fan_in_fan_out to the layer type, as PEFT does)."""
     config = plan.config
     layer_config = config if init is None else _with_init(config, init)
     for t in plan.targets:
@@ -142,6 +143,7 @@ def apply_plan(model: nn.Module, plan: Plan, adapter_name: str, undo: Undo,
         parent, child = _parent(model, key)
         setattr(parent, child, wrapper)
         undo.push(lambda p=parent, c=child, old=module: setattr(p, c, old))
+    return layer_config
 
 
 def _with_init(config: LoraConfig, init: object) -> LoraConfig:

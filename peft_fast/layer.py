@@ -309,4 +309,5 @@ class LoraLinear(nn.Module):
                 self.base_layer.bias.data -= self.lora_B[name].bias.data * self.scaling[name]
 
     def __repr__(self) -> str:
-        return "lora." + super().__repr__()
+        # PEFT's name for this layer type, which get_layer_status reports and users grep for.
+        return "lora.Linear" + super().__repr__()[len(type(self).__name__):]

@@ -174,7 +174,14 @@ class PeftModel(nn.Module):
                 config.base_model_name_or_path = getattr(self.get_base_model(), "name_or_path", None) or \
                     getattr(getattr(self.get_base_model(), "config", None), "_name_or_path", None) or None
             config.inference_mode = True
-            config.save_pretrained(out_dir)
+            config.save_pretrained(out_dir, auto_mapping=self._auto_mapping(config))
+
+    def _auto_mapping(self, config: LoraConfig) -> Optional[dict]:
+        # PEFT records the base model class for task-less adapters, so AutoPeftModel can rebuild the model.
+        if config.task_type is not None:
+            return None
+        cls = type(self.get_base_model())
+        return {"base_model_class": cls.__name__, "parent_library": cls.__module__}
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",
@@ -187,6 +194,8 @@ class PeftModel(nn.Module):
         config, tensors, source = _read_adapter(model_id, config, is_trainable, kwargs)
         plan = injection.plan_adapter(model, config)
         check_file_tensors(tensors, model, plan, source)
+        if cls is PeftModel:
+            cls = TASK_MODELS.get(config.task_type, PeftModel)
         peft_model = cls._from_plan(model, config, adapter_name, autocast_adapter_dtype, tensors, plan)
         if not is_trainable:
             peft_model.eval()
@@ -260,10 +269,13 @@ def get_peft_model(model: nn.Module, peft_config: Any, adapter_name: str = "defa
     config = as_lora_config(peft_config)
     if revision is not None:
         config.revision = revision
-    name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
-    if config.base_model_name_or_path is None and name_or_path:
-        config.base_model_name_or_path = name_or_path
-    return PeftModel(model, config, adapter_name, autocast_adapter_dtype)
+    # As PEFT: the model's own name wins (models built from a config have "", which is no Hub id).
+    old_name, new_name = config.base_model_name_or_path, model.__dict__.get("name_or_path", None) or None
+    config.base_model_name_or_path = new_name
+    if old_name is not None and old_name != new_name:
+        warnings.warn(f"The PEFT config's `base_model_name_or_path` was renamed from '{old_name}' to '{new_name}'.")
+    cls = TASK_MODELS.get(config.task_type, PeftModel)
+    return cls(model, config, adapter_name, autocast_adapter_dtype)
 
 
 def patch(model: nn.Module, config: Any, adapter_name: str = "default", **kwargs: Any) -> PeftModel:
@@ -271,6 +283,33 @@ def patch(model: nn.Module, config: Any, adapter_name: str = "default", **kwargs
     return get_peft_model(model, config, adapter_name, **kwargs)
 
 
-# PEFT exposes one subclass per task; they behave the same for LoRA.
-PeftModelForCausalLM = PeftModelForSequenceClassification = PeftModelForSeq2SeqLM = PeftModel
-PeftModelForTokenClassification = PeftModelForQuestionAnswering = PeftModelForFeatureExtraction = PeftModel
+# PEFT returns one subclass per task type; for LoRA they differ only in name.
+class PeftModelForCausalLM(PeftModel):
+    pass
+
+
+class PeftModelForSequenceClassification(PeftModel):
+    pass
+
+
+class PeftModelForSeq2SeqLM(PeftModel):
+    pass
+
+
+class PeftModelForTokenClassification(PeftModel):
+    pass
+
+
+class PeftModelForQuestionAnswering(PeftModel):
+    pass
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    pass
+
+
+TASK_MODELS = {
+    "CAUSAL_LM": PeftModelForCausalLM, "SEQ_CLS": PeftModelForSequenceClassification,
+    "SEQ_2_SEQ_LM": PeftModelForSeq2SeqLM, "TOKEN_CLS": PeftModelForTokenClassification,
+    "QUESTION_ANS": PeftModelForQuestionAnswering, "FEATURE_EXTRACTION": PeftModelForFeatureExtraction,
+}

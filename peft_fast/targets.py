@@ -124,7 +124,11 @@ def no_match_error(config: LoraConfig, model: nn.Module) -> ValueError:
     for t in wanted:
         hints += difflib.get_close_matches(t.rsplit(".", 1)[-1], suffixes, n=3, cutoff=0.5)
     hint = sorted(set(hints)) or suffixes[:12]
+    extra = ""
+    if config.layers_to_transform is not None:
+        extra = (f" Note that layers_to_transform={config.layers_to_transform} (layers_pattern="
+                 f"{config.layers_pattern!r}) restricts the match to those layer indices; check them too.")
     return ValueError(
         f"Target modules {wanted} not found in the base model. Please check the target modules and try again. "
-        f"Closest module names: {hint}. Linear layers in this model end in: {suffixes[:20]}."
+        f"Closest module names: {hint}. Linear layers in this model end in: {suffixes[:20]}.{extra}"
     )

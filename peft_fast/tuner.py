@@ -66,13 +66,15 @@ class LoraModel(nn.Module):
         try:
             self.peft_config[adapter_name] = config
             undo.push(lambda: self.peft_config.pop(adapter_name, None))
-            injection.apply_plan(self.model, plan, adapter_name, undo, autocast_adapter_dtype, init)
+            seen = injection.apply_plan(self.model, plan, adapter_name, undo, autocast_adapter_dtype, init)
+            config.fan_in_fan_out = seen.fan_in_fan_out
             if tensors is not None:
                 set_peft_model_state_dict(self.model, tensors, adapter_name)
             self.set_adapter(self.active_adapters, _check=False)
-            injection.mark_only_adapters_trainable(self.model, self.peft_config, self.active_adapters)
             if config.inference_mode:
                 injection.freeze_adapter(self.model, adapter_name)
+            # After the freeze, as in PEFT: bias="all" keeps every bias trainable, loaded adapters' included.
+            injection.mark_only_adapters_trainable(self.model, self.peft_config, self.active_adapters)
         except BaseException:
             undo.rollback()
             raise
