@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# One prepared call on a lent GPU (H100/H200): versions, the GPU tests, the GPU benchmarks, one JSON report,
+# and a summary table printed last (the device tool returns only the tail of the output).
+# Usage, from the repo root: bash bench/gpu_check.sh        (about 6 minutes on an H100)
+# Writes bench/results/gpu_report_<card>.json, and $OUT/gpu_report.json plus logs when $OUT is set.
+set -uo pipefail  # no -e: a failing test stage must not cost us the benchmarks or the report
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+# Never put the cwd (the repo root) on sys.path, in pytest-xdist workers too: the top-level kernels/ directory
+# would shadow Hugging Face's `kernels` package, which transformers and bitsandbytes probe.
+export PYTHONSAFEPATH=1
+PY=python3
+LOGS=$(mktemp -d /tmp/pf_gpu_check.XXXXXX)
+T0=$(date +%s)
+
+if compgen -G ".whl/*.whl" >/dev/null; then  # carried wheels (bitsandbytes, ...): see the device README
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+# peft_fast is not installed there: rebuild the installed layout (peft_fast.kernels = repo/kernels) in /tmp.
+PKG=/tmp/pfpkg
+rm -rf "$PKG" && mkdir -p "$PKG"
+cp -r peft_fast "$PKG/peft_fast" && rm -rf "$PKG/peft_fast/kernels" && cp -r kernels "$PKG/peft_fast/kernels"
+export PYTHONPATH=$PKG${PYTHONPATH:+:$PYTHONPATH}  # no trailing ":" (= the cwd)
+
+echo "== environment"
+nvidia-smi
+$PY - <<'EOF'
+import importlib, sys
+import torch
+print("python", sys.version.split()[0], "| torch", torch.__version__, "| cuda", torch.version.cuda,
+      "|", torch.cuda.get_device_name() if torch.cuda.is_available() else "NO CUDA DEVICE")
+for name in ("triton", "transformers", "peft", "pytest", "pytest_benchmark", "bitsandbytes"):
+    try:
+        print(f"{name} {importlib.import_module(name).__version__}")
+    except Exception as e:
+        print(f"{name}: not available ({type(e).__name__}: {e})"
+              + ("  -> the PEFT + bitsandbytes QLoRA baseline will be skipped" if name == "bitsandbytes" else ""))
+import peft_fast, peft_fast.kernels
+print("peft_fast", peft_fast.__version__, "from", peft_fast.__file__, "| kernels from", peft_fast.kernels.__file__)
+EOF
+
+# Per-test limit when pytest-timeout is there, so one hung test does not eat the stage's whole budget.
+TEST_TIMEOUT=""
+$PY -c "import pytest_timeout" 2>/dev/null && TEST_TIMEOUT="--timeout=90"
+XDIST=""
+$PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
+
+stage() {  # stage NAME SECONDS pytest-args...: log, junit xml and "rc seconds" under $LOGS
+  local name=$1 limit=$2 start
+  shift 2
+  start=$(date +%s)
+  echo "== $name: pytest $* (limit ${limit}s)"
+  timeout -k 10 "$limit" $PY -m pytest "$@" -p no:cacheprovider --junitxml="$LOGS/$name.xml" 2>&1 | tee "$LOGS/$name.log"
+  echo "${PIPESTATUS[0]} $(( $(date +%s) - start ))" >"$LOGS/$name.rc"
+}
+
+stage kernels 120 tests/kernels -q $TEST_TIMEOUT
+stage peft_fast 90 tests/peft_fast -q $XDIST $TEST_TIMEOUT
+export PEFT_FAST_BENCH_ROWS="$LOGS/bench_rows.jsonl"  # rows written as measured, kept even if the stage times out
+stage bench 180 bench -q $TEST_TIMEOUT \
+  --benchmark-json="$LOGS/bench.json" --benchmark-min-rounds=3 --benchmark-max-time=0.5 \
+  --benchmark-warmup=on --benchmark-warmup-iterations=2 --benchmark-columns=median,iqr,rounds
+
+mkdir -p bench/results
+$PY bench/gpu_report.py "$LOGS" --seconds $(( $(date +%s) - T0 ))

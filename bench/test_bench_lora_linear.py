@@ -1,0 +1,122 @@
+"""One LoRA layer: peft_fast's LoraLinear (via get_peft_model) against PEFT's lora.Linear on an identical copy.
+
+Baseline: Hugging Face PEFT `lora.Linear` over the same bf16 base weight and the same fp32 adapter weights.
+QLoRA case, baseline: PEFT over a bitsandbytes NF4 `Linear4bit` (skipped when bitsandbytes is missing).
+"""
+import copy
+
+import peft
+import pytest
+import torch
+from torch import nn
+
+import peft_fast
+from benchutil import ALPHA, BASE_DTYPE, DEVICE, ON_GPU, RANK, measure, rel_err
+
+# (in_features, out_features): Llama-3-8B's q/o, gate/up and down projections; on CPU one small layer, to keep
+# `pytest bench/` to about a minute there.
+SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)] if ON_GPU else [(512, 1024)]
+TOKENS = 4096 if ON_GPU else 256
+DECODE_TOKENS = (1, 4, 16)
+BASELINE = f"peft {peft.__version__} lora.Linear"
+
+
+class OneLayer(nn.Module):
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.proj = base
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def _pair(base: nn.Module, dropout: float, base_copy: nn.Module | None = None):
+    """(peft_fast model, PEFT model) over identical copies of `base`, with identical random adapters."""
+    kw = dict(r=RANK, lora_alpha=ALPHA, lora_dropout=dropout, target_modules=["proj"], init_lora_weights=False)
+    ref_base = base_copy if base_copy is not None else copy.deepcopy(base)
+    fast = peft_fast.get_peft_model(OneLayer(base), peft_fast.LoraConfig(**kw))
+    ref = peft.get_peft_model(OneLayer(ref_base), peft.LoraConfig(**kw))
+    # Same parameter names by design, so the adapters copy over by name (the bases are already identical).
+    lora = {k: v for k, v in fast.state_dict().items() if "lora_" in k}
+    missing = [k for k in ref.load_state_dict(lora, strict=False).missing_keys if "lora_" in k]
+    assert lora and not missing, f"adapter keys PEFT has but peft_fast lacks: {missing}"
+    return fast, ref
+
+
+def _linear(in_f: int, out_f: int) -> nn.Linear:
+    return nn.Linear(in_f, out_f, bias=False, device=DEVICE, dtype=BASE_DTYPE)
+
+
+def _fwd_bwd(model, x, gy):
+    params = [x] + [p for p in model.parameters() if p.requires_grad]
+    return lambda: torch.autograd.grad(model(x), params, gy)
+
+
+def _bench_fwd_bwd(benchmark, label, fast, ref, in_f, out_f, dropout, baseline):
+    fast.train(), ref.train()
+    x = torch.randn(1, TOKENS, in_f, device=DEVICE, dtype=BASE_DTYPE, requires_grad=True)
+    gy = torch.randn(1, TOKENS, out_f, device=DEVICE, dtype=BASE_DTYPE)
+    err = None
+    if dropout == 0:  # with dropout the two draw different masks
+        with torch.no_grad():
+            err = rel_err(fast(x), ref(x))
+    measure(benchmark, label, _fwd_bwd(fast, x, gy), _fwd_bwd(ref, x, gy), baseline=baseline, err=err)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_lora_linear_fwd_bwd(benchmark, shape, dropout):
+    torch.manual_seed(0)
+    in_f, out_f = shape
+    fast, ref = _pair(_linear(in_f, out_f), dropout)
+    label = f"lora_linear fwd+bwd {in_f}x{out_f} M={TOKENS} p={dropout}"
+    _bench_fwd_bwd(benchmark, label, fast, ref, in_f, out_f, dropout, BASELINE)
+
+
+@pytest.mark.parametrize("tokens", DECODE_TOKENS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_lora_linear_decode(benchmark, shape, tokens):
+    torch.manual_seed(0)
+    in_f, out_f = shape
+    fast, ref = _pair(_linear(in_f, out_f), 0.0)
+    fast.eval(), ref.eval()
+    x = torch.randn(tokens, 1, in_f, device=DEVICE, dtype=BASE_DTYPE)  # `tokens` sequences, one new token each
+
+    def forward(model):
+        def run():
+            with torch.no_grad():
+                return model(x)
+        return run
+
+    err = rel_err(forward(fast)(), forward(ref)())
+    label = f"lora_linear decode {in_f}x{out_f} M={tokens}"
+    measure(benchmark, label, forward(fast), forward(ref), baseline=BASELINE, err=err)
+
+
+def _nf4_linear(weight: torch.Tensor):
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear4bit(weight.shape[1], weight.shape[0], bias=False, compute_dtype=BASE_DTYPE,
+                              quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(weight.detach().cpu(), requires_grad=False, quant_type="nf4")
+    return layer.to(DEVICE)  # quantises here, deterministically: both copies get the same codes
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_qlora_linear_fwd_bwd(benchmark, shape):
+    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes not installed: PEFT + bitsandbytes QLoRA "
+                                                     "baseline skipped")
+    torch.manual_seed(0)
+    in_f, out_f = shape
+    weight = _linear(in_f, out_f).weight
+    try:
+        bases = _nf4_linear(weight), _nf4_linear(weight)
+    except Exception as e:  # bitsandbytes builds without this device's backend
+        pytest.skip(f"bitsandbytes {bnb.__version__} cannot quantise on {DEVICE}: {type(e).__name__}: {e}")
+    try:
+        fast, ref = _pair(bases[0], 0.0, base_copy=bases[1])
+    except Exception as e:  # reported as a skip so the rest of the run still yields numbers; the reason says why
+        pytest.skip(f"peft_fast cannot adapt bitsandbytes Linear4bit: {type(e).__name__}: {str(e)[:300]}")
+    label = f"qlora_linear fwd+bwd {in_f}x{out_f} M={TOKENS} p=0.0"
+    _bench_fwd_bwd(benchmark, label, fast, ref, in_f, out_f, 0.0,
+                   f"peft {peft.__version__} + bitsandbytes {bnb.__version__} NF4")

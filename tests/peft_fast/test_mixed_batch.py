@@ -1,0 +1,160 @@
+"""Mixed-adapter batches (`adapter_names=[...]`, one name per sample, "__base__" for none), forward and generate."""
+import warnings
+
+import pytest
+import torch
+
+from tiny_models import (
+    add_both,
+    assert_close,
+    inputs,
+    make_pair,
+    out,
+    set_active,
+)
+
+# three adapters with different ranks / alphas / targets, as (name, LoraConfig overrides)
+ADAPTERS = {
+    "llama": [
+        ("a", {"r": 2, "lora_alpha": 4}),
+        ("b", {"r": 4, "lora_alpha": 16, "target_modules": ["k_proj", "o_proj", "up_proj"]}),
+        ("c", {"r": 8, "lora_alpha": 8, "use_rslora": True, "lora_dropout": 0.2}),
+    ],
+    "gpt2": [
+        ("a", {"r": 2, "lora_alpha": 4}),
+        ("b", {"r": 4, "lora_alpha": 16, "target_modules": ["c_attn"]}),
+        ("c", {"r": 8, "lora_alpha": 8, "rank_pattern": {"c_fc": 3}}),
+    ],
+    "mlp": [
+        ("a", {"r": 2, "lora_alpha": 4}),
+        ("b", {"r": 4, "lora_alpha": 16, "target_modules": ["lin1", "lin2"]}),
+        ("c", {"r": 8, "lora_alpha": 8, "alpha_pattern": {"lin0": 1}}),
+    ],
+}
+NAMES = ["a", "__base__", "c", "b", "a", "c"]
+
+
+def _three(kind, **extra):
+    (n0, kw0), *rest = ADAPTERS[kind]
+    base, r, i = make_pair(kind, adapter_name=n0, **kw0, **extra)
+    for k, (n, kw) in enumerate(rest):
+        add_both(r, i, n, kind, seed=10 + k, **kw, **extra)
+    # (PEFT creates the new adapters' dropout modules in training mode: eval() after adding)
+    base.eval()
+    r.eval()
+    i.eval()
+    return base, r, i
+
+
+def _x(kind):
+    return inputs(kind, batch=len(NAMES), seq=5, seed=3)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "mlp"])
+def test_mixed_batch_matches_peft_and_single_adapter_runs(kind):
+    base, r, i = _three(kind)
+    x = _x(kind)
+    with torch.no_grad():
+        expected = out(r, x, adapter_names=NAMES)
+        got = out(i, x, adapter_names=NAMES)
+    assert_close(got, expected)
+
+    # each sample equals running it alone with its adapter (or the base model)
+    for j, name in enumerate(NAMES):
+        xj = {k: v[j : j + 1] for k, v in x.items()}
+        with torch.no_grad():
+            if name == "__base__":
+                with i.disable_adapter():
+                    alone = out(i, xj)
+                assert_close(alone, out(base, xj))
+            else:
+                set_active(i, name)
+                alone = out(i, xj)
+        assert_close(got[j : j + 1], alone, msg=f"sample {j} ({name})")
+    # the adapters are really different from each other and from the base model
+    assert not torch.allclose(got[0], got[2], atol=1e-4)
+    assert not torch.allclose(got[0], got[1], atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["llama", "mlp"])
+def test_mixed_batch_leaves_active_adapter_alone(kind):
+    _, r, i = _three(kind)
+    set_active(r, "b")
+    set_active(i, "b")
+    x = _x(kind)
+    with torch.no_grad():
+        before = out(i, x)
+        out(i, x, adapter_names=NAMES)
+        after = out(i, x)
+    assert i.active_adapter == "b"
+    assert torch.equal(before, after)
+    assert_close(after, out(r, x).detach())
+
+
+def test_mixed_batch_all_base_and_all_one_adapter():
+    base, r, i = _three("llama")
+    x = _x("llama")
+    n = len(NAMES)
+    with torch.no_grad():
+        assert_close(out(i, x, adapter_names=["__base__"] * n), out(base, x))
+        set_active(i, "c")
+        assert_close(out(i, x, adapter_names=["c"] * n), out(i, x))
+        assert_close(out(i, x, adapter_names=["c"] * n), out(r, x, adapter_names=["c"] * n))
+
+
+def test_mixed_batch_with_modules_to_save():
+    base, r, i = make_pair("mlp", adapter_name="a", r=2, modules_to_save=["lin2"])
+    add_both(r, i, "b", "mlp", seed=1, r=4, modules_to_save=["lin2"])
+    # make the saved copies differ from the original module
+    with torch.no_grad():
+        for model in (r, i):
+            for name, p in model.named_parameters():
+                if "modules_to_save" in name:
+                    p.add_(0.1 * torch.arange(p.numel(), dtype=p.dtype).reshape(p.shape) / p.numel())
+    base.eval()
+    r.eval()
+    i.eval()
+    names = ["a", "b", "__base__", "b"]
+    x = inputs("mlp", batch=4)
+    with torch.no_grad():
+        expected = out(r, x, adapter_names=names)
+        assert_close(out(i, x, adapter_names=names), expected)
+        assert_close(expected[2:3], out(base, {"X": x["X"][2:3]}))
+
+
+def test_generate_with_adapter_names():
+    max_new_tokens = 4
+    _, r, i = _three("llama")
+    names = ["a", "__base__", "c", "b"]
+    ids = inputs("llama", batch=len(names), seq=5, seed=4)["input_ids"]
+    mask = torch.ones_like(ids)
+    kw = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = r.generate(input_ids=ids, attention_mask=mask, adapter_names=names, **kw)
+        got = i.generate(input_ids=ids, attention_mask=mask, adapter_names=names, **kw)
+        assert got.shape == (len(names), 5 + max_new_tokens)
+        assert torch.equal(got, expected)
+        for j, name in enumerate(names):
+            if name == "__base__":
+                with i.disable_adapter():
+                    alone = i.generate(input_ids=ids[j : j + 1], attention_mask=mask[j : j + 1], **kw)
+            else:
+                set_active(i, name)
+                alone = i.generate(input_ids=ids[j : j + 1], attention_mask=mask[j : j + 1], **kw)
+            assert torch.equal(got[j : j + 1], alone), f"sample {j} ({name})"
+    # not all samples generated the same continuation (the adapters matter)
+    assert len({tuple(row[5:].tolist()) for row in got}) > 1
+
+
+def test_mixed_batch_default_config_llama():
+    """The simplest case: one adapter plus the base model."""
+    base, r, i = make_pair("llama")
+    base.eval()
+    r.eval()
+    i.eval()
+    x = inputs("llama", batch=2)
+    with torch.no_grad():
+        got = out(i, x, adapter_names=["default", "__base__"])
+        assert_close(got, out(r, x, adapter_names=["default", "__base__"]))
+        assert_close(got[1:], out(base, {"input_ids": x["input_ids"][1:]}))
