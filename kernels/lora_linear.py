@@ -28,28 +28,29 @@ def _check_args(weight: Optional[Tensor], bias: Optional[Tensor], dropout_p: flo
         raise ValueError(f"lora_linear: dropout_p must be in [0, 1], got {dropout_p}")
 
 
-def _combine(x, weight, bias, xa, lora_a, lora_b, scaling, lora_bias):
+def _combine(result, xa, lora_a, lora_b, scaling, lora_bias):
     delta = F.linear(F.linear(xa, lora_a), lora_b, lora_bias) * scaling
-    if weight is None:
+    if result is None:
         return delta
-    result = F.linear(x, weight, bias)
     return (result + delta).to(result.dtype)
 
 
 def lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float = 0.0, lora_bias=None):
     """PEFT's LoRA Linear forward: the definition of correct. Backward is autograd."""
     _check_args(weight, bias, dropout_p)
+    # PEFT's order, base first: the autograd graph then also accumulates dx in PEFT's order, bit for bit.
+    result = F.linear(x, weight, bias) if weight is not None else None
     xa = x.to(lora_a.dtype)  # PEFT's _cast_input_dtype
     if dropout_p > 0:
         xa = F.dropout(xa, dropout_p, training=True)
-    return _combine(x, weight, bias, xa, lora_a, lora_b, scaling, lora_bias)
+    return _combine(result, xa, lora_a, lora_b, scaling, lora_bias)
 
 
 def _lora_linear_masked_reference(x, weight, bias, lora_a, lora_b, scaling, mask, lora_bias=None):
     """The reference with an explicit dropout multiplier (0 or 1/(1-p), shaped like x), for testing our masks."""
     _check_args(weight, bias, 0.0)
-    xa = x.to(lora_a.dtype) * mask.to(lora_a.dtype)
-    return _combine(x, weight, bias, xa, lora_a, lora_b, scaling, lora_bias)
+    result = F.linear(x, weight, bias) if weight is not None else None
+    return _combine(result, x.to(lora_a.dtype) * mask.to(lora_a.dtype), lora_a, lora_b, scaling, lora_bias)
 
 
 # ---------------------------------------------------------------------------------------------------------------
