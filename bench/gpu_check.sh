@@ -47,19 +47,25 @@ $PY -c "import pytest_timeout" 2>/dev/null && TEST_TIMEOUT="--timeout=90"
 XDIST=""
 $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
 
-stage() {  # stage NAME SECONDS pytest-args...: log, junit xml and "rc seconds" under $LOGS
+stage() {  # stage NAME SECONDS pytest-args...: log, junit xml and "rc seconds" under $LOGS; 0 seconds = skip
   local name=$1 limit=$2 start
   shift 2
+  if [ "$limit" -le 0 ]; then echo "== $name: skipped (limit 0)"; return; fi
   start=$(date +%s)
   echo "== $name: pytest $* (limit ${limit}s)"
-  timeout -k 10 "$limit" $PY -m pytest "$@" -p no:cacheprovider --junitxml="$LOGS/$name.xml" 2>&1 | tee "$LOGS/$name.log"
+  # The log also goes straight to $OUT, so it comes back even if the lease ends mid-stage.
+  timeout -k 10 "$limit" $PY -m pytest "$@" -p no:cacheprovider --junitxml="$LOGS/$name.xml" 2>&1 \
+    | tee "$LOGS/$name.log" ${OUT:+"$OUT/$name.log"}
   echo "${PIPESTATUS[0]} $(( $(date +%s) - start ))" >"$LOGS/$name.rc"
 }
 
-stage kernels 120 tests/kernels -q $TEST_TIMEOUT
-stage peft_fast 90 tests/peft_fast -q $XDIST $TEST_TIMEOUT
-export PEFT_FAST_BENCH_ROWS="$LOGS/bench_rows.jsonl"  # rows written as measured, kept even if the stage times out
-stage bench 180 bench -q $TEST_TIMEOUT \
+# Stage limits in seconds (0 skips a stage): short device leases run e.g.
+#   GPU_CHECK_KERNELS_S=60 GPU_CHECK_TESTS_S=0 GPU_CHECK_BENCH_S=110 bash bench/gpu_check.sh
+stage kernels "${GPU_CHECK_KERNELS_S:-120}" tests/kernels -q $TEST_TIMEOUT
+stage peft_fast "${GPU_CHECK_TESTS_S:-90}" tests/peft_fast -q $XDIST $TEST_TIMEOUT
+# Rows are written as measured (into $OUT when set), so they survive a stage that times out.
+export PEFT_FAST_BENCH_ROWS="${OUT:-$LOGS}/bench_rows.jsonl"
+stage bench "${GPU_CHECK_BENCH_S:-180}" bench -q $TEST_TIMEOUT \
   --benchmark-json="$LOGS/bench.json" --benchmark-min-rounds=3 --benchmark-max-time=0.5 \
   --benchmark-warmup=on --benchmark-warmup-iterations=2 --benchmark-columns=median,iqr,rounds
 

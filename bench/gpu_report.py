@@ -75,6 +75,8 @@ def _stage(logs: Path, name: str) -> dict:
 
 def _benchmarks(logs: Path) -> list[dict]:
     rows_file = logs / "bench_rows.jsonl"
+    if not rows_file.exists() and os.environ.get("OUT"):  # gpu_check.sh writes rows straight into $OUT
+        rows_file = Path(os.environ["OUT"]) / "bench_rows.jsonl"
     rows = [json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()] if rows_file.exists() else []
     stats = {}
     bench_json = logs / "bench.json"
