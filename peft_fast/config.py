@@ -27,6 +27,12 @@ PEFT_ONLY_KEYS: dict[str, Any] = {
     "auto_mapping": None, "revision": None,
 }
 
+INERT_KEYS = ("auto_mapping", "revision", "runtime_config", "qalora_group_size", "megatron_core")
+OUTPUT_CHANGING_KEYS = (
+    "megatron_config", "layer_replication", "use_qalora", "target_parameters", "trainable_token_indices",
+    "alora_invocation_tokens", "use_bdlora", "arrow_config", "kasa_config", "velora_config", "monteclora_config",
+)
+
 
 @dataclass
 class LoraConfig:
@@ -108,13 +114,17 @@ class LoraConfig:
         kwargs = {k: v for k, v in data.items() if k in known}
         for key in sorted(set(data) - known):
             value = data[key]
-            if key in PEFT_ONLY_KEYS:
-                neutral = PEFT_ONLY_KEYS[key]
-                if value == neutral or value in (None, {}, [], False) or key in ("auto_mapping", "revision", "runtime_config"):
-                    continue
-                warnings.warn(f"{source}: {key}={value!r} is a PEFT feature peft_fast does not implement; it is ignored.")
-            else:
+            if key not in PEFT_ONLY_KEYS:
                 warnings.warn(f"{source}: unknown key {key!r} is ignored (written by a newer PEFT or another tool?).")
+            elif value == PEFT_ONLY_KEYS[key] or value in (None, {}, [], False) or key in INERT_KEYS:
+                continue
+            elif key in OUTPUT_CHANGING_KEYS:
+                # Ignoring these would silently give outputs different from PEFT's: refuse instead.
+                raise NotImplementedError(f"{source}: {key}={value!r} is a PEFT feature that changes the model's "
+                                          "outputs and peft_fast does not implement it yet; use Hugging Face PEFT "
+                                          "for this adapter.")
+            else:
+                warnings.warn(f"{source}: {key}={value!r} (a PEFT initialisation or training option) is ignored.")
         return cls(**kwargs)
 
     @classmethod

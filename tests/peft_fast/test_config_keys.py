@@ -1,0 +1,56 @@
+"""adapter_config.json keys peft_fast does not model: unknown ones warn, PEFT features that would change outputs
+are refused (ignoring them would silently diverge from PEFT), init-only recipes warn, neutral values are silent."""
+import json
+import warnings
+
+import pytest
+import torch
+from tiny_models import AGAINST_PEFT
+
+import peft_fast
+
+pytestmark = pytest.mark.skipif(AGAINST_PEFT, reason="peft_fast-only behaviour")
+
+
+def _load(extra):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg = peft_fast.LoraConfig.from_dict({"r": 4, "target_modules": ["0"], **extra}, source="cfg.json")
+    return cfg, [str(w.message) for w in caught]
+
+
+def test_unknown_key_warns_and_is_ignored():
+    cfg, messages = _load({"brand_new_option": 3})
+    assert cfg.r == 4 and any("brand_new_option" in m and "ignored" in m for m in messages)
+
+
+@pytest.mark.parametrize("extra", [{"layer_replication": [[0, 1]]}, {"use_qalora": True},
+                                   {"target_parameters": ["w"]}, {"trainable_token_indices": [1, 2]}])
+def test_output_changing_peft_features_are_refused(extra):
+    with pytest.raises(NotImplementedError, match=next(iter(extra))):
+        _load(extra)
+
+
+def test_init_only_recipe_warns():
+    _, messages = _load({"loftq_config": {"loftq_bits": 4}})
+    assert any("loftq_config" in m for m in messages)
+
+
+def test_neutral_peft_values_are_silent():
+    _, messages = _load({"megatron_config": None, "loftq_config": {}, "use_qalora": False,
+                         "runtime_config": {"ephemeral_gpu_offload": False}, "layer_replication": None})
+    assert messages == []
+
+
+def test_refused_file_leaves_the_model_unchanged(tmp_path):
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(6, 6))
+    model = peft_fast.get_peft_model(torch.nn.Sequential(torch.nn.Linear(6, 6)),
+                                     peft_fast.LoraConfig(r=2, target_modules=["0"]))
+    model.save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "adapter_config.json").read_text())
+    data["layer_replication"] = [[0, 1]]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(data))
+    with pytest.raises(NotImplementedError, match="layer_replication"):
+        peft_fast.PeftModel.from_pretrained(base, str(tmp_path))
+    assert type(base[0]) is torch.nn.Linear and all(p.requires_grad for p in base.parameters())
