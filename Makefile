@@ -21,10 +21,10 @@ demo: setup
 	$(PY) examples/demo.py
 
 test: setup
-	$(PY) -m pytest tests -q
+	$(VENV)/bin/pytest tests -q
 
 bench: setup
-	$(PY) -m pytest bench -q
+	$(VENV)/bin/pytest bench -q
 
 clean:
 	rm -rf $(VENV) examples/out .pytest_cache .benchmarks
