@@ -6,7 +6,6 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-import torch
 import torch.nn as nn
 
 from .config import LoraConfig

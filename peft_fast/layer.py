@@ -185,7 +185,7 @@ class LoraLinear(nn.Module):
         weight = base.weight.T if self.fan_in_fan_out else base.weight
         return weight, base.bias
 
-    def _adapter_args(self, name: str, x_training: bool) -> tuple:
+    def _adapter_args(self, name: str) -> tuple:
         dropout = self.lora_dropout[name]
         p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
         b = self.lora_B[name]
@@ -208,12 +208,12 @@ class LoraLinear(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         plain = None if (args or kwargs or len(active) > 1) else self._plain_base()
         if plain is not None:
-            a, b, s, p, b_bias = self._adapter_args(active[0], self.training)
+            a, b, s, p, b_bias = self._adapter_args(active[0])
             return lora_linear(x, plain[0], plain[1], a, b, s, p, b_bias)
         result = self.base_layer(x, *args, **kwargs)
         out_dtype = result.dtype
         for name in active:
-            a, b, s, p, b_bias = self._adapter_args(name, self.training)
+            a, b, s, p, b_bias = self._adapter_args(name)
             result = result + lora_linear(x, None, None, a, b, s, p, b_bias)
         return result.to(out_dtype)
 
@@ -224,7 +224,7 @@ class LoraLinear(nn.Module):
             if name == "__base__" or name not in self.lora_A:
                 continue
             rows = [i for i, item in enumerate(adapter_names) if item == name]
-            a, b, s, p, b_bias = self._adapter_args(name, self.training)
+            a, b, s, p, b_bias = self._adapter_args(name)
             result[rows] += lora_linear(x[rows], None, None, a, b, s, p, b_bias).to(out_dtype)
         return result
 

@@ -8,7 +8,6 @@ import warnings
 from contextlib import contextmanager
 from typing import Any, Optional
 
-import torch
 import torch.nn as nn
 
 from . import files, injection
