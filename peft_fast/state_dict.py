@@ -87,8 +87,13 @@ def _base_key(file_key: str) -> str:
     return file_key.replace(".base_layer.", ".")
 
 
-def set_peft_model_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name: str) -> None:
-    """Copy checked file tensors into the adapter's parameters (``model`` is the wrapped model)."""
+def set_peft_model_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor],
+                              adapter_name: str = "default") -> None:
+    """Copy file-format tensors into an existing adapter's parameters (``model``: a PeftModel or the wrapped model)."""
+    from .peft_model import PeftModel
+
+    if isinstance(model, PeftModel):
+        model = model.base_model.model
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
     lora_layers = {k: m for k, m in model.named_modules() if isinstance(m, LoraLinear)}

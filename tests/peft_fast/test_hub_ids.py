@@ -51,3 +51,4 @@ def test_hub_failure_is_a_clear_error_and_changes_nothing(monkeypatch):
     with pytest.raises(ValueError, match="someone/missing"):
         peft_fast.PeftModel.from_pretrained(base, "someone/missing")
     assert type(base[0]) is torch.nn.Linear
+
