@@ -48,16 +48,22 @@ def _clock(fn, inner: int) -> float:
     return (time.perf_counter() - t0) / inner
 
 
+def time_many(*fns) -> list[float]:
+    """Median seconds per call of each of `fns`, measured round-robin with the same clock and repeat count."""
+    once = max(_clock(fn, 1) for fn in fns)
+    inner = max(1, int(ROUND_S / max(once, 1e-9)))
+    times: list[list[float]] = [[] for _ in fns]
+    deadline = time.perf_counter() + len(fns) * PAIR_BUDGET_S
+    while len(times[0]) < MIN_ROUNDS or (time.perf_counter() < deadline and len(times[0]) < MAX_ROUNDS):
+        for fn, ts in zip(fns, times):
+            ts.append(_clock(fn, inner))
+    return [statistics.median(ts) for ts in times]
+
+
 def time_pair(fast, ref) -> tuple[float, float]:
     """Median seconds per call of each, measured alternately with the same clock and the same repeat count."""
-    once = max(_clock(fast, 1), _clock(ref, 1))
-    inner = max(1, int(ROUND_S / max(once, 1e-9)))
-    fast_t, ref_t = [], []
-    deadline = time.perf_counter() + 2 * PAIR_BUDGET_S
-    while len(fast_t) < MIN_ROUNDS or (time.perf_counter() < deadline and len(fast_t) < MAX_ROUNDS):
-        fast_t.append(_clock(fast, inner))
-        ref_t.append(_clock(ref, inner))
-    return statistics.median(fast_t), statistics.median(ref_t)
+    fast_s, ref_s = time_many(fast, ref)
+    return fast_s, ref_s
 
 
 def peak_mib(fn) -> float | None:
@@ -78,13 +84,22 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
 
 
-def measure(benchmark, label: str, fast, ref, *, baseline: str, err: float | None = None, warmup: int = 3) -> dict:
-    """Time and size peft_fast (`fast`) against its baseline (`ref`); record the row in RESULTS and extra_info."""
+def measure(benchmark, label: str, fast, ref, *, baseline: str, err: float | None = None, warmup: int = 3,
+            also: dict | None = None, extra=None) -> dict:
+    """Time and size peft_fast (`fast`) against its baseline (`ref`); record the row in RESULTS and extra_info.
+
+    `also`: {name: fn} timed in the same interleaved rounds as the pair (e.g. the base model alone); each lands
+    in the row as `<name>_ms`. `extra(row) -> dict`: further fields computed from the timed row (overheads,
+    bandwidths); a `note` string among them is printed after the row in the tables.
+    """
+    also = also or {}
     for _ in range(warmup):  # Triton compilation, cuBLAS handles, the caching allocator, optimizer state
         fast()
         ref()
+        for fn in also.values():
+            fn()
     sync()
-    fast_s, ref_s = time_pair(fast, ref)
+    fast_s, ref_s, *also_s = time_many(fast, ref, *also.values())
     fast_mem, ref_mem = peak_mib(fast), peak_mib(ref)
 
     def fast_synced():
@@ -105,6 +120,9 @@ def measure(benchmark, label: str, fast, ref, *, baseline: str, err: float | Non
         "mem_ratio": (fast_mem / ref_mem) if fast_mem is not None and ref_mem else None,
         "rel_err": err,
     }
+    row.update({f"{name}_ms": t * 1e3 for name, t in zip(also, also_s)})
+    if extra is not None:
+        row.update(extra(row))
     if err is not None and err > 2e-2:
         warnings.warn(f"{label}: peft_fast and {baseline} outputs differ by {err:.2e} (relative); "
                       "the timing compares different functions", stacklevel=2)
@@ -129,5 +147,7 @@ def format_table(rows: list[dict]) -> list[str]:
                 line += f" ({r['mem_ratio']:.2f})"
         if r.get("rel_err") is not None:
             line += f" | err {r['rel_err']:.1e}"
+        if r.get("note"):
+            line += f" | {r['note']}"
         lines.append(line)
     return lines

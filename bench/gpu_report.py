@@ -120,6 +120,8 @@ def _summary(report: dict) -> list[str]:
         err = f"{r['rel_err']:.1e}" if r.get("rel_err") is not None else ""
         lines.append(f"{r['label']:<58} {r['peft_fast_ms']:>12.3f} {r['peft_ms']:>10.3f} {r['ratio']:>6.2f} "
                      f"{mem:>16} {err:>8}")
+        if r.get("note"):  # extra per-benchmark figures (overheads, bandwidth), see benchutil.measure
+            lines.append(f"  {r['note']}")
     if not report["benchmarks"]:
         lines.append("(no benchmark rows: see bench.log)")
     lines.append("ratio = peft_fast / baseline time (< 1: peft_fast faster); MiB = extra peak memory of one call")

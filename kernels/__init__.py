@@ -7,11 +7,25 @@ __all__ = [
     "lora_linear",
     "lora_linear_reference",
     "lora_linear_triton",
+    "lora_shrink",
+    "lora_shrink_reference",
+    "lora_shrink_triton",
+    "lora_expand",
+    "lora_expand_reference",
+    "lora_expand_triton",
+    "LoraBatchMeta",
+    "make_lora_batch_meta",
+    "multi_lora",
+    "multi_lora_reference",
+    "multi_lora_triton",
 ]
 
 if __name__ == "peft_fast.kernels":
     from .backend import HAS_TRITON, backend, interpreting, use_triton
     from .lora_linear import lora_linear, lora_linear_reference, lora_linear_triton
+    from .lora_shrink import lora_shrink, lora_shrink_reference, lora_shrink_triton
+    from .lora_expand import lora_expand, lora_expand_reference, lora_expand_triton
+    from .multi_lora import LoraBatchMeta, make_lora_batch_meta, multi_lora, multi_lora_reference, multi_lora_triton
 else:
     # From the repo root this directory shadows Hugging Face's `kernels` package, which transformers and
     # bitsandbytes probe at import. Stay an empty module then: loading the ops under a second name would

@@ -10,7 +10,8 @@ import torch.nn as nn
 
 from . import lora_init
 from .config import LoraConfig
-from .kernels import lora_linear
+from .kernels import lora_linear, multi_lora, use_triton
+from .mixed_batch import AdapterNames, AdapterStacks, StackCache, stack_dtype
 
 
 def _conv1d_type():
@@ -219,6 +220,16 @@ class LoraLinear(nn.Module):
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
         result = self.base_layer(x, *args, **kwargs)
+        if not any(n in self.lora_A for n in set(adapter_names)):
+            return result
+        if isinstance(adapter_names, AdapterNames) and not self._needs_grad(x):
+            # One shrink and one expand for the whole batch, whatever the number of adapters in it.
+            stacks = self._stacks(adapter_names.slot_names, x)
+            x2d, y2d = x.reshape(-1, self.in_features), result.reshape(-1, self.out_features)
+            multi_lora(x2d, y2d, stacks.a, stacks.b, stacks.ranks, stacks.scalings, adapter_names.meta_for(x),
+                       stacks.bias, inplace=True)  # the base output is ours and needs no autograd
+            return result
+        # Gradients wanted (or a caller passed a plain list): PEFT's per-adapter loop, differentiable.
         out_dtype = result.dtype
         for name in set(adapter_names):
             if name == "__base__" or name not in self.lora_A:
@@ -227,6 +238,21 @@ class LoraLinear(nn.Module):
             a, b, s, p, b_bias = self._adapter_args(name)
             result[rows] += lora_linear(x[rows], None, None, a, b, s, p, b_bias).to(out_dtype)
         return result
+
+    def _needs_grad(self, x: torch.Tensor) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        return x.requires_grad or any(p.requires_grad for d in (self.lora_A, self.lora_B) for p in d.parameters())
+
+    def _stacks(self, slot_names: tuple[str, ...], x: torch.Tensor) -> AdapterStacks:
+        """Stacked adapter weights for the batched kernels, rebuilt only when an adapter changed."""
+        adapter_dtype = next(iter(self.lora_A.values())).weight.dtype
+        dtype = stack_dtype(x, adapter_dtype, use_triton(x))
+        cache = self.__dict__.get("_stack_cache")
+        if cache is None or not cache.fresh(self, slot_names, dtype):
+            cache = StackCache(self, slot_names, dtype)
+            self.__dict__["_stack_cache"] = cache
+        return cache.stacks
 
     # --- merging -----------------------------------------------------------------------------------------------
     def get_delta_weight(self, name: str) -> torch.Tensor:

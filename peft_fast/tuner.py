@@ -11,6 +11,7 @@ import torch.nn as nn
 from . import injection
 from .config import LoraConfig, as_lora_config
 from .layer import LoraLinear
+from .mixed_batch import AdapterNames
 from .modules_to_save import ModulesToSaveWrapper
 from .state_dict import set_peft_model_state_dict
 
@@ -157,10 +158,11 @@ class LoraModel(nn.Module):
                              "`unmerge_adapter` first.")
         if isinstance(num_beams, int) and num_beams > 1:
             adapter_names = [n for n in adapter_names for _ in range(num_beams)]
+        shared = AdapterNames(list(adapter_names), tuple(sorted(self.peft_config)))
         handles = []
         try:
             for _, m in injection.tuner_layers(self.model):
-                hook = partial(_adapter_names_pre_hook, adapter_names=list(adapter_names))
+                hook = partial(_adapter_names_pre_hook, adapter_names=shared)
                 handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
             yield
         finally:

@@ -1,0 +1,165 @@
+"""Multi-adapter LoRA expand: y[t] += scaling_s · (z[t, :rank_s] · b_stack[s, :, :rank_s]ᵀ + bias_stack[s]).
+
+The second half of a mixed batch (`multi_lora.py`). It adds IN PLACE into y and returns y: the caller hands it
+a fresh output (the base layer's result, or a clone), so the batch needs no second [T, out] buffer. Rows of
+tokens without an adapter, and of slots whose rank is 0 (the layer lacks that adapter), are never touched.
+Only z[:, :rank_s] is read, so whatever the shrink left beyond a slot's rank does not matter.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .backend import HAS_TRITON, use_triton
+from .lora_shrink import _block_m, _check_launch, _dot_mode, _np2, _precision, _slot_rows
+
+if TYPE_CHECKING:
+    from .multi_lora import LoraBatchMeta
+
+__all__ = ["lora_expand", "lora_expand_reference", "lora_expand_triton"]
+
+
+def _check_shapes(y: Tensor, z: Tensor, b_stack: Tensor, ranks: Tensor, scalings: Tensor, meta: "LoraBatchMeta",
+                  bias_stack: Optional[Tensor]) -> None:
+    if y.dim() != 2 or z.dim() != 2 or b_stack.dim() != 3:
+        raise ValueError(f"lora_expand: y must be [T, out], z [T, r_max] and b_stack [n_slots, out, r_max]; got "
+                         f"{tuple(y.shape)}, {tuple(z.shape)}, {tuple(b_stack.shape)}")
+    n, out_f, r_max = b_stack.shape
+    if y.shape != (meta.num_tokens, out_f) or z.shape != (meta.num_tokens, r_max) or n != meta.n_slots:
+        raise ValueError(f"lora_expand: y {tuple(y.shape)}, z {tuple(z.shape)} and b_stack {tuple(b_stack.shape)} "
+                         f"do not match a batch of {meta.num_tokens} tokens over {meta.n_slots} slots")
+    if ranks.shape != (n,) or scalings.shape != (n,):
+        raise ValueError(f"lora_expand: ranks and scalings must have shape ({n},); got {tuple(ranks.shape)} and "
+                         f"{tuple(scalings.shape)}")
+    if bias_stack is not None and bias_stack.shape != (n, out_f):
+        raise ValueError(f"lora_expand: bias_stack must have shape ({n}, {out_f}), got {tuple(bias_stack.shape)}")
+
+
+def lora_expand_reference(y: Tensor, z: Tensor, b_stack: Tensor, ranks: Tensor, scalings: Tensor,
+                          meta: "LoraBatchMeta", bias_stack: Optional[Tensor] = None) -> Tensor:
+    """PEFT's lora_B and scaling on z, per active slot, in the adapter dtype; adds into y in place."""
+    _check_shapes(y, z, b_stack, ranks, scalings, meta, bias_stack)
+    rank_list = ranks.tolist()
+    for s, rows in _slot_rows(meta):
+        r = min(int(rank_list[s]), b_stack.shape[2])
+        if r == 0:
+            continue
+        b = b_stack[s, :, :r]
+        bias = bias_stack[s].to(b.dtype) if bias_stack is not None else None
+        delta = F.linear(z[rows, :r].to(b.dtype), b, bias) * scalings[s].to(b.dtype)
+        y[rows] += delta.to(y.dtype)
+    return y
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _lora_expand_kernel(
+        z_ptr, b_ptr, y_ptr, bias_ptr, scal_ptr, ranks_ptr, tokens_ptr, starts_ptr, counts_ptr, active_ptr,
+        N, R_MAX,
+        stride_zm, stride_zr, stride_bs, stride_bn, stride_br, stride_ym, stride_yn, stride_biass, stride_biasn,
+        HAS_BIAS: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        # Axis 0 (launched fastest) walks the out tiles of one token tile: its z rows stay in L2 meanwhile.
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        slot = tl.load(active_ptr + tl.program_id(2))
+        count = tl.load(counts_ptr + slot)
+        rank = tl.minimum(tl.load(ranks_ptr + slot), R_MAX)
+        if pid_m * BLOCK_M >= count:
+            return
+        # Rank 0: the layer lacks this adapter; its tokens keep the base output, lora bias included.
+        if rank == 0:
+            return
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < count
+        start = tl.load(starts_ptr + slot)
+        tok = tl.load(tokens_ptr + start + offs_m, mask=mask_m, other=0).to(tl.int64)
+        rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        mask_n = rn < N
+        b_base = b_ptr + slot.to(tl.int64) * stride_bs
+        if DOT == 2:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # The slot's own rank bounds the loop: a rank-8 slot beside a rank-64 one does one step, not r_max/BLOCK_R.
+        for r0 in range(0, rank, BLOCK_R):
+            rr = r0 + tl.arange(0, BLOCK_R)
+            mask_r = rr < rank
+            a = tl.load(z_ptr + tok[:, None] * stride_zm + rr[None, :] * stride_zr,
+                        mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+            b = tl.load(b_base + rr[:, None] * stride_br + rn[None, :] * stride_bn,
+                        mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+            if DOT == 1:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            if DOT == 2:
+                a = a.to(tl.float64)
+                b = b.to(tl.float64)
+            if DOT == 3:
+                a = a.to(tl.bfloat16)
+                b = b.to(tl.bfloat16)
+            if DOT == 4:
+                a = a.to(tl.float16)
+                b = b.to(tl.float16)
+            acc += tl.dot(a, b, input_precision=PRECISION)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + slot.to(tl.int64) * stride_biass + rn * stride_biasn, mask=mask_n, other=0.0)
+            acc += bias.to(acc.dtype)[None, :]
+        # A tensor, not a kernel argument: float arguments would arrive as fp32 and break float64 exactness.
+        acc = acc * tl.load(scal_ptr + slot).to(acc.dtype)
+        y_ptrs = y_ptr + tok[:, None] * stride_ym + rn[None, :] * stride_yn
+        mask_y = mask_m[:, None] & mask_n[None, :]
+        out = tl.load(y_ptrs, mask=mask_y, other=0.0).to(acc.dtype) + acc
+        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask_y)
+
+
+def _expand_blocks(out_f: int, r_max: int) -> tuple[int, int]:
+    # BLOCK_N 64 keeps a prefill program at 64x64 outputs with a [64, BLOCK_N] fp32 accumulator; BLOCK_R makes
+    # the largest slot take about four rank steps, so smaller slots stop early at a fine grain.
+    bn = min(64, max(16, _np2(out_f)))
+    br = min(64, max(16, _np2(r_max) // 4))
+    return bn, br
+
+
+def lora_expand_triton(y: Tensor, z: Tensor, b_stack: Tensor, ranks: Tensor, scalings: Tensor,
+                       meta: "LoraBatchMeta", bias_stack: Optional[Tensor] = None) -> Tensor:
+    """One launch for every adapter of the batch; adds into y in place and returns it."""
+    if not HAS_TRITON:
+        raise RuntimeError("lora_expand_triton needs triton, which is not installed; use lora_expand_reference.")
+    _check_shapes(y, z, b_stack, ranks, scalings, meta, bias_stack)
+    _check_launch("lora_expand", y, z, b_stack, ranks, scalings, bias_stack, meta.sorted_tokens, meta.slot_starts,
+                  meta.active_slots)
+    out_f, r_max = b_stack.shape[1], b_stack.shape[2]
+    n_active = meta.active_slots.numel()
+    if n_active == 0 or out_f == 0 or r_max == 0:
+        return y
+    dot = _dot_mode(z.dtype, b_stack.dtype, y.dtype)
+    bm = _block_m(meta.max_slot_tokens)
+    bn, br = _expand_blocks(out_f, r_max)
+    grid = (triton.cdiv(out_f, bn), triton.cdiv(meta.max_slot_tokens, bm), n_active)
+    bias = bias_stack if bias_stack is not None else b_stack
+    _lora_expand_kernel[grid](
+        z, b_stack, y, bias, scalings, ranks, meta.sorted_tokens, meta.slot_starts, meta.slot_counts,
+        meta.active_slots,
+        out_f, r_max,
+        z.stride(0), z.stride(1), b_stack.stride(0), b_stack.stride(1), b_stack.stride(2),
+        y.stride(0), y.stride(1), bias.stride(0), bias.stride(-1),
+        HAS_BIAS=bias_stack is not None, DOT=dot, PRECISION=_precision(dot),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br,
+    )
+    return y
+
+
+def lora_expand(y: Tensor, z: Tensor, b_stack: Tensor, ranks: Tensor, scalings: Tensor, meta: "LoraBatchMeta",
+                bias_stack: Optional[Tensor] = None) -> Tensor:
+    """y[t] += scaling_s·(z[t, :rank_s]·B_s[:, :rank_s]ᵀ + bias_s) for each token t of slot s; in place, returns y."""
+    if use_triton(y, z, b_stack, scalings, meta.sorted_tokens):
+        return lora_expand_triton(y, z, b_stack, ranks, scalings, meta, bias_stack)
+    return lora_expand_reference(y, z, b_stack, ranks, scalings, meta, bias_stack)

@@ -1,0 +1,230 @@
+"""Multi-adapter LoRA shrink: z[t, :rank_s] = x[t] · a_stack[s, :rank_s]ᵀ for every token t of slot s.
+
+The first half of a Punica/S-LoRA style mixed batch (`multi_lora.py` holds the batch metadata and the whole op).
+z is float32 (float64 when x or a_stack is float64) of shape [T, r_max], allocated zeroed: rows of tokens
+without an adapter (or of a rank-0 slot), and columns at or beyond their slot's rank, are guaranteed exactly 0.
+The expand never reads them; the zeros are there so that nobody else can read garbage either.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import TYPE_CHECKING, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .backend import HAS_TRITON, interpreting, use_triton
+
+if TYPE_CHECKING:
+    from .multi_lora import LoraBatchMeta
+
+__all__ = ["lora_shrink", "lora_shrink_reference", "lora_shrink_triton"]
+
+_DOT_NATIVE, _DOT_F32, _DOT_F64, _DOT_BF16, _DOT_F16 = 0, 1, 2, 3, 4
+
+
+def _z_dtype(*ts: Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+
+
+def _check_shapes(x: Tensor, a_stack: Tensor, ranks: Tensor, meta: "LoraBatchMeta") -> None:
+    if x.dim() != 2 or a_stack.dim() != 3:
+        raise ValueError(f"lora_shrink: x must be [T, in] and a_stack [n_slots, r_max, in]; got {tuple(x.shape)} "
+                         f"and {tuple(a_stack.shape)}")
+    if x.shape[0] != meta.num_tokens or a_stack.shape[0] != meta.n_slots or a_stack.shape[2] != x.shape[1]:
+        raise ValueError(f"lora_shrink: x {tuple(x.shape)} and a_stack {tuple(a_stack.shape)} do not match a batch "
+                         f"of {meta.num_tokens} tokens over {meta.n_slots} slots")
+    if ranks.shape != (meta.n_slots,):
+        raise ValueError(f"lora_shrink: ranks must have shape ({meta.n_slots},), got {tuple(ranks.shape)}")
+
+
+def _slot_rows(meta: "LoraBatchMeta") -> list[tuple[int, Tensor]]:
+    """(slot, token indices) of every active slot, on the host: the references are allowed to sync."""
+    starts, counts = meta.slot_starts.tolist(), meta.slot_counts.tolist()
+    return [(s, meta.sorted_tokens[starts[s]:starts[s] + counts[s]].long()) for s in meta.active_slots.tolist()]
+
+
+def lora_shrink_reference(x: Tensor, a_stack: Tensor, ranks: Tensor, meta: "LoraBatchMeta") -> Tensor:
+    """Per active slot, x[tokens] cast to the adapter dtype times A[:rank]ᵀ, as PEFT's lora_A computes it."""
+    _check_shapes(x, a_stack, ranks, meta)
+    z = torch.zeros((x.shape[0], a_stack.shape[1]), device=x.device, dtype=_z_dtype(x, a_stack))
+    rank_list = ranks.tolist()
+    for s, rows in _slot_rows(meta):
+        r = min(int(rank_list[s]), a_stack.shape[1])
+        if r > 0:
+            a = a_stack[s, :r]
+            z[rows, :r] = F.linear(x[rows].to(a.dtype), a).to(z.dtype)
+    return z
+
+
+def _dot_mode(a: torch.dtype, b: torch.dtype, c: torch.dtype) -> int:
+    """lora_linear's policy: fp64 stays fp64; 16-bit activations meet fp32 adapters on the tensor cores in 16 bits
+    with fp32 accumulation; the interpreter computes in fp32 because its tl.dot garbles bf16 (triton#11584)."""
+    if torch.float64 in (a, b):
+        return _DOT_F64
+    if interpreting():
+        return _DOT_F32
+    if a == b and a != torch.float32:
+        return _DOT_NATIVE
+    half = next((t for t in (a, b, c) if t in (torch.bfloat16, torch.float16)), None)
+    if half is not None and os.environ.get("PEFT_FAST_LORA_DOT", "half") == "half":
+        return _DOT_BF16 if half == torch.bfloat16 else _DOT_F16
+    return _DOT_F32
+
+
+def _precision(dot: int) -> str:
+    # fp32 dots follow torch's matmul precision setting, so "highest" (the default) matches cuBLAS/PEFT.
+    return "tf32" if dot == _DOT_F32 and torch.get_float32_matmul_precision() != "highest" else "ieee"
+
+
+def _np2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _block_m(max_slot_tokens: int) -> int:
+    # tl.dot needs every block dim >= 16; 64 tokens per tile is where prefill tiles stop gaining reuse of A.
+    return min(64, max(16, _np2(max_slot_tokens)))
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    # The interpreter: a small GPU's count, so that decode batches take the split-K path under test too.
+    return 16
+
+
+def _check_launch(op: str, *ts: Optional[Tensor]) -> None:
+    """Kernels take raw pointers: every tensor on the first one's device, and no autograd graph to honour."""
+    present = [t for t in ts if t is not None]
+    if any(t.device != present[0].device for t in present):
+        raise ValueError(f"{op}: all tensors (batch metadata included) must be on one device, got "
+                         f"{sorted({str(t.device) for t in present})}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
+        raise RuntimeError(f"{op}: the Triton multi-adapter path is inference-only and has no backward; run mixed "
+                           "adapter batches under torch.no_grad() / torch.inference_mode(), or use the reference.")
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _lora_shrink_kernel(
+        x_ptr, a_ptr, z_ptr, ranks_ptr, tokens_ptr, starts_ptr, counts_ptr, active_ptr,
+        K, R_MAX, k_tiles,
+        stride_xm, stride_xk, stride_as, stride_ar, stride_ak, stride_zm, stride_zr,
+        DOT: tl.constexpr, PRECISION: tl.constexpr, SPLIT_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        # Axis 0 (launched fastest) walks the rank tiles and K splits of one token tile, so its x rows are
+        # fetched from HBM once and re-read from L2; axis 1 walks a slot's token tiles while its A stays in L2.
+        pid_rk = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        slot = tl.load(active_ptr + tl.program_id(2))
+        pid_r = pid_rk // SPLIT_K
+        pid_k = pid_rk % SPLIT_K
+        count = tl.load(counts_ptr + slot)
+        rank = tl.minimum(tl.load(ranks_ptr + slot), R_MAX)
+        # The grid is sized for the largest slot and the largest rank: the others' spare programs leave here,
+        # so a rank-8 adapter never touches, nor multiplies, the zero padding up to r_max.
+        if pid_m * BLOCK_M >= count:
+            return
+        if pid_r * BLOCK_R >= rank:
+            return
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < count
+        start = tl.load(starts_ptr + slot)
+        tok = tl.load(tokens_ptr + start + offs_m, mask=mask_m, other=0).to(tl.int64)
+        rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        mask_r = rr < rank
+        a_base = a_ptr + slot.to(tl.int64) * stride_as
+        if DOT == 2:
+            acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float64)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        k_start = pid_k * k_tiles * BLOCK_K
+        for kt in range(0, k_tiles):
+            rk = (k_start + kt * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+            mask_k = rk < K
+            a = tl.load(x_ptr + tok[:, None] * stride_xm + rk[None, :] * stride_xk,
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            b = tl.load(a_base + rk[:, None] * stride_ak + rr[None, :] * stride_ar,
+                        mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+            if DOT == 1:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            if DOT == 2:
+                a = a.to(tl.float64)
+                b = b.to(tl.float64)
+            if DOT == 3:
+                a = a.to(tl.bfloat16)
+                b = b.to(tl.bfloat16)
+            if DOT == 4:
+                a = a.to(tl.float16)
+                b = b.to(tl.float16)
+            acc += tl.dot(a, b, input_precision=PRECISION)
+        z_ptrs = z_ptr + tok[:, None] * stride_zm + rr[None, :] * stride_zr
+        mask_z = mask_m[:, None] & mask_r[None, :]
+        if SPLIT_K > 1:
+            tl.atomic_add(z_ptrs, acc.to(z_ptr.dtype.element_ty), mask=mask_z)
+        else:
+            tl.store(z_ptrs, acc.to(z_ptr.dtype.element_ty), mask=mask_z)
+
+
+def _shrink_blocks(r_max: int, K: int) -> tuple[int, int]:
+    # BLOCK_R: the largest slot spans two rank tiles, so a slot of rank <= r_max/2 pays for half the tiles or
+    # fewer; smaller tiles would make the largest slot re-read its x rows from L2 more times for little gain.
+    br = min(64, max(16, _np2(r_max) // 2))
+    bk = min(64, max(16, _np2(K)))
+    return br, bk
+
+
+def _split_k(tiles: int, K: int, bk: int, z: Tensor) -> int:
+    # Decode (one token per slot) gives few tiles over a long `in`: most SMs would idle, so split K and add the
+    # partial sums atomically into the zeroed z. Atomics reorder the sum, so never in deterministic mode.
+    sms = _num_sms(z.device)
+    if tiles >= sms or K < 4 * bk or torch.are_deterministic_algorithms_enabled():
+        return 1
+    return max(1, min(triton.cdiv(K, 2 * bk), triton.cdiv(2 * sms, tiles)))
+
+
+def lora_shrink_triton(x: Tensor, a_stack: Tensor, ranks: Tensor, meta: "LoraBatchMeta",
+                       split_k: Optional[int] = None) -> Tensor:
+    """One launch for every adapter of the batch. `split_k` overrides the heuristic (1 = never split)."""
+    if not HAS_TRITON:
+        raise RuntimeError("lora_shrink_triton needs triton, which is not installed; use lora_shrink_reference.")
+    _check_shapes(x, a_stack, ranks, meta)
+    _check_launch("lora_shrink", x, a_stack, ranks, meta.sorted_tokens, meta.slot_starts, meta.active_slots)
+    T, K = x.shape
+    r_max = a_stack.shape[1]
+    z = torch.zeros((T, r_max), device=x.device, dtype=_z_dtype(x, a_stack))
+    n_active = meta.active_slots.numel()
+    if n_active == 0 or r_max == 0 or K == 0:
+        return z
+    dot = _dot_mode(x.dtype, a_stack.dtype, z.dtype)
+    bm = _block_m(meta.max_slot_tokens)
+    br, bk = _shrink_blocks(r_max, K)
+    m_tiles, r_tiles, k_tiles = triton.cdiv(meta.max_slot_tokens, bm), triton.cdiv(r_max, br), triton.cdiv(K, bk)
+    split = _split_k(m_tiles * r_tiles * n_active, K, bk, z) if split_k is None else max(1, int(split_k))
+    if split > 1:
+        per_split = triton.cdiv(k_tiles, split)
+        split = triton.cdiv(k_tiles, per_split)  # no split left without K tiles
+        k_tiles = per_split
+    grid = (r_tiles * split, m_tiles, n_active)
+    _lora_shrink_kernel[grid](
+        x, a_stack, z, ranks, meta.sorted_tokens, meta.slot_starts, meta.slot_counts, meta.active_slots,
+        K, r_max, k_tiles,
+        x.stride(0), x.stride(1), a_stack.stride(0), a_stack.stride(1), a_stack.stride(2), z.stride(0), z.stride(1),
+        DOT=dot, PRECISION=_precision(dot), SPLIT_K=split, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk,
+    )
+    return z
+
+
+def lora_shrink(x: Tensor, a_stack: Tensor, ranks: Tensor, meta: "LoraBatchMeta") -> Tensor:
+    """z [T, r_max] (fp32, fp64 for fp64): x[t]·a_stack[s, :rank_s]ᵀ per token of slot s, zeros elsewhere."""
+    if use_triton(x, a_stack, ranks, meta.sorted_tokens):
+        return lora_shrink_triton(x, a_stack, ranks, meta)
+    return lora_shrink_reference(x, a_stack, ranks, meta)

@@ -1,0 +1,100 @@
+"""Mixed-adapter batches: per-batch metadata shared by every layer, and per-layer stacked adapter weights."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+BASE = "__base__"
+
+
+class AdapterNames(list):
+    """The ``adapter_names`` handed to each layer: the user's one-name-per-sample list, plus what every layer of
+    one forward pass shares. Slots number the model's adapters in one global order, so one token-to-slot mapping
+    (and its grouping metadata, built once per batch shape) serves all layers."""
+
+    def __init__(self, names: list[str], slot_names: tuple[str, ...]):
+        super().__init__(names)
+        self.slot_names = slot_names
+        index = {n: i for i, n in enumerate(slot_names)}
+        self.sample_slots = [index.get(n, -1) if n != BASE else -1 for n in names]
+        self._meta: dict = {}
+
+    def meta_for(self, x: torch.Tensor):
+        """Token-to-slot metadata for activations ``x`` of shape [batch, ..., features]."""
+        from .kernels import make_lora_batch_meta
+
+        key = (tuple(x.shape[:-1]), x.device)
+        if key not in self._meta:
+            per_sample = x[0].numel() // x.shape[-1] if x.dim() > 1 else 1
+            slots = torch.tensor(self.sample_slots, dtype=torch.int32)
+            token_slots = slots.repeat_interleave(per_sample).to(x.device)
+            self._meta[key] = make_lora_batch_meta(token_slots, len(self.slot_names))
+        return self._meta[key]
+
+
+def stack_dtype(x: torch.Tensor, adapter_dtype: torch.dtype, on_triton: bool) -> torch.dtype:
+    """The kernels' dots meet in 16-bit activations' type anyway, so 16-bit stacks give the same result with half
+    the memory and half the adapter bytes read per token. The reference keeps PEFT's dtype (its exact math)."""
+    if on_triton and x.dtype in (torch.bfloat16, torch.float16) and os.environ.get("PEFT_FAST_LORA_DOT") != "fp32":
+        return x.dtype
+    return adapter_dtype
+
+
+@dataclass
+class AdapterStacks:
+    a: torch.Tensor  # [n_slots, r_max, in]
+    b: torch.Tensor  # [n_slots, out, r_max]
+    ranks: torch.Tensor  # int32 [n_slots]; 0 where this layer lacks the adapter
+    scalings: torch.Tensor  # float32 [n_slots]
+    bias: Optional[torch.Tensor]  # [n_slots, out] when some adapter has lora_bias
+
+
+class StackCache:
+    """A layer's stacked adapters and what they were built from. Checked on every mixed batch: the adapter set,
+    each parameter's version counter (an optimizer step or load bumps it) and storage (``p.data = ...`` swaps it),
+    so the stacks are never stale; only what changed triggers a rebuild."""
+
+    def __init__(self, layer, slot_names: tuple[str, ...], dtype: torch.dtype):
+        self.slot_names, self.dtype = slot_names, dtype
+        self.params = [p for n in slot_names if n in layer.lora_A
+                       for p in (layer.lora_A[n].weight, layer.lora_B[n].weight, layer.lora_B[n].bias) if p is not None]
+        self.scalings = [layer.scaling.get(n) for n in slot_names]
+        self.versions = [p._version for p in self.params]
+        self.ptrs = [p.data_ptr() for p in self.params]
+        self.stacks = build_stacks(layer, slot_names, dtype)
+
+    def fresh(self, layer, slot_names: tuple[str, ...], dtype: torch.dtype) -> bool:
+        if slot_names != self.slot_names or dtype != self.dtype:
+            return False
+        current = [p for n in slot_names if n in layer.lora_A
+                   for p in (layer.lora_A[n].weight, layer.lora_B[n].weight, layer.lora_B[n].bias) if p is not None]
+        return (len(current) == len(self.params) and all(a is b for a, b in zip(current, self.params))
+                and [p._version for p in current] == self.versions and [p.data_ptr() for p in current] == self.ptrs
+                and [layer.scaling.get(n) for n in slot_names] == self.scalings)
+
+
+def build_stacks(layer, slot_names: tuple[str, ...], dtype: torch.dtype) -> AdapterStacks:
+    present = [n for n in slot_names if n in layer.lora_A]
+    ref = layer.lora_A[present[0]].weight
+    r_max = max(layer.r[n] for n in present)
+    n = len(slot_names)
+    a = torch.zeros(n, r_max, layer.in_features, device=ref.device, dtype=dtype)
+    b = torch.zeros(n, layer.out_features, r_max, device=ref.device, dtype=dtype)
+    ranks = torch.zeros(n, dtype=torch.int32)
+    scalings = torch.zeros(n, dtype=torch.float32)
+    has_bias = any(layer.lora_B[p].bias is not None for p in present)
+    bias = torch.zeros(n, layer.out_features, device=ref.device, dtype=dtype) if has_bias else None
+    with torch.no_grad():
+        for i, name in enumerate(slot_names):
+            if name not in layer.lora_A:
+                continue
+            r = layer.r[name]
+            a[i, :r] = layer.lora_A[name].weight
+            b[i, :, :r] = layer.lora_B[name].weight
+            ranks[i], scalings[i] = r, layer.scaling[name]
+            if bias is not None and layer.lora_B[name].bias is not None:
+                bias[i] = layer.lora_B[name].bias
+    return AdapterStacks(a, b, ranks.to(ref.device), scalings.to(ref.device), bias)

@@ -1,0 +1,241 @@
+"""kernels/multi_lora.py: batch metadata, the Triton path against the float64 reference, the reference against PEFT."""
+import pytest
+import torch
+
+from peft_fast.kernels import (
+    HAS_TRITON,
+    interpreting,
+    make_lora_batch_meta,
+    multi_lora,
+    multi_lora_reference,
+    multi_lora_triton,
+)
+
+# CPU tensors reach Triton only through the interpreter (tests/conftest.py turns it on when there is no GPU).
+DEVICES = (["cpu"] if interpreting() else []) + (["cuda"] if torch.cuda.is_available() else [])
+needs_triton = pytest.mark.skipif(not HAS_TRITON or not DEVICES, reason="no Triton, or no device it can run on")
+device_params = pytest.mark.parametrize("device", DEVICES or ["cpu"])
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+def _stacks(ranks, in_f, out_f, r_max, *, device, dtype=torch.float64, bias=True):
+    """Random adapters, NaN beyond each slot's rank: a kernel that reads the padding returns NaN."""
+    n = len(ranks)
+    a = torch.randn(n, r_max, in_f, dtype=torch.float64) / in_f**0.5
+    b = torch.randn(n, out_f, r_max, dtype=torch.float64) / 4
+    lb = torch.randn(n, out_f, dtype=torch.float64) if bias else None
+    for s, r in enumerate(ranks):
+        a[s, r:] = float("nan")
+        b[s, :, r:] = float("nan")
+        if r == 0 and lb is not None:
+            lb[s] = float("nan")  # a rank-0 slot is an adapter this layer lacks: its bias is never applied either
+    ranks_t = torch.tensor(ranks, dtype=torch.int32, device=device)
+    scal = (torch.rand(n, dtype=torch.float32) * 2 + 0.1).to(device)
+    conv = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+    return conv(a), conv(b), ranks_t, scal, conv(lb)
+
+
+def _slots(T, n, *, weights=None, seed=0):
+    """Unsorted random slots in [-1, n), the same slot repeated many times."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.ones(n + 1) if weights is None else torch.tensor(weights, dtype=torch.float)
+    return torch.multinomial(w, T, replacement=True, generator=g) - 1
+
+
+def _assert_close(got, want, tol, what=""):
+    assert got.shape == want.shape, what
+    err = (got.double() - want.double()).abs().max().item()
+    scale = max(want.double().abs().max().item(), 1e-30)
+    assert err <= tol * scale, f"{what}: max err {err:.3e} vs max |ref| {scale:.3e} (rel tol {tol})"
+
+
+def _f64(t):
+    return None if t is None else t.double()
+
+
+def _untouched(meta, ranks):
+    """Token mask of rows that must keep y bit for bit: slot -1 or a rank-0 slot."""
+    slots = meta.token_slots.long()
+    rank_of = torch.cat([ranks.long(), ranks.new_zeros(1).long()])  # index -1 -> rank 0
+    return rank_of[slots] == 0
+
+
+def test_meta_hand_made_example():
+    meta = make_lora_batch_meta(torch.tensor([2, -1, 0, 2, 2, -1, 0]), 4)
+    assert meta.token_slots.dtype == torch.int32 and meta.token_slots.tolist() == [2, -1, 0, 2, 2, -1, 0]
+    assert meta.sorted_tokens.tolist() == [2, 6, 0, 3, 4]
+    assert meta.slot_starts.tolist() == [0, 2, 2, 5]
+    assert meta.slot_counts.tolist() == [2, 0, 3, 0]
+    assert meta.active_slots.tolist() == [0, 2]
+    assert (meta.num_tokens, meta.max_slot_tokens, meta.n_slots, meta.num_active) == (7, 3, 4, 2)
+    for t in (meta.sorted_tokens, meta.slot_starts, meta.slot_counts, meta.active_slots):
+        assert t.dtype == torch.int32
+
+
+def test_meta_edge_cases():
+    empty = make_lora_batch_meta(torch.zeros(0, dtype=torch.long), 3)
+    assert (empty.num_tokens, empty.max_slot_tokens, empty.num_active, empty.sorted_tokens.numel()) == (0, 0, 0, 0)
+    base_only = make_lora_batch_meta([-1, -1], 2)
+    assert base_only.num_active == 0 and base_only.slot_counts.tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("bad", [[0, 4], [-2, 1], [5]])
+def test_meta_rejects_out_of_range_slots(bad):
+    with pytest.raises(ValueError, match=r"\[-1, 4\)"):
+        make_lora_batch_meta(torch.tensor(bad), 4)
+
+
+def test_meta_rejects_non_integer_slots():
+    with pytest.raises(ValueError):
+        make_lora_batch_meta(torch.tensor([0.0, 1.0]), 4)
+    with pytest.raises(ValueError):
+        make_lora_batch_meta(torch.zeros(2, 2, dtype=torch.long), 4)
+
+
+CASES = {  # T, in, out, ranks, r_max, slot weights (first: -1), bias
+    "odd-mixed-ranks": (37, 45, 29, [1, 8, 13, 64, 0], 64, None, True),
+    "decode-splitk": (6, 300, 29, [1, 8, 13, 64, 5, 16], 64, "distinct", False),
+    "prefill-few-slots": (150, 45, 70, [8, 64, 13], 64, [1, 6, 1, 1], True),
+}
+
+
+def _case(name, device, dtype=torch.float64, stack_dtype=None, seed=0):
+    T, in_f, out_f, ranks, r_max, weights, bias = CASES[name]
+    torch.manual_seed(seed)
+    a, b, ranks_t, scal, lb = _stacks(ranks, in_f, out_f, r_max, device=device, dtype=stack_dtype or dtype, bias=bias)
+    if weights == "distinct":  # decode: one token per sequence, each with its own adapter, in no order
+        slots = torch.randperm(len(ranks))[:T]
+    else:
+        slots = _slots(T, len(ranks), weights=weights, seed=seed)
+    meta = make_lora_batch_meta(slots.to(device), len(ranks))
+    x = torch.randn(T, in_f, dtype=torch.float64).to(device=device, dtype=dtype)
+    y = torch.randn(T, out_f, dtype=torch.float64).to(device=device, dtype=dtype)
+    return x, y, a, b, ranks_t, scal, meta, lb
+
+
+@needs_triton
+@device_params
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_reference_float64(device, name):
+    x, y, a, b, ranks, scal, meta, lb = _case(name, device)
+    y0 = y.clone()
+    got = multi_lora_triton(x, y, a, b, ranks, scal, meta, lb)
+    want = multi_lora_reference(x, y, a, b, ranks, scal, meta, lb)
+    assert torch.equal(y, y0), "multi_lora mutated y without inplace=True"
+    assert not got.isnan().any(), "the zero padding beyond a slot's rank (NaN here) was read"
+    _assert_close(got, want, TOL[torch.float64], name)
+    keep = _untouched(meta, ranks)
+    assert keep.any() or name == "decode-splitk"
+    assert torch.equal(got[keep], y[keep]), "tokens without an adapter must keep y bit for bit"
+
+
+@needs_triton
+@device_params
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", ["odd-mixed-ranks", "decode-splitk"])
+def test_low_precision_against_float64(device, dtype, name):
+    x, y, a, b, ranks, scal, meta, lb = _case(name, device, dtype=dtype, stack_dtype=torch.float32)
+    got = multi_lora_triton(x, y, a, b, ranks, scal, meta, lb)
+    want = multi_lora_reference(_f64(x), _f64(y), _f64(a), _f64(b), ranks, scal, meta, _f64(lb))
+    assert got.dtype == dtype
+    _assert_close(got, want, TOL[dtype], str(dtype))
+    keep = _untouched(meta, ranks)
+    assert torch.equal(got[keep], y[keep])
+
+
+@needs_triton
+@device_params
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_stacks_against_float64(device, dtype):
+    # Adapters stored in the activation dtype: on a GPU both dots run natively on the tensor cores.
+    x, y, a, b, ranks, scal, meta, lb = _case("odd-mixed-ranks", device, dtype=dtype)
+    got = multi_lora_triton(x, y, a, b, ranks, scal, meta, lb)
+    want = multi_lora_reference(_f64(x), _f64(y), _f64(a), _f64(b), ranks, scal, meta, _f64(lb))
+    assert got.dtype == dtype and not got.isnan().any()
+    _assert_close(got, want, TOL[dtype], str(dtype))
+
+
+@needs_triton
+@device_params
+def test_strided_inputs_and_inplace(device):
+    x, y, a, b, ranks, scal, meta, lb = _case("odd-mixed-ranks", device)
+    T, in_f = x.shape
+    x_rows = torch.zeros(T, 2 * in_f + 3, dtype=x.dtype, device=device)[:, 3:3 + in_f]  # row stride != in
+    x_rows.copy_(x)
+    x_cols = x.t().contiguous().t()  # column-major
+    want = multi_lora_reference(x, y, a, b, ranks, scal, meta, lb)
+    for xv in (x_rows, x_cols):
+        _assert_close(multi_lora_triton(xv, y, a, b, ranks, scal, meta, lb), want, TOL[torch.float64], "strided x")
+    y_strided = torch.zeros(y.shape[1], T, dtype=y.dtype, device=device).t()
+    y_strided.copy_(y)
+    out = multi_lora_triton(x, y_strided, a, b, ranks, scal, meta, lb, inplace=True)
+    assert out.data_ptr() == y_strided.data_ptr()
+    _assert_close(y_strided, want, TOL[torch.float64], "in place into a strided y")
+
+
+@needs_triton
+@device_params
+def test_inference_only(device):
+    x, y, a, b, ranks, scal, meta, lb = _case("odd-mixed-ranks", device)
+    a.requires_grad_()
+    with pytest.raises(RuntimeError, match="inference-only"):
+        multi_lora_triton(x, y, a, b, ranks, scal, meta, lb)
+    with torch.no_grad():
+        got = multi_lora_triton(x, y, a, b, ranks, scal, meta, lb)
+    with torch.no_grad():
+        _assert_close(got, multi_lora_reference(x, y, a, b, ranks, scal, meta, lb), TOL[torch.float64])
+
+
+@needs_triton
+def test_tensors_on_two_devices_are_an_error():
+    x, y, a, b, ranks, scal, meta, lb = _case("odd-mixed-ranks", "cpu")
+    with pytest.raises(ValueError, match="one device"):
+        multi_lora_triton(x, y, a, b, ranks.to("meta"), scal, meta, lb)
+
+
+@needs_triton
+def test_dispatch(monkeypatch):
+    x, y, a, b, ranks, scal, meta, lb = _case("odd-mixed-ranks", "cpu")
+    want = multi_lora_reference(x, y, a, b, ranks, scal, meta, lb)
+    monkeypatch.setenv("PEFT_FAST_BACKEND", "torch")
+    assert torch.equal(multi_lora(x, y, a, b, ranks, scal, meta, lb), want)
+    if interpreting():
+        monkeypatch.setenv("PEFT_FAST_BACKEND", "triton")
+        got = multi_lora(x, y, a, b, ranks, scal, meta, lb)
+        assert torch.equal(got, multi_lora_triton(x, y, a, b, ranks, scal, meta, lb))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_is_peft_bit_for_bit(dtype):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(24, 20)).to(dtype)
+    model = peft.get_peft_model(model, peft.LoraConfig(target_modules=["0"], r=4, lora_alpha=12, lora_bias=True),
+                                adapter_name="one")
+    model.add_adapter("two", peft.LoraConfig(target_modules=["0"], r=7, lora_alpha=5, lora_bias=True))
+    layer = model.base_model.model[0]
+    with torch.no_grad():
+        for name in ("one", "two"):
+            layer.lora_B[name].weight.normal_()
+            layer.lora_B[name].bias.normal_()
+    model.eval()
+    x = torch.randn(5, 3, 24, dtype=dtype)
+    names = ["two", "__base__", "one", "two", "one"]
+    with torch.no_grad():
+        want = model(x, adapter_names=names)
+        r_max, ranks = 7, [4, 7]
+        a_stack = torch.zeros(2, r_max, 24)
+        b_stack = torch.zeros(2, 20, r_max)
+        for s, (name, r) in enumerate(zip(("one", "two"), ranks)):
+            a_stack[s, :r] = layer.lora_A[name].weight
+            b_stack[s, :, :r] = layer.lora_B[name].weight
+        bias_stack = torch.stack([layer.lora_B[n].bias for n in ("one", "two")])
+        scal = torch.tensor([layer.scaling[n] for n in ("one", "two")], dtype=torch.float32)
+        slot_of = {"one": 0, "two": 1, "__base__": -1}
+        meta = make_lora_batch_meta(torch.tensor([slot_of[n] for n in names]).repeat_interleave(3), 2)
+        base = layer.base_layer(x).reshape(15, 20)
+        got = multi_lora_reference(x.reshape(15, 24), base, a_stack, b_stack, torch.tensor(ranks), scal, meta,
+                                   bias_stack)
+    assert a_stack.dtype == torch.float32 and got.dtype == want.dtype
+    assert torch.equal(got.reshape(5, 3, 20), want)
