@@ -9,16 +9,23 @@ from peft_fast.layer import LoraLinear
 
 pytestmark = pytest.mark.skipif(AGAINST_PEFT, reason="peft_fast's batched mixed-adapter path")
 
-ADAPTERS = [
-    ("a", {"r": 2, "lora_alpha": 4}),
-    ("b", {"r": 8, "lora_alpha": 16, "use_rslora": True, "target_modules": ["k_proj", "o_proj", "up_proj"]}),
-    ("c", {"r": 5, "lora_alpha": 3, "rank_pattern": {"q_proj": 3}}),
-]
+ADAPTERS = {
+    "llama": [
+        ("a", {"r": 2, "lora_alpha": 4}),
+        ("b", {"r": 8, "lora_alpha": 16, "use_rslora": True, "target_modules": ["k_proj", "o_proj", "up_proj"]}),
+        ("c", {"r": 5, "lora_alpha": 3, "rank_pattern": {"q_proj": 3}}),
+    ],
+    "gpt2": [  # Conv1D layers (fan_in_fan_out), one adapter with lora_bias
+        ("a", {"r": 2, "lora_alpha": 4}),
+        ("b", {"r": 8, "lora_alpha": 16, "use_rslora": True, "target_modules": ["c_attn"]}),
+        ("c", {"r": 5, "lora_alpha": 3, "lora_bias": True, "rank_pattern": {"c_fc": 3}}),
+    ],
+}
 NAMES = ["b", "__base__", "a", "c", "b", "a"]
 
 
 def _three(kind="llama"):
-    (n0, kw0), *rest = ADAPTERS
+    (n0, kw0), *rest = ADAPTERS[kind]
     _, ref, impl = make_pair(kind, adapter_name=n0, **kw0)
     for k, (n, kw) in enumerate(rest):
         add_both(ref, impl, n, kind, seed=10 + k, **kw)
@@ -45,11 +52,12 @@ def _layers(model):
     return [m for m in model.modules() if isinstance(m, LoraLinear)]
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_batched_path_matches_peft_and_per_sample_runs(backend, monkeypatch):
+def test_batched_path_matches_peft_and_per_sample_runs(backend, kind, monkeypatch):
     monkeypatch.setenv("PEFT_FAST_BACKEND", backend)
-    ref, impl = _three()
-    x = inputs("llama", batch=len(NAMES), seq=4, seed=3)
+    ref, impl = _three(kind)
+    x = inputs(kind, batch=len(NAMES), seq=4, seed=3)
     with torch.no_grad():
         got = out(impl, x, adapter_names=NAMES)
         assert_close(got, out(ref, x, adapter_names=NAMES))
