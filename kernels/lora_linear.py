@@ -356,6 +356,14 @@ def lora_linear_triton(x, weight, bias, lora_a, lora_b, scaling: float, dropout_
     _check_args(weight, bias, dropout_p)
     if not HAS_TRITON:
         raise RuntimeError("lora_linear_triton needs triton, which is not installed; use lora_linear_reference.")
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Autocast does not reach inside the custom op: apply its casts to the base operands here (the adapters
+        # stay fp32; the kernel meets them in 16 bits anyway), then run with autocast off.
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight, bias = (t.to(dtype) if t is not None and t.is_floating_point() else t for t in (x, weight, bias))
+        with torch.autocast(device_type, enabled=False):
+            return lora_linear_triton(x, weight, bias, lora_a, lora_b, scaling, dropout_p, lora_bias)
     seed = None
     if dropout_p > 0:
         # torch's generator, so torch.manual_seed reproduces runs; a tensor, so no .item() and no host sync.

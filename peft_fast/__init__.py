@@ -20,13 +20,15 @@ from .peft_model import (  # noqa: E402
 )
 from .state_dict import get_peft_model_state_dict, set_peft_model_state_dict  # noqa: E402
 from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status  # noqa: E402
+from .targets import NoMatchingPeftModuleError  # noqa: E402
 from .tuner import LoraModel  # noqa: E402
 
 TaskType = type("TaskType", (), {t: t for t in ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS",
                                                  "QUESTION_ANS", "FEATURE_EXTRACTION")})
 
 __all__ = [
-    "LoraConfig", "PeftConfig", "LoraLinear", "LoraModel", "ModulesToSaveWrapper", "PeftModel", "PeftModelForCausalLM",
+    "LoraConfig", "PeftConfig", "LoraLinear", "LoraModel", "ModulesToSaveWrapper", "NoMatchingPeftModuleError",
+    "PeftModel", "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM",
     "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "TaskType", "TunerLayerStatus",
     "TunerModelStatus", "get_layer_status", "get_model_status", "get_peft_model", "get_peft_model_state_dict",

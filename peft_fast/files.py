@@ -41,7 +41,14 @@ def atomic_write_text(path: str, text: str) -> None:
 
 
 def atomic_save_tensors(path: str, tensors: dict[str, torch.Tensor], safe_serialization: bool = True) -> None:
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    seen: set[int] = set()
+    out = {}
+    for k, v in tensors.items():  # safetensors refuses aliased tensors; PEFT saves such keys as copies too
+        v = v.detach()
+        ptr = v.untyped_storage().data_ptr()
+        out[k] = (v.clone() if ptr in seen else v).contiguous().cpu()
+        seen.add(ptr)
+    tensors = out
     if safe_serialization:
         from safetensors.torch import save_file
 

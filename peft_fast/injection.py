@@ -76,7 +76,8 @@ def plan_adapter(model: nn.Module, config: LoraConfig) -> Plan:
     save_modules = []
     for name in config.modules_to_save or []:
         for key, module in model.named_modules():
-            if _inside_adapter_machinery(model, key) or not re.match(rf"(^|.*\.){name}$", key):
+            # PEFT's rule, a plain suffix: "head" also wraps "lm_head", "norm" every "*norm".
+            if not key or not key.endswith(name) or _inside_adapter_machinery(model, key):
                 continue
             save_modules.append(key)
     return Plan(config, targets, save_modules)
@@ -124,8 +125,10 @@ def apply_plan(model: nn.Module, plan: Plan, adapter_name: str, undo: Undo,
     for t in plan.targets:
         if isinstance(t.module, LoraLinear):
             _snapshot_base(t.module.base_layer, layer_config, undo)
+            active_before = t.module.active_adapters
+            # pushed first: update_layer may fail halfway and leave a partial entry behind
+            undo.push(lambda m=t.module, a=active_before: (m.delete_adapter(adapter_name), m.set_adapter(a)))
             t.module.update_layer(adapter_name, t.r, t.alpha, layer_config, autocast_adapter_dtype)
-            undo.push(lambda m=t.module: m.delete_adapter(adapter_name))
             continue
         _snapshot_base(t.module, layer_config, undo)
         new = LoraLinear(t.module, adapter_name, layer_config, t.r, t.alpha, autocast_adapter_dtype)
@@ -135,8 +138,8 @@ def apply_plan(model: nn.Module, plan: Plan, adapter_name: str, undo: Undo,
     for key in plan.save_modules:
         module = model.get_submodule(key)
         if isinstance(module, ModulesToSaveWrapper):
+            undo.push(lambda m=module, a=module.active_adapters: m.delete_adapter(adapter_name, a))
             module.update(adapter_name)
-            undo.push(lambda m=module: m.delete_adapter(adapter_name, m.active_adapters))
             continue
         wrapper = ModulesToSaveWrapper(module, adapter_name)
         parent, child = _parent(model, key)
@@ -159,12 +162,30 @@ def _snapshot_base(base: nn.Module, config: LoraConfig, undo: Undo) -> None:
         undo.push(lambda b=base, w=saved: setattr(b.weight, "data", w))
 
 
+def adapter_parameters(model: nn.Module, names: Optional[list[str]] = None) -> list[nn.Parameter]:
+    """Parameters of the adapters (all, or those named), found by structure, not by name: a base parameter whose
+    name happens to contain "lora_" stays a base parameter."""
+    out: list[nn.Parameter] = []
+    for _, m in tuner_layers(model):
+        dicts = (m.lora_A, m.lora_B) if isinstance(m, LoraLinear) else (m.modules_to_save,)
+        for d in dicts:
+            for key, sub in d.items():
+                if names is None or key in names:
+                    out += list(sub.parameters())
+    return out
+
+
+def set_adapter_requires_grad(model: nn.Module, names: list[str], flag: bool) -> None:
+    for p in adapter_parameters(model, names):
+        p.requires_grad_(flag)
+
+
 def mark_only_adapters_trainable(model: nn.Module, configs: dict[str, LoraConfig], active: list[str]) -> None:
     """PEFT's _mark_only_adapters_as_trainable: freeze all but adapters, module copies and requested biases."""
-    for n, p in model.named_parameters():
-        if "lora_" in n or ".modules_to_save." in n:
-            continue
-        p.requires_grad_(False)
+    keep = {id(p) for p in adapter_parameters(model)}
+    for p in model.parameters():
+        if id(p) not in keep:
+            p.requires_grad_(False)
     for name in active:
         bias = configs[name].bias
         if bias == "all":
@@ -175,12 +196,9 @@ def mark_only_adapters_trainable(model: nn.Module, configs: dict[str, LoraConfig
             for m in model.modules():
                 if isinstance(m, LoraLinear) and getattr(m.base_layer, "bias", None) is not None:
                     m.base_layer.bias.requires_grad_(True)
-
-
-def freeze_adapter(model: nn.Module, adapter_name: str) -> None:
-    for n, p in model.named_parameters():
-        if f".{adapter_name}." in n and ("lora_" in n or "modules_to_save" in n):
-            p.requires_grad_(False)
+    for _, m in tuner_layers(model):  # a wrapped module's original stays frozen, its bias included
+        if isinstance(m, ModulesToSaveWrapper):
+            m.original_module.requires_grad_(False)
 
 
 def tuner_layers(model: nn.Module):
@@ -203,10 +221,6 @@ def unload(model: nn.Module, merge: bool, safe_merge: bool = False,
 
 
 def merge_layers(model: nn.Module, safe_merge: bool, adapter_names: Optional[list[str]]) -> None:
-    """Merge into every layer; with safe_merge, every layer is checked before any weight changes."""
-    layers = [m for _, m in tuner_layers(model) if isinstance(m, LoraLinear)]
-    if safe_merge:
-        for m in layers:
-            m.check_merge_finite(adapter_names)
-    for m in layers:
-        m.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+    from .merging import merge_layers as merge_all
+
+    merge_all([m for _, m in tuner_layers(model) if isinstance(m, LoraLinear)], safe_merge, adapter_names)

@@ -8,7 +8,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from . import lora_init
+from . import lora_init, merging
 from .config import LoraConfig
 from .kernels import lora_linear, multi_lora, use_triton
 from .mixed_batch import AdapterNames, AdapterStacks, StackCache, stack_dtype
@@ -263,76 +263,11 @@ class LoraLinear(nn.Module):
         delta = (delta.T if self.fan_in_fan_out else delta) * self.scaling[name]
         return delta.to(b.dtype) if cast else delta
 
-    def check_merge_finite(self, adapter_names: Optional[list[str]] = None) -> None:
-        self._check_mergeable()
-        names = self.active_adapters if adapter_names is None else adapter_names
-        for name in names:
-            if name in self.lora_A and name not in self.merged_adapters:
-                merged = self.base_layer.weight.data + self.get_delta_weight(name)
-                finite = torch.isfinite(merged).all()
-                if self.lora_bias[name]:
-                    finite = finite and torch.isfinite(self.lora_B[name].bias).all()
-                if not finite:
-                    raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
-
-    def _check_mergeable(self) -> None:
-        weight = self.base_layer.weight
-        if type(weight).__name__ in ("Params4bit", "Int8Params") or not weight.dtype.is_floating_point:
-            raise NotImplementedError(
-                f"Merging into a quantized base layer ({type(self.base_layer).__name__}) is not supported yet; "
-                "merge into a 16-bit copy of the base model instead."
-            )
-
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        self._check_mergeable()
-        names = self._adapters_to_merge(adapter_names)
-        base = self.base_layer
-        for name in names:
-            if name not in self.lora_A:
-                continue
-            new_bias = None
-            if self.lora_bias[name]:
-                if getattr(base, "bias", None) is None:
-                    raise RuntimeError("Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias.")
-                new_bias = base.bias.data + self.lora_B[name].bias.data * self.scaling[name]
-            if safe_merge:
-                merged = base.weight.data.clone()
-                merged += self.get_delta_weight(name).to(merged.dtype)
-                if not torch.isfinite(merged).all() or (new_bias is not None and not torch.isfinite(new_bias).all()):
-                    raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
-                base.weight.data = merged
-            else:
-                base.weight.data += self.get_delta_weight(name)
-            if new_bias is not None:
-                base.bias.data = new_bias.to(base.bias.dtype)
-            self.merged_adapters.append(name)
-
-    def _adapters_to_merge(self, adapter_names: Optional[list[str]]) -> list[str]:
-        names = self.active_adapters if adapter_names is None else adapter_names
-        if isinstance(names, str):
-            raise TypeError(f"adapter_names should be a list of strings, got {names!r}.")
-        if self.merged:
-            already = set(self.merged_adapters)
-            names = [n for n in names if n not in already]
-            if names:
-                warnings.warn(f"Already following adapters were merged {','.join(self.merged_adapters)}. "
-                              f"You are now additionally merging {','.join(names)}.")
-            else:
-                warnings.warn("All adapters are already merged, nothing to do.")
-        return list(names)
+        merging.merge(self, safe_merge, adapter_names)
 
     def unmerge(self) -> None:
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
-            return
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            if name not in self.lora_A:
-                continue
-            weight = self.base_layer.weight
-            weight.data -= self.get_delta_weight(name).to(weight.dtype)
-            if self.lora_bias[name]:
-                self.base_layer.bias.data -= self.lora_B[name].bias.data * self.scaling[name]
+        merging.unmerge(self)
 
     def __repr__(self) -> str:
         # PEFT's name for this layer type, which get_layer_status reports and users grep for.

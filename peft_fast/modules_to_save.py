@@ -60,11 +60,18 @@ class ModulesToSaveWrapper(nn.Module):
             mod.requires_grad_(enabled and name in self._active_adapter)
 
     def delete_adapter(self, adapter_name: str, new_active: Optional[list[str]]) -> None:
+        """PEFT's rule: follow the model's new active adapter when this wrapper has it, else none. An active
+        adapter that does not change keeps its trainability."""
         if adapter_name not in self.modules_to_save:
             return
+        follow = (new_active or [None])[0]
+        if follow is None or follow not in self.modules_to_save or follow == adapter_name:
+            del self.modules_to_save[adapter_name]
+            self._active_adapter = []
+            return
+        if self._active_adapter[:1] != [follow]:
+            self.set_adapter(follow)
         del self.modules_to_save[adapter_name]
-        keep = [n for n in (new_active or []) if n in self.modules_to_save]
-        self.set_adapter(keep[:1])
 
     def _passthrough(self) -> bool:
         return self._disable_adapters or not self._active_adapter or self._active_adapter[0] not in self.modules_to_save

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from typing import Any, Optional
 
 import torch.nn as nn
+from torch.nn.modules.module import _IncompatibleKeys
 
 from . import files, injection
 from .config import LoraConfig, as_lora_config
@@ -101,6 +102,19 @@ class PeftModel(nn.Module):
 
     def delete_adapter(self, adapter_name: str) -> None:
         self.base_model.delete_adapter(adapter_name)
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Turn gradients of the named adapters (LoRA weights and modules_to_save copies) on or off."""
+        self.base_model.set_requires_grad(adapter_names, requires_grad)
+
+    @property
+    def has_active_enabled_adapter(self) -> bool:
+        return bool(self.active_adapters) and not self._adapters_disabled
+
+    @property
+    def modules_to_save(self) -> Optional[set[str]]:
+        names = {n for c in self.peft_config.values() for n in (c.modules_to_save or [])}
+        return names or None
 
     @contextmanager
     def disable_adapter(self):
@@ -218,11 +232,11 @@ class PeftModel(nn.Module):
             self.base_model.add_adapter(adapter_name, config, autocast_adapter_dtype, init=False, plan=plan,
                                         tensors=tensors)
             if is_trainable:
-                for n, p in self.named_parameters():
-                    if f".{adapter_name}." in n and "lora_" in n:
-                        p.requires_grad_(True)
+                self.set_requires_grad(adapter_name)
         if not is_trainable:
             self.eval()
+        # PEFT returns torch's load result; files that do not fit raise instead, so nothing is ever missing.
+        return _IncompatibleKeys([], [])
 
 
 class _SignedForward:

@@ -1,6 +1,8 @@
 """Adapter state dicts with PEFT's file keys: the adapter name is stripped on save and put back on load."""
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn as nn
 
@@ -16,27 +18,36 @@ def get_peft_model_state_dict(model: nn.Module, adapter_name: str = "default") -
     """File-ready tensors of one adapter. ``model`` is the wrapped model (keys get PEFT's ``base_model.model.``)."""
     from .peft_model import PeftModel
 
+    model_peft_config = None
     if isinstance(model, PeftModel):
+        model_peft_config = model.peft_config
         config = model.peft_config[adapter_name]
         model = model.base_model.model
     else:
         config = None
     out: dict[str, torch.Tensor] = {}
     for key, m in model.named_modules():
-        if isinstance(m, LoraLinear) and adapter_name in m.lora_A:
-            out[f"{PREFIX}{key}.lora_A.weight"] = m.lora_A[adapter_name].weight
-            out[f"{PREFIX}{key}.lora_B.weight"] = m.lora_B[adapter_name].weight
-            if m.lora_B[adapter_name].bias is not None:
-                out[f"{PREFIX}{key}.lora_B.bias"] = m.lora_B[adapter_name].bias
+        if isinstance(m, LoraLinear):
+            if adapter_name in m.lora_A:
+                out[f"{PREFIX}{key}.lora_A.weight"] = m.lora_A[adapter_name].weight
+                out[f"{PREFIX}{key}.lora_B.weight"] = m.lora_B[adapter_name].weight
+                if m.lora_B[adapter_name].bias is not None:
+                    out[f"{PREFIX}{key}.lora_B.bias"] = m.lora_B[adapter_name].bias
+            # PEFT saves the base bias of every LoRA layer with a "lora_only" adapter, targeted by it or not.
             if config is not None and config.bias == "lora_only" and m.base_layer.bias is not None:
                 out[f"{PREFIX}{key}.base_layer.bias"] = m.base_layer.bias
         elif isinstance(m, ModulesToSaveWrapper) and adapter_name in m.modules_to_save:
             for k, v in m.modules_to_save[adapter_name].state_dict().items():
                 out[f"{PREFIX}{key}.{k}"] = v
     if config is not None and config.bias == "all":
+        # PEFT: every bias of the model minus other adapters' ones, this adapter's name dropped from the key.
+        others = [n for n in (model_peft_config or {}) if n != adapter_name]
         for k, v in model.state_dict().items():
-            if "bias" in k and "lora_" not in k and ".modules_to_save." not in k and ".original_module." not in k:
-                out[f"{PREFIX}{k}"] = v
+            parts = k.split(".")
+            if parts[-1] != "bias" or any(o in parts for o in others):
+                continue
+            key = ".".join(p for p in parts if p != adapter_name)
+            out.setdefault(f"{PREFIX}{key}", v)
     return {k: v.detach() for k, v in out.items()}
 
 
@@ -82,9 +93,11 @@ def check_file_tensors(tensors: dict[str, torch.Tensor], model: nn.Module, plan:
                          + "; ".join(problems[:6]) + ". Was the adapter trained on a different base model or config?")
 
 
-def _base_key(file_key: str) -> str:
-    """The key of a base-model tensor whether or not its module is wrapped by a LoRA layer."""
-    return file_key.replace(".base_layer.", ".")
+def _base_key(key: str) -> str:
+    """The key of a base-model tensor whether or not its module is wrapped (LoRA layer or modules_to_save, whose
+    copies PEFT saves as ``<path>.modules_to_save.bias`` under bias="all")."""
+    key = key.replace(".base_layer.", ".").replace(".original_module.", ".")
+    return re.sub(r"\.modules_to_save\.([^.]+\.)?(?=[^.]+$)", ".", key)
 
 
 def set_peft_model_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor],
@@ -119,6 +132,10 @@ def _resolve(key: str, adapter_name: str, lora_layers: dict, wrappers: dict) -> 
             if path in lora_layers:
                 return f"{path}{marker}{adapter_name}.{rest}"
     for path in wrappers:
+        if key.startswith(f"{path}.original_module."):
+            return key
+        if key.startswith(f"{path}.modules_to_save."):
+            return f"{path}.modules_to_save.{adapter_name}.{key[len(path) + 17:]}"
         if key.startswith(path + "."):
             return f"{path}.modules_to_save.{adapter_name}.{key[len(path) + 1:]}"
     return key

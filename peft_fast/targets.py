@@ -22,6 +22,10 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
 SEQ_CLS_HEADS = ("classifier", "score")
 
 
+class NoMatchingPeftModuleError(ValueError):
+    """PEFT's error type for a target_modules that matches nothing (a ValueError, as in PEFT)."""
+
+
 def linear_types() -> tuple[type, ...]:
     types: list[type] = [nn.Linear]
     try:
@@ -114,7 +118,7 @@ def pattern_value(patterns: dict, key: str, default):
     return default
 
 
-def no_match_error(config: LoraConfig, model: nn.Module) -> ValueError:
+def no_match_error(config: LoraConfig, model: nn.Module) -> NoMatchingPeftModuleError:
     names = [n for n, _ in model.named_modules() if n]
     linear_names = [n for n, m in model.named_modules() if isinstance(m, linear_types())]
     targets = config.target_modules
@@ -128,7 +132,7 @@ def no_match_error(config: LoraConfig, model: nn.Module) -> ValueError:
     if config.layers_to_transform is not None:
         extra = (f" Note that layers_to_transform={config.layers_to_transform} (layers_pattern="
                  f"{config.layers_pattern!r}) restricts the match to those layer indices; check them too.")
-    return ValueError(
+    return NoMatchingPeftModuleError(
         f"Target modules {wanted} not found in the base model. Please check the target modules and try again. "
         f"Closest module names: {hint}. Linear layers in this model end in: {suffixes[:20]}.{extra}"
     )

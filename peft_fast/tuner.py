@@ -64,6 +64,9 @@ class LoraModel(nn.Module):
         config.target_modules = plan.config.target_modules
         config.modules_to_save = plan.config.modules_to_save
         undo = injection.Undo(self.model)
+        # As PEFT: the first adapter freezes the base; later ones never change existing parameters' trainability.
+        first = next(injection.tuner_layers(self.model), None) is None
+        existing = [] if first else [(p, p.requires_grad) for p in self.model.parameters()]
         try:
             self.peft_config[adapter_name] = config
             undo.push(lambda: self.peft_config.pop(adapter_name, None))
@@ -73,9 +76,11 @@ class LoraModel(nn.Module):
                 set_peft_model_state_dict(self.model, tensors, adapter_name)
             self.set_adapter(self.active_adapters, _check=False)
             if config.inference_mode:
-                injection.freeze_adapter(self.model, adapter_name)
+                injection.set_adapter_requires_grad(self.model, [adapter_name], False)
             # After the freeze, as in PEFT: bias="all" keeps every bias trainable, loaded adapters' included.
             injection.mark_only_adapters_trainable(self.model, self.peft_config, self.active_adapters)
+            for p, flag in existing:
+                p.requires_grad_(flag)
         except BaseException:
             undo.rollback()
             raise
@@ -87,22 +92,20 @@ class LoraModel(nn.Module):
         if merged:
             raise ValueError(f"Cannot delete adapter(s) {merged} while they are merged. Please unmerge them first.")
         del self.peft_config[adapter_name]
-        remaining = [a for a in self.active_adapters if a != adapter_name]
-        if not remaining and self.peft_config:
-            remaining = [sorted(self.peft_config)[0]]
-            if adapter_name in self.active_adapters:
-                warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to "
-                              f"{remaining[0]}.")
+        # PEFT's rule: each layer falls back to its own remaining adapters; the model follows the first layer.
+        new_active: Optional[list[str]] = None
+        for _, m in list(self._lora_layers()):
+            m.delete_adapter(adapter_name)
+            if new_active is None:
+                new_active = m.active_adapters[:]
+        if adapter_name in self.active_adapters and new_active:
+            warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to "
+                          f"{new_active[0] if len(new_active) == 1 else new_active}.")
         for _, m in list(injection.tuner_layers(self.model)):
-            if isinstance(m, LoraLinear):
-                m.delete_adapter(adapter_name)
-                if adapter_name in m.active_adapters or not set(m.active_adapters) <= set(m.lora_A):
-                    m.set_adapter([a for a in remaining if a in m.lora_A])
-            else:
-                m.delete_adapter(adapter_name, remaining)
-        self.active_adapter = remaining[0] if len(remaining) == 1 else remaining
-        if self.peft_config:
-            self.set_adapter(self.active_adapters)
+            if isinstance(m, ModulesToSaveWrapper):
+                m.delete_adapter(adapter_name, new_active)
+        new_active = new_active or []
+        self.active_adapter = new_active[0] if len(new_active) == 1 else new_active
 
     # --- activation --------------------------------------------------------------------------------------------
     def _lora_layers(self) -> Iterator[tuple[str, LoraLinear]]:
@@ -112,10 +115,13 @@ class LoraModel(nn.Module):
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False, _check: bool = True) -> None:
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        if _check:
+        if _check:  # every check before any change: a refused call leaves the model as it was
             for n in names:
                 if n not in self.peft_config:
                     raise ValueError(f"Adapter {n} not found. Available adapters: {sorted(self.peft_config)}")
+            for _, m in injection.tuner_layers(self.model):
+                if isinstance(m, ModulesToSaveWrapper) and sum(n in m.modules_to_save for n in names) > 1:
+                    raise ValueError(f"Attempted to set multiple ({names}) adapters at once for modules_to_save.")
         for _, m in injection.tuner_layers(self.model):
             if isinstance(m, LoraLinear) and m.merged and _check:
                 warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
@@ -125,6 +131,10 @@ class LoraModel(nn.Module):
             else:
                 m.set_adapter(names, inference_mode)
         self.active_adapter = names[0] if len(names) == 1 else names
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        injection.set_adapter_requires_grad(self.model, names, requires_grad)
 
     def enable_adapter_layers(self) -> None:
         for _, m in injection.tuner_layers(self.model):
@@ -156,14 +166,22 @@ class LoraModel(nn.Module):
         if any(m.merged for _, m in self._lora_layers()):
             raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
                              "`unmerge_adapter` first.")
-        if isinstance(num_beams, int) and num_beams > 1:
-            adapter_names = [n for n in adapter_names for _ in range(num_beams)]
-        shared = AdapterNames(list(adapter_names), tuple(sorted(self.peft_config)))
+        slots = tuple(sorted(self.peft_config))
+        original = AdapterNames(list(adapter_names), slots)
+        beams = isinstance(num_beams, int) and num_beams > 1
+        # Beam search repeats every sample num_beams times, except in an encoder, which sees the original batch.
+        shared = AdapterNames([n for n in adapter_names for _ in range(num_beams)], slots) if beams else original
+        get_encoder = getattr(self.model, "get_encoder", None)
+        encoder = get_encoder() if beams and callable(get_encoder) else None
         handles = []
         try:
             for _, m in injection.tuner_layers(self.model):
                 hook = partial(_adapter_names_pre_hook, adapter_names=shared)
                 handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
+            if encoder is not None and encoder is not self.model:
+                for _, m in injection.tuner_layers(encoder):  # registered later, so this hook wins
+                    hook = partial(_adapter_names_pre_hook, adapter_names=original)
+                    handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
             yield
         finally:
             for h in handles:

@@ -255,3 +255,22 @@ def test_reference_is_peft_bit_for_bit(dtype, dropout):
     got = lora_linear_reference(x, layer.base_layer.weight, layer.base_layer.bias, a, b,
                                 layer.scaling["default"], dropout, lb)
     assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_matches_the_reference(device):
+    """Under autocast the base operands are cast as autocast would (the op is opaque to it); backward works."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 40, device=device, requires_grad=True)
+    w, b = torch.randn(24, 40, device=device), torch.randn(24, device=device)
+    a = torch.randn(8, 40, device=device, requires_grad=True)
+    bb = torch.randn(24, 8, device=device, requires_grad=True)
+    results = []
+    for fn in (lora_linear_triton, lora_linear_reference):
+        with torch.autocast(device, dtype=torch.bfloat16):
+            y = fn(x, w, b, a, bb, 0.5)
+        assert y.dtype == torch.bfloat16
+        grads = torch.autograd.grad(y.float().pow(2).sum(), (x, a, bb))
+        results.append((y.float(), *grads))
+    for got, want in zip(*results):
+        assert ((got - want).norm() / want.norm()).item() < 2e-2
