@@ -190,7 +190,13 @@ class LoraLinear(nn.Module):
         dropout = self.lora_dropout[name]
         p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
         b = self.lora_B[name]
-        return self.lora_A[name].weight, b.weight, self.scaling[name], p, b.bias
+        scaling = self.scaling[name]
+        if isinstance(scaling, torch.Tensor):
+            # A tensor scaling (prepared for compiled hotswap) may change value without a recompile: fold it into B,
+            # a tiny [out, r] product, so the op sees a constant 1.0.
+            return (self.lora_A[name].weight, b.weight * scaling, 1.0, p,
+                    b.bias * scaling if b.bias is not None else None)
+        return self.lora_A[name].weight, b.weight, scaling, p, b.bias
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter_names = kwargs.pop("adapter_names", None)

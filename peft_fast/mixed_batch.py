@@ -61,7 +61,7 @@ class StackCache:
         self.slot_names, self.dtype = slot_names, dtype
         self.params = [p for n in slot_names if n in layer.lora_A
                        for p in (layer.lora_A[n].weight, layer.lora_B[n].weight, layer.lora_B[n].bias) if p is not None]
-        self.scalings = [layer.scaling.get(n) for n in slot_names]
+        self.scalings = [_scalar(layer.scaling.get(n)) for n in slot_names]
         self.versions = [p._version for p in self.params]
         self.ptrs = [p.data_ptr() for p in self.params]
         self.stacks = build_stacks(layer, slot_names, dtype)
@@ -73,7 +73,12 @@ class StackCache:
                    for p in (layer.lora_A[n].weight, layer.lora_B[n].weight, layer.lora_B[n].bias) if p is not None]
         return (len(current) == len(self.params) and all(a is b for a, b in zip(current, self.params))
                 and [p._version for p in current] == self.versions and [p.data_ptr() for p in current] == self.ptrs
-                and [layer.scaling.get(n) for n in slot_names] == self.scalings)
+                and [_scalar(layer.scaling.get(n)) for n in slot_names] == self.scalings)
+
+
+def _scalar(scaling) -> Optional[float]:
+    """Scalings are floats, or 0-d tensors once prepared for compiled hotswap."""
+    return float(scaling) if isinstance(scaling, torch.Tensor) else scaling
 
 
 def build_stacks(layer, slot_names: tuple[str, ...], dtype: torch.dtype) -> AdapterStacks:
@@ -94,7 +99,7 @@ def build_stacks(layer, slot_names: tuple[str, ...], dtype: torch.dtype) -> Adap
             r = layer.r[name]
             a[i, :r] = layer.lora_A[name].weight
             b[i, :, :r] = layer.lora_B[name].weight
-            ranks[i], scalings[i] = r, layer.scaling[name]
+            ranks[i], scalings[i] = r, _scalar(layer.scaling[name])
             if bias is not None and layer.lora_B[name].bias is not None:
                 bias[i] = layer.lora_B[name].bias
     return AdapterStacks(a, b, ranks.to(ref.device), scalings.to(ref.device), bias)
