@@ -96,6 +96,9 @@ class LoraLinear(nn.Module):
         self.r[name] = r
         self.lora_alpha[name] = lora_alpha
         self.lora_dropout[name] = nn.Dropout(p=config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        # A new module starts in training mode; follow the layer, so an adapter added to a model in eval mode does
+        # not drop out (PEFT 0.21 leaves it training until the next .eval()).
+        self.lora_dropout[name].train(self.training)
         # Same module types, created in the same order as PEFT: under one seed both draw identical weights.
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=config.lora_bias)
