@@ -5,7 +5,22 @@ Switch from PEFT by changing the import: ``from peft_fast import LoraConfig, get
 __version__ = "0.1.0"
 
 from .config import LoraConfig, PeftConfig  # noqa: E402
+from .hotswap import (  # noqa: E402
+    hotswap_adapter,
+    hotswap_adapter_from_state_dict,
+    prepare_model_for_compiled_hotswap,
+)
 from .layer import LoraLinear  # noqa: E402
+from .merge_utils import (  # noqa: E402
+    calculate_majority_sign_mask,
+    dare_linear,
+    dare_ties,
+    disjoint_merge,
+    magnitude_prune,
+    prune,
+    task_arithmetic,
+    ties,
+)
 from .modules_to_save import ModulesToSaveWrapper  # noqa: E402
 from .peft_model import (  # noqa: E402
     PeftModel,
@@ -33,4 +48,9 @@ __all__ = [
     "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "TaskType", "TunerLayerStatus",
     "TunerModelStatus", "get_layer_status", "get_model_status", "get_peft_model", "get_peft_model_state_dict",
     "patch", "set_peft_model_state_dict",
+    # task-vector merging (PEFT's peft.utils.merge_utils)
+    "calculate_majority_sign_mask", "dare_linear", "dare_ties", "disjoint_merge", "magnitude_prune", "prune",
+    "task_arithmetic", "ties",
+    # hot-swapping adapters without recompiling (PEFT's peft.utils.hotswap)
+    "hotswap_adapter", "hotswap_adapter_from_state_dict", "prepare_model_for_compiled_hotswap",
 ]

@@ -210,5 +210,17 @@ class LoraModel(nn.Module):
     def unload(self) -> nn.Module:
         return injection.unload(self.model, merge=False)
 
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: Optional[int] = None,
+                             svd_clamp: Optional[float] = None, svd_full_matrices: bool = True,
+                             svd_driver: Optional[str] = None, density: Optional[float] = None,
+                             majority_sign_method: str = "total", progressbar: bool = False) -> None:
+        """Add ``adapter_name``, merged from ``adapters`` with ``weights`` (PEFT's add_weighted_adapter; see
+        peft_fast.weighted_adapter for the combination types and where it corrects PEFT)."""
+        from .weighted_adapter import add_weighted_adapter
+
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp,
+                             svd_full_matrices, svd_driver, density, majority_sign_method, progressbar)
+
     def get_peft_config_as_dict(self) -> dict[str, dict]:
         return {k: v.to_dict() for k, v in self.peft_config.items()}
