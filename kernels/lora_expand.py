@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .backend import HAS_TRITON, use_triton
-from .lora_shrink import _block_m, _check_launch, _dot_mode, _np2, _precision, _slot_rows
+from .dot_policy import dot_mode, precision
+from .lora_shrink import _block_m, _check_launch, _np2, _slot_rows
 
 if TYPE_CHECKING:
     from .multi_lora import LoraBatchMeta
@@ -140,7 +140,7 @@ def lora_expand_triton(y: Tensor, z: Tensor, b_stack: Tensor, ranks: Tensor, sca
     n_active = meta.active_slots.numel()
     if n_active == 0 or out_f == 0 or r_max == 0:
         return y
-    dot = _dot_mode(z.dtype, b_stack.dtype, y.dtype)
+    dot = dot_mode(z.dtype, b_stack.dtype, y.dtype)
     bm = _block_m(meta.max_slot_tokens)
     bn, br = _expand_blocks(out_f, r_max)
     grid = (triton.cdiv(out_f, bn), triton.cdiv(meta.max_slot_tokens, bm), n_active)
@@ -151,7 +151,7 @@ def lora_expand_triton(y: Tensor, z: Tensor, b_stack: Tensor, ranks: Tensor, sca
         out_f, r_max,
         z.stride(0), z.stride(1), b_stack.stride(0), b_stack.stride(1), b_stack.stride(2),
         y.stride(0), y.stride(1), bias.stride(0), bias.stride(-1),
-        HAS_BIAS=bias_stack is not None, DOT=dot, PRECISION=_precision(dot),
+        HAS_BIAS=bias_stack is not None, DOT=dot, PRECISION=precision(dot),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br,
     )
     return y

@@ -9,7 +9,6 @@ With weight=None the op returns only the LoRA delta; the caller owns the base ou
 from __future__ import annotations
 
 import functools
-import os
 import struct
 from typing import Optional
 
@@ -17,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import HAS_TRITON, interpreting, use_triton
+from .backend import HAS_TRITON, use_triton
+from .dot_policy import dot_mode, precision
 
 __all__ = ["lora_linear", "lora_linear_reference", "lora_linear_triton"]
 
@@ -58,7 +58,6 @@ def _lora_linear_masked_reference(x, weight, bias, lora_a, lora_b, scaling, mask
 # Triton kernel: C[M,N] (+)= scale · (drop?(A_op) @ drop?(B_op) (+ bias[N])), masked by DROP on C if asked.
 # ---------------------------------------------------------------------------------------------------------------
 _DROP_NONE, _DROP_A, _DROP_B, _DROP_C = 0, 1, 2, 3
-_DOT_NATIVE, _DOT_F32, _DOT_F64, _DOT_BF16, _DOT_F16 = 0, 1, 2, 3, 4
 
 if HAS_TRITON:
     import triton
@@ -199,22 +198,7 @@ def _mm(a: Tensor, b: Tensor, c: Tensor, *, scale: float = 1.0, accumulate: bool
     N = b.shape[1]
     if M == 0 or N == 0:
         return
-    dts = (a.dtype, b.dtype)
-    half = next((t for t in (a.dtype, b.dtype, c.dtype) if t in (torch.bfloat16, torch.float16)), None)
-    if torch.float64 in dts:
-        dot = _DOT_F64
-    elif interpreting():
-        dot = _DOT_F32  # the interpreter's tl.dot garbles bf16 (triton#11584)
-    elif a.dtype == b.dtype and a.dtype != torch.float32:
-        dot = _DOT_NATIVE
-    elif half is not None and os.environ.get("PEFT_FAST_LORA_DOT", "half") == "half":
-        # The activations are 16-bit: meet there on the tensor cores, accumulating in fp32 (DESIGN's numerics).
-        # fp32 FMA dots ran 4x slower than the base GEMM's share on an H200.
-        dot = _DOT_BF16 if half == torch.bfloat16 else _DOT_F16
-    else:
-        dot = _DOT_F32
-    # fp32 dots follow torch's own matmul precision setting, so "highest" (the default) matches cuBLAS/PEFT.
-    tf32 = dot == _DOT_F32 and torch.get_float32_matmul_precision() != "highest"
+    dot = dot_mode(a.dtype, b.dtype, c.dtype)
     bm, bn, bk = _blocks(M, N, K)
     split = 1
     if not accumulate and bias is None and drop != _DROP_C and c.dtype == torch.float32:
@@ -236,7 +220,7 @@ def _mm(a: Tensor, b: Tensor, c: Tensor, *, scale: float = 1.0, accumulate: bool
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
         s_hi, s_lo, float(p), i_hi, i_lo, ld4, k_tiles,
         ACCUMULATE=accumulate, HAS_BIAS=bias is not None, DROP=drop, IDX64=rows_x * ld4 >= 2**31,
-        DOT=dot, PRECISION="tf32" if tf32 else "ieee", SPLIT_K=split,
+        DOT=dot, PRECISION=precision(dot), SPLIT_K=split,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
     )
 

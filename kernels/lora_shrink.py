@@ -8,21 +8,20 @@ The expand never reads them; the zeros are there so that nobody else can read ga
 from __future__ import annotations
 
 import functools
-import os
 from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import HAS_TRITON, interpreting, use_triton
+from .backend import HAS_TRITON, use_triton
+from .dot_policy import dot_mode, precision
 
 if TYPE_CHECKING:
     from .multi_lora import LoraBatchMeta
 
 __all__ = ["lora_shrink", "lora_shrink_reference", "lora_shrink_triton"]
 
-_DOT_NATIVE, _DOT_F32, _DOT_F64, _DOT_BF16, _DOT_F16 = 0, 1, 2, 3, 4
 
 
 def _z_dtype(*ts: Tensor) -> torch.dtype:
@@ -57,26 +56,6 @@ def lora_shrink_reference(x: Tensor, a_stack: Tensor, ranks: Tensor, meta: "Lora
             a = a_stack[s, :r]
             z[rows, :r] = F.linear(x[rows].to(a.dtype), a).to(z.dtype)
     return z
-
-
-def _dot_mode(a: torch.dtype, b: torch.dtype, c: torch.dtype) -> int:
-    """lora_linear's policy: fp64 stays fp64; 16-bit activations meet fp32 adapters on the tensor cores in 16 bits
-    with fp32 accumulation; the interpreter computes in fp32 because its tl.dot garbles bf16 (triton#11584)."""
-    if torch.float64 in (a, b):
-        return _DOT_F64
-    if interpreting():
-        return _DOT_F32
-    if a == b and a != torch.float32:
-        return _DOT_NATIVE
-    half = next((t for t in (a, b, c) if t in (torch.bfloat16, torch.float16)), None)
-    if half is not None and os.environ.get("PEFT_FAST_LORA_DOT", "half") == "half":
-        return _DOT_BF16 if half == torch.bfloat16 else _DOT_F16
-    return _DOT_F32
-
-
-def _precision(dot: int) -> str:
-    # fp32 dots follow torch's matmul precision setting, so "highest" (the default) matches cuBLAS/PEFT.
-    return "tf32" if dot == _DOT_F32 and torch.get_float32_matmul_precision() != "highest" else "ieee"
 
 
 def _np2(n: int) -> int:
@@ -204,7 +183,7 @@ def lora_shrink_triton(x: Tensor, a_stack: Tensor, ranks: Tensor, meta: "LoraBat
     n_active = meta.active_slots.numel()
     if n_active == 0 or r_max == 0 or K == 0:
         return z
-    dot = _dot_mode(x.dtype, a_stack.dtype, z.dtype)
+    dot = dot_mode(x.dtype, a_stack.dtype, z.dtype)
     bm = _block_m(meta.max_slot_tokens)
     br, bk = _shrink_blocks(r_max, K)
     m_tiles, r_tiles, k_tiles = triton.cdiv(meta.max_slot_tokens, bm), triton.cdiv(r_max, br), triton.cdiv(K, bk)
@@ -218,7 +197,7 @@ def lora_shrink_triton(x: Tensor, a_stack: Tensor, ranks: Tensor, meta: "LoraBat
         x, a_stack, z, ranks, meta.sorted_tokens, meta.slot_starts, meta.slot_counts, meta.active_slots,
         K, r_max, k_tiles,
         x.stride(0), x.stride(1), a_stack.stride(0), a_stack.stride(1), a_stack.stride(2), z.stride(0), z.stride(1),
-        DOT=dot, PRECISION=_precision(dot), SPLIT_K=split, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk,
+        DOT=dot, PRECISION=precision(dot), SPLIT_K=split, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk,
     )
     return z
 
