@@ -52,6 +52,21 @@ class AdapterStacks:
     bias: Optional[torch.Tensor]  # [n_slots, out] when some adapter has lora_bias
 
 
+def _adapter_params(layer, slot_names: tuple[str, ...]) -> list[torch.Tensor]:
+    # Straight through the module dicts: nn.Module.__getattr__ would cost ~1 µs per lookup, on every forward.
+    a_mods, b_mods = layer.lora_A._modules, layer.lora_B._modules
+    out = []
+    for name in slot_names:
+        a = a_mods.get(name)
+        if a is None:
+            continue
+        b_params = b_mods[name]._parameters
+        out += [a._parameters["weight"], b_params["weight"]]
+        if b_params.get("bias") is not None:
+            out.append(b_params["bias"])
+    return out
+
+
 class StackCache:
     """A layer's stacked adapters and what they were built from. Checked on every mixed batch: the adapter set,
     each parameter's version counter (an optimizer step or load bumps it) and storage (``p.data = ...`` swaps it),
@@ -59,21 +74,20 @@ class StackCache:
 
     def __init__(self, layer, slot_names: tuple[str, ...], dtype: torch.dtype):
         self.slot_names, self.dtype = slot_names, dtype
-        self.params = [p for n in slot_names if n in layer.lora_A
-                       for p in (layer.lora_A[n].weight, layer.lora_B[n].weight, layer.lora_B[n].bias) if p is not None]
-        self.scalings = [_scalar(layer.scaling.get(n)) for n in slot_names]
-        self.versions = [p._version for p in self.params]
-        self.ptrs = [p.data_ptr() for p in self.params]
+        self.params = _adapter_params(layer, slot_names)
+        self.state = self._state(layer)
         self.stacks = build_stacks(layer, slot_names, dtype)
+
+    def _state(self, layer) -> list:
+        return ([p._version for p in self.params] + [p.data_ptr() for p in self.params]
+                + [_scalar(layer.scaling.get(n)) for n in self.slot_names])
 
     def fresh(self, layer, slot_names: tuple[str, ...], dtype: torch.dtype) -> bool:
         if slot_names != self.slot_names or dtype != self.dtype:
             return False
-        current = [p for n in slot_names if n in layer.lora_A
-                   for p in (layer.lora_A[n].weight, layer.lora_B[n].weight, layer.lora_B[n].bias) if p is not None]
+        current = _adapter_params(layer, slot_names)
         return (len(current) == len(self.params) and all(a is b for a, b in zip(current, self.params))
-                and [p._version for p in current] == self.versions and [p.data_ptr() for p in current] == self.ptrs
-                and [_scalar(layer.scaling.get(n)) for n in slot_names] == self.scalings)
+                and self._state(layer) == self.state)
 
 
 def _scalar(scaling) -> Optional[float]:
