@@ -18,6 +18,15 @@ __all__ = [
     "multi_lora",
     "multi_lora_reference",
     "multi_lora_triton",
+    "NF4State",
+    "nf4_quantize",
+    "nf4_quantize_reference",
+    "nf4_quantize_triton",
+    "nf4_dequantize",
+    "nf4_dequantize_reference",
+    "nf4_dequantize_triton",
+    "nf4_state_from_bnb",
+    "nf4_from_bnb",
 ]
 
 if __name__ == "peft_fast.kernels":
@@ -26,6 +35,8 @@ if __name__ == "peft_fast.kernels":
     from .lora_shrink import lora_shrink, lora_shrink_reference, lora_shrink_triton
     from .lora_expand import lora_expand, lora_expand_reference, lora_expand_triton
     from .multi_lora import LoraBatchMeta, make_lora_batch_meta, multi_lora, multi_lora_reference, multi_lora_triton
+    from .nf4 import (NF4State, nf4_dequantize, nf4_dequantize_reference, nf4_dequantize_triton, nf4_from_bnb,
+                      nf4_quantize, nf4_quantize_reference, nf4_quantize_triton, nf4_state_from_bnb)
 else:
     # From the repo root this directory shadows Hugging Face's `kernels` package, which transformers and
     # bitsandbytes probe at import. Stay an empty module then: loading the ops under a second name would
