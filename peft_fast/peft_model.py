@@ -13,7 +13,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 from . import files, injection
 from .config import LoraConfig, as_lora_config
-from .state_dict import check_file_tensors, get_peft_model_state_dict
+from .state_dict import check_file_tensors, get_peft_model_state_dict, set_peft_model_state_dict
 from .status import TunerLayerStatus, TunerModelStatus, count_parameters, get_layer_status, get_model_status
 from .tuner import LoraModel
 
@@ -222,8 +222,6 @@ class PeftModel(nn.Module):
             _, tensors, source = _read_adapter(model_id, self.peft_config[adapter_name], is_trainable, kwargs)
             plan = injection.plan_adapter(model, self.peft_config[adapter_name])
             check_file_tensors(tensors, model, plan, source)
-            from .state_dict import set_peft_model_state_dict
-
             set_peft_model_state_dict(model, tensors, adapter_name)
         else:
             config, tensors, source = _read_adapter(model_id, None, is_trainable, kwargs)
