@@ -1,0 +1,305 @@
+"""QLoRA linear: y = x·dequant(Wq)ᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ (+ s·b_B), Wq a 4-bit NF4/FP4 weight in bnb's layout.
+
+The reference is Hugging Face PEFT's `lora.bnb.Linear4bit.forward` over bitsandbytes' `Linear4bit` on CPU, written
+out: the weight is dequantized (code·absmax in float32) and cast to x's dtype, `F.linear` runs in x's dtype; the
+LoRA delta runs in the adapter dtype, is cast to the base output's dtype, then added (PEFT's bnb order, which
+differs from its dense `lora.Linear`, where the sum is cast: PEFT picks this layer for 4-bit models).
+
+The Triton path never writes the dequantized weight: `_nf4_mm_kernel` loads the packed bytes of a weight tile,
+splits the nibbles (high nibble = even element), gathers the 16-entry codebook, scales by the block's absmax and
+feeds the tile to tl.dot with float32 accumulation. The same kernel runs transposed for dx = dy·dequant(Wq), so
+backward materialises no weight either. A K tile (BLOCK_K ≤ 64) divides the NF4 blocksize, so one absmax per
+weight row covers a tile. Double-quantized absmax is decoded to float32 in torch before the launch (n/blocksize
+floats, as nf4.py does). The LoRA matmuls reuse lora_linear's `_mm` kernel (dropout regenerated from a seed).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .backend import HAS_TRITON, use_triton
+from .dot_policy import dot_mode, precision
+from .lora_linear import _DROP_A, _DROP_B, _DROP_C, _DROP_NONE, _mm, _np2, _z_dtype
+from .nf4 import NF4State, _absmax, _check_dequantize_args, nf4_dequantize_reference
+
+__all__ = ["qlora_linear", "qlora_linear_reference", "qlora_linear_triton"]
+
+
+def _check_args(x: Tensor, packed: Tensor, state: NF4State, dropout_p: float) -> None:
+    _check_dequantize_args(packed, state)
+    if len(state.shape) != 2:
+        raise ValueError(f"qlora_linear: the 4-bit weight must be 2-D [out, in], got shape {tuple(state.shape)}")
+    if x.shape[-1] != state.shape[1]:
+        raise ValueError(f"qlora_linear: x has {x.shape[-1]} features, the weight {tuple(state.shape)} wants "
+                         f"{state.shape[1]}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"qlora_linear: dropout_p must be in [0, 1], got {dropout_p}")
+
+
+def qlora_linear_reference(x, packed, state: NF4State, bias, lora_a, lora_b, scaling: float, dropout_p: float = 0.0,
+                           lora_bias=None):
+    """PEFT's LoRA over bitsandbytes' Linear4bit (CPU path): the definition of correct. Backward is autograd."""
+    _check_args(x, packed, state, dropout_p)
+    # bnb: dequantize_4bit(..., dtype=A.dtype) then F.linear(A, W, bias) in the compute (= x's) dtype.
+    w = nf4_dequantize_reference(packed, dataclasses.replace(state, dtype=torch.float32)).to(x.dtype)
+    result = F.linear(x, w, bias.to(x.dtype) if bias is not None else None)
+    xa = x.to(lora_a.dtype)  # PEFT's _cast_input_dtype
+    if dropout_p > 0:
+        xa = F.dropout(xa, dropout_p, training=True)
+    delta = F.linear(F.linear(xa, lora_a), lora_b, lora_bias) * scaling
+    return result + delta.to(result.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton kernel: C = A @ dequant(Wq)ᵀ (TRANS=False: A [M,K] -> C [M,N], + bias) or C = A @ dequant(Wq) (TRANS=True:
+# A [M,N] -> C [M,K]). Wq is [N,K] packed row-major, two codes per byte; absmax [N·K/BS] float32.
+# ---------------------------------------------------------------------------------------------------------------
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _nf4_mm_kernel(
+        a_ptr, q_ptr, absmax_ptr, code_ptr, bias_ptr, c_ptr,
+        M, N, K,
+        stride_am, stride_ak, stride_cm, stride_cn,
+        TRANS: tl.constexpr, HAS_BIAS: tl.constexpr, BS: tl.constexpr,
+        DOT: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        if TRANS:
+            num_j = tl.cdiv(K, BLOCK_K)
+            steps = tl.cdiv(N, BLOCK_N)
+        else:
+            num_j = tl.cdiv(N, BLOCK_N)
+            steps = tl.cdiv(K, BLOCK_K)
+        pid_m = pid // num_j
+        pid_j = pid % num_j
+        rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        mask_m = rm < M
+        half = tl.arange(0, BLOCK_K // 2)
+        ldq = K // 2           # bytes per weight row (K is a multiple of BS, hence even)
+        ldabs = K // BS        # absmax blocks per weight row
+        if DOT == 2:
+            acc = tl.zeros((BLOCK_M, BLOCK_K if TRANS else BLOCK_N), dtype=tl.float64)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_K if TRANS else BLOCK_N), dtype=tl.float32)
+        for t in range(0, steps):
+            if TRANS:  # reduce over N; this program's output columns are a K tile
+                rn = (t * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+                k0 = pid_j * BLOCK_K
+            else:      # reduce over K; this program's output columns are an N tile
+                rn = (pid_j * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+                k0 = t * BLOCK_K
+            rk = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+            mask_n = rn < N
+            mask_k = rk < K
+            # The weight tile [BLOCK_N, BLOCK_K], dequantized in registers: byte j holds elements 2j (high nibble)
+            # and 2j+1 (low); BLOCK_K divides BS, so the tile's row n shares absmax[n·K/BS + k0/BS].
+            byte = tl.load(q_ptr + rn[:, None] * ldq + (k0 // 2 + half)[None, :],
+                           mask=mask_n[:, None] & ((k0 // 2 + half) < ldq)[None, :], other=0).to(tl.int32)
+            hi = tl.load(code_ptr + (byte >> 4))
+            lo = tl.load(code_ptr + (byte & 15))
+            vals = tl.reshape(tl.join(hi, lo), (BLOCK_N, BLOCK_K))
+            scale = tl.load(absmax_ptr + rn * ldabs + k0 // BS, mask=mask_n, other=0.0)
+            w = vals * scale[:, None]  # float32, exactly bnb's code[q] * absmax
+            if TRANS:
+                a = tl.load(a_ptr + rm[:, None] * stride_am + rn[None, :] * stride_ak,
+                            mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+            else:
+                a = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak,
+                            mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            if DOT == 1:
+                a = a.to(tl.float32)
+            elif DOT == 2:
+                a = a.to(tl.float64)
+                w = w.to(tl.float64)
+            else:  # native 16-bit (or float32) operands: the weight in x's dtype, as bnb dequantizes it
+                w = w.to(a.dtype)
+            if TRANS:
+                acc += tl.dot(a, w, input_precision=PRECISION)
+            else:
+                acc += tl.dot(a, tl.trans(w), input_precision=PRECISION)
+        if TRANS:
+            rj = (pid_j * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+            mask_j = rj < K
+        else:
+            rj = (pid_j * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+            mask_j = rj < N
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rj, mask=mask_j, other=0.0).to(acc.dtype)[None, :]
+        tl.store(c_ptr + rm[:, None] * stride_cm + rj[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty),
+                 mask=mask_m[:, None] & mask_j[None, :])
+
+
+def _nf4_mm(a: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, out_f: int, blocksize: int, *,
+            trans: bool, bias: Optional[Tensor] = None) -> Tensor:
+    """a [M,K] @ dequant(Wq)ᵀ (+ bias) -> [M,N]; trans: a [M,N] @ dequant(Wq) -> [M,K]. Output in a's dtype."""
+    M = a.shape[0]
+    K = a.shape[1] if not trans else packed.numel() * 2 // out_f
+    N = out_f
+    c = torch.empty((M, K if trans else N), device=a.device, dtype=a.dtype)
+    if M == 0 or c.numel() == 0:
+        return c
+    dot = dot_mode(a.dtype, a.dtype, a.dtype)
+    bk = min(64, blocksize)  # divides every bnb blocksize (powers of two >= 32): one absmax per row per tile
+    bm = min(64, max(16, _np2(M)))
+    bn = min(64, max(16, _np2(N)))
+    grid = (triton.cdiv(M, bm) * (triton.cdiv(K, bk) if trans else triton.cdiv(N, bn)),)
+    _nf4_mm_kernel[grid](
+        a, packed, absmax, code, bias if bias is not None else c, c,
+        M, N, K, a.stride(0), a.stride(1), c.stride(0), c.stride(1),
+        TRANS=trans, HAS_BIAS=bias is not None, BS=blocksize, DOT=dot, PRECISION=precision(dot),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+    )
+    return c
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Custom ops. NF4State becomes tensors and ints: the packed bytes, the decoded float32 absmax, the codebook.
+# ---------------------------------------------------------------------------------------------------------------
+def _fwd_impl(x, packed, absmax, code, bias, lora_a, lora_b, lora_bias, out_f, blocksize, scaling, dropout_p, seed):
+    in_f, r = x.shape[-1], lora_a.shape[0]
+    x2d = x.reshape(-1, in_f)
+    M = x2d.shape[0]
+    z = torch.empty((M, r), device=x.device, dtype=_z_dtype(x, lora_a, lora_b))
+    _mm(x2d, lora_a.t(), z, drop=_DROP_A if dropout_p > 0 else _DROP_NONE, seed=seed, p=dropout_p,
+        ld_x=in_f, rows_x=M)
+    y = _nf4_mm(x2d, packed, absmax, code, out_f, blocksize, trans=False, bias=bias)
+    _mm(z, lora_b.t(), y, scale=scaling, accumulate=True, bias=lora_bias)
+    return y.view(*x.shape[:-1], out_f), z.view(*x.shape[:-1], r)
+
+
+@torch.library.custom_op("peft_fast::qlora_linear_fwd", mutates_args=())
+def _qlora_linear_fwd(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, bias: Optional[Tensor],
+                      lora_a: Tensor, lora_b: Tensor, lora_bias: Optional[Tensor], out_f: int, blocksize: int,
+                      scaling: float, dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    return _fwd_impl(x, packed, absmax, code, bias, lora_a, lora_b, lora_bias, out_f, blocksize, scaling,
+                     dropout_p, seed)
+
+
+@_qlora_linear_fwd.register_fake
+def _(x, packed, absmax, code, bias, lora_a, lora_b, lora_bias, out_f, blocksize, scaling, dropout_p, seed):
+    y = x.new_empty((*x.shape[:-1], out_f))
+    z = x.new_empty((*x.shape[:-1], lora_a.shape[0]), dtype=_z_dtype(x, lora_a, lora_b))
+    return y, z
+
+
+@torch.library.custom_op("peft_fast::qlora_linear_bwd", mutates_args=())
+def _qlora_linear_bwd(dy: Tensor, x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, lora_a: Tensor,
+                      lora_b: Tensor, z: Tensor, seed: Optional[Tensor], blocksize: int, scaling: float,
+                      dropout_p: float, need_dx: bool, need_da: bool, need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dA, dB); an unneeded gradient comes back empty (custom ops cannot return None)."""
+    in_f, (out_f, r) = x.shape[-1], lora_b.shape
+    dy2d, x2d, z2d = dy.reshape(-1, out_f), x.reshape(-1, in_f), z.reshape(-1, r)
+    M = x2d.shape[0]
+    dropping = dropout_p > 0
+    dx, da, db = x.new_empty(0), lora_a.new_empty(0), lora_b.new_empty(0)
+    if need_db:
+        db = torch.empty(lora_b.shape, device=x.device, dtype=lora_b.dtype)
+        _mm(dy2d.t(), z2d, db, scale=scaling)
+    if need_dx or need_da:
+        dz = torch.empty((M, r), device=x.device, dtype=z.dtype)
+        _mm(dy2d, lora_b, dz, scale=scaling)
+        if need_da:
+            da = torch.empty(lora_a.shape, device=x.device, dtype=lora_a.dtype)
+            _mm(dz.t(), x2d, da, drop=_DROP_B if dropping else _DROP_NONE, seed=seed, p=dropout_p,
+                ld_x=in_f, rows_x=M)
+        if need_dx:
+            # dy·dequant(Wq): the forward kernel, transposed (no dequantized weight in memory); then + s·(dy·B)·A.
+            dx2d = _nf4_mm(dy2d.to(x.dtype), packed, absmax, code, out_f, blocksize, trans=True)
+            _mm(dz, lora_a, dx2d, accumulate=True, drop=_DROP_C if dropping else _DROP_NONE, seed=seed,
+                p=dropout_p, ld_x=in_f, rows_x=M)
+            dx = dx2d.view(x.shape)
+    return dx, da, db
+
+
+@_qlora_linear_bwd.register_fake
+def _(dy, x, packed, absmax, code, lora_a, lora_b, z, seed, blocksize, scaling, dropout_p, need_dx, need_da,
+      need_db):
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
+    da = lora_a.new_empty(lora_a.shape) if need_da else lora_a.new_empty(0)
+    db = lora_b.new_empty(lora_b.shape) if need_db else lora_b.new_empty(0)
+    return dx, da, db
+
+
+def _setup_context(ctx, inputs, output):
+    x, packed, absmax, code, bias, lora_a, lora_b, lora_bias, out_f, blocksize, scaling, dropout_p, seed = inputs
+    _, z = output
+    ctx.mark_non_differentiable(z)
+    ctx.save_for_backward(x, packed, absmax, code, lora_a, lora_b, z, seed)
+    ctx.blocksize, ctx.scaling, ctx.dropout_p = blocksize, scaling, dropout_p
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.lora_bias_dtype = lora_bias.dtype if lora_bias is not None else None
+    ctx.needs = tuple(t is not None and t.requires_grad for t in (x, bias, lora_a, lora_b, lora_bias))
+
+
+def _backward(ctx, dy, _dz):
+    x, packed, absmax, code, lora_a, lora_b, z, seed = ctx.saved_tensors
+    need_x, need_b, need_a, need_lb, need_lbias = ctx.needs
+    dx = da = db = dbias = dlbias = None
+    if need_x or need_a or need_lb:
+        dx, da, db = _qlora_linear_bwd(dy, x, packed, absmax, code, lora_a, lora_b, z, seed, ctx.blocksize,
+                                       ctx.scaling, ctx.dropout_p, need_x, need_a, need_lb)
+    dy2d = dy.reshape(-1, dy.shape[-1])
+    if need_b:
+        dbias = dy2d.sum(0).to(ctx.bias_dtype)
+    if need_lbias:
+        dlbias = (dy2d.sum(0, dtype=ctx.lora_bias_dtype) * ctx.scaling).to(ctx.lora_bias_dtype)
+    return (dx if need_x else None, None, None, None, dbias, da if need_a else None, db if need_lb else None,
+            dlbias, None, None, None, None, None)
+
+
+_qlora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def qlora_linear_triton(x, packed, state: NF4State, bias, lora_a, lora_b, scaling: float, dropout_p: float = 0.0,
+                        lora_bias=None):
+    """The base matmul fused with NF4 dequantization in `_nf4_mm_kernel`; every LoRA matmul in lora_linear's `_mm`."""
+    _check_args(x, packed, state, dropout_p)
+    if not HAS_TRITON:
+        raise RuntimeError("qlora_linear_triton needs triton, which is not installed; use qlora_linear_reference.")
+    out_f, in_f = state.shape
+    if in_f % state.blocksize:
+        raise ValueError(f"qlora_linear_triton: in_features ({in_f}) must be a multiple of the 4-bit blocksize "
+                         f"({state.blocksize}) so that no quantization block spans two weight rows; use "
+                         "qlora_linear_reference (or re-quantize) for this weight.")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise ValueError(f"qlora_linear_triton: x must be a floating dtype, got {x.dtype}")
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Autocast does not reach inside the custom op: cast x and the bias as it would, then run with it off.
+        dtype = torch.get_autocast_dtype(device_type)
+        x, bias = (t.to(dtype) if t is not None else t for t in (x, bias))
+        with torch.autocast(device_type, enabled=False):
+            return qlora_linear_triton(x, packed, state, bias, lora_a, lora_b, scaling, dropout_p, lora_bias)
+    absmax = _absmax(state).contiguous()  # nested absmax decoded once, in torch (n/blocksize floats)
+    code = state.code.to(device=x.device, dtype=torch.float32).contiguous()
+    packed_flat = packed.reshape(-1)
+    if packed_flat.dtype != torch.uint8:
+        packed_flat = packed_flat.view(torch.uint8)
+    bias = bias.to(x.dtype) if bias is not None else None  # bnb computes the bias in the compute dtype
+    seed = None
+    if dropout_p > 0:
+        seed = torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int64)
+    args = (x, packed_flat.contiguous(), absmax, code, bias, lora_a, lora_b, lora_bias, int(out_f),
+            int(state.blocksize), float(scaling), float(dropout_p), seed)
+    if not torch.compiler.is_compiling() and not (
+        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, lora_a, lora_b,
+                                                                                   lora_bias))
+    ):
+        return _fwd_impl(*args)[0]  # eager inference: skip the custom-op dispatch
+    return _qlora_linear_fwd(*args)[0]
+
+
+def qlora_linear(x, packed, state: NF4State, bias, lora_a, lora_b, scaling: float, dropout_p: float = 0.0,
+                 lora_bias=None):
+    """x·dequant(Wq)ᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ (+ s·b_B) over a bnb-layout 4-bit weight, in x's dtype."""
+    if use_triton(x, packed, lora_a, lora_b):
+        return qlora_linear_triton(x, packed, state, bias, lora_a, lora_b, scaling, dropout_p, lora_bias)
+    return qlora_linear_reference(x, packed, state, bias, lora_a, lora_b, scaling, dropout_p, lora_bias)
