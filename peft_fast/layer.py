@@ -8,9 +8,9 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from . import lora_init, merging
+from . import lora_init, merging, quantized
 from .config import LoraConfig
-from .kernels import lora_linear, multi_lora, use_triton
+from .kernels import lora_linear, multi_lora, qlora_linear, use_triton
 from .mixed_batch import AdapterNames, AdapterStacks, StackCache, stack_dtype
 
 
@@ -216,11 +216,18 @@ class LoraLinear(nn.Module):
         active = [a for a in self.active_adapters if a in self.lora_A]
         if self.merged or not active:
             return self.base_layer(x, *args, **kwargs)
-        plain = None if (args or kwargs or len(active) > 1) else self._plain_base()
-        if plain is not None:
-            a, b, s, p, b_bias = self._adapter_args(active[0])
-            return lora_linear(x, plain[0], plain[1], a, b, s, p, b_bias)
+        if not (args or kwargs or len(active) > 1):
+            plain = self._plain_base()
+            if plain is not None:
+                a, b, s, p, b_bias = self._adapter_args(active[0])
+                return lora_linear(x, plain[0], plain[1], a, b, s, p, b_bias)
+            q = quantized.fused_base(self, x)  # a bnb 4-bit base: (packed, state, bias), or None
+            if q is not None:
+                a, b, s, p, b_bias = self._adapter_args(active[0])
+                return qlora_linear(x, q[0], q[1], q[2], a, b, s, p, b_bias)
         result = self.base_layer(x, *args, **kwargs)
+        if quantized.is_bnb_4bit(self.base_layer):  # PEFT's 4-bit layer casts each delta, then adds it
+            return quantized.add_deltas(self, x, result, active)
         out_dtype = result.dtype
         for name in active:
             a, b, s, p, b_bias = self._adapter_args(name)
@@ -239,12 +246,13 @@ class LoraLinear(nn.Module):
                        stacks.bias, inplace=True)  # the base output is ours and needs no autograd
             return result
         # Gradients wanted (or a caller passed a plain list): PEFT's per-adapter loop, differentiable.
-        out_dtype = result.dtype
+        out_dtype, q4 = result.dtype, quantized.is_bnb_4bit(self.base_layer)
         for name in set(adapter_names):
             if name == "__base__" or name not in self.lora_A:
                 continue
             rows = [i for i, item in enumerate(adapter_names) if item == name]
             a, b, s, p, b_bias = self._adapter_args(name)
+            x = x.to(a.dtype) if q4 else x  # PEFT's 4-bit layer keeps x cast to the last adapter's dtype
             result[rows] += lora_linear(x[rows], None, None, a, b, s, p, b_bias).to(out_dtype)
         return result
 

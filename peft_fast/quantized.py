@@ -1,0 +1,68 @@
+"""bitsandbytes 4-bit base layers (Linear4bit, nf4 or fp4) under a LoraLinear: when to fuse, and PEFT's 4-bit order.
+
+bitsandbytes is never imported here: a 4-bit base is recognised by its class name and its weight's `quant_state`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .kernels import lora_linear, nf4_from_bnb, use_triton
+
+
+def is_bnb_4bit(module: nn.Module) -> bool:
+    """A bitsandbytes `Linear4bit` (or LinearNF4 / LinearFP4, its subclasses)."""
+    return any(c.__name__ == "Linear4bit" and c.__module__.startswith("bitsandbytes") for c in type(module).__mro__)
+
+
+def _cache_key(weight: torch.Tensor, qs) -> tuple:
+    nested = getattr(qs, "state2", None) if getattr(qs, "nested", False) else None
+    return (weight.data_ptr(), weight.device, weight.dtype, qs.absmax.data_ptr(),
+            nested.absmax.data_ptr() if nested is not None else None)
+
+
+def _converted(layer: nn.Module) -> tuple:
+    """(packed, state) of the base layer's weight, cached on the LoraLinear; rebuilt when the weight's storage or its
+    quant_state (the object, or its absmax tensors, which `QuantState.to` swaps in place) changes."""
+    weight = layer.base_layer.weight
+    qs = weight.quant_state
+    key = _cache_key(weight, qs)
+    cache = layer.__dict__.get("_nf4_cache")
+    if cache is None or cache[0] is not qs or cache[1] != key:
+        cache = (qs, key, nf4_from_bnb(weight))
+        layer.__dict__["_nf4_cache"] = cache
+    return cache[2]
+
+
+def fused_base(layer: nn.Module, x: torch.Tensor) -> Optional[tuple]:
+    """(packed, state, bias) when `qlora_linear` computes exactly what the 4-bit base layer would; else None, and
+    the caller runs base_layer(x) and adds the deltas in PEFT's 4-bit order (`add_deltas`)."""
+    base = layer.base_layer
+    if base._forward_hooks or base._forward_pre_hooks or not is_bnb_4bit(base):
+        return None
+    qs = getattr(base.weight, "quant_state", None)  # None: not quantized yet, or lost (bnb recovers it itself)
+    if qs is None or getattr(qs, "packing_format_for_cpu", False) or len(qs.shape) != 2:
+        return None  # repacked for bnb's AVX512-BF16 CPU kernel: a layout of bnb's own, which bnb computes with
+    if (x.device.type == "cpu" and getattr(base, "support_avx512bf16_for_cpu", False) and not base.training
+            and not x.requires_grad and not use_triton(x)):
+        return None  # bnb would repack the weight now and use that kernel: defer to it, as PEFT's layer does
+    compute_dtype = getattr(base, "compute_dtype", None)
+    if compute_dtype is not None and compute_dtype != x.dtype:
+        return None  # bnb computes in compute_dtype and casts back; the LoRA delta must still see x as it is
+    if base.weight.device != x.device:
+        return None
+    packed, state = _converted(layer)
+    return packed, state, base.bias
+
+
+def add_deltas(layer: nn.Module, x: torch.Tensor, result: torch.Tensor, active: list[str]) -> torch.Tensor:
+    """PEFT's `lora.bnb.Linear4bit.forward` after the base output: each adapter's delta, in the adapter dtype, is
+    cast to the base output's dtype and then added (x keeps its last cast, as PEFT reassigns it)."""
+    out_dtype = result.dtype
+    for name in active:
+        a, b, s, p, b_bias = layer._adapter_args(name)
+        x = x.to(a.dtype)
+        result = result + lora_linear(x, None, None, a, b, s, p, b_bias).to(out_dtype)
+    return result
