@@ -268,30 +268,38 @@ def _lora_linear_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], lora_a: Te
                      seed: Optional[Tensor], scaling: float, dropout_p: float,
                      need_dx: bool, need_da: bool, need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dA, dB); an unneeded gradient comes back empty (custom ops cannot return None)."""
-    in_f, (out_f, r) = x.shape[-1], lora_b.shape
-    dy2d, x2d, z2d = dy.reshape(-1, out_f), x.reshape(-1, in_f), z.reshape(-1, r)
-    M = x2d.shape[0]
-    dropping = dropout_p > 0
-    dx, da, db = x.new_empty(0), lora_a.new_empty(0), lora_b.new_empty(0)
+    in_f, out_f = x.shape[-1], lora_b.shape[0]
+    dy2d, x2d = dy.reshape(-1, out_f), x.reshape(-1, in_f)
+    dx2d = None
+    if need_dx:  # the base's part stays on cuBLAS
+        dx2d = dy2d @ weight if weight is not None else torch.empty_like(x2d)
+    da, db = lora_backward(dy2d, x2d, lora_a, lora_b, z.reshape(-1, lora_b.shape[1]), seed, scaling, dropout_p,
+                           need_da, need_db, dx2d, accumulate=weight is not None)
+    return (dx2d.view(x.shape) if need_dx else x.new_empty(0)), da, db
+
+
+def lora_backward(dy2d: Tensor, x2d: Tensor, lora_a: Tensor, lora_b: Tensor, z2d: Tensor, seed: Optional[Tensor],
+                  scaling: float, dropout_p: float, need_da: bool, need_db: bool, dx2d: Optional[Tensor],
+                  accumulate: bool) -> tuple[Tensor, Tensor]:
+    """The LoRA side of backward, shared by every op with a LoRA branch: dB = s·dyᵀ·z, dA = (s·dy·B)ᵀ·drop(x), and,
+    when dx2d is given, drop-mask ⊙ (s·dy·B)·A added into it (or written, accumulate=False). Returns (dA, dB),
+    empty when not needed."""
+    M, in_f = x2d.shape
+    drop = dropout_p > 0
+    da, db = lora_a.new_empty(0), lora_b.new_empty(0)
     if need_db:
-        db = torch.empty(lora_b.shape, device=x.device, dtype=lora_b.dtype)
+        db = torch.empty(lora_b.shape, device=x2d.device, dtype=lora_b.dtype)
         _mm(dy2d.t(), z2d, db, scale=scaling)
-    if need_dx or need_da:
-        dz = torch.empty((M, r), device=x.device, dtype=z.dtype)
+    if dx2d is not None or need_da:
+        dz = torch.empty(z2d.shape, device=x2d.device, dtype=z2d.dtype)
         _mm(dy2d, lora_b, dz, scale=scaling)
         if need_da:
-            da = torch.empty(lora_a.shape, device=x.device, dtype=lora_a.dtype)
-            _mm(dz.t(), x2d, da, drop=_DROP_B if dropping else _DROP_NONE, seed=seed, p=dropout_p,
-                ld_x=in_f, rows_x=M)
-        if need_dx:
-            if weight is not None:
-                dx2d = dy2d @ weight  # the base's part stays on cuBLAS
-            else:
-                dx2d = torch.empty((M, in_f), device=x.device, dtype=x.dtype)
-            _mm(dz, lora_a, dx2d, accumulate=weight is not None, drop=_DROP_C if dropping else _DROP_NONE,
-                seed=seed, p=dropout_p, ld_x=in_f, rows_x=M)
-            dx = dx2d.view(x.shape)
-    return dx, da, db
+            da = torch.empty(lora_a.shape, device=x2d.device, dtype=lora_a.dtype)
+            _mm(dz.t(), x2d, da, drop=_DROP_B if drop else _DROP_NONE, seed=seed, p=dropout_p, ld_x=in_f, rows_x=M)
+        if dx2d is not None:
+            _mm(dz, lora_a, dx2d, accumulate=accumulate, drop=_DROP_C if drop else _DROP_NONE, seed=seed,
+                p=dropout_p, ld_x=in_f, rows_x=M)
+    return da, db
 
 
 @_lora_linear_bwd.register_fake

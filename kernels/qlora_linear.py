@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .backend import HAS_TRITON, use_triton
 from .dot_policy import dot_mode, precision
-from .lora_linear import _DROP_A, _DROP_B, _DROP_C, _DROP_NONE, _mm, _np2, _z_dtype
+from .lora_linear import _DROP_A, _DROP_NONE, _mm, _np2, _z_dtype, lora_backward
 from .nf4 import NF4State, _absmax, _check_dequantize_args, nf4_dequantize_reference
 
 __all__ = ["qlora_linear", "qlora_linear_reference", "qlora_linear_triton"]
@@ -195,28 +195,13 @@ def _qlora_linear_bwd(dy: Tensor, x: Tensor, packed: Tensor, absmax: Tensor, cod
                       lora_b: Tensor, z: Tensor, seed: Optional[Tensor], blocksize: int, scaling: float,
                       dropout_p: float, need_dx: bool, need_da: bool, need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dA, dB); an unneeded gradient comes back empty (custom ops cannot return None)."""
-    in_f, (out_f, r) = x.shape[-1], lora_b.shape
-    dy2d, x2d, z2d = dy.reshape(-1, out_f), x.reshape(-1, in_f), z.reshape(-1, r)
-    M = x2d.shape[0]
-    dropping = dropout_p > 0
-    dx, da, db = x.new_empty(0), lora_a.new_empty(0), lora_b.new_empty(0)
-    if need_db:
-        db = torch.empty(lora_b.shape, device=x.device, dtype=lora_b.dtype)
-        _mm(dy2d.t(), z2d, db, scale=scaling)
-    if need_dx or need_da:
-        dz = torch.empty((M, r), device=x.device, dtype=z.dtype)
-        _mm(dy2d, lora_b, dz, scale=scaling)
-        if need_da:
-            da = torch.empty(lora_a.shape, device=x.device, dtype=lora_a.dtype)
-            _mm(dz.t(), x2d, da, drop=_DROP_B if dropping else _DROP_NONE, seed=seed, p=dropout_p,
-                ld_x=in_f, rows_x=M)
-        if need_dx:
-            # dy·dequant(Wq): the forward kernel, transposed (no dequantized weight in memory); then + s·(dy·B)·A.
-            dx2d = _nf4_mm(dy2d.to(x.dtype), packed, absmax, code, out_f, blocksize, trans=True)
-            _mm(dz, lora_a, dx2d, accumulate=True, drop=_DROP_C if dropping else _DROP_NONE, seed=seed,
-                p=dropout_p, ld_x=in_f, rows_x=M)
-            dx = dx2d.view(x.shape)
-    return dx, da, db
+    in_f, out_f = x.shape[-1], lora_b.shape[0]
+    dy2d, x2d = dy.reshape(-1, out_f), x.reshape(-1, in_f)
+    # dy·dequant(Wq): the forward kernel, transposed (no dequantized weight in memory); the LoRA part adds into it.
+    dx2d = _nf4_mm(dy2d.to(x.dtype), packed, absmax, code, out_f, blocksize, trans=True) if need_dx else None
+    da, db = lora_backward(dy2d, x2d, lora_a, lora_b, z.reshape(-1, lora_b.shape[1]), seed, scaling, dropout_p,
+                           need_da, need_db, dx2d, accumulate=True)
+    return (dx2d.view(x.shape) if need_dx else x.new_empty(0)), da, db
 
 
 @_qlora_linear_bwd.register_fake
