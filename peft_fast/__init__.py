@@ -10,6 +10,7 @@ from .hotswap import (  # noqa: E402
     hotswap_adapter_from_state_dict,
     prepare_model_for_compiled_hotswap,
 )
+from .kbit import prepare_model_for_kbit_training  # noqa: E402
 from .layer import LoraLinear  # noqa: E402
 from .merge_utils import (  # noqa: E402
     calculate_majority_sign_mask,
@@ -53,4 +54,6 @@ __all__ = [
     "task_arithmetic", "ties",
     # hot-swapping adapters without recompiling (PEFT's peft.utils.hotswap)
     "hotswap_adapter", "hotswap_adapter_from_state_dict", "prepare_model_for_compiled_hotswap",
+    # preparing a quantized model for training (PEFT's peft.utils.other)
+    "prepare_model_for_kbit_training",
 ]

@@ -207,15 +207,25 @@ def tuner_layers(model: nn.Module):
 
 
 def unload(model: nn.Module, merge: bool, safe_merge: bool = False,
-           adapter_names: Optional[list[str]] = None) -> nn.Module:
-    """Replace every adapter layer by its base (merging first if asked) and every wrapper by its module."""
-    if merge:
+           adapter_names: Optional[list[str]] = None, dequantize: bool = False) -> nn.Module:
+    """Replace every adapter layer by its base (merging first if asked) and every wrapper by its module.
+    ``dequantize`` (with merge): 4-bit bases become plain nn.Linear holding the exact merged weights, and every
+    other 4-bit layer its dequantized nn.Linear."""
+    if merge and dequantize:
+        from .merging import merge_dequantized
+
+        merge_dequantized([m for _, m in tuner_layers(model) if isinstance(m, LoraLinear)], safe_merge, adapter_names)
+    elif merge:
         merge_layers(model, safe_merge, adapter_names)
     for key, m in list(tuner_layers(model)):
         if _inside_adapter_machinery(model, key):
             continue
         parent, child = _parent(model, key)
         setattr(parent, child, m.base_layer if isinstance(m, LoraLinear) else m.unload())
+    if merge and dequantize:
+        from .merging import dequantize_remaining
+
+        dequantize_remaining(model)
     return model
 
 

@@ -1,11 +1,59 @@
 """Merging adapters into base weights, PEFT's semantics, and all-or-nothing: every check runs before any weight
-of any layer changes, so a refused merge leaves the model as it was."""
+of any layer changes, so a refused merge leaves the model as it was.
+
+A bitsandbytes 4-bit base (Linear4bit, nf4 or fp4) is merged as PEFT does it: dequantize, add the delta, and
+re-quantize into a new Params4bit with the same settings (unmerge: dequantize, subtract, re-quantize). The rounding
+this costs is measured and reported in one `QuantizedMergeWarning` per call. `merge_dequantized` instead turns such a
+layer into a plain nn.Linear holding the exact merged weight (`merge_and_unload(dequantize=True)`).
+"""
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Optional
 
 import torch
+import torch.nn as nn
+
+from .quantized import is_bnb_4bit
+
+
+class QuantizedMergeWarning(UserWarning):
+    """Re-quantizing merged 4-bit weights changed them; `max_abs` / `mean_abs` say by how much (over all the
+    layers of one call), `adapters` which adapters were merged or unmerged, `layers` how many layers."""
+
+    def __init__(self, message: str, adapters: list[str], layers: int, max_abs: float, mean_abs: float):
+        super().__init__(message)
+        self.adapters, self.layers, self.max_abs, self.mean_abs = adapters, layers, max_abs, mean_abs
+
+
+class _Rounding:
+    """Abs differences between exact merged weights and their re-quantized values, summed over layers."""
+
+    def __init__(self):
+        self.adapters: list[str] = []
+        self.layers, self.count, self.total, self.max = 0, 0, 0.0, 0.0
+
+    def add(self, names: list[str], exact: torch.Tensor, requantized: torch.Tensor) -> None:
+        diff = (exact.float() - requantized.float()).abs()
+        self.adapters.extend(n for n in names if n not in self.adapters)
+        self.layers += 1
+        self.count += diff.numel()
+        self.total += diff.double().sum().item()
+        self.max = max(self.max, diff.max().item())
+
+    def warn(self, action: str = "Merging") -> None:
+        if not self.layers:
+            return
+        mean = self.total / self.count
+        names = ", ".join(self.adapters)
+        hint = (" Pass `dequantize=True` to `merge_and_unload` for a 16-bit model holding the exact merged weights."
+                if action == "Merging" else "")
+        warnings.warn(QuantizedMergeWarning(
+            f"{action} adapter(s) {names} into {self.layers} 4-bit layer(s) re-quantized the weights, which changes "
+            f"the outputs (rounding): between the exact weights and their re-quantized values the max abs difference "
+            f"is {self.max:.6e} and the mean abs difference is {mean:.6e}.{hint}",
+            list(self.adapters), self.layers, self.max, mean), stacklevel=3)
 
 
 def pending(layer, adapter_names: Optional[list[str]], warn: bool = True) -> list[str]:
@@ -23,9 +71,44 @@ def pending(layer, adapter_names: Optional[list[str]], warn: bool = True) -> lis
     return [n for n in names if n in layer.lora_A]
 
 
+def is_4bit(layer) -> bool:
+    """The layer's base is a bitsandbytes 4-bit layer holding a quantized Params4bit."""
+    base = layer.base_layer
+    return is_bnb_4bit(base) and type(base.weight).__name__ == "Params4bit" and _quant_state(base) is not None
+
+
+def _quant_state(base):
+    qs = getattr(base.weight, "quant_state", None)
+    return qs if qs is not None else getattr(base, "quant_state", None)  # bnb recovers a lost one from the module
+
+
+def dequantize_4bit(base) -> torch.Tensor:
+    """The base layer's weight, dequantized by bitsandbytes (in the quant state's dtype, the loading dtype); a
+    weight repacked for bnb's AVX512-BF16 CPU kernel is read back through bnb's own inverse first."""
+    import bitsandbytes as bnb
+
+    data, qs = base.weight.data, _quant_state(base)
+    if getattr(qs, "packing_format_for_cpu", False):  # bnb's inverse rewrites the state it is given: give a copy
+        data, qs = bnb.functional._convert_weight_packed_for_cpu_inverse(data, copy.copy(qs))
+    return bnb.functional.dequantize_4bit(data, qs)
+
+
+def _requantize(base, weight: torch.Tensor) -> None:
+    """PEFT's re-quantization: a new Params4bit with the old one's settings, quantized on the CPU, moved back."""
+    import bitsandbytes as bnb
+
+    old = base.weight
+    kwargs = {k: v for k, v in old.__dict__.items() if not k.startswith("_")}
+    kwargs.pop("data", None)
+    kwargs["bnb_quantized"] = False
+    kwargs["requires_grad"] = False
+    base.weight = bnb.nn.Params4bit(weight.to("cpu"), **kwargs).to(old.device)
+
+
 def check_mergeable(layer, names: list[str]) -> None:
     weight = layer.base_layer.weight
-    if names and (type(weight).__name__ in ("Params4bit", "Int8Params") or not weight.dtype.is_floating_point):
+    quantized = type(weight).__name__ in ("Params4bit", "Int8Params") or not weight.dtype.is_floating_point
+    if names and quantized and not is_4bit(layer):
         raise NotImplementedError(
             f"Merging into a quantized base layer ({type(layer.base_layer).__name__}) is not supported yet; "
             "merge into a 16-bit copy of the base model instead.")
@@ -33,26 +116,50 @@ def check_mergeable(layer, names: list[str]) -> None:
         raise RuntimeError("Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias.")
 
 
-def merged_tensors(layer, names: list[str]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def merged_tensors(layer, names: list[str], check: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The weight and bias after merging ``names`` in order, computed in the base dtype as the merge itself
-    will be (so an fp16 overflow is seen here), raising on the first adapter that makes them non-finite."""
+    will be (so an fp16 overflow is seen here), raising on the first adapter that makes them non-finite.
+    A 4-bit base gives the exact merged weight: dequantized, plus the deltas, in PEFT's promoted dtype."""
     base = layer.base_layer
-    weight = base.weight.data.clone()
+    q4 = is_4bit(layer)
+    weight = dequantize_4bit(base) if q4 else base.weight.data.clone()
     bias = base.bias.data.clone() if getattr(base, "bias", None) is not None else None
     for name in names:
-        weight += layer.get_delta_weight(name).to(weight.dtype)
+        if q4:
+            weight = weight + layer.get_delta_weight(name)  # as PEFT: `output + lora_data`, promoted
+        else:
+            weight += layer.get_delta_weight(name).to(weight.dtype)
         if layer.lora_bias[name]:
             bias += (layer.lora_B[name].bias.data * layer.scaling[name]).to(bias.dtype)
-        if not torch.isfinite(weight).all() or (bias is not None and not torch.isfinite(bias).all()):
+        if check and (not torch.isfinite(weight).all() or (bias is not None and not torch.isfinite(bias).all())):
             raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
     return weight, bias
 
 
-def merge(layer, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+def _merge_4bit(layer, names: list[str], rounding: _Rounding) -> None:
+    """PEFT's order, adapter by adapter (so the packed bytes match PEFT's): dequantize, add, re-quantize."""
+    base = layer.base_layer
+    exact = dequantize_4bit(base)
+    for name in names:
+        delta = layer.get_delta_weight(name)
+        exact = exact + delta
+        _requantize(base, dequantize_4bit(base) + delta)
+        if layer.lora_bias[name]:
+            base.bias.data += (layer.lora_B[name].bias.data * layer.scaling[name]).to(base.bias.dtype)
+    rounding.add(names, exact, dequantize_4bit(base))
+
+
+def _merge(layer, safe_merge: bool, adapter_names: Optional[list[str]], rounding: _Rounding) -> None:
     names = pending(layer, adapter_names)
     check_mergeable(layer, names)
     base = layer.base_layer
-    if safe_merge:
+    if not names:
+        return
+    if is_4bit(layer):
+        if safe_merge:
+            merged_tensors(layer, names)  # raises before the weight changes
+        _merge_4bit(layer, names, rounding)
+    elif safe_merge:
         weight, bias = merged_tensors(layer, names)
         base.weight.data = weight
         if bias is not None:
@@ -65,27 +172,97 @@ def merge(layer, safe_merge: bool = False, adapter_names: Optional[list[str]] = 
     layer.merged_adapters.extend(names)
 
 
+def merge(layer, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    rounding = _Rounding()
+    _merge(layer, safe_merge, adapter_names, rounding)
+    rounding.warn()
+
+
 def unmerge(layer) -> None:
     if not layer.merged:
         warnings.warn("Already unmerged. Nothing to do.")
         return
     base = layer.base_layer
+    q4, rounding, exact, undone = is_4bit(layer), _Rounding(), None, []
     while layer.merged_adapters:
         name = layer.merged_adapters.pop()
         if name not in layer.lora_A:
             continue
-        base.weight.data -= layer.get_delta_weight(name).to(base.weight.dtype)
+        if q4:  # as PEFT: dequantize, subtract, re-quantize
+            delta = layer.get_delta_weight(name)
+            exact = (dequantize_4bit(base) if exact is None else exact) - delta
+            _requantize(base, dequantize_4bit(base) - delta)
+            undone.append(name)
+        else:
+            base.weight.data -= layer.get_delta_weight(name).to(base.weight.dtype)
         if layer.lora_bias[name]:
-            base.bias.data -= layer.lora_B[name].bias.data * layer.scaling[name]
+            base.bias.data -= (layer.lora_B[name].bias.data * layer.scaling[name]).to(base.bias.dtype)
+    if exact is not None:
+        rounding.add(undone, exact, dequantize_4bit(base))
+        rounding.warn("Unmerging")
 
 
 def merge_layers(layers: list, safe_merge: bool, adapter_names: Optional[list[str]]) -> None:
     """Merge into every layer, or into none: structural checks, and with safe_merge a dry run of every layer's
-    merged weights, come before the first change."""
+    merged weights, come before the first change. 4-bit layers warn once, for all of them, about rounding."""
+    for layer in layers:
+        check_mergeable(layer, pending(layer, adapter_names, warn=False))
+    if safe_merge:
+        for layer in layers:
+            merged_tensors(layer, pending(layer, adapter_names, warn=False))
+    rounding = _Rounding()
+    for layer in layers:
+        _merge(layer, safe_merge, adapter_names, rounding)
+    rounding.warn()
+
+
+def dequantized_linear(base, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Linear:
+    """A plain nn.Linear in the dtype the 4-bit base was loaded in (its quant state's dtype, which is what its
+    inputs and outputs have), holding ``weight`` and ``bias``."""
+    qs = _quant_state(base)
+    dtype = qs.original_dtype if getattr(qs, "packing_format_for_cpu", False) else qs.dtype  # bnb's CPU repacking
+    out_f, in_f = weight.shape
+    linear = nn.Linear(in_f, out_f, bias=bias is not None, device=weight.device, dtype=dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    linear.requires_grad_(False)
+    linear.train(base.training)
+    return linear
+
+
+def merge_dequantized(layers: list, safe_merge: bool, adapter_names: Optional[list[str]]) -> None:
+    """`merge_layers`, except that a 4-bit base is not re-quantized: it becomes a plain nn.Linear holding the
+    exact merged weight (dequantized base plus the deltas) and bias. All-or-nothing, as merge_layers."""
     for layer in layers:
         check_mergeable(layer, pending(layer, adapter_names, warn=False))
     if safe_merge:
         for layer in layers:
             merged_tensors(layer, pending(layer, adapter_names, warn=False))
     for layer in layers:
-        merge(layer, safe_merge=safe_merge, adapter_names=adapter_names)
+        if not is_4bit(layer):
+            _merge(layer, safe_merge, adapter_names, _Rounding())
+            continue
+        names = pending(layer, adapter_names)
+        weight, bias = merged_tensors(layer, names, check=False)
+        layer.base_layer = dequantized_linear(layer.base_layer, weight, bias)
+        layer.merged_adapters.extend(names)
+
+
+def dequantize_remaining(model: nn.Module) -> None:
+    """Replace every bitsandbytes 4-bit layer left in ``model`` by its dequantized nn.Linear, and when none is left
+    drop transformers' quantization markers, so the model saves and reloads as the 16-bit model it now is."""
+    for key, m in list(model.named_modules()):
+        if key and is_bnb_4bit(m) and type(m.weight).__name__ == "Params4bit" and _quant_state(m) is not None:
+            parent = model.get_submodule(key.rpartition(".")[0]) if "." in key else model
+            bias = m.bias.data if m.bias is not None else None
+            setattr(parent, key.rpartition(".")[2], dequantized_linear(m, dequantize_4bit(m), bias))
+    if any(is_bnb_4bit(m) for m in model.modules()):
+        return
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and hasattr(quantizer, "remove_quantization_config"):
+        quantizer.remove_quantization_config(model)
+    for attr in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
+        if getattr(model, attr, False):
+            setattr(model, attr, False)

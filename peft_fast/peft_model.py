@@ -28,6 +28,7 @@ class PeftModel(nn.Module):
         self._adapters_disabled = False
         self.base_model = LoraModel(model, as_lora_config(peft_config), adapter_name, autocast_adapter_dtype)
         _expose_forward_signature(self)
+        _prepare_for_gradient_checkpointing(model)
 
     @classmethod
     def _from_plan(cls, model: nn.Module, config: LoraConfig, adapter_name: str, autocast_adapter_dtype: bool,
@@ -44,6 +45,7 @@ class PeftModel(nn.Module):
         tuner.add_adapter(adapter_name, config, autocast_adapter_dtype, init=False, plan=plan, tensors=tensors)
         self.base_model = tuner
         _expose_forward_signature(self)
+        _prepare_for_gradient_checkpointing(model)
         return self
 
     # --- passthrough -------------------------------------------------------------------------------------------
@@ -141,8 +143,8 @@ class PeftModel(nn.Module):
         self.base_model.unmerge_adapter()
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
-                         adapter_names: Optional[list[str]] = None) -> nn.Module:
-        return self.base_model.merge_and_unload(progressbar, safe_merge, adapter_names)
+                         adapter_names: Optional[list[str]] = None, dequantize: bool = False) -> nn.Module:
+        return self.base_model.merge_and_unload(progressbar, safe_merge, adapter_names, dequantize=dequantize)
 
     def unload(self) -> nn.Module:
         return self.base_model.unload()
@@ -247,6 +249,21 @@ class _SignedForward:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return PeftModel.forward(self.owner, *args, **kwargs)
+
+
+def _prepare_for_gradient_checkpointing(model: nn.Module) -> None:
+    """As PEFT: with a frozen base, reentrant checkpointing needs inputs that require grad, or no gradient reaches
+    the adapters inside checkpointed blocks. Quantized models get this from prepare_model_for_kbit_training."""
+    with warnings.catch_warnings():  # transformers 5 deprecates the property we probe, as PEFT does
+        warnings.simplefilter("ignore", FutureWarning)
+        checkpointing = getattr(model, "is_gradient_checkpointing", True)
+    quantized = any(getattr(model, flag, False) for flag in ("is_loaded_in_8bit", "is_loaded_in_4bit", "is_quantized"))
+    if not checkpointing or quantized:
+        return
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    elif hasattr(model, "get_input_embeddings"):
+        model.get_input_embeddings().register_forward_hook(lambda module, inputs, output: output.requires_grad_(True))
 
 
 def _expose_forward_signature(peft_model: PeftModel) -> None:

@@ -203,9 +203,12 @@ class LoraModel(nn.Module):
                 raise ValueError(f"Adapter {n} not found. Available adapters: {sorted(self.peft_config)}")
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
-                         adapter_names: Optional[list[str]] = None) -> nn.Module:
+                         adapter_names: Optional[list[str]] = None, dequantize: bool = False) -> nn.Module:
+        """``dequantize=True`` (not in PEFT): merge into bitsandbytes 4-bit bases without re-quantizing, returning
+        plain nn.Linear layers with the exact merged weights; by default they are re-quantized, as PEFT does."""
         self._check_known(adapter_names)
-        return injection.unload(self.model, merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
+        return injection.unload(self.model, merge=True, safe_merge=safe_merge, adapter_names=adapter_names,
+                                dequantize=dequantize)
 
     def unload(self) -> nn.Module:
         return injection.unload(self.model, merge=False)

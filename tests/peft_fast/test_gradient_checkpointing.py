@@ -1,0 +1,36 @@
+"""get_peft_model on a gradient-checkpointed (non-quantized) model makes its inputs require grad, as PEFT does:
+otherwise reentrant checkpointing over a frozen base gives the adapters no gradient at all."""
+import warnings
+
+import torch
+from tiny_models import impl, ref
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+def _model():
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
+    m.main_input_name = "inputs_embeds"  # so transformers does not add the input hook itself
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    return m
+
+
+def _lora_grads(lib):
+    model = lib.get_peft_model(_model(), lib.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                        init_lora_weights=False))
+    model.train()
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model(input_ids=ids, labels=ids).loss.backward()
+    return {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
+
+
+def test_adapters_get_gradients_through_reentrant_checkpointing():
+    got, want = _lora_grads(impl), _lora_grads(ref)
+    assert got.keys() == want.keys() and len(got) == 8
+    assert all(g is not None and g.abs().sum() > 0 for g in got.values())
+    assert all((want[n] is None) == (got[n] is None) for n in got)
