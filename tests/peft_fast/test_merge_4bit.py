@@ -14,39 +14,12 @@ import torch
 
 bnb = pytest.importorskip("bitsandbytes")
 
-from tiny_models import AGAINST_PEFT, assert_close, impl, peft_fast_only, ref  # noqa: E402
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
-
-TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
-# (model dtype, bnb compute dtype, double quant, quant type), as in test_qlora_model.py
-CASES = [
-    (torch.float32, torch.float32, True, "nf4"),
-    (torch.float32, torch.float32, False, "fp4"),
-    (torch.bfloat16, torch.bfloat16, True, "nf4"),
-    (torch.float32, torch.bfloat16, False, "nf4"),
-]
-IDS = ["fp32-dq-nf4", "fp32-fp4", "bf16-dq-nf4", "fp32-bf16compute"]
-
+from tiny_models import assert_close, impl, peft_fast_only, ref  # noqa: E402
+from qlora_models import CASES, IDS, TARGETS, load4, save_tiny_llama  # noqa: E402
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, pad_token_id=0)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny_llama_merge4")
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    return path
-
-
-def load4(path, case):
-    dtype, compute, double, qt = case
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=qt, bnb_4bit_compute_dtype=compute,
-                           bnb_4bit_use_double_quant=double)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=q, device_map="cpu", dtype=dtype)
-    assert model.is_loaded_in_4bit
-    return model
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama_merge4"))
 
 
 def lora_kw(**over):
