@@ -248,30 +248,37 @@ if HAS_TRITON:
     @triton.jit
     def _nf4_dequant_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, n, blocksize,
                             BLOCK: tl.constexpr, IDX64: tl.constexpr, OUT_BF16: tl.constexpr):
-        """Each program unpacks BLOCK bytes (2·BLOCK elements): element 2j is byte j's high nibble, 2j+1 its low."""
+        """Each program unpacks BLOCK bytes into 2·BLOCK contiguous elements (element 2j is byte j's high nibble,
+        2j+1 its low): the nibbles are joined in registers so that the store is one coalesced run."""
         pid = tl.program_id(0)
         if IDX64:
             byte = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+            elem = pid.to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK).to(tl.int64)
         else:
             byte = pid * BLOCK + tl.arange(0, BLOCK)
-        e0 = 2 * byte
-        e1 = e0 + 1
-        m0 = e0 < n
-        m1 = e1 < n
-        b = tl.load(packed_ptr + byte, mask=m0, other=0).to(tl.int32)
+            elem = pid * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
+        b = tl.load(packed_ptr + byte, mask=2 * byte < n, other=0).to(tl.int32)
         hi = tl.load(code_ptr + (b >> 4))
         lo = tl.load(code_ptr + (b & 15))
-        a0 = tl.load(absmax_ptr + e0 // blocksize, mask=m0, other=0.0)
-        a1 = tl.load(absmax_ptr + e1 // blocksize, mask=m1, other=0.0)
-        v0 = hi * a0
-        v1 = lo * a1
+        vals = tl.reshape(tl.join(hi, lo), (2 * BLOCK,))
+        mask = elem < n
+        v = vals * tl.load(absmax_ptr + elem // blocksize, mask=mask, other=0.0)
         if OUT_BF16:
-            tl.store(out_ptr + e0, _to_bf16_rne(v0), mask=m0)
-            tl.store(out_ptr + e1, _to_bf16_rne(v1), mask=m1)
+            tl.store(out_ptr + elem, _to_bf16_rne(v), mask=mask)
         else:
-            ty = out_ptr.dtype.element_ty
-            tl.store(out_ptr + e0, v0.to(ty), mask=m0)
-            tl.store(out_ptr + e1, v1.to(ty), mask=m1)
+            tl.store(out_ptr + elem, v.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize_raw(packed: Tensor, absmax: Tensor, code: Tensor, shape, dtype: torch.dtype, blocksize: int) -> Tensor:
+    """The Triton dequantization from launch-ready tensors (flat uint8 bytes, float32 absmax and codebook, all
+    contiguous on one device): what the fused ops call when dequantize-then-cuBLAS beats the fused GEMM."""
+    n = math.prod(shape)
+    out = torch.empty(shape, dtype=dtype, device=packed.device)
+    BLOCK = 1024
+    grid = (triton.cdiv((n + 1) // 2, BLOCK),)
+    _nf4_dequant_kernel[grid](packed, absmax, code, out, n, blocksize,
+                              BLOCK=BLOCK, IDX64=n + 4 * BLOCK >= 2**31, OUT_BF16=dtype == torch.bfloat16)
+    return out
 
 
 def nf4_dequantize_triton(packed: Tensor, state: NF4State) -> Tensor:
@@ -279,15 +286,9 @@ def nf4_dequantize_triton(packed: Tensor, state: NF4State) -> Tensor:
     if not HAS_TRITON:
         raise RuntimeError("nf4_dequantize_triton: triton is not installed")
     _check_dequantize_args(packed, state)
-    n = math.prod(state.shape)
-    out = torch.empty(state.shape, dtype=state.dtype, device=packed.device)
     absmax = _absmax(state).contiguous()
     code = state.code.to(device=packed.device, dtype=torch.float32).contiguous()
-    BLOCK = 1024
-    grid = (triton.cdiv((n + 1) // 2, BLOCK),)
-    _nf4_dequant_kernel[grid](packed.reshape(-1).contiguous(), absmax, code, out, n, state.blocksize,
-                              BLOCK=BLOCK, IDX64=n + 2 * BLOCK >= 2**31, OUT_BF16=state.dtype == torch.bfloat16)
-    return out
+    return dequantize_raw(packed.reshape(-1).contiguous(), absmax, code, state.shape, state.dtype, state.blocksize)
 
 
 def nf4_dequantize(packed: Tensor, state: NF4State) -> Tensor:

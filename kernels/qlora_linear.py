@@ -15,6 +15,7 @@ floats, as nf4.py does). The LoRA matmuls reuse lora_linear's `_mm` kernel (drop
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Optional
 
 import torch
@@ -24,7 +25,7 @@ from torch import Tensor
 from .backend import HAS_TRITON, use_triton
 from .dot_policy import dot_mode, precision
 from .lora_linear import _DROP_A, _DROP_NONE, _mm, _np2, _z_dtype, lora_backward
-from .nf4 import NF4State, _absmax, _check_dequantize_args, nf4_dequantize_reference
+from .nf4 import NF4State, _absmax, _check_dequantize_args, dequantize_raw, nf4_dequantize_reference
 
 __all__ = ["qlora_linear", "qlora_linear_reference", "qlora_linear_triton"]
 
@@ -160,6 +161,31 @@ def _nf4_mm(a: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, out_f: int,
     return c
 
 
+# Above this many rows dequantize-then-cuBLAS beats the fused GEMM on Hopper: the dequantized weight costs one
+# extra write + read of 2 bytes per weight (~40 µs for 4096x14336 at 3 TB/s), while cuBLAS's pipelined wgmma GEMM
+# outruns a Triton tl.dot loop that must also unpack nibbles on the critical path. Below it the fused kernel reads
+# 0.5 byte per weight and nothing else. Measured per shape by bench/test_bench_qlora_paths.py (gpu_check.sh);
+# PEFT_FAST_QLORA_BASE=fused|dequant forces one path (benchmarks, debugging).
+DEQUANT_MIN_ROWS = 64
+
+
+def _base_path(rows: int) -> str:
+    forced = os.environ.get("PEFT_FAST_QLORA_BASE", "auto")
+    if forced in ("fused", "dequant"):
+        return forced
+    return "dequant" if rows >= DEQUANT_MIN_ROWS else "fused"
+
+
+def _nf4_base_mm(a: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, out_f: int, blocksize: int, *,
+                 trans: bool, bias: Optional[Tensor] = None) -> Tensor:
+    """`_nf4_mm`'s contract, by whichever of the two paths wins at this many rows."""
+    if _base_path(a.shape[0]) == "fused":
+        return _nf4_mm(a, packed, absmax, code, out_f, blocksize, trans=trans, bias=bias)
+    in_f = packed.numel() * 2 // out_f
+    w = dequantize_raw(packed, absmax, code, (out_f, in_f), a.dtype, blocksize)  # freed on return
+    return a @ w if trans else F.linear(a, w, bias)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Custom ops. NF4State becomes tensors and ints: the packed bytes, the decoded float32 absmax, the codebook.
 # ---------------------------------------------------------------------------------------------------------------
@@ -170,7 +196,7 @@ def _fwd_impl(x, packed, absmax, code, bias, lora_a, lora_b, lora_bias, out_f, b
     z = torch.empty((M, r), device=x.device, dtype=_z_dtype(x, lora_a, lora_b))
     _mm(x2d, lora_a.t(), z, drop=_DROP_A if dropout_p > 0 else _DROP_NONE, seed=seed, p=dropout_p,
         ld_x=in_f, rows_x=M)
-    y = _nf4_mm(x2d, packed, absmax, code, out_f, blocksize, trans=False, bias=bias)
+    y = _nf4_base_mm(x2d, packed, absmax, code, out_f, blocksize, trans=False, bias=bias)
     _mm(z, lora_b.t(), y, scale=scaling, accumulate=True, bias=lora_bias)
     return y.view(*x.shape[:-1], out_f), z.view(*x.shape[:-1], r)
 
@@ -198,7 +224,7 @@ def _qlora_linear_bwd(dy: Tensor, x: Tensor, packed: Tensor, absmax: Tensor, cod
     in_f, out_f = x.shape[-1], lora_b.shape[0]
     dy2d, x2d = dy.reshape(-1, out_f), x.reshape(-1, in_f)
     # dy·dequant(Wq): the forward kernel, transposed (no dequantized weight in memory); the LoRA part adds into it.
-    dx2d = _nf4_mm(dy2d.to(x.dtype), packed, absmax, code, out_f, blocksize, trans=True) if need_dx else None
+    dx2d = _nf4_base_mm(dy2d.to(x.dtype), packed, absmax, code, out_f, blocksize, trans=True) if need_dx else None
     da, db = lora_backward(dy2d, x2d, lora_a, lora_b, z.reshape(-1, lora_b.shape[1]), seed, scaling, dropout_p,
                            need_da, need_db, dx2d, accumulate=True)
     return (dx2d.view(x.shape) if need_dx else x.new_empty(0)), da, db

@@ -10,6 +10,7 @@ import torch.nn as nn
 from .config import LoraConfig
 from .layer import LoraLinear
 from .modules_to_save import ModulesToSaveWrapper
+from .nf4_linear import NF4Linear
 from .targets import is_excluded, linear_types, matches_target, no_match_error, pattern_value, resolve_target_modules
 
 
@@ -36,7 +37,7 @@ def _base_of(module: nn.Module) -> nn.Module:
 
 def _features(module: nn.Module, key: str) -> tuple[int, int]:
     base = _base_of(module)
-    if isinstance(base, nn.Linear):
+    if isinstance(base, (nn.Linear, NF4Linear)):
         return base.in_features, base.out_features
     if isinstance(base, linear_types()):  # transformers Conv1D stores weight as [in, out]
         return base.weight.shape[0], base.weight.shape[1]

@@ -10,11 +10,17 @@ import torch
 import torch.nn as nn
 
 from .kernels import lora_linear, nf4_from_bnb, use_triton
+from .nf4_linear import NF4Linear
 
 
 def is_bnb_4bit(module: nn.Module) -> bool:
     """A bitsandbytes `Linear4bit` (or LinearNF4 / LinearFP4, its subclasses)."""
     return any(c.__name__ == "Linear4bit" and c.__module__.startswith("bitsandbytes") for c in type(module).__mro__)
+
+
+def is_4bit_base(module: nn.Module) -> bool:
+    """A 4-bit base layer: bitsandbytes' Linear4bit, or peft_fast's own NF4Linear (peft_fast.quantize)."""
+    return isinstance(module, NF4Linear) or is_bnb_4bit(module)
 
 
 def _cache_key(weight: torch.Tensor, qs) -> tuple:
@@ -40,7 +46,13 @@ def fused_base(layer: nn.Module, x: torch.Tensor) -> Optional[tuple]:
     """(packed, state, bias) when `qlora_linear` computes exactly what the 4-bit base layer would; else None, and
     the caller runs base_layer(x) and adds the deltas in PEFT's 4-bit order (`add_deltas`)."""
     base = layer.base_layer
-    if base._forward_hooks or base._forward_pre_hooks or not is_bnb_4bit(base):
+    if base._forward_hooks or base._forward_pre_hooks:
+        return None
+    if isinstance(base, NF4Linear):
+        if base.compute_dtype not in (None, x.dtype) or base.weight.device != x.device:
+            return None
+        return base.weight, base.quant_state, base.bias
+    if not is_bnb_4bit(base):
         return None
     qs = getattr(base.weight, "quant_state", None)  # None: not quantized yet, or lost (bnb recovers it itself)
     if qs is None or getattr(qs, "packing_format_for_cpu", False) or len(qs.shape) != 2:

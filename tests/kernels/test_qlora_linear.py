@@ -75,6 +75,8 @@ def _compare(packed, state, inputs, scaling, tol):
 
 
 SHAPES = [((3, 7), 37, 5), ((1,), 77, 16), ((2, 45), 130, 8)]  # (lead, out, r): odd M and out; 2+ tiles in M, N
+# The base matmul runs fused (dequantized in the K loop) or as dequantize-then-matmul, chosen by rows; test both.
+base_paths = pytest.mark.parametrize("base_path", ["fused", "dequant"])
 
 
 @needs_triton
@@ -83,7 +85,9 @@ SHAPES = [((3, 7), 37, 5), ((1,), 77, 16), ((2, 45), 130, 8)]  # (lead, out, r):
 @pytest.mark.parametrize("nested", [False, True])
 @pytest.mark.parametrize("blocksize", [64, 128])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"M{s[0]}-out{s[1]}-r{s[2]}")
-def test_matches_reference(device, shape, blocksize, nested, dtype):
+@base_paths
+def test_matches_reference(device, shape, blocksize, nested, dtype, base_path, monkeypatch):
+    monkeypatch.setenv("PEFT_FAST_QLORA_BASE", base_path)
     lead, out_f, r = shape
     in_f = blocksize * (3 if lead == (2, 45) else 2)  # several K tiles of 64 (every tile within one NF4 block)
     packed, state = _weight(out_f, in_f, device, blocksize, nested)
@@ -95,7 +99,9 @@ def test_matches_reference(device, shape, blocksize, nested, dtype):
 @device_params
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("nested", [False, True])
-def test_low_precision_against_float64(device, dtype, nested):
+@base_paths
+def test_low_precision_against_float64(device, dtype, nested, base_path, monkeypatch):
+    monkeypatch.setenv("PEFT_FAST_QLORA_BASE", base_path)
     packed, state = _weight(37, 128, device, 64, nested)
     inputs = _inputs((3, 7), 128, 37, 5, device=device, dtype=dtype, adapter_dtype=torch.float32)
     _compare(packed, state, inputs, 2.0, TOL[dtype])
