@@ -126,9 +126,6 @@ def _check_quantize_args(w: Tensor, blocksize: int, quant_type: str) -> None:
         raise ValueError(f"nf4_quantize: weights must be float32, float16 or bfloat16, got {w.dtype}")
     if w.dim() == 0 or w.numel() == 0:
         raise ValueError(f"nf4_quantize: need a non-empty weight with at least one dim, got shape {tuple(w.shape)}")
-    if w.shape[-1] % blocksize:
-        raise ValueError(f"nf4_quantize: the last dim (K={w.shape[-1]}) of weight shape {tuple(w.shape)} is not "
-                         f"divisible by blocksize {blocksize}; every block must lie within one row.")
 
 
 def _blockwise_absmax(flat: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
@@ -142,7 +139,7 @@ def _quantize_dynamic(x: Tensor) -> tuple[Tensor, Tensor]:
     """bnb's CPU blockwise 8-bit quantization (dynamic map, blocks of 256) of a float32 vector: (codes, absmax)."""
     n = x.numel()
     blocks, absmax = _blockwise_absmax(x.float(), NESTED_BLOCKSIZE)
-    v = (blocks * (1.0 / absmax)[:, None]).clamp(-1.0, 1.0)
+    v = (blocks * (1.0 / absmax)[:, None]).clamp(-1.0, 1.0).nan_to_num(0.0)  # an all-zero block: 0/0
     slot = ((v + 1.0) * 0.5 * 65535.0 + 0.5).to(torch.int64)
     q = _DYNAMIC_LUT.to(x.device)[slot]
     q = torch.where((absmax == 0)[:, None], torch.zeros_like(q), q)
@@ -159,7 +156,8 @@ def _quantize(w: Tensor, blocksize: int, compress_statistics: bool, quant_type: 
     q = torch.bucketize(scaled, mids, out_int32=True)
     if quant_type != "nf4":
         q = order[q]
-    q = q.to(torch.uint8)
+    n = w.numel()  # blocks may span rows (bnb flattens the weight); an odd count keeps the code of a padding zero
+    q = q[:n + n % 2].to(torch.uint8)
     packed = ((q[0::2] << 4) | q[1::2]).unsqueeze(1)
     state = NF4State(absmax, w.shape, w.dtype, blocksize, quant_type, code.clone())
     if compress_statistics:

@@ -69,9 +69,6 @@ def nf4_linear_triton(x: Tensor, packed: Tensor, state: NF4State, bias: Optional
     if not HAS_TRITON:
         raise RuntimeError("nf4_linear_triton needs triton, which is not installed; use nf4_linear_reference.")
     out_f, in_f = state.shape
-    if in_f % state.blocksize:
-        raise ValueError(f"nf4_linear_triton: in_features ({in_f}) must be a multiple of the 4-bit blocksize "
-                         f"({state.blocksize}); use nf4_linear_reference (or re-quantize) for this weight.")
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)

@@ -178,10 +178,12 @@ def _base_path(rows: int) -> str:
 
 def _nf4_base_mm(a: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, out_f: int, blocksize: int, *,
                  trans: bool, bias: Optional[Tensor] = None) -> Tensor:
-    """`_nf4_mm`'s contract, by whichever of the two paths wins at this many rows."""
-    if _base_path(a.shape[0]) == "fused":
-        return _nf4_mm(a, packed, absmax, code, out_f, blocksize, trans=trans, bias=bias)
+    """`_nf4_mm`'s contract, by whichever of the two paths wins at this many rows. A weight whose quantization
+    blocks span two rows (in_features not a multiple of the blocksize, which bitsandbytes allows) always takes the
+    dequantize path: the fused K loop assumes one absmax per row per tile."""
     in_f = packed.numel() * 2 // out_f
+    if _base_path(a.shape[0]) == "fused" and in_f % blocksize == 0:
+        return _nf4_mm(a, packed, absmax, code, out_f, blocksize, trans=trans, bias=bias)
     w = dequantize_raw(packed, absmax, code, (out_f, in_f), a.dtype, blocksize)  # freed on return
     return a @ w if trans else F.linear(a, w, bias)
 
@@ -276,10 +278,6 @@ def qlora_linear_triton(x, packed, state: NF4State, bias, lora_a, lora_b, scalin
     if not HAS_TRITON:
         raise RuntimeError("qlora_linear_triton needs triton, which is not installed; use qlora_linear_reference.")
     out_f, in_f = state.shape
-    if in_f % state.blocksize:
-        raise ValueError(f"qlora_linear_triton: in_features ({in_f}) must be a multiple of the 4-bit blocksize "
-                         f"({state.blocksize}) so that no quantization block spans two weight rows; use "
-                         "qlora_linear_reference (or re-quantize) for this weight.")
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise ValueError(f"qlora_linear_triton: x must be a floating dtype, got {x.dtype}")
     device_type = x.device.type

@@ -45,11 +45,6 @@ def quantize(model: nn.Module, *, quant_type: str = "nf4", blocksize: int = 64, 
     skips = set(skip_modules or ()) | _default_skips(model)
     todo = [(n, m) for n, m in model.named_modules()
             if type(m) is nn.Linear and n and not _skipped(n, skips)]
-    bad = [f"{n} (in_features={m.in_features})" for n, m in todo if m.in_features % blocksize]
-    if bad:
-        raise ValueError(f"quantize: in_features must be a multiple of blocksize={blocksize} so that no 4-bit block "
-                         f"spans two weight rows, which these layers break: {', '.join(bad)}. Pass a smaller "
-                         "blocksize, or name them in skip_modules to keep them dense.")
     for name, m in todo:
         if not m.weight.dtype.is_floating_point or not torch.isfinite(m.weight).all():
             raise ValueError(f"quantize: {name}.weight must be finite floating point, got {m.weight.dtype} "

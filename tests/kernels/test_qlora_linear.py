@@ -239,15 +239,17 @@ def test_dispatch(monkeypatch):
         assert torch.equal(got, qlora_linear_triton(x, packed, state, b, a, bb, 0.5, 0.0, lb))
 
 
-def test_blocks_spanning_rows_are_an_error():
-    w = torch.randn(8, 96)  # bnb allows it (blocks of 64 cross rows); the fused kernel does not
-    packed, qs = BF.quantize_4bit(w, blocksize=64, quant_type="nf4")
+@needs_triton
+@base_paths
+@pytest.mark.parametrize("nested", [False, True])
+def test_blocks_spanning_rows(base_path, nested, monkeypatch):
+    """bnb allows blocks of 64 across rows (in_features 96): such a weight always takes the dequantize path."""
+    monkeypatch.setenv("PEFT_FAST_QLORA_BASE", base_path)
+    w = torch.randn(9, 96)
+    packed, qs = BF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=nested)
     state = nf4_state_from_bnb(qs)
-    x, _, a, bb, _ = _inputs((2,), 96, 8, 2, device="cpu", dtype=torch.float32, bias=False)
-    y = qlora_linear_reference(x, packed, state, None, a, bb, 1.0)  # the reference handles any layout
-    assert y.shape == (2, 8)
-    with pytest.raises(ValueError, match="multiple of the 4-bit blocksize"):
-        qlora_linear_triton(x, packed, state, None, a, bb, 1.0)
+    inputs = _inputs((2, 3), 96, 9, 2, device="cpu", dtype=torch.float32, grad_bias=True)
+    _compare(packed, state, inputs, 0.7, TOL[torch.float32])
 
 
 @needs_triton
