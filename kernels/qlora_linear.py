@@ -167,12 +167,18 @@ def _nf4_mm(a: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, out_f: int,
 # 0.5 byte per weight and nothing else. Measured per shape by bench/test_bench_qlora_paths.py (gpu_check.sh);
 # PEFT_FAST_QLORA_BASE=fused|dequant forces one path (benchmarks, debugging).
 DEQUANT_MIN_ROWS = 64
+# Inference with at most this many rows (decode) runs qlora_gemv: one stream over the packed bytes with the LoRA
+# expand in its epilogue, instead of tensor-core tiles that would be mostly padding.
+GEMV_MAX_ROWS = 16
 
 
 def _base_path(rows: int) -> str:
+    """"fused", "dequant" or (inference only) "gemv"; PEFT_FAST_QLORA_BASE=fused|dequant|gemv forces one."""
     forced = os.environ.get("PEFT_FAST_QLORA_BASE", "auto")
-    if forced in ("fused", "dequant"):
+    if forced in ("fused", "dequant", "gemv"):
         return forced
+    if rows <= GEMV_MAX_ROWS:
+        return "gemv"
     return "dequant" if rows >= DEQUANT_MIN_ROWS else "fused"
 
 
@@ -182,7 +188,7 @@ def _nf4_base_mm(a: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, out_f:
     blocks span two rows (in_features not a multiple of the blocksize, which bitsandbytes allows) always takes the
     dequantize path: the fused K loop assumes one absmax per row per tile."""
     in_f = packed.numel() * 2 // out_f
-    if _base_path(a.shape[0]) == "fused" and in_f % blocksize == 0:
+    if _base_path(a.shape[0]) in ("fused", "gemv") and in_f % blocksize == 0:
         return _nf4_mm(a, packed, absmax, code, out_f, blocksize, trans=trans, bias=bias)
     w = dequantize_raw(packed, absmax, code, (out_f, in_f), a.dtype, blocksize)  # freed on return
     return a @ w if trans else F.linear(a, w, bias)
@@ -287,6 +293,14 @@ def qlora_linear_triton(x, packed, state: NF4State, bias, lora_a, lora_b, scalin
         x, bias = (t.to(dtype) if t is not None else t for t in (x, bias))
         with torch.autocast(device_type, enabled=False):
             return qlora_linear_triton(x, packed, state, bias, lora_a, lora_b, scaling, dropout_p, lora_bias)
+    inference = not torch.compiler.is_compiling() and not (
+        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, lora_a, lora_b,
+                                                                                   lora_bias)))
+    if inference and dropout_p == 0 and in_f % state.blocksize == 0 and in_f and \
+            _base_path(x.numel() // in_f) == "gemv":
+        from .qlora_gemv import qlora_gemv_triton  # it imports this module
+
+        return qlora_gemv_triton(x, packed, state, bias, lora_a, lora_b, scaling, lora_bias)
     absmax = _absmax(state).contiguous()  # nested absmax decoded once, in torch (n/blocksize floats)
     code = state.code.to(device=x.device, dtype=torch.float32).contiguous()
     packed_flat = packed.reshape(-1)
@@ -298,10 +312,7 @@ def qlora_linear_triton(x, packed, state: NF4State, bias, lora_a, lora_b, scalin
         seed = torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int64)
     args = (x, packed_flat.contiguous(), absmax, code, bias, lora_a, lora_b, lora_bias, int(out_f),
             int(state.blocksize), float(scaling), float(dropout_p), seed)
-    if not torch.compiler.is_compiling() and not (
-        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, lora_a, lora_b,
-                                                                                   lora_bias))
-    ):
+    if inference:
         return _fwd_impl(*args)[0]  # eager inference: skip the custom-op dispatch
     return _qlora_linear_fwd(*args)[0]
 

@@ -240,6 +240,27 @@ def test_dispatch(monkeypatch):
 
 
 @needs_triton
+@pytest.mark.parametrize("rows,grad,want_gemv", [(1, False, True), (16, False, True), (17, False, False),
+                                                 (4, True, False)])
+def test_decode_rows_take_the_gemv(rows, grad, want_gemv, monkeypatch):
+    """Inference at decode sizes runs qlora_gemv (one stream over the packed bytes); training never does."""
+    import peft_fast.kernels.qlora_gemv as gemv_mod
+
+    calls = []
+    real = gemv_mod.qlora_gemv_triton
+    monkeypatch.setattr(gemv_mod, "qlora_gemv_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    packed, state = _weight(37, 128, "cpu", 64, True)
+    inputs = _inputs((rows,), 128, 37, 4, device="cpu", dtype=torch.float32)
+    with torch.set_grad_enabled(grad):
+        got = qlora_linear_triton(inputs[0], packed, state, *inputs[1:4], 0.5, 0.0, inputs[4])
+    with torch.no_grad():
+        want = qlora_linear_reference(*[_f64(t) for t in inputs[:1]], packed, state,
+                                      *[_f64(t) for t in inputs[1:4]], 0.5, 0.0, _f64(inputs[4]))
+    assert bool(calls) == want_gemv
+    _assert_close(got, want, TOL[torch.float32])
+
+
+@needs_triton
 @base_paths
 @pytest.mark.parametrize("nested", [False, True])
 def test_blocks_spanning_rows(base_path, nested, monkeypatch):
