@@ -11,6 +11,7 @@ from .config import LoraConfig
 from .layer import LoraLinear
 from .modules_to_save import ModulesToSaveWrapper
 from .nf4_linear import NF4Linear
+from .quantized import check_4bit_base
 from .targets import is_excluded, linear_types, matches_target, no_match_error, pattern_value, resolve_target_modules
 
 
@@ -65,6 +66,7 @@ def plan_adapter(model: nn.Module, config: LoraConfig) -> Plan:
         if not matches_target(config, key):
             continue
         in_f, out_f = _features(module, key)
+        check_4bit_base(_base_of(module), key)
         r = pattern_value(config.rank_pattern, key, config.r)
         alpha = pattern_value(config.alpha_pattern, key, config.lora_alpha)
         targets.append(Target(key, module, r, alpha, in_f, out_f))

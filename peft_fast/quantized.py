@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from .kernels import lora_linear, nf4_from_bnb, use_triton
+from .kernels.nf4 import _check_dequantize_args
 from .nf4_linear import NF4Linear
 
 
@@ -78,3 +79,36 @@ def add_deltas(layer: nn.Module, x: torch.Tensor, result: torch.Tensor, active: 
         x = x.to(a.dtype)
         result = result + lora_linear(x, None, None, a, b, s, p, b_bias).to(out_dtype)
     return result
+
+
+def check_4bit_base(module: nn.Module, name: str) -> None:
+    """Refuse, naming the layer, a 4-bit base whose quant state peft_fast cannot use or that does not fit it."""
+    if not is_4bit_base(module):
+        return
+    if isinstance(module, NF4Linear):
+        packed, state = module.weight, module.quant_state
+    else:
+        qs = getattr(module.weight, "quant_state", None)
+        if qs is None:
+            return  # not quantized yet (bitsandbytes quantizes on the move to a device): checked when it runs
+        qt = getattr(qs, "quant_type", None)
+        if qt not in ("nf4", "fp4"):
+            raise ValueError(f"Target module {name}: unsupported 4-bit quant type {qt!r}; peft_fast runs "
+                             "bitsandbytes' 'nf4' and 'fp4' weights. Re-quantize with bnb_4bit_quant_type='nf4', or "
+                             "exclude this module.")
+        if getattr(qs, "packing_format_for_cpu", False):
+            return  # repacked by bitsandbytes for its CPU kernel: bitsandbytes runs it (see fused_base)
+        packed, state = nf4_from_bnb(module.weight)
+    want = (module.out_features, module.in_features)
+    problem = None
+    if tuple(state.shape) != want:
+        problem = f"its quant_state describes a weight of shape {tuple(state.shape)}, the layer is {want} (out, in)"
+    else:
+        try:
+            _check_dequantize_args(packed, state)
+        except ValueError as e:
+            problem = str(e).removeprefix("nf4_dequantize: ")
+    if problem:
+        raise ValueError(f"Target module {name} ({type(module).__name__}): mismatched 4-bit quant_state: {problem}. "
+                         "The weight and its quant state must come from the same quantization; reload the "
+                         "checkpoint, or exclude this module.")

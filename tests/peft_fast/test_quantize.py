@@ -163,3 +163,31 @@ def test_dequantizing_merge_is_exact(model_dir):
     assert not any(isinstance(m, NF4Linear) for m in dense.modules())
     with torch.no_grad():
         torch.testing.assert_close(dense(ids()).logits, want, atol=1e-4, rtol=1e-4)
+
+
+def test_mismatched_quant_state_is_refused_naming_the_layer(model_dir):
+    import bitsandbytes.functional as BF
+
+    bnb_model = load4(model_dir, CASES[1])
+    layer = bnb_model.model.layers[1].self_attn.v_proj
+    other = torch.randn(16, 64)  # a quant state made for another shape (v_proj is 32 x 64)
+    _, qs = BF.quantize_4bit(other, blocksize=64, quant_type="fp4")
+    layer.weight.quant_state = qs
+    before = {k: v.clone() for k, v in bnb_model.state_dict().items() if "quant_state" not in k}
+    with pytest.raises(ValueError, match=r"model.layers.1.self_attn.v_proj \(Linear4bit\): mismatched 4-bit "
+                                         r"quant_state: its quant_state describes a weight of shape \(16, 64\), the layer is \(32, 64\)"):
+        peft_fast.get_peft_model(bnb_model, peft_fast.LoraConfig(r=4, target_modules=["v_proj"]))
+    assert type(bnb_model.model.layers[0].self_attn.v_proj).__name__ == "Linear4bit"  # nothing was patched
+    after = bnb_model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+
+    ours = quantized(model_dir, CASES[0])
+    layer = ours.model.layers[0].mlp.down_proj
+    layer.quant_state = layer.quant_state.__class__(layer.quant_state.absmax[:-1], layer.quant_state.shape,
+                                                    layer.quant_state.dtype, 64, "nf4",
+                                                    offset=layer.quant_state.offset,
+                                                    nested_absmax=layer.quant_state.nested_absmax,
+                                                    nested_code=layer.quant_state.nested_code)
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.down_proj \(NF4Linear\): mismatched 4-bit quant_state: "
+                                         r"absmax has \d+ entries"):
+        peft_fast.get_peft_model(ours, peft_fast.LoraConfig(r=4, target_modules=["down_proj"]))
