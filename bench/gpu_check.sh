@@ -78,5 +78,12 @@ stage bench "${GPU_CHECK_BENCH_S:-180}" $FIRST_BENCH $ALL_BENCH -q $TEST_TIMEOUT
   --benchmark-json="$LOGS/bench.json" --benchmark-min-rounds=3 --benchmark-max-time=0.5 \
   --benchmark-warmup=on --benchmark-warmup-iterations=2 --benchmark-columns=median,iqr,rounds
 
+# Where the QLoRA layer's time goes (kernel times, host overhead, profiler tables): a log only, for the next change.
+if [ "${GPU_CHECK_PROFILE_S:-60}" -gt 0 ]; then
+  echo "== profile: bench/profile_qlora.py (limit ${GPU_CHECK_PROFILE_S:-60}s)"
+  timeout -k 5 "${GPU_CHECK_PROFILE_S:-60}" $PY bench/profile_qlora.py 2>&1 | tee "$LOGS/profile.log" ${OUT:+"$OUT/profile.log"} \
+    | grep -E "^(host|[0-9]+x[0-9]+:|==)" || true
+fi
+
 mkdir -p bench/results
 $PY bench/gpu_report.py "$LOGS" --seconds $(( $(date +%s) - T0 ))

@@ -244,10 +244,12 @@ if HAS_TRITON:
         return u.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
     @triton.jit
-    def _nf4_dequant_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, n, blocksize,
+    def _nf4_dequant_kernel(packed_ptr, absmax_ptr, code_ptr, nabs_ptr, ncode_ptr, offset_ptr, out_ptr, n,
+                            BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BS: tl.constexpr,
                             BLOCK: tl.constexpr, IDX64: tl.constexpr, OUT_BF16: tl.constexpr):
         """Each program unpacks BLOCK bytes into 2·BLOCK contiguous elements (element 2j is byte j's high nibble,
-        2j+1 its low): the nibbles are joined in registers so that the store is one coalesced run."""
+        2j+1 its low): the nibbles are joined in registers so that the store is one coalesced run. A double-quantized
+        absmax is decoded here too (code2[q]·absmax2 + offset, as bnb), so one launch does the whole job."""
         pid = tl.program_id(0)
         if IDX64:
             byte = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
@@ -260,23 +262,60 @@ if HAS_TRITON:
         lo = tl.load(code_ptr + (b & 15))
         vals = tl.reshape(tl.join(hi, lo), (2 * BLOCK,))
         mask = elem < n
-        v = vals * tl.load(absmax_ptr + elem // blocksize, mask=mask, other=0.0)
+        blk = elem // BLOCKSIZE
+        if NESTED:
+            qa = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
+            scale = tl.load(ncode_ptr + qa) * tl.load(nabs_ptr + blk // NESTED_BS, mask=mask, other=0.0)
+            scale = scale + tl.load(offset_ptr)
+        else:
+            scale = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+        v = vals * scale
         if OUT_BF16:
             tl.store(out_ptr + elem, _to_bf16_rne(v), mask=mask)
         else:
             tl.store(out_ptr + elem, v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def dequantize_raw(packed: Tensor, absmax: Tensor, code: Tensor, shape, dtype: torch.dtype, blocksize: int) -> Tensor:
-    """The Triton dequantization from launch-ready tensors (flat uint8 bytes, float32 absmax and codebook, all
-    contiguous on one device): what the fused ops call when dequantize-then-cuBLAS beats the fused GEMM."""
+def dequantize_raw(packed: Tensor, absmax: Tensor, code: Tensor, shape, dtype: torch.dtype, blocksize: int,
+                   nested: Optional[tuple] = None) -> Tensor:
+    """The Triton dequantization from launch-ready tensors (flat uint8 bytes, float32 codebook, all contiguous on one
+    device): what the fused ops call when dequantize-then-cuBLAS beats the fused GEMM. `absmax` is float32, or with
+    `nested` = (nested_absmax, nested_code, offset, nested_blocksize) the uint8 codes of a double-quantized one."""
     n = math.prod(shape)
     out = torch.empty(shape, dtype=dtype, device=packed.device)
     BLOCK = 1024
     grid = (triton.cdiv((n + 1) // 2, BLOCK),)
-    _nf4_dequant_kernel[grid](packed, absmax, code, out, n, blocksize,
-                              BLOCK=BLOCK, IDX64=n + 4 * BLOCK >= 2**31, OUT_BF16=dtype == torch.bfloat16)
+    nabs, ncode, offset, nbs = nested if nested is not None else (absmax, code, absmax, 1)
+    # No FMA: code2·absmax2 + offset must round twice, as bitsandbytes' two steps do, to stay bit for bit.
+    _nf4_dequant_kernel[grid](packed, absmax, code, nabs, ncode, offset, out, n,
+                              BLOCKSIZE=blocksize, NESTED=nested is not None, NESTED_BS=nbs,
+                              BLOCK=BLOCK, IDX64=n + 4 * BLOCK >= 2**31, OUT_BF16=dtype == torch.bfloat16,
+                              enable_fp_fusion=False)
     return out
+
+
+def launch_args(packed: Tensor, state: NF4State, device) -> tuple:
+    """(flat uint8 bytes, absmax, float32 code, nested or None) as the kernels take them: absmax stays in its
+    stored form (uint8 codes when double-quantized: the kernels decode it, no float32 copy is made)."""
+    flat = packed.reshape(-1)
+    if flat.dtype != torch.uint8:
+        flat = flat.view(torch.uint8)
+    code = state.code.to(device=device, dtype=torch.float32).contiguous()
+    if not state.nested:
+        return flat.contiguous(), state.absmax.float().contiguous(), code, None
+    nested = (state.nested_absmax.float().contiguous(), state.nested_code.float().contiguous(),
+              state.offset.float().reshape(1).contiguous(), int(state.nested_blocksize))
+    return flat.contiguous(), state.absmax.contiguous(), code, nested
+
+
+def decode_absmax(absmax: Tensor, nested: Optional[tuple]) -> Tensor:
+    """float32 absmax from `launch_args`' form (for the kernels that read one float per block)."""
+    if nested is None:
+        return absmax
+    nabs, ncode, offset, nbs = nested
+    pad = -absmax.numel() % nbs
+    vals = torch.nn.functional.pad(ncode[absmax.long()], (0, pad)).view(-1, nbs)
+    return ((vals * nabs[:, None]).reshape(-1)[:absmax.numel()] + offset).float().contiguous()
 
 
 def nf4_dequantize_triton(packed: Tensor, state: NF4State) -> Tensor:
@@ -284,9 +323,8 @@ def nf4_dequantize_triton(packed: Tensor, state: NF4State) -> Tensor:
     if not HAS_TRITON:
         raise RuntimeError("nf4_dequantize_triton: triton is not installed")
     _check_dequantize_args(packed, state)
-    absmax = _absmax(state).contiguous()
-    code = state.code.to(device=packed.device, dtype=torch.float32).contiguous()
-    return dequantize_raw(packed.reshape(-1).contiguous(), absmax, code, state.shape, state.dtype, state.blocksize)
+    flat, absmax, code, nested = launch_args(packed, state, packed.device)
+    return dequantize_raw(flat, absmax, code, state.shape, state.dtype, state.blocksize, nested)
 
 
 def nf4_dequantize(packed: Tensor, state: NF4State) -> Tensor:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backend import HAS_TRITON, use_triton
-from .nf4 import NF4State, _absmax, _check_dequantize_args, nf4_dequantize_reference
+from .nf4 import NF4State, _check_dequantize_args, launch_args, nf4_dequantize_reference
 
 __all__ = ["nf4_linear", "nf4_linear_reference", "nf4_linear_triton"]
 
@@ -39,13 +39,13 @@ def nf4_linear_reference(x: Tensor, packed: Tensor, state: NF4State, bias: Optio
 
 class _NF4Linear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, packed, absmax, code, bias, out_f, blocksize):
+    def forward(ctx, x, packed, absmax, code, nested, bias, out_f, blocksize):
         from .qlora_linear import _nf4_base_mm
 
         x2d = x.reshape(-1, x.shape[-1])
-        y = _nf4_base_mm(x2d, packed, absmax, code, out_f, blocksize, trans=False, bias=bias)
+        y = _nf4_base_mm(x2d, packed, absmax, code, nested, out_f, blocksize, trans=False, bias=bias)
         ctx.save_for_backward(packed, absmax, code)
-        ctx.out_f, ctx.blocksize, ctx.x_shape = out_f, blocksize, x.shape
+        ctx.nested, ctx.out_f, ctx.blocksize, ctx.x_shape = nested, out_f, blocksize, x.shape
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return y.view(*x.shape[:-1], out_f)
 
@@ -57,11 +57,11 @@ class _NF4Linear(torch.autograd.Function):
         dy2d = dy.reshape(-1, ctx.out_f)
         dx = dbias = None
         if ctx.needs_input_grad[0]:
-            dx = _nf4_base_mm(dy2d.contiguous(), packed, absmax, code, ctx.out_f, ctx.blocksize,
+            dx = _nf4_base_mm(dy2d.contiguous(), packed, absmax, code, ctx.nested, ctx.out_f, ctx.blocksize,
                               trans=True).view(ctx.x_shape)
-        if ctx.needs_input_grad[4]:
+        if ctx.needs_input_grad[5]:
             dbias = dy2d.sum(0).to(ctx.bias_dtype)
-        return dx, None, None, None, dbias, None, None
+        return dx, None, None, None, None, dbias, None, None
 
 
 def nf4_linear_triton(x: Tensor, packed: Tensor, state: NF4State, bias: Optional[Tensor]) -> Tensor:
@@ -75,13 +75,9 @@ def nf4_linear_triton(x: Tensor, packed: Tensor, state: NF4State, bias: Optional
         x, bias = (t.to(dtype) if t is not None else t for t in (x, bias))
         with torch.autocast(device_type, enabled=False):
             return nf4_linear_triton(x, packed, state, bias)
-    absmax = _absmax(state).contiguous()
-    code = state.code.to(device=x.device, dtype=torch.float32).contiguous()
-    packed_flat = packed.reshape(-1)
-    if packed_flat.dtype != torch.uint8:
-        packed_flat = packed_flat.view(torch.uint8)
+    packed_flat, absmax, code, nested = launch_args(packed, state, x.device)
     bias = bias.to(x.dtype) if bias is not None else None
-    return _NF4Linear.apply(x, packed_flat.contiguous(), absmax, code, bias, int(out_f), int(state.blocksize))
+    return _NF4Linear.apply(x, packed_flat, absmax, code, nested, bias, int(out_f), int(state.blocksize))
 
 
 def nf4_linear(x: Tensor, packed: Tensor, state: NF4State, bias: Optional[Tensor]) -> Tensor:

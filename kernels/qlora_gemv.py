@@ -28,7 +28,7 @@ import torch
 
 from .backend import HAS_TRITON, use_triton
 from .lora_linear import _hi_lo, _mm, _np2, _num_sms, _z_dtype
-from .nf4 import NF4State, _absmax
+from .nf4 import NF4State, decode_absmax, launch_args
 from .qlora_linear import _check_args, qlora_linear_reference
 
 __all__ = ["qlora_gemv", "qlora_gemv_reference", "qlora_gemv_triton"]
@@ -165,11 +165,8 @@ def qlora_gemv_triton(x, packed, state: NF4State, bias, lora_a, lora_b, scaling:
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if M == 0:
         return y.view(*x.shape[:-1], N)
-    absmax = _absmax(state).contiguous()  # a torch decode per call for double-quant weights, as qlora_linear
-    code = state.code.to(device=x.device, dtype=torch.float32).contiguous()
-    q = packed.reshape(-1)
-    if q.dtype != torch.uint8:
-        q = q.view(torch.uint8)
+    q, absmax, code, nested = launch_args(packed, state, x.device)
+    absmax = decode_absmax(absmax, nested)  # a torch decode per call for double-quant weights
     z = torch.empty((M, r), device=x.device, dtype=_z_dtype(x, lora_a, lora_b))
     _mm(x2d, lora_a.t(), z)
     bm, bn, bkb, inner, warps = _gemv_blocks(M, N, K, state.blocksize, _num_sms(x.device))

@@ -45,9 +45,10 @@ def test_forward_backward_match_reference(device, base_path, dtype, lead, out_f,
 
 
 @needs_triton
-def test_strided_input_and_dispatch(monkeypatch):
-    x, packed, state, b = _case((4,), 24, 128, "cpu", torch.float32, True)
-    xs = torch.randn(128, 4).t()  # non-contiguous
+@pytest.mark.parametrize("device", DEVICES or ["cpu"])
+def test_strided_input_and_dispatch(device, monkeypatch):
+    x, packed, state, b = _case((4,), 24, 128, device, torch.float32, True)
+    xs = torch.randn(128, 4, device=device).t()  # non-contiguous
     _close(nf4_linear_triton(xs, packed, state, b), nf4_linear_reference(xs, packed, state, b), 1e-5)
     monkeypatch.setenv("PEFT_FAST_BACKEND", "torch")
     assert torch.equal(nf4_linear(xs, packed, state, b), nf4_linear_reference(xs, packed, state, b))

@@ -139,13 +139,15 @@ def test_reference_base_is_bnb_linear4bit(nested):
 
 @needs_triton
 @pytest.mark.parametrize("nested", [False, True])
-def test_bnb_weight_through_triton(nested):
+@device_params
+def test_bnb_weight_through_triton(nested, device):
     torch.manual_seed(1)
     layer = _bnb_layer(256, 41, nested, blocksize=128)
     packed, state = nf4_from_bnb(layer)
+    packed, state = packed.to(device), state.to(device)
     assert state.blocksize == 128 and state.nested == nested
-    inputs = _inputs((9,), 256, 41, 6, device="cpu", dtype=torch.float32)
-    inputs = (inputs[0], layer.bias.detach(), *inputs[2:])
+    inputs = _inputs((9,), 256, 41, 6, device=device, dtype=torch.float32)
+    inputs = (inputs[0], layer.bias.detach().to(device), *inputs[2:])
     _compare(packed, state, inputs, 0.8, TOL[torch.float32])
 
 
@@ -242,15 +244,22 @@ def test_dispatch(monkeypatch):
 @needs_triton
 @pytest.mark.parametrize("rows,grad,want_gemv", [(1, False, True), (16, False, True), (17, False, False),
                                                  (4, True, False)])
-def test_decode_rows_take_the_gemv(rows, grad, want_gemv, monkeypatch):
-    """Inference at decode sizes runs qlora_gemv (one stream over the packed bytes); training never does."""
+@device_params
+def test_decode_rows_take_the_gemv(rows, grad, want_gemv, monkeypatch, device):
+    """Inference at up to GEMV_MAX_ROWS rows runs qlora_gemv; training never does (the threshold is set here: its
+    shipped value comes from GPU measurements, and may be 0)."""
+    import sys
+
     import peft_fast.kernels.qlora_gemv as gemv_mod
+
+    qlora_mod = sys.modules["peft_fast.kernels.qlora_linear"]  # the package's attribute of that name is the op
+    monkeypatch.setattr(qlora_mod, "GEMV_MAX_ROWS", 16)
 
     calls = []
     real = gemv_mod.qlora_gemv_triton
     monkeypatch.setattr(gemv_mod, "qlora_gemv_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
-    packed, state = _weight(37, 128, "cpu", 64, True)
-    inputs = _inputs((rows,), 128, 37, 4, device="cpu", dtype=torch.float32)
+    packed, state = _weight(37, 128, device, 64, True)
+    inputs = _inputs((rows,), 128, 37, 4, device=device, dtype=torch.float32)
     with torch.set_grad_enabled(grad):
         got = qlora_linear_triton(inputs[0], packed, state, *inputs[1:4], 0.5, 0.0, inputs[4])
     with torch.no_grad():
@@ -263,13 +272,14 @@ def test_decode_rows_take_the_gemv(rows, grad, want_gemv, monkeypatch):
 @needs_triton
 @base_paths
 @pytest.mark.parametrize("nested", [False, True])
-def test_blocks_spanning_rows(base_path, nested, monkeypatch):
+@device_params
+def test_blocks_spanning_rows(base_path, nested, monkeypatch, device):
     """bnb allows blocks of 64 across rows (in_features 96): such a weight always takes the dequantize path."""
     monkeypatch.setenv("PEFT_FAST_QLORA_BASE", base_path)
     w = torch.randn(9, 96)
     packed, qs = BF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=nested)
-    state = nf4_state_from_bnb(qs)
-    inputs = _inputs((2, 3), 96, 9, 2, device="cpu", dtype=torch.float32, grad_bias=True)
+    packed, state = packed.to(device), nf4_state_from_bnb(qs).to(device)
+    inputs = _inputs((2, 3), 96, 9, 2, device=device, dtype=torch.float32, grad_bias=True)
     _compare(packed, state, inputs, 0.7, TOL[torch.float32])
 
 
