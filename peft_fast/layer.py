@@ -221,9 +221,11 @@ class LoraLinear(nn.Module):
             if plain is not None:
                 a, b, s, p, b_bias = self._adapter_args(active[0])
                 return lora_linear(x, plain[0], plain[1], a, b, s, p, b_bias)
-            q = quantized.fused_base(self, x)  # a bnb 4-bit base: (packed, state, bias), or None
+            q = quantized.fused_base(self, x)  # a 4-bit base: (packed, state, bias, cast), or None
             if q is not None:
                 a, b, s, p, b_bias = self._adapter_args(active[0])
+                if q[3] is not None:  # float32 activations into a 16-bit compute dtype: run in it, cast back
+                    return qlora_linear(x.to(q[3]), q[0], q[1], q[2], a, b, s, p, b_bias).to(x.dtype)
                 return qlora_linear(x, q[0], q[1], q[2], a, b, s, p, b_bias)
         result = self.base_layer(x, *args, **kwargs)
         if quantized.is_4bit_base(self.base_layer):  # PEFT's 4-bit layer casts each delta, then adds it

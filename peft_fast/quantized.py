@@ -43,16 +43,33 @@ def _converted(layer: nn.Module) -> tuple:
     return cache[2]
 
 
+def _compute_cast(compute_dtype: Optional[torch.dtype], x: torch.Tensor) -> Optional[torch.dtype]:
+    """None: x runs as it is. A 16-bit dtype: the fused op runs in it and its output is cast back to x's dtype.
+
+    QLoRA's usual recipe (prepare_model_for_kbit_training upcasts the norms) feeds float32 activations to layers
+    that compute in bf16. bitsandbytes casts x for the base matmul and PEFT runs the LoRA delta in float32 beside
+    it. On the Triton path the whole op runs in the compute dtype instead, LoRA included (float32 accumulation;
+    the delta is rounded once to the 16-bit output, within its tolerance): one fused op rather than bnb's layer
+    plus float32 LoRA matmuls without tensor cores. The CPU reference keeps PEFT's order exactly (returns "no")."""
+    if compute_dtype is None or compute_dtype == x.dtype:
+        return None
+    if compute_dtype in (torch.float16, torch.bfloat16) and x.dtype == torch.float32 and use_triton(x):
+        return compute_dtype
+    return False
+
+
 def fused_base(layer: nn.Module, x: torch.Tensor) -> Optional[tuple]:
-    """(packed, state, bias) when `qlora_linear` computes exactly what the 4-bit base layer would; else None, and
-    the caller runs base_layer(x) and adds the deltas in PEFT's 4-bit order (`add_deltas`)."""
+    """(packed, state, bias, cast) when `qlora_linear` computes what the 4-bit base layer would (with `cast` a
+    16-bit dtype: on x cast to it, see _compute_cast); else None, and the caller runs base_layer(x) and adds the
+    deltas in PEFT's 4-bit order (`add_deltas`)."""
     base = layer.base_layer
     if base._forward_hooks or base._forward_pre_hooks:
         return None
     if isinstance(base, NF4Linear):
-        if base.compute_dtype not in (None, x.dtype) or base.weight.device != x.device:
+        cast = _compute_cast(base.compute_dtype, x)
+        if cast is False or base.weight.device != x.device:
             return None
-        return base.weight, base.quant_state, base.bias
+        return base.weight, base.quant_state, base.bias, cast
     if not is_bnb_4bit(base):
         return None
     qs = getattr(base.weight, "quant_state", None)  # None: not quantized yet, or lost (bnb recovers it itself)
@@ -61,13 +78,11 @@ def fused_base(layer: nn.Module, x: torch.Tensor) -> Optional[tuple]:
     if (x.device.type == "cpu" and getattr(base, "support_avx512bf16_for_cpu", False) and not base.training
             and not x.requires_grad and not use_triton(x)):
         return None  # bnb would repack the weight now and use that kernel: defer to it, as PEFT's layer does
-    compute_dtype = getattr(base, "compute_dtype", None)
-    if compute_dtype is not None and compute_dtype != x.dtype:
-        return None  # bnb computes in compute_dtype and casts back; the LoRA delta must still see x as it is
-    if base.weight.device != x.device:
+    cast = _compute_cast(getattr(base, "compute_dtype", None), x)
+    if cast is False or base.weight.device != x.device:
         return None
     packed, state = _converted(layer)
-    return packed, state, base.bias
+    return packed, state, base.bias, cast
 
 
 def add_deltas(layer: nn.Module, x: torch.Tensor, result: torch.Tensor, active: list[str]) -> torch.Tensor:

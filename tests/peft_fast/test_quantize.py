@@ -191,3 +191,36 @@ def test_mismatched_quant_state_is_refused_naming_the_layer(model_dir):
     with pytest.raises(ValueError, match=r"model.layers.0.mlp.down_proj \(NF4Linear\): mismatched 4-bit quant_state: "
                                          r"absmax has \d+ entries"):
         peft_fast.get_peft_model(ours, peft_fast.LoraConfig(r=4, target_modules=["down_proj"]))
+
+
+@pytest.mark.parametrize("base", ["bnb", "quantize"])
+def test_float32_activations_into_bf16_compute_run_fused(model_dir, base, monkeypatch):
+    """QLoRA's usual recipe: float32 activations (upcast norms), bf16 compute. The Triton path runs the whole op in
+    bf16 (one fused op) where PEFT adds a float32 delta to bitsandbytes' output: equal within bf16 tolerance."""
+    import peft_fast.layer as layer_mod
+
+    case = CASES[3]  # float32 model, bf16 compute
+    kw = dict(r=4, lora_alpha=8, target_modules=list(TARGETS), init_lora_weights=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref_model = peft.get_peft_model(load4(model_dir, case), peft.LoraConfig(**kw))
+        ours_base = load4(model_dir, case) if base == "bnb" else quantized(model_dir, case)
+        model = peft_fast.get_peft_model(ours_base, peft_fast.LoraConfig(**kw))
+    with torch.no_grad():
+        for n, p in dict(model.named_parameters()).items():
+            if "lora_" in n:
+                p.copy_(dict(ref_model.named_parameters())[n])
+    ref_model.train(), model.train()  # in eval, bitsandbytes repacks CPU weights for its own bf16 kernel
+    calls, real = [], layer_mod.qlora_linear
+    monkeypatch.setattr(layer_mod, "qlora_linear", lambda x, *a: calls.append(x.dtype) or real(x, *a))
+    monkeypatch.setenv("PEFT_FAST_BACKEND", "triton")
+    out_r, out_i = ref_model(ids(), labels=ids()), model(ids(), labels=ids())
+    assert calls and set(calls) == {torch.bfloat16} and out_i.logits.dtype == torch.float32
+    scale = out_r.logits.abs().max().item()
+    torch.testing.assert_close(out_i.logits, out_r.logits, atol=2e-2 * scale, rtol=0)
+    out_r.loss.backward(), out_i.loss.backward()
+    r_p = dict(ref_model.named_parameters())
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            g, want = p.grad, r_p[n].grad
+            torch.testing.assert_close(g, want, atol=3e-2 * want.abs().max().item(), rtol=0, msg=n)
