@@ -268,6 +268,10 @@ def _lora_linear_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], lora_a: Te
                      seed: Optional[Tensor], scaling: float, dropout_p: float,
                      need_dx: bool, need_da: bool, need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dA, dB); an unneeded gradient comes back empty (custom ops cannot return None)."""
+    return _bwd_impl(dy, x, weight, lora_a, lora_b, z, seed, scaling, dropout_p, need_dx, need_da, need_db)
+
+
+def _bwd_impl(dy, x, weight, lora_a, lora_b, z, seed, scaling, dropout_p, need_dx, need_da, need_db):
     in_f, out_f = x.shape[-1], lora_b.shape[0]
     dy2d, x2d = dy.reshape(-1, out_f), x.reshape(-1, in_f)
     dx2d = None
@@ -326,8 +330,8 @@ def _backward(ctx, dy, _dz):
     need_x, need_w, need_b, need_a, need_lb, need_lbias = ctx.needs
     dx = da = db = dw = dbias = dlbias = None
     if need_x or need_a or need_lb:
-        dx, da, db = _lora_linear_bwd(dy, x, weight, lora_a, lora_b, z, seed, ctx.scaling, ctx.dropout_p,
-                                      need_x, need_a, need_lb)
+        bwd = _bwd_impl if getattr(ctx, "eager", False) else _lora_linear_bwd
+        dx, da, db = bwd(dy, x, weight, lora_a, lora_b, z, seed, ctx.scaling, ctx.dropout_p, need_x, need_a, need_lb)
     dy2d = dy.reshape(-1, dy.shape[-1])
     # The frozen base's grads are rare and plain cuBLAS work: torch ops, not our kernel.
     if need_w:
@@ -341,6 +345,23 @@ def _backward(ctx, dy, _dz):
 
 
 _lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerLoraLinear(torch.autograd.Function):
+    """Eager training runs the custom op's own forward and backward through a plain autograd.Function: torch.library's
+    dispatch (argument binding, defaults, redispatch) costs tens of µs per call, twice per layer per step, which
+    is host time a training step of small layers waits for. torch.compile still sees the custom op."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        y, z = _fwd_impl(*args)
+        _setup_context(ctx, args, (y, z))
+        ctx.eager = True
+        return y, z
+
+    @staticmethod
+    def backward(ctx, dy, dz):
+        return _backward(ctx, dy, dz)
 
 
 def lora_linear_triton(x, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float = 0.0, lora_bias=None):
@@ -365,6 +386,8 @@ def lora_linear_triton(x, weight, bias, lora_a, lora_b, scaling: float, dropout_
         torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:6])
     ):
         return _fwd_impl(*args)[0]  # eager inference: the custom-op dispatch costs more than decode's kernels
+    if not torch.compiler.is_compiling():
+        return _EagerLoraLinear.apply(*args)[0]
     return _lora_linear_fwd(*args)[0]
 
 

@@ -244,6 +244,12 @@ def _qlora_linear_bwd(dy: Tensor, x: Tensor, packed: Tensor, absmax: Tensor, cod
                       ncode: Optional[Tensor], offset: Optional[Tensor], nbs: int, lora_a: Tensor, lora_b: Tensor, z: Tensor, seed: Optional[Tensor], blocksize: int, scaling: float,
                       dropout_p: float, need_dx: bool, need_da: bool, need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dA, dB); an unneeded gradient comes back empty (custom ops cannot return None)."""
+    return _bwd_impl(dy, x, packed, absmax, code, nabs, ncode, offset, nbs, lora_a, lora_b, z, seed, blocksize,
+                     scaling, dropout_p, need_dx, need_da, need_db)
+
+
+def _bwd_impl(dy, x, packed, absmax, code, nabs, ncode, offset, nbs, lora_a, lora_b, z, seed, blocksize, scaling,
+              dropout_p, need_dx, need_da, need_db):
     in_f, out_f = x.shape[-1], lora_b.shape[0]
     dy2d, x2d = dy.reshape(-1, out_f), x.reshape(-1, in_f)
     # dy·dequant(Wq): the forward kernel, transposed (no dequantized weight in memory); the LoRA part adds into it.
@@ -280,8 +286,9 @@ def _backward(ctx, dy, _dz):
     need_x, need_b, need_a, need_lb, need_lbias = ctx.needs
     dx = da = db = dbias = dlbias = None
     if need_x or need_a or need_lb:
-        dx, da, db = _qlora_linear_bwd(dy, x, packed, absmax, code, nabs, ncode, offset, ctx.nbs, lora_a, lora_b, z,
-                                       seed, ctx.blocksize, ctx.scaling, ctx.dropout_p, need_x, need_a, need_lb)
+        bwd = _bwd_impl if getattr(ctx, "eager", False) else _qlora_linear_bwd
+        dx, da, db = bwd(dy, x, packed, absmax, code, nabs, ncode, offset, ctx.nbs, lora_a, lora_b, z, seed,
+                         ctx.blocksize, ctx.scaling, ctx.dropout_p, need_x, need_a, need_lb)
     dy2d = dy.reshape(-1, dy.shape[-1])
     if need_b:
         dbias = dy2d.sum(0).to(ctx.bias_dtype)
@@ -292,6 +299,22 @@ def _backward(ctx, dy, _dz):
 
 
 _qlora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerQLoraLinear(torch.autograd.Function):
+    """The custom op's forward and backward without torch.library's per-call dispatch, for eager training (as
+    lora_linear's _EagerLoraLinear); torch.compile still sees the custom op."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        y, z = _fwd_impl(*args)
+        _setup_context(ctx, args, (y, z))
+        ctx.eager = True
+        return y, z
+
+    @staticmethod
+    def backward(ctx, dy, dz):
+        return _backward(ctx, dy, dz)
 
 
 def qlora_linear_triton(x, packed, state: NF4State, bias, lora_a, lora_b, scaling: float, dropout_p: float = 0.0,
@@ -329,6 +352,8 @@ def qlora_linear_triton(x, packed, state: NF4State, bias, lora_a, lora_b, scalin
             int(state.blocksize), float(scaling), float(dropout_p), seed)
     if inference:
         return _fwd_impl(*args)[0]  # eager inference: skip the custom-op dispatch
+    if not torch.compiler.is_compiling():
+        return _EagerQLoraLinear.apply(*args)[0]
     return _qlora_linear_fwd(*args)[0]
 
 
