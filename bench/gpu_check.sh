@@ -63,16 +63,20 @@ stage() {  # stage NAME SECONDS pytest-args...: log, junit xml and "rc seconds" 
 #   GPU_CHECK_KERNELS_S=60 GPU_CHECK_TESTS_S=0 GPU_CHECK_BENCH_S=110 bash bench/gpu_check.sh
 # Files never run on a GPU before go first, so that a short lease still covers them; pytest drops the repeats.
 existing() { local f; for f in "$@"; do [ -e "$f" ] && printf '%s ' "$f"; done; }
-FIRST_TESTS=$(existing tests/kernels/test_qlora_gemv.py tests/kernels/test_dora_norm.py tests/kernels/test_nf4_linear.py \
+FIRST_TESTS=${GPU_CHECK_FIRST_TESTS:-}
+[ -z "$FIRST_TESTS" ] && FIRST_TESTS=$(existing tests/kernels/test_qlora_gemv.py tests/kernels/test_dora_norm.py tests/kernels/test_nf4_linear.py \
   tests/kernels/test_qlora_linear.py tests/kernels/test_nf4.py)
 # GPU_CHECK_ONLY_NEW=1: only those first files, in the kernels and bench stages (a short lease after a change).
 ALL_TESTS=tests/kernels ALL_BENCH=bench
 [ "${GPU_CHECK_ONLY_NEW:-0}" = 1 ] && ALL_TESTS="" && ALL_BENCH=""
-stage kernels "${GPU_CHECK_KERNELS_S:-120}" $FIRST_TESTS $ALL_TESTS -q $TEST_TIMEOUT
+# GPU_CHECK_PYTEST_ARGS: extra pytest arguments for the kernels stage (e.g. "--maxfail=5 -x").
+stage kernels "${GPU_CHECK_KERNELS_S:-120}" $FIRST_TESTS $ALL_TESTS -q -rf --tb=short $TEST_TIMEOUT \
+  ${GPU_CHECK_PYTEST_ARGS:-}
 stage peft_fast "${GPU_CHECK_TESTS_S:-90}" tests/peft_fast -q $XDIST $TEST_TIMEOUT
 # Rows are written as measured (into $OUT when set), so they survive a stage that times out.
 export PEFT_FAST_BENCH_ROWS="${OUT:-$LOGS}/bench_rows.jsonl"
-FIRST_BENCH=$(existing bench/test_bench_qlora_linear.py bench/test_bench_qlora_paths.py bench/test_bench_dora.py \
+FIRST_BENCH=${GPU_CHECK_FIRST_BENCH:-}
+[ -z "$FIRST_BENCH" ] && FIRST_BENCH=$(existing bench/test_bench_qlora_linear.py bench/test_bench_qlora_paths.py bench/test_bench_dora.py \
   bench/test_bench_qlora_model.py)
 stage bench "${GPU_CHECK_BENCH_S:-180}" $FIRST_BENCH $ALL_BENCH -q $TEST_TIMEOUT \
   --benchmark-json="$LOGS/bench.json" --benchmark-min-rounds=3 --benchmark-max-time=0.5 \
