@@ -30,6 +30,12 @@ __all__ = [
     "qlora_linear",
     "qlora_linear_reference",
     "qlora_linear_triton",
+    "dora_norm",
+    "dora_norm_reference",
+    "dora_norm_triton",
+    "dora_norm_nf4",
+    "dora_norm_nf4_reference",
+    "dora_norm_nf4_triton",
 ]
 
 if __name__ == "peft_fast.kernels":
@@ -41,6 +47,8 @@ if __name__ == "peft_fast.kernels":
     from .nf4 import (NF4State, nf4_dequantize, nf4_dequantize_reference, nf4_dequantize_triton, nf4_from_bnb,
                       nf4_quantize, nf4_quantize_reference, nf4_quantize_triton, nf4_state_from_bnb)
     from .qlora_linear import qlora_linear, qlora_linear_reference, qlora_linear_triton
+    from .dora_norm import (dora_norm, dora_norm_nf4, dora_norm_nf4_reference, dora_norm_nf4_triton,
+                            dora_norm_reference, dora_norm_triton)
 else:
     # From the repo root this directory shadows Hugging Face's `kernels` package, which transformers and
     # bitsandbytes probe at import. Stay an empty module then: loading the ops under a second name would
