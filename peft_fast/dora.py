@@ -1,0 +1,255 @@
+"""DoRA (weight-decomposed LoRA) for LoraLinear: y = (m / ||W + s·B·A||_row) ⊙ (x·Wᵀ + s·x·Aᵀ·Bᵀ) + b.
+
+PEFT (`lora.dora.DoraLinearLayer`) builds B·A and W + s·B·A, [out, in] each, on every forward call. Here the row
+norm comes from `kernels.dora_norm` (||W||², W·Aᵀ and A·Aᵀ; never an [out, in] matrix), ||W||² is computed once per
+layer (the base is frozen), and outside training the whole scale m / norm is cached per adapter.
+
+Forward, with c = m / norm (norm detached, as in the paper §4.3 and PEFT):
+- no dropout (or eval): PEFT's `result + (c - 1)·(result - b) + c·s·lora(x)` equals `c ⊙ (x·Wᵀ + s·lora(x)) + b`:
+  one fused LoRA linear (dense or NF4), then one [tokens, out] multiply-add. No second base matmul.
+- dropout in training: PEFT recomputes the base on the dropped-out input, `(c - 1)·(drop(x)·Wᵀ)`; that term is
+  exact only with drop(x)·Wᵀ itself, so it is the one extra matmul, taken only then.
+Several active adapters, extra forward args or hooked/unknown bases take PEFT's loop, term by term.
+
+Caches (never in the state dict): `_dora_wsq` (||W||², keyed on the base weight's identity, storage and version),
+`_dora_cache[name]` (norm and scale, keyed on A, B, m and the base, used only while the layer is not training).
+Merging and unmerging, which rewrite the base through `.data`, clear them explicitly.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import quantized
+from .kernels import dora_norm, dora_norm_nf4, lora_linear, qlora_linear
+
+
+class DoraLinearLayer(nn.Module):
+    """PEFT's module of the same name: holds the magnitude as `.weight` (`lora_magnitude_vector.<name>.weight`)."""
+
+    def __init__(self, magnitude: torch.Tensor, fan_in_fan_out: bool):
+        super().__init__()
+        self.fan_in_fan_out = fan_in_fan_out
+        self.weight = nn.Parameter(magnitude, requires_grad=True)
+
+    def __repr__(self) -> str:
+        return "lora.dora." + super().__repr__()
+
+
+def check_base(layer) -> None:
+    base = layer.base_layer
+    if quantized.is_bnb_4bit(base):
+        return
+    w = getattr(base, "weight", None)
+    if w is None or not w.dtype.is_floating_point or w.dim() != 2:
+        raise NotImplementedError(f"DoRA (use_dora=True) over a {type(base).__name__} base layer is not supported "
+                                  "in peft_fast: it needs a floating-point 2-D weight or a bitsandbytes 4-bit one.")
+
+
+# --- the base weight ---------------------------------------------------------------------------------------------
+def _nf4(layer):
+    """(packed, state) of a bnb 4-bit base, or None when its weight is not quantized in a form we read."""
+    qs = getattr(layer.base_layer.weight, "quant_state", None)
+    if qs is None or getattr(qs, "packing_format_for_cpu", False) or len(qs.shape) != 2:
+        return None
+    return quantized._converted(layer)
+
+
+def _dense_weight(layer) -> torch.Tensor:
+    """The base weight oriented [out, in] (a view for fan_in_fan_out), or dequantized for a 4-bit base bnb repacked."""
+    base = layer.base_layer
+    if quantized.is_bnb_4bit(base):
+        from .merging import dequantize_4bit
+        return dequantize_4bit(base)
+    w = base.weight.detach()
+    return w.T if layer.fan_in_fan_out else w
+
+
+def _base_key(layer) -> tuple:
+    w = layer.base_layer.weight
+    qs = getattr(w, "quant_state", None)
+    extra = quantized._cache_key(w, qs) if qs is not None else ()
+    return (id(w), w.data_ptr(), w._version, w.dtype, w.device, layer.fan_in_fan_out, id(qs), extra)
+
+
+def _norm(layer, a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
+    """||W + s·B·A|| per row (float32, or float64 for float64 tensors), ||W||² taken from the layer's cache."""
+    key = _base_key(layer)
+    cached = layer.__dict__.get("_dora_wsq")
+    sq = cached[1] if cached is not None and cached[0] == key else None
+    q = _nf4(layer) if quantized.is_bnb_4bit(layer.base_layer) else None
+    if q is not None:
+        norm, sq_new = dora_norm_nf4(q[0], q[1], a, b, s, sq)
+    else:
+        norm, sq_new = dora_norm(_dense_weight(layer), a, b, s, sq)
+    if sq is None:
+        layer.__dict__["_dora_wsq"] = (key, sq_new)
+    return norm
+
+
+def init_magnitude(layer, name: str) -> None:
+    """PEFT's init: m = ||W + s·B·A|| per row, in the dtype PEFT's sum promotes to (base dtype with the adapters')."""
+    a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+    s = float(layer.scaling[name])
+    norm = _norm(layer, a, b, s)
+    wdtype = layer.base_layer.weight.dtype
+    if quantized.is_bnb_4bit(layer.base_layer):
+        wdtype = _dense_dtype(layer)
+    ldtype = torch.float16 if a.dtype == torch.float16 else b.dtype
+    dtype = torch.promote_types(wdtype, ldtype) if wdtype.is_floating_point else ldtype
+    if not layer.__dict__.get("_dora_any"):
+        layer.adapter_layer_names = tuple(layer.adapter_layer_names) + ("lora_magnitude_vector",)
+        layer.__dict__["_dora_any"] = True
+    layer.lora_magnitude_vector[name] = DoraLinearLayer(norm.to(device=a.device, dtype=dtype),
+                                                        layer.fan_in_fan_out)
+    clear(layer, name)
+
+
+def _dense_dtype(layer) -> torch.dtype:
+    qs = getattr(layer.base_layer.weight, "quant_state", None)
+    return qs.dtype if qs is not None else torch.float32
+
+
+def clear(layer, name: Optional[str] = None, base: bool = False) -> None:
+    cache = layer.__dict__.setdefault("_dora_cache", {})
+    if name is None:
+        cache.clear()
+    else:
+        cache.pop(name, None)
+    if base:
+        layer.__dict__.pop("_dora_wsq", None)
+    layer.__dict__.pop("_stack_cache", None)
+
+
+# --- the scale c = m / norm --------------------------------------------------------------------------------------
+def _adapter_key(layer, name: str, a, b, s) -> tuple:
+    m = layer.lora_magnitude_vector[name].weight
+    return (tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in (a, b, m)), float(s), _base_key(layer))
+
+
+def scale(layer, name: str, grad: Optional[bool] = None) -> torch.Tensor:
+    """c = m / ||W + s·B·A|| [out] in the magnitude's dtype; differentiable in m when m needs a gradient."""
+    a, b, s, _, _ = layer._adapter_args(name)
+    m = layer.lora_magnitude_vector[name].weight
+    if grad is None:
+        grad = torch.is_grad_enabled() and m.requires_grad
+    if layer.training:
+        norm = _norm(layer, a, b, s).to(m.dtype)
+        return m / norm if grad else (m.detach() / norm)
+    cache = layer.__dict__.setdefault("_dora_cache", {})
+    key = _adapter_key(layer, name, a, b, s)
+    hit = cache.get(name)
+    if hit is None or hit[0] != key:
+        norm = _norm(layer, a, b, s).to(m.dtype)
+        hit = (key, norm, m.detach() / norm)
+        cache[name] = hit
+    return m / hit[1] if grad else hit[2]
+
+
+# --- forward -------------------------------------------------------------------------------------------------------
+def _combine(c: torch.Tensor, t: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    y = c * t
+    if bias is not None:
+        y = y + bias
+    return y.to(t.dtype)
+
+
+def fused_forward(layer, name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """One DoRA adapter over a plain dense or fusable NF4 base; None when the base cannot be fused."""
+    plain = layer._plain_base()
+    q = None if plain is not None else quantized.fused_base(layer, x)
+    if plain is None and q is None:
+        return None
+    a, b, s, p, _ = layer._adapter_args(name)
+    if p > 0:
+        return None  # PEFT's dropout path needs drop(x)·Wᵀ: the loop below does exactly that
+    c = scale(layer, name)
+    if plain is not None:
+        t = lora_linear(x, plain[0], None, a, b, s, 0.0)
+        bias = plain[1]
+    else:
+        t = qlora_linear(x, q[0], q[1], None, a, b, s, 0.0)
+        bias = q[2].to(x.dtype) if q[2] is not None else None
+    return _combine(c, t, bias)
+
+
+def _base_nobias(layer, xd: torch.Tensor, a, b) -> torch.Tensor:
+    """drop(x)·Wᵀ for PEFT's dropout path (W in xd's dtype, as PEFT casts it)."""
+    base = layer.base_layer
+    if quantized.is_bnb_4bit(base):
+        q = _nf4(layer)
+        if q is not None and q[1].shape[1] % q[1].blocksize == 0:
+            # scaling 0: qlora_linear's base matmul alone, the 4-bit weight never dequantized into memory
+            return qlora_linear(xd, q[0], q[1], None, a, b, 0.0, 0.0)
+        return F.linear(xd, _dense_weight(layer).to(xd.dtype))
+    w = base.weight.T if layer.fan_in_fan_out else base.weight
+    return F.linear(xd, w.to(xd.dtype))
+
+
+def delta(layer, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """PEFT's `DoraLinearLayer.forward`: what adapter `name` adds to `result` (x already in the adapter dtype)."""
+    a, b, s, p, _ = layer._adapter_args(name)
+    c = scale(layer, name)
+    if p > 0:
+        xd = layer.lora_dropout[name](x)  # the module, so the RNG is drawn as PEFT draws it
+        base_result = _base_nobias(layer, xd, a, b)
+    else:
+        xd, bias = x, layer.base_layer.bias if hasattr(layer.base_layer, "bias") else None
+        base_result = result - bias if bias is not None else result
+    lora = lora_linear(xd, None, None, a, b, s, 0.0)
+    return (c - 1) * base_result + c * lora
+
+
+def loop_forward(layer, x: torch.Tensor, result: torch.Tensor, active: list[str]) -> torch.Tensor:
+    """PEFT's adapter loop with DoRA adapters among the active ones (dense `lora.Linear` or bnb `Linear4bit` order)."""
+    q4 = quantized.is_bnb_4bit(layer.base_layer)
+    out_dtype = result.dtype
+    for name in active:
+        a, b, s, p, b_bias = layer._adapter_args(name)
+        x = x.to(a.dtype)
+        if layer.use_dora.get(name):
+            result = result + delta(layer, name, x, result)
+        else:
+            d = lora_linear(x, None, None, a, b, s, p, b_bias)
+            result = result + (d.to(out_dtype) if q4 else d)
+        if q4:
+            result = result.to(out_dtype)
+    return result.to(out_dtype)
+
+
+def mixed_rows(layer, name: str, x: torch.Tensor, result: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """One DoRA adapter on a sub-batch, differentiable: PEFT's variant forward on result[rows]."""
+    sub = x[rows]
+    a = layer._adapter_args(name)[0]
+    sub = sub.to(a.dtype)
+    res = result[rows]
+    return (res + delta(layer, name, sub, res)).to(result.dtype)
+
+
+# --- merging (PEFT's DoraLinearVariant.merge_safe / merge_unsafe / unmerge) ---------------------------------------
+def _orient(layer, v: torch.Tensor) -> torch.Tensor:
+    """A per-output-row factor [out] shaped to scale the stored base weight ([out, in], or [in, out] for Conv1D)."""
+    return v.view(1, -1) if layer.fan_in_fan_out else v.view(-1, 1)
+
+
+def merge_norm(layer, name: str, unmerged: torch.Tensor) -> torch.Tensor:
+    """||W0 + ΔW|| per row over the unmerged base W0 (stored layout), in W0's dtype as PEFT's get_weight_norm."""
+    a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+    w0 = unmerged.T if layer.fan_in_fan_out else unmerged
+    norm, _ = dora_norm(w0, a, b, float(layer.scaling[name]))
+    dtype = torch.promote_types(unmerged.dtype, layer.get_delta_weight(name).dtype)
+    return norm.to(dtype)
+
+
+def merged_weight(layer, name: str, weight: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    factor = layer.lora_magnitude_vector[name].weight.detach() / norm
+    return (_orient(layer, factor) * (weight + layer.get_delta_weight(name).detach())).to(weight.dtype)
+
+
+def unmerged_weight(layer, name: str, weight: torch.Tensor) -> torch.Tensor:
+    norm = layer.__dict__.setdefault("_dora_merged_norm", {})[name]
+    factor = layer.lora_magnitude_vector[name].weight.detach() / norm
+    return (weight / _orient(layer, factor) - layer.get_delta_weight(name).detach()).to(weight.dtype)
