@@ -4,12 +4,12 @@ PEFT (`lora.dora.DoraLinearLayer`) builds B·A and W + s·B·A, [out, in] each, 
 norm comes from `kernels.dora_norm` (||W||², W·Aᵀ and A·Aᵀ; never an [out, in] matrix), ||W||² is computed once per
 layer (the base is frozen), and outside training the whole scale m / norm is cached per adapter.
 
-Forward, with c = m / norm (norm detached, as in the paper §4.3 and PEFT):
-- no dropout (or eval): PEFT's `result + (c - 1)·(result - b) + c·s·lora(x)` equals `c ⊙ (x·Wᵀ + s·lora(x)) + b`:
-  one fused LoRA linear (dense or NF4), then one [tokens, out] multiply-add. No second base matmul.
+Forward, with c = m / norm (norm detached, as in the paper §4.3 and PEFT), in PEFT's order of operations (bit for
+bit on CPU, also in bf16, where `c ⊙ (x·Wᵀ + s·lora(x)) + b` would round differently, ~1% on a tiny bf16 Llama):
+- no dropout (or eval): `result + (c - 1)·(result - b) + c·s·lora(x)` with result = x·Wᵀ + b, the base output
+  already computed: no second base matmul, and no dense B·A.
 - dropout in training: PEFT recomputes the base on the dropped-out input, `(c - 1)·(drop(x)·Wᵀ)`; that term is
   exact only with drop(x)·Wᵀ itself, so it is the one extra matmul, taken only then.
-Several active adapters, extra forward args or hooked/unknown bases take PEFT's loop, term by term.
 
 Caches (never in the state dict): `_dora_wsq` (||W||², keyed on the base weight's identity, storage and version),
 `_dora_cache[name]` (norm and scale, keyed on A, B, m and the base, used only while the layer is not training).
@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import quantized
-from .kernels import dora_norm, dora_norm_nf4, lora_linear, qlora_linear
+from .kernels import dora_norm, dora_norm_nf4, lora_linear, qlora_linear, use_triton
 
 
 class DoraLinearLayer(nn.Module):
@@ -150,30 +150,19 @@ def scale(layer, name: str, grad: Optional[bool] = None) -> torch.Tensor:
 
 
 # --- forward -------------------------------------------------------------------------------------------------------
-def _combine(c: torch.Tensor, t: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    y = c * t
-    if bias is not None:
-        y = y + bias
-    return y.to(t.dtype)
-
-
 def fused_forward(layer, name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """One DoRA adapter over a plain dense or fusable NF4 base; None when the base cannot be fused."""
+    """One DoRA adapter over a plain dense or fusable NF4 base (our base matmul, not the module's); None when the
+    base cannot be fused. The DoRA terms then follow PEFT's order exactly (see `delta`)."""
     plain = layer._plain_base()
     q = None if plain is not None else quantized.fused_base(layer, x)
     if plain is None and q is None:
         return None
-    a, b, s, p, _ = layer._adapter_args(name)
-    if p > 0:
-        return None  # PEFT's dropout path needs drop(x)·Wᵀ: the loop below does exactly that
-    c = scale(layer, name)
     if plain is not None:
-        t = lora_linear(x, plain[0], None, a, b, s, 0.0)
-        bias = plain[1]
-    else:
-        t = qlora_linear(x, q[0], q[1], None, a, b, s, 0.0)
-        bias = q[2].to(x.dtype) if q[2] is not None else None
-    return _combine(c, t, bias)
+        result = F.linear(x, plain[0], plain[1])
+    else:  # the NF4 matmul alone: detached adapters at scaling 0 add nothing and ask for no gradient
+        a, b = layer.lora_A[name].weight.detach(), layer.lora_B[name].weight.detach()
+        result = qlora_linear(x, q[0], q[1], q[2], a, b, 0.0, 0.0)
+    return loop_forward(layer, x, result, [name])
 
 
 def _base_nobias(layer, xd: torch.Tensor, a, b) -> torch.Tensor:
@@ -181,9 +170,12 @@ def _base_nobias(layer, xd: torch.Tensor, a, b) -> torch.Tensor:
     base = layer.base_layer
     if quantized.is_bnb_4bit(base):
         q = _nf4(layer)
-        if q is not None and q[1].shape[1] % q[1].blocksize == 0:
-            # scaling 0: qlora_linear's base matmul alone, the 4-bit weight never dequantized into memory
-            return qlora_linear(xd, q[0], q[1], None, a, b, 0.0, 0.0)
+        # On Triton (or a float32 state, where the roundings agree): the NF4 matmul alone (detached adapters at
+        # scaling 0), the weight never dequantized into memory. It dequantizes in float32 where PEFT first rounds
+        # to the state's dtype: within that dtype's rounding. Otherwise PEFT's dense dequantized weight.
+        if q is not None and q[1].shape[1] % q[1].blocksize == 0 and (
+                q[1].dtype == torch.float32 or use_triton(xd, q[0])):
+            return qlora_linear(xd, q[0], q[1], None, a.detach(), b.detach(), 0.0, 0.0)
         return F.linear(xd, _dense_weight(layer).to(xd.dtype))
     w = base.weight.T if layer.fan_in_fan_out else base.weight
     return F.linear(xd, w.to(xd.dtype))
