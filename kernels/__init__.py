@@ -36,6 +36,9 @@ __all__ = [
     "dora_norm_nf4",
     "dora_norm_nf4_reference",
     "dora_norm_nf4_triton",
+    "dora_linear",
+    "dora_linear_reference",
+    "dora_linear_triton",
 ]
 
 if __name__ == "peft_fast.kernels":
@@ -49,6 +52,7 @@ if __name__ == "peft_fast.kernels":
     from .qlora_linear import qlora_linear, qlora_linear_reference, qlora_linear_triton
     from .dora_norm import (dora_norm, dora_norm_nf4, dora_norm_nf4_reference, dora_norm_nf4_triton,
                             dora_norm_reference, dora_norm_triton)
+    from .dora_linear import dora_linear, dora_linear_reference, dora_linear_triton
 else:
     # From the repo root this directory shadows Hugging Face's `kernels` package, which transformers and
     # bitsandbytes probe at import. Stay an empty module then: loading the ops under a second name would

@@ -1,0 +1,243 @@
+"""Fused DoRA epilogue: y = c ⊙ (base + s·(x·Aᵀ)·Bᵀ) + b, with base = x·Wᵀ (no bias) computed by the caller.
+
+c = m / ||W + s·B·A|| is DoRA's per-output-channel scale (a tensor, differentiable: its gradient reaches the
+magnitude through the caller's division). The base output is an input, so any base matmul (cuBLAS for a dense
+weight, the NF4 kernel for a 4-bit one) composes with it, and autograd carries dbase = c ⊙ dy back through it.
+
+The reference is PEFT's order of operations (`result + (c - 1)·(result - b) + c·lora·s`, result = base + b); the
+Triton path computes the algebraically equal c ⊙ (base + s·z·Bᵀ) + b in float32 in one expand kernel whose
+epilogue applies c and b while the tile is in registers, writing y once, as LoRA's expand writes its output.
+Backward never stores t = base + s·z·Bᵀ: it recovers the magnitude's gradient from the output y, which the next
+layer keeps anyway, as dc = Σ_tokens dy ⊙ (y - b) / c, in one pass that also writes dt = c ⊙ dy. A channel with
+c = 0 (m = 0) has lost t and gets dc = 0 there (PEFT: Σ dy ⊙ t); DoRA's magnitudes start at row norms, so this
+needs a magnitude trained to exactly zero.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .backend import HAS_TRITON, use_triton
+from .dot_policy import dot_mode, precision
+from .lora_linear import _DROP_NONE, _mm, _np2, _z_dtype, lora_backward
+
+__all__ = ["dora_linear", "dora_linear_reference", "dora_linear_triton"]
+
+
+def _check(base: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, mag_scale: Tensor, bias: Optional[Tensor]):
+    out_f = lora_b.shape[0]
+    if base.shape[:-1] != x.shape[:-1] or base.shape[-1] != out_f or x.shape[-1] != lora_a.shape[1]:
+        raise ValueError(f"dora_linear: base {tuple(base.shape)}, x {tuple(x.shape)}, lora_a {tuple(lora_a.shape)} "
+                         f"and lora_b {tuple(lora_b.shape)} do not fit together")
+    if mag_scale.shape != (out_f,) or (bias is not None and bias.shape != (out_f,)):
+        raise ValueError(f"dora_linear: mag_scale and bias must have shape ({out_f},)")
+
+
+def dora_linear_reference(base: Tensor, x: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
+                          scaling: float, mag_scale: Tensor) -> Tensor:
+    """PEFT's DoraLinearLayer.forward without dropout, on result = base + bias. Backward is autograd."""
+    _check(base, x, lora_a, lora_b, mag_scale, bias)
+    result = base + bias if bias is not None else base
+    lora = F.linear(F.linear(x.to(lora_a.dtype), lora_a), lora_b)
+    base_nb = result - bias if bias is not None else result
+    c = mag_scale.view(*([1] * (base.dim() - 1)), -1)
+    return (result + ((c - 1) * base_nb + c * lora * scaling)).to(base.dtype)
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _dora_expand_kernel(
+        z_ptr, b_ptr, base_ptr, y_ptr, c_ptr, bias_ptr, s_ptr,
+        M, N, R,
+        stride_zm, stride_zr, stride_bn, stride_br, stride_basem, stride_basen, stride_ym, stride_yn,
+        HAS_BIAS: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        mask_m = rm < M
+        mask_n = rn < N
+        if DOT == 2:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            rr = r0 + tl.arange(0, BLOCK_R)
+            mask_r = rr < R
+            a = tl.load(z_ptr + rm[:, None] * stride_zm + rr[None, :] * stride_zr,
+                        mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+            b = tl.load(b_ptr + rr[:, None] * stride_br + rn[None, :] * stride_bn,
+                        mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+            if DOT == 2:
+                a = a.to(tl.float64)
+                b = b.to(tl.float64)
+            else:  # z is float32; B meets it in float32 (the expand is r-deep: no tensor-core win worth the rounding)
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc += tl.dot(a, b, input_precision=PRECISION)
+        s = tl.load(s_ptr).to(acc.dtype)  # a tensor: float arguments arrive as fp32
+        mask = mask_m[:, None] & mask_n[None, :]
+        base = tl.load(base_ptr + rm[:, None] * stride_basem + rn[None, :] * stride_basen, mask=mask,
+                       other=0.0).to(acc.dtype)
+        c = tl.load(c_ptr + rn, mask=mask_n, other=0.0).to(acc.dtype)
+        out = c[None, :] * (base + s * acc)
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(acc.dtype)[None, :]
+        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, out.to(y_ptr.dtype.element_ty),
+                 mask=mask)
+
+    @triton.jit
+    def _dora_bwd_kernel(
+        dy_ptr, y_ptr, c_ptr, bias_ptr, dt_ptr, colsum_ptr,
+        M, N, stride_dym, stride_dyn, stride_ym, stride_yn, stride_dtm, stride_dtn,
+        HAS_BIAS: tl.constexpr, F64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        mask_n = rn < N
+        mask = (rm < M)[:, None] & mask_n[None, :]
+        dy = tl.load(dy_ptr + rm[:, None] * stride_dym + rn[None, :] * stride_dyn, mask=mask, other=0.0)
+        y = tl.load(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, mask=mask, other=0.0)
+        if F64:
+            dyf = dy.to(tl.float64)
+            yf = y.to(tl.float64)
+        else:
+            dyf = dy.to(tl.float32)
+            yf = y.to(tl.float32)
+        c = tl.load(c_ptr + rn, mask=mask_n, other=0.0).to(dyf.dtype)
+        if HAS_BIAS:
+            yf -= tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(dyf.dtype)[None, :]
+        tl.store(dt_ptr + rm[:, None] * stride_dtm + rn[None, :] * stride_dtn,
+                 (c[None, :] * dyf).to(dt_ptr.dtype.element_ty), mask=mask)
+        tl.atomic_add(colsum_ptr + rn, tl.sum(tl.where(mask, dyf * yf, 0.0), axis=0), mask=mask_n)
+
+
+def _expand(z: Tensor, lora_b: Tensor, base2d: Tensor, y2d: Tensor, c: Tensor, bias: Optional[Tensor],
+            scaling: float) -> None:
+    M, R = z.shape
+    N = lora_b.shape[0]
+    if M == 0 or N == 0:
+        return
+    dot = dot_mode(z.dtype, lora_b.dtype, torch.float32)
+    bm, bn = min(64, max(16, _np2(M))), min(64, max(16, _np2(N)))
+    br = min(64, max(16, _np2(R)))
+    s = torch.tensor([float(scaling)], device=z.device, dtype=torch.float64 if dot == 2 else torch.float32)
+    grid = (triton.cdiv(N, bn), triton.cdiv(M, bm))
+    _dora_expand_kernel[grid](
+        z, lora_b, base2d, y2d, c, bias if bias is not None else c, s, M, N, R,
+        z.stride(0), z.stride(1), lora_b.stride(0), lora_b.stride(1), base2d.stride(0), base2d.stride(1),
+        y2d.stride(0), y2d.stride(1),
+        HAS_BIAS=bias is not None, DOT=dot, PRECISION=precision(dot), BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br,
+    )
+
+
+def _fwd_impl(base, x, bias, lora_a, lora_b, mag_scale, scaling, inplace: bool = False):
+    in_f, out_f = x.shape[-1], lora_b.shape[0]
+    x2d, base2d = x.reshape(-1, in_f), base.reshape(-1, out_f)
+    z = torch.empty((x2d.shape[0], lora_a.shape[0]), device=x.device, dtype=_z_dtype(x, lora_a, lora_b))
+    _mm(x2d, lora_a.t(), z, drop=_DROP_NONE)
+    y2d = base2d if inplace else torch.empty_like(base2d)
+    _expand(z, lora_b, base2d, y2d, mag_scale, bias, scaling)
+    return y2d.view(base.shape), z
+
+
+@torch.library.custom_op("peft_fast::dora_linear_fwd", mutates_args=())
+def _dora_linear_fwd(base: Tensor, x: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
+                     mag_scale: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
+    return _fwd_impl(base, x, bias, lora_a, lora_b, mag_scale, scaling)
+
+
+@_dora_linear_fwd.register_fake
+def _(base, x, bias, lora_a, lora_b, mag_scale, scaling):
+    z = x.new_empty((x[..., 0].numel(), lora_a.shape[0]), dtype=_z_dtype(x, lora_a, lora_b))
+    return torch.empty_like(base), z
+
+
+@torch.library.custom_op("peft_fast::dora_linear_bwd", mutates_args=())
+def _dora_linear_bwd(dy: Tensor, y: Tensor, x: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
+                     z: Tensor, mag_scale: Tensor, scaling: float, need_x: bool, need_a: bool,
+                     need_b: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dbase, dx [LoRA part], dA, dB, dc); unneeded ones come back empty."""
+    in_f, out_f = x.shape[-1], lora_b.shape[0]
+    dy2d, y2d, x2d = dy.reshape(-1, out_f), y.reshape(-1, out_f), x.reshape(-1, in_f)
+    M = dy2d.shape[0]
+    f64 = torch.float64 in (dy.dtype, y.dtype, mag_scale.dtype)
+    dt = torch.empty_like(dy2d)
+    colsum = torch.zeros(out_f, device=dy.device, dtype=torch.float64 if f64 else torch.float32)
+    if M and out_f:
+        bm, bn = min(64, max(16, _np2(M))), min(64, max(16, _np2(out_f)))
+        _dora_bwd_kernel[(triton.cdiv(out_f, bn), triton.cdiv(M, bm))](
+            dy2d, y2d, mag_scale, bias if bias is not None else mag_scale, dt, colsum,
+            M, out_f, dy2d.stride(0), dy2d.stride(1), y2d.stride(0), y2d.stride(1), dt.stride(0), dt.stride(1),
+            HAS_BIAS=bias is not None, F64=f64, BLOCK_M=bm, BLOCK_N=bn,
+        )
+    c = mag_scale.to(colsum.dtype)
+    dc = torch.where(c != 0, colsum / torch.where(c != 0, c, 1), 0).to(mag_scale.dtype)
+    dx2d = torch.empty_like(x2d) if need_x else None
+    da, db = lora_backward(dt, x2d, lora_a, lora_b, z, None, scaling, 0.0, need_a, need_b, dx2d, accumulate=False)
+    return dt.view(dy.shape), (dx2d.view(x.shape) if need_x else x.new_empty(0)), da, db, dc
+
+
+@_dora_linear_bwd.register_fake
+def _(dy, y, x, bias, lora_a, lora_b, z, mag_scale, scaling, need_x, need_a, need_b):
+    return (torch.empty_like(dy), x.new_empty(x.shape) if need_x else x.new_empty(0),
+            lora_a.new_empty(lora_a.shape) if need_a else lora_a.new_empty(0),
+            lora_b.new_empty(lora_b.shape) if need_b else lora_b.new_empty(0), torch.empty_like(mag_scale))
+
+
+def _setup_context(ctx, inputs, output):
+    base, x, bias, lora_a, lora_b, mag_scale, scaling = inputs
+    y, z = output
+    ctx.mark_non_differentiable(z)
+    # y, not t = base + s·z·Bᵀ: the next layer holds y anyway, so the magnitude's gradient costs no activation
+    ctx.save_for_backward(y, x, bias, lora_a, lora_b, z, mag_scale)
+    ctx.scaling = scaling
+    ctx.needs = tuple(t is not None and t.requires_grad for t in (base, x, bias, lora_a, lora_b, mag_scale))
+
+
+def _backward(ctx, dy, _dz):
+    y, x, bias, lora_a, lora_b, z, mag_scale = ctx.saved_tensors
+    need_base, need_x, need_bias, need_a, need_b, need_c = ctx.needs
+    dbase, dx, da, db, dc = _dora_linear_bwd(dy.contiguous(), y, x, bias, lora_a, lora_b, z, mag_scale, ctx.scaling,
+                                             need_x, need_a, need_b)
+    dbias = dy.reshape(-1, dy.shape[-1]).sum(0).to(bias.dtype) if need_bias else None
+    return (dbase if need_base else None, dx if need_x else None, dbias, da if need_a else None,
+            db if need_b else None, dc if need_c else None, None)
+
+
+_dora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def dora_linear_triton(base: Tensor, x: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
+                       scaling: float, mag_scale: Tensor) -> Tensor:
+    """The LoRA shrink in lora_linear's `_mm`, the expand with DoRA's epilogue in `_dora_expand_kernel`."""
+    _check(base, x, lora_a, lora_b, mag_scale, bias)
+    if not HAS_TRITON:
+        raise RuntimeError("dora_linear_triton needs triton, which is not installed; use dora_linear_reference.")
+    if bias is not None and bias.dtype != base.dtype:
+        bias = bias.to(base.dtype)
+    args = (base, x, bias, lora_a, lora_b, mag_scale, float(scaling))
+    if not torch.compiler.is_compiling() and not (
+        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:6])
+    ):
+        # eager inference: base is the caller's fresh temporary, so y overwrites it (no second [T, out] buffer)
+        return _fwd_impl(*args, inplace=base.is_contiguous())[0]
+    return _dora_linear_fwd(*args)[0]
+
+
+def dora_linear(base: Tensor, x: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor, scaling: float,
+                mag_scale: Tensor) -> Tensor:
+    """c ⊙ (base + s·(x·Aᵀ)·Bᵀ) + b in base's dtype; base = x·Wᵀ without bias, c = mag_scale [out]."""
+    if use_triton(base, x, lora_a, lora_b, mag_scale):
+        return dora_linear_triton(base, x, bias, lora_a, lora_b, scaling, mag_scale)
+    return dora_linear_reference(base, x, bias, lora_a, lora_b, scaling, mag_scale)
