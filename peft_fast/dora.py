@@ -10,6 +10,8 @@ bit on CPU, also in bf16, where `c ⊙ (x·Wᵀ + s·lora(x)) + b` would round d
   already computed: no second base matmul, and no dense B·A.
 - dropout in training: PEFT recomputes the base on the dropped-out input, `(c - 1)·(drop(x)·Wᵀ)`; that term is
   exact only with drop(x)·Wᵀ itself, so it is the one extra matmul, taken only then.
+- on Triton (CUDA), without dropout: `kernels.dora_linear`, c ⊙ (x·Wᵀ + s·lora(x)) + b with c and b applied in the
+  LoRA expand's epilogue and the magnitude's gradient recovered from y: LoRA's launches and activations.
 
 Caches (never in the state dict): `_dora_wsq` (||W||², keyed on the base weight's identity, storage and version),
 `_dora_cache[name]` (norm and scale, keyed on A, B, m and the base, used only while the layer is not training).
@@ -24,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import quantized
-from .kernels import dora_norm, dora_norm_nf4, lora_linear, qlora_linear, use_triton
+from .kernels import dora_linear, dora_norm, dora_norm_nf4, lora_linear, qlora_linear, use_triton
 
 
 class DoraLinearLayer(nn.Module):
@@ -125,9 +127,26 @@ def clear(layer, name: Optional[str] = None, base: bool = False) -> None:
 
 
 # --- the scale c = m / norm --------------------------------------------------------------------------------------
-def _adapter_key(layer, name: str, a, b, s) -> tuple:
+def _adapter_key(layer, a, b, m, s) -> tuple:
+    # Cheap on purpose (it runs on every eval forward): storages and version counters of everything the scale
+    # depends on. A dtype or device move swaps storages, so it shows here too.
+    w = layer.base_layer.weight
+    return (a.data_ptr(), a._version, b.data_ptr(), b._version, m.data_ptr(), m._version, w.data_ptr(), w._version,
+            id(w), id(getattr(w, "quant_state", None)), float(s), layer.fan_in_fan_out)
+
+
+def _cached(layer, name: str, a, b, s) -> tuple:
+    """(key, norm, c, c - 1) for the eval cache, rebuilt when the key changed."""
     m = layer.lora_magnitude_vector[name].weight
-    return (tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in (a, b, m)), float(s), _base_key(layer))
+    cache = layer.__dict__.setdefault("_dora_cache", {})
+    key = _adapter_key(layer, a, b, m, s)
+    hit = cache.get(name)
+    if hit is None or hit[0] != key:
+        norm = _norm(layer, a, b, s).to(m.dtype)
+        c = m.detach() / norm
+        hit = (key, norm, c, c - 1)
+        cache[name] = hit
+    return hit
 
 
 def scale(layer, name: str, grad: Optional[bool] = None) -> torch.Tensor:
@@ -139,13 +158,7 @@ def scale(layer, name: str, grad: Optional[bool] = None) -> torch.Tensor:
     if layer.training:
         norm = _norm(layer, a, b, s).to(m.dtype)
         return m / norm if grad else (m.detach() / norm)
-    cache = layer.__dict__.setdefault("_dora_cache", {})
-    key = _adapter_key(layer, name, a, b, s)
-    hit = cache.get(name)
-    if hit is None or hit[0] != key:
-        norm = _norm(layer, a, b, s).to(m.dtype)
-        hit = (key, norm, m.detach() / norm)
-        cache[name] = hit
+    hit = _cached(layer, name, a, b, s)
     return m / hit[1] if grad else hit[2]
 
 
@@ -157,11 +170,28 @@ def fused_forward(layer, name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
     q = None if plain is not None else quantized.fused_base(layer, x)
     if plain is None and q is None:
         return None
+    a, b, s, p, _ = layer._adapter_args(name)
+    weight = plain[0] if plain is not None else q[0]
+    if (plain is not None and not (layer.training or torch.is_grad_enabled()) and not isinstance(s, torch.Tensor)
+            and not use_triton(x, weight, a, b)):
+        # Eval on the reference path (decode): PEFT's steps, with as few Python and torch calls as possible
+        result = F.linear(x, plain[0], plain[1])
+        d = _delta_eval(layer, name, x.to(a.dtype), result, a, b, s)
+        return result.add_(d) if result.dtype == torch.promote_types(result.dtype, d.dtype) else \
+            (result + d).to(result.dtype)
+    if p == 0 and use_triton(x, weight, a, b):
+        # Triton: the base matmul without bias, then one expand whose epilogue applies c and b (dora_linear.py)
+        c = scale(layer, name).to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+        if plain is not None:
+            base, bias = F.linear(x, plain[0]), plain[1]
+        else:
+            base = qlora_linear(x, q[0], q[1], None, a.detach(), b.detach(), 0.0, 0.0)
+            bias = q[2]
+        return dora_linear(base, x, bias, a, b, s, c)
     if plain is not None:
         result = F.linear(x, plain[0], plain[1])
     else:  # the NF4 matmul alone: detached adapters at scaling 0 add nothing and ask for no gradient
-        a, b = layer.lora_A[name].weight.detach(), layer.lora_B[name].weight.detach()
-        result = qlora_linear(x, q[0], q[1], q[2], a, b, 0.0, 0.0)
+        result = qlora_linear(x, q[0], q[1], q[2], a.detach(), b.detach(), 0.0, 0.0)
     return loop_forward(layer, x, result, [name])
 
 
@@ -181,9 +211,21 @@ def _base_nobias(layer, xd: torch.Tensor, a, b) -> torch.Tensor:
     return F.linear(xd, w.to(xd.dtype))
 
 
+def _delta_eval(layer, name: str, x: torch.Tensor, result: torch.Tensor, a, b, s) -> torch.Tensor:
+    """`delta` without autograd and outside training: the cached c and c - 1, in-place steps (decode is
+    dominated by per-op overhead): (c·lora)·s as PEFT, then + (c - 1)·(result - b)."""
+    _, _, c, cm1 = _cached(layer, name, a, b, s)
+    lora = F.linear(F.linear(x, a), b)
+    lora.mul_(c).mul_(s)
+    bias = getattr(layer.base_layer, "bias", None)
+    return lora.addcmul_(result - bias if bias is not None else result, cm1)
+
+
 def delta(layer, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
     """PEFT's `DoraLinearLayer.forward`: what adapter `name` adds to `result` (x already in the adapter dtype)."""
     a, b, s, p, _ = layer._adapter_args(name)
+    if not (layer.training or torch.is_grad_enabled()) and not isinstance(s, torch.Tensor):
+        return _delta_eval(layer, name, x, result, a, b, s)
     c = scale(layer, name)
     if p > 0:
         xd = layer.lora_dropout[name](x)  # the module, so the RNG is drawn as PEFT draws it

@@ -408,10 +408,16 @@ def test_triton_backend_train_and_eval(monkeypatch):
         pytest.skip("no Triton device")
     _, r, i = _pair("llama")
     monkeypatch.setenv("PEFT_FAST_BACKEND", "triton")
+    import peft_fast.dora as dora_mod
+
+    fused = []
+    real = dora_mod.dora_linear
+    monkeypatch.setattr(dora_mod, "dora_linear", lambda *a, **k: fused.append(1) or real(*a, **k))
     r.train()
     i.train()
     x = inputs("llama", batch=2, seq=4)
     r_loss, i_loss = loss_of(r, x), loss_of(i, x)
+    assert len(fused) == 6  # every DoRA layer (3 targets x 2 layers) took the fused epilogue
     assert_close(i_loss, r_loss, atol=1e-5, rtol=1e-5)
     r_loss.backward()
     i_loss.backward()
