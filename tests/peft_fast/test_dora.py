@@ -457,3 +457,22 @@ def test_add_weighted_adapter_with_dora_matches_peft():
         x = inputs("mlp")
         with torch.no_grad():
             assert_close(out(i, x), out(r, x), msg=combo)
+
+
+def test_hotswap_of_dora_adapters_is_refused_and_changes_nothing(tmp_path):
+    from peft_fast import hotswap as hs
+
+    _, r, i = _pair("llama")
+    _, r2, _ = make_pair("llama", use_dora=True, seed=1)
+    r2.save_pretrained(tmp_path)
+    i.eval()
+    x = inputs("llama")
+    with torch.no_grad():
+        before = out(i, x)
+    state = {k: v.clone() for k, v in i.state_dict().items()}
+    with pytest.raises(ValueError, match="DoRA"):
+        hs.hotswap_adapter(i, str(tmp_path), "default")
+    for k, v in i.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    with torch.no_grad():
+        assert torch.equal(out(i, x), before)
