@@ -120,3 +120,21 @@ def test_dispatch_reference_on_cpu_and_errors():
     torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="mag_scale"):
         dora_linear(F.linear(x, w), x, bvec, a, b, 1.0, torch.ones(5, dtype=torch.float64))
+
+
+@needs_triton
+@device_params
+def test_torch_compile_traces_without_graph_breaks(device):
+    x, w, bvec, a, b, m, norm = _inputs((2, 3), 32, 16, 4, device)
+    gy = torch.randn(2, 3, 16, dtype=torch.float64, device=device)
+
+    def f(x, a, b, m, bias):
+        return dora_linear_triton(F.linear(x, w), x, bias, a, b, 1.25, m / norm)
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    y = compiled(x, a, b, m, bvec)
+    g = torch.autograd.grad(y, (x, a, b, m, bvec), gy)
+    y_ref, g_ref = _run(dora_linear_reference, x, w, bvec, a, b, m, norm, 1.25, gy)
+    torch.testing.assert_close(y, y_ref, rtol=1e-11, atol=1e-11)
+    for got, want in zip(g, g_ref):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
