@@ -42,7 +42,8 @@ def _models():
     """{(lib, variant): model} over identical bases and identical A, B (and magnitudes, for DoRA)."""
     torch.manual_seed(0)
     base = Stack()
-    kw = dict(r=RANK, lora_alpha=ALPHA, target_modules=["0", "1", "2", "3"], init_lora_weights=False)
+    kw = dict(r=RANK, lora_alpha=ALPHA, target_modules=[str(k) for k in range(len(WIDTHS) - 1)],
+              init_lora_weights=False)
     models = {}
     for variant, dora in (("dora", True), ("lora", False)):
         models[("fast", variant)] = peft_fast.get_peft_model(copy.deepcopy(base), peft_fast.LoraConfig(

@@ -10,8 +10,9 @@ bit on CPU, also in bf16, where `c ⊙ (x·Wᵀ + s·lora(x)) + b` would round d
   already computed: no second base matmul, and no dense B·A.
 - dropout in training: PEFT recomputes the base on the dropped-out input, `(c - 1)·(drop(x)·Wᵀ)`; that term is
   exact only with drop(x)·Wᵀ itself, so it is the one extra matmul, taken only then.
-- on Triton (CUDA), without dropout: `kernels.dora_linear`, c ⊙ (x·Wᵀ + s·lora(x)) + b with c and b applied in the
-  LoRA expand's epilogue and the magnitude's gradient recovered from y: LoRA's launches and activations.
+- on Triton (CUDA): `kernels.dora_linear`, c ⊙ (x·Wᵀ + s·lora(x)) + b with c and b applied in the LoRA expand's
+  epilogue and the magnitude's gradient recovered from y: LoRA's launches and activations. With dropout,
+  result - v + dora_linear(v, drop(x)), v = drop(x)·Wᵀ in the base dtype.
 
 Caches (never in the state dict): `_dora_wsq` (||W||², keyed on the base weight's identity, storage and version),
 `_dora_cache[name]` (norm and scale, keyed on A, B, m and the base, used only while the layer is not training).
@@ -179,20 +180,29 @@ def fused_forward(layer, name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
         d = _delta_eval(layer, name, x.to(a.dtype), result, a, b, s)
         return result.add_(d) if result.dtype == torch.promote_types(result.dtype, d.dtype) else \
             (result + d).to(result.dtype)
-    if p == 0 and use_triton(x, weight, a, b):
+    if use_triton(x, weight, a, b):
         # Triton: the base matmul without bias, then one expand whose epilogue applies c and b (dora_linear.py)
         c = scale(layer, name).to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-        if plain is not None:
-            base, bias = F.linear(x, plain[0]), plain[1]
-        else:
-            base = qlora_linear(x, q[0], q[1], None, a.detach(), b.detach(), 0.0, 0.0)
-            bias = q[2]
-        return dora_linear(base, x, bias, a, b, s, c)
+        bias = plain[1] if plain is not None else q[2]
+        if p == 0:
+            return dora_linear(_base_matmul(plain, q, x, a, b), x, bias, a, b, s, c)
+        # Dropout: y = result + (c - 1)·v + c·s·lora(xd), v = xd·Wᵀ, = result - v + dora_linear(v, xd). The dropped
+        # x stays in x's dtype and v runs in the base dtype (PEFT upcasts W to float32 for it: an [out, in] copy).
+        result = _base_matmul(plain, q, x, a, b, bias)
+        xd = layer.lora_dropout[name](x)
+        v = _base_matmul(plain, q, xd, a, b)
+        return (result - v) + dora_linear(v, xd, None, a, b, s, c)
     if plain is not None:
         result = F.linear(x, plain[0], plain[1])
     else:  # the NF4 matmul alone: detached adapters at scaling 0 add nothing and ask for no gradient
         result = qlora_linear(x, q[0], q[1], q[2], a.detach(), b.detach(), 0.0, 0.0)
     return loop_forward(layer, x, result, [name])
+
+
+def _base_matmul(plain, q, x: torch.Tensor, a, b, bias=None) -> torch.Tensor:
+    if plain is not None:
+        return F.linear(x, plain[0], bias)
+    return qlora_linear(x, q[0], q[1], bias, a.detach(), b.detach(), 0.0, 0.0)  # scaling 0: the NF4 matmul alone
 
 
 def _base_nobias(layer, xd: torch.Tensor, a, b) -> torch.Tensor:
