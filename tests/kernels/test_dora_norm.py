@@ -141,6 +141,11 @@ def test_dispatch_and_errors():
     a, b = _adapter(6, 10, 2, torch.float32, "cpu")
     norm, sq = dora_norm(w, a, b, 1.0)
     torch.testing.assert_close(norm.double(), _direct(w, a, b, 1.0), rtol=1e-5, atol=1e-6)
+    packed, state = _nf4(6, 64, "cpu")
+    a4, b4 = _adapter(6, 64, 2, torch.float32, "cpu")
+    norm4, _ = dora_norm_nf4(packed, state, a4, b4, 1.0)
+    torch.testing.assert_close(norm4.double(), _direct(nf4_dequantize_reference(packed, state), a4, b4, 1.0),
+                               rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="lora_a"):
         dora_norm(w, a.T, b, 1.0)
     with pytest.raises(ValueError, match="weight_sq"):
