@@ -1,8 +1,9 @@
-"""Fused DoRA epilogue: y = c ⊙ (base + s·(x·Aᵀ)·Bᵀ) + b, with base = x·Wᵀ (no bias) computed by the caller.
+"""Fused DoRA epilogue: y = c ⊙ (base + s·(x·Aᵀ)·Bᵀ) + b, base = x·Wᵀ (no bias).
 
 c = m / ||W + s·B·A|| is DoRA's per-output-channel scale (a tensor, differentiable: its gradient reaches the
-magnitude through the caller's division). The base output is an input, so any base matmul (cuBLAS for a dense
-weight, the NF4 kernel for a 4-bit one) composes with it, and autograd carries dbase = c ⊙ dy back through it.
+magnitude through the caller's division). Give either `weight` (dense: the op runs the base matmul on cuBLAS and
+writes y over that fresh buffer, so the forward allocates one [T, out] output, as lora_linear) or the base output
+`base` (any base matmul, e.g. the NF4 kernel: autograd carries dbase = c ⊙ dy back through it).
 
 The reference is PEFT's order of operations (`result + (c - 1)·(result - b) + c·lora·s`, result = base + b); the
 Triton path computes the algebraically equal c ⊙ (base + s·z·Bᵀ) + b in float32 in one expand kernel whose
@@ -27,20 +28,31 @@ from .lora_linear import _DROP_NONE, _mm, _np2, _z_dtype, lora_backward
 __all__ = ["dora_linear", "dora_linear_reference", "dora_linear_triton"]
 
 
-def _check(base: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, mag_scale: Tensor, bias: Optional[Tensor]):
+def _check(base: Optional[Tensor], x: Tensor, lora_a: Tensor, lora_b: Tensor, mag_scale: Tensor,
+           bias: Optional[Tensor], weight: Optional[Tensor]):
     out_f = lora_b.shape[0]
-    if base.shape[:-1] != x.shape[:-1] or base.shape[-1] != out_f or x.shape[-1] != lora_a.shape[1]:
-        raise ValueError(f"dora_linear: base {tuple(base.shape)}, x {tuple(x.shape)}, lora_a {tuple(lora_a.shape)} "
+    if (base is None) == (weight is None):
+        raise ValueError("dora_linear: give exactly one of base (the base output x·Wᵀ) and weight")
+    if weight is not None and weight.shape != (out_f, x.shape[-1]):
+        raise ValueError(f"dora_linear: weight {tuple(weight.shape)} does not fit x {tuple(x.shape)} and lora_b "
+                         f"{tuple(lora_b.shape)}")
+    shape = base.shape if base is not None else (*x.shape[:-1], out_f)
+    if shape[:-1] != x.shape[:-1] or shape[-1] != out_f or x.shape[-1] != lora_a.shape[1]:
+        raise ValueError(f"dora_linear: base {tuple(shape)}, x {tuple(x.shape)}, lora_a {tuple(lora_a.shape)} "
                          f"and lora_b {tuple(lora_b.shape)} do not fit together")
     if mag_scale.shape != (out_f,) or (bias is not None and bias.shape != (out_f,)):
         raise ValueError(f"dora_linear: mag_scale and bias must have shape ({out_f},)")
 
 
-def dora_linear_reference(base: Tensor, x: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
-                          scaling: float, mag_scale: Tensor) -> Tensor:
+def dora_linear_reference(base: Optional[Tensor], x: Tensor, bias: Optional[Tensor], lora_a: Tensor,
+                          lora_b: Tensor, scaling: float, mag_scale: Tensor, weight: Optional[Tensor] = None) -> Tensor:
     """PEFT's DoraLinearLayer.forward without dropout, on result = base + bias. Backward is autograd."""
-    _check(base, x, lora_a, lora_b, mag_scale, bias)
-    result = base + bias if bias is not None else base
+    _check(base, x, lora_a, lora_b, mag_scale, bias, weight)
+    if base is None:
+        result = F.linear(x, weight, bias)
+        base = result
+    else:
+        result = base + bias if bias is not None else base
     lora = F.linear(F.linear(x.to(lora_a.dtype), lora_a), lora_b)
     base_nb = result - bias if bias is not None else result
     c = mag_scale.view(*([1] * (base.dim() - 1)), -1)
@@ -141,33 +153,39 @@ def _expand(z: Tensor, lora_b: Tensor, base2d: Tensor, y2d: Tensor, c: Tensor, b
     )
 
 
-def _fwd_impl(base, x, bias, lora_a, lora_b, mag_scale, scaling, inplace: bool = False):
+def _fwd_impl(base, weight, x, bias, lora_a, lora_b, mag_scale, scaling, inplace: bool = False):
     in_f, out_f = x.shape[-1], lora_b.shape[0]
-    x2d, base2d = x.reshape(-1, in_f), base.reshape(-1, out_f)
+    x2d = x.reshape(-1, in_f)
+    if base is None:  # our own buffer: y overwrites it
+        base2d, inplace = F.linear(x2d, weight), True
+    else:
+        base2d = base.reshape(-1, out_f)
     z = torch.empty((x2d.shape[0], lora_a.shape[0]), device=x.device, dtype=_z_dtype(x, lora_a, lora_b))
     _mm(x2d, lora_a.t(), z, drop=_DROP_NONE)
     y2d = base2d if inplace else torch.empty_like(base2d)
     _expand(z, lora_b, base2d, y2d, mag_scale, bias, scaling)
-    return y2d.view(base.shape), z
+    return y2d.view(*x.shape[:-1], out_f), z
 
 
 @torch.library.custom_op("peft_fast::dora_linear_fwd", mutates_args=())
-def _dora_linear_fwd(base: Tensor, x: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
-                     mag_scale: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
-    return _fwd_impl(base, x, bias, lora_a, lora_b, mag_scale, scaling)
+def _dora_linear_fwd(base: Optional[Tensor], weight: Optional[Tensor], x: Tensor, bias: Optional[Tensor],
+                     lora_a: Tensor, lora_b: Tensor, mag_scale: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
+    return _fwd_impl(base, weight, x, bias, lora_a, lora_b, mag_scale, scaling)
 
 
 @_dora_linear_fwd.register_fake
-def _(base, x, bias, lora_a, lora_b, mag_scale, scaling):
+def _(base, weight, x, bias, lora_a, lora_b, mag_scale, scaling):
     z = x.new_empty((x[..., 0].numel(), lora_a.shape[0]), dtype=_z_dtype(x, lora_a, lora_b))
-    return torch.empty_like(base), z
+    y = torch.empty_like(base) if base is not None else x.new_empty((*x.shape[:-1], lora_b.shape[0]))
+    return y, z
 
 
 @torch.library.custom_op("peft_fast::dora_linear_bwd", mutates_args=())
-def _dora_linear_bwd(dy: Tensor, y: Tensor, x: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
-                     z: Tensor, mag_scale: Tensor, scaling: float, need_x: bool, need_a: bool,
-                     need_b: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dbase, dx [LoRA part], dA, dB, dc); unneeded ones come back empty."""
+def _dora_linear_bwd(dy: Tensor, y: Tensor, weight: Optional[Tensor], x: Tensor, bias: Optional[Tensor],
+                     lora_a: Tensor, lora_b: Tensor, z: Tensor, mag_scale: Tensor, scaling: float, need_x: bool,
+                     need_a: bool, need_b: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dt = c ⊙ dy, dx, dA, dB, dc); dx has the base's part when weight is given (else the caller's base op
+    adds it from dt); unneeded ones come back empty."""
     in_f, out_f = x.shape[-1], lora_b.shape[0]
     dy2d, y2d, x2d = dy.reshape(-1, out_f), y.reshape(-1, out_f), x.reshape(-1, in_f)
     M = dy2d.shape[0]
@@ -183,61 +201,72 @@ def _dora_linear_bwd(dy: Tensor, y: Tensor, x: Tensor, bias: Optional[Tensor], l
         )
     c = mag_scale.to(colsum.dtype)
     dc = torch.where(c != 0, colsum / torch.where(c != 0, c, 1), 0).to(mag_scale.dtype)
-    dx2d = torch.empty_like(x2d) if need_x else None
-    da, db = lora_backward(dt, x2d, lora_a, lora_b, z, None, scaling, 0.0, need_a, need_b, dx2d, accumulate=False)
+    dx2d = None
+    if need_x:  # the base's part on cuBLAS, the LoRA part added by the kernels
+        dx2d = dt @ weight if weight is not None else torch.empty_like(x2d)
+    da, db = lora_backward(dt, x2d, lora_a, lora_b, z, None, scaling, 0.0, need_a, need_b, dx2d,
+                           accumulate=weight is not None)
     return dt.view(dy.shape), (dx2d.view(x.shape) if need_x else x.new_empty(0)), da, db, dc
 
 
 @_dora_linear_bwd.register_fake
-def _(dy, y, x, bias, lora_a, lora_b, z, mag_scale, scaling, need_x, need_a, need_b):
+def _(dy, y, weight, x, bias, lora_a, lora_b, z, mag_scale, scaling, need_x, need_a, need_b):
     return (torch.empty_like(dy), x.new_empty(x.shape) if need_x else x.new_empty(0),
             lora_a.new_empty(lora_a.shape) if need_a else lora_a.new_empty(0),
             lora_b.new_empty(lora_b.shape) if need_b else lora_b.new_empty(0), torch.empty_like(mag_scale))
 
 
 def _setup_context(ctx, inputs, output):
-    base, x, bias, lora_a, lora_b, mag_scale, scaling = inputs
+    base, weight, x, bias, lora_a, lora_b, mag_scale, scaling = inputs
     y, z = output
     ctx.mark_non_differentiable(z)
     # y, not t = base + s·z·Bᵀ: the next layer holds y anyway, so the magnitude's gradient costs no activation
-    ctx.save_for_backward(y, x, bias, lora_a, lora_b, z, mag_scale)
+    ctx.save_for_backward(y, weight, x, bias, lora_a, lora_b, z, mag_scale)
     ctx.scaling = scaling
-    ctx.needs = tuple(t is not None and t.requires_grad for t in (base, x, bias, lora_a, lora_b, mag_scale))
+    ctx.needs = tuple(t is not None and t.requires_grad
+                      for t in (base, weight, x, bias, lora_a, lora_b, mag_scale))
 
 
 def _backward(ctx, dy, _dz):
-    y, x, bias, lora_a, lora_b, z, mag_scale = ctx.saved_tensors
-    need_base, need_x, need_bias, need_a, need_b, need_c = ctx.needs
-    dbase, dx, da, db, dc = _dora_linear_bwd(dy.contiguous(), y, x, bias, lora_a, lora_b, z, mag_scale, ctx.scaling,
-                                             need_x, need_a, need_b)
+    y, weight, x, bias, lora_a, lora_b, z, mag_scale = ctx.saved_tensors
+    need_base, need_w, need_x, need_bias, need_a, need_b, need_c = ctx.needs
+    dt, dx, da, db, dc = _dora_linear_bwd(dy.contiguous(), y, weight, x, bias, lora_a, lora_b, z, mag_scale,
+                                          ctx.scaling, need_x, need_a, need_b)
     dbias = dy.reshape(-1, dy.shape[-1]).sum(0).to(bias.dtype) if need_bias else None
-    return (dbase if need_base else None, dx if need_x else None, dbias, da if need_a else None,
+    dw = None
+    if need_w:  # a trainable base weight is rare: plain torch
+        dw = (dt.reshape(-1, dt.shape[-1]).t() @ x.reshape(-1, x.shape[-1])).to(weight.dtype)
+    return (dt if need_base else None, dw, dx if need_x else None, dbias, da if need_a else None,
             db if need_b else None, dc if need_c else None, None)
 
 
 _dora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def dora_linear_triton(base: Tensor, x: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
-                       scaling: float, mag_scale: Tensor) -> Tensor:
+def dora_linear_triton(base: Optional[Tensor], x: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
+                       scaling: float, mag_scale: Tensor, weight: Optional[Tensor] = None) -> Tensor:
     """The LoRA shrink in lora_linear's `_mm`, the expand with DoRA's epilogue in `_dora_expand_kernel`."""
-    _check(base, x, lora_a, lora_b, mag_scale, bias)
+    _check(base, x, lora_a, lora_b, mag_scale, bias, weight)
     if not HAS_TRITON:
         raise RuntimeError("dora_linear_triton needs triton, which is not installed; use dora_linear_reference.")
-    if bias is not None and bias.dtype != base.dtype:
-        bias = bias.to(base.dtype)
-    args = (base, x, bias, lora_a, lora_b, mag_scale, float(scaling))
+    if weight is not None and (weight.dtype != x.dtype or torch.is_autocast_enabled(x.device.type)):
+        # autocast (or mixed dtypes) decides the base matmul's dtype: let torch run it, then take the base path
+        return dora_linear_triton(F.linear(x, weight), x, bias, lora_a, lora_b, scaling, mag_scale)
+    out_dtype = base.dtype if base is not None else x.dtype
+    if bias is not None and bias.dtype != out_dtype:
+        bias = bias.to(out_dtype)
+    args = (base, weight, x, bias, lora_a, lora_b, mag_scale, float(scaling))
     if not torch.compiler.is_compiling() and not (
-        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:6])
+        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:7])
     ):
         # eager inference: base is the caller's fresh temporary, so y overwrites it (no second [T, out] buffer)
-        return _fwd_impl(*args, inplace=base.is_contiguous())[0]
+        return _fwd_impl(*args, inplace=base is None or base.is_contiguous())[0]
     return _dora_linear_fwd(*args)[0]
 
 
-def dora_linear(base: Tensor, x: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor, scaling: float,
-                mag_scale: Tensor) -> Tensor:
-    """c ⊙ (base + s·(x·Aᵀ)·Bᵀ) + b in base's dtype; base = x·Wᵀ without bias, c = mag_scale [out]."""
-    if use_triton(base, x, lora_a, lora_b, mag_scale):
-        return dora_linear_triton(base, x, bias, lora_a, lora_b, scaling, mag_scale)
-    return dora_linear_reference(base, x, bias, lora_a, lora_b, scaling, mag_scale)
+def dora_linear(base: Optional[Tensor], x: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
+                scaling: float, mag_scale: Tensor, weight: Optional[Tensor] = None) -> Tensor:
+    """c ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b; give the base output `base` = x·Wᵀ (no bias), or the dense `weight`."""
+    if use_triton(base, weight, x, lora_a, lora_b, mag_scale):
+        return dora_linear_triton(base, x, bias, lora_a, lora_b, scaling, mag_scale, weight)
+    return dora_linear_reference(base, x, bias, lora_a, lora_b, scaling, mag_scale, weight)

@@ -185,6 +185,8 @@ def fused_forward(layer, name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
         c = scale(layer, name).to(torch.float64 if x.dtype == torch.float64 else torch.float32)
         bias = plain[1] if plain is not None else q[2]
         if p == 0:
+            if plain is not None:  # the base matmul inside the op, its output buffer reused for y
+                return dora_linear(None, x, bias, a, b, s, c, weight=plain[0])
             return dora_linear(_base_matmul(plain, q, x, a, b), x, bias, a, b, s, c)
         # Dropout: y = result + (c - 1)·v + c·s·lora(xd), v = xd·Wᵀ, = result - v + dora_linear(v, xd). The dropped
         # x stays in x's dtype and v runs in the base dtype (PEFT upcasts W to float32 for it: an [out, in] copy).

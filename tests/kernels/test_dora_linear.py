@@ -27,11 +27,15 @@ def _inputs(lead, in_f, out_f, r, device, dtype=torch.float64, bias=True, zero_c
     return x, w, bvec, a, b, m, norm
 
 
-def _run(fn, x, w, bias, a, b, m, norm, s, gy):
-    base = F.linear(x, w)
+def _run(fn, x, w, bias, a, b, m, norm, s, gy, mode="base"):
+    """mode "base": the caller's base output goes in; "weight": the op runs the base matmul (w trainable here)."""
     c = m / norm
-    y = fn(base, x, bias, a, b, s, c)
-    leaves = [t for t in (x, a, b, m, bias) if t is not None]
+    if mode == "base":
+        y = fn(F.linear(x, w), x, bias, a, b, s, c)
+    else:
+        w = w.detach().requires_grad_()
+        y = fn(None, x, bias, a, b, s, c, weight=w)
+    leaves = [t for t in (x, a, b, m, bias) if t is not None] + ([w] if mode == "weight" else [])
     return y, torch.autograd.grad(y, leaves, gy)
 
 
@@ -40,11 +44,12 @@ def _run(fn, x, w, bias, a, b, m, norm, s, gy):
 @pytest.mark.parametrize("lead,in_f,out_f,r", [((1,), 1, 1, 1), ((7,), 33, 20, 3), ((2, 5), 64, 130, 16),
                                                ((3, 17), 100, 70, 70), ((65,), 48, 16, 8)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_triton_matches_reference_float64(device, lead, in_f, out_f, r, bias):
+@pytest.mark.parametrize("mode", ["base", "weight"])
+def test_triton_matches_reference_float64(device, lead, in_f, out_f, r, bias, mode):
     x, w, bvec, a, b, m, norm = _inputs(lead, in_f, out_f, r, device, bias=bias)
     gy = torch.randn(*lead, out_f, dtype=torch.float64, device=device)
-    y_ref, g_ref = _run(dora_linear_reference, x, w, bvec, a, b, m, norm, 1.7, gy)
-    y, g = _run(dora_linear_triton, x, w, bvec, a, b, m, norm, 1.7, gy)
+    y_ref, g_ref = _run(dora_linear_reference, x, w, bvec, a, b, m, norm, 1.7, gy, mode)
+    y, g = _run(dora_linear_triton, x, w, bvec, a, b, m, norm, 1.7, gy, mode)
     torch.testing.assert_close(y, y_ref, rtol=1e-11, atol=1e-11)
     for got, want in zip(g, g_ref):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
@@ -78,6 +83,9 @@ def test_eager_inference_is_in_place_and_exact(device):
         y = dora_linear_triton(base, x, bvec, a, b, 2.0, m / norm)
     assert y.data_ptr() == ptr  # the caller's base buffer became y
     torch.testing.assert_close(y, want, rtol=1e-11, atol=1e-11)
+    with torch.no_grad():
+        torch.testing.assert_close(dora_linear_triton(None, x, bvec, a, b, 2.0, m / norm, weight=w), want,
+                                   rtol=1e-11, atol=1e-11)
 
 
 @needs_triton
@@ -118,6 +126,8 @@ def test_dispatch_reference_on_cpu_and_errors():
         c = (m / norm)
         want = c * (F.linear(x, w) + F.linear(F.linear(x, a), b)) + bvec
     torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="exactly one"):
+        dora_linear(F.linear(x, w), x, bvec, a, b, 1.0, m / norm, weight=w)
     with pytest.raises(ValueError, match="mag_scale"):
         dora_linear(F.linear(x, w), x, bvec, a, b, 1.0, torch.ones(5, dtype=torch.float64))
 
@@ -131,10 +141,14 @@ def test_torch_compile_traces_without_graph_breaks(device):
     def f(x, a, b, m, bias):
         return dora_linear_triton(F.linear(x, w), x, bias, a, b, 1.25, m / norm)
 
-    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
-    y = compiled(x, a, b, m, bvec)
-    g = torch.autograd.grad(y, (x, a, b, m, bvec), gy)
+    def f_w(x, a, b, m, bias):
+        return dora_linear_triton(None, x, bias, a, b, 1.25, m / norm, weight=w)
+
     y_ref, g_ref = _run(dora_linear_reference, x, w, bvec, a, b, m, norm, 1.25, gy)
-    torch.testing.assert_close(y, y_ref, rtol=1e-11, atol=1e-11)
-    for got, want in zip(g, g_ref):
-        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    for fn in (f, f_w):
+        compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+        y = compiled(x, a, b, m, bvec)
+        g = torch.autograd.grad(y, (x, a, b, m, bvec), gy)
+        torch.testing.assert_close(y, y_ref, rtol=1e-11, atol=1e-11)
+        for got, want in zip(g, g_ref):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
