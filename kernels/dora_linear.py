@@ -192,7 +192,12 @@ def _dora_linear_bwd(dy: Tensor, y: Tensor, weight: Optional[Tensor], x: Tensor,
     f64 = torch.float64 in (dy.dtype, y.dtype, mag_scale.dtype)
     dt = torch.empty_like(dy2d)
     colsum = torch.zeros(out_f, device=dy.device, dtype=torch.float64 if f64 else torch.float32)
-    if M and out_f:
+    if torch.are_deterministic_algorithms_enabled():  # the kernel's atomics reorder the column sums: torch instead
+        acc = colsum.dtype
+        t = y2d.to(acc) - bias.to(acc) if bias is not None else y2d.to(acc)
+        colsum = torch.einsum("ij,ij->j", dy2d.to(acc), t)
+        dt = (mag_scale.to(acc) * dy2d.to(acc)).to(dy.dtype)
+    elif M and out_f:
         bm, bn = min(64, max(16, _np2(M))), min(64, max(16, _np2(out_f)))
         _dora_bwd_kernel[(triton.cdiv(out_f, bn), triton.cdiv(M, bm))](
             dy2d, y2d, mag_scale, bias if bias is not None else mag_scale, dt, colsum,

@@ -152,3 +152,18 @@ def test_torch_compile_traces_without_graph_breaks(device):
         torch.testing.assert_close(y, y_ref, rtol=1e-11, atol=1e-11)
         for got, want in zip(g, g_ref):
             torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+@needs_triton
+@device_params
+def test_deterministic_mode_gives_the_same_gradients(device):
+    x, w, bvec, a, b, m, norm = _inputs((33,), 24, 40, 4, device)
+    gy = torch.randn(33, 40, dtype=torch.float64, device=device)
+    _, g = _run(dora_linear_triton, x, w, bvec, a, b, m, norm, 0.9, gy)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        _, g_det = _run(dora_linear_triton, x, w, bvec, a, b, m, norm, 0.9, gy)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for got, want in zip(g_det, g):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-11)
