@@ -88,10 +88,17 @@ if HAS_TRITON:
                         mask=mask_m[:, None] & mask_r[None, :], other=0.0)
             b = tl.load(b_ptr + rr[:, None] * stride_br + rn[None, :] * stride_bn,
                         mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+            # The dtype policy of every LoRA matmul (dot_policy.py): 16-bit outputs meet on the tensor cores
             if DOT == 2:
                 a = a.to(tl.float64)
                 b = b.to(tl.float64)
-            else:  # z is float32; B meets it in float32 (the expand is r-deep: no tensor-core win worth the rounding)
+            elif DOT == 3:
+                a = a.to(tl.bfloat16)
+                b = b.to(tl.bfloat16)
+            elif DOT == 4:
+                a = a.to(tl.float16)
+                b = b.to(tl.float16)
+            else:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc += tl.dot(a, b, input_precision=PRECISION)
@@ -140,7 +147,7 @@ def _expand(z: Tensor, lora_b: Tensor, base2d: Tensor, y2d: Tensor, c: Tensor, b
     N = lora_b.shape[0]
     if M == 0 or N == 0:
         return
-    dot = dot_mode(z.dtype, lora_b.dtype, torch.float32)
+    dot = dot_mode(z.dtype, lora_b.dtype, y2d.dtype)
     bm, bn = min(64, max(16, _np2(M))), min(64, max(16, _np2(N)))
     br = min(64, max(16, _np2(R)))
     s = torch.tensor([float(scaling)], device=z.device, dtype=torch.float64 if dot == 2 else torch.float32)
