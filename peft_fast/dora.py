@@ -4,8 +4,9 @@ PEFT (`lora.dora.DoraLinearLayer`) builds B·A and W + s·B·A, [out, in] each, 
 norm comes from `kernels.dora_norm` (||W||², W·Aᵀ and A·Aᵀ; never an [out, in] matrix), ||W||² is computed once per
 layer (the base is frozen), and outside training the whole scale m / norm is cached per adapter.
 
-Forward, with c = m / norm (norm detached, as in the paper §4.3 and PEFT), in PEFT's order of operations (bit for
-bit on CPU, also in bf16, where `c ⊙ (x·Wᵀ + s·lora(x)) + b` would round differently, ~1% on a tiny bf16 Llama):
+Forward, with c = m / norm (norm detached, as in the paper §4.3 and PEFT), on the CPU reference path in PEFT's order
+of operations (its outputs to the last bit in the parity tests, bf16 included; rounding t = x·Wᵀ + s·lora(x) to
+bf16 before scaling, as a naive `c ⊙ lora_linear(x) + b` would, moved a tiny bf16 Llama's logits by ~1%):
 - no dropout (or eval): `result + (c - 1)·(result - b) + c·s·lora(x)` with result = x·Wᵀ + b, the base output
   already computed: no second base matmul, and no dense B·A.
 - dropout in training: PEFT recomputes the base on the dropped-out input, `(c - 1)·(drop(x)·Wᵀ)`; that term is

@@ -293,7 +293,8 @@ class LoraLinear(nn.Module):
         return cache.stacks
 
     def train(self, mode: bool = True):
-        dora.clear(self)  # as PEFT's DoRA layer: no cached scale survives a switch of mode
+        if self.lora_magnitude_vector:
+            dora.clear(self)  # as PEFT's DoRA layer: no cached scale survives a switch of mode
         return super().train(mode)
 
     # --- merging -----------------------------------------------------------------------------------------------
