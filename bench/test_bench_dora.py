@@ -4,7 +4,7 @@ Baseline: Hugging Face PEFT's DoRA (`lora.dora.DoraLinearLayer`) on an identical
 weights. In the same interleaved rounds, peft_fast LoRA and PEFT LoRA over the same base and A, B are timed too, so
 each row also reports DoRA/LoRA time ratios for both libraries (`dora_over_lora_fast`, `dora_over_lora_peft`)
 and, on a GPU, peft_fast's DoRA/LoRA peak-memory ratio (targets: eval <= 1.05x, training <= 1.1x time, <= 1.05x
-memory). CPU: a stack of 1024-wide layers; GPU: Llama-3-8B's MLP shapes (4096 -> 14336 -> 4096).
+memory). CPU: a stack of 1024-wide layers; GPU: Llama-3-8B's layer shapes (4096 -> 4096 -> 14336 -> 4096).
 """
 import copy
 
@@ -16,8 +16,8 @@ from torch import nn
 import peft_fast
 from benchutil import ALPHA, BASE_DTYPE, DEVICE, ON_GPU, RANK, measure, peak_mib, rel_err
 
-if ON_GPU:
-    WIDTHS = [4096, 14336, 4096]
+if ON_GPU:  # Llama-3-8B's three projection shapes in one stack: 4096x4096, 4096->14336, 14336->4096
+    WIDTHS = [4096, 4096, 14336, 4096]
     TOKENS = 4096
 else:
     WIDTHS = [1024, 1024, 1024, 1024, 1024]

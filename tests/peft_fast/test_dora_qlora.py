@@ -184,17 +184,21 @@ def test_saved_adapters_load_across(model_dir, tmp_path):
         assert_close(impl_loaded(input_ids=x).logits, ref_model(input_ids=x).logits, **tol(case))
 
 
-def test_triton_backend(model_dir, monkeypatch):
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_triton_backend(model_dir, monkeypatch, dropout):
     from peft_fast.kernels import interpreting
 
     if not (interpreting() or torch.cuda.is_available()):
         pytest.skip("no Triton device")
-    ref_model, impl_model = make_pair(model_dir, CASES[0], use_dora=True, target_modules="all-linear")
+    ref_model, impl_model = make_pair(model_dir, CASES[0], use_dora=True, target_modules="all-linear",
+                                      lora_dropout=dropout)
     monkeypatch.setenv("PEFT_FAST_BACKEND", "triton")
     ref_model.train()
     impl_model.train()
     x = ids(batch=2, seq=4)
+    torch.manual_seed(9)
     ref_out = ref_model(input_ids=x, labels=x)
+    torch.manual_seed(9)
     impl_out = impl_model(input_ids=x, labels=x)
     assert_close(impl_out.logits, ref_out.logits, atol=1e-4, rtol=1e-4)
     ref_out.loss.backward()
@@ -203,6 +207,7 @@ def test_triton_backend(model_dir, monkeypatch):
     for n, p in impl_model.named_parameters():
         if p.requires_grad:
             assert_close(p.grad, r_p[n].grad, atol=1e-4, rtol=1e-3, msg=n)
-    impl_model.eval()
-    with torch.no_grad():
-        assert_close(impl_model(input_ids=x).logits, ref_out.logits.detach(), atol=1e-4, rtol=1e-4)
+    if dropout == 0:
+        impl_model.eval()
+        with torch.no_grad():
+            assert_close(impl_model(input_ids=x).logits, ref_out.logits.detach(), atol=1e-4, rtol=1e-4)
