@@ -211,3 +211,21 @@ def test_triton_backend(model_dir, monkeypatch, dropout):
         impl_model.eval()
         with torch.no_grad():
             assert_close(impl_model(input_ids=x).logits, ref_out.logits.detach(), atol=1e-4, rtol=1e-4)
+
+
+def test_eval_over_bnb_cpu_repacked_weight(model_dir):
+    """Eval without gradients lets bnb repack its CPU weight (AVX512-BF16 layout, where the CPU has it); the DoRA
+    norm must still come from the right weight. PEFT misreads it (module docstring), so the reference is PEFT in
+    train mode; bnb's repacked kernel computes the base in bf16, hence the looser tolerance."""
+    ref_model, impl_model = make_pair(model_dir, CASES[0], use_dora=True)
+    ref_model.train()
+    impl_model.eval()
+    x = ids(seed=6)
+    with torch.no_grad():
+        expected = ref_model(input_ids=x).logits
+        got = impl_model(input_ids=x).logits
+        with ref_model.disable_adapter():
+            base = ref_model(input_ids=x).logits
+    rel = ((got - expected).norm() / expected.norm()).item()
+    assert rel < 5e-3, rel
+    assert ((base - expected).norm() / expected.norm()).item() > 20 * rel  # a wrong norm would show
