@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .backend import HAS_TRITON, use_triton
 from .dot_policy import dot_mode, precision
-from .lora_linear import _DROP_NONE, _mm, _np2, _z_dtype, lora_backward
+from .lora_linear import _DROP_NONE, _hi_lo, _mm, _np2, _z_dtype, lora_backward
 
 __all__ = ["dora_linear", "dora_linear_reference", "dora_linear_triton"]
 
@@ -65,8 +65,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _dora_expand_kernel(
-        z_ptr, b_ptr, base_ptr, y_ptr, c_ptr, bias_ptr, s_ptr,
-        M, N, R,
+        z_ptr, b_ptr, base_ptr, y_ptr, c_ptr, bias_ptr,
+        M, N, R, s_hi, s_lo,
         stride_zm, stride_zr, stride_bn, stride_br, stride_basem, stride_basen, stride_ym, stride_yn,
         HAS_BIAS: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -102,12 +102,14 @@ if HAS_TRITON:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc += tl.dot(a, b, input_precision=PRECISION)
-        s = tl.load(s_ptr).to(acc.dtype)  # a tensor: float arguments arrive as fp32
+        s = tl.zeros((BLOCK_N,), dtype=acc.dtype) + s_hi
+        if DOT == 2:  # float arguments arrive as fp32: hi + lo, added in float64, keeps the scaling exact
+            s = s + s_lo
         mask = mask_m[:, None] & mask_n[None, :]
         base = tl.load(base_ptr + rm[:, None] * stride_basem + rn[None, :] * stride_basen, mask=mask,
                        other=0.0).to(acc.dtype)
         c = tl.load(c_ptr + rn, mask=mask_n, other=0.0).to(acc.dtype)
-        out = c[None, :] * (base + s * acc)
+        out = c[None, :] * (base + s[None, :] * acc)
         if HAS_BIAS:
             out += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(acc.dtype)[None, :]
         tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, out.to(y_ptr.dtype.element_ty),
@@ -150,10 +152,10 @@ def _expand(z: Tensor, lora_b: Tensor, base2d: Tensor, y2d: Tensor, c: Tensor, b
     dot = dot_mode(z.dtype, lora_b.dtype, y2d.dtype)
     bm, bn = min(64, max(16, _np2(M))), min(64, max(16, _np2(N)))
     br = min(64, max(16, _np2(R)))
-    s = torch.tensor([float(scaling)], device=z.device, dtype=torch.float64 if dot == 2 else torch.float32)
+    s_hi, s_lo = _hi_lo(float(scaling))  # kernel arguments, not a tensor: no host-to-device copy per call
     grid = (triton.cdiv(N, bn), triton.cdiv(M, bm))
     _dora_expand_kernel[grid](
-        z, lora_b, base2d, y2d, c, bias if bias is not None else c, s, M, N, R,
+        z, lora_b, base2d, y2d, c, bias if bias is not None else c, M, N, R, s_hi, s_lo,
         z.stride(0), z.stride(1), lora_b.stride(0), lora_b.stride(1), base2d.stride(0), base2d.stride(1),
         y2d.stride(0), y2d.stride(1),
         HAS_BIAS=bias is not None, DOT=dot, PRECISION=precision(dot), BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br,

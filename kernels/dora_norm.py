@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .backend import HAS_TRITON, use_triton
 from .dot_policy import DOT_F32, DOT_F64, precision
+from .lora_linear import _hi_lo
 from .nf4 import NF4State, _absmax, _check_dequantize_args, nf4_dequantize_reference
 
 __all__ = ["dora_norm", "dora_norm_reference", "dora_norm_triton",
@@ -81,8 +82,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _dora_norm_kernel(
-        w_ptr, q_ptr, absmax_ptr, code_ptr, a_ptr, b_ptr, aat_ptr, scal_ptr, sq_in_ptr, norm_ptr, sq_out_ptr,
-        N, K, R,
+        w_ptr, q_ptr, absmax_ptr, code_ptr, a_ptr, b_ptr, aat_ptr, sq_in_ptr, norm_ptr, sq_out_ptr,
+        N, K, R, s_hi, s_lo,
         stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
         NF4: tl.constexpr, BS: tl.constexpr, W_ROUND: tl.constexpr, HAS_SQ: tl.constexpr,
         DOT: tl.constexpr, PRECISION: tl.constexpr,
@@ -141,7 +142,9 @@ if HAS_TRITON:
                     mask=mask_n[:, None] & mask_r[None, :], other=0.0).to(acc.dtype)
         aat = tl.load(aat_ptr + rr[:, None] * R + rr[None, :], mask=mask_r[:, None] & mask_r[None, :],
                       other=0.0).to(acc.dtype)
-        s = tl.load(scal_ptr).to(acc.dtype)  # a tensor: a float argument would arrive as fp32
+        s = tl.zeros((BLOCK_N,), dtype=acc.dtype) + s_hi
+        if DOT == 2:  # float arguments arrive as fp32: hi + lo, added in float64, keeps the scaling exact
+            s = s + s_lo
         cross = tl.sum(b * acc, axis=1)
         quad = tl.sum(tl.dot(b, aat, input_precision=PRECISION) * b, axis=1)
         total = sq + 2.0 * s * cross + s * s * quad
@@ -160,7 +163,7 @@ def _launch(out_f: int, in_f: int, lora_a: Tensor, lora_b: Tensor, scaling: floa
         return norm, sq_out
     a_acc = lora_a.detach().to(acc)
     aat = (a_acc @ a_acc.T).contiguous()  # [r, r]: tiny, torch's matmul
-    scal = torch.tensor([float(scaling)], device=device, dtype=acc)
+    s_hi, s_lo = _hi_lo(float(scaling))  # kernel arguments, not a tensor: no host-to-device copy per call
     dot = DOT_F64 if acc == torch.float64 else DOT_F32
     br = max(16, triton.next_power_of_2(r))
     bn = 32 if br <= 64 else 16
@@ -175,8 +178,8 @@ def _launch(out_f: int, in_f: int, lora_a: Tensor, lora_b: Tensor, scaling: floa
         w_arg, strides = weight, (weight.stride(0), weight.stride(1))
     b = lora_b.detach()
     _dora_norm_kernel[(triton.cdiv(out_f, bn),)](
-        w_arg, packed, absmax, code, lora_a.detach(), b, aat, scal, sq_out, norm, sq_out,
-        out_f, in_f, r,
+        w_arg, packed, absmax, code, lora_a.detach(), b, aat, sq_out, norm, sq_out,
+        out_f, in_f, r, s_hi, s_lo,
         strides[0], strides[1], lora_a.stride(0), lora_a.stride(1), b.stride(0), b.stride(1),
         NF4=nf4 is not None, BS=blocksize, W_ROUND=w_round, HAS_SQ=weight_sq is not None,
         DOT=dot, PRECISION=precision(dot), BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br,
