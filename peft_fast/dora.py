@@ -151,9 +151,10 @@ def _cached(layer, name: str, a, b, s) -> tuple:
     return hit
 
 
-def scale(layer, name: str, grad: Optional[bool] = None) -> torch.Tensor:
-    """c = m / ||W + s·B·A|| [out] in the magnitude's dtype; differentiable in m when m needs a gradient."""
-    a, b, s, _, _ = layer._adapter_args(name)
+def scale(layer, name: str, grad: Optional[bool] = None, args: Optional[tuple] = None) -> torch.Tensor:
+    """c = m / ||W + s·B·A|| [out] in the magnitude's dtype; differentiable in m when m needs a gradient.
+    `args`: the layer's `_adapter_args(name)` when the caller has them already."""
+    a, b, s, _, _ = args if args is not None else layer._adapter_args(name)
     m = layer.lora_magnitude_vector[name].weight
     if grad is None:
         grad = torch.is_grad_enabled() and m.requires_grad
@@ -172,18 +173,19 @@ def fused_forward(layer, name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
     q = None if plain is not None else quantized.fused_base(layer, x)
     if plain is None and q is None:
         return None
-    a, b, s, p, _ = layer._adapter_args(name)
-    weight = plain[0] if plain is not None else q[0]
+    args = layer._adapter_args(name)
+    a, b, s, p, _ = args
+    on_triton = use_triton(x, plain[0] if plain is not None else q[0], a, b)
     if (plain is not None and not (layer.training or torch.is_grad_enabled()) and not isinstance(s, torch.Tensor)
-            and not use_triton(x, weight, a, b)):
+            and not on_triton):
         # Eval on the reference path (decode): PEFT's steps, with as few Python and torch calls as possible
         result = F.linear(x, plain[0], plain[1])
         d = _delta_eval(layer, name, x.to(a.dtype), result, a, b, s)
         return result.add_(d) if result.dtype == torch.promote_types(result.dtype, d.dtype) else \
             (result + d).to(result.dtype)
-    if use_triton(x, weight, a, b):
+    if on_triton:
         # Triton: the base matmul without bias, then one expand whose epilogue applies c and b (dora_linear.py)
-        c = scale(layer, name).to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+        c = scale(layer, name, args=args).to(torch.float64 if x.dtype == torch.float64 else torch.float32)
         bias = plain[1] if plain is not None else q[2]
         if p == 0:
             if plain is not None:  # the base matmul inside the op, its output buffer reused for y
@@ -236,10 +238,11 @@ def _delta_eval(layer, name: str, x: torch.Tensor, result: torch.Tensor, a, b, s
 
 def delta(layer, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
     """PEFT's `DoraLinearLayer.forward`: what adapter `name` adds to `result` (x already in the adapter dtype)."""
-    a, b, s, p, _ = layer._adapter_args(name)
+    args = layer._adapter_args(name)
+    a, b, s, p, _ = args
     if not (layer.training or torch.is_grad_enabled()) and not isinstance(s, torch.Tensor):
         return _delta_eval(layer, name, x, result, a, b, s)
-    c = scale(layer, name)
+    c = scale(layer, name, args=args)
     if p > 0:
         xd = layer.lora_dropout[name](x)  # the module, so the RNG is drawn as PEFT draws it
         base_result = _base_nobias(layer, xd, a, b)
