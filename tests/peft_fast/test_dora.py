@@ -360,7 +360,7 @@ def test_add_weighted_adapter_with_dora_matches_peft():
             if "lora_" in n:
                 p.add_(torch.randn_like(p) * 0.1)
     copy_weights(r, i)
-    for combo in ("cat", "linear"):
+    for combo in ("cat", "linear", "svd"):
         name = f"w_{combo}"
         r.add_weighted_adapter(["default", "b"], [0.6, 0.9], name, combination_type=combo)
         i.add_weighted_adapter(["default", "b"], [0.6, 0.9], name, combination_type=combo)
