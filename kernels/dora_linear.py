@@ -9,7 +9,8 @@ The reference is PEFT's order of operations (`result + (c - 1)·(result - b) + c
 Triton path computes the algebraically equal c ⊙ (base + s·z·Bᵀ) + b in float32 in one expand kernel whose
 epilogue applies c and b while the tile is in registers, writing y once, as LoRA's expand writes its output.
 Backward never stores t = base + s·z·Bᵀ: it recovers the magnitude's gradient from the output y, which the next
-layer keeps anyway, as dc = Σ_tokens dy ⊙ (y - b) / c, in one pass that also writes dt = c ⊙ dy. A channel with
+layer keeps anyway, as dc = Σ_tokens dy ⊙ (y - b) / c, in one pass that also writes dt = c ⊙ dy; on the dense path
+dt lives one block of `BWD_BLOCK_ROWS` tokens at a time. A channel with
 c = 0 (m = 0) has lost t and gets dc = 0 there (PEFT: Σ dy ⊙ t); DoRA's magnitudes start at row norms, so this
 needs a magnitude trained to exactly zero.
 """
@@ -189,43 +190,73 @@ def _(base, weight, x, bias, lora_a, lora_b, mag_scale, scaling):
     return y, z
 
 
+# Rows per backward block when dt = c ⊙ dy need not be returned (the dense path): dt then exists one block at a
+# time, so DoRA's backward holds a [block, out] buffer more than LoRA's, not a second [T, out] one.
+BWD_BLOCK_ROWS = 1024
+
+
+def _scale_grad(dy2d: Tensor, y2d: Tensor, mag_scale: Tensor, bias: Optional[Tensor], dt: Tensor,
+                colsum: Tensor) -> None:
+    """dt = c ⊙ dy, colsum += Σ_rows dy ⊙ (y - b), for one block of rows."""
+    M, N = dy2d.shape
+    if M == 0 or N == 0:
+        return
+    if torch.are_deterministic_algorithms_enabled():  # the kernel's atomics reorder the column sums: torch instead
+        acc = colsum.dtype
+        t = y2d.to(acc) - bias.to(acc) if bias is not None else y2d.to(acc)
+        colsum += torch.einsum("ij,ij->j", dy2d.to(acc), t)
+        dt.copy_(mag_scale.to(acc) * dy2d.to(acc))
+        return
+    bm, bn = min(64, max(16, _np2(M))), min(64, max(16, _np2(N)))
+    _dora_bwd_kernel[(triton.cdiv(N, bn), triton.cdiv(M, bm))](
+        dy2d, y2d, mag_scale, bias if bias is not None else mag_scale, dt, colsum,
+        M, N, dy2d.stride(0), dy2d.stride(1), y2d.stride(0), y2d.stride(1), dt.stride(0), dt.stride(1),
+        HAS_BIAS=bias is not None, F64=colsum.dtype == torch.float64, BLOCK_M=bm, BLOCK_N=bn,
+    )
+
+
 @torch.library.custom_op("peft_fast::dora_linear_bwd", mutates_args=())
 def _dora_linear_bwd(dy: Tensor, y: Tensor, weight: Optional[Tensor], x: Tensor, bias: Optional[Tensor],
                      lora_a: Tensor, lora_b: Tensor, z: Tensor, mag_scale: Tensor, scaling: float, need_x: bool,
-                     need_a: bool, need_b: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dt = c ⊙ dy, dx, dA, dB, dc); dx has the base's part when weight is given (else the caller's base op
-    adds it from dt); unneeded ones come back empty."""
+                     need_a: bool, need_b: bool, keep_dt: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dt = c ⊙ dy [empty unless keep_dt], dx, dA, dB, dc); dx has the base's part when weight is given (else the
+    caller's base op adds it from dt); unneeded ones come back empty."""
     in_f, out_f = x.shape[-1], lora_b.shape[0]
     dy2d, y2d, x2d = dy.reshape(-1, out_f), y.reshape(-1, out_f), x.reshape(-1, in_f)
     M = dy2d.shape[0]
     f64 = torch.float64 in (dy.dtype, y.dtype, mag_scale.dtype)
-    dt = torch.empty_like(dy2d)
     colsum = torch.zeros(out_f, device=dy.device, dtype=torch.float64 if f64 else torch.float32)
-    if torch.are_deterministic_algorithms_enabled():  # the kernel's atomics reorder the column sums: torch instead
-        acc = colsum.dtype
-        t = y2d.to(acc) - bias.to(acc) if bias is not None else y2d.to(acc)
-        colsum = torch.einsum("ij,ij->j", dy2d.to(acc), t)
-        dt = (mag_scale.to(acc) * dy2d.to(acc)).to(dy.dtype)
-    elif M and out_f:
-        bm, bn = min(64, max(16, _np2(M))), min(64, max(16, _np2(out_f)))
-        _dora_bwd_kernel[(triton.cdiv(out_f, bn), triton.cdiv(M, bm))](
-            dy2d, y2d, mag_scale, bias if bias is not None else mag_scale, dt, colsum,
-            M, out_f, dy2d.stride(0), dy2d.stride(1), y2d.stride(0), y2d.stride(1), dt.stride(0), dt.stride(1),
-            HAS_BIAS=bias is not None, F64=f64, BLOCK_M=bm, BLOCK_N=bn,
-        )
+    keep_dt = keep_dt or weight is None
+    dt_full = torch.empty_like(dy2d) if keep_dt else None
+    dx2d = (torch.empty_like(x2d) if need_x else None)
+    da = torch.zeros_like(lora_a) if need_a else lora_a.new_empty(0)
+    db = torch.zeros_like(lora_b) if need_b else lora_b.new_empty(0)
+    step = max(M, 1) if keep_dt else BWD_BLOCK_ROWS
+    for r0 in range(0, M, step):
+        rows = slice(r0, min(M, r0 + step))
+        dt = dt_full[rows] if keep_dt else torch.empty_like(dy2d[rows])
+        _scale_grad(dy2d[rows], y2d[rows], mag_scale, bias, dt, colsum)
+        dx_rows = None
+        if need_x:
+            dx_rows = dx2d[rows]
+            if weight is not None:  # the base's part on cuBLAS, the LoRA part added by the kernels
+                torch.matmul(dt, weight, out=dx_rows)
+        da_r, db_r = lora_backward(dt, x2d[rows], lora_a, lora_b, z[rows], None, scaling, 0.0, need_a, need_b,
+                                   dx_rows, accumulate=weight is not None)
+        if need_a:
+            da += da_r
+        if need_b:
+            db += db_r
     c = mag_scale.to(colsum.dtype)
     dc = torch.where(c != 0, colsum / torch.where(c != 0, c, 1), 0).to(mag_scale.dtype)
-    dx2d = None
-    if need_x:  # the base's part on cuBLAS, the LoRA part added by the kernels
-        dx2d = dt @ weight if weight is not None else torch.empty_like(x2d)
-    da, db = lora_backward(dt, x2d, lora_a, lora_b, z, None, scaling, 0.0, need_a, need_b, dx2d,
-                           accumulate=weight is not None)
-    return dt.view(dy.shape), (dx2d.view(x.shape) if need_x else x.new_empty(0)), da, db, dc
+    return ((dt_full.view(dy.shape) if keep_dt else dy.new_empty(0)),
+            (dx2d.view(x.shape) if need_x else x.new_empty(0)), da, db, dc)
 
 
 @_dora_linear_bwd.register_fake
-def _(dy, y, weight, x, bias, lora_a, lora_b, z, mag_scale, scaling, need_x, need_a, need_b):
-    return (torch.empty_like(dy), x.new_empty(x.shape) if need_x else x.new_empty(0),
+def _(dy, y, weight, x, bias, lora_a, lora_b, z, mag_scale, scaling, need_x, need_a, need_b, keep_dt):
+    return (torch.empty_like(dy) if keep_dt or weight is None else dy.new_empty(0),
+            x.new_empty(x.shape) if need_x else x.new_empty(0),
             lora_a.new_empty(lora_a.shape) if need_a else lora_a.new_empty(0),
             lora_b.new_empty(lora_b.shape) if need_b else lora_b.new_empty(0), torch.empty_like(mag_scale))
 
@@ -245,7 +276,7 @@ def _backward(ctx, dy, _dz):
     y, weight, x, bias, lora_a, lora_b, z, mag_scale = ctx.saved_tensors
     need_base, need_w, need_x, need_bias, need_a, need_b, need_c = ctx.needs
     dt, dx, da, db, dc = _dora_linear_bwd(dy.contiguous(), y, weight, x, bias, lora_a, lora_b, z, mag_scale,
-                                          ctx.scaling, need_x, need_a, need_b)
+                                          ctx.scaling, need_x, need_a, need_b, need_base or need_w)
     dbias = dy.reshape(-1, dy.shape[-1]).sum(0).to(bias.dtype) if need_bias else None
     dw = None
     if need_w:  # a trainable base weight is rare: plain torch
