@@ -19,6 +19,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	$(PY) examples/demo.py
+	$(PY) examples/qlora_demo.py
 
 test: setup
 	$(VENV)/bin/pytest tests -q

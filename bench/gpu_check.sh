@@ -61,13 +61,30 @@ stage() {  # stage NAME SECONDS pytest-args...: log, junit xml and "rc seconds" 
 
 # Stage limits in seconds (0 skips a stage): short device leases run e.g.
 #   GPU_CHECK_KERNELS_S=60 GPU_CHECK_TESTS_S=0 GPU_CHECK_BENCH_S=110 bash bench/gpu_check.sh
-stage kernels "${GPU_CHECK_KERNELS_S:-120}" tests/kernels -q $TEST_TIMEOUT
+# Files never run on a GPU before go first, so that a short lease still covers them; pytest drops the repeats.
+existing() { local f; for f in "$@"; do [ -e "$f" ] && printf '%s ' "$f"; done; }
+FIRST_TESTS=$(existing tests/kernels/test_qlora_gemv.py tests/kernels/test_dora_norm.py tests/kernels/test_nf4_linear.py \
+  tests/kernels/test_dora_linear.py tests/kernels/test_multi_lora_dora.py \
+  tests/kernels/test_qlora_linear.py tests/kernels/test_nf4.py)
+# GPU_CHECK_ONLY_NEW=1: only those first files, in the kernels and bench stages (a short lease after a change).
+ALL_TESTS=tests/kernels ALL_BENCH=bench
+[ "${GPU_CHECK_ONLY_NEW:-0}" = 1 ] && ALL_TESTS="" && ALL_BENCH=""
+stage kernels "${GPU_CHECK_KERNELS_S:-120}" $FIRST_TESTS $ALL_TESTS -q $TEST_TIMEOUT
 stage peft_fast "${GPU_CHECK_TESTS_S:-90}" tests/peft_fast -q $XDIST $TEST_TIMEOUT
 # Rows are written as measured (into $OUT when set), so they survive a stage that times out.
 export PEFT_FAST_BENCH_ROWS="${OUT:-$LOGS}/bench_rows.jsonl"
-stage bench "${GPU_CHECK_BENCH_S:-180}" bench -q $TEST_TIMEOUT \
+FIRST_BENCH=$(existing bench/test_bench_qlora_linear.py bench/test_bench_qlora_paths.py bench/test_bench_dora.py \
+  bench/test_bench_qlora_model.py)
+stage bench "${GPU_CHECK_BENCH_S:-180}" $FIRST_BENCH $ALL_BENCH -q $TEST_TIMEOUT \
   --benchmark-json="$LOGS/bench.json" --benchmark-min-rounds=3 --benchmark-max-time=0.5 \
   --benchmark-warmup=on --benchmark-warmup-iterations=2 --benchmark-columns=median,iqr,rounds
+
+# Where the QLoRA layer's time goes (kernel times, host overhead, profiler tables): a log only, for the next change.
+if [ "${GPU_CHECK_PROFILE_S:-60}" -gt 0 ]; then
+  echo "== profile: bench/profile_qlora.py (limit ${GPU_CHECK_PROFILE_S:-60}s)"
+  timeout -k 5 "${GPU_CHECK_PROFILE_S:-60}" $PY bench/profile_qlora.py 2>&1 | tee "$LOGS/profile.log" ${OUT:+"$OUT/profile.log"} \
+    | grep -E "^(host|[0-9]+x[0-9]+:|==)" || true
+fi
 
 mkdir -p bench/results
 $PY bench/gpu_report.py "$LOGS" --seconds $(( $(date +%s) - T0 ))

@@ -1,7 +1,7 @@
 """One LoRA layer: peft_fast's LoraLinear (via get_peft_model) against PEFT's lora.Linear on an identical copy.
 
 Baseline: Hugging Face PEFT `lora.Linear` over the same bf16 base weight and the same fp32 adapter weights.
-QLoRA case, baseline: PEFT over a bitsandbytes NF4 `Linear4bit` (skipped when bitsandbytes is missing).
+The 4-bit (QLoRA) layer has its own file: test_bench_qlora_linear.py.
 """
 import copy
 
@@ -91,32 +91,3 @@ def test_lora_linear_decode(benchmark, shape, tokens):
     err = rel_err(forward(fast)(), forward(ref)())
     label = f"lora_linear decode {in_f}x{out_f} M={tokens}"
     measure(benchmark, label, forward(fast), forward(ref), baseline=BASELINE, err=err)
-
-
-def _nf4_linear(weight: torch.Tensor):
-    import bitsandbytes as bnb
-
-    layer = bnb.nn.Linear4bit(weight.shape[1], weight.shape[0], bias=False, compute_dtype=BASE_DTYPE,
-                              quant_type="nf4")
-    layer.weight = bnb.nn.Params4bit(weight.detach().cpu(), requires_grad=False, quant_type="nf4")
-    return layer.to(DEVICE)  # quantises here, deterministically: both copies get the same codes
-
-
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_qlora_linear_fwd_bwd(benchmark, shape):
-    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes not installed: PEFT + bitsandbytes QLoRA "
-                                                     "baseline skipped")
-    torch.manual_seed(0)
-    in_f, out_f = shape
-    weight = _linear(in_f, out_f).weight
-    try:
-        bases = _nf4_linear(weight), _nf4_linear(weight)
-    except Exception as e:  # bitsandbytes builds without this device's backend
-        pytest.skip(f"bitsandbytes {bnb.__version__} cannot quantise on {DEVICE}: {type(e).__name__}: {e}")
-    try:
-        fast, ref = _pair(bases[0], 0.0, base_copy=bases[1])
-    except Exception as e:  # reported as a skip so the rest of the run still yields numbers; the reason says why
-        pytest.skip(f"peft_fast cannot adapt bitsandbytes Linear4bit: {type(e).__name__}: {str(e)[:300]}")
-    label = f"qlora_linear fwd+bwd {in_f}x{out_f} M={TOKENS} p=0.0"
-    _bench_fwd_bwd(benchmark, label, fast, ref, in_f, out_f, 0.0,
-                   f"peft {peft.__version__} + bitsandbytes {bnb.__version__} NF4")

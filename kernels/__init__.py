@@ -27,6 +27,9 @@ __all__ = [
     "nf4_dequantize_triton",
     "nf4_state_from_bnb",
     "nf4_from_bnb",
+    "nf4_linear",
+    "nf4_linear_reference",
+    "nf4_linear_triton",
     "qlora_linear",
     "qlora_linear_reference",
     "qlora_linear_triton",
@@ -49,6 +52,7 @@ if __name__ == "peft_fast.kernels":
     from .multi_lora import LoraBatchMeta, make_lora_batch_meta, multi_lora, multi_lora_reference, multi_lora_triton
     from .nf4 import (NF4State, nf4_dequantize, nf4_dequantize_reference, nf4_dequantize_triton, nf4_from_bnb,
                       nf4_quantize, nf4_quantize_reference, nf4_quantize_triton, nf4_state_from_bnb)
+    from .nf4_linear import nf4_linear, nf4_linear_reference, nf4_linear_triton
     from .qlora_linear import qlora_linear, qlora_linear_reference, qlora_linear_triton
     from .dora_norm import (dora_norm, dora_norm_nf4, dora_norm_nf4_reference, dora_norm_nf4_triton,
                             dora_norm_reference, dora_norm_triton)

@@ -126,9 +126,6 @@ def _check_quantize_args(w: Tensor, blocksize: int, quant_type: str) -> None:
         raise ValueError(f"nf4_quantize: weights must be float32, float16 or bfloat16, got {w.dtype}")
     if w.dim() == 0 or w.numel() == 0:
         raise ValueError(f"nf4_quantize: need a non-empty weight with at least one dim, got shape {tuple(w.shape)}")
-    if w.shape[-1] % blocksize:
-        raise ValueError(f"nf4_quantize: the last dim (K={w.shape[-1]}) of weight shape {tuple(w.shape)} is not "
-                         f"divisible by blocksize {blocksize}; every block must lie within one row.")
 
 
 def _blockwise_absmax(flat: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
@@ -142,7 +139,7 @@ def _quantize_dynamic(x: Tensor) -> tuple[Tensor, Tensor]:
     """bnb's CPU blockwise 8-bit quantization (dynamic map, blocks of 256) of a float32 vector: (codes, absmax)."""
     n = x.numel()
     blocks, absmax = _blockwise_absmax(x.float(), NESTED_BLOCKSIZE)
-    v = (blocks * (1.0 / absmax)[:, None]).clamp(-1.0, 1.0)
+    v = (blocks * (1.0 / absmax)[:, None]).clamp(-1.0, 1.0).nan_to_num(0.0)  # an all-zero block: 0/0
     slot = ((v + 1.0) * 0.5 * 65535.0 + 0.5).to(torch.int64)
     q = _DYNAMIC_LUT.to(x.device)[slot]
     q = torch.where((absmax == 0)[:, None], torch.zeros_like(q), q)
@@ -159,7 +156,8 @@ def _quantize(w: Tensor, blocksize: int, compress_statistics: bool, quant_type: 
     q = torch.bucketize(scaled, mids, out_int32=True)
     if quant_type != "nf4":
         q = order[q]
-    q = q.to(torch.uint8)
+    n = w.numel()  # blocks may span rows (bnb flattens the weight); an odd count keeps the code of a padding zero
+    q = q[:n + n % 2].to(torch.uint8)
     packed = ((q[0::2] << 4) | q[1::2]).unsqueeze(1)
     state = NF4State(absmax, w.shape, w.dtype, blocksize, quant_type, code.clone())
     if compress_statistics:
@@ -246,32 +244,78 @@ if HAS_TRITON:
         return u.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
     @triton.jit
-    def _nf4_dequant_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, n, blocksize,
+    def _nf4_dequant_kernel(packed_ptr, absmax_ptr, code_ptr, nabs_ptr, ncode_ptr, offset_ptr, out_ptr, n,
+                            BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BS: tl.constexpr,
                             BLOCK: tl.constexpr, IDX64: tl.constexpr, OUT_BF16: tl.constexpr):
-        """Each program unpacks BLOCK bytes (2·BLOCK elements): element 2j is byte j's high nibble, 2j+1 its low."""
+        """Each program unpacks BLOCK bytes into 2·BLOCK contiguous elements (element 2j is byte j's high nibble,
+        2j+1 its low): the nibbles are joined in registers so that the store is one coalesced run. A double-quantized
+        absmax is decoded here too (code2[q]·absmax2 + offset, as bnb), so one launch does the whole job."""
         pid = tl.program_id(0)
         if IDX64:
             byte = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+            elem = pid.to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK).to(tl.int64)
         else:
             byte = pid * BLOCK + tl.arange(0, BLOCK)
-        e0 = 2 * byte
-        e1 = e0 + 1
-        m0 = e0 < n
-        m1 = e1 < n
-        b = tl.load(packed_ptr + byte, mask=m0, other=0).to(tl.int32)
+            elem = pid * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
+        b = tl.load(packed_ptr + byte, mask=2 * byte < n, other=0).to(tl.int32)
         hi = tl.load(code_ptr + (b >> 4))
         lo = tl.load(code_ptr + (b & 15))
-        a0 = tl.load(absmax_ptr + e0 // blocksize, mask=m0, other=0.0)
-        a1 = tl.load(absmax_ptr + e1 // blocksize, mask=m1, other=0.0)
-        v0 = hi * a0
-        v1 = lo * a1
-        if OUT_BF16:
-            tl.store(out_ptr + e0, _to_bf16_rne(v0), mask=m0)
-            tl.store(out_ptr + e1, _to_bf16_rne(v1), mask=m1)
+        vals = tl.reshape(tl.join(hi, lo), (2 * BLOCK,))
+        mask = elem < n
+        blk = elem // BLOCKSIZE
+        if NESTED:
+            qa = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
+            scale = tl.load(ncode_ptr + qa) * tl.load(nabs_ptr + blk // NESTED_BS, mask=mask, other=0.0)
+            scale = scale + tl.load(offset_ptr)
         else:
-            ty = out_ptr.dtype.element_ty
-            tl.store(out_ptr + e0, v0.to(ty), mask=m0)
-            tl.store(out_ptr + e1, v1.to(ty), mask=m1)
+            scale = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+        v = vals * scale
+        if OUT_BF16:
+            tl.store(out_ptr + elem, _to_bf16_rne(v), mask=mask)
+        else:
+            tl.store(out_ptr + elem, v.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize_raw(packed: Tensor, absmax: Tensor, code: Tensor, shape, dtype: torch.dtype, blocksize: int,
+                   nested: Optional[tuple] = None) -> Tensor:
+    """The Triton dequantization from launch-ready tensors (flat uint8 bytes, float32 codebook, all contiguous on one
+    device): what the fused ops call when dequantize-then-cuBLAS beats the fused GEMM. `absmax` is float32, or with
+    `nested` = (nested_absmax, nested_code, offset, nested_blocksize) the uint8 codes of a double-quantized one."""
+    n = math.prod(shape)
+    out = torch.empty(shape, dtype=dtype, device=packed.device)
+    BLOCK = 1024
+    grid = (triton.cdiv((n + 1) // 2, BLOCK),)
+    nabs, ncode, offset, nbs = nested if nested is not None else (absmax, code, absmax, 1)
+    # No FMA: code2·absmax2 + offset must round twice, as bitsandbytes' two steps do, to stay bit for bit.
+    _nf4_dequant_kernel[grid](packed, absmax, code, nabs, ncode, offset, out, n,
+                              BLOCKSIZE=blocksize, NESTED=nested is not None, NESTED_BS=nbs,
+                              BLOCK=BLOCK, IDX64=n + 4 * BLOCK >= 2**31, OUT_BF16=dtype == torch.bfloat16,
+                              enable_fp_fusion=False)
+    return out
+
+
+def launch_args(packed: Tensor, state: NF4State, device) -> tuple:
+    """(flat uint8 bytes, absmax, float32 code, nested or None) as the kernels take them: absmax stays in its
+    stored form (uint8 codes when double-quantized: the kernels decode it, no float32 copy is made)."""
+    flat = packed.reshape(-1)
+    if flat.dtype != torch.uint8:
+        flat = flat.view(torch.uint8)
+    code = state.code.to(device=device, dtype=torch.float32).contiguous()
+    if not state.nested:
+        return flat.contiguous(), state.absmax.float().contiguous(), code, None
+    nested = (state.nested_absmax.float().contiguous(), state.nested_code.float().contiguous(),
+              state.offset.float().reshape(1).contiguous(), int(state.nested_blocksize))
+    return flat.contiguous(), state.absmax.contiguous(), code, nested
+
+
+def decode_absmax(absmax: Tensor, nested: Optional[tuple]) -> Tensor:
+    """float32 absmax from `launch_args`' form (for the kernels that read one float per block)."""
+    if nested is None:
+        return absmax
+    nabs, ncode, offset, nbs = nested
+    pad = -absmax.numel() % nbs
+    vals = torch.nn.functional.pad(ncode[absmax.long()], (0, pad)).view(-1, nbs)
+    return ((vals * nabs[:, None]).reshape(-1)[:absmax.numel()] + offset).float().contiguous()
 
 
 def nf4_dequantize_triton(packed: Tensor, state: NF4State) -> Tensor:
@@ -279,15 +323,8 @@ def nf4_dequantize_triton(packed: Tensor, state: NF4State) -> Tensor:
     if not HAS_TRITON:
         raise RuntimeError("nf4_dequantize_triton: triton is not installed")
     _check_dequantize_args(packed, state)
-    n = math.prod(state.shape)
-    out = torch.empty(state.shape, dtype=state.dtype, device=packed.device)
-    absmax = _absmax(state).contiguous()
-    code = state.code.to(device=packed.device, dtype=torch.float32).contiguous()
-    BLOCK = 1024
-    grid = (triton.cdiv((n + 1) // 2, BLOCK),)
-    _nf4_dequant_kernel[grid](packed.reshape(-1).contiguous(), absmax, code, out, n, state.blocksize,
-                              BLOCK=BLOCK, IDX64=n + 2 * BLOCK >= 2**31, OUT_BF16=state.dtype == torch.bfloat16)
-    return out
+    flat, absmax, code, nested = launch_args(packed, state, packed.device)
+    return dequantize_raw(flat, absmax, code, state.shape, state.dtype, state.blocksize, nested)
 
 
 def nf4_dequantize(packed: Tensor, state: NF4State) -> Tensor:

@@ -15,6 +15,7 @@ floats, as nf4.py does). The LoRA matmuls reuse lora_linear's `_mm` kernel (drop
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Optional
 
 import torch
@@ -24,7 +25,8 @@ from torch import Tensor
 from .backend import HAS_TRITON, use_triton
 from .dot_policy import dot_mode, precision
 from .lora_linear import _DROP_A, _DROP_NONE, _mm, _np2, _z_dtype, lora_backward
-from .nf4 import NF4State, _absmax, _check_dequantize_args, nf4_dequantize_reference
+from .nf4 import (NF4State, _check_dequantize_args, decode_absmax, dequantize_raw, launch_args,
+                  nf4_dequantize_reference)
 
 __all__ = ["qlora_linear", "qlora_linear_reference", "qlora_linear_triton"]
 
@@ -160,52 +162,100 @@ def _nf4_mm(a: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, out_f: int,
     return c
 
 
+# Which kernel runs the base matmul (bench/test_bench_qlora_paths.py measures all three per shape; gpu_check.sh):
+# - "dequant": one Triton launch writes the 16-bit weight (freed at once), then cuBLAS. On an H200 (2026-11-26,
+#   bench/results/) it won at every size measured, 1 to 4096 rows, forward and dx: e.g. 4096x14336 at 4096 rows
+#   1.0 ms vs 40 ms for the fused GEMM, and 0.10 ms vs 0.26 ms at one row.
+# - "fused": the weight dequantized inside the K loop of a Triton GEMM (no 16-bit copy; 25-60x slower than cuBLAS
+#   as it stands: per-element codebook gathers on the critical path and no software pipelining).
+# - "gemv": qlora_gemv for inference at decode sizes (2.6-11x slower than the dequant path in that run).
+# The fused kernels stay tested and selectable (PEFT_FAST_QLORA_BASE=fused|dequant|gemv) for the work that would
+# make them win; until a run shows them winning at some size, auto picks "dequant" everywhere.
+DEQUANT_MIN_ROWS = 1
+GEMV_MAX_ROWS = 0
+
+
+def _base_path(rows: int) -> str:
+    """"fused", "dequant" or (inference only) "gemv"; PEFT_FAST_QLORA_BASE=fused|dequant|gemv forces one."""
+    forced = os.environ.get("PEFT_FAST_QLORA_BASE", "auto")
+    if forced in ("fused", "dequant", "gemv"):
+        return forced
+    if rows <= GEMV_MAX_ROWS:
+        return "gemv"
+    return "dequant" if rows >= DEQUANT_MIN_ROWS else "fused"
+
+
+def _nested(nabs, ncode, offset, nbs) -> Optional[tuple]:
+    return None if nabs is None else (nabs, ncode, offset, nbs)
+
+
+def _nf4_base_mm(a: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, nested: Optional[tuple], out_f: int,
+                 blocksize: int, *, trans: bool, bias: Optional[Tensor] = None) -> Tensor:
+    """`_nf4_mm`'s contract, by whichever of the two paths wins at this many rows. A weight whose quantization
+    blocks span two rows (in_features not a multiple of the blocksize, which bitsandbytes allows) always takes the
+    dequantize path: the fused K loop assumes one absmax per row per tile."""
+    in_f = packed.numel() * 2 // out_f
+    # float64 on CUDA: the fused tile's fp64 tl.dot gave wrong results on an H200 (triton 3.6, 2026-11-26; fp32 and
+    # bf16 were right); float64 exists for tests, which then check the dequantize path there.
+    fused_ok = in_f % blocksize == 0 and not (a.dtype == torch.float64 and a.is_cuda)
+    if _base_path(a.shape[0]) in ("fused", "gemv") and fused_ok:
+        return _nf4_mm(a, packed, decode_absmax(absmax, nested), code, out_f, blocksize, trans=trans, bias=bias)
+    w = dequantize_raw(packed, absmax, code, (out_f, in_f), a.dtype, blocksize, nested)  # freed on return
+    return a @ w if trans else F.linear(a, w, bias)
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# Custom ops. NF4State becomes tensors and ints: the packed bytes, the decoded float32 absmax, the codebook.
+# Custom ops. NF4State becomes tensors and ints: the packed bytes, the absmax as stored, the codebook, and for a
+# double-quantized absmax its decoding tables (launch_args).
 # ---------------------------------------------------------------------------------------------------------------
-def _fwd_impl(x, packed, absmax, code, bias, lora_a, lora_b, lora_bias, out_f, blocksize, scaling, dropout_p, seed):
+def _fwd_impl(x, packed, absmax, code, nabs, ncode, offset, nbs, bias, lora_a, lora_b, lora_bias, out_f, blocksize,
+              scaling, dropout_p, seed):
     in_f, r = x.shape[-1], lora_a.shape[0]
     x2d = x.reshape(-1, in_f)
     M = x2d.shape[0]
     z = torch.empty((M, r), device=x.device, dtype=_z_dtype(x, lora_a, lora_b))
     _mm(x2d, lora_a.t(), z, drop=_DROP_A if dropout_p > 0 else _DROP_NONE, seed=seed, p=dropout_p,
         ld_x=in_f, rows_x=M)
-    y = _nf4_mm(x2d, packed, absmax, code, out_f, blocksize, trans=False, bias=bias)
+    y = _nf4_base_mm(x2d, packed, absmax, code, _nested(nabs, ncode, offset, nbs), out_f, blocksize, trans=False,
+                     bias=bias)
     _mm(z, lora_b.t(), y, scale=scaling, accumulate=True, bias=lora_bias)
     return y.view(*x.shape[:-1], out_f), z.view(*x.shape[:-1], r)
 
 
 @torch.library.custom_op("peft_fast::qlora_linear_fwd", mutates_args=())
-def _qlora_linear_fwd(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, bias: Optional[Tensor],
+def _qlora_linear_fwd(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, nabs: Optional[Tensor],
+                      ncode: Optional[Tensor], offset: Optional[Tensor], nbs: int, bias: Optional[Tensor],
                       lora_a: Tensor, lora_b: Tensor, lora_bias: Optional[Tensor], out_f: int, blocksize: int,
                       scaling: float, dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    return _fwd_impl(x, packed, absmax, code, bias, lora_a, lora_b, lora_bias, out_f, blocksize, scaling,
-                     dropout_p, seed)
+    return _fwd_impl(x, packed, absmax, code, nabs, ncode, offset, nbs, bias, lora_a, lora_b, lora_bias, out_f,
+                     blocksize, scaling, dropout_p, seed)
 
 
 @_qlora_linear_fwd.register_fake
-def _(x, packed, absmax, code, bias, lora_a, lora_b, lora_bias, out_f, blocksize, scaling, dropout_p, seed):
+def _(x, packed, absmax, code, nabs, ncode, offset, nbs, bias, lora_a, lora_b, lora_bias, out_f, blocksize, scaling,
+      dropout_p, seed):
     y = x.new_empty((*x.shape[:-1], out_f))
     z = x.new_empty((*x.shape[:-1], lora_a.shape[0]), dtype=_z_dtype(x, lora_a, lora_b))
     return y, z
 
 
 @torch.library.custom_op("peft_fast::qlora_linear_bwd", mutates_args=())
-def _qlora_linear_bwd(dy: Tensor, x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, lora_a: Tensor,
-                      lora_b: Tensor, z: Tensor, seed: Optional[Tensor], blocksize: int, scaling: float,
+def _qlora_linear_bwd(dy: Tensor, x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, nabs: Optional[Tensor],
+                      ncode: Optional[Tensor], offset: Optional[Tensor], nbs: int, lora_a: Tensor, lora_b: Tensor, z: Tensor, seed: Optional[Tensor], blocksize: int, scaling: float,
                       dropout_p: float, need_dx: bool, need_da: bool, need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dA, dB); an unneeded gradient comes back empty (custom ops cannot return None)."""
     in_f, out_f = x.shape[-1], lora_b.shape[0]
     dy2d, x2d = dy.reshape(-1, out_f), x.reshape(-1, in_f)
     # dy·dequant(Wq): the forward kernel, transposed (no dequantized weight in memory); the LoRA part adds into it.
-    dx2d = _nf4_mm(dy2d.to(x.dtype), packed, absmax, code, out_f, blocksize, trans=True) if need_dx else None
+    dx2d = _nf4_base_mm(dy2d.to(x.dtype), packed, absmax, code, _nested(nabs, ncode, offset, nbs), out_f, blocksize,
+                        trans=True) if need_dx else None
     da, db = lora_backward(dy2d, x2d, lora_a, lora_b, z.reshape(-1, lora_b.shape[1]), seed, scaling, dropout_p,
                            need_da, need_db, dx2d, accumulate=True)
     return (dx2d.view(x.shape) if need_dx else x.new_empty(0)), da, db
 
 
 @_qlora_linear_bwd.register_fake
-def _(dy, x, packed, absmax, code, lora_a, lora_b, z, seed, blocksize, scaling, dropout_p, need_dx, need_da,
+def _(dy, x, packed, absmax, code, nabs, ncode, offset, nbs, lora_a, lora_b, z, seed, blocksize, scaling, dropout_p, need_dx, need_da,
       need_db):
     dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
     da = lora_a.new_empty(lora_a.shape) if need_da else lora_a.new_empty(0)
@@ -214,30 +264,31 @@ def _(dy, x, packed, absmax, code, lora_a, lora_b, z, seed, blocksize, scaling, 
 
 
 def _setup_context(ctx, inputs, output):
-    x, packed, absmax, code, bias, lora_a, lora_b, lora_bias, out_f, blocksize, scaling, dropout_p, seed = inputs
+    (x, packed, absmax, code, nabs, ncode, offset, nbs, bias, lora_a, lora_b, lora_bias, out_f, blocksize, scaling,
+     dropout_p, seed) = inputs
     _, z = output
     ctx.mark_non_differentiable(z)
-    ctx.save_for_backward(x, packed, absmax, code, lora_a, lora_b, z, seed)
-    ctx.blocksize, ctx.scaling, ctx.dropout_p = blocksize, scaling, dropout_p
+    ctx.save_for_backward(x, packed, absmax, code, nabs, ncode, offset, lora_a, lora_b, z, seed)
+    ctx.blocksize, ctx.scaling, ctx.dropout_p, ctx.nbs = blocksize, scaling, dropout_p, nbs
     ctx.bias_dtype = bias.dtype if bias is not None else None
     ctx.lora_bias_dtype = lora_bias.dtype if lora_bias is not None else None
     ctx.needs = tuple(t is not None and t.requires_grad for t in (x, bias, lora_a, lora_b, lora_bias))
 
 
 def _backward(ctx, dy, _dz):
-    x, packed, absmax, code, lora_a, lora_b, z, seed = ctx.saved_tensors
+    x, packed, absmax, code, nabs, ncode, offset, lora_a, lora_b, z, seed = ctx.saved_tensors
     need_x, need_b, need_a, need_lb, need_lbias = ctx.needs
     dx = da = db = dbias = dlbias = None
     if need_x or need_a or need_lb:
-        dx, da, db = _qlora_linear_bwd(dy, x, packed, absmax, code, lora_a, lora_b, z, seed, ctx.blocksize,
-                                       ctx.scaling, ctx.dropout_p, need_x, need_a, need_lb)
+        dx, da, db = _qlora_linear_bwd(dy, x, packed, absmax, code, nabs, ncode, offset, ctx.nbs, lora_a, lora_b, z,
+                                       seed, ctx.blocksize, ctx.scaling, ctx.dropout_p, need_x, need_a, need_lb)
     dy2d = dy.reshape(-1, dy.shape[-1])
     if need_b:
         dbias = dy2d.sum(0).to(ctx.bias_dtype)
     if need_lbias:
         dlbias = (dy2d.sum(0, dtype=ctx.lora_bias_dtype) * ctx.scaling).to(ctx.lora_bias_dtype)
-    return (dx if need_x else None, None, None, None, dbias, da if need_a else None, db if need_lb else None,
-            dlbias, None, None, None, None, None)
+    return (dx if need_x else None, None, None, None, None, None, None, None, dbias, da if need_a else None,
+            db if need_lb else None, dlbias, None, None, None, None, None)
 
 
 _qlora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -250,10 +301,6 @@ def qlora_linear_triton(x, packed, state: NF4State, bias, lora_a, lora_b, scalin
     if not HAS_TRITON:
         raise RuntimeError("qlora_linear_triton needs triton, which is not installed; use qlora_linear_reference.")
     out_f, in_f = state.shape
-    if in_f % state.blocksize:
-        raise ValueError(f"qlora_linear_triton: in_features ({in_f}) must be a multiple of the 4-bit blocksize "
-                         f"({state.blocksize}) so that no quantization block spans two weight rows; use "
-                         "qlora_linear_reference (or re-quantize) for this weight.")
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise ValueError(f"qlora_linear_triton: x must be a floating dtype, got {x.dtype}")
     device_type = x.device.type
@@ -263,21 +310,24 @@ def qlora_linear_triton(x, packed, state: NF4State, bias, lora_a, lora_b, scalin
         x, bias = (t.to(dtype) if t is not None else t for t in (x, bias))
         with torch.autocast(device_type, enabled=False):
             return qlora_linear_triton(x, packed, state, bias, lora_a, lora_b, scaling, dropout_p, lora_bias)
-    absmax = _absmax(state).contiguous()  # nested absmax decoded once, in torch (n/blocksize floats)
-    code = state.code.to(device=x.device, dtype=torch.float32).contiguous()
-    packed_flat = packed.reshape(-1)
-    if packed_flat.dtype != torch.uint8:
-        packed_flat = packed_flat.view(torch.uint8)
+    inference = not torch.compiler.is_compiling() and not (
+        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, lora_a, lora_b,
+                                                                                   lora_bias)))
+    if inference and dropout_p == 0 and in_f % state.blocksize == 0 and in_f and \
+            _base_path(x.numel() // in_f) == "gemv":
+        from .qlora_gemv import qlora_gemv_triton  # it imports this module
+
+        return qlora_gemv_triton(x, packed, state, bias, lora_a, lora_b, scaling, lora_bias)
+    # A double-quantized absmax stays uint8: the kernels decode it (no float32 copy, no extra launches).
+    packed_flat, absmax, code, nested = launch_args(packed, state, x.device)
+    nabs, ncode, offset, nbs = nested if nested is not None else (None, None, None, 0)
     bias = bias.to(x.dtype) if bias is not None else None  # bnb computes the bias in the compute dtype
     seed = None
     if dropout_p > 0:
         seed = torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int64)
-    args = (x, packed_flat.contiguous(), absmax, code, bias, lora_a, lora_b, lora_bias, int(out_f),
+    args = (x, packed_flat, absmax, code, nabs, ncode, offset, nbs, bias, lora_a, lora_b, lora_bias, int(out_f),
             int(state.blocksize), float(scaling), float(dropout_p), seed)
-    if not torch.compiler.is_compiling() and not (
-        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, lora_a, lora_b,
-                                                                                   lora_bias))
-    ):
+    if inference:
         return _fwd_impl(*args)[0]  # eager inference: skip the custom-op dispatch
     return _qlora_linear_fwd(*args)[0]
 

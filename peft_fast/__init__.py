@@ -23,6 +23,7 @@ from .merge_utils import (  # noqa: E402
     ties,
 )
 from .modules_to_save import ModulesToSaveWrapper  # noqa: E402
+from .nf4_linear import NF4Linear  # noqa: E402
 from .peft_model import (  # noqa: E402
     PeftModel,
     PeftModelForCausalLM,
@@ -35,6 +36,7 @@ from .peft_model import (  # noqa: E402
     patch,
 )
 from .state_dict import get_peft_model_state_dict, set_peft_model_state_dict  # noqa: E402
+from .quantize import quantize  # noqa: E402
 from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status  # noqa: E402
 from .targets import NoMatchingPeftModuleError  # noqa: E402
 from .tuner import LoraModel  # noqa: E402
@@ -56,4 +58,6 @@ __all__ = [
     "hotswap_adapter", "hotswap_adapter_from_state_dict", "prepare_model_for_compiled_hotswap",
     # preparing a quantized model for training (PEFT's peft.utils.other)
     "prepare_model_for_kbit_training",
+    # 4-bit NF4 base models without bitsandbytes
+    "NF4Linear", "quantize",
 ]

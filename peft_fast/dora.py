@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import quantized
+from .nf4_linear import NF4Linear
 from .kernels import dora_linear, dora_norm, dora_norm_nf4, lora_linear, qlora_linear, use_triton
 
 
@@ -45,17 +46,20 @@ class DoraLinearLayer(nn.Module):
 
 def check_base(layer) -> None:
     base = layer.base_layer
-    if quantized.is_bnb_4bit(base):
+    if quantized.is_4bit_base(base):
         return
     w = getattr(base, "weight", None)
     if w is None or not w.dtype.is_floating_point or w.dim() != 2:
         raise NotImplementedError(f"DoRA (use_dora=True) over a {type(base).__name__} base layer is not supported "
-                                  "in peft_fast: it needs a floating-point 2-D weight or a bitsandbytes 4-bit one.")
+                                  "in peft_fast: it needs a floating-point 2-D weight or a 4-bit one (bitsandbytes "
+                                  "Linear4bit or peft_fast's NF4Linear).")
 
 
 # --- the base weight ---------------------------------------------------------------------------------------------
 def _nf4(layer):
-    """(packed, state) of a bnb 4-bit base, or None when its weight is not quantized in a form we read."""
+    """(packed, state) of a 4-bit base, or None when its weight is not quantized in a form we read."""
+    if isinstance(layer.base_layer, NF4Linear):
+        return layer.base_layer.weight, layer.base_layer.quant_state
     qs = getattr(layer.base_layer.weight, "quant_state", None)
     if qs is None or getattr(qs, "packing_format_for_cpu", False) or len(qs.shape) != 2:
         return None
@@ -65,16 +69,21 @@ def _nf4(layer):
 def _dense_weight(layer) -> torch.Tensor:
     """The base weight oriented [out, in] (a view for fan_in_fan_out), or dequantized for a 4-bit base bnb repacked."""
     base = layer.base_layer
-    if quantized.is_bnb_4bit(base):
+    if quantized.is_4bit_base(base):
         from .merging import dequantize_4bit
         return dequantize_4bit(base)
     w = base.weight.detach()
     return w.T if layer.fan_in_fan_out else w
 
 
+def _quant_state(layer):
+    qs = getattr(layer.base_layer.weight, "quant_state", None)  # bnb's Params4bit
+    return qs if qs is not None else getattr(layer.base_layer, "quant_state", None)  # NF4Linear
+
+
 def _base_key(layer) -> tuple:
     w = layer.base_layer.weight
-    qs = getattr(w, "quant_state", None)
+    qs = _quant_state(layer)
     extra = quantized._cache_key(w, qs) if qs is not None else ()
     return (id(w), w.data_ptr(), w._version, w.dtype, w.device, layer.fan_in_fan_out, id(qs), extra)
 
@@ -84,7 +93,7 @@ def _norm(layer, a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
     key = _base_key(layer)
     cached = layer.__dict__.get("_dora_wsq")
     sq = cached[1] if cached is not None and cached[0] == key else None
-    q = _nf4(layer) if quantized.is_bnb_4bit(layer.base_layer) else None
+    q = _nf4(layer) if quantized.is_4bit_base(layer.base_layer) else None
     if q is not None:
         norm, sq_new = dora_norm_nf4(q[0], q[1], a, b, s, sq)
     else:
@@ -100,7 +109,7 @@ def init_magnitude(layer, name: str) -> None:
     s = float(layer.scaling[name])
     norm = _norm(layer, a, b, s)
     wdtype = layer.base_layer.weight.dtype
-    if quantized.is_bnb_4bit(layer.base_layer):
+    if quantized.is_4bit_base(layer.base_layer):
         wdtype = _dense_dtype(layer)
     ldtype = torch.float16 if a.dtype == torch.float16 else b.dtype
     dtype = torch.promote_types(wdtype, ldtype) if wdtype.is_floating_point else ldtype
@@ -113,7 +122,7 @@ def init_magnitude(layer, name: str) -> None:
 
 
 def _dense_dtype(layer) -> torch.dtype:
-    qs = getattr(layer.base_layer.weight, "quant_state", None)
+    qs = _quant_state(layer)
     return qs.dtype if qs is not None else torch.float32
 
 
@@ -134,7 +143,7 @@ def _adapter_key(layer, a, b, m, s) -> tuple:
     # depends on. A dtype or device move swaps storages, so it shows here too.
     w = layer.base_layer.weight
     return (a.data_ptr(), a._version, b.data_ptr(), b._version, m.data_ptr(), m._version, w.data_ptr(), w._version,
-            id(w), id(getattr(w, "quant_state", None)), float(s), layer.fan_in_fan_out)
+            id(w), id(_quant_state(layer)), float(s), layer.fan_in_fan_out)
 
 
 def _cached(layer, name: str, a, b, s) -> tuple:
@@ -171,8 +180,8 @@ def fused_forward(layer, name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
     base cannot be fused. The DoRA terms then follow PEFT's order exactly (see `delta`)."""
     plain = layer._plain_base()
     q = None if plain is not None else quantized.fused_base(layer, x)
-    if plain is None and q is None:
-        return None
+    if plain is None and (q is None or q[3] is not None):
+        return None  # not fusable, or a 4-bit base computing in another dtype than x's: PEFT's loop, base_layer(x)
     args = layer._adapter_args(name)
     a, b, s, p, _ = args
     on_triton = use_triton(x, plain[0] if plain is not None else q[0], a, b)
@@ -213,7 +222,7 @@ def _base_matmul(plain, q, x: torch.Tensor, a, b, bias=None) -> torch.Tensor:
 def _base_nobias(layer, xd: torch.Tensor, a, b) -> torch.Tensor:
     """drop(x)·Wᵀ for PEFT's dropout path (W in xd's dtype, as PEFT casts it)."""
     base = layer.base_layer
-    if quantized.is_bnb_4bit(base):
+    if quantized.is_4bit_base(base):
         q = _nf4(layer)
         # On Triton (or a float32 state, where the roundings agree): the NF4 matmul alone (detached adapters at
         # scaling 0), the weight never dequantized into memory. It dequantizes in float32 where PEFT first rounds
@@ -255,7 +264,7 @@ def delta(layer, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tens
 
 def loop_forward(layer, x: torch.Tensor, result: torch.Tensor, active: list[str]) -> torch.Tensor:
     """PEFT's adapter loop with DoRA adapters among the active ones (dense `lora.Linear` or bnb `Linear4bit` order)."""
-    q4 = quantized.is_bnb_4bit(layer.base_layer)
+    q4 = quantized.is_4bit_base(layer.base_layer)
     out_dtype = result.dtype
     for name in active:
         a, b, s, p, b_bias = layer._adapter_args(name)

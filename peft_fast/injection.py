@@ -10,6 +10,8 @@ import torch.nn as nn
 from .config import LoraConfig
 from .layer import LoraLinear
 from .modules_to_save import ModulesToSaveWrapper
+from .nf4_linear import NF4Linear
+from .quantized import check_4bit_base
 from .targets import is_excluded, linear_types, matches_target, no_match_error, pattern_value, resolve_target_modules
 
 
@@ -36,7 +38,7 @@ def _base_of(module: nn.Module) -> nn.Module:
 
 def _features(module: nn.Module, key: str) -> tuple[int, int]:
     base = _base_of(module)
-    if isinstance(base, nn.Linear):
+    if isinstance(base, (nn.Linear, NF4Linear)):
         return base.in_features, base.out_features
     if isinstance(base, linear_types()):  # transformers Conv1D stores weight as [in, out]
         return base.weight.shape[0], base.weight.shape[1]
@@ -64,6 +66,7 @@ def plan_adapter(model: nn.Module, config: LoraConfig) -> Plan:
         if not matches_target(config, key):
             continue
         in_f, out_f = _features(module, key)
+        check_4bit_base(_base_of(module), key)
         r = pattern_value(config.rank_pattern, key, config.r)
         alpha = pattern_value(config.alpha_pattern, key, config.lora_alpha)
         targets.append(Target(key, module, r, alpha, in_f, out_f))

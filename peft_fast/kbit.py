@@ -25,6 +25,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from .nf4_linear import NF4Linear
+
 # quantization methods whose models PEFT does not upcast (their weights are not plain float tensors).
 _NO_UPCAST_METHODS = ("gptq", "aqlm", "eetq", "torchao", "hqq")
 
@@ -34,6 +36,7 @@ def _quantization(model: nn.Module) -> tuple[bool, bool]:
     method = getattr(model, "quantization_method", None)
     no_upcast = method in _NO_UPCAST_METHODS or bool(getattr(model, "hqq_quantized", False))
     kbit = bool(getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False))
+    kbit = kbit or any(isinstance(m, NF4Linear) for m in model.modules())  # peft_fast.quantize
     return kbit or no_upcast, no_upcast
 
 

@@ -61,7 +61,7 @@ class LoraLinear(nn.Module):
         self._disable_adapters = False
         self._active_adapter: list[str] = [adapter_name]
         self.fan_in_fan_out = self._check_fan_in_fan_out(config)
-        if hasattr(base_layer, "in_features"):  # nn.Linear, and bnb 4-bit layers whose weight is packed
+        if hasattr(base_layer, "in_features"):  # nn.Linear, and 4-bit layers (bnb, NF4Linear) whose weight is packed
             self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         elif self.fan_in_fan_out:
             self.in_features, self.out_features = base_layer.weight.shape
@@ -233,14 +233,16 @@ class LoraLinear(nn.Module):
             if plain is not None:
                 a, b, s, p, b_bias = self._adapter_args(active[0])
                 return lora_linear(x, plain[0], plain[1], a, b, s, p, b_bias)
-            q = quantized.fused_base(self, x)  # a bnb 4-bit base: (packed, state, bias), or None
+            q = quantized.fused_base(self, x)  # a 4-bit base: (packed, state, bias, cast), or None
             if q is not None:
                 a, b, s, p, b_bias = self._adapter_args(active[0])
+                if q[3] is not None:  # float32 activations into a 16-bit compute dtype: run in it, cast back
+                    return qlora_linear(x.to(q[3]), q[0], q[1], q[2], a, b, s, p, b_bias).to(x.dtype)
                 return qlora_linear(x, q[0], q[1], q[2], a, b, s, p, b_bias)
         result = self.base_layer(x, *args, **kwargs)
         if any_dora:
             return dora.loop_forward(self, x, result, active)
-        if quantized.is_bnb_4bit(self.base_layer):  # PEFT's 4-bit layer casts each delta, then adds it
+        if quantized.is_4bit_base(self.base_layer):  # PEFT's 4-bit layer casts each delta, then adds it
             return quantized.add_deltas(self, x, result, active)
         out_dtype = result.dtype
         for name in active:
@@ -263,7 +265,7 @@ class LoraLinear(nn.Module):
                        else None)
             return result
         # Gradients wanted (or a caller passed a plain list): PEFT's per-adapter loop, differentiable.
-        out_dtype, q4 = result.dtype, quantized.is_bnb_4bit(self.base_layer)
+        out_dtype, q4 = result.dtype, quantized.is_4bit_base(self.base_layer)
         for name in set(adapter_names):
             if name == "__base__" or name not in self.lora_A:
                 continue

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from . import dora
+from .nf4_linear import NF4Linear
 from .quantized import is_bnb_4bit
 
 
@@ -77,12 +78,20 @@ def pending(layer, adapter_names: Optional[list[str]], warn: bool = True) -> lis
 
 
 def is_4bit(layer) -> bool:
-    """The layer's base is a bitsandbytes 4-bit layer holding a quantized Params4bit."""
+    """The layer's base is peft_fast's NF4Linear, or a bitsandbytes 4-bit layer holding a quantized Params4bit."""
     base = layer.base_layer
+    return _is_4bit_module(base)
+
+
+def _is_4bit_module(base) -> bool:
+    if isinstance(base, NF4Linear):
+        return True
     return is_bnb_4bit(base) and type(base.weight).__name__ == "Params4bit" and _quant_state(base) is not None
 
 
 def _quant_state(base):
+    if isinstance(base, NF4Linear):
+        return base.quant_state
     qs = getattr(base.weight, "quant_state", None)
     return qs if qs is not None else getattr(base, "quant_state", None)  # bnb recovers a lost one from the module
 
@@ -90,6 +99,8 @@ def _quant_state(base):
 def dequantize_4bit(base) -> torch.Tensor:
     """The base layer's weight, dequantized by bitsandbytes (in the quant state's dtype, the loading dtype); a
     weight repacked for bnb's AVX512-BF16 CPU kernel is read back through bnb's own inverse first."""
+    if isinstance(base, NF4Linear):
+        return base.dequantize()
     import bitsandbytes as bnb
 
     data, qs = base.weight.data, _quant_state(base)
@@ -100,6 +111,8 @@ def dequantize_4bit(base) -> torch.Tensor:
 
 def _requantize(base, weight: torch.Tensor) -> None:
     """PEFT's re-quantization: a new Params4bit with the old one's settings, quantized on the CPU, moved back."""
+    if isinstance(base, NF4Linear):
+        return base.requantize(weight)
     import bitsandbytes as bnb
 
     old = base.weight
@@ -313,11 +326,12 @@ def dequantize_remaining(model: nn.Module) -> None:
     """Replace every bitsandbytes 4-bit layer left in ``model`` by its dequantized nn.Linear, and when none is left
     drop transformers' quantization markers, so the model saves and reloads as the 16-bit model it now is."""
     for key, m in list(model.named_modules()):
-        if key and is_bnb_4bit(m) and type(m.weight).__name__ == "Params4bit" and _quant_state(m) is not None:
+        if key and _is_4bit_module(m) and (isinstance(m, NF4Linear) or type(m.weight).__name__ == "Params4bit"
+                                           and _quant_state(m) is not None):
             parent = model.get_submodule(key.rpartition(".")[0]) if "." in key else model
             bias = m.bias.data if m.bias is not None else None
             setattr(parent, key.rpartition(".")[2], dequantized_linear(m, dequantize_4bit(m), bias))
-    if any(is_bnb_4bit(m) for m in model.modules()):
+    if any(_is_4bit_module(m) for m in model.modules()):
         return
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None and hasattr(quantizer, "remove_quantization_config"):

@@ -27,7 +27,9 @@ class NoMatchingPeftModuleError(ValueError):
 
 
 def linear_types() -> tuple[type, ...]:
-    types: list[type] = [nn.Linear]
+    from .nf4_linear import NF4Linear
+
+    types: list[type] = [nn.Linear, NF4Linear]
     try:
         from transformers.pytorch_utils import Conv1D
 

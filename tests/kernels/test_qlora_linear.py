@@ -75,6 +75,8 @@ def _compare(packed, state, inputs, scaling, tol):
 
 
 SHAPES = [((3, 7), 37, 5), ((1,), 77, 16), ((2, 45), 130, 8)]  # (lead, out, r): odd M and out; 2+ tiles in M, N
+# The base matmul runs fused (dequantized in the K loop) or as dequantize-then-matmul, chosen by rows; test both.
+base_paths = pytest.mark.parametrize("base_path", ["fused", "dequant"])
 
 
 @needs_triton
@@ -83,7 +85,9 @@ SHAPES = [((3, 7), 37, 5), ((1,), 77, 16), ((2, 45), 130, 8)]  # (lead, out, r):
 @pytest.mark.parametrize("nested", [False, True])
 @pytest.mark.parametrize("blocksize", [64, 128])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"M{s[0]}-out{s[1]}-r{s[2]}")
-def test_matches_reference(device, shape, blocksize, nested, dtype):
+@base_paths
+def test_matches_reference(device, shape, blocksize, nested, dtype, base_path, monkeypatch):
+    monkeypatch.setenv("PEFT_FAST_QLORA_BASE", base_path)
     lead, out_f, r = shape
     in_f = blocksize * (3 if lead == (2, 45) else 2)  # several K tiles of 64 (every tile within one NF4 block)
     packed, state = _weight(out_f, in_f, device, blocksize, nested)
@@ -95,7 +99,9 @@ def test_matches_reference(device, shape, blocksize, nested, dtype):
 @device_params
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("nested", [False, True])
-def test_low_precision_against_float64(device, dtype, nested):
+@base_paths
+def test_low_precision_against_float64(device, dtype, nested, base_path, monkeypatch):
+    monkeypatch.setenv("PEFT_FAST_QLORA_BASE", base_path)
     packed, state = _weight(37, 128, device, 64, nested)
     inputs = _inputs((3, 7), 128, 37, 5, device=device, dtype=dtype, adapter_dtype=torch.float32)
     _compare(packed, state, inputs, 2.0, TOL[dtype])
@@ -133,13 +139,15 @@ def test_reference_base_is_bnb_linear4bit(nested):
 
 @needs_triton
 @pytest.mark.parametrize("nested", [False, True])
-def test_bnb_weight_through_triton(nested):
+@device_params
+def test_bnb_weight_through_triton(nested, device):
     torch.manual_seed(1)
     layer = _bnb_layer(256, 41, nested, blocksize=128)
     packed, state = nf4_from_bnb(layer)
+    packed, state = packed.to(device), state.to(device)
     assert state.blocksize == 128 and state.nested == nested
-    inputs = _inputs((9,), 256, 41, 6, device="cpu", dtype=torch.float32)
-    inputs = (inputs[0], layer.bias.detach(), *inputs[2:])
+    inputs = _inputs((9,), 256, 41, 6, device=device, dtype=torch.float32)
+    inputs = (inputs[0], layer.bias.detach().to(device), *inputs[2:])
     _compare(packed, state, inputs, 0.8, TOL[torch.float32])
 
 
@@ -233,15 +241,46 @@ def test_dispatch(monkeypatch):
         assert torch.equal(got, qlora_linear_triton(x, packed, state, b, a, bb, 0.5, 0.0, lb))
 
 
-def test_blocks_spanning_rows_are_an_error():
-    w = torch.randn(8, 96)  # bnb allows it (blocks of 64 cross rows); the fused kernel does not
-    packed, qs = BF.quantize_4bit(w, blocksize=64, quant_type="nf4")
-    state = nf4_state_from_bnb(qs)
-    x, _, a, bb, _ = _inputs((2,), 96, 8, 2, device="cpu", dtype=torch.float32, bias=False)
-    y = qlora_linear_reference(x, packed, state, None, a, bb, 1.0)  # the reference handles any layout
-    assert y.shape == (2, 8)
-    with pytest.raises(ValueError, match="multiple of the 4-bit blocksize"):
-        qlora_linear_triton(x, packed, state, None, a, bb, 1.0)
+@needs_triton
+@pytest.mark.parametrize("rows,grad,want_gemv", [(1, False, True), (16, False, True), (17, False, False),
+                                                 (4, True, False)])
+@device_params
+def test_decode_rows_take_the_gemv(rows, grad, want_gemv, monkeypatch, device):
+    """Inference at up to GEMV_MAX_ROWS rows runs qlora_gemv; training never does (the threshold is set here: its
+    shipped value comes from GPU measurements, and may be 0)."""
+    import sys
+
+    import peft_fast.kernels.qlora_gemv as gemv_mod
+
+    qlora_mod = sys.modules["peft_fast.kernels.qlora_linear"]  # the package's attribute of that name is the op
+    monkeypatch.setattr(qlora_mod, "GEMV_MAX_ROWS", 16)
+
+    calls = []
+    real = gemv_mod.qlora_gemv_triton
+    monkeypatch.setattr(gemv_mod, "qlora_gemv_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    packed, state = _weight(37, 128, device, 64, True)
+    inputs = _inputs((rows,), 128, 37, 4, device=device, dtype=torch.float32)
+    with torch.set_grad_enabled(grad):
+        got = qlora_linear_triton(inputs[0], packed, state, *inputs[1:4], 0.5, 0.0, inputs[4])
+    with torch.no_grad():
+        want = qlora_linear_reference(*[_f64(t) for t in inputs[:1]], packed, state,
+                                      *[_f64(t) for t in inputs[1:4]], 0.5, 0.0, _f64(inputs[4]))
+    assert bool(calls) == want_gemv
+    _assert_close(got, want, TOL[torch.float32])
+
+
+@needs_triton
+@base_paths
+@pytest.mark.parametrize("nested", [False, True])
+@device_params
+def test_blocks_spanning_rows(base_path, nested, monkeypatch, device):
+    """bnb allows blocks of 64 across rows (in_features 96): such a weight always takes the dequantize path."""
+    monkeypatch.setenv("PEFT_FAST_QLORA_BASE", base_path)
+    w = torch.randn(9, 96)
+    packed, qs = BF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=nested)
+    packed, state = packed.to(device), nf4_state_from_bnb(qs).to(device)
+    inputs = _inputs((2, 3), 96, 9, 2, device=device, dtype=torch.float32, grad_bias=True)
+    _compare(packed, state, inputs, 0.7, TOL[torch.float32])
 
 
 @needs_triton

@@ -229,3 +229,48 @@ def test_eval_over_bnb_cpu_repacked_weight(model_dir):
     rel = ((got - expected).norm() / expected.norm()).item()
     assert rel < 5e-3, rel
     assert ((base - expected).norm() / expected.norm()).item() > 20 * rel  # a wrong norm would show
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])  # triton on a CPU: the interpreter
+@pytest.mark.parametrize("case", [CASES[0], CASES[2]], ids=[IDS[0], IDS[2]])
+def test_dora_on_peft_fast_nf4linear_matches_peft_over_bitsandbytes(model_dir, case, backend, monkeypatch):
+    """peft_fast.quantize's NF4Linear holds bitsandbytes' bytes: DoRA over it equals PEFT's DoRA over bnb."""
+    from transformers import LlamaForCausalLM
+
+    from peft_fast import NF4Linear, quantize
+
+    monkeypatch.setenv("PEFT_FAST_BACKEND", backend)
+    dtype, compute, double, qt = case
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bnb_model = load4(model_dir, case)
+        ours = quantize(LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype), quant_type=qt, double_quant=double,
+                        compute_dtype=compute)
+        torch.manual_seed(0)  # the same A, B draws: the magnitudes then come from the bytes alone
+        ref_model = ref.get_peft_model(bnb_model, ref.LoraConfig(**lora_kw(use_dora=True)))
+        torch.manual_seed(0)
+        impl_model = impl.get_peft_model(ours, impl.LoraConfig(**lora_kw(use_dora=True)))
+    assert isinstance(impl_model.base_model.model.model.layers[0].self_attn.q_proj.base_layer, NF4Linear)
+    r_p = dict(ref_model.named_parameters())
+    with torch.no_grad():
+        for n, p in impl_model.named_parameters():
+            # Initialised from the same bytes and draws: the same magnitudes. (bf16: peft_fast's NF4Linear keeps the
+            # initial A, B in float32 where PEFT over bnb rounds them through bf16, for LoRA too, so not compared.)
+            if "lora_magnitude_vector" in n and dtype == torch.float32:
+                assert_close(p, r_p[n], atol=1e-6, rtol=1e-5, msg=n)
+            if "lora_" in n:
+                p.copy_(r_p[n])
+    ref_model.train()
+    impl_model.train()
+    x = ids(batch=2, seq=5)
+    ref_out = ref_model(input_ids=x, labels=x)
+    impl_out = impl_model(input_ids=x, labels=x)
+    loose = backend == "triton" and dtype == torch.bfloat16  # 16-bit tensor-core policy of the Triton path
+    assert_close(impl_out.logits, ref_out.logits, **({"atol": 3e-2, "rtol": 3e-2} if loose else tol(case)))
+    ref_out.loss.backward()
+    impl_out.loss.backward()
+    for n, p in impl_model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, n
+            rtol = 1e-3 if dtype == torch.float32 else 5e-2
+            assert_close(p.grad.float(), r_p[n].grad.float(), atol=1e-4 if not loose else 1e-2, rtol=rtol, msg=n)

@@ -1,0 +1,171 @@
+"""NF4Linear: a frozen 4-bit linear layer in bitsandbytes' layout, made and run without bitsandbytes.
+
+`peft_fast.quantize` puts it where a model had nn.Linear layers. Its packed weight, absmax and codebook are exactly
+what bitsandbytes' `quantize_4bit` gives (kernels/nf4.py), and its state dict uses transformers' 4-bit checkpoint
+keys (`weight`, `weight.absmax`, `weight.quant_map`, `weight.nested_*`, `weight.quant_state.bitsandbytes__<type>`),
+so a 4-bit checkpoint saved by transformers + bitsandbytes loads into it and one saved from it loads there.
+"""
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .kernels import NF4State, nf4_dequantize, nf4_linear, nf4_quantize
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class NF4Linear(nn.Module):
+    """y = x·dequant(W)ᵀ + b. `weight` is the packed uint8 codes (frozen); `quant_state` holds absmax and codebook.
+    `compute_dtype` as in bitsandbytes: x is cast to it for the matmul and the output cast back (None: x's dtype)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, blocksize: int = 64,
+                 compress_statistics: bool = True, quant_type: str = "nf4",
+                 compute_dtype: Optional[torch.dtype] = None, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.blocksize, self.compress_statistics, self.quant_type = blocksize, compress_statistics, quant_type
+        self.compute_dtype = compute_dtype
+        w = torch.empty(out_features, in_features, device=device, dtype=dtype or torch.float32)
+        nn.init.kaiming_uniform_(w, a=5**0.5)
+        self._set_weight(w)
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False) \
+            if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, blocksize: int = 64, compress_statistics: bool = True,
+                    quant_type: str = "nf4", compute_dtype: Optional[torch.dtype] = None) -> "NF4Linear":
+        w = linear.weight
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features = linear.in_features, linear.out_features
+        layer.blocksize, layer.compress_statistics, layer.quant_type = blocksize, compress_statistics, quant_type
+        layer.compute_dtype = compute_dtype
+        layer._set_weight(w.detach())
+        layer.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        layer.train(linear.training)
+        return layer
+
+    def _set_weight(self, w: torch.Tensor) -> None:
+        """Quantize a dense [out, in] weight (bit for bit as bitsandbytes would) into this layer."""
+        packed, state = nf4_quantize(w, blocksize=self.blocksize, compress_statistics=self.compress_statistics,
+                                     quant_type=self.quant_type)
+        self.weight = nn.Parameter(packed, requires_grad=False)
+        self.quant_state = state
+
+    # --- math ----------------------------------------------------------------------------------------------------
+    def dequantize(self) -> torch.Tensor:
+        """The dense weight, in the dtype it was quantized from (as bitsandbytes' dequantize_4bit)."""
+        return nf4_dequantize(self.weight, self.quant_state)
+
+    def requantize(self, weight: torch.Tensor) -> None:
+        """Replace the weight by the 4-bit rounding of ``weight`` (merging adapters into this layer)."""
+        dtype = self.quant_state.dtype
+        self._set_weight(weight.detach().to(dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        in_dtype = x.dtype
+        if self.compute_dtype is not None:
+            x = x.to(self.compute_dtype)
+        return nf4_linear(x, self.weight, self.quant_state, self.bias).to(in_dtype)
+
+    def _apply(self, fn, recurse=True):
+        # The codes are uint8 and stay as they are under .half()/.to(dtype); the state follows the device only.
+        super()._apply(fn, recurse)
+        if self.quant_state.absmax.device != self.weight.device:
+            self.quant_state = self.quant_state.to(self.weight.device)
+        return self
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"quant_type={self.quant_type}, blocksize={self.blocksize}, "
+                f"double_quant={self.quant_state.nested}")
+
+    # --- transformers' 4-bit checkpoint keys ---------------------------------------------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        s, w = self.quant_state, prefix + "weight."
+        destination[w + "absmax"] = s.absmax
+        destination[w + "quant_map"] = s.code
+        meta = {"quant_type": s.quant_type, "blocksize": s.blocksize, "dtype": _dtype_name(s.dtype),
+                "shape": list(s.shape)}
+        if s.nested:
+            destination[w + "nested_absmax"] = s.nested_absmax
+            destination[w + "nested_quant_map"] = s.nested_code
+            meta.update(nested_blocksize=s.nested_blocksize, nested_dtype="float32",
+                        nested_offset=float(s.offset))
+        blob = json.dumps(meta).encode()
+        destination[w + f"quant_state.bitsandbytes__{s.quant_type}"] = torch.tensor(list(blob), dtype=torch.uint8)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        w = prefix + "weight."
+        blob_keys = [k for k in state_dict if k.startswith(w + "quant_state.bitsandbytes__")]
+        if prefix + "weight" in state_dict:
+            if not blob_keys:
+                error_msgs.append(f"{prefix}weight: a 4-bit NF4Linear needs the quant state saved with it "
+                                  f"({w}absmax, {w}quant_map, {w}quant_state.bitsandbytes__nf4, ...), as "
+                                  "transformers writes for 4-bit models; got a weight alone. Load a dense checkpoint "
+                                  "before peft_fast.quantize(), or a 4-bit checkpoint after it.")
+                return
+            packed = state_dict[prefix + "weight"]
+            try:
+                state = self._state_from(state_dict, w, blob_keys[0])
+            except (KeyError, ValueError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                error_msgs.append(f"{prefix}weight: the 4-bit quant state is corrupt or incomplete ({e!r}).")
+                return
+            if packed.dtype != torch.uint8 or packed.numel() != (state.shape.numel() + 1) // 2 or \
+                    tuple(state.shape) != (self.out_features, self.in_features):
+                error_msgs.append(f"{prefix}weight: a 4-bit weight of shape {tuple(state.shape)} ({packed.numel()} "
+                                  f"{packed.dtype} bytes) does not fit this layer "
+                                  f"[{self.out_features}, {self.in_features}].")
+                return
+            device = self.weight.device
+            self.weight = nn.Parameter(packed.detach().to(device).reshape(-1, 1).clone(), requires_grad=False)
+            self.quant_state = state.to(device)
+            self.blocksize, self.quant_type, self.compress_statistics = state.blocksize, state.quant_type, state.nested
+        elif strict:
+            missing_keys.append(prefix + "weight")
+        if self.bias is not None:
+            if prefix + "bias" in state_dict:
+                b = state_dict[prefix + "bias"]
+                if b.shape != self.bias.shape:
+                    error_msgs.append(f"size mismatch for {prefix}bias: copying a param with shape {tuple(b.shape)}, "
+                                      f"the shape in the current model is {tuple(self.bias.shape)}.")
+                else:
+                    with torch.no_grad():
+                        self.bias.copy_(b)
+            elif strict:
+                missing_keys.append(prefix + "bias")
+        if strict:
+            known = {prefix + "weight", prefix + "bias"}
+            for k in state_dict:
+                if k.startswith(prefix) and k not in known and not k.startswith(w) and "." not in k[len(prefix):]:
+                    unexpected_keys.append(k)
+            if self.bias is None and prefix + "bias" in state_dict:
+                unexpected_keys.append(prefix + "bias")
+
+    @staticmethod
+    def _state_from(state_dict, w: str, blob_key: str) -> NF4State:
+        meta = json.loads(bytes(state_dict[blob_key].tolist()).decode())
+        qt = blob_key.rsplit("__", 1)[1]
+        if meta.get("quant_type", qt) not in ("nf4", "fp4"):
+            raise ValueError(f"unsupported 4-bit quant type {meta.get('quant_type')!r} (nf4 and fp4 are supported)")
+        dtype = _DTYPES.get(meta["dtype"])
+        if dtype is None:
+            raise ValueError(f"unsupported weight dtype {meta['dtype']!r}")
+        nested = {}
+        if "nested_blocksize" in meta:
+            nested = dict(offset=torch.tensor(float(meta["nested_offset"])),
+                          nested_absmax=state_dict[w + "nested_absmax"].float(),
+                          nested_code=state_dict[w + "nested_quant_map"].float(),
+                          nested_blocksize=int(meta["nested_blocksize"]))
+        return NF4State(state_dict[w + "absmax"], torch.Size(meta["shape"]), dtype, int(meta["blocksize"]),
+                        meta.get("quant_type", qt), state_dict[w + "quant_map"].float(), **nested)

@@ -1,0 +1,58 @@
+"""peft_fast.quantize: turn a model's nn.Linear layers into 4-bit NF4Linear layers, without bitsandbytes.
+
+The same bytes as transformers' `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=..., ...)` would give
+(kernels/nf4.py is bit for bit bitsandbytes' quantize_4bit), the same layers left dense (the output embedding), and
+the same checkpoint keys; but no bitsandbytes and no CUDA needed to quantize, and the layers run on peft_fast's
+kernels. Patch the result with peft_fast.get_peft_model for QLoRA.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+import torch.nn as nn
+
+from .kernels.nf4 import BLOCKSIZES
+from .nf4_linear import NF4Linear
+
+__all__ = ["quantize"]
+
+
+def _default_skips(model: nn.Module) -> set[str]:
+    """transformers keeps the output embedding (lm_head) in 16-bit under bitsandbytes: do the same."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return {n for n, m in model.named_modules() if head is not None and m is head}
+
+
+def _skipped(name: str, skips: Iterable[str]) -> bool:
+    return any(name == s or name.endswith("." + s) for s in skips)
+
+
+def quantize(model: nn.Module, *, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
+             compute_dtype: Optional[torch.dtype] = None, skip_modules: Optional[list[str]] = None) -> nn.Module:
+    """Replace every `torch.nn.Linear` in ``model`` (in place) by a frozen 4-bit `NF4Linear` and return the model.
+
+    quant_type: "nf4" or "fp4"; blocksize: bitsandbytes' block size (64 by default); double_quant: quantize the
+    absmax too (bnb_4bit_use_double_quant); compute_dtype: the matmul dtype (bnb_4bit_compute_dtype; None: the
+    input's); skip_modules: names (or name suffixes) to leave dense, in addition to the output embedding.
+    Nothing changes unless every layer can be quantized.
+    """
+    if quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"quantize: quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"quantize: blocksize must be one of {BLOCKSIZES} (bitsandbytes' sizes), got {blocksize}")
+    skips = set(skip_modules or ()) | _default_skips(model)
+    todo = [(n, m) for n, m in model.named_modules()
+            if type(m) is nn.Linear and n and not _skipped(n, skips)]
+    for name, m in todo:
+        if not m.weight.dtype.is_floating_point or not torch.isfinite(m.weight).all():
+            raise ValueError(f"quantize: {name}.weight must be finite floating point, got {m.weight.dtype} "
+                             "with non-finite values" if m.weight.dtype.is_floating_point else
+                             f"quantize: {name}.weight must be floating point, got {m.weight.dtype}")
+    made = {n: NF4Linear.from_linear(m, blocksize=blocksize, compress_statistics=double_quant,
+                                     quant_type=quant_type, compute_dtype=compute_dtype) for n, m in todo}
+    for name, layer in made.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+    return model
