@@ -65,6 +65,7 @@ stage() {  # stage NAME SECONDS pytest-args...: log, junit xml and "rc seconds" 
 existing() { local f; for f in "$@"; do [ -e "$f" ] && printf '%s ' "$f"; done; }
 FIRST_TESTS=${GPU_CHECK_FIRST_TESTS:-}
 [ -z "$FIRST_TESTS" ] && FIRST_TESTS=$(existing tests/kernels/test_qlora_gemv.py tests/kernels/test_dora_norm.py tests/kernels/test_nf4_linear.py \
+  tests/kernels/test_dora_linear.py tests/kernels/test_multi_lora_dora.py tests/kernels/test_nf4_gemv.py \
   tests/kernels/test_qlora_linear.py tests/kernels/test_nf4.py)
 # GPU_CHECK_ONLY_NEW=1: only those first files, in the kernels and bench stages (a short lease after a change).
 ALL_TESTS=tests/kernels ALL_BENCH=bench

@@ -33,6 +33,15 @@ __all__ = [
     "qlora_linear",
     "qlora_linear_reference",
     "qlora_linear_triton",
+    "dora_norm",
+    "dora_norm_reference",
+    "dora_norm_triton",
+    "dora_norm_nf4",
+    "dora_norm_nf4_reference",
+    "dora_norm_nf4_triton",
+    "dora_linear",
+    "dora_linear_reference",
+    "dora_linear_triton",
 ]
 
 if __name__ == "peft_fast.kernels":
@@ -45,6 +54,9 @@ if __name__ == "peft_fast.kernels":
                       nf4_quantize, nf4_quantize_reference, nf4_quantize_triton, nf4_state_from_bnb)
     from .nf4_linear import nf4_linear, nf4_linear_reference, nf4_linear_triton
     from .qlora_linear import qlora_linear, qlora_linear_reference, qlora_linear_triton
+    from .dora_norm import (dora_norm, dora_norm_nf4, dora_norm_nf4_reference, dora_norm_nf4_triton,
+                            dora_norm_reference, dora_norm_triton)
+    from .dora_linear import dora_linear, dora_linear_reference, dora_linear_triton
 else:
     # From the repo root this directory shadows Hugging Face's `kernels` package, which transformers and
     # bitsandbytes probe at import. Stay an empty module then: loading the ops under a second name would

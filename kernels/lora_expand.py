@@ -4,6 +4,11 @@ The second half of a mixed batch (`multi_lora.py`). It adds IN PLACE into y and 
 a fresh output (the base layer's result, or a clone), so the batch needs no second [T, out] buffer. Rows of
 tokens without an adapter, and of slots whose rank is 0 (the layer lacks that adapter), are never touched.
 Only z[:, :rank_s] is read, so whatever the shrink left beyond a slot's rank does not matter.
+
+DoRA slots (`dora_scale` [n_slots, out], c = m / ||W + s·B·A|| per output channel; 1 for plain LoRA slots): PEFT's
+DoRA output is y + (c - 1)·(y - b) + c·delta, with y the base output and b the base layer's bias (`base_bias`),
+which DoRA must not scale. The expand applies it in its epilogue, so DoRA and LoRA adapters share one launch;
+with c = 1 the extra term is an exact zero, so LoRA slots stay bit-identical to the plain expand.
 """
 from __future__ import annotations
 
@@ -23,7 +28,8 @@ __all__ = ["lora_expand", "lora_expand_reference", "lora_expand_triton"]
 
 
 def _check_shapes(y: Tensor, z: Tensor, b_stack: Tensor, ranks: Tensor, scalings: Tensor, meta: "LoraBatchMeta",
-                  bias_stack: Optional[Tensor]) -> None:
+                  bias_stack: Optional[Tensor], dora_scale: Optional[Tensor] = None,
+                  base_bias: Optional[Tensor] = None) -> None:
     if y.dim() != 2 or z.dim() != 2 or b_stack.dim() != 3:
         raise ValueError(f"lora_expand: y must be [T, out], z [T, r_max] and b_stack [n_slots, out, r_max]; got "
                          f"{tuple(y.shape)}, {tuple(z.shape)}, {tuple(b_stack.shape)}")
@@ -36,12 +42,30 @@ def _check_shapes(y: Tensor, z: Tensor, b_stack: Tensor, ranks: Tensor, scalings
                          f"{tuple(scalings.shape)}")
     if bias_stack is not None and bias_stack.shape != (n, out_f):
         raise ValueError(f"lora_expand: bias_stack must have shape ({n}, {out_f}), got {tuple(bias_stack.shape)}")
+    if dora_scale is not None and dora_scale.shape != (n, out_f):
+        raise ValueError(f"lora_expand: dora_scale must have shape ({n}, {out_f}), got {tuple(dora_scale.shape)}")
+    if base_bias is not None and (dora_scale is None or base_bias.shape != (out_f,)):
+        raise ValueError(f"lora_expand: base_bias (shape ({out_f},)) only goes with dora_scale; got "
+                         f"{tuple(base_bias.shape)}{'' if dora_scale is not None else ' without dora_scale'}")
+
+
+def apply_delta(y: Tensor, rows: Tensor, delta: Tensor, dora_scale: Optional[Tensor], s: int,
+                base_bias: Optional[Tensor]) -> None:
+    """y[rows] += delta, or PEFT's DoRA update of y[rows] for slot s when dora_scale is given."""
+    if dora_scale is None:
+        y[rows] += delta.to(y.dtype)
+        return
+    c = dora_scale[s]
+    base = y[rows]
+    base_nb = base - base_bias if base_bias is not None else base
+    y[rows] = (base + (c - 1) * base_nb + c * delta).to(y.dtype)
 
 
 def lora_expand_reference(y: Tensor, z: Tensor, b_stack: Tensor, ranks: Tensor, scalings: Tensor,
-                          meta: "LoraBatchMeta", bias_stack: Optional[Tensor] = None) -> Tensor:
+                          meta: "LoraBatchMeta", bias_stack: Optional[Tensor] = None, *,
+                          dora_scale: Optional[Tensor] = None, base_bias: Optional[Tensor] = None) -> Tensor:
     """PEFT's lora_B and scaling on z, per active slot, in the adapter dtype; adds into y in place."""
-    _check_shapes(y, z, b_stack, ranks, scalings, meta, bias_stack)
+    _check_shapes(y, z, b_stack, ranks, scalings, meta, bias_stack, dora_scale, base_bias)
     rank_list = ranks.tolist()
     for s, rows in _slot_rows(meta):
         r = min(int(rank_list[s]), b_stack.shape[2])
@@ -50,7 +74,7 @@ def lora_expand_reference(y: Tensor, z: Tensor, b_stack: Tensor, ranks: Tensor, 
         b = b_stack[s, :, :r]
         bias = bias_stack[s].to(b.dtype) if bias_stack is not None else None
         delta = F.linear(z[rows, :r].to(b.dtype), b, bias) * scalings[s].to(b.dtype)
-        y[rows] += delta.to(y.dtype)
+        apply_delta(y, rows, delta, dora_scale, s, base_bias)
     return y
 
 
@@ -61,9 +85,12 @@ if HAS_TRITON:
     @triton.jit
     def _lora_expand_kernel(
         z_ptr, b_ptr, y_ptr, bias_ptr, scal_ptr, ranks_ptr, tokens_ptr, starts_ptr, counts_ptr, active_ptr,
+        dscale_ptr, bbias_ptr,
         N, R_MAX,
         stride_zm, stride_zr, stride_bs, stride_bn, stride_br, stride_ym, stride_yn, stride_biass, stride_biasn,
-        HAS_BIAS: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+        stride_dss, stride_dsn,
+        HAS_BIAS: tl.constexpr, HAS_DORA: tl.constexpr, HAS_BBIAS: tl.constexpr,
+        DOT: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
         # Axis 0 (launched fastest) walks the out tiles of one token tile: its z rows stay in L2 meanwhile.
@@ -116,7 +143,17 @@ if HAS_TRITON:
         acc = acc * tl.load(scal_ptr + slot).to(acc.dtype)
         y_ptrs = y_ptr + tok[:, None] * stride_ym + rn[None, :] * stride_yn
         mask_y = mask_m[:, None] & mask_n[None, :]
-        out = tl.load(y_ptrs, mask=mask_y, other=0.0).to(acc.dtype) + acc
+        y = tl.load(y_ptrs, mask=mask_y, other=0.0).to(acc.dtype)
+        if HAS_DORA:
+            c = tl.load(dscale_ptr + slot.to(tl.int64) * stride_dss + rn * stride_dsn, mask=mask_n,
+                        other=1.0).to(acc.dtype)[None, :]
+            if HAS_BBIAS:
+                base = y - tl.load(bbias_ptr + rn, mask=mask_n, other=0.0).to(acc.dtype)[None, :]
+            else:
+                base = y
+            out = y + (c - 1.0) * base + c * acc
+        else:
+            out = y + acc
         tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask_y)
 
 
@@ -129,13 +166,14 @@ def _expand_blocks(out_f: int, r_max: int) -> tuple[int, int]:
 
 
 def lora_expand_triton(y: Tensor, z: Tensor, b_stack: Tensor, ranks: Tensor, scalings: Tensor,
-                       meta: "LoraBatchMeta", bias_stack: Optional[Tensor] = None) -> Tensor:
+                       meta: "LoraBatchMeta", bias_stack: Optional[Tensor] = None, *,
+                       dora_scale: Optional[Tensor] = None, base_bias: Optional[Tensor] = None) -> Tensor:
     """One launch for every adapter of the batch; adds into y in place and returns it."""
     if not HAS_TRITON:
         raise RuntimeError("lora_expand_triton needs triton, which is not installed; use lora_expand_reference.")
-    _check_shapes(y, z, b_stack, ranks, scalings, meta, bias_stack)
+    _check_shapes(y, z, b_stack, ranks, scalings, meta, bias_stack, dora_scale, base_bias)
     _check_launch("lora_expand", y, z, b_stack, ranks, scalings, bias_stack, meta.sorted_tokens, meta.slot_starts,
-                  meta.active_slots)
+                  meta.active_slots, dora_scale, base_bias)
     out_f, r_max = b_stack.shape[1], b_stack.shape[2]
     n_active = meta.active_slots.numel()
     if n_active == 0 or out_f == 0 or r_max == 0:
@@ -145,21 +183,28 @@ def lora_expand_triton(y: Tensor, z: Tensor, b_stack: Tensor, ranks: Tensor, sca
     bn, br = _expand_blocks(out_f, r_max)
     grid = (triton.cdiv(out_f, bn), triton.cdiv(meta.max_slot_tokens, bm), n_active)
     bias = bias_stack if bias_stack is not None else b_stack
+    dscale = dora_scale if dora_scale is not None else b_stack
+    bbias = base_bias.contiguous() if base_bias is not None else b_stack
     _lora_expand_kernel[grid](
         z, b_stack, y, bias, scalings, ranks, meta.sorted_tokens, meta.slot_starts, meta.slot_counts,
-        meta.active_slots,
+        meta.active_slots, dscale, bbias,
         out_f, r_max,
         z.stride(0), z.stride(1), b_stack.stride(0), b_stack.stride(1), b_stack.stride(2),
-        y.stride(0), y.stride(1), bias.stride(0), bias.stride(-1),
-        HAS_BIAS=bias_stack is not None, DOT=dot, PRECISION=precision(dot),
+        y.stride(0), y.stride(1), bias.stride(0), bias.stride(-1), dscale.stride(0), dscale.stride(-1),
+        HAS_BIAS=bias_stack is not None, HAS_DORA=dora_scale is not None, HAS_BBIAS=base_bias is not None,
+        DOT=dot, PRECISION=precision(dot),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br,
     )
     return y
 
 
 def lora_expand(y: Tensor, z: Tensor, b_stack: Tensor, ranks: Tensor, scalings: Tensor, meta: "LoraBatchMeta",
-                bias_stack: Optional[Tensor] = None) -> Tensor:
-    """y[t] += scaling_s·(z[t, :rank_s]·B_s[:, :rank_s]ᵀ + bias_s) for each token t of slot s; in place, returns y."""
+                bias_stack: Optional[Tensor] = None, *, dora_scale: Optional[Tensor] = None,
+                base_bias: Optional[Tensor] = None) -> Tensor:
+    """y[t] += scaling_s·(z[t, :rank_s]·B_s[:, :rank_s]ᵀ + bias_s) for each token t of slot s; in place, returns y.
+    With dora_scale: y[t] = y[t] + (c_s - 1)·(y[t] - base_bias) + c_s·delta (PEFT's DoRA output)."""
     if use_triton(y, z, b_stack, scalings, meta.sorted_tokens):
-        return lora_expand_triton(y, z, b_stack, ranks, scalings, meta, bias_stack)
-    return lora_expand_reference(y, z, b_stack, ranks, scalings, meta, bias_stack)
+        return lora_expand_triton(y, z, b_stack, ranks, scalings, meta, bias_stack, dora_scale=dora_scale,
+                                  base_bias=base_bias)
+    return lora_expand_reference(y, z, b_stack, ranks, scalings, meta, bias_stack, dora_scale=dora_scale,
+                                 base_bias=base_bias)

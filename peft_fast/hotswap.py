@@ -172,6 +172,11 @@ def _model_key(key: str, adapter_name: str, index: dict) -> Optional[str]:
 
 def _plan_swap(layers, state_dict: dict, adapter_name: str, config: LoraConfig) -> tuple[list[_LayerSwap], list]:
     """Validate the new adapter against the loaded one; return what to copy and which tensors to zero."""
+    if config.use_dora or any(m.use_dora.get(adapter_name) for _, m in layers):
+        # A DoRA layer's output also depends on its magnitude and on a norm cached per adapter; swapping it in place
+        # (and zeroing the layers the new adapter lacks, which for DoRA would not mean "adds nothing") is not built.
+        raise ValueError("Hot swapping DoRA adapters (use_dora=True) is not supported (nothing was changed); load the "
+                         "adapter with load_adapter and switch with set_adapter instead.")
     index = _param_index(layers, adapter_name)
     by_path = dict(layers)
     new: dict[str, dict] = {}

@@ -169,7 +169,8 @@ def adapter_parameters(model: nn.Module, names: Optional[list[str]] = None) -> l
     name happens to contain "lora_" stays a base parameter."""
     out: list[nn.Parameter] = []
     for _, m in tuner_layers(model):
-        dicts = (m.lora_A, m.lora_B) if isinstance(m, LoraLinear) else (m.modules_to_save,)
+        dicts = ((m.lora_A, m.lora_B, m.lora_magnitude_vector) if isinstance(m, LoraLinear)
+                 else (m.modules_to_save,))
         for d in dicts:
             for key, sub in d.items():
                 if names is None or key in names:

@@ -8,7 +8,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from . import lora_init, merging, quantized
+from . import dora, lora_init, merging, quantized
 from .config import LoraConfig
 from .kernels import lora_linear, multi_lora, qlora_linear, use_triton
 from .mixed_batch import AdapterNames, AdapterStacks, StackCache, stack_dtype
@@ -89,7 +89,9 @@ class LoraLinear(nn.Module):
         if r <= 0:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
         if config.use_dora:
-            raise NotImplementedError("DoRA (use_dora=True) is not implemented in peft_fast yet; use use_dora=False.")
+            if config.lora_bias:
+                raise ValueError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False")
+            dora.check_base(self)
         if config.lora_bias and getattr(self.base_layer, "bias", None) is None:
             warnings.warn(f"`lora_bias=True` was passed but the targeted layer of type {type(self.base_layer).__name__} "
                           "has no bias. This means that merging LoRA weights won't be possible.")
@@ -104,10 +106,14 @@ class LoraLinear(nn.Module):
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=config.lora_bias)
         self.lora_bias[name] = config.lora_bias
         self.use_rslora[name] = config.use_rslora
-        self.use_dora[name] = False
+        self.use_dora[name] = bool(config.use_dora)
         self.scaling[name] = lora_alpha / math.sqrt(r) if config.use_rslora else lora_alpha / r
         lora_init.initialise(self, name, config.init_lora_weights)
         self._move_adapter_to_base(name, autocast_adapter_dtype)
+        if config.use_dora:  # as PEFT: from the initialised adapter, on the base's device
+            dora.init_magnitude(self, name)
+        elif name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def _move_adapter_to_base(self, name: str, autocast_adapter_dtype: bool) -> None:
@@ -151,7 +157,7 @@ class LoraLinear(nn.Module):
 
     def set_adapter(self, names: str | list[str], inference_mode: bool = False) -> None:
         names = [names] if isinstance(names, str) else list(names)
-        for dict_name in ("lora_A", "lora_B"):
+        for dict_name in ("lora_A", "lora_B", "lora_magnitude_vector"):
             for key, mod in getattr(self, dict_name).items():
                 _set_requires_grad(mod, key in names and not inference_mode)
         self._active_adapter = names
@@ -161,17 +167,18 @@ class LoraLinear(nn.Module):
             self.set_adapter(self.active_adapters)
             self._disable_adapters = False
         else:
-            for dict_name in ("lora_A", "lora_B"):
+            for dict_name in ("lora_A", "lora_B", "lora_magnitude_vector"):
                 for mod in getattr(self, dict_name).values():
                     _set_requires_grad(mod, False)
             self._disable_adapters = True
 
     def delete_adapter(self, name: str) -> None:
         for attr in ("lora_A", "lora_B", "lora_dropout", "r", "lora_alpha", "scaling", "use_rslora", "use_dora",
-                     "lora_bias"):
+                     "lora_bias", "lora_magnitude_vector"):
             container = getattr(self, attr)
             if name in container:
                 del container[name]
+        dora.clear(self, name)
         if name in self.active_adapters:
             remaining_active = [a for a in self.active_adapters if a != name]
             if remaining_active:
@@ -216,7 +223,12 @@ class LoraLinear(nn.Module):
         active = [a for a in self.active_adapters if a in self.lora_A]
         if self.merged or not active:
             return self.base_layer(x, *args, **kwargs)
-        if not (args or kwargs or len(active) > 1):
+        any_dora = any(self.use_dora.get(a) for a in active)
+        if any_dora and not (args or kwargs or len(active) > 1):
+            y = dora.fused_forward(self, active[0], x)
+            if y is not None:
+                return y
+        elif not (args or kwargs or len(active) > 1):
             plain = self._plain_base()
             if plain is not None:
                 a, b, s, p, b_bias = self._adapter_args(active[0])
@@ -228,6 +240,8 @@ class LoraLinear(nn.Module):
                     return qlora_linear(x.to(q[3]), q[0], q[1], q[2], a, b, s, p, b_bias).to(x.dtype)
                 return qlora_linear(x, q[0], q[1], q[2], a, b, s, p, b_bias)
         result = self.base_layer(x, *args, **kwargs)
+        if any_dora:
+            return dora.loop_forward(self, x, result, active)
         if quantized.is_4bit_base(self.base_layer):  # PEFT's 4-bit layer casts each delta, then adds it
             return quantized.add_deltas(self, x, result, active)
         out_dtype = result.dtype
@@ -245,7 +259,10 @@ class LoraLinear(nn.Module):
             stacks = self._stacks(adapter_names.slot_names, x)
             x2d, y2d = x.reshape(-1, self.in_features), result.reshape(-1, self.out_features)
             multi_lora(x2d, y2d, stacks.a, stacks.b, stacks.ranks, stacks.scalings, adapter_names.meta_for(x),
-                       stacks.bias, inplace=True)  # the base output is ours and needs no autograd
+                       stacks.bias, inplace=True,  # the base output is ours and needs no autograd
+                       dora_scale=stacks.dora_scale,
+                       base_bias=self.bias.detach() if stacks.dora_scale is not None and self.bias is not None
+                       else None)
             return result
         # Gradients wanted (or a caller passed a plain list): PEFT's per-adapter loop, differentiable.
         out_dtype, q4 = result.dtype, quantized.is_4bit_base(self.base_layer)
@@ -253,6 +270,9 @@ class LoraLinear(nn.Module):
             if name == "__base__" or name not in self.lora_A:
                 continue
             rows = [i for i, item in enumerate(adapter_names) if item == name]
+            if self.use_dora.get(name):
+                result[rows] = dora.mixed_rows(self, name, x, result, rows)
+                continue
             a, b, s, p, b_bias = self._adapter_args(name)
             x = x.to(a.dtype) if q4 else x  # PEFT's 4-bit layer keeps x cast to the last adapter's dtype
             result[rows] += lora_linear(x[rows], None, None, a, b, s, p, b_bias).to(out_dtype)
@@ -261,7 +281,8 @@ class LoraLinear(nn.Module):
     def _needs_grad(self, x: torch.Tensor) -> bool:
         if not torch.is_grad_enabled():
             return False
-        return x.requires_grad or any(p.requires_grad for d in (self.lora_A, self.lora_B) for p in d.parameters())
+        return x.requires_grad or any(p.requires_grad for d in (self.lora_A, self.lora_B, self.lora_magnitude_vector)
+                                      for p in d.parameters())
 
     def _stacks(self, slot_names: tuple[str, ...], x: torch.Tensor) -> AdapterStacks:
         """Stacked adapter weights for the batched kernels, rebuilt only when an adapter changed."""
@@ -272,6 +293,11 @@ class LoraLinear(nn.Module):
             cache = StackCache(self, slot_names, dtype)
             self.__dict__["_stack_cache"] = cache
         return cache.stacks
+
+    def train(self, mode: bool = True):
+        if self.lora_magnitude_vector:
+            dora.clear(self)  # as PEFT's DoRA layer: no cached scale survives a switch of mode
+        return super().train(mode)
 
     # --- merging -----------------------------------------------------------------------------------------------
     def get_delta_weight(self, name: str) -> torch.Tensor:

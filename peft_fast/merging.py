@@ -5,6 +5,10 @@ A bitsandbytes 4-bit base (Linear4bit, nf4 or fp4) is merged as PEFT does it: de
 re-quantize into a new Params4bit with the same settings (unmerge: dequantize, subtract, re-quantize). The rounding
 this costs is measured and reported in one `QuantizedMergeWarning` per call. `merge_dequantized` instead turns such a
 layer into a plain nn.Linear holding the exact merged weight (`merge_and_unload(dequantize=True)`).
+
+DoRA adapters merge as PEFT's DoraLinearVariant: W' = (m / ||W0 + ΔW||) ⊙ (W + ΔW), the norm taken over the base
+W0 with every previously merged adapter taken out again (PEFT unmerges and re-merges them; here W0 is computed
+on a copy), and kept per layer until unmerge, which needs it: W = W' / (m / norm) - ΔW.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from . import dora
 from .nf4_linear import NF4Linear
 from .quantized import is_bnb_4bit
 
@@ -129,16 +134,44 @@ def check_mergeable(layer, names: list[str]) -> None:
         raise RuntimeError("Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias.")
 
 
-def merged_tensors(layer, names: list[str], check: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _unmerged_base(layer, weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` (the current base weight, or a copy) with the layer's merged adapters taken out, newest first."""
+    for name in reversed(layer.merged_adapters):
+        if name not in layer.lora_A:
+            continue
+        if layer.use_dora.get(name):
+            weight = dora.unmerged_weight(layer, name, weight)
+        else:
+            weight = weight - layer.get_delta_weight(name).to(weight.dtype)
+    return weight
+
+
+def _dora_base(layer, names: list[str], weight: torch.Tensor) -> Optional[torch.Tensor]:
+    if not any(layer.use_dora.get(n) for n in names):
+        return None
+    return _unmerged_base(layer, weight.detach().clone())
+
+
+def _record(layer, norms: dict) -> None:
+    layer.__dict__.setdefault("_dora_merged_norm", {}).update(norms)
+    dora.clear(layer, base=True)
+
+
+def merged_tensors(layer, names: list[str], check: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor], dict]:
     """The weight and bias after merging ``names`` in order, computed in the base dtype as the merge itself
     will be (so an fp16 overflow is seen here), raising on the first adapter that makes them non-finite.
-    A 4-bit base gives the exact merged weight: dequantized, plus the deltas, in PEFT's promoted dtype."""
+    A 4-bit base gives the exact merged weight: dequantized, plus the deltas, in PEFT's promoted dtype.
+    Also returns the DoRA norms the merge used (unmerge needs them)."""
     base = layer.base_layer
     q4 = is_4bit(layer)
     weight = dequantize_4bit(base) if q4 else base.weight.data.clone()
     bias = base.bias.data.clone() if getattr(base, "bias", None) is not None else None
+    w0, norms = _dora_base(layer, names, weight), {}
     for name in names:
-        if q4:
+        if layer.use_dora.get(name):
+            norms[name] = dora.merge_norm(layer, name, w0)
+            weight = dora.merged_weight(layer, name, weight, norms[name])
+        elif q4:
             weight = weight + layer.get_delta_weight(name)  # as PEFT: `output + lora_data`, promoted
         else:
             weight += layer.get_delta_weight(name).to(weight.dtype)
@@ -146,20 +179,27 @@ def merged_tensors(layer, names: list[str], check: bool = True) -> tuple[torch.T
             bias += (layer.lora_B[name].bias.data * layer.scaling[name]).to(bias.dtype)
         if check and (not torch.isfinite(weight).all() or (bias is not None and not torch.isfinite(bias).all())):
             raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
-    return weight, bias
+    return weight, bias, norms
 
 
 def _merge_4bit(layer, names: list[str], rounding: _Rounding) -> None:
     """PEFT's order, adapter by adapter (so the packed bytes match PEFT's): dequantize, add, re-quantize."""
     base = layer.base_layer
     exact = dequantize_4bit(base)
+    w0, norms = _dora_base(layer, names, exact), {}
     for name in names:
-        delta = layer.get_delta_weight(name)
-        exact = exact + delta
-        _requantize(base, dequantize_4bit(base) + delta)
+        if layer.use_dora.get(name):
+            norms[name] = dora.merge_norm(layer, name, w0)
+            exact = dora.merged_weight(layer, name, exact, norms[name])
+            _requantize(base, dora.merged_weight(layer, name, dequantize_4bit(base), norms[name]))
+        else:
+            delta = layer.get_delta_weight(name)
+            exact = exact + delta
+            _requantize(base, dequantize_4bit(base) + delta)
         if layer.lora_bias[name]:
             base.bias.data += (layer.lora_B[name].bias.data * layer.scaling[name]).to(base.bias.dtype)
     rounding.add(names, exact, dequantize_4bit(base))
+    _record(layer, norms)
 
 
 def _merge(layer, safe_merge: bool, adapter_names: Optional[list[str]], rounding: _Rounding) -> None:
@@ -173,15 +213,22 @@ def _merge(layer, safe_merge: bool, adapter_names: Optional[list[str]], rounding
             merged_tensors(layer, names)  # raises before the weight changes
         _merge_4bit(layer, names, rounding)
     elif safe_merge:
-        weight, bias = merged_tensors(layer, names)
+        weight, bias, norms = merged_tensors(layer, names)
         base.weight.data = weight
         if bias is not None:
             base.bias.data = bias
-    else:  # in place, as PEFT: no second copy of the weight
+        _record(layer, norms)
+    else:  # in place, as PEFT: no second copy of the weight (a DoRA adapter rescales it: a new one, as PEFT)
+        w0, norms = _dora_base(layer, names, base.weight.data), {}
         for name in names:
+            if layer.use_dora.get(name):
+                norms[name] = dora.merge_norm(layer, name, w0)
+                base.weight.data = dora.merged_weight(layer, name, base.weight.data, norms[name])
+                continue
             base.weight.data += layer.get_delta_weight(name)
             if layer.lora_bias[name]:
                 base.bias.data += layer.lora_B[name].bias.data * layer.scaling[name]
+        _record(layer, norms)
     layer.merged_adapters.extend(names)
 
 
@@ -201,15 +248,26 @@ def unmerge(layer) -> None:
         name = layer.merged_adapters.pop()
         if name not in layer.lora_A:
             continue
+        is_dora = layer.use_dora.get(name)
         if q4:  # as PEFT: dequantize, subtract, re-quantize
-            delta = layer.get_delta_weight(name)
-            exact = (dequantize_4bit(base) if exact is None else exact) - delta
-            _requantize(base, dequantize_4bit(base) - delta)
+            exact = dequantize_4bit(base) if exact is None else exact
+            if is_dora:
+                exact = dora.unmerged_weight(layer, name, exact)
+                _requantize(base, dora.unmerged_weight(layer, name, dequantize_4bit(base)))
+            else:
+                delta = layer.get_delta_weight(name)
+                exact = exact - delta
+                _requantize(base, dequantize_4bit(base) - delta)
             undone.append(name)
+        elif is_dora:
+            base.weight.data = dora.unmerged_weight(layer, name, base.weight.data)
         else:
             base.weight.data -= layer.get_delta_weight(name).to(base.weight.dtype)
+        if is_dora:
+            layer.__dict__.get("_dora_merged_norm", {}).pop(name, None)
         if layer.lora_bias[name]:
             base.bias.data -= (layer.lora_B[name].bias.data * layer.scaling[name]).to(base.bias.dtype)
+    dora.clear(layer, base=True)
     if exact is not None:
         rounding.add(undone, exact, dequantize_4bit(base))
         rounding.warn("Unmerging")
@@ -258,8 +316,9 @@ def merge_dequantized(layers: list, safe_merge: bool, adapter_names: Optional[li
             _merge(layer, safe_merge, adapter_names, _Rounding())
             continue
         names = pending(layer, adapter_names)
-        weight, bias = merged_tensors(layer, names, check=False)
+        weight, bias, norms = merged_tensors(layer, names, check=False)
         layer.base_layer = dequantized_linear(layer.base_layer, weight, bias)
+        _record(layer, norms)
         layer.merged_adapters.extend(names)
 
 

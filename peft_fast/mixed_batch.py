@@ -50,11 +50,13 @@ class AdapterStacks:
     ranks: torch.Tensor  # int32 [n_slots]; 0 where this layer lacks the adapter
     scalings: torch.Tensor  # float32 [n_slots]
     bias: Optional[torch.Tensor]  # [n_slots, out] when some adapter has lora_bias
+    dora_scale: Optional[torch.Tensor] = None  # [n_slots, out] when some adapter is DoRA: m / norm, 1 elsewhere
 
 
 def _adapter_params(layer, slot_names: tuple[str, ...]) -> list[torch.Tensor]:
     # Straight through the module dicts: nn.Module.__getattr__ would cost ~1 µs per lookup, on every forward.
     a_mods, b_mods = layer.lora_A._modules, layer.lora_B._modules
+    m_mods = layer.lora_magnitude_vector._modules
     out = []
     for name in slot_names:
         a = a_mods.get(name)
@@ -64,6 +66,8 @@ def _adapter_params(layer, slot_names: tuple[str, ...]) -> list[torch.Tensor]:
         out += [a._parameters["weight"], b_params["weight"]]
         if b_params.get("bias") is not None:
             out.append(b_params["bias"])
+        if name in m_mods:  # a DoRA adapter's scale depends on its magnitude too
+            out.append(m_mods[name]._parameters["weight"])
     return out
 
 
@@ -79,8 +83,10 @@ class StackCache:
         self.stacks = build_stacks(layer, slot_names, dtype)
 
     def _state(self, layer) -> list:
+        # A DoRA scale also depends on the base weight (its norm): its identity, storage and version.
+        dora_base = _dora_base_key(layer) if any(layer.use_dora.get(n) for n in self.slot_names) else None
         return ([p._version for p in self.params] + [p.data_ptr() for p in self.params]
-                + [_scalar(layer.scaling.get(n)) for n in self.slot_names])
+                + [_scalar(layer.scaling.get(n)) for n in self.slot_names] + [dora_base])
 
     def fresh(self, layer, slot_names: tuple[str, ...], dtype: torch.dtype) -> bool:
         if slot_names != self.slot_names or dtype != self.dtype:
@@ -88,6 +94,12 @@ class StackCache:
         current = _adapter_params(layer, slot_names)
         return (len(current) == len(self.params) and all(a is b for a, b in zip(current, self.params))
                 and self._state(layer) == self.state)
+
+
+def _dora_base_key(layer):
+    from .dora import _base_key
+
+    return _base_key(layer)
 
 
 def _scalar(scaling) -> Optional[float]:
@@ -116,4 +128,16 @@ def build_stacks(layer, slot_names: tuple[str, ...], dtype: torch.dtype) -> Adap
             ranks[i], scalings[i] = r, _scalar(layer.scaling[name])
             if bias is not None and layer.lora_B[name].bias is not None:
                 bias[i] = layer.lora_B[name].bias
-    return AdapterStacks(a, b, ranks.to(ref.device), scalings.to(ref.device), bias)
+    dora_scale = None
+    dora_names = [n for n in present if layer.use_dora.get(n)]
+    if dora_names:
+        from .dora import scale
+
+        # Kept in the magnitude's dtype (float32): the expand's epilogue applies it at accumulator precision.
+        m_dtype = layer.lora_magnitude_vector[dora_names[0]].weight.dtype
+        dora_scale = torch.ones(n, layer.out_features, device=ref.device, dtype=m_dtype)
+        with torch.no_grad():
+            for i, name in enumerate(slot_names):
+                if name in dora_names:
+                    dora_scale[i] = scale(layer, name, grad=False)
+    return AdapterStacks(a, b, ranks.to(ref.device), scalings.to(ref.device), bias, dora_scale)

@@ -33,6 +33,8 @@ def get_peft_model_state_dict(model: nn.Module, adapter_name: str = "default") -
                 out[f"{PREFIX}{key}.lora_B.weight"] = m.lora_B[adapter_name].weight
                 if m.lora_B[adapter_name].bias is not None:
                     out[f"{PREFIX}{key}.lora_B.bias"] = m.lora_B[adapter_name].bias
+                if adapter_name in m.lora_magnitude_vector:  # PEFT's file key has no ".weight" (its older layout)
+                    out[f"{PREFIX}{key}.lora_magnitude_vector"] = m.lora_magnitude_vector[adapter_name].weight
             # PEFT saves the base bias of every LoRA layer with a "lora_only" adapter, targeted by it or not.
             if config is not None and config.bias == "lora_only" and m.base_layer.bias is not None:
                 out[f"{PREFIX}{key}.base_layer.bias"] = m.base_layer.bias
@@ -60,6 +62,8 @@ def expected_file_tensors(model: nn.Module, plan: Plan) -> dict[str, tuple[int, 
         shapes[f"{PREFIX}{t.key}.lora_B.weight"] = (t.out_features, t.r)
         if config.lora_bias:
             shapes[f"{PREFIX}{t.key}.lora_B.bias"] = (t.out_features,)
+        if config.use_dora:
+            shapes[f"{PREFIX}{t.key}.lora_magnitude_vector"] = (t.out_features,)
     for key in plan.save_modules:
         module = model.get_submodule(key)
         if isinstance(module, ModulesToSaveWrapper):
@@ -126,6 +130,10 @@ def set_peft_model_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor]
 
 
 def _resolve(key: str, adapter_name: str, lora_layers: dict, wrappers: dict) -> str:
+    if key.endswith(".lora_magnitude_vector"):  # PEFT's DoRA key, back to the parameter's name
+        path = key[:-len(".lora_magnitude_vector")]
+        if path in lora_layers:
+            return f"{path}.lora_magnitude_vector.{adapter_name}.weight"
     for marker in (".lora_A.", ".lora_B."):
         if marker in key:
             path, _, rest = key.partition(marker)

@@ -53,7 +53,7 @@ def _agree(values: list) -> Union[bool, Irregular]:
 
 def _adapter_dicts(module: nn.Module) -> list[nn.ModuleDict]:
     if isinstance(module, LoraLinear):
-        return [module.lora_A, module.lora_B]
+        return [module.lora_A, module.lora_B, module.lora_magnitude_vector]
     return [module.modules_to_save]
 
 

@@ -58,8 +58,6 @@ class LoraModel(nn.Module):
         if config.bias != "none" and any(c.bias != "none" for c in self.peft_config.values()):
             raise ValueError("LoraModel supports only 1 adapter with bias. When using multiple adapters, "
                              "set bias to 'none' for all adapters.")
-        if config.use_dora:
-            raise NotImplementedError("DoRA (use_dora=True) is not implemented in peft_fast yet; use use_dora=False.")
         plan = plan or injection.plan_adapter(self.model, config)
         config.target_modules = plan.config.target_modules
         config.modules_to_save = plan.config.modules_to_save

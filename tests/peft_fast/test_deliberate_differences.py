@@ -1,30 +1,27 @@
-"""Where peft_fast deliberately differs from PEFT 0.21: features not landed yet are refused up front, and PEFT bugs are not copied."""
-import copy
-
+"""Where peft_fast deliberately differs from PEFT 0.21: PEFT limits it lifts, and PEFT bugs it does not copy."""
 import pytest
 import torch
-from tiny_models import AGAINST_PEFT
+from tiny_models import AGAINST_PEFT, assert_close, inputs, make_pair, out
 
 import peft_fast
 
 pytestmark = pytest.mark.skipif(AGAINST_PEFT, reason="peft_fast-only behaviour")
 
 
-def test_weight_decomposed_lora_is_refused_and_changes_nothing():
-    torch.manual_seed(0)
-    base = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
-    before = copy.deepcopy(base)
-    with pytest.raises(NotImplementedError, match="use_dora"):
-        peft_fast.get_peft_model(base, peft_fast.LoraConfig(target_modules=["0", "2"], use_dora=True))
-    assert [type(m) for m in base.modules()] == [type(m) for m in before.modules()]
-    for (n, p), (_, q) in zip(base.named_parameters(), before.named_parameters()):
-        assert torch.equal(p, q) and p.requires_grad == q.requires_grad, n
-
-    model = peft_fast.get_peft_model(base, peft_fast.LoraConfig(target_modules=["0"]))
-    with pytest.raises(NotImplementedError, match="use_dora"):
-        model.add_adapter("dora", peft_fast.LoraConfig(target_modules=["2"], use_dora=True))
-    assert list(model.peft_config) == ["default"]
-    assert isinstance(model.base_model.model[2], torch.nn.Linear)
+def test_adapter_names_with_dora_are_served():
+    """PEFT 0.21 raises "Cannot pass `adapter_names` when DoRA is enabled"; peft_fast serves such batches, each
+    sample as its adapter alone would (tests/peft_fast/test_dora.py checks this in depth)."""
+    _, r, i = make_pair("mlp", use_dora=True)
+    r.eval()
+    i.eval()
+    x = inputs("mlp", batch=2)
+    with torch.no_grad():
+        mixed = out(i, x, adapter_names=["default", "__base__"])
+        assert_close(mixed[:1], out(r, {"X": x["X"][:1]}))
+        with r.disable_adapter():
+            assert_close(mixed[1:], out(r, x)[1:], atol=0, rtol=0)  # the same batch: the same base matmuls
+    with pytest.raises(ValueError, match="DoRA"):  # last: PEFT leaves its adapter_names hooks behind when it raises
+        out(r, x, adapter_names=["default", "__base__"])
 
 
 def test_adapter_added_in_eval_mode_does_not_drop_out():

@@ -159,19 +159,6 @@ def test_adapter_names_with_merged_adapter():
     )
 
 
-def test_adapter_names_with_dora():
-    _, r, i = make_pair("mlp", use_dora=True)
-    r.eval()
-    i.eval()
-    x = inputs("mlp", batch=2)
-    _raises_like_peft(
-        ValueError,
-        ["adapter_names", "DoRA"],
-        lambda: out(i, x, adapter_names=["default", "__base__"]),
-        lambda: out(r, x, adapter_names=["default", "__base__"]),
-    )
-
-
 # ------------------------------------------------------------------------------------ merging
 def test_safe_merge_with_nan_names_the_adapter():
     _, r, i = make_pair("llama", adapter_name="broken")

@@ -18,9 +18,9 @@ def _model():
     return m
 
 
-def _lora_grads(lib):
+def _lora_grads(lib, **kw):
     model = lib.get_peft_model(_model(), lib.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
-                                                        init_lora_weights=False))
+                                                        init_lora_weights=False, **kw))
     model.train()
     ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(1))
     with warnings.catch_warnings():
@@ -34,3 +34,12 @@ def test_adapters_get_gradients_through_reentrant_checkpointing():
     assert got.keys() == want.keys() and len(got) == 8
     assert all(g is not None and g.abs().sum() > 0 for g in got.values())
     assert all((want[n] is None) == (got[n] is None) for n in got)
+
+
+def test_dora_through_reentrant_checkpointing_matches_peft():
+    """The recomputed forward sees the same DoRA scale: gradients of A, B and the magnitude equal PEFT's."""
+    got, want = _lora_grads(impl, use_dora=True), _lora_grads(ref, use_dora=True)
+    assert got.keys() == want.keys() and len(got) == 12
+    for n in got:
+        assert got[n] is not None and got[n].abs().sum() > 0, n
+        torch.testing.assert_close(got[n], want[n], atol=1e-5, rtol=1e-4, msg=n)

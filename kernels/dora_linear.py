@@ -1,0 +1,317 @@
+"""Fused DoRA epilogue: y = c ⊙ (base + s·(x·Aᵀ)·Bᵀ) + b, base = x·Wᵀ (no bias).
+
+c = m / ||W + s·B·A|| is DoRA's per-output-channel scale (a tensor, differentiable: its gradient reaches the
+magnitude through the caller's division). Give either `weight` (dense: the op runs the base matmul on cuBLAS and
+writes y over that fresh buffer, so the forward allocates one [T, out] output, as lora_linear) or the base output
+`base` (any base matmul, e.g. the NF4 kernel: autograd carries dbase = c ⊙ dy back through it).
+
+The reference is PEFT's order of operations (`result + (c - 1)·(result - b) + c·lora·s`, result = base + b); the
+Triton path computes the algebraically equal c ⊙ (base + s·z·Bᵀ) + b in float32 in one expand kernel whose
+epilogue applies c and b while the tile is in registers, writing y once, as LoRA's expand writes its output.
+Backward never stores t = base + s·z·Bᵀ: it recovers the magnitude's gradient from the output y, which the next
+layer keeps anyway, as dc = Σ_tokens dy ⊙ (y - b) / c, in one pass that also writes dt = c ⊙ dy; on the dense path
+dt lives one block of `BWD_BLOCK_ROWS` tokens at a time. A channel with
+c = 0 (m = 0) has lost t and gets dc = 0 there (PEFT: Σ dy ⊙ t); DoRA's magnitudes start at row norms, so this
+needs a magnitude trained to exactly zero.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .backend import HAS_TRITON, use_triton
+from .dot_policy import dot_mode, precision
+from .lora_linear import _DROP_NONE, _hi_lo, _mm, _np2, _z_dtype, lora_backward
+
+__all__ = ["dora_linear", "dora_linear_reference", "dora_linear_triton"]
+
+
+def _check(base: Optional[Tensor], x: Tensor, lora_a: Tensor, lora_b: Tensor, mag_scale: Tensor,
+           bias: Optional[Tensor], weight: Optional[Tensor]):
+    out_f = lora_b.shape[0]
+    if (base is None) == (weight is None):
+        raise ValueError("dora_linear: give exactly one of base (the base output x·Wᵀ) and weight")
+    if weight is not None and weight.shape != (out_f, x.shape[-1]):
+        raise ValueError(f"dora_linear: weight {tuple(weight.shape)} does not fit x {tuple(x.shape)} and lora_b "
+                         f"{tuple(lora_b.shape)}")
+    shape = base.shape if base is not None else (*x.shape[:-1], out_f)
+    if shape[:-1] != x.shape[:-1] or shape[-1] != out_f or x.shape[-1] != lora_a.shape[1]:
+        raise ValueError(f"dora_linear: base {tuple(shape)}, x {tuple(x.shape)}, lora_a {tuple(lora_a.shape)} "
+                         f"and lora_b {tuple(lora_b.shape)} do not fit together")
+    if mag_scale.shape != (out_f,) or (bias is not None and bias.shape != (out_f,)):
+        raise ValueError(f"dora_linear: mag_scale and bias must have shape ({out_f},)")
+
+
+def dora_linear_reference(base: Optional[Tensor], x: Tensor, bias: Optional[Tensor], lora_a: Tensor,
+                          lora_b: Tensor, scaling: float, mag_scale: Tensor, weight: Optional[Tensor] = None) -> Tensor:
+    """PEFT's DoraLinearLayer.forward without dropout, on result = base + bias. Backward is autograd."""
+    _check(base, x, lora_a, lora_b, mag_scale, bias, weight)
+    if base is None:
+        result = F.linear(x, weight, bias)
+        base = result
+    else:
+        result = base + bias if bias is not None else base
+    lora = F.linear(F.linear(x.to(lora_a.dtype), lora_a), lora_b)
+    base_nb = result - bias if bias is not None else result
+    c = mag_scale.view(*([1] * (base.dim() - 1)), -1)
+    return (result + ((c - 1) * base_nb + c * lora * scaling)).to(base.dtype)
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _dora_expand_kernel(
+        z_ptr, b_ptr, base_ptr, y_ptr, c_ptr, bias_ptr,
+        M, N, R, s_hi, s_lo,
+        stride_zm, stride_zr, stride_bn, stride_br, stride_basem, stride_basen, stride_ym, stride_yn,
+        HAS_BIAS: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        mask_m = rm < M
+        mask_n = rn < N
+        if DOT == 2:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            rr = r0 + tl.arange(0, BLOCK_R)
+            mask_r = rr < R
+            a = tl.load(z_ptr + rm[:, None] * stride_zm + rr[None, :] * stride_zr,
+                        mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+            b = tl.load(b_ptr + rr[:, None] * stride_br + rn[None, :] * stride_bn,
+                        mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+            # The dtype policy of every LoRA matmul (dot_policy.py): 16-bit outputs meet on the tensor cores
+            if DOT == 2:
+                a = a.to(tl.float64)
+                b = b.to(tl.float64)
+            elif DOT == 3:
+                a = a.to(tl.bfloat16)
+                b = b.to(tl.bfloat16)
+            elif DOT == 4:
+                a = a.to(tl.float16)
+                b = b.to(tl.float16)
+            else:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc += tl.dot(a, b, input_precision=PRECISION)
+        s = tl.zeros((BLOCK_N,), dtype=acc.dtype) + s_hi
+        if DOT == 2:  # float arguments arrive as fp32: hi + lo, added in float64, keeps the scaling exact
+            s = s + s_lo
+        mask = mask_m[:, None] & mask_n[None, :]
+        base = tl.load(base_ptr + rm[:, None] * stride_basem + rn[None, :] * stride_basen, mask=mask,
+                       other=0.0).to(acc.dtype)
+        c = tl.load(c_ptr + rn, mask=mask_n, other=0.0).to(acc.dtype)
+        out = c[None, :] * (base + s[None, :] * acc)
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(acc.dtype)[None, :]
+        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, out.to(y_ptr.dtype.element_ty),
+                 mask=mask)
+
+    @triton.jit
+    def _dora_bwd_kernel(
+        dy_ptr, y_ptr, c_ptr, bias_ptr, dt_ptr, colsum_ptr,
+        M, N, stride_dym, stride_dyn, stride_ym, stride_yn, stride_dtm, stride_dtn,
+        HAS_BIAS: tl.constexpr, F64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        mask_n = rn < N
+        mask = (rm < M)[:, None] & mask_n[None, :]
+        dy = tl.load(dy_ptr + rm[:, None] * stride_dym + rn[None, :] * stride_dyn, mask=mask, other=0.0)
+        y = tl.load(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, mask=mask, other=0.0)
+        if F64:
+            dyf = dy.to(tl.float64)
+            yf = y.to(tl.float64)
+        else:
+            dyf = dy.to(tl.float32)
+            yf = y.to(tl.float32)
+        c = tl.load(c_ptr + rn, mask=mask_n, other=0.0).to(dyf.dtype)
+        if HAS_BIAS:
+            yf -= tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(dyf.dtype)[None, :]
+        tl.store(dt_ptr + rm[:, None] * stride_dtm + rn[None, :] * stride_dtn,
+                 (c[None, :] * dyf).to(dt_ptr.dtype.element_ty), mask=mask)
+        tl.atomic_add(colsum_ptr + rn, tl.sum(tl.where(mask, dyf * yf, 0.0), axis=0), mask=mask_n)
+
+
+def _expand(z: Tensor, lora_b: Tensor, base2d: Tensor, y2d: Tensor, c: Tensor, bias: Optional[Tensor],
+            scaling: float) -> None:
+    M, R = z.shape
+    N = lora_b.shape[0]
+    if M == 0 or N == 0:
+        return
+    dot = dot_mode(z.dtype, lora_b.dtype, y2d.dtype)
+    bm, bn = min(64, max(16, _np2(M))), min(64, max(16, _np2(N)))
+    br = min(64, max(16, _np2(R)))
+    s_hi, s_lo = _hi_lo(float(scaling))  # kernel arguments, not a tensor: no host-to-device copy per call
+    grid = (triton.cdiv(N, bn), triton.cdiv(M, bm))
+    _dora_expand_kernel[grid](
+        z, lora_b, base2d, y2d, c, bias if bias is not None else c, M, N, R, s_hi, s_lo,
+        z.stride(0), z.stride(1), lora_b.stride(0), lora_b.stride(1), base2d.stride(0), base2d.stride(1),
+        y2d.stride(0), y2d.stride(1),
+        HAS_BIAS=bias is not None, DOT=dot, PRECISION=precision(dot), BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br,
+    )
+
+
+def _fwd_impl(base, weight, x, bias, lora_a, lora_b, mag_scale, scaling, inplace: bool = False):
+    in_f, out_f = x.shape[-1], lora_b.shape[0]
+    x2d = x.reshape(-1, in_f)
+    if base is None:  # our own buffer: y overwrites it
+        base2d, inplace = F.linear(x2d, weight), True
+    else:
+        base2d = base.reshape(-1, out_f)
+    z = torch.empty((x2d.shape[0], lora_a.shape[0]), device=x.device, dtype=_z_dtype(x, lora_a, lora_b))
+    _mm(x2d, lora_a.t(), z, drop=_DROP_NONE)
+    y2d = base2d if inplace else torch.empty_like(base2d)
+    _expand(z, lora_b, base2d, y2d, mag_scale, bias, scaling)
+    return y2d.view(*x.shape[:-1], out_f), z
+
+
+@torch.library.custom_op("peft_fast::dora_linear_fwd", mutates_args=())
+def _dora_linear_fwd(base: Optional[Tensor], weight: Optional[Tensor], x: Tensor, bias: Optional[Tensor],
+                     lora_a: Tensor, lora_b: Tensor, mag_scale: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
+    return _fwd_impl(base, weight, x, bias, lora_a, lora_b, mag_scale, scaling)
+
+
+@_dora_linear_fwd.register_fake
+def _(base, weight, x, bias, lora_a, lora_b, mag_scale, scaling):
+    z = x.new_empty((x[..., 0].numel(), lora_a.shape[0]), dtype=_z_dtype(x, lora_a, lora_b))
+    y = torch.empty_like(base) if base is not None else x.new_empty((*x.shape[:-1], lora_b.shape[0]))
+    return y, z
+
+
+# Rows per backward block when dt = c ⊙ dy need not be returned (the dense path): dt then exists one block at a
+# time, so DoRA's backward holds a [block, out] buffer more than LoRA's, not a second [T, out] one.
+BWD_BLOCK_ROWS = 1024
+
+
+def _scale_grad(dy2d: Tensor, y2d: Tensor, mag_scale: Tensor, bias: Optional[Tensor], dt: Tensor,
+                colsum: Tensor) -> None:
+    """dt = c ⊙ dy, colsum += Σ_rows dy ⊙ (y - b), for one block of rows."""
+    M, N = dy2d.shape
+    if M == 0 or N == 0:
+        return
+    if torch.are_deterministic_algorithms_enabled():  # the kernel's atomics reorder the column sums: torch instead
+        acc = colsum.dtype
+        t = y2d.to(acc) - bias.to(acc) if bias is not None else y2d.to(acc)
+        colsum += torch.einsum("ij,ij->j", dy2d.to(acc), t)
+        dt.copy_(mag_scale.to(acc) * dy2d.to(acc))
+        return
+    bm, bn = min(64, max(16, _np2(M))), min(64, max(16, _np2(N)))
+    _dora_bwd_kernel[(triton.cdiv(N, bn), triton.cdiv(M, bm))](
+        dy2d, y2d, mag_scale, bias if bias is not None else mag_scale, dt, colsum,
+        M, N, dy2d.stride(0), dy2d.stride(1), y2d.stride(0), y2d.stride(1), dt.stride(0), dt.stride(1),
+        HAS_BIAS=bias is not None, F64=colsum.dtype == torch.float64, BLOCK_M=bm, BLOCK_N=bn,
+    )
+
+
+@torch.library.custom_op("peft_fast::dora_linear_bwd", mutates_args=())
+def _dora_linear_bwd(dy: Tensor, y: Tensor, weight: Optional[Tensor], x: Tensor, bias: Optional[Tensor],
+                     lora_a: Tensor, lora_b: Tensor, z: Tensor, mag_scale: Tensor, scaling: float, need_x: bool,
+                     need_a: bool, need_b: bool, keep_dt: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dt = c ⊙ dy [empty unless keep_dt], dx, dA, dB, dc); dx has the base's part when weight is given (else the
+    caller's base op adds it from dt); unneeded ones come back empty."""
+    in_f, out_f = x.shape[-1], lora_b.shape[0]
+    dy2d, y2d, x2d = dy.reshape(-1, out_f), y.reshape(-1, out_f), x.reshape(-1, in_f)
+    M = dy2d.shape[0]
+    f64 = torch.float64 in (dy.dtype, y.dtype, mag_scale.dtype)
+    colsum = torch.zeros(out_f, device=dy.device, dtype=torch.float64 if f64 else torch.float32)
+    keep_dt = keep_dt or weight is None
+    dt_full = torch.empty_like(dy2d) if keep_dt else None
+    dx2d = (torch.empty_like(x2d) if need_x else None)
+    da = torch.zeros_like(lora_a) if need_a else lora_a.new_empty(0)
+    db = torch.zeros_like(lora_b) if need_b else lora_b.new_empty(0)
+    step = max(M, 1) if keep_dt else BWD_BLOCK_ROWS
+    for r0 in range(0, M, step):
+        rows = slice(r0, min(M, r0 + step))
+        dt = dt_full[rows] if keep_dt else torch.empty_like(dy2d[rows])
+        _scale_grad(dy2d[rows], y2d[rows], mag_scale, bias, dt, colsum)
+        dx_rows = None
+        if need_x:
+            dx_rows = dx2d[rows]
+            if weight is not None:  # the base's part on cuBLAS, the LoRA part added by the kernels
+                torch.matmul(dt, weight, out=dx_rows)
+        da_r, db_r = lora_backward(dt, x2d[rows], lora_a, lora_b, z[rows], None, scaling, 0.0, need_a, need_b,
+                                   dx_rows, accumulate=weight is not None)
+        if need_a:
+            da += da_r
+        if need_b:
+            db += db_r
+    c = mag_scale.to(colsum.dtype)
+    dc = torch.where(c != 0, colsum / torch.where(c != 0, c, 1), 0).to(mag_scale.dtype)
+    return ((dt_full.view(dy.shape) if keep_dt else dy.new_empty(0)),
+            (dx2d.view(x.shape) if need_x else x.new_empty(0)), da, db, dc)
+
+
+@_dora_linear_bwd.register_fake
+def _(dy, y, weight, x, bias, lora_a, lora_b, z, mag_scale, scaling, need_x, need_a, need_b, keep_dt):
+    return (torch.empty_like(dy) if keep_dt or weight is None else dy.new_empty(0),
+            x.new_empty(x.shape) if need_x else x.new_empty(0),
+            lora_a.new_empty(lora_a.shape) if need_a else lora_a.new_empty(0),
+            lora_b.new_empty(lora_b.shape) if need_b else lora_b.new_empty(0), torch.empty_like(mag_scale))
+
+
+def _setup_context(ctx, inputs, output):
+    base, weight, x, bias, lora_a, lora_b, mag_scale, scaling = inputs
+    y, z = output
+    ctx.mark_non_differentiable(z)
+    # y, not t = base + s·z·Bᵀ: the next layer holds y anyway, so the magnitude's gradient costs no activation
+    ctx.save_for_backward(y, weight, x, bias, lora_a, lora_b, z, mag_scale)
+    ctx.scaling = scaling
+    ctx.needs = tuple(t is not None and t.requires_grad
+                      for t in (base, weight, x, bias, lora_a, lora_b, mag_scale))
+
+
+def _backward(ctx, dy, _dz):
+    y, weight, x, bias, lora_a, lora_b, z, mag_scale = ctx.saved_tensors
+    need_base, need_w, need_x, need_bias, need_a, need_b, need_c = ctx.needs
+    dt, dx, da, db, dc = _dora_linear_bwd(dy.contiguous(), y, weight, x, bias, lora_a, lora_b, z, mag_scale,
+                                          ctx.scaling, need_x, need_a, need_b, need_base or need_w)
+    dbias = dy.reshape(-1, dy.shape[-1]).sum(0).to(bias.dtype) if need_bias else None
+    dw = None
+    if need_w:  # a trainable base weight is rare: plain torch
+        dw = (dt.reshape(-1, dt.shape[-1]).t() @ x.reshape(-1, x.shape[-1])).to(weight.dtype)
+    return (dt if need_base else None, dw, dx if need_x else None, dbias, da if need_a else None,
+            db if need_b else None, dc if need_c else None, None)
+
+
+_dora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def dora_linear_triton(base: Optional[Tensor], x: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
+                       scaling: float, mag_scale: Tensor, weight: Optional[Tensor] = None) -> Tensor:
+    """The LoRA shrink in lora_linear's `_mm`, the expand with DoRA's epilogue in `_dora_expand_kernel`."""
+    _check(base, x, lora_a, lora_b, mag_scale, bias, weight)
+    if not HAS_TRITON:
+        raise RuntimeError("dora_linear_triton needs triton, which is not installed; use dora_linear_reference.")
+    if weight is not None and (weight.dtype != x.dtype or torch.is_autocast_enabled(x.device.type)):
+        # autocast (or mixed dtypes) decides the base matmul's dtype: let torch run it, then take the base path
+        return dora_linear_triton(F.linear(x, weight), x, bias, lora_a, lora_b, scaling, mag_scale)
+    out_dtype = base.dtype if base is not None else x.dtype
+    if bias is not None and bias.dtype != out_dtype:
+        bias = bias.to(out_dtype)
+    args = (base, weight, x, bias, lora_a, lora_b, mag_scale, float(scaling))
+    if not torch.compiler.is_compiling() and not (
+        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:7])
+    ):
+        # eager inference: base is the caller's fresh temporary, so y overwrites it (no second [T, out] buffer)
+        return _fwd_impl(*args, inplace=base is None or base.is_contiguous())[0]
+    return _dora_linear_fwd(*args)[0]
+
+
+def dora_linear(base: Optional[Tensor], x: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
+                scaling: float, mag_scale: Tensor, weight: Optional[Tensor] = None) -> Tensor:
+    """c ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b; give the base output `base` = x·Wᵀ (no bias), or the dense `weight`."""
+    if use_triton(base, weight, x, lora_a, lora_b, mag_scale):
+        return dora_linear_triton(base, x, bias, lora_a, lora_b, scaling, mag_scale, weight)
+    return dora_linear_reference(base, x, bias, lora_a, lora_b, scaling, mag_scale, weight)
