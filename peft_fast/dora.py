@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from . import quantized
 from .nf4_linear import NF4Linear
-from .kernels import dora_linear, dora_norm, dora_norm_nf4, lora_linear, qlora_linear, use_triton
+from .kernels import dora_linear, dora_norm, dora_norm_nf4, lora_linear, nf4_linear, use_triton
 
 
 class DoraLinearLayer(nn.Module):
@@ -208,15 +208,15 @@ def fused_forward(layer, name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
         return (result - v) + dora_linear(v, xd, None, a, b, s, c)
     if plain is not None:
         result = F.linear(x, plain[0], plain[1])
-    else:  # the NF4 matmul alone: detached adapters at scaling 0 add nothing and ask for no gradient
-        result = qlora_linear(x, q[0], q[1], q[2], a.detach(), b.detach(), 0.0, 0.0)
+    else:  # the NF4 matmul alone
+        result = nf4_linear(x, q[0], q[1], q[2])
     return loop_forward(layer, x, result, [name])
 
 
 def _base_matmul(plain, q, x: torch.Tensor, a, b, bias=None) -> torch.Tensor:
     if plain is not None:
         return F.linear(x, plain[0], bias)
-    return qlora_linear(x, q[0], q[1], bias, a.detach(), b.detach(), 0.0, 0.0)  # scaling 0: the NF4 matmul alone
+    return nf4_linear(x, q[0], q[1], bias)  # the NF4 matmul alone
 
 
 def _base_nobias(layer, xd: torch.Tensor, a, b) -> torch.Tensor:
@@ -224,12 +224,12 @@ def _base_nobias(layer, xd: torch.Tensor, a, b) -> torch.Tensor:
     base = layer.base_layer
     if quantized.is_4bit_base(base):
         q = _nf4(layer)
-        # On Triton (or a float32 state, where the roundings agree): the NF4 matmul alone (detached adapters at
-        # scaling 0), the weight never dequantized into memory. It dequantizes in float32 where PEFT first rounds
-        # to the state's dtype: within that dtype's rounding. Otherwise PEFT's dense dequantized weight.
+        # On Triton (or a float32 state, where the roundings agree): the NF4 matmul alone (nf4_linear). It
+        # dequantizes in float32 where PEFT first rounds to the state's dtype: within that dtype's rounding.
+        # Otherwise PEFT's dense dequantized weight.
         if q is not None and q[1].shape[1] % q[1].blocksize == 0 and (
                 q[1].dtype == torch.float32 or use_triton(xd, q[0])):
-            return qlora_linear(xd, q[0], q[1], None, a.detach(), b.detach(), 0.0, 0.0)
+            return nf4_linear(xd, q[0], q[1], None)
         return F.linear(xd, _dense_weight(layer).to(xd.dtype))
     w = base.weight.T if layer.fan_in_fan_out else base.weight
     return F.linear(xd, w.to(xd.dtype))
