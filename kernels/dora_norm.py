@@ -131,7 +131,12 @@ if HAS_TRITON:
             else:  # float32 operands whatever W's dtype: the interpreter garbles bf16 dots, and the norm is small work
                 w = w.to(tl.float32)
                 a = a.to(tl.float32)
-            acc += tl.dot(w, a, input_precision=PRECISION)
+            if DOT == 2 and NF4:
+                # triton 3.6 cannot lower an fp64 dot whose operand was built in registers (join/reshape of the
+                # nibbles): "fp64 don't support largeK MMA". float64 is for tests: an explicit reduction does.
+                acc += tl.sum(w[:, :, None] * a[None, :, :], axis=1)
+            else:
+                acc += tl.dot(w, a, input_precision=PRECISION)
             if not HAS_SQ:
                 sq += tl.sum(w * w, axis=1)
         if HAS_SQ:
@@ -167,6 +172,8 @@ def _launch(out_f: int, in_f: int, lora_a: Tensor, lora_b: Tensor, scaling: floa
     dot = DOT_F64 if acc == torch.float64 else DOT_F32
     br = max(16, triton.next_power_of_2(r))
     bn = 32 if br <= 64 else 16
+    if nf4 is not None and dot == DOT_F64:
+        bn = 16  # the float64 NF4 path reduces a [BLOCK_N, BLOCK_K, BLOCK_R] product: keep it small
     if nf4 is not None:
         packed, absmax, code, blocksize, w_round = nf4
         bk = min(64, blocksize)

@@ -195,8 +195,9 @@ def _nf4_base_mm(a: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, nested
     blocks span two rows (in_features not a multiple of the blocksize, which bitsandbytes allows) always takes the
     dequantize path: the fused K loop assumes one absmax per row per tile."""
     in_f = packed.numel() * 2 // out_f
-    # float64 on CUDA: the fused tile's fp64 tl.dot gave wrong results on an H200 (triton 3.6, 2026-11-26; fp32 and
-    # bf16 were right); float64 exists for tests, which then check the dequantize path there.
+    # float64 on CUDA: triton 3.6 cannot compile the fused tile's fp64 tl.dot (an operand built in registers: "fp64
+    # don't support largeK MMA"; seen on an H200 and reproduced by compiling for sm_90 here). float64 exists for
+    # tests, which then check the dequantize path there.
     fused_ok = in_f % blocksize == 0 and not (a.dtype == torch.float64 and a.is_cuda)
     if _base_path(a.shape[0]) in ("fused", "gemv") and fused_ok:
         return _nf4_mm(a, packed, decode_absmax(absmax, nested), code, out_f, blocksize, trans=trans, bias=bias)

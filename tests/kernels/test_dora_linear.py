@@ -97,10 +97,15 @@ def test_low_precision(device, dtype):
     a32, b32, m32, n32 = a.detach().float(), b.detach().float(), m.detach().float(), norm.float()
     with torch.no_grad():
         got = dora_linear_triton(F.linear(xs, ws), xs, bs, a32, b32, 1.5, m32 / n32)
-        want = dora_linear_reference(F.linear(xs, ws), xs, bs, a32, b32, 1.5, m32 / n32)
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
+        # The truth: the same (rounded) inputs in float64. bf16 is judged relative to the output's scale: on a GPU
+        # the LoRA dots run on bf16 tensor cores, and single elements near 0 cancel (seen: 3 ulps, 33% relative).
+        d = torch.float64
+        want = dora_linear_reference(F.linear(xs.to(d), ws.to(d)), xs.to(d), bs.to(d), a32.to(d), b32.to(d), 1.5,
+                                     (m32 / n32).to(d))
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert got.dtype == dtype
-    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+    err = (got.double() - want).abs().max().item()
+    assert err <= tol * want.abs().max().item(), f"max error {err:.3e} vs max |y| {want.abs().max().item():.3e}"
 
 
 @needs_triton

@@ -92,12 +92,17 @@ def test_triton_matches_reference_float64(device, T, in_f, out_f, ranks, dora_sl
 @needs_triton
 @device_params
 def test_lora_slots_are_bit_identical_to_the_plain_expand(device):
-    """c = 1 exactly: the DoRA term is an exact zero, so LoRA slots beside DoRA ones equal the plain kernel's."""
+    """c = 1 exactly: the DoRA term is an exact zero, so LoRA slots beside DoRA ones equal the plain kernel's: bit
+    for bit under the interpreter; on a GPU within an ulp, as the compiler contracts the plain kernel's
+    `y + acc·scaling` into one FMA (one rounding) where the DoRA epilogue rounds acc·scaling first (H200 run)."""
     k = _case(40, 16, 24, [4, 6, 2], device, dora_slots=[1])
     with_dora = _run(multi_lora_triton, k)
     plain = multi_lora_triton(k["x"], k["y"], k["a"], k["b"], k["ranks"], k["scal"], k["meta"], k["lb"])
     lora_rows = (k["meta"].token_slots != 1)
-    assert torch.equal(with_dora[lora_rows], plain[lora_rows])
+    if device == "cpu":
+        assert torch.equal(with_dora[lora_rows], plain[lora_rows])
+    else:
+        torch.testing.assert_close(with_dora[lora_rows], plain[lora_rows], rtol=1e-15, atol=1e-15)
     assert not torch.allclose(with_dora[~lora_rows], plain[~lora_rows])
 
 
