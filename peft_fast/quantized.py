@@ -38,7 +38,11 @@ def _converted(layer: nn.Module) -> tuple:
     key = _cache_key(weight, qs)
     cache = layer.__dict__.get("_nf4_cache")
     if cache is None or cache[0] is not qs or cache[1] != key:
-        cache = (qs, key, nf4_from_bnb(weight))
+        packed, state = nf4_from_bnb(weight)
+        # Once, here: bitsandbytes may keep pieces of a quant state (the codebook, the nested offset) on the CPU,
+        # which every call would otherwise copy to the device, waiting on it (seen as ~240 us per decode call
+        # on an H200, against peft_fast.quantize's layers).
+        cache = (qs, key, (packed, state.to(weight.device)))
         layer.__dict__["_nf4_cache"] = cache
     return cache[2]
 
