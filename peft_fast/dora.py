@@ -5,8 +5,9 @@ norm comes from `kernels.dora_norm` (||W||², W·Aᵀ and A·Aᵀ; never an [out
 layer (the base is frozen), and outside training the whole scale m / norm is cached per adapter.
 
 Forward, with c = m / norm (norm detached, as in the paper §4.3 and PEFT), on the CPU reference path in PEFT's order
-of operations (its outputs to the last bit in the parity tests, bf16 included; rounding t = x·Wᵀ + s·lora(x) to
-bf16 before scaling, as a naive `c ⊙ lora_linear(x) + b` would, moved a tiny bf16 Llama's logits by ~1%):
+of operations (float32: PEFT's outputs to ~1e-6; 16-bit bases: within 16-bit rounding, since the norm comes from
+the float32 expansion and PEFT's from the dense W + s·B·A; rounding t = x·Wᵀ + s·lora(x) to bf16 before scaling,
+as a naive `c ⊙ lora_linear(x) + b` would, moved a tiny bf16 Llama's logits by ~1%):
 - no dropout (or eval): `result + (c - 1)·(result - b) + c·s·lora(x)` with result = x·Wᵀ + b, the base output
   already computed: no second base matmul, and no dense B·A.
 - dropout in training: PEFT recomputes the base on the dropped-out input, `(c - 1)·(drop(x)·Wᵀ)`; that term is
@@ -142,8 +143,10 @@ def _adapter_key(layer, a, b, m, s) -> tuple:
     # Cheap on purpose (it runs on every eval forward): storages and version counters of everything the scale
     # depends on. A dtype or device move swaps storages, so it shows here too.
     w = layer.base_layer.weight
+    qs = _quant_state(layer)
+    extra = quantized._cache_key(w, qs) if qs is not None else ()  # absmax swapped inside the same quant state
     return (a.data_ptr(), a._version, b.data_ptr(), b._version, m.data_ptr(), m._version, w.data_ptr(), w._version,
-            id(w), id(_quant_state(layer)), float(s), layer.fan_in_fan_out)
+            id(w), id(qs), extra, float(s), layer.fan_in_fan_out)
 
 
 def _cached(layer, name: str, a, b, s) -> tuple:

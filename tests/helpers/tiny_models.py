@@ -146,6 +146,23 @@ def copy_weights(src: nn.Module, dst: nn.Module) -> None:
                 b.copy_(s_b[n])
 
 
+def perturb_magnitudes(ref_model: nn.Module, impl_model: nn.Module, seed: int = 0) -> int:
+    """Scale every DoRA magnitude of ref_model by a seeded, per-channel factor in [1, 1.5) and copy it into
+    impl_model. A fresh magnitude equals ||W + s·B·A||, so the DoRA scale m / norm is exactly 1 and a test would
+    pass with DoRA reduced to LoRA (merges, mixed batches, train-mode scaling): this makes the scale matter.
+    Returns how many magnitude vectors were changed."""
+    g = torch.Generator().manual_seed(seed)
+    impl_p = dict(impl_model.named_parameters())
+    n = 0
+    with torch.no_grad():
+        for name, p in ref_model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_((1 + 0.5 * torch.rand(p.shape, generator=g, dtype=torch.float64)).to(p.device, p.dtype))
+                impl_p[name].copy_(p)
+                n += 1
+    return n
+
+
 def name_diff(a, b) -> str:
     a, b = set(a), set(b)
     return f"only in PEFT: {sorted(a - b)[:10]}  only in impl: {sorted(b - a)[:10]}"

@@ -16,6 +16,7 @@ from tiny_models import (
     loss_of,
     make_pair,
     out,
+    perturb_magnitudes,
     ref,
     set_active,
 )
@@ -28,7 +29,11 @@ IDS = ["llama", "llama-rslora-all", "gpt2-fan_in_fan_out", "mlp-bias"]
 
 
 def _pair(kind, **kw):
-    return make_pair(kind, use_dora=True, **kw)
+    """A DoRA pair whose magnitudes are moved off their initial values (else m / norm = 1 and DoRA = LoRA)."""
+    base, r, i = make_pair(kind, use_dora=True, **kw)
+    if kw.get("copy", True):
+        assert perturb_magnitudes(r, i) > 0
+    return base, r, i
 
 
 def _grads(model):
@@ -135,11 +140,16 @@ def test_merge_unmerge_match_peft(kind, safe):
     before = _base_weights(i)
     with torch.no_grad():
         expected = out(r, x)
+    lora_merged = {n.removesuffix("base_layer.weight"): None for n in before}
+    for name, m in i.named_modules():
+        if name + "." in lora_merged:  # what a plain LoRA merge would give: DoRA's must differ
+            lora_merged[name + "."] = before[name + ".base_layer.weight"] + m.get_delta_weight("default")
     r.merge_adapter(safe_merge=safe)
     i.merge_adapter(safe_merge=safe)
     rw, iw = _base_weights(r), _base_weights(i)
     for n in rw:
         assert not torch.allclose(iw[n], before[n], atol=1e-4), n
+        assert not torch.allclose(iw[n], lora_merged[n.removesuffix("base_layer.weight")], atol=1e-4), n
         assert_close(iw[n], rw[n], atol=1e-6, rtol=1e-5, msg=n)
     with torch.no_grad():
         assert_close(out(i, x), expected, atol=1e-5, rtol=1e-5)
@@ -156,6 +166,7 @@ def test_two_dora_adapters_merged_in_turn_and_unloaded():
     _, r, i = _pair("llama")
     add_both(r, i, "other", "llama", seed=5, use_dora=True, r=2, lora_alpha=6)
     add_both(r, i, "plain", "llama", seed=6, r=3)
+    perturb_magnitudes(r, i, seed=1)
     names = ["default", "plain", "other"]
     set_active(r, names)
     set_active(i, names)
@@ -390,3 +401,32 @@ def test_hotswap_of_dora_adapters_is_refused_and_changes_nothing(tmp_path):
         assert torch.equal(v, state[k]), k
     with torch.no_grad():
         assert torch.equal(out(i, x), before)
+
+
+@pytest.mark.parametrize("kind,dtype", [("llama", torch.bfloat16), ("gpt2", torch.float16)])
+def test_16bit_dense_base_matches_peft(kind, dtype):
+    """A 16-bit dense base (bf16 Llama, fp16 GPT-2 / Conv1D): PEFT's outputs and gradients within 16-bit rounding.
+    Not bit for bit: the norm comes from the float32 expansion (dora_norm), PEFT's from the dense W + s·B·A."""
+    from tiny_models import base_model
+
+    _, r, i = _pair(kind, base=base_model(kind).to(dtype))
+    x = inputs(kind, seed=7)
+
+    def rel(got, want):
+        return ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
+
+    r.eval()
+    i.eval()
+    with torch.no_grad():
+        want, got = out(r, x), out(i, x)
+    assert got.dtype == want.dtype == dtype and rel(got, want) < 1e-2
+    r.train()
+    i.train()
+    torch.manual_seed(3)  # the same dropout masks inside the model on both sides
+    loss_of(r, x).float().backward()
+    torch.manual_seed(3)
+    loss_of(i, x).float().backward()
+    rg, ig = _grads(r), _grads(i)
+    assert set(rg) == set(ig) and any("lora_magnitude_vector" in n for n in rg)
+    for n in rg:
+        assert ig[n].abs().sum() > 0 and rel(ig[n], rg[n]) < 3e-2, n

@@ -4,7 +4,7 @@ gradients through the per-adapter loop, and the stacked scales following the mag
 import pytest
 import torch
 
-from tiny_models import AGAINST_PEFT, add_both, assert_close, inputs, make_pair, out
+from tiny_models import AGAINST_PEFT, add_both, assert_close, inputs, make_pair, out, perturb_magnitudes
 
 pytestmark = pytest.mark.skipif(AGAINST_PEFT, reason="PEFT refuses adapter_names with DoRA")
 
@@ -18,6 +18,7 @@ def _mixed_models(kind):
     _, r, i = make_pair(kind, adapter_name=n0, **kw0)
     for k, (n, kw) in enumerate(rest):
         add_both(r, i, n, kind, seed=20 + k, **kw)
+    assert perturb_magnitudes(r, i) > 0  # fresh magnitudes give m / norm = 1: the scale would go untested
     r.eval()
     i.eval()
     return r, i

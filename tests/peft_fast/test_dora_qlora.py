@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("bitsandbytes")
 
-from tiny_models import AGAINST_PEFT, assert_close, impl, name_diff, ref  # noqa: E402
+from tiny_models import AGAINST_PEFT, assert_close, impl, name_diff, perturb_magnitudes, ref  # noqa: E402
 from qlora_models import CASES, IDS, TARGETS, load4, save_tiny_llama  # noqa: E402
 
 pytestmark = pytest.mark.skipif(AGAINST_PEFT, reason="peft_fast's DoRA against PEFT's")
@@ -42,6 +42,8 @@ def make_pair(path, case, **over):
             if "lora_" in n:
                 assert p.dtype == r_p[n].dtype and p.shape == r_p[n].shape, n
                 p.copy_(r_p[n])
+    if over.get("use_dora"):
+        assert perturb_magnitudes(ref_model, impl_model) > 0  # else m / norm = 1: DoRA's scale goes untested
     return ref_model, impl_model
 
 
@@ -260,6 +262,7 @@ def test_dora_on_peft_fast_nf4linear_matches_peft_over_bitsandbytes(model_dir, c
                 assert_close(p, r_p[n], atol=1e-6, rtol=1e-5, msg=n)
             if "lora_" in n:
                 p.copy_(r_p[n])
+    assert perturb_magnitudes(ref_model, impl_model) > 0
     ref_model.train()
     impl_model.train()
     x = ids(batch=2, seq=5)

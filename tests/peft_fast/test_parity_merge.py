@@ -13,6 +13,7 @@ from tiny_models import (
     inputs,
     make_pair,
     out,
+    perturb_magnitudes,
     ref,
     set_active,
 )
@@ -37,6 +38,8 @@ def _out(model, kind):
 
 def _eval_pair(kind, **kw):
     base, r, i = make_pair(kind, **kw)
+    if kw.get("use_dora"):  # fresh magnitudes make m / norm = 1: a DoRA merge would equal a LoRA merge
+        assert perturb_magnitudes(r, i) > 0
     r.eval()
     i.eval()
     base.eval()
