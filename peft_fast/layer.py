@@ -296,7 +296,9 @@ class LoraLinear(nn.Module):
 
     def train(self, mode: bool = True):
         if self.lora_magnitude_vector:
-            dora.clear(self)  # as PEFT's DoRA layer: no cached scale survives a switch of mode
+            # No cached scale or ||W||² survives a call to train()/eval(): it is also how a user refreshes them
+            # after in-place edits through .data, which bump no version counter.
+            dora.clear(self, base=True)
         return super().train(mode)
 
     # --- merging -----------------------------------------------------------------------------------------------

@@ -430,3 +430,25 @@ def test_16bit_dense_base_matches_peft(kind, dtype):
     assert set(rg) == set(ig) and any("lora_magnitude_vector" in n for n in rg)
     for n in rg:
         assert ig[n].abs().sum() > 0 and rel(ig[n], rg[n]) < 3e-2, n
+
+
+def test_eval_again_refreshes_after_in_place_data_edits():
+    """`.data` edits bump no version counter, so the cache cannot see them; calling eval() again refreshes it."""
+    _, r, i = _pair("mlp")
+    r.eval()
+    i.eval()
+    x = inputs("mlp", seed=9)
+    with torch.no_grad():
+        before = out(r, x)
+        assert_close(out(i, x), before)
+        for model in (r, i):
+            for name, p in model.named_parameters():
+                if "lora_magnitude_vector" in name:
+                    p.data.mul_(1.5)
+                if name.endswith("base_layer.weight"):
+                    p.data.mul_(0.5)
+        r.eval()
+        i.eval()
+        want = out(r, x)
+        assert not torch.allclose(want, before, atol=1e-3)  # the edits matter
+        assert_close(out(i, x), want)
