@@ -146,19 +146,25 @@ def _quantize_dynamic(x: Tensor) -> tuple[Tensor, Tensor]:
     return q.reshape(-1)[:n], absmax
 
 
-def _quantize(w: Tensor, blocksize: int, compress_statistics: bool, quant_type: str) -> tuple[Tensor, NF4State]:
+def _quantize(w: Tensor, blocksize: int, compress_statistics: bool, quant_type: str,
+              triton_codes: bool = False) -> tuple[Tensor, NF4State]:
     _check_quantize_args(w, blocksize, quant_type)
     code = _code4(quant_type).to(w.device)
     blocks, absmax = _blockwise_absmax(w.detach().reshape(-1).float(), blocksize)
-    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp(-1.0, 1.0).reshape(-1)
-    order = torch.argsort(code.cpu()).to(w.device)
-    mids = (code[order[:-1]] + code[order[1:]]) / 2
-    q = torch.bucketize(scaled, mids, out_int32=True)
-    if quant_type != "nf4":
-        q = order[q]
-    n = w.numel()  # blocks may span rows (bnb flattens the weight); an odd count keeps the code of a padding zero
-    q = q[:n + n % 2].to(torch.uint8)
-    packed = ((q[0::2] << 4) | q[1::2]).unsqueeze(1)
+    if triton_codes:
+        from .nf4_quantize import quantize_codes
+
+        packed = quantize_codes(w.detach().reshape(-1).contiguous(), absmax, code, blocksize)
+    else:
+        scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp(-1.0, 1.0).reshape(-1)
+        order = torch.argsort(code.cpu()).to(w.device)
+        mids = (code[order[:-1]] + code[order[1:]]) / 2
+        q = torch.bucketize(scaled, mids, out_int32=True)
+        if quant_type != "nf4":
+            q = order[q]
+        n = w.numel()  # blocks may span rows (bnb flattens the weight); an odd count keeps a padding zero's code
+        q = q[:n + n % 2].to(torch.uint8)
+        packed = ((q[0::2] << 4) | q[1::2]).unsqueeze(1)
     state = NF4State(absmax, w.shape, w.dtype, blocksize, quant_type, code.clone())
     if compress_statistics:
         offset = absmax.mean()
@@ -176,8 +182,11 @@ def nf4_quantize_reference(w: Tensor, blocksize: int = 64, compress_statistics: 
 
 def nf4_quantize_triton(w: Tensor, blocksize: int = 64, compress_statistics: bool = False,
                         quant_type: str = "nf4") -> tuple[Tensor, NF4State]:
-    """Quantizing runs once per weight: the torch ops serve the Triton path too (one kernel per file)."""
-    return _quantize(w, blocksize, compress_statistics, quant_type)
+    """The codes and packing in one Triton launch (kernels/nf4_quantize.py); the block absmax and the double
+    quantization of it are torch reductions over n / blocksize values."""
+    if not HAS_TRITON:
+        raise RuntimeError("nf4_quantize_triton: triton is not installed")
+    return _quantize(w, blocksize, compress_statistics, quant_type, triton_codes=True)
 
 
 def nf4_quantize(w: Tensor, blocksize: int = 64, compress_statistics: bool = False,

@@ -191,3 +191,30 @@ def test_errors():
         nf4_dequantize(packed.to(torch.int8), state)
     with pytest.raises(ValueError, match="quant_state"):
         nf4_from_bnb(torch.nn.Parameter(w))
+
+
+@pytest.mark.skipif(not HAS_TRITON or not DEVICES, reason="no Triton, or no device it can run on")
+@pytest.mark.parametrize("device", DEVICES or ["cpu"])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("shape,blocksize", [((37, 128), 64), ((3, 45), 64), ((5, 7), 32), ((130, 96), 128),
+                                             ((2, 4096), 4096), ((1, 33), 256)])
+def test_triton_quantize_equals_reference(device, quant_type, nested, shape, blocksize):
+    """Bit for bit, odd counts and blocks spanning rows included; a zero block and exact midpoints too."""
+    from peft_fast.kernels import nf4_quantize_triton
+    from peft_fast.kernels.nf4 import NF4_CODE
+
+    for dtype in DTYPES:
+        w = _weight(shape, dtype, seed=sum(shape) + blocksize).to(device)
+        flat = w.view(-1)
+        flat[: min(blocksize, flat.numel())] = 0.0  # an all-zero block
+        mids = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
+        k = min(15, flat.numel() - blocksize - 1) if flat.numel() > blocksize + 1 else 0
+        if k > 0:  # values exactly on midpoints of the next block (its absmax forced to 1): the lower code wins
+            flat[blocksize:blocksize + k] = mids[:k].to(device, dtype)
+            flat[blocksize + k] = 1.0
+        packed, state = nf4_quantize_triton(w, blocksize=blocksize, compress_statistics=nested, quant_type=quant_type)
+        want, wstate = nf4_quantize_reference(w, blocksize=blocksize, compress_statistics=nested,
+                                              quant_type=quant_type)
+        assert packed.shape == want.shape and torch.equal(packed, want), (dtype, shape)
+        assert torch.equal(state.absmax, wstate.absmax)
