@@ -21,7 +21,10 @@ if HAS_TRITON:
     def _code_of(w_ptr, absmax_ptr, mids_ptr, order_ptr, e, m, BLOCKSIZE: tl.constexpr):
         v = tl.load(w_ptr + e, mask=m, other=0.0).to(tl.float32)
         a = tl.load(absmax_ptr + e // BLOCKSIZE, mask=m, other=1.0)
-        inv = 1.0 / tl.maximum(a, 1e-38)
+        # 1e-38 is no normal float32, so Triton would lift this division to float64: do it there on purpose and
+        # round once to float32 (= float32's correctly rounded 1 / a); the scaling itself stays a float32 multiply,
+        # as the reference's, so values next to a midpoint fall on the same side.
+        inv = (1.0 / tl.maximum(a.to(tl.float64), 1e-38)).to(tl.float32)
         s = tl.where(a == 0.0, 0.0, tl.minimum(tl.maximum(v * inv, -1.0), 1.0))  # an all-zero block: code of 0
         idx = tl.zeros(e.shape, dtype=tl.int32)
         for j in tl.static_range(15):
