@@ -163,6 +163,31 @@ def perturb_magnitudes(ref_model: nn.Module, impl_model: nn.Module, seed: int = 
     return n
 
 
+def make_dora_pair(kind: str, **kw):
+    """make_pair with use_dora=True and, when the weights are copied, magnitudes moved off their initial values."""
+    base, r, i = make_pair(kind, use_dora=True, **kw)
+    if kw.get("copy", True):
+        assert perturb_magnitudes(r, i) > 0
+    return base, r, i
+
+
+def dora_layers(model: nn.Module) -> list:
+    return [m for m in model.modules() if hasattr(m, "lora_magnitude_vector") and len(m.lora_magnitude_vector)]
+
+
+def raises_like_peft(exc_type, words, impl_call, ref_call):
+    """Both libraries raise exc_type (or a subclass), with every key word in the message (case-insensitive)."""
+    messages = []
+    for call in (ref_call, impl_call):
+        with pytest.raises(exc_type) as info:
+            call()
+        msg = str(info.value)
+        for w in words:
+            assert w.lower() in msg.lower(), f"{w!r} not in {msg!r}"
+        messages.append(msg)
+    return messages
+
+
 def name_diff(a, b) -> str:
     a, b = set(a), set(b)
     return f"only in PEFT: {sorted(a - b)[:10]}  only in impl: {sorted(b - a)[:10]}"
