@@ -183,6 +183,7 @@ def test_backward_in_row_blocks(device, monkeypatch, deterministic):
 
     mod = sys.modules["peft_fast.kernels.dora_linear"]  # the package exports a function of the same name
     monkeypatch.setattr(mod, "BWD_BLOCK_ROWS", 7)
+    monkeypatch.setattr(mod, "BWD_BLOCK_BYTES", 0)
     x, w, bvec, a, b, m, norm = _inputs((5, 9), 24, 40, 6, device)
     gy = torch.randn(5, 9, 40, dtype=torch.float64, device=device)
     _, g_ref = _run(dora_linear_reference, x, w, bvec, a, b, m, norm, 0.7, gy, "weight")
@@ -201,5 +202,12 @@ def test_backward_in_row_blocks(device, monkeypatch, deterministic):
     y = dora_linear_triton(None, x, bvec, a, b, 0.7, m / norm, weight=w)
     gx = torch.autograd.grad(y, (x, a, b, m, bvec), gy)
     assert calls == [7] * 6 + [3]
+    for got, want in zip(gx, g_ref[:5]):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    # blocks grow to BWD_BLOCK_BYTES of dt: 16 rows of 40 float64 channels
+    monkeypatch.setattr(mod, "BWD_BLOCK_BYTES", 16 * 40 * 8)
+    calls.clear()
+    gx = torch.autograd.grad(dora_linear_triton(None, x, bvec, a, b, 0.7, m / norm, weight=w), (x, a, b, m, bvec), gy)
+    assert calls == [16, 16, 13]
     for got, want in zip(gx, g_ref[:5]):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
