@@ -335,3 +335,24 @@ def test_16bit_dense_base_matches_peft(kind, dtype):
     assert set(rg) == set(ig) and any("lora_magnitude_vector" in n for n in rg)
     for n in rg:
         assert ig[n].abs().sum() > 0 and rel(ig[n], rg[n]) < 3e-2, n
+
+
+@pytest.mark.parametrize("kind", ["llama", "mlp"])
+def test_safe_merge_with_nan_magnitude_is_refused_and_changes_nothing(kind):
+    """A NaN in a magnitude makes the merged weight NaN: safe_merge refuses it, as PEFT does, before any change."""
+    from tiny_models import snapshot
+
+    _, r, i = _pair(kind)
+    for model in (r, i):
+        mags = [p for n, p in model.named_parameters() if "lora_magnitude_vector" in n]
+        with torch.no_grad():
+            mags[-1][0] = float("nan")  # the last layer: every earlier layer would merge first if not all-or-nothing
+    before = snapshot(i)
+    for model in (r, i):
+        with pytest.raises(ValueError, match="NaNs detected in the merged weights"):
+            model.merge_adapter(safe_merge=True)
+    after = snapshot(i)
+    assert after["modules"] == before["modules"] and after["state"].keys() == before["state"].keys()
+    for k, v in before["state"].items():  # the NaN stays where it was (NaN != NaN, hence nan_to_num)
+        assert torch.equal(v.nan_to_num(), after["state"][k].nan_to_num()), k
+    assert not any(getattr(m, "merged", False) for m in i.modules())
