@@ -79,6 +79,14 @@ def peak_mib(fn) -> float | None:
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
+def inference(model, x):
+    """A no-grad forward of `model` on `x`, as a zero-argument callable (what decode benchmarks time)."""
+    def run():
+        with torch.no_grad():
+            return model(x)
+    return run
+
+
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     got, want = got.detach().double(), want.detach().double()
     return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()

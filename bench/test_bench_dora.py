@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import peft_fast
-from benchutil import ALPHA, BASE_DTYPE, DEVICE, ON_GPU, RANK, measure, peak_mib, rel_err
+from benchutil import ALPHA, BASE_DTYPE, DEVICE, ON_GPU, RANK, inference, measure, peak_mib, rel_err
 
 if ON_GPU:  # Llama-3-8B's three projection shapes in one stack: 4096x4096, 4096->14336, 14336->4096
     WIDTHS = [4096, 4096, 14336, 4096]
@@ -77,10 +77,7 @@ def test_dora_decode(benchmark, tokens):
     x = torch.randn(tokens, 1, WIDTHS[0], device=DEVICE, dtype=BASE_DTYPE)
 
     def fwd(model):
-        def run():
-            with torch.no_grad():
-                return model(x)
-        return run
+        return inference(model, x)
 
     err = rel_err(fwd(models[("fast", "dora")])(), fwd(models[("peft", "dora")])())
     label = f"dora decode stack {'x'.join(map(str, WIDTHS))} M={tokens}"

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import peft_fast
-from benchutil import ALPHA, BASE_DTYPE, DEVICE, ON_GPU, RANK, measure, rel_err
+from benchutil import ALPHA, BASE_DTYPE, DEVICE, ON_GPU, RANK, inference, measure, rel_err
 
 # (in_features, out_features): Llama-3-8B's q/o, gate/up and down projections; on CPU one small layer, to keep
 # `pytest bench/` to about a minute there.
@@ -82,12 +82,6 @@ def test_lora_linear_decode(benchmark, shape, tokens):
     fast.eval(), ref.eval()
     x = torch.randn(tokens, 1, in_f, device=DEVICE, dtype=BASE_DTYPE)  # `tokens` sequences, one new token each
 
-    def forward(model):
-        def run():
-            with torch.no_grad():
-                return model(x)
-        return run
-
-    err = rel_err(forward(fast)(), forward(ref)())
+    err = rel_err(inference(fast, x)(), inference(ref, x)())
     label = f"lora_linear decode {in_f}x{out_f} M={tokens}"
-    measure(benchmark, label, forward(fast), forward(ref), baseline=BASELINE, err=err)
+    measure(benchmark, label, inference(fast, x), inference(ref, x), baseline=BASELINE, err=err)

@@ -9,7 +9,7 @@ import peft
 import pytest
 import torch
 
-from benchutil import BASE_DTYPE, DEVICE, ON_GPU, measure, rel_err
+from benchutil import BASE_DTYPE, DEVICE, ON_GPU, inference, measure, rel_err
 from test_bench_lora_linear import DECODE_TOKENS, SHAPES, TOKENS, _fwd_bwd, _linear, _pair
 
 HBM_GBPS = {"H100": 3350, "H200": 4800}  # the card's HBM bandwidth (SXM datasheets), for the bandwidth fraction
@@ -77,13 +77,7 @@ def test_qlora_linear_decode(benchmark, shape, tokens):
         m.eval()
     x = torch.randn(tokens, 1, in_f, device=DEVICE, dtype=BASE_DTYPE)  # `tokens` sequences, one new token each
 
-    def forward(model):
-        def run():
-            with torch.no_grad():
-                return model(x)
-        return run
-
-    err = rel_err(forward(fast)(), forward(ref)())
+    err = rel_err(inference(fast, x)(), inference(ref, x)())
     nf4_bytes = in_f * out_f / 2 + in_f * out_f / 64 * 4  # codes + float32 absmax (before double quant)
 
     def bandwidth(row):
@@ -96,5 +90,5 @@ def test_qlora_linear_decode(benchmark, shape, tokens):
             out["note"] += f" ({100 * gbps / peak:.0f}% of {peak} GB/s)"
         return out
 
-    measure(benchmark, f"qlora_linear decode {in_f}x{out_f} M={tokens}", forward(fast), forward(ref),
-            baseline=baseline, err=err, also={"bf16_lora": forward(bf16)}, extra=bandwidth)
+    measure(benchmark, f"qlora_linear decode {in_f}x{out_f} M={tokens}", inference(fast, x), inference(ref, x),
+            baseline=baseline, err=err, also={"bf16_lora": inference(bf16, x)}, extra=bandwidth)

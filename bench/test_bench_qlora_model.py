@@ -18,6 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import peft_fast
 from benchutil import ALPHA, DEVICE, ON_GPU, RANK, measure
+from test_bench_train_step import _train_step
 
 if ON_GPU:
     MODEL = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4,
@@ -58,17 +59,6 @@ def _recipe(lib, model):
     return model
 
 
-def _step(model, ids):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-
-    def step():
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
-
-
 def test_qlora_train_step(benchmark):
     bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes not installed: the transformers + bitsandbytes "
                                                      "+ PEFT baseline cannot run, so this benchmark is skipped")
@@ -97,6 +87,6 @@ def test_qlora_train_step(benchmark):
 
     label = (f"qlora train step llama {params / 1e9:.2f}B h{MODEL['hidden_size']} L{MODEL['num_hidden_layers']} "
              f"{BATCH}x{SEQ}")
-    measure(benchmark, label, _step(fast, ids), _step(ref, ids), warmup=2,
+    measure(benchmark, label, _train_step(fast, ids), _train_step(ref, ids), warmup=2,
             baseline=f"transformers + bitsandbytes {bnb.__version__} + peft {peft.__version__}",
-            also={"quantize": _step(ours, ids)}, extra=throughput)
+            also={"quantize": _train_step(ours, ids)}, extra=throughput)

@@ -347,21 +347,23 @@ def _backward(ctx, dy, _dz):
 _lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _EagerLoraLinear(torch.autograd.Function):
-    """Eager training runs the custom op's own forward and backward through a plain autograd.Function: torch.library's
+def eager_autograd(name: str, fwd_impl, setup_context, backward) -> type:
+    """A plain autograd.Function running a custom op's own forward and backward, for eager training: torch.library's
     dispatch (argument binding, defaults, redispatch) costs tens of µs per call, twice per layer per step, which
-    is host time a training step of small layers waits for. torch.compile still sees the custom op."""
+    is host time a training step of small layers waits for. torch.compile still sees the custom op. `ctx.eager`
+    tells the shared backward to call the backward's implementation directly too."""
 
-    @staticmethod
     def forward(ctx, *args):
-        y, z = _fwd_impl(*args)
-        _setup_context(ctx, args, (y, z))
+        y, z = fwd_impl(*args)
+        setup_context(ctx, args, (y, z))
         ctx.eager = True
         return y, z
 
-    @staticmethod
-    def backward(ctx, dy, dz):
-        return _backward(ctx, dy, dz)
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
+                                                   "backward": staticmethod(backward)})
+
+
+_EagerLoraLinear = eager_autograd("_EagerLoraLinear", _fwd_impl, _setup_context, _backward)
 
 
 def lora_linear_triton(x, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float = 0.0, lora_bias=None):

@@ -221,12 +221,8 @@ def _absmax(state: NF4State) -> Tensor:
     """float32 absmax per block, undoing double quantization as bnb does (code2[q] * absmax2, then + offset)."""
     if not state.nested:
         return state.absmax.float()
-    q = state.absmax.reshape(-1)
-    nb = q.numel()
-    pad = -nb % state.nested_blocksize
-    vals = torch.nn.functional.pad(state.nested_code.float()[q.long()], (0, pad)).view(-1, state.nested_blocksize)
-    absmax = (vals * state.nested_absmax.float()[:, None]).reshape(-1)[:nb]
-    return (absmax + state.offset).float()
+    nested = (state.nested_absmax.float(), state.nested_code.float(), state.offset.float(), state.nested_blocksize)
+    return decode_absmax(state.absmax.reshape(-1), nested)
 
 
 def nf4_dequantize_reference(packed: Tensor, state: NF4State) -> Tensor:

@@ -21,12 +21,13 @@ from .nf4 import NF4State, _check_dequantize_args, launch_args, nf4_dequantize_r
 __all__ = ["nf4_linear", "nf4_linear_reference", "nf4_linear_triton"]
 
 
-def _check_args(x: Tensor, packed: Tensor, state: NF4State) -> None:
+def _check_args(x: Tensor, packed: Tensor, state: NF4State, op: str = "nf4_linear") -> None:
+    """Shared by every op over a 2-D 4-bit weight (`op` names the caller in the message)."""
     _check_dequantize_args(packed, state)
     if len(state.shape) != 2:
-        raise ValueError(f"nf4_linear: the 4-bit weight must be 2-D [out, in], got shape {tuple(state.shape)}")
+        raise ValueError(f"{op}: the 4-bit weight must be 2-D [out, in], got shape {tuple(state.shape)}")
     if x.shape[-1] != state.shape[1]:
-        raise ValueError(f"nf4_linear: x has {x.shape[-1]} features, the weight {tuple(state.shape)} wants "
+        raise ValueError(f"{op}: x has {x.shape[-1]} features, the weight {tuple(state.shape)} wants "
                          f"{state.shape[1]}")
 
 

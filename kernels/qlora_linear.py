@@ -24,20 +24,15 @@ from torch import Tensor
 
 from .backend import HAS_TRITON, use_triton
 from .dot_policy import dot_mode, precision
-from .lora_linear import _DROP_A, _DROP_NONE, _mm, _np2, _z_dtype, lora_backward
-from .nf4 import (NF4State, _check_dequantize_args, decode_absmax, dequantize_raw, launch_args,
-                  nf4_dequantize_reference)
+from .lora_linear import _DROP_A, _DROP_NONE, _mm, _np2, _z_dtype, eager_autograd, lora_backward
+from .nf4 import NF4State, decode_absmax, dequantize_raw, launch_args, nf4_dequantize_reference
+from .nf4_linear import _check_args as _check_nf4_linear_args
 
 __all__ = ["qlora_linear", "qlora_linear_reference", "qlora_linear_triton"]
 
 
 def _check_args(x: Tensor, packed: Tensor, state: NF4State, dropout_p: float) -> None:
-    _check_dequantize_args(packed, state)
-    if len(state.shape) != 2:
-        raise ValueError(f"qlora_linear: the 4-bit weight must be 2-D [out, in], got shape {tuple(state.shape)}")
-    if x.shape[-1] != state.shape[1]:
-        raise ValueError(f"qlora_linear: x has {x.shape[-1]} features, the weight {tuple(state.shape)} wants "
-                         f"{state.shape[1]}")
+    _check_nf4_linear_args(x, packed, state, op="qlora_linear")
     if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"qlora_linear: dropout_p must be in [0, 1], got {dropout_p}")
 
@@ -302,20 +297,7 @@ def _backward(ctx, dy, _dz):
 _qlora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _EagerQLoraLinear(torch.autograd.Function):
-    """The custom op's forward and backward without torch.library's per-call dispatch, for eager training (as
-    lora_linear's _EagerLoraLinear); torch.compile still sees the custom op."""
-
-    @staticmethod
-    def forward(ctx, *args):
-        y, z = _fwd_impl(*args)
-        _setup_context(ctx, args, (y, z))
-        ctx.eager = True
-        return y, z
-
-    @staticmethod
-    def backward(ctx, dy, dz):
-        return _backward(ctx, dy, dz)
+_EagerQLoraLinear = eager_autograd("_EagerQLoraLinear", _fwd_impl, _setup_context, _backward)
 
 
 def qlora_linear_triton(x, packed, state: NF4State, bias, lora_a, lora_b, scaling: float, dropout_p: float = 0.0,

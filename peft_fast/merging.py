@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from . import dora
 from .nf4_linear import NF4Linear
-from .quantized import is_bnb_4bit
+from .quantized import is_4bit_base, is_bnb_4bit
 
 
 class QuantizedMergeWarning(UserWarning):
@@ -80,10 +80,10 @@ def pending(layer, adapter_names: Optional[list[str]], warn: bool = True) -> lis
 def is_4bit(layer) -> bool:
     """The layer's base is peft_fast's NF4Linear, or a bitsandbytes 4-bit layer holding a quantized Params4bit."""
     base = layer.base_layer
-    return _is_4bit_module(base)
+    return _quantized_4bit(base)
 
 
-def _is_4bit_module(base) -> bool:
+def _quantized_4bit(base) -> bool:
     if isinstance(base, NF4Linear):
         return True
     return is_bnb_4bit(base) and type(base.weight).__name__ == "Params4bit" and _quant_state(base) is not None
@@ -323,15 +323,14 @@ def merge_dequantized(layers: list, safe_merge: bool, adapter_names: Optional[li
 
 
 def dequantize_remaining(model: nn.Module) -> None:
-    """Replace every bitsandbytes 4-bit layer left in ``model`` by its dequantized nn.Linear, and when none is left
-    drop transformers' quantization markers, so the model saves and reloads as the 16-bit model it now is."""
+    """Replace every 4-bit layer (bitsandbytes or NF4Linear) left in ``model`` by its dequantized nn.Linear; when
+    none is left, drop transformers' quantization markers, so the model saves and reloads as the 16-bit model."""
     for key, m in list(model.named_modules()):
-        if key and _is_4bit_module(m) and (isinstance(m, NF4Linear) or type(m.weight).__name__ == "Params4bit"
-                                           and _quant_state(m) is not None):
+        if key and _quantized_4bit(m):
             parent = model.get_submodule(key.rpartition(".")[0]) if "." in key else model
             bias = m.bias.data if m.bias is not None else None
             setattr(parent, key.rpartition(".")[2], dequantized_linear(m, dequantize_4bit(m), bias))
-    if any(_is_4bit_module(m) for m in model.modules()):
+    if any(is_4bit_base(m) for m in model.modules()):
         return
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None and hasattr(quantizer, "remove_quantization_config"):

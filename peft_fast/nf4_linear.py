@@ -28,30 +28,28 @@ class NF4Linear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, blocksize: int = 64,
                  compress_statistics: bool = True, quant_type: str = "nf4",
-                 compute_dtype: Optional[torch.dtype] = None, device=None, dtype=None):
+                 compute_dtype: Optional[torch.dtype] = None, device=None, dtype=None,
+                 weight: Optional[torch.Tensor] = None, bias_value: Optional[torch.Tensor] = None):
+        """`weight` / `bias_value`: the dense values to quantize / keep (from_linear); else nn.Linear's init."""
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.blocksize, self.compress_statistics, self.quant_type = blocksize, compress_statistics, quant_type
         self.compute_dtype = compute_dtype
-        w = torch.empty(out_features, in_features, device=device, dtype=dtype or torch.float32)
-        nn.init.kaiming_uniform_(w, a=5**0.5)
-        self._set_weight(w)
-        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False) \
-            if bias else None
+        if weight is None:
+            weight = torch.empty(out_features, in_features, device=device, dtype=dtype or torch.float32)
+            nn.init.kaiming_uniform_(weight, a=5**0.5)
+        self._set_weight(weight.detach())
+        if bias_value is None and bias:
+            bias_value = torch.zeros(out_features, device=device, dtype=dtype)
+        self.bias = nn.Parameter(bias_value.detach().clone(), requires_grad=False) if bias else None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, blocksize: int = 64, compress_statistics: bool = True,
                     quant_type: str = "nf4", compute_dtype: Optional[torch.dtype] = None) -> "NF4Linear":
-        w = linear.weight
-        layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
-        layer.in_features, layer.out_features = linear.in_features, linear.out_features
-        layer.blocksize, layer.compress_statistics, layer.quant_type = blocksize, compress_statistics, quant_type
-        layer.compute_dtype = compute_dtype
-        layer._set_weight(w.detach())
-        layer.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-        layer.train(linear.training)
-        return layer
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, blocksize=blocksize,
+                    compress_statistics=compress_statistics, quant_type=quant_type, compute_dtype=compute_dtype,
+                    weight=linear.weight, bias_value=linear.bias)
+        return layer.train(linear.training)
 
     def _set_weight(self, w: torch.Tensor) -> None:
         """Quantize a dense [out, in] weight (bit for bit as bitsandbytes would) into this layer."""

@@ -34,3 +34,36 @@ def load4(path, case):
     assert model.is_loaded_in_4bit
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
     return model
+
+
+def lora_kw(**over):
+    kw = {"r": 4, "lora_alpha": 8, "target_modules": list(TARGETS), "init_lora_weights": False, "lora_dropout": 0.0}
+    kw.update(over)
+    return kw
+
+
+def make_qlora_pair(path, case, **over):
+    """PEFT and the implementation over two fresh 4-bit loads, the implementation's adapter weights copied from
+    PEFT's; PEFT's 4-bit layer is checked to be the reference."""
+    from tiny_models import impl, name_diff, ref
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        ref_model = ref.get_peft_model(load4(path, case), ref.LoraConfig(**lora_kw(**over)))
+        torch.manual_seed(0)
+        impl_model = impl.get_peft_model(load4(path, case), impl.LoraConfig(**lora_kw(**over)))
+    layer = ref_model.base_model.model.model.layers[0].self_attn.q_proj
+    assert type(layer).__module__ == "peft.tuners.lora.bnb", type(layer)
+    r_p, i_p = dict(ref_model.named_parameters()), dict(impl_model.named_parameters())
+    assert set(r_p) == set(i_p), name_diff(r_p, i_p)
+    with torch.no_grad():
+        for n, p in i_p.items():
+            if "lora_" in n:
+                assert p.dtype == r_p[n].dtype and p.shape == r_p[n].shape, n
+                p.copy_(r_p[n])
+    return ref_model, impl_model
+
+
+def ids(seed=1, batch=3, seq=6):
+    return torch.randint(1, 128, (batch, seq), generator=torch.Generator().manual_seed(seed))

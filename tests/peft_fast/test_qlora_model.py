@@ -12,41 +12,15 @@ import torch
 
 pytest.importorskip("bitsandbytes")
 
-from tiny_models import AGAINST_PEFT, assert_close, impl, name_diff, peft_fast_only, ref  # noqa: E402
-from qlora_models import CASES, IDS, TARGETS, load4, save_tiny_llama  # noqa: E402
+from tiny_models import AGAINST_PEFT, assert_close, impl, peft_fast_only, ref  # noqa: E402
+from qlora_models import CASES, IDS, ids, load4, lora_kw, make_qlora_pair, save_tiny_llama  # noqa: E402
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
-def lora_kw(**over):
-    kw = {"r": 4, "lora_alpha": 8, "target_modules": list(TARGETS), "init_lora_weights": False, "lora_dropout": 0.0}
-    kw.update(over)
-    return kw
-
-
-def make_pair(path, case, **over):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.manual_seed(0)
-        ref_model = ref.get_peft_model(load4(path, case), ref.LoraConfig(**lora_kw(**over)))
-        torch.manual_seed(0)
-        impl_model = impl.get_peft_model(load4(path, case), impl.LoraConfig(**lora_kw(**over)))
-    layer = ref_model.base_model.model.model.layers[0].self_attn.q_proj
-    assert type(layer).__module__ == "peft.tuners.lora.bnb", type(layer)  # PEFT's 4-bit layer is the reference
-    r_p, i_p = dict(ref_model.named_parameters()), dict(impl_model.named_parameters())
-    assert set(r_p) == set(i_p), name_diff(r_p, i_p)
-    with torch.no_grad():
-        for n, p in i_p.items():
-            if "lora_" in n:
-                assert p.dtype == r_p[n].dtype and p.shape == r_p[n].shape, n
-                p.copy_(r_p[n])
-    return ref_model, impl_model
-
-
-def ids(seed=1, batch=3, seq=6):
-    return torch.randint(1, 128, (batch, seq), generator=torch.Generator().manual_seed(seed))
+make_pair = make_qlora_pair
 
 
 def tol(case):

@@ -13,7 +13,7 @@ from transformers import LlamaForCausalLM  # noqa: E402
 
 import peft_fast  # noqa: E402
 from peft_fast import NF4Linear, quantize  # noqa: E402
-from qlora_models import CASES, IDS, TARGETS, load4, save_tiny_llama  # noqa: E402
+from qlora_models import CASES, IDS, ids, load4, lora_kw, save_tiny_llama  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +25,6 @@ def quantized(path, case):
     dtype, compute, double, qt = case
     model = LlamaForCausalLM.from_pretrained(path, dtype=dtype)
     return quantize(model, quant_type=qt, double_quant=double, compute_dtype=compute)
-
-
-def ids(seed=1):
-    return torch.randint(1, 128, (3, 6), generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -48,7 +44,7 @@ def test_same_bytes_keys_and_logits_as_bitsandbytes(model_dir, case):
 @pytest.mark.parametrize("case", CASES[:3], ids=IDS[:3])
 def test_qlora_matches_peft_over_bitsandbytes(model_dir, case, backend, monkeypatch):
     monkeypatch.setenv("PEFT_FAST_BACKEND", backend)
-    kw = dict(r=4, lora_alpha=8, target_modules=list(TARGETS), init_lora_weights=False)
+    kw = lora_kw()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref_model = peft.get_peft_model(load4(model_dir, case), peft.LoraConfig(**kw))
@@ -200,7 +196,7 @@ def test_float32_activations_into_bf16_compute_run_fused(model_dir, base, monkey
     import peft_fast.layer as layer_mod
 
     case = CASES[3]  # float32 model, bf16 compute
-    kw = dict(r=4, lora_alpha=8, target_modules=list(TARGETS), init_lora_weights=False)
+    kw = lora_kw()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref_model = peft.get_peft_model(load4(model_dir, case), peft.LoraConfig(**kw))
