@@ -18,7 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import peft_fast
 from benchutil import ALPHA, DEVICE, ON_GPU, RANK, measure
-from test_bench_train_step import _train_step
+from test_bench_train_step import TARGETS, _train_step
 
 if ON_GPU:
     MODEL = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4,
@@ -28,7 +28,6 @@ else:
     MODEL = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
                  num_hidden_layers=2, vocab_size=512)
     BATCH, SEQ = 2, 64
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DTYPE = torch.bfloat16
 
 

@@ -188,6 +188,19 @@ def raises_like_peft(exc_type, words, impl_call, ref_call):
     return messages
 
 
+def count_calls(monkeypatch, module, name: str) -> list:
+    """Wrap module.<name> so that each call appends to the returned list (then runs the real function)."""
+    calls = []
+    real = getattr(module, name)
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
 def name_diff(a, b) -> str:
     a, b = set(a), set(b)
     return f"only in PEFT: {sorted(a - b)[:10]}  only in impl: {sorted(b - a)[:10]}"

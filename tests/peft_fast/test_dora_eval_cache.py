@@ -3,7 +3,18 @@ change PEFT would see (optimizer steps, loads, merges, dtype moves, in-place edi
 import pytest
 import torch
 
-from tiny_models import AGAINST_PEFT, assert_close, dora_layers, impl, inputs, loss_of, make_dora_pair, out, ref
+from tiny_models import (
+    AGAINST_PEFT,
+    assert_close,
+    count_calls,
+    dora_layers,
+    impl,
+    inputs,
+    loss_of,
+    make_dora_pair,
+    out,
+    ref,
+)
 
 _pair, _layers = make_dora_pair, dora_layers
 
@@ -14,15 +25,7 @@ pytestmark = pytest.mark.skipif(AGAINST_PEFT, reason="peft_fast's DoRA cache aga
 def _norm_calls(monkeypatch):
     import peft_fast.dora as dora_mod
 
-    calls = []
-    real = dora_mod.dora_norm
-
-    def spy(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
-
-    monkeypatch.setattr(dora_mod, "dora_norm", spy)
-    return calls
+    return count_calls(monkeypatch, dora_mod, "dora_norm")
 
 
 def test_eval_cache_reuses_scale_and_follows_every_change(monkeypatch, tmp_path):

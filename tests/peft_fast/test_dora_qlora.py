@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("bitsandbytes")
 
-from tiny_models import AGAINST_PEFT, assert_close, impl, perturb_magnitudes, ref  # noqa: E402
+from tiny_models import AGAINST_PEFT, assert_close, count_calls, impl, perturb_magnitudes, ref  # noqa: E402
 from qlora_models import CASES, IDS, ids, load4, lora_kw, make_qlora_pair, save_tiny_llama  # noqa: E402
 
 pytestmark = pytest.mark.skipif(AGAINST_PEFT, reason="peft_fast's DoRA against PEFT's")
@@ -39,15 +39,7 @@ def model_dir(tmp_path_factory):
 def norm_calls(monkeypatch):
     import peft_fast.dora as dora_mod
 
-    calls = []
-    real = dora_mod.dora_norm_nf4
-
-    def spy(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
-
-    monkeypatch.setattr(dora_mod, "dora_norm_nf4", spy)
-    return calls
+    return count_calls(monkeypatch, dora_mod, "dora_norm_nf4")
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])

@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("bitsandbytes")
 
-from tiny_models import AGAINST_PEFT, assert_close, impl, peft_fast_only, ref  # noqa: E402
+from tiny_models import AGAINST_PEFT, assert_close, count_calls, impl, peft_fast_only, ref  # noqa: E402
 from qlora_models import CASES, IDS, ids, load4, lora_kw, make_qlora_pair, save_tiny_llama  # noqa: E402
 
 @pytest.fixture(scope="module")
@@ -31,18 +31,11 @@ def tol(case):
 @pytest.fixture
 def fused_calls(monkeypatch):
     """How often peft_fast's layers ran the fused 4-bit op (stays 0 against PEFT)."""
-    calls = []
-    if not AGAINST_PEFT:
-        import peft_fast.layer as layer_mod
+    if AGAINST_PEFT:
+        return []
+    import peft_fast.layer as layer_mod
 
-        real = layer_mod.qlora_linear
-
-        def spy(*a, **k):
-            calls.append(1)
-            return real(*a, **k)
-
-        monkeypatch.setattr(layer_mod, "qlora_linear", spy)
-    return calls
+    return count_calls(monkeypatch, layer_mod, "qlora_linear")
 
 
 def _lora_grads(model):
