@@ -4,7 +4,6 @@ peft_fast and for PEFT + bitsandbytes side by side. Prints only; gpu_check.sh ke
 Usage on a GPU machine, with peft_fast importable (gpu_check.sh builds such a layout in /tmp/pfpkg):
     PYTHONPATH=/tmp/pfpkg python3 bench/profile_qlora.py
 """
-import copy
 import sys
 import time
 

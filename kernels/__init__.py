@@ -1,8 +1,11 @@
-"""peft_fast.kernels: one op per file, each with a PyTorch reference, a Triton path and a dispatching entry point."""
+"""peft_fast.kernels: one op per file, each with a PyTorch reference, a Triton path and a dispatching entry point;
+what the ops share lives in common/ (settings read once, dispatch, tiling, the strided LoRA matmul, the custom-op
+factory, mixed-batch metadata, the NF4 format)."""
 __all__ = [
     "HAS_TRITON",
     "backend",
     "interpreting",
+    "settings",
     "use_triton",
     "lora_linear",
     "lora_linear_reference",
@@ -45,13 +48,16 @@ __all__ = [
 ]
 
 if __name__ == "peft_fast.kernels":
-    from .backend import HAS_TRITON, backend, interpreting, use_triton
+    from .common import settings
+    from .common.backend import HAS_TRITON, backend, interpreting, use_triton
+    from .common.batch_meta import LoraBatchMeta, make_lora_batch_meta
+    from .common.nf4_format import NF4State, nf4_from_bnb, nf4_state_from_bnb
     from .lora_linear import lora_linear, lora_linear_reference, lora_linear_triton
     from .lora_shrink import lora_shrink, lora_shrink_reference, lora_shrink_triton
     from .lora_expand import lora_expand, lora_expand_reference, lora_expand_triton
-    from .multi_lora import LoraBatchMeta, make_lora_batch_meta, multi_lora, multi_lora_reference, multi_lora_triton
-    from .nf4 import (NF4State, nf4_dequantize, nf4_dequantize_reference, nf4_dequantize_triton, nf4_from_bnb,
-                      nf4_quantize, nf4_quantize_reference, nf4_quantize_triton, nf4_state_from_bnb)
+    from .multi_lora import multi_lora, multi_lora_reference, multi_lora_triton
+    from .nf4_quantize import nf4_quantize, nf4_quantize_reference, nf4_quantize_triton
+    from .nf4_dequantize import nf4_dequantize, nf4_dequantize_reference, nf4_dequantize_triton
     from .nf4_linear import nf4_linear, nf4_linear_reference, nf4_linear_triton
     from .qlora_linear import qlora_linear, qlora_linear_reference, qlora_linear_triton
     from .dora_norm import (dora_norm, dora_norm_nf4, dora_norm_nf4_reference, dora_norm_nf4_triton,

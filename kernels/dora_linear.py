@@ -22,9 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import HAS_TRITON, use_triton
-from .dot_policy import dot_mode, precision
-from .lora_linear import _DROP_NONE, _hi_lo, _mm, _np2, _z_dtype, lora_backward
+from .common.autograd import FusedOp, needs_grad
+from .common.backend import HAS_TRITON, use_triton
+from .common.dot_policy import dot_mode, precision
+from .common.lora_mm import lora_backward, mm
+from .common.tiling import cdiv, hi_lo, np2, z_dtype
 
 __all__ = ["dora_linear", "dora_linear_reference", "dora_linear_triton"]
 
@@ -64,6 +66,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from .common.jit import acc_zeros, dot_operands
+
     @triton.jit
     def _dora_expand_kernel(
         z_ptr, b_ptr, base_ptr, y_ptr, c_ptr, bias_ptr,
@@ -78,10 +82,7 @@ if HAS_TRITON:
         rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         mask_m = rm < M
         mask_n = rn < N
-        if DOT == 2:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
-        else:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = acc_zeros(BLOCK_M, BLOCK_N, DOT)
         for r0 in range(0, R, BLOCK_R):
             rr = r0 + tl.arange(0, BLOCK_R)
             mask_r = rr < R
@@ -90,18 +91,7 @@ if HAS_TRITON:
             b = tl.load(b_ptr + rr[:, None] * stride_br + rn[None, :] * stride_bn,
                         mask=mask_r[:, None] & mask_n[None, :], other=0.0)
             # The dtype policy of every LoRA matmul (dot_policy.py): 16-bit outputs meet on the tensor cores
-            if DOT == 2:
-                a = a.to(tl.float64)
-                b = b.to(tl.float64)
-            elif DOT == 3:
-                a = a.to(tl.bfloat16)
-                b = b.to(tl.bfloat16)
-            elif DOT == 4:
-                a = a.to(tl.float16)
-                b = b.to(tl.float16)
-            else:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
+            a, b = dot_operands(a, b, DOT)
             acc += tl.dot(a, b, input_precision=PRECISION)
         s = tl.zeros((BLOCK_N,), dtype=acc.dtype) + s_hi
         if DOT == 2:  # float arguments arrive as fp32: hi + lo, added in float64, keeps the scaling exact
@@ -151,10 +141,10 @@ def _expand(z: Tensor, lora_b: Tensor, base2d: Tensor, y2d: Tensor, c: Tensor, b
     if M == 0 or N == 0:
         return
     dot = dot_mode(z.dtype, lora_b.dtype, y2d.dtype)
-    bm, bn = min(64, max(16, _np2(M))), min(64, max(16, _np2(N)))
-    br = min(64, max(16, _np2(R)))
-    s_hi, s_lo = _hi_lo(float(scaling))  # kernel arguments, not a tensor: no host-to-device copy per call
-    grid = (triton.cdiv(N, bn), triton.cdiv(M, bm))
+    bm, bn = min(64, max(16, np2(M))), min(64, max(16, np2(N)))
+    br = min(64, max(16, np2(R)))
+    s_hi, s_lo = hi_lo(float(scaling))  # kernel arguments, not a tensor: no host-to-device copy per call
+    grid = (cdiv(N, bn), cdiv(M, bm))
     _dora_expand_kernel[grid](
         z, lora_b, base2d, y2d, c, bias if bias is not None else c, M, N, R, s_hi, s_lo,
         z.stride(0), z.stride(1), lora_b.stride(0), lora_b.stride(1), base2d.stride(0), base2d.stride(1),
@@ -170,32 +160,29 @@ def _fwd_impl(base, weight, x, bias, lora_a, lora_b, mag_scale, scaling, inplace
         base2d, inplace = F.linear(x2d, weight), True
     else:
         base2d = base.reshape(-1, out_f)
-    z = torch.empty((x2d.shape[0], lora_a.shape[0]), device=x.device, dtype=_z_dtype(x, lora_a, lora_b))
-    _mm(x2d, lora_a.t(), z, drop=_DROP_NONE)
+    z = torch.empty((x2d.shape[0], lora_a.shape[0]), device=x.device, dtype=z_dtype(x, lora_a, lora_b))
+    mm(x2d, lora_a.t(), z)
     y2d = base2d if inplace else torch.empty_like(base2d)
     _expand(z, lora_b, base2d, y2d, mag_scale, bias, scaling)
     return y2d.view(*x.shape[:-1], out_f), z
 
 
-@torch.library.custom_op("peft_fast::dora_linear_fwd", mutates_args=())
-def _dora_linear_fwd(base: Optional[Tensor], weight: Optional[Tensor], x: Tensor, bias: Optional[Tensor],
-                     lora_a: Tensor, lora_b: Tensor, mag_scale: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
+def _forward(base: Optional[Tensor], weight: Optional[Tensor], x: Tensor, bias: Optional[Tensor],
+             lora_a: Tensor, lora_b: Tensor, mag_scale: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
     return _fwd_impl(base, weight, x, bias, lora_a, lora_b, mag_scale, scaling)
 
 
-@_dora_linear_fwd.register_fake
-def _(base, weight, x, bias, lora_a, lora_b, mag_scale, scaling):
-    z = x.new_empty((x[..., 0].numel(), lora_a.shape[0]), dtype=_z_dtype(x, lora_a, lora_b))
+def _forward_fake(base, weight, x, bias, lora_a, lora_b, mag_scale, scaling):
+    z = x.new_empty((x[..., 0].numel(), lora_a.shape[0]), dtype=z_dtype(x, lora_a, lora_b))
     y = torch.empty_like(base) if base is not None else x.new_empty((*x.shape[:-1], lora_b.shape[0]))
     return y, z
 
 
 # Rows per backward block when dt = c ⊙ dy need not be returned (the dense path): dt then exists one block at a
 # time, so DoRA's backward holds a [block, out] buffer more than LoRA's, not a second [T, out] one. A block is at
-# least BWD_BLOCK_ROWS rows and grows to BWD_BLOCK_BYTES of dt: each block costs ~6 launches, and on an H200 (run
-# of 2026-11-26) a DoRA training step of 4096 tokens in 1024-row blocks took 2.7x LoRA's time with the GPU half
-# idle, host-bound on launches. 64 MiB keeps a 4096-token step of a 4096-wide layer in one block and of a
-# 14336-wide one in two (bf16). Not yet measured on a GPU.
+# least BWD_BLOCK_ROWS rows and grows to BWD_BLOCK_BYTES of dt: each block costs ~6 launches, which host-bound
+# small blocks (bench/results/), while 64 MiB keeps a 4096-token step of a 4096-wide layer in one block and of a
+# 14336-wide one in two (bf16).
 BWD_BLOCK_ROWS = 1024
 BWD_BLOCK_BYTES = 64 << 20
 
@@ -212,16 +199,15 @@ def _scale_grad(dy2d: Tensor, y2d: Tensor, mag_scale: Tensor, bias: Optional[Ten
         colsum += torch.einsum("ij,ij->j", dy2d.to(acc), t)
         dt.copy_(mag_scale.to(acc) * dy2d.to(acc))
         return
-    bm, bn = min(64, max(16, _np2(M))), min(64, max(16, _np2(N)))
-    _dora_bwd_kernel[(triton.cdiv(N, bn), triton.cdiv(M, bm))](
+    bm, bn = min(64, max(16, np2(M))), min(64, max(16, np2(N)))
+    _dora_bwd_kernel[(cdiv(N, bn), cdiv(M, bm))](
         dy2d, y2d, mag_scale, bias if bias is not None else mag_scale, dt, colsum,
         M, N, dy2d.stride(0), dy2d.stride(1), y2d.stride(0), y2d.stride(1), dt.stride(0), dt.stride(1),
         HAS_BIAS=bias is not None, F64=colsum.dtype == torch.float64, BLOCK_M=bm, BLOCK_N=bn,
     )
 
 
-@torch.library.custom_op("peft_fast::dora_linear_bwd", mutates_args=())
-def _dora_linear_bwd(dy: Tensor, y: Tensor, weight: Optional[Tensor], x: Tensor, bias: Optional[Tensor],
+def _backward_impl(dy: Tensor, y: Tensor, weight: Optional[Tensor], x: Tensor, bias: Optional[Tensor],
                      lora_a: Tensor, lora_b: Tensor, z: Tensor, mag_scale: Tensor, scaling: float, need_x: bool,
                      need_a: bool, need_b: bool, keep_dt: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dt = c ⊙ dy [empty unless keep_dt], dx, dA, dB, dc); dx has the base's part when weight is given (else the
@@ -258,8 +244,7 @@ def _dora_linear_bwd(dy: Tensor, y: Tensor, weight: Optional[Tensor], x: Tensor,
             (dx2d.view(x.shape) if need_x else x.new_empty(0)), da, db, dc)
 
 
-@_dora_linear_bwd.register_fake
-def _(dy, y, weight, x, bias, lora_a, lora_b, z, mag_scale, scaling, need_x, need_a, need_b, keep_dt):
+def _backward_fake(dy, y, weight, x, bias, lora_a, lora_b, z, mag_scale, scaling, need_x, need_a, need_b, keep_dt):
     return (torch.empty_like(dy) if keep_dt or weight is None else dy.new_empty(0),
             x.new_empty(x.shape) if need_x else x.new_empty(0),
             lora_a.new_empty(lora_a.shape) if need_a else lora_a.new_empty(0),
@@ -277,11 +262,11 @@ def _setup_context(ctx, inputs, output):
                       for t in (base, weight, x, bias, lora_a, lora_b, mag_scale))
 
 
-def _backward(ctx, dy, _dz):
+def _backward(ctx, dy, _dz, *, bwd):
     y, weight, x, bias, lora_a, lora_b, z, mag_scale = ctx.saved_tensors
     need_base, need_w, need_x, need_bias, need_a, need_b, need_c = ctx.needs
-    dt, dx, da, db, dc = _dora_linear_bwd(dy.contiguous(), y, weight, x, bias, lora_a, lora_b, z, mag_scale,
-                                          ctx.scaling, need_x, need_a, need_b, need_base or need_w)
+    dt, dx, da, db, dc = bwd(dy.contiguous(), y, weight, x, bias, lora_a, lora_b, z, mag_scale, ctx.scaling, need_x,
+                             need_a, need_b, need_base or need_w)
     dbias = dy.reshape(-1, dy.shape[-1]).sum(0).to(bias.dtype) if need_bias else None
     dw = None
     if need_w:  # a trainable base weight is rare: plain torch
@@ -290,12 +275,13 @@ def _backward(ctx, dy, _dz):
             db if need_b else None, dc if need_c else None, None)
 
 
-_dora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+_OP = FusedOp("dora_linear", forward=_forward, forward_fake=_forward_fake, backward_impl=_backward_impl,
+              backward_fake=_backward_fake, setup_context=_setup_context, backward=_backward)
 
 
 def dora_linear_triton(base: Optional[Tensor], x: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
                        scaling: float, mag_scale: Tensor, weight: Optional[Tensor] = None) -> Tensor:
-    """The LoRA shrink in lora_linear's `_mm`, the expand with DoRA's epilogue in `_dora_expand_kernel`."""
+    """The LoRA shrink in the strided LoRA kernel, the expand with DoRA's epilogue in `_dora_expand_kernel`."""
     _check(base, x, lora_a, lora_b, mag_scale, bias, weight)
     if not HAS_TRITON:
         raise RuntimeError("dora_linear_triton needs triton, which is not installed; use dora_linear_reference.")
@@ -306,12 +292,11 @@ def dora_linear_triton(base: Optional[Tensor], x: Tensor, bias: Optional[Tensor]
     if bias is not None and bias.dtype != out_dtype:
         bias = bias.to(out_dtype)
     args = (base, weight, x, bias, lora_a, lora_b, mag_scale, float(scaling))
-    if not torch.compiler.is_compiling() and not (
-        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:7])
-    ):
+    grad = needs_grad(*args[:7])
+    if not grad and not torch.compiler.is_compiling():
         # eager inference: base is the caller's fresh temporary, so y overwrites it (no second [T, out] buffer)
         return _fwd_impl(*args, inplace=base is None or base.is_contiguous())[0]
-    return _dora_linear_fwd(*args)[0]
+    return _OP(*args, needs_grad=grad)[0]
 
 
 def dora_linear(base: Optional[Tensor], x: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,

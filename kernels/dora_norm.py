@@ -21,10 +21,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backend import HAS_TRITON, use_triton
-from .dot_policy import DOT_F32, DOT_F64, precision
-from .lora_linear import _hi_lo
-from .nf4 import NF4State, _absmax, _check_dequantize_args, nf4_dequantize_reference
+from .common.backend import HAS_TRITON, use_triton
+from .common.dot_policy import DOT_F32, DOT_F64, precision
+from .common.nf4_format import NF4State, absmax_f32, check_nf4_args
+from .common.tiling import cdiv, hi_lo, np2
+from .nf4_dequantize import nf4_dequantize_reference
 
 __all__ = ["dora_norm", "dora_norm_reference", "dora_norm_triton",
            "dora_norm_nf4", "dora_norm_nf4_reference", "dora_norm_nf4_triton"]
@@ -70,7 +71,7 @@ def dora_norm_reference(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scaling:
 def dora_norm_nf4_reference(packed: Tensor, state: NF4State, lora_a: Tensor, lora_b: Tensor, scaling: float,
                             weight_sq: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """The 4-bit weight as bitsandbytes dequantizes it (in state.dtype), then `dora_norm_reference`."""
-    _check_dequantize_args(packed, state)
+    check_nf4_args(packed, state)
     return dora_norm_reference(nf4_dequantize_reference(packed, state), lora_a, lora_b, scaling, weight_sq)
 
 
@@ -78,7 +79,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .nf4 import _to_bf16_rne
+    from .common.jit import to_bf16_rne
 
     @triton.jit
     def _dora_norm_kernel(
@@ -105,7 +106,7 @@ if HAS_TRITON:
             rk = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
             mask_k = rk < K
             if NF4:
-                # As _nf4_mm_kernel (qlora_linear.py): byte j of a row holds elements 2j (high nibble) and 2j+1;
+                # bnb's layout: byte j of a row holds elements 2j (high nibble) and 2j+1;
                 # BLOCK_K divides the blocksize, so the tile's row n shares one absmax.
                 ldq = K // 2
                 byte = tl.load(q_ptr + rn[:, None] * ldq + (k0 // 2 + half)[None, :],
@@ -117,7 +118,7 @@ if HAS_TRITON:
                 w = vals * amax[:, None]
                 # bnb hands PEFT the weight in the quant state's dtype: round as it does.
                 if W_ROUND == 1:
-                    w = _to_bf16_rne(w).to(tl.float32)
+                    w = to_bf16_rne(w).to(tl.float32)
                 if W_ROUND == 2:
                     w = w.to(tl.float16).to(tl.float32)
             else:
@@ -168,9 +169,9 @@ def _launch(out_f: int, in_f: int, lora_a: Tensor, lora_b: Tensor, scaling: floa
         return norm, sq_out
     a_acc = lora_a.detach().to(acc)
     aat = (a_acc @ a_acc.T).contiguous()  # [r, r]: tiny, torch's matmul
-    s_hi, s_lo = _hi_lo(float(scaling))  # kernel arguments, not a tensor: no host-to-device copy per call
+    s_hi, s_lo = hi_lo(float(scaling))  # kernel arguments, not a tensor: no host-to-device copy per call
     dot = DOT_F64 if acc == torch.float64 else DOT_F32
-    br = max(16, triton.next_power_of_2(r))
+    br = max(16, np2(r))
     bn = 32 if br <= 64 else 16
     if nf4 is not None and dot == DOT_F64:
         bn = 16  # the float64 NF4 path reduces a [BLOCK_N, BLOCK_K, BLOCK_R] product: keep it small
@@ -179,12 +180,12 @@ def _launch(out_f: int, in_f: int, lora_a: Tensor, lora_b: Tensor, scaling: floa
         bk = min(64, blocksize)
         w_arg, strides = packed, (0, 0)
     else:
-        bk = min(64 if br <= 64 else 32, max(16, triton.next_power_of_2(in_f)))
+        bk = min(64 if br <= 64 else 32, max(16, np2(in_f)))
         packed = absmax = code = weight
         blocksize, w_round = 64, 0
         w_arg, strides = weight, (weight.stride(0), weight.stride(1))
     b = lora_b.detach()
-    _dora_norm_kernel[(triton.cdiv(out_f, bn),)](
+    _dora_norm_kernel[(cdiv(out_f, bn),)](
         w_arg, packed, absmax, code, lora_a.detach(), b, aat, sq_out, norm, sq_out,
         out_f, in_f, r, s_hi, s_lo,
         strides[0], strides[1], lora_a.stride(0), lora_a.stride(1), b.stride(0), b.stride(1),
@@ -207,7 +208,7 @@ def dora_norm_triton(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: fl
 def dora_norm_nf4_triton(packed: Tensor, state: NF4State, lora_a: Tensor, lora_b: Tensor, scaling: float,
                          weight_sq: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """As dora_norm_triton over a bnb-layout 4-bit weight, dequantized tile by tile in registers."""
-    _check_dequantize_args(packed, state)
+    check_nf4_args(packed, state)
     if len(state.shape) != 2:
         raise ValueError(f"dora_norm_nf4: the 4-bit weight must be 2-D [out, in], got shape {tuple(state.shape)}")
     out_f, in_f = state.shape
@@ -221,7 +222,7 @@ def dora_norm_nf4_triton(packed: Tensor, state: NF4State, lora_a: Tensor, lora_b
     w_round = {torch.bfloat16: 1, torch.float16: 2}.get(state.dtype, 0)
     acc = _acc_dtype(lora_a, lora_b, weight_sq)
     return _launch(out_f, in_f, lora_a, lora_b, scaling, weight_sq, acc,
-                   nf4=(flat, _absmax(state).contiguous(), code, state.blocksize, w_round))
+                   nf4=(flat, absmax_f32(state).contiguous(), code, state.blocksize, w_round))
 
 
 def dora_norm(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float,

@@ -12,22 +12,20 @@ with c = 1 the extra term is an exact zero, so LoRA slots stay bit-identical to 
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import HAS_TRITON, use_triton
-from .dot_policy import dot_mode, precision
-from .lora_shrink import _block_m, _check_launch, _np2, _slot_rows
+from .common.backend import HAS_TRITON, use_triton
+from .common.batch_meta import LoraBatchMeta, apply_slot_delta, block_m, check_launch, slot_rows
+from .common.dot_policy import dot_mode, precision
+from .common.tiling import cdiv, np2
 
-if TYPE_CHECKING:
-    from .multi_lora import LoraBatchMeta
-
-__all__ = ["lora_expand", "lora_expand_reference", "lora_expand_triton"]
+__all__ = ["lora_expand", "lora_expand_reference", "lora_expand_triton", "check_expand_args"]
 
 
-def _check_shapes(y: Tensor, z: Tensor, b_stack: Tensor, ranks: Tensor, scalings: Tensor, meta: "LoraBatchMeta",
+def check_expand_args(y: Tensor, z: Tensor, b_stack: Tensor, ranks: Tensor, scalings: Tensor, meta: LoraBatchMeta,
                   bias_stack: Optional[Tensor], dora_scale: Optional[Tensor] = None,
                   base_bias: Optional[Tensor] = None) -> None:
     if y.dim() != 2 or z.dim() != 2 or b_stack.dim() != 3:
@@ -49,38 +47,28 @@ def _check_shapes(y: Tensor, z: Tensor, b_stack: Tensor, ranks: Tensor, scalings
                          f"{tuple(base_bias.shape)}{'' if dora_scale is not None else ' without dora_scale'}")
 
 
-def apply_delta(y: Tensor, rows: Tensor, delta: Tensor, dora_scale: Optional[Tensor], s: int,
-                base_bias: Optional[Tensor]) -> None:
-    """y[rows] += delta, or PEFT's DoRA update of y[rows] for slot s when dora_scale is given."""
-    if dora_scale is None:
-        y[rows] += delta.to(y.dtype)
-        return
-    c = dora_scale[s]
-    base = y[rows]
-    base_nb = base - base_bias if base_bias is not None else base
-    y[rows] = (base + (c - 1) * base_nb + c * delta).to(y.dtype)
-
-
 def lora_expand_reference(y: Tensor, z: Tensor, b_stack: Tensor, ranks: Tensor, scalings: Tensor,
-                          meta: "LoraBatchMeta", bias_stack: Optional[Tensor] = None, *,
+                          meta: LoraBatchMeta, bias_stack: Optional[Tensor] = None, *,
                           dora_scale: Optional[Tensor] = None, base_bias: Optional[Tensor] = None) -> Tensor:
     """PEFT's lora_B and scaling on z, per active slot, in the adapter dtype; adds into y in place."""
-    _check_shapes(y, z, b_stack, ranks, scalings, meta, bias_stack, dora_scale, base_bias)
+    check_expand_args(y, z, b_stack, ranks, scalings, meta, bias_stack, dora_scale, base_bias)
     rank_list = ranks.tolist()
-    for s, rows in _slot_rows(meta):
+    for s, rows in slot_rows(meta):
         r = min(int(rank_list[s]), b_stack.shape[2])
         if r == 0:
             continue
         b = b_stack[s, :, :r]
         bias = bias_stack[s].to(b.dtype) if bias_stack is not None else None
         delta = F.linear(z[rows, :r].to(b.dtype), b, bias) * scalings[s].to(b.dtype)
-        apply_delta(y, rows, delta, dora_scale, s, base_bias)
+        apply_slot_delta(y, rows, delta, dora_scale, s, base_bias)
     return y
 
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from .common.jit import acc_zeros, dot_operands
 
     @triton.jit
     def _lora_expand_kernel(
@@ -111,10 +99,7 @@ if HAS_TRITON:
         rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         mask_n = rn < N
         b_base = b_ptr + slot.to(tl.int64) * stride_bs
-        if DOT == 2:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
-        else:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = acc_zeros(BLOCK_M, BLOCK_N, DOT)
         # The slot's own rank bounds the loop: a rank-8 slot beside a rank-64 one does one step, not r_max/BLOCK_R.
         for r0 in range(0, rank, BLOCK_R):
             rr = r0 + tl.arange(0, BLOCK_R)
@@ -123,18 +108,7 @@ if HAS_TRITON:
                         mask=mask_m[:, None] & mask_r[None, :], other=0.0)
             b = tl.load(b_base + rr[:, None] * stride_br + rn[None, :] * stride_bn,
                         mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-            if DOT == 1:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            if DOT == 2:
-                a = a.to(tl.float64)
-                b = b.to(tl.float64)
-            if DOT == 3:
-                a = a.to(tl.bfloat16)
-                b = b.to(tl.bfloat16)
-            if DOT == 4:
-                a = a.to(tl.float16)
-                b = b.to(tl.float16)
+            a, b = dot_operands(a, b, DOT)
             acc += tl.dot(a, b, input_precision=PRECISION)
         if HAS_BIAS:
             bias = tl.load(bias_ptr + slot.to(tl.int64) * stride_biass + rn * stride_biasn, mask=mask_n, other=0.0)
@@ -160,28 +134,28 @@ if HAS_TRITON:
 def _expand_blocks(out_f: int, r_max: int) -> tuple[int, int]:
     # BLOCK_N 64 keeps a prefill program at 64x64 outputs with a [64, BLOCK_N] fp32 accumulator; BLOCK_R makes
     # the largest slot take about four rank steps, so smaller slots stop early at a fine grain.
-    bn = min(64, max(16, _np2(out_f)))
-    br = min(64, max(16, _np2(r_max) // 4))
+    bn = min(64, max(16, np2(out_f)))
+    br = min(64, max(16, np2(r_max) // 4))
     return bn, br
 
 
 def lora_expand_triton(y: Tensor, z: Tensor, b_stack: Tensor, ranks: Tensor, scalings: Tensor,
-                       meta: "LoraBatchMeta", bias_stack: Optional[Tensor] = None, *,
+                       meta: LoraBatchMeta, bias_stack: Optional[Tensor] = None, *,
                        dora_scale: Optional[Tensor] = None, base_bias: Optional[Tensor] = None) -> Tensor:
     """One launch for every adapter of the batch; adds into y in place and returns it."""
     if not HAS_TRITON:
         raise RuntimeError("lora_expand_triton needs triton, which is not installed; use lora_expand_reference.")
-    _check_shapes(y, z, b_stack, ranks, scalings, meta, bias_stack, dora_scale, base_bias)
-    _check_launch("lora_expand", y, z, b_stack, ranks, scalings, bias_stack, meta.sorted_tokens, meta.slot_starts,
+    check_expand_args(y, z, b_stack, ranks, scalings, meta, bias_stack, dora_scale, base_bias)
+    check_launch("lora_expand", y, z, b_stack, ranks, scalings, bias_stack, meta.sorted_tokens, meta.slot_starts,
                   meta.active_slots, dora_scale, base_bias)
     out_f, r_max = b_stack.shape[1], b_stack.shape[2]
     n_active = meta.active_slots.numel()
     if n_active == 0 or out_f == 0 or r_max == 0:
         return y
     dot = dot_mode(z.dtype, b_stack.dtype, y.dtype)
-    bm = _block_m(meta.max_slot_tokens)
+    bm = block_m(meta.max_slot_tokens)
     bn, br = _expand_blocks(out_f, r_max)
-    grid = (triton.cdiv(out_f, bn), triton.cdiv(meta.max_slot_tokens, bm), n_active)
+    grid = (cdiv(out_f, bn), cdiv(meta.max_slot_tokens, bm), n_active)
     bias = bias_stack if bias_stack is not None else b_stack
     dscale = dora_scale if dora_scale is not None else b_stack
     bbias = base_bias.contiguous() if base_bias is not None else b_stack
@@ -198,7 +172,7 @@ def lora_expand_triton(y: Tensor, z: Tensor, b_stack: Tensor, ranks: Tensor, sca
     return y
 
 
-def lora_expand(y: Tensor, z: Tensor, b_stack: Tensor, ranks: Tensor, scalings: Tensor, meta: "LoraBatchMeta",
+def lora_expand(y: Tensor, z: Tensor, b_stack: Tensor, ranks: Tensor, scalings: Tensor, meta: LoraBatchMeta,
                 bias_stack: Optional[Tensor] = None, *, dora_scale: Optional[Tensor] = None,
                 base_bias: Optional[Tensor] = None) -> Tensor:
     """y[t] += scaling_s·(z[t, :rank_s]·B_s[:, :rank_s]ᵀ + bias_s) for each token t of slot s; in place, returns y.

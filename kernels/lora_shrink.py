@@ -1,34 +1,28 @@
 """Multi-adapter LoRA shrink: z[t, :rank_s] = x[t] · a_stack[s, :rank_s]ᵀ for every token t of slot s.
 
-The first half of a Punica/S-LoRA style mixed batch (`multi_lora.py` holds the batch metadata and the whole op).
+The first half of a Punica/S-LoRA style mixed batch (common/batch_meta.py holds the batch metadata,
+`multi_lora.py` the whole op).
 z is float32 (float64 when x or a_stack is float64) of shape [T, r_max], allocated zeroed: rows of tokens
 without an adapter (or of a rank-0 slot), and columns at or beyond their slot's rank, are guaranteed exactly 0.
 The expand never reads them; the zeros are there so that nobody else can read garbage either.
 """
 from __future__ import annotations
 
-import functools
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import HAS_TRITON, use_triton
-from .dot_policy import dot_mode, precision
+from .common.backend import HAS_TRITON, use_triton
+from .common.batch_meta import LoraBatchMeta, block_m, check_launch, slot_rows
+from .common.dot_policy import dot_mode, precision
+from .common.tiling import cdiv, np2, num_sms, z_dtype
 
-if TYPE_CHECKING:
-    from .multi_lora import LoraBatchMeta
-
-__all__ = ["lora_shrink", "lora_shrink_reference", "lora_shrink_triton"]
-
+__all__ = ["lora_shrink", "lora_shrink_reference", "lora_shrink_triton", "check_shrink_args"]
 
 
-def _z_dtype(*ts: Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
-
-
-def _check_shapes(x: Tensor, a_stack: Tensor, ranks: Tensor, meta: "LoraBatchMeta") -> None:
+def check_shrink_args(x: Tensor, a_stack: Tensor, ranks: Tensor, meta: LoraBatchMeta) -> None:
     if x.dim() != 2 or a_stack.dim() != 3:
         raise ValueError(f"lora_shrink: x must be [T, in] and a_stack [n_slots, r_max, in]; got {tuple(x.shape)} "
                          f"and {tuple(a_stack.shape)}")
@@ -39,18 +33,12 @@ def _check_shapes(x: Tensor, a_stack: Tensor, ranks: Tensor, meta: "LoraBatchMet
         raise ValueError(f"lora_shrink: ranks must have shape ({meta.n_slots},), got {tuple(ranks.shape)}")
 
 
-def _slot_rows(meta: "LoraBatchMeta") -> list[tuple[int, Tensor]]:
-    """(slot, token indices) of every active slot, on the host: the references are allowed to sync."""
-    starts, counts = meta.slot_starts.tolist(), meta.slot_counts.tolist()
-    return [(s, meta.sorted_tokens[starts[s]:starts[s] + counts[s]].long()) for s in meta.active_slots.tolist()]
-
-
-def lora_shrink_reference(x: Tensor, a_stack: Tensor, ranks: Tensor, meta: "LoraBatchMeta") -> Tensor:
+def lora_shrink_reference(x: Tensor, a_stack: Tensor, ranks: Tensor, meta: LoraBatchMeta) -> Tensor:
     """Per active slot, x[tokens] cast to the adapter dtype times A[:rank]ᵀ, as PEFT's lora_A computes it."""
-    _check_shapes(x, a_stack, ranks, meta)
-    z = torch.zeros((x.shape[0], a_stack.shape[1]), device=x.device, dtype=_z_dtype(x, a_stack))
+    check_shrink_args(x, a_stack, ranks, meta)
+    z = torch.zeros((x.shape[0], a_stack.shape[1]), device=x.device, dtype=z_dtype(x, a_stack))
     rank_list = ranks.tolist()
-    for s, rows in _slot_rows(meta):
+    for s, rows in slot_rows(meta):
         r = min(int(rank_list[s]), a_stack.shape[1])
         if r > 0:
             a = a_stack[s, :r]
@@ -58,37 +46,11 @@ def lora_shrink_reference(x: Tensor, a_stack: Tensor, ranks: Tensor, meta: "Lora
     return z
 
 
-def _np2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def _block_m(max_slot_tokens: int) -> int:
-    # tl.dot needs every block dim >= 16; 64 tokens per tile is where prefill tiles stop gaining reuse of A.
-    return min(64, max(16, _np2(max_slot_tokens)))
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    # The interpreter: a small GPU's count, so that decode batches take the split-K path under test too.
-    return 16
-
-
-def _check_launch(op: str, *ts: Optional[Tensor]) -> None:
-    """Kernels take raw pointers: every tensor on the first one's device, and no autograd graph to honour."""
-    present = [t for t in ts if t is not None]
-    if any(t.device != present[0].device for t in present):
-        raise ValueError(f"{op}: all tensors (batch metadata included) must be on one device, got "
-                         f"{sorted({str(t.device) for t in present})}")
-    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
-        raise RuntimeError(f"{op}: the Triton multi-adapter path is inference-only and has no backward; run mixed "
-                           "adapter batches under torch.no_grad() / torch.inference_mode(), or use the reference.")
-
-
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from .common.jit import acc_zeros, dot_operands
 
     @triton.jit
     def _lora_shrink_kernel(
@@ -120,10 +82,7 @@ if HAS_TRITON:
         rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
         mask_r = rr < rank
         a_base = a_ptr + slot.to(tl.int64) * stride_as
-        if DOT == 2:
-            acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float64)
-        else:
-            acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        acc = acc_zeros(BLOCK_M, BLOCK_R, DOT)
         k_start = pid_k * k_tiles * BLOCK_K
         for kt in range(0, k_tiles):
             rk = (k_start + kt * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
@@ -132,18 +91,7 @@ if HAS_TRITON:
                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             b = tl.load(a_base + rk[:, None] * stride_ak + rr[None, :] * stride_ar,
                         mask=mask_k[:, None] & mask_r[None, :], other=0.0)
-            if DOT == 1:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            if DOT == 2:
-                a = a.to(tl.float64)
-                b = b.to(tl.float64)
-            if DOT == 3:
-                a = a.to(tl.bfloat16)
-                b = b.to(tl.bfloat16)
-            if DOT == 4:
-                a = a.to(tl.float16)
-                b = b.to(tl.float16)
+            a, b = dot_operands(a, b, DOT)
             acc += tl.dot(a, b, input_precision=PRECISION)
         z_ptrs = z_ptr + tok[:, None] * stride_zm + rr[None, :] * stride_zr
         mask_z = mask_m[:, None] & mask_r[None, :]
@@ -156,41 +104,41 @@ if HAS_TRITON:
 def _shrink_blocks(r_max: int, K: int) -> tuple[int, int]:
     # BLOCK_R: the largest slot spans two rank tiles, so a slot of rank <= r_max/2 pays for half the tiles or
     # fewer; smaller tiles would make the largest slot re-read its x rows from L2 more times for little gain.
-    br = min(64, max(16, _np2(r_max) // 2))
-    bk = min(64, max(16, _np2(K)))
+    br = min(64, max(16, np2(r_max) // 2))
+    bk = min(64, max(16, np2(K)))
     return br, bk
 
 
 def _split_k(tiles: int, K: int, bk: int, z: Tensor) -> int:
     # Decode (one token per slot) gives few tiles over a long `in`: most SMs would idle, so split K and add the
     # partial sums atomically into the zeroed z. Atomics reorder the sum, so never in deterministic mode.
-    sms = _num_sms(z.device)
+    sms = num_sms(z.device)
     if tiles >= sms or K < 4 * bk or torch.are_deterministic_algorithms_enabled():
         return 1
-    return max(1, min(triton.cdiv(K, 2 * bk), triton.cdiv(2 * sms, tiles)))
+    return max(1, min(cdiv(K, 2 * bk), cdiv(2 * sms, tiles)))
 
 
-def lora_shrink_triton(x: Tensor, a_stack: Tensor, ranks: Tensor, meta: "LoraBatchMeta",
+def lora_shrink_triton(x: Tensor, a_stack: Tensor, ranks: Tensor, meta: LoraBatchMeta,
                        split_k: Optional[int] = None) -> Tensor:
     """One launch for every adapter of the batch. `split_k` overrides the heuristic (1 = never split)."""
     if not HAS_TRITON:
         raise RuntimeError("lora_shrink_triton needs triton, which is not installed; use lora_shrink_reference.")
-    _check_shapes(x, a_stack, ranks, meta)
-    _check_launch("lora_shrink", x, a_stack, ranks, meta.sorted_tokens, meta.slot_starts, meta.active_slots)
+    check_shrink_args(x, a_stack, ranks, meta)
+    check_launch("lora_shrink", x, a_stack, ranks, meta.sorted_tokens, meta.slot_starts, meta.active_slots)
     T, K = x.shape
     r_max = a_stack.shape[1]
-    z = torch.zeros((T, r_max), device=x.device, dtype=_z_dtype(x, a_stack))
+    z = torch.zeros((T, r_max), device=x.device, dtype=z_dtype(x, a_stack))
     n_active = meta.active_slots.numel()
     if n_active == 0 or r_max == 0 or K == 0:
         return z
     dot = dot_mode(x.dtype, a_stack.dtype, z.dtype)
-    bm = _block_m(meta.max_slot_tokens)
+    bm = block_m(meta.max_slot_tokens)
     br, bk = _shrink_blocks(r_max, K)
-    m_tiles, r_tiles, k_tiles = triton.cdiv(meta.max_slot_tokens, bm), triton.cdiv(r_max, br), triton.cdiv(K, bk)
+    m_tiles, r_tiles, k_tiles = cdiv(meta.max_slot_tokens, bm), cdiv(r_max, br), cdiv(K, bk)
     split = _split_k(m_tiles * r_tiles * n_active, K, bk, z) if split_k is None else max(1, int(split_k))
     if split > 1:
-        per_split = triton.cdiv(k_tiles, split)
-        split = triton.cdiv(k_tiles, per_split)  # no split left without K tiles
+        per_split = cdiv(k_tiles, split)
+        split = cdiv(k_tiles, per_split)  # no split left without K tiles
         k_tiles = per_split
     grid = (r_tiles * split, m_tiles, n_active)
     _lora_shrink_kernel[grid](
@@ -202,7 +150,7 @@ def lora_shrink_triton(x: Tensor, a_stack: Tensor, ranks: Tensor, meta: "LoraBat
     return z
 
 
-def lora_shrink(x: Tensor, a_stack: Tensor, ranks: Tensor, meta: "LoraBatchMeta") -> Tensor:
+def lora_shrink(x: Tensor, a_stack: Tensor, ranks: Tensor, meta: LoraBatchMeta) -> Tensor:
     """z [T, r_max] (fp32, fp64 for fp64): x[t]·a_stack[s, :rank_s]ᵀ per token of slot s, zeros elsewhere."""
     if use_triton(x, a_stack, ranks, meta.sorted_tokens):
         return lora_shrink_triton(x, a_stack, ranks, meta)

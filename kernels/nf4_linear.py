@@ -2,9 +2,9 @@
 
 What a 4-bit layer that no adapter targets computes (peft_fast.NF4Linear, made by `peft_fast.quantize`). The
 reference is bitsandbytes' `Linear4bit` on CPU, written out: dequantize (code·absmax in float32), cast to x's dtype,
-`F.linear` in x's dtype. The Triton path shares qlora_linear's base matmul, which picks per row count between the
-fused dequant-in-K-loop GEMM and dequantize-then-cuBLAS; backward recomputes the weight rather than keeping a 16-bit
-copy alive between forward and backward (the memory QLoRA exists to save).
+`F.linear` in x's dtype. The Triton path dequantizes in one launch and hands the transient 16-bit weight to cuBLAS
+(`nf4_matmul`, which qlora_linear shares); backward dequantizes again rather than keeping a 16-bit copy alive
+between forward and backward (the memory QLoRA exists to save).
 """
 from __future__ import annotations
 
@@ -15,15 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import HAS_TRITON, use_triton
-from .nf4 import NF4State, _check_dequantize_args, launch_args, nf4_dequantize_reference
+from .common.backend import HAS_TRITON, use_triton
+from .common.nf4_format import NF4State, check_nf4_args, launch_args
+from .nf4_dequantize import dequantize_raw, nf4_dequantize_reference
 
-__all__ = ["nf4_linear", "nf4_linear_reference", "nf4_linear_triton"]
+__all__ = ["nf4_linear", "nf4_linear_reference", "nf4_linear_triton", "nf4_matmul", "check_nf4_linear_args"]
 
 
-def _check_args(x: Tensor, packed: Tensor, state: NF4State, op: str = "nf4_linear") -> None:
+def check_nf4_linear_args(x: Tensor, packed: Tensor, state: NF4State, op: str = "nf4_linear") -> None:
     """Shared by every op over a 2-D 4-bit weight (`op` names the caller in the message)."""
-    _check_dequantize_args(packed, state)
+    check_nf4_args(packed, state)
     if len(state.shape) != 2:
         raise ValueError(f"{op}: the 4-bit weight must be 2-D [out, in], got shape {tuple(state.shape)}")
     if x.shape[-1] != state.shape[1]:
@@ -33,18 +34,25 @@ def _check_args(x: Tensor, packed: Tensor, state: NF4State, op: str = "nf4_linea
 
 def nf4_linear_reference(x: Tensor, packed: Tensor, state: NF4State, bias: Optional[Tensor]) -> Tensor:
     """bitsandbytes' Linear4bit forward (CPU path): the definition of correct. Backward is autograd."""
-    _check_args(x, packed, state)
+    check_nf4_linear_args(x, packed, state)
     w = nf4_dequantize_reference(packed, dataclasses.replace(state, dtype=torch.float32)).to(x.dtype)
     return F.linear(x, w, bias.to(x.dtype) if bias is not None else None)
+
+
+def nf4_matmul(a: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, nested: Optional[tuple], out_f: int,
+               blocksize: int, *, trans: bool, bias: Optional[Tensor] = None) -> Tensor:
+    """a [M, in] @ dequant(Wq)ᵀ (+ bias) -> [M, out], or with trans a [M, out] @ dequant(Wq) -> [M, in], in a's
+    dtype, from `launch_args`' tensors: one dequantize launch, then cuBLAS; the weight is freed on return."""
+    in_f = packed.numel() * 2 // out_f
+    w = dequantize_raw(packed, absmax, code, (out_f, in_f), a.dtype, blocksize, nested)
+    return a @ w if trans else F.linear(a, w, bias)
 
 
 class _NF4Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, packed, absmax, code, nested, bias, out_f, blocksize):
-        from .qlora_linear import _nf4_base_mm
-
         x2d = x.reshape(-1, x.shape[-1])
-        y = _nf4_base_mm(x2d, packed, absmax, code, nested, out_f, blocksize, trans=False, bias=bias)
+        y = nf4_matmul(x2d, packed, absmax, code, nested, out_f, blocksize, trans=False, bias=bias)
         ctx.save_for_backward(packed, absmax, code)
         ctx.nested, ctx.out_f, ctx.blocksize, ctx.x_shape = nested, out_f, blocksize, x.shape
         ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -52,24 +60,22 @@ class _NF4Linear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        from .qlora_linear import _nf4_base_mm
-
         packed, absmax, code = ctx.saved_tensors
         dy2d = dy.reshape(-1, ctx.out_f)
         dx = dbias = None
         if ctx.needs_input_grad[0]:
-            dx = _nf4_base_mm(dy2d.contiguous(), packed, absmax, code, ctx.nested, ctx.out_f, ctx.blocksize,
-                              trans=True).view(ctx.x_shape)
+            dx = nf4_matmul(dy2d.contiguous(), packed, absmax, code, ctx.nested, ctx.out_f, ctx.blocksize,
+                            trans=True).view(ctx.x_shape)
         if ctx.needs_input_grad[5]:
             dbias = dy2d.sum(0).to(ctx.bias_dtype)
         return dx, None, None, None, None, dbias, None, None
 
 
 def nf4_linear_triton(x: Tensor, packed: Tensor, state: NF4State, bias: Optional[Tensor]) -> Tensor:
-    _check_args(x, packed, state)
+    check_nf4_linear_args(x, packed, state)
     if not HAS_TRITON:
         raise RuntimeError("nf4_linear_triton needs triton, which is not installed; use nf4_linear_reference.")
-    out_f, in_f = state.shape
+    out_f = state.shape[0]
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)

@@ -1,4 +1,5 @@
-"""PeftModel: the user-facing wrapper, with PEFT's API, semantics and files."""
+"""PeftModel: the user-facing wrapper, with PEFT's API, semantics and files. The adapter type comes from the
+config's peft_type, through the tuner registry."""
 from __future__ import annotations
 
 import copy
@@ -11,42 +12,30 @@ from typing import Any, Optional
 import torch.nn as nn
 from torch.nn.modules.module import _IncompatibleKeys
 
-from . import files, injection
-from .config import LoraConfig, as_lora_config
-from .state_dict import check_file_tensors, get_peft_model_state_dict, set_peft_model_state_dict
+from . import files
+from .config import PeftConfig, as_config
+from .loading import read_adapter
+from .state_dict import get_peft_model_state_dict
 from .status import TunerLayerStatus, TunerModelStatus, count_parameters, get_layer_status, get_model_status
-from .tuner import LoraModel
+from .tuners import injection, registry
+from .tuners.state_dict import check_file_tensors, load_adapter_tensors
 
 
 class PeftModel(nn.Module):
-    """A model with LoRA adapters. ``state_dict`` keys are PEFT's: ``base_model.model.<path>.lora_A.<name>.weight``."""
+    """A model with adapters. ``state_dict`` keys are PEFT's: ``base_model.model.<path>.lora_A.<name>.weight``."""
 
     def __init__(self, model: nn.Module, peft_config: Any, adapter_name: str = "default",
-                 autocast_adapter_dtype: bool = True, **_ignored: Any):
+                 autocast_adapter_dtype: bool = True, *, _plan: Optional[injection.Plan] = None,
+                 _tensors: Optional[dict] = None, **_ignored: Any):
         super().__init__()
+        config = as_config(peft_config)
         self.special_peft_forward_args = {"adapter_names"}
         self._adapters_disabled = False
-        self.base_model = LoraModel(model, as_lora_config(peft_config), adapter_name, autocast_adapter_dtype)
+        tuner_cls = registry.get(config.peft_type).model_cls
+        load = {"init": False, "plan": _plan, "tensors": _tensors} if _tensors is not None else {}
+        self.base_model = tuner_cls(model, config, adapter_name, autocast_adapter_dtype, **load)
         _expose_forward_signature(self)
         _prepare_for_gradient_checkpointing(model)
-
-    @classmethod
-    def _from_plan(cls, model: nn.Module, config: LoraConfig, adapter_name: str, autocast_adapter_dtype: bool,
-                   tensors: dict, plan: injection.Plan) -> "PeftModel":
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        self.special_peft_forward_args = {"adapter_names"}
-        self._adapters_disabled = False
-        tuner = LoraModel.__new__(LoraModel)
-        nn.Module.__init__(tuner)
-        tuner.model = model
-        tuner.peft_config = {}
-        tuner.active_adapter = adapter_name
-        tuner.add_adapter(adapter_name, config, autocast_adapter_dtype, init=False, plan=plan, tensors=tensors)
-        self.base_model = tuner
-        _expose_forward_signature(self)
-        _prepare_for_gradient_checkpointing(model)
-        return self
 
     # --- passthrough -------------------------------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -61,7 +50,7 @@ class PeftModel(nn.Module):
         return self.base_model.model
 
     @property
-    def peft_config(self) -> dict[str, LoraConfig]:
+    def peft_config(self) -> dict[str, PeftConfig]:
         return self.base_model.peft_config
 
     @property
@@ -73,12 +62,12 @@ class PeftModel(nn.Module):
         return self.base_model.active_adapters
 
     @property
-    def active_peft_config(self) -> LoraConfig:
+    def active_peft_config(self) -> PeftConfig:
         return self.peft_config[self.active_adapters[0]]
 
     @property
     def peft_type(self) -> str:
-        return "LORA"
+        return next(iter(self.peft_config.values())).peft_type
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         adapter_names = kwargs.pop("adapter_names", None)
@@ -191,7 +180,7 @@ class PeftModel(nn.Module):
             config.inference_mode = True
             config.save_pretrained(out_dir, auto_mapping=self._auto_mapping(config))
 
-    def _auto_mapping(self, config: LoraConfig) -> Optional[dict]:
+    def _auto_mapping(self, config: PeftConfig) -> Optional[dict]:
         # PEFT records the base model class for task-less adapters, so AutoPeftModel can rebuild the model.
         if config.task_type is not None:
             return None
@@ -206,12 +195,13 @@ class PeftModel(nn.Module):
         if isinstance(model, PeftModel):
             raise TypeError("from_pretrained expects the base model; to add an adapter to a PeftModel use "
                             "load_adapter.")
-        config, tensors, source = _read_adapter(model_id, config, is_trainable, kwargs)
-        plan = injection.plan_adapter(model, config)
-        check_file_tensors(tensors, model, plan, source)
+        config, tensors, source = read_adapter(model_id, config, is_trainable, kwargs)
+        tuner_cls = registry.get(config.peft_type).model_cls
+        plan = injection.plan_adapter(model, config, tuner_cls)
+        check_file_tensors(tensors, model, plan, tuner_cls, source)
         if cls is PeftModel:
             cls = TASK_MODELS.get(config.task_type, PeftModel)
-        peft_model = cls._from_plan(model, config, adapter_name, autocast_adapter_dtype, tensors, plan)
+        peft_model = cls(model, config, adapter_name, autocast_adapter_dtype, _plan=plan, _tensors=tensors)
         if not is_trainable:
             peft_model.eval()
         return peft_model
@@ -219,16 +209,19 @@ class PeftModel(nn.Module):
     def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False,
                      torch_device: Optional[str] = None, autocast_adapter_dtype: bool = True, **kwargs: Any):
         """Add the adapter saved at ``model_id`` under ``adapter_name`` (or overwrite that adapter's weights)."""
-        model = self.get_base_model()
+        model, tuner_cls = self.get_base_model(), type(self.base_model)
         if adapter_name in self.peft_config:
-            _, tensors, source = _read_adapter(model_id, self.peft_config[adapter_name], is_trainable, kwargs)
-            plan = injection.plan_adapter(model, self.peft_config[adapter_name])
-            check_file_tensors(tensors, model, plan, source)
-            set_peft_model_state_dict(model, tensors, adapter_name)
+            _, tensors, source = read_adapter(model_id, self.peft_config[adapter_name], is_trainable, kwargs)
+            plan = injection.plan_adapter(model, self.peft_config[adapter_name], tuner_cls)
+            check_file_tensors(tensors, model, plan, tuner_cls, source)
+            load_adapter_tensors(model, tensors, adapter_name)
         else:
-            config, tensors, source = _read_adapter(model_id, None, is_trainable, kwargs)
-            plan = injection.plan_adapter(model, config)
-            check_file_tensors(tensors, model, plan, source)
+            config, tensors, source = read_adapter(model_id, None, is_trainable, kwargs)
+            if registry.get(config.peft_type).model_cls is not tuner_cls:
+                raise ValueError(f"{model_id} holds a {config.peft_type} adapter; this model's adapters are "
+                                 f"{self.peft_type}: load it into its own PeftModel.")
+            plan = injection.plan_adapter(model, config, tuner_cls)
+            check_file_tensors(tensors, model, plan, tuner_cls, source)
             self.base_model.add_adapter(adapter_name, config, autocast_adapter_dtype, init=False, plan=plan,
                                         tensors=tensors)
             if is_trainable:
@@ -274,27 +267,15 @@ def _expose_forward_signature(peft_model: PeftModel) -> None:
     peft_model.__dict__["forward"] = _SignedForward(peft_model, signature)
 
 
-def _read_adapter(model_id: str, config: Optional[Any], is_trainable: bool, kwargs: dict):
-    hub = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "subfolder", "local_files_only") if k in kwargs}
-    subfolder = hub.pop("subfolder", None)
-    if config is None:
-        config = LoraConfig.from_pretrained(model_id, subfolder=subfolder, **hub)
-    else:
-        config = copy.deepcopy(as_lora_config(config))
-    config.inference_mode = not is_trainable
-    path = files.find_weights(model_id, subfolder=subfolder, **hub)
-    return config, files.load_tensors(path), path
-
-
 def get_peft_model(model: nn.Module, peft_config: Any, adapter_name: str = "default", mixed: bool = False,
                    autocast_adapter_dtype: bool = True, revision: Optional[str] = None,
                    low_cpu_mem_usage: bool = False) -> PeftModel:
-    """Wrap ``model`` with a new LoRA adapter (PEFT's ``get_peft_model``)."""
+    """Wrap ``model`` with a new adapter of the config's type (PEFT's ``get_peft_model``)."""
     if mixed:
         raise NotImplementedError("mixed=True (PeftMixedModel) is not supported by peft_fast.")
     if isinstance(model, PeftModel):
         raise TypeError("The model is already a PeftModel: use model.add_adapter(name, config) to add an adapter.")
-    config = as_lora_config(peft_config)
+    config = as_config(peft_config)
     if revision is not None:
         config.revision = revision
     # As PEFT: the model's own name wins (models built from a config have "", which is no Hub id).
@@ -307,11 +288,11 @@ def get_peft_model(model: nn.Module, peft_config: Any, adapter_name: str = "defa
 
 
 def patch(model: nn.Module, config: Any, adapter_name: str = "default", **kwargs: Any) -> PeftModel:
-    """Turn ``model`` into an adapter model in place: target layers become peft_fast LoRA layers."""
+    """Turn ``model`` into an adapter model in place: target layers become peft_fast adapter layers."""
     return get_peft_model(model, config, adapter_name, **kwargs)
 
 
-# PEFT returns one subclass per task type; for LoRA they differ only in name.
+# PEFT returns one subclass per task type; here they differ only in name.
 class PeftModelForCausalLM(PeftModel):
     pass
 

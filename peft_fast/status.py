@@ -7,8 +7,9 @@ from typing import Literal, Optional, Union
 
 import torch.nn as nn
 
-from .layer import LoraLinear
-from .modules_to_save import ModulesToSaveWrapper
+from .tuners.base_layer import TunerLayer
+from .tuners.base_model import TunerModel
+from .tuners.modules_to_save import ModulesToSaveWrapper
 
 Irregular = Literal["irregular"]
 
@@ -51,28 +52,30 @@ def _agree(values: list) -> Union[bool, Irregular]:
     return "irregular"
 
 
-def _adapter_dicts(module: nn.Module) -> list[nn.ModuleDict]:
-    if isinstance(module, LoraLinear):
-        return [module.lora_A, module.lora_B, module.lora_magnitude_vector]
-    return [module.modules_to_save]
+def _adapter_parts(module: nn.Module):
+    if isinstance(module, TunerLayer):
+        return list(module.adapter_parts())
+    return list(module.modules_to_save.items())
+
+
+def _tuner(model: nn.Module):
+    tuner = getattr(model, "base_model", None)
+    return tuner if isinstance(tuner, TunerModel) else None
 
 
 def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
-    from .peft_model import PeftModel
-
-    root = model.base_model if isinstance(model, PeftModel) else model
+    root = _tuner(model) or model
     out: list[TunerLayerStatus] = []
     for name, module in root.named_modules():
-        if not isinstance(module, (LoraLinear, ModulesToSaveWrapper)):
+        if not isinstance(module, (TunerLayer, ModulesToSaveWrapper)):
             continue
         grads: dict[str, list[bool]] = collections.defaultdict(list)
         devices: dict[str, set[str]] = collections.defaultdict(set)
-        for container in _adapter_dicts(module):
-            for key, sub in container.items():
-                for p in sub.parameters():
-                    grads[key].append(p.requires_grad)
-                    devices[key].add(p.device.type)
-        merged = module.merged_adapters if isinstance(module, LoraLinear) else []
+        for key, sub in _adapter_parts(module):
+            for p in (sub.parameters() if isinstance(sub, nn.Module) else [sub]):
+                grads[key].append(p.requires_grad)
+                devices[key].add(p.device.type)
+        merged = module.merged_adapters if isinstance(module, TunerLayer) else []
         out.append(TunerLayerStatus(
             name=name,
             module_type=repr(module).partition("(")[0],
@@ -80,7 +83,8 @@ def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
             active_adapters=module.active_adapters,
             merged_adapters=list(merged),
             requires_grad={k: _agree(v) for k, v in grads.items()},
-            available_adapters=sorted(_adapter_dicts(module)[0].keys()),
+            available_adapters=(module.available_adapters() if isinstance(module, TunerLayer)
+                                else sorted(module.modules_to_save.keys())),
             devices={k: sorted(v) for k, v in devices.items()},
         ))
     if not out:
@@ -90,12 +94,11 @@ def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
 
 
 def get_model_status(model: nn.Module) -> TunerModelStatus:
-    from .peft_model import PeftModel
-
-    if isinstance(model, PeftModel):
-        base_type = type(model.get_base_model()).__name__
-        adapter_type = type(model.base_model).__name__
-        peft_types = {k: "LORA" for k in model.peft_config}
+    tuner = _tuner(model)
+    if tuner is not None:
+        base_type = type(tuner.model).__name__
+        adapter_type = type(tuner).__name__
+        peft_types = {k: c.peft_type for k, c in tuner.peft_config.items()}
     else:
         base_type, adapter_type, peft_types = "other", "None", {}
     trainable, total = count_parameters(model)

@@ -188,16 +188,22 @@ def raises_like_peft(exc_type, words, impl_call, ref_call):
     return messages
 
 
-def count_calls(monkeypatch, module, name: str) -> list:
-    """Wrap module.<name> so that each call appends to the returned list (then runs the real function)."""
+def count_calls(monkeypatch, module, *names: str) -> list:
+    """Wrap module.<name> (each of `names`) so that each call appends to the returned list, then runs the real
+    function. Layers pick their op when they plan, so spy before the forward that builds the plan."""
     calls = []
-    real = getattr(module, name)
 
-    def spy(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
+    def spy_on(name):
+        real = getattr(module, name)
 
-    monkeypatch.setattr(module, name, spy)
+        def spy(*a, **k):
+            calls.append(1)
+            return real(*a, **k)
+
+        monkeypatch.setattr(module, name, spy)
+
+    for name in names:
+        spy_on(name)
     return calls
 
 

@@ -4,11 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from peft_fast.kernels import HAS_TRITON, dora_linear, dora_linear_reference, dora_linear_triton, interpreting
+from peft_fast.kernels import dora_linear, dora_linear_reference, dora_linear_triton
 
-DEVICES = (["cpu"] if interpreting() else []) + (["cuda"] if torch.cuda.is_available() else [])
-needs_triton = pytest.mark.skipif(not HAS_TRITON or not DEVICES, reason="no Triton, or no device it can run on")
-device_params = pytest.mark.parametrize("device", DEVICES or ["cpu"])
 
 
 def _inputs(lead, in_f, out_f, r, device, dtype=torch.float64, bias=True, zero_c=False):
@@ -39,8 +36,7 @@ def _run(fn, x, w, bias, a, b, m, norm, s, gy, mode="base"):
     return y, torch.autograd.grad(y, leaves, gy)
 
 
-@needs_triton
-@device_params
+@pytest.mark.triton
 @pytest.mark.parametrize("lead,in_f,out_f,r", [((1,), 1, 1, 1), ((7,), 33, 20, 3), ((2, 5), 64, 130, 16),
                                                ((3, 17), 100, 70, 70), ((65,), 48, 16, 8)])
 @pytest.mark.parametrize("bias", [True, False])
@@ -56,8 +52,7 @@ def test_triton_matches_reference_float64(device, lead, in_f, out_f, r, bias, mo
         assert want.abs().sum() > 0
 
 
-@needs_triton
-@device_params
+@pytest.mark.triton
 def test_strided_inputs(device):
     x, w, bvec, a, b, m, norm = _inputs((4, 6), 40, 24, 5, device)
     a_t = a.detach().T.contiguous().T.requires_grad_()  # a transposed storage
@@ -72,8 +67,7 @@ def test_strided_inputs(device):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
 
 
-@needs_triton
-@device_params
+@pytest.mark.triton
 def test_eager_inference_is_in_place_and_exact(device):
     x, w, bvec, a, b, m, norm = _inputs((9,), 32, 48, 4, device)
     with torch.no_grad():
@@ -88,8 +82,7 @@ def test_eager_inference_is_in_place_and_exact(device):
                                    rtol=1e-11, atol=1e-11)
 
 
-@needs_triton
-@device_params
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_low_precision(device, dtype):
     x, w, bvec, a, b, m, norm = _inputs((2, 8), 64, 32, 8, device, dtype=torch.float64)
@@ -108,8 +101,7 @@ def test_low_precision(device, dtype):
     assert err <= tol * want.abs().max().item(), f"max error {err:.3e} vs max |y| {want.abs().max().item():.3e}"
 
 
-@needs_triton
-@device_params
+@pytest.mark.triton
 def test_zero_magnitude_channels_stay_finite(device):
     """A channel with m = 0 has lost t in y: its magnitude gradient is 0 there (documented), the rest exact."""
     x, w, bvec, a, b, m, norm = _inputs((5,), 16, 12, 2, device, zero_c=True)
@@ -137,8 +129,7 @@ def test_dispatch_reference_on_cpu_and_errors():
         dora_linear(F.linear(x, w), x, bvec, a, b, 1.0, torch.ones(5, dtype=torch.float64))
 
 
-@needs_triton
-@device_params
+@pytest.mark.triton
 def test_torch_compile_traces_without_graph_breaks(device):
     x, w, bvec, a, b, m, norm = _inputs((2, 3), 32, 16, 4, device)
     gy = torch.randn(2, 3, 16, dtype=torch.float64, device=device)
@@ -159,8 +150,7 @@ def test_torch_compile_traces_without_graph_breaks(device):
             torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
 
 
-@needs_triton
-@device_params
+@pytest.mark.triton
 def test_deterministic_mode_gives_the_same_gradients(device):
     x, w, bvec, a, b, m, norm = _inputs((33,), 24, 40, 4, device)
     gy = torch.randn(33, 40, dtype=torch.float64, device=device)
@@ -174,8 +164,7 @@ def test_deterministic_mode_gives_the_same_gradients(device):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-11)
 
 
-@needs_triton
-@device_params
+@pytest.mark.triton
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_backward_in_row_blocks(device, monkeypatch, deterministic):
     """The dense path's backward walks the tokens in blocks (dt one block at a time): 7-row blocks over 45 tokens."""

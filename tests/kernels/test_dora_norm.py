@@ -4,21 +4,16 @@ import pytest
 import torch
 
 from peft_fast.kernels import (
-    HAS_TRITON,
     dora_norm,
     dora_norm_nf4,
     dora_norm_nf4_reference,
     dora_norm_nf4_triton,
     dora_norm_reference,
     dora_norm_triton,
-    interpreting,
     nf4_dequantize_reference,
     nf4_quantize,
 )
 
-DEVICES = (["cpu"] if interpreting() else []) + (["cuda"] if torch.cuda.is_available() else [])
-needs_triton = pytest.mark.skipif(not HAS_TRITON or not DEVICES, reason="no Triton, or no device it can run on")
-device_params = pytest.mark.parametrize("device", DEVICES or ["cpu"])
 
 
 def _direct(w, a, b, s):
@@ -45,8 +40,7 @@ def test_reference_matches_direct_norm(out_f, in_f, r):
     assert norm.dtype == torch.float64 and not norm.requires_grad
 
 
-@needs_triton
-@device_params
+@pytest.mark.triton
 @pytest.mark.parametrize("out_f,in_f,r", SHAPES)
 @pytest.mark.parametrize("cached", [False, True])
 def test_triton_float64_vs_reference(device, out_f, in_f, r, cached):
@@ -61,8 +55,7 @@ def test_triton_float64_vs_reference(device, out_f, in_f, r, cached):
     torch.testing.assert_close(norm, _direct(w, a, b, s), rtol=1e-10, atol=1e-12)
 
 
-@needs_triton
-@device_params
+@pytest.mark.triton
 def test_triton_cached_weight_sq_is_used(device):
     """A given ||W||² is trusted, not recomputed: a wrong one changes the result (the cache is really read)."""
     w = torch.randn(20, 48, dtype=torch.float64, device=device)
@@ -74,8 +67,7 @@ def test_triton_cached_weight_sq_is_used(device):
     assert (norm_off - dora_norm_triton(w, a, b, 2.0)[0]).abs().min() > 1e-3
 
 
-@needs_triton
-@device_params
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_low_precision_weight(device, dtype):
     """W in the base dtype (here float32 or bf16), adapters float32, as the layers call it: float32 accumulation."""
@@ -86,8 +78,7 @@ def test_triton_low_precision_weight(device, dtype):
     torch.testing.assert_close(norm.double(), _direct(w.float(), a, b, 2.0), rtol=2e-6, atol=1e-6)
 
 
-@needs_triton
-@device_params
+@pytest.mark.triton
 def test_triton_strided_weight_and_adapters(device):
     """fan_in_fan_out hands W as a transposed view; adapters may be non-contiguous too."""
     w_t = torch.randn(70, 45, dtype=torch.float64, device=device)  # [in, out] storage, as GPT-2's Conv1D
@@ -105,8 +96,7 @@ def _nf4(out_f, in_f, device, blocksize=64, nested=False, dtype=torch.float32):
     return nf4_quantize(w, blocksize=blocksize, compress_statistics=nested)
 
 
-@needs_triton
-@device_params
+@pytest.mark.triton
 @pytest.mark.parametrize("nested", [False, True])
 @pytest.mark.parametrize("out_f,in_f,r,blocksize", [(33, 64, 4, 64), (70, 256, 9, 128), (16, 96, 1, 32),
                                                     (5, 512, 20, 256)])
@@ -123,8 +113,7 @@ def test_nf4_triton_vs_reference(device, nested, out_f, in_f, r, blocksize):
     torch.testing.assert_close(cached, ref_norm, rtol=1e-11, atol=1e-12)
 
 
-@needs_triton
-@device_params
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_nf4_triton_rounds_weight_as_bnb(device, dtype):
     """bnb dequantizes into the state's dtype before PEFT takes the norm: the kernel rounds in registers the same way."""

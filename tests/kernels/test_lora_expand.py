@@ -3,19 +3,15 @@ import pytest
 import torch
 
 from peft_fast.kernels import (
-    HAS_TRITON,
     interpreting,
     lora_expand,
     lora_expand_reference,
     lora_expand_triton,
     make_lora_batch_meta,
 )
+from switches import use_settings
 
-DEVICES = (["cpu"] if interpreting() else []) + (["cuda"] if torch.cuda.is_available() else [])
-needs_triton = pytest.mark.skipif(not HAS_TRITON or not DEVICES, reason="no Triton, or no device it can run on")
-device_params = pytest.mark.parametrize("device", DEVICES or ["cpu"])
 
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 RANKS = [1, 8, 13, 64, 0]
 
 
@@ -55,39 +51,36 @@ def _untouched(meta, ranks):
     return rank_of[meta.token_slots.long()] == 0
 
 
-@needs_triton
-@device_params
+@pytest.mark.triton
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("T,out_f", [(37, 29), (6, 300), (150, 70)], ids=["odd", "decode", "prefill"])
-def test_matches_reference_float64_in_place(device, T, out_f, bias):
+def test_matches_reference_float64_in_place(device, T, out_f, bias, tol):
     y, z, b, ranks, scal, meta, lb = _problem(T, out_f, RANKS, 64, device=device, bias=bias)
     y0 = y.clone()
     want = lora_expand_reference(y0.clone(), z, b, ranks, scal, meta, lb)
     got = lora_expand_triton(y, z, b, ranks, scal, meta, lb)
     assert got is y, "lora_expand adds into y and returns it"
     assert not got.isnan().any(), "read something outside the slots' ranks or a rank-0 slot"
-    _assert_close(got, want, TOL[torch.float64])
+    _assert_close(got, want, tol[torch.float64])
     keep = _untouched(meta, ranks)
     assert torch.equal(got[keep], y0[keep])
 
 
-@needs_triton
-@device_params
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_low_precision_against_float64(device, dtype):
+def test_low_precision_against_float64(device, dtype, tol):
     y, z, b, ranks, scal, meta, lb = _problem(37, 29, RANKS, 64, device=device, dtype=dtype, b_dtype=torch.float32)
     y0 = y.clone()
     want = lora_expand_reference(y.double(), z.double(), b.double(), ranks, scal, meta, lb.double())
     got = lora_expand_triton(y, z, b, ranks, scal, meta, lb)
     assert got.dtype == dtype
-    _assert_close(got, want, TOL[dtype], str(dtype))
+    _assert_close(got, want, tol[dtype], str(dtype))
     keep = _untouched(meta, ranks)
     assert torch.equal(got[keep], y0[keep])
 
 
-@needs_triton
-@device_params
-def test_strided_operands(device):
+@pytest.mark.triton
+def test_strided_operands(device, tol):
     y, z, b, ranks, scal, meta, lb = _problem(37, 29, RANKS, 64, device=device)
     want = lora_expand_reference(y.clone(), z, b, ranks, scal, meta, lb)
     y_t = y.t().contiguous().t()  # column-major y, written in place through its strides
@@ -95,18 +88,18 @@ def test_strided_operands(device):
     z_wide = torch.zeros(37, 80, dtype=z.dtype, device=device)[:, 5:69]
     z_wide.copy_(z)
     lora_expand_triton(y_t, z_wide, b_t, ranks, scal, meta, lb)
-    _assert_close(y_t, want, TOL[torch.float64])
+    _assert_close(y_t, want, tol[torch.float64])
 
 
-@needs_triton
-def test_dispatch(monkeypatch):
+@pytest.mark.triton
+def test_dispatch(monkeypatch, tol):
     y, z, b, ranks, scal, meta, lb = _problem(37, 29, RANKS, 64, device="cpu")
     want = lora_expand_reference(y.clone(), z, b, ranks, scal, meta, lb)
-    monkeypatch.setenv("PEFT_FAST_BACKEND", "torch")
+    use_settings(monkeypatch, backend="torch")
     assert torch.equal(lora_expand(y.clone(), z, b, ranks, scal, meta, lb), want)
     if interpreting():
-        monkeypatch.setenv("PEFT_FAST_BACKEND", "triton")
-        _assert_close(lora_expand(y.clone(), z, b, ranks, scal, meta, lb), want, TOL[torch.float64])
+        use_settings(monkeypatch, backend="triton")
+        _assert_close(lora_expand(y.clone(), z, b, ranks, scal, meta, lb), want, tol[torch.float64])
 
 
 def test_shape_errors():

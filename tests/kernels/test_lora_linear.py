@@ -3,20 +3,15 @@ import pytest
 import torch
 
 from peft_fast.kernels import (
-    HAS_TRITON,
     interpreting,
     lora_linear,
     lora_linear_reference,
     lora_linear_triton,
 )
-from peft_fast.kernels.lora_linear import _lora_linear_masked_reference
+from peft_fast.kernels.lora_linear import lora_linear_masked_reference
+from switches import use_settings
 
-# CPU tensors reach Triton only through the interpreter (tests/conftest.py turns it on when there is no GPU).
-DEVICES = (["cpu"] if interpreting() else []) + (["cuda"] if torch.cuda.is_available() else [])
-needs_triton = pytest.mark.skipif(not HAS_TRITON or not DEVICES, reason="no Triton, or no device it can run on")
-device_params = pytest.mark.parametrize("device", DEVICES or ["cpu"])
 
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 
 def _inputs(lead, in_f, out_f, r, *, device, dtype=torch.float64, adapter_dtype=None, weight="plain", bias=True,
@@ -88,38 +83,35 @@ CASES = [  # (lead dims, in, out, r, weight, bias, lora_bias, grad_base)
 ]
 
 
-@needs_triton
-@device_params
+@pytest.mark.triton
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"M{c[0]}-in{c[1]}-out{c[2]}-r{c[3]}-w{c[4]}-b{c[5]}-lb{c[6]}")
-def test_matches_reference_float64(device, case):
+def test_matches_reference_float64(device, case, tol):
     lead, in_f, out_f, r, weight, bias, lora_bias, grad_base = case
     inputs = _inputs(lead, in_f, out_f, r, device=device, weight=weight, bias=bias, lora_bias=lora_bias,
                      grad_base=grad_base)
-    y, _ = _compare(inputs, 0.37, TOL[torch.float64])
+    y, _ = _compare(inputs, 0.37, tol[torch.float64])
     assert y.dtype == torch.float64
 
 
-@needs_triton
-@device_params
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("weight", ["plain", None])
 @pytest.mark.parametrize("shape", [((3, 7), 45, 29, 5), ((2,), 600, 520, 8)], ids=["odd", "decode-splitk"])
-def test_low_precision_against_float64(device, dtype, weight, shape):
+def test_low_precision_against_float64(device, dtype, weight, shape, tol):
     lead, in_f, out_f, r = shape
     inputs = _inputs(lead, in_f, out_f, r, device=device, dtype=dtype, adapter_dtype=torch.float32, weight=weight,
                      lora_bias=True)
-    y, grads = _compare(inputs, 2.0, TOL[dtype])
+    y, grads = _compare(inputs, 2.0, tol[dtype])
     assert y.dtype == (dtype if weight else torch.float32)
     assert grads[0].dtype == dtype and all(g.dtype == torch.float32 for g in grads[1:])
 
 
-@needs_triton
-@device_params
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_adapters_against_float64(device, dtype):
+def test_half_adapters_against_float64(device, dtype, tol):
     # Both operands in half precision: on a GPU this is the native tensor-core dot, not the fp32 one.
     inputs = _inputs((3, 7), 45, 29, 5, device=device, dtype=dtype, lora_bias=True, grad_base=True)
-    y, grads = _compare(inputs, 2.0, TOL[dtype])
+    y, grads = _compare(inputs, 2.0, tol[dtype])
     assert y.dtype == dtype and all(g.dtype == dtype for g in grads)
 
 
@@ -140,8 +132,7 @@ def _dropout_mask(shape, p, seed, device):
     return dropped / x
 
 
-@needs_triton
-@device_params
+@pytest.mark.triton
 def test_dropout_mask_statistics(device):
     p = 0.3
     mask = _dropout_mask((37, 24), p, seed=1, device=device)
@@ -152,8 +143,7 @@ def test_dropout_mask_statistics(device):
     torch.testing.assert_close(mask[kept], torch.full_like(mask[kept], 1 / (1 - p)), rtol=1e-12, atol=0)
 
 
-@needs_triton
-@device_params
+@pytest.mark.triton
 @pytest.mark.parametrize("weight", ["plain", None])
 def test_dropout_same_mask_forward_and_backward(device, weight):
     p, seed, lead, in_f = 0.4, 1234, (3, 7), 24
@@ -163,7 +153,7 @@ def test_dropout_same_mask_forward_and_backward(device, weight):
     y_t, g_t = _run(lora_linear_triton, inputs, 0.5, p)
 
     def masked(x, w, b, a, bb, s, _p, lb):
-        return _lora_linear_masked_reference(x, w, b, a, bb, s, mask, lb)
+        return lora_linear_masked_reference(x, w, b, a, bb, s, mask, lb)
 
     y_r, g_r = _run(masked, inputs, 0.5)
     _assert_close(y_t, y_r, 1e-10, "forward")
@@ -171,8 +161,7 @@ def test_dropout_same_mask_forward_and_backward(device, weight):
         _assert_close(gt, gr, 1e-10, f"grad {i}")
 
 
-@needs_triton
-@device_params
+@pytest.mark.triton
 def test_dropout_seeding(device):
     x, w, b, a, bb, lb = _inputs((5, 3), 32, 16, 4, device=device)
 
@@ -184,8 +173,7 @@ def test_dropout_seeding(device):
     assert not torch.equal(run(7), run(8))
 
 
-@needs_triton
-@device_params
+@pytest.mark.triton
 @pytest.mark.parametrize("dropout_p", [0.0, 0.4])
 def test_gradcheck(device, dropout_p):
     inputs = _inputs((3,), 6, 5, 2, device=device, lora_bias=True, grad_base=True)
@@ -197,8 +185,7 @@ def test_gradcheck(device, dropout_p):
     assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
 
 
-@needs_triton
-@device_params
+@pytest.mark.triton
 def test_torch_compile_fullgraph(device):
     inputs = _inputs((3, 7), 45, 29, 5, device=device, lora_bias=True, grad_base=True)
 
@@ -218,16 +205,16 @@ def test_torch_compile_fullgraph(device):
         torch.testing.assert_close(gc, ge, rtol=1e-12, atol=1e-12)
 
 
-@needs_triton
+@pytest.mark.triton
 def test_dispatch(monkeypatch):
     inputs = _inputs((4, 3), 16, 8, 4, device="cpu", lora_bias=True)
     torch.manual_seed(5)
     want = lora_linear_reference(*inputs[:5], 0.5, 0.2, inputs[5])
-    monkeypatch.setenv("PEFT_FAST_BACKEND", "torch")
+    use_settings(monkeypatch, backend="torch")
     torch.manual_seed(5)
     assert torch.equal(lora_linear(*inputs[:5], 0.5, 0.2, inputs[5]), want)
     if interpreting():
-        monkeypatch.setenv("PEFT_FAST_BACKEND", "triton")
+        use_settings(monkeypatch, backend="triton")
         got = lora_linear(*inputs[:5], 0.5, 0.0, inputs[5])
         assert torch.equal(got, lora_linear_triton(*inputs[:5], 0.5, 0.0, inputs[5]))
         _assert_close(got, lora_linear_reference(*inputs[:5], 0.5, 0.0, inputs[5]), 1e-10)
@@ -257,7 +244,7 @@ def test_reference_is_peft_bit_for_bit(dtype, dropout):
     assert got.dtype == want.dtype and torch.equal(got, want)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.triton
 def test_autocast_matches_the_reference(device):
     """Under autocast the base operands are cast as autocast would (the op is opaque to it); backward works."""
     torch.manual_seed(0)

@@ -3,20 +3,17 @@ import pytest
 import torch
 
 from peft_fast.kernels import (
-    HAS_TRITON,
     interpreting,
     lora_shrink,
     lora_shrink_reference,
     lora_shrink_triton,
     make_lora_batch_meta,
 )
-from peft_fast.kernels.lora_shrink import _block_m, _shrink_blocks, _split_k
+from peft_fast.kernels.common.batch_meta import block_m as _block_m
+from peft_fast.kernels.lora_shrink import _shrink_blocks, _split_k
+from switches import use_settings
 
-DEVICES = (["cpu"] if interpreting() else []) + (["cuda"] if torch.cuda.is_available() else [])
-needs_triton = pytest.mark.skipif(not HAS_TRITON or not DEVICES, reason="no Triton, or no device it can run on")
-device_params = pytest.mark.parametrize("device", DEVICES or ["cpu"])
 
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 RANKS = [1, 8, 13, 64, 0]
 
 
@@ -50,40 +47,37 @@ def _check_zeros(z, meta, ranks):
     assert torch.equal(z[beyond], torch.zeros_like(z[beyond]))
 
 
-@needs_triton
-@device_params
+@pytest.mark.triton
 @pytest.mark.parametrize("split_k", [None, 1, 3])
 @pytest.mark.parametrize("T,in_f", [(37, 45), (6, 300), (150, 130)], ids=["odd", "decode", "prefill"])
-def test_matches_reference_float64(device, T, in_f, split_k):
+def test_matches_reference_float64(device, T, in_f, split_k, tol):
     x, a, ranks, meta = _problem(T, in_f, RANKS, 64, device=device)
     z = lora_shrink_triton(x, a, ranks, meta, split_k=split_k)
     want = lora_shrink_reference(x, a, ranks, meta)
     assert z.dtype == torch.float64 and not z.isnan().any(), "the padding beyond a slot's rank was read"
-    _assert_close(z, want, TOL[torch.float64])
+    _assert_close(z, want, tol[torch.float64])
     _check_zeros(z, meta, ranks)
 
 
-@needs_triton
-@device_params
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_low_precision_against_float64(device, dtype):
+def test_low_precision_against_float64(device, dtype, tol):
     x, a, ranks, meta = _problem(37, 45, RANKS, 64, device=device, dtype=dtype, a_dtype=torch.float32)
     z = lora_shrink_triton(x, a, ranks, meta)
     want = lora_shrink_reference(x.double(), a.double(), ranks, meta)
     assert z.dtype == torch.float32
-    _assert_close(z.double(), want, TOL[dtype], str(dtype))
+    _assert_close(z.double(), want, tol[dtype], str(dtype))
     _check_zeros(z, meta, ranks)
 
 
-@needs_triton
-@device_params
-def test_strided_operands(device):
+@pytest.mark.triton
+def test_strided_operands(device, tol):
     x, a, ranks, meta = _problem(37, 45, RANKS, 64, device=device)
     want = lora_shrink_reference(x, a, ranks, meta)
     x_strided = torch.zeros(37, 100, dtype=x.dtype, device=device)[:, 7:52]
     x_strided.copy_(x)
     a_t = a.transpose(1, 2).contiguous().transpose(1, 2)  # stored [n, in, r], as a fan-in-first checkpoint would be
-    _assert_close(lora_shrink_triton(x_strided, a_t, ranks, meta), want, TOL[torch.float64])
+    _assert_close(lora_shrink_triton(x_strided, a_t, ranks, meta), want, tol[torch.float64])
 
 
 def test_tiles_and_split_policy():
@@ -109,20 +103,19 @@ def test_no_split_in_deterministic_mode():
         torch.use_deterministic_algorithms(prev)
 
 
-@needs_triton
-@device_params
+@pytest.mark.triton
 def test_nothing_to_do(device):
     x, a, ranks, meta = _problem(5, 45, RANKS, 64, device=device, slots=torch.tensor([-1, 4, -1, 4, 4]))
     z = lora_shrink_triton(x, a, ranks, meta)  # only a rank-0 slot has tokens: its programs all leave at once
     assert torch.equal(z, torch.zeros_like(z))
 
 
-@needs_triton
-def test_dispatch(monkeypatch):
+@pytest.mark.triton
+def test_dispatch(monkeypatch, tol):
     x, a, ranks, meta = _problem(37, 45, RANKS, 64, device="cpu")
     want = lora_shrink_reference(x, a, ranks, meta)
-    monkeypatch.setenv("PEFT_FAST_BACKEND", "torch")
+    use_settings(monkeypatch, backend="torch")
     assert torch.equal(lora_shrink(x, a, ranks, meta), want)
     if interpreting():
-        monkeypatch.setenv("PEFT_FAST_BACKEND", "triton")
-        _assert_close(lora_shrink(x, a, ranks, meta), want, TOL[torch.float64])
+        use_settings(monkeypatch, backend="triton")
+        _assert_close(lora_shrink(x, a, ranks, meta), want, tol[torch.float64])

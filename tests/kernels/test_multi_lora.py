@@ -3,20 +3,15 @@ import pytest
 import torch
 
 from peft_fast.kernels import (
-    HAS_TRITON,
     interpreting,
     make_lora_batch_meta,
     multi_lora,
     multi_lora_reference,
     multi_lora_triton,
 )
+from switches import use_settings
 
-# CPU tensors reach Triton only through the interpreter (tests/conftest.py turns it on when there is no GPU).
-DEVICES = (["cpu"] if interpreting() else []) + (["cuda"] if torch.cuda.is_available() else [])
-needs_triton = pytest.mark.skipif(not HAS_TRITON or not DEVICES, reason="no Triton, or no device it can run on")
-device_params = pytest.mark.parametrize("device", DEVICES or ["cpu"])
 
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 
 def _stacks(ranks, in_f, out_f, r_max, *, device, dtype=torch.float64, bias=True):
@@ -114,51 +109,47 @@ def _case(name, device, dtype=torch.float64, stack_dtype=None, seed=0):
     return x, y, a, b, ranks_t, scal, meta, lb
 
 
-@needs_triton
-@device_params
+@pytest.mark.triton
 @pytest.mark.parametrize("name", list(CASES))
-def test_matches_reference_float64(device, name):
+def test_matches_reference_float64(device, name, tol):
     x, y, a, b, ranks, scal, meta, lb = _case(name, device)
     y0 = y.clone()
     got = multi_lora_triton(x, y, a, b, ranks, scal, meta, lb)
     want = multi_lora_reference(x, y, a, b, ranks, scal, meta, lb)
     assert torch.equal(y, y0), "multi_lora mutated y without inplace=True"
     assert not got.isnan().any(), "the zero padding beyond a slot's rank (NaN here) was read"
-    _assert_close(got, want, TOL[torch.float64], name)
+    _assert_close(got, want, tol[torch.float64], name)
     keep = _untouched(meta, ranks)
     assert keep.any() or name == "decode-splitk"
     assert torch.equal(got[keep], y[keep]), "tokens without an adapter must keep y bit for bit"
 
 
-@needs_triton
-@device_params
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("name", ["odd-mixed-ranks", "decode-splitk"])
-def test_low_precision_against_float64(device, dtype, name):
+def test_low_precision_against_float64(device, dtype, name, tol):
     x, y, a, b, ranks, scal, meta, lb = _case(name, device, dtype=dtype, stack_dtype=torch.float32)
     got = multi_lora_triton(x, y, a, b, ranks, scal, meta, lb)
     want = multi_lora_reference(_f64(x), _f64(y), _f64(a), _f64(b), ranks, scal, meta, _f64(lb))
     assert got.dtype == dtype
-    _assert_close(got, want, TOL[dtype], str(dtype))
+    _assert_close(got, want, tol[dtype], str(dtype))
     keep = _untouched(meta, ranks)
     assert torch.equal(got[keep], y[keep])
 
 
-@needs_triton
-@device_params
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_stacks_against_float64(device, dtype):
+def test_half_stacks_against_float64(device, dtype, tol):
     # Adapters stored in the activation dtype: on a GPU both dots run natively on the tensor cores.
     x, y, a, b, ranks, scal, meta, lb = _case("odd-mixed-ranks", device, dtype=dtype)
     got = multi_lora_triton(x, y, a, b, ranks, scal, meta, lb)
     want = multi_lora_reference(_f64(x), _f64(y), _f64(a), _f64(b), ranks, scal, meta, _f64(lb))
     assert got.dtype == dtype and not got.isnan().any()
-    _assert_close(got, want, TOL[dtype], str(dtype))
+    _assert_close(got, want, tol[dtype], str(dtype))
 
 
-@needs_triton
-@device_params
-def test_strided_inputs_and_inplace(device):
+@pytest.mark.triton
+def test_strided_inputs_and_inplace(device, tol):
     x, y, a, b, ranks, scal, meta, lb = _case("odd-mixed-ranks", device)
     T, in_f = x.shape
     x_rows = torch.zeros(T, 2 * in_f + 3, dtype=x.dtype, device=device)[:, 3:3 + in_f]  # row stride != in
@@ -166,17 +157,16 @@ def test_strided_inputs_and_inplace(device):
     x_cols = x.t().contiguous().t()  # column-major
     want = multi_lora_reference(x, y, a, b, ranks, scal, meta, lb)
     for xv in (x_rows, x_cols):
-        _assert_close(multi_lora_triton(xv, y, a, b, ranks, scal, meta, lb), want, TOL[torch.float64], "strided x")
+        _assert_close(multi_lora_triton(xv, y, a, b, ranks, scal, meta, lb), want, tol[torch.float64], "strided x")
     y_strided = torch.zeros(y.shape[1], T, dtype=y.dtype, device=device).t()
     y_strided.copy_(y)
     out = multi_lora_triton(x, y_strided, a, b, ranks, scal, meta, lb, inplace=True)
     assert out.data_ptr() == y_strided.data_ptr()
-    _assert_close(y_strided, want, TOL[torch.float64], "in place into a strided y")
+    _assert_close(y_strided, want, tol[torch.float64], "in place into a strided y")
 
 
-@needs_triton
-@device_params
-def test_inference_only(device):
+@pytest.mark.triton
+def test_inference_only(device, tol):
     x, y, a, b, ranks, scal, meta, lb = _case("odd-mixed-ranks", device)
     a.requires_grad_()
     with pytest.raises(RuntimeError, match="inference-only"):
@@ -184,24 +174,24 @@ def test_inference_only(device):
     with torch.no_grad():
         got = multi_lora_triton(x, y, a, b, ranks, scal, meta, lb)
     with torch.no_grad():
-        _assert_close(got, multi_lora_reference(x, y, a, b, ranks, scal, meta, lb), TOL[torch.float64])
+        _assert_close(got, multi_lora_reference(x, y, a, b, ranks, scal, meta, lb), tol[torch.float64])
 
 
-@needs_triton
+@pytest.mark.triton
 def test_tensors_on_two_devices_are_an_error():
     x, y, a, b, ranks, scal, meta, lb = _case("odd-mixed-ranks", "cpu")
     with pytest.raises(ValueError, match="one device"):
         multi_lora_triton(x, y, a, b, ranks.to("meta"), scal, meta, lb)
 
 
-@needs_triton
+@pytest.mark.triton
 def test_dispatch(monkeypatch):
     x, y, a, b, ranks, scal, meta, lb = _case("odd-mixed-ranks", "cpu")
     want = multi_lora_reference(x, y, a, b, ranks, scal, meta, lb)
-    monkeypatch.setenv("PEFT_FAST_BACKEND", "torch")
+    use_settings(monkeypatch, backend="torch")
     assert torch.equal(multi_lora(x, y, a, b, ranks, scal, meta, lb), want)
     if interpreting():
-        monkeypatch.setenv("PEFT_FAST_BACKEND", "triton")
+        use_settings(monkeypatch, backend="triton")
         got = multi_lora(x, y, a, b, ranks, scal, meta, lb)
         assert torch.equal(got, multi_lora_triton(x, y, a, b, ranks, scal, meta, lb))
 

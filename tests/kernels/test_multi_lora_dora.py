@@ -6,8 +6,6 @@ import torch
 import torch.nn.functional as F
 
 from peft_fast.kernels import (
-    HAS_TRITON,
-    interpreting,
     lora_expand_reference,
     lora_expand_triton,
     make_lora_batch_meta,
@@ -16,9 +14,6 @@ from peft_fast.kernels import (
     multi_lora_triton,
 )
 
-DEVICES = (["cpu"] if interpreting() else []) + (["cuda"] if torch.cuda.is_available() else [])
-needs_triton = pytest.mark.skipif(not HAS_TRITON or not DEVICES, reason="no Triton, or no device it can run on")
-device_params = pytest.mark.parametrize("device", DEVICES or ["cpu"])
 
 
 def _case(T, in_f, out_f, ranks, device, *, dora_slots, base_bias=True, lora_bias=False, seed=0):
@@ -68,8 +63,7 @@ def test_reference_is_the_formula(base_bias):
     torch.testing.assert_close(_run(multi_lora_reference, k), _by_hand(k), rtol=1e-12, atol=1e-12)
 
 
-@needs_triton
-@device_params
+@pytest.mark.triton
 @pytest.mark.parametrize("T,in_f,out_f,ranks,dora_slots", [
     (1, 8, 8, [4], [0]),
     (37, 33, 70, [8, 3, 0, 16], [0, 3]),
@@ -89,8 +83,7 @@ def test_triton_matches_reference_float64(device, T, in_f, out_f, ranks, dora_sl
     assert torch.equal(got[untouched.to(got.device)], k["y"][untouched.to(got.device)])
 
 
-@needs_triton
-@device_params
+@pytest.mark.triton
 def test_lora_slots_are_bit_identical_to_the_plain_expand(device):
     """c = 1 exactly: the DoRA term is an exact zero, so LoRA slots beside DoRA ones equal the plain kernel's: bit
     for bit under the interpreter; on a GPU within an ulp, as the compiler contracts the plain kernel's
@@ -106,8 +99,7 @@ def test_lora_slots_are_bit_identical_to_the_plain_expand(device):
     assert not torch.allclose(with_dora[~lora_rows], plain[~lora_rows])
 
 
-@needs_triton
-@device_params
+@pytest.mark.triton
 def test_expand_alone_and_16_bit(device):
     k = _case(30, 16, 40, [4, 8], device, dora_slots=[0, 1])
     z = torch.randn(30, 8, dtype=torch.float32, device=device)

@@ -6,7 +6,6 @@ bnb = pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as BF  # noqa: E402
 
 from peft_fast.kernels import (  # noqa: E402
-    HAS_TRITON,
     NF4State,
     interpreting,
     nf4_dequantize,
@@ -17,10 +16,8 @@ from peft_fast.kernels import (  # noqa: E402
     nf4_quantize_reference,
     nf4_state_from_bnb,
 )
-from peft_fast.kernels.nf4 import DYNAMIC_CODE, FP4_CODE, NF4_CODE  # noqa: E402
+from peft_fast.kernels.common.nf4_format import DYNAMIC_CODE, FP4_CODE, NF4_CODE  # noqa: E402
 
-DEVICES = (["cpu"] if interpreting() else []) + (["cuda"] if torch.cuda.is_available() else [])
-needs_triton = pytest.mark.skipif(not HAS_TRITON or not DEVICES, reason="no Triton, or no device it can run on")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(7, 128), (1, 256), (33, 512), (5, 4096), (4, 3, 256)]
 
@@ -109,8 +106,7 @@ def test_high_nibble_is_first_element():
     assert packed[0, 0].item() == 0x0F and state.absmax.tolist() == [1.0]
 
 
-@needs_triton
-@pytest.mark.parametrize("device", DEVICES or ["cpu"])
+@pytest.mark.triton
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("nested", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -193,8 +189,7 @@ def test_errors():
         nf4_from_bnb(torch.nn.Parameter(w))
 
 
-@pytest.mark.skipif(not HAS_TRITON or not DEVICES, reason="no Triton, or no device it can run on")
-@pytest.mark.parametrize("device", DEVICES or ["cpu"])
+@pytest.mark.triton
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("nested", [False, True])
 @pytest.mark.parametrize("shape,blocksize", [((37, 128), 64), ((3, 45), 64), ((5, 7), 32), ((130, 96), 128),
@@ -202,7 +197,7 @@ def test_errors():
 def test_triton_quantize_equals_reference(device, quant_type, nested, shape, blocksize):
     """Bit for bit, odd counts and blocks spanning rows included; a zero block and exact midpoints too."""
     from peft_fast.kernels import nf4_quantize_triton
-    from peft_fast.kernels.nf4 import NF4_CODE
+    from peft_fast.kernels.common.nf4_format import NF4_CODE
 
     for dtype in DTYPES:
         w = _weight(shape, dtype, seed=sum(shape) + blocksize).to(device)

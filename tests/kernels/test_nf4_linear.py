@@ -2,11 +2,9 @@
 import pytest
 import torch
 
-from peft_fast.kernels import HAS_TRITON, interpreting, nf4_linear, nf4_linear_reference, nf4_linear_triton, nf4_quantize
+from peft_fast.kernels import nf4_linear, nf4_linear_reference, nf4_linear_triton, nf4_quantize
+from switches import use_settings
 
-DEVICES = (["cpu"] if interpreting() else []) + (["cuda"] if torch.cuda.is_available() else [])
-needs_triton = pytest.mark.skipif(not HAS_TRITON or not DEVICES, reason="no Triton, or no device it can run on")
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
 def _case(lead, out_f, in_f, device, dtype, nested, quant_type="nf4", blocksize=64):
@@ -22,35 +20,31 @@ def _close(got, want, tol):
     assert err <= tol * want.double().abs().max().item(), err
 
 
-@needs_triton
-@pytest.mark.parametrize("device", DEVICES or ["cpu"])
-@pytest.mark.parametrize("base_path", ["fused", "dequant"])
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("lead,out_f,in_f,nested,qt,bs", [((3, 5), 37, 128, True, "nf4", 64),
                                                          ((70,), 19, 96, False, "fp4", 32),
                                                          ((1,), 130, 256, True, "nf4", 128)])
-def test_forward_backward_match_reference(device, base_path, dtype, lead, out_f, in_f, nested, qt, bs, monkeypatch):
-    monkeypatch.setenv("PEFT_FAST_QLORA_BASE", base_path)
+def test_forward_backward_match_reference(device, dtype, lead, out_f, in_f, nested, qt, bs, tol):
     x, packed, state, b = _case(lead, out_f, in_f, device, dtype, nested, qt, bs)
     y = nf4_linear_triton(x, packed, state, b)
     x64, b64 = (t.detach().double().requires_grad_() for t in (x, b))
     want = nf4_linear_reference(x64, packed, state, b64)
     assert y.dtype == dtype and y.shape == (*lead, out_f)
-    _close(y, want, TOL[dtype])
+    _close(y, want, tol[dtype])
     dy = torch.randn(y.shape, dtype=torch.float64, device=device)
     gx, gb = torch.autograd.grad(y, (x, b), dy.to(dtype))
     wx, wb = torch.autograd.grad(want, (x64, b64), dy)
-    _close(gx, wx, TOL[dtype])
-    _close(gb, wb, TOL[dtype])
+    _close(gx, wx, tol[dtype])
+    _close(gb, wb, tol[dtype])
 
 
-@needs_triton
-@pytest.mark.parametrize("device", DEVICES or ["cpu"])
+@pytest.mark.triton
 def test_strided_input_and_dispatch(device, monkeypatch):
     x, packed, state, b = _case((4,), 24, 128, device, torch.float32, True)
     xs = torch.randn(128, 4, device=device).t()  # non-contiguous
     _close(nf4_linear_triton(xs, packed, state, b), nf4_linear_reference(xs, packed, state, b), 1e-5)
-    monkeypatch.setenv("PEFT_FAST_BACKEND", "torch")
+    use_settings(monkeypatch, backend="torch")
     assert torch.equal(nf4_linear(xs, packed, state, b), nf4_linear_reference(xs, packed, state, b))
 
 

@@ -1,4 +1,5 @@
-"""kernels/qlora_linear.py: the fused NF4 Triton path vs the reference; the reference vs PEFT + bitsandbytes."""
+"""kernels/qlora_linear.py: the Triton path (NF4 dequantize + cuBLAS, LoRA kernels) vs the reference; the reference vs
+PEFT + bitsandbytes."""
 import dataclasses
 
 import pytest
@@ -9,7 +10,6 @@ bnb = pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as BF  # noqa: E402
 
 from peft_fast.kernels import (  # noqa: E402
-    HAS_TRITON,
     interpreting,
     lora_linear_triton,
     nf4_dequantize_reference,
@@ -20,12 +20,9 @@ from peft_fast.kernels import (  # noqa: E402
     qlora_linear_reference,
     qlora_linear_triton,
 )
+from switches import use_settings
 
-DEVICES = (["cpu"] if interpreting() else []) + (["cuda"] if torch.cuda.is_available() else [])
-needs_triton = pytest.mark.skipif(not HAS_TRITON or not DEVICES, reason="no Triton, or no device it can run on")
-device_params = pytest.mark.parametrize("device", DEVICES or ["cpu"])
 
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 
 def _weight(out_f, in_f, device, blocksize=64, nested=False, quant_type="nf4"):
@@ -75,43 +72,34 @@ def _compare(packed, state, inputs, scaling, tol):
 
 
 SHAPES = [((3, 7), 37, 5), ((1,), 77, 16), ((2, 45), 130, 8)]  # (lead, out, r): odd M and out; 2+ tiles in M, N
-# The base matmul runs fused (dequantized in the K loop) or as dequantize-then-matmul, chosen by rows; test both.
-base_paths = pytest.mark.parametrize("base_path", ["fused", "dequant"])
 
 
-@needs_triton
-@device_params
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("nested", [False, True])
 @pytest.mark.parametrize("blocksize", [64, 128])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"M{s[0]}-out{s[1]}-r{s[2]}")
-@base_paths
-def test_matches_reference(device, shape, blocksize, nested, dtype, base_path, monkeypatch):
-    monkeypatch.setenv("PEFT_FAST_QLORA_BASE", base_path)
+def test_matches_reference(device, shape, blocksize, nested, dtype, tol):
     lead, out_f, r = shape
     in_f = blocksize * (3 if lead == (2, 45) else 2)  # several K tiles of 64 (every tile within one NF4 block)
     packed, state = _weight(out_f, in_f, device, blocksize, nested)
     inputs = _inputs(lead, in_f, out_f, r, device=device, dtype=dtype, grad_bias=True)
-    _compare(packed, state, inputs, 0.37, TOL[dtype])
+    _compare(packed, state, inputs, 0.37, tol[dtype])
 
 
-@needs_triton
-@device_params
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("nested", [False, True])
-@base_paths
-def test_low_precision_against_float64(device, dtype, nested, base_path, monkeypatch):
-    monkeypatch.setenv("PEFT_FAST_QLORA_BASE", base_path)
+def test_low_precision_against_float64(device, dtype, nested, tol):
     packed, state = _weight(37, 128, device, 64, nested)
     inputs = _inputs((3, 7), 128, 37, 5, device=device, dtype=dtype, adapter_dtype=torch.float32)
-    _compare(packed, state, inputs, 2.0, TOL[dtype])
+    _compare(packed, state, inputs, 2.0, tol[dtype])
 
 
-@needs_triton
-@device_params
-def test_fp4(device):
+@pytest.mark.triton
+def test_fp4(device, tol):
     packed, state = _weight(29, 128, device, 128, True, "fp4")
-    _compare(packed, state, _inputs((11,), 128, 29, 4, device=device, dtype=torch.float32), 0.5, TOL[torch.float32])
+    _compare(packed, state, _inputs((11,), 128, 29, 4, device=device, dtype=torch.float32), 0.5, tol[torch.float32])
 
 
 def _bnb_layer(in_f, out_f, nested, blocksize=64, bias=True, compute_dtype=torch.float32):
@@ -137,10 +125,9 @@ def test_reference_base_is_bnb_linear4bit(nested):
                                rtol=1e-6, atol=1e-6)
 
 
-@needs_triton
+@pytest.mark.triton
 @pytest.mark.parametrize("nested", [False, True])
-@device_params
-def test_bnb_weight_through_triton(nested, device):
+def test_bnb_weight_through_triton(nested, device, tol):
     torch.manual_seed(1)
     layer = _bnb_layer(256, 41, nested, blocksize=128)
     packed, state = nf4_from_bnb(layer)
@@ -148,7 +135,7 @@ def test_bnb_weight_through_triton(nested, device):
     assert state.blocksize == 128 and state.nested == nested
     inputs = _inputs((9,), 256, 41, 6, device=device, dtype=torch.float32)
     inputs = (inputs[0], layer.bias.detach().to(device), *inputs[2:])
-    _compare(packed, state, inputs, 0.8, TOL[torch.float32])
+    _compare(packed, state, inputs, 0.8, tol[torch.float32])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -179,8 +166,7 @@ def test_reference_is_peft_over_bnb_bit_for_bit(dropout, dtype):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
 
 
-@needs_triton
-@device_params
+@pytest.mark.triton
 def test_dropout_same_mask_forward_and_backward(device):
     p, seed, lead, in_f, out_f = 0.4, 1234, (3, 7), 64, 29
     # lora_linear's identity-adapter trick: the same _mm kernel, seed draw and element indexing give our mask.
@@ -204,8 +190,7 @@ def test_dropout_same_mask_forward_and_backward(device):
         _assert_close(gt, gr, 1e-10, f"grad {i}")
 
 
-@needs_triton
-@device_params
+@pytest.mark.triton
 def test_torch_compile_fullgraph(device):
     packed, state = _weight(29, 128, device, 64, nested=True)
     x, b, a, bb, lb = _inputs((3, 7), 128, 29, 5, device=device, dtype=torch.float32, grad_bias=True)
@@ -226,65 +211,33 @@ def test_torch_compile_fullgraph(device):
         torch.testing.assert_close(gc, ge, rtol=0, atol=0)
 
 
-@needs_triton
+@pytest.mark.triton
 def test_dispatch(monkeypatch):
     packed, state = _weight(8, 64, "cpu")
     x, b, a, bb, lb = _inputs((4, 3), 64, 8, 4, device="cpu", dtype=torch.float32)
     torch.manual_seed(5)
     want = qlora_linear_reference(x, packed, state, b, a, bb, 0.5, 0.2, lb)
-    monkeypatch.setenv("PEFT_FAST_BACKEND", "torch")
+    use_settings(monkeypatch, backend="torch")
     torch.manual_seed(5)
     assert torch.equal(qlora_linear(x, packed, state, b, a, bb, 0.5, 0.2, lb), want)
     if interpreting():
-        monkeypatch.setenv("PEFT_FAST_BACKEND", "triton")
+        use_settings(monkeypatch, backend="triton")
         got = qlora_linear(x, packed, state, b, a, bb, 0.5, 0.0, lb)
         assert torch.equal(got, qlora_linear_triton(x, packed, state, b, a, bb, 0.5, 0.0, lb))
 
 
-@needs_triton
-@pytest.mark.parametrize("rows,grad,want_gemv", [(1, False, True), (16, False, True), (17, False, False),
-                                                 (4, True, False)])
-@device_params
-def test_decode_rows_take_the_gemv(rows, grad, want_gemv, monkeypatch, device):
-    """Inference at up to GEMV_MAX_ROWS rows runs qlora_gemv; training never does (the threshold is set here: its
-    shipped value comes from GPU measurements, and may be 0)."""
-    import sys
-
-    import peft_fast.kernels.qlora_gemv as gemv_mod
-
-    qlora_mod = sys.modules["peft_fast.kernels.qlora_linear"]  # the package's attribute of that name is the op
-    monkeypatch.setattr(qlora_mod, "GEMV_MAX_ROWS", 16)
-
-    calls = []
-    real = gemv_mod.qlora_gemv_triton
-    monkeypatch.setattr(gemv_mod, "qlora_gemv_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
-    packed, state = _weight(37, 128, device, 64, True)
-    inputs = _inputs((rows,), 128, 37, 4, device=device, dtype=torch.float32)
-    with torch.set_grad_enabled(grad):
-        got = qlora_linear_triton(inputs[0], packed, state, *inputs[1:4], 0.5, 0.0, inputs[4])
-    with torch.no_grad():
-        want = qlora_linear_reference(*[_f64(t) for t in inputs[:1]], packed, state,
-                                      *[_f64(t) for t in inputs[1:4]], 0.5, 0.0, _f64(inputs[4]))
-    assert bool(calls) == want_gemv
-    _assert_close(got, want, TOL[torch.float32])
-
-
-@needs_triton
-@base_paths
+@pytest.mark.triton
 @pytest.mark.parametrize("nested", [False, True])
-@device_params
-def test_blocks_spanning_rows(base_path, nested, monkeypatch, device):
-    """bnb allows blocks of 64 across rows (in_features 96): such a weight always takes the dequantize path."""
-    monkeypatch.setenv("PEFT_FAST_QLORA_BASE", base_path)
+def test_blocks_spanning_rows(nested, device, tol):
+    """bnb allows blocks of 64 across rows (in_features 96)."""
     w = torch.randn(9, 96)
     packed, qs = BF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=nested)
     packed, state = packed.to(device), nf4_state_from_bnb(qs).to(device)
     inputs = _inputs((2, 3), 96, 9, 2, device=device, dtype=torch.float32, grad_bias=True)
-    _compare(packed, state, inputs, 0.7, TOL[torch.float32])
+    _compare(packed, state, inputs, 0.7, tol[torch.float32])
 
 
-@needs_triton
-@device_params
+@pytest.mark.triton
 def test_autocast_matches_the_reference(device):
     """Autocast does not reach inside the custom op: x and the bias are cast as it would cast them; backward works."""
     packed, state = _weight(24, 64, device)

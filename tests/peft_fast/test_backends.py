@@ -7,6 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import peft_fast
+from switches import use_settings
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The interpreter runs float64 exactly; on a GPU, float32 dots may use tf32.
@@ -21,7 +22,7 @@ def _tiny_llama():
 
 
 def _run(model, ids, monkeypatch, backend):
-    monkeypatch.setenv("PEFT_FAST_BACKEND", backend)
+    use_settings(monkeypatch, backend=backend)
     model.zero_grad()
     logits = model(ids).logits
     logits.pow(2).mean().backward()
@@ -43,7 +44,7 @@ def test_triton_path_matches_reference_through_a_model(monkeypatch):
 
 def test_triton_path_dropout_trains(monkeypatch):
     """With dropout the masks differ from torch's RNG, but the loss still goes down on the Triton path."""
-    monkeypatch.setenv("PEFT_FAST_BACKEND", "triton")
+    use_settings(monkeypatch, backend="triton")
     model = peft_fast.patch(_tiny_llama(), peft_fast.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
                                                                 lora_dropout=0.3))
     ids = torch.randint(0, 40, (2, 6), device=DEVICE)
@@ -60,7 +61,7 @@ def test_triton_path_dropout_trains(monkeypatch):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_patched_model_compiles_without_graph_breaks(monkeypatch, backend):
-    monkeypatch.setenv("PEFT_FAST_BACKEND", backend)
+    use_settings(monkeypatch, backend=backend)
     torch._dynamo.reset()
     model = peft_fast.patch(_tiny_llama(), peft_fast.LoraConfig(r=4, target_modules=["q_proj", "down_proj"],
                                                                 init_lora_weights=False))

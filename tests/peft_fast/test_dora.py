@@ -22,6 +22,7 @@ from tiny_models import (
     ref,
     set_active,
 )
+from switches import use_settings
 
 pytestmark = pytest.mark.skipif(AGAINST_PEFT, reason="peft_fast's DoRA against PEFT's")
 
@@ -92,12 +93,12 @@ def test_eval_outputs_and_grads_match_peft(case):
 def test_forward_never_builds_the_dense_delta(monkeypatch):
     """B·A ([out, in]) is never formed on the forward/backward path: get_delta_weight may not even be called."""
     _, r, i = _pair("llama")
-    import peft_fast.layer as layer_mod
+    from peft_fast import LoraLinear
 
     def refuse(self, name):
         raise AssertionError("get_delta_weight called in forward")
 
-    monkeypatch.setattr(layer_mod.LoraLinear, "get_delta_weight", refuse)
+    monkeypatch.setattr(LoraLinear, "get_delta_weight", refuse)
     x = inputs("llama")
     i.train()
     loss_of(i, x).backward()
@@ -234,8 +235,8 @@ def test_triton_backend_train_and_eval(monkeypatch, dropout):
     if not (interpreting() or torch.cuda.is_available()):
         pytest.skip("no Triton device")
     _, r, i = _pair("llama", lora_dropout=dropout)
-    monkeypatch.setenv("PEFT_FAST_BACKEND", "triton")
-    import peft_fast.dora as dora_mod
+    use_settings(monkeypatch, backend="triton")
+    import peft_fast.tuners.lora.dora as dora_mod
 
     fused = []
     real = dora_mod.dora_linear
@@ -290,7 +291,7 @@ def test_add_weighted_adapter_with_dora_matches_peft():
 
 
 def test_hotswap_of_dora_adapters_is_refused_and_changes_nothing(tmp_path):
-    from peft_fast import hotswap as hs
+    from peft_fast.tuners.lora import hotswap as hs
 
     _, r, i = _pair("llama")
     _, r2, _ = make_pair("llama", use_dora=True, seed=1)

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(AGAINST_PEFT, reason="peft_fast's DoRA cache aga
 
 # ------------------------------------------------------------------------------------------------- eval cache
 def _norm_calls(monkeypatch):
-    import peft_fast.dora as dora_mod
+    import peft_fast.tuners.lora.dora as dora_mod
 
     return count_calls(monkeypatch, dora_mod, "dora_norm")
 

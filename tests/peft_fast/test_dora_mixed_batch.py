@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from tiny_models import AGAINST_PEFT, add_both, assert_close, inputs, make_pair, out, perturb_magnitudes
+from switches import use_settings
 
 pytestmark = pytest.mark.skipif(AGAINST_PEFT, reason="PEFT refuses adapter_names with DoRA")
 
@@ -47,7 +48,7 @@ def test_mixed_batch_dora_and_lora_per_sample(kind, backend, monkeypatch):
 
         if not (interpreting() or torch.cuda.is_available()):
             pytest.skip("no Triton device")
-        monkeypatch.setenv("PEFT_FAST_BACKEND", "triton")
+        use_settings(monkeypatch, backend="triton")
     r, i = _mixed_models(kind)
     x = inputs(kind, batch=len(NAMES), seq=4, seed=7)
     with torch.no_grad():

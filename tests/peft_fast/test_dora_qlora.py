@@ -15,6 +15,7 @@ pytest.importorskip("bitsandbytes")
 
 from tiny_models import AGAINST_PEFT, assert_close, count_calls, impl, perturb_magnitudes, ref  # noqa: E402
 from qlora_models import CASES, IDS, ids, load4, lora_kw, make_qlora_pair, save_tiny_llama  # noqa: E402
+from switches import use_settings
 
 pytestmark = pytest.mark.skipif(AGAINST_PEFT, reason="peft_fast's DoRA against PEFT's")
 
@@ -37,7 +38,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture
 def norm_calls(monkeypatch):
-    import peft_fast.dora as dora_mod
+    import peft_fast.tuners.lora.dora as dora_mod
 
     return count_calls(monkeypatch, dora_mod, "dora_norm_nf4")
 
@@ -90,9 +91,9 @@ def _eval_without_repack(model):
 
 
 def _dequantized(model):
-    from peft_fast.merging import dequantize_4bit
+    from peft_fast.bases import view_of
 
-    return {n: dequantize_4bit(m.base_layer) for n, m in model.named_modules()
+    return {n: view_of(m.base_layer).read_weight() for n, m in model.named_modules()
             if hasattr(m, "lora_magnitude_vector") and type(m.base_layer).__name__ == "Linear4bit"}
 
 
@@ -161,7 +162,7 @@ def test_triton_backend(model_dir, monkeypatch, dropout):
         pytest.skip("no Triton device")
     ref_model, impl_model = make_pair(model_dir, CASES[0], use_dora=True, target_modules="all-linear",
                                       lora_dropout=dropout)
-    monkeypatch.setenv("PEFT_FAST_BACKEND", "triton")
+    use_settings(monkeypatch, backend="triton")
     ref_model.train()
     impl_model.train()
     x = ids(batch=2, seq=4)
@@ -208,7 +209,7 @@ def test_dora_on_peft_fast_nf4linear_matches_peft_over_bitsandbytes(model_dir, c
 
     from peft_fast import NF4Linear, quantize
 
-    monkeypatch.setenv("PEFT_FAST_BACKEND", backend)
+    use_settings(monkeypatch, backend=backend)
     dtype, compute, double, qt = case
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

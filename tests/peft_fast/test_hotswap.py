@@ -26,7 +26,7 @@ from tiny_models import (
 if AGAINST_PEFT:
     hs = ref_hotswap
 else:
-    from peft_fast import hotswap as hs
+    from peft_fast.tuners.lora import hotswap as hs
 
 # name -> (kind, LoraConfig overrides, seed). "a0" is the adapter loaded first; the others are swapped in.
 ADAPTERS = {

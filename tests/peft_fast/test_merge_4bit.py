@@ -152,7 +152,7 @@ def test_rounding_warning_numbers(model_dir, case):
     diffs = [(exact[k].float() - dequant(layers[k].base_layer.weight).float()).abs().flatten() for k in exact]
     diffs = torch.cat(diffs).double()
     w = found[0].message
-    assert isinstance(w, impl.merging.QuantizedMergeWarning)
+    assert isinstance(w, impl.QuantizedMergeWarning)
     assert w.adapters == ["default"] and w.layers == len(exact) == 8
     assert w.max_abs == diffs.max().item() > 0
     assert w.mean_abs == pytest.approx(diffs.mean().item(), rel=1e-9, abs=0)

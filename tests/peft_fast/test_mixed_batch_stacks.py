@@ -5,7 +5,8 @@ import torch
 from tiny_models import AGAINST_PEFT, add_both, assert_close, base_model, default_cfg, inputs, make_pair, out
 
 import peft_fast
-from peft_fast.layer import LoraLinear
+from peft_fast import LoraLinear
+from switches import use_settings
 
 pytestmark = pytest.mark.skipif(AGAINST_PEFT, reason="peft_fast's batched mixed-adapter path")
 
@@ -55,13 +56,13 @@ def _layers(model):
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_batched_path_matches_peft_and_per_sample_runs(backend, kind, monkeypatch):
-    monkeypatch.setenv("PEFT_FAST_BACKEND", backend)
+    use_settings(monkeypatch, backend=backend)
     ref, impl = _three(kind)
     x = inputs(kind, batch=len(NAMES), seq=4, seed=3)
     with torch.no_grad():
         got = out(impl, x, adapter_names=NAMES)
         assert_close(got, out(ref, x, adapter_names=NAMES))
-        assert all("_stack_cache" in m.__dict__ for m in _layers(impl))  # the batched path really ran
+        assert all(m._stack_cache is not None for m in _layers(impl))  # the batched path really ran
         assert_close(got, _per_sample(impl, x, NAMES))
 
 
@@ -81,9 +82,9 @@ def test_stacks_are_reused_while_nothing_changes():
     x = inputs("llama", batch=len(NAMES), seq=4, seed=3)
     with torch.no_grad():
         out(impl, x, adapter_names=NAMES)
-        first = [m.__dict__["_stack_cache"].stacks for m in _layers(impl)]
+        first = [m._stack_cache.stacks for m in _layers(impl)]
         out(impl, x, adapter_names=NAMES)
-    assert all(a is b for a, b in zip(first, [m.__dict__["_stack_cache"].stacks for m in _layers(impl)]))
+    assert all(a is b for a, b in zip(first, [m._stack_cache.stacks for m in _layers(impl)]))
 
 
 def _check(impl, names=NAMES):

@@ -14,6 +14,7 @@ pytest.importorskip("bitsandbytes")
 
 from tiny_models import AGAINST_PEFT, assert_close, count_calls, impl, peft_fast_only, ref  # noqa: E402
 from qlora_models import CASES, IDS, ids, load4, lora_kw, make_qlora_pair, save_tiny_llama  # noqa: E402
+from switches import use_settings
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
@@ -33,9 +34,9 @@ def fused_calls(monkeypatch):
     """How often peft_fast's layers ran the fused 4-bit op (stays 0 against PEFT)."""
     if AGAINST_PEFT:
         return []
-    import peft_fast.layer as layer_mod
+    import peft_fast.tuners.lora.variants as variants
 
-    return count_calls(monkeypatch, layer_mod, "qlora_linear")
+    return count_calls(monkeypatch, variants, "qlora_linear_reference", "qlora_linear_triton")
 
 
 def _lora_grads(model):
@@ -140,7 +141,7 @@ def test_triton_backend(model_dir, monkeypatch, fused_calls):
     case = CASES[0]
     # all-linear: every 4-bit layer is a LoRA target, so no bare bnb layer repacks itself in eval
     ref_model, impl_model = make_pair(model_dir, case, target_modules="all-linear")
-    monkeypatch.setenv("PEFT_FAST_BACKEND", "triton")
+    use_settings(monkeypatch, backend="triton")
     ref_model.train()
     impl_model.train()
     x = ids(batch=2, seq=4)
@@ -165,8 +166,6 @@ def test_triton_backend(model_dir, monkeypatch, fused_calls):
 @peft_fast_only
 def test_converted_weight_follows_the_base_weight(model_dir):
     """The cached (packed, state) is rebuilt when the base weight or its quant_state changes."""
-    from peft_fast import quantized
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.manual_seed(0)
@@ -177,7 +176,7 @@ def test_converted_weight_follows_the_base_weight(model_dir):
     x = torch.randn(2, 3, 64)
 
     def unfused():
-        return quantized.add_deltas(layer, x, layer.base_layer(x), ["default"])
+        return layer.loop(x, layer.base_layer(x), ["default"])  # the base module, then PEFT's 4-bit order
 
     with torch.no_grad():
         y0 = layer(x)

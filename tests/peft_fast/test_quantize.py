@@ -14,6 +14,7 @@ from transformers import LlamaForCausalLM  # noqa: E402
 import peft_fast  # noqa: E402
 from peft_fast import NF4Linear, quantize  # noqa: E402
 from qlora_models import CASES, IDS, ids, load4, lora_kw, save_tiny_llama  # noqa: E402
+from switches import use_settings
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def test_same_bytes_keys_and_logits_as_bitsandbytes(model_dir, case):
 @pytest.mark.parametrize("backend", ["auto", "triton"])  # triton on a CPU: the interpreter
 @pytest.mark.parametrize("case", CASES[:3], ids=IDS[:3])
 def test_qlora_matches_peft_over_bitsandbytes(model_dir, case, backend, monkeypatch):
-    monkeypatch.setenv("PEFT_FAST_BACKEND", backend)
+    use_settings(monkeypatch, backend=backend)
     kw = lora_kw()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -143,7 +144,7 @@ def test_kbit_and_requantizing_merge_on_quantized_model(model_dir):
     pm = _patched(model)
     layer = pm.base_model.model.model.layers[0].self_attn.q_proj
     exact = layer.base_layer.dequantize() + layer.get_delta_weight("default")
-    with pytest.warns(peft_fast.merging.QuantizedMergeWarning, match="max abs difference"):
+    with pytest.warns(peft_fast.QuantizedMergeWarning, match="max abs difference"):
         pm.merge_adapter()
     assert torch.allclose(layer.base_layer.dequantize(), exact, atol=0.05)  # re-quantized: 4-bit rounding
     assert not torch.equal(layer.base_layer.dequantize(), exact)
@@ -193,7 +194,7 @@ def test_mismatched_quant_state_is_refused_naming_the_layer(model_dir):
 def test_float32_activations_into_bf16_compute_run_fused(model_dir, base, monkeypatch):
     """QLoRA's usual recipe: float32 activations (upcast norms), bf16 compute. The Triton path runs the whole op in
     bf16 (one fused op) where PEFT adds a float32 delta to bitsandbytes' output: equal within bf16 tolerance."""
-    import peft_fast.layer as layer_mod
+    import peft_fast.tuners.lora.variants as variants
 
     case = CASES[3]  # float32 model, bf16 compute
     kw = lora_kw()
@@ -207,9 +208,9 @@ def test_float32_activations_into_bf16_compute_run_fused(model_dir, base, monkey
             if "lora_" in n:
                 p.copy_(dict(ref_model.named_parameters())[n])
     ref_model.train(), model.train()  # in eval, bitsandbytes repacks CPU weights for its own bf16 kernel
-    calls, real = [], layer_mod.qlora_linear
-    monkeypatch.setattr(layer_mod, "qlora_linear", lambda x, *a: calls.append(x.dtype) or real(x, *a))
-    monkeypatch.setenv("PEFT_FAST_BACKEND", "triton")
+    calls, real = [], variants.qlora_linear_triton
+    monkeypatch.setattr(variants, "qlora_linear_triton", lambda x, *a: calls.append(x.dtype) or real(x, *a))
+    use_settings(monkeypatch, backend="triton")
     out_r, out_i = ref_model(ids(), labels=ids()), model(ids(), labels=ids())
     assert calls and set(calls) == {torch.bfloat16} and out_i.logits.dtype == torch.float32
     scale = out_r.logits.abs().max().item()

@@ -214,7 +214,7 @@ def test_svd_driver_ignored_on_cpu():
 @peft_fast_only
 def test_batched_svd_chunks_and_progressbar(monkeypatch, capsys):
     """Chunks of one layer (as on huge layers), the sort-based quantile and the progress bar change nothing."""
-    from peft_fast import weighted_adapter
+    from peft_fast.tuners.lora import weighted as weighted_adapter
 
     _, i = _trio((2, 4, 3))
     _merge(i, combination_type="ties_svd", density=0.6, svd_clamp=0.8)
@@ -227,7 +227,7 @@ def test_batched_svd_chunks_and_progressbar(monkeypatch, capsys):
 
 @peft_fast_only
 def test_failure_removes_the_new_adapter(monkeypatch):
-    from peft_fast import weighted_adapter
+    from peft_fast.tuners.lora import weighted as weighted_adapter
 
     _, i = _trio()
     snap = snapshot(i)

@@ -40,6 +40,7 @@ def _base_weight_float32(layer) -> tuple[torch.Tensor, torch.dtype]:
 def _write_residual(layer, residual: torch.Tensor, dtype: torch.dtype) -> None:
     base = layer.get_base_layer()
     base.weight.data = _transpose(residual, layer.fan_in_fan_out).to(dtype).contiguous()
+    layer.invalidate(base=True)  # a new storage under the same version counter: derived values must go
 
 
 def pissa(layer, name: str, init: str) -> None:

@@ -1,44 +1,19 @@
-"""Mixed-adapter batches: per-batch metadata shared by every layer, and per-layer stacked adapter weights."""
+"""Per-layer stacked adapter weights for the batched mixed-adapter kernels, written when adapters change and
+reused by every mixed batch until then (kernels/multi_lora.py takes them)."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-BASE = "__base__"
-
-
-class AdapterNames(list):
-    """The ``adapter_names`` handed to each layer: the user's one-name-per-sample list, plus what every layer of
-    one forward pass shares. Slots number the model's adapters in one global order, so one token-to-slot mapping
-    (and its grouping metadata, built once per batch shape) serves all layers."""
-
-    def __init__(self, names: list[str], slot_names: tuple[str, ...]):
-        super().__init__(names)
-        self.slot_names = slot_names
-        index = {n: i for i, n in enumerate(slot_names)}
-        self.sample_slots = [index.get(n, -1) if n != BASE else -1 for n in names]
-        self._meta: dict = {}
-
-    def meta_for(self, x: torch.Tensor):
-        """Token-to-slot metadata for activations ``x`` of shape [batch, ..., features]."""
-        from .kernels import make_lora_batch_meta
-
-        key = (tuple(x.shape[:-1]), x.device)
-        if key not in self._meta:
-            per_sample = x[0].numel() // x.shape[-1] if x.dim() > 1 else 1
-            slots = torch.tensor(self.sample_slots, dtype=torch.int32)
-            token_slots = slots.repeat_interleave(per_sample).to(x.device)
-            self._meta[key] = make_lora_batch_meta(token_slots, len(self.slot_names))
-        return self._meta[key]
+from ...kernels.common.dot_policy import half_dots
 
 
 def stack_dtype(x: torch.Tensor, adapter_dtype: torch.dtype, on_triton: bool) -> torch.dtype:
     """The kernels' dots meet in 16-bit activations' type anyway, so 16-bit stacks give the same result with half
     the memory and half the adapter bytes read per token. The reference keeps PEFT's dtype (its exact math)."""
-    if on_triton and x.dtype in (torch.bfloat16, torch.float16) and os.environ.get("PEFT_FAST_LORA_DOT") != "fp32":
+    if on_triton and half_dots(x.dtype):
         return x.dtype
     return adapter_dtype
 
@@ -84,7 +59,8 @@ class StackCache:
 
     def _state(self, layer) -> list:
         # A DoRA scale also depends on the base weight (its norm): its identity, storage and version.
-        dora_base = _dora_base_key(layer) if any(layer.use_dora.get(n) for n in self.slot_names) else None
+        dora_base = (layer.base_view.version() if any(_scales_channels(layer, n) for n in self.slot_names)
+                     else None)
         return ([p._version for p in self.params] + [p.data_ptr() for p in self.params]
                 + [_scalar(layer.scaling.get(n)) for n in self.slot_names] + [dora_base])
 
@@ -96,10 +72,9 @@ class StackCache:
                 and self._state(layer) == self.state)
 
 
-def _dora_base_key(layer):
-    from .dora import _base_key
-
-    return _base_key(layer)
+def _scales_channels(layer, name: str) -> bool:
+    variant = layer.lora_variant.get(name)
+    return variant is not None and variant.scales_channels
 
 
 def _scalar(scaling) -> Optional[float]:
@@ -129,15 +104,13 @@ def build_stacks(layer, slot_names: tuple[str, ...], dtype: torch.dtype) -> Adap
             if bias is not None and layer.lora_B[name].bias is not None:
                 bias[i] = layer.lora_B[name].bias
     dora_scale = None
-    dora_names = [n for n in present if layer.use_dora.get(n)]
+    dora_names = [n for n in present if _scales_channels(layer, n)]
     if dora_names:
-        from .dora import scale
-
         # Kept in the magnitude's dtype (float32): the expand's epilogue applies it at accumulator precision.
         m_dtype = layer.lora_magnitude_vector[dora_names[0]].weight.dtype
         dora_scale = torch.ones(n, layer.out_features, device=ref.device, dtype=m_dtype)
         with torch.no_grad():
             for i, name in enumerate(slot_names):
                 if name in dora_names:
-                    dora_scale[i] = scale(layer, name, grad=False)
+                    dora_scale[i] = layer.lora_variant[name].mixed_scale(layer, name)
     return AdapterStacks(a, b, ranks.to(ref.device), scalings.to(ref.device), bias, dora_scale)

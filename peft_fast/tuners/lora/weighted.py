@@ -55,9 +55,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import injection
-from .merge_utils import dare_linear, dare_ties, magnitude_prune, task_arithmetic, ties
-from .modules_to_save import ModulesToSaveWrapper
+from .. import injection
+from ..merge_utils import dare_linear, dare_ties, magnitude_prune, task_arithmetic, ties
+from ..modules_to_save import ModulesToSaveWrapper
+from .config import rewrites_base
 
 SVD_TYPES = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
 FACTOR_TYPES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -135,7 +136,7 @@ def _check_arguments(tuner, adapters, weights, combination_type, density, majori
         if svd_driver not in SVD_DRIVERS:
             raise ValueError(f"svd_driver must be one of {SVD_DRIVERS}, got {svd_driver!r}.")
     if combination_type in FACTOR_TYPES:
-        for key, layer in tuner._lora_layers():
+        for key, layer in tuner.adapter_layers():
             layer_ranks = {layer.r[a] for a in adapters if a in layer.lora_A}
             if len(layer_ranks) > 1:
                 raise ValueError("All adapters must have the same r value when using combination_type linear, "
@@ -148,14 +149,14 @@ def _merged_config(tuner, adapters, new_rank, new_targets, source_keys):
     config = dataclasses.replace(copy.deepcopy(tuner.peft_config[adapters[0]]), r=new_rank, lora_alpha=new_rank,
                                  target_modules=new_targets, alpha_pattern={}, rank_pattern={})
     try:
-        plan = injection.plan_adapter(tuner.model, config)
+        plan = injection.plan_adapter(tuner.model, config, type(tuner))
         if {t.key for t in plan.targets} == source_keys:
             return config, plan
     except ValueError:  # nothing matched
         pass
     config = dataclasses.replace(config, target_modules="(" + "|".join(re.escape(k) for k in sorted(source_keys))
                                  + ")", layers_to_transform=None, layers_pattern=None, exclude_modules=None)
-    return config, injection.plan_adapter(tuner.model, config)
+    return config, injection.plan_adapter(tuner.model, config, type(tuner))
 
 
 def add_weighted_adapter(tuner, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
@@ -172,13 +173,12 @@ def add_weighted_adapter(tuner, adapters: Sequence[str], weights: Sequence[float
     combination_type, new_rank, new_targets = check_weighted_adapter(tuner, adapters, combination_type, svd_rank)
     _check_arguments(tuner, adapters, weights, combination_type, density, majority_sign_method, svd_clamp,
                      svd_driver)
-    source_keys = {k for k, m in tuner._lora_layers() if any(a in m.lora_A for a in adapters)}
+    source_keys = {k for k, m in tuner.adapter_layers() if any(a in m.lora_A for a in adapters)}
     config, plan = _merged_config(tuner, adapters, new_rank, new_targets, source_keys)
-    init = config.init_lora_weights
-    rewrites_base = isinstance(init, str) and (init.startswith("pissa") or init == "olora")
     # Same init as PEFT (its random draws come before DARE's masks), except inits that rewrite the base weights.
-    tuner.add_adapter(adapter_name, config, init=False if rewrites_base else None, plan=plan)
-    layers = [m for _, m in tuner._lora_layers() if adapter_name in m.lora_A]
+    tuner.add_adapter(adapter_name, config, init=False if rewrites_base(config.init_lora_weights) else None,
+                      plan=plan)
+    layers = [m for _, m in tuner.adapter_layers() if adapter_name in m.lora_A]
     bar = _progress(len(layers), progressbar)
     try:
         injection.set_adapter_requires_grad(tuner.model, [adapter_name], False)

@@ -7,6 +7,8 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
+from .base_layer import check_adapter_names
+
 _MIXED_BATCH_TYPES = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -83,8 +85,6 @@ class ModulesToSaveWrapper(nn.Module):
         if adapter_names is None:
             return self.modules_to_save[self._active_adapter[0]](*args, **kwargs)
         if args:
-            from .layer import check_adapter_names
-
             check_adapter_names(args[0], adapter_names)
         return self._mixed_batch_forward(*args, adapter_names=adapter_names, **kwargs)
 

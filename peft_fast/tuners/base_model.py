@@ -1,4 +1,9 @@
-"""LoraModel: the adapted model plus the bookkeeping of its adapters (PEFT's ``LoraModel``)."""
+"""TunerModel: the adapted model plus the bookkeeping of its adapters (PEFT's BaseTuner), shared by every tuner.
+
+A tuner subclasses it with its `layer_cls` (a TunerLayer subclass), `default_targets` (PEFT's target_modules
+defaults by model type) and, where it has per-layer values, `target_kwargs`. Adding, deleting, activating,
+enabling, merging, unloading and mixed-batch routing are all done here, all-or-nothing.
+"""
 from __future__ import annotations
 
 import warnings
@@ -8,12 +13,12 @@ from typing import Any, Iterator, Optional
 
 import torch.nn as nn
 
+from ..batching import AdapterNames
+from ..config import as_config
 from . import injection
-from .config import LoraConfig, as_lora_config
-from .layer import LoraLinear
-from .mixed_batch import AdapterNames
+from .base_layer import TunerLayer
 from .modules_to_save import ModulesToSaveWrapper
-from .state_dict import set_peft_model_state_dict
+from .state_dict import load_adapter_tensors
 
 
 def _adapter_names_pre_hook(module, args, kwargs, adapter_names):
@@ -21,16 +26,19 @@ def _adapter_names_pre_hook(module, args, kwargs, adapter_names):
     return args, kwargs
 
 
-class LoraModel(nn.Module):
-    prefix = "lora_"
+class TunerModel(nn.Module):
+    prefix: str = ""  # parameter-name prefix of this tuner's parts ("lora_")
+    layer_cls: type = TunerLayer
+    default_targets: dict[str, list[str]] = {}
 
-    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default",
-                 autocast_adapter_dtype: bool = True):
+    def __init__(self, model: nn.Module, config: Any, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True, *, init: Optional[object] = None,
+                 plan: Optional[injection.Plan] = None, tensors: Optional[dict] = None):
         super().__init__()
         self.model = model
-        self.peft_config: dict[str, LoraConfig] = {}
+        self.peft_config: dict[str, Any] = {}
         self.active_adapter: str | list[str] = adapter_name
-        self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
+        self.add_adapter(adapter_name, config, autocast_adapter_dtype, init=init, plan=plan, tensors=tensors)
 
     def forward(self, *args: Any, **kwargs: Any):
         return self.model.forward(*args, **kwargs)
@@ -47,18 +55,39 @@ class LoraModel(nn.Module):
     def active_adapters(self) -> list[str]:
         return [self.active_adapter] if isinstance(self.active_adapter, str) else list(self.active_adapter)
 
+    # --- what a tuner may refine -----------------------------------------------------------------------------------
+    @classmethod
+    def target_kwargs(cls, config: Any, key: str) -> dict:
+        """Per-layer values handed to the layer (LoRA: r and lora_alpha from rank/alpha patterns)."""
+        return {}
+
+    @classmethod
+    def with_init(cls, config: Any, init: object) -> Any:
+        """The config with its initialisation replaced (loads pass False: the weights come from the file)."""
+        return config
+
+    @classmethod
+    def rewrites_base(cls, config: Any) -> bool:
+        """Whether creating the adapter rewrites the base weights (then a failure must put them back)."""
+        return False
+
+    def check_new_adapter(self, config: Any) -> None:
+        """Refuse an adapter that cannot live beside the existing ones (before anything changes)."""
+
     # --- adding and removing -----------------------------------------------------------------------------------
     def add_adapter(self, adapter_name: str, config: Any, autocast_adapter_dtype: bool = True,
                     init: Optional[object] = None, plan: Optional[injection.Plan] = None,
                     tensors: Optional[dict] = None) -> None:
-        """Plan, check, then inject; any failure undoes every change (model, configs, grads)."""
-        config = as_lora_config(config)
+        """Plan, check, then inject (and load `tensors`); any failure undoes every change (model, configs, grads)."""
+        config = as_config(config)
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter with name {adapter_name} already exists; delete it first or pick a new name.")
-        if config.bias != "none" and any(c.bias != "none" for c in self.peft_config.values()):
-            raise ValueError("LoraModel supports only 1 adapter with bias. When using multiple adapters, "
-                             "set bias to 'none' for all adapters.")
-        plan = plan or injection.plan_adapter(self.model, config)
+        known = {getattr(c, "peft_type", None) for c in self.peft_config.values()}
+        if known and config.peft_type not in known:
+            raise ValueError(f"This model holds {', '.join(sorted(known))} adapters; a {config.peft_type} adapter "
+                             "cannot be added beside them.")
+        self.check_new_adapter(config)
+        plan = plan or injection.plan_adapter(self.model, config, type(self))
         config.target_modules = plan.config.target_modules
         config.modules_to_save = plan.config.modules_to_save
         undo = injection.Undo(self.model)
@@ -68,10 +97,11 @@ class LoraModel(nn.Module):
         try:
             self.peft_config[adapter_name] = config
             undo.push(lambda: self.peft_config.pop(adapter_name, None))
-            seen = injection.apply_plan(self.model, plan, adapter_name, undo, autocast_adapter_dtype, init)
-            config.fan_in_fan_out = seen.fan_in_fan_out
+            seen = injection.apply_plan(self.model, plan, adapter_name, undo, type(self), autocast_adapter_dtype,
+                                        init)
+            self.after_injection(config, seen)
             if tensors is not None:
-                set_peft_model_state_dict(self.model, tensors, adapter_name)
+                load_adapter_tensors(self.model, tensors, adapter_name)
             self.set_adapter(self.active_adapters, _check=False)
             if config.inference_mode:
                 injection.set_adapter_requires_grad(self.model, [adapter_name], False)
@@ -83,16 +113,19 @@ class LoraModel(nn.Module):
             undo.rollback()
             raise
 
+    def after_injection(self, config: Any, seen: Any) -> None:
+        """The config the layers saw (`apply_plan`'s result), e.g. to record corrections the layers made."""
+
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name} does not exist")
-        merged = sorted({a for _, m in self._lora_layers() for a in m.merged_adapters if a == adapter_name})
+        merged = sorted({a for _, m in self.adapter_layers() for a in m.merged_adapters if a == adapter_name})
         if merged:
             raise ValueError(f"Cannot delete adapter(s) {merged} while they are merged. Please unmerge them first.")
         del self.peft_config[adapter_name]
         # PEFT's rule: each layer falls back to its own remaining adapters; the model follows the first layer.
         new_active: Optional[list[str]] = None
-        for _, m in list(self._lora_layers()):
+        for _, m in list(self.adapter_layers()):
             m.delete_adapter(adapter_name)
             if new_active is None:
                 new_active = m.active_adapters[:]
@@ -106,22 +139,18 @@ class LoraModel(nn.Module):
         self.active_adapter = new_active[0] if len(new_active) == 1 else new_active
 
     # --- activation --------------------------------------------------------------------------------------------
-    def _lora_layers(self) -> Iterator[tuple[str, LoraLinear]]:
-        for name, m in injection.tuner_layers(self.model):
-            if isinstance(m, LoraLinear):
-                yield name, m
+    def adapter_layers(self) -> Iterator[tuple[str, TunerLayer]]:
+        return injection.adapter_layers(self.model)
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False, _check: bool = True) -> None:
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         if _check:  # every check before any change: a refused call leaves the model as it was
-            for n in names:
-                if n not in self.peft_config:
-                    raise ValueError(f"Adapter {n} not found. Available adapters: {sorted(self.peft_config)}")
+            self._check_known(names)
             for _, m in injection.tuner_layers(self.model):
                 if isinstance(m, ModulesToSaveWrapper) and sum(n in m.modules_to_save for n in names) > 1:
                     raise ValueError(f"Attempted to set multiple ({names}) adapters at once for modules_to_save.")
         for _, m in injection.tuner_layers(self.model):
-            if isinstance(m, LoraLinear) and m.merged and _check:
+            if isinstance(m, TunerLayer) and m.merged and _check:
                 warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
                 m.unmerge()
             if isinstance(m, ModulesToSaveWrapper):
@@ -140,7 +169,7 @@ class LoraModel(nn.Module):
 
     def disable_adapter_layers(self) -> None:
         for name in self.active_adapters:
-            bias = self.peft_config[name].bias
+            bias = getattr(self.peft_config[name], "bias", "none")
             if bias != "none":
                 warnings.warn(f"Careful, disabling adapter layers with bias configured to be '{bias}' does not "
                               "produce the same output as the base model would without adaption.")
@@ -157,11 +186,10 @@ class LoraModel(nn.Module):
             raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
         if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
             raise TypeError(f"Got adapter names of type {type(adapter_names).__name__}, expected a list of str.")
-        known = set(self.peft_config)
-        unknown = {n for n in adapter_names if n != "__base__"} - known
+        unknown = {n for n in adapter_names if n != "__base__"} - set(self.peft_config)
         if unknown:
             raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")
-        if any(m.merged for _, m in self._lora_layers()):
+        if any(m.merged for _, m in self.adapter_layers()):
             raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
                              "`unmerge_adapter` first.")
         slots = tuple(sorted(self.peft_config))
@@ -188,10 +216,10 @@ class LoraModel(nn.Module):
     # --- merging -----------------------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         self._check_known(adapter_names)
-        injection.merge_layers(self.model, safe_merge, adapter_names)
+        injection.merge_layers([m for _, m in self.adapter_layers()], safe_merge, adapter_names)
 
     def unmerge_adapter(self) -> None:
-        for _, m in self._lora_layers():
+        for _, m in self.adapter_layers():
             if m.merged:
                 m.unmerge()
 
@@ -202,8 +230,8 @@ class LoraModel(nn.Module):
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
                          adapter_names: Optional[list[str]] = None, dequantize: bool = False) -> nn.Module:
-        """``dequantize=True`` (not in PEFT): merge into bitsandbytes 4-bit bases without re-quantizing, returning
-        plain nn.Linear layers with the exact merged weights; by default they are re-quantized, as PEFT does."""
+        """``dequantize=True`` (not in PEFT): merge into 4-bit bases without re-quantizing, returning plain
+        nn.Linear layers with the exact merged weights; by default they are re-quantized, as PEFT does."""
         self._check_known(adapter_names)
         return injection.unload(self.model, merge=True, safe_merge=safe_merge, adapter_names=adapter_names,
                                 dequantize=dequantize)
@@ -211,17 +239,6 @@ class LoraModel(nn.Module):
     def unload(self) -> nn.Module:
         return injection.unload(self.model, merge=False)
 
-    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
-                             combination_type: str = "svd", svd_rank: Optional[int] = None,
-                             svd_clamp: Optional[float] = None, svd_full_matrices: bool = True,
-                             svd_driver: Optional[str] = None, density: Optional[float] = None,
-                             majority_sign_method: str = "total", progressbar: bool = False) -> None:
-        """Add ``adapter_name``, merged from ``adapters`` with ``weights`` (PEFT's add_weighted_adapter; see
-        peft_fast.weighted_adapter for the combination types and where it corrects PEFT)."""
-        from .weighted_adapter import add_weighted_adapter
-
-        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp,
-                             svd_full_matrices, svd_driver, density, majority_sign_method, progressbar)
-
     def get_peft_config_as_dict(self) -> dict[str, dict]:
         return {k: v.to_dict() for k, v in self.peft_config.items()}
+

@@ -12,7 +12,7 @@ from typing import Iterable, Optional
 import torch
 import torch.nn as nn
 
-from .kernels.nf4 import BLOCKSIZES
+from ..kernels.common.nf4_format import BLOCKSIZES
 from .nf4_linear import NF4Linear
 
 __all__ = ["quantize"]

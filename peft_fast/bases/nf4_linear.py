@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .kernels import NF4State, nf4_dequantize, nf4_linear, nf4_quantize
+from ..kernels import NF4State, nf4_dequantize, nf4_linear, nf4_quantize
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -2,7 +2,7 @@
 a new adapter without recompiling.
 
 ``prepare_model_for_compiled_hotswap`` pads every adapter to one rank and turns each scaling into a 0-d tensor
-(``LoraLinear._adapter_args`` folds such a scaling into B, so the compiled graph never holds its value).
+(``LoraLinear.adapter_args`` folds such a scaling into B, so the compiled graph never holds its value).
 ``hotswap_adapter`` then copies a new adapter's weights into the existing parameters and ``fill_``s the scalings:
 same tensors, same shapes, new values. Every check runs before anything is copied, so a refused swap leaves the
 model exactly as it was.
@@ -17,9 +17,11 @@ from typing import Literal, Optional, Union
 import torch
 import torch.nn as nn
 
-from .config import LoraConfig, as_lora_config
+from ...config import as_config
+from ...loading import read_adapter
+from ..targets import pattern_value
+from .config import LoraConfig
 from .layer import LoraLinear
-from .targets import pattern_value
 
 # Config fields that change a layer's output but live outside the state dict (PEFT's list for LoRA).
 CONFIG_KEYS_TO_CHECK = ("use_rslora", "lora_dropout", "alpha_pattern", "use_dora")
@@ -115,6 +117,7 @@ def prepare_model_for_compiled_hotswap(
                 _pad(m.lora_B[name], target_rank, is_a=False)
                 # Unlike PEFT (which leaves it stale), r follows the weights: mixed-batch stacks are sized from it.
                 m.r[name] = target_rank
+        m.invalidate()  # new parameters and scalings: the plans read them
     if not config or target_rank is None:
         return
     for cfg in (config.values() if isinstance(config, dict) else [config]):
@@ -259,7 +262,9 @@ def hotswap_adapter_from_state_dict(
     """
     if parameter_prefix != "lora_":
         raise ValueError(f"Only LoRA (parameter_prefix='lora_') can be hot-swapped, got {parameter_prefix!r}.")
-    config = as_lora_config(config)
+    config = as_config(config)
+    if not isinstance(config, LoraConfig):
+        raise ValueError(f"Hotswapping only supports LORA but {config.peft_type} was passed.")
     inner = _unwrap(model)
     loaded = getattr(inner, "peft_config", None)
     if isinstance(loaded, dict) and adapter_name in loaded:
@@ -286,6 +291,8 @@ def hotswap_adapter_from_state_dict(
                 m.scaling[adapter_name].fill_(s.scaling)
             else:
                 m.scaling[adapter_name] = s.scaling
+        for _, m in layers:
+            m.invalidate()
 
 
 def hotswap_adapter(
@@ -300,14 +307,12 @@ def hotswap_adapter(
     ``hotswap_adapter_from_state_dict`` for what may differ; the configs must also agree on
     ``CONFIG_KEYS_TO_CHECK``. ``kwargs``: ``subfolder``, ``revision``, ``token``, ``cache_dir``, ``local_files_only``.
     """
-    from .peft_model import _read_adapter
-
     inner = _unwrap(model)
     loaded = getattr(inner, "peft_config", None)
     if not isinstance(loaded, dict) or adapter_name not in loaded:
         raise RuntimeError(f"Hot swapping the adapter did not succeed: the model has no adapter named "
                            f"'{adapter_name}' (loaded: {sorted(loaded) if isinstance(loaded, dict) else 'none'}).")
-    config, tensors, _ = _read_adapter(model_name_or_path, None, False, kwargs)
+    config, tensors, _ = read_adapter(model_name_or_path, None, False, kwargs)
     check_hotswap_configs_compatible(loaded[adapter_name], config)
     if torch_device is not None:
         tensors = {k: v.to(torch_device) for k, v in tensors.items()}

@@ -7,18 +7,9 @@ from typing import Optional
 
 import torch.nn as nn
 
-from .config import LoraConfig
+from ..bases import linear_types
+from .base_layer import TunerLayer
 
-# PEFT's defaults for target_modules=None, by transformers model_type (the common architectures).
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "mixtral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"],
-    "gemma2": ["q_proj", "v_proj"], "gemma3_text": ["q_proj", "v_proj"], "phi": ["q_proj", "v_proj", "fc1", "fc2"],
-    "gpt2": ["c_attn"], "gpt_bigcode": ["c_attn"], "gpt_neox": ["query_key_value"], "gptj": ["q_proj", "v_proj"],
-    "gpt_neo": ["q_proj", "v_proj"], "opt": ["q_proj", "v_proj"], "bloom": ["query_key_value"],
-    "falcon": ["query_key_value"], "bert": ["query", "value"], "roberta": ["query", "value"],
-    "t5": ["q", "v"], "mt5": ["q", "v"], "bart": ["q_proj", "v_proj"], "stablelm": ["q_proj", "v_proj"],
-}
 SEQ_CLS_HEADS = ("classifier", "score")
 
 
@@ -26,34 +17,20 @@ class NoMatchingPeftModuleError(ValueError):
     """PEFT's error type for a target_modules that matches nothing (a ValueError, as in PEFT)."""
 
 
-def linear_types() -> tuple[type, ...]:
-    from .nf4_linear import NF4Linear
-
-    types: list[type] = [nn.Linear, NF4Linear]
-    try:
-        from transformers.pytorch_utils import Conv1D
-
-        types.append(Conv1D)
-    except ImportError:
-        pass
-    return tuple(types)
-
-
-def resolve_target_modules(config: LoraConfig, model: nn.Module) -> LoraConfig:
-    """Expand ``None`` and ``"all-linear"`` into explicit targets, as PEFT does before injection."""
+def resolve_target_modules(config, model: nn.Module, defaults: dict[str, list[str]]):
+    """Expand ``None`` (the tuner's `defaults` by model type) and ``"all-linear"`` into explicit targets, as PEFT
+    does before injection."""
     targets = config.target_modules
     if targets is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in DEFAULT_TARGETS:
+        if model_type not in defaults:
             raise ValueError(
                 f"target_modules is None and there is no default for model_type={model_type!r}: "
                 "pass target_modules (a list of module names, a regex, or 'all-linear')."
             )
-        config.target_modules = set(DEFAULT_TARGETS[model_type])
+        config.target_modules = set(defaults[model_type])
     elif isinstance(targets, str) and targets.lower() == "all-linear":
-        from .layer import LoraLinear
-
-        names = {n for n, m in model.named_modules() if isinstance(m, linear_types() + (LoraLinear,))}
+        names = {n for n, m in model.named_modules() if isinstance(m, linear_types() + (TunerLayer,))}
         exclude: set[str] = set()
         get_out = getattr(model, "get_output_embeddings", None)
         out = get_out() if callable(get_out) else None
@@ -65,14 +42,14 @@ def resolve_target_modules(config: LoraConfig, model: nn.Module) -> LoraConfig:
                 if mod is not None:
                     exclude |= {n for n, m in model.named_modules() if m is mod}
                     break
-        for prefix, m in model.named_modules():  # never nest LoRA inside an existing LoRA layer
-            if isinstance(m, LoraLinear):
+        for prefix, m in model.named_modules():  # never nest an adapter layer inside an existing one
+            if isinstance(m, TunerLayer):
                 exclude |= {f"{prefix}.{s}" for s, _ in m.named_modules() if s}
         config.target_modules = names - exclude
     return config
 
 
-def is_excluded(config: LoraConfig, key: str) -> bool:
+def is_excluded(config, key: str) -> bool:
     ex = config.exclude_modules
     if ex:
         if isinstance(ex, str):
@@ -85,7 +62,7 @@ def is_excluded(config: LoraConfig, key: str) -> bool:
     return False
 
 
-def matches_target(config: LoraConfig, key: str) -> bool:
+def matches_target(config, key: str) -> bool:
     """PEFT's check_target_module_exists, minus exclusions (see ``is_excluded``)."""
     targets = config.target_modules
     if isinstance(targets, str):
@@ -120,7 +97,7 @@ def pattern_value(patterns: dict, key: str, default):
     return default
 
 
-def no_match_error(config: LoraConfig, model: nn.Module) -> NoMatchingPeftModuleError:
+def no_match_error(config, model: nn.Module) -> NoMatchingPeftModuleError:
     names = [n for n, _ in model.named_modules() if n]
     linear_names = [n for n, m in model.named_modules() if isinstance(m, linear_types())]
     targets = config.target_modules

@@ -1,0 +1,58 @@
+"""One factory for the differentiable fused ops: a custom-op pair that torch.compile sees, and a plain
+autograd.Function over the same implementations for eager training.
+
+torch.library's dispatch (argument binding, defaults, redispatch) costs tens of µs per call, twice per layer per
+training step, which is host time a step of small layers waits for; eager training therefore calls the
+implementations through an autograd.Function, and eager inference calls the forward implementation directly.
+Under torch.compile the custom ops (with fake implementations and registered autograd) keep the graph whole.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+
+
+class FusedOp:
+    """`name`_fwd / `name`_bwd custom ops in the `peft_fast` namespace, from annotated implementations.
+
+    - forward(*args) -> tuple of outputs; forward_fake(*args) likewise, for fake tensors.
+    - backward_impl(...) -> tuple of tensors (the backward op); backward_fake likewise.
+    - setup_context(ctx, inputs, outputs) saves what backward needs.
+    - backward(ctx, *grads, bwd) -> one gradient per forward input; `bwd` is the backward op under torch.compile
+      and backward_impl itself in eager training.
+    """
+
+    def __init__(self, name: str, *, forward: Callable, forward_fake: Callable, backward_impl: Callable,
+                 backward_fake: Callable, setup_context: Callable, backward: Callable):
+        self.forward = forward
+        self.fwd_op = torch.library.custom_op(f"peft_fast::{name}_fwd", forward, mutates_args=())
+        self.fwd_op.register_fake(forward_fake)
+        self.bwd_op = torch.library.custom_op(f"peft_fast::{name}_bwd", backward_impl, mutates_args=())
+        self.bwd_op.register_fake(backward_fake)
+        self.fwd_op.register_autograd(functools.partial(backward, bwd=self.bwd_op), setup_context=setup_context)
+
+        def eager_forward(ctx, *args):
+            out = forward(*args)
+            setup_context(ctx, args, out)
+            return out
+
+        def eager_backward(ctx, *grads):
+            return backward(ctx, *grads, bwd=backward_impl)
+
+        self.eager = type(f"_Eager_{name}", (torch.autograd.Function,),
+                          {"forward": staticmethod(eager_forward), "backward": staticmethod(eager_backward)})
+
+    def __call__(self, *args, needs_grad: bool):
+        """The outputs, by the cheapest route that still gives autograd (or compile) what it needs."""
+        if torch.compiler.is_compiling():
+            return self.fwd_op(*args)
+        if needs_grad:
+            return self.eager.apply(*args)
+        return self.forward(*args)
+
+
+def needs_grad(*tensors) -> bool:
+    """Whether autograd must record an op over these tensors (None entries allowed)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

@@ -1,0 +1,212 @@
+"""The strided LoRA matmul every dense LoRA op is built from, forward and backward, and its dropout.
+
+`mm` computes C[M,N] (+)= scale·(drop?(A) @ drop?(B) (+ bias[N])) for operands of any strides, with x's dropout
+mask applied to one operand (or to C) when asked. The mask is never stored: it is regenerated from (seed, element
+index of x), so forward and backward see the same mask and no dropped copy of x exists.
+
+Launch configurations (blocks, split-K, dot dtype) depend only on shapes, dtypes and global switches, so they are
+computed once per combination and cached: a call only looks them up and launches.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from . import settings
+from .backend import HAS_TRITON
+from .dot_policy import dot_mode, precision
+from .tiling import cdiv, hi_lo, np2, num_sms
+
+DROP_NONE, DROP_A, DROP_B, DROP_C = 0, 1, 2, 3
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from .jit import acc_zeros, dot_operands
+
+    @triton.jit
+    def _keep_scale(seed, rows, col0, ld4, p, inv_hi, inv_lo, ROWS: tl.constexpr, COLS: tl.constexpr,
+                    IDX64: tl.constexpr, EXACT: tl.constexpr):
+        """Dropout multiplier (0 or 1/(1-p)) of x[rows, col0:col0+COLS]. One Philox call yields 4 numbers, so
+        columns go in groups of 4 (col0 is a multiple of 16): offset = row·ceil(in/4) + col//4."""
+        groups = col0 // 4 + tl.arange(0, COLS // 4)
+        offs = rows[:, None] * ld4 + groups[None, :]
+        if not IDX64:
+            offs = offs.to(tl.int32)  # 32-bit Philox is cheaper; 64-bit only when offsets need it
+        u0, u1, u2, u3 = tl.rand4x(seed, offs)
+        u = tl.reshape(tl.join(tl.join(u0, u1), tl.join(u2, u3)), (ROWS, COLS))
+        # One return statement: the compiler rejects two of different types even under a constexpr branch.
+        if EXACT:  # float arguments arrive as fp32; hi + lo keeps float64 exact
+            keep = (u >= p).to(tl.float64)
+            factor = keep * inv_hi + keep * inv_lo
+        else:
+            factor = (u >= p).to(tl.float32) * inv_hi
+        return factor
+
+    @triton.jit
+    def _lora_mm_kernel(
+        a_ptr, b_ptr, c_ptr, bias_ptr, seed_ptr,
+        M, N, K,
+        stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+        scale_hi, scale_lo, p, inv_keep_hi, inv_keep_lo, ld4, k_tiles,
+        ACCUMULATE: tl.constexpr, HAS_BIAS: tl.constexpr, DROP: tl.constexpr, IDX64: tl.constexpr,
+        DOT: tl.constexpr, PRECISION: tl.constexpr, SPLIT_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        num_n = tl.cdiv(N, BLOCK_N)
+        pid_m = pid // num_n
+        pid_n = pid % num_n
+        # int64 offsets: tokens × features can pass 2**31 elements on long-context batches
+        rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        mask_m = rm < M
+        mask_n = rn < N
+        if DROP != 0:
+            seed = tl.load(seed_ptr)  # a tensor, not an argument: drawing it costs no host sync
+        acc = acc_zeros(BLOCK_M, BLOCK_N, DOT)
+        k_start = pid_k * k_tiles * BLOCK_K
+        for kt in range(0, k_tiles):
+            rk = (k_start + kt * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+            mask_k = rk < K
+            a = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak,
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            b = tl.load(b_ptr + rk[:, None] * stride_bk + rn[None, :] * stride_bn,
+                        mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            a, b = dot_operands(a, b, DOT)
+            # The dropped operand's (row, col) are the coordinates of x[M, in]: the mask is a function of the seed
+            # and x's element index only, whichever product consumes it.
+            if DROP == 1:
+                a = (a * _keep_scale(seed, rm, k_start + kt * BLOCK_K, ld4, p, inv_keep_hi, inv_keep_lo,
+                                     BLOCK_M, BLOCK_K, IDX64, DOT == 2)).to(a.dtype)
+            if DROP == 2:
+                b = (b * _keep_scale(seed, rk, pid_n * BLOCK_N, ld4, p, inv_keep_hi, inv_keep_lo,
+                                     BLOCK_K, BLOCK_N, IDX64, DOT == 2)).to(b.dtype)
+            acc += tl.dot(a, b, input_precision=PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(acc.dtype)[None, :]
+        # Float arguments arrive as fp32; the hi/lo split keeps float64 results exact to ~1e-14.
+        out = acc * scale_hi
+        if DOT == 2:
+            out += acc * scale_lo
+        if DROP == 3:
+            out = out * _keep_scale(seed, rm, pid_n * BLOCK_N, ld4, p, inv_keep_hi, inv_keep_lo,
+                                    BLOCK_M, BLOCK_N, IDX64, DOT == 2)
+        c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
+        mask_c = mask_m[:, None] & mask_n[None, :]
+        if SPLIT_K > 1:
+            tl.atomic_add(c_ptrs, out, mask=mask_c)
+        else:
+            if ACCUMULATE:
+                out += tl.load(c_ptrs, mask=mask_c, other=0.0).to(out.dtype)
+            tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=mask_c)
+
+
+def blocks(M: int, N: int, K: int) -> tuple[int, int, int]:
+    # tl.dot needs every block dim >= 16. A rank up to 128 fits one N block, so x is streamed once.
+    bm = min(64, max(16, np2(M)))
+    bn = min(128 if N <= 128 else 64, max(16, np2(N)))
+    bk = min(32 if bn > 64 else 64, max(16, np2(K)))
+    return bm, bn, bk
+
+
+def split_k(M: int, N: int, K: int, bm: int, bn: int, bk: int, sms: int, deterministic: bool) -> int:
+    # Few output tiles over a long K (decode's shrink; dA and dB, whose K is the token count) leave most SMs
+    # idle: split K and add partial sums atomically. Atomics reorder the sum, so not in deterministic mode.
+    tiles = cdiv(M, bm) * cdiv(N, bn)
+    if tiles >= sms or K < 8 * bk or deterministic:
+        return 1
+    return max(1, min(cdiv(K, 4 * bk), 2 * sms // tiles))
+
+
+class MMConfig(NamedTuple):
+    grid: tuple[int, int]
+    k_tiles: int
+    split: int
+    dot: int
+    precision: str
+    block_m: int
+    block_n: int
+    block_k: int
+
+
+@functools.lru_cache(maxsize=4096)
+def mm_config(M: int, N: int, K: int, a_dtype: torch.dtype, b_dtype: torch.dtype, c_dtype: torch.dtype,
+              device: torch.device, may_split: bool, matmul_precision: str, deterministic: bool,
+              switches: settings.Settings) -> MMConfig:
+    """The launch of one `mm` shape; the last three arguments are the global state it depends on (cache keys)."""
+    dot = dot_mode(a_dtype, b_dtype, c_dtype)
+    bm, bn, bk = blocks(M, N, K)
+    split = split_k(M, N, K, bm, bn, bk, num_sms(device), deterministic) if may_split else 1
+    k_tiles = cdiv(K, bk)
+    if split > 1:
+        per_split = cdiv(k_tiles, split)
+        split = cdiv(k_tiles, per_split)  # no split left without K tiles
+        k_tiles = per_split
+    return MMConfig((cdiv(M, bm) * cdiv(N, bn), split), k_tiles, split, dot, precision(dot), bm, bn, bk)
+
+
+@functools.lru_cache(maxsize=256)
+def _keep_inverse(p: float) -> tuple[float, float]:
+    return hi_lo(0.0 if p >= 1.0 else 1.0 / (1.0 - p))
+
+
+def mm(a: Tensor, b: Tensor, c: Tensor, *, scale: float = 1.0, accumulate: bool = False,
+       bias: Optional[Tensor] = None, drop: int = DROP_NONE, seed: Optional[Tensor] = None,
+       p: float = 0.0, ld_x: int = 0, rows_x: int = 0) -> None:
+    """c[M,N] (+)= scale·(a[M,K] @ b[K,N] (+ bias)), any strides; `drop` applies x's dropout mask to one operand."""
+    M, K = a.shape
+    N = b.shape[1]
+    if M == 0 or N == 0:
+        return
+    may_split = not accumulate and bias is None and drop != DROP_C and c.dtype == torch.float32
+    cfg = mm_config(M, N, K, a.dtype, b.dtype, c.dtype, c.device, may_split, torch.get_float32_matmul_precision(),
+                    torch.are_deterministic_algorithms_enabled(), settings.current())
+    if cfg.split > 1:
+        c.zero_()
+    s_hi, s_lo = hi_lo(float(scale))
+    i_hi, i_lo = _keep_inverse(float(p))
+    ld4 = cdiv(ld_x, 4)
+    _lora_mm_kernel[cfg.grid](
+        a, b, c, bias if bias is not None else c, seed if seed is not None else c,
+        M, N, K,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+        s_hi, s_lo, float(p), i_hi, i_lo, ld4, cfg.k_tiles,
+        ACCUMULATE=accumulate, HAS_BIAS=bias is not None, DROP=drop, IDX64=rows_x * ld4 >= 2**31,
+        DOT=cfg.dot, PRECISION=cfg.precision, SPLIT_K=cfg.split,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+    )
+
+
+def lora_backward(dy2d: Tensor, x2d: Tensor, lora_a: Tensor, lora_b: Tensor, z2d: Tensor, seed: Optional[Tensor],
+                  scaling: float, dropout_p: float, need_da: bool, need_db: bool, dx2d: Optional[Tensor],
+                  accumulate: bool) -> tuple[Tensor, Tensor]:
+    """The LoRA side of backward, shared by every op with a LoRA branch: dB = s·dyᵀ·z, dA = (s·dy·B)ᵀ·drop(x), and,
+    when dx2d is given, drop-mask ⊙ (s·dy·B)·A added into it (or written, accumulate=False). Returns (dA, dB),
+    empty when not needed."""
+    M, in_f = x2d.shape
+    drop = dropout_p > 0
+    da, db = lora_a.new_empty(0), lora_b.new_empty(0)
+    if need_db:
+        db = torch.empty(lora_b.shape, device=x2d.device, dtype=lora_b.dtype)
+        mm(dy2d.t(), z2d, db, scale=scaling)
+    if dx2d is not None or need_da:
+        dz = torch.empty(z2d.shape, device=x2d.device, dtype=z2d.dtype)
+        mm(dy2d, lora_b, dz, scale=scaling)
+        if need_da:
+            da = torch.empty(lora_a.shape, device=x2d.device, dtype=lora_a.dtype)
+            mm(dz.t(), x2d, da, drop=DROP_B if drop else DROP_NONE, seed=seed, p=dropout_p, ld_x=in_f, rows_x=M)
+        if dx2d is not None:
+            mm(dz, lora_a, dx2d, accumulate=accumulate, drop=DROP_C if drop else DROP_NONE, seed=seed,
+               p=dropout_p, ld_x=in_f, rows_x=M)
+    return da, db
+
+
+def dropout_seed(device: torch.device) -> Tensor:
+    """A dropout seed from torch's generator (torch.manual_seed reproduces runs), as a tensor: no host sync."""
+    return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)

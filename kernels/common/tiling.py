@@ -1,0 +1,38 @@
+"""Small host-side helpers every launcher shares: block-size arithmetic, the SM count, float64 scalars as fp32
+pairs, and the accumulator dtype of the LoRA matmuls."""
+from __future__ import annotations
+
+import functools
+import struct
+
+import torch
+from torch import Tensor
+
+
+def np2(n: int) -> int:
+    """The next power of two >= n (1 for n <= 1)."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    # The interpreter: a small GPU's count, so that decode shapes take the split-K paths under test too.
+    return 16
+
+
+@functools.lru_cache(maxsize=1024)
+def hi_lo(v: float) -> tuple[float, float]:
+    """v as fp32 + fp32: Triton passes float arguments as fp32, and hi + lo added in float64 keeps v exact."""
+    hi = struct.unpack("f", struct.pack("f", v))[0]
+    return hi, v - hi
+
+
+def z_dtype(*ts: Tensor) -> torch.dtype:
+    """The LoRA intermediate z = x·Aᵀ is float32 (float64 for float64 inputs) whatever the adapter dtype."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32

@@ -1,0 +1,265 @@
+"""TunerLayer: what every adapter layer shares (PEFT's BaseTunerLayer), so that a tuner writes only its math.
+
+A layer wraps `base_layer` and keeps per-adapter state in dicts keyed by adapter name: `adapter_layer_names`
+(ModuleDicts / ParameterDicts of trainable parts, PEFT's parameter names) and `other_param_names` (plain dicts).
+
+State that is derived, never saved, and dropped by the events that change it:
+- `_plans`: the layer's launch plans (what forward runs, decided once per `plan_key`), built by `make_plan`.
+- the tuner's value caches, cleared by `_clear_caches` (e.g. DoRA's eval scale, mixed-batch stacks).
+- the base view's caches (`base_view.clear()`), for values derived from the frozen base weight.
+Events: adding, loading, deleting or activating adapters, enabling/disabling, merging and unmerging, train() /
+eval(), moves and casts (`_apply`: .to(), .cuda(), .half(), ...). Caches of values keyed on parameter versions
+(optimizer steps) check those themselves.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+import torch.nn as nn
+
+from ..bases import BaseView, view_of
+from ..bases.view import has_hooks
+from ..kernels import settings
+from . import merging
+
+
+def check_adapter_names(x: torch.Tensor, adapter_names: list[str]) -> None:
+    if len(x) != len(adapter_names):
+        raise ValueError("Length of `adapter_names` should be the same as the number of inputs, but got "
+                         f"{len(adapter_names)} and {len(x)} respectively.")
+
+
+def _set_requires_grad(module, flag: bool) -> None:
+    for p in module.parameters() if isinstance(module, nn.Module) else [module]:
+        p.requires_grad_(flag)
+
+
+class TunerLayer(nn.Module):
+    adapter_layer_names: tuple[str, ...] = ()  # dicts of trainable parts keyed by adapter name
+    other_param_names: tuple[str, ...] = ()  # plain dicts keyed by adapter name
+    extra_adapter_dicts: tuple[str, ...] = ()  # more per-adapter dicts, dropped with the adapter
+    # PEFT file keys that do not follow "<dict>.<param>" with the adapter name dropped (e.g. DoRA's magnitude).
+    file_key_renames: dict[str, str] = {}
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.merged_adapters: list[str] = []
+        self._disable_adapters = False
+        self._active_adapter: list[str] = []
+        self._plans: dict = {}
+        self._view: Optional[BaseView] = None
+
+    # --- the base --------------------------------------------------------------------------------------------------
+    @property
+    def base_view(self) -> BaseView:
+        view = self._view
+        if view is None or view.module is not self.base_layer:  # merge_and_unload(dequantize=True) swaps the base
+            view = self._view = view_of(self.base_layer)
+        return view
+
+    def get_base_layer(self) -> nn.Module:
+        return self.base_layer
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return getattr(self.base_layer, "bias", None)
+
+    # --- adapters ------------------------------------------------------------------------------------------------
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    @property
+    def active_adapter(self) -> list[str]:
+        return self._active_adapter
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapter)
+
+    def has_adapter(self, name: str) -> bool:
+        return name in getattr(self, self.adapter_layer_names[0])
+
+    def available_adapters(self) -> list[str]:
+        return sorted(getattr(self, self.adapter_layer_names[0]).keys())
+
+    def adapter_parts(self, names: Optional[list[str]] = None) -> Iterator[tuple[str, Any]]:
+        """(adapter name, module or parameter) of every trainable part, for the named adapters or all."""
+        for dict_name in self.adapter_layer_names:
+            for key, part in getattr(self, dict_name).items():
+                if names is None or key in names:
+                    yield key, part
+
+    def adapter_parameters(self, names: Optional[list[str]] = None) -> list[nn.Parameter]:
+        out: list[nn.Parameter] = []
+        for _, part in self.adapter_parts(names):
+            out += list(part.parameters()) if isinstance(part, nn.Module) else [part]
+        return out
+
+    def set_adapter(self, names: str | list[str], inference_mode: bool = False) -> None:
+        names = [names] if isinstance(names, str) else list(names)
+        for key, part in self.adapter_parts():
+            _set_requires_grad(part, key in names and not inference_mode)
+        self._active_adapter = names
+        self.invalidate()
+
+    def enable_adapters(self, enabled: bool) -> None:
+        if enabled:
+            self.set_adapter(self.active_adapters)
+            self._disable_adapters = False
+        else:
+            for _, part in self.adapter_parts():
+                _set_requires_grad(part, False)
+            self._disable_adapters = True
+        self.invalidate()
+
+    def delete_adapter(self, name: str) -> None:
+        for attr in self.adapter_layer_names + self.other_param_names + self.extra_adapter_dicts:
+            container = getattr(self, attr)
+            if name in container:
+                del container[name]
+        self.invalidate()
+        if name in self.active_adapters:
+            remaining_active = [a for a in self.active_adapters if a != name]
+            if remaining_active:
+                self.set_adapter(remaining_active)
+            else:
+                self.set_adapter(self.available_adapters()[:1])
+
+    # --- derived state and the events that drop it ---------------------------------------------------------------
+    def invalidate(self, base: bool = False) -> None:
+        """Drop the launch plans and the tuner's caches (and, with base=True, what was derived from the base)."""
+        self._plans.clear()
+        self._clear_caches()
+        if base and self._view is not None:
+            self._view.clear()
+
+    def _clear_caches(self) -> None:
+        """The tuner's own caches of derived values."""
+
+    def train(self, mode: bool = True):
+        # Plans are keyed on the mode, so only a change of mode drops them; value caches go on every call, which
+        # is also how a user refreshes them after in-place edits through .data (they bump no version counter).
+        if mode != self.training:
+            self._plans.clear()
+        self._clear_caches()
+        if self._view is not None:
+            self._view.clear()
+        return super().train(mode)
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        self.invalidate(base=True)
+        return result
+
+    def __getstate__(self):
+        # Plans are closures over this layer's modules: a copy (deepcopy, pickling) starts without them.
+        state = self.__dict__.copy()
+        state["_plans"], state["_view"] = {}, None
+        return state
+
+    # --- forward -------------------------------------------------------------------------------------------------
+    def plan_key(self, x: torch.Tensor) -> tuple:
+        """What a launch plan depends on besides the events above: cheap to build on every call."""
+        return (x.dtype, x.device, x.requires_grad, self.training, torch.is_grad_enabled(), settings.current(),
+                has_hooks(self.base_layer))
+
+    def plan(self, x: torch.Tensor):
+        key = self.plan_key(x)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self.make_plan(x)
+            if not torch.compiler.is_compiling():  # traced code builds it inline and keeps nothing
+                self._plans[key] = plan
+        return plan
+
+    def make_plan(self, x: torch.Tensor) -> Callable:
+        """The tuner's decision of what forward runs for inputs like x: a callable(x, *args, **kwargs)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
+        if self._disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            check_adapter_names(x, adapter_names)
+            if self.merged:
+                raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
+                                 "`unmerge_adapter` first.")
+            return self.mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        return self.plan(x)(x, *args, **kwargs)
+
+    def mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
+        raise ValueError(f"{type(self).__name__} layers do not support mixed adapter batches (`adapter_names`).")
+
+    # --- files ---------------------------------------------------------------------------------------------------
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        """This adapter's tensors under PEFT's file keys relative to the layer ("lora_A.weight", ...)."""
+        out = {}
+        for dict_name in self.adapter_layer_names:
+            container = getattr(self, dict_name)
+            if name not in container:
+                continue
+            part = container[name]
+            items = part.state_dict().items() if isinstance(part, nn.Module) else [("", part)]
+            for k, v in items:
+                key = f"{dict_name}.{k}" if k else dict_name
+                out[self.file_key_renames.get(key, key)] = v
+        return out
+
+    def param_key(self, file_key: str, name: str) -> Optional[str]:
+        """The parameter (relative to the layer) that a file key of this adapter loads into, or None."""
+        for model_key, file_suffix in self.file_key_renames.items():
+            if file_key == file_suffix:
+                dict_name, _, rest = model_key.partition(".")
+                return f"{dict_name}.{name}.{rest}" if rest else f"{dict_name}.{name}"
+        dict_name, _, rest = file_key.partition(".")
+        if dict_name in self.adapter_layer_names:
+            return f"{dict_name}.{name}.{rest}" if rest else f"{dict_name}.{name}"
+        return None
+
+    # --- merging (bookkeeping in merging.py; the tuner writes the rule below) -------------------------------------
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        merging.merge_layers([self], safe_merge, adapter_names)
+
+    def unmerge(self) -> None:
+        merging.unmerge(self)
+
+    def check_merge(self, names: list[str]) -> None:
+        """Refuse a merge the rule cannot do (called before any layer changes)."""
+
+    def merge_context(self, names: list[str], weight: torch.Tensor) -> Any:
+        """Whatever the rule needs to merge `names` into `weight` (the base weight in its stored layout)."""
+        return None
+
+    def merge_weight(self, name: str, weight: torch.Tensor, ctx: Any, live: bool = False) -> torch.Tensor:
+        """`weight` with adapter `name` merged in (in place when the base view's policy allows; `live`: weight is
+        the base's own tensor). Stored layout ([in, out] for fan_in_fan_out bases)."""
+        raise NotImplementedError
+
+    def merge_bias(self, name: str, bias: Optional[torch.Tensor], live: bool = False) -> Optional[torch.Tensor]:
+        return bias
+
+    def merge_done(self, ctx: Any) -> None:
+        """After a merge: keep what unmerging will need."""
+
+    def unmerge_weight(self, name: str, weight: torch.Tensor, live: bool = False) -> torch.Tensor:
+        raise NotImplementedError
+
+    def unmerge_bias(self, name: str, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return bias
+
+    def unmerge_done(self, name: str) -> None:
+        """After adapter `name` was taken out of the base again."""

@@ -1,0 +1,94 @@
+"""LoraConfig: PEFT's LoRA configuration, its defaults, its checks and its adapter_config.json keys."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from ...config import PeftConfig
+
+SUPPORTED_INITS = (True, False, "gaussian", "pissa", "pissa_niter_[n]", "olora")
+PEFT_ONLY_INITS = ("loftq", "eva", "corda", "orthogonal", "lora_ga", "mica")
+
+# PEFT's defaults for target_modules=None, by transformers model_type (the common architectures).
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "mixtral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"], "gemma3_text": ["q_proj", "v_proj"], "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "gpt2": ["c_attn"], "gpt_bigcode": ["c_attn"], "gpt_neox": ["query_key_value"], "gptj": ["q_proj", "v_proj"],
+    "gpt_neo": ["q_proj", "v_proj"], "opt": ["q_proj", "v_proj"], "bloom": ["query_key_value"],
+    "falcon": ["query_key_value"], "bert": ["query", "value"], "roberta": ["query", "value"],
+    "t5": ["q", "v"], "mt5": ["q", "v"], "bart": ["q_proj", "v_proj"], "stablelm": ["q_proj", "v_proj"],
+}
+
+
+@dataclass
+class LoraConfig(PeftConfig):
+    """PEFT's ``LoraConfig``: same field names, same defaults, same validation.
+
+    ``target_modules`` is a list of module-name suffixes, a regex matched against the full module name, or
+    ``"all-linear"`` (every linear layer except the output head).
+    """
+
+    PEFT_TYPE = "LORA"
+    # Keys PEFT writes into adapter_config.json for LoRA, with the value meaning "feature unused": read silently
+    # at that value; otherwise ignored with a warning, or refused where ignoring them would change the outputs.
+    PEFT_ONLY_KEYS = {
+        "megatron_config": None, "megatron_core": "megatron.core", "loftq_config": {}, "eva_config": None,
+        "corda_config": None, "lora_ga_config": None, "velora_config": None, "alora_invocation_tokens": None,
+        "use_qalora": False, "qalora_group_size": 16, "monteclora_config": None, "layer_replication": None,
+        "runtime_config": {"ephemeral_gpu_offload": False}, "target_parameters": None, "use_bdlora": None,
+        "arrow_config": None, "kasa_config": None, "ensure_weight_tying": False, "trainable_token_indices": None,
+        "auto_mapping": None, "revision": None,
+    }
+    INERT_KEYS = ("auto_mapping", "revision", "runtime_config", "qalora_group_size", "megatron_core")
+    OUTPUT_CHANGING_KEYS = (
+        "megatron_config", "layer_replication", "use_qalora", "target_parameters", "trainable_token_indices",
+        "alora_invocation_tokens", "use_bdlora", "arrow_config", "kasa_config", "velora_config", "monteclora_config",
+    )
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    use_rslora: bool = False
+    init_lora_weights: Union[bool, str] = True
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
+    use_dora: bool = False
+    lora_bias: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise ValueError(f"`r` should be a positive integer value but the value passed is {self.r}")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise NotImplementedError(f"Requested bias: {self.bias}, is not implemented; use 'none', 'all' or 'lora_only'.")
+        if not 0.0 <= float(self.lora_dropout) < 1.0:
+            raise ValueError(f"`lora_dropout` must be in [0, 1), got {self.lora_dropout}.")
+        init = self.init_lora_weights
+        if not (isinstance(init, bool) or init in ("gaussian", "pissa", "olora") or _is_pissa_niter(init)):
+            known = isinstance(init, str) and init.split("_niter_")[0] in PEFT_ONLY_INITS
+            raise (NotImplementedError if known else ValueError)(
+                f"Unknown initialization init_lora_weights={init!r}" if not known else
+                f"init_lora_weights={init!r} is a PEFT initialisation peft_fast does not implement yet"
+                f"; use one of {SUPPORTED_INITS}."
+            )
+        if self.lora_bias:
+            if not isinstance(init, bool):
+                raise ValueError(
+                    "The argument lora_bias=True is only supported with init_lora_weights=True or False, got "
+                    f"init_lora_weights={init} instead."
+                )
+            if self.use_dora:
+                raise ValueError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False")
+
+
+def _is_pissa_niter(init: Any) -> bool:
+    return isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init) is not None
+
+
+def rewrites_base(init: Any) -> bool:
+    """PiSSA and OLoRA move the principal part of the base weight into the adapter (the base keeps the residual)."""
+    return isinstance(init, str) and (init.startswith("pissa") or init == "olora")

@@ -1,0 +1,50 @@
+"""LoraModel: the model with LoRA adapters (PEFT's ``LoraModel``), on the shared TunerModel."""
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+from ..base_model import TunerModel
+from ..targets import pattern_value
+from .config import DEFAULT_TARGETS, rewrites_base
+from .layer import LoraLinear
+from .weighted import add_weighted_adapter
+
+
+class LoraModel(TunerModel):
+    prefix = "lora_"
+    layer_cls = LoraLinear
+    default_targets = DEFAULT_TARGETS
+
+    @classmethod
+    def target_kwargs(cls, config, key: str) -> dict:
+        return {"r": pattern_value(config.rank_pattern, key, config.r),
+                "lora_alpha": pattern_value(config.alpha_pattern, key, config.lora_alpha)}
+
+    @classmethod
+    def with_init(cls, config, init: object):
+        new = copy.copy(config)
+        new.init_lora_weights = init
+        return new
+
+    @classmethod
+    def rewrites_base(cls, config) -> bool:
+        return rewrites_base(config.init_lora_weights)
+
+    def check_new_adapter(self, config) -> None:
+        if config.bias != "none" and any(c.bias != "none" for c in self.peft_config.values()):
+            raise ValueError("LoraModel supports only 1 adapter with bias. When using multiple adapters, "
+                             "set bias to 'none' for all adapters.")
+
+    def after_injection(self, config, seen) -> None:
+        config.fan_in_fan_out = seen.fan_in_fan_out  # the layers correct it to their type, as PEFT does
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: Optional[int] = None,
+                             svd_clamp: Optional[float] = None, svd_full_matrices: bool = True,
+                             svd_driver: Optional[str] = None, density: Optional[float] = None,
+                             majority_sign_method: str = "total", progressbar: bool = False) -> None:
+        """Add ``adapter_name``, merged from ``adapters`` with ``weights`` (PEFT's add_weighted_adapter; see
+        tuners/lora/weighted.py for the combination types and where it corrects PEFT)."""
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp,
+                             svd_full_matrices, svd_driver, density, majority_sign_method, progressbar)

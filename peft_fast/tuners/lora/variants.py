@@ -1,0 +1,117 @@
+"""LoRA layer variants (PEFT's LoraVariant): what one adapter of a LoRA layer computes, merges and contributes to
+a mixed batch. Plain LoRA is `Lora`; DoRA (dora.py) is the other variant. A layer keeps one variant object per
+adapter (`layer.lora_variant[name]`), chosen once, where the adapter is created, from its config.
+
+What a variant provides:
+- `init(layer, name)`: after A and B exist (DoRA: its magnitude).
+- `fused(layer, name, x)`: at plan time, a callable(x) running this adapter alone over the base in one fused op,
+  or None when the base cannot be fused (the layer then runs the base module and `add`s each adapter).
+- `add(layer, name, x, result, q4, out_dtype)`: PEFT's per-adapter step after the base output.
+- `mixed_rows(...)` / `mixed_scale(...)`: its rows of a mixed batch (differentiable), and its per-channel scale in
+  the batched kernels (None: plain LoRA).
+- `merge(...)` / `unmerge(...)`: the merge rule on a base weight in its stored layout.
+- `clear()`: forget cached values.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ...kernels import lora_linear, lora_linear_reference, lora_linear_triton, qlora_linear_reference, \
+    qlora_linear_triton, use_triton
+
+
+class AdapterHandle:
+    """What a plan reads of one adapter at call time: the parameter dicts of its modules (never tensors captured
+    at plan time, which FSDP2's resharding, hot-swapping and loads may replace), its scaling and dropout rate."""
+
+    __slots__ = ("a", "b", "scaling", "p")
+
+    def __init__(self, layer, name: str):
+        self.a = layer.lora_A[name]._parameters
+        self.b = layer.lora_B[name]._parameters
+        self.scaling = layer.scaling[name]
+        dropout = layer.lora_dropout[name]
+        self.p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
+
+    def args(self) -> tuple:
+        """(A, B, scaling, dropout p, B's bias) as the ops take them."""
+        a, b, bias, s = self.a["weight"], self.b["weight"], self.b.get("bias"), self.scaling
+        if isinstance(s, torch.Tensor):
+            # A tensor scaling (prepared for compiled hotswap) may change value without a recompile: fold it into B,
+            # a tiny [out, r] product, so the op sees a constant 1.0.
+            return a, b * s, 1.0, self.p, (bias * s if bias is not None else None)
+        return a, b, s, self.p, bias
+
+
+class LoraVariant:
+    name = "lora"
+    scales_channels = False  # whether the variant scales output channels (DoRA): mixed batches then need c
+
+    def check(self, layer) -> None:
+        """Refuse a base this variant cannot sit on (before the adapter is created)."""
+
+    def init(self, layer, name: str) -> None:
+        pass
+
+    def clear(self) -> None:
+        pass
+
+    def mixed_scale(self, layer, name: str) -> Optional[torch.Tensor]:
+        return None
+
+    def unmerge_done(self) -> None:
+        pass
+
+
+class Lora(LoraVariant):
+    """Plain LoRA: y = base(x) + s·(dropout(x)·Aᵀ)·Bᵀ (+ s·b_B)."""
+
+    def fused(self, layer, name: str, x: torch.Tensor):
+        view = layer.base_view
+        h = AdapterHandle(layer, name)
+        a, b = h.a["weight"], h.b["weight"]
+        dense = view.fused_dense()
+        if dense is not None:
+            op = lora_linear_triton if use_triton(x, dense[0], a, b) else lora_linear_reference
+            params, transposed = view.module._parameters, view.fan_in_fan_out
+
+            def run_dense(x):
+                w = params["weight"]
+                return op(x, w.T if transposed else w, params.get("bias"), *h.args())
+
+            return run_dense
+        q = view.fused_nf4(x)
+        if q is None:
+            return None
+        cast = q[3]
+        op = qlora_linear_triton if use_triton(x, q[0], a, b) else qlora_linear_reference
+        params = view.module._parameters
+
+        def run_nf4(x):
+            packed, state = view.nf4()
+            if cast is not None:  # float32 activations into a 16-bit compute dtype: run in it, cast back
+                return op(x.to(cast), packed, state, params.get("bias"), *h.args()).to(x.dtype)
+            return op(x, packed, state, params.get("bias"), *h.args())
+
+        return run_nf4
+
+    def add(self, layer, name: str, x, result, q4: bool, out_dtype):
+        d = lora_linear(x, None, None, *layer.adapter_args(name))
+        return result + (d.to(out_dtype) if q4 else d)
+
+    def mixed_rows(self, layer, name: str, x, result, rows, q4: bool):
+        a = layer.adapter_args(name)
+        x = x.to(a[0].dtype) if q4 else x  # PEFT's 4-bit layer keeps x cast to the last adapter's dtype
+        result[rows] += lora_linear(x[rows], None, None, *a).to(result.dtype)
+        return x
+
+    def merge(self, layer, name: str, weight, ctx, live: bool):
+        return layer.base_view.merge_add(weight, layer.get_delta_weight(name), live)
+
+    def unmerge(self, layer, name: str, weight, live: bool):
+        return layer.base_view.merge_sub(weight, layer.get_delta_weight(name), live)
+
+
+LORA = Lora()  # stateless: every plain adapter shares it

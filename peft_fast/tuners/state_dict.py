@@ -1,0 +1,131 @@
+"""Adapter tensors under PEFT's file keys, for every tuner: the adapter name is stripped on save and put back on
+load; each layer class names its own keys (TunerLayer.adapter_state / param_key / expected_state)."""
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn as nn
+
+from .base_layer import TunerLayer
+from .modules_to_save import ModulesToSaveWrapper
+
+PREFIX = "base_model.model."
+
+
+def adapter_tensors(model: nn.Module, adapter_name: str, configs: dict) -> dict[str, torch.Tensor]:
+    """File-ready tensors of one adapter of the adapted model `model` (keys get PEFT's `base_model.model.`)."""
+    config = configs.get(adapter_name)
+    bias = getattr(config, "bias", "none")
+    out: dict[str, torch.Tensor] = {}
+    for key, m in model.named_modules():
+        if isinstance(m, TunerLayer):
+            for suffix, v in m.adapter_state(adapter_name).items():
+                out[f"{PREFIX}{key}.{suffix}"] = v
+            # PEFT saves the base bias of every adapted layer with a "lora_only" adapter, targeted by it or not.
+            if bias.endswith("_only") and getattr(m.base_layer, "bias", None) is not None:
+                out[f"{PREFIX}{key}.base_layer.bias"] = m.base_layer.bias
+        elif isinstance(m, ModulesToSaveWrapper) and adapter_name in m.modules_to_save:
+            for k, v in m.modules_to_save[adapter_name].state_dict().items():
+                out[f"{PREFIX}{key}.{k}"] = v
+    if bias == "all":
+        # PEFT: every bias of the model minus other adapters' ones, this adapter's name dropped from the key.
+        others = [n for n in configs if n != adapter_name]
+        for k, v in model.state_dict().items():
+            parts = k.split(".")
+            if parts[-1] != "bias" or any(o in parts for o in others):
+                continue
+            key = ".".join(p for p in parts if p != adapter_name)
+            out.setdefault(f"{PREFIX}{key}", v)
+    return {k: v.detach() for k, v in out.items()}
+
+
+def expected_file_tensors(model: nn.Module, plan, tuner_cls) -> dict[str, tuple[int, ...]]:
+    """File key -> shape that an adapter with this plan must provide (before the model is touched)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for t in plan.targets:
+        for suffix, shape in tuner_cls.layer_cls.expected_state(t, plan.config).items():
+            shapes[f"{PREFIX}{t.key}.{suffix}"] = shape
+    for key in plan.save_modules:
+        module = model.get_submodule(key)
+        if isinstance(module, ModulesToSaveWrapper):
+            module = module.original_module
+        for k, v in module.state_dict().items():
+            shapes[f"{PREFIX}{key}.{k}"] = tuple(v.shape)
+    return shapes
+
+
+def check_file_tensors(tensors: dict[str, torch.Tensor], model: nn.Module, plan, tuner_cls, source: str) -> None:
+    """Raise a ValueError naming every problem, so nothing is loaded from a file that does not fit."""
+    tensors = {k if k.startswith(PREFIX) else PREFIX + k: v for k, v in tensors.items()}
+    expected = expected_file_tensors(model, plan, tuner_cls)
+    model_state = {_base_key(PREFIX + k): v for k, v in model.state_dict().items()}
+    problems: list[str] = []
+    unknown = [k for k in tensors if k not in expected and not ("bias" in k and _base_key(k) in model_state)]
+    if unknown:
+        problems.append(f"{len(unknown)} key(s) match no adapter layer of this model, e.g. {unknown[:3]}")
+    missing = [k for k in expected if k not in tensors]
+    if missing:
+        problems.append(f"{len(missing)} adapter key(s) are missing, e.g. {missing[:3]}")
+    for k, shape in expected.items():
+        if k in tensors and tuple(tensors[k].shape) != shape:
+            problems.append(f"{k} has shape {tuple(tensors[k].shape)} but this model needs {shape}")
+    for k, v in tensors.items():
+        if k not in expected and "bias" in k and _base_key(k) in model_state:
+            if tuple(model_state[_base_key(k)].shape) != tuple(v.shape):
+                problems.append(f"{k} has shape {tuple(v.shape)} but the model's is {tuple(model_state[_base_key(k)].shape)}")
+    if problems:
+        raise ValueError(f"Adapter weights in {source} do not fit this model (nothing was loaded): "
+                         + "; ".join(problems[:6]) + ". Was the adapter trained on a different base model or config?")
+
+
+def _base_key(key: str) -> str:
+    """The key of a base-model tensor whether or not its module is wrapped (adapter layer or modules_to_save, whose
+    copies PEFT saves as ``<path>.modules_to_save.bias`` under bias="all")."""
+    key = key.replace(".base_layer.", ".").replace(".original_module.", ".")
+    return re.sub(r"\.modules_to_save\.([^.]+\.)?(?=[^.]+$)", ".", key)
+
+
+def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name: str) -> None:
+    """Copy file-format tensors into an existing adapter's parameters of the adapted model `model`."""
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    layers = {k: m for k, m in model.named_modules() if isinstance(m, TunerLayer)}
+    wrappers = {k: m for k, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
+    touched = set()
+    with torch.no_grad():
+        for file_key, value in tensors.items():
+            key = file_key[len(PREFIX):] if file_key.startswith(PREFIX) else file_key
+            target, layer = _resolve(key, adapter_name, layers, wrappers)
+            dest = params.get(target, buffers.get(target))
+            if dest is None:  # a base bias saved from an unwrapped module, now under an adapter layer (or vice versa)
+                alt = target.replace(".base_layer.", ".") if ".base_layer." in target else \
+                    target.rpartition(".")[0] + ".base_layer." + target.rpartition(".")[2]
+                dest = params.get(alt, buffers.get(alt))
+            if dest is None:
+                raise ValueError(f"Adapter key {file_key} matches no parameter of the model (looked for {target}).")
+            dest.copy_(value.to(dtype=dest.dtype, device=dest.device))
+            if layer is not None:
+                touched.add(layer)
+    for layer in touched:
+        layer.invalidate()
+
+
+def _resolve(key: str, adapter_name: str, layers: dict, wrappers: dict) -> tuple[str, object]:
+    """(model parameter name, the adapter layer it belongs to or None) for a file key."""
+    parts = key.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        path = ".".join(parts[:i])
+        layer = layers.get(path)
+        if layer is not None:
+            inner = layer.param_key(".".join(parts[i:]), adapter_name)
+            if inner is not None:
+                return f"{path}.{inner}", layer
+    for path in wrappers:
+        if key.startswith(f"{path}.original_module."):
+            return key, None
+        if key.startswith(f"{path}.modules_to_save."):
+            return f"{path}.modules_to_save.{adapter_name}.{key[len(path) + 17:]}", None
+        if key.startswith(path + "."):
+            return f"{path}.modules_to_save.{adapter_name}.{key[len(path) + 1:]}", None
+    return key, None
