@@ -50,7 +50,7 @@ $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
 stage() {  # stage NAME SECONDS pytest-args...: log, junit xml and "rc seconds" under $LOGS; 0 seconds = skip
   local name=$1 limit=$2 start
   shift 2
-  if [ "$limit" -le 0 ]; then echo "== $name: skipped (limit 0)"; return; fi
+  if [ "$limit" -le 0 ] || ! picked "$name"; then echo "== $name: skipped"; return; fi
   start=$(date +%s)
   echo "== $name: pytest $* (limit ${limit}s)"
   # The log also goes straight to $OUT, so it comes back even if the lease ends mid-stage.
@@ -61,12 +61,15 @@ stage() {  # stage NAME SECONDS pytest-args...: log, junit xml and "rc seconds" 
 
 # Stage limits in seconds (0 skips a stage): short device leases run e.g.
 #   GPU_CHECK_KERNELS_S=60 GPU_CHECK_TESTS_S=0 GPU_CHECK_BENCH_S=110 bash bench/gpu_check.sh
+# or pick stages by name: GPU_CHECK_STAGES=kernels,bench bash bench/gpu_check.sh (default: all of them).
 # Files never run on a GPU before go first, so that a short lease still covers them; pytest drops the repeats.
+STAGES=",${GPU_CHECK_STAGES:-kernels,peft_fast,bench,host,profile},"
+picked() { case "$STAGES" in *",$1,"*) return 0;; *) return 1;; esac; }
 existing() { local f; for f in "$@"; do [ -e "$f" ] && printf '%s ' "$f"; done; }
 FIRST_TESTS=${GPU_CHECK_FIRST_TESTS:-}
-[ -z "$FIRST_TESTS" ] && FIRST_TESTS=$(existing tests/kernels/test_qlora_gemv.py tests/kernels/test_dora_norm.py tests/kernels/test_nf4_linear.py \
-  tests/kernels/test_dora_linear.py tests/kernels/test_multi_lora_dora.py tests/kernels/test_nf4_gemv.py \
-  tests/kernels/test_qlora_linear.py tests/kernels/test_nf4.py)
+# Every kernel moved onto kernels/common (shared dot casts, launch configs, custom-op factory): all are new code.
+[ -z "$FIRST_TESTS" ] && FIRST_TESTS=$(existing tests/kernels/test_lora_linear.py tests/kernels/test_dora_linear.py \
+  tests/kernels/test_qlora_linear.py tests/kernels/test_multi_lora.py tests/kernels/test_dora_norm.py)
 # GPU_CHECK_ONLY_NEW=1: only those first files, in the kernels and bench stages (a short lease after a change).
 ALL_TESTS=tests/kernels ALL_BENCH=bench
 [ "${GPU_CHECK_ONLY_NEW:-0}" = 1 ] && ALL_TESTS="" && ALL_BENCH=""
@@ -77,14 +80,21 @@ stage peft_fast "${GPU_CHECK_TESTS_S:-90}" tests/peft_fast -q $XDIST $TEST_TIMEO
 # Rows are written as measured (into $OUT when set), so they survive a stage that times out.
 export PEFT_FAST_BENCH_ROWS="${OUT:-$LOGS}/bench_rows.jsonl"
 FIRST_BENCH=${GPU_CHECK_FIRST_BENCH:-}
-[ -z "$FIRST_BENCH" ] && FIRST_BENCH=$(existing bench/test_bench_qlora_linear.py bench/test_bench_qlora_paths.py bench/test_bench_dora.py \
-  bench/test_bench_qlora_model.py)
+[ -z "$FIRST_BENCH" ] && FIRST_BENCH=$(existing bench/test_bench_lora_linear.py bench/test_bench_dora.py \
+  bench/test_bench_qlora_linear.py)
 stage bench "${GPU_CHECK_BENCH_S:-180}" $FIRST_BENCH $ALL_BENCH -q $TEST_TIMEOUT \
   --benchmark-json="$LOGS/bench.json" --benchmark-min-rounds=3 --benchmark-max-time=0.5 \
   --benchmark-warmup=on --benchmark-warmup-iterations=2 --benchmark-columns=median,iqr,rounds
 
+# Host time per layer call with real launches on the GPU (bench/host_overhead.py also runs on CPUs, stubbed).
+if [ "${GPU_CHECK_HOST_S:-45}" -gt 0 ] && picked host; then
+  echo "== host: bench/host_overhead.py --device cuda (limit ${GPU_CHECK_HOST_S:-45}s)"
+  timeout -k 5 "${GPU_CHECK_HOST_S:-45}" $PY bench/host_overhead.py --device cuda --json "$LOGS/host.json" 2>&1 \
+    | tee "$LOGS/host.log" ${OUT:+"$OUT/host.log"}
+fi
+
 # Where the QLoRA layer's time goes (kernel times, host overhead, profiler tables): a log only, for the next change.
-if [ "${GPU_CHECK_PROFILE_S:-60}" -gt 0 ]; then
+if [ "${GPU_CHECK_PROFILE_S:-60}" -gt 0 ] && picked profile; then
   echo "== profile: bench/profile_qlora.py (limit ${GPU_CHECK_PROFILE_S:-60}s)"
   timeout -k 5 "${GPU_CHECK_PROFILE_S:-60}" $PY bench/profile_qlora.py 2>&1 | tee "$LOGS/profile.log" ${OUT:+"$OUT/profile.log"} \
     | grep -E "^(host|[0-9]+x[0-9]+:|==)" || true

@@ -1,11 +1,14 @@
-"""Host time of one adapter layer per call with every Triton launch stubbed out: the Python and torch work that
-wraps the kernels, which is what a GPU waits on at decode and at small layers.
+"""Host time of one adapter layer per call: the Python and torch work that wraps the kernels, which is what a GPU
+waits on at decode and at small layers. Hugging Face PEFT's eager layer at the same shapes is the baseline;
+median of interleaved rounds.
 
-Runs on a CPU: the Triton path is forced (PEFT_FAST_BACKEND=triton, TRITON_INTERPRET=1) and each kernel's launch is
-replaced by a counter, so the numbers are pure host time (base matmuls still run, on tiny CPU tensors). Hugging
-Face PEFT's eager layer at the same shapes is the baseline. Single-threaded, median of interleaved rounds.
+- `--device cpu` (default, any machine): the Triton path is forced (PEFT_FAST_BACKEND=triton, TRITON_INTERPRET=1)
+  and each kernel's launch is replaced by a counter, so the numbers are host time without launches (base matmuls
+  still run, on tiny CPU tensors, one thread).
+- `--device cuda`: real launches on a GPU at the same tiny shapes, synchronized per round: host time including
+  Triton's launch path (the GPU work is negligible at these shapes).
 
-    .venv/bin/python bench/host_overhead.py [--json out.json] [--rounds 7] [--iters 300]
+    .venv/bin/python bench/host_overhead.py [--device cpu|cuda] [--json out.json] [--rounds 7] [--iters 300]
 """
 from __future__ import annotations
 
@@ -17,13 +20,16 @@ import sys
 import time
 import warnings
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ["PEFT_FAST_BACKEND"] = "triton"
+DEVICE = "cuda" if "cuda" in sys.argv else "cpu"
+if DEVICE == "cpu":  # before peft_fast is imported: Triton picks the interpreter when kernels are decorated
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ["PEFT_FAST_BACKEND"] = "triton"
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-torch.set_num_threads(1)
+if DEVICE == "cpu":
+    torch.set_num_threads(1)
 
 import peft  # noqa: E402
 
@@ -33,35 +39,35 @@ import peft_fast.kernels  # noqa: E402
 LAUNCHES: list[str] = []
 
 
-class _StubLaunch:
-    """Stands in for a Triton kernel: `kernel[grid](...)` records the launch and does nothing else."""
+class _Launches:
+    """Stands in for a Triton kernel: `kernel[grid](...)` records the launch, then launches it (`real`) or not."""
 
-    def __init__(self, name: str):
-        self.name = name
+    def __init__(self, name: str, kernel, real: bool):
+        self.name, self.kernel, self.real = name, kernel, real
 
     def __getitem__(self, grid):
-        return self._launch
+        if self.real:
+            return lambda *args, **kwargs: (LAUNCHES.append(self.name), self.kernel[grid](*args, **kwargs))
+        return lambda *args, **kwargs: LAUNCHES.append(self.name)
 
-    def _launch(self, *args, **kwargs):
-        LAUNCHES.append(self.name)
 
-
-def stub_kernels() -> int:
-    """Replace every Triton kernel object in the loaded peft_fast.kernels modules by a launch counter."""
+def count_launches(real: bool) -> int:
+    """Wrap every Triton kernel object in the loaded peft_fast.kernels modules in a launch counter."""
     n = 0
     for name, mod in list(sys.modules.items()):
         if not name.startswith("peft_fast.kernels") or mod is None:
             continue
         for attr, value in list(vars(mod).items()):
-            if type(value).__name__ in ("JITFunction", "InterpretedFunction") and hasattr(value, "fn"):
-                setattr(mod, attr, _StubLaunch(attr))
+            # kernels only (named *_kernel): device functions are resolved by the compiler, never launched
+            if attr.endswith("_kernel") and type(value).__name__ in ("JITFunction", "InterpretedFunction"):
+                setattr(mod, attr, _Launches(attr, value, real))
                 n += 1
     return n
 
 
 def _model(in_f: int, out_f: int) -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(in_f, out_f))
+    return nn.Sequential(nn.Linear(in_f, out_f, device=DEVICE))
 
 
 def _layer(lib, kind: str, in_f: int, out_f: int, r: int):
@@ -69,7 +75,7 @@ def _layer(lib, kind: str, in_f: int, out_f: int, r: int):
     if kind == "qlora":
         if lib is peft:
             return None  # PEFT over a 4-bit base needs bitsandbytes' CUDA/CPU kernels: no stubbed baseline
-        peft_fast.quantize(base, compute_dtype=None, skip_modules=[])
+        peft_fast.quantize(base)
     cfg = dict(r=r, lora_alpha=2 * r, target_modules=["0"], init_lora_weights=False,
                lora_dropout=0.1 if kind == "dropout" else 0.0, use_dora=kind == "dora")
     with warnings.catch_warnings():
@@ -77,6 +83,11 @@ def _layer(lib, kind: str, in_f: int, out_f: int, r: int):
         model = lib.get_peft_model(base, lib.LoraConfig(**cfg))
     layer = model.base_model.model[0]
     return layer
+
+
+def _sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 def _train_step(layer, x, g):
@@ -103,8 +114,8 @@ def measure(rounds: int, iters: int, in_f: int = 64, out_f: int = 64, r: int = 8
     rows = []
     for name, (kind, step, training) in CASES.items():
         layers = {lib.__name__: _layer(lib, kind, in_f, out_f, r) for lib in (peft_fast, peft)}
-        x = torch.randn(tokens, in_f, requires_grad=training)
-        g = torch.randn(tokens, out_f)
+        x = torch.randn(tokens, in_f, device=DEVICE, requires_grad=training)
+        g = torch.randn(tokens, out_f, device=DEVICE)
         times: dict[str, list[float]] = {k: [] for k, v in layers.items() if v is not None}
         launches = {}
         for lib, layer in layers.items():
@@ -119,9 +130,11 @@ def measure(rounds: int, iters: int, in_f: int = 64, out_f: int = 64, r: int = 8
         for _ in range(rounds):
             for lib in times:
                 layer = layers[lib]
+                _sync()
                 t0 = time.perf_counter()
                 for _ in range(iters):
                     step(layer, x, g)
+                _sync()
                 times[lib].append((time.perf_counter() - t0) / iters * 1e6)
         row = {"case": name, "peft_fast_us": statistics.median(times["peft_fast"]),
                "peft_fast_launches": launches["peft_fast"]}
@@ -134,21 +147,23 @@ def measure(rounds: int, iters: int, in_f: int = 64, out_f: int = 64, r: int = 8
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--iters", type=int, default=300)
     ap.add_argument("--json", default=None, help="also write the rows here")
     args = ap.parse_args()
-    stubbed = stub_kernels()
+    kernels = count_launches(real=DEVICE == "cuda")
     rows = measure(args.rounds, args.iters)
-    print(f"host time per call, {stubbed} Triton kernels stubbed, torch {torch.__version__}, 1 thread, "
-          "x [4, 64], r 8 (ratio = peft_fast / PEFT eager)")
+    where = f"{kernels} Triton kernels stubbed, 1 thread" if DEVICE == "cpu" else torch.cuda.get_device_name()
+    print(f"host time per call on {DEVICE} ({where}), torch {torch.__version__}, x [4, 64], r 8 "
+          "(ratio = peft_fast / PEFT eager)")
     for row in rows:
         peft_part = (f"   PEFT {row['peft_us']:7.1f} us   ratio {row['ratio']:.2f}" if "peft_us" in row else "")
         print(f"{row['case']:<30} peft_fast {row['peft_fast_us']:7.1f} us  ({row['peft_fast_launches']} launches)"
               + peft_part)
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"torch": torch.__version__, "rows": rows}, fh, indent=2)
+            json.dump({"device": DEVICE, "torch": torch.__version__, "rows": rows}, fh, indent=2)
 
 
 if __name__ == "__main__":

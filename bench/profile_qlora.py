@@ -11,7 +11,9 @@ import torch
 from triton.testing import do_bench
 
 import peft_fast
-from peft_fast.kernels.nf4 import dequantize_raw, launch_args, nf4_quantize
+from peft_fast.kernels import nf4_quantize
+from peft_fast.kernels.common.nf4_format import launch_args
+from peft_fast.kernels.nf4_dequantize import dequantize_raw
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from test_bench_lora_linear import OneLayer  # noqa: E402

@@ -27,9 +27,10 @@ class PeftConfig:
     """Fields every adapter type has. Subclasses add their own (positional first, as PEFT's configs)."""
 
     PEFT_TYPE: ClassVar[Optional[str]] = None
-    # Keys PEFT writes for this tuner that peft_fast does not model, with the value meaning "feature unused".
-    PEFT_ONLY_KEYS: ClassVar[dict[str, Any]] = {}
-    INERT_KEYS: ClassVar[tuple[str, ...]] = ()  # ignored whatever their value
+    # Keys PEFT writes for this tuner that peft_fast does not model, with the value meaning "feature unused"
+    # (every config's file has auto_mapping, written by save_pretrained).
+    PEFT_ONLY_KEYS: ClassVar[dict[str, Any]] = {"auto_mapping": None}
+    INERT_KEYS: ClassVar[tuple[str, ...]] = ("auto_mapping",)  # ignored whatever their value
     OUTPUT_CHANGING_KEYS: ClassVar[tuple[str, ...]] = ()  # refused unless neutral: ignoring them changes outputs
 
     target_modules: Optional[Union[list[str], set[str], str]] = None

@@ -21,7 +21,7 @@ from ..base_layer import TunerLayer
 from . import init as lora_init
 from .dora import DoraVariant
 from .stacks import AdapterStacks, StackCache, stack_dtype
-from .variants import LORA
+from .variants import LORA, op_args
 
 
 class _MergeContext:
@@ -132,15 +132,12 @@ class LoraLinear(TunerLayer):
                 mod[name] = mod[name].to(torch.float32)
 
     def adapter_args(self, name: str) -> tuple:
-        """(A, B, scaling, dropout p, B's bias) of adapter `name` as the ops take them (variants.AdapterHandle)."""
+        """(A, B, scaling, dropout p, B's bias) of adapter `name` as the ops take them (variants.op_args)."""
         dropout = self.lora_dropout[name]
         p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-        a = self.lora_A._modules[name]._parameters["weight"]
         b_params = self.lora_B._modules[name]._parameters
-        b, bias, s = b_params["weight"], b_params.get("bias"), self.scaling[name]
-        if isinstance(s, torch.Tensor):  # prepared for compiled hotswap: see AdapterHandle.args
-            return a, b * s, 1.0, p, (bias * s if bias is not None else None)
-        return a, b, s, p, bias
+        return op_args(self.lora_A._modules[name]._parameters["weight"], b_params["weight"], b_params.get("bias"),
+                       self.scaling[name], p)
 
     def _clear_caches(self) -> None:
         self._stack_cache = None

@@ -22,6 +22,14 @@ from ...kernels import lora_linear, lora_linear_reference, lora_linear_triton, q
     qlora_linear_triton, use_triton
 
 
+def op_args(a, b, bias, scaling, p) -> tuple:
+    """(A, B, scaling, dropout p, B's bias) as the ops take them. A tensor scaling (prepared for compiled hotswap)
+    may change value without a recompile: it is folded into B, a tiny [out, r] product, and the op sees 1.0."""
+    if isinstance(scaling, torch.Tensor):
+        return a, b * scaling, 1.0, p, (bias * scaling if bias is not None else None)
+    return a, b, scaling, p, bias
+
+
 class AdapterHandle:
     """What a plan reads of one adapter at call time: the parameter dicts of its modules (never tensors captured
     at plan time, which FSDP2's resharding, hot-swapping and loads may replace), its scaling and dropout rate."""
@@ -36,13 +44,7 @@ class AdapterHandle:
         self.p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
 
     def args(self) -> tuple:
-        """(A, B, scaling, dropout p, B's bias) as the ops take them."""
-        a, b, bias, s = self.a["weight"], self.b["weight"], self.b.get("bias"), self.scaling
-        if isinstance(s, torch.Tensor):
-            # A tensor scaling (prepared for compiled hotswap) may change value without a recompile: fold it into B,
-            # a tiny [out, r] product, so the op sees a constant 1.0.
-            return a, b * s, 1.0, self.p, (bias * s if bias is not None else None)
-        return a, b, s, self.p, bias
+        return op_args(self.a["weight"], self.b["weight"], self.b.get("bias"), self.scaling, self.p)
 
 
 class LoraVariant:

@@ -1,0 +1,173 @@
+"""Launch plans: a layer decides once per plan key what forward runs, keeps that as explicit state (`_plans`), and
+drops it at every event that changes it; between events forward only runs the plan. Plans hold handles to the
+adapter modules, never tensors, so parameter swaps (p.data = ..., a new Parameter as FSDP2's resharding or
+hot-swapping install) are read at the next call without a new plan."""
+import copy
+
+import pytest
+import torch
+from switches import use_settings
+from tiny_models import AGAINST_PEFT, base_model, default_cfg, inputs, out
+
+pytestmark = pytest.mark.skipif(AGAINST_PEFT, reason="peft_fast's launch plans")
+
+import peft_fast  # noqa: E402
+from peft_fast import LoraConfig, LoraLinear  # noqa: E402
+from peft_fast.kernels.common import lora_mm  # noqa: E402
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    return peft_fast.get_peft_model(base_model("mlp"), LoraConfig(**default_cfg("mlp", **kw)))
+
+
+def _layers(model):
+    return [m for m in model.modules() if isinstance(m, LoraLinear)]
+
+
+def _planned(model) -> bool:
+    return all(m._plans for m in _layers(model))
+
+
+def _dropped(model) -> bool:
+    return not any(m._plans for m in _layers(model))
+
+
+def _fresh_output(model, x):
+    """The same model's output computed without any plan or cache: a deep copy starts with none."""
+    with torch.no_grad():
+        return out(copy.deepcopy(model), x)
+
+
+def _count_plans(monkeypatch, model) -> list:
+    """How often the layers of `model` (not of its copies) build a plan."""
+    built, mine = [], {id(m) for m in _layers(model)}
+    real = LoraLinear.make_plan
+    monkeypatch.setattr(LoraLinear, "make_plan", lambda self, x: (id(self) in mine and built.append(1)) or
+                        real(self, x))
+    return built
+
+
+def test_plans_are_built_once_and_reused(monkeypatch):
+    model = _model()
+    built = _count_plans(monkeypatch, model)
+    x = inputs("mlp")
+    for _ in range(3):
+        out(model, x)
+    assert len(built) == len(_layers(model)) == 2
+    plans = [dict(m._plans) for m in _layers(model)]
+    out(model, x)
+    assert [dict(m._plans) for m in _layers(model)] == plans  # the same plan objects
+    with torch.no_grad():
+        out(model, x)  # no autograd: another key, one more plan per layer
+    assert len(built) == 4
+
+
+EVENTS = {
+    "add_adapter": lambda m, tmp: m.add_adapter("other", LoraConfig(**default_cfg("mlp", r=3))),
+    "set_adapter": lambda m, tmp: (m.add_adapter("other", LoraConfig(**default_cfg("mlp", r=3))),
+                                   [l._plans.update({"stale": None}) for l in _layers(m)], m.set_adapter("other")),
+    "delete_adapter": lambda m, tmp: (m.add_adapter("other", LoraConfig(**default_cfg("mlp", r=3))),
+                                      [l._plans.update({"stale": None}) for l in _layers(m)],
+                                      m.delete_adapter("other")),
+    "load_adapter over an adapter": lambda m, tmp: (m.save_pretrained(tmp), m.load_adapter(tmp, "default")),
+    "merge_adapter": lambda m, tmp: m.merge_adapter(),
+    "unmerge_adapter": lambda m, tmp: (m.merge_adapter(), [l._plans.update({"stale": None}) for l in _layers(m)],
+                                       m.unmerge_adapter()),
+    "disable_adapter": lambda m, tmp: m.base_model.disable_adapter_layers(),
+    "train -> eval": lambda m, tmp: m.eval(),
+    ".to(dtype)": lambda m, tmp: m.double(),
+    "hotswap": lambda m, tmp: (m.save_pretrained(tmp), peft_fast.hotswap_adapter(m, tmp, "default")),
+}
+
+
+@pytest.mark.parametrize("event", list(EVENTS))
+def test_every_event_drops_the_plans_and_the_next_call_is_right(event, tmp_path):
+    model = _model()
+    x = inputs("mlp")
+    out(model, x)
+    assert _planned(model)
+    EVENTS[event](model, str(tmp_path))
+    assert _dropped(model), f"{event} left a plan behind"
+    if event == ".to(dtype)":
+        x = {k: v.double() for k, v in x.items()}
+    got = out(model, x)
+    assert _planned(model) or event == "disable_adapter"  # disabled layers run the base without a plan
+    torch.testing.assert_close(got, out(copy.deepcopy(model), x))
+
+
+def test_train_eval_calls_that_keep_the_mode_keep_the_plans():
+    """Trainer calls model.train() every step: plans are keyed on the mode, so they survive it."""
+    model = _model()
+    model.train()
+    out(model, inputs("mlp"))
+    plans = [dict(m._plans) for m in _layers(model)]
+    model.train()
+    assert [dict(m._plans) for m in _layers(model)] == plans
+
+
+def test_optimizer_steps_and_parameter_swaps_need_no_new_plan(monkeypatch):
+    model = _model()
+    x = inputs("mlp")
+    out(model, x)
+    built = _count_plans(monkeypatch, model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    before = out(model, x).detach()
+    out(model, x).pow(2).mean().backward()
+    opt.step()
+    after = out(model, x)
+    assert not torch.allclose(after, before)
+    torch.testing.assert_close(after, _fresh_output(model, x))
+    layer = _layers(model)[0]
+    a = layer.lora_A["default"]
+    a.weight.data = torch.randn_like(a.weight)  # a new storage under the same Parameter
+    torch.testing.assert_close(out(model, x), _fresh_output(model, x))
+    a.weight = torch.nn.Parameter(torch.randn_like(a.weight))  # a new Parameter, as FSDP2's resharding installs
+    torch.testing.assert_close(out(model, x), _fresh_output(model, x))
+    assert built == []
+
+
+def test_a_settings_change_selects_another_plan(monkeypatch):
+    model = _model()
+    x = inputs("mlp")
+    use_settings(monkeypatch, backend="torch")
+    want = out(model, x)
+    use_settings(monkeypatch, backend="triton")
+    got = out(model, x)
+    assert all(len(m._plans) == 2 for m in _layers(model))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_copies_start_without_plans():
+    model = _model()
+    out(model, inputs("mlp"))
+    clone = copy.deepcopy(model)
+    assert _dropped(clone) and _planned(model)
+    with torch.no_grad():
+        for p in clone.parameters():
+            p.mul_(2)
+    assert not torch.allclose(out(clone, inputs("mlp")), out(model, inputs("mlp")))
+
+
+class _CountLaunches:
+    def __init__(self, kernel, counts):
+        self.kernel, self.counts = kernel, counts
+
+    def __getitem__(self, grid):
+        self.counts.append(grid)
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_launches_per_layer_on_the_triton_path(monkeypatch, dropout):
+    """Forward: the LoRA shrink and expand (the base matmul is cuBLAS). Backward: dB, dz, dA and dx's LoRA part."""
+    use_settings(monkeypatch, backend="triton")
+    launches = []
+    monkeypatch.setattr(lora_mm, "_lora_mm_kernel", _CountLaunches(lora_mm._lora_mm_kernel, launches))
+    model = _model(lora_dropout=dropout, target_modules=["lin1"])
+    model.train()
+    x = {"X": torch.randn(4, 16, requires_grad=True)}
+    y = out(model, x)
+    assert len(launches) == 2
+    y.sum().backward()
+    assert len(launches) == 6
