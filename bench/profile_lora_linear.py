@@ -4,14 +4,10 @@ Usage on a GPU machine, with peft_fast importable (gpu_check.sh builds such a la
     PYTHONPATH=/tmp/pfpkg python3 bench/profile_lora_linear.py
 Set PEFT_FAST_LORA_DOT=fp32 to time the fp32 dots instead of the 16-bit tensor-core ones.
 """
-import sys
-
 import torch
 from triton.testing import do_bench
 
-import peft_fast.kernels  # noqa: F401  (registers the module below)
-
-op = sys.modules["peft_fast.kernels.lora_linear"]
+from peft_fast.kernels.common.lora_mm import mm
 
 
 def main(M: int = 4096, r: int = 16) -> None:
@@ -27,12 +23,12 @@ def main(M: int = 4096, r: int = 16) -> None:
         da, db, dx = torch.empty_like(a), torch.empty_like(b), torch.empty_like(x)
         cases = {
             "base fwd (cuBLAS)": lambda: torch.nn.functional.linear(x, w),
-            "shrink z=x·Aᵀ": lambda: op._mm(x, a.t(), z),
-            "expand y+=s·z·Bᵀ": lambda: op._mm(z, b.t(), y, scale=2.0, accumulate=True),
-            "dB": lambda: op._mm(dy.t(), z, db, scale=2.0),
-            "dz": lambda: op._mm(dy, b, dz, scale=2.0),
-            "dA": lambda: op._mm(dz.t(), x, da),
-            "dx+=": lambda: op._mm(dz, a, dx, accumulate=True),
+            "shrink z=x·Aᵀ": lambda: mm(x, a.t(), z),
+            "expand y+=s·z·Bᵀ": lambda: mm(z, b.t(), y, scale=2.0, accumulate=True),
+            "dB": lambda: mm(dy.t(), z, db, scale=2.0),
+            "dz": lambda: mm(dy, b, dz, scale=2.0),
+            "dA": lambda: mm(dz.t(), x, da),
+            "dx+=": lambda: mm(dz, a, dx, accumulate=True),
             "base dx (cuBLAS)": lambda: dy @ w,
         }
         times = {name: do_bench(fn, return_mode="median") * 1e3 for name, fn in cases.items()}

@@ -73,7 +73,7 @@ class PeftConfig:
     def from_dict(cls, data: dict[str, Any], source: str = "the config") -> "PeftConfig":
         """Build from adapter_config.json's contents; on PeftConfig itself, the class its `peft_type` names."""
         if cls is PeftConfig:
-            cls = registry.get(data.get("peft_type")).config_cls
+            cls = registry.get(data.get("peft_type") or registry.default_type()).config_cls
         data = dict(data)
         data.pop("peft_version", None)
         known = {f.name for f in dataclasses.fields(cls)}

@@ -18,7 +18,7 @@ from .loading import read_adapter
 from .state_dict import get_peft_model_state_dict
 from .status import TunerLayerStatus, TunerModelStatus, count_parameters, get_layer_status, get_model_status
 from .tuners import injection, registry
-from .tuners.state_dict import check_file_tensors, load_adapter_tensors
+from .tuners.file_keys import check_file_tensors, load_adapter_tensors
 
 
 class PeftModel(nn.Module):

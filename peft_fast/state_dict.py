@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from .tuners.base_model import TunerModel
-from .tuners.state_dict import adapter_tensors, load_adapter_tensors
+from .tuners.file_keys import adapter_tensors, load_adapter_tensors
 
 
 def _unwrap(model: nn.Module) -> tuple[nn.Module, dict]:

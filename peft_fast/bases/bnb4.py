@@ -75,10 +75,6 @@ class Bnb4View(BaseView):
         return q[0], q[1], base.bias, cast
 
     @property
-    def adapter_dtype(self):
-        return None
-
-    @property
     def dense_dtype(self) -> torch.dtype:
         qs = self.quant_state()
         return qs.dtype if qs is not None else torch.float32
@@ -119,11 +115,18 @@ class Bnb4View(BaseView):
     def mergeable(self) -> bool:
         return type(self.module.weight).__name__ == "Params4bit" and self.quant_state() is not None
 
-    def version(self) -> tuple:
-        w, qs = self.module.weight, self.quant_state()
+    def _state_tensors(self) -> tuple:
+        qs = self.quant_state()
         nested = getattr(qs, "state2", None) if getattr(qs, "nested", False) else None
-        return (id(w), w._version, w.device, w.dtype, id(qs), id(getattr(qs, "absmax", None)),
-                id(nested.absmax) if nested is not None else None)
+        return qs, getattr(qs, "absmax", None), (nested.absmax if nested is not None else None)
+
+    def version(self) -> tuple:
+        w = self.module.weight
+        return (id(w), w.data_ptr(), w._version, w.device, w.dtype,
+                *((id(t), t.data_ptr() if isinstance(t, torch.Tensor) else None) for t in self._state_tensors()))
+
+    def key_objects(self) -> tuple:
+        return (self.module.weight, *self._state_tensors())
 
     def dequantized_linear(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Linear:
         """A plain nn.Linear in the dtype the layer was loaded in (its inputs' and outputs' dtype)."""

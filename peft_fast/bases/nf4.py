@@ -24,10 +24,6 @@ class NF4View(BaseView):
         return self.module.weight, self.module.quant_state
 
     @property
-    def adapter_dtype(self):
-        return None  # packed uint8: adapters keep their own dtype
-
-    @property
     def dense_dtype(self) -> torch.dtype:
         return self.module.quant_state.dtype
 
@@ -57,7 +53,11 @@ class NF4View(BaseView):
 
     def version(self) -> tuple:
         w, qs = self.module.weight, self.module.quant_state
-        return (id(w), w._version, w.device, id(qs), id(qs.absmax))
+        return (id(w), w.data_ptr(), w._version, w.device, id(qs), id(qs.absmax), qs.absmax.data_ptr())
+
+    def key_objects(self) -> tuple:
+        qs = self.module.quant_state
+        return (self.module.weight, qs, qs.absmax)
 
     def dequantized_linear(self, weight: torch.Tensor, bias) -> nn.Linear:
         return dense_linear(weight, bias, self.dense_dtype, self.module.training)

@@ -1,7 +1,7 @@
 """NF4Linear: a frozen 4-bit linear layer in bitsandbytes' layout, made and run without bitsandbytes.
 
 `peft_fast.quantize` puts it where a model had nn.Linear layers. Its packed weight, absmax and codebook are exactly
-what bitsandbytes' `quantize_4bit` gives (kernels/nf4.py), and its state dict uses transformers' 4-bit checkpoint
+what bitsandbytes' `quantize_4bit` gives (kernels/nf4_quantize.py), and its state dict uses transformers' 4-bit checkpoint
 keys (`weight`, `weight.absmax`, `weight.quant_map`, `weight.nested_*`, `weight.quant_state.bitsandbytes__<type>`),
 so a 4-bit checkpoint saved by transformers + bitsandbytes loads into it and one saved from it loads there.
 """

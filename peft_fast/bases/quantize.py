@@ -1,8 +1,8 @@
 """peft_fast.quantize: turn a model's nn.Linear layers into 4-bit NF4Linear layers, without bitsandbytes.
 
 The same bytes as transformers' `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=..., ...)` would give
-(kernels/nf4.py is bit for bit bitsandbytes' quantize_4bit), the same layers left dense (the output embedding), and
-the same checkpoint keys; but no bitsandbytes and no CUDA needed to quantize, and the layers run on peft_fast's
+(kernels/nf4_quantize.py is bit for bit bitsandbytes' quantize_4bit), the same layers left dense (the output
+embedding), and the same checkpoint keys; but no bitsandbytes and no CUDA needed to quantize, and the layers run on peft_fast's
 kernels. Patch the result with peft_fast.get_peft_model for QLoRA.
 """
 from __future__ import annotations

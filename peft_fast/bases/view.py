@@ -8,8 +8,9 @@ the objects it was derived from) and answers:
   `fused_nf4(x)` (packed, state, bias, cast) when the NF4 op may, `nf4()` (packed, state) for norms;
 - merges and norms: `dense_weight()` [out, in], `read_weight()` / `write_weight()` in the stored layout
   (dequantized / re-quantized for 4-bit bases), `dense_dtype`;
-- `version()`: a cheap key of the weight's values (object identity, version counter, device, dtype), for caches of
-  values derived from the weight; it never holds storage pointers.
+- `version()`: a cheap key of the weight's values (object identity, storage address, version counter, device,
+  dtype; the quant state's objects for 4-bit bases), for caches of values derived from the weight, which keep
+  `key_objects()` alive with them so that no identity in a key can be reused by a new object meanwhile.
 `view_of(module)` (bases/__init__.py) picks the view by a dispatcher list.
 """
 from __future__ import annotations
@@ -54,7 +55,7 @@ class BaseView:
         return c[1] if c is not None and c[0] == self.version() else None
 
     def store_norm_sq(self, sq: torch.Tensor) -> None:
-        self.norm_sq = (self.version(), sq, self.weight)  # the weight kept alive: its id cannot be reused meanwhile
+        self.norm_sq = (self.version(), sq, self.key_objects())
 
     @property
     def weight(self) -> torch.Tensor:
@@ -78,7 +79,8 @@ class BaseView:
 
     @property
     def adapter_dtype(self) -> Optional[torch.dtype]:
-        """The dtype adapters are first created in (PEFT moves them to the base's dtype, then upcasts 16-bit)."""
+        """The dtype adapters are first created in (PEFT moves them to the base's dtype, then upcasts 16-bit); None
+        for packed 4-bit weights: the adapters keep their own dtype."""
         dtype = self.weight.dtype
         return dtype if dtype.is_floating_point else None
 
@@ -134,8 +136,12 @@ class BaseView:
         return w.dtype.is_floating_point and type(w).__name__ not in ("Params4bit", "Int8Params")
 
     def version(self) -> tuple:
+        # The storage address too: `weight.data = ...` swaps storage under the same version counter.
         w = self.weight
-        return (id(w), w._version, w.device, w.dtype)
+        return (id(w), w.data_ptr(), w._version, w.device, w.dtype)
+
+    def key_objects(self) -> tuple:
+        return (self.weight,)
 
     def check(self, name: str) -> None:
         """Raise, naming the layer, when the base cannot carry an adapter as it is (4-bit states that do not fit)."""

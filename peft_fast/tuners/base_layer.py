@@ -55,7 +55,10 @@ class TunerLayer(nn.Module):
     @property
     def base_view(self) -> BaseView:
         view = self._view
-        if view is None or view.module is not self.base_layer:  # merge_and_unload(dequantize=True) swaps the base
+        if view is None or view.module is not self.base_layer:
+            if view is not None:  # the base module was replaced: plans and values made for the old one go
+                self._plans.clear()
+                self._clear_caches()
             view = self._view = view_of(self.base_layer)
         return view
 
@@ -148,14 +151,20 @@ class TunerLayer(nn.Module):
         """The tuner's own caches of derived values."""
 
     def train(self, mode: bool = True):
-        # Plans are keyed on the mode, so only a change of mode drops them; value caches go on every call, which
-        # is also how a user refreshes them after in-place edits through .data (they bump no version counter).
+        # A change of mode drops everything derived (between training and inference the parameters moved on);
+        # a call that keeps the mode (Trainer calls train() every step) keeps the plans, keyed on the mode anyway.
         if mode != self.training:
-            self._plans.clear()
+            self.invalidate(base=True)
+        else:
+            self.refresh()
+        return super().train(mode)
+
+    def refresh(self) -> None:
+        """Forget cached values. train() and eval() call it: how a user refreshes them after in-place edits through
+        .data, which bump no version counter."""
         self._clear_caches()
         if self._view is not None:
             self._view.clear()
-        return super().train(mode)
 
     def _apply(self, fn, recurse=True):
         result = super()._apply(fn, recurse)
@@ -175,12 +184,13 @@ class TunerLayer(nn.Module):
                 has_hooks(self.base_layer))
 
     def plan(self, x: torch.Tensor):
+        self.base_view  # noqa: B018  (a replaced base module drops the plans made for the old one)
+        if torch.compiler.is_compiling():  # traced code builds the plan inline and keeps nothing
+            return self.make_plan(x)
         key = self.plan_key(x)
         plan = self._plans.get(key)
         if plan is None:
-            plan = self.make_plan(x)
-            if not torch.compiler.is_compiling():  # traced code builds it inline and keeps nothing
-                self._plans[key] = plan
+            plan = self._plans[key] = self.make_plan(x)
         return plan
 
     def make_plan(self, x: torch.Tensor) -> Callable:
@@ -205,6 +215,12 @@ class TunerLayer(nn.Module):
         raise ValueError(f"{type(self).__name__} layers do not support mixed adapter batches (`adapter_names`).")
 
     # --- files ---------------------------------------------------------------------------------------------------
+    @classmethod
+    def expected_state(cls, target, config) -> dict[str, tuple[int, ...]]:
+        """File key (relative to the layer) -> shape of every tensor an adapter with `config` has at `target` (an
+        injection.Target): files are checked against it before anything loads."""
+        raise NotImplementedError(f"{cls.__name__} must say which tensors its adapter files hold (expected_state).")
+
     def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
         """This adapter's tensors under PEFT's file keys relative to the layer ("lora_A.weight", ...)."""
         out = {}

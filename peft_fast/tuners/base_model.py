@@ -18,7 +18,7 @@ from ..config import as_config
 from . import injection
 from .base_layer import TunerLayer
 from .modules_to_save import ModulesToSaveWrapper
-from .state_dict import load_adapter_tensors
+from .file_keys import load_adapter_tensors
 
 
 def _adapter_names_pre_hook(module, args, kwargs, adapter_names):
@@ -27,7 +27,6 @@ def _adapter_names_pre_hook(module, args, kwargs, adapter_names):
 
 
 class TunerModel(nn.Module):
-    prefix: str = ""  # parameter-name prefix of this tuner's parts ("lora_")
     layer_cls: type = TunerLayer
     default_targets: dict[str, list[str]] = {}
 

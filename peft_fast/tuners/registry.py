@@ -51,6 +51,7 @@ def known() -> list[str]:
     return sorted(_TUNERS)
 
 
-def layer_classes() -> tuple:
-    """Every registered tuner's layer classes (for isinstance checks that must see all tuners)."""
-    return tuple(c for spec in _TUNERS.values() for c in spec.layer_classes)
+def default_type() -> str:
+    """The peft_type a config without one means (PEFT's files always say; hand-written dicts may not): the first
+    tuner registered, LoRA."""
+    return next(iter(_TUNERS))

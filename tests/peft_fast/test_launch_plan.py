@@ -34,9 +34,9 @@ def _dropped(model) -> bool:
 
 
 def _fresh_output(model, x):
-    """The same model's output computed without any plan or cache: a deep copy starts with none."""
-    with torch.no_grad():
-        return out(copy.deepcopy(model), x)
+    """The same model's output computed without any plan or cache (a deep copy starts with none), by the same path
+    (same grad mode) as the caller's."""
+    return out(copy.deepcopy(model), x)
 
 
 def _count_plans(monkeypatch, model) -> list:
@@ -171,3 +171,99 @@ def test_launches_per_layer_on_the_triton_path(monkeypatch, dropout):
     assert len(launches) == 2
     y.sum().backward()
     assert len(launches) == 6
+
+
+def _mlp_layer(model, name="lin0"):
+    return getattr(model.base_model.model, name)
+
+
+def _replace_base(model):
+    layer = _mlp_layer(model)
+    base = torch.nn.Linear(16, 32)
+    base.requires_grad_(False)
+    layer.base_layer = base
+
+
+def _replace_lora_a(model):
+    _mlp_layer(model).lora_A["default"] = torch.nn.Linear(16, 4, bias=False)
+
+
+def _scale_adapter(model):
+    _mlp_layer(model).scaling["default"] *= 3
+
+
+def _swap_base_storage(model):
+    w = _mlp_layer(model).base_layer.weight
+    w.data = torch.randn_like(w)  # a new storage under the same version counter
+
+
+CHANGES = {"replace base_layer": _replace_base, "replace lora_A[name]": _replace_lora_a,
+           "scaling[name] *= 3": _scale_adapter, "base weight.data = ...": _swap_base_storage}
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_changes_outside_the_api_are_seen_at_the_next_call(change, mode, use_dora):
+    """What a plan does not decide (parameters, scalings, the base module and its weight) it reads at call time, and
+    values derived from them follow the parameters' identity, storage and version."""
+    model = _model(use_dora=use_dora, lora_dropout=0.0)
+    getattr(model, mode)()
+    x = inputs("mlp")
+    out(model, x)
+    CHANGES[change](model)
+    torch.testing.assert_close(out(model, x), _fresh_output(model, x), rtol=0, atol=0)
+
+
+def test_replacing_the_dropout_module_is_seen():
+    model = _model(lora_dropout=0.1)
+    x = inputs("mlp")
+    out(model, x)
+    _mlp_layer(model).lora_dropout["default"] = torch.nn.Dropout(0.5)
+    torch.manual_seed(7)
+    got = out(model, x)
+    fresh = copy.deepcopy(model)
+    torch.manual_seed(7)
+    torch.testing.assert_close(got, out(fresh, x), rtol=0, atol=0)
+
+
+def test_mixed_batch_stacks_follow_a_base_storage_swap():
+    model = _model(use_dora=True)
+    model.add_adapter("other", LoraConfig(**default_cfg("mlp", r=3)))
+    model.eval()
+    x, names = inputs("mlp", batch=4), ["default", "other", "__base__", "default"]
+    with torch.no_grad():
+        out(model, x, adapter_names=names)
+        _swap_base_storage(model)
+        got = out(model, x, adapter_names=names)
+        want = out(copy.deepcopy(model), x, adapter_names=names)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_a_weight_bitsandbytes_repacked_after_planning_runs_through_bitsandbytes(use_dora):
+    """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight into its own layout the first time its module
+    runs in eval without gradients; a fused plan made before then falls back to the module and PEFT's order."""
+    bnb = pytest.importorskip("bitsandbytes")
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin0 = bnb.nn.Linear4bit(64, 32, bias=False, compute_dtype=torch.float32, quant_type="nf4").to("cpu")
+
+        def forward(self, x):
+            return self.lin0(x)
+
+    torch.manual_seed(0)
+    model = peft_fast.get_peft_model(Model(), LoraConfig(target_modules=["lin0"], init_lora_weights=False,
+                                                         use_dora=use_dora)).eval()
+    layer = model.base_model.model.lin0
+    if not getattr(layer.base_layer, "support_avx512bf16_for_cpu", False):
+        pytest.skip("bitsandbytes repacks 4-bit weights only on CPUs with AVX512-BF16")
+    x = torch.randn(3, 64)
+    first = layer(x.clone().requires_grad_())  # the fused NF4 plan
+    with torch.no_grad():
+        layer(x)  # bitsandbytes' module runs and repacks its weight
+    assert layer.base_layer.weight.quant_state.packing_format_for_cpu
+    again = layer(x.clone().requires_grad_())  # the same plan key as the first call
+    torch.testing.assert_close(again, first, atol=1e-2, rtol=1e-2)  # bnb's bf16 kernel against our float32 path

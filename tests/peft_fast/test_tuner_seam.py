@@ -70,7 +70,6 @@ class ToyScaleLayer(TunerLayer):
 
 
 class ToyScaleModel(TunerModel):
-    prefix = "toy_"
     layer_cls = ToyScaleLayer
 
 

@@ -22,7 +22,7 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
 }
 
 
-@dataclass
+@dataclass(kw_only=True)  # keyword arguments only, as PEFT's configs are used
 class LoraConfig(PeftConfig):
     """PEFT's ``LoraConfig``: same field names, same defaults, same validation.
 

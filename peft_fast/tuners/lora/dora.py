@@ -16,9 +16,10 @@ as a naive `c ⊙ lora_linear(x) + b` would, moved a tiny bf16 Llama's logits by
   epilogue and the magnitude's gradient recovered from y: LoRA's launches and activations. With dropout,
   result - v + dora_linear(v, drop(x)), v = drop(x)·Wᵀ in the base dtype.
 
-Caches (never in the state dict): ||W||² on the base view (keyed on the base weight's version), and per adapter the
-eval scale (norm and c, keyed on A, B, m and the base, used only while the layer is not training and not compiling)
-and the norm a merge used (unmerging needs it). Merges, unmerges, train()/eval() and moves clear them.
+Caches (never in the state dict): ||W||² on the base view (keyed on the base weight's identity, storage and version),
+and per adapter the eval scale (norm and c, keyed likewise on A, B, m and the base, used only while the layer is not
+training and not compiling) and the norm a merge used (unmerging needs it). Merges, unmerges, train()/eval() and
+moves clear them.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...kernels import dora_linear, dora_norm, dora_norm_nf4, lora_linear, nf4_linear, use_triton
-from .variants import LoraVariant
+from .variants import LoraVariant, nf4_fallback
 
 
 class DoraLinearLayer(nn.Module):
@@ -67,8 +68,7 @@ def _norm(layer, a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
 
 
 def _param_key(p: torch.Tensor) -> tuple:
-    # The storage is part of the key so that `p.data = ...` (which keeps the version counter) is seen; used only
-    # outside training, where storage does not move under FSDP2 between forwards of one adapter state.
+    # The storage is part of the key so that `p.data = ...` (which keeps the version counter) is seen.
     return (id(p), p._version, p.data_ptr())
 
 
@@ -111,7 +111,7 @@ class DoraVariant(LoraVariant):
         if hit is None or hit[0] != key:
             norm = _norm(layer, a, b, s).to(m.dtype)
             c = m.detach() / norm
-            hit = (key, norm, c, c - 1, (a, b, m, layer.base_view.weight))
+            hit = (key, norm, c, c - 1, (a, b, m, *layer.base_view.key_objects()))
             if not torch.compiler.is_compiling():
                 self._eval = hit
         return hit
@@ -135,62 +135,52 @@ class DoraVariant(LoraVariant):
     # --- forward ---------------------------------------------------------------------------------------------------
     def fused(self, layer, name: str, x: torch.Tensor):
         """One DoRA adapter over a plain dense or fusable NF4 base (our base matmul, not the module's); None when the
-        base cannot be fused. The DoRA terms then follow PEFT's order exactly (see `delta`)."""
+        base cannot be fused. Off Triton the DoRA terms then follow PEFT's order exactly (see `delta`)."""
         view = layer.base_view
         dense = view.fused_dense()
         q = None if dense is not None else view.fused_nf4(x)
         if dense is None and (q is None or q[3] is not None):
             return None  # not fusable, or a 4-bit base computing in another dtype than x's: PEFT's loop
-        a0, b0, s0, p, _ = layer.adapter_args(name)
-        on_triton = use_triton(x, dense[0] if dense is not None else q[0], a0, b0)
-        params = view.module._parameters
-        if dense is not None:
-            transposed = view.fan_in_fan_out
-
-            def base(x, bias=None):
-                w = params["weight"]
-                return F.linear(x, w.T if transposed else w, bias)
+        a, b = layer.adapter_args(name)[:2]
+        base = _base_matmul(view, dense is not None)
+        if use_triton(x, dense[0] if dense is not None else q[0], a, b):
+            run = self._fused_triton(layer, name, view, base, dense is not None)
+        elif dense is not None and not (layer.training or torch.is_grad_enabled()):
+            return self._fused_eval(layer, name, view, base)
         else:
-            def base(x, bias=None):
-                packed, state = view.nf4()
-                return nf4_linear(x, packed, state, bias)  # the NF4 matmul alone
+            def run(x):
+                return layer.loop(x, base(x, view.bias), [name])
+        return run if dense is not None else nf4_fallback(layer, view, name, run)
 
-        if (dense is not None and not (layer.training or torch.is_grad_enabled()) and not isinstance(s0, torch.Tensor)
-                and not on_triton):
-            def run_eval(x):  # eval on the reference path (decode): PEFT's steps with the fewest Python/torch calls
-                a, b, s, _, _ = layer.adapter_args(name)
-                result = base(x, params.get("bias"))
-                d = self._delta_eval(layer, name, x.to(a.dtype), result, a, b, s)
-                if result.dtype == torch.promote_types(result.dtype, d.dtype):
-                    return result.add_(d)
-                return (result + d).to(result.dtype)
+    def _fused_eval(self, layer, name: str, view, base):
+        def run(x):  # eval on the reference path (decode): PEFT's steps with the fewest Python/torch calls
+            a, b, s, _, _ = layer.adapter_args(name)
+            result = base(x, view.bias)
+            d = self._delta_eval(layer, name, x.to(a.dtype), result, a, b, s)
+            if result.dtype == torch.promote_types(result.dtype, d.dtype):
+                return result.add_(d)
+            return (result + d).to(result.dtype)
 
-            return run_eval
-        if on_triton:
-            # Triton: the base matmul without bias, then one expand whose epilogue applies c and b (dora_linear.py)
-            def run_triton(x):
-                args = layer.adapter_args(name)
-                a, b, s = args[0], args[1], args[2]
-                c = self.scale(layer, name, args=args).to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-                bias = params.get("bias")
-                if p == 0:
-                    if dense is not None:  # the base matmul inside the op, its output buffer reused for y
-                        w = params["weight"]
-                        return dora_linear(None, x, bias, a, b, s, c, weight=w.T if view.fan_in_fan_out else w)
-                    return dora_linear(base(x), x, bias, a, b, s, c)
-                # Dropout: y = result + (c - 1)·v + c·s·lora(xd), v = xd·Wᵀ, = result - v + dora_linear(v, xd). The
-                # dropped x stays in x's dtype and v runs in the base dtype (PEFT upcasts W for it: an [out, in] copy).
-                result = base(x, bias)
-                xd = layer.lora_dropout[name](x)
-                v = base(xd)
-                return (result - v) + dora_linear(v, xd, None, a, b, s, c)
+        return run
 
-            return run_triton
+    def _fused_triton(self, layer, name: str, view, base, dense: bool):
+        """The base matmul without bias, then one expand whose epilogue applies c and b (dora_linear.py)."""
+        def run(x):
+            args = layer.adapter_args(name)
+            a, b, s, p = args[:4]
+            c = self.scale(layer, name, args=args).to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+            if p == 0:
+                if dense:  # the base matmul inside the op, its output buffer reused for y
+                    return dora_linear(None, x, view.bias, a, b, s, c, weight=view.oriented())
+                return dora_linear(base(x), x, view.bias, a, b, s, c)
+            # Dropout: y = result + (c - 1)·v + c·s·lora(xd), v = xd·Wᵀ, = result - v + dora_linear(v, xd). The dropped
+            # x stays in x's dtype and v runs in the base dtype (PEFT upcasts W for it: an [out, in] copy).
+            result = base(x, view.bias)
+            xd = layer.lora_dropout[name](x)
+            v = base(xd)
+            return (result - v) + dora_linear(v, xd, None, a, b, s, c)
 
-        def run_reference(x):
-            return layer.loop(x, base(x, params.get("bias")), [name])
-
-        return run_reference
+        return run
 
     def _base_nobias(self, layer, xd: torch.Tensor) -> torch.Tensor:
         """drop(x)·Wᵀ for PEFT's dropout path (W in xd's dtype, as PEFT casts it)."""
@@ -219,7 +209,7 @@ class DoraVariant(LoraVariant):
         """PEFT's `DoraLinearLayer.forward`: what adapter `name` adds to `result` (x already in the adapter dtype)."""
         args = layer.adapter_args(name)
         a, b, s, p, _ = args
-        if not (layer.training or torch.is_grad_enabled()) and not isinstance(s, torch.Tensor):
+        if not (layer.training or torch.is_grad_enabled()):
             return self._delta_eval(layer, name, x, result, a, b, s)
         c = self.scale(layer, name, args=args)
         if p > 0:
@@ -269,6 +259,19 @@ class DoraVariant(LoraVariant):
         norm, _ = dora_norm(w0, a, b, float(layer.scaling[name]))
         dtype = torch.promote_types(unmerged.dtype, layer.get_delta_weight(name).dtype)
         return norm.to(dtype)
+
+
+def _base_matmul(view, dense: bool):
+    """x·Wᵀ (+ bias) by our matmul over the base's current weight: cuBLAS for a dense base, nf4_linear for a 4-bit
+    one."""
+    if dense:
+        return lambda x, bias=None: F.linear(x, view.oriented(), bias)
+
+    def nf4(x, bias=None):
+        packed, state = view.nf4()
+        return nf4_linear(x, packed, state, bias)
+
+    return nf4
 
 
 def _orient(layer, v: torch.Tensor) -> torch.Tensor:

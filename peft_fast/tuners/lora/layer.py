@@ -144,6 +144,10 @@ class LoraLinear(TunerLayer):
         for variant in self.lora_variant.values():
             variant.clear()
 
+    def refresh(self) -> None:
+        if len(self.lora_magnitude_vector):  # only DoRA's values can go stale without a version bump's notice
+            super().refresh()
+
     # --- forward -------------------------------------------------------------------------------------------------
     def make_plan(self, x: torch.Tensor):
         active = [a for a in self.active_adapters if a in self.lora_A]

@@ -30,21 +30,15 @@ def op_args(a, b, bias, scaling, p) -> tuple:
     return a, b, scaling, p, bias
 
 
-class AdapterHandle:
-    """What a plan reads of one adapter at call time: the parameter dicts of its modules (never tensors captured
-    at plan time, which FSDP2's resharding, hot-swapping and loads may replace), its scaling and dropout rate."""
+def nf4_fallback(layer, view, name: str, run):
+    """`run` over a 4-bit base while the base's weight is in a form the kernels read; otherwise (bitsandbytes
+    repacked it for its own CPU kernel since the plan was made) the base module and PEFT's adapter step."""
+    def guarded(x):
+        if view.nf4() is None:
+            return layer.loop(x, layer.base_layer(x), [name])
+        return run(x)
 
-    __slots__ = ("a", "b", "scaling", "p")
-
-    def __init__(self, layer, name: str):
-        self.a = layer.lora_A[name]._parameters
-        self.b = layer.lora_B[name]._parameters
-        self.scaling = layer.scaling[name]
-        dropout = layer.lora_dropout[name]
-        self.p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
-
-    def args(self) -> tuple:
-        return op_args(self.a["weight"], self.b["weight"], self.b.get("bias"), self.scaling, self.p)
+    return guarded
 
 
 class LoraVariant:
@@ -71,9 +65,10 @@ class Lora(LoraVariant):
     """Plain LoRA: y = base(x) + s·(dropout(x)·Aᵀ)·Bᵀ (+ s·b_B)."""
 
     def fused(self, layer, name: str, x: torch.Tensor):
+        """The op for this adapter alone over a plain dense base (lora_linear) or an NF4 base (qlora_linear), with
+        the implementation chosen now; everything else (parameters, scaling, dropout) is read at call time."""
         view = layer.base_view
-        h = AdapterHandle(layer, name)
-        a, b = h.a["weight"], h.b["weight"]
+        a, b = layer.adapter_args(name)[:2]
         dense = view.fused_dense()
         if dense is not None:
             op = lora_linear_triton if use_triton(x, dense[0], a, b) else lora_linear_reference
@@ -81,7 +76,7 @@ class Lora(LoraVariant):
 
             def run_dense(x):
                 w = params["weight"]
-                return op(x, w.T if transposed else w, params.get("bias"), *h.args())
+                return op(x, w.T if transposed else w, params.get("bias"), *layer.adapter_args(name))
 
             return run_dense
         q = view.fused_nf4(x)
@@ -94,10 +89,10 @@ class Lora(LoraVariant):
         def run_nf4(x):
             packed, state = view.nf4()
             if cast is not None:  # float32 activations into a 16-bit compute dtype: run in it, cast back
-                return op(x.to(cast), packed, state, params.get("bias"), *h.args()).to(x.dtype)
-            return op(x, packed, state, params.get("bias"), *h.args())
+                return op(x.to(cast), packed, state, params.get("bias"), *layer.adapter_args(name)).to(x.dtype)
+            return op(x, packed, state, params.get("bias"), *layer.adapter_args(name))
 
-        return run_nf4
+        return nf4_fallback(layer, view, name, run_nf4)
 
     def add(self, layer, name: str, x, result, q4: bool, out_dtype):
         d = lora_linear(x, None, None, *layer.adapter_args(name))
