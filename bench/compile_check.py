@@ -4,9 +4,11 @@ GPU machine's Triton (3.6), for exactly the specializations the code launches.
 Usage: .venv/bin/python bench/compile_check.py [--tests tests/kernels] [--triton-dir /tmp/triton36]
                                                [--records /tmp/pf_launches.json] [--skip-record]
 
-1. Record (this process, this venv's Triton, interpreter): run the kernel tests in-process and note every launch
+1. Record (this venv's Triton, interpreter): run the kernel tests in-process and note every launch
    `kernel[grid](...)` as one specialization: pointer dtypes and 16-byte alignment, int width / divisibility by 16
    / ==1 (Triton specializes on all three), constexpr values, launch options (num_warps, enable_fp_fusion, ...).
+   Twice: as the interpreter runs, and with the GPU's choice of dot dtype (see record), which the interpreter
+   never makes (the kernels still run with float32 dots there: the interpreter's 16-bit tl.dot is wrong).
 2. Compile (a subprocess with an unpacked Triton 3.6 wheel first on PYTHONPATH, no interpreter): rebuild stand-in
    arguments, let Triton 3.6's own launch binder turn them into signature / constexprs / attrs / options (so the
    specialization is the one a real launch would compile), and run triton.compile for GPUTarget("cuda", 90, 32)
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import importlib
 import inspect
 import json
 import os
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 import zipfile
 
 # Never import from bench/ or the repo root: the top-level kernels/ would shadow Hugging Face's `kernels` package.
@@ -57,10 +59,27 @@ def arg_token(v):
     raise TypeError(f"unsupported kernel argument {v!r}")
 
 
-def record(tests: str, out_path: str) -> None:
+def record(tests: str, out_path: str, gpu_dots: bool) -> None:
     os.environ["TRITON_INTERPRET"] = "1"  # Triton picks the interpreter when kernels are decorated: before import
+    import dataclasses
+
     import pytest
     from triton.runtime.interpreter import InterpretedFunction
+
+    from peft_fast.kernels.common.dot_policy import DOT_F32, DOT_F64
+
+    if gpu_dots:
+        # Under the interpreter dot_mode always picks float32 dots (its bf16 tl.dot is broken), so the tensor-core
+        # specializations a GPU launches (DOT native / bf16 / fp16) never run. Let dot_mode alone answer as on a
+        # GPU; recording_run records that choice but runs the kernel with float32 dots, so the tests still pass.
+        from peft_fast.kernels.common import dot_policy, settings
+
+        class GpuSettings:
+            @staticmethod
+            def current():
+                return dataclasses.replace(settings.current(), interpret=False)
+
+        dot_policy.settings = GpuSettings
 
     seen: dict = {}
     real_run = InterpretedFunction.run
@@ -76,6 +95,8 @@ def record(tests: str, out_path: str) -> None:
             spec = {name: (v if is_constexpr(params[name]) else arg_token(v)) for name, v in bound.arguments.items()}
             key = json.dumps([self.fn.__module__, self.fn.__name__, list(spec.items()), sorted(options.items())])
             seen[key] = seen.get(key, 0) + 1
+        if gpu_dots and kwargs.get("DOT") not in (None, DOT_F32, DOT_F64):
+            kwargs["DOT"] = DOT_F32
         return real_run(self, *args, grid=grid, warmup=warmup, **kwargs)  # outputs feed later launches: run it
 
     InterpretedFunction.run = recording_run
@@ -109,7 +130,7 @@ def fetch_triton(triton_dir: str) -> None:
                 os.chmod(os.path.join(root, f), 0o755)
 
 
-def compile_all(records_path: str) -> int:
+def compile_all(records_path: str, verbose: bool) -> int:
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
@@ -123,13 +144,6 @@ def compile_all(records_path: str) -> int:
     backend = make_backend(target)
     torch_dtype = {v: getattr(torch, k) for k, v in DTYPES.items()}
 
-    class StandIn:  # what the launch binder reads from a tensor: its dtype and its address (for alignment)
-        def __init__(self, dtype, ptr):
-            self.dtype, self.ptr = dtype, ptr
-
-        def data_ptr(self):
-            return self.ptr
-
     def value(token):  # a representative of the specialization class that arg_token recorded
         if not isinstance(token, str):
             return token  # None, bool
@@ -137,7 +151,8 @@ def compile_all(records_path: str) -> int:
             return 1
         ty, _, div = token.partition(":")
         if ty.startswith("*"):
-            return StandIn(torch_dtype[ty[1:]], 0 if div else 8)
+            # All the launch binder reads from a tensor: its dtype, and its address for the alignment.
+            return types.SimpleNamespace(dtype=torch_dtype[ty[1:]], data_ptr=lambda: 0 if div else 8)
         if ty == "fp32":
             return 0.5
         return {"i32": 16, "i64": 2**32, "u64": 2**63}[ty] + (0 if div else 1)
@@ -148,7 +163,8 @@ def compile_all(records_path: str) -> int:
     with open(records_path) as f:
         recs = json.load(f)
     results = collections.defaultdict(list)  # kernel -> [error or None per specialization]
-    for rec in recs:
+    start = time.time()
+    for i, rec in enumerate(recs, 1):
         fn = kernels[(rec["module"], rec["kernel"])]
         is_cx = {p.name: p.is_constexpr for p in fn.params}
         args = {name: (tok if is_cx[name] else value(tok)) for name, tok in rec["args"].items()}
@@ -166,13 +182,18 @@ def compile_all(records_path: str) -> int:
                 raise RuntimeError(f"needs {k.metadata.shared} B shared memory > sm_90's {SM90_MAX_SHARED} B: "
                                    "OutOfResources at launch")
             results[rec["kernel"]].append(None)
-            status = f"ok ({time.time() - t0:.1f}s, {len(k.asm['cubin'])} B cubin, {k.metadata.shared} B smem)"
+            if verbose:
+                print(f"{rec['kernel']:<22} ok ({time.time() - t0:.1f}s, {len(k.asm['cubin'])} B cubin, "
+                      f"{k.metadata.shared} B smem)", flush=True)
         except Exception as e:  # noqa: BLE001  (report every failure, keep going)
-            results[rec["kernel"]].append(f"{type(e).__name__}: {e}".strip())
-            status = "FAILED"
+            lines = [ln for ln in str(e).splitlines() if ln.strip()] or [""]
+            # A CompilationError starts with "at LINE:COL:" and the source; its message is its last line.
+            first = lines[-1] if type(e).__name__ == "CompilationError" else lines[0]
+            results[rec["kernel"]].append(f"{type(e).__name__}: {first}")
             print(f"\n=== FAILED {rec['kernel']} {json.dumps(rec['args'])} options={rec['options']}\n"
                   f"{type(e).__name__}: {e}\n", flush=True)
-        print(f"{rec['kernel']:<22} {status}", flush=True)
+        if i % 50 == 0 or i == len(recs):
+            print(f"compiled {i}/{len(recs)} specializations ({time.time() - start:.0f}s)", flush=True)
 
     names = sorted({n for _, n in kernels} | set(results))
     device_fns = {n for n in names if n not in results and any(
@@ -184,7 +205,7 @@ def compile_all(records_path: str) -> int:
     for n in names:
         errs = results.get(n, [])
         failed = [e for e in errs if e]
-        note = failed[0].splitlines()[0][:110] if failed else ""
+        note = failed[0][:110] if failed else ""
         if not errs:
             note = "device function (compiled inside the kernels)" if n in device_fns else "NEVER LAUNCHED by tests"
             bad += n not in device_fns
@@ -199,20 +220,37 @@ def main() -> None:
     ap.add_argument("--triton-dir", default="/tmp/triton36", help=f"unpacked triton {TRITON_VERSION} wheel")
     ap.add_argument("--records", default=os.path.join(tempfile.gettempdir(), "pf_kernel_launches.json"))
     ap.add_argument("--skip-record", action="store_true", help="reuse --records from an earlier run")
-    ap.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)  # the subprocess' mode
+    ap.add_argument("-v", "--verbose", action="store_true", help="one line per compiled specialization")
+    for internal in ("--compile-only", "--record-only", "--gpu-dots"):  # the subprocesses' modes
+        ap.add_argument(internal, action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.compile_only:
-        sys.exit(compile_all(a.records))
-    if not a.skip_record:
-        record(a.tests, a.records)
+        sys.exit(compile_all(a.records, a.verbose))
+    if a.record_only:
+        return record(a.tests, a.records, a.gpu_dots)
+    if not a.skip_record:  # two passes, each in a fresh process (launch configs are cached per settings)
+        merged = {}
+        for gpu_dots in (False, True):
+            part = f"{a.records}.{'gpu_dots' if gpu_dots else 'interpreter'}"
+            print(f"== record pass: {'GPU dot policy' if gpu_dots else 'as the interpreter runs'}", flush=True)
+            subprocess.run([sys.executable, os.path.abspath(__file__), "--record-only", "--tests", a.tests,
+                            "--records", part] + ["--gpu-dots"] * gpu_dots, check=True)
+            with open(part) as f:
+                for r in json.load(f):
+                    key = json.dumps([r["module"], r["kernel"], r["args"], r["options"]])
+                    merged.setdefault(key, dict(r, count=0))["count"] += r["count"]
+        with open(a.records, "w") as f:
+            json.dump(list(merged.values()), f, indent=1)
+        print(f"{len(merged)} unique specializations in both passes -> {a.records}", flush=True)
     fetch_triton(a.triton_dir)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.path.abspath(a.triton_dir) + (":" + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["PYTHONSAFEPATH"] = "1"
-    env["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="pf_triton36_cache_")  # a cold cache: really compile each
-    # The record pass's interpreter state (and triton 3.9, already imported) must not leak: a fresh process.
-    sys.exit(subprocess.run([sys.executable, os.path.abspath(__file__), "--compile-only", "--records", a.records],
-                            env=env, cwd=tempfile.gettempdir()).returncode)
+    # A fresh process: the record pass's interpreter and its Triton 3.9 must not leak. A cold cache: compile each.
+    with tempfile.TemporaryDirectory(prefix="pf_triton36_cache_") as env["TRITON_CACHE_DIR"]:
+        rc = subprocess.run([sys.executable, os.path.abspath(__file__), "--compile-only", "--records", a.records]
+                            + ["--verbose"] * a.verbose, env=env, cwd=tempfile.gettempdir()).returncode
+    sys.exit(rc)
 
 
 if __name__ == "__main__":
