@@ -75,6 +75,9 @@ def _param_key(p: torch.Tensor) -> tuple:
 class DoraVariant(LoraVariant):
     name = "dora"
     scales_channels = True
+    # Its output also depends on the magnitude and a norm cached per adapter; swapping it in place (and zeroing the
+    # layers the new adapter lacks, which for DoRA would not mean "adds nothing") is not built.
+    hotswappable = False
 
     def __init__(self):
         self._eval = None  # (key, norm, c, c - 1, the tensors of the key, kept alive): see _cached
@@ -84,8 +87,13 @@ class DoraVariant(LoraVariant):
         self._eval = None
 
     # --- init ----------------------------------------------------------------------------------------------------
-    def check(self, layer) -> None:
+    def check(self, layer, config) -> None:
+        if config.lora_bias:
+            raise ValueError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False")
         _check_base(layer)
+
+    def file_tensors(self, out_features: int) -> dict[str, tuple[int, ...]]:
+        return {"lora_magnitude_vector": (out_features,)}  # PEFT's file key for the magnitude
 
     def init(self, layer, name: str) -> None:
         """PEFT's init: m = ||W + s·B·A|| per row, in the dtype PEFT's sum promotes to (base dtype with the

@@ -21,7 +21,7 @@ from ...config import as_config
 from ...loading import read_adapter
 from ..targets import pattern_value
 from .config import LoraConfig
-from .layer import LoraLinear
+from .layer import LoraLinear, variant_for
 
 # Config fields that change a layer's output but live outside the state dict (PEFT's list for LoRA).
 CONFIG_KEYS_TO_CHECK = ("use_rslora", "lora_dropout", "alpha_pattern", "use_dora")
@@ -175,9 +175,7 @@ def _model_key(key: str, adapter_name: str, index: dict) -> Optional[str]:
 
 def _plan_swap(layers, state_dict: dict, adapter_name: str, config: LoraConfig) -> tuple[list[_LayerSwap], list]:
     """Validate the new adapter against the loaded one; return what to copy and which tensors to zero."""
-    if config.use_dora or any(m.use_dora.get(adapter_name) for _, m in layers):
-        # A DoRA layer's output also depends on its magnitude and on a norm cached per adapter; swapping it in place
-        # (and zeroing the layers the new adapter lacks, which for DoRA would not mean "adds nothing") is not built.
+    if not variant_for(config).hotswappable or any(not m.lora_variant[adapter_name].hotswappable for _, m in layers):
         raise ValueError("Hot swapping DoRA adapters (use_dora=True) is not supported (nothing was changed); load the "
                          "adapter with load_adapter and switch with set_adapter instead.")
     index = _param_index(layers, adapter_name)

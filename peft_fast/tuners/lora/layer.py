@@ -24,6 +24,11 @@ from .stacks import AdapterStacks, StackCache, stack_dtype
 from .variants import LORA, op_args
 
 
+def variant_for(config):
+    """The variant an adapter with this config gets: where `use_dora` is read, and nowhere else."""
+    return DoraVariant() if config.use_dora else LORA
+
+
 class _MergeContext:
     __slots__ = ("w0", "norms")
 
@@ -95,10 +100,8 @@ class LoraLinear(TunerLayer):
     def update_layer(self, name: str, config, r: int, lora_alpha: float, autocast_adapter_dtype: bool = True) -> None:
         if r <= 0:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
-        if config.use_dora and config.lora_bias:
-            raise ValueError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False")
-        variant = DoraVariant() if config.use_dora else LORA  # use_dora is read here only
-        variant.check(self)
+        variant = variant_for(config)
+        variant.check(self, config)
         if config.lora_bias and getattr(self.base_layer, "bias", None) is None:
             warnings.warn(f"`lora_bias=True` was passed but the targeted layer of type {type(self.base_layer).__name__} "
                           "has no bias. This means that merging LoRA weights won't be possible.")
@@ -113,7 +116,7 @@ class LoraLinear(TunerLayer):
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=config.lora_bias)
         self.lora_bias[name] = config.lora_bias
         self.use_rslora[name] = config.use_rslora
-        self.use_dora[name] = bool(config.use_dora)
+        self.use_dora[name] = variant.name == "dora"  # PEFT's attribute, for introspection
         self.lora_variant[name] = variant
         self.scaling[name] = lora_alpha / math.sqrt(r) if config.use_rslora else lora_alpha / r
         lora_init.initialise(self, name, config.init_lora_weights)
@@ -269,9 +272,7 @@ class LoraLinear(TunerLayer):
         shapes = {"lora_A.weight": (r, in_f), "lora_B.weight": (out_f, r)}
         if config.lora_bias:
             shapes["lora_B.bias"] = (out_f,)
-        if config.use_dora:
-            shapes["lora_magnitude_vector"] = (out_f,)
-        return shapes
+        return {**shapes, **variant_for(config).file_tensors(out_f)}
 
     def __repr__(self) -> str:
         # PEFT's name for this layer type, which get_layer_status reports and users grep for.

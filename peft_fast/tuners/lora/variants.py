@@ -45,8 +45,14 @@ class LoraVariant:
     name = "lora"
     scales_channels = False  # whether the variant scales output channels (DoRA): mixed batches then need c
 
-    def check(self, layer) -> None:
-        """Refuse a base this variant cannot sit on (before the adapter is created)."""
+    hotswappable = True  # whether hotswap may copy a new adapter's weights into it in place
+
+    def check(self, layer, config) -> None:
+        """Refuse a base or config this variant cannot work with (before the adapter is created)."""
+
+    def file_tensors(self, out_features: int) -> dict[str, tuple[int, ...]]:
+        """Tensors the variant adds to an adapter's file, by file key relative to the layer."""
+        return {}
 
     def init(self, layer, name: str) -> None:
         pass
