@@ -4,8 +4,7 @@ from __future__ import annotations
 import torch
 
 from .kernels import make_lora_batch_meta
-
-BASE = "__base__"
+from .names import BASE_NAME as BASE
 
 
 class AdapterNames(list):

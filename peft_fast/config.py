@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import os
+import typing
 import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional, Union
@@ -20,6 +22,56 @@ from .version import __version__
 
 CONFIG_NAME = "adapter_config.json"
 TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+
+
+class ConfigError(ValueError, TypeError):
+    """A config field holds a value of the wrong type or out of its range; the message names the field and value.
+    Both a ValueError and a TypeError, so that code catching either (as for PEFT's own checks) catches it."""
+
+
+def _describe(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Union:
+        return " or ".join(_describe(a) for a in args)
+    if hint is type(None):
+        return "None"
+    if origin in (list, set, tuple):
+        return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}" if args else "a list"
+    if origin is dict:
+        return f"a dict of {_describe(args[0]).removeprefix('a ')} to {_describe(args[1]).removeprefix('a ')}"
+    names = {bool: "a bool (true/false)", int: "an int", float: "a number", str: "a str", dict: "a dict"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _matches(value, hint) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin is Union:
+        return any(_matches(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)  # not 0/1, and never a string such as "false", which is truthy
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, set, tuple):
+        return isinstance(value, (list, set, tuple)) and all(_matches(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items())
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
 @dataclass(kw_only=True)
@@ -48,6 +100,11 @@ class PeftConfig:
         if type(self) is PeftConfig:
             raise TypeError("PeftConfig is the base of the adapter configs: use LoraConfig (or another tuner's "
                             "config), or PeftConfig.from_pretrained(path) to read a saved one.")
+        for name, hint in _field_types(type(self)).items():
+            value = getattr(self, name)
+            if not _matches(value, hint):
+                raise ConfigError(f"{type(self).__name__}.{name} must be {_describe(hint)}, got {value!r} "
+                                  f"({type(value).__name__}).")
         self.peft_type = registry.peft_type_name(self.peft_type or self.PEFT_TYPE)
         if self.peft_type != self.PEFT_TYPE:
             raise ValueError(f"{type(self).__name__} describes peft_type {self.PEFT_TYPE!r}, but this config has "
@@ -91,7 +148,10 @@ class PeftConfig:
                                           "for this adapter.")
             else:
                 warnings.warn(f"{source}: {key}={value!r} (a PEFT initialisation or training option) is ignored.")
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
 
     @classmethod
     def from_peft(cls, config: Any) -> "PeftConfig":

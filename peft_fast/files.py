@@ -1,7 +1,17 @@
-"""File plumbing: atomic writes, finding adapter files locally or on the Hub, reading safetensors safely."""
+"""File plumbing: atomic writes, verifiable file pairs, finding adapter files locally or on the Hub, reading
+safetensors safely.
+
+An adapter is two files written one after the other. Each is replaced atomically (temp file, fsync, rename), and
+the weights file carries, in its safetensors metadata, a copy of the adapter_config.json written right after it: a
+save killed between the two renames leaves weights next to an older config, which loading refuses (`check_pair`)
+instead of running new weights with, say, an old scaling. Only settings that change what the adapter computes are
+compared, so editing the base model's name or path by hand still loads. PEFT's files (no copy) load as before.
+"""
 from __future__ import annotations
 
+import json
 import os
+import re
 import tempfile
 from typing import Any, Callable, Optional
 
@@ -9,27 +19,91 @@ import torch
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+CONFIG_KEY = "peft_fast_config"  # safetensors metadata: the adapter_config.json saved with the weights
+# adapter_config.json keys that do not change what an adapter computes (hand edits of these are fine).
+INERT_CONFIG_KEYS = ("base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version")
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.tmp$")  # _atomic_write's temp files
 
 
 class AdapterFileNotFoundError(FileNotFoundError, ValueError):
     """A missing adapter file. A ValueError too, as PEFT raises for the same case."""
 
 
+class InterruptedSaveError(ValueError):
+    """adapter_config.json and the weights next to it come from two different saves."""
+
+
+def _default_mode() -> int:
+    """The mode open() would give a new file here (0644 under the usual umask 022), as PEFT's files get."""
+    try:
+        with open("/proc/self/status") as fh:
+            umask = next(int(line.split()[1], 8) for line in fh if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        umask = os.umask(0)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """Write through a temp file in the same folder, then rename: readers never see a half-written file."""
+    """Write through a temp file in the same folder, then rename: readers never see a half-written file. The temp
+    name carries our pid, so a later save can tell a dead writer's leftovers from a live one's (`clean_temps`)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.{os.getpid()}.", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _default_mode())  # mkstemp makes 0600, which writers may keep
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        _fsync_dir(folder)  # the rename is durable before the next file of the pair is renamed
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # platforms without directory handles
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, but not ours to signal
+        return True
+    return True
+
+
+def clean_temps(folder: str) -> list[str]:
+    """Remove temp files that a killed save left in `folder` (their writer's pid is gone); returns their names."""
+    if not os.path.isdir(folder):
+        return []
+    removed = []
+    for entry in os.listdir(folder):
+        m = _TEMP.match(entry)
+        if m is None or int(m["pid"]) == os.getpid() or _alive(int(m["pid"])):
+            continue
+        try:
+            os.unlink(os.path.join(folder, entry))
+            removed.append(entry)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -40,7 +114,8 @@ def atomic_write_text(path: str, text: str) -> None:
     _atomic_write(path, write)
 
 
-def atomic_save_tensors(path: str, tensors: dict[str, torch.Tensor], safe_serialization: bool = True) -> None:
+def atomic_save_tensors(path: str, tensors: dict[str, torch.Tensor], safe_serialization: bool = True,
+                        metadata: Optional[dict[str, str]] = None) -> None:
     seen: set[int] = set()
     out = {}
     for k, v in tensors.items():  # safetensors refuses aliased tensors; PEFT saves such keys as copies too
@@ -52,7 +127,7 @@ def atomic_save_tensors(path: str, tensors: dict[str, torch.Tensor], safe_serial
     if safe_serialization:
         from safetensors.torch import save_file
 
-        _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", **(metadata or {})}))
     else:
         _atomic_write(path, lambda tmp: torch.save(tensors, tmp))
 
@@ -85,6 +160,43 @@ def find_weights(path: str, subfolder: Optional[str] = None, **hub_kwargs: Any) 
             return resolve_file(path, LEGACY_WEIGHTS_NAME, subfolder=subfolder, **hub_kwargs)
         except AdapterFileNotFoundError:
             raise first from None
+
+
+def tensors_metadata(path: str) -> dict[str, str]:
+    """The metadata of a safetensors file (empty for .bin files, which have none)."""
+    if not path.endswith(".safetensors"):
+        return {}
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except Exception:  # a corrupt header is reported by load_tensors, with the file's name
+        return {}
+
+
+def check_pair(config_path: str, weights_path: str) -> None:
+    """Refuse a config that disagrees with the one saved inside the weights file (see the module docstring)."""
+    saved = tensors_metadata(weights_path).get(CONFIG_KEY)
+    if saved is None:
+        return  # written by PEFT or an older peft_fast: nothing to check against
+    try:
+        with open(config_path, encoding="utf-8") as fh:
+            on_disk, with_weights = json.load(fh), json.loads(saved)
+    except (OSError, ValueError):
+        return  # an unreadable config is reported, with its own message, when it is parsed
+    if not isinstance(on_disk, dict) or not isinstance(with_weights, dict):
+        return
+    keys = sorted((set(on_disk) | set(with_weights)) - set(INERT_CONFIG_KEYS))
+    differ = [k for k in keys if on_disk.get(k) != with_weights.get(k)]
+    if differ:
+        shown = "; ".join(f"{k}: {on_disk.get(k)!r} in the file, {with_weights.get(k)!r} with the weights"
+                          for k in differ[:3])
+        raise InterruptedSaveError(
+            f"{config_path} does not match the config {weights_path} was saved with ({shown}). A save into this "
+            "folder was interrupted between its two files, or the config was edited by hand afterwards. Nothing was "
+            "loaded. Save the adapter again; to load these weights with the edited config anyway, pass it "
+            "explicitly: PeftModel.from_pretrained(model, path, config=PeftConfig.from_pretrained(path)).")
 
 
 def load_tensors(path: str) -> dict[str, torch.Tensor]:

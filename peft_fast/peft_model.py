@@ -13,8 +13,9 @@ import torch.nn as nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from . import files
-from .config import PeftConfig, as_config
+from .config import CONFIG_NAME, PeftConfig, as_config
 from .loading import read_adapter
+from .names import check_adapter_name
 from .state_dict import get_peft_model_state_dict
 from .status import TunerLayerStatus, TunerModelStatus, count_parameters, get_layer_status, get_model_status
 from .tuners import injection, registry
@@ -26,13 +27,13 @@ class PeftModel(nn.Module):
 
     def __init__(self, model: nn.Module, peft_config: Any, adapter_name: str = "default",
                  autocast_adapter_dtype: bool = True, *, _plan: Optional[injection.Plan] = None,
-                 _tensors: Optional[dict] = None, **_ignored: Any):
+                 _tensors: Optional[dict] = None, _source: str = "the adapter", **_ignored: Any):
         super().__init__()
         config = as_config(peft_config)
         self.special_peft_forward_args = {"adapter_names"}
         self._adapters_disabled = False
         tuner_cls = registry.get(config.peft_type).model_cls
-        load = {"init": False, "plan": _plan, "tensors": _tensors} if _tensors is not None else {}
+        load = {"init": False, "plan": _plan, "tensors": _tensors, "source": _source} if _tensors is not None else {}
         self.base_model = tuner_cls(model, config, adapter_name, autocast_adapter_dtype, **load)
         _expose_forward_signature(self)
         _prepare_for_gradient_checkpointing(model)
@@ -163,6 +164,8 @@ class PeftModel(nn.Module):
         if kwargs.get("path_initial_model_for_weight_conversion") is not None:
             raise NotImplementedError("path_initial_model_for_weight_conversion is not supported by peft_fast yet.")
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        for n in names:  # a name is a folder below save_directory: never one that leaves it
+            check_adapter_name(n)
         if any(n not in self.peft_config for n in names):
             raise ValueError("You passed an invalid `selected_adapters` arguments, current supported adapter names "
                              f"are {list(self.peft_config.keys())} - got {selected_adapters}.")
@@ -170,15 +173,19 @@ class PeftModel(nn.Module):
             return
         for name in names:
             out_dir = save_directory if name == "default" else os.path.join(save_directory, name)
+            files.clean_temps(out_dir)
             tensors = get_peft_model_state_dict(self, name)
-            weights = files.WEIGHTS_NAME if safe_serialization else files.LEGACY_WEIGHTS_NAME
-            files.atomic_save_tensors(os.path.join(out_dir, weights), tensors, safe_serialization)
             config = copy.deepcopy(self.peft_config[name])
             if config.base_model_name_or_path is None:
                 config.base_model_name_or_path = getattr(self.get_base_model(), "name_or_path", None) or \
                     getattr(getattr(self.get_base_model(), "config", None), "_name_or_path", None) or None
             config.inference_mode = True
-            config.save_pretrained(out_dir, auto_mapping=self._auto_mapping(config))
+            text = config.to_json_string(auto_mapping=self._auto_mapping(config))
+            # The weights first, carrying the config that follows: an interrupted pair is refused when loaded.
+            weights = files.WEIGHTS_NAME if safe_serialization else files.LEGACY_WEIGHTS_NAME
+            files.atomic_save_tensors(os.path.join(out_dir, weights), tensors, safe_serialization,
+                                      metadata={files.CONFIG_KEY: text})
+            files.atomic_write_text(os.path.join(out_dir, CONFIG_NAME), text)
 
     def _auto_mapping(self, config: PeftConfig) -> Optional[dict]:
         # PEFT records the base model class for task-less adapters, so AutoPeftModel can rebuild the model.
@@ -201,7 +208,8 @@ class PeftModel(nn.Module):
         check_file_tensors(tensors, model, plan, tuner_cls, source)
         if cls is PeftModel:
             cls = TASK_MODELS.get(config.task_type, PeftModel)
-        peft_model = cls(model, config, adapter_name, autocast_adapter_dtype, _plan=plan, _tensors=tensors)
+        peft_model = cls(model, config, adapter_name, autocast_adapter_dtype, _plan=plan, _tensors=tensors,
+                         _source=source)
         if not is_trainable:
             peft_model.eval()
         return peft_model
@@ -209,12 +217,13 @@ class PeftModel(nn.Module):
     def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False,
                      torch_device: Optional[str] = None, autocast_adapter_dtype: bool = True, **kwargs: Any):
         """Add the adapter saved at ``model_id`` under ``adapter_name`` (or overwrite that adapter's weights)."""
+        check_adapter_name(adapter_name)
         model, tuner_cls = self.get_base_model(), type(self.base_model)
         if adapter_name in self.peft_config:
             _, tensors, source = read_adapter(model_id, self.peft_config[adapter_name], is_trainable, kwargs)
             plan = injection.plan_adapter(model, self.peft_config[adapter_name], tuner_cls)
             check_file_tensors(tensors, model, plan, tuner_cls, source)
-            load_adapter_tensors(model, tensors, adapter_name)
+            load_adapter_tensors(model, tensors, adapter_name, source)
         else:
             config, tensors, source = read_adapter(model_id, None, is_trainable, kwargs)
             if registry.get(config.peft_type).model_cls is not tuner_cls:
@@ -223,7 +232,7 @@ class PeftModel(nn.Module):
             plan = injection.plan_adapter(model, config, tuner_cls)
             check_file_tensors(tensors, model, plan, tuner_cls, source)
             self.base_model.add_adapter(adapter_name, config, autocast_adapter_dtype, init=False, plan=plan,
-                                        tensors=tensors)
+                                        tensors=tensors, source=source)
             if is_trainable:
                 self.set_requires_grad(adapter_name)
         if not is_trainable:

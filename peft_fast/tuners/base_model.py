@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from ..batching import AdapterNames
 from ..config import as_config
+from ..names import BASE_NAME, check_adapter_name
 from . import injection
 from .base_layer import TunerLayer
 from .modules_to_save import ModulesToSaveWrapper
@@ -32,12 +33,13 @@ class TunerModel(nn.Module):
 
     def __init__(self, model: nn.Module, config: Any, adapter_name: str = "default",
                  autocast_adapter_dtype: bool = True, *, init: Optional[object] = None,
-                 plan: Optional[injection.Plan] = None, tensors: Optional[dict] = None):
+                 plan: Optional[injection.Plan] = None, tensors: Optional[dict] = None, source: str = "the adapter"):
         super().__init__()
         self.model = model
         self.peft_config: dict[str, Any] = {}
         self.active_adapter: str | list[str] = adapter_name
-        self.add_adapter(adapter_name, config, autocast_adapter_dtype, init=init, plan=plan, tensors=tensors)
+        self.add_adapter(adapter_name, config, autocast_adapter_dtype, init=init, plan=plan, tensors=tensors,
+                         source=source)
 
     def forward(self, *args: Any, **kwargs: Any):
         return self.model.forward(*args, **kwargs)
@@ -76,8 +78,9 @@ class TunerModel(nn.Module):
     # --- adding and removing -----------------------------------------------------------------------------------
     def add_adapter(self, adapter_name: str, config: Any, autocast_adapter_dtype: bool = True,
                     init: Optional[object] = None, plan: Optional[injection.Plan] = None,
-                    tensors: Optional[dict] = None) -> None:
+                    tensors: Optional[dict] = None, source: str = "the adapter") -> None:
         """Plan, check, then inject (and load `tensors`); any failure undoes every change (model, configs, grads)."""
+        check_adapter_name(adapter_name)
         config = as_config(config)
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter with name {adapter_name} already exists; delete it first or pick a new name.")
@@ -100,7 +103,11 @@ class TunerModel(nn.Module):
                                         init)
             self.after_injection(config, seen)
             if tensors is not None:
-                load_adapter_tensors(self.model, tensors, adapter_name)
+                load_adapter_tensors(self.model, tensors, adapter_name, source)
+            if not [a for a in self.active_adapters if a in self.peft_config]:
+                before = self.active_adapter
+                undo.push(lambda: setattr(self, "active_adapter", before))
+                self.active_adapter = adapter_name  # nothing was active (the last one was deleted): this one is
             self.set_adapter(self.active_adapters, _check=False)
             if config.inference_mode:
                 injection.set_adapter_requires_grad(self.model, [adapter_name], False)
@@ -131,6 +138,9 @@ class TunerModel(nn.Module):
         if adapter_name in self.active_adapters and new_active:
             warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to "
                           f"{new_active[0] if len(new_active) == 1 else new_active}.")
+        elif adapter_name in self.active_adapters:
+            warnings.warn(f"Adapter {adapter_name} was the last active adapter: none is active now, and outputs are "
+                          "the base model's until an adapter is added or set_adapter(...) is called.")
         for _, m in list(injection.tuner_layers(self.model)):
             if isinstance(m, ModulesToSaveWrapper):
                 m.delete_adapter(adapter_name, new_active)
@@ -144,6 +154,9 @@ class TunerModel(nn.Module):
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False, _check: bool = True) -> None:
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         if _check:  # every check before any change: a refused call leaves the model as it was
+            if not names:
+                raise ValueError("set_adapter needs at least one adapter name; to run the base model alone, use "
+                                 "`with model.disable_adapter():`.")
             self._check_known(names)
             for _, m in injection.tuner_layers(self.model):
                 if isinstance(m, ModulesToSaveWrapper) and sum(n in m.modules_to_save for n in names) > 1:
@@ -185,7 +198,11 @@ class TunerModel(nn.Module):
             raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
         if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
             raise TypeError(f"Got adapter names of type {type(adapter_names).__name__}, expected a list of str.")
-        unknown = {n for n in adapter_names if n != "__base__"} - set(self.peft_config)
+        for i, n in enumerate(adapter_names):
+            if not isinstance(n, str):
+                raise TypeError(f"adapter_names holds {n!r} ({type(n).__name__}) at position {i}: every sample needs "
+                                f"an adapter name (str), or {BASE_NAME!r} for the base model alone.")
+        unknown = {n for n in adapter_names if n != BASE_NAME} - set(self.peft_config)
         if unknown:
             raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")
         if any(m.merged for _, m in self.adapter_layers()):
@@ -223,6 +240,9 @@ class TunerModel(nn.Module):
                 m.unmerge()
 
     def _check_known(self, adapter_names: Optional[list[str]]) -> None:
+        if isinstance(adapter_names, str):
+            raise TypeError(f"adapter_names must be a list of adapter names, got the string {adapter_names!r}; "
+                            f"pass [{adapter_names!r}].")
         for n in adapter_names or []:
             if n not in self.peft_config:
                 raise ValueError(f"Adapter {n} not found. Available adapters: {sorted(self.peft_config)}")

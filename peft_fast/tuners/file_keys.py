@@ -3,6 +3,7 @@ load; each layer class names its own keys (TunerLayer.adapter_state / param_key 
 from __future__ import annotations
 
 import re
+import warnings
 
 import torch
 import torch.nn as nn
@@ -86,13 +87,16 @@ def _base_key(key: str) -> str:
     return re.sub(r"\.modules_to_save\.([^.]+\.)?(?=[^.]+$)", ".", key)
 
 
-def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name: str) -> None:
-    """Copy file-format tensors into an existing adapter's parameters of the adapted model `model`."""
+def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name: str,
+                         source: str = "the adapter") -> None:
+    """Copy file-format tensors into an existing adapter's parameters of the adapted model `model`, all or nothing:
+    every tensor is resolved, checked and converted before the first copy, and a failure while copying puts back
+    what was already copied. Non-finite values load (as in PEFT) with one warning for the adapter."""
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
     layers = {k: m for k, m in model.named_modules() if isinstance(m, TunerLayer)}
     wrappers = {k: m for k, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
-    touched = set()
+    planned, touched, nonfinite = [], set(), []
     with torch.no_grad():
         for file_key, value in tensors.items():
             key = file_key[len(PREFIX):] if file_key.startswith(PREFIX) else file_key
@@ -104,11 +108,41 @@ def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], ada
                 dest = params.get(alt, buffers.get(alt))
             if dest is None:
                 raise ValueError(f"Adapter key {file_key} matches no parameter of the model (looked for {target}).")
-            dest.copy_(value.to(dtype=dest.dtype, device=dest.device))
+            planned.append((dest, _converted(file_key, value, dest)))
             if layer is not None:
                 touched.add(layer)
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                nonfinite.append(file_key)
+        backup = [(dest, dest.detach().clone()) for dest, _ in planned]
+        try:
+            for dest, value in planned:
+                dest.copy_(value)
+        except BaseException:
+            for dest, old in backup:
+                dest.copy_(old)
+            raise
     for layer in touched:
         layer.invalidate()
+    if nonfinite:
+        warnings.warn(f"Adapter {adapter_name!r} ({source}) holds NaN or inf in {len(nonfinite)} tensor(s), e.g. "
+                      f"{nonfinite[0]}: it loads as PEFT loads it, but its outputs will not be finite, and "
+                      "merge_adapter(safe_merge=True) refuses it.", stacklevel=3)
+
+
+def _converted(file_key: str, value, dest: torch.Tensor) -> torch.Tensor:
+    """`value` as `dest` holds it (dtype, device), or a ValueError naming the key: only dense real tensors of
+    `dest`'s shape are copied."""
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"Adapter key {file_key} holds a {type(value).__name__}, not a tensor.")
+    if value.layout != torch.strided:
+        raise ValueError(f"Adapter key {file_key} holds a {value.layout} tensor; adapter weights are dense tensors.")
+    if value.is_complex() or not (value.is_floating_point() or value.dtype in (torch.int8, torch.int16, torch.int32,
+                                                                              torch.int64, torch.uint8)):
+        raise ValueError(f"Adapter key {file_key} holds {value.dtype} values, which {dest.dtype} cannot take.")
+    if tuple(value.shape) != tuple(dest.shape):
+        raise ValueError(f"Adapter key {file_key} has shape {tuple(value.shape)}, the model's parameter "
+                         f"{tuple(dest.shape)}.")
+    return value.to(dtype=dest.dtype, device=dest.device)
 
 
 def _resolve(key: str, adapter_name: str, layers: dict, wrappers: dict) -> tuple[str, object]:

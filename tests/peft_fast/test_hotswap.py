@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 from peft.utils import hotswap as ref_hotswap
+from safetensors.torch import load_file, save_file
 
 from tiny_models import (
     AGAINST_PEFT,
@@ -62,7 +63,8 @@ def adapters(tmp_path_factory):
     for name, (kind, kw, seed) in ADAPTERS.items():
         paths[name] = str(root / name)
         _build(kind, kw, seed).save_pretrained(paths[name])
-    # use_dora: only the config differs (peft_fast does not build DoRA layers yet); the check refuses it first.
+    # use_dora: only the config differs (a DoRA file would also need magnitudes); the check refuses it first. The
+    # weights are rewritten as PEFT writes them (no copy of the config inside, which would refuse the edit earlier).
     paths["decomposed"] = str(root / "decomposed")
     shutil.copytree(paths["a0"], paths["decomposed"])
     cfg_path = paths["decomposed"] + "/adapter_config.json"
@@ -70,6 +72,8 @@ def adapters(tmp_path_factory):
         cfg = json.load(f)
     with open(cfg_path, "w") as f:
         json.dump({**cfg, "use_dora": True}, f)
+    weights = paths["decomposed"] + "/adapter_model.safetensors"
+    save_file(load_file(weights), weights, metadata={"format": "pt"})
     return paths
 
 

@@ -127,12 +127,18 @@ def test_single_adapter_is_linear(ctype):
     assert i.peft_config["merged"].r == 4
 
 
-def test_existing_name_is_a_no_op():
+def test_existing_name_is_refused():
+    """PEFT returns without a word (the old adapter keeps the name); peft_fast says so, changing nothing either."""
     r, i = _trio()
-    for model in (r, i):
-        snap = snapshot(model)
-        _merge(model, name="a1", combination_type="cat")
-        assert_unchanged(model, snap)
+    snap = snapshot(r)
+    _merge(r, name="a1", combination_type="cat")
+    assert_unchanged(r, snap)
+    if AGAINST_PEFT:
+        return
+    snap = snapshot(i)
+    with pytest.raises(ValueError, match="a1 already exists"):
+        _merge(i, name="a1", combination_type="cat")
+    assert_unchanged(i, snap)
 
 
 def test_modules_to_save_and_regex_targets_match_peft():

@@ -5,7 +5,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from ...config import PeftConfig
+from ...config import ConfigError, PeftConfig
 
 SUPPORTED_INITS = (True, False, "gaussian", "pissa", "pissa_niter_[n]", "olora")
 PEFT_ONLY_INITS = ("loftq", "eva", "corda", "orthogonal", "lora_ga", "mica")
@@ -54,15 +54,18 @@ class LoraConfig(PeftConfig):
     bias: str = "none"
     use_rslora: bool = False
     init_lora_weights: Union[bool, str] = True
-    rank_pattern: dict = field(default_factory=dict)
-    alpha_pattern: dict = field(default_factory=dict)
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
     use_dora: bool = False
     lora_bias: bool = False
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {self.r}")
+        super().__post_init__()  # the type of every field
+        bad_rank = {k: v for k, v in self.rank_pattern.items() if v <= 0}
+        if bad_rank:
+            raise ConfigError(f"LoraConfig.rank_pattern must map to positive ranks, got {bad_rank}.")
         if self.bias not in ("none", "all", "lora_only"):
             raise NotImplementedError(f"Requested bias: {self.bias}, is not implemented; use 'none', 'all' or 'lora_only'.")
         if not 0.0 <= float(self.lora_dropout) < 1.0:

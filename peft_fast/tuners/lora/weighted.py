@@ -58,6 +58,7 @@ import torch
 from .. import injection
 from ..merge_utils import dare_linear, dare_ties, magnitude_prune, task_arithmetic, ties
 from ..modules_to_save import ModulesToSaveWrapper
+from ...names import check_adapter_name
 from .config import rewrites_base
 
 SVD_TYPES = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
@@ -123,11 +124,15 @@ def _check_arguments(tuner, adapters, weights, combination_type, density, majori
     """Errors PEFT only meets halfway through (after adding the adapter), raised before anything changes."""
     if len(weights) != len(adapters):
         raise ValueError(f"Got {len(weights)} weights for {len(adapters)} adapters; pass one weight per adapter.")
-    if combination_type not in ("svd", "linear", "cat"):
-        if density is None:  # PEFT: TypeError from `None >= 1`
-            raise TypeError(f"combination_type={combination_type!r} needs `density`, a float in [0, 1].")
-        if density < 0:
-            raise ValueError(f"Density should be >= 0, got {density}")
+    bad = [w for w in weights if not math.isfinite(w)]
+    if bad:
+        raise ValueError(f"weights must be finite numbers, got {bad}: the merged adapter would be NaN or inf.")
+    if density is not None and density < 0:
+        raise ValueError(f"Density should be >= 0, got {density}")
+    if density is not None and not density <= 1:
+        raise ValueError(f"density is the fraction of values kept, in [0, 1]; got {density}.")
+    if combination_type not in ("svd", "linear", "cat") and density is None:  # PEFT: TypeError from `None >= 1`
+        raise TypeError(f"combination_type={combination_type!r} needs `density`, a float in [0, 1].")
     if "ties" in combination_type and majority_sign_method not in ("total", "frequency"):
         raise RuntimeError(f'Unimplemented mask method "{majority_sign_method}"')
     if combination_type in SVD_TYPES:
@@ -167,9 +172,13 @@ def add_weighted_adapter(tuner, adapters: Sequence[str], weights: Sequence[float
     """Add ``adapter_name`` to ``tuner`` (a LoraModel), merged from ``adapters`` with ``weights`` (negative weights
     subtract). See the module docstring for the combination types and the deviations from PEFT. As in PEFT, an
     existing ``adapter_name`` makes this a no-op, and a single adapter is always merged with "linear"."""
-    if adapter_name in tuner.peft_config:
-        return
-    adapters, weights = list(adapters), [float(w) for w in weights]
+    check_adapter_name(adapter_name)
+    if adapter_name in tuner.peft_config:  # PEFT returns without a word, leaving the old adapter under the name
+        raise ValueError(f"Adapter {adapter_name} already exists; add_weighted_adapter creates a new adapter: pick "
+                         "a new name, or delete the existing one first.")
+    if svd_rank is not None and (not isinstance(svd_rank, int) or isinstance(svd_rank, bool) or svd_rank <= 0):
+        raise ValueError(f"svd_rank must be a positive int (or None for the largest rank), got {svd_rank!r}.")
+    adapters, weights = list(adapters), [_number("weights", w) for w in weights]
     combination_type, new_rank, new_targets = check_weighted_adapter(tuner, adapters, combination_type, svd_rank)
     _check_arguments(tuner, adapters, weights, combination_type, density, majority_sign_method, svd_clamp,
                      svd_driver)
@@ -200,6 +209,13 @@ def add_weighted_adapter(tuner, adapters: Sequence[str], weights: Sequence[float
         raise
     finally:
         bar.close()
+
+
+def _number(what: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not (
+            isinstance(value, torch.Tensor) and value.numel() == 1):
+        raise TypeError(f"{what} must hold numbers, got {value!r} ({type(value).__name__}).")
+    return float(value)
 
 
 def _progress(total: int, enabled: bool):
