@@ -19,6 +19,7 @@ from .peft_model import (  # noqa: E402
     get_peft_model,
     patch,
 )
+from .peft_interop import patch_peft, patched_layers, unpatch  # noqa: E402
 from .state_dict import get_peft_model_state_dict, set_peft_model_state_dict  # noqa: E402
 from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status  # noqa: E402
 from .tuners.lora import LoraConfig, LoraLinear, LoraModel  # noqa: E402  (registers LoRA)
@@ -51,6 +52,8 @@ __all__ = [
     "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "QuantizedMergeWarning", "TaskType",
     "TunerLayerStatus", "TunerModelStatus", "get_layer_status", "get_model_status", "get_peft_model",
     "get_peft_model_state_dict", "patch", "set_peft_model_state_dict",
+    # speeding up Hugging Face PEFT models in place
+    "patch_peft", "patched_layers", "unpatch",
     # task-vector merging (PEFT's peft.utils.merge_utils)
     "calculate_majority_sign_mask", "dare_linear", "dare_ties", "disjoint_merge", "magnitude_prune", "prune",
     "task_arithmetic", "ties",

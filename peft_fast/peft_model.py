@@ -11,24 +11,41 @@ from typing import Any, Optional
 
 import torch.nn as nn
 from torch.nn.modules.module import _IncompatibleKeys
+from transformers.utils import PushToHubMixin
 
 from . import files
 from .config import CONFIG_NAME, PeftConfig, as_config
 from .loading import read_adapter
 from .names import check_adapter_name
+from .peft_interop import patch_peft_model
 from .state_dict import get_peft_model_state_dict
 from .status import TunerLayerStatus, TunerModelStatus, count_parameters, get_layer_status, get_model_status
 from .tuners import injection, registry
 from .tuners.file_keys import check_file_tensors, load_adapter_tensors
 
 
-class PeftModel(nn.Module):
+def _bases() -> tuple[type, ...]:
+    """transformers' Trainer, Accelerate and TRL recognise an adapter model by `isinstance(model, peft.PeftModel)`,
+    and only then save adapter-only checkpoints, unwrap it, or load the best checkpoint as an adapter. With Hugging
+    Face PEFT installed, peft_fast's PeftModel therefore subclasses PEFT's: every method a caller uses is peft_fast's
+    own (PEFT's __init__ never runs; its prompt-learning internals stay unused). Without PEFT it is a plain Module
+    that can push to the Hub."""
+    try:
+        from peft import PeftModel as HFPeftModel
+    except ImportError:
+        return (PushToHubMixin, nn.Module)
+    return (HFPeftModel,)
+
+
+class PeftModel(*_bases()):
     """A model with adapters. ``state_dict`` keys are PEFT's: ``base_model.model.<path>.lora_A.<name>.weight``."""
+
+    _is_prompt_learning = False  # read by PEFT's inherited helpers (model cards, generation) when PEFT is installed
 
     def __init__(self, model: nn.Module, peft_config: Any, adapter_name: str = "default",
                  autocast_adapter_dtype: bool = True, *, _plan: Optional[injection.Plan] = None,
                  _tensors: Optional[dict] = None, _source: str = "the adapter", **_ignored: Any):
-        super().__init__()
+        nn.Module.__init__(self)
         config = as_config(peft_config)
         self.special_peft_forward_args = {"adapter_names"}
         self._adapters_disabled = False
@@ -296,8 +313,14 @@ def get_peft_model(model: nn.Module, peft_config: Any, adapter_name: str = "defa
     return cls(model, config, adapter_name, autocast_adapter_dtype)
 
 
-def patch(model: nn.Module, config: Any, adapter_name: str = "default", **kwargs: Any) -> PeftModel:
-    """Turn ``model`` into an adapter model in place: target layers become peft_fast adapter layers."""
+def patch(model: nn.Module, config: Any = None, adapter_name: str = "default", **kwargs: Any) -> nn.Module:
+    """``patch(model, config)``: turn ``model`` into an adapter model in place (target layers become peft_fast
+    adapter layers), as ``get_peft_model``. ``patch(peft_model)``: run a Hugging Face PEFT model's adapter layers on
+    peft_fast's kernels in place, keeping PEFT's classes, parameters and files (``unpatch`` reverts it)."""
+    if config is None:
+        if isinstance(model, PeftModel):
+            raise TypeError("This model is a peft_fast PeftModel already: it runs on peft_fast's kernels.")
+        return patch_peft_model(model)
     return get_peft_model(model, config, adapter_name, **kwargs)
 
 

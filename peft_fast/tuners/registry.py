@@ -7,7 +7,7 @@ hot-swapping, PeftConfig.from_pretrained) asks here; nothing outside a tuner's o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 
 @dataclass(frozen=True)
@@ -16,6 +16,9 @@ class TunerSpec:
     config_cls: type  # a PeftConfig subclass
     model_cls: type  # a TunerModel subclass
     layer_classes: tuple  # its TunerLayer subclasses
+    # Running Hugging Face PEFT's own layers of this type on peft_fast's kernels (peft_interop.py): an object with
+    # handles(layer), adopt(layer) -> None or why not, adopted(layer), release(layer); None when not offered.
+    peft_layers: Optional[Any] = None
 
 
 _TUNERS: dict[str, TunerSpec] = {}
@@ -49,6 +52,10 @@ def get(peft_type: Any) -> TunerSpec:
 
 def known() -> list[str]:
     return sorted(_TUNERS)
+
+
+def specs() -> list[TunerSpec]:
+    return list(_TUNERS.values())
 
 
 def default_type() -> str:

@@ -1,10 +1,9 @@
 """LoraLinear: the thin module that replaces a target linear layer. It owns parameters; kernels do the math.
 
 Same attribute and parameter names as PEFT's `lora.Linear`. Each adapter has a variant (variants.py: plain LoRA,
-dora.py: DoRA), chosen when the adapter is created. Forward runs the layer's launch plan: decided once per plan key
-(base_layer.py) and dropped by the events that change it, it is either the base module alone, one fused op for a
-single adapter over a fusable base (`variant.fused`), or the base module followed by each adapter's step in PEFT's
-order (`loop`).
+dora.py: DoRA), chosen when the adapter is created. What forward computes is compute.py's (shared with PEFT's own
+layers when peft_fast accelerates them in place); this file holds the adapters' state, PEFT's merge rule and the
+file layout.
 """
 from __future__ import annotations
 
@@ -15,13 +14,12 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from ...batching import AdapterNames
-from ...kernels import multi_lora, use_triton
 from ..base_layer import TunerLayer
 from . import init as lora_init
+from .compute import LoraCompute
 from .dora import DoraVariant
-from .stacks import AdapterStacks, StackCache, stack_dtype
-from .variants import LORA, op_args
+from .stacks import StackCache
+from .variants import LORA
 
 
 def variant_for(config):
@@ -37,22 +35,7 @@ class _MergeContext:
         self.norms: dict[str, torch.Tensor] = {}  # DoRA: the norm each adapter's merge used
 
 
-class _LoraPlan:
-    """What forward runs: the fused op of a single adapter when there is one (and no extra forward arguments),
-    else the base module followed by PEFT's adapter loop."""
-
-    __slots__ = ("layer", "active", "fused")
-
-    def __init__(self, layer: "LoraLinear", active: list[str], fused):
-        self.layer, self.active, self.fused = layer, active, fused
-
-    def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.fused is not None and not (args or kwargs):
-            return self.fused(x)
-        return self.layer.loop(x, self.layer.base_layer(x, *args, **kwargs), self.active)
-
-
-class LoraLinear(TunerLayer):
+class LoraLinear(LoraCompute, TunerLayer):
     """PEFT's ``lora.Linear``: same attribute names, same parameter names, same semantics."""
 
     adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
@@ -134,14 +117,6 @@ class LoraLinear(TunerLayer):
             if autocast_adapter_dtype and mod[name].weight.dtype in (torch.float16, torch.bfloat16):
                 mod[name] = mod[name].to(torch.float32)
 
-    def adapter_args(self, name: str) -> tuple:
-        """(A, B, scaling, dropout p, B's bias) of adapter `name` as the ops take them (variants.op_args)."""
-        dropout = self.lora_dropout[name]
-        p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-        b_params = self.lora_B._modules[name]._parameters
-        return op_args(self.lora_A._modules[name]._parameters["weight"], b_params["weight"], b_params.get("bias"),
-                       self.scaling[name], p)
-
     def _clear_caches(self) -> None:
         self._stack_cache = None
         for variant in self.lora_variant.values():
@@ -151,65 +126,8 @@ class LoraLinear(TunerLayer):
         if len(self.lora_magnitude_vector):  # only DoRA's values can go stale without a version bump's notice
             super().refresh()
 
-    # --- forward -------------------------------------------------------------------------------------------------
-    def make_plan(self, x: torch.Tensor):
-        active = [a for a in self.active_adapters if a in self.lora_A]
-        if self.merged or not active:
-            return self.base_layer
-        fused = self.lora_variant[active[0]].fused(self, active[0], x) if len(active) == 1 else None
-        return _LoraPlan(self, active, fused)
-
-    def loop(self, x: torch.Tensor, result: torch.Tensor, active: list[str]) -> torch.Tensor:
-        """PEFT's adapter loop after the base output `result`: its dense `lora.Linear` order (the sum cast once) or
-        its bnb `Linear4bit` order (each delta cast to the output dtype, x kept cast to the adapter dtype)."""
-        q4 = self.base_view.quantized
-        cast = q4 or any(self.lora_variant[n].scales_channels for n in active)
-        out_dtype = result.dtype
-        for name in active:
-            if cast:
-                x = x.to(self.lora_A[name].weight.dtype)
-            result = self.lora_variant[name].add(self, name, x, result, q4, out_dtype)
-            if q4:
-                result = result.to(out_dtype)
-        return result.to(out_dtype)
-
-    def mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
-        result = self.base_layer(x, *args, **kwargs)
-        if not any(n in self.lora_A for n in set(adapter_names)):
-            return result
-        if isinstance(adapter_names, AdapterNames) and not self._needs_grad(x):
-            # One shrink and one expand for the whole batch, whatever the number of adapters in it.
-            stacks = self._stacks(adapter_names.slot_names, x)
-            x2d, y2d = x.reshape(-1, self.in_features), result.reshape(-1, self.out_features)
-            multi_lora(x2d, y2d, stacks.a, stacks.b, stacks.ranks, stacks.scalings, adapter_names.meta_for(x),
-                       stacks.bias, inplace=True,  # the base output is ours and needs no autograd
-                       dora_scale=stacks.dora_scale,
-                       base_bias=self.bias.detach() if stacks.dora_scale is not None and self.bias is not None
-                       else None)
-            return result
-        # Gradients wanted (or a caller passed a plain list): PEFT's per-adapter loop, differentiable.
-        q4 = self.base_view.quantized
-        for name in set(adapter_names):
-            if name == "__base__" or name not in self.lora_A:
-                continue
-            rows = [i for i, item in enumerate(adapter_names) if item == name]
-            x = self.lora_variant[name].mixed_rows(self, name, x, result, rows, q4)
-        return result
-
-    def _needs_grad(self, x: torch.Tensor) -> bool:
-        if not torch.is_grad_enabled():
-            return False
-        return x.requires_grad or any(p.requires_grad for d in (self.lora_A, self.lora_B, self.lora_magnitude_vector)
-                                      for p in d.parameters())
-
-    def _stacks(self, slot_names: tuple[str, ...], x: torch.Tensor) -> AdapterStacks:
-        """Stacked adapter weights for the batched kernels, rebuilt only when an adapter changed."""
-        adapter_dtype = next(iter(self.lora_A.values())).weight.dtype
-        dtype = stack_dtype(x, adapter_dtype, use_triton(x))
-        cache = self._stack_cache
-        if cache is None or not cache.fresh(self, slot_names, dtype):
-            cache = self._stack_cache = StackCache(self, slot_names, dtype)
-        return cache.stacks
+    def variant(self, name: str):
+        return self.lora_variant[name]
 
     # --- merging: LoRA's rule (the bookkeeping is tuners/merging.py) ----------------------------------------------
     def get_delta_weight(self, name: str) -> torch.Tensor:

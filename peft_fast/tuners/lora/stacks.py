@@ -73,7 +73,7 @@ class StackCache:
 
 
 def _scales_channels(layer, name: str) -> bool:
-    variant = layer.lora_variant.get(name)
+    variant = layer.variant(name) if name in layer.lora_A else None
     return variant is not None and variant.scales_channels
 
 
@@ -112,5 +112,5 @@ def build_stacks(layer, slot_names: tuple[str, ...], dtype: torch.dtype) -> Adap
         with torch.no_grad():
             for i, name in enumerate(slot_names):
                 if name in dora_names:
-                    dora_scale[i] = layer.lora_variant[name].mixed_scale(layer, name)
+                    dora_scale[i] = layer.variant(name).mixed_scale(layer, name)
     return AdapterStacks(a, b, ranks.to(ref.device), scalings.to(ref.device), bias, dora_scale)

@@ -1,0 +1,106 @@
+"""What a LoRA layer computes, written against PEFT's attribute names (lora_A, lora_B, lora_dropout, scaling,
+lora_magnitude_vector, base_layer, active_adapters, merged), so that the same code runs peft_fast's LoraLinear and,
+adopted in place, Hugging Face PEFT's own lora.Linear / lora.bnb.Linear4bit layers (peft_layers.py).
+
+Forward runs the layer's launch plan (TunerLayer.plan): decided once per plan key, it is the base module alone,
+one fused op for a single adapter over a fusable base (`variant.fused`), or the base module followed by each
+adapter's step in PEFT's order (`loop`). A class mixing this in provides `variant(name)`, `base_view`, `plan` and
+`_stack_cache`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ...batching import AdapterNames
+from ...kernels import multi_lora, use_triton
+from .stacks import AdapterStacks, StackCache, stack_dtype
+from .variants import op_args
+
+
+class _LoraPlan:
+    """What forward runs: the fused op of a single adapter when there is one (and no extra forward arguments),
+    else the base module followed by PEFT's adapter loop."""
+
+    __slots__ = ("layer", "active", "fused")
+
+    def __init__(self, layer, active: list[str], fused):
+        self.layer, self.active, self.fused = layer, active, fused
+
+    def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.fused is not None and not (args or kwargs):
+            return self.fused(x)
+        return self.layer.loop(x, self.layer.base_layer(x, *args, **kwargs), self.active)
+
+
+class LoraCompute:
+    def adapter_args(self, name: str) -> tuple:
+        """(A, B, scaling, dropout p, B's bias) of adapter `name` as the ops take them (variants.op_args)."""
+        dropout = self.lora_dropout[name]
+        p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+        b_params = self.lora_B._modules[name]._parameters
+        return op_args(self.lora_A._modules[name]._parameters["weight"], b_params["weight"], b_params.get("bias"),
+                       self.scaling[name], p)
+
+    # --- forward -------------------------------------------------------------------------------------------------
+    def make_plan(self, x: torch.Tensor):
+        active = [a for a in self.active_adapters if a in self.lora_A]
+        if self.merged or not active:
+            return self.base_layer
+        fused = self.variant(active[0]).fused(self, active[0], x) if len(active) == 1 else None
+        return _LoraPlan(self, active, fused)
+
+    def loop(self, x: torch.Tensor, result: torch.Tensor, active: list[str]) -> torch.Tensor:
+        """PEFT's adapter loop after the base output `result`: its dense `lora.Linear` order (the sum cast once) or
+        its bnb `Linear4bit` order (each delta cast to the output dtype, x kept cast to the adapter dtype)."""
+        q4 = self.base_view.quantized
+        cast = q4 or any(self.variant(n).scales_channels for n in active)
+        out_dtype = result.dtype
+        for name in active:
+            if cast:
+                x = x.to(self.lora_A[name].weight.dtype)
+            result = self.variant(name).add(self, name, x, result, q4, out_dtype)
+            if q4:
+                result = result.to(out_dtype)
+        return result.to(out_dtype)
+
+    def mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
+        result = self.base_layer(x, *args, **kwargs)
+        if not any(n in self.lora_A for n in set(adapter_names)):
+            return result
+        if isinstance(adapter_names, AdapterNames) and not self._needs_grad(x):
+            # One shrink and one expand for the whole batch, whatever the number of adapters in it.
+            stacks = self._stacks(adapter_names.slot_names, x)
+            x2d, y2d = x.reshape(-1, self.in_features), result.reshape(-1, self.out_features)
+            multi_lora(x2d, y2d, stacks.a, stacks.b, stacks.ranks, stacks.scalings, adapter_names.meta_for(x),
+                       stacks.bias, inplace=True,  # the base output is ours and needs no autograd
+                       dora_scale=stacks.dora_scale,
+                       base_bias=self.base_view.bias.detach() if stacks.dora_scale is not None and
+                       self.base_view.bias is not None else None)
+            return result
+        # Gradients wanted (or a caller passed a plain list): PEFT's per-adapter loop, differentiable.
+        q4 = self.base_view.quantized
+        for name in set(adapter_names):
+            if name == "__base__" or name not in self.lora_A:
+                continue
+            rows = [i for i, item in enumerate(adapter_names) if item == name]
+            x = self.variant(name).mixed_rows(self, name, x, result, rows, q4)
+        return result
+
+    def _needs_grad(self, x: torch.Tensor) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        return x.requires_grad or any(p.requires_grad for d in (self.lora_A, self.lora_B, self.lora_magnitude_vector)
+                                      for p in d.parameters())
+
+    def _stacks(self, slot_names: tuple[str, ...], x: torch.Tensor) -> AdapterStacks:
+        """Stacked adapter weights for the batched kernels, rebuilt only when an adapter changed."""
+        adapter_dtype = next(iter(self.lora_A.values())).weight.dtype
+        dtype = stack_dtype(x, adapter_dtype, use_triton(x))
+        cache = self._stack_cache
+        if cache is None or not cache.fresh(self, slot_names, dtype):
+            cache = self._stack_cache = StackCache(self, slot_names, dtype)
+        return cache.stacks
+

@@ -1,0 +1,149 @@
+"""Hugging Face PEFT's own LoRA layers, run on peft_fast's kernels in place (`peft_fast.patch(peft_model)`).
+
+An adopted layer keeps everything of PEFT's (its class in its MRO, parameters, names, merging, adapter management,
+files): only `forward` changes, to compute.py's plan-based forward, which reads the same attributes. Its class
+becomes `Fast<PEFT class>` (a subclass of PEFT's, so every isinstance check still holds) and `release` puts the
+original back. Because PEFT's own methods (set_adapter, merge, ...) do not know about launch plans, an adopted
+layer's plan key also holds the PEFT state a plan depends on (active adapters, their DoRA flags, merged).
+
+Adopted: `lora.Linear` and `lora.bnb.Linear4bit` over bases peft_fast has a view for, with plain LoRA or DoRA
+adapters. Anything else (embeddings, convolutions, 8-bit bases, aLoRA/QALoRA/Arrow/VeLoRA variants) is left to
+PEFT, and `adopt` says why.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Optional
+
+import torch
+
+from ...bases import supported
+from ...batching import AdapterNames
+from ..base_layer import TunerLayer
+from .compute import LoraCompute
+from .dora import DoraVariant
+from .variants import LORA
+
+_BATCH_NAMES: list = [None, None]  # (the last plain adapter_names list seen, its AdapterNames): one per forward
+
+
+class FastPeftLora(LoraCompute):
+    """The compute of a PEFT LoRA layer replaced by peft_fast's; mixed in before PEFT's class."""
+
+    base_view = TunerLayer.base_view
+    plan = TunerLayer.plan
+    __getstate__ = TunerLayer.__getstate__
+
+    def variant(self, name: str):
+        # PEFT's lora_variant holds its own variant objects; ours live beside them, rebuilt if the adapter changes
+        is_dora = bool(self.use_dora.get(name, False))
+        entry = self._pf_variants.get(name)
+        if entry is None or entry[0] != is_dora:
+            entry = self._pf_variants[name] = (is_dora, DoraVariant() if is_dora else LORA)
+        return entry[1]
+
+    def plan_key(self, x: torch.Tensor) -> tuple:
+        active = tuple(self.active_adapters)
+        return (*TunerLayer.plan_key(self, x), active, tuple(self.use_dora.get(a, False) for a in active),
+                bool(self.merged_adapters))
+
+    def _clear_caches(self) -> None:
+        self._stack_cache = None
+        for _, variant in self._pf_variants.values():
+            variant.clear()
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        TunerLayer.invalidate(self, base=True)
+        return result
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        variant_kwargs = {k: kwargs.get(k) for k in _variant_kwarg_keys() if kwargs.get(k) is not None}
+        if variant_kwargs:  # arguments of PEFT's other variants (aLoRA offsets, ...): PEFT computes those
+            return self._pf_original.forward(self, x, *args, **kwargs)
+        for k in _variant_kwarg_keys():
+            kwargs.pop(k, None)
+        self._check_forward_args(x, *args, **kwargs)
+        adapter_names = kwargs.pop("adapter_names", None)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self.mixed_batch_forward(x, *args, adapter_names=_batch_names(adapter_names), **kwargs)
+        return self.plan(x)(x, *args, **kwargs)
+
+
+def _variant_kwarg_keys() -> tuple:
+    return tuple(getattr(importlib.import_module("peft.tuners.lora.layer"), "VARIANT_KWARG_KEYS", ()))
+
+
+def _batch_names(names):
+    """PEFT hands every layer of one forward the same adapter_names list: turn it into one AdapterNames (slots and
+    batch metadata shared by all layers, as peft_fast's own model does), once per list."""
+    if isinstance(names, AdapterNames):
+        return names
+    if _BATCH_NAMES[0] is not names:
+        slots = tuple(sorted({n for n in names if n != "__base__"}))
+        _BATCH_NAMES[:] = [names, AdapterNames(list(names), slots)]
+    return _BATCH_NAMES[1]
+
+
+def _peft_classes() -> dict[type, type]:
+    """PEFT's adoptable layer classes -> their Fast subclasses, built once (module attributes: picklable)."""
+    if _CLASSES:
+        return _CLASSES
+    layer = importlib.import_module("peft.tuners.lora.layer")
+    originals = [layer.Linear]
+    try:
+        originals.append(importlib.import_module("peft.tuners.lora.bnb").Linear4bit)
+    except (ImportError, AttributeError):  # PEFT without bitsandbytes has no 4-bit layer
+        pass
+    for original in originals:
+        name = f"Fast{original.__name__}"
+        fast = type(name, (FastPeftLora, original), {"__module__": __name__, "_pf_original": original})
+        globals()[name] = fast
+        _CLASSES[original] = fast
+    return _CLASSES
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def handles(layer) -> bool:
+    """A PEFT LoRA layer (adoptable or not)."""
+    try:
+        return isinstance(layer, importlib.import_module("peft.tuners.lora.layer").LoraLayer)
+    except ImportError:
+        return False
+
+
+def adopted(layer) -> bool:
+    return isinstance(layer, FastPeftLora)
+
+
+def adopt(layer) -> Optional[str]:
+    """Run `layer` on peft_fast's kernels; None when done (or already), else why it stays PEFT's."""
+    if adopted(layer):
+        return None
+    fast = _peft_classes().get(type(layer))
+    if fast is None:
+        return f"{type(layer).__name__} layers are not accelerated (peft_fast runs LoRA on Linear/Conv1D and 4-bit bases)"
+    if not supported(layer.base_layer):
+        return f"its base {type(layer.base_layer).__name__} has no peft_fast view"
+    dora = importlib.import_module("peft.tuners.lora.variants").DoraLinearVariant
+    others = sorted({type(v).__name__ for v in layer.lora_variant.values() if not isinstance(v, dora)})
+    if others:
+        return f"its adapters use {', '.join(others)}, which peft_fast does not run"
+    layer.__dict__.update(_plans={}, _view=None, _stack_cache=None, _pf_variants={})
+    layer.__class__ = fast
+    return None
+
+
+def release(layer) -> None:
+    """Give `layer` back to PEFT's forward."""
+    if not adopted(layer):
+        return
+    layer.__class__ = layer._pf_original
+    for key in ("_plans", "_view", "_stack_cache", "_pf_variants"):
+        layer.__dict__.pop(key, None)
