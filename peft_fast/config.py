@@ -165,6 +165,17 @@ class PeftConfig:
             data[key] = getattr(data.get(key), "value", data.get(key))
         return target.from_dict(data, source=f"peft.{type(config).__name__}")
 
+    def to_peft(self) -> Any:
+        """The same config as Hugging Face PEFT's class (e.g. peft.LoraConfig), for tools that accept only PEFT's
+        configs, such as TRL's `peft_config=`: build the model inside `peft_fast.patch_peft()` to run it on
+        peft_fast's kernels."""
+        try:
+            from peft import get_peft_config
+        except ImportError as exc:
+            raise ImportError("to_peft() needs Hugging Face PEFT (`pip install peft`).") from exc
+        data = {k: sorted(v) if isinstance(v, set) else v for k, v in self.to_dict().items()}
+        return get_peft_config(data)
+
     # --- files -------------------------------------------------------------------------------------------------
     def to_json_string(self, auto_mapping: Optional[dict] = None) -> str:
         """PEFT's adapter_config.json: every key PEFT writes (its features we lack at their neutral values)."""

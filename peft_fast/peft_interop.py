@@ -13,6 +13,7 @@ import contextlib
 import functools
 import importlib
 import warnings
+import weakref
 from typing import Iterator
 
 import torch.nn as nn
@@ -36,20 +37,35 @@ def _owner(layer):
     return None
 
 
+_WARNED: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKeyDictionary()  # what each model was told
+
+
+def peft_layer_names(model: nn.Module) -> list[str]:
+    """Names of the Hugging Face PEFT adapter layers in `model` (none without PEFT installed)."""
+    try:
+        base_tuner_layer = importlib.import_module("peft.tuners.tuners_utils").BaseTunerLayer
+    except ImportError:
+        return []
+    return [name for name, module in model.named_modules() if isinstance(module, base_tuner_layer)]
+
+
 def patch_peft_model(model: nn.Module) -> nn.Module:
     """Run the adapter layers of a Hugging Face PEFT model (or any module holding PEFT adapter layers) on peft_fast's
     kernels, in place; returns the model. Outputs and gradients are PEFT's (to rounding on GPUs)."""
-    base_tuner_layer = importlib.import_module("peft.tuners.tuners_utils").BaseTunerLayer
+    _peft()
     refused: dict[str, list[str]] = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, base_tuner_layer):
-            continue
+    for name in peft_layer_names(model):
+        module = model.get_submodule(name)
         owner = _owner(module)
         why = owner.adopt(module) if owner is not None else (
             f"{type(module).__module__.split('.')[-2]} adapters ({type(module).__name__}) have no peft_fast kernels")
         if why is not None:
             refused.setdefault(why, []).append(name)
+    told = _WARNED.setdefault(model, set())
     for why, names in refused.items():
+        if (why, tuple(names)) in told:
+            continue
+        told.add((why, tuple(names)))
         shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
         warnings.warn(f"peft_fast left {len(names)} layer(s) to PEFT ({shown}): {why}.", stacklevel=2)
     return model

@@ -17,7 +17,7 @@ from . import files
 from .config import CONFIG_NAME, PeftConfig, as_config
 from .loading import read_adapter
 from .names import check_adapter_name
-from .peft_interop import patch_peft_model
+from .peft_interop import patch_peft_model, peft_layer_names
 from .state_dict import get_peft_model_state_dict
 from .status import TunerLayerStatus, TunerModelStatus, count_parameters, get_layer_status, get_model_status
 from .tuners import injection, registry
@@ -320,6 +320,10 @@ def patch(model: nn.Module, config: Any = None, adapter_name: str = "default", *
     if config is None:
         if isinstance(model, PeftModel):
             raise TypeError("This model is a peft_fast PeftModel already: it runs on peft_fast's kernels.")
+        if not peft_layer_names(model):
+            raise TypeError(f"patch(model) without a config speeds up a Hugging Face PEFT model, and this "
+                            f"{type(model).__name__} holds no PEFT adapter layers: to add adapters, pass a config, "
+                            "e.g. patch(model, LoraConfig(...)).")
         return patch_peft_model(model)
     return get_peft_model(model, config, adapter_name, **kwargs)
 
