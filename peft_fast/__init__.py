@@ -7,7 +7,18 @@ from .version import __version__  # noqa: F401
 from .bases import NF4Linear  # noqa: E402
 from .bases.kbit import prepare_model_for_kbit_training  # noqa: E402
 from .bases.quantize import quantize  # noqa: E402
+from .auto import (  # noqa: E402
+    AutoPeftModel,
+    AutoPeftModelForCausalLM,
+    AutoPeftModelForFeatureExtraction,
+    AutoPeftModelForQuestionAnswering,
+    AutoPeftModelForSeq2SeqLM,
+    AutoPeftModelForSequenceClassification,
+    AutoPeftModelForTokenClassification,
+)
 from .config import PeftConfig  # noqa: E402
+from .enums import PeftType, TaskType  # noqa: E402
+from .functional import get_peft_config, inject_adapter_in_model, load_peft_weights  # noqa: E402
 from .peft_model import (  # noqa: E402
     PeftModel,
     PeftModelForCausalLM,
@@ -42,16 +53,16 @@ from .tuners.merging import QuantizedMergeWarning  # noqa: E402
 from .tuners.modules_to_save import ModulesToSaveWrapper  # noqa: E402
 from .tuners.targets import NoMatchingPeftModuleError  # noqa: E402
 
-TaskType = type("TaskType", (), {t: t for t in ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS",
-                                                 "QUESTION_ANS", "FEATURE_EXTRACTION")})
-
 __all__ = [
     "LoraConfig", "PeftConfig", "LoraLinear", "LoraModel", "ModulesToSaveWrapper", "NoMatchingPeftModuleError",
-    "PeftModel", "PeftModelForCausalLM",
+    "PeftModel", "PeftModelForCausalLM", "PeftType",
     "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM",
     "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "QuantizedMergeWarning", "TaskType",
     "TunerLayerStatus", "TunerModelStatus", "get_layer_status", "get_model_status", "get_peft_model",
     "get_peft_model_state_dict", "patch", "set_peft_model_state_dict",
+    "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
+    "AutoPeftModelForQuestionAnswering", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
+    "AutoPeftModelForTokenClassification", "get_peft_config", "inject_adapter_in_model", "load_peft_weights",
     # speeding up Hugging Face PEFT models in place
     "patch_peft", "patched_layers", "unpatch",
     # task-vector merging (PEFT's peft.utils.merge_utils)

@@ -16,12 +16,12 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional, Union
 
+from .enums import TASK_TYPES
 from .files import AdapterFileNotFoundError, atomic_write_text, resolve_file
 from .tuners import registry
 from .version import __version__
 
 CONFIG_NAME = "adapter_config.json"
-TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 
 
 class ConfigError(ValueError, TypeError):
@@ -106,6 +106,8 @@ class PeftConfig:
                 raise ConfigError(f"{type(self).__name__}.{name} must be {_describe(hint)}, got {value!r} "
                                   f"({type(value).__name__}).")
         self.peft_type = registry.peft_type_name(self.peft_type or self.PEFT_TYPE)
+        if self.task_type is not None:  # TaskType members (str enums) are stored as the strings files hold
+            self.task_type = registry.peft_type_name(self.task_type)
         if self.peft_type != self.PEFT_TYPE:
             raise ValueError(f"{type(self).__name__} describes peft_type {self.PEFT_TYPE!r}, but this config has "
                              f"peft_type={self.peft_type!r}; peft_fast implements {', '.join(registry.known())}.")

@@ -16,6 +16,8 @@ from transformers.utils import PushToHubMixin
 from . import files
 from .config import CONFIG_NAME, PeftConfig, as_config
 from .loading import read_adapter
+from .hub import push_to_hub
+from .model_card import write_model_card
 from .names import check_adapter_name
 from .peft_interop import patch_peft_model, peft_layer_names
 from .state_dict import get_peft_model_state_dict
@@ -203,6 +205,13 @@ class PeftModel(*_bases()):
             files.atomic_save_tensors(os.path.join(out_dir, weights), tensors, safe_serialization,
                                       metadata={files.CONFIG_KEY: text})
             files.atomic_write_text(os.path.join(out_dir, CONFIG_NAME), text)
+        write_model_card(self, save_directory)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any):
+        """Upload the adapter files and model card to the Hub repo `repo_id` (created if missing) in one commit;
+        keyword arguments: commit_message, commit_description, private, token, revision, create_pr,
+        safe_serialization, selected_adapters, tags."""
+        return push_to_hub(self, repo_id, **kwargs)
 
     def _auto_mapping(self, config: PeftConfig) -> Optional[dict]:
         # PEFT records the base model class for task-less adapters, so AutoPeftModel can rebuild the model.

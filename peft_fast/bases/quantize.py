@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from ..kernels.common.nf4_format import BLOCKSIZES
+from ..progress import progress
 from .nf4_linear import NF4Linear
 
 __all__ = ["quantize"]
@@ -30,7 +31,8 @@ def _skipped(name: str, skips: Iterable[str]) -> bool:
 
 
 def quantize(model: nn.Module, *, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
-             compute_dtype: Optional[torch.dtype] = None, skip_modules: Optional[list[str]] = None) -> nn.Module:
+             compute_dtype: Optional[torch.dtype] = None, skip_modules: Optional[list[str]] = None,
+             progressbar: bool = False) -> nn.Module:
     """Replace every `torch.nn.Linear` in ``model`` (in place) by a frozen 4-bit `NF4Linear` and return the model.
 
     quant_type: "nf4" or "fp4"; blocksize: bitsandbytes' block size (64 by default); double_quant: quantize the
@@ -50,8 +52,15 @@ def quantize(model: nn.Module, *, quant_type: str = "nf4", blocksize: int = 64, 
             raise ValueError(f"quantize: {name}.weight must be finite floating point, got {m.weight.dtype} "
                              "with non-finite values" if m.weight.dtype.is_floating_point else
                              f"quantize: {name}.weight must be floating point, got {m.weight.dtype}")
-    made = {n: NF4Linear.from_linear(m, blocksize=blocksize, compress_statistics=double_quant,
-                                     quant_type=quant_type, compute_dtype=compute_dtype) for n, m in todo}
+    bar = progress(len(todo), progressbar, f"Quantizing to {quant_type.upper()}")
+    made = {}
+    try:
+        for n, m in todo:
+            made[n] = NF4Linear.from_linear(m, blocksize=blocksize, compress_statistics=double_quant,
+                                            quant_type=quant_type, compute_dtype=compute_dtype)
+            bar.update()
+    finally:
+        bar.close()
     for name, layer in made.items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)

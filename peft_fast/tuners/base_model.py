@@ -253,7 +253,7 @@ class TunerModel(nn.Module):
         nn.Linear layers with the exact merged weights; by default they are re-quantized, as PEFT does."""
         self._check_known(adapter_names)
         return injection.unload(self.model, merge=True, safe_merge=safe_merge, adapter_names=adapter_names,
-                                dequantize=dequantize)
+                                dequantize=dequantize, progressbar=progressbar)
 
     def unload(self) -> nn.Module:
         return injection.unload(self.model, merge=False)

@@ -8,6 +8,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch.nn as nn
 
 from ..bases import supported, view_of
+from ..progress import progress
 from .base_layer import TunerLayer
 from .merging import dequantize_remaining, merge_dequantized, merge_layers
 from .modules_to_save import ModulesToSaveWrapper
@@ -202,16 +203,20 @@ def mark_only_adapters_trainable(model: nn.Module, configs: dict, active: list[s
             m.original_module.requires_grad_(False)
 
 
-def unload(model: nn.Module, merge: bool, safe_merge: bool = False,
-           adapter_names: Optional[list[str]] = None, dequantize: bool = False) -> nn.Module:
+def unload(model: nn.Module, merge: bool, safe_merge: bool = False, adapter_names: Optional[list[str]] = None,
+           dequantize: bool = False, progressbar: bool = False) -> nn.Module:
     """Replace every adapter layer by its base (merging first if asked) and every wrapper by its module.
     `dequantize` (with merge): 4-bit bases become plain nn.Linear holding the exact merged weights, and every
-    other 4-bit layer its dequantized nn.Linear."""
+    other 4-bit layer its dequantized nn.Linear. `progressbar`: a tqdm bar counting the layers merged."""
     layers = [m for _, m in adapter_layers(model)]
-    if merge and dequantize:
-        merge_dequantized(layers, safe_merge, adapter_names)
-    elif merge:
-        merge_layers(layers, safe_merge, adapter_names)
+    bar = progress(len(layers), progressbar and merge, "Unloading and merging model")
+    try:
+        if merge and dequantize:
+            merge_dequantized(layers, safe_merge, adapter_names, bar)
+        elif merge:
+            merge_layers(layers, safe_merge, adapter_names, bar)
+    finally:
+        bar.close()
     for key, m in list(tuner_layers(model)):
         if _inside_adapter_machinery(model, key):
             continue

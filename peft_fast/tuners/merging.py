@@ -138,7 +138,7 @@ def _merge(layer, safe_merge: bool, adapter_names: Optional[list[str]], rounding
     layer.invalidate(base=True)
 
 
-def merge_layers(layers: list, safe_merge: bool, adapter_names: Optional[list[str]]) -> None:
+def merge_layers(layers: list, safe_merge: bool, adapter_names: Optional[list[str]], bar=None) -> None:
     """Merge into every layer, or into none: structural checks, and with safe_merge a dry run of every layer's
     merged weights, come before the first change. 4-bit layers warn once, for all of them, about rounding."""
     for layer in layers:
@@ -149,6 +149,8 @@ def merge_layers(layers: list, safe_merge: bool, adapter_names: Optional[list[st
     rounding = _Rounding()
     for layer in layers:
         _merge(layer, safe_merge, adapter_names, rounding)
+        if bar is not None:
+            bar.update()
     rounding.warn()
 
 
@@ -177,7 +179,7 @@ def unmerge(layer) -> None:
         rounding.warn("Unmerging")
 
 
-def merge_dequantized(layers: list, safe_merge: bool, adapter_names: Optional[list[str]]) -> None:
+def merge_dequantized(layers: list, safe_merge: bool, adapter_names: Optional[list[str]], bar=None) -> None:
     """`merge_layers`, except that a 4-bit base is not re-quantized: it becomes a plain nn.Linear holding the
     exact merged weight (dequantized base plus the deltas) and bias. All-or-nothing, as merge_layers."""
     for layer in layers:
@@ -186,6 +188,8 @@ def merge_dequantized(layers: list, safe_merge: bool, adapter_names: Optional[li
         for layer in layers:
             merged_tensors(layer, pending(layer, adapter_names, warn=False))
     for layer in layers:
+        if bar is not None:
+            bar.update()
         view = layer.base_view
         if not view.quantized:
             _merge(layer, safe_merge, adapter_names, _Rounding())

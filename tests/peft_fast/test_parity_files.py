@@ -22,7 +22,7 @@ from tiny_models import (
     set_active,
 )
 
-IGNORED_FILES = {"README.md"}  # PEFT writes a model card; not part of the adapter format
+IGNORED_FILES: set = set()  # the model card (README.md) is compared in test_model_card.py
 
 SAVE_CASES = [
     ("llama", {}),
@@ -110,7 +110,8 @@ def test_save_non_default_adapters_in_subdirectories(tmp_path):
     add_both(ref_model, impl_model, "third", "llama", seed=2, r=3)
     ref_model.save_pretrained(tmp_path / "ref")
     impl_model.save_pretrained(tmp_path / "impl")
-    assert tree(tmp_path / "impl") == {
+    assert tree(tmp_path / "impl") == tree(tmp_path / "ref") == {
+        "README.md",
         "adapter_config.json",
         "adapter_model.safetensors",
         os.path.join("other", "adapter_config.json"),
@@ -129,6 +130,7 @@ def test_save_selected_adapters(tmp_path):
     ref_model.save_pretrained(tmp_path / "ref", selected_adapters=["other"])
     impl_model.save_pretrained(tmp_path / "impl", selected_adapters=["other"])
     assert tree(tmp_path / "impl") == tree(tmp_path / "ref") == {
+        "README.md",
         os.path.join("other", "adapter_config.json"),
         os.path.join("other", "adapter_model.safetensors"),
     }

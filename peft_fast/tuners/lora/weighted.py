@@ -59,6 +59,7 @@ from .. import injection
 from ..merge_utils import dare_linear, dare_ties, magnitude_prune, task_arithmetic, ties
 from ..modules_to_save import ModulesToSaveWrapper
 from ...names import check_adapter_name
+from ...progress import progress
 from .config import rewrites_base
 
 SVD_TYPES = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
@@ -188,7 +189,7 @@ def add_weighted_adapter(tuner, adapters: Sequence[str], weights: Sequence[float
     tuner.add_adapter(adapter_name, config, init=False if rewrites_base(config.init_lora_weights) else None,
                       plan=plan)
     layers = [m for _, m in tuner.adapter_layers() if adapter_name in m.lora_A]
-    bar = _progress(len(layers), progressbar)
+    bar = progress(len(layers), progressbar, "Merging adapters")
     try:
         injection.set_adapter_requires_grad(tuner.model, [adapter_name], False)
         merge = _merge_fn(combination_type, density, majority_sign_method)
@@ -216,24 +217,6 @@ def _number(what: str, value) -> float:
             isinstance(value, torch.Tensor) and value.numel() == 1):
         raise TypeError(f"{what} must hold numbers, got {value!r} ({type(value).__name__}).")
     return float(value)
-
-
-def _progress(total: int, enabled: bool):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm comes with transformers / huggingface_hub; without it, no bar
-        tqdm = None
-    if tqdm is None or not enabled:
-        return _NoBar()
-    return tqdm(total=total, desc="Merging adapters", unit="layer")
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def _sources(layer, adapters, weights):

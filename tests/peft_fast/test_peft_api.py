@@ -1,0 +1,144 @@
+"""PEFT's module-level API beside PeftModel: PeftType / TaskType, AutoPeftModel*, inject_adapter_in_model,
+load_peft_weights, get_peft_config. Each is compared with PEFT's on the same files and tiny models."""
+import json
+import warnings
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+from tiny_models import AGAINST_PEFT, TinyMLP, assert_close, base_model, default_cfg, impl, inputs, out, peft_fast_only, ref
+
+AUTO = ["AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForSeq2SeqLM",
+        "AutoPeftModelForSequenceClassification", "AutoPeftModelForTokenClassification",
+        "AutoPeftModelForQuestionAnswering", "AutoPeftModelForFeatureExtraction"]
+
+
+def test_peft_type_and_task_type_are_peft_s():
+    assert [m.value for m in impl.PeftType] == [m.value for m in ref.PeftType]
+    assert [m.value for m in impl.TaskType] == [m.value for m in ref.TaskType]
+    assert impl.PeftType.LORA == "LORA" and impl.TaskType.CAUSAL_LM == "CAUSAL_LM"
+    assert str(impl.TaskType.CAUSAL_LM) == str(ref.TaskType.CAUSAL_LM)
+    cfg = impl.LoraConfig(r=2, target_modules=["lin0"], task_type=impl.TaskType.CAUSAL_LM)
+    assert cfg.peft_type == impl.PeftType.LORA == ref.PeftType.LORA and cfg.task_type == "CAUSAL_LM"
+
+
+@pytest.mark.parametrize("name", AUTO)
+def test_auto_classes_map_tasks_as_peft_s(name):
+    mine, peft_s = getattr(impl, name), getattr(ref, name)
+    assert getattr(mine._target_class, "__name__", mine._target_class) == \
+        getattr(peft_s._target_class, "__name__", peft_s._target_class)
+    assert mine._target_peft_class.__name__ == peft_s._target_peft_class.__name__
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny Llama saved to disk and two adapters over it (one CAUSAL_LM, one without a task type), saved by PEFT
+    from a base loaded from that folder, so their configs name it."""
+    root = tmp_path_factory.mktemp("auto")
+    base_model("llama").save_pretrained(root / "base")
+    for name, task in (("causal", "CAUSAL_LM"), ("plain", None)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.manual_seed(0)
+            model = ref.get_peft_model(AutoModelForCausalLM.from_pretrained(root / "base"),
+                                       ref.LoraConfig(**default_cfg("llama", task_type=task)))
+        model.save_pretrained(root / name)
+    return root
+
+
+def _load(cls_name, lib, path, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return getattr(lib, cls_name).from_pretrained(str(path), **kw)
+
+
+@pytest.mark.parametrize("cls_name,folder", [("AutoPeftModelForCausalLM", "causal"), ("AutoPeftModel", "plain")])
+def test_auto_peft_model_loads_base_and_adapter_as_peft(saved, cls_name, folder):
+    mine, peft_s = _load(cls_name, impl, saved / folder), _load(cls_name, ref, saved / folder)
+    assert type(mine).__name__ == type(peft_s).__name__
+    assert isinstance(mine.get_base_model(), LlamaForCausalLM) and not mine.training
+    x = inputs("llama")
+    with torch.no_grad():
+        assert_close(out(mine, x), out(peft_s, x))
+    trainable = _load(cls_name, impl, saved / folder, is_trainable=True)
+    assert any(p.requires_grad for p in trainable.parameters())
+
+
+@pytest.mark.parametrize("cls_name,folder,words", [
+    ("AutoPeftModel", "causal", ["task type", "AutoPeftModelForCausalLM"]),
+    ("AutoPeftModelForSequenceClassification", "causal", ["AutoPeftModelForCausalLM"]),
+])
+def test_auto_peft_model_refuses_the_wrong_class_naming_the_right_one(saved, cls_name, folder, words):
+    for lib in (impl, ref):
+        with pytest.raises(ValueError) as info:
+            _load(cls_name, lib, saved / folder)
+        if lib is impl and not AGAINST_PEFT:  # peft_fast's message names the class to use
+            for w in words:
+                assert w.lower() in str(info.value).lower(), info.value
+
+
+def test_auto_peft_model_imports_only_allowed_libraries(saved, tmp_path):
+    cfg = json.loads((saved / "plain" / "adapter_config.json").read_text())
+    cfg["auto_mapping"]["parent_library"] = "os"
+    cfg["auto_mapping"]["base_model_class"] = "system"
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    (tmp_path / "adapter_model.safetensors").write_bytes((saved / "plain" / "adapter_model.safetensors").read_bytes())
+    for lib in (impl, ref):
+        with pytest.raises(ValueError, match="allowlist"):
+            _load("AutoPeftModel", lib, tmp_path)
+
+
+# ----------------------------------------------------------------------------------------- functional API
+def _mlp():
+    torch.manual_seed(0)
+    return TinyMLP()
+
+
+def test_inject_adapter_in_model_as_peft():
+    mine, peft_s = _mlp(), _mlp()
+    kw = default_cfg("mlp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(1)
+        assert impl.inject_adapter_in_model(impl.LoraConfig(**kw), mine) is mine
+        torch.manual_seed(1)
+        ref.inject_adapter_in_model(ref.LoraConfig(**kw), peft_s)
+    assert [(n, p.requires_grad) for n, p in mine.named_parameters()] == \
+        [(n, p.requires_grad) for n, p in peft_s.named_parameters()]
+    assert set(mine.peft_config) == {"default"}
+    sd_ref = ref.get_peft_model_state_dict(peft_s)
+    assert set(impl.get_peft_model_state_dict(mine)) == set(sd_ref)
+    impl.set_peft_model_state_dict(mine, sd_ref)
+    x = inputs("mlp")
+    with torch.no_grad():
+        assert_close(out(mine, x), out(peft_s, x))
+
+
+def test_inject_adapter_in_model_from_a_state_dict_adapts_the_modules_it_names():
+    sd = {"lin1.lora_A.weight": torch.randn(2, 32), "lin1.lora_B.weight": torch.randn(32, 2)}
+    for lib in (impl, ref):
+        model = _mlp()
+        with pytest.warns(RuntimeWarning, match="lin0"):
+            lib.inject_adapter_in_model(lib.LoraConfig(r=2, target_modules=["lin0"]), model, state_dict=sd)
+        assert hasattr(model.lin1, "lora_A") and not hasattr(model.lin0, "lora_A"), lib.__name__
+
+
+def test_load_peft_weights_and_get_peft_config_as_peft(saved):
+    mine, peft_s = impl.load_peft_weights(str(saved / "causal")), ref.load_peft_weights(str(saved / "causal"),
+                                                                                        device="cpu")
+    assert mine.keys() == peft_s.keys() and all(torch.equal(mine[k], peft_s[k]) for k in mine)
+    mapping = {r"self_attn\.q_proj": "self_attn.query"}
+    a = impl.load_peft_weights(str(saved / "causal"), key_mapping=mapping)
+    b = ref.load_peft_weights(str(saved / "causal"), device="cpu", key_mapping=mapping)
+    assert a.keys() == b.keys() and any(".query." in k for k in a)
+    data = json.loads((saved / "causal" / "adapter_config.json").read_text())
+    config = impl.get_peft_config(data)
+    assert type(config).__name__ == "LoraConfig" and config.r == data["r"] and config.task_type == "CAUSAL_LM"
+
+
+@peft_fast_only
+def test_inject_adapter_in_model_refuses_a_state_dict_without_adapter_keys():
+    with pytest.raises(ValueError, match="no key of state_dict"):
+        impl.inject_adapter_in_model(impl.LoraConfig(r=2, target_modules=["lin0"]), _mlp(),
+                                     state_dict={"lin0.weight": torch.zeros(32, 16)})
