@@ -120,3 +120,5 @@ AutoPeftModelForFeatureExtraction = _auto("AutoPeftModelForFeatureExtraction", "
 _AUTO_CLASSES = (AutoPeftModelForCausalLM, AutoPeftModelForSeq2SeqLM, AutoPeftModelForSequenceClassification,
                  AutoPeftModelForTokenClassification, AutoPeftModelForQuestionAnswering,
                  AutoPeftModelForFeatureExtraction)
+# PEFT's task types -> the transformers Auto class that loads a base model for them.
+AUTO_CLASS_FOR_TASK = {cls._task_type: cls._target_class for cls in _AUTO_CLASSES}

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .cli_common import CliError, UsageError
+from .enums import TASK_TYPES
 from .kernels.common.nf4_format import BLOCKSIZES
 
 DESCRIPTION = """Inspect, merge, quantize and convert adapters and models saved in Hugging Face PEFT's format.
@@ -41,7 +42,7 @@ QUANTIZE = """Load BASE with transformers, replace its linear layers (not the ou
 OUT: config.json with a bitsandbytes quantization_config, model.safetensors under transformers' 4-bit keys.
 
 Load it back with transformers + bitsandbytes: AutoModelForCausalLM.from_pretrained(OUT); or without
-bitsandbytes, as NF4Linear layers: from peft_fast.cli_models import load_quantized; model = load_quantized(OUT)."""
+bitsandbytes, as NF4Linear layers: peft_fast.load_quantized(OUT)."""
 CONVERT = """Write the adapters in DIR (the default one and those in subfolders) to OUT as safetensors or as .bin,
 with the same adapter_config.json. .bin files are read with torch.load(weights_only=True): no code in them runs.
 Files are written atomically, weights then config, as save_pretrained writes them."""
@@ -49,7 +50,6 @@ BENCH = """Run `pytest bench/` of the source checkout peft_fast is imported from
 pytest: `peft-fast bench -k dora -q`; `peft-fast bench -- --help` for pytest's help. An installed wheel has no
 bench/ folder: clone the repository for it (exit code 2)."""
 DTYPES = ("float32", "float16", "bfloat16")
-TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 # `bench` runs pytest in a child, without the current directory on sys.path (the repo root's `kernels/` folder
 # would shadow Hugging Face's `kernels` package there), with the child's argv as pytest's.
 _PYTEST = "import sys; del sys.path[0]; import pytest; sys.exit(int(pytest.main()))"

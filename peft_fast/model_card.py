@@ -9,6 +9,7 @@ import os
 import torch.nn as nn
 
 from .files import atomic_write_text
+from .tuners import registry
 from .version import __version__
 
 FRAMEWORK_HEADING = "### Framework versions"
@@ -35,9 +36,9 @@ def _tags(peft_model) -> set[str]:
             tags.add("transformers")
     except ImportError:
         pass
-    peft_type = str(getattr(peft_model.active_peft_config.peft_type, "value", peft_model.active_peft_config.peft_type))
-    if peft_type == "LORA":
-        tags.add("lora")
+    card_tag = registry.get(peft_model.active_peft_config.peft_type).card_tag
+    if card_tag:
+        tags.add(card_tag)
     name = getattr(base, "name_or_path", None)
     if name is not None:
         tags.add(f"base_model:adapter:{name}")

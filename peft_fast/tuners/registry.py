@@ -19,6 +19,7 @@ class TunerSpec:
     # Running Hugging Face PEFT's own layers of this type on peft_fast's kernels (peft_interop.py): an object with
     # handles(layer), adopt(layer) -> None or why not, adopted(layer), release(layer); None when not offered.
     peft_layers: Optional[Any] = None
+    card_tag: Optional[str] = None  # the tag PEFT's model cards give this adapter type on the Hub ("lora")
 
 
 _TUNERS: dict[str, TunerSpec] = {}

@@ -333,7 +333,7 @@ def test_merge_errors(ws):
 # --- quantize -------------------------------------------------------------------------------------------------
 def test_quantize_round_trip_without_bitsandbytes(ws):
     import peft_fast
-    from peft_fast.cli_models import load_quantized
+    from peft_fast import load_quantized
 
     root = ws["root"]
     assert "quantized 14 linear layers" in _ok(ws["quantize_nf4"])["out"]
@@ -358,7 +358,7 @@ def test_quantized_checkpoint_loads_with_transformers_and_bitsandbytes(ws, tmp_p
     pytest.importorskip("bitsandbytes")
     import bitsandbytes.functional as F
 
-    from peft_fast.cli_models import load_quantized
+    from peft_fast import load_quantized
 
     ours = load_quantized(str(ws["root"] / "q_nf4"))
     bnb = _load_base(ws["root"] / "q_nf4")

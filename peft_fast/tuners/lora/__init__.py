@@ -5,6 +5,6 @@ from .config import LoraConfig
 from .layer import LoraLinear
 from .model import LoraModel
 
-register(TunerSpec("LORA", LoraConfig, LoraModel, (LoraLinear,), peft_layers=peft_layers))
+register(TunerSpec("LORA", LoraConfig, LoraModel, (LoraLinear,), peft_layers=peft_layers, card_tag="lora"))
 
 __all__ = ["LoraConfig", "LoraLinear", "LoraModel"]

@@ -1,0 +1,124 @@
+"""4-bit checkpoints of `peft_fast.quantize`d models in transformers' format, and loading them back without
+bitsandbytes (`peft_fast.load_quantized`).
+
+What `save_quantized` writes is a transformers 4-bit checkpoint: NF4Linear's state dict already uses transformers'
+4-bit keys (`weight.absmax`, `weight.quant_map`, `weight.nested_*`, `weight.quant_state.bitsandbytes__nf4`), and
+config.json gets the bitsandbytes `quantization_config` naming the layers left dense, so transformers +
+bitsandbytes loads it as it loads its own. The file is written with safetensors directly, not with
+`save_pretrained`, which refuses the double-quantization codebook the layers share (aliased tensors are stored
+as copies).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+
+from .. import files
+from .quantize import quantize as quantize_model
+
+QUANTIZE_KEY = "peft_fast_quantize"  # safetensors metadata: the settings `quantize` used (compute dtype included)
+MODEL_WEIGHTS = "model.safetensors"
+
+
+def _dtype(name: Optional[str]) -> Any:
+    return name if name in (None, "auto") else getattr(torch, name)
+
+
+def _dense_linears(model: nn.Module) -> list[str]:
+    """Layers transformers' bitsandbytes loading would quantize that stayed dense here (the output head, ...)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return [n for n, m in model.named_modules() if n and isinstance(m, (nn.Linear, Conv1D))]
+
+
+def save_quantized(model: nn.Module, folder: str, settings: dict) -> None:
+    """config.json (+ generation_config.json) and model.safetensors of a `peft_fast.quantize`d model."""
+    config = model.config
+    compute = settings["compute_dtype"] or str(model.dtype).removeprefix("torch.")
+    config.quantization_config = {
+        "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+        "bnb_4bit_quant_type": settings["quant_type"], "bnb_4bit_use_double_quant": settings["double_quant"],
+        "bnb_4bit_compute_dtype": compute, "bnb_4bit_quant_storage": "uint8",
+        "llm_int8_skip_modules": _dense_linears(model),
+    }
+    try:
+        files.atomic_save_tensors(os.path.join(folder, MODEL_WEIGHTS), model.state_dict(),
+                                  metadata={QUANTIZE_KEY: json.dumps(settings)})
+        files.atomic_write_text(os.path.join(folder, "config.json"), config.to_json_string())
+    finally:
+        del config.quantization_config  # the model in memory is not a bitsandbytes model
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+
+
+def load_quantized(path: str, model_class: Any = None, device: Optional[str] = None) -> nn.Module:
+    """Load a 4-bit checkpoint saved by `peft-fast quantize` (or by transformers + bitsandbytes, safetensors)
+    as a model with peft_fast NF4Linear layers, without bitsandbytes: the model is built from its config, its
+    linear layers are made NF4Linear with the saved settings, and the checkpoint is loaded into them.
+    `model_class`: a transformers class (default: config.architectures[0]); `device`: where to put the model."""
+    import transformers
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    qc = getattr(config, "quantization_config", None)
+    qc = qc.to_dict() if hasattr(qc, "to_dict") else qc
+    if not isinstance(qc, dict) or not qc.get("load_in_4bit"):
+        raise ValueError(f"{path} is not a 4-bit checkpoint (config.json has no 4-bit quantization_config)")
+    del config.quantization_config  # build the dense model; the 4-bit layers are peft_fast's
+    shards = _shards(path)
+    with safe_open(shards[0], framework="pt") as fh:
+        saved = json.loads((fh.metadata() or {}).get(QUANTIZE_KEY, "null")) or {}
+    if model_class is None:
+        arch = (getattr(config, "architectures", None) or [None])[0]
+        model_class = getattr(transformers, str(arch), None) or transformers.AutoModelForCausalLM
+    model = _empty_model(model_class, config)
+    for m in model.modules():  # garbage from the uninitialised allocation could be NaN, which quantize refuses
+        if type(m) is nn.Linear:
+            nn.init.zeros_(m.weight)
+    # The blocksize and quant type of each layer come from its own saved quant state; the compute dtype does not.
+    compute = saved.get("compute_dtype", qc.get("bnb_4bit_compute_dtype"))
+    quantize_model(model, quant_type=qc.get("bnb_4bit_quant_type", "nf4"),
+                   double_quant=bool(qc.get("bnb_4bit_use_double_quant")), compute_dtype=_dtype(compute),
+                   skip_modules=qc.get("llm_int8_skip_modules") or None)
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        state.update(files.load_tensors(shard))
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys:  # tied weights (lm_head = embed_tokens) are saved once by transformers
+        model.tie_weights()
+    loaded = {p.data_ptr() for k, p in model.state_dict().items() if k not in result.missing_keys}
+    untied = [k for k in result.missing_keys if model.state_dict()[k].data_ptr() not in loaded]
+    if untied or result.unexpected_keys:
+        raise ValueError(f"{path} does not fit {type(model).__name__}: missing {untied[:5]}, "
+                         f"unexpected {result.unexpected_keys[:5]}")
+    return model.to(device).eval() if device else model.eval()
+
+
+def _shards(path: str) -> list[str]:
+    index = os.path.join(path, MODEL_WEIGHTS + ".index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as fh:
+            return sorted({os.path.join(path, f) for f in json.load(fh)["weight_map"].values()})
+    if not os.path.isfile(os.path.join(path, MODEL_WEIGHTS)):
+        raise files.AdapterFileNotFoundError(f"{path} has no {MODEL_WEIGHTS} (safetensors checkpoints only)")
+    return [os.path.join(path, MODEL_WEIGHTS)]
+
+
+def _empty_model(model_class: Any, config: Any) -> nn.Module:
+    """The model without its random init (every weight is loaded afterwards; a 7B init takes minutes)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers: pay for the init
+        import contextlib
+
+        no_init_weights = contextlib.nullcontext
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    with no_init_weights():
+        if hasattr(model_class, "from_config"):
+            return model_class.from_config(config, dtype=_dtype(dtype) if isinstance(dtype, str) else dtype)
+        return model_class._from_config(config, dtype=_dtype(dtype) if isinstance(dtype, str) else dtype)
