@@ -10,7 +10,8 @@
    and `use_gradient_checkpointing`: unless `gradient_checkpointing_kwargs` sets `use_reentrant` to a false value,
    the outputs of the input embeddings are made to require grad (`model.enable_input_require_grads()`, or a forward
    hook on `model.get_input_embeddings()` when the model lacks that method), so that reentrant checkpointing sees an
-   input that requires grad. Then `model.gradient_checkpointing_enable` is called, with
+   input that requires grad. Then `model.activation_checkpointing_enable` (transformers 5's name) or
+   `model.gradient_checkpointing_enable` is called, with
    `gradient_checkpointing_kwargs=...` only if its signature has that parameter (otherwise non-empty kwargs are
    dropped with a FutureWarning).
 
@@ -95,6 +96,9 @@ def prepare_model_for_kbit_training(
         if gradient_checkpointing_kwargs.get("use_reentrant", True):
             _enable_input_require_grads(model)
 
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers' name since 5.x (the old one warns)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=gradient_checkpointing_kwargs)
+            return model
         signature = inspect.signature(model.gradient_checkpointing_enable)
         takes_kwargs = "gradient_checkpointing_kwargs" in signature.parameters
         if not takes_kwargs and len(gradient_checkpointing_kwargs) > 0:

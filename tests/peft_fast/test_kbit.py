@@ -238,12 +238,20 @@ def test_forward_hook_fallback(model_dir):
     assert_same_training_step(ref_model, impl_model, tol("4bit-fp32"))
 
 
+class _Absent:
+    """An attribute the class does not have (hasattr is False), hiding the one its base has."""
+
+    def __get__(self, obj, owner=None):
+        raise AttributeError("not in this transformers version")
+
+
 def _old_gradient_checkpointing_enable(model):
     def gradient_checkpointing_enable(self):  # no gradient_checkpointing_kwargs, as in old transformers
         return type(self).__mro__[1].gradient_checkpointing_enable(self)
 
     model.__class__ = type("OldCheckpointingAPI", (type(model),),
-                           {"gradient_checkpointing_enable": gradient_checkpointing_enable})
+                           {"gradient_checkpointing_enable": gradient_checkpointing_enable,
+                            "activation_checkpointing_enable": _Absent()})
 
 
 @pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")
