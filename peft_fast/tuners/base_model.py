@@ -6,6 +6,7 @@ enabling, merging, unloading and mixed-batch routing are all done here, all-or-n
 """
 from __future__ import annotations
 
+import threading
 import warnings
 from contextlib import contextmanager
 from functools import partial
@@ -22,7 +23,10 @@ from .modules_to_save import ModulesToSaveWrapper
 from .file_keys import load_adapter_tensors
 
 
-def _adapter_names_pre_hook(module, args, kwargs, adapter_names):
+def _adapter_names_pre_hook(module, args, kwargs, adapter_names, thread):
+    # Hooks live on shared modules: a call in another thread, with its own batch, must not pick this one up.
+    if threading.get_ident() != thread:
+        return None
     kwargs["adapter_names"] = adapter_names
     return args, kwargs
 
@@ -215,14 +219,14 @@ class TunerModel(nn.Module):
         shared = AdapterNames([n for n in adapter_names for _ in range(num_beams)], slots) if beams else original
         get_encoder = getattr(self.model, "get_encoder", None)
         encoder = get_encoder() if beams and callable(get_encoder) else None
-        handles = []
+        handles, thread = [], threading.get_ident()
         try:
             for _, m in injection.tuner_layers(self.model):
-                hook = partial(_adapter_names_pre_hook, adapter_names=shared)
+                hook = partial(_adapter_names_pre_hook, adapter_names=shared, thread=thread)
                 handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
             if encoder is not None and encoder is not self.model:
                 for _, m in injection.tuner_layers(encoder):  # registered later, so this hook wins
-                    hook = partial(_adapter_names_pre_hook, adapter_names=original)
+                    hook = partial(_adapter_names_pre_hook, adapter_names=original, thread=thread)
                     handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
             yield
         finally:

@@ -41,6 +41,8 @@ with open(sys.argv[2], "w") as fh:
     json.dump(results, fh)
 """
 IDS = torch.randint(1, 128, (2, 7), generator=torch.Generator().manual_seed(3))
+# pyproject's [project.scripts]: installed beside the interpreter by `pip install -e .` (make setup)
+CONSOLE_SCRIPT = os.path.join(os.path.dirname(sys.executable), "peft-fast")
 
 
 def _env():
@@ -164,11 +166,12 @@ def _commands(root):
 def ws(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     pf, pp = _build(root)
-    run = lambda argv: subprocess.Popen([sys.executable, *argv], cwd=root, env=_env(), text=True,  # noqa: E731
+    run = lambda argv: subprocess.Popen(argv, cwd=root, env=_env(), text=True,  # noqa: E731
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     children = {
-        "driver": run(["-c", DRIVER, json.dumps(_commands(root)), str(root / "results.json")]),
-        "inspect": run(["-m", "peft_fast", "inspect", "nan"]),
+        "driver": run([sys.executable, "-c", DRIVER, json.dumps(_commands(root)), str(root / "results.json")]),
+        "inspect": run([sys.executable, "-m", "peft_fast", "inspect", "nan"]),
+        "script": run([str(CONSOLE_SCRIPT), "convert", "pf", "script_bin", "--to", "bin"]),
     }
     done = {}
     for name, child in children.items():
@@ -199,6 +202,14 @@ def test_python_m_runs_a_command(ws):
     assert res["code"] == 1, res["err"]  # the exit code of a report with a problem reaches the shell
     assert res["out"].startswith(f"{ws['root'] / 'nan'}: 1 adapter\n") and "1 problem found" in res["out"]
     assert "Traceback" not in res["err"]
+
+
+def test_console_script_runs_a_command(ws):
+    res = ws["runs"]["script"]
+    assert res["code"] == 0, res["err"]
+    assert sorted(os.listdir(ws["root"] / "script_bin")) == sorted(
+        n.replace("adapter_model.safetensors", "adapter_model.bin") for n in os.listdir(ws["root"] / "pf")
+        if n != "README.md")
 
 
 def test_python_m_drops_the_current_directory_from_sys_path(tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ from tiny_models import (
     inputs,
     make_pair,
     out,
+    peft_fast_only,
     set_active,
 )
 
@@ -158,3 +159,34 @@ def test_mixed_batch_default_config_llama():
         got = out(i, x, adapter_names=["default", "__base__"])
         assert_close(got, out(r, x, adapter_names=["default", "__base__"]))
         assert_close(got[1:], out(base, {"input_ids": x["input_ids"][1:]}))
+
+
+@peft_fast_only  # PEFT routes adapter_names through hooks any thread's forward picks up (2 of 10 wrong here)
+def test_concurrent_mixed_batches_from_two_threads_stay_apart():
+    import threading
+
+    _, r, i = _three("llama")
+    x = _x("llama")
+    batches = [NAMES, list(reversed(NAMES))]
+    with torch.no_grad():
+        expected = [out(r, x, adapter_names=list(b)) for b in batches]
+    results, errors = {0: [], 1: []}, []
+
+    def run(k):
+        try:
+            with torch.no_grad():
+                for _ in range(6):
+                    results[k].append(out(i, x, adapter_names=list(batches[k])))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for k in (0, 1):
+        assert len(results[k]) == 6
+        for y in results[k]:
+            assert_close(y, expected[k])

@@ -138,6 +138,27 @@ def test_mixed_batch_on_a_patched_model():
         assert_close(out(fast.eval(), x, adapter_names=names), out(plain.eval(), x, adapter_names=names))
 
 
+def test_a_mixed_batch_list_edited_in_place_is_seen():
+    """The adapter_names list is converted once per forward (every layer gets the same list): a list edited between
+    forwards still routes every row to its own adapter. (Threads: PEFT's model routes adapter_names through forward
+    hooks on shared layers, so concurrent mixed batches on a PEFT model, patched or not, can see each other's;
+    peft_fast's own model does not, see test_mixed_batch.py.)"""
+    plain = _peft_model("llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(1)
+        plain.add_adapter("other", ref.LoraConfig(**default_cfg("llama")))
+    plain.eval()
+    fast = peft_fast.patch(copy.deepcopy(plain))
+    x = inputs("llama", batch=4)
+    batches = [["default", "other", "__base__", "other"], ["other", "__base__", "default", "default"]]
+    with torch.no_grad():
+        names = list(batches[0])
+        assert_close(out(fast, x, adapter_names=names), out(plain, x, adapter_names=list(batches[0])))
+        names[:] = batches[1]
+        assert_close(out(fast, x, adapter_names=names), out(plain, x, adapter_names=list(batches[1])))
+
+
 def test_triton_backend_on_a_patched_model(monkeypatch, lora_calls):
     use_settings(monkeypatch, backend="triton")
     import peft_fast.tuners.lora.variants as variants

@@ -13,18 +13,23 @@ PEFT, and `adopt` says why.
 from __future__ import annotations
 
 import importlib
+import threading
 from typing import Any, Optional
 
 import torch
 
 from ...bases import supported
 from ...batching import AdapterNames
+from ...names import BASE_NAME
 from ..base_layer import TunerLayer
 from .compute import LoraCompute
 from .dora import DoraVariant
 from .variants import LORA
 
-_BATCH_NAMES: list = [None, None]  # (the last plain adapter_names list seen, its AdapterNames): one per forward
+# Per thread: (the last adapter_names seen, as a tuple, and its AdapterNames): one conversion per forward (every
+# layer gets the same list), compared by value so that a list edited in place between forwards is seen, and
+# threads running forwards concurrently never see each other's batch.
+_BATCH_NAMES = threading.local()
 
 
 class FastPeftLora(LoraCompute):
@@ -83,10 +88,12 @@ def _batch_names(names):
     batch metadata shared by all layers, as peft_fast's own model does), once per list."""
     if isinstance(names, AdapterNames):
         return names
-    if _BATCH_NAMES[0] is not names:
-        slots = tuple(sorted({n for n in names if n != "__base__"}))
-        _BATCH_NAMES[:] = [names, AdapterNames(list(names), slots)]
-    return _BATCH_NAMES[1]
+    key = tuple(names)
+    last = getattr(_BATCH_NAMES, "last", None)
+    if last is None or last[0] != key:
+        slots = tuple(sorted({n for n in key if n != BASE_NAME}))
+        last = _BATCH_NAMES.last = (key, AdapterNames(list(key), slots))
+    return last[1]
 
 
 def _peft_classes() -> dict[type, type]:
