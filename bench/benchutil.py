@@ -1,18 +1,22 @@
 """Shared by the benchmarks: device and sizes, timing both sides the same way, peak memory, the result rows.
 
-The ratio peft_fast/PEFT comes from `time_pair`, which times both sides with one clock, interleaved round by
-round, so drift (clocks, other processes) hits both equally. The pytest-benchmark fixture additionally times
-peft_fast alone, so its JSON and table keep their usual meaning.
+Every benchmark runs twice, as `impl` "peft_fast" and "baseline" (`@both_sides`), in one pytest-benchmark group:
+pytest-benchmark's table for that group then shows peft_fast and its baseline side by side. Their ratio does not
+come from those two separate fixture runs but from `time_pair` / `time_many`, which time both sides with one
+clock, interleaved round by round, so drift (clocks, other processes) hits both equally. Whichever side runs
+first measures the pair and records the row; the other reuses it.
 """
 from __future__ import annotations
 
 import gc
 import json
 import os
+import re
 import statistics
 import time
 import warnings
 
+import pytest
 import torch
 
 ON_GPU = torch.cuda.is_available()
@@ -28,10 +32,13 @@ PAIR_BUDGET_S = 0.5 if ON_GPU else 0.3
 ROUND_S = 2e-3 if ON_GPU else 5e-3
 MIN_ROUNDS, MAX_ROUNDS = 5, 200
 
-MEMORY_NOTE = ("peak memory: GPU only (torch.cuda.max_memory_allocated, extra bytes during one call); "
-               "on CPU torch's allocator is invisible to tracemalloc, so it is not measured")
+IMPLS = ("peft_fast", "baseline")
+# The top decorator of every benchmark: the two sides of a case run next to each other ([...-peft_fast], then
+# [...-baseline]), so a run cut short by a time limit still has both halves of what it finished.
+both_sides = pytest.mark.parametrize("impl", IMPLS)
 
-RESULTS: list[dict] = []  # one row per benchmark, printed by conftest's terminal summary
+RESULTS: list[dict] = []  # one row per benchmark (per label), in run order: conftest prints and writes them
+_ROWS: dict[str, dict] = {}  # label -> its row, for the side that runs second
 
 
 def sync() -> None:
@@ -92,15 +99,48 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
 
 
-def measure(benchmark, label: str, fast, ref, *, baseline: str, err: float | None = None, warmup: int = 3,
-            also: dict | None = None, extra=None) -> dict:
-    """Time and size peft_fast (`fast`) against its baseline (`ref`); record the row in RESULTS and extra_info.
+def measure(benchmark, impl: str, label: str, fast, ref, *, baseline: str, err: float | None = None,
+            warmup: int = 3, also: dict | None = None, extra=None) -> dict:
+    """Benchmark side `impl` of peft_fast (`fast`) against its baseline (`ref`) in pytest-benchmark group `label`.
 
+    The first side to run for a label also times both in interleaved rounds (`time_many`), sizes them, and records
+    the row (RESULTS, PEFT_FAST_BENCH_ROWS); both sides carry the row, ratio included, in their extra_info.
     `also`: {name: fn} timed in the same interleaved rounds as the pair (e.g. the base model alone); each lands
     in the row as `<name>_ms`. `extra(row) -> dict`: further fields computed from the timed row (overheads,
     bandwidths); a `note` string among them is printed after the row in the tables.
     """
-    also = also or {}
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, not {impl!r}")
+    own = fast if impl == "peft_fast" else ref
+    row = _ROWS.get(label)
+    if row is None:
+        row = _measure_pair(label, fast, ref, baseline=baseline, err=err, warmup=warmup, also=also or {},
+                            extra=extra)
+        # The test case without its side, e.g. bench/test_bench_dora.py::test_dora_decode[1]
+        row["benchmark"] = re.sub(rf"(-{impl}\]$)|(\[{impl}\]$)", lambda m: "]" if m.group(1) else "",
+                                  benchmark.fullname)
+        row["group"] = label
+        _ROWS[label] = row
+        RESULTS.append(row)
+        rows_file = os.environ.get("PEFT_FAST_BENCH_ROWS")
+        if rows_file:  # one line per benchmark as it finishes: survives a run killed by its time limit
+            with open(rows_file, "a") as f:
+                f.write(json.dumps(row, default=str) + "\n")
+    else:
+        for _ in range(warmup):  # this side's fresh copies: optimizer state, caches
+            own()
+
+    def synced():
+        own()
+        sync()
+
+    benchmark.group = label
+    benchmark.extra_info.update(row, impl=impl)
+    benchmark(synced)
+    return row
+
+
+def _measure_pair(label, fast, ref, *, baseline, err, warmup, also, extra) -> dict:
     for _ in range(warmup):  # Triton compilation, cuBLAS handles, the caching allocator, optimizer state
         fast()
         ref()
@@ -109,19 +149,12 @@ def measure(benchmark, label: str, fast, ref, *, baseline: str, err: float | Non
     sync()
     fast_s, ref_s, *also_s = time_many(fast, ref, *also.values())
     fast_mem, ref_mem = peak_mib(fast), peak_mib(ref)
-
-    def fast_synced():
-        fast()
-        sync()
-
-    benchmark.group = label
-    benchmark(fast_synced)
     row = {
         "label": label,
         "baseline": baseline,
         "device": torch.cuda.get_device_name() if ON_GPU else "cpu",
         "peft_fast_ms": fast_s * 1e3,
-        "peft_ms": ref_s * 1e3,
+        "peft_ms": ref_s * 1e3,  # the baseline's, whatever `baseline` names (the key predates other baselines)
         "ratio": fast_s / ref_s,
         "peft_fast_peak_mib": fast_mem,
         "peft_peak_mib": ref_mem,
@@ -133,29 +166,5 @@ def measure(benchmark, label: str, fast, ref, *, baseline: str, err: float | Non
         row.update(extra(row))
     if err is not None and err > 2e-2:
         warnings.warn(f"{label}: peft_fast and {baseline} outputs differ by {err:.2e} (relative); "
-                      "the timing compares different functions", stacklevel=2)
-    benchmark.extra_info.update(row)
-    RESULTS.append(row)
-    rows_file = os.environ.get("PEFT_FAST_BENCH_ROWS")
-    if rows_file:  # one line per benchmark as it finishes: survives a run killed by its time limit
-        with open(rows_file, "a") as f:
-            f.write(json.dumps(row) + "\n")
+                      "the timing compares different functions", stacklevel=3)
     return row
-
-
-def format_table(rows: list[dict]) -> list[str]:
-    """The comparison table: times are medians of interleaved rounds; ratio < 1 means peft_fast is faster."""
-    lines = []
-    for r in rows:
-        line = (f"{r['label']}: peft_fast {r['peft_fast_ms']:.3f} ms, peft {r['peft_ms']:.3f} ms, "
-                f"ratio {r['ratio']:.2f}")
-        if r.get("peft_fast_peak_mib") is not None and r.get("peft_peak_mib") is not None:
-            line += f" | peak MiB {r['peft_fast_peak_mib']:.0f} vs {r['peft_peak_mib']:.0f}"
-            if r.get("mem_ratio") is not None:
-                line += f" ({r['mem_ratio']:.2f})"
-        if r.get("rel_err") is not None:
-            line += f" | err {r['rel_err']:.1e}"
-        if r.get("note"):
-            line += f" | {r['note']}"
-        lines.append(line)
-    return lines

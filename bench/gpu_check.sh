@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# One prepared call on a lent GPU (H100/H200): versions, the GPU tests, the GPU benchmarks, one JSON report,
-# and a summary table printed last (the device tool returns only the tail of the output).
-# Usage, from the repo root: bash bench/gpu_check.sh        (about 6 minutes on an H100)
-# Writes bench/results/gpu_report_<card>.json, and $OUT/gpu_report.json plus logs when $OUT is set.
+# Everything worth running on a CUDA GPU, in one command: versions, the GPU tests, the benchmarks, the host-overhead
+# and profile scripts, one JSON report, and a summary table printed last (so the tail of the output is enough).
+# Usage, from the repo root: bash bench/gpu_check.sh
+# Each stage stops at its time limit (GPU_CHECK_*_S below): with the defaults the whole run takes at most about
+# 8-9 minutes plus startup, whatever the card; a faster card just finishes more of each stage.
+# Writes bench/results/gpu_report_<card>.json, and $OUT/gpu_report.json plus logs when $OUT is set (a folder
+# to collect the results from, e.g. on a remote or batch machine).
 set -uo pipefail  # no -e: a failing test stage must not cost us the benchmarks or the report
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -13,7 +16,7 @@ PY=python3
 LOGS=$(mktemp -d /tmp/pf_gpu_check.XXXXXX)
 T0=$(date +%s)
 
-if compgen -G ".whl/*.whl" >/dev/null; then  # carried wheels (bitsandbytes, ...): see the device README
+if compgen -G ".whl/*.whl" >/dev/null; then  # wheels put in .whl/ (e.g. bitsandbytes on an offline machine)
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
@@ -53,16 +56,16 @@ stage() {  # stage NAME SECONDS pytest-args...: log, junit xml and "rc seconds" 
   if [ "$limit" -le 0 ] || ! picked "$name"; then echo "== $name: skipped"; return; fi
   start=$(date +%s)
   echo "== $name: pytest $* (limit ${limit}s)"
-  # The log also goes straight to $OUT, so it comes back even if the lease ends mid-stage.
+  # The log also goes straight to $OUT, so it is there even if the machine goes away mid-stage.
   timeout -k 10 "$limit" $PY -m pytest "$@" -p no:cacheprovider --junitxml="$LOGS/$name.xml" 2>&1 \
     | tee "$LOGS/$name.log" ${OUT:+"$OUT/$name.log"}
   echo "${PIPESTATUS[0]} $(( $(date +%s) - start ))" >"$LOGS/$name.rc"
 }
 
-# Stage limits in seconds (0 skips a stage): short device leases run e.g.
+# Stage limits in seconds (0 skips a stage): when GPU time is short, run e.g.
 #   GPU_CHECK_KERNELS_S=60 GPU_CHECK_TESTS_S=0 GPU_CHECK_BENCH_S=110 bash bench/gpu_check.sh
 # or pick stages by name: GPU_CHECK_STAGES=kernels,bench bash bench/gpu_check.sh (default: all of them).
-# Files never run on a GPU before go first, so that a short lease still covers them; pytest drops the repeats.
+# Files never run on a GPU before go first, so that a short run still covers them; pytest drops the repeats.
 STAGES=",${GPU_CHECK_STAGES:-kernels,peft_fast,bench,host,profile},"
 picked() { case "$STAGES" in *",$1,"*) return 0;; *) return 1;; esac; }
 existing() { local f; for f in "$@"; do [ -e "$f" ] && printf '%s ' "$f"; done; }
@@ -70,7 +73,7 @@ FIRST_TESTS=${GPU_CHECK_FIRST_TESTS:-}
 # Every kernel moved onto kernels/common (shared dot casts, launch configs, custom-op factory): all are new code.
 [ -z "$FIRST_TESTS" ] && FIRST_TESTS=$(existing tests/kernels/test_lora_linear.py tests/kernels/test_dora_linear.py \
   tests/kernels/test_qlora_linear.py tests/kernels/test_multi_lora.py tests/kernels/test_dora_norm.py)
-# GPU_CHECK_ONLY_NEW=1: only those first files, in the kernels and bench stages (a short lease after a change).
+# GPU_CHECK_ONLY_NEW=1: only those first files, in the kernels and bench stages (a quick check after a change).
 ALL_TESTS=tests/kernels ALL_BENCH=bench
 [ "${GPU_CHECK_ONLY_NEW:-0}" = 1 ] && ALL_TESTS="" && ALL_BENCH=""
 # GPU_CHECK_PYTEST_ARGS: extra pytest arguments for the kernels stage (e.g. "--maxfail=5 -x").

@@ -2,13 +2,12 @@
 
 Usage: python3 bench/gpu_report.py LOGDIR [--seconds N]
 Reads LOGDIR/{kernels,peft_fast,bench}.{xml,rc}, LOGDIR/bench_rows.jsonl (one row per benchmark, written as it
-finished) and LOGDIR/bench.json (pytest-benchmark's own stats for the peft_fast side).
+finished) and LOGDIR/bench.json (pytest-benchmark's own stats for each side, peft_fast and baseline).
 Writes bench/results/gpu_report_<card>.json, and $OUT/gpu_report.json with the logs when OUT is set.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import re
@@ -17,17 +16,16 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # gpu_check.sh sets PYTHONSAFEPATH, which drops it
+
+import benchreport  # noqa: E402
+
 STAGES = ("kernels", "peft_fast", "bench")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def _versions() -> dict:
-    out = {"python": sys.version.split()[0]}
-    for name in ("torch", "triton", "transformers", "peft", "pytest_benchmark", "bitsandbytes", "peft_fast"):
-        try:
-            out[name] = importlib.import_module(name).__version__
-        except Exception as e:  # a missing optional package is a fact worth reporting, not an error
-            out[name] = f"unavailable ({type(e).__name__})"
+    out = benchreport.versions()
     try:
         import torch
 
@@ -77,17 +75,19 @@ def _benchmarks(logs: Path) -> list[dict]:
     rows_file = logs / "bench_rows.jsonl"
     if not rows_file.exists() and os.environ.get("OUT"):  # gpu_check.sh writes rows straight into $OUT
         rows_file = Path(os.environ["OUT"]) / "bench_rows.jsonl"
-    rows = [json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()] if rows_file.exists() else []
+    rows = benchreport.load(rows_file)[1] if rows_file.exists() else []
     stats = {}
     bench_json = logs / "bench.json"
     if bench_json.exists():
         for b in json.loads(bench_json.read_text()).get("benchmarks", []):
-            stats[b.get("extra_info", {}).get("label")] = b["stats"]
-    for row in rows:  # pytest-benchmark's view of the peft_fast side, for cross-checking time_pair's
-        s = stats.get(row["label"])
-        if s:
-            row["fixture_peft_fast_median_ms"] = s["median"] * 1e3
-            row["fixture_rounds"] = s["rounds"]
+            info = b.get("extra_info", {})
+            stats[(info.get("label"), info.get("impl", "peft_fast"))] = b["stats"]
+    for row in rows:  # pytest-benchmark's view of each side, for cross-checking the interleaved medians
+        for impl in ("peft_fast", "baseline"):
+            s = stats.get((row["label"], impl))
+            if s:
+                row[f"fixture_{impl}_median_ms"] = s["median"] * 1e3
+                row[f"fixture_{impl}_rounds"] = s["rounds"]
     return rows
 
 
@@ -111,18 +111,10 @@ def _summary(report: dict) -> list[str]:
         lines += [f"  FAILED {f}" for f in st.get("failed", [])[:10]]
     for s in report["tests"].get("bench", {}).get("skips", []):
         lines.append(f"  skipped: {s.splitlines()[0][:150]}")
-    head = f"{'benchmark':<58} {'peft_fast ms':>12} {'peft ms':>10} {'ratio':>6} {'MiB fast/peft':>16} {'err':>8}"
-    lines += ["", head, "-" * len(head)]
-    for r in report["benchmarks"]:
-        mem = ""
-        if r.get("peft_fast_peak_mib") is not None and r.get("peft_peak_mib") is not None:
-            mem = f"{r['peft_fast_peak_mib']:.0f}/{r['peft_peak_mib']:.0f}"
-        err = f"{r['rel_err']:.1e}" if r.get("rel_err") is not None else ""
-        lines.append(f"{r['label']:<58} {r['peft_fast_ms']:>12.3f} {r['peft_ms']:>10.3f} {r['ratio']:>6.2f} "
-                     f"{mem:>16} {err:>8}")
-        if r.get("note"):  # extra per-benchmark figures (overheads, bandwidth), see benchutil.measure
-            lines.append(f"  {r['note']}")
-    if not report["benchmarks"]:
+    lines.append("")
+    if report["benchmarks"]:
+        lines += benchreport.table(report["benchmarks"])
+    else:
         lines.append("(no benchmark rows: see bench.log)")
     lines.append("ratio = peft_fast / baseline time (< 1: peft_fast faster); MiB = extra peak memory of one call")
     return lines

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import peft_fast
-from benchutil import ALPHA, BASE_DTYPE, DEVICE, ON_GPU, RANK, inference, measure, peak_mib, rel_err
+from benchutil import ALPHA, BASE_DTYPE, DEVICE, ON_GPU, RANK, both_sides, inference, measure, peak_mib, rel_err
 
 if ON_GPU:  # Llama-3-8B's three projection shapes in one stack: 4096x4096, 4096->14336, 14336->4096
     WIDTHS = [4096, 4096, 14336, 4096]
@@ -69,8 +69,9 @@ def _ratios(row, fast_lora_mem=None):
     return out
 
 
+@both_sides
 @pytest.mark.parametrize("tokens", DECODE_TOKENS)
-def test_dora_decode(benchmark, tokens):
+def test_dora_decode(benchmark, impl, tokens):
     models = _models()
     for m in models.values():
         m.eval()
@@ -82,12 +83,13 @@ def test_dora_decode(benchmark, tokens):
     err = rel_err(fwd(models[("fast", "dora")])(), fwd(models[("peft", "dora")])())
     label = f"dora decode stack {'x'.join(map(str, WIDTHS))} M={tokens}"
     also = {"fast_lora": fwd(models[("fast", "lora")]), "peft_lora": fwd(models[("peft", "lora")])}
-    measure(benchmark, label, fwd(models[("fast", "dora")]), fwd(models[("peft", "dora")]), baseline=BASELINE,
+    measure(benchmark, impl, label, fwd(models[("fast", "dora")]), fwd(models[("peft", "dora")]), baseline=BASELINE,
             err=err, also=also, extra=_ratios)
 
 
+@both_sides
 @pytest.mark.parametrize("dropout", [0.0, 0.05])
-def test_dora_train_step(benchmark, dropout):
+def test_dora_train_step(benchmark, impl, dropout):
     models = _models()
     for m in models.values():
         m.train()
@@ -118,5 +120,5 @@ def test_dora_train_step(benchmark, dropout):
     fast_lora_mem = peak_mib(steps[("fast", "lora")])
     label = f"dora train step stack {'x'.join(map(str, WIDTHS))} M={TOKENS} p={dropout}"
     also = {"fast_lora": steps[("fast", "lora")], "peft_lora": steps[("peft", "lora")]}
-    measure(benchmark, label, steps[("fast", "dora")], steps[("peft", "dora")], baseline=BASELINE, err=err,
+    measure(benchmark, impl, label, steps[("fast", "dora")], steps[("peft", "dora")], baseline=BASELINE, err=err,
             also=also, extra=lambda row: _ratios(row, fast_lora_mem))

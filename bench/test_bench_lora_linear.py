@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 import peft_fast
-from benchutil import ALPHA, BASE_DTYPE, DEVICE, ON_GPU, RANK, inference, measure, rel_err
+from benchutil import ALPHA, BASE_DTYPE, DEVICE, ON_GPU, RANK, both_sides, inference, measure, rel_err
 
 # (in_features, out_features): Llama-3-8B's q/o, gate/up and down projections; on CPU one small layer, to keep
-# `pytest bench/` to about a minute there.
+# `pytest bench/` short there.
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)] if ON_GPU else [(512, 1024)]
 TOKENS = 4096 if ON_GPU else 256
 DECODE_TOKENS = (1, 4, 16)
@@ -52,7 +52,7 @@ def _fwd_bwd(model, x, gy):
     return lambda: torch.autograd.grad(model(x), params, gy)
 
 
-def _bench_fwd_bwd(benchmark, label, fast, ref, in_f, out_f, dropout, baseline):
+def _bench_fwd_bwd(benchmark, impl, label, fast, ref, in_f, out_f, dropout, baseline):
     fast.train(), ref.train()
     x = torch.randn(1, TOKENS, in_f, device=DEVICE, dtype=BASE_DTYPE, requires_grad=True)
     gy = torch.randn(1, TOKENS, out_f, device=DEVICE, dtype=BASE_DTYPE)
@@ -60,22 +60,24 @@ def _bench_fwd_bwd(benchmark, label, fast, ref, in_f, out_f, dropout, baseline):
     if dropout == 0:  # with dropout the two draw different masks
         with torch.no_grad():
             err = rel_err(fast(x), ref(x))
-    measure(benchmark, label, _fwd_bwd(fast, x, gy), _fwd_bwd(ref, x, gy), baseline=baseline, err=err)
+    measure(benchmark, impl, label, _fwd_bwd(fast, x, gy), _fwd_bwd(ref, x, gy), baseline=baseline, err=err)
 
 
+@both_sides
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_lora_linear_fwd_bwd(benchmark, shape, dropout):
+def test_lora_linear_fwd_bwd(benchmark, impl, shape, dropout):
     torch.manual_seed(0)
     in_f, out_f = shape
     fast, ref = _pair(_linear(in_f, out_f), dropout)
     label = f"lora_linear fwd+bwd {in_f}x{out_f} M={TOKENS} p={dropout}"
-    _bench_fwd_bwd(benchmark, label, fast, ref, in_f, out_f, dropout, BASELINE)
+    _bench_fwd_bwd(benchmark, impl, label, fast, ref, in_f, out_f, dropout, BASELINE)
 
 
+@both_sides
 @pytest.mark.parametrize("tokens", DECODE_TOKENS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_lora_linear_decode(benchmark, shape, tokens):
+def test_lora_linear_decode(benchmark, impl, shape, tokens):
     torch.manual_seed(0)
     in_f, out_f = shape
     fast, ref = _pair(_linear(in_f, out_f), 0.0)
@@ -84,4 +86,4 @@ def test_lora_linear_decode(benchmark, shape, tokens):
 
     err = rel_err(inference(fast, x)(), inference(ref, x)())
     label = f"lora_linear decode {in_f}x{out_f} M={tokens}"
-    measure(benchmark, label, inference(fast, x), inference(ref, x), baseline=BASELINE, err=err)
+    measure(benchmark, impl, label, inference(fast, x), inference(ref, x), baseline=BASELINE, err=err)

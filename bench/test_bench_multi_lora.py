@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import peft_fast
-from benchutil import ALPHA, BASE_DTYPE, DEVICE, ON_GPU, measure, rel_err
+from benchutil import ALPHA, BASE_DTYPE, DEVICE, ON_GPU, both_sides, measure, rel_err
 
 BASELINE = f"peft {peft.__version__} adapter_names"
 MIXED_RANKS = (64, 8, 32, 16, 48, 24, 56, 40)  # adapter i gets MIXED_RANKS[i % 8]: slot 0 has r_max = 64
@@ -95,8 +95,9 @@ def _overheads(row: dict) -> dict:
             "note": f"base {base:.3f} ms | LoRA overhead peft_fast {fast_ovh:+.0%}, peft {ref_ovh:+.0%}"}
 
 
+@both_sides
 @pytest.mark.parametrize("n_adapters", ADAPTER_COUNTS)
-def test_multi_lora_decode_model(benchmark, n_adapters):
+def test_multi_lora_decode_model(benchmark, impl, n_adapters):
     torch.manual_seed(0)
     base, fast, ref, names = _models(n_adapters)
     ids = torch.randint(0, MODEL["vocab_size"], (SEQS, 1), device=DEVICE)
@@ -110,10 +111,12 @@ def test_multi_lora_decode_model(benchmark, n_adapters):
     label = (f"multi_lora llama h{MODEL['hidden_size']} L{MODEL['num_hidden_layers']} decode {SEQS}x1 "
              f"adapters={n_adapters}")
 
-    def extra(row):
-        return {**_overheads(row), "n_adapters": n_adapters, "ranks": ranks, "lora_effect": effect}
+    def extra(row):  # one decode step makes SEQS tokens: tokens/s by adapter count is what --pf-charts plots
+        tps = {f"{k}tokens_per_s": SEQS / (row[f"{side}_ms"] * 1e-3)
+               for k, side in (("", "peft_fast"), ("peft_", "peft"), ("base_", "base"))}
+        return {**_overheads(row), "n_adapters": n_adapters, "ranks": ranks, "lora_effect": effect, **tps}
 
-    measure(benchmark, label, _forward(fast, ids, per_seq), _forward(ref, ids, per_seq), baseline=BASELINE,
+    measure(benchmark, impl, label, _forward(fast, ids, per_seq), _forward(ref, ids, per_seq), baseline=BASELINE,
             err=rel_err(got, want), also={"base": _forward(base, ids)}, extra=extra)
 
 
@@ -162,12 +165,13 @@ def _bytes(tokens: int, in_f: int, out_f: int, present_ranks: list[int], w_size:
             "expand": rsum * out_f * w_size + z + 2 * tokens * out_f * y_size}
 
 
+@both_sides
 @pytest.mark.skipif(not ON_GPU, reason="GPU only: times the Triton multi_lora launches against a PEFT-style loop; "
                                         "on CPU multi_lora is the PyTorch reference, which the model-level "
                                         "benchmark above already exercises")
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: f"{c[0]}-T{c[1]}-n{c[2]}")
 @pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_multi_lora_kernel(benchmark, shape, case):
+def test_multi_lora_kernel(benchmark, impl, shape, case):
     from peft_fast import kernels as K
 
     torch.manual_seed(0)
@@ -206,7 +210,9 @@ def test_multi_lora_kernel(benchmark, shape, case):
     def extra(row):
         gbs = {k: nbytes[k] / (row[f"{k}_ms" if k != "multi_lora" else "peft_fast_ms"] * 1e-3) / 1e9
                for k in nbytes}
-        out = {"n_adapters": n, "tokens": tokens, "bytes": nbytes, "peft_fast_gb_s": gbs["multi_lora"],
+        out = {"n_adapters": n, "tokens": tokens, "tokens_per_s": tokens / (row["peft_fast_ms"] * 1e-3),
+               "peft_tokens_per_s": tokens / (row["peft_ms"] * 1e-3), "bytes": nbytes,
+               "peft_fast_gb_s": gbs["multi_lora"],
                "peft_gb_s": nbytes["multi_lora"] / (row["peft_ms"] * 1e-3) / 1e9,
                "shrink_gb_s": gbs["shrink"], "expand_gb_s": gbs["expand"]}
         note = (f"{nbytes['multi_lora'] / 1e6:.1f} MB | GB/s peft_fast {out['peft_fast_gb_s']:.0f} "
@@ -221,5 +227,5 @@ def test_multi_lora_kernel(benchmark, shape, case):
         return out
 
     label = f"multi_lora kernel {in_f}x{out_f} {kind} T={tokens} adapters={n}"
-    measure(benchmark, label, fast, _peft_loop(x, y, a, b, ranks, scalings, token_slots),
+    measure(benchmark, impl, label, fast, _peft_loop(x, y, a, b, ranks, scalings, token_slots),
             baseline="PEFT-style loop (gather, fp32 A then B, scatter)", err=err, also=also, extra=extra)

@@ -9,7 +9,7 @@ import peft
 import pytest
 import torch
 
-from benchutil import BASE_DTYPE, DEVICE, ON_GPU, inference, measure, rel_err
+from benchutil import BASE_DTYPE, DEVICE, ON_GPU, both_sides, inference, measure, rel_err
 from test_bench_lora_linear import DECODE_TOKENS, SHAPES, TOKENS, _fwd_bwd, _linear, _pair
 
 HBM_GBPS = {"H100": 3350, "H200": 4800}  # the card's HBM bandwidth (SXM datasheets), for the bandwidth fraction
@@ -48,8 +48,9 @@ def _qlora_pair(shape):
     return fast, ref, bf16, f"peft {peft.__version__} + bitsandbytes {bnb.__version__} NF4"
 
 
+@both_sides
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_qlora_linear_fwd_bwd(benchmark, shape):
+def test_qlora_linear_fwd_bwd(benchmark, impl, shape):
     fast, ref, bf16, baseline = _qlora_pair(shape)
     in_f, out_f = shape
     for m in (fast, ref, bf16):
@@ -63,14 +64,15 @@ def test_qlora_linear_fwd_bwd(benchmark, shape):
         return {"vs_bf16_lora": row["peft_fast_ms"] / row["bf16_lora_ms"],
                 "note": f"{row['peft_fast_ms'] / row['bf16_lora_ms']:.2f}x the bf16 LoRA layer"}
 
-    measure(benchmark, f"qlora_linear fwd+bwd {in_f}x{out_f} M={TOKENS}", _fwd_bwd(fast, x, gy),
+    measure(benchmark, impl, f"qlora_linear fwd+bwd {in_f}x{out_f} M={TOKENS}", _fwd_bwd(fast, x, gy),
             _fwd_bwd(ref, x, gy), baseline=baseline, err=err, also={"bf16_lora": _fwd_bwd(bf16, x, gy)},
             extra=vs_bf16)
 
 
+@both_sides
 @pytest.mark.parametrize("tokens", DECODE_TOKENS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_qlora_linear_decode(benchmark, shape, tokens):
+def test_qlora_linear_decode(benchmark, impl, shape, tokens):
     fast, ref, bf16, baseline = _qlora_pair(shape)
     in_f, out_f = shape
     for m in (fast, ref, bf16):
@@ -90,5 +92,5 @@ def test_qlora_linear_decode(benchmark, shape, tokens):
             out["note"] += f" ({100 * gbps / peak:.0f}% of {peak} GB/s)"
         return out
 
-    measure(benchmark, f"qlora_linear decode {in_f}x{out_f} M={tokens}", inference(fast, x), inference(ref, x),
+    measure(benchmark, impl, f"qlora_linear decode {in_f}x{out_f} M={tokens}", inference(fast, x), inference(ref, x),
             baseline=baseline, err=err, also={"bf16_lora": inference(bf16, x)}, extra=bandwidth)

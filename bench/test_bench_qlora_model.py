@@ -17,7 +17,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import peft_fast
-from benchutil import ALPHA, DEVICE, ON_GPU, RANK, measure
+from benchutil import ALPHA, DEVICE, ON_GPU, RANK, both_sides, measure
 from test_bench_train_step import TARGETS, _train_step
 
 if ON_GPU:
@@ -58,7 +58,8 @@ def _recipe(lib, model):
     return model
 
 
-def test_qlora_train_step(benchmark):
+@both_sides
+def test_qlora_train_step(benchmark, impl):
     bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes not installed: the transformers + bitsandbytes "
                                                      "+ PEFT baseline cannot run, so this benchmark is skipped")
     torch.manual_seed(0)
@@ -86,6 +87,6 @@ def test_qlora_train_step(benchmark):
 
     label = (f"qlora train step llama {params / 1e9:.2f}B h{MODEL['hidden_size']} L{MODEL['num_hidden_layers']} "
              f"{BATCH}x{SEQ}")
-    measure(benchmark, label, _train_step(fast, ids), _train_step(ref, ids), warmup=2,
+    measure(benchmark, impl, label, _train_step(fast, ids), _train_step(ref, ids), warmup=2,
             baseline=f"transformers + bitsandbytes {bnb.__version__} + peft {peft.__version__}",
             also={"quantize": _train_step(ours, ids)}, extra=throughput)

@@ -11,7 +11,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import peft_fast
-from benchutil import ALPHA, BASE_DTYPE, DEVICE, ON_GPU, RANK, measure
+from benchutil import ALPHA, BASE_DTYPE, DEVICE, ON_GPU, RANK, both_sides, measure
 
 if ON_GPU:
     MODEL = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
@@ -41,8 +41,9 @@ def _train_step(model, ids):
     return step
 
 
+@both_sides
 @pytest.mark.parametrize("dropout", [0.0, 0.05])
-def test_train_step(benchmark, dropout):
+def test_train_step(benchmark, impl, dropout):
     torch.manual_seed(0)
     base = _llama()
     ref_base = copy.deepcopy(base)
@@ -62,5 +63,5 @@ def test_train_step(benchmark, dropout):
 
     label = (f"train step llama h{MODEL['hidden_size']} i{MODEL['intermediate_size']} "
              f"L{MODEL['num_hidden_layers']} {BATCH}x{SEQ} p={dropout}")
-    measure(benchmark, label, _train_step(fast, ids), _train_step(ref, ids),
+    measure(benchmark, impl, label, _train_step(fast, ids), _train_step(ref, ids),
             baseline=f"peft {peft.__version__} get_peft_model", err=err)
