@@ -17,7 +17,11 @@ BENCH_LATEST := bench/results/latest.json
 # More pytest arguments for the bench targets, e.g. BENCH_ARGS="-k decode" or "--pf-charts bench/results/charts".
 BENCH_ARGS ?=
 
-.PHONY: setup demo test bench bench-save bench-compare clean
+# `make test-lowest`: the suite on the lowest transformers and safetensors pyproject.toml allows (.ci/lowest.txt),
+# in its own venv, so that those lower bounds are tested rather than claimed.
+LOWEST_VENV ?= .venv-lowest
+
+.PHONY: setup demo test test-lowest bench bench-save bench-compare clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +38,17 @@ demo: setup
 
 test: setup
 	$(VENV)/bin/pytest tests -q
+
+$(LOWEST_VENV)/.installed: pyproject.toml .ci/lowest.txt
+	$(PYTHON) -m venv $(LOWEST_VENV)
+	$(LOWEST_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LOWEST_VENV)/bin/python -m pip install -q "$(TORCH)"
+	$(LOWEST_VENV)/bin/python -m pip install -q -c .ci/lowest.txt -e ".[test]"
+	touch $@
+
+test-lowest: $(LOWEST_VENV)/.installed
+	$(LOWEST_VENV)/bin/python -c "import transformers, safetensors; print('lowest:', 'transformers', transformers.__version__, 'safetensors', safetensors.__version__)"
+	$(LOWEST_VENV)/bin/pytest tests -q
 
 bench: setup
 	$(VENV)/bin/pytest bench -q $(BENCH_ARGS)
@@ -53,4 +68,4 @@ bench-compare: setup
 	$(PY) bench/compare.py $(BENCH_BASELINE) $(BENCH_LATEST) --threshold $(BENCH_THRESHOLD)
 
 clean:
-	rm -rf $(VENV) examples/out .pytest_cache .benchmarks
+	rm -rf $(VENV) $(LOWEST_VENV) examples/out .pytest_cache .benchmarks
