@@ -1,0 +1,142 @@
+"""`peft-fast merge`, `quantize` and `convert`: what they write loads in transformers, peft_fast and PEFT and gives
+the adapters' outputs. The folders and the runs of every command are built once: tests/helpers/cli_workspace.py."""
+import json
+import os
+import warnings
+
+import pytest
+import torch
+
+from cli_workspace import CONSOLE_SCRIPT, IDS, _error, _load_base, _logits, _ok  # noqa: F401
+from tiny_models import peft_fast_only
+
+pytestmark = peft_fast_only
+
+# --- merge ----------------------------------------------------------------------------------------------------
+def test_merge_gives_the_adapter_models_outputs(ws):
+    root, pf, pp = ws["root"], ws["pf"], ws["pp"]
+    assert "saved to" in _ok(ws["merge_pf"])["out"]
+    pf.set_adapter("default")
+    merged = _load_base(root / "merged_pf")
+    assert type(merged).__name__ == "LlamaForCausalLM" and not any("lora" in k for k in merged.state_dict())
+    torch.testing.assert_close(_logits(merged), _logits(pf), atol=1e-5, rtol=1e-5)
+    # PEFT's files: DoRA + modules_to_save, merged with --safe
+    _ok(ws["merge_peft"])
+    pp.set_adapter("default")
+    torch.testing.assert_close(_logits(_load_base(root / "merged_peft")), _logits(pp), atol=1e-5, rtol=1e-5)
+
+
+def test_merge_a_subfolder_adapter_in_bfloat16(ws):
+    _ok(ws["merge_second"])
+    merged = _load_base(ws["root"] / "merged_second", dtype="auto")
+    assert merged.dtype == torch.bfloat16
+    ws["pf"].set_adapter("second")
+    torch.testing.assert_close(_logits(merged), _logits(ws["pf"]), atol=0.05, rtol=0.05)
+
+
+def test_merge_errors(ws):
+    _error(ws["merge_no_such_adapter"], 2, "nope is not an adapter folder", "other (pick one with --adapter-name)")
+    _error(ws["merge_occupied"], 2, "occupied exists and is not empty", "--force")
+    _error(ws["merge_missing_base"], 2, "nobase: no such model folder")
+    # a failure of the merge itself: PEFT's lora_bias cannot merge into a layer without a bias
+    _error(ws["merge_fails"], 1, "RuntimeError", "lora_bias=True")
+    assert os.listdir(ws["root"] / "occupied") == ["keep.txt"]
+    assert not any((ws["root"] / m).exists() for m in ("m1", "m2", "m3"))
+    assert not [p for p in os.listdir(ws["root"]) if p.endswith(".tmp")]  # no staging folder left behind
+
+
+# --- quantize -------------------------------------------------------------------------------------------------
+def test_quantize_round_trip_without_bitsandbytes(ws):
+    import peft_fast
+    from peft_fast import load_quantized
+
+    root = ws["root"]
+    assert "quantized 14 linear layers" in _ok(ws["quantize_nf4"])["out"]
+    cfg = json.loads((root / "q_nf4" / "config.json").read_text())["quantization_config"]
+    assert cfg["bnb_4bit_quant_type"] == "nf4" and cfg["bnb_4bit_use_double_quant"]
+    assert cfg["llm_int8_skip_modules"] == ["lm_head"]
+    loaded = load_quantized(str(root / "q_nf4"))
+    assert type(loaded.model.layers[0].self_attn.q_proj) is peft_fast.NF4Linear
+    assert torch.equal(_logits(loaded), _logits(peft_fast.quantize(_load_base(root / "base"))))
+
+    _ok(ws["quantize_fp4"])
+    loaded = load_quantized(str(root / "q_fp4"))
+    layer = loaded.model.layers[1].mlp.down_proj
+    assert (layer.quant_type, layer.blocksize, layer.compute_dtype) == ("fp4", 128, torch.bfloat16)
+    assert not layer.quant_state.nested
+    ref = peft_fast.quantize(_load_base(root / "base"), quant_type="fp4", blocksize=128, double_quant=False,
+                             compute_dtype=torch.bfloat16)
+    assert torch.equal(_logits(loaded), _logits(ref))
+
+
+def test_quantized_checkpoint_loads_with_transformers_and_bitsandbytes(ws, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes.functional as F
+
+    from peft_fast import load_quantized
+
+    ours = load_quantized(str(ws["root"] / "q_nf4"))
+    bnb = _load_base(ws["root"] / "q_nf4")
+    layer = bnb.model.layers[1].mlp.down_proj
+    assert type(layer).__name__ == "Linear4bit"
+    assert torch.equal(F.dequantize_4bit(layer.weight.data, layer.weight.quant_state),
+                       ours.model.layers[1].mlp.down_proj.dequantize())
+    # bitsandbytes' CPU layer computes in bf16 internally: same weights, bf16-rounded outputs
+    torch.testing.assert_close(_logits(bnb), _logits(ours), atol=2e-2, rtol=2e-2)
+    # load_quantized reads what transformers + bitsandbytes save, too: the same bytes, the same model
+    from qlora_models import load4
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        load4(ws["root"] / "base", (torch.float32, torch.float32, True, "nf4")).save_pretrained(tmp_path / "bnb")
+    assert torch.equal(_logits(load_quantized(str(tmp_path / "bnb"))), _logits(ours))
+
+
+# --- convert --------------------------------------------------------------------------------------------------
+def _peft_fast_and_peft_outputs(base, folder, subfolder=None):
+    import peft
+
+    import peft_fast
+
+    kw = {"subfolder": subfolder} if subfolder else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = peft_fast.PeftModel.from_pretrained(_load_base(base), str(folder), **kw)
+        theirs = peft.PeftModel.from_pretrained(_load_base(base), str(folder), **kw)
+    return _logits(ours), _logits(theirs)
+
+
+def test_convert_bin_to_safetensors(ws):
+    root, pp = ws["root"], ws["pp"]
+    assert "default: adapter_model.bin ->" in _ok(ws["convert_to_st"])["out"]
+    assert sorted(os.listdir(root / "conv_st")) == ["adapter_config.json", "adapter_model.safetensors", "other"]
+    config = (root / "peft" / "adapter_config.json").read_bytes()
+    assert (root / "conv_st" / "adapter_config.json").read_bytes() == config
+    for name in ("default", "other"):
+        pp.set_adapter(name)
+        ours, theirs = _peft_fast_and_peft_outputs(root / "base", root / "conv_st", None if name == "default" else name)
+        torch.testing.assert_close(ours, _logits(pp), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(theirs, _logits(pp), atol=1e-5, rtol=1e-5)
+
+
+def test_convert_safetensors_to_bin(ws):
+    root, pf = ws["root"], ws["pf"]
+    _ok(ws["convert_to_bin"])
+    assert sorted(os.listdir(root / "conv_bin")) == ["adapter_config.json", "adapter_model.bin", "second"]
+    assert sorted(os.listdir(root / "conv_bin" / "second")) == ["adapter_config.json", "adapter_model.bin"]
+    pf.set_adapter("default")
+    ours, theirs = _peft_fast_and_peft_outputs(root / "base", root / "conv_bin")
+    torch.testing.assert_close(ours, _logits(pf), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(theirs, _logits(pf), atol=1e-5, rtol=1e-5)
+
+
+def test_convert_output_folder_rules(ws):
+    root = ws["root"]
+    _ok(ws["convert_force"])  # --force: the stale .bin, which loading would not read first but PEFT might, is gone
+    assert sorted(os.listdir(root / "conv_force")) == ["adapter_config.json", "adapter_model.safetensors", "keep.txt",
+                                                       "second"]
+    _error(ws["convert_occupied"], 2, "occupied exists and is not empty")
+    _error(ws["convert_interrupted"], 1, "InterruptedSaveError", "interrupted")
+    assert not (root / "conv_int").exists()
+
+
