@@ -142,7 +142,16 @@ def _converted(file_key: str, value, dest: torch.Tensor) -> torch.Tensor:
     if tuple(value.shape) != tuple(dest.shape):
         raise ValueError(f"Adapter key {file_key} has shape {tuple(value.shape)}, the model's parameter "
                          f"{tuple(dest.shape)}.")
-    return value.to(dtype=dest.dtype, device=dest.device)
+    value = value.to(dtype=dest.dtype, device=dest.device)
+    if _is_dtensor(dest):  # a parameter sharded by FSDP2: every rank read the whole file and keeps its own shard
+        from torch.distributed.tensor import distribute_tensor
+
+        value = distribute_tensor(value, dest.device_mesh, dest.placements, src_data_rank=None)
+    return value
+
+
+def _is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor" or (isinstance(t, nn.Parameter) and type(t.data).__name__ == "DTensor")
 
 
 def _resolve(key: str, adapter_name: str, layers: dict, wrappers: dict) -> tuple[str, object]:
