@@ -1,0 +1,93 @@
+"""What a LoHa / LoKr layer's forward runs: the delta weight ΔW once per call, never per token.
+
+PEFT runs the base layer, then per adapter builds ΔW and adds `x·ΔWᵀ` (a convolution with ΔW for conv bases).
+Here ΔW of all active adapters is summed first and applied in one op, and where the base is a plain float32/64
+Linear or zero-padded Conv (no hooks, no extra forward arguments) it is folded into the base weight: one matmul
+`x·(W + ΣΔW)ᵀ + b` instead of two, in forward and in backward (exact up to float rounding; 16-bit bases are never
+folded, since rounding W + ΔW to 16 bits would round the delta away at W's scale, as a merge does).
+
+16-bit activations with float32 adapters: PEFT casts x up and runs a float32 matmul; here ΔW is cast down to x's
+dtype (float32 accumulation), the same output within 16-bit rounding at a 16-bit matmul's cost.
+
+In training the random draws are PEFT's, in its order, so that a seeded run matches it: per active adapter one
+`torch.rand(1)` for module dropout (drawn even when module_dropout is 0, as PEFT does), then, if the adapter is
+kept and rank_dropout is set, `torch.rand(out_features)` for its rows. Outside training the summed ΔW (or the
+folded W + ΣΔW) is cached until a parameter of the adapters or the base changes identity, storage or version
+(layer.py keeps the cache; the layer's events drop it).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+_FOLDABLE = (torch.float32, torch.float64)
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def run_op(layer, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x through the base layer's operation (linear, or convolution with its stride/padding/...) with `weight`."""
+    if layer.kind == "Linear":
+        return F.linear(x, weight, bias)
+    m = layer.base_layer
+    op = F.conv2d if layer.kind == "Conv2d" else F.conv1d
+    return op(x, weight, bias, m.stride, m.padding, m.dilation, m.groups)
+
+
+def compute_dtype(x: torch.Tensor, adapter_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the delta is applied in: x's for 16-bit x and float32 adapters, else the adapters' (PEFT's cast)."""
+    return x.dtype if x.dtype in _HALF and adapter_dtype == torch.float32 else adapter_dtype
+
+
+def add_delta(layer, x: torch.Tensor, result: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """PEFT's `result + op(x, ΔW)` (bias already in result), returned in x's dtype."""
+    return (result + run_op(layer, x.to(delta.dtype), delta, None)).to(x.dtype)
+
+
+class DeltaPlan:
+    """Forward for one set of active adapters. `fold`: the base's parameter dict when ΔW may be folded into its
+    weight for inputs like the ones the plan was made for; parameters are read at call time."""
+
+    __slots__ = ("layer", "active", "fold")
+
+    def __init__(self, layer, active: list[str], fold: Optional[dict]):
+        self.layer, self.active, self.fold = layer, active, fold
+
+    def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        layer = self.layer
+        fold = self.fold if not (args or kwargs) else None
+        if layer.training:
+            delta = training_delta(layer, self.active)
+            if delta is None:  # module dropout skipped every adapter
+                return layer.base_layer(x, *args, **kwargs)
+            if fold is not None:
+                return run_op(layer, x, fold["weight"] + delta, fold.get("bias"))
+            return add_delta(layer, x, layer.base_layer(x, *args, **kwargs), delta.to(compute_dtype(x, delta.dtype)))
+        if fold is not None:
+            return run_op(layer, x, layer.delta_value(self.active, x.dtype, fold["weight"]), fold.get("bias"))
+        delta = layer.delta_value(self.active, compute_dtype(x, layer.adapter_dtype(self.active)))
+        return add_delta(layer, x, layer.base_layer(x, *args, **kwargs), delta)
+
+
+def training_delta(layer, active: list[str]) -> Optional[torch.Tensor]:
+    """ΣΔW over the adapters that module dropout keeps this call, drawing PEFT's random numbers in PEFT's order."""
+    total = None
+    for name in active:
+        if not torch.rand(1) > layer.module_dropout[name]:
+            continue
+        delta = layer.get_delta_weight(name, apply_rank_dropout=bool(layer.rank_dropout[name]))
+        total = delta if total is None else total + delta
+    return total
+
+
+def foldable(layer, x: torch.Tensor, active: list[str]) -> Optional[dict]:
+    """The base's parameter dict when x·(W + ΣΔW)ᵀ may replace base(x) + x·ΣΔWᵀ for inputs like x: a plain base
+    and one float32/64 dtype for x, W and the adapters."""
+    view = layer.base_view
+    fused = view.fused_dense() if layer.kind == "Linear" else view.fused_conv()
+    if fused is None or x.dtype not in _FOLDABLE or fused[0].dtype != x.dtype:
+        return None
+    if any(p.dtype != x.dtype for name in active for p in layer.factors(name)):
+        return None
+    return view.module._parameters
