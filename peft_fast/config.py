@@ -3,6 +3,9 @@ the one entry point that reads any config by its `peft_type`.
 
 A tuner's config subclasses PeftConfig as a dataclass, sets `PEFT_TYPE`, and lists the keys PEFT writes for that
 tuner which it does not model (`PEFT_ONLY_KEYS`, with their neutral values), split by what ignoring them would do.
+A shared field that PEFT's config for the tuner lacks (IA3 has no `layers_to_transform`) is redeclared there with
+`field(default=None, init=False)`: it then stays None, is no constructor argument, and is neither written to nor
+read from adapter_config.json.
 """
 from __future__ import annotations
 
@@ -69,6 +72,12 @@ def _matches(value, hint) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
+def _absent_fields(cls) -> frozenset[str]:
+    """Shared fields this config class does not have in PEFT (redeclared with init=False)."""
+    return frozenset(f.name for f in dataclasses.fields(cls) if not f.init)
+
+
+@functools.lru_cache(maxsize=None)
 def _field_types(cls) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
@@ -126,7 +135,8 @@ class PeftConfig:
 
     # --- conversions -------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        absent = _absent_fields(type(self))
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in absent}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "the config") -> "PeftConfig":
@@ -135,7 +145,7 @@ class PeftConfig:
             cls = registry.get(data.get("peft_type") or registry.default_type()).config_cls
         data = dict(data)
         data.pop("peft_version", None)
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
         kwargs = {k: v for k, v in data.items() if k in known}
         for key in sorted(set(data) - known):
             value = data[key]

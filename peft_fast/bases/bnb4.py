@@ -75,6 +75,10 @@ class Bnb4View(BaseView):
         return q[0], q[1], base.bias, cast
 
     @property
+    def init_dtype(self) -> Optional[torch.dtype]:
+        return getattr(self.module, "compute_dtype", None)
+
+    @property
     def dense_dtype(self) -> torch.dtype:
         qs = self.quant_state()
         return qs.dtype if qs is not None else torch.float32

@@ -1,6 +1,8 @@
 """The view of peft_fast's own 4-bit layer, NF4Linear (made by peft_fast.quantize)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 
@@ -22,6 +24,10 @@ class NF4View(BaseView):
 
     def nf4(self):
         return self.module.weight, self.module.quant_state
+
+    @property
+    def init_dtype(self) -> Optional[torch.dtype]:
+        return getattr(self.module, "compute_dtype", None)
 
     @property
     def dense_dtype(self) -> torch.dtype:

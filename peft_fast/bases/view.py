@@ -85,6 +85,12 @@ class BaseView:
         return dtype if dtype.is_floating_point else None
 
     @property
+    def init_dtype(self) -> Optional[torch.dtype]:
+        """The dtype PEFT's layers move a new adapter's tensors to before autocast upcasts 16-bit ones to float32:
+        the floating base weight's, a 4-bit layer's compute dtype, or None (the tensors keep theirs)."""
+        return self.adapter_dtype
+
+    @property
     def dense_dtype(self) -> torch.dtype:
         return self.weight.dtype
 

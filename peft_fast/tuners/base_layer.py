@@ -13,6 +13,7 @@ eval(), moves and casts (`_apply`: .to(), .cuda(), .half(), ...). Caches of valu
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -41,6 +42,9 @@ class TunerLayer(nn.Module):
     extra_adapter_dicts: tuple[str, ...] = ()  # more per-adapter dicts, dropped with the adapter
     # PEFT file keys that do not follow "<dict>.<param>" with the adapter name dropped (e.g. DoRA's magnitude).
     file_key_renames: dict[str, str] = {}
+    # Per-adapter dicts of which the model holds one object, shared by all its layers (VeRA's projections). PEFT
+    # saves an adapter's entry once, as `base_model.<dict>`, and only when the dict's buffers are persistent.
+    shared_adapter_dicts: tuple[str, ...] = ()
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
@@ -64,6 +68,26 @@ class TunerLayer(nn.Module):
 
     def get_base_layer(self) -> nn.Module:
         return self.base_layer
+
+    def placed(self, tensor: torch.Tensor, autocast_adapter_dtype: bool = True) -> torch.Tensor:
+        """A new adapter tensor where PEFT's layers put it: on the base's device in `base_view.init_dtype` (rounded
+        there), then, with `autocast_adapter_dtype`, float16/bfloat16 upcast to float32."""
+        view = self.base_view
+        tensor = tensor.to(view.device) if view.init_dtype is None else tensor.to(view.device, view.init_dtype)
+        if autocast_adapter_dtype and tensor.dtype in (torch.float16, torch.bfloat16):
+            tensor = tensor.to(torch.float32)
+        return tensor
+
+    def corrected_fan_in_fan_out(self, config) -> bool:
+        """The base's real orientation. A config that says otherwise is corrected, with PEFT's warning, as PEFT's
+        layers correct it (the stored config then says what the last adapted layer is)."""
+        actual = self.base_view.fan_in_fan_out
+        if config.fan_in_fan_out != actual:
+            warnings.warn("fan_in_fan_out is set to False but the target module is `Conv1D`. Setting fan_in_fan_out "
+                          "to True." if actual else "fan_in_fan_out is set to True but the target module is "
+                          "`torch.nn.Linear`. Setting fan_in_fan_out to False.")
+            config.fan_in_fan_out = actual
+        return actual
 
     @property
     def weight(self) -> torch.Tensor:
@@ -220,6 +244,13 @@ class TunerLayer(nn.Module):
         """File key (relative to the layer) -> shape of every tensor an adapter with `config` has at `target` (an
         injection.Target): files are checked against it before anything loads."""
         raise NotImplementedError(f"{cls.__name__} must say which tensors its adapter files hold (expected_state).")
+
+    @classmethod
+    def expected_shared_state(cls, model: nn.Module, plan) -> dict[str, Optional[tuple[int, ...]]]:
+        """The `shared_adapter_dicts` entries an adapter planned by `plan` (injection.Plan) has in its files, by file
+        key ("base_model.<dict>") -> shape; None for a key its files may hold that is not loaded (a dict whose
+        buffers are not persistent, which torch's load_state_dict would skip too)."""
+        return {}
 
     def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
         """This adapter's tensors under PEFT's file keys relative to the layer ("lora_A.weight", ...)."""

@@ -1,8 +1,9 @@
 """TunerModel: the adapted model plus the bookkeeping of its adapters (PEFT's BaseTuner), shared by every tuner.
 
 A tuner subclasses it with its `layer_cls` (a TunerLayer subclass), `default_targets` (PEFT's target_modules
-defaults by model type) and, where it has per-layer values, `target_kwargs`. Adding, deleting, activating,
-enabling, merging, unloading and mixed-batch routing are all done here, all-or-nothing.
+defaults by model type) and, where it has per-layer values, `target_kwargs` (`prepare_config` for other
+model-dependent defaults). Adding, deleting, activating, enabling, merging, unloading and mixed-batch routing are
+all done here, all-or-nothing.
 """
 from __future__ import annotations
 
@@ -65,6 +66,11 @@ class TunerModel(nn.Module):
     def target_kwargs(cls, config: Any, key: str) -> dict:
         """Per-layer values handed to the layer (LoRA: r and lora_alpha from rank/alpha patterns)."""
         return {}
+
+    @classmethod
+    def prepare_config(cls, config: Any, model: nn.Module) -> None:
+        """Fill in, on the plan's copy of the config, the values PEFT derives from the model before injecting (IA3's
+        feedforward_modules by model type); `after_injection` can copy them to the stored config."""
 
     @classmethod
     def with_init(cls, config: Any, init: object) -> Any:

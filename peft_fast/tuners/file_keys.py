@@ -1,9 +1,11 @@
 """Adapter tensors under PEFT's file keys, for every tuner: the adapter name is stripped on save and put back on
-load; each layer class names its own keys (TunerLayer.adapter_state / param_key / expected_state)."""
+load; each layer class names its own keys (TunerLayer.adapter_state / param_key / expected_state). Tensors that all
+layers of a model share (TunerLayer.shared_adapter_dicts) are saved once, under `base_model.<dict>`, as PEFT does."""
 from __future__ import annotations
 
 import re
 import warnings
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -12,6 +14,7 @@ from .base_layer import TunerLayer
 from .modules_to_save import ModulesToSaveWrapper
 
 PREFIX = "base_model.model."
+SHARED_PREFIX = "base_model."  # PEFT's key for a tensor held by the tuner model itself (VeRA's "base_model.vera_A")
 
 
 def adapter_tensors(model: nn.Module, adapter_name: str, configs: dict) -> dict[str, torch.Tensor]:
@@ -29,6 +32,7 @@ def adapter_tensors(model: nn.Module, adapter_name: str, configs: dict) -> dict[
         elif isinstance(m, ModulesToSaveWrapper) and adapter_name in m.modules_to_save:
             for k, v in m.modules_to_save[adapter_name].state_dict().items():
                 out[f"{PREFIX}{key}.{k}"] = v
+    out.update(_shared_tensors(model, adapter_name))
     if bias == "all":
         # PEFT: every bias of the model minus other adapters' ones, this adapter's name dropped from the key.
         others = [n for n in configs if n != adapter_name]
@@ -39,6 +43,26 @@ def adapter_tensors(model: nn.Module, adapter_name: str, configs: dict) -> dict[
             key = ".".join(p for p in parts if p != adapter_name)
             out.setdefault(f"{PREFIX}{key}", v)
     return {k: v.detach() for k, v in out.items()}
+
+
+def _shared_dicts(layers) -> dict[str, tuple[str, nn.Module]]:
+    """Dict name -> (path of the first layer holding it, the dict) for every shared per-adapter dict."""
+    found: dict[str, tuple[str, nn.Module]] = {}
+    for path, layer in layers:
+        for name in layer.shared_adapter_dicts:
+            found.setdefault(name, (path, getattr(layer, name)))
+    return found
+
+
+def _persistent(container: nn.Module, adapter_name: str) -> bool:
+    return adapter_name not in container._non_persistent_buffers_set
+
+
+def _shared_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    layers = [(k, m) for k, m in model.named_modules() if isinstance(m, TunerLayer)]
+    return {SHARED_PREFIX + name: container[adapter_name]
+            for name, (_, container) in _shared_dicts(layers).items()
+            if adapter_name in container and _persistent(container, adapter_name)}
 
 
 def expected_file_tensors(model: nn.Module, plan, tuner_cls) -> dict[str, tuple[int, ...]]:
@@ -53,16 +77,20 @@ def expected_file_tensors(model: nn.Module, plan, tuner_cls) -> dict[str, tuple[
             module = module.original_module
         for k, v in module.state_dict().items():
             shapes[f"{PREFIX}{key}.{k}"] = tuple(v.shape)
+    shared = tuner_cls.layer_cls.expected_shared_state(model, plan)
+    shapes.update({k: shape for k, shape in shared.items() if shape is not None})
     return shapes
 
 
 def check_file_tensors(tensors: dict[str, torch.Tensor], model: nn.Module, plan, tuner_cls, source: str) -> None:
     """Raise a ValueError naming every problem, so nothing is loaded from a file that does not fit."""
-    tensors = {k if k.startswith(PREFIX) else PREFIX + k: v for k, v in tensors.items()}
+    tensors = {k if k.startswith(SHARED_PREFIX) else PREFIX + k: v for k, v in tensors.items()}
     expected = expected_file_tensors(model, plan, tuner_cls)
+    skipped = {k for k, shape in tuner_cls.layer_cls.expected_shared_state(model, plan).items() if shape is None}
     model_state = {_base_key(PREFIX + k): v for k, v in model.state_dict().items()}
     problems: list[str] = []
-    unknown = [k for k in tensors if k not in expected and not ("bias" in k and _base_key(k) in model_state)]
+    unknown = [k for k in tensors if k not in expected and k not in skipped
+               and not ("bias" in k and _base_key(k) in model_state)]
     if unknown:
         problems.append(f"{len(unknown)} key(s) match no adapter layer of this model, e.g. {unknown[:3]}")
     missing = [k for k in expected if k not in tensors]
@@ -101,6 +129,8 @@ def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], ada
         for file_key, value in tensors.items():
             key = file_key[len(PREFIX):] if file_key.startswith(PREFIX) else file_key
             target, layer = _resolve(key, adapter_name, layers, wrappers)
+            if target is None:  # a shared tensor the model does not persist: not loaded, as load_state_dict skips it
+                continue
             dest = params.get(target, buffers.get(target))
             if dest is None:  # a base bias saved from an unwrapped module, now under an adapter layer (or vice versa)
                 alt = target.replace(".base_layer.", ".") if ".base_layer." in target else \
@@ -154,8 +184,17 @@ def _is_dtensor(t) -> bool:
     return type(t).__name__ == "DTensor" or (isinstance(t, nn.Parameter) and type(t.data).__name__ == "DTensor")
 
 
-def _resolve(key: str, adapter_name: str, layers: dict, wrappers: dict) -> tuple[str, object]:
-    """(model parameter name, the adapter layer it belongs to or None) for a file key."""
+def _resolve(key: str, adapter_name: str, layers: dict, wrappers: dict) -> tuple[Optional[str], object]:
+    """(model parameter name, the adapter layer it belongs to or None) for a file key; (None, layer) for a shared
+    tensor that the model does not persist."""
+    if key.startswith(SHARED_PREFIX):
+        shared = _shared_dicts(layers.items()).get(key[len(SHARED_PREFIX):])
+        if shared is not None:
+            path, container = shared
+            layer = layers[path]
+            # The first layer's path is where named_buffers() lists a module shared by every layer.
+            return (f"{path}.{key[len(SHARED_PREFIX):]}.{adapter_name}" if _persistent(container, adapter_name)
+                    else None), layer
     parts = key.split(".")
     for i in range(len(parts) - 1, 0, -1):
         path = ".".join(parts[:i])

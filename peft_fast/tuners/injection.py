@@ -40,6 +40,7 @@ def plan_adapter(model: nn.Module, config, tuner_cls) -> Plan:
     gives the per-layer values (`target_kwargs`)."""
     config = copy.deepcopy(config)
     resolve_target_modules(config, model, tuner_cls.default_targets)
+    tuner_cls.prepare_config(config, model)
     if config.task_type == "SEQ_CLS":
         extra = [h for h in ("classifier", "score") if h not in (config.modules_to_save or [])]
         config.modules_to_save = (config.modules_to_save or []) + extra
