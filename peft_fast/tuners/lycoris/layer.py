@@ -129,8 +129,8 @@ class LycorisLayer(TunerLayer):
         (one CPU `torch.rand(out_features)`, as PEFT draws it) and, where the tuner scales, the rest rescaled."""
         weight = self.delta(adapter_name)
         if apply_rank_dropout:
-            drop = (torch.rand(weight.size(0)) > self.rank_dropout[adapter_name]).to(self.rank_dropout_mask_dtype(weight))
-            drop = drop.view(-1, *[1] * (weight.dim() - 1)).to(weight.device)
+            drop = torch.rand(weight.size(0)) > self.rank_dropout[adapter_name]
+            drop = drop.to(self.rank_dropout_mask_dtype(weight)).view(-1, *[1] * (weight.dim() - 1)).to(weight.device)
             if self.scales_rank_dropout(adapter_name):
                 drop = drop / drop.mean()  # no rows kept: 0 / 0, NaN, as in PEFT
             weight = (weight * drop).to(weight.dtype)  # PEFT multiplies in place: the weight keeps its dtype
