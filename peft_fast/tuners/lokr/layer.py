@@ -4,7 +4,8 @@
 (`factorization`); w1 is [a, c] (or w1_a·w1_b with decompose_both and a small rank), w2 is [b, d] on Linear,
 [b, d, *kernel] on convolutions (or w2_a·w2_b, flattened over the kernel, when r < max(b, d) / 2; with
 use_effective_conv2d a CP core t2 [r, r, *kernel] instead). The ops (torch.kron, einsum, reshapes) are PEFT's,
-so that ΔW has PEFT's layout for every kind of base, Conv1d's included.
+so that ΔW has PEFT's layout for every kind of base, Conv1d's included (where PEFT 0.21.2 itself fails with
+use_effective_conv2d on kernels larger than 1: see `delta`).
 """
 from __future__ import annotations
 
@@ -101,7 +102,10 @@ class LoKrLayer(LycorisLayer):
         if name in self.lokr_w2:
             w2 = self.lokr_w2[name]
         elif name in self.lokr_t2:
+            # A fresh contiguous copy: einsum may give a size-1 trailing dimension (Conv1d's [b, d, k, 1]) a stride
+            # that torch.kron's internal view rejects, which makes PEFT 0.21.2 fail on such layers.
             w2 = _cp(self.lokr_t2[name], self.lokr_w2_a[name], self.lokr_w2_b[name])
+            w2 = w2.clone(memory_format=torch.contiguous_format)
         else:
             w2 = self.lokr_w2_a[name] @ self.lokr_w2_b[name]
         if w2.dim() == 4:
