@@ -3,8 +3,9 @@ scaled by the active adapters' vectors, multiplied together.
 
 The scale costs one elementwise pass over an activation and no tensor of the weight's size. On a plain dense base
 (nn.Linear without hooks) the matmul is `F.linear` on the module's parameters; without autograd (inference) the
-output is scaled in place, in the tensor the matmul just made. 4-bit bases follow PEFT's `ia3.Linear4bit` order:
-inputs cast to float32 first, so a bf16 model's 4-bit IA3 layers output float32, as PEFT's do.
+output is scaled in place, in the tensor the matmul just made. 4-bit bases follow PEFT's `ia3.Linear4bit` order
+(a 16-bit input is scaled and run in float32), except that the output goes back to the input's dtype: PEFT's stays
+float32, which a bf16 model then feeds to its next bf16 layer and fails (tests/peft_fast/test_parity_ia3_adapters.py).
 """
 from __future__ import annotations
 
@@ -56,16 +57,16 @@ class IA3Plan:
         return (result * s).to(result.dtype)
 
     def quantized(self, x: torch.Tensor, s: torch.Tensor, args, kwargs) -> torch.Tensor:
-        """PEFT's 4-bit order: a non-float32 input goes in as float32 (the output stays float32)."""
-        convert = not torch.is_autocast_enabled() and x.dtype != torch.float32
+        """PEFT's 4-bit order: a non-float32 input is scaled and run in float32; the output in the input's dtype."""
+        dtype = x.dtype
+        convert = not torch.is_autocast_enabled() and dtype != torch.float32
         if convert:
             x = x.float()
         if self.layer.is_feedforward:
-            return self.layer.base_layer(x * s, *args, **kwargs)
-        result = self.layer.base_layer(x, *args, **kwargs)
-        expected = result.dtype
-        result = result * s
-        return result.to(expected) if convert else result
+            result = self.layer.base_layer(x * s, *args, **kwargs)
+        else:
+            result = self.layer.base_layer(x, *args, **kwargs) * s
+        return result.to(dtype) if convert else result
 
 
 class IA3Compute:
