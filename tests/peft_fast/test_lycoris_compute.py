@@ -1,0 +1,166 @@
+"""How peft_fast computes LoHa and LoKr (peft_fast-only guarantees): ΔW formed once per call, never per token,
+folded into the base matmul where that is exact, cached outside training until a factor, a scaling or the base
+changes, and the cache dropped by the layer's events. Also: the tuners' planner agrees with the shared one."""
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+from lycoris_pairs import TUNERS, pair, x_for
+from tiny_models import AGAINST_PEFT, assert_close, base_model, out
+
+pytestmark = pytest.mark.skipif(AGAINST_PEFT, reason="peft_fast's own computation")
+
+from peft_fast.tuners import injection  # noqa: E402
+from peft_fast.tuners.loha import LoHaLayer, LoHaModel  # noqa: E402
+from peft_fast.tuners.lokr import LoKrLayer  # noqa: E402
+from peft_fast.tuners.lycoris.planning import plan_targets  # noqa: E402
+
+LAYERS = {"loha": LoHaLayer, "lokr": LoKrLayer}
+TUNER_IDS = ["loha", "lokr"]
+
+
+def _count(monkeypatch, cls, name):
+    calls = []
+    real = getattr(cls, name)
+
+    def spy(self, *a, **k):
+        calls.append(self)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(cls, name, spy)
+    return calls
+
+
+def _layers(model):
+    return [m for m in model.modules() if isinstance(m, tuple(LAYERS.values()))]
+
+
+@pytest.mark.parametrize("tuner", TUNER_IDS)
+@pytest.mark.parametrize("batch", [1, 4])
+def test_delta_formed_once_per_adapter_and_call_whatever_the_tokens(monkeypatch, tuner, batch):
+    _, _, i = pair(tuner, "llama")
+    calls = _count(monkeypatch, LAYERS[tuner], "delta")
+    i.train()
+    out(i, x_for("llama", batch=batch, seq=8))
+    assert len(calls) == len(_layers(i))
+
+
+@pytest.mark.parametrize("tuner", TUNER_IDS)
+def test_float32_plain_bases_run_one_matmul(monkeypatch, tuner):
+    """x·(W + ΔW)ᵀ + b: the base module's own forward is not called; with a hook on the base it is (the hook must
+    see its call), and the outputs agree."""
+    _, _, i = pair(tuner, "mlp")
+    base_calls = _count(monkeypatch, nn.Linear, "forward")
+    x = x_for("mlp")
+    for mode in ("train", "eval"):
+        getattr(i, mode)()
+        folded = out(i, x)
+        adapted = {m.base_layer for m in _layers(i)}
+        assert not adapted & set(base_calls), mode
+        handle = i.base_model.model.lin0.base_layer.register_forward_hook(lambda *a: None)
+        assert_close(out(i, x), folded)
+        assert i.base_model.model.lin0.base_layer in base_calls
+        handle.remove()
+        base_calls.clear()
+
+
+@pytest.mark.parametrize("tuner", TUNER_IDS)
+def test_eval_cache_follows_the_parameters(monkeypatch, tuner):
+    """Outside training ΔW is built once; an optimizer-style in-place step, a `.data` swap, a new scaling or an
+    edit of the base weight is seen at the next call."""
+    _, r, i = pair(tuner, "mlp")
+    calls = _count(monkeypatch, LAYERS[tuner], "delta")
+    x = x_for("mlp")
+    i.eval()
+    r.eval()
+    n = len(_layers(i))
+    with torch.no_grad():
+        first = out(i, x)
+        assert_close(out(i, x), first)
+        assert len(calls) == n  # the second call was served from the cache
+        layer = i.base_model.model.lin0
+        changes = [
+            lambda p: p.add_(0.5),  # bumps the version
+            lambda p: setattr(p, "data", p.data * 2),  # same version, new storage
+        ]
+        factor = {"loha": "hada_w1_b", "lokr": "lokr_w1"}[tuner]
+        for change in changes:
+            for model in (r, i):
+                change(getattr(model.base_model.model.lin0, factor)["default"])
+            assert_close(out(i, x), out(r, x))
+        before = len(calls)
+        for model in (r, i):
+            model.base_model.model.lin0.set_scale("default", 0.5)
+        assert_close(out(i, x), out(r, x))
+        assert len(calls) == before + 1  # only the layer whose scaling changed
+        for model in (r, i):
+            model.base_model.model.lin1.base_layer.weight.mul_(1.5)
+        assert_close(out(i, x), out(r, x))
+        assert layer._values
+
+
+@pytest.mark.parametrize("tuner", TUNER_IDS)
+def test_layer_events_drop_the_cache(tuner):
+    _, _, i = pair(tuner, "mlp")
+    layer = i.base_model.model.lin0
+    x = x_for("mlp")
+
+    def filled():
+        i.eval()
+        with torch.no_grad():
+            out(i, x)
+        return bool(layer._values)
+
+    events = [lambda: i.set_adapter("default"), lambda: i.train(), lambda: (i.merge_adapter(), i.unmerge_adapter()),
+              lambda: i.to("cpu"), lambda: i.base_model.enable_adapter_layers(), lambda: i.eval()]
+    for event in events:
+        assert filled()
+        event()
+        assert not layer._values
+    assert filled()
+    for copied in (copy.deepcopy(i), pickle.loads(pickle.dumps(i))):
+        assert not copied.base_model.model.lin0._values
+        with torch.no_grad():
+            assert_close(out(copied.eval(), x), out(i, x))
+
+
+@pytest.mark.parametrize("tuner", TUNER_IDS)
+def test_eval_mode_with_gradients_trains_the_factors(tuner):
+    """In eval mode with gradients wanted nothing is cached: gradients reach the factors (those of a train step
+    without dropout)."""
+    _, _, i = pair(tuner, "mlp")
+    x = x_for("mlp")
+    grads = {}
+    for mode in ("train", "eval"):
+        getattr(i, mode)()
+        i.zero_grad()
+        out(i, x).pow(2).mean().backward()
+        grads[mode] = {n: p.grad.clone() for n, p in i.named_parameters() if p.requires_grad}
+        assert not i.base_model.model.lin0._values
+    assert grads["train"].keys() == grads["eval"].keys() and grads["eval"]
+    for n in grads["train"]:
+        assert_close(grads["eval"][n], grads["train"][n], msg=n)
+
+
+@pytest.mark.parametrize("tuner", TUNER_IDS)
+@pytest.mark.parametrize("kind", ["llama", "mlp", "conv"])
+def test_planner_agrees_with_the_shared_one_on_linear_bases(tuner, kind):
+    """get_peft_model plans with the tuners' planner (convolutions allowed); PeftModel.from_pretrained with the
+    shared one. On linear targets the two plans are the same."""
+    impl_cls = TUNERS[tuner][1]
+    model_cls = type(pair(tuner, "mlp")[2].base_model)
+    for kw in ({"target_modules": "all-linear", "rank_pattern": {"q_proj": 2}},
+               {"target_modules": None, "modules_to_save": ["lm_head"], "task_type": "SEQ_CLS"},
+               {"target_modules": ["lin0", "q_proj", "head"], "exclude_modules": ["lin1"]}):
+        model = base_model(kind) if kind != "conv" else pair(tuner, "conv")[0]
+        if kind != "llama" and kw["target_modules"] is None:
+            continue
+        config = impl_cls(**kw)
+        mine, shared = plan_targets(model, config, model_cls), injection.plan_adapter(model, config, model_cls)
+        assert [(t.key, t.in_features, t.out_features, t.kwargs) for t in mine.targets] == \
+            [(t.key, t.in_features, t.out_features, t.kwargs) for t in shared.targets]
+        assert mine.save_modules == shared.save_modules
+        assert mine.config.to_dict() == shared.config.to_dict()
+    assert LoHaModel.layer_cls is LoHaLayer
