@@ -93,16 +93,11 @@ class LycorisLayer(TunerLayer):
         for dict_name, shape in self.adapter_shapes(self.base_layer, self.kind, config, r).items():
             getattr(self, dict_name)[name] = nn.Parameter(torch.empty(shape))
         self.init_factors(name, config.init_weights)
-        view = self.base_view
         with torch.no_grad():
             for dict_name in self.adapter_layer_names:
                 params = getattr(self, dict_name)
-                if name not in params:
-                    continue
-                p = params[name].to(view.device, dtype=view.adapter_dtype)
-                if autocast_adapter_dtype and p.dtype in (torch.float16, torch.bfloat16):
-                    p = p.to(torch.float32)
-                params[name] = nn.Parameter(p)
+                if name in params:
+                    params[name] = nn.Parameter(self.placed(params[name], autocast_adapter_dtype))
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     # --- the tuner's part --------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ def plan_targets(model: nn.Module, config, tuner_cls) -> Plan:
     """Everything the adapter will touch, without touching the model; unsupported bases raise a TypeError."""
     config = copy.deepcopy(config)
     resolve_target_modules(config, model, tuner_cls.default_targets)
+    tuner_cls.prepare_config(config, model)
     if config.task_type == "SEQ_CLS":
         config.modules_to_save = (config.modules_to_save or []) + \
             [h for h in SEQ_CLS_HEADS if h not in (config.modules_to_save or [])]
