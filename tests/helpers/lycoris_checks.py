@@ -58,6 +58,13 @@ def check_merge_cycle(tuner: str, first: dict, second: dict) -> None:
         assert_same_state(r, i)
         assert_close(out(i, x), want)
         for m in (r, i):
+            m.merge_adapter()
+        with r.disable_adapter(), i.disable_adapter():  # a forward without adapters unmerges first, as in PEFT
+            assert_close(out(i, x), out(r, x))
+            assert_close(out(i, x), base_model("llama")(**x).logits)
+        assert_same_state(r, i)
+        assert not any(getattr(m, "merged", False) for m in i.modules())
+        for m in (r, i):
             m.merge_adapter(adapter_names=["default", "other"], safe_merge=True)
         assert_same_state(r, i)
         for m in (r, i):
@@ -157,6 +164,12 @@ def check_refused_changes(tuner: str, tmp_path) -> None:
     snap = snapshot(i)
     with pytest.raises(ValueError, match="positive integer"):
         i.add_adapter("bad", impl_cls(target_modules=["lin0", "lin1"], rank_pattern={"lin1": 0}))
+    assert_unchanged(i, snap)
+    with torch.no_grad():
+        getattr(i.base_model.model.lin1, i.base_model.model.lin1.adapter_layer_names[0])["default"].fill_(float("inf"))
+    snap = snapshot(i)
+    with pytest.raises(ValueError, match="NaN"):  # lin0 would merge; lin1 is broken: neither is merged
+        i.merge_adapter(safe_merge=True)
     assert_unchanged(i, snap)
     _, _, other = pair(tuner, "mlp", r=2)
     other.save_pretrained(tmp_path)
