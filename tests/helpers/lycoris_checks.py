@@ -176,8 +176,24 @@ def check_refused_changes(tuner: str, tmp_path) -> None:
     with pytest.raises(ValueError, match="do not fit"):
         i.load_adapter(str(tmp_path), adapter_name="default")  # other factor shapes into the existing adapter
     assert_unchanged(i, snap)
-    model = impl.quantize(base_model("llama"))
-    snap = snapshot(model)
-    with pytest.raises(TypeError, match="4-bit"):
-        impl.get_peft_model(model, impl_cls(target_modules=["q_proj"]))
-    assert_unchanged(model, snap)
+    check_4bit_refused(tuner, tmp_path)
+
+
+def check_4bit_refused(tuner: str, tmp_path) -> None:
+    """PEFT 0.21.2 builds the adapter on a bitsandbytes 4-bit layer (an nn.Linear) from the packed weight's shape
+    and then fails in forward; peft_fast refuses 4-bit bases (bitsandbytes' and its own NF4Linear) before changing
+    anything."""
+    from qlora_models import CASES, load4, save_tiny_llama
+
+    ref_cls, impl_cls = TUNERS[tuner]
+    path = save_tiny_llama(tmp_path / "tiny")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        broken = ref.get_peft_model(load4(path, CASES[0]), ref_cls(target_modules=["q_proj"]))
+    with pytest.raises(RuntimeError):
+        broken(input_ids=torch.ones(1, 4, dtype=torch.long))
+    for model in (load4(path, CASES[0]), impl.quantize(base_model("llama"))):
+        snap = snapshot(model)
+        with pytest.raises(TypeError, match="4-bit"):
+            impl.get_peft_model(model, impl_cls(target_modules=["q_proj"]))
+        assert_unchanged(model, snap)
