@@ -23,15 +23,23 @@ from ...kernels import lora_linear_reference, lora_linear_triton, qlora_linear_r
 
 
 class VeraPlan:
-    __slots__ = ("layer", "active", "fused")
+    __slots__ = ("layer", "active", "fused", "params")
 
     def __init__(self, layer, active: list[str], fused):
         self.layer, self.active, self.fused = layer, active, fused
+        view = layer.base_view
+        # A plain nn.Linear: its matmul run directly, and its output (fresh, kept by no backward) updated in place.
+        self.params = view.module._parameters if view.fused_dense() is not None and not view.fan_in_fan_out else None
 
     def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.fused is not None and not (args or kwargs):
+        if args or kwargs:
+            return self.layer.loop(x, self.layer.base_layer(x, *args, **kwargs), self.active)
+        if self.fused is not None:
             return self.fused(x)
-        return self.layer.loop(x, self.layer.base_layer(x, *args, **kwargs), self.active)
+        if self.params is not None:
+            base = F.linear(x, self.params["weight"], self.params.get("bias"))
+            return self.layer.loop(x, base, self.active, fresh=True)
+        return self.layer.loop(x, self.layer.base_layer(x), self.active)
 
 
 def _version(t: torch.Tensor) -> tuple:
@@ -58,15 +66,22 @@ class VeraCompute:
         """This layer's parts of the shared projections: A [r, in] and B [out, r] (views, no copies)."""
         return self.vera_A[name][:, :self.in_features], self.vera_B[name][:self.out_features, :]
 
-    def loop(self, x: torch.Tensor, result: torch.Tensor, active: list[str]) -> torch.Tensor:
-        """PEFT's adapter loop after the base output `result` (x cast to each adapter's dtype, as PEFT keeps it)."""
+    def loop(self, x: torch.Tensor, result: torch.Tensor, active: list[str], fresh: bool = False) -> torch.Tensor:
+        """PEFT's adapter loop after the base output `result` (x cast to each adapter's dtype, as PEFT keeps it).
+        `result + Λ_b ⊙ v` is one addcmul, into `result` itself when it is `fresh` (made for this call, held by
+        nothing else) and of the sum's dtype; PEFT's mul-then-add makes two passes over an [tokens, out] tensor."""
         x_dtype, out_dtype = x.dtype, result.dtype
         for name in active:
             lambda_d, lambda_b = self.vera_lambda_d[name], self.vera_lambda_b[name]
             a, b = self.slices(name)
             if x.dtype != lambda_d.dtype:
                 x = x.to(lambda_d.dtype)
-            result = result + lambda_b * F.linear(lambda_d * F.linear(self.vera_dropout[name](x), a), b)
+            v = F.linear(lambda_d * F.linear(self.vera_dropout[name](x), a), b)
+            if fresh and result.dtype == v.dtype:
+                result = result.addcmul_(lambda_b, v)
+            else:
+                result = torch.addcmul(result, lambda_b, v)
+                fresh = True  # a new tensor of the promoted dtype
         return result.to(out_dtype).to(x_dtype)
 
     def mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
