@@ -109,8 +109,8 @@ def check_several_adapters(tuner: str, second: dict, model_type: str) -> None:
 
 def check_bf16_base(tuner: str, **overrides) -> None:
     """A bf16 base: PEFT's dtypes (factors float32 after the autocast, or bf16 without it), PEFT's initial values
-    (drawn in float32, rounded through bf16), and its outputs to bf16 rounding (peft_fast applies ΔW in bf16
-    where PEFT casts x up to float32)."""
+    (drawn in float32, rounded through bf16), and its outputs to bf16 rounding (peft_fast applies ΔW in bf16 here,
+    18 tokens and a cached ΔW, where PEFT casts x up to float32)."""
     base = base_model("llama").to(torch.bfloat16)
     ref_cls, impl_cls = TUNERS[tuner]
     for autocast in (True, False):

@@ -13,6 +13,7 @@ from tiny_models import AGAINST_PEFT, assert_close, base_model, out
 pytestmark = pytest.mark.skipif(AGAINST_PEFT, reason="peft_fast's own computation")
 
 from peft_fast.tuners import injection  # noqa: E402
+from peft_fast.tuners.lycoris import forward  # noqa: E402
 from peft_fast.tuners.loha import LoHaLayer, LoHaModel  # noqa: E402
 from peft_fast.tuners.lokr import LoKrLayer  # noqa: E402
 from peft_fast.tuners.lycoris.planning import plan_targets  # noqa: E402
@@ -164,3 +165,23 @@ def test_planner_agrees_with_the_shared_one_on_linear_bases(tuner, kind):
         assert mine.save_modules == shared.save_modules
         assert mine.config.to_dict() == shared.config.to_dict()
     assert LoHaModel.layer_cls is LoHaLayer
+
+
+@pytest.mark.parametrize("tuner", TUNER_IDS)
+def test_16bit_inputs_get_a_16bit_delta_when_it_pays(monkeypatch, tuner):
+    """bf16 x, float32 factors: a 16-bit ΔW for many rows or from the eval cache; PEFT's float32 matmul (x cast up)
+    for a few rows without the cache."""
+    _, _, i = pair(tuner, "mlp")
+    i.to(torch.bfloat16)
+    for p in i.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    seen = []
+    real = forward.run_op
+    monkeypatch.setattr(forward, "run_op", lambda layer, x, w, b: seen.append(w.dtype) or real(layer, x, w, b))
+    for mode, rows, want in (("train", 1, torch.float32), ("train", 32, torch.bfloat16), ("eval", 1, torch.bfloat16)):
+        getattr(i, mode)()
+        seen.clear()
+        with torch.set_grad_enabled(mode == "train"):
+            y = out(i, {"X": torch.randn(rows, 16, dtype=torch.bfloat16)})
+        assert y.dtype == torch.bfloat16 and set(seen) == {want}, (mode, rows)

@@ -6,8 +6,10 @@ Linear or zero-padded Conv (no hooks, no extra forward arguments) it is folded i
 `x·(W + ΣΔW)ᵀ + b` instead of two, in forward and in backward (exact up to float rounding; 16-bit bases are never
 folded, since rounding W + ΔW to 16 bits would round the delta away at W's scale, as a merge does).
 
-16-bit activations with float32 adapters: PEFT casts x up and runs a float32 matmul; here ΔW is cast down to x's
-dtype (float32 accumulation), the same output within 16-bit rounding at a 16-bit matmul's cost.
+16-bit activations with float32 adapters: PEFT casts x up and runs a float32 matmul. Here ΔW is cast down to x's
+dtype instead (float32 accumulation; the same output within 16-bit rounding) when that pays: when the cast ΔW is
+cached, or x has at least _MIN_ROWS_TO_CAST_DELTA rows (tokens, or positions of a convolution), so that the 16-bit
+matmul's gain (GPUs, CPUs with bf16 instructions) outweighs casting ΔW and its gradient once per call.
 
 In training the random draws are PEFT's, in its order, so that a seeded run matches it: per active adapter one
 `torch.rand(1)` for module dropout (drawn even when module_dropout is 0, as PEFT does), then, if the adapter is
@@ -24,6 +26,10 @@ import torch.nn.functional as F
 
 _FOLDABLE = (torch.float32, torch.float64)
 _HALF = (torch.float16, torch.bfloat16)
+# Below this many rows of x, casting an [out, in] ΔW (and, in backward, its gradient) to x's 16-bit dtype costs more
+# than the float32 matmul over those rows that PEFT runs (measured on a CPU with bf16 instructions: 1 row loses,
+# 16 win); decode in eval reads the cast ΔW from the cache whatever the rows.
+_MIN_ROWS_TO_CAST_DELTA = 16
 
 
 def run_op(layer, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -35,9 +41,13 @@ def run_op(layer, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     return op(x, weight, bias, m.stride, m.padding, m.dilation, m.groups)
 
 
-def compute_dtype(x: torch.Tensor, adapter_dtype: torch.dtype) -> torch.dtype:
-    """The dtype the delta is applied in: x's for 16-bit x and float32 adapters, else the adapters' (PEFT's cast)."""
-    return x.dtype if x.dtype in _HALF and adapter_dtype == torch.float32 else adapter_dtype
+def compute_dtype(layer, x: torch.Tensor, adapter_dtype: torch.dtype, cached: bool) -> torch.dtype:
+    """The dtype ΔW is applied in: x's for 16-bit x and float32 adapters when the cast pays (see above), else the
+    adapters' (PEFT's cast of x)."""
+    if x.dtype in _HALF and adapter_dtype == torch.float32 and \
+            (cached or x.numel() // layer.in_features >= _MIN_ROWS_TO_CAST_DELTA):
+        return x.dtype
+    return adapter_dtype
 
 
 def add_delta(layer, x: torch.Tensor, result: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -63,11 +73,12 @@ class DeltaPlan:
                 return layer.base_layer(x, *args, **kwargs)
             if fold is not None:
                 return run_op(layer, x, fold["weight"] + delta, fold.get("bias"))
-            return add_delta(layer, x, layer.base_layer(x, *args, **kwargs), delta.to(compute_dtype(x, delta.dtype)))
+            delta = delta.to(compute_dtype(layer, x, delta.dtype, cached=False))
+            return add_delta(layer, x, layer.base_layer(x, *args, **kwargs), delta)
         if fold is not None:
             return run_op(layer, x, layer.delta_value(self.active, x.dtype, fold["weight"]), fold.get("bias"))
-        delta = layer.delta_value(self.active, compute_dtype(x, layer.adapter_dtype(self.active)))
-        return add_delta(layer, x, layer.base_layer(x, *args, **kwargs), delta)
+        dtype = compute_dtype(layer, x, layer.adapter_dtype(self.active), layer.caches(self.active))
+        return add_delta(layer, x, layer.base_layer(x, *args, **kwargs), layer.delta_value(self.active, dtype))
 
 
 def training_delta(layer, active: list[str]) -> Optional[torch.Tensor]:

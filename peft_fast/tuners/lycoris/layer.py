@@ -154,6 +154,14 @@ class LycorisLayer(TunerLayer):
             return self.base_layer
         return DeltaPlan(self, active, foldable(self, x, active))
 
+    def caches(self, names: list[str], base: Optional[torch.Tensor] = None) -> bool:
+        """Whether ΣΔW of `names` (plus `base`) is served from the cache: outside training and compiled code, when no
+        gradient is wanted."""
+        if self.training or torch.compiler.is_compiling():
+            return False
+        return not (torch.is_grad_enabled() and (any(p.requires_grad for n in names for p in self.factors(n)) or
+                                                 (base is not None and base.requires_grad)))
+
     def delta_value(self, names: list[str], dtype: torch.dtype, base: Optional[torch.Tensor] = None):
         """ΣΔW of `names` in `dtype` (plus `base`, the base weight, when given). Outside training, when no gradient
         is wanted, the value is cached until a factor, a scaling or the base changes."""
@@ -164,9 +172,7 @@ class LycorisLayer(TunerLayer):
                 total = d if total is None else total + d
             return (total if base is None else base + total).to(dtype)
 
-        grad = torch.is_grad_enabled() and (any(p.requires_grad for n in names for p in self.factors(n)) or
-                                            (base is not None and base.requires_grad))
-        if self.training or grad or torch.compiler.is_compiling():
+        if not self.caches(names, base):
             return compute()
         slot = (tuple(names), base is not None, dtype)
         key = tuple(k for n in names for p in self.factors(n) for k in _param_key(p)) + \
@@ -187,7 +193,8 @@ class LycorisLayer(TunerLayer):
             if name == BASE_NAME or not self.has_adapter(name):
                 continue
             rows = [i for i, n in enumerate(adapter_names) if n == name]
-            delta = self.delta_value([name], compute_dtype(x, self.adapter_dtype([name])))
+            dtype = compute_dtype(self, x[rows], self.adapter_dtype([name]), self.caches([name]))
+            delta = self.delta_value([name], dtype)
             result[rows] = add_delta(self, x[rows], result[rows], delta)
         return result
 
