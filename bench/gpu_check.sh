@@ -3,7 +3,7 @@
 # and profile scripts, one JSON report, and a summary table printed last (so the tail of the output is enough).
 # Usage, from the repo root: bash bench/gpu_check.sh
 # Each stage stops at its time limit (GPU_CHECK_*_S below): with the defaults the whole run takes at most about
-# 8-9 minutes plus startup, whatever the card; a faster card just finishes more of each stage.
+# 8.5 minutes (510 s of stages) plus startup, whatever the card; a faster card just finishes more of each stage.
 # Writes bench/results/gpu_report_<card>.json, and $OUT/gpu_report.json plus logs when $OUT is set (a folder
 # to collect the results from, e.g. on a remote or batch machine).
 set -uo pipefail  # no -e: a failing test stage must not cost us the benchmarks or the report
@@ -66,7 +66,7 @@ stage() {  # stage NAME SECONDS pytest-args...: log, junit xml and "rc seconds" 
 #   GPU_CHECK_KERNELS_S=60 GPU_CHECK_TESTS_S=0 GPU_CHECK_BENCH_S=110 bash bench/gpu_check.sh
 # or pick stages by name: GPU_CHECK_STAGES=kernels,bench bash bench/gpu_check.sh (default: all of them).
 # Files never run on a GPU before go first, so that a short run still covers them; pytest drops the repeats.
-STAGES=",${GPU_CHECK_STAGES:-kernels,peft_fast,bench,host,profile},"
+STAGES=",${GPU_CHECK_STAGES:-kernels,peft_fast,bench,host,profile,distributed},"
 picked() { case "$STAGES" in *",$1,"*) return 0;; *) return 1;; esac; }
 existing() { local f; for f in "$@"; do [ -e "$f" ] && printf '%s ' "$f"; done; }
 FIRST_TESTS=${GPU_CHECK_FIRST_TESTS:-}
@@ -85,7 +85,7 @@ export PEFT_FAST_BENCH_ROWS="${OUT:-$LOGS}/bench_rows.jsonl"
 FIRST_BENCH=${GPU_CHECK_FIRST_BENCH:-}
 [ -z "$FIRST_BENCH" ] && FIRST_BENCH=$(existing bench/test_bench_lora_linear.py bench/test_bench_dora.py \
   bench/test_bench_qlora_linear.py)
-stage bench "${GPU_CHECK_BENCH_S:-180}" $FIRST_BENCH $ALL_BENCH -q $TEST_TIMEOUT \
+stage bench "${GPU_CHECK_BENCH_S:-160}" $FIRST_BENCH $ALL_BENCH -q $TEST_TIMEOUT \
   --benchmark-json="$LOGS/bench.json" --benchmark-min-rounds=3 --benchmark-max-time=0.5 \
   --benchmark-warmup=on --benchmark-warmup-iterations=2 --benchmark-columns=median,iqr,rounds
 
@@ -97,11 +97,14 @@ if [ "${GPU_CHECK_HOST_S:-45}" -gt 0 ] && picked host; then
 fi
 
 # Where the QLoRA layer's time goes (kernel times, host overhead, profiler tables): a log only, for the next change.
-if [ "${GPU_CHECK_PROFILE_S:-60}" -gt 0 ] && picked profile; then
-  echo "== profile: bench/profile_qlora.py (limit ${GPU_CHECK_PROFILE_S:-60}s)"
-  timeout -k 5 "${GPU_CHECK_PROFILE_S:-60}" $PY bench/profile_qlora.py 2>&1 | tee "$LOGS/profile.log" ${OUT:+"$OUT/profile.log"} \
+if [ "${GPU_CHECK_PROFILE_S:-45}" -gt 0 ] && picked profile; then
+  echo "== profile: bench/profile_qlora.py (limit ${GPU_CHECK_PROFILE_S:-45}s)"
+  timeout -k 5 "${GPU_CHECK_PROFILE_S:-45}" $PY bench/profile_qlora.py 2>&1 | tee "$LOGS/profile.log" ${OUT:+"$OUT/profile.log"} \
     | grep -E "^(host|[0-9]+x[0-9]+:|==)" || true
 fi
+
+# examples/train_distributed.py under torchrun with NCCL on one GPU (FSDP2; then NF4 + DoRA under FSDP2).
+stage distributed "${GPU_CHECK_DISTRIBUTED_S:-50}" tests/peft_fast/test_distributed.py -q -k one_gpu $TEST_TIMEOUT
 
 mkdir -p bench/results
 $PY bench/gpu_report.py "$LOGS" --seconds $(( $(date +%s) - T0 ))

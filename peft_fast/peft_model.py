@@ -18,6 +18,7 @@ from .config import CONFIG_NAME, PeftConfig, as_config
 from .loading import read_adapter
 from .hub import push_to_hub
 from .model_card import write_model_card
+from .sharding import check_unsharded, unsharded_only
 from .names import check_adapter_name
 from .peft_interop import patch_peft_model, peft_layer_names
 from .state_dict import get_peft_model_state_dict
@@ -100,6 +101,7 @@ class PeftModel(*_bases()):
             return self.get_base_model().generate(*args, **kwargs)
 
     # --- adapters ----------------------------------------------------------------------------------------------
+    @unsharded_only("add_adapter")
     def add_adapter(self, adapter_name: str, peft_config: Any, low_cpu_mem_usage: bool = False,
                     autocast_adapter_dtype: bool = True) -> None:
         self.base_model.add_adapter(adapter_name, peft_config, autocast_adapter_dtype)
@@ -111,6 +113,7 @@ class PeftModel(*_bases()):
                 raise ValueError(f"Adapter {n} not found. Available adapters: {sorted(self.peft_config)}")
         self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
 
+    @unsharded_only("delete_adapter")
     def delete_adapter(self, adapter_name: str) -> None:
         self.base_model.delete_adapter(adapter_name)
 
@@ -145,16 +148,20 @@ class PeftModel(*_bases()):
                 self.base_model.enable_adapter_layers()
             self._adapters_disabled = was_disabled
 
+    @unsharded_only("merge_adapter")
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         self.base_model.merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
 
+    @unsharded_only("unmerge_adapter")
     def unmerge_adapter(self) -> None:
         self.base_model.unmerge_adapter()
 
+    @unsharded_only("merge_and_unload")
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
                          adapter_names: Optional[list[str]] = None, dequantize: bool = False) -> nn.Module:
         return self.base_model.merge_and_unload(progressbar, safe_merge, adapter_names, dequantize=dequantize)
 
+    @unsharded_only("unload")
     def unload(self) -> nn.Module:
         return self.base_model.unload()
 
@@ -176,8 +183,13 @@ class PeftModel(*_bases()):
     # --- files -------------------------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str, safe_serialization: bool = True,
                         selected_adapters: Optional[list[str]] = None, is_main_process: bool = True,
-                        **kwargs: Any) -> None:
-        """PEFT's layout: the "default" adapter in ``save_directory``, others in ``save_directory/<name>/``."""
+                        state_dict: Optional[dict] = None, **kwargs: Any) -> None:
+        """PEFT's layout: the "default" adapter in ``save_directory``, others in ``save_directory/<name>/``.
+
+        ``state_dict``: take the adapter's values from this full state dict (Accelerate / TRL pass the one they
+        gathered from a sharded model) instead of from the parameters. A model sharded by FSDP2 without it: call
+        this on every rank (the adapter tensors are gathered, a collective call); the rank with
+        ``is_main_process=True`` writes the files."""
         if os.path.isfile(save_directory):
             raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
         if kwargs.get("path_initial_model_for_weight_conversion") is not None:
@@ -188,12 +200,15 @@ class PeftModel(*_bases()):
         if any(n not in self.peft_config for n in names):
             raise ValueError("You passed an invalid `selected_adapters` arguments, current supported adapter names "
                              f"are {list(self.peft_config.keys())} - got {selected_adapters}.")
+        if state_dict is not None and not is_main_process:
+            return
+        # Before the main-process check: gathering sharded tensors needs every rank.
+        adapters = {n: get_peft_model_state_dict(self, state_dict, adapter_name=n) for n in names}
         if not is_main_process:
             return
-        for name in names:
+        for name, tensors in adapters.items():
             out_dir = save_directory if name == "default" else os.path.join(save_directory, name)
             files.clean_temps(out_dir)
-            tensors = get_peft_model_state_dict(self, name)
             config = copy.deepcopy(self.peft_config[name])
             if config.base_model_name_or_path is None:
                 config.base_model_name_or_path = getattr(self.get_base_model(), "name_or_path", None) or \
@@ -251,6 +266,7 @@ class PeftModel(*_bases()):
             check_file_tensors(tensors, model, plan, tuner_cls, source)
             load_adapter_tensors(model, tensors, adapter_name, source)
         else:
+            check_unsharded(self, f"load_adapter of a new adapter ({adapter_name!r})")
             config, tensors, source = read_adapter(model_id, None, is_trainable, kwargs)
             if registry.get(config.peft_type).model_cls is not tuner_cls:
                 raise ValueError(f"{model_id} holds a {config.peft_type} adapter; this model's adapters are "

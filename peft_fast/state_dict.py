@@ -1,12 +1,24 @@
 """PEFT's state-dict functions for a PeftModel (or the adapted model inside it): adapter tensors under PEFT's file
-keys, and loading such tensors into an existing adapter."""
+keys, and loading such tensors into an existing adapter.
+
+Sharded models (FSDP2): parameters are DTensors, and `get_peft_model_state_dict` gathers each adapter tensor
+whole, which is a collective call: every rank must make it, in the same order (as `save_pretrained` does).
+`state_dict=` takes the tensors from a state dict gathered beforehand instead (Accelerate's and TRL's way:
+`save_pretrained(dir, state_dict=accelerator.get_state_dict(model))`), without touching the model's values.
+"""
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn as nn
+from torch.nn.modules.module import _IncompatibleKeys
 
+from .sharding import is_sharded
+from .tuners.base_layer import TunerLayer
 from .tuners.base_model import TunerModel
-from .tuners.file_keys import PREFIX, adapter_tensors, load_adapter_tensors
+from .tuners.file_keys import PREFIX, _resolve, adapter_tensors, load_adapter_tensors
+from .tuners.modules_to_save import ModulesToSaveWrapper
 
 
 def _unwrap(model: nn.Module) -> tuple[nn.Module, dict, bool]:
@@ -18,15 +30,53 @@ def _unwrap(model: nn.Module) -> tuple[nn.Module, dict, bool]:
     return model, configs if isinstance(configs, dict) else {}, False
 
 
-def get_peft_model_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
+
+
+def get_peft_model_state_dict(model: nn.Module, state_dict: Optional[dict[str, torch.Tensor]] = None,
+                              adapter_name: str = "default", unwrap_compiled: bool = False,
+                              save_embedding_layers: bool | str = "auto") -> dict[str, torch.Tensor]:
     """File-ready tensors of one adapter. Keys of a PeftModel get PEFT's ``base_model.model.`` prefix; those of a
-    model adapted by inject_adapter_in_model are its own module names, as PEFT writes them."""
+    model adapted by inject_adapter_in_model are its own module names, as PEFT writes them. ``state_dict``: take
+    the values from it (keys as ``model.state_dict()``'s) instead of from the model's parameters."""
+    if unwrap_compiled:
+        model = getattr(model, "_orig_mod", model)
     inner, configs, wrapped = _unwrap(model)
     tensors = adapter_tensors(inner, adapter_name, configs)
+    if state_dict is not None:
+        tensors = _from_state_dict(inner, tensors, state_dict, adapter_name, wrapped)
+    tensors = {k: _whole(v) for k, v in tensors.items()}
     return tensors if wrapped else {k.removeprefix(PREFIX): v for k, v in tensors.items()}
 
 
-def set_peft_model_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor],
-                              adapter_name: str = "default") -> None:
-    """Copy file-format tensors into an existing adapter's parameters."""
-    load_adapter_tensors(_unwrap(model)[0], tensors, adapter_name)
+def _from_state_dict(inner: nn.Module, tensors: dict, state_dict: dict, adapter_name: str, wrapped: bool) -> dict:
+    layers = {k: m for k, m in inner.named_modules() if isinstance(m, TunerLayer)}
+    wrappers = {k: m for k, m in inner.named_modules() if isinstance(m, ModulesToSaveWrapper)}
+    prefix = PREFIX if wrapped else ""
+    out, missing = {}, []
+    for file_key, own in tensors.items():
+        name, _ = _resolve(file_key.removeprefix(PREFIX), adapter_name, layers, wrappers)
+        if name is None:  # a tensor the model does not persist (rebuilt from the config): the model's own
+            out[file_key] = own
+            continue
+        for key in (prefix + name, name, PREFIX + name):
+            if key in state_dict:
+                out[file_key] = state_dict[key]
+                break
+        else:
+            missing.append(prefix + name)
+    if missing:
+        raise ValueError(f"save_pretrained(state_dict=...): the state dict lacks {len(missing)} tensor(s) of adapter "
+                         f"{adapter_name!r}, e.g. {missing[0]!r}; pass the model's full state dict (as "
+                         "model.state_dict() or accelerator.get_state_dict(model) give it).")
+    return out
+
+
+def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str, torch.Tensor],
+                              adapter_name: str = "default", ignore_mismatched_sizes: bool = False,
+                              low_cpu_mem_usage: bool = False) -> _IncompatibleKeys:
+    """Copy file-format tensors into an existing adapter's parameters (all or nothing; sharded parameters keep
+    their shard). Returns torch's load result, as PEFT; tensors that do not fit raise instead."""
+    load_adapter_tensors(_unwrap(model)[0], peft_model_state_dict, adapter_name)
+    return _IncompatibleKeys([], [])

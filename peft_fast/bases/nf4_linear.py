@@ -8,6 +8,7 @@ so a 4-bit checkpoint saved by transformers + bitsandbytes loads into it and one
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -101,6 +102,21 @@ class NF4Linear(nn.Module):
                         nested_offset=float(s.offset))
         blob = json.dumps(meta).encode()
         destination[w + f"quant_state.bitsandbytes__{s.quant_type}"] = torch.tensor(list(blob), dtype=torch.uint8)
+
+    def _fqn_modifiers(self) -> dict[str, str]:
+        """torch.distributed.checkpoint's state-dict helpers (Accelerate's save of an FSDP2 model) resolve every
+        state-dict key as an attribute path from the model. The 4-bit keys below `weight` (`weight.absmax`,
+        `weight.quant_state.bitsandbytes__nf4`, ...) name no attribute of the packed tensor: their path is
+        resolved through `_state_keys` instead (this hook is how those helpers let a module rename a path)."""
+        return {"weight": "_state_keys"}
+
+    @property
+    def _state_keys(self):
+        s = self.quant_state
+        names = ["absmax", "quant_map"] + (["nested_absmax", "nested_quant_map"] if s.nested else [])
+        below = {n: None for n in names}
+        below["quant_state"] = SimpleNamespace(**{f"bitsandbytes__{s.quant_type}": None})
+        return SimpleNamespace(weight=SimpleNamespace(**below))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

@@ -181,7 +181,7 @@ def _converted(file_key: str, value, dest: torch.Tensor) -> torch.Tensor:
 
 
 def _is_dtensor(t) -> bool:
-    return type(t).__name__ == "DTensor" or (isinstance(t, nn.Parameter) and type(t.data).__name__ == "DTensor")
+    return type(t).__name__ == "DTensor"
 
 
 def _resolve(key: str, adapter_name: str, layers: dict, wrappers: dict) -> tuple[Optional[str], object]:

@@ -18,3 +18,32 @@ def test_state_dict_functions_take_the_peft_model():
     peft_fast.set_peft_model_state_dict(dst, tensors)
     x = torch.randn(2, 6)
     torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)
+
+
+def test_save_pretrained_takes_the_values_from_a_given_state_dict(tmp_path):
+    """Accelerate and TRL save a sharded model as save_pretrained(dir, state_dict=<gathered full state dict>): the
+    adapter's values come from that dict (keys as model.state_dict()'s), not from the parameters, as in PEFT."""
+    import peft
+    from safetensors.torch import load_file
+
+    params = {}
+    for lib in (peft_fast, peft):
+        model = lib.get_peft_model(_mlp(), lib.LoraConfig(r=2, target_modules=["0", "2"], init_lora_weights=False))
+        full = {k: v + 1 for k, v in model.state_dict().items()}
+        params[lib.__name__] = model.state_dict()["base_model.model.0.lora_A.default.weight"]
+        model.save_pretrained(tmp_path / lib.__name__, state_dict=full)
+        model.save_pretrained(tmp_path / f"{lib.__name__}-main", state_dict=full, is_main_process=False)
+        assert not (tmp_path / f"{lib.__name__}-main" / "adapter_model.safetensors").exists()
+    ours, theirs = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("peft_fast", "peft"))
+    assert ours.keys() == theirs.keys()
+    assert torch.equal(ours["base_model.model.0.lora_A.weight"], params["peft_fast"] + 1)
+    assert torch.equal(theirs["base_model.model.0.lora_A.weight"], params["peft"] + 1)
+
+
+def test_save_pretrained_refuses_a_state_dict_without_the_adapter(tmp_path):
+    import pytest
+
+    model = peft_fast.get_peft_model(_mlp(), peft_fast.LoraConfig(r=2, target_modules=["0"]))
+    with pytest.raises(ValueError, match="lacks 2 tensor"):
+        model.save_pretrained(tmp_path, state_dict={"base_model.model.0.base_layer.weight": torch.zeros(8, 6)})
+    assert not (tmp_path / "adapter_model.safetensors").exists()

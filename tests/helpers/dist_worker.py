@@ -1,0 +1,187 @@
+"""One rank of the distributed tests (tests/peft_fast/test_distributed.py starts WORLD of them with gloo on the CPU).
+
+Every scenario trains a tiny Llama's adapter for two SGD steps under DDP or FSDP2, each rank on its part of one
+batch, and, in the same process, a copy of the model without any wrapper on the whole batch (the single-process
+run the parallel one must equal). It then records, on rank 0, the largest differences of losses and adapter
+weights, and what the scenario checks besides (gradient buckets, bytes per rank, files, loading, refusals). The
+results go to OUT/results.json; the test makes the assertions.
+
+    python dist_worker.py OUT        (with RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set)
+"""
+import copy
+import json
+import os
+import sys
+import time
+import warnings
+
+import torch
+import torch.distributed as dist
+
+warnings.simplefilter("ignore")
+torch.set_num_threads(1)
+
+import peft_fast  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+ROWS, SEQ, STEPS, LR = 4, 8, 2, 0.5
+SCENARIOS = [("ddp", "lora"), ("ddp", "dora"), ("ddp", "nf4"), ("fsdp", "lora-bf16"), ("fsdp", "dora"),
+             ("fsdp", "nf4")]
+
+
+def base(kind: str):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                                         max_position_embeddings=32))
+    if kind == "lora-bf16":
+        model = model.to(torch.bfloat16)  # fp32 adapters over a bf16 base: one FSDP unit of mixed dtypes
+    return peft_fast.quantize(model) if kind == "nf4" else model
+
+
+def adapted(kind: str):
+    torch.manual_seed(1)
+    config = peft_fast.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False,
+                                  use_dora=kind == "dora")
+    return peft_fast.get_peft_model(base(kind), config)
+
+
+def wrap(model, mode: str):
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model)
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.get_base_model().model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if type(t).__name__ == "DTensor" else t
+
+
+def adapter_weights(model) -> dict:
+    return {n: whole(p.detach()).float() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys() and a, (sorted(a)[:3], sorted(b)[:3])
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def train(model, ids, steps=STEPS):
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.detach().float())
+    return losses
+
+
+def scenario(mode: str, kind: str, rank: int, world: int, out: str) -> dict:
+    ids = torch.randint(0, 64, (ROWS, SEQ), generator=torch.Generator().manual_seed(2))
+    mine = ids[rank * ROWS // world:(rank + 1) * ROWS // world]
+    model = adapted(kind)
+    single = copy.deepcopy(model)  # the run to equal: one process, the whole batch, no wrapper
+    full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    wrapped = wrap(model, mode)
+    losses = train(wrapped, mine)
+    for loss in losses:
+        dist.all_reduce(loss)
+    losses = [(loss / world).item() for loss in losses]
+    single_losses = [loss.item() for loss in train(single, ids)]
+    res = {"loss_diff": max(abs(a - b) for a, b in zip(losses, single_losses)),
+           "loss_fell": single_losses[-1] < single_losses[0],
+           "weight_diff": max_diff(adapter_weights(model), adapter_weights(single)),
+           "adapter_bytes": sum(p.numel() * p.element_size() for p in single.parameters() if p.requires_grad)}
+    if mode == "ddp":
+        logged = wrapped._get_ddp_logging_data()
+        res["bucket_bytes"] = sum(int(b) for b in str(logged["bucket_sizes"]).split(",") if b.strip())
+        res["buffer_bytes"] = sum(b.numel() * b.element_size() for b in model.buffers())
+        res["nf4_params_frozen"] = all(not p.requires_grad for n, p in model.named_parameters()
+                                       if p.dtype == torch.uint8)
+    else:
+        local = sum(p.to_local().numel() * p.element_size() if type(p).__name__ == "DTensor"
+                    else p.numel() * p.element_size() for p in model.parameters())
+        res.update(rank_bytes=local, full_bytes=full_bytes)
+        res.update(files(model, single, rank, kind, f"{out}/{mode}-{kind}"))
+        res.update(eval_after_step(model, single, ids))
+    if mode == "ddp":  # a DDP wrapper alive after its group is torn down hangs the process at exit
+        del wrapped
+    return res
+
+
+def files(model, single, rank: int, kind: str, folder: str) -> dict:
+    """Saving from the sharded model (gathered on every rank, written by rank 0), by state_dict= as Accelerate
+    does, and loading a file into the sharded model's existing adapter."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    model.save_pretrained(f"{folder}/sharded", is_main_process=rank == 0)
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    model.save_pretrained(f"{folder}/state_dict", state_dict=full, is_main_process=rank == 0)
+    res = {}
+    if rank == 0:
+        single.save_pretrained(f"{folder}/single")
+        a, b, c = (load_file(f"{folder}/{d}/adapter_model.safetensors") for d in ("sharded", "state_dict", "single"))
+        res["saved_keys_equal"] = a.keys() == b.keys() == c.keys()
+        res["saved_vs_single"] = max((a[k].float() - c[k].float()).abs().max().item() for k in a)
+        res["state_dict_vs_sharded"] = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    dist.barrier()
+    refusals = {"merge_refused": lambda: model.merge_and_unload(),
+                "add_refused": lambda: model.add_adapter("other", peft_fast.LoraConfig(target_modules=["q_proj"])),
+                "load_new_refused": lambda: model.load_adapter(f"{folder}/sharded", adapter_name="other")}
+    for key, call in refusals.items():
+        try:
+            call()
+            res[key] = ""
+        except RuntimeError as exc:
+            res[key] = str(exc)
+    fresh = wrap(adapted(kind), "fsdp")
+    fresh.load_adapter(f"{folder}/single", adapter_name="default", is_trainable=True)
+    probe = torch.randint(0, 64, (2, SEQ), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        res["loaded_vs_single"] = (fresh.eval()(input_ids=probe).logits.float()
+                                   - single.eval()(input_ids=probe).logits.float()).abs().max().item()
+    single.train()
+    return res
+
+
+def eval_after_step(model, single, ids) -> dict:
+    """Values cached in eval (DoRA's scale, the base norms) must not outlive an optimizer step on the shards,
+    across the reshard that follows every forward."""
+    model.eval(), single.eval()
+    with torch.no_grad():
+        model(input_ids=ids), single(input_ids=ids)
+    train(model, ids, steps=1)  # every rank the whole batch: the averaged gradient is the whole batch's
+    train(single, ids, steps=1)
+    with torch.no_grad():
+        diff = (model(input_ids=ids).logits.float() - single(input_ids=ids).logits.float()).abs().max().item()
+    model.train(), single.train()
+    return {"eval_after_step_diff": diff}
+
+
+def main() -> int:
+    out = sys.argv[1]
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    results = {}
+    for mode, kind in SCENARIOS:
+        start = time.perf_counter()
+        results[f"{mode}-{kind}"] = {**scenario(mode, kind, rank, world, out), "seconds": time.perf_counter() - start}
+    if rank == 0:
+        with open(os.path.join(out, "results.json"), "w") as fh:
+            json.dump(results, fh, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
