@@ -57,6 +57,8 @@ def test_bfloat16_model_rounds_as_peft():
     assert_same_state(r, i, atol=0, rtol=0)  # Λ_d = bf16(0.1) and bf16-rounded projections, upcast, as PEFT's
     x = inputs("llama")
     assert_close(out(i, x).float(), out(r, x).float(), atol=1e-2, rtol=1e-2)
+    with torch.no_grad():  # the folded path: float32 delta, summed with the bf16 base output in float32
+        assert_close(out(i.eval(), x).float(), out(r.eval(), x).float(), atol=1e-2, rtol=1e-2)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
