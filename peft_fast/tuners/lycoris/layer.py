@@ -18,7 +18,7 @@ from ...bases import BaseView
 from ...names import BASE_NAME
 from ..base_layer import TunerLayer
 from .bases import base_kind, view_for
-from .forward import DeltaPlan, add_delta, compute_dtype, foldable, run_op
+from .forward import DeltaPlan, add_delta, compute_dtype, foldable
 
 
 def _param_key(p: torch.Tensor) -> tuple:
@@ -193,9 +193,9 @@ class LycorisLayer(TunerLayer):
             if name == BASE_NAME or not self.has_adapter(name):
                 continue
             rows = [i for i, n in enumerate(adapter_names) if n == name]
-            dtype = compute_dtype(self, x[rows], self.adapter_dtype([name]), self.caches([name]))
-            delta = self.delta_value([name], dtype)
-            result[rows] = add_delta(self, x[rows], result[rows], delta)
+            xr = x[rows]
+            delta = self.delta_value([name], compute_dtype(self, xr, self.adapter_dtype([name]), self.caches([name])))
+            result[rows] = add_delta(self, xr, result[rows], delta)
         return result
 
     def _clear_caches(self) -> None:
@@ -228,5 +228,3 @@ class LycorisLayer(TunerLayer):
         # PEFT's name for this layer ("loha.Linear", "lokr.Conv2d"), which get_layer_status reports.
         return f"{self.repr_prefix}.{self.kind}" + super().__repr__()[len(type(self).__name__):]
 
-
-__all__ = ["LycorisLayer", "run_op"]
