@@ -46,6 +46,12 @@ class Bnb4View(BaseView):
         `QuantState.to` swaps in place), or a move, converts again."""
         weight = self.module.weight
         qs = getattr(weight, "quant_state", None)
+        if qs is None and weight.dtype == torch.uint8 and getattr(self.module, "quant_state", None) is not None:
+            # FSDP2 gathers a bitsandbytes weight into a plain parameter, without the quant state bitsandbytes
+            # keeps on the weight; it keeps a copy on the module. Give it back to the parameter FSDP2 uses (rather
+            # than letting bitsandbytes' forward replace that parameter with a new Params4bit, which FSDP2 does
+            # not manage).
+            qs = weight.quant_state = self.module.quant_state
         if qs is None or _repacked(qs) or len(qs.shape) != 2:
             return None
         nested = qs.state2.absmax if getattr(qs, "nested", False) else None

@@ -9,6 +9,7 @@ results go to OUT/results.json; the test makes the assertions.
     python dist_worker.py OUT        (with RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set)
 """
 import copy
+import importlib.util
 import json
 import os
 import sys
@@ -26,11 +27,16 @@ from safetensors.torch import load_file  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 ROWS, SEQ, STEPS, LR = 4, 8, 2, 0.5
-SCENARIOS = [("ddp", "lora"), ("ddp", "dora"), ("ddp", "nf4"), ("fsdp", "lora-bf16"), ("fsdp", "dora"),
-             ("fsdp", "nf4")]
+SCENARIOS = [("ddp", "lora"), ("ddp", "dora"), ("ddp", "nf4"), ("ddp", "bnb"), ("fsdp", "lora-bf16"),
+             ("fsdp", "dora"), ("fsdp", "nf4"), ("fsdp", "bnb")]
+BNB_DIR = None  # a tiny Llama saved once, loaded in 4-bit by transformers + bitsandbytes for the "bnb" scenarios
 
 
 def base(kind: str):
+    if kind == "bnb":
+        from qlora_models import load4
+
+        return load4(BNB_DIR, (torch.float32, torch.float32, True, "nf4"))
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
@@ -171,10 +177,22 @@ def main() -> int:
     out = sys.argv[1]
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+    global BNB_DIR
+    BNB_DIR = os.path.join(out, "bnb_base")
+    if rank == 0:
+        base("lora").save_pretrained(BNB_DIR)
+    dist.barrier()
     results = {}
     for mode, kind in SCENARIOS:
         start = time.perf_counter()
-        results[f"{mode}-{kind}"] = {**scenario(mode, kind, rank, world, out), "seconds": time.perf_counter() - start}
+        if kind == "bnb" and importlib.util.find_spec("bitsandbytes") is None:
+            results[f"{mode}-{kind}"] = {"error": "bitsandbytes is not installed"}
+            continue
+        try:
+            res = scenario(mode, kind, rank, world, out)
+        except Exception as exc:  # recorded for the test to show; the other scenarios still run
+            res = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+        results[f"{mode}-{kind}"] = {**res, "seconds": time.perf_counter() - start}
     if rank == 0:
         with open(os.path.join(out, "results.json"), "w") as fh:
             json.dump(results, fh, indent=1)

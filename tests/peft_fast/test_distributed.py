@@ -1,5 +1,5 @@
 """DDP and FSDP2 on the CPU with gloo, two processes: training equals one process on the whole batch (LoRA, DoRA,
-NF4Linear bases, fp32 adapters over a bf16 base), saving from a sharded model writes the single process's files,
+NF4Linear and bitsandbytes 4-bit bases, fp32 adapters over a bf16 base), saving from a sharded model writes the single process's files,
 loading into a sharded model works, merging refuses with a way out, and eval caches do not outlive a step across
 reshards. The ranks run tests/helpers/dist_worker.py (all scenarios in one launch, about 15 s here); the example
 examples/train_distributed.py runs under torchrun as users run it."""
@@ -54,16 +54,24 @@ def results(tmp_path_factory):
     return json.loads((out / "results.json").read_text())
 
 
-SCENARIOS = ["ddp-lora", "ddp-dora", "ddp-nf4", "fsdp-lora-bf16", "fsdp-dora", "fsdp-nf4"]
+SCENARIOS = ["ddp-lora", "ddp-dora", "ddp-nf4", "ddp-bnb", "fsdp-lora-bf16", "fsdp-dora", "fsdp-nf4", "fsdp-bnb"]
 
 
 def _tol(name):  # a bf16 base rounds the activations the adapters see
     return 2e-2 if "bf16" in name else 1e-5
 
 
+def _result(results, name):
+    if "bnb" in name:
+        pytest.importorskip("bitsandbytes")
+    r = results[name]
+    assert "error" not in r, r["error"]
+    return r
+
+
 @pytest.mark.parametrize("name", SCENARIOS)
 def test_training_equals_one_process_on_the_whole_batch(results, name):
-    r = results[name]
+    r = _result(results, name)
     assert r["loss_fell"]
     assert r["loss_diff"] < 1e-5, r
     assert r["weight_diff"] < _tol(name), r
@@ -71,7 +79,7 @@ def test_training_equals_one_process_on_the_whole_batch(results, name):
 
 @pytest.mark.parametrize("name", [s for s in SCENARIOS if s.startswith("ddp")])
 def test_ddp_reduces_only_the_adapter_and_broadcasts_no_base_weights(results, name):
-    r = results[name]
+    r = _result(results, name)
     assert r["bucket_bytes"] == r["adapter_bytes"], r  # the gradient buckets hold the adapter and nothing else
     assert r["buffer_bytes"] <= 256, r  # per-step buffer broadcasts: rotary frequencies only, no NF4 codes
     assert r["nf4_params_frozen"]
@@ -79,7 +87,7 @@ def test_ddp_reduces_only_the_adapter_and_broadcasts_no_base_weights(results, na
 
 @pytest.mark.parametrize("name", [s for s in SCENARIOS if s.startswith("fsdp")])
 def test_fsdp2_shards_saves_loads_and_refuses_merging(results, name):
-    r = results[name]
+    r = _result(results, name)
     assert r["rank_bytes"] <= r["full_bytes"] / WORLD + 1024, r  # parameters (NF4 codes too) split across ranks
     assert r["saved_keys_equal"]
     assert r["saved_vs_single"] < _tol(name), r  # gathered on every rank, written by rank 0
@@ -88,7 +96,8 @@ def test_fsdp2_shards_saves_loads_and_refuses_merging(results, name):
     assert "FSDP2" in r["merge_refused"] and "save_pretrained" in r["merge_refused"]
     assert "add_adapter" in r["add_refused"] and "before fully_shard" in r["add_refused"]
     assert "load_adapter of a new adapter" in r["load_new_refused"]
-    assert r["eval_after_step_diff"] < (_tol(name) if "bf16" in name else 1e-4), r
+    # (bitsandbytes computes eval forwards without gradients in bf16 on CPUs: it rounds more)
+    assert r["eval_after_step_diff"] < {"bf16": _tol(name), "bnb": 1e-3}.get(name.split("-")[-1], 1e-4), r
 
 
 def _run_example(tmp_path, world: int, args: list) -> None:
