@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node=2 examples/train_distributed.py --mode fsdp
     torchrun --nproc_per_node=2 examples/train_distributed.py --mode ddp --quantize
-    accelerate launch --num_processes 2 examples/train_distributed.py --mode fsdp --dora
+    accelerate launch --multi_gpu --num_processes 2 examples/train_distributed.py --mode fsdp --dora
 
 One process per GPU with NCCL; on a machine without GPUs, processes on the CPU with gloo. The base is the demo's
 tiny Llama (bf16 on GPUs, float32 on CPUs; `--quantize`: NF4Linear layers made by peft_fast.quantize), the data
