@@ -6,11 +6,11 @@ import warnings
 import pytest
 import torch
 
-from ia3_vera_pairs import VeraConfig, add_both, configs, grads, make_4bit_pair, make_pair
+from ia3_vera_pairs import VeraConfig, add_both, cfg, configs, grads, make_4bit_pair, make_pair
 from switches import use_settings
 from tiny_models import (
-    AGAINST_PEFT, assert_close, assert_same_state, assert_unchanged, base_model, impl, inputs, loss_of, out,
-    peft_fast_only, raises_like_peft, snapshot,
+    AGAINST_PEFT, assert_close, assert_same_state, assert_unchanged, base_model, count_calls, impl, inputs, loss_of,
+    out, peft_fast_only, raises_like_peft, snapshot,
 )
 
 KINDS = ["llama", "gpt2", "mlp"]
@@ -150,11 +150,40 @@ def test_fused_inference_on_the_triton_kernels(monkeypatch):
 
     if not kernels.HAS_TRITON:
         pytest.skip("Triton is not installed")
+    import peft_fast.tuners.vera.compute as compute
+
+    calls = count_calls(monkeypatch, compute, "lora_linear_triton")
     use_settings(monkeypatch, backend="triton")  # CPU tensors run under the Triton interpreter
     r, i = _eval_pair("mlp")
     x = inputs("mlp")
     with torch.no_grad():
         assert_close(out(i, x), out(r, x))
+    assert len(calls) == 2  # lin0 and lin1
+
+
+@peft_fast_only
+def test_fused_4bit_inference_on_the_triton_kernels(monkeypatch):
+    import peft_fast
+    from peft_fast import kernels
+
+    if not kernels.HAS_TRITON:
+        pytest.skip("Triton is not installed")
+    torch.manual_seed(0)
+    i = impl.get_peft_model(peft_fast.quantize(base_model("mlp")), VeraConfig(**cfg("vera", "mlp")))  # NF4Linear
+    with torch.no_grad():
+        for n, p in i.named_parameters():
+            if "vera_lambda_b" in n:
+                p.uniform_(0.5, 1.5)
+    i.eval()
+    x = inputs("mlp")
+    want = out(i, x)  # with autograd: base module, then PEFT's adapter loop
+    import peft_fast.tuners.vera.compute as compute
+
+    calls = count_calls(monkeypatch, compute, "qlora_linear_triton")
+    use_settings(monkeypatch, backend="triton")
+    with torch.no_grad():  # qlora_linear with the folded projections, under the Triton interpreter
+        assert_close(out(i, x), want, atol=1e-4, rtol=1e-4)
+    assert len(calls) == 2
 
 
 # --- 4-bit bases --------------------------------------------------------------------------------------------------
