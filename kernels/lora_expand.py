@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .common.backend import HAS_TRITON, use_triton
-from .common.batch_meta import LoraBatchMeta, apply_slot_delta, block_m, check_launch, slot_rows
+from .common.batch_meta import LoraBatchMeta, apply_slot_delta, check_launch, slot_rows
 from .common.dot_policy import dot_mode, precision
 from .common.tiling import cdiv, np2
 
@@ -72,9 +72,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _lora_expand_kernel(
-        z_ptr, b_ptr, y_ptr, bias_ptr, scal_ptr, ranks_ptr, tokens_ptr, starts_ptr, counts_ptr, active_ptr,
-        dscale_ptr, bbias_ptr,
-        N, R_MAX,
+        z_ptr, b_ptr, y_ptr, bias_ptr, scal_ptr, ranks_ptr, tokens_ptr, starts_ptr, counts_ptr, tile_slots_ptr,
+        tile_rows_ptr, dscale_ptr, bbias_ptr,
+        N, R_MAX, N_SLOTS,
         stride_zm, stride_zr, stride_bs, stride_bn, stride_br, stride_ym, stride_yn, stride_biass, stride_biasn,
         stride_dss, stride_dsn,
         HAS_BIAS: tl.constexpr, HAS_DORA: tl.constexpr, HAS_BBIAS: tl.constexpr,
@@ -83,16 +83,16 @@ if HAS_TRITON:
     ):
         # Axis 0 (launched fastest) walks the out tiles of one token tile: its z rows stay in L2 meanwhile.
         pid_n = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        slot = tl.load(active_ptr + tl.program_id(2))
+        tile = tl.program_id(1)
+        slot = tl.load(tile_slots_ptr + tile)
+        if slot >= N_SLOTS:  # past the batch's real tiles
+            return
         count = tl.load(counts_ptr + slot)
         rank = tl.minimum(tl.load(ranks_ptr + slot), R_MAX)
-        if pid_m * BLOCK_M >= count:
-            return
         # Rank 0: the layer lacks this adapter; its tokens keep the base output, lora bias included.
         if rank == 0:
             return
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_m = tl.load(tile_rows_ptr + tile) + tl.arange(0, BLOCK_M)
         mask_m = offs_m < count
         start = tl.load(starts_ptr + slot)
         tok = tl.load(tokens_ptr + start + offs_m, mask=mask_m, other=0).to(tl.int64)
@@ -147,22 +147,21 @@ def lora_expand_triton(y: Tensor, z: Tensor, b_stack: Tensor, ranks: Tensor, sca
         raise RuntimeError("lora_expand_triton needs triton, which is not installed; use lora_expand_reference.")
     check_expand_args(y, z, b_stack, ranks, scalings, meta, bias_stack, dora_scale, base_bias)
     check_launch("lora_expand", y, z, b_stack, ranks, scalings, bias_stack, meta.sorted_tokens, meta.slot_starts,
-                  meta.active_slots, dora_scale, base_bias)
+                  meta.tile_slots, dora_scale, base_bias)
     out_f, r_max = b_stack.shape[1], b_stack.shape[2]
-    n_active = meta.active_slots.numel()
-    if n_active == 0 or out_f == 0 or r_max == 0:
+    if meta.max_tiles == 0 or meta.n_slots == 0 or out_f == 0 or r_max == 0:
         return y
     dot = dot_mode(z.dtype, b_stack.dtype, y.dtype)
-    bm = block_m(meta.max_slot_tokens)
+    bm = meta.block_m
     bn, br = _expand_blocks(out_f, r_max)
-    grid = (cdiv(out_f, bn), cdiv(meta.max_slot_tokens, bm), n_active)
+    grid = (cdiv(out_f, bn), meta.max_tiles)
     bias = bias_stack if bias_stack is not None else b_stack
     dscale = dora_scale if dora_scale is not None else b_stack
     bbias = base_bias.contiguous() if base_bias is not None else b_stack
     _lora_expand_kernel[grid](
         z, b_stack, y, bias, scalings, ranks, meta.sorted_tokens, meta.slot_starts, meta.slot_counts,
-        meta.active_slots, dscale, bbias,
-        out_f, r_max,
+        meta.tile_slots, meta.tile_rows, dscale, bbias,
+        out_f, r_max, meta.n_slots,
         z.stride(0), z.stride(1), b_stack.stride(0), b_stack.stride(1), b_stack.stride(2),
         y.stride(0), y.stride(1), bias.stride(0), bias.stride(-1), dscale.stride(0), dscale.stride(-1),
         HAS_BIAS=bias_stack is not None, HAS_DORA=dora_scale is not None, HAS_BBIAS=base_bias is not None,

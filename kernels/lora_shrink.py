@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .common.backend import HAS_TRITON, use_triton
-from .common.batch_meta import LoraBatchMeta, block_m, check_launch, slot_rows
+from .common.batch_meta import LoraBatchMeta, check_launch, slot_rows
 from .common.dot_policy import dot_mode, precision
 from .common.tiling import cdiv, np2, num_sms, z_dtype
 
@@ -54,28 +54,29 @@ if HAS_TRITON:
 
     @triton.jit
     def _lora_shrink_kernel(
-        x_ptr, a_ptr, z_ptr, ranks_ptr, tokens_ptr, starts_ptr, counts_ptr, active_ptr,
-        K, R_MAX, k_tiles,
+        x_ptr, a_ptr, z_ptr, ranks_ptr, tokens_ptr, starts_ptr, counts_ptr, tile_slots_ptr, tile_rows_ptr,
+        K, R_MAX, N_SLOTS, k_tiles,
         stride_xm, stride_xk, stride_as, stride_ar, stride_ak, stride_zm, stride_zr,
         DOT: tl.constexpr, PRECISION: tl.constexpr, SPLIT_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         # Axis 0 (launched fastest) walks the rank tiles and K splits of one token tile, so its x rows are
-        # fetched from HBM once and re-read from L2; axis 1 walks a slot's token tiles while its A stays in L2.
+        # fetched from HBM once and re-read from L2; axis 1 walks the tile table (a slot's tiles are adjacent,
+        # so its A stays in L2 meanwhile).
         pid_rk = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        slot = tl.load(active_ptr + tl.program_id(2))
+        tile = tl.program_id(1)
+        slot = tl.load(tile_slots_ptr + tile)
+        if slot >= N_SLOTS:  # past the batch's real tiles
+            return
         pid_r = pid_rk // SPLIT_K
         pid_k = pid_rk % SPLIT_K
         count = tl.load(counts_ptr + slot)
         rank = tl.minimum(tl.load(ranks_ptr + slot), R_MAX)
-        # The grid is sized for the largest slot and the largest rank: the others' spare programs leave here,
-        # so a rank-8 adapter never touches, nor multiplies, the zero padding up to r_max.
-        if pid_m * BLOCK_M >= count:
-            return
+        # The grid is sized for the largest rank: smaller ranks' spare programs leave here, so a rank-8 adapter
+        # never touches, nor multiplies, the zero padding up to r_max.
         if pid_r * BLOCK_R >= rank:
             return
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_m = tl.load(tile_rows_ptr + tile) + tl.arange(0, BLOCK_M)
         mask_m = offs_m < count
         start = tl.load(starts_ptr + slot)
         tok = tl.load(tokens_ptr + start + offs_m, mask=mask_m, other=0).to(tl.int64)
@@ -124,26 +125,25 @@ def lora_shrink_triton(x: Tensor, a_stack: Tensor, ranks: Tensor, meta: LoraBatc
     if not HAS_TRITON:
         raise RuntimeError("lora_shrink_triton needs triton, which is not installed; use lora_shrink_reference.")
     check_shrink_args(x, a_stack, ranks, meta)
-    check_launch("lora_shrink", x, a_stack, ranks, meta.sorted_tokens, meta.slot_starts, meta.active_slots)
+    check_launch("lora_shrink", x, a_stack, ranks, meta.sorted_tokens, meta.slot_starts, meta.tile_slots)
     T, K = x.shape
     r_max = a_stack.shape[1]
     z = torch.zeros((T, r_max), device=x.device, dtype=z_dtype(x, a_stack))
-    n_active = meta.active_slots.numel()
-    if n_active == 0 or r_max == 0 or K == 0:
+    if meta.max_tiles == 0 or meta.n_slots == 0 or r_max == 0 or K == 0:
         return z
     dot = dot_mode(x.dtype, a_stack.dtype, z.dtype)
-    bm = block_m(meta.max_slot_tokens)
+    bm = meta.block_m
     br, bk = _shrink_blocks(r_max, K)
-    m_tiles, r_tiles, k_tiles = cdiv(meta.max_slot_tokens, bm), cdiv(r_max, br), cdiv(K, bk)
-    split = _split_k(m_tiles * r_tiles * n_active, K, bk, z) if split_k is None else max(1, int(split_k))
+    r_tiles, k_tiles = cdiv(r_max, br), cdiv(K, bk)
+    split = _split_k(cdiv(T, bm) * r_tiles, K, bk, z) if split_k is None else max(1, int(split_k))
     if split > 1:
         per_split = cdiv(k_tiles, split)
         split = cdiv(k_tiles, per_split)  # no split left without K tiles
         k_tiles = per_split
-    grid = (r_tiles * split, m_tiles, n_active)
+    grid = (r_tiles * split, meta.max_tiles)
     _lora_shrink_kernel[grid](
-        x, a_stack, z, ranks, meta.sorted_tokens, meta.slot_starts, meta.slot_counts, meta.active_slots,
-        K, r_max, k_tiles,
+        x, a_stack, z, ranks, meta.sorted_tokens, meta.slot_starts, meta.slot_counts, meta.tile_slots,
+        meta.tile_rows, K, r_max, meta.n_slots, k_tiles,
         x.stride(0), x.stride(1), a_stack.stride(0), a_stack.stride(1), a_stack.stride(2), z.stride(0), z.stride(1),
         DOT=dot, PRECISION=precision(dot), SPLIT_K=split, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk,
     )

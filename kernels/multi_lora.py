@@ -63,8 +63,6 @@ def multi_lora_triton(x: Tensor, y: Tensor, a_stack: Tensor, b_stack: Tensor, ra
     check_launch("multi_lora", x, y, a_stack, b_stack, ranks, scalings, bias_stack, meta.sorted_tokens, dora_scale,
                   base_bias)
     result = y if inplace else y.clone()
-    if meta.num_active == 0:
-        return result
     z = lora_shrink_triton(x, a_stack, ranks, meta)
     return lora_expand_triton(result, z, b_stack, ranks, scalings, meta, bias_stack, dora_scale=dora_scale,
                               base_bias=base_bias)

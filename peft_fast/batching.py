@@ -26,5 +26,5 @@ class AdapterNames(list):
             per_sample = x[0].numel() // x.shape[-1] if x.dim() > 1 else 1
             slots = torch.tensor(self.sample_slots, dtype=torch.int32)
             token_slots = slots.repeat_interleave(per_sample).to(x.device)
-            self._meta[key] = make_lora_batch_meta(token_slots, len(self.slot_names))
+            self._meta[key] = make_lora_batch_meta(token_slots, len(self.slot_names), validate=False)
         return self._meta[key]

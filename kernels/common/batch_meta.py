@@ -1,5 +1,10 @@
 """Token-to-adapter metadata of a mixed batch (Punica / S-LoRA / vLLM style), built once per batch and shared by
-the shrink and the expand of every layer, plus what their references and launchers share."""
+the shrink and the expand of every layer, plus what their references and launchers share.
+
+The kernels' grids come from a tile table (vLLM's "align block size"): each slot's tokens are cut into block_m-row
+tiles, and tile i of the table names its slot and first row. The table is as long as the most tiles any split of the
+batch can need (cdiv(T, block_m) + n_slots), so its shape, and the grid, never depend on which adapters the batch
+holds; tiles past the real ones name slot n_slots and their programs return at once."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,30 +13,34 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .tiling import np2
+from .tiling import cdiv, np2
 
 
 @dataclass
 class LoraBatchMeta:
-    """Token-to-adapter mapping of one batch. Tensors live on the batch's device; ints are host values."""
+    """Token-to-adapter mapping of one batch. Every tensor has a shape fixed by (T, n_slots, block_m) alone and is
+    built with device ops: no host sync, nothing data-dependent for torch.compile or CUDA graphs to trip on."""
 
     token_slots: Tensor  # int32 [T]: slot of each token, -1 = no adapter
-    sorted_tokens: Tensor  # int32 [n_assigned]: indices of tokens with a slot, grouped by slot, in token order
+    sorted_tokens: Tensor  # int32 [T]: token indices grouped by slot, in token order; tokens without a slot last
     slot_starts: Tensor  # int32 [n_slots]: where each slot's tokens begin in sorted_tokens
     slot_counts: Tensor  # int32 [n_slots]: how many tokens each slot has
-    active_slots: Tensor  # int32 [n_active]: slots with at least one token, increasing
+    tile_slots: Tensor  # int32 [max_tiles]: the slot of each block_m-row tile of a slot's tokens; n_slots past the end
+    tile_rows: Tensor  # int32 [max_tiles]: the tile's first row among its slot's tokens
     num_tokens: int  # T
-    max_slot_tokens: int  # most tokens of any one slot: sizes the kernels' grids
     n_slots: int
+    block_m: int  # tile height, chosen from T and n_slots: the kernels' BLOCK_M
 
     @property
-    def num_active(self) -> int:
-        return self.active_slots.numel()
+    def max_tiles(self) -> int:
+        """Tiles the grids are launched for: enough for any split of T tokens among n_slots slots."""
+        return self.tile_slots.numel()
 
 
 def make_lora_batch_meta(token_slots: Union[Tensor, Sequence[int]], n_slots: int,
-                         device: Optional[Union[str, torch.device]] = None) -> LoraBatchMeta:
-    """Group the tokens by slot. One host sync (validation and grid sizes), paid once per batch."""
+                         device: Optional[Union[str, torch.device]] = None, *, validate: bool = True) -> LoraBatchMeta:
+    """Group the tokens by slot with device ops of static shape. `validate` checks the slots lie in [-1, n_slots),
+    which costs one host sync: callers that made the slots themselves (the layers) pass False."""
     slots = torch.as_tensor(token_slots, device=device)
     if slots.dim() != 1 or slots.dtype.is_floating_point or slots.dtype.is_complex or slots.dtype == torch.bool:
         raise ValueError(f"make_lora_batch_meta: token_slots must be a 1-D integer tensor, got {slots.dtype} "
@@ -40,38 +49,45 @@ def make_lora_batch_meta(token_slots: Union[Tensor, Sequence[int]], n_slots: int
     if n_slots < 0:
         raise ValueError(f"make_lora_batch_meta: n_slots must be >= 0, got {n_slots}")
     T = slots.numel()
-    # -1 (and, until validated, anything out of range) sorts last under key n_slots.
+    if validate and T:
+        lo, hi = torch.stack([slots.min(), slots.max()]).tolist()
+        if lo < -1 or hi >= n_slots:
+            raise ValueError(f"make_lora_batch_meta: token_slots must lie in [-1, {n_slots}) (-1 = no adapter, else "
+                             f"a slot of the {n_slots} stacked adapters); got values from {lo} to {hi}")
+    # -1 (and anything out of range) sorts last under key n_slots.
     key = torch.where((slots < 0) | (slots >= n_slots), n_slots, slots).long()
-    counts = torch.bincount(key, minlength=n_slots + 1)[:n_slots]
-    extremes = torch.stack([slots.min(), slots.max()]).long() if T else counts.new_full((2,), -1)
-    host = torch.cat([extremes, counts]).tolist()  # the one host sync
-    lo, hi, host_counts = host[0], host[1], host[2:]
-    if lo < -1 or hi >= n_slots:
-        raise ValueError(f"make_lora_batch_meta: token_slots must lie in [-1, {n_slots}) (-1 = no adapter, else a "
-                         f"slot of the {n_slots} stacked adapters); got values from {lo} to {hi}")
+    counts = torch.zeros(n_slots + 1, dtype=torch.long, device=slots.device).scatter_add_(0, key,
+                                                                                         torch.ones_like(key))
+    counts = counts[:n_slots]
     order = torch.sort(key, stable=True).indices  # stable: a slot's tokens keep their batch order
-    active = [s for s, c in enumerate(host_counts) if c > 0]
+    bm = block_m(cdiv(T, max(n_slots, 1)))
+    tiles = (counts + bm - 1) // bm
+    ends = torch.cumsum(tiles, 0)
+    t = torch.arange(cdiv(T, bm) + n_slots, device=slots.device)
+    tile_slots = torch.searchsorted(ends, t, right=True)  # n_slots past the last tile
+    first = (ends - tiles)[tile_slots.clamp(max=max(n_slots - 1, 0))] if n_slots else t
     return LoraBatchMeta(
         token_slots=slots.to(torch.int32).contiguous(),
-        sorted_tokens=order[:sum(host_counts)].to(torch.int32).contiguous(),
+        sorted_tokens=order.to(torch.int32).contiguous(),
         slot_starts=(torch.cumsum(counts, 0) - counts).to(torch.int32),
         slot_counts=counts.to(torch.int32),
-        active_slots=torch.tensor(active, dtype=torch.int32).to(slots.device),
+        tile_slots=tile_slots.to(torch.int32),
+        tile_rows=((t - first) * bm).to(torch.int32),
         num_tokens=T,
-        max_slot_tokens=max(host_counts, default=0),
         n_slots=n_slots,
+        block_m=bm,
     )
 
 
 def slot_rows(meta: LoraBatchMeta) -> list[tuple[int, Tensor]]:
-    """(slot, token indices) of every active slot, on the host: the references are allowed to sync."""
+    """(slot, token indices) of every slot that has tokens, on the host: the references are allowed to sync."""
     starts, counts = meta.slot_starts.tolist(), meta.slot_counts.tolist()
-    return [(s, meta.sorted_tokens[starts[s]:starts[s] + counts[s]].long()) for s in meta.active_slots.tolist()]
+    return [(s, meta.sorted_tokens[starts[s]:starts[s] + c].long()) for s, c in enumerate(counts) if c > 0]
 
 
-def block_m(max_slot_tokens: int) -> int:
+def block_m(tokens_per_slot: int) -> int:
     # tl.dot needs every block dim >= 16; 64 tokens per tile is where prefill tiles stop gaining reuse of A.
-    return min(64, max(16, np2(max_slot_tokens)))
+    return min(64, max(16, np2(tokens_per_slot)))
 
 
 def check_launch(op: str, *ts: Optional[Tensor]) -> None:

@@ -59,20 +59,62 @@ def _untouched(meta, ranks):
 def test_meta_hand_made_example():
     meta = make_lora_batch_meta(torch.tensor([2, -1, 0, 2, 2, -1, 0]), 4)
     assert meta.token_slots.dtype == torch.int32 and meta.token_slots.tolist() == [2, -1, 0, 2, 2, -1, 0]
-    assert meta.sorted_tokens.tolist() == [2, 6, 0, 3, 4]
+    assert meta.sorted_tokens.tolist() == [2, 6, 0, 3, 4, 1, 5]  # slot 0's, slot 2's, then the base-only tokens
     assert meta.slot_starts.tolist() == [0, 2, 2, 5]
     assert meta.slot_counts.tolist() == [2, 0, 3, 0]
-    assert meta.active_slots.tolist() == [0, 2]
-    assert (meta.num_tokens, meta.max_slot_tokens, meta.n_slots, meta.num_active) == (7, 3, 4, 2)
-    for t in (meta.sorted_tokens, meta.slot_starts, meta.slot_counts, meta.active_slots):
+    assert (meta.num_tokens, meta.n_slots, meta.block_m) == (7, 4, 16)
+    # One 16-row tile each for slots 0 and 2; the table is as long as any split of 7 tokens over 4 slots needs.
+    assert meta.max_tiles == 1 + 4
+    assert meta.tile_slots.tolist() == [0, 2, 4, 4, 4] and meta.tile_rows.tolist()[:2] == [0, 0]
+    for t in (meta.sorted_tokens, meta.slot_starts, meta.slot_counts, meta.tile_slots, meta.tile_rows):
         assert t.dtype == torch.int32
+
+
+def test_meta_tiles_cover_every_token_once():
+    """Each token of a slot lies in exactly one of its tiles, whatever the split; tiles past the real ones name
+    no slot."""
+    for T, n, seed in [(300, 3, 0), (64, 64, 1), (5, 1, 2), (1000, 7, 3)]:
+        slots = _slots(T, n, seed=seed)
+        meta = make_lora_batch_meta(slots, n)
+        seen = torch.zeros(T, dtype=torch.long)
+        for tile_slot, row in zip(meta.tile_slots.tolist(), meta.tile_rows.tolist()):
+            if tile_slot == n:
+                continue
+            count, start = meta.slot_counts[tile_slot].item(), meta.slot_starts[tile_slot].item()
+            assert 0 <= row < count
+            rows = meta.sorted_tokens[start + row:start + min(row + meta.block_m, count)].long()
+            assert (slots[rows] == tile_slot).all()
+            seen[rows] += 1
+        assert seen[slots >= 0].eq(1).all() and seen[slots < 0].eq(0).all()
+
+
+def test_meta_shapes_depend_only_on_the_batch_size():
+    """No shape depends on which adapters the batch holds: the same grid and no recompiles for any mix."""
+    metas = [make_lora_batch_meta(_slots(40, 6, seed=s), 6) for s in range(5)]
+    metas.append(make_lora_batch_meta(torch.full((40,), -1), 6))
+    shapes = {tuple(tuple(t.shape) for t in (m.sorted_tokens, m.slot_starts, m.tile_slots, m.tile_rows))
+              + (m.block_m,) for m in metas}
+    assert len(shapes) == 1, shapes
+
+
+def test_meta_makes_no_host_sync_without_validation(monkeypatch):
+    """Layers build the metadata from slots they made themselves: validate=False reads nothing back."""
+    synced = []
+    real = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: synced.append(1) or real(t))
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: synced.append(1))
+    make_lora_batch_meta(_slots(33, 5), 5, validate=False)
+    assert not synced
 
 
 def test_meta_edge_cases():
     empty = make_lora_batch_meta(torch.zeros(0, dtype=torch.long), 3)
-    assert (empty.num_tokens, empty.max_slot_tokens, empty.num_active, empty.sorted_tokens.numel()) == (0, 0, 0, 0)
+    assert (empty.num_tokens, empty.sorted_tokens.numel()) == (0, 0)
+    assert set(empty.tile_slots.tolist()) <= {3}
     base_only = make_lora_batch_meta([-1, -1], 2)
-    assert base_only.num_active == 0 and base_only.slot_counts.tolist() == [0, 0]
+    assert base_only.slot_counts.tolist() == [0, 0] and set(base_only.tile_slots.tolist()) == {2}
+    no_slots = make_lora_batch_meta([-1, -1, -1], 0)
+    assert no_slots.slot_counts.numel() == 0 and set(no_slots.tile_slots.tolist()) <= {0}
 
 
 @pytest.mark.parametrize("bad", [[0, 4], [-2, 1], [5]])
