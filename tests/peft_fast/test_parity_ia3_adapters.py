@@ -123,6 +123,19 @@ def test_refused_loads_and_adds_leave_the_model_as_it_was(tmp_path):
     assert_unchanged(i, snap)
 
 
+
+def test_layer_and_model_status_as_peft():
+    import dataclasses
+
+    r, i = _eval_pair("llama")
+    add_both("ia3", r, i, "other", "llama", target_modules=["q_proj", "k_proj", "down_proj"])
+    for m in (r, i):
+        m.base_model.set_adapter(["default", "other"])
+        m.merge_adapter(["other"])
+    layers = [[dataclasses.asdict(s) for s in m.get_layer_status()] for m in (i, r)]
+    assert layers[0] == layers[1]
+    assert dataclasses.asdict(i.get_model_status()) == dataclasses.asdict(r.get_model_status())
+
 # --- 4-bit bases --------------------------------------------------------------------------------------------------
 bnb = pytest.importorskip("bitsandbytes")
 from qlora_models import CASES, IDS, ids, save_tiny_llama  # noqa: E402

@@ -78,6 +78,20 @@ def test_later_adapters_share_the_projections_and_switch():
     assert_close(out(i, x), out(r, x))
 
 
+def test_load_a_second_adapter_from_files(tmp_path):
+    _, r, i = make_pair("vera", "llama", seed=1)
+    r.save_pretrained(tmp_path)
+    r, i = _eval_pair("llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for m in (r, i):
+            m.load_adapter(str(tmp_path), adapter_name="loaded")
+            m.set_adapter("loaded")
+    assert_same_state(r, i, atol=0, rtol=0)  # Λ from the file, projections under base_model.vera_A.loaded
+    x = inputs("llama")
+    assert_close(out(i, x), out(r, x))
+
+
 def test_merge_one_of_two_adapters():
     r, i = _eval_pair("llama")
     add_both("vera", r, i, "other", "llama", target_modules=["q_proj", "k_proj"])
@@ -185,6 +199,24 @@ def test_fused_4bit_inference_on_the_triton_kernels(monkeypatch):
         assert_close(out(i, x), want, atol=1e-4, rtol=1e-4)
     assert len(calls) == 2
 
+
+
+def test_layer_and_model_status_as_peft():
+    import dataclasses
+
+    r, i = _eval_pair("llama")
+    add_both("vera", r, i, "other", "llama", target_modules=["q_proj", "k_proj"])
+    for m in (r, i):
+        m.base_model.set_adapter(["default", "other"])
+        m.merge_adapter(["other"])
+
+    def fields(status):
+        # PEFT reports a layer's devices for every adapter of the shared projection dicts, held by the layer or not
+        # (k_proj lists "default" too); peft_fast reports the adapters the layer holds.
+        return {k: v for k, v in dataclasses.asdict(status).items() if k != "devices"}
+
+    assert [fields(s) for s in i.get_layer_status()] == [fields(s) for s in r.get_layer_status()]
+    assert dataclasses.asdict(i.get_model_status()) == dataclasses.asdict(r.get_model_status())
 
 # --- 4-bit bases --------------------------------------------------------------------------------------------------
 bnb = pytest.importorskip("bitsandbytes")

@@ -92,6 +92,9 @@ class VeraCompute:
     def folded(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(diag(Λ_d)·A_s, diag(Λ_b)·B_s), contiguous, cached until one of the four tensors changes."""
         parts = (self.vera_lambda_d[name], self.vera_lambda_b[name], self.vera_A[name], self.vera_B[name])
+        if torch.compiler.is_compiling():  # traced code keeps no state: it folds in the graph
+            a, b = self.slices(name)
+            return parts[0][:, None] * a, parts[1][:, None] * b
         key = tuple(_version(t) for t in parts)
         hit = self._folded.get(name)
         if hit is not None and hit[0] == key:
