@@ -34,6 +34,8 @@ from .peft_model import (  # noqa: E402
 from .peft_interop import patch_peft, patched_layers, unpatch  # noqa: E402
 from .state_dict import get_peft_model_state_dict, set_peft_model_state_dict  # noqa: E402
 from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status  # noqa: E402
+from .tuners.loha import LoHaConfig, LoHaLayer, LoHaModel  # noqa: E402  (registers LoHa)
+from .tuners.lokr import LoKrConfig, LoKrLayer, LoKrModel  # noqa: E402  (registers LoKr)
 from .tuners.lora import LoraConfig, LoraLinear, LoraModel  # noqa: E402  (registers LoRA)
 from .tuners.lora.hotswap import (  # noqa: E402
     hotswap_adapter,
@@ -55,7 +57,8 @@ from .tuners.modules_to_save import ModulesToSaveWrapper  # noqa: E402
 from .tuners.targets import NoMatchingPeftModuleError  # noqa: E402
 
 __all__ = [
-    "LoraConfig", "PeftConfig", "LoraLinear", "LoraModel", "ModulesToSaveWrapper", "NoMatchingPeftModuleError",
+    "LoraConfig", "PeftConfig", "LoraLinear", "LoraModel", "LoHaConfig", "LoHaLayer", "LoHaModel", "LoKrConfig",
+    "LoKrLayer", "LoKrModel", "ModulesToSaveWrapper", "NoMatchingPeftModuleError",
     "PeftModel", "PeftModelForCausalLM", "PeftType",
     "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM",
     "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "QuantizedMergeWarning", "TaskType",

@@ -154,3 +154,16 @@ def test_only_the_lora_tuner_names_lora():
         if lines:
             offenders[m] = lines
     assert offenders == {}
+
+
+def test_every_package_is_in_the_wheel():
+    """pyproject lists the packages by hand (peft_fast.kernels lives in kernels/): a new folder must be added there,
+    or an installed wheel would lack it while the editable install used by the tests finds it."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.relative_to(ROOT).parent.parts) for p in (ROOT / "peft_fast").rglob("__init__.py")}
+    found |= {"peft_fast." + ".".join(p.relative_to(ROOT).parent.parts)
+              for p in (ROOT / "kernels").rglob("__init__.py")}
+    assert found - listed == set(), f"add to [tool.setuptools] packages in pyproject.toml: {sorted(found - listed)}"
+    assert listed - found == set(), f"listed in pyproject.toml but not in the tree: {sorted(listed - found)}"
