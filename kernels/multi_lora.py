@@ -5,7 +5,8 @@ beyond each slot's rank, padding never read), ranks [n_slots] (0: this layer lac
 [n_slots], an optional bias_stack [n_slots, out] (PEFT's lora_bias) and, for DoRA adapters, dora_scale
 [n_slots, out] with the base layer's bias (see lora_expand.py: the scale is folded into the expand's epilogue).
 `make_lora_batch_meta` (common/batch_meta.py) groups the tokens by slot once per batch; the metadata is shared by
-the shrink and the expand of every layer of the forward pass.
+the shrink and the expand of every layer of the forward pass. A decode batch (a few tokens) runs both halves in one
+launch instead, each program keeping its tile's z in registers.
 The reference is PEFT's `_mixed_batch_forward`, token rows instead of sample rows.
 """
 from __future__ import annotations
@@ -16,8 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common.backend import use_triton
+from .common.backend import HAS_TRITON, use_triton
 from .common.batch_meta import LoraBatchMeta, apply_slot_delta, check_launch, slot_rows
+from .common.dot_policy import dot_mode, precision
+from .common.tiling import cdiv, np2, z_dtype
 from .lora_expand import check_expand_args, lora_expand_triton
 from .lora_shrink import check_shrink_args, lora_shrink_triton
 
@@ -55,14 +58,125 @@ def multi_lora_reference(x: Tensor, y: Tensor, a_stack: Tensor, b_stack: Tensor,
     return result
 
 
+# Up to this many tokens (decode) the whole delta runs as one launch: each program recomputes its tile's z for its
+# out tile instead of writing z to memory for a second launch. Above it, the rows are many and the two launches'
+# one z per tile wins. (The crossover is for bench/gpu_check.sh to confirm on a GPU.)
+FUSED_MAX_TOKENS = 16
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from .common.jit import acc_zeros, dot_operands
+
+    @triton.jit
+    def _multi_lora_fused_kernel(
+        x_ptr, a_ptr, b_ptr, y_ptr, bias_ptr, scal_ptr, ranks_ptr, tokens_ptr, starts_ptr, counts_ptr,
+        tile_slots_ptr, tile_rows_ptr, dscale_ptr, bbias_ptr,
+        K, N, R_MAX, N_SLOTS,
+        stride_xm, stride_xk, stride_as, stride_ar, stride_ak, stride_bs, stride_bn, stride_br,
+        stride_ym, stride_yn, stride_biass, stride_biasn, stride_dss, stride_dsn,
+        HAS_BIAS: tl.constexpr, HAS_DORA: tl.constexpr, HAS_BBIAS: tl.constexpr,
+        DOT_A: tl.constexpr, DOT_B: tl.constexpr, PRECISION_A: tl.constexpr, PRECISION_B: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """lora_shrink and lora_expand of one token tile and one out tile in one program: z never leaves
+        registers. The same tile table, masks, rank bounds and epilogue as the two kernels."""
+        pid_n = tl.program_id(0)
+        tile = tl.program_id(1)
+        slot = tl.load(tile_slots_ptr + tile)
+        if slot >= N_SLOTS:
+            return
+        count = tl.load(counts_ptr + slot)
+        rank = tl.minimum(tl.load(ranks_ptr + slot), R_MAX)
+        if rank == 0:  # this layer lacks the adapter: its tokens keep the base output
+            return
+        offs_m = tl.load(tile_rows_ptr + tile) + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < count
+        start = tl.load(starts_ptr + slot)
+        tok = tl.load(tokens_ptr + start + offs_m, mask=mask_m, other=0).to(tl.int64)
+        rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        mask_n = rn < N
+        a_base = a_ptr + slot.to(tl.int64) * stride_as
+        b_base = b_ptr + slot.to(tl.int64) * stride_bs
+        acc = acc_zeros(BLOCK_M, BLOCK_N, DOT_B)
+        for r0 in range(0, rank, BLOCK_R):
+            rr = r0 + tl.arange(0, BLOCK_R)
+            mask_r = rr < rank
+            z = acc_zeros(BLOCK_M, BLOCK_R, DOT_A)
+            for k0 in range(0, K, BLOCK_K):
+                rk = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+                mask_k = rk < K
+                xa = tl.load(x_ptr + tok[:, None] * stride_xm + rk[None, :] * stride_xk,
+                             mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+                aa = tl.load(a_base + rk[:, None] * stride_ak + rr[None, :] * stride_ar,
+                             mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+                xa, aa = dot_operands(xa, aa, DOT_A)
+                z += tl.dot(xa, aa, input_precision=PRECISION_A)
+            bb = tl.load(b_base + rr[:, None] * stride_br + rn[None, :] * stride_bn,
+                         mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+            z, bb = dot_operands(z, bb, DOT_B)
+            acc += tl.dot(z, bb, input_precision=PRECISION_B)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + slot.to(tl.int64) * stride_biass + rn * stride_biasn, mask=mask_n, other=0.0)
+            acc += bias.to(acc.dtype)[None, :]
+        acc = acc * tl.load(scal_ptr + slot).to(acc.dtype)
+        y_ptrs = y_ptr + tok[:, None] * stride_ym + rn[None, :] * stride_yn
+        mask_y = mask_m[:, None] & mask_n[None, :]
+        y = tl.load(y_ptrs, mask=mask_y, other=0.0).to(acc.dtype)
+        if HAS_DORA:
+            c = tl.load(dscale_ptr + slot.to(tl.int64) * stride_dss + rn * stride_dsn, mask=mask_n,
+                        other=1.0).to(acc.dtype)[None, :]
+            if HAS_BBIAS:
+                base = y - tl.load(bbias_ptr + rn, mask=mask_n, other=0.0).to(acc.dtype)[None, :]
+            else:
+                base = y
+            out = y + (c - 1.0) * base + c * acc
+        else:
+            out = y + acc
+        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask_y)
+
+
+def _fused(x, result, a_stack, b_stack, ranks, scalings, meta, bias_stack, dora_scale, base_bias) -> Tensor:
+    K, (n, out_f, r_max) = x.shape[1], b_stack.shape
+    if meta.max_tiles == 0 or n == 0 or out_f == 0 or r_max == 0:
+        return result
+    zd = z_dtype(x, a_stack)
+    dot_a, dot_b = dot_mode(x.dtype, a_stack.dtype, zd), dot_mode(zd, b_stack.dtype, result.dtype)
+    bn = min(128, max(16, np2(out_f)))
+    br = min(64, max(16, np2(r_max)))
+    bk = min(128, max(16, np2(K)))
+    bias = bias_stack if bias_stack is not None else b_stack
+    dscale = dora_scale if dora_scale is not None else b_stack
+    bbias = base_bias.contiguous() if base_bias is not None else b_stack
+    _multi_lora_fused_kernel[(cdiv(out_f, bn), meta.max_tiles)](
+        x, a_stack, b_stack, result, bias, scalings, ranks, meta.sorted_tokens, meta.slot_starts, meta.slot_counts,
+        meta.tile_slots, meta.tile_rows, dscale, bbias,
+        K, out_f, r_max, meta.n_slots,
+        x.stride(0), x.stride(1), a_stack.stride(0), a_stack.stride(1), a_stack.stride(2),
+        b_stack.stride(0), b_stack.stride(1), b_stack.stride(2), result.stride(0), result.stride(1),
+        bias.stride(0), bias.stride(-1), dscale.stride(0), dscale.stride(-1),
+        HAS_BIAS=bias_stack is not None, HAS_DORA=dora_scale is not None, HAS_BBIAS=base_bias is not None,
+        DOT_A=dot_a, DOT_B=dot_b, PRECISION_A=precision(dot_a), PRECISION_B=precision(dot_b),
+        BLOCK_M=meta.block_m, BLOCK_N=bn, BLOCK_R=br, BLOCK_K=bk,
+    )
+    return result
+
+
 def multi_lora_triton(x: Tensor, y: Tensor, a_stack: Tensor, b_stack: Tensor, ranks: Tensor, scalings: Tensor,
                       meta: LoraBatchMeta, bias_stack: Optional[Tensor] = None, *, inplace: bool = False,
-                      dora_scale: Optional[Tensor] = None, base_bias: Optional[Tensor] = None) -> Tensor:
-    """Two launches whatever the number of adapters: lora_shrink into an fp32 z [T, r_max], then lora_expand."""
+                      dora_scale: Optional[Tensor] = None, base_bias: Optional[Tensor] = None,
+                      fused: Optional[bool] = None) -> Tensor:
+    """One launch for a decode batch (<= FUSED_MAX_TOKENS tokens), else two (lora_shrink into an fp32 z [T, r_max],
+    then lora_expand), whatever the number of adapters. `fused` forces one or the other."""
+    if not HAS_TRITON:
+        raise RuntimeError("multi_lora_triton needs triton, which is not installed; use multi_lora_reference.")
     _check(x, y, a_stack, b_stack, ranks, scalings, meta, bias_stack, dora_scale, base_bias)
     check_launch("multi_lora", x, y, a_stack, b_stack, ranks, scalings, bias_stack, meta.sorted_tokens, dora_scale,
                   base_bias)
     result = y if inplace else y.clone()
+    if fused if fused is not None else meta.num_tokens <= FUSED_MAX_TOKENS:
+        return _fused(x, result, a_stack, b_stack, ranks, scalings, meta, bias_stack, dora_scale, base_bias)
     z = lora_shrink_triton(x, a_stack, ranks, meta)
     return lora_expand_triton(result, z, b_stack, ranks, scalings, meta, bias_stack, dora_scale=dora_scale,
                               base_bias=base_bias)

@@ -152,11 +152,12 @@ def _case(name, device, dtype=torch.float64, stack_dtype=None, seed=0):
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("fused", [None, True, False], ids=["auto", "one-launch", "two-launches"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_matches_reference_float64(device, name, tol):
+def test_matches_reference_float64(device, name, tol, fused):
     x, y, a, b, ranks, scal, meta, lb = _case(name, device)
     y0 = y.clone()
-    got = multi_lora_triton(x, y, a, b, ranks, scal, meta, lb)
+    got = multi_lora_triton(x, y, a, b, ranks, scal, meta, lb, fused=fused)
     want = multi_lora_reference(x, y, a, b, ranks, scal, meta, lb)
     assert torch.equal(y, y0), "multi_lora mutated y without inplace=True"
     assert not got.isnan().any(), "the zero padding beyond a slot's rank (NaN here) was read"
@@ -167,11 +168,12 @@ def test_matches_reference_float64(device, name, tol):
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("fused", [True, False], ids=["one-launch", "two-launches"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("name", ["odd-mixed-ranks", "decode-splitk"])
-def test_low_precision_against_float64(device, dtype, name, tol):
+def test_low_precision_against_float64(device, dtype, name, tol, fused):
     x, y, a, b, ranks, scal, meta, lb = _case(name, device, dtype=dtype, stack_dtype=torch.float32)
-    got = multi_lora_triton(x, y, a, b, ranks, scal, meta, lb)
+    got = multi_lora_triton(x, y, a, b, ranks, scal, meta, lb, fused=fused)
     want = multi_lora_reference(_f64(x), _f64(y), _f64(a), _f64(b), ranks, scal, meta, _f64(lb))
     assert got.dtype == dtype
     _assert_close(got, want, tol[dtype], str(dtype))

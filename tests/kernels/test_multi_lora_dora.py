@@ -1,6 +1,8 @@
 """The DoRA epilogue of the batched kernels (kernels/lora_expand.py, kernels/multi_lora.py): per slot s with scale
 row c_s, y = y + (c_s - 1)·(y - base_bias) + c_s·delta; Triton against the reference in float64, both against
 the formula written out per token, LoRA slots (c = 1) bit-identical to the plain expand, untouched rows exact."""
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -71,9 +73,11 @@ def test_reference_is_the_formula(base_bias):
     (129, 20, 17, [1, 1, 1], [0, 1, 2]),
 ])
 @pytest.mark.parametrize("lora_bias", [False, True])
-def test_triton_matches_reference_float64(device, T, in_f, out_f, ranks, dora_slots, lora_bias):
+@pytest.mark.parametrize("fused", [True, False], ids=["one-launch", "two-launches"])
+def test_triton_matches_reference_float64(device, T, in_f, out_f, ranks, dora_slots, lora_bias, fused):
     k = _case(T, in_f, out_f, ranks, device, dora_slots=dora_slots, lora_bias=lora_bias, seed=T)
-    got, want = _run(multi_lora_triton, k), _run(multi_lora_reference, k)
+    got = _run(functools.partial(multi_lora_triton, fused=fused), k)
+    want = _run(multi_lora_reference, k)
     torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-11)
     torch.testing.assert_close(want.cpu(), _by_hand({kk: (v.cpu() if torch.is_tensor(v) else v)
                                                      for kk, v in k.items()}), rtol=1e-11, atol=1e-11)
