@@ -20,6 +20,7 @@ class TunerSpec:
     # handles(layer), adopt(layer) -> None or why not, adopted(layer), release(layer); None when not offered.
     peft_layers: Optional[Any] = None
     card_tag: Optional[str] = None  # the tag PEFT's model cards give this adapter type on the Hub ("lora")
+    default: bool = False  # what a config without a peft_type means (PEFT's default, LoRA); one tuner at most
 
 
 _TUNERS: dict[str, TunerSpec] = {}
@@ -60,6 +61,6 @@ def specs() -> list[TunerSpec]:
 
 
 def default_type() -> str:
-    """The peft_type a config without one means (PEFT's files always say; hand-written dicts may not): the first
-    tuner registered, LoRA."""
-    return next(iter(_TUNERS))
+    """The peft_type a config without one means (PEFT's files always say; hand-written dicts may not): the tuner
+    registered as the default (LoRA), whatever the import order."""
+    return next((name for name, spec in _TUNERS.items() if spec.default), next(iter(_TUNERS)))

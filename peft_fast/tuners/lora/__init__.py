@@ -5,6 +5,7 @@ from .config import LoraConfig
 from .layer import LoraLinear
 from .model import LoraModel
 
-register(TunerSpec("LORA", LoraConfig, LoraModel, (LoraLinear,), peft_layers=peft_layers, card_tag="lora"))
+register(TunerSpec("LORA", LoraConfig, LoraModel, (LoraLinear,), peft_layers=peft_layers, card_tag="lora",
+                  default=True))
 
 __all__ = ["LoraConfig", "LoraLinear", "LoraModel"]
