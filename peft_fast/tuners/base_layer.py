@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 import torch.nn as nn
 
-from ..bases import BaseView, view_of
+from ..bases import BaseView, linear_view
 from ..bases.view import has_hooks
 from ..kernels import settings
 from . import merging
@@ -56,6 +56,14 @@ class TunerLayer(nn.Module):
         self._view: Optional[BaseView] = None
 
     # --- the base --------------------------------------------------------------------------------------------------
+    @classmethod
+    def view_for(cls, module: nn.Module, key: Optional[str] = None) -> BaseView:
+        """The view of `module` as a base of this tuner's layers, or an error naming target `key` when the tuner does
+        not adapt such a module. The planner (injection.plan_adapter) and `base_view` ask here. Default: the shared
+        views (Linear, transformers' Conv1D, 4-bit layers); a tuner adapting other modules (convolutions) returns
+        its own views for them."""
+        return linear_view(module, key)
+
     @property
     def base_view(self) -> BaseView:
         view = self._view
@@ -63,7 +71,9 @@ class TunerLayer(nn.Module):
             if view is not None:  # the base module was replaced: plans and values made for the old one go
                 self._plans.clear()
                 self._clear_caches()
-            view = self._view = view_of(self.base_layer)
+            # PEFT's own layers adopted by peft_interop borrow this property without TunerLayer's classmethods.
+            view_for = getattr(type(self), "view_for", linear_view)
+            view = self._view = view_for(self.base_layer)
         return view
 
     def get_base_layer(self) -> nn.Module:

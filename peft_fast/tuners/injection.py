@@ -7,7 +7,6 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch.nn as nn
 
-from ..bases import supported, view_of
 from ..progress import progress
 from .base_layer import TunerLayer
 from .merging import dequantize_remaining, merge_dequantized, merge_layers
@@ -37,7 +36,7 @@ def base_of(module: nn.Module) -> nn.Module:
 
 def plan_adapter(model: nn.Module, config, tuner_cls) -> Plan:
     """Work out everything an adapter will touch, without touching the model. `tuner_cls` (a TunerModel class)
-    gives the per-layer values (`target_kwargs`)."""
+    gives the per-layer values (`target_kwargs`); its layer class, which bases it adapts (`view_for`)."""
     config = copy.deepcopy(config)
     resolve_target_modules(config, model, tuner_cls.default_targets)
     tuner_cls.prepare_config(config, model)
@@ -54,13 +53,7 @@ def plan_adapter(model: nn.Module, config, tuner_cls) -> Plan:
             continue
         if not matches_target(config, key):
             continue
-        base = base_of(module)
-        if not supported(base):
-            raise ValueError(
-                f"Target module {key} ({type(base).__name__}) is not supported. peft_fast adapts torch.nn.Linear and "
-                "transformers Conv1D layers; narrow target_modules (or use exclude_modules) to skip it."
-            )
-        view = view_of(base)
+        view = tuner_cls.layer_cls.view_for(base_of(module), key)  # the tuner says which bases it adapts
         view.check(key)
         targets.append(Target(key, module, view.in_features, view.out_features, tuner_cls.target_kwargs(config, key)))
     if not targets:

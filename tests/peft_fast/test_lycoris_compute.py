@@ -1,6 +1,6 @@
 """How peft_fast computes LoHa and LoKr (peft_fast-only guarantees): ΔW formed once per call, never per token,
 folded into the base matmul where that is exact, cached outside training until a factor, a scaling or the base
-changes, and the cache dropped by the layer's events. Also: the tuners' planner agrees with the shared one."""
+changes, and the cache dropped by the layer's events. Also: the shared planner plans their convolutions."""
 import copy
 import pickle
 
@@ -16,7 +16,6 @@ from peft_fast.tuners import injection  # noqa: E402
 from peft_fast.tuners.lycoris import forward  # noqa: E402
 from peft_fast.tuners.loha import LoHaLayer, LoHaModel  # noqa: E402
 from peft_fast.tuners.lokr import LoKrLayer  # noqa: E402
-from peft_fast.tuners.lycoris.planning import plan_targets  # noqa: E402
 
 LAYERS = {"loha": LoHaLayer, "lokr": LoKrLayer}
 TUNER_IDS = ["loha", "lokr"]
@@ -146,24 +145,19 @@ def test_eval_mode_with_gradients_trains_the_factors(tuner):
 
 
 @pytest.mark.parametrize("tuner", TUNER_IDS)
-@pytest.mark.parametrize("kind", ["llama", "mlp", "conv"])
-def test_planner_agrees_with_the_shared_one_on_linear_bases(tuner, kind):
-    """get_peft_model plans with the tuners' planner (convolutions allowed); PeftModel.from_pretrained with the
-    shared one. On linear targets the two plans are the same."""
-    impl_cls = TUNERS[tuner][1]
+def test_the_shared_planner_asks_the_layer_which_bases_it_adapts(tuner):
+    """injection.plan_adapter (get_peft_model, from_pretrained, load_adapter) takes a tuner's convolutions through its
+    layer's `view_for`; a tuner that keeps the default views (LoRA) still refuses them."""
+    import peft_fast
+
+    model = pair(tuner, "conv")[0]
     model_cls = type(pair(tuner, "mlp")[2].base_model)
-    for kw in ({"target_modules": "all-linear", "rank_pattern": {"q_proj": 2}},
-               {"target_modules": None, "modules_to_save": ["lm_head"], "task_type": "SEQ_CLS"},
-               {"target_modules": ["lin0", "q_proj", "head"], "exclude_modules": ["lin1"]}):
-        model = base_model(kind) if kind != "conv" else pair(tuner, "conv")[0]
-        if kind != "llama" and kw["target_modules"] is None:
-            continue
-        config = impl_cls(**kw)
-        mine, shared = plan_targets(model, config, model_cls), injection.plan_adapter(model, config, model_cls)
-        assert [(t.key, t.in_features, t.out_features, t.kwargs) for t in mine.targets] == \
-            [(t.key, t.in_features, t.out_features, t.kwargs) for t in shared.targets]
-        assert mine.save_modules == shared.save_modules
-        assert mine.config.to_dict() == shared.config.to_dict()
+    plan = injection.plan_adapter(model, TUNERS[tuner][1](target_modules=["conv0", "conv2", "head"]), model_cls)
+    assert [(t.key, t.in_features, t.out_features) for t in plan.targets] == \
+        [("conv0", 3, 8), ("conv2", 12, 8), ("head", 6, 4)]
+    lora = peft_fast.get_peft_model(base_model("mlp"), peft_fast.LoraConfig(target_modules=["lin0"]))
+    with pytest.raises(ValueError, match="conv0 .Conv2d. is not supported"):
+        injection.plan_adapter(model, peft_fast.LoraConfig(target_modules=["conv0"]), type(lora.base_model))
     assert LoHaModel.layer_cls is LoHaLayer
 
 

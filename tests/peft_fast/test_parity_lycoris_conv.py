@@ -149,14 +149,20 @@ def test_peft_files_load_into_a_new_adapter(case, tmp_path):
     assert_eval_matches("conv", r, loaded, conv_inputs())
 
 
-@peft_fast_only
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="the shared planner (injection.plan_adapter) that "
-                   "PeftModel.from_pretrained and load_adapter call accepts linear bases only: conv adapters load "
-                   "once it asks the tuner which bases it adapts")
-def test_from_pretrained_of_conv_adapters(tmp_path):
-    _, r, _ = pair("loha", "conv")
+@pytest.mark.parametrize("case", CASES[2:4] + CASES[6:8], ids=IDS[2:4] + IDS[6:8])
+def test_from_pretrained_and_load_adapter_of_conv_adapters(case, tmp_path):
+    """PeftModel.from_pretrained and load_adapter plan conv targets too (the planner asks the tuner's layer which
+    bases it adapts), with PEFT's outputs."""
+    tuner, kw = case
+    _, r, _ = pair(tuner, "conv", **kw)
+    perturb(r)
     r.save_pretrained(tmp_path)
-    impl.PeftModel.from_pretrained(conv_base(), str(tmp_path))
+    loaded = impl.PeftModel.from_pretrained(conv_base(), str(tmp_path))
+    assert type(loaded.base_model.model.conv0.base_layer) is nn.Conv2d
+    assert_eval_matches("conv", r, loaded, conv_inputs())
+    loaded.load_adapter(str(tmp_path), adapter_name="again")
+    loaded.set_adapter("again")
+    assert_eval_matches("conv", r, loaded, conv_inputs())
 
 
 @peft_fast_only

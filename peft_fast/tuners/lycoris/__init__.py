@@ -1,8 +1,7 @@
 """What PEFT's LyCORIS-style adapters (LoHa, LoKr) share: PEFT's `lycoris_utils` on the tuner seam.
 
 - config.py: the fields both configs have (r, alpha, rank/module dropout, patterns, use_effective_conv2d).
-- bases.py: which base layers they adapt (Linear, Conv1d, Conv2d) and a base view for convolutions.
-- planning.py: the injection plan, with convolutions allowed (the shared planner knows linear bases only).
+- bases.py: which base layers they adapt (Linear, Conv1d, Conv2d) and their views (the layer's `view_for`).
 - layer.py: per-adapter state, PEFT's init/dtype rules, merge rule, file keys; forward.py: what forward runs.
 - model.py: rank/alpha patterns and PEFT's default targets.
 

@@ -1,17 +1,13 @@
-"""The base layers LoHa and LoKr adapt (PEFT's layers_mapping: Conv2d, Conv1d, Linear) and a base view for
-convolutions, so the shared merge bookkeeping reads and writes a convolution's weight as it does a linear one's.
-
-peft_fast's shared views (peft_fast/bases) cover linear bases only; `view_for` adds torch's Conv1d and Conv2d for
-these tuners.
-"""
+"""The base layers LoHa and LoKr adapt (PEFT's layers_mapping: Conv2d, Conv1d, Linear) and their views: the shared
+linear views, and the shared ConvView (peft_fast/bases/conv.py), which the default `view_for` of a tuner layer
+leaves out."""
 from __future__ import annotations
 
 from typing import Optional
 
 import torch.nn as nn
 
-from ...bases import BaseView, is_4bit, view_of
-from ...bases.view import has_hooks
+from ...bases import BaseView, ConvView, is_4bit, view_of
 
 # PEFT's order: the first type a module is an instance of names its layer ("Conv2d", "Conv1d", "Linear").
 KINDS: tuple[tuple[type, str], ...] = ((nn.Conv2d, "Conv2d"), (nn.Conv1d, "Conv1d"), (nn.Linear, "Linear"))
@@ -38,36 +34,7 @@ def base_kind(module: nn.Module, tuner: str, key: Optional[str] = None) -> str:
                     "in PEFT either: target other modules, or use LoRA there.")
 
 
-class ConvView(BaseView):
-    """torch.nn.Conv1d / Conv2d: weight [out, in / groups, *kernel]."""
-
-    def __init__(self, module: nn.Module):
-        super().__init__(module)
-        self._plain = type(module) in (nn.Conv1d, nn.Conv2d)
-
-    @property
-    def in_features(self) -> int:
-        return self.module.in_channels
-
-    @property
-    def out_features(self) -> int:
-        return self.module.out_channels
-
-    def fused_conv(self):
-        """(weight, bias) when the module's forward is exactly F.conv{1,2}d with its settings (a plain module, zero
-        padding, no hooks), so that a convolution with another weight may replace it; else None."""
-        m = self.module
-        if not self._plain or has_hooks(m) or m.padding_mode != "zeros":
-            return None
-        return m.weight, m.bias
-
-    def supports_norms(self) -> bool:
-        return False
-
-    @classmethod
-    def accepts(cls, module: nn.Module) -> bool:
-        return isinstance(module, (nn.Conv1d, nn.Conv2d))
-
-
-def view_for(module: nn.Module) -> BaseView:
+def view_for(module: nn.Module, tuner: str, key: Optional[str] = None) -> BaseView:
+    """The view of a base layer the tuner can adapt (the shared ConvView for convolutions); otherwise a TypeError."""
+    base_kind(module, tuner, key)
     return ConvView(module) if ConvView.accepts(module) else view_of(module)

@@ -53,16 +53,9 @@ class LycorisLayer(TunerLayer):
     def check_base(cls, base: nn.Module, key: Optional[str] = None) -> str:
         return base_kind(base, cls.tuner_name, key)
 
-    @property
-    def base_view(self) -> BaseView:
-        # TunerLayer's, with convolutions viewed too (the shared views know linear bases only).
-        view = self._view
-        if view is None or view.module is not self.base_layer:
-            if view is not None:  # the base module was replaced: what was derived from the old one goes
-                self._plans.clear()
-                self._clear_caches()
-            view = self._view = view_for(self.base_layer)
-        return view
+    @classmethod
+    def view_for(cls, module: nn.Module, key: Optional[str] = None) -> BaseView:
+        return view_for(module, cls.tuner_name, key)  # convolutions too
 
     # --- adapters ------------------------------------------------------------------------------------------------
     def has_adapter(self, name: str) -> bool:
