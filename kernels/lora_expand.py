@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .common.backend import HAS_TRITON, use_triton
-from .common.batch_meta import LoraBatchMeta, apply_slot_delta, check_launch, slot_rows
+from .common.batch_meta import LoraBatchMeta, check_launch, slot_rows, slot_update
 from .common.dot_policy import dot_mode, precision
 from .common.tiling import cdiv, np2
 
@@ -60,7 +60,7 @@ def lora_expand_reference(y: Tensor, z: Tensor, b_stack: Tensor, ranks: Tensor, 
         b = b_stack[s, :, :r]
         bias = bias_stack[s].to(b.dtype) if bias_stack is not None else None
         delta = F.linear(z[rows, :r].to(b.dtype), b, bias) * scalings[s].to(b.dtype)
-        apply_slot_delta(y, rows, delta, dora_scale, s, base_bias)
+        y[rows] = slot_update(y[rows], delta, dora_scale, s, base_bias)
     return y
 
 

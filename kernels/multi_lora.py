@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .common.backend import HAS_TRITON, use_triton
-from .common.batch_meta import LoraBatchMeta, apply_slot_delta, check_launch, slot_rows
+from .common.batch_meta import LoraBatchMeta, check_launch, slot_update
 from .common.dot_policy import dot_mode, precision
 from .common.tiling import cdiv, np2, z_dtype
 from .lora_expand import check_expand_args, lora_expand_triton
@@ -42,20 +42,24 @@ def multi_lora_reference(x: Tensor, y: Tensor, a_stack: Tensor, b_stack: Tensor,
                          meta: LoraBatchMeta, bias_stack: Optional[Tensor] = None, *, inplace: bool = False,
                          dora_scale: Optional[Tensor] = None, base_bias: Optional[Tensor] = None) -> Tensor:
     """PEFT's `_mixed_batch_forward`: result[idx] += (lora_B(lora_A(x[idx].to(A.dtype))) * scaling).to(result.dtype);
-    DoRA slots: PEFT's DoRA output for those rows, as if that adapter ran alone."""
+    DoRA slots: PEFT's DoRA output for those rows, as if that adapter ran alone. Bit for bit PEFT's, with one gather
+    of x and y and one write back for the whole batch (each adapter reads a contiguous run of the sorted rows)."""
     _check(x, y, a_stack, b_stack, ranks, scalings, meta, bias_stack, dora_scale, base_bias)
     result = y if inplace else y.clone()
-    rank_list = ranks.tolist()
-    for s, rows in slot_rows(meta):
+    rank_list, starts, counts = ranks.tolist(), meta.slot_starts.tolist(), meta.slot_counts.tolist()
+    rows = meta.sorted_tokens[:sum(counts)].long()
+    xs, ys = x.index_select(0, rows), result.index_select(0, rows)
+    new = ys.clone()
+    for s, (start, count) in enumerate(zip(starts, counts)):
         r = min(int(rank_list[s]), a_stack.shape[1])
-        if r == 0:
+        if count == 0 or r == 0:
             continue
         a, b = a_stack[s, :r], b_stack[s, :, :r]
         bias = bias_stack[s].to(b.dtype) if bias_stack is not None else None
         # F.linear as PEFT's nn.Linear modules call it: addmm with the bias, bit for bit on CPU.
-        delta = F.linear(F.linear(x[rows].to(a.dtype), a), b, bias) * scalings[s].to(b.dtype)
-        apply_slot_delta(result, rows, delta, dora_scale, s, base_bias)
-    return result
+        delta = F.linear(F.linear(xs[start:start + count].to(a.dtype), a), b, bias) * scalings[s].to(b.dtype)
+        new[start:start + count] = slot_update(ys[start:start + count], delta, dora_scale, s, base_bias)
+    return result.index_copy_(0, rows, new)
 
 
 # Up to this many tokens (decode) the whole delta runs as one launch: each program recomputes its tile's z for its

@@ -1,5 +1,18 @@
-"""Mixed-adapter batches: what one forward pass of a mixed batch shares across all its layers (the batch plan)."""
+"""Mixed-adapter batches: what one forward pass of a mixed batch shares across all its layers (the batch plan),
+and how it reaches them.
+
+`adapter_names` (one name per sample) become an `AdapterNames` once per forward. It reaches the layers through
+per-call state of the calling thread (`CURRENT`), set by the model's forward for the duration of the call: not
+through hooks on the shared modules, so concurrent callers with different mixes (and plain forwards beside them)
+never see each other's batch, and no module is touched per call. Under torch.compile a layer's read of that state
+is traced like an attribute of a plain object: the batch's tensors are graph inputs, so a new mix of adapters at
+the same batch shape reuses the compiled graph.
+"""
 from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import torch
 
@@ -8,16 +21,24 @@ from .names import BASE_NAME as BASE
 
 
 class AdapterNames(list):
-    """The ``adapter_names`` handed to each layer: the user's one-name-per-sample list, plus what every layer of
-    one forward pass shares. Slots number the model's adapters in one global order, so one token-to-slot mapping
-    (and its grouping metadata, built once per batch shape) serves all layers."""
+    """The ``adapter_names`` a layer sees: the user's one-name-per-sample list, plus what every layer of one forward
+    pass shares. Slots number the model's adapters in one global order, so one token-to-slot mapping (and its
+    grouping metadata, built once per batch shape) serves all layers. `owner` is the routing key of the model
+    whose layers take this batch; under beam search an encoder's layers take `encoder` (the original batch)."""
 
-    def __init__(self, names: list[str], slot_names: tuple[str, ...]):
+    def __init__(self, names: list[str], slot_names: tuple[str, ...], owner: object = None,
+                 encoder: Optional[tuple[frozenset, "AdapterNames"]] = None):
         super().__init__(names)
         self.slot_names = slot_names
+        self.owner, self.encoder = owner, encoder
         index = {n: i for i, n in enumerate(slot_names)}
         self.sample_slots = [index.get(n, -1) if n != BASE else -1 for n in names]
         self._meta: dict = {}
+
+    def for_layer(self, layer) -> "AdapterNames":
+        if self.encoder is not None and id(layer) in self.encoder[0]:
+            return self.encoder[1]
+        return self
 
     def meta_for(self, x: torch.Tensor):
         """Token-to-slot metadata for activations ``x`` of shape [batch, ..., features]."""
@@ -28,3 +49,29 @@ class AdapterNames(list):
             token_slots = slots.repeat_interleave(per_sample).to(x.device)
             self._meta[key] = make_lora_batch_meta(token_slots, len(self.slot_names), validate=False)
         return self._meta[key]
+
+
+class _Current(threading.local):
+    batch: Optional[AdapterNames] = None  # the mixed batch of the forward running in this thread
+
+
+CURRENT = _Current()
+
+
+def batch_for(layer) -> Optional[AdapterNames]:
+    """The mixed batch `layer` takes in the forward running in this thread, if its model started one."""
+    batch = CURRENT.batch
+    if batch is None or batch.owner is not layer._batch_key:
+        return None
+    return batch.for_layer(layer)
+
+
+@contextmanager
+def routing(batch: Optional[AdapterNames]) -> Iterator[None]:
+    """Make `batch` this thread's mixed batch for the duration of the block (nested calls restore the outer one)."""
+    previous = CURRENT.batch
+    CURRENT.batch = batch
+    try:
+        yield
+    finally:
+        CURRENT.batch = previous

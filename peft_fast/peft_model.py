@@ -92,12 +92,12 @@ class PeftModel(*_bases()):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         adapter_names = kwargs.pop("adapter_names", None)
-        with self.base_model.forward_hooks(adapter_names):
+        with self.base_model.mixed_batch(adapter_names):
             return self.get_base_model()(*args, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         adapter_names = kwargs.pop("adapter_names", None)
-        with self.base_model.forward_hooks(adapter_names, kwargs.get("num_beams")):
+        with self.base_model.mixed_batch(adapter_names, kwargs.get("num_beams")):
             return self.get_base_model().generate(*args, **kwargs)
 
     # --- adapters ----------------------------------------------------------------------------------------------

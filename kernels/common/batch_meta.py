@@ -101,13 +101,12 @@ def check_launch(op: str, *ts: Optional[Tensor]) -> None:
                            "adapter batches under torch.no_grad() / torch.inference_mode(), or use the reference.")
 
 
-def apply_slot_delta(y: Tensor, rows: Tensor, delta: Tensor, dora_scale: Optional[Tensor], s: int,
-                     base_bias: Optional[Tensor]) -> None:
-    """y[rows] += delta, or PEFT's DoRA update of y[rows] for slot s when dora_scale is given (the references)."""
+def slot_update(y_rows: Tensor, delta: Tensor, dora_scale: Optional[Tensor], s: int,
+                base_bias: Optional[Tensor]) -> Tensor:
+    """The new rows of y for slot s's tokens (the references): y + delta, or PEFT's DoRA output when dora_scale is
+    given."""
     if dora_scale is None:
-        y[rows] += delta.to(y.dtype)
-        return
+        return y_rows + delta.to(y_rows.dtype)
     c = dora_scale[s]
-    base = y[rows]
-    base_nb = base - base_bias if base_bias is not None else base
-    y[rows] = (base + (c - 1) * base_nb + c * delta).to(y.dtype)
+    base_nb = y_rows - base_bias if base_bias is not None else y_rows
+    return (y_rows + (c - 1) * base_nb + c * delta).to(y_rows.dtype)

@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from ..bases import BaseView, linear_view
 from ..bases.view import has_hooks
+from ..batching import batch_for
 from ..kernels import settings
 from . import merging
 
@@ -36,7 +37,13 @@ def _set_requires_grad(module, flag: bool) -> None:
         p.requires_grad_(flag)
 
 
+def invalidate_after_load(layer: nn.Module, incompatible_keys) -> None:
+    """A load_state_dict post hook (also on PEFT layers adopted by peft_interop, which lack the method)."""
+    TunerLayer.invalidate(layer, base=True)
+
+
 class TunerLayer(nn.Module):
+    _batch_key = None  # set by the owning TunerModel: which model's mixed batches reach this layer
     adapter_layer_names: tuple[str, ...] = ()  # dicts of trainable parts keyed by adapter name
     other_param_names: tuple[str, ...] = ()  # plain dicts keyed by adapter name
     extra_adapter_dicts: tuple[str, ...] = ()  # more per-adapter dicts, dropped with the adapter
@@ -54,6 +61,8 @@ class TunerLayer(nn.Module):
         self._active_adapter: list[str] = []
         self._plans: dict = {}
         self._view: Optional[BaseView] = None
+        # torch's load_state_dict writes into the parameters in place, without any of the layer's own events.
+        self.register_load_state_dict_post_hook(invalidate_after_load)
 
     # --- the base --------------------------------------------------------------------------------------------------
     @classmethod
@@ -233,6 +242,8 @@ class TunerLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            adapter_names = batch_for(self)  # a mixed batch this layer's model runs in this thread, if any
         if self._disable_adapters:
             if self.merged:
                 self.unmerge()

@@ -7,29 +7,19 @@ all done here, all-or-nothing.
 """
 from __future__ import annotations
 
-import threading
 import warnings
 from contextlib import contextmanager
-from functools import partial
 from typing import Any, Iterator, Optional
 
 import torch.nn as nn
 
-from ..batching import AdapterNames
+from ..batching import AdapterNames, routing
 from ..config import as_config
 from ..names import BASE_NAME, check_adapter_name
 from . import injection
 from .base_layer import TunerLayer
 from .modules_to_save import ModulesToSaveWrapper
 from .file_keys import load_adapter_tensors
-
-
-def _adapter_names_pre_hook(module, args, kwargs, adapter_names, thread):
-    # Hooks live on shared modules: a call in another thread, with its own batch, must not pick this one up.
-    if threading.get_ident() != thread:
-        return None
-    kwargs["adapter_names"] = adapter_names
-    return args, kwargs
 
 
 class TunerModel(nn.Module):
@@ -41,6 +31,7 @@ class TunerModel(nn.Module):
                  plan: Optional[injection.Plan] = None, tensors: Optional[dict] = None, source: str = "the adapter"):
         super().__init__()
         self.model = model
+        self._batch_key = object()  # what this model's mixed batches carry and its layers match (batching.py)
         self.peft_config: dict[str, Any] = {}
         self.active_adapter: str | list[str] = adapter_name
         self.add_adapter(adapter_name, config, autocast_adapter_dtype, init=init, plan=plan, tensors=tensors,
@@ -111,6 +102,7 @@ class TunerModel(nn.Module):
             undo.push(lambda: self.peft_config.pop(adapter_name, None))
             seen = injection.apply_plan(self.model, plan, adapter_name, undo, type(self), autocast_adapter_dtype,
                                         init)
+            self.claim_layers()
             self.after_injection(config, seen)
             if tensors is not None:
                 load_adapter_tensors(self.model, tensors, adapter_name, source)
@@ -199,8 +191,9 @@ class TunerModel(nn.Module):
             m.enable_adapters(False)
 
     @contextmanager
-    def forward_hooks(self, adapter_names: Optional[list[str]], num_beams: Optional[int] = None):
-        """Route ``adapter_names`` (one per sample) to every adapter layer for the duration of a call."""
+    def mixed_batch(self, adapter_names: Optional[list[str]], num_beams: Optional[int] = None):
+        """Route ``adapter_names`` (one per sample) to this model's adapter layers for the duration of a call, in
+        this thread only (batching.routing)."""
         if adapter_names is None:
             yield
             return
@@ -215,29 +208,23 @@ class TunerModel(nn.Module):
         unknown = {n for n in adapter_names if n != BASE_NAME} - set(self.peft_config)
         if unknown:
             raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")
-        if any(m.merged for _, m in self.adapter_layers()):
-            raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
-                             "`unmerge_adapter` first.")
         slots = tuple(sorted(self.peft_config))
-        original = AdapterNames(list(adapter_names), slots)
         beams = isinstance(num_beams, int) and num_beams > 1
-        # Beam search repeats every sample num_beams times, except in an encoder, which sees the original batch.
-        shared = AdapterNames([n for n in adapter_names for _ in range(num_beams)], slots) if beams else original
-        get_encoder = getattr(self.model, "get_encoder", None)
-        encoder = get_encoder() if beams and callable(get_encoder) else None
-        handles, thread = [], threading.get_ident()
-        try:
-            for _, m in injection.tuner_layers(self.model):
-                hook = partial(_adapter_names_pre_hook, adapter_names=shared, thread=thread)
-                handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
-            if encoder is not None and encoder is not self.model:
-                for _, m in injection.tuner_layers(encoder):  # registered later, so this hook wins
-                    hook = partial(_adapter_names_pre_hook, adapter_names=original, thread=thread)
-                    handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
+        encoder = None
+        if beams:  # beam search repeats every sample num_beams times, except in an encoder (the original batch)
+            get_encoder = getattr(self.model, "get_encoder", None)
+            module = get_encoder() if callable(get_encoder) else None
+            if module is not None and module is not self.model:
+                ids = frozenset(id(m) for _, m in injection.tuner_layers(module))
+                encoder = (ids, AdapterNames(list(adapter_names), slots, self._batch_key))
+            adapter_names = [n for n in adapter_names for _ in range(num_beams)]
+        with routing(AdapterNames(list(adapter_names), slots, self._batch_key, encoder)):
             yield
-        finally:
-            for h in handles:
-                h.remove()
+
+    def claim_layers(self) -> None:
+        """Mark this model's adapter layers as the ones its mixed batches reach (after layers are added)."""
+        for _, m in injection.tuner_layers(self.model):
+            m._batch_key = self._batch_key
 
     # --- merging -----------------------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:

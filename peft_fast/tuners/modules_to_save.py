@@ -7,12 +7,15 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
+from ..batching import batch_for
 from .base_layer import check_adapter_names
 
 _MIXED_BATCH_TYPES = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 class ModulesToSaveWrapper(nn.Module):
+    _batch_key = None  # set by the owning TunerModel (batching.py)
+
     def __init__(self, module_to_save: nn.Module, adapter_name: str):
         super().__init__()
         if isinstance(module_to_save, (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)):
@@ -80,6 +83,8 @@ class ModulesToSaveWrapper(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            adapter_names = batch_for(self)
         if self._passthrough():
             return self.original_module(*args, **kwargs)
         if adapter_names is None:

@@ -162,31 +162,34 @@ def test_mixed_batch_default_config_llama():
 
 
 @peft_fast_only  # PEFT routes adapter_names through hooks any thread's forward picks up (2 of 10 wrong here)
-def test_concurrent_mixed_batches_from_two_threads_stay_apart():
+def test_concurrent_mixed_batches_and_plain_forwards_stay_apart():
+    """Two threads with different mixes and a third running plain forwards, at once: each sees its own batch
+    (the batch reaches the layers through per-thread state, not through the shared modules)."""
     import threading
 
     _, r, i = _three("llama")
     x = _x("llama")
     batches = [NAMES, list(reversed(NAMES))]
     with torch.no_grad():
-        expected = [out(r, x, adapter_names=list(b)) for b in batches]
-    results, errors = {0: [], 1: []}, []
+        expected = [out(r, x, adapter_names=list(b)) for b in batches] + [out(r, x)]
+    results, errors = {0: [], 1: [], 2: []}, []
 
     def run(k):
         try:
             with torch.no_grad():
                 for _ in range(6):
-                    results[k].append(out(i, x, adapter_names=list(batches[k])))
+                    kw = {"adapter_names": list(batches[k])} if k < 2 else {}
+                    results[k].append(out(i, x, **kw))
         except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=run, args=(k,)) for k in (0, 1)]
+    threads = [threading.Thread(target=run, args=(k,)) for k in (0, 1, 2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert not errors, errors
-    for k in (0, 1):
+    for k in (0, 1, 2):
         assert len(results[k]) == 6
         for y in results[k]:
             assert_close(y, expected[k])

@@ -6,6 +6,7 @@ from tiny_models import AGAINST_PEFT, add_both, assert_close, base_model, defaul
 
 import peft_fast
 from peft_fast import LoraLinear
+from peft_fast.batching import AdapterNames
 from switches import use_settings
 
 pytestmark = pytest.mark.skipif(AGAINST_PEFT, reason="peft_fast's batched mixed-adapter path")
@@ -128,3 +129,39 @@ def test_stacks_follow_load_delete_add_and_merge(tmp_path):
             out(impl, inputs("llama", batch=2, seq=4), adapter_names=["a", "b"])
     impl.unmerge_adapter()
     _check(impl, ["d", "a", "b", "__base__"])
+
+
+def test_stacks_follow_load_state_dict_in_eval_mode():
+    """torch's load_state_dict writes the parameters in place without the layer's own events: its post hook drops
+    the stacks, which eval mode otherwise reuses without looking at each parameter."""
+    _, impl = _three()
+    x = inputs("llama", batch=len(NAMES), seq=4, seed=3)
+    with torch.no_grad():
+        before = out(impl, x, adapter_names=NAMES)  # eval mode, stacks built
+    state = {k: v + 0.5 if "lora_B" in k else v for k, v in impl.state_dict().items()}
+    impl.load_state_dict(state)
+    with torch.no_grad():
+        mixed = out(impl, x, adapter_names=NAMES)  # no other event in between: only the hook can drop the stacks
+    assert not torch.allclose(mixed, before)
+    with torch.no_grad():
+        assert_close(mixed, _per_sample(impl, x, NAMES))
+
+
+def test_eval_mode_trusts_the_stacks_without_checking_every_parameter(monkeypatch):
+    """Serving: after the first mixed batch, the stacks are reused without reading any parameter's version."""
+    from peft_fast.tuners.lora import stacks
+
+    _, impl = _three()
+    x = inputs("llama", batch=len(NAMES), seq=4, seed=3)
+    with torch.no_grad():
+        out(impl, x, adapter_names=NAMES)
+        checks = []
+        monkeypatch.setattr(stacks.StackCache, "fresh", lambda *a: checks.append(1) or True)
+        out(impl, x, adapter_names=NAMES)
+        assert checks == []
+        layer = _layers(impl)[0]
+        layer.train()  # a layer in training mode checks (an optimizer may have moved the weights)
+        names = AdapterNames(["a", "b"], ("a", "b", "c"))
+        for _ in range(2):  # the first call after train() builds the stacks, the second checks them
+            layer.mixed_batch_forward(torch.randn(2, layer.in_features), adapter_names=names)
+        assert checks

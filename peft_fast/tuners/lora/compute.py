@@ -96,11 +96,15 @@ class LoraCompute:
                                       for p in d.parameters())
 
     def _stacks(self, slot_names: tuple[str, ...], x: torch.Tensor) -> AdapterStacks:
-        """Stacked adapter weights for the batched kernels, rebuilt only when an adapter changed."""
+        """Stacked adapter weights for the batched kernels, rebuilt only when an adapter changed. In eval mode the
+        stacks change only with the layer's events (adding, loading, deleting, merging, hotswaps, load_state_dict,
+        train() / eval()), so they are reused without looking at every parameter, as serving needs (and as a
+        compiled forward must); in training mode every parameter's version and storage is checked."""
         adapter_dtype = next(iter(self.lora_A.values())).weight.dtype
         dtype = stack_dtype(x, adapter_dtype, use_triton(x))
         cache = self._stack_cache
-        if cache is None or not cache.fresh(self, slot_names, dtype):
+        if (cache is None or cache.slot_names != slot_names or cache.dtype != dtype
+                or (self.training and not cache.fresh(self, slot_names, dtype))):
             cache = self._stack_cache = StackCache(self, slot_names, dtype)
         return cache.stacks
 

@@ -21,7 +21,7 @@ import torch
 from ...bases import supported
 from ...batching import AdapterNames
 from ...names import BASE_NAME
-from ..base_layer import TunerLayer
+from ..base_layer import TunerLayer, invalidate_after_load
 from .compute import LoraCompute
 from .dora import DoraVariant
 from .variants import LORA
@@ -142,7 +142,8 @@ def adopt(layer) -> Optional[str]:
     others = sorted({type(v).__name__ for v in layer.lora_variant.values() if not isinstance(v, dora)})
     if others:
         return f"its adapters use {', '.join(others)}, which peft_fast does not run"
-    layer.__dict__.update(_plans={}, _view=None, _stack_cache=None, _pf_variants={})
+    layer.__dict__.update(_plans={}, _view=None, _stack_cache=None, _pf_variants={},
+                          _pf_load_hook=layer.register_load_state_dict_post_hook(invalidate_after_load))
     layer.__class__ = fast
     return None
 
@@ -152,5 +153,6 @@ def release(layer) -> None:
     if not adopted(layer):
         return
     layer.__class__ = layer._pf_original
-    for key in ("_plans", "_view", "_stack_cache", "_pf_variants"):
+    layer._pf_load_hook.remove()
+    for key in ("_plans", "_view", "_stack_cache", "_pf_variants", "_pf_load_hook"):
         layer.__dict__.pop(key, None)
