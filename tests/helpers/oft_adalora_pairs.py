@@ -101,3 +101,44 @@ def add_both(tuner: str, ref_model, impl_model, name: str, kind: str, *, seed: i
         torch.manual_seed(seed)
         impl_model.add_adapter(name, impl_cls(**copy.deepcopy(kw)))
     perturb(ref_model, impl_model, seed + 1)
+
+
+def make_4bit_pair(tuner: str, path, case, **overrides):
+    """PEFT and the implementation over two fresh bitsandbytes 4-bit loads of the tiny Llama saved at `path`, the
+    implementation's adapter tensors set to PEFT's (perturbed)."""
+    from qlora_models import TARGETS as Q_TARGETS, load4
+
+    ref_cls, impl_cls = TUNERS[tuner]
+    kw = cfg(tuner, "llama", target_modules=list(Q_TARGETS), **overrides)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        r = ref.get_peft_model(load4(path, case), ref_cls(**copy.deepcopy(kw)))
+        torch.manual_seed(0)
+        i = impl.get_peft_model(load4(path, case), impl_cls(**copy.deepcopy(kw)))
+    perturb(r, i)
+    return r, i
+
+
+def nf4_twin(tuner: str, path, case, impl_model):
+    """The implementation's adapter over peft_fast.quantize's NF4Linear layers (the bytes bitsandbytes makes from
+    the same weights), its tensors copied from `impl_model`."""
+    from transformers import LlamaForCausalLM
+
+    import peft_fast
+
+    dtype, compute, double, qt = case
+    model = peft_fast.quantize(LlamaForCausalLM.from_pretrained(path, dtype=dtype), quant_type=qt,
+                               double_quant=double, compute_dtype=compute)
+    config = impl_model.peft_config["default"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        twin = impl.get_peft_model(model, TUNERS[tuner][1](**{k: v for k, v in config.to_dict().items()
+                                                            if k not in ("peft_type", "peft_version", "auto_mapping")}))
+    adapter = {k: v for k, v in impl_model.state_dict().items() if f".{tuner_prefix(tuner)}" in k}
+    assert adapter and not twin.load_state_dict(adapter, strict=False).unexpected_keys
+    return twin
+
+
+def tuner_prefix(tuner: str) -> str:
+    return "oft_R" if tuner == "oft" else "lora_"
