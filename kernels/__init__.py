@@ -19,6 +19,7 @@ __all__ = [
     "LoraBatchMeta",
     "make_lora_batch_meta",
     "multi_lora",
+    "multi_lora_",
     "multi_lora_reference",
     "multi_lora_triton",
     "NF4State",
@@ -55,7 +56,7 @@ if __name__ == "peft_fast.kernels":
     from .lora_linear import lora_linear, lora_linear_reference, lora_linear_triton
     from .lora_shrink import lora_shrink, lora_shrink_reference, lora_shrink_triton
     from .lora_expand import lora_expand, lora_expand_reference, lora_expand_triton
-    from .multi_lora import multi_lora, multi_lora_reference, multi_lora_triton
+    from .multi_lora import multi_lora, multi_lora_, multi_lora_reference, multi_lora_triton
     from .nf4_quantize import nf4_quantize, nf4_quantize_reference, nf4_quantize_triton
     from .nf4_dequantize import nf4_dequantize, nf4_dequantize_reference, nf4_dequantize_triton
     from .nf4_linear import nf4_linear, nf4_linear_reference, nf4_linear_triton

@@ -24,7 +24,7 @@ from .common.tiling import cdiv, np2, z_dtype
 from .lora_expand import check_expand_args, lora_expand_triton
 from .lora_shrink import check_shrink_args, lora_shrink_triton
 
-__all__ = ["multi_lora", "multi_lora_reference", "multi_lora_triton"]
+__all__ = ["multi_lora", "multi_lora_", "multi_lora_reference", "multi_lora_triton"]
 
 
 def _check(x, y, a_stack, b_stack, ranks, scalings, meta, bias_stack, dora_scale=None, base_bias=None) -> None:
@@ -198,3 +198,35 @@ def multi_lora(x: Tensor, y: Tensor, a_stack: Tensor, b_stack: Tensor, ranks: Te
     if use_triton(x, y, a_stack, b_stack, meta.sorted_tokens):
         return multi_lora_triton(x, y, a_stack, b_stack, ranks, scalings, meta, bias_stack, **kw)
     return multi_lora_reference(x, y, a_stack, b_stack, ranks, scalings, meta, bias_stack, **kw)
+
+
+@torch.library.custom_op("peft_fast::multi_lora_", mutates_args=("y",))
+def _multi_lora_op(x: Tensor, y: Tensor, a_stack: Tensor, b_stack: Tensor, ranks: Tensor, scalings: Tensor,
+                   token_slots: Tensor, sorted_tokens: Tensor, slot_starts: Tensor, slot_counts: Tensor,
+                   tile_slots: Tensor, tile_rows: Tensor, block_m: int, bias_stack: Optional[Tensor],
+                   dora_scale: Optional[Tensor], base_bias: Optional[Tensor]) -> None:
+    meta = LoraBatchMeta(token_slots, sorted_tokens, slot_starts, slot_counts, tile_slots, tile_rows,
+                         token_slots.numel(), a_stack.shape[0], block_m)
+    multi_lora(x, y, a_stack, b_stack, ranks, scalings, meta, bias_stack, inplace=True, dora_scale=dora_scale,
+               base_bias=base_bias)
+
+
+@_multi_lora_op.register_fake
+def _(x, y, a_stack, b_stack, ranks, scalings, token_slots, sorted_tokens, slot_starts, slot_counts, tile_slots,
+      tile_rows, block_m, bias_stack, dora_scale, base_bias) -> None:
+    return None
+
+
+def multi_lora_(x: Tensor, y: Tensor, a_stack: Tensor, b_stack: Tensor, ranks: Tensor, scalings: Tensor,
+                meta: LoraBatchMeta, bias_stack: Optional[Tensor] = None, *, dora_scale: Optional[Tensor] = None,
+                base_bias: Optional[Tensor] = None) -> Tensor:
+    """`multi_lora(..., inplace=True)` for callers that may be traced: under torch.compile it is one opaque op (no
+    graph break, the Triton launches or the reference run inside it; CUDA graphs capture the launches), eagerly a
+    plain call. Inference only. Returns y."""
+    if torch.compiler.is_compiling():
+        _multi_lora_op(x, y, a_stack, b_stack, ranks, scalings, meta.token_slots, meta.sorted_tokens,
+                       meta.slot_starts, meta.slot_counts, meta.tile_slots, meta.tile_rows, meta.block_m,
+                       bias_stack, dora_scale, base_bias)
+        return y
+    return multi_lora(x, y, a_stack, b_stack, ranks, scalings, meta, bias_stack, inplace=True,
+                      dora_scale=dora_scale, base_bias=base_bias)

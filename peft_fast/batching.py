@@ -32,7 +32,7 @@ class AdapterNames(list):
         self.slot_names = slot_names
         self.owner, self.encoder = owner, encoder
         index = {n: i for i, n in enumerate(slot_names)}
-        self.sample_slots = [index.get(n, -1) if n != BASE else -1 for n in names]
+        self.sample_slots = torch.tensor([index.get(n, -1) if n != BASE else -1 for n in names], dtype=torch.int32)
         self._meta: dict = {}
 
     def for_layer(self, layer) -> "AdapterNames":
@@ -41,14 +41,26 @@ class AdapterNames(list):
         return self
 
     def meta_for(self, x: torch.Tensor):
-        """Token-to-slot metadata for activations ``x`` of shape [batch, ..., features]."""
+        """Token-to-slot metadata for activations ``x`` of shape [batch, ..., features]: built once per shape and
+        shared by the layers; under torch.compile built inline (static-shape ops, nothing kept)."""
+        if torch.compiler.is_compiling():
+            return self._make_meta(x)
         key = (tuple(x.shape[:-1]), x.device)
         if key not in self._meta:
-            per_sample = x[0].numel() // x.shape[-1] if x.dim() > 1 else 1
-            slots = torch.tensor(self.sample_slots, dtype=torch.int32)
-            token_slots = slots.repeat_interleave(per_sample).to(x.device)
-            self._meta[key] = make_lora_batch_meta(token_slots, len(self.slot_names), validate=False)
+            self._meta[key] = self._make_meta(x)
         return self._meta[key]
+
+    def _make_meta(self, x: torch.Tensor):
+        per_sample = x[0].numel() // x.shape[-1] if x.dim() > 1 else 1
+        token_slots = self.sample_slots.to(x.device, non_blocking=True).repeat_interleave(per_sample)
+        return make_lora_batch_meta(token_slots, len(self.slot_names), validate=False)
+
+
+class RoutingKey:
+    """What a model's mixed batches carry and its layers match. `stale`: a layer changed since the layers last got
+    ready for mixed batches (their stacks), so the next batch plan readies them again before the forward."""
+
+    stale = True
 
 
 class _Current(threading.local):
@@ -66,12 +78,24 @@ def batch_for(layer) -> Optional[AdapterNames]:
     return batch.for_layer(layer)
 
 
+@torch.compiler.disable
+def enter_batch(batch: Optional[AdapterNames]) -> Optional[AdapterNames]:
+    """Make `batch` this thread's mixed batch; returns the one it replaces, for leave_batch (never traced)."""
+    previous = CURRENT.batch
+    CURRENT.batch = batch
+    return previous
+
+
+@torch.compiler.disable
+def leave_batch(previous: Optional[AdapterNames]) -> None:
+    CURRENT.batch = previous
+
+
 @contextmanager
 def routing(batch: Optional[AdapterNames]) -> Iterator[None]:
     """Make `batch` this thread's mixed batch for the duration of the block (nested calls restore the outer one)."""
-    previous = CURRENT.batch
-    CURRENT.batch = batch
+    previous = enter_batch(batch)
     try:
         yield
     finally:
-        CURRENT.batch = previous
+        leave_batch(previous)

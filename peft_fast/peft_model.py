@@ -9,12 +9,14 @@ import warnings
 from contextlib import contextmanager
 from typing import Any, Optional
 
+import torch
 import torch.nn as nn
 from torch.nn.modules.module import _IncompatibleKeys
 from transformers.utils import PushToHubMixin
 
 from . import files
 from .config import CONFIG_NAME, PeftConfig, as_config
+from .batching import enter_batch, leave_batch
 from .loading import read_adapter
 from .hub import push_to_hub
 from .model_card import write_model_card
@@ -92,8 +94,19 @@ class PeftModel(*_bases()):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         adapter_names = kwargs.pop("adapter_names", None)
-        with self.base_model.mixed_batch(adapter_names):
+        if adapter_names is None:
             return self.get_base_model()(*args, **kwargs)
+        return self._mixed_forward(adapter_names, args, kwargs)  # unsplatted: traced code never reads the names
+
+    @torch.compiler.disable(recursive=False)
+    def _mixed_forward(self, adapter_names: list[str], args: tuple, kwargs: dict) -> Any:
+        # Not traced (torch.compile's one graph break of a mixed batch): here the names become the batch plan, so
+        # the compiled base model called below sees tensors only, and a new mix reuses its graph.
+        previous = enter_batch(self.base_model.batch_plan(adapter_names))
+        try:
+            return self.get_base_model()(*args, **kwargs)
+        finally:
+            leave_batch(previous)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         adapter_names = kwargs.pop("adapter_names", None)

@@ -189,6 +189,8 @@ class TunerLayer(nn.Module):
         self._clear_caches()
         if base and self._view is not None:
             self._view.clear()
+        if self._batch_key is not None:
+            self._batch_key.stale = True
 
     def _clear_caches(self) -> None:
         """The tuner's own caches of derived values."""
@@ -208,6 +210,12 @@ class TunerLayer(nn.Module):
         self._clear_caches()
         if self._view is not None:
             self._view.clear()
+        if self._batch_key is not None:
+            self._batch_key.stale = True
+
+    def prepare_mixed(self, slot_names: tuple[str, ...]) -> None:
+        """Get ready for mixed batches over these adapters (e.g. build stacked weights): called by the model's batch
+        plan, eagerly, after an event changed the layer, so that the forward (compiled or not) finds them ready."""
 
     def _apply(self, fn, recurse=True):
         result = super()._apply(fn, recurse)

@@ -11,9 +11,10 @@ import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
+import torch
 import torch.nn as nn
 
-from ..batching import AdapterNames, routing
+from ..batching import AdapterNames, RoutingKey, routing
 from ..config import as_config
 from ..names import BASE_NAME, check_adapter_name
 from . import injection
@@ -31,7 +32,7 @@ class TunerModel(nn.Module):
                  plan: Optional[injection.Plan] = None, tensors: Optional[dict] = None, source: str = "the adapter"):
         super().__init__()
         self.model = model
-        self._batch_key = object()  # what this model's mixed batches carry and its layers match (batching.py)
+        self._batch_key = RoutingKey()  # what this model's mixed batches carry and its layers match (batching.py)
         self.peft_config: dict[str, Any] = {}
         self.active_adapter: str | list[str] = adapter_name
         self.add_adapter(adapter_name, config, autocast_adapter_dtype, init=init, plan=plan, tensors=tensors,
@@ -197,6 +198,12 @@ class TunerModel(nn.Module):
         if adapter_names is None:
             yield
             return
+        with routing(self.batch_plan(adapter_names, num_beams)):
+            yield
+
+    @torch.compiler.disable
+    def batch_plan(self, adapter_names: list[str], num_beams: Optional[int] = None) -> AdapterNames:
+        """The checked batch plan of ``adapter_names`` for this model's layers (never traced: names are strings)."""
         if self.training:
             raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
         if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
@@ -209,17 +216,20 @@ class TunerModel(nn.Module):
         if unknown:
             raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")
         slots = tuple(sorted(self.peft_config))
-        beams = isinstance(num_beams, int) and num_beams > 1
         encoder = None
-        if beams:  # beam search repeats every sample num_beams times, except in an encoder (the original batch)
+        if isinstance(num_beams, int) and num_beams > 1:
+            # Beam search repeats every sample num_beams times, except in an encoder (the original batch).
             get_encoder = getattr(self.model, "get_encoder", None)
             module = get_encoder() if callable(get_encoder) else None
             if module is not None and module is not self.model:
                 ids = frozenset(id(m) for _, m in injection.tuner_layers(module))
                 encoder = (ids, AdapterNames(list(adapter_names), slots, self._batch_key))
             adapter_names = [n for n in adapter_names for _ in range(num_beams)]
-        with routing(AdapterNames(list(adapter_names), slots, self._batch_key, encoder)):
-            yield
+        if self._batch_key.stale:  # after an event: ready the layers here, outside any compiled forward
+            for _, layer in self.adapter_layers():
+                layer.prepare_mixed(slots)
+            self._batch_key.stale = False
+        return AdapterNames(list(adapter_names), slots, self._batch_key, encoder)
 
     def claim_layers(self) -> None:
         """Mark this model's adapter layers as the ones its mixed batches reach (after layers are added)."""

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from ...batching import AdapterNames
-from ...kernels import multi_lora, use_triton
+from ...kernels import multi_lora_, use_triton
 from .stacks import AdapterStacks, StackCache, stack_dtype
 from .variants import op_args
 
@@ -68,17 +68,18 @@ class LoraCompute:
 
     def mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
         result = self.base_layer(x, *args, **kwargs)
-        if not any(n in self.lora_A for n in set(adapter_names)):
-            return result
         if isinstance(adapter_names, AdapterNames) and not self._needs_grad(x):
-            # One shrink and one expand for the whole batch, whatever the number of adapters in it.
+            # One shrink and one expand for the whole batch, whatever the number of adapters in it. Nothing here
+            # reads the names: under torch.compile another mix of adapters reuses the graph.
             stacks = self._stacks(adapter_names.slot_names, x)
             x2d, y2d = x.reshape(-1, self.in_features), result.reshape(-1, self.out_features)
-            multi_lora(x2d, y2d, stacks.a, stacks.b, stacks.ranks, stacks.scalings, adapter_names.meta_for(x),
-                       stacks.bias, inplace=True,  # the base output is ours and needs no autograd
-                       dora_scale=stacks.dora_scale,
-                       base_bias=self.base_view.bias.detach() if stacks.dora_scale is not None and
-                       self.base_view.bias is not None else None)
+            multi_lora_(x2d, y2d, stacks.a, stacks.b, stacks.ranks, stacks.scalings, adapter_names.meta_for(x),
+                        stacks.bias,  # added in place: the base output is ours and needs no autograd
+                        dora_scale=stacks.dora_scale,
+                        base_bias=self.base_view.bias.detach() if stacks.dora_scale is not None and
+                        self.base_view.bias is not None else None)
+            return result
+        if not any(n in self.lora_A for n in set(adapter_names)):
             return result
         # Gradients wanted (or a caller passed a plain list): PEFT's per-adapter loop, differentiable.
         q4 = self.base_view.quantized
@@ -107,4 +108,10 @@ class LoraCompute:
                 or (self.training and not cache.fresh(self, slot_names, dtype))):
             cache = self._stack_cache = StackCache(self, slot_names, dtype)
         return cache.stacks
+
+    def prepare_mixed(self, slot_names: tuple[str, ...]) -> None:
+        """The stacks for activations of the base's dtype on its device, built before the forward."""
+        view = self.base_view
+        self._stacks(slot_names, torch.empty(0, dtype=view.dense_dtype, device=view.device))
+
 

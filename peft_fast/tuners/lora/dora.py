@@ -114,14 +114,16 @@ class DoraVariant(LoraVariant):
     def _cached(self, layer, name: str, a, b, s) -> tuple:
         """(key, norm, c, c - 1) for the eval cache, rebuilt when any of A, B, m, the base or s changed."""
         m = layer.lora_magnitude_vector[name].weight
+        if torch.compiler.is_compiling():  # traced code keeps no state and compares no storage addresses
+            norm = _norm(layer, a, b, s).to(m.dtype)
+            c = m.detach() / norm
+            return (None, norm, c, c - 1, None)
         key = (*_param_key(a), *_param_key(b), *_param_key(m), *layer.base_view.version(), float(s))
         hit = self._eval
         if hit is None or hit[0] != key:
             norm = _norm(layer, a, b, s).to(m.dtype)
             c = m.detach() / norm
-            hit = (key, norm, c, c - 1, (a, b, m, *layer.base_view.key_objects()))
-            if not torch.compiler.is_compiling():
-                self._eval = hit
+            hit = self._eval = (key, norm, c, c - 1, (a, b, m, *layer.base_view.key_objects()))
         return hit
 
     def scale(self, layer, name: str, grad: Optional[bool] = None, args: Optional[tuple] = None) -> torch.Tensor:

@@ -37,6 +37,7 @@ class FastPeftLora(LoraCompute):
 
     base_view = TunerLayer.base_view
     plan = TunerLayer.plan
+    _batch_key = None  # PEFT's own hooks bring adapter_names to these layers, not peft_fast's batch routing
     __getstate__ = TunerLayer.__getstate__
 
     def variant(self, name: str):

@@ -1,0 +1,102 @@
+"""torch.compile with mixed adapter batches: eager's outputs, one graph break (where the names become the batch
+plan, outside the traced code), and no recompilation when the mix of adapters changes at the same batch shape;
+single-adapter and adapter-disabled forwards compile whole (fullgraph), also after eager calls filled the caches."""
+import warnings
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounter
+from torch._dynamo.utils import counters
+
+import peft_fast
+from switches import use_settings
+from tiny_models import AGAINST_PEFT, assert_close, base_model, default_cfg
+
+pytestmark = pytest.mark.skipif(AGAINST_PEFT, reason="peft_fast's compiled mixed batches (PEFT breaks per adapter)")
+MIXES = [["a", "b", "__base__", "a"], ["b", "b", "a", "__base__"], ["a", "a", "a", "a"], ["__base__"] * 4]
+
+
+def _model(kind="lora"):
+    base = base_model("llama")
+    if kind == "nf4":
+        base = peft_fast.quantize(base)
+    cfg = dict(use_dora=kind == "dora")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        model = peft_fast.get_peft_model(base, peft_fast.LoraConfig(**default_cfg("llama", **cfg)), adapter_name="a")
+        model.add_adapter("b", peft_fast.LoraConfig(**default_cfg("llama", **cfg)))
+    return model.eval()
+
+
+def _ids():
+    return torch.randint(1, 128, (4, 6), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture
+def fresh():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def _breaks() -> dict:
+    return {reason.split("\n")[0]: n for reason, n in counters["graph_break"].items()}
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "nf4"])
+def test_a_new_mix_reuses_the_compiled_graph(fresh, kind):
+    model, ids, cnt = _model(kind), _ids(), CompileCounter()
+    compiled = torch.compile(model, backend=cnt)
+    with torch.no_grad():
+        for i, mix in enumerate(MIXES):
+            assert_close(compiled(input_ids=ids, adapter_names=mix).logits,
+                         model(input_ids=ids, adapter_names=mix).logits, msg=str(mix))
+            if i == 0:
+                graphs = cnt.frame_count
+    assert cnt.frame_count == graphs, f"a new mix recompiled: {graphs} graphs after the first call, then " \
+                                      f"{cnt.frame_count}"
+    breaks = _breaks()
+    assert list(breaks) == ["Skip inlining `torch.compiler.disable()`d function"], breaks
+
+
+def test_the_recompile_count_can_fail(fresh):
+    """Control: the same count sees a recompile per mix when traced code reads the names."""
+    model, ids, cnt = _model(), _ids(), CompileCounter()
+
+    def leaky(ids, names):
+        scale = 2.0 if names[0] == "a" else 3.0  # a guard on the names' values
+        return model(input_ids=ids, adapter_names=names).logits * scale
+
+    compiled = torch.compile(leaky, backend=cnt)
+    with torch.no_grad():
+        for mix in MIXES[:3]:
+            compiled(ids, mix)
+    assert cnt.frame_count > 1
+
+
+def test_triton_mixed_batches_compile_once(fresh, monkeypatch):
+    use_settings(monkeypatch, backend="triton")
+    model, ids, cnt = _model(), _ids(), CompileCounter()
+    compiled = torch.compile(model, backend=cnt)
+    with torch.no_grad():
+        for i, mix in enumerate(MIXES[:3]):
+            assert_close(compiled(input_ids=ids, adapter_names=mix).logits,
+                         model(input_ids=ids, adapter_names=mix).logits, atol=1e-4, rtol=1e-4, msg=str(mix))
+            graphs = cnt.frame_count if i == 0 else graphs
+    assert cnt.frame_count == graphs
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "nf4"])
+def test_single_adapter_and_disabled_forwards_compile_whole(fresh, kind):
+    """fullgraph=True: no graph break at all, also after eager calls (whose caches compare storage addresses,
+    which traced code must not)."""
+    model, ids = _model(kind), _ids()
+    with torch.no_grad():
+        eager = model(input_ids=ids).logits
+        model(input_ids=ids, adapter_names=MIXES[0])  # eager mixed batch: stacks and caches filled
+        compiled = torch.compile(lambda i: model(input_ids=i).logits, fullgraph=True, backend="eager")
+        assert_close(compiled(ids), eager)
+        with model.disable_adapter():
+            assert_close(compiled(ids), model(input_ids=ids).logits)
