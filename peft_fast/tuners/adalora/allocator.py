@@ -114,11 +114,16 @@ class RankAllocator:
         return budget, rank_pattern
 
     def mask_using_rank_pattern(self, model: nn.Module, rank_pattern: dict) -> None:
-        """Re-apply a final pattern (its keys with or without the adapter name, as saving truncates them)."""
+        """Re-apply a final pattern (its keys with or without the adapter name, as saving truncates them). A layer
+        loaded from a file with this pattern holds only the kept ranks already, and is left as it is (PEFT fails
+        there, with a shape mismatch)."""
         truncated = self.adapter_name not in next(iter(rank_pattern.keys()))
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if f"lora_E.{self.adapter_name}" in n:
                     key = n if not truncated else n.replace(f".{self.adapter_name}", "")
-                    mask = torch.Tensor(rank_pattern[key]).unsqueeze(-1).to(p.device)
+                    keep = rank_pattern[key]
+                    if len(keep) != p.shape[0] and sum(bool(k) for k in keep) == p.shape[0]:
+                        continue
+                    mask = torch.Tensor(keep).unsqueeze(-1).to(p.device)
                     p.masked_fill_(~mask.bool(), 0.0)
