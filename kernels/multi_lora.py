@@ -46,8 +46,8 @@ def multi_lora_reference(x: Tensor, y: Tensor, a_stack: Tensor, b_stack: Tensor,
     of x and y and one write back for the whole batch (each adapter reads a contiguous run of the sorted rows)."""
     _check(x, y, a_stack, b_stack, ranks, scalings, meta, bias_stack, dora_scale, base_bias)
     result = y if inplace else y.clone()
-    rank_list, starts, counts = ranks.tolist(), meta.slot_starts.tolist(), meta.slot_counts.tolist()
-    rows = meta.sorted_tokens[:sum(counts)].long()
+    starts, counts, rows = meta.host_groups()
+    rank_list = ranks.tolist()
     xs, ys = x.index_select(0, rows), result.index_select(0, rows)
     new = ys.clone()
     for s, (start, count) in enumerate(zip(starts, counts)):

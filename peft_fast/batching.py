@@ -27,12 +27,14 @@ class AdapterNames(list):
     whose layers take this batch; under beam search an encoder's layers take `encoder` (the original batch)."""
 
     def __init__(self, names: list[str], slot_names: tuple[str, ...], owner: object = None,
-                 encoder: Optional[tuple[frozenset, "AdapterNames"]] = None):
+                 encoder: Optional[tuple[frozenset, "AdapterNames"]] = None, device: Optional[torch.device] = None):
         super().__init__(names)
         self.slot_names = slot_names
         self.owner, self.encoder = owner, encoder
         index = {n: i for i, n in enumerate(slot_names)}
-        self.sample_slots = torch.tensor([index.get(n, -1) if n != BASE else -1 for n in names], dtype=torch.int32)
+        # On the model's device from the start: a compiled (or CUDA-graph) forward then reads a device tensor.
+        self.sample_slots = torch.tensor([index.get(n, -1) if n != BASE else -1 for n in names], dtype=torch.int32,
+                                         device=device)
         self._meta: dict = {}
 
     def for_layer(self, layer) -> "AdapterNames":
@@ -52,7 +54,7 @@ class AdapterNames(list):
 
     def _make_meta(self, x: torch.Tensor):
         per_sample = x[0].numel() // x.shape[-1] if x.dim() > 1 else 1
-        token_slots = self.sample_slots.to(x.device, non_blocking=True).repeat_interleave(per_sample)
+        token_slots = self.sample_slots.to(x.device).repeat_interleave(per_sample)
         return make_lora_batch_meta(token_slots, len(self.slot_names), validate=False)
 
 

@@ -7,7 +7,7 @@ batch can need (cdiv(T, block_m) + n_slots), so its shape, and the grid, never d
 holds; tiles past the real ones name slot n_slots and their programs return at once."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 import torch
@@ -30,6 +30,15 @@ class LoraBatchMeta:
     num_tokens: int  # T
     n_slots: int
     block_m: int  # tile height, chosen from T and n_slots: the kernels' BLOCK_M
+    _host: Optional[tuple] = field(default=None, repr=False, compare=False)
+
+    def host_groups(self) -> tuple[list[int], list[int], Tensor]:
+        """(slot starts, slot counts, the sorted rows that have a slot) on the host, read once per batch and kept:
+        the references (CPU) use them; every layer of one forward shares the metadata."""
+        if self._host is None:
+            starts, counts = self.slot_starts.tolist(), self.slot_counts.tolist()
+            self._host = (starts, counts, self.sorted_tokens[:sum(counts)].long())
+        return self._host
 
     @property
     def max_tiles(self) -> int:
@@ -81,8 +90,8 @@ def make_lora_batch_meta(token_slots: Union[Tensor, Sequence[int]], n_slots: int
 
 def slot_rows(meta: LoraBatchMeta) -> list[tuple[int, Tensor]]:
     """(slot, token indices) of every slot that has tokens, on the host: the references are allowed to sync."""
-    starts, counts = meta.slot_starts.tolist(), meta.slot_counts.tolist()
-    return [(s, meta.sorted_tokens[starts[s]:starts[s] + c].long()) for s, c in enumerate(counts) if c > 0]
+    starts, counts, rows = meta.host_groups()
+    return [(s, rows[starts[s]:starts[s] + c]) for s, c in enumerate(counts) if c > 0]
 
 
 def block_m(tokens_per_slot: int) -> int:

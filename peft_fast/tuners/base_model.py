@@ -216,6 +216,7 @@ class TunerModel(nn.Module):
         if unknown:
             raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")
         slots = tuple(sorted(self.peft_config))
+        device = next((p.device for _, layer in self.adapter_layers() for p in layer.adapter_parameters()[:1]), None)
         encoder = None
         if isinstance(num_beams, int) and num_beams > 1:
             # Beam search repeats every sample num_beams times, except in an encoder (the original batch).
@@ -223,13 +224,13 @@ class TunerModel(nn.Module):
             module = get_encoder() if callable(get_encoder) else None
             if module is not None and module is not self.model:
                 ids = frozenset(id(m) for _, m in injection.tuner_layers(module))
-                encoder = (ids, AdapterNames(list(adapter_names), slots, self._batch_key))
+                encoder = (ids, AdapterNames(list(adapter_names), slots, self._batch_key, device=device))
             adapter_names = [n for n in adapter_names for _ in range(num_beams)]
         if self._batch_key.stale:  # after an event: ready the layers here, outside any compiled forward
             for _, layer in self.adapter_layers():
                 layer.prepare_mixed(slots)
             self._batch_key.stale = False
-        return AdapterNames(list(adapter_names), slots, self._batch_key, encoder)
+        return AdapterNames(list(adapter_names), slots, self._batch_key, encoder, device)
 
     def claim_layers(self) -> None:
         """Mark this model's adapter layers as the ones its mixed batches reach (after layers are added)."""
