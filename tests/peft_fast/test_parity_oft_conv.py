@@ -78,8 +78,9 @@ def test_3x3_forward_is_peft_merged_model(kw):
 @peft_fast_only
 @pytest.mark.parametrize("kw", CASES, ids=IDS)
 def test_3x3_gradients_are_those_of_peft_rotation(kw):
-    """conv(x, W·diag(R)ᵀ) with R from PEFT's own OFTRotationModule.get_weight: the loss and the block gradients."""
-    _, r, i = pair("oft", "conv", target_modules=["conv0"], **kw)
+    """conv(x, W·diag(R)ᵀ) with R from PEFT's own OFTRotationModule.get_weight: the loss and the block gradients
+    (blocks near the identity, as trained ones are; peft_fast sums the Neumann series in another order)."""
+    _, r, i = pair("oft", "conv", target_modules=["conv0"], init_weights=True, **kw)
     ref_layer, layer = r.base_model.model.conv0, i.base_model.model.conv0
     h = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(4))
     ref_layer.train()

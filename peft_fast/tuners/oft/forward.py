@@ -3,9 +3,11 @@ applied in whichever exact way is cheaper.
 
 - Rotating the input (PEFT's way): x·diag(R₁)·diag(R₂)·... into the base layer. Used in training, for 16-bit and
   4-bit bases (PEFT rounds the rotated input to the base's dtype; folding into a 16-bit weight would round
-  differently) and with extra forward arguments. In training it is also the cheaper way: folding R into W would
-  make autograd compute the full [out, in] gradient of the folded weight, an extra matmul as large as the base's,
-  where rotating x costs tokens·in·b.
+  differently) and with extra forward arguments. Folding R into W instead and letting autograd differentiate it
+  would compute the full [out, in] gradient of the folded weight, an extra matmul as large as the base's.
+- In training, over a plain float32/64 nn.Linear with more tokens than output features, one adapter: the weight
+  folded in forward (out·in·b, where rotating x costs tokens·in·b and a copy of x) and the rotating path's
+  backward (rotation.FoldedLinear), so no gradient of the folded weight is formed.
 - Folding into the weight: x·(W·diag(R₂)ᵀ·diag(R₁)ᵀ)ᵀ, one matmul per call, for a plain float32/64 nn.Linear (or a
   1x1 Conv2d) outside training when no gradient is wanted. The folded weight is cached until an adapter's weight or
   the base weight changes identity, storage or version, and the layer's events drop it.
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ...names import BASE_NAME
-from .rotation import blocks_of, fold, project, rotate, rotate_channels, rotation
+from .rotation import FoldedLinear, blocks_of, fold, project, rotate, rotate_channels, rotation
 
 _FOLDABLE = (torch.float32, torch.float64)
 
@@ -53,10 +55,16 @@ class OFTPlan:
             project(layer.oft_R[name])
         if self.conv:
             return layer.conv_folded(x, self.active)
-        if self.fold is not None and not (args or kwargs) and layer.caches(self.active):
+        if self.fold is not None and not (args or kwargs):
             weight = self.fold["weight"]
-            return F.linear(x, layer.folded(self.active, weight), self.fold.get("bias")) if layer.kind == "Linear" \
-                else layer.base_layer._conv_forward(x, layer.folded(self.active, weight), self.fold.get("bias"))
+            if layer.caches(self.active):
+                return F.linear(x, layer.folded(self.active, weight), self.fold.get("bias")) \
+                    if layer.kind == "Linear" else \
+                    layer.base_layer._conv_forward(x, layer.folded(self.active, weight), self.fold.get("bias"))
+            if layer.kind == "Linear" and len(self.active) == 1 and x.numel() > weight.numel() and \
+                    not weight.requires_grad:  # more tokens than output features: folding R into W costs less
+                module = layer.oft_R[self.active[0]]
+                return FoldedLinear.apply(x, blocks_of(module, rotation(module)), weight, self.fold.get("bias"))
         rotated = layer.rotate_input(x, self.active, layer.rotations(self.active))
         return layer.base_layer(rotated, *args, **kwargs).to(x.dtype)
 

@@ -1,9 +1,8 @@
 """OFT's rotation: the parameters of one adapter (`OFTRotation`, PEFT's OFTRotationModule: the strict upper
 triangles of `rows` skew-symmetric blocks) and the math on them.
 
-- `rotation(module)`: the orthogonal blocks R [rows, b, b], PEFT's operations in PEFT's order (so the same values):
-  Q = skew(weight), then the Cayley transform R = (I - Q)(I + Q)⁻¹, or its Neumann series
-  I + 2Q + 2Q² + ... + 2Q^(n-2) + Q^(n-1).
+- `rotation(module)`: the orthogonal blocks R [rows, b, b], PEFT's matrices (equal up to float rounding): Q =
+  skew(weight), then the Cayley transform R = (I - Q)(I + Q)⁻¹, or its Neumann series.
 - `project(module)`: COFT's constraint, each block within eps of the identity (PEFT rewrites the weight with it
   before every use).
 - `rotate(x, R)`: x·diag(R) over the last dimension, block by block (never the block-diagonal matrix).
@@ -44,34 +43,62 @@ class OFTRotation(nn.Module):
         return rotate(x.to(self.weight.dtype), rotation(self))
 
 
+def _skew_index(module: OFTRotation) -> torch.Tensor:
+    """For each entry of a b x b block, where skew() finds it in [0, weight, -weight] (0 on the diagonal)."""
+    b, device = module.block_size, module.rows.device
+    key = (b, device)
+    index = _SKEW_INDEX.get(key)
+    if index is None:
+        n = module.n_elements
+        index = torch.zeros(b * b, dtype=torch.long, device=device)
+        upper = torch.arange(1, n + 1, device=device)
+        index[module.rows * b + module.cols] = upper
+        index[module.cols * b + module.rows] = upper + n
+        index = _SKEW_INDEX[key] = index
+    return index
+
+
+_SKEW_INDEX: dict = {}
+
+
 def skew(module: OFTRotation, vec: torch.Tensor) -> torch.Tensor:
+    """The skew-symmetric blocks Q [rows, b, b] holding `vec` above the diagonal: PEFT's values (it writes vec into
+    zeros and subtracts the transpose, which is exact), gathered in one indexing op instead."""
     b = module.block_size
-    matrix = torch.zeros(vec.shape[0], b, b, device=vec.device, dtype=vec.dtype)
-    matrix[:, module.rows, module.cols] = vec
-    return matrix - matrix.transpose(-2, -1)
+    ext = torch.cat([vec.new_zeros(vec.shape[0], 1), vec, -vec], dim=1)
+    return ext[:, _skew_index(module)].view(vec.shape[0], b, b)
+
+
+def _series(q: torch.Tensor, s: torch.Tensor, eye: torch.Tensor, m: int, c0: float) -> torch.Tensor:
+    """c0·I + 2Q + 2Q² + ... + 2Q^(m-1) + Q^m, with S = Q²: c0·I + 2Q + S·(the same sum for m - 2, c0 = 2)."""
+    if m == 1:
+        return torch.add(q, eye, alpha=c0)
+    if m == 2:
+        return torch.add(s, q, alpha=2).add_(eye, alpha=c0)
+    return torch.baddbmm(torch.add(eye, q, alpha=2) if c0 == 1 else torch.add(q, eye).mul_(2), s,
+                         _series(q, s, eye, m - 2, 2.0))
 
 
 def rotation(module: OFTRotation, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """R [rows, b, b] from `weight` (the module's own by default), in the weight's dtype."""
+    """R [rows, b, b] from `weight` (the module's own by default), in the weight's dtype.
+
+    PEFT's Neumann series with n terms is I + 2Q + ... + 2Q^(m-1) + Q^m, m = max(3, n - 1) (n = 3 and 4 give the
+    same, as in PEFT; n = 2: I + 2Q; n = 1: I). PEFT forms the powers one by one (m - 1 block products, forward and
+    twice in backward); here Q² is formed once and the sum nested in it (1 + ⌊(m - 1) / 2⌋ products: 2 instead of
+    3 for the default), equal up to float rounding."""
     weight = module.weight if weight is None else weight
     b, n = module.block_size, weight.shape[0]
     q = skew(module, weight)
     if module.use_cayley_neumann:
-        r = torch.eye(b, device=weight.device, dtype=weight.dtype).repeat(n, 1, 1)
+        eye = torch.eye(b, device=weight.device, dtype=weight.dtype)
         terms = module.num_cayley_neumann_terms
-        if terms > 1:
-            r.add_(q, alpha=2.0)
-            if terms > 2:
-                power = torch.bmm(q, q)
-                r.add_(power, alpha=2.0)
-                for _ in range(3, terms - 1):
-                    power = torch.bmm(power, q)
-                    r.add_(power, alpha=2.0)
-                power = torch.bmm(power, q)
-                r.add_(power)
-    else:
-        eye = torch.eye(b, device=weight.device).unsqueeze(0).expand(n, b, b)
-        r = torch.linalg.solve(eye + q, eye - q, left=False)
+        if terms <= 2:
+            r = (eye + 2 * q) if terms == 2 else eye.expand(n, b, b).clone()
+        else:
+            r = _series(q, torch.bmm(q, q), eye, max(3, terms - 1), 1.0)
+    else:  # PEFT solves X·(I + Q) = I - Q; X = 2·(I + Q)⁻¹ - I is the same matrix, one batched inverse (cheaper)
+        eye = torch.eye(b, device=weight.device, dtype=weight.dtype)
+        r = 2 * torch.linalg.inv(eye + q) - eye
     return r.to(weight.dtype)
 
 
@@ -125,3 +152,28 @@ def inverse(r: torch.Tensor) -> torch.Tensor:
 def rotate_channels(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """PEFT's rotation of a 1x1 Conv2d's input x [N, C, H, W]: every pixel's channel vector (its 1x1 patch)."""
     return rotate(x.movedim(1, -1), r).movedim(-1, 1)
+
+
+class FoldedLinear(torch.autograd.Function):
+    """x·diag(R)·Wᵀ + bias with the rotation folded into the weight in forward (out·in·b, where rotating x costs
+    tokens·in·b plus a copy of x), and the rotating path's backward: u' = dy·W, dx = u'·diag(R)ᵀ, dR from x and
+    u' block by block (so no [out, in] gradient of the folded weight is formed). For a frozen W [out, in]."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, bias):
+        ctx.save_for_backward(x, r, weight)
+        ctx.has_bias = bias is not None
+        return torch.nn.functional.linear(x, fold(weight, r), bias)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, r, weight = ctx.saved_tensors
+        du = dy @ weight
+        dx = rotate(du, r.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+        dr = None
+        if ctx.needs_input_grad[1]:
+            blocks, b = r.shape[0], r.shape[-1]
+            lead = x.shape[:-1]
+            dr = torch.einsum("...rk,...rc->rkc", x.reshape(*lead, blocks, b), du.reshape(*lead, blocks, b))
+        dbias = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        return dx, dr, None, dbias
