@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from benchutil import BASE_DTYPE, DEVICE, ON_GPU, both_sides, inference, measure, rel_err
+from peft_fast.kernels import settings
 from test_bench_lora_linear import DECODE_TOKENS, SHAPES, TOKENS, _fwd_bwd, _linear, _pair
 
 HBM_GBPS = {"H100": 3350, "H200": 4800}  # the card's HBM bandwidth (SXM datasheets), for the bandwidth fraction
@@ -82,15 +83,28 @@ def test_qlora_linear_decode(benchmark, impl, shape, tokens):
     err = rel_err(inference(fast, x)(), inference(ref, x)())
     nf4_bytes = in_f * out_f / 2 + in_f * out_f / 64 * 4  # codes + float32 absmax (before double quant)
 
+    def gemv():  # the same layer with PEFT_FAST_NF4_DECODE=gemv: the codes read once, no transient weight
+        with settings.override(nf4_decode="gemv"):
+            return inference(fast, x)()
+
     def bandwidth(row):
         gbps = nf4_bytes / (row["peft_fast_ms"] * 1e-3) / 1e9
+        gemv_gbps = nf4_bytes / (row["gemv_ms"] * 1e-3) / 1e9
         peak = _hbm_gbps()
-        out = {"nf4_gbps": gbps, "speedup_vs_bnb_peft": row["peft_ms"] / row["peft_fast_ms"]}
-        out["note"] = f"{gbps:.0f} GB/s on the NF4 bytes"
+        out = {"nf4_gbps": gbps, "gemv_nf4_gbps": gemv_gbps,
+               "speedup_vs_bnb_peft": row["peft_ms"] / row["peft_fast_ms"],
+               "gemv_speedup_vs_bnb_peft": row["peft_ms"] / row["gemv_ms"]}
+        out["note"] = (f"{gbps:.0f} GB/s on the NF4 bytes; with nf4_decode=gemv {row['gemv_ms']:.3f} ms, "
+                       f"{gemv_gbps:.0f} GB/s, {out['gemv_speedup_vs_bnb_peft']:.2f}x PEFT+bnb (target >= 2)")
         if peak:
             out["hbm_fraction"] = gbps / peak
-            out["note"] += f" ({100 * gbps / peak:.0f}% of {peak} GB/s)"
+            out["gemv_hbm_fraction"] = gemv_gbps / peak
+            out["note"] += f" ({100 * gemv_gbps / peak:.0f}% of {peak} GB/s, target 70% at M=1)"
         return out
 
+    with settings.override(nf4_decode="gemv"):
+        gemv_err = rel_err(inference(fast, x)(), inference(ref, x)())
+    if gemv_err > max(err, 1e-12) * 10 + 2e-2:
+        raise AssertionError(f"the NF4 GEMV path is off: rel err {gemv_err:.2e} against PEFT+bnb (dequant: {err:.2e})")
     measure(benchmark, impl, f"qlora_linear decode {in_f}x{out_f} M={tokens}", inference(fast, x), inference(ref, x),
-            baseline=baseline, err=err, also={"bf16_lora": inference(bf16, x)}, extra=bandwidth)
+            baseline=baseline, err=err, also={"bf16_lora": inference(bf16, x), "gemv": gemv}, extra=bandwidth)

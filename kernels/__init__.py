@@ -34,6 +34,9 @@ __all__ = [
     "nf4_linear",
     "nf4_linear_reference",
     "nf4_linear_triton",
+    "nf4_gemv",
+    "nf4_gemv_reference",
+    "nf4_gemv_triton",
     "qlora_linear",
     "qlora_linear_reference",
     "qlora_linear_triton",
@@ -59,6 +62,7 @@ if __name__ == "peft_fast.kernels":
     from .multi_lora import multi_lora, multi_lora_, multi_lora_reference, multi_lora_triton
     from .nf4_quantize import nf4_quantize, nf4_quantize_reference, nf4_quantize_triton
     from .nf4_dequantize import nf4_dequantize, nf4_dequantize_reference, nf4_dequantize_triton
+    from .nf4_gemv import nf4_gemv, nf4_gemv_reference, nf4_gemv_triton
     from .nf4_linear import nf4_linear, nf4_linear_reference, nf4_linear_triton
     from .qlora_linear import qlora_linear, qlora_linear_reference, qlora_linear_triton
     from .dora_norm import (dora_norm, dora_norm_nf4, dora_norm_nf4_reference, dora_norm_nf4_triton,

@@ -15,9 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .common import settings
 from .common.backend import HAS_TRITON, use_triton
 from .common.nf4_format import NF4State, check_nf4_args, launch_args
 from .nf4_dequantize import dequantize_raw, nf4_dequantize_reference
+from .nf4_gemv import GEMV_MAX_ROWS, gemv_raw
 
 __all__ = ["nf4_linear", "nf4_linear_reference", "nf4_linear_triton", "nf4_matmul", "check_nf4_linear_args"]
 
@@ -43,6 +45,8 @@ def nf4_matmul(a: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, nested: 
                blocksize: int, *, trans: bool, bias: Optional[Tensor] = None) -> Tensor:
     """a [M, in] @ dequant(Wq)ᵀ (+ bias) -> [M, out], or with trans a [M, out] @ dequant(Wq) -> [M, in], in a's
     dtype, from `launch_args`' tensors: one dequantize launch, then cuBLAS; the weight is freed on return."""
+    if not trans and a.shape[0] <= GEMV_MAX_ROWS and settings.current().nf4_decode == "gemv":
+        return gemv_raw(a, packed, absmax, code, nested, out_f, blocksize, bias)  # decode: the codes read once
     in_f = packed.numel() * 2 // out_f
     w = dequantize_raw(packed, absmax, code, (out_f, in_f), a.dtype, blocksize, nested)
     return a @ w if trans else F.linear(a, w, bias)

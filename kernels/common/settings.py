@@ -4,6 +4,7 @@
 |----------------------|----------------------------|------------------------------------------------------------------------|
 | PEFT_FAST_BACKEND    | auto (default), torch, triton | which implementation runs (see backend.py)                          |
 | PEFT_FAST_LORA_DOT   | half (default), fp32       | 16-bit activations: LoRA dots in that 16-bit type, or in float32       |
+| PEFT_FAST_NF4_DECODE | dequant (default), gemv    | 4-bit matmuls of <= 16 rows: dequantize + cuBLAS, or the NF4 GEMV      |
 | TRITON_INTERPRET     | 1 or unset                 | Triton kernels run on the CPU interpreter (set before kernels load)    |
 
 This is the only module that reads `os.environ`. Everything else asks `current()`, whose value is one object
@@ -19,6 +20,7 @@ from typing import Iterator
 
 BACKENDS = ("auto", "torch", "triton")
 LORA_DOTS = ("half", "fp32")
+NF4_DECODES = ("dequant", "gemv")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +28,7 @@ class Settings:
     backend: str = "auto"
     lora_dot: str = "half"
     interpret: bool = False
+    nf4_decode: str = "dequant"
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -34,6 +37,9 @@ class Settings:
         if self.lora_dot not in LORA_DOTS:
             raise ValueError(f"lora_dot (PEFT_FAST_LORA_DOT) = {self.lora_dot!r} is not one of {LORA_DOTS}; unset it or "
                              "pick one of those.")
+        if self.nf4_decode not in NF4_DECODES:
+            raise ValueError(f"nf4_decode (PEFT_FAST_NF4_DECODE) = {self.nf4_decode!r} is not one of {NF4_DECODES}; "
+                             "unset it or pick one of those.")
 
 
 def _from_environment() -> Settings:
@@ -49,7 +55,8 @@ def _from_environment() -> Settings:
         if not torch.cuda.is_available():
             os.environ["TRITON_INTERPRET"] = "1"
     return Settings(backend=backend, lora_dot=get("PEFT_FAST_LORA_DOT", "half"),
-                    interpret=os.environ.get("TRITON_INTERPRET", "0") == "1")
+                    interpret=os.environ.get("TRITON_INTERPRET", "0") == "1",
+                    nf4_decode=get("PEFT_FAST_NF4_DECODE", "dequant"))
 
 
 _current = _from_environment()
