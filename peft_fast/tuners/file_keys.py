@@ -33,6 +33,7 @@ def adapter_tensors(model: nn.Module, adapter_name: str, configs: dict) -> dict[
             for k, v in m.modules_to_save[adapter_name].state_dict().items():
                 out[f"{PREFIX}{key}.{k}"] = v
     out.update(_shared_tensors(model, adapter_name))
+    out.update(_embedding_tables(model, config))
     if bias == "all":
         # PEFT: every bias of the model minus other adapters' ones, this adapter's name dropped from the key.
         others = [n for n in configs if n != adapter_name]
@@ -43,6 +44,37 @@ def adapter_tensors(model: nn.Module, adapter_name: str, configs: dict) -> dict[
             key = ".".join(p for p in parts if p != adapter_name)
             out.setdefault(f"{PREFIX}{key}", v)
     return {k: v.detach() for k, v in out.items()}
+
+
+EMBEDDING_NAMES = ("embed_tokens", "lm_head")  # PEFT's EMBEDDING_LAYER_NAMES
+
+
+def _embedding_tables(model: nn.Module, config) -> dict[str, torch.Tensor]:
+    """PEFT's save_embedding_layers="auto": when target_modules names an embedding layer, the base weights of the
+    model's input and output embeddings that carry an adapter (over nn.Embedding or nn.Linear) are saved with it,
+    under `<path>.base_layer.<param>` (loading writes them back, as PEFT's load_state_dict does)."""
+    targets = getattr(config, "target_modules", None)
+    if isinstance(targets, str):
+        targeted = targets != "all-linear" and any(
+            re.fullmatch(targets, k) for k, _ in model.named_modules()
+            if any(re.match(rf"(.*\.)?{e}$", k) for e in EMBEDDING_NAMES))
+    else:
+        targeted = bool(targets) and any(e in targets for e in EMBEDDING_NAMES)
+    if not targeted or not hasattr(model, "get_input_embeddings"):
+        return {}
+    out: dict[str, torch.Tensor] = {}
+    for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if isinstance(layer, TunerLayer) and isinstance(layer.base_layer, (nn.Linear, nn.Embedding)):
+            path = next(k for k, m in model.named_modules() if m is layer)
+            out.update({f"{PREFIX}{path}.base_layer.{k}": v for k, v in layer.base_layer.state_dict().items()})
+    return out
+
+
+def _base_table_key(key: str, bases: dict) -> bool:
+    """A saved base weight of an adapted (or planned) embedding or output layer (`_embedding_tables`); `bases`: the
+    base module of every such layer, by path."""
+    path, _, rest = key.removeprefix(PREFIX).rpartition(".base_layer.")
+    return bool(rest) and "." not in rest and isinstance(bases.get(path), (nn.Linear, nn.Embedding))
 
 
 def _shared_dicts(layers) -> dict[str, tuple[str, nn.Module]]:
@@ -88,8 +120,11 @@ def check_file_tensors(tensors: dict[str, torch.Tensor], model: nn.Module, plan,
     expected = expected_file_tensors(model, plan, tuner_cls)
     skipped = {k for k, shape in tuner_cls.layer_cls.expected_shared_state(model, plan).items() if shape is None}
     model_state = {_base_key(PREFIX + k): v for k, v in model.state_dict().items()}
+    bases = {k: m.base_layer for k, m in model.named_modules() if isinstance(m, TunerLayer)}
+    bases.update({t.key: t.module.base_layer if isinstance(t.module, TunerLayer) else t.module for t in plan.targets})
+    tables = {k for k in tensors if k not in expected and _base_table_key(k, bases)}
     problems: list[str] = []
-    unknown = [k for k in tensors if k not in expected and k not in skipped
+    unknown = [k for k in tensors if k not in expected and k not in skipped and k not in tables
                and not ("bias" in k and _base_key(k) in model_state)]
     if unknown:
         problems.append(f"{len(unknown)} key(s) match no adapter layer of this model, e.g. {unknown[:3]}")
@@ -99,8 +134,12 @@ def check_file_tensors(tensors: dict[str, torch.Tensor], model: nn.Module, plan,
     for k, shape in expected.items():
         if k in tensors and tuple(tensors[k].shape) != shape:
             problems.append(f"{k} has shape {tuple(tensors[k].shape)} but this model needs {shape}")
+    for k in tables:
+        base = model_state.get(_base_key(k))
+        if base is not None and tuple(base.shape) != tuple(tensors[k].shape):
+            problems.append(f"{k} has shape {tuple(tensors[k].shape)} but the model's is {tuple(base.shape)}")
     for k, v in tensors.items():
-        if k not in expected and "bias" in k and _base_key(k) in model_state:
+        if k not in expected and k not in tables and "bias" in k and _base_key(k) in model_state:
             if tuple(model_state[_base_key(k)].shape) != tuple(v.shape):
                 problems.append(f"{k} has shape {tuple(v.shape)} but the model's is {tuple(model_state[_base_key(k)].shape)}")
     if problems:
@@ -136,6 +175,8 @@ def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], ada
                 alt = target.replace(".base_layer.", ".") if ".base_layer." in target else \
                     target.rpartition(".")[0] + ".base_layer." + target.rpartition(".")[2]
                 dest = params.get(alt, buffers.get(alt))
+            if dest is None:  # a tied weight (GPT-2's lm_head is its wte), which named_parameters lists once
+                dest = _tied(model, target)
             if dest is None:
                 raise ValueError(f"Adapter key {file_key} matches no parameter of the model (looked for {target}).")
             planned.append((dest, _converted(file_key, value, dest)))
@@ -157,6 +198,13 @@ def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], ada
         warnings.warn(f"Adapter {adapter_name!r} ({source}) holds NaN or inf in {len(nonfinite)} tensor(s), e.g. "
                       f"{nonfinite[0]}: it loads as PEFT loads it, but its outputs will not be finite, and "
                       "merge_adapter(safe_merge=True) refuses it.", stacklevel=3)
+
+
+def _tied(model: nn.Module, target: str) -> Optional[torch.Tensor]:
+    try:
+        return model.get_parameter(target)
+    except AttributeError:
+        return None
 
 
 def _converted(file_key: str, value, dest: torch.Tensor) -> torch.Tensor:
