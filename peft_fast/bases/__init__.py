@@ -2,7 +2,8 @@
 
 `view_of(module)` walks the dispatcher list below; the first view that accepts the module wraps it. Adding a base
 kind (say, an 8-bit layer) is one view class and one entry here. Views of modules that only some tuners adapt
-(`ConvView`, conv.py) are not in the list: those tuners return them from their layer's `view_for`.
+(`ConvView`, conv.py; `EmbeddingView`, embedding.py) are not in the list: those tuners return them from their
+layer's `view_for`.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch.nn as nn
 
 from .bnb4 import Bnb4View, is_bnb_4bit
 from .conv import ConvView
+from .embedding import EmbeddingView
 from .nf4 import NF4View
 from .nf4_linear import NF4Linear
 from .view import BaseView, DenseView, conv1d_type
@@ -52,5 +54,5 @@ def linear_types() -> tuple[type, ...]:
     return (nn.Linear, NF4Linear) + ((conv1d,) if conv1d is not None else ())
 
 
-__all__ = ["BaseView", "Bnb4View", "ConvView", "DenseView", "NF4View", "NF4Linear", "VIEWS", "is_4bit",
-           "is_bnb_4bit", "linear_types", "linear_view", "supported", "view_of"]
+__all__ = ["BaseView", "Bnb4View", "ConvView", "DenseView", "EmbeddingView", "NF4View", "NF4Linear", "VIEWS",
+           "is_4bit", "is_bnb_4bit", "linear_types", "linear_view", "supported", "view_of"]

@@ -173,3 +173,26 @@ def test_block_share_and_the_rotation_dtype():
         assert_close(out(i, x), out(r, x))
     config = cfg("oft", "llama")
     assert OFTConfig(**config).num_cayley_neumann_terms == 5
+
+
+def test_embedding_table_folded_in_eval(monkeypatch):
+    """An embedding's rows rotated once into a cached table (one lookup per call, the module not called), except
+    with max_norm, whose lookup renormalizes the table in place: there the module runs and the rows are rotated."""
+    _, r, i = pair("oft", "llama", target_modules=["embed_tokens"])
+    x = x_for("llama")
+    for m in (r, i):
+        m.eval()
+    layer = i.base_model.model.model.embed_tokens
+    calls = []
+    monkeypatch.setattr(type(layer.base_layer), "forward",
+                        lambda self, *a, real=type(layer.base_layer).forward: calls.append(1) or real(self, *a))
+    with torch.no_grad():
+        assert_close(out(i, x), out(r, x))
+        assert_close(out(i, x), out(r, x))
+    assert len(calls) == 2 and layer._values  # PEFT's two calls only: peft_fast looked up its cached table
+    layer.base_layer.max_norm = 100.0
+    r.base_model.model.model.embed_tokens.base_layer.max_norm = 100.0
+    i.eval()
+    with torch.no_grad():
+        assert_close(out(i, x), out(r, x))
+    assert len(calls) == 4

@@ -1,5 +1,5 @@
-"""OFT against PEFT 0.21.2 on linear models (tiny Llama, GPT-2's lm_head, an MLP): parameters and init, forward and
-gradients, files both ways, merging, several adapters, refusals. Convolutions: test_parity_oft_conv.py; 4-bit
+"""OFT against PEFT 0.21.2 on linear models and embeddings (tiny Llama, GPT-2's lm_head, an MLP): parameters and
+init, forward and gradients, files both ways, merging, several adapters, refusals. Convolutions: test_parity_oft_conv.py; 4-bit
 bases: test_parity_oft_4bit.py; how peft_fast computes it: test_oft_compute.py."""
 import warnings
 
@@ -23,6 +23,8 @@ CASES = [
     ("llama", {"target_modules": None}),  # PEFT's default targets for llama
     ("llama", {"layers_to_transform": [1], "layers_pattern": "layers", "bias": "oft_only"}),
     ("llama", {"modules_to_save": ["lm_head"]}),
+    ("llama", {"target_modules": ["embed_tokens", "q_proj", "v_proj"]}),  # oft.Embedding rotates the looked-up rows
+    ("llama", {"target_modules": ["embed_tokens"], "block_share": True, "oft_block_size": 16}),
     ("gpt2", {}),  # GPT-2's dropouts run too: the RNG is consumed in PEFT's order
     ("mlp", {"bias": "all", "oft_block_size": 4}),
 ]
@@ -81,7 +83,8 @@ def test_files_both_ways(tmp_path):
     """Two adapters saved by each library: the same files (tensors, adapter_config.json, metadata); each library
     loads the other's with equal outputs."""
     _, r, i = pair("oft", "llama")
-    add_both("oft", r, i, "second", "llama", seed=2, coft=True, oft_block_size=16, use_cayley_neumann=False)
+    add_both("oft", r, i, "second", "llama", seed=2, coft=True, oft_block_size=16, use_cayley_neumann=False,
+             target_modules=["embed_tokens", "q_proj", "down_proj"])
     r.save_pretrained(tmp_path / "ref")
     i.save_pretrained(tmp_path / "impl")
     assert_same_files(tmp_path / "impl", tmp_path / "ref")
@@ -107,6 +110,26 @@ def test_files_both_ways(tmp_path):
                 assert_close(out(loaded, x), want["second"], msg=f"{src} -> {lib.__name__}")
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_files_with_embedding_tables(kind, tmp_path):
+    """A config naming lm_head or embed_tokens in target_modules: PEFT saves the adapted layer's base table with the
+    adapter (save_embedding_layers="auto"), and loads it back into the base model; so does peft_fast."""
+    targets = ["lm_head"] if kind == "gpt2" else ["embed_tokens", "lm_head", "q_proj"]
+    _, r, i = pair("oft", kind, target_modules=targets)
+    r.save_pretrained(tmp_path / "ref")
+    i.save_pretrained(tmp_path / "impl")
+    assert_same_files(tmp_path / "impl", tmp_path / "ref")
+    x = x_for(kind)
+    r.eval()
+    for src in ("ref", "impl"):
+        for lib in (impl, ref):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                loaded = lib.PeftModel.from_pretrained(base_model(kind), str(tmp_path / src))
+            with torch.no_grad():
+                assert_close(out(loaded, x), out(r, x), msg=f"{src} -> {lib.__name__}")
+
+
 def test_peft_files_load_into_a_new_adapter(tmp_path):
     _, r, _ = pair("oft", "llama")
     r.save_pretrained(tmp_path)
@@ -122,7 +145,7 @@ def test_merge_unmerge_and_unload():
     it the Neumann series is far from orthogonal and ill-conditioned, and both libraries' unmerges drift."""
     _, r, i = pair("oft", "llama", init_weights=True)
     add_both("oft", r, i, "other", "llama", seed=1, init_weights=True, oft_block_size=16,
-             target_modules=["q_proj", "o_proj"])
+             target_modules=["q_proj", "o_proj", "embed_tokens"])
     x = x_for("llama")
     for m in (r, i):
         m.eval()
@@ -187,8 +210,8 @@ def test_mixed_batch_peft_ignores_it():
 
 @peft_fast_only
 def test_mixed_batch_rows_get_their_own_adapter():
-    _, r, i = pair("oft", "llama")
-    add_both("oft", r, i, "b", "llama", seed=1, target_modules=["q_proj", "o_proj"], oft_block_size=16)
+    _, r, i = pair("oft", "llama", target_modules=["embed_tokens", "q_proj", "v_proj"])
+    add_both("oft", r, i, "b", "llama", seed=1, target_modules=["q_proj", "o_proj", "embed_tokens"], oft_block_size=16)
     x = x_for("llama")
     for m in (r, i):
         m.eval()

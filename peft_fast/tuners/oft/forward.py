@@ -52,19 +52,20 @@ class OFTPlan:
     def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         layer = self.layer
         for name in self.active:
-            project(layer.oft_R[name])
+            project(layer.blocks[name])
         if self.conv:
             return layer.conv_folded(x, self.active)
         if self.fold is not None and not (args or kwargs):
             weight = self.fold["weight"]
-            if layer.caches(self.active):
-                return F.linear(x, layer.folded(self.active, weight), self.fold.get("bias")) \
-                    if layer.kind == "Linear" else \
-                    layer.base_layer._conv_forward(x, layer.folded(self.active, weight), self.fold.get("bias"))
+            if layer.caches(self.active) and (layer.kind != "Embedding" or layer.base_layer.max_norm is None):
+                return layer.run_folded(x, layer.folded(self.active, weight), self.fold.get("bias"))
             if layer.kind == "Linear" and len(self.active) == 1 and x.numel() > weight.numel() and \
                     not weight.requires_grad:  # more tokens than output features: folding R into W costs less
-                module = layer.oft_R[self.active[0]]
+                module = layer.blocks[self.active[0]]
                 return FoldedLinear.apply(x, blocks_of(module, rotation(module)), weight, self.fold.get("bias"))
+        if layer.kind == "Embedding":  # PEFT rotates the looked-up rows
+            result = layer.base_layer(x, *args, **kwargs)
+            return layer.rotate_input(result, self.active, layer.rotations(self.active))
         rotated = layer.rotate_input(x, self.active, layer.rotations(self.active))
         return layer.base_layer(rotated, *args, **kwargs).to(x.dtype)
 
@@ -73,7 +74,7 @@ class OFTCompute:
     """Mixed into the layer: its launch plans, the rotation of its input and the eval caches."""
 
     def make_plan(self, x: torch.Tensor):
-        active = [a for a in self.active_adapters if a in self.oft_R]
+        active = [a for a in self.active_adapters if a in self.blocks]
         if self.merged or not active:
             return self.base_layer
         conv = self.kind == "Conv2d" and self.kernel != (1, 1)
@@ -81,13 +82,19 @@ class OFTCompute:
 
     def foldable(self, x: torch.Tensor, active: list[str]) -> Optional[dict]:
         view = self.base_view
+        if self.kind == "Embedding":
+            params = view.fused_embedding()
+            dtype = params["weight"].dtype if params is not None else None
+            if params is None or dtype not in _FOLDABLE or any(self.blocks[n].weight.dtype != dtype for n in active):
+                return None
+            return params
         if self.kind == "Conv2d":
             fused = view.fused_conv() if self.base_layer.groups == 1 else None
         else:
             fused = view.fused_dense()
         if fused is None or x.dtype not in _FOLDABLE or fused[0].dtype != x.dtype:
             return None
-        if any(self.oft_R[n].weight.dtype != x.dtype for n in active):
+        if any(self.blocks[n].weight.dtype != x.dtype for n in active):
             return None
         return view.module._parameters
 
@@ -96,7 +103,7 @@ class OFTCompute:
         when no gradient of the adapters is wanted."""
         if self.training or torch.compiler.is_compiling():
             return False
-        return not (torch.is_grad_enabled() and any(self.oft_R[n].weight.requires_grad for n in names))
+        return not (torch.is_grad_enabled() and any(self.blocks[n].weight.requires_grad for n in names))
 
     def _cached(self, slot: tuple, key: tuple, kept: list, compute):
         hit = self._values.get(slot)
@@ -109,19 +116,20 @@ class OFTCompute:
     def rotations(self, names: list[str]) -> list[torch.Tensor]:
         """R of each adapter, in its weight's dtype (cached outside training when no gradient is wanted)."""
         def compute():
-            return [rotation(self.oft_R[n]) for n in names]
+            return [rotation(self.blocks[n]) for n in names]
 
         if not self.caches(names):
             return compute()
-        weights = [self.oft_R[n].weight for n in names]
+        weights = [self.blocks[n].weight for n in names]
         return self._cached(("rotations", tuple(names)), tuple(k for w in weights for k in _param_key(w)), weights,
                             compute)
 
     def rotate_input(self, x: torch.Tensor, names: list[str], rotations: list[torch.Tensor]) -> torch.Tensor:
-        """PEFT's loop: x cast to each adapter's dtype and rotated by it, in turn; back in x's dtype."""
+        """PEFT's loop: x cast to each adapter's dtype and rotated by it, in turn; back in x's dtype (an embedding's
+        output goes through the same)."""
         dtype = x.dtype
         for name, r in zip(names, rotations):
-            module = self.oft_R[name]
+            module = self.blocks[name]
             x = x.to(module.weight.dtype)
             r = blocks_of(module, r)
             x = rotate_channels(x, r) if self.kind == "Conv2d" else rotate(x, r)
@@ -129,17 +137,22 @@ class OFTCompute:
 
     def folded(self, names: list[str], weight: torch.Tensor) -> torch.Tensor:
         """W·diag(R_n)ᵀ·...·diag(R_1)ᵀ in W's layout and dtype (computed in the adapters' dtype, as PEFT merges), so
-        that x·R₁·...·R_n·Wᵀ = x·foldedᵀ; cached outside training when no gradient is wanted."""
+        that x·R₁·...·R_n·Wᵀ = x·foldedᵀ (an embedding table: W·diag(R₁)·...·diag(R_n), its rows rotated as
+        PEFT rotates the looked-up ones); cached outside training when no gradient is wanted."""
         def compute():
-            dtype = self.oft_R[names[0]].weight.dtype
+            dtype = self.blocks[names[0]].weight.dtype
             w = weight.reshape(weight.shape[0], -1).to(dtype)
-            for name in reversed(names):
-                w = fold(w, blocks_of(self.oft_R[name], rotation(self.oft_R[name])))
+            if self.kind == "Embedding":  # the looked-up rows rotated in turn: the table's rows are
+                for name in names:
+                    w = rotate(w, blocks_of(self.blocks[name], rotation(self.blocks[name])))
+            else:
+                for name in reversed(names):
+                    w = fold(w, blocks_of(self.blocks[name], rotation(self.blocks[name])))
             return w.reshape(weight.shape).to(weight.dtype)
 
         if not self.caches(names):
             return compute()
-        weights = [self.oft_R[n].weight for n in names]
+        weights = [self.blocks[n].weight for n in names]
         key = tuple(k for w in weights for k in _param_key(w)) + self.base_view.version()
         return self._cached(("folded", tuple(names)), key, weights + [weight], compute)
 
@@ -148,21 +161,32 @@ class OFTCompute:
         m = self.base_layer
         return m._conv_forward(x, self.folded(names, m.weight), m.bias).to(x.dtype)
 
+    def run_folded(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """The base layer's operation with the folded weight."""
+        m = self.base_layer
+        if self.kind == "Linear":
+            return F.linear(x, weight, bias)
+        if self.kind == "Conv2d":
+            return m._conv_forward(x, weight, bias)
+        return F.embedding(x, weight, m.padding_idx, None, m.norm_type, m.scale_grad_by_freq, m.sparse)
+
     def mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
         """Each sample through the adapter it names ("__base__": none). PEFT 0.21.2 ignores `adapter_names` for OFT
         (every sample gets the active adapters); here each gets its own, as LoRA's mixed batches do: rotated inputs
-        and one base call for the batch, or, on a Conv2d with a larger kernel, each adapter's folded convolution on
-        its rows."""
-        names = [n for n in dict.fromkeys(adapter_names) if n != BASE_NAME and n in self.oft_R]
+        and one base call for the batch; an embedding's rows rotated after the lookup; on a Conv2d with a larger
+        kernel, each adapter's folded convolution on its rows."""
+        names = [n for n in dict.fromkeys(adapter_names) if n != BASE_NAME and n in self.blocks]
         if not names:
             return self.base_layer(x, *args, **kwargs)
         rows = {n: [i for i, a in enumerate(adapter_names) if a == n] for n in names}
         for name in names:
-            project(self.oft_R[name])
-        if self.kind == "Conv2d" and self.kernel != (1, 1):
+            project(self.blocks[name])
+        if self.kind == "Embedding" or (self.kind == "Conv2d" and self.kernel != (1, 1)):
             result = self.base_layer(x, *args, **kwargs)
             for name in names:
-                result[rows[name]] = self.conv_folded(x[rows[name]], [name]).to(result.dtype)
+                part = self.conv_folded(x[rows[name]], [name]) if self.kind == "Conv2d" else \
+                    self.rotate_input(result[rows[name]], [name], self.rotations([name]))
+                result[rows[name]] = part.to(result.dtype)
             return result
         rotated = x.clone()
         for name in names:

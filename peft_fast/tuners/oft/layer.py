@@ -1,9 +1,11 @@
-"""OFTLayer: PEFT's OFT layer (`oft.Linear` over nn.Linear and 4-bit bases, `oft.Conv2d`) on the tuner seam.
+"""OFTLayer: PEFT's OFT layer (`oft.Linear` over nn.Linear and 4-bit bases, `oft.Conv2d`, `oft.Embedding`) on the
+tuner seam.
 
-Per adapter it trains `oft_R.<name>.weight` [rows, b·(b-1)/2] (rotation.py): the input of the frozen base layer is
-rotated by diag(R) first (a Conv2d's by PEFT's patch rotation). What forward runs is forward.py's; this file holds
-the adapters' state, PEFT's initialisation and block layout, the merge rule (W ← W·diag(R)ᵀ, unmerged with the
-blocks' inverses) and the file layout.
+Per adapter it trains `oft_R.<name>.weight` [rows, b·(b-1)/2] (`oft_embedding_R.<name>.weight` on an embedding;
+rotation.py): the input of the frozen base layer is rotated by diag(R) first (an embedding's output, the looked-up
+rows). What forward runs is forward.py's; this file holds the adapters' state, PEFT's initialisation and block
+layout, the merge rule (W ← W·diag(R)ᵀ, an embedding table's rows W ← W·diag(R); unmerged with the blocks'
+inverses) and the file layout.
 """
 from __future__ import annotations
 
@@ -14,10 +16,10 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from ...bases import BaseView, ConvView, is_4bit, linear_view
+from ...bases import BaseView, ConvView, EmbeddingView, is_4bit, linear_view
 from ..base_layer import TunerLayer
 from .forward import OFTCompute
-from .rotation import OFTRotation, blocks_of, fold, inverse, project, rotation
+from .rotation import OFTRotation, blocks_of, fold, inverse, project, rotate, rotation
 
 
 def adjusted(dim: int, value: int) -> int:
@@ -49,8 +51,10 @@ def layout(dim: int, r: int, block: int, warn: bool = True) -> tuple[int, int]:
 
 
 def base_kind(module: nn.Module, key: Optional[str] = None) -> str:
-    """"Linear" (nn.Linear, 4-bit layers) or "Conv2d" for a base OFT adapts; otherwise an error saying why."""
+    """"Linear" (nn.Linear, 4-bit layers), "Conv2d" or "Embedding" for a base OFT adapts; otherwise an error."""
     where = f"Target module {key}" if key else f"Target module {module}"
+    if isinstance(module, nn.Embedding):
+        return "Embedding"
     if isinstance(module, nn.Conv2d):
         if module.dilation[0] > 1:
             raise ValueError("Conv2d with dilation > 1 is not supported by OFT.")
@@ -62,18 +66,19 @@ def base_kind(module: nn.Module, key: Optional[str] = None) -> str:
     if isinstance(module, nn.Linear) or is_4bit(module):
         return "Linear"
     raise TypeError(f"{where} ({type(module).__name__}) is not supported. Currently, only `torch.nn.Linear`, "
-                    "`torch.nn.Conv2d` (and 4-bit linear layers) are supported by peft_fast's OFT; transformers' "
+                    "`torch.nn.Conv2d`, `torch.nn.Embedding` (and 4-bit linear layers) are supported; transformers' "
                     "Conv1D (GPT-2) is not supported by PEFT's OFT either. Narrow target_modules to skip it.")
 
 
 class OFTLayer(OFTCompute, TunerLayer):
-    adapter_layer_names = ("oft_R",)
+    adapter_layer_names = ("oft_R", "oft_embedding_R")
     other_param_names = ("r", "oft_block_size", "module_dropout")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, autocast_adapter_dtype: bool = True):
         super().__init__(base_layer)
         self.kind = base_kind(base_layer)
         self.oft_R = nn.ModuleDict()
+        self.oft_embedding_R = nn.ModuleDict()  # PEFT's dict for an embedding's adapters (oft_R stays empty there)
         self.r: dict[str, int] = {}
         self.oft_block_size: dict[str, int] = {}
         self.module_dropout: dict[str, float] = {}
@@ -86,7 +91,20 @@ class OFTLayer(OFTCompute, TunerLayer):
 
     @classmethod
     def view_for(cls, module: nn.Module, key: Optional[str] = None) -> BaseView:
-        return ConvView(module) if base_kind(module, key) == "Conv2d" else linear_view(module, key)
+        kind = base_kind(module, key)
+        return ConvView(module) if kind == "Conv2d" else EmbeddingView(module) if kind == "Embedding" else \
+            linear_view(module, key)
+
+    @property
+    def blocks(self) -> nn.ModuleDict:
+        """This layer's adapters (PEFT keeps an embedding's in their own dict)."""
+        return self.oft_embedding_R if self.kind == "Embedding" else self.oft_R
+
+    def has_adapter(self, name: str) -> bool:
+        return name in self.blocks
+
+    def available_adapters(self) -> list[str]:
+        return sorted(self.blocks.keys())
 
     @property
     def kernel(self) -> tuple[int, int]:
@@ -111,7 +129,7 @@ class OFTLayer(OFTCompute, TunerLayer):
                 nn.init.normal_(module.weight, mean=0.0, std=0.1)
         module.weight = nn.Parameter(self.placed(module.weight.data, autocast_adapter_dtype))
         module.to(self.base_view.device)
-        self.oft_R[name] = module
+        self.blocks[name] = module
         self.r[name], self.oft_block_size[name] = r, block
         self.module_dropout[name] = config.module_dropout
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
@@ -120,7 +138,7 @@ class OFTLayer(OFTCompute, TunerLayer):
     def delta_rotation(self, name: str) -> torch.Tensor:
         """PEFT's get_delta_weight as blocks R [rows, b, b] (never the block-diagonal matrix), in the adapter's
         dtype; 16-bit adapters on the CPU are computed in float32, as PEFT does."""
-        module = self.oft_R[name]
+        module = self.blocks[name]
         project(module)
         w = module.weight.detach()
         cast = w.device.type == "cpu" and w.dtype in (torch.float16, torch.bfloat16)
@@ -132,25 +150,28 @@ class OFTLayer(OFTCompute, TunerLayer):
                              "rotation acts on all in_channels·k·k inputs of a filter, which a grouped weight does "
                              "not hold (PEFT 0.21.2 fails there too). Keep the adapter unmerged.")
 
+    def _apply_blocks(self, weight: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """W·diag(R)ᵀ in the blocks' dtype (an embedding table: W·diag(R))."""
+        w = weight.reshape(weight.shape[0], -1).to(r.dtype)
+        return (rotate(w, r) if self.kind == "Embedding" else fold(w, r)).reshape(weight.shape)
+
     def merge_weight(self, name: str, weight: torch.Tensor, ctx: Any, live: bool = False) -> torch.Tensor:
-        module = self.oft_R[name]
-        r = blocks_of(module, self.delta_rotation(name))
-        new = fold(weight.reshape(weight.shape[0], -1).to(r.dtype), r).reshape(weight.shape)
+        new = self._apply_blocks(weight, blocks_of(self.blocks[name], self.delta_rotation(name)))
         if live:  # PEFT writes into the weight's own storage
             return weight.copy_(new)
         return new.to(weight.dtype)
 
     def unmerge_weight(self, name: str, weight: torch.Tensor, live: bool = False) -> torch.Tensor:
-        module = self.oft_R[name]
-        inv = blocks_of(module, inverse(self.delta_rotation(name)))
-        return fold(weight.reshape(weight.shape[0], -1).to(inv.dtype), inv).reshape(weight.shape).to(weight.dtype)
+        inv = blocks_of(self.blocks[name], inverse(self.delta_rotation(name)))
+        return self._apply_blocks(weight, inv).to(weight.dtype)
 
     # --- files ---------------------------------------------------------------------------------------------------
     @classmethod
     def expected_state(cls, target, config) -> dict[str, tuple[int, ...]]:
         base = target.module.base_layer if isinstance(target.module, TunerLayer) else target.module
         r, block = layout(cls.filter_dim(base, target.in_features), config.r, config.oft_block_size, warn=False)
-        return {"oft_R.weight": (1 if config.block_share else r, math.comb(block, 2))}
+        key = "oft_embedding_R.weight" if isinstance(base, nn.Embedding) else "oft_R.weight"
+        return {key: (1 if config.block_share else r, math.comb(block, 2))}
 
     def __repr__(self) -> str:
         # PEFT's names for its layers ("oft.Linear", "oft.Conv2d"), which get_layer_status reports.
