@@ -167,3 +167,28 @@ def test_config_checks_like_peft():
             with pytest.raises(ValueError) as info:
                 cls(**cfg("adalora", "llama", **kw))
             assert all(w in str(info.value) for w in words), info.value
+
+
+def test_resize_by_rank_pattern_as_peft():
+    """AdaLoraModel's public resizers: the modules reduced to the kept ranks (ranknum unchanged), and a state dict
+    reduced the same way."""
+    _, r, i = pair("adalora", "llama", task_type="CAUSAL_LM")
+    _train(r, i, SCHEDULE["total_step"] - SCHEDULE["tfinal"] + 1)
+    i.load_state_dict(r.state_dict())
+    pattern = r.peft_config["default"].rank_pattern
+    states = [m.base_model.resize_state_dict_by_rank_pattern(pattern, dict(m.state_dict()), "default") for m in (r, i)]
+    assert states[0].keys() == states[1].keys()
+    for k in states[0]:
+        assert torch.equal(states[1][k], states[0][k]), k
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for m in (r, i):
+            m.base_model.resize_modules_by_rank_pattern(pattern, "default")
+    assert_same_state(r, i, atol=0, rtol=0)
+    layer = i.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.lora_E["default"].shape[0] == sum(pattern["model.layers.0.self_attn.q_proj.lora_E.default"])
+    x = x_for("llama")
+    for m in (r, i):
+        m.eval()
+    with torch.no_grad():
+        assert_close(out(i, x), out(r, x))

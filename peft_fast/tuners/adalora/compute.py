@@ -85,7 +85,7 @@ class AdaLoraCompute:
             x = x.to(a.dtype)
             xa = self.lora_dropout[name](x)
             if self.kind == "Conv2d":
-                result = result + self._conv_delta(xa, a * e, b, name).to(result.dtype)
+                result = (result + self._conv_delta(xa, a * e, b, name)).to(result.dtype)  # PEFT's in-place +=
                 continue
             z = F.linear(xa, a * e)
             if quantized:  # PEFT's 4-bit order: the delta cast to the output dtype, then scaled

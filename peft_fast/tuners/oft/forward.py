@@ -1,5 +1,6 @@
 """What an OFT layer's forward runs: each active adapter's rotation formed once per call (never per token), then
-applied in whichever exact way is cheaper.
+applied in whichever exact way is cheaper. (An embedding's looked-up rows are rotated, or, outside training, looked
+up in a cached rotated table.)
 
 - Rotating the input (PEFT's way): x·diag(R₁)·diag(R₂)·... into the base layer. Used in training, for 16-bit and
   4-bit bases (PEFT rounds the rotated input to the base's dtype; folding into a 16-bit weight would round
