@@ -1,6 +1,7 @@
 """OFT against PEFT 0.21.2 on linear models and embeddings (tiny Llama, GPT-2's lm_head, an MLP): parameters and
-init, forward and gradients, files both ways, merging, several adapters, refusals. Convolutions: test_parity_oft_conv.py; 4-bit
-bases: test_parity_oft_4bit.py; how peft_fast computes it: test_oft_compute.py."""
+init, forward and gradients, files both ways, merging, several adapters, refusals. Convolutions:
+test_parity_oft_conv.py; 4-bit bases: test_parity_oft_adalora_4bit.py; how peft_fast computes it:
+test_oft_compute.py."""
 import warnings
 
 import pytest

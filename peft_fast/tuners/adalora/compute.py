@@ -92,9 +92,8 @@ class AdaLoraCompute:
                 result = (result + F.linear(z, b).to(result.dtype) * self.scaling[name] /
                           (self.ranknum[name] + 1e-5)).to(result.dtype)
             elif result.dtype == z.dtype:
-                flat = torch.addmm(result.reshape(-1, result.shape[-1]), (z * self.scale(name)).reshape(-1, z.shape[-1]),
-                                   b.t())
-                result = flat.view(result.shape)
+                scaled = (z * self.scale(name)).reshape(-1, z.shape[-1])
+                result = torch.addmm(result.reshape(-1, result.shape[-1]), scaled, b.t()).view(result.shape)
             else:  # a 16-bit base under float32 adapters: PEFT's float32 delta, added in the output dtype
                 result = (result + F.linear(z, b) * self.scaling[name] / (self.ranknum[name] + 1e-5)).to(result.dtype)
         return result
