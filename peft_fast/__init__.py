@@ -34,10 +34,12 @@ from .peft_model import (  # noqa: E402
 from .peft_interop import patch_peft, patched_layers, unpatch  # noqa: E402
 from .state_dict import get_peft_model_state_dict, set_peft_model_state_dict  # noqa: E402
 from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status  # noqa: E402
+from .tuners.adalora import AdaLoraConfig, AdaLoraLayer, AdaLoraModel  # noqa: E402  (registers AdaLoRA)
 from .tuners.ia3 import IA3Config, IA3Linear, IA3Model  # noqa: E402  (registers IA3)
 from .tuners.loha import LoHaConfig, LoHaLayer, LoHaModel  # noqa: E402  (registers LoHa)
 from .tuners.lokr import LoKrConfig, LoKrLayer, LoKrModel  # noqa: E402  (registers LoKr)
 from .tuners.lora import LoraConfig, LoraLinear, LoraModel  # noqa: E402  (registers LoRA, the default type)
+from .tuners.oft import OFTConfig, OFTLayer, OFTModel  # noqa: E402  (registers OFT)
 from .tuners.vera import VeraConfig, VeraLinear, VeraModel  # noqa: E402  (registers VeRA)
 from .tuners.lora.hotswap import (  # noqa: E402
     hotswap_adapter,
@@ -60,7 +62,8 @@ from .tuners.targets import NoMatchingPeftModuleError  # noqa: E402
 
 __all__ = [
     "LoraConfig", "PeftConfig", "LoraLinear", "LoraModel", "LoHaConfig", "LoHaLayer", "LoHaModel", "LoKrConfig",
-    "LoKrLayer", "LoKrModel", "IA3Config", "IA3Linear", "IA3Model", "VeraConfig", "VeraLinear", "VeraModel", "ModulesToSaveWrapper", "NoMatchingPeftModuleError",
+    "LoKrLayer", "LoKrModel", "AdaLoraConfig", "AdaLoraLayer", "AdaLoraModel", "OFTConfig", "OFTLayer", "OFTModel",
+    "IA3Config", "IA3Linear", "IA3Model", "VeraConfig", "VeraLinear", "VeraModel", "ModulesToSaveWrapper", "NoMatchingPeftModuleError",
     "PeftModel", "PeftModelForCausalLM", "PeftType",
     "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM",
     "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "QuantizedMergeWarning", "TaskType",
