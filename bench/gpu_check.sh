@@ -3,7 +3,7 @@
 # and profile scripts, one JSON report, and a summary table printed last (so the tail of the output is enough).
 # Usage, from the repo root: bash bench/gpu_check.sh
 # Each stage stops at its time limit (GPU_CHECK_*_S below): with the defaults the whole run takes at most about
-# 8.7 minutes (520 s of stages) plus startup, whatever the card; a faster card just finishes more of each stage.
+# 8.9 minutes (535 s of stages) plus startup, whatever the card; a faster card just finishes more of each stage.
 # Writes bench/results/gpu_report_<card>.json, and $OUT/gpu_report.json plus logs when $OUT is set (a folder
 # to collect the results from, e.g. on a remote or batch machine).
 set -uo pipefail  # no -e: a failing test stage must not cost us the benchmarks or the report
@@ -66,7 +66,7 @@ stage() {  # stage NAME SECONDS pytest-args...: log, junit xml and "rc seconds" 
 #   GPU_CHECK_KERNELS_S=60 GPU_CHECK_TESTS_S=0 GPU_CHECK_BENCH_S=110 bash bench/gpu_check.sh
 # or pick stages by name: GPU_CHECK_STAGES=kernels,bench bash bench/gpu_check.sh (default: all of them).
 # Files never run on a GPU before go first, so that a short run still covers them; pytest drops the repeats.
-STAGES=",${GPU_CHECK_STAGES:-kernels,peft_fast,bench,host,profile,distributed,serving},"
+STAGES=",${GPU_CHECK_STAGES:-kernels,peft_fast,moe,bench,host,profile,distributed,serving},"
 picked() { case "$STAGES" in *",$1,"*) return 0;; *) return 1;; esac; }
 existing() { local f; for f in "$@"; do [ -e "$f" ] && printf '%s ' "$f"; done; }
 FIRST_TESTS=${GPU_CHECK_FIRST_TESTS:-}
@@ -77,15 +77,21 @@ FIRST_TESTS=${GPU_CHECK_FIRST_TESTS:-}
 ALL_TESTS=tests/kernels ALL_BENCH=bench
 [ "${GPU_CHECK_ONLY_NEW:-0}" = 1 ] && ALL_TESTS="" && ALL_BENCH=""
 # GPU_CHECK_PYTEST_ARGS: extra pytest arguments for the kernels stage (e.g. "--maxfail=5 -x").
-stage kernels "${GPU_CHECK_KERNELS_S:-100}" $FIRST_TESTS $ALL_TESTS -q -rf --tb=short $TEST_TIMEOUT \
+stage kernels "${GPU_CHECK_KERNELS_S:-90}" $FIRST_TESTS $ALL_TESTS -q -rf --tb=short $TEST_TIMEOUT \
   ${GPU_CHECK_PYTEST_ARGS:-}
 stage peft_fast "${GPU_CHECK_TESTS_S:-80}" tests/peft_fast -q $XDIST $TEST_TIMEOUT
 # Rows are written as measured (into $OUT when set), so they survive a stage that times out.
 export PEFT_FAST_BENCH_ROWS="${OUT:-$LOGS}/bench_rows.jsonl"
+# LoRA on mixture-of-experts weights: the grouped kernels' tests, the model tests, then one experts layer at
+# Mixtral-8x7B and Qwen3-30B-A3B shapes against PEFT and against the layer without LoRA (rows into the table).
+stage moe "${GPU_CHECK_MOE_S:-45}" tests/kernels/test_grouped_lora.py tests/peft_fast/test_lora_experts.py \
+  bench/test_bench_moe.py -q -rf --tb=short $TEST_TIMEOUT --benchmark-json="$LOGS/moe.json" \
+  --benchmark-min-rounds=3 --benchmark-max-time=0.2
 FIRST_BENCH=${GPU_CHECK_FIRST_BENCH:-}
 [ -z "$FIRST_BENCH" ] && FIRST_BENCH=$(existing bench/test_bench_lora_linear.py bench/test_bench_dora.py \
   bench/test_bench_qlora_linear.py)
-stage bench "${GPU_CHECK_BENCH_S:-130}" $FIRST_BENCH $ALL_BENCH --ignore=bench/test_bench_serving.py -q $TEST_TIMEOUT \
+stage bench "${GPU_CHECK_BENCH_S:-115}" $FIRST_BENCH $ALL_BENCH --ignore=bench/test_bench_serving.py \
+  --ignore=bench/test_bench_moe.py -q $TEST_TIMEOUT \
   --benchmark-json="$LOGS/bench.json" --benchmark-min-rounds=3 --benchmark-max-time=0.5 \
   --benchmark-warmup=on --benchmark-warmup-iterations=2 --benchmark-columns=median,iqr,rounds
 
@@ -97,9 +103,9 @@ if [ "${GPU_CHECK_HOST_S:-45}" -gt 0 ] && picked host; then
 fi
 
 # Where the QLoRA layer's time goes (kernel times, host overhead, profiler tables): a log only, for the next change.
-if [ "${GPU_CHECK_PROFILE_S:-40}" -gt 0 ] && picked profile; then
-  echo "== profile: bench/profile_qlora.py (limit ${GPU_CHECK_PROFILE_S:-40}s)"
-  timeout -k 5 "${GPU_CHECK_PROFILE_S:-40}" $PY bench/profile_qlora.py 2>&1 | tee "$LOGS/profile.log" ${OUT:+"$OUT/profile.log"} \
+if [ "${GPU_CHECK_PROFILE_S:-30}" -gt 0 ] && picked profile; then
+  echo "== profile: bench/profile_qlora.py (limit ${GPU_CHECK_PROFILE_S:-30}s)"
+  timeout -k 5 "${GPU_CHECK_PROFILE_S:-30}" $PY bench/profile_qlora.py 2>&1 | tee "$LOGS/profile.log" ${OUT:+"$OUT/profile.log"} \
     | grep -E "^(host|[0-9]+x[0-9]+:|==)" || true
 fi
 

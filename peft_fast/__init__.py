@@ -38,7 +38,9 @@ from .tuners.adalora import AdaLoraConfig, AdaLoraLayer, AdaLoraModel  # noqa: E
 from .tuners.ia3 import IA3Config, IA3Linear, IA3Model  # noqa: E402  (registers IA3)
 from .tuners.loha import LoHaConfig, LoHaLayer, LoHaModel  # noqa: E402  (registers LoHa)
 from .tuners.lokr import LoKrConfig, LoKrLayer, LoKrModel  # noqa: E402  (registers LoKr)
-from .tuners.lora import LoraConfig, LoraLinear, LoraModel  # noqa: E402  (registers LoRA, the default type)
+from .tuners.lora import (  # noqa: E402  (registers LoRA, the default type)
+    LoraConfig, LoraConv1d, LoraConv2d, LoraConv3d, LoraEmbedding, LoraLinear, LoraModel,
+)
 from .tuners.oft import OFTConfig, OFTLayer, OFTModel  # noqa: E402  (registers OFT)
 from .tuners.vera import VeraConfig, VeraLinear, VeraModel  # noqa: E402  (registers VeRA)
 from .tuners.lora.hotswap import (  # noqa: E402
@@ -58,12 +60,14 @@ from .tuners.merge_utils import (  # noqa: E402
 )
 from .tuners.merging import QuantizedMergeWarning  # noqa: E402
 from .tuners.modules_to_save import ModulesToSaveWrapper  # noqa: E402
+from .tuners.trainable_tokens import TrainableTokensWrapper  # noqa: E402
 from .tuners.targets import NoMatchingPeftModuleError  # noqa: E402
 
 __all__ = [
-    "LoraConfig", "PeftConfig", "LoraLinear", "LoraModel", "LoHaConfig", "LoHaLayer", "LoHaModel", "LoKrConfig",
-    "LoKrLayer", "LoKrModel", "AdaLoraConfig", "AdaLoraLayer", "AdaLoraModel", "OFTConfig", "OFTLayer", "OFTModel",
-    "IA3Config", "IA3Linear", "IA3Model", "VeraConfig", "VeraLinear", "VeraModel", "ModulesToSaveWrapper", "NoMatchingPeftModuleError",
+    "LoraConfig", "PeftConfig", "LoraLinear", "LoraEmbedding", "LoraConv1d", "LoraConv2d", "LoraConv3d", "LoraModel",
+    "LoHaConfig", "LoHaLayer", "LoHaModel", "LoKrConfig", "LoKrLayer", "LoKrModel", "AdaLoraConfig", "AdaLoraLayer",
+    "AdaLoraModel", "OFTConfig", "OFTLayer", "OFTModel", "IA3Config", "IA3Linear", "IA3Model", "VeraConfig",
+    "VeraLinear", "VeraModel", "ModulesToSaveWrapper", "TrainableTokensWrapper", "NoMatchingPeftModuleError",
     "PeftModel", "PeftModelForCausalLM", "PeftType",
     "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM",
     "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "QuantizedMergeWarning", "TaskType",

@@ -112,6 +112,9 @@ def build_parser(prog: str = "peft-fast") -> argparse.ArgumentParser:
                    help=f"block size, one of bitsandbytes' {', '.join(map(str, BLOCKSIZES))} (default 64)")
     s.add_argument("--no-double-quant", action="store_true",
                    help="do not quantize the absmax too (double quantization is on by default)")
+    s.add_argument("--dense-experts", action="store_true",
+                   help="keep mixture-of-experts stacks 16-bit (as transformers + bitsandbytes can load the result; "
+                        "4-bit stacks load with peft_fast.load_quantized only)")
     s.add_argument("--compute-dtype", choices=DTYPES, help="matmul dtype of the 4-bit layers (default: the input's)")
     s.add_argument("--dtype", choices=("auto",) + DTYPES, default="auto",
                    help="dtype to load BASE in, which dequantization gives back (default: auto, the checkpoint's)")

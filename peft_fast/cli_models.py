@@ -9,6 +9,7 @@ from typing import Optional
 
 from .auto import AUTO_CLASS_FOR_TASK
 from .bases.checkpoint import _dtype, save_quantized
+from .bases.nf4_experts import is_nf4_experts
 from .bases.nf4_linear import NF4Linear
 from .bases.quantize import quantize as quantize_model
 from .cli_common import CliError, UsageError, check_output, staged_output
@@ -87,14 +88,16 @@ def quantize(args: argparse.Namespace) -> int:
     settings = {"quant_type": args.quant_type, "blocksize": args.blocksize, "double_quant": not args.no_double_quant,
                 "compute_dtype": args.compute_dtype}
     quantize_model(model, quant_type=args.quant_type, blocksize=args.blocksize, double_quant=settings["double_quant"],
-                   compute_dtype=_dtype(args.compute_dtype))
+                   compute_dtype=_dtype(args.compute_dtype), experts=not args.dense_experts)
     n4 = sum(isinstance(m, NF4Linear) for m in model.modules())
     if n4 == 0:
         raise CliError(f"{args.base} has no torch.nn.Linear layers to quantize (besides the output head)")
     with staged_output(args.out) as stage:
         save_quantized(model, stage, settings)
         tokenizer = _save_tokenizer(args.base, stage)
-    print(f"quantized {n4} linear layers of {args.base} to 4-bit {args.quant_type} (blocksize {args.blocksize}, "
+    stacks = sum(is_nf4_experts(m) for m in model.modules())
+    print(f"quantized {n4} linear layers" + (f" and {stacks} experts modules" if stacks else "") +
+          f" of {args.base} to 4-bit {args.quant_type} (blocksize {args.blocksize}, "
           f"double quant {'on' if settings['double_quant'] else 'off'}); saved to {args.out}"
           + ("" if tokenizer else " (no tokenizer found in BASE)"))
     return 0

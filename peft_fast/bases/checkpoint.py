@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, Optional
 
 import torch
 import torch.nn as nn
 
 from .. import files
+from .experts import is_experts_module
 from .quantize import quantize as quantize_model
 
 QUANTIZE_KEY = "peft_fast_quantize"  # safetensors metadata: the settings `quantize` used (compute dtype included)
@@ -58,7 +60,8 @@ def save_quantized(model: nn.Module, folder: str, settings: dict) -> None:
 def load_quantized(path: str, model_class: Any = None, device: Optional[str] = None) -> nn.Module:
     """Load a 4-bit checkpoint saved by `peft-fast quantize` (or by transformers + bitsandbytes, safetensors)
     as a model with peft_fast NF4Linear layers, without bitsandbytes: the model is built from its config, its
-    linear layers are made NF4Linear with the saved settings, and the checkpoint is loaded into them.
+    linear layers are made NF4Linear with the saved settings (and its expert stacks 4-bit, when the checkpoint holds
+    them so), and the checkpoint is loaded into them.
     `model_class`: a transformers class (default: config.architectures[0]); `device`: where to put the model."""
     import transformers
     from safetensors import safe_open
@@ -73,6 +76,12 @@ def load_quantized(path: str, model_class: Any = None, device: Optional[str] = N
     shards = _shards(path)
     with safe_open(shards[0], framework="pt") as fh:
         saved = json.loads((fh.metadata() or {}).get(QUANTIZE_KEY, "null")) or {}
+    keys = []
+    for shard in shards:
+        with safe_open(shard, framework="pt") as fh:
+            keys += list(fh.keys())
+    # 4-bit expert stacks (peft_fast.quantize's, not bitsandbytes'): a stack's quant state sits right under its name
+    stacks = any(re.search(r"\.(gate_up_proj|up_proj|down_proj)\.quant_state\.bitsandbytes__", k) for k in keys)
     if model_class is None:
         arch = (getattr(config, "architectures", None) or [None])[0]
         model_class = getattr(transformers, str(arch), None) or transformers.AutoModelForCausalLM
@@ -80,11 +89,15 @@ def load_quantized(path: str, model_class: Any = None, device: Optional[str] = N
     for m in model.modules():  # garbage from the uninitialised allocation could be NaN, which quantize refuses
         if type(m) is nn.Linear:
             nn.init.zeros_(m.weight)
+        elif is_experts_module(m):
+            for p in m._parameters.values():
+                if p is not None and p.dim() == 3:
+                    nn.init.zeros_(p)
     # The blocksize and quant type of each layer come from its own saved quant state; the compute dtype does not.
     compute = saved.get("compute_dtype", qc.get("bnb_4bit_compute_dtype"))
     quantize_model(model, quant_type=qc.get("bnb_4bit_quant_type", "nf4"),
                    double_quant=bool(qc.get("bnb_4bit_use_double_quant")), compute_dtype=_dtype(compute),
-                   skip_modules=qc.get("llm_int8_skip_modules") or None)
+                   skip_modules=qc.get("llm_int8_skip_modules") or None, experts=stacks)
     state: dict[str, torch.Tensor] = {}
     for shard in shards:
         state.update(files.load_tensors(shard))

@@ -23,6 +23,20 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def save_4bit_state(destination: dict, key: str, s: NF4State) -> None:
+    """The quant state of the packed tensor saved at `key`, under transformers' 4-bit checkpoint keys."""
+    w = key + "."
+    destination[w + "absmax"] = s.absmax
+    destination[w + "quant_map"] = s.code
+    meta = {"quant_type": s.quant_type, "blocksize": s.blocksize, "dtype": _dtype_name(s.dtype), "shape": list(s.shape)}
+    if s.nested:
+        destination[w + "nested_absmax"] = s.nested_absmax
+        destination[w + "nested_quant_map"] = s.nested_code
+        meta.update(nested_blocksize=s.nested_blocksize, nested_dtype="float32", nested_offset=float(s.offset))
+    blob = json.dumps(meta).encode()
+    destination[w + f"quant_state.bitsandbytes__{s.quant_type}"] = torch.tensor(list(blob), dtype=torch.uint8)
+
+
 class NF4Linear(nn.Module):
     """y = x·dequant(W)ᵀ + b. `weight` is the packed uint8 codes (frozen); `quant_state` holds absmax and codebook.
     `compute_dtype` as in bitsandbytes: x is cast to it for the matmul and the output cast back (None: x's dtype)."""
@@ -90,18 +104,7 @@ class NF4Linear(nn.Module):
     # --- transformers' 4-bit checkpoint keys ---------------------------------------------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        s, w = self.quant_state, prefix + "weight."
-        destination[w + "absmax"] = s.absmax
-        destination[w + "quant_map"] = s.code
-        meta = {"quant_type": s.quant_type, "blocksize": s.blocksize, "dtype": _dtype_name(s.dtype),
-                "shape": list(s.shape)}
-        if s.nested:
-            destination[w + "nested_absmax"] = s.nested_absmax
-            destination[w + "nested_quant_map"] = s.nested_code
-            meta.update(nested_blocksize=s.nested_blocksize, nested_dtype="float32",
-                        nested_offset=float(s.offset))
-        blob = json.dumps(meta).encode()
-        destination[w + f"quant_state.bitsandbytes__{s.quant_type}"] = torch.tensor(list(blob), dtype=torch.uint8)
+        save_4bit_state(destination, prefix + "weight", self.quant_state)
 
     def _fqn_modifiers(self) -> dict[str, str]:
         """torch.distributed.checkpoint's state-dict helpers (Accelerate's save of an FSDP2 model) resolve every

@@ -1,4 +1,5 @@
-"""peft_fast.quantize: turn a model's nn.Linear layers into 4-bit NF4Linear layers, without bitsandbytes.
+"""peft_fast.quantize: turn a model's nn.Linear layers into 4-bit NF4Linear layers, and its mixture-of-experts stacks
+into 4-bit stacks (nf4_experts.py), without bitsandbytes.
 
 The same bytes as transformers' `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=..., ...)` would give
 (kernels/nf4_quantize.py is bit for bit bitsandbytes' quantize_4bit), the same layers left dense (the output
@@ -14,6 +15,8 @@ import torch.nn as nn
 
 from ..kernels.common.nf4_format import BLOCKSIZES
 from ..progress import progress
+from .experts import is_experts_module
+from .nf4_experts import quantize_experts
 from .nf4_linear import NF4Linear
 
 __all__ = ["quantize"]
@@ -32,12 +35,14 @@ def _skipped(name: str, skips: Iterable[str]) -> bool:
 
 def quantize(model: nn.Module, *, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
              compute_dtype: Optional[torch.dtype] = None, skip_modules: Optional[list[str]] = None,
-             progressbar: bool = False) -> nn.Module:
+             experts: bool = True, progressbar: bool = False) -> nn.Module:
     """Replace every `torch.nn.Linear` in ``model`` (in place) by a frozen 4-bit `NF4Linear` and return the model.
 
     quant_type: "nf4" or "fp4"; blocksize: bitsandbytes' block size (64 by default); double_quant: quantize the
     absmax too (bnb_4bit_use_double_quant); compute_dtype: the matmul dtype (bnb_4bit_compute_dtype; None: the
-    input's); skip_modules: names (or name suffixes) to leave dense, in addition to the output embedding.
+    input's); skip_modules: names (or name suffixes) to leave dense, in addition to the output embedding;
+    experts: also store transformers mixture-of-experts stacks (`mlp.experts.gate_up_proj`, ...) in 4 bits, which
+    bitsandbytes cannot (they are not nn.Linear), keeping each experts module's class and forward contract.
     Nothing changes unless every layer can be quantized.
     """
     if quant_type not in ("nf4", "fp4"):
@@ -47,12 +52,20 @@ def quantize(model: nn.Module, *, quant_type: str = "nf4", blocksize: int = 64, 
     skips = set(skip_modules or ()) | _default_skips(model)
     todo = [(n, m) for n, m in model.named_modules()
             if type(m) is nn.Linear and n and not _skipped(n, skips)]
+    stacks = [(n, m) for n, m in model.named_modules()
+              if experts and n and not _skipped(n, skips) and is_experts_module(m) and
+              any(isinstance(p, torch.Tensor) and p.dim() == 3 for p in m._parameters.values())]
     for name, m in todo:
         if not m.weight.dtype.is_floating_point or not torch.isfinite(m.weight).all():
             raise ValueError(f"quantize: {name}.weight must be finite floating point, got {m.weight.dtype} "
                              "with non-finite values" if m.weight.dtype.is_floating_point else
                              f"quantize: {name}.weight must be floating point, got {m.weight.dtype}")
-    bar = progress(len(todo), progressbar, f"Quantizing to {quant_type.upper()}")
+    for name, m in stacks:
+        for pname, p in m._parameters.items():
+            if p is not None and p.dim() == 3 and (p.dtype not in (torch.float32, torch.float16, torch.bfloat16)
+                                                   or not torch.isfinite(p).all()):
+                raise ValueError(f"quantize: {name}.{pname} must be finite float32/float16/bfloat16, got {p.dtype}")
+    bar = progress(len(todo) + len(stacks), progressbar, f"Quantizing to {quant_type.upper()}")
     made = {}
     try:
         for n, m in todo:
@@ -64,4 +77,7 @@ def quantize(model: nn.Module, *, quant_type: str = "nf4", blocksize: int = 64, 
     for name, layer in made.items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
+    for _, m in stacks:  # after the checks above, this cannot fail half way
+        quantize_experts(m, blocksize=blocksize, double_quant=double_quant, quant_type=quant_type)
+        bar.update()
     return model

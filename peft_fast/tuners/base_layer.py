@@ -73,6 +73,17 @@ class TunerLayer(nn.Module):
         its own views for them."""
         return linear_view(module, key)
 
+    @classmethod
+    def adapter_home(cls, module: nn.Module, target) -> Optional["TunerLayer"]:
+        """The layer at a planned target (`module`, an injection.Target `target`) that takes a new adapter, or None
+        when a new layer must wrap `module`. Default: the module itself when it is a layer of this class."""
+        return module if isinstance(module, cls) else None
+
+    @classmethod
+    def wraps(cls, layer: "TunerLayer") -> bool:
+        """Whether a new layer of this class may wrap an existing adapter layer (else: one module, one tuner)."""
+        return False
+
     @property
     def base_view(self) -> BaseView:
         view = self._view

@@ -21,6 +21,8 @@ from . import injection
 from .base_layer import TunerLayer
 from .modules_to_save import ModulesToSaveWrapper
 from .file_keys import load_adapter_tensors
+from .token_targets import apply_tokens, plan_tokens
+from .trainable_tokens import TrainableTokensWrapper, merge_plan, token_wrappers
 
 
 class TunerModel(nn.Module):
@@ -60,6 +62,17 @@ class TunerModel(nn.Module):
         return {}
 
     @classmethod
+    def layer_for(cls, module: nn.Module, key: str) -> tuple[type, Any]:
+        """(layer class, base view) for a targeted base module, or an error naming `key` when no layer of this tuner
+        adapts it. Default: the tuner's one `layer_cls`, which says through its `view_for` what it adapts."""
+        return cls.layer_cls, cls.layer_cls.view_for(module, key)
+
+    @classmethod
+    def plan_parameters(cls, model: nn.Module, config: Any, module_targets: list[str]) -> list:
+        """Targets (injection.Target) for parameters rather than modules (LoRA's target_parameters)."""
+        return []
+
+    @classmethod
     def prepare_config(cls, config: Any, model: nn.Module) -> None:
         """Fill in, on the plan's copy of the config, the values PEFT derives from the model before injecting (IA3's
         feedforward_modules by model type); `after_injection` can copy them to the stored config."""
@@ -94,6 +107,7 @@ class TunerModel(nn.Module):
         plan = plan or injection.plan_adapter(self.model, config, type(self))
         config.target_modules = plan.config.target_modules
         config.modules_to_save = plan.config.modules_to_save
+        tokens = plan_tokens(self.model, plan)  # trainable_token_indices: its checks, before any change
         undo = injection.Undo(self.model)
         # As PEFT: the first adapter freezes the base; later ones never change existing parameters' trainability.
         first = next(injection.tuner_layers(self.model), None) is None
@@ -103,6 +117,7 @@ class TunerModel(nn.Module):
             undo.push(lambda: self.peft_config.pop(adapter_name, None))
             seen = injection.apply_plan(self.model, plan, adapter_name, undo, type(self), autocast_adapter_dtype,
                                         init)
+            apply_tokens(self.model, tokens, adapter_name, undo, autocast_adapter_dtype)
             self.claim_layers()
             self.after_injection(config, seen)
             if tensors is not None:
@@ -128,7 +143,8 @@ class TunerModel(nn.Module):
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name} does not exist")
-        merged = sorted({a for _, m in self.adapter_layers() for a in m.merged_adapters if a == adapter_name})
+        layers = [m for _, m in self.adapter_layers()] + [m for _, m in token_wrappers(self.model)]
+        merged = sorted({a for m in layers for a in m.merged_adapters if a == adapter_name})
         if merged:
             raise ValueError(f"Cannot delete adapter(s) {merged} while they are merged. Please unmerge them first.")
         del self.peft_config[adapter_name]
@@ -163,9 +179,11 @@ class TunerModel(nn.Module):
             self._check_known(names)
             for _, m in injection.tuner_layers(self.model):
                 if isinstance(m, ModulesToSaveWrapper) and sum(n in m.modules_to_save for n in names) > 1:
+                    if isinstance(m, TrainableTokensWrapper):
+                        raise ValueError(f"Only one adapter can be set at a time for trainable tokens, got {names}.")
                     raise ValueError(f"Attempted to set multiple ({names}) adapters at once for modules_to_save.")
         for _, m in injection.tuner_layers(self.model):
-            if isinstance(m, TunerLayer) and m.merged and _check:
+            if isinstance(m, (TunerLayer, TrainableTokensWrapper)) and m.merged and _check:
                 warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
                 m.unmerge()
             if isinstance(m, ModulesToSaveWrapper):
@@ -240,10 +258,12 @@ class TunerModel(nn.Module):
     # --- merging -----------------------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         self._check_known(adapter_names)
+        write_tokens = merge_plan(self.model, adapter_names, safe_merge)  # checked before any layer changes
         injection.merge_layers([m for _, m in self.adapter_layers()], safe_merge, adapter_names)
+        write_tokens()
 
     def unmerge_adapter(self) -> None:
-        for _, m in self.adapter_layers():
+        for _, m in list(self.adapter_layers()) + token_wrappers(self.model):
             if m.merged:
                 m.unmerge()
 
@@ -260,8 +280,11 @@ class TunerModel(nn.Module):
         """``dequantize=True`` (not in PEFT): merge into 4-bit bases without re-quantizing, returning plain
         nn.Linear layers with the exact merged weights; by default they are re-quantized, as PEFT does."""
         self._check_known(adapter_names)
-        return injection.unload(self.model, merge=True, safe_merge=safe_merge, adapter_names=adapter_names,
-                                dequantize=dequantize, progressbar=progressbar)
+        write_tokens = merge_plan(self.model, adapter_names, safe_merge)  # into layers the unload keeps
+        model = injection.unload(self.model, merge=True, safe_merge=safe_merge, adapter_names=adapter_names,
+                                 dequantize=dequantize, progressbar=progressbar)
+        write_tokens()
+        return model
 
     def unload(self) -> nn.Module:
         return injection.unload(self.model, merge=False)

@@ -12,6 +12,8 @@ import torch.nn as nn
 
 from .base_layer import TunerLayer
 from .modules_to_save import ModulesToSaveWrapper
+from .token_targets import DELTA_KEY, token_file_shapes
+from .trainable_tokens import TrainableTokensWrapper
 
 PREFIX = "base_model.model."
 SHARED_PREFIX = "base_model."  # PEFT's key for a tensor held by the tuner model itself (VeRA's "base_model.vera_A")
@@ -29,6 +31,9 @@ def adapter_tensors(model: nn.Module, adapter_name: str, configs: dict) -> dict[
             # PEFT saves the base bias of every adapted layer with a "lora_only" adapter, targeted by it or not.
             if bias.endswith("_only") and getattr(m.base_layer, "bias", None) is not None:
                 out[f"{PREFIX}{key}.base_layer.bias"] = m.base_layer.bias
+        elif isinstance(m, TrainableTokensWrapper):
+            if not m.tied and adapter_name in m.modules_to_save:  # a tied layer's rows are the embedding's
+                out[f"{PREFIX}{key}.{DELTA_KEY}"] = m.token_adapter.trainable_tokens_delta[adapter_name]
         elif isinstance(m, ModulesToSaveWrapper) and adapter_name in m.modules_to_save:
             for k, v in m.modules_to_save[adapter_name].state_dict().items():
                 out[f"{PREFIX}{key}.{k}"] = v
@@ -52,7 +57,10 @@ EMBEDDING_NAMES = ("embed_tokens", "lm_head")  # PEFT's EMBEDDING_LAYER_NAMES
 def _embedding_tables(model: nn.Module, config) -> dict[str, torch.Tensor]:
     """PEFT's save_embedding_layers="auto": when target_modules names an embedding layer, the base weights of the
     model's input and output embeddings that carry an adapter (over nn.Embedding or nn.Linear) are saved with it,
-    under `<path>.base_layer.<param>` (loading writes them back, as PEFT's load_state_dict does)."""
+    under `<path>.base_layer.<param>` (loading writes them back, as PEFT's load_state_dict does). Not with
+    trainable_token_indices, whose point is to save a few rows rather than the tables (PEFT's rule)."""
+    if getattr(config, "trainable_token_indices", None) is not None:
+        return {}
     targets = getattr(config, "target_modules", None)
     if isinstance(targets, str):
         targeted = targets != "all-linear" and any(
@@ -75,6 +83,20 @@ def _base_table_key(key: str, bases: dict) -> bool:
     base module of every such layer, by path."""
     path, _, rest = key.removeprefix(PREFIX).rpartition(".base_layer.")
     return bool(rest) and "." not in rest and isinstance(bases.get(path), (nn.Linear, nn.Embedding))
+
+
+def _ignored_table(key: str, model: nn.Module) -> bool:
+    """A base table saved for a layer that no adapter of `model` adapts (PEFT saves the tables of every adapted
+    embedding/output layer with an adapter that names embed_tokens, also one only another adapter adapts): PEFT's
+    load ignores it, and so does this one."""
+    path, _, rest = key.removeprefix(PREFIX).rpartition(".base_layer.")
+    if not rest or "." in rest:
+        return False
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        return False
+    return isinstance(module, (nn.Linear, nn.Embedding)) and not isinstance(module, TunerLayer)
 
 
 def _shared_dicts(layers) -> dict[str, tuple[str, nn.Module]]:
@@ -101,14 +123,15 @@ def expected_file_tensors(model: nn.Module, plan, tuner_cls) -> dict[str, tuple[
     """File key -> shape that an adapter with this plan must provide (before the model is touched)."""
     shapes: dict[str, tuple[int, ...]] = {}
     for t in plan.targets:
-        for suffix, shape in tuner_cls.layer_cls.expected_state(t, plan.config).items():
-            shapes[f"{PREFIX}{t.key}.{suffix}"] = shape
+        for suffix, shape in (t.layer_cls or tuner_cls.layer_cls).expected_state(t, plan.config).items():
+            shapes[f"{PREFIX}{t.file_key or t.key}.{suffix}"] = shape
     for key in plan.save_modules:
         module = model.get_submodule(key)
         if isinstance(module, ModulesToSaveWrapper):
             module = module.original_module
         for k, v in module.state_dict().items():
             shapes[f"{PREFIX}{key}.{k}"] = tuple(v.shape)
+    shapes.update({PREFIX + k: shape for k, shape in token_file_shapes(model, plan).items()})
     shared = tuner_cls.layer_cls.expected_shared_state(model, plan)
     shapes.update({k: shape for k, shape in shared.items() if shape is not None})
     return shapes
@@ -123,6 +146,7 @@ def check_file_tensors(tensors: dict[str, torch.Tensor], model: nn.Module, plan,
     bases = {k: m.base_layer for k, m in model.named_modules() if isinstance(m, TunerLayer)}
     bases.update({t.key: t.module.base_layer if isinstance(t.module, TunerLayer) else t.module for t in plan.targets})
     tables = {k for k in tensors if k not in expected and _base_table_key(k, bases)}
+    skipped |= {k for k in tensors if k not in expected and k not in tables and _ignored_table(k, model)}
     problems: list[str] = []
     unknown = [k for k in tensors if k not in expected and k not in skipped and k not in tables
                and not ("bias" in k and _base_key(k) in model_state)]
@@ -167,6 +191,8 @@ def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], ada
     with torch.no_grad():
         for file_key, value in tensors.items():
             key = file_key[len(PREFIX):] if file_key.startswith(PREFIX) else file_key
+            if _ignored_table(key, model):
+                continue
             target, layer = _resolve(key, adapter_name, layers, wrappers)
             if target is None:  # a shared tensor the model does not persist: not loaded, as load_state_dict skips it
                 continue
@@ -251,7 +277,11 @@ def _resolve(key: str, adapter_name: str, layers: dict, wrappers: dict) -> tuple
             inner = layer.param_key(".".join(parts[i:]), adapter_name)
             if inner is not None:
                 return f"{path}.{inner}", layer
-    for path in wrappers:
+    for path, wrapper in wrappers.items():
+        if isinstance(wrapper, TrainableTokensWrapper):
+            if key == f"{path}.{DELTA_KEY}":
+                return f"{key}.{adapter_name}", None
+            continue
         if key.startswith(f"{path}.original_module."):
             return key, None
         if key.startswith(f"{path}.modules_to_save."):

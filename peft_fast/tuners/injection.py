@@ -11,6 +11,7 @@ from ..progress import progress
 from .base_layer import TunerLayer
 from .merging import dequantize_remaining, merge_dequantized, merge_layers
 from .modules_to_save import ModulesToSaveWrapper
+from .trainable_tokens import TrainableTokensWrapper
 from .targets import is_excluded, matches_target, no_match_error, resolve_target_modules
 
 
@@ -21,6 +22,9 @@ class Target:
     in_features: int
     out_features: int
     kwargs: dict[str, Any] = field(default_factory=dict)  # the tuner's per-layer values (LoRA: r, lora_alpha)
+    layer_cls: Optional[type] = None  # the layer class that adapts this base (the tuner's layer_for)
+    # Where the layer's tensors sit in the files, when not at `key` (a parameter's wrapper nested under others).
+    file_key: Optional[str] = None
 
 
 @dataclass
@@ -53,10 +57,19 @@ def plan_adapter(model: nn.Module, config, tuner_cls) -> Plan:
             continue
         if not matches_target(config, key):
             continue
-        view = tuner_cls.layer_cls.view_for(base_of(module), key)  # the tuner says which bases it adapts
+        if isinstance(module, TrainableTokensWrapper):
+            raise ValueError(f"Target module {key} trains token rows (an adapter's trainable_token_indices) and "
+                             "cannot also be an adapter target, as in PEFT: train its tokens or adapt it, not both.")
+        layer_cls, view = tuner_cls.layer_for(base_of(module), key)  # the tuner says which bases it adapts
         view.check(key)
-        targets.append(Target(key, module, view.in_features, view.out_features, tuner_cls.target_kwargs(config, key)))
+        targets.append(Target(key, module, view.in_features, view.out_features, tuner_cls.target_kwargs(config, key),
+                              layer_cls))
+    targets += tuner_cls.plan_parameters(model, config, [t.key for t in targets])
     if not targets:
+        if getattr(config, "target_parameters", None):
+            raise ValueError("No `target_modules` passed but also no `target_parameters` found: "
+                             f"target_parameters={config.target_parameters} matched no parameter (a name matches a "
+                             "parameter's full name or its end after a dot, e.g. 'experts.gate_up_proj').")
         if excluded_any:
             raise ValueError("All modules were excluded. This is likely unintended. Check your `target_modules` "
                              "and `exclude_modules` configuration.")
@@ -110,22 +123,24 @@ def apply_plan(model: nn.Module, plan: Plan, adapter_name: str, undo: Undo, tune
     loading). Returns the config the layers saw (a tuner may correct it per layer type, as PEFT does)."""
     config = plan.config if init is None else tuner_cls.with_init(plan.config, init)
     for t in plan.targets:
+        layer_cls = t.layer_cls or tuner_cls.layer_cls
+        module = model.get_submodule(t.key)  # an earlier target may have wrapped it (a parameter's wrapper)
         if tuner_cls.rewrites_base(config):
-            _snapshot_base(base_of(t.module), undo)
-        if isinstance(t.module, tuner_cls.layer_cls):
-            active_before = t.module.active_adapters
+            _snapshot_base(base_of(module), undo)
+        home = layer_cls.adapter_home(module, t)
+        if home is not None:
+            active_before = home.active_adapters
             # pushed first: update_layer may fail halfway and leave a partial entry behind
-            undo.push(lambda m=t.module, a=active_before: (m.delete_adapter(adapter_name), m.set_adapter(a)))
-            t.module.update_layer(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype, **t.kwargs)
+            undo.push(lambda m=home, a=active_before: (m.delete_adapter(adapter_name), m.set_adapter(a)))
+            home.update_layer(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype, **t.kwargs)
             continue
-        if isinstance(t.module, TunerLayer):
-            raise ValueError(f"Target module {t.key} already carries a {type(t.module).__name__} adapter; one module "
+        if isinstance(module, TunerLayer) and not layer_cls.wraps(module):
+            raise ValueError(f"Target module {t.key} already carries a {type(module).__name__} adapter; one module "
                              "cannot hold adapters of two types.")
-        new = tuner_cls.layer_cls(t.module, adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype,
-                                  **t.kwargs)
+        new = layer_cls(module, adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype, **t.kwargs)
         parent, child = parent_of(model, t.key)
         setattr(parent, child, new)
-        undo.push(lambda p=parent, c=child, old=t.module: setattr(p, c, old))
+        undo.push(lambda p=parent, c=child, old=module: setattr(p, c, old))
     for key in plan.save_modules:
         module = model.get_submodule(key)
         if isinstance(module, ModulesToSaveWrapper):
@@ -215,7 +230,10 @@ def unload(model: nn.Module, merge: bool, safe_merge: bool = False, adapter_name
         if _inside_adapter_machinery(model, key):
             continue
         parent, child = parent_of(model, key)
-        setattr(parent, child, m.base_layer if isinstance(m, TunerLayer) else m.unload())
+        base = m.unload() if not isinstance(m, TunerLayer) else m.base_layer
+        while isinstance(base, TunerLayer):  # wrappers nested over one module (several parameters targeted)
+            base = base.base_layer
+        setattr(parent, child, base)
     if merge and dequantize:
         dequantize_remaining(model)
     return model

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from ..bases import is_4bit, view_of
+from ..bases.nf4_experts import is_nf4_experts
 
 
 class QuantizedMergeWarning(UserWarning):
@@ -191,6 +192,10 @@ def merge_dequantized(layers: list, safe_merge: bool, adapter_names: Optional[li
         if bar is not None:
             bar.update()
         view = layer.base_view
+        if view.quantized and hasattr(view, "make_dense"):  # a 4-bit expert stack: dense first, then merged exactly
+            view.make_dense()
+            layer.invalidate(base=True)
+            view = layer.base_view
         if not view.quantized:
             _merge(layer, safe_merge, adapter_names, _Rounding())
             continue
@@ -206,6 +211,8 @@ def dequantize_remaining(model: nn.Module) -> None:
     """Replace every 4-bit layer left in `model` by its dequantized nn.Linear; when none is left, drop
     transformers' quantization markers, so the model saves and reloads as the 16-bit model."""
     for key, m in list(model.named_modules()):
+        if is_nf4_experts(m):
+            m.to_dense()
         if not key or not is_4bit(m):
             continue
         view = view_of(m)
@@ -214,7 +221,7 @@ def dequantize_remaining(model: nn.Module) -> None:
         parent = model.get_submodule(key.rpartition(".")[0]) if "." in key else model
         bias = m.bias.data if m.bias is not None else None
         setattr(parent, key.rpartition(".")[2], view.dequantized_linear(view.read_weight(), bias))
-    if any(is_4bit(m) for m in model.modules()):
+    if any(is_4bit(m) or is_nf4_experts(m) for m in model.modules()):
         return
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None and hasattr(quantizer, "remove_quantization_config"):

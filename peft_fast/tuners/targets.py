@@ -21,7 +21,9 @@ def resolve_target_modules(config, model: nn.Module, defaults: dict[str, list[st
     """Expand ``None`` (the tuner's `defaults` by model type) and ``"all-linear"`` into explicit targets, as PEFT
     does before injection."""
     targets = config.target_modules
-    if targets is None:
+    if targets is None and getattr(config, "target_parameters", None):
+        config.target_modules = set()  # PEFT: parameters alone; no default modules beside them
+    elif targets is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if model_type not in defaults:
             raise ValueError(

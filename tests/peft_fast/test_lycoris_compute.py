@@ -147,7 +147,7 @@ def test_eval_mode_with_gradients_trains_the_factors(tuner):
 @pytest.mark.parametrize("tuner", TUNER_IDS)
 def test_the_shared_planner_asks_the_layer_which_bases_it_adapts(tuner):
     """injection.plan_adapter (get_peft_model, from_pretrained, load_adapter) takes a tuner's convolutions through its
-    layer's `view_for`; a tuner that keeps the default views (LoRA) still refuses them."""
+    layer's `view_for`; a tuner that keeps the default views (IA3) still refuses them."""
     import peft_fast
 
     model = pair(tuner, "conv")[0]
@@ -155,9 +155,11 @@ def test_the_shared_planner_asks_the_layer_which_bases_it_adapts(tuner):
     plan = injection.plan_adapter(model, TUNERS[tuner][1](target_modules=["conv0", "conv2", "head"]), model_cls)
     assert [(t.key, t.in_features, t.out_features) for t in plan.targets] == \
         [("conv0", 3, 8), ("conv2", 12, 8), ("head", 6, 4)]
-    lora = peft_fast.get_peft_model(base_model("mlp"), peft_fast.LoraConfig(target_modules=["lin0"]))
+    ia3 = peft_fast.get_peft_model(base_model("mlp"), peft_fast.IA3Config(target_modules=["lin0"],
+                                                                          feedforward_modules=[]))
     with pytest.raises(ValueError, match="conv0 .Conv2d. is not supported"):
-        injection.plan_adapter(model, peft_fast.LoraConfig(target_modules=["conv0"]), type(lora.base_model))
+        injection.plan_adapter(model, peft_fast.IA3Config(target_modules=["conv0"], feedforward_modules=[]),
+                               type(ia3.base_model))
     assert LoHaModel.layer_cls is LoHaLayer
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 from ...config import ConfigError, PeftConfig
 
@@ -37,14 +37,14 @@ class LoraConfig(PeftConfig):
         "megatron_config": None, "megatron_core": "megatron.core", "loftq_config": {}, "eva_config": None,
         "corda_config": None, "lora_ga_config": None, "velora_config": None, "alora_invocation_tokens": None,
         "use_qalora": False, "qalora_group_size": 16, "monteclora_config": None, "layer_replication": None,
-        "runtime_config": {"ephemeral_gpu_offload": False}, "target_parameters": None, "use_bdlora": None,
-        "arrow_config": None, "kasa_config": None, "ensure_weight_tying": False, "trainable_token_indices": None,
+        "runtime_config": {"ephemeral_gpu_offload": False}, "use_bdlora": None,
+        "arrow_config": None, "kasa_config": None, "ensure_weight_tying": False,
         "auto_mapping": None, "revision": None,
     }
     INERT_KEYS = ("auto_mapping", "revision", "runtime_config", "qalora_group_size", "megatron_core")
     OUTPUT_CHANGING_KEYS = (
-        "megatron_config", "layer_replication", "use_qalora", "target_parameters", "trainable_token_indices",
-        "alora_invocation_tokens", "use_bdlora", "arrow_config", "kasa_config", "velora_config", "monteclora_config",
+        "megatron_config", "layer_replication", "use_qalora", "alora_invocation_tokens", "use_bdlora",
+        "arrow_config", "kasa_config", "velora_config", "monteclora_config",
     )
 
     r: int = 8
@@ -58,6 +58,12 @@ class LoraConfig(PeftConfig):
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     use_dora: bool = False
     lora_bias: bool = False
+    # Parameters to adapt rather than modules (3-D expert stacks of mixture-of-experts layers): names matched against
+    # a parameter's full name, or its end after a dot ("experts.gate_up_proj"); see tuners/lora/experts.py.
+    target_parameters: Optional[list[str]] = None
+    # Rows of the input embedding (a list of token ids) or of named layers ({"embed_tokens": [...]}) trained beside
+    # the adapter; see tuners/trainable_tokens.py.
+    trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
@@ -78,6 +84,10 @@ class LoraConfig(PeftConfig):
                 f"init_lora_weights={init!r} is a PEFT initialisation peft_fast does not implement yet"
                 f"; use one of {SUPPORTED_INITS}."
             )
+        if isinstance(self.target_parameters, str):
+            raise TypeError("`target_parameters` must be a list of strings or None.")
+        if self.trainable_token_indices is not None:
+            self.trainable_token_indices = _token_indices(self.trainable_token_indices)
         if self.lora_bias:
             if not isinstance(init, bool):
                 raise ValueError(
@@ -86,6 +96,29 @@ class LoraConfig(PeftConfig):
                 )
             if self.use_dora:
                 raise ValueError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False")
+
+
+def _token_indices(value: Any) -> Any:
+    """Lists of distinct non-negative token ids (a delta row each: a repeated id would leave one row unused and its
+    result undefined in PEFT's index_copy); dict keys are layer names."""
+    layers = value if isinstance(value, dict) else {None: value}
+    out = {}
+    for name, ids in layers.items():
+        where = "trainable_token_indices" + (f"[{name!r}]" if name is not None else "")
+        if name is not None and not name.strip():
+            raise ConfigError(f"trainable_token_indices maps layer names to token ids; got the empty name {name!r}.")
+        if isinstance(ids, set):
+            raise ConfigError(f"{where} must be a list (its order is the order of the trainable rows), got a set.")
+        ids = list(ids)
+        bad = [i for i in ids if i < 0]
+        if bad:
+            raise ConfigError(f"{where} holds negative token ids {bad}; token ids start at 0.")
+        seen: set = set()
+        repeated = sorted({i for i in ids if i in seen or seen.add(i)})
+        if repeated:
+            raise ConfigError(f"{where} repeats token ids {repeated}; list each token once.")
+        out[name] = ids
+    return out if isinstance(value, dict) else out[None]
 
 
 def _is_pissa_niter(init: Any) -> bool:

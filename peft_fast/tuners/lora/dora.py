@@ -98,8 +98,8 @@ class DoraVariant(LoraVariant):
     def init(self, layer, name: str) -> None:
         """PEFT's init: m = ||W + s·B·A|| per row, in the dtype PEFT's sum promotes to (base dtype with the
         adapters')."""
-        a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
-        norm = _norm(layer, a, b, float(layer.scaling[name]))
+        a, b = layer.adapter_args(name)[:2]
+        norm = self.row_norm(layer, a, b, float(layer.scaling[name]))
         view = layer.base_view
         wdtype = view.dense_dtype if view.quantized else layer.base_layer.weight.dtype
         ldtype = torch.float16 if a.dtype == torch.float16 else b.dtype
@@ -111,17 +111,25 @@ class DoraVariant(LoraVariant):
         self.clear()
 
     # --- the scale c = m / norm ----------------------------------------------------------------------------------
+    def row_norm(self, layer, a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
+        """||W + s·B·A|| per output channel, shaped as the magnitude (a base of another kind overrides it)."""
+        return _norm(layer, a, b, s)
+
+    def orient(self, layer, v: torch.Tensor) -> torch.Tensor:
+        """A per-channel factor shaped to scale the stored base weight."""
+        return _orient(layer, v)
+
     def _cached(self, layer, name: str, a, b, s) -> tuple:
         """(key, norm, c, c - 1) for the eval cache, rebuilt when any of A, B, m, the base or s changed."""
         m = layer.lora_magnitude_vector[name].weight
         if torch.compiler.is_compiling():  # traced code keeps no state and compares no storage addresses
-            norm = _norm(layer, a, b, s).to(m.dtype)
+            norm = self.row_norm(layer, a, b, s).to(m.dtype)
             c = m.detach() / norm
             return (None, norm, c, c - 1, None)
         key = (*_param_key(a), *_param_key(b), *_param_key(m), *layer.base_view.version(), float(s))
         hit = self._eval
         if hit is None or hit[0] != key:
-            norm = _norm(layer, a, b, s).to(m.dtype)
+            norm = self.row_norm(layer, a, b, s).to(m.dtype)
             c = m.detach() / norm
             hit = self._eval = (key, norm, c, c - 1, (a, b, m, *layer.base_view.key_objects()))
         return hit
@@ -134,7 +142,7 @@ class DoraVariant(LoraVariant):
         if grad is None:
             grad = torch.is_grad_enabled() and m.requires_grad
         if layer.training:
-            norm = _norm(layer, a, b, s).to(m.dtype)
+            norm = self.row_norm(layer, a, b, s).to(m.dtype)
             return m / norm if grad else (m.detach() / norm)
         hit = self._cached(layer, name, a, b, s)
         return m / hit[1] if grad else hit[2]
@@ -249,14 +257,14 @@ class DoraVariant(LoraVariant):
         if norm is None:
             norm = ctx.norms[name] = self._merge_norm(layer, name, ctx.w0)
         factor = layer.lora_magnitude_vector[name].weight.detach() / norm
-        return (_orient(layer, factor) * (weight + layer.get_delta_weight(name).detach())).to(weight.dtype)
+        return (self.orient(layer, factor) * (weight + layer.get_delta_weight(name).detach())).to(weight.dtype)
 
     def merge_done(self, layer, name: str, ctx) -> None:
         self.merged_norm = ctx.norms[name]
 
     def unmerge(self, layer, name: str, weight, live: bool):
         factor = layer.lora_magnitude_vector[name].weight.detach() / self.merged_norm
-        return (weight / _orient(layer, factor) - layer.get_delta_weight(name).detach()).to(weight.dtype)
+        return (weight / self.orient(layer, factor) - layer.get_delta_weight(name).detach()).to(weight.dtype)
 
     def unmerge_done(self) -> None:
         self.merged_norm = None

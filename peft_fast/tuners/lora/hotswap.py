@@ -21,6 +21,7 @@ from ...config import as_config
 from ...loading import read_adapter
 from ..targets import pattern_value
 from .config import LoraConfig
+from .experts import LoraParam
 from .layer import LoraLinear, variant_for
 
 # Config fields that change a layer's output but live outside the state dict (PEFT's list for LoRA).
@@ -42,7 +43,8 @@ def _is_compiled(model: nn.Module) -> bool:
 
 
 def _lora_layers(model: nn.Module) -> list[tuple[str, LoraLinear]]:
-    return [(k, m) for k, m in model.named_modules() if isinstance(m, LoraLinear)]
+    """Every LoRA layer; parameter wrappers (target_parameters) too, so that the checks refuse them."""
+    return [(k, m) for k, m in model.named_modules() if isinstance(m, (LoraLinear, LoraParam))]
 
 
 def _base_path(path: str) -> str:
@@ -51,21 +53,36 @@ def _base_path(path: str) -> str:
 
 
 # --- prepare ---------------------------------------------------------------------------------------------------
-def _pad(linear: nn.Linear, target_rank: int, is_a: bool) -> None:
-    """Zero rows of A / zero columns of B up to ``target_rank``: the layer's output is unchanged."""
+def _check_layers(layers) -> None:
+    """Refuse, before anything changes, layers whose adapters cannot be swapped in place."""
+    refused = [f"{path} ({why})" for path, m in layers if (why := m.hotswap_refusal()) is not None]
+    if refused:
+        raise ValueError(f"Hot swapping is not supported for LoRA layers {', '.join(refused)} (nothing was changed); "
+                         "load the adapter with load_adapter and switch with set_adapter instead.")
+
+
+def _set_rank(module: nn.Module, rank: int, is_a: bool) -> None:
+    """The rank attribute of an A (its output size) or B (its input size): Linear's features, a conv's channels."""
+    if hasattr(module, "in_features"):
+        setattr(module, "out_features" if is_a else "in_features", rank)
+    else:
+        setattr(module, "out_channels" if is_a else "in_channels", rank)
+
+
+def _pad(linear: nn.Module, target_rank: int, is_a: bool) -> None:
+    """Zero rows of A / zero columns of B up to ``target_rank`` (dim 0 / dim 1, Linear or convolution weights): the
+    layer's output is unchanged."""
     weight = linear.weight
     rank = weight.shape[0] if is_a else weight.shape[1]
     if rank == target_rank:
         return
-    shape = (target_rank, weight.shape[1]) if is_a else (weight.shape[0], target_rank)
+    shape = list(weight.shape)
+    shape[0 if is_a else 1] = target_rank
     padded = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
     with torch.no_grad():
         (padded[:rank] if is_a else padded[:, :rank]).copy_(weight)
     linear.weight = nn.Parameter(padded, requires_grad=weight.requires_grad)
-    if is_a:
-        linear.out_features = target_rank
-    else:
-        linear.in_features = target_rank
+    _set_rank(linear, target_rank, is_a)
 
 
 def prepare_model_for_compiled_hotswap(
@@ -97,6 +114,7 @@ def prepare_model_for_compiled_hotswap(
     if not layers:
         raise ValueError("No adapter layers found on the model, make sure call `prepare_model_for_compiled_hotswap` "
                          "after loading the first adapter and before loading the second adapter.")
+    _check_layers(layers)
     if target_rank is not None:  # checks first: a refused call changes nothing
         if not isinstance(target_rank, int) or isinstance(target_rank, bool) or target_rank <= 0:
             raise ValueError(f"target_rank must be a positive integer, got {target_rank!r}.")
@@ -203,8 +221,7 @@ def _plan_swap(layers, state_dict: dict, adapter_name: str, config: LoraConfig) 
         base_path = _base_path(path)
         rank = pattern_value(config.rank_pattern, base_path, config.r)
         alpha = pattern_value(config.alpha_pattern, base_path, config.lora_alpha)
-        want = {("lora_A", "weight"): (rank, m.in_features), ("lora_B", "weight"): (m.out_features, rank),
-                ("lora_B", "bias"): (m.out_features,)}
+        want = m.factor_shapes(rank)
         bad = [f"{part}.{attr} has shape {tuple(t.shape)}, expected {want[(part, attr)]}"
                for (part, attr), t in tensors.items() if tuple(t.shape) != want[(part, attr)]]
         if bad:
@@ -225,16 +242,13 @@ def _plan_swap(layers, state_dict: dict, adapter_name: str, config: LoraConfig) 
     return swaps, zeros
 
 
-def _copy(linear: nn.Linear, attr: str, value: torch.Tensor, rank_dim: Optional[int]) -> None:
+def _copy(linear: nn.Module, attr: str, value: torch.Tensor, rank_dim: Optional[int]) -> None:
     """Copy ``value`` into the parameter in place, zero-padding a smaller rank (``rank_dim``) into it."""
     param = getattr(linear, attr)
     value = value.to(dtype=param.dtype, device=param.device)
     if rank_dim is not None and value.shape[rank_dim] > param.shape[rank_dim]:
         param.data = value.clone()  # a larger rank in an unprepared model: the shape changes, as in PEFT
-        if rank_dim == 0:
-            linear.out_features = value.shape[0]
-        else:
-            linear.in_features = value.shape[1]
+        _set_rank(linear, value.shape[rank_dim], rank_dim == 0)
         return
     if value.shape == param.shape:
         param.copy_(value)
@@ -267,6 +281,7 @@ def hotswap_adapter_from_state_dict(
     loaded = getattr(inner, "peft_config", None)
     if isinstance(loaded, dict) and adapter_name in loaded:
         check_hotswap_configs_compatible(loaded[adapter_name], config)
+    _check_layers([(k, m) for k, m in _lora_layers(inner) if m.has_adapter(adapter_name)])
     layers = [(k, m) for k, m in _lora_layers(inner) if adapter_name in m.lora_A]
     if not layers:
         raise RuntimeError(f"Hot swapping the adapter did not succeed: the model has no LoRA layer with an adapter "

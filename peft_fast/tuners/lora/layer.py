@@ -3,7 +3,8 @@
 Same attribute and parameter names as PEFT's `lora.Linear`. Each adapter has a variant (variants.py: plain LoRA,
 dora.py: DoRA), chosen when the adapter is created. What forward computes is compute.py's (shared with PEFT's own
 layers when peft_fast accelerates them in place); this file holds the adapters' state, PEFT's merge rule and the
-file layout.
+file layout. LoraEmbedding (embedding.py) and LoraConv1d/2d/3d (conv.py) subclass it for PEFT's lora.Embedding and
+lora.Conv*, overriding the hooks under "what a layer type changes" and the forward, merge and file rules.
 """
 from __future__ import annotations
 
@@ -63,8 +64,12 @@ class LoraLinear(LoraCompute, TunerLayer):
         self._stack_cache: Optional[StackCache] = None
         self._active_adapter = [adapter_name]
         self.fan_in_fan_out = self._check_fan_in_fan_out(config)
-        self.in_features, self.out_features = self.base_view.in_features, self.base_view.out_features
+        self.in_features, self.out_features = self._features()
         self.update_layer(adapter_name, config, r, lora_alpha, autocast_adapter_dtype)
+
+    def _features(self) -> tuple[int, int]:
+        """(in_features, out_features) as PEFT's layer of this type names them."""
+        return self.base_view.in_features, self.base_view.out_features
 
     def _check_fan_in_fan_out(self, config) -> bool:
         if self.base_view.fan_in_fan_out:
@@ -81,33 +86,47 @@ class LoraLinear(LoraCompute, TunerLayer):
 
     # --- adapters ------------------------------------------------------------------------------------------------
     def update_layer(self, name: str, config, r: int, lora_alpha: float, autocast_adapter_dtype: bool = True) -> None:
-        if r <= 0:
-            raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
-        variant = variant_for(config)
+        self._check_config(config, r)
+        variant = self.variant_for(config)
         variant.check(self, config)
-        if config.lora_bias and getattr(self.base_layer, "bias", None) is None:
-            warnings.warn(f"`lora_bias=True` was passed but the targeted layer of type {type(self.base_layer).__name__} "
-                          "has no bias. This means that merging LoRA weights won't be possible.")
         self.r[name] = r
         self.lora_alpha[name] = lora_alpha
         self.lora_dropout[name] = nn.Dropout(p=config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         # A new module starts in training mode; follow the layer, so an adapter added to a model in eval mode does
         # not drop out (PEFT 0.21 leaves it training until the next .eval()).
         self.lora_dropout[name].train(self.training)
-        # Same module types, created in the same order as PEFT: under one seed both draw identical weights.
-        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False)
-        self.lora_B[name] = nn.Linear(r, self.out_features, bias=config.lora_bias)
+        self._new_factors(name, r, config.lora_bias)
         self.lora_bias[name] = config.lora_bias
         self.use_rslora[name] = config.use_rslora
         self.use_dora[name] = variant.name == "dora"  # PEFT's attribute, for introspection
         self.lora_variant[name] = variant
         self.scaling[name] = lora_alpha / math.sqrt(r) if config.use_rslora else lora_alpha / r
-        lora_init.initialise(self, name, config.init_lora_weights)
+        self._initialise(name, config.init_lora_weights)
         self._move_adapter_to_base(name, autocast_adapter_dtype)
         if name in self.lora_magnitude_vector:
             del self.lora_magnitude_vector[name]
         variant.init(self, name)  # DoRA: the magnitude, from the initialised adapter, on the base's device
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    # --- what a layer type changes (embedding.py, conv.py) ----------------------------------------------------------
+    @classmethod
+    def variant_for(cls, config):
+        return variant_for(config)
+
+    def _check_config(self, config, r: int) -> None:
+        if r <= 0:
+            raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
+        if config.lora_bias and getattr(self.base_layer, "bias", None) is None:
+            warnings.warn(f"`lora_bias=True` was passed but the targeted layer of type {type(self.base_layer).__name__} "
+                          "has no bias. This means that merging LoRA weights won't be possible.")
+
+    def _new_factors(self, name: str, r: int, bias: bool) -> None:
+        # Same module types, created in the same order as PEFT: under one seed both draw identical weights.
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=bias)
+
+    def _initialise(self, name: str, init) -> None:
+        lora_init.initialise(self, name, init)
 
     def _move_adapter_to_base(self, name: str, autocast_adapter_dtype: bool) -> None:
         # PEFT moves the adapter to the base layer's device and dtype, then upcasts half precision to float32.
@@ -150,7 +169,7 @@ class LoraLinear(LoraCompute, TunerLayer):
     def _unmerged_base(self, weight: torch.Tensor) -> torch.Tensor:
         """`weight` (a copy of the base weight) with the layer's merged adapters taken out, newest first."""
         for name in reversed(self.merged_adapters):
-            if name not in self.lora_A:
+            if not self.has_adapter(name):
                 continue
             variant = self.lora_variant[name]
             if variant.scales_channels:
@@ -191,6 +210,16 @@ class LoraLinear(LoraCompute, TunerLayer):
         if config.lora_bias:
             shapes["lora_B.bias"] = (out_f,)
         return {**shapes, **variant_for(config).file_tensors(out_f)}
+
+    # --- hot-swapping (hotswap.py) ----------------------------------------------------------------------------------
+    def factor_shapes(self, r: int) -> dict[tuple[str, str], tuple[int, ...]]:
+        """(module dict, parameter) -> shape of an adapter of rank r, for the parts hot-swapping copies."""
+        return {("lora_A", "weight"): (r, self.in_features), ("lora_B", "weight"): (self.out_features, r),
+                ("lora_B", "bias"): (self.out_features,)}
+
+    def hotswap_refusal(self) -> Optional[str]:
+        """Why this layer's adapters cannot be hot-swapped in place, or None."""
+        return None
 
     def __repr__(self) -> str:
         # PEFT's name for this layer type, which get_layer_status reports and users grep for.

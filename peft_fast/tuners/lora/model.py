@@ -6,7 +6,9 @@ from typing import Optional
 
 from ..base_model import TunerModel
 from ..targets import pattern_value
+from . import dispatch
 from .config import DEFAULT_TARGETS, rewrites_base
+from .param_targets import plan_parameters
 from .layer import LoraLinear
 from .weighted import add_weighted_adapter
 
@@ -22,6 +24,14 @@ class LoraModel(TunerModel):
                 "lora_alpha": pattern_value(config.alpha_pattern, key, config.lora_alpha)}
 
     @classmethod
+    def layer_for(cls, module, key: str):
+        return dispatch.layer_for(module, key)
+
+    @classmethod
+    def plan_parameters(cls, model, config, module_targets: list[str]) -> list:
+        return plan_parameters(model, config, module_targets, cls.target_kwargs)
+
+    @classmethod
     def with_init(cls, config, init: object):
         new = copy.copy(config)
         new.init_lora_weights = init
@@ -35,6 +45,14 @@ class LoraModel(TunerModel):
         if config.bias != "none" and any(c.bias != "none" for c in self.peft_config.values()):
             raise ValueError("LoraModel supports only 1 adapter with bias. When using multiple adapters, "
                              "set bias to 'none' for all adapters.")
+        # A parameter's adapters are told apart by the nesting of its wrappers, which every adapter must share.
+        wanted = set(config.target_parameters or ())
+        for name, other in self.peft_config.items():
+            theirs = set(getattr(other, "target_parameters", None) or ())
+            if wanted and theirs and wanted != theirs:
+                raise ValueError("When using multiple adapters with `target_parameters`, all adapters must target the "
+                                 f"same set of parameters, but got {sorted(wanted)} for the new adapter and "
+                                 f"{sorted(theirs)} for adapter '{name}'.")
 
     def after_injection(self, config, seen) -> None:
         config.fan_in_fan_out = seen.fan_in_fan_out  # the layers correct it to their type, as PEFT does

@@ -58,6 +58,7 @@ import torch
 from .. import injection
 from ..merge_utils import dare_linear, dare_ties, magnitude_prune, task_arithmetic, ties
 from ..modules_to_save import ModulesToSaveWrapper
+from ..trainable_tokens import TrainableTokensWrapper
 from ...names import check_adapter_name
 from ...progress import progress
 from .config import rewrites_base
@@ -84,7 +85,19 @@ def check_weighted_adapter(tuner, adapters: Sequence[str], combination_type: str
     for adapter in adapters:
         if adapter not in tuner.peft_config:
             raise ValueError(f"Adapter {adapter} does not exist")
-    wrappers = [m for _, m in injection.tuner_layers(tuner.model) if isinstance(m, ModulesToSaveWrapper)]
+    for adapter in adapters:  # PEFT's refusal: a parameter's delta is per expert, which no combination models
+        if getattr(tuner.peft_config[adapter], "target_parameters", None):
+            raise ValueError(f"add_weighted_adapter does not support targeting nn.Parameter (problematic adapter "
+                             f"'{adapter}')")
+    refused = [f"{key} ({repr(m).partition('(')[0]})" for key, m in tuner.adapter_layers()
+               if not getattr(m, "combinable", True) and any(m.has_adapter(a) for a in adapters)]
+    if refused:
+        raise NotImplementedError(f"add_weighted_adapter is not supported by peft_fast for LoRA on embedding and "
+                                  f"convolution layers yet, and these adapters have such layers: {', '.join(refused)} "
+                                  "(nothing was changed). Combine the adapters with Hugging Face PEFT.")
+    # Trainable-token rows are not combined (PEFT gives the new adapter fresh rows): only module copies clash.
+    wrappers = [m for _, m in injection.tuner_layers(tuner.model)
+                if isinstance(m, ModulesToSaveWrapper) and not isinstance(m, TrainableTokensWrapper)]
     shared = [w for w in wrappers if sum(a in w.modules_to_save for a in adapters) > 1]
     if shared:
         raise ValueError("Cannot add weighted adapters if they target the same module with modules_to_save, but "

@@ -1,0 +1,174 @@
+"""4-bit expert stacks: a transformers mixture-of-experts module whose 3-D expert weights (`gate_up_proj`,
+`down_proj`, ...) are stored as NF4/FP4 codes, what `peft_fast.quantize` makes of an MoE model's experts.
+
+bitsandbytes (and so transformers' 4-bit loading and PEFT) quantizes nn.Linear layers only: an MoE model's experts,
+most of its weights, stay 16-bit there. Here each stack is quantized as bitsandbytes would quantize that tensor
+(kernels/nf4_quantize.py: the same bytes as `quantize_4bit` of the [E, out, in] stack), and the module keeps its own
+class, attributes and forward contract: `quantize_experts` swaps in a subclass whose stacks are read-only properties
+that dequantize, and whose forward is the grouped experts forward (experts.py), which dequantizes each stack for
+its grouped matmul and again in the backward instead of keeping a dense copy. LoRA reaches the stacks through
+`target_parameters` as it reaches dense ones; merging re-quantizes, as for 4-bit linear layers.
+State dict: under each stack's own key, the packed codes, with transformers' 4-bit companions (`<stack>.absmax`,
+`<stack>.quant_map`, `<stack>.quant_state.bitsandbytes__nf4`, ...), as NF4Linear writes its weight.
+"""
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from ..kernels import NF4State, nf4_dequantize, nf4_quantize
+from .experts import experts_forward, is_experts_module, stack_shape
+from .nf4_linear import NF4Linear, save_4bit_state
+
+__all__ = ["NF4Experts", "quantize_experts", "is_nf4_experts"]
+
+_CLASSES: dict[type, type] = {}
+
+
+class NF4Experts(nn.Module):
+    """Mixed in before a transformers experts class (see quantize_experts); never instantiated directly."""
+
+    _nf4_names: tuple[str, ...] = ()
+    _dense_class: type = nn.Module  # the transformers class it was made from
+
+    def nf4_state(self, name: str) -> Optional[NF4State]:
+        return self._nf4_states.get(name)
+
+    def packed(self, name: str) -> torch.Tensor:
+        return self._buffers[f"{name}_nf4"]
+
+    def dequantize(self, name: str) -> torch.Tensor:
+        """Stack `name`, dense, in the dtype it was quantized from."""
+        return nf4_dequantize(self.packed(name), self._nf4_states[name])
+
+    def requantize(self, name: str, weight: torch.Tensor) -> None:
+        """Replace stack `name` by the 4-bit rounding of `weight` (merging adapters into it)."""
+        state = self._nf4_states[name]
+        if tuple(weight.shape) != tuple(state.shape):
+            raise ValueError(f"requantize: {name} has shape {tuple(state.shape)}, got {tuple(weight.shape)}")
+        self._set(name, weight.detach().to(state.dtype), state.blocksize, state.nested, state.quant_type)
+
+    def _set(self, name: str, weight: torch.Tensor, blocksize: int, double_quant: bool, quant_type: str) -> None:
+        packed, state = nf4_quantize(weight, blocksize=blocksize, compress_statistics=double_quant,
+                                     quant_type=quant_type)
+        self.register_buffer(f"{name}_nf4", packed, persistent=False)  # saved under `name` (_save_to_state_dict)
+        self._nf4_states[name] = state
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        return experts_forward(self, {}, hidden_states, top_k_index, top_k_weights)
+
+    def to_dense(self) -> nn.Module:
+        """Back to the original class with dense stacks (in place; returns the module)."""
+        dense = {n: self.dequantize(n) for n in self._nf4_names}
+        for n in self._nf4_names:
+            del self._buffers[f"{n}_nf4"]
+        del self._nf4_states
+        self.__class__ = self._dense_class
+        for n, w in dense.items():
+            self.register_parameter(n, nn.Parameter(w, requires_grad=False))
+        return self
+
+    def _apply(self, fn, recurse=True):
+        # The codes are uint8 and stay as they are under .half()/.to(dtype); the states follow the device only.
+        super()._apply(fn, recurse)
+        for n in self._nf4_names:
+            device = self.packed(n).device
+            if self._nf4_states[n].absmax.device != device:
+                self._nf4_states[n] = self._nf4_states[n].to(device)
+        return self
+
+    def extra_repr(self) -> str:
+        s = self._nf4_states[self._nf4_names[0]]
+        return f"4-bit stacks {list(self._nf4_names)}, quant_type={s.quant_type}, blocksize={s.blocksize}, " \
+               f"double_quant={s.nested}"
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for n in self._nf4_names:
+            destination[prefix + n] = self.packed(n)
+            save_4bit_state(destination, prefix + n, self._nf4_states[n])
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        ours = {}
+        for n in self._nf4_names:
+            key = prefix + n
+            blobs = [k for k in state_dict if k.startswith(key + ".quant_state.bitsandbytes__")]
+            if key not in state_dict:
+                if strict:
+                    missing_keys.append(key)
+                continue
+            if not blobs:
+                error_msgs.append(f"{key}: a 4-bit expert stack needs its quant state ({key}.absmax, "
+                                  f"{key}.quant_state.bitsandbytes__nf4, ...); got the stack alone.")
+                continue
+            try:
+                state = NF4Linear._state_from(state_dict, key + ".", blobs[0])
+            except (KeyError, ValueError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                error_msgs.append(f"{key}: the 4-bit quant state is corrupt or incomplete ({e!r}).")
+                continue
+            packed = state_dict[key]
+            if tuple(state.shape) != tuple(self._nf4_states[n].shape) or packed.dtype != torch.uint8 or \
+                    packed.numel() != (state.shape.numel() + 1) // 2:
+                error_msgs.append(f"{key}: a 4-bit stack of shape {tuple(state.shape)} does not fit this module's "
+                                  f"{tuple(self._nf4_states[n].shape)}.")
+                continue
+            ours[n] = (packed, state)
+        rest = {k: v for k, v in state_dict.items()
+                if not any(k == prefix + n or k.startswith(prefix + n + ".") for n in self._nf4_names)}
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if error_msgs:
+            return
+        for n, (packed, state) in ours.items():
+            device = self.packed(n).device
+            self.register_buffer(f"{n}_nf4", packed.detach().to(device).reshape(-1, 1).clone(), persistent=False)
+            self._nf4_states[n] = state.to(device)
+
+
+def _nf4_class(cls: type, names: tuple[str, ...]) -> type:
+    key = (cls, names)
+    if key not in _CLASSES:
+        stacks = {n: property(lambda self, n=n: self.dequantize(n), doc=f"{n}, dequantized") for n in names}
+        _CLASSES[key] = type(f"NF4{cls.__name__}", (NF4Experts, cls),
+                             {"_nf4_names": names, "_dense_class": cls, "__module__": __name__, **stacks})
+    return _CLASSES[key]
+
+
+def is_nf4_experts(module: nn.Module) -> bool:
+    return isinstance(module, NF4Experts)
+
+
+def expert_stacks(module: nn.Module) -> tuple[str, ...]:
+    """The 3-D expert stacks of a transformers experts module (what quantize_experts stores in 4 bits)."""
+    names = [n for n in ("gate_up_proj", "up_proj", "down_proj") if stack_shape(module, n) is not None]
+    return tuple(n for n in names if len(stack_shape(module, n)) == 3)
+
+
+def quantize_experts(module: nn.Module, *, blocksize: int = 64, double_quant: bool = True,
+                     quant_type: str = "nf4") -> nn.Module:
+    """Store `module`'s expert stacks in 4 bits, in place (its class becomes NF4<class>); returns the module."""
+    if is_nf4_experts(module):
+        return module
+    if not is_experts_module(module):
+        raise ValueError(f"quantize_experts: {type(module).__name__} is not a transformers experts module "
+                         "(3-D gate_up_proj/up_proj and down_proj stacks with num_experts)")
+    names = expert_stacks(module)
+    dense = {n: module._parameters[n].detach() for n in names}
+    for n, w in dense.items():
+        if not w.dtype.is_floating_point or w.dtype == torch.float64 or not torch.isfinite(w).all():
+            raise ValueError(f"quantize: {type(module).__name__}.{n} must be finite float32/float16/bfloat16, got "
+                             f"{w.dtype}")
+    made = {n: nf4_quantize(w, blocksize=blocksize, compress_statistics=double_quant, quant_type=quant_type)
+            for n, w in dense.items()}  # all quantized before the module changes
+    for n in names:
+        del module._parameters[n]
+    module.__class__ = _nf4_class(type(module), names)
+    module._nf4_states = {}
+    for n, (packed, state) in made.items():
+        module.register_buffer(f"{n}_nf4", packed, persistent=False)
+        module._nf4_states[n] = state
+    return module

@@ -1,0 +1,359 @@
+"""LoRA on torch's convolutions (lora.Conv1d / Conv2d / Conv3d) against PEFT 0.21.2, on a small conv model (a 3x5
+Conv2d with stride and padding, a 1x1 Conv2d, a strided Conv1d, a Linear head) and single-layer bases for groups,
+Conv3d, dilation and padding modes: parameters and init under one seed, forward and gradients of every LoRA
+parameter (dropout and DoRA included), files both ways, merging, several adapters, mixed batches, refusals.
+
+A deliberate difference (conv.py): lora_A takes the base's dilation and padding_mode, which PEFT 0.21 drops (its
+forward then fails on a dilated base, and differs from its own merged layer with another padding_mode); peft_fast's
+forward is PEFT's merged layer there."""
+import copy
+import warnings
+
+import pytest
+import torch
+from lycoris_pairs import assert_eval_matches, assert_same_files, assert_train_step_matches
+from torch import nn
+
+from tiny_models import assert_close, assert_same_params, assert_same_state, assert_unchanged, copy_weights, \
+    impl, out, peft_fast_only, perturb_magnitudes, raises_like_peft, ref, set_active, snapshot
+
+TARGETS = ["conv0", "conv1", "conv2"]
+CASES = [
+    {},
+    {"init_lora_weights": True},
+    {"init_lora_weights": "gaussian"},
+    {"lora_bias": True},
+    {"rank_pattern": {"conv0": 2}, "alpha_pattern": {"conv2": 3}, "use_rslora": True},
+    {"lora_dropout": 0.25},
+    {"target_modules": ["conv0", "conv2", "head"]},
+    {"use_dora": True},
+    {"use_dora": True, "lora_dropout": 0.25},
+]
+IDS = ["-".join(f"{k}={v}" for k, v in kw.items()) or "default" for kw in CASES]
+
+
+class ConvNet(nn.Module):
+    """conv0: 3x5 Conv2d, stride (2, 1), padding (1, 2); conv1: 1x1 Conv2d without bias; conv2: 5-tap Conv1d with
+    stride 2; head: Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0 = nn.Conv2d(3, 8, (3, 5), stride=(2, 1), padding=(1, 2))
+        self.conv1 = nn.Conv2d(8, 8, 1, bias=False)
+        self.conv2 = nn.Conv1d(8, 6, 5, stride=2, padding=2)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, X):
+        h = torch.relu(self.conv1(torch.relu(self.conv0(X))))  # [N, 8, 4, 8]
+        return self.head(torch.relu(self.conv2(h.flatten(2))).mean(-1))  # conv2: [N, 6, 16]
+
+
+class One(nn.Module):
+    """A single convolution, `conv`."""
+
+    def __init__(self, conv: nn.Module):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, X):
+        return self.conv(X)
+
+
+BASES = {
+    "net": (ConvNet, (3, 3, 8, 8)),
+    "groups": (lambda: One(nn.Conv2d(4, 8, 3, padding=1, groups=2)), (3, 4, 6, 6)),
+    "conv3d": (lambda: One(nn.Conv3d(2, 4, (3, 1, 3), padding=(1, 0, 1))), (3, 2, 4, 5, 5)),
+    "dilated": (lambda: One(nn.Conv2d(3, 4, 3, padding=2, dilation=2)), (3, 3, 8, 8)),
+    "reflect": (lambda: One(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")), (3, 3, 8, 8)),
+}
+_BASES: dict = {}
+
+
+def base(kind: str = "net") -> nn.Module:
+    if kind not in _BASES:
+        torch.manual_seed(0)
+        _BASES[kind] = BASES[kind][0]()
+    return copy.deepcopy(_BASES[kind])
+
+
+def inputs(kind: str = "net", seed: int = 1) -> dict:
+    return {"X": torch.randn(BASES[kind][1], generator=torch.Generator().manual_seed(seed))}
+
+
+def cfg(kind: str = "net", **kw) -> dict:
+    return {"r": 4, "lora_alpha": 8, "init_lora_weights": False,
+            "target_modules": list(TARGETS) if kind == "net" else ["conv"], **kw}
+
+
+def build(kind: str = "net", seed: int = 0, **kw):
+    """(PEFT model, implementation model) under one seed, each with its own config object."""
+    bases = base(kind), base(kind)  # before seeding: the first call builds the base model from its own seed
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(seed)
+        r = ref.get_peft_model(bases[0], ref.LoraConfig(**cfg(kind, **kw)))
+        torch.manual_seed(seed)
+        i = impl.get_peft_model(bases[1], impl.LoraConfig(**cfg(kind, **kw)))
+    return r, i
+
+
+def pair(kind: str = "net", **kw):
+    r, i = build(kind, **kw)
+    if kw.get("use_dora"):
+        perturb_magnitudes(r, i)  # a fresh magnitude makes DoRA's scale exactly 1
+    copy_weights(r, i)
+    return r, i
+
+
+def add_both(ref_model, impl_model, name: str, seed: int, kind: str = "net", **kw) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(seed)
+        ref_model.add_adapter(name, ref.LoraConfig(**cfg(kind, **kw)))
+        torch.manual_seed(seed)
+        impl_model.add_adapter(name, impl.LoraConfig(**cfg(kind, **kw)))
+    copy_weights(ref_model, impl_model)
+
+
+@pytest.mark.parametrize("kw", CASES, ids=IDS)
+def test_parameters_and_init_match_peft(kw):
+    r, i = build(**kw)
+    assert_same_params(r, i)
+    tol = 1e-6 if kw.get("use_dora") else 0  # DoRA's magnitude is a norm (rounding); the draws are PEFT's
+    assert_same_state(r, i, atol=tol, rtol=tol)
+    types = [s.module_type for s in i.get_layer_status()]
+    assert types == [s.module_type for s in r.get_layer_status()]
+    assert {"lora.Conv2d", "lora.Conv1d"} <= set(types)
+
+
+@pytest.mark.parametrize("kw", CASES, ids=IDS)
+def test_forward_and_gradients_match_peft(kw):
+    r, i = pair(**kw)
+    x = inputs()
+    assert_train_step_matches("conv", r, i, x, steps=2)
+    assert_same_state(r, i)
+    assert_eval_matches("conv", r, i, x)
+    with torch.no_grad():  # a second eval call (DoRA's cached scale) gives the same
+        assert_close(out(i, x), out(r, x))
+
+
+@pytest.mark.parametrize("kind", ["groups", "conv3d"])
+def test_grouped_and_3d_convolutions_match_peft(kind):
+    r, i = build(kind)
+    assert_same_state(r, i, atol=0, rtol=0)
+    assert [s.module_type for s in i.get_layer_status()] == [s.module_type for s in r.get_layer_status()]
+    x = inputs(kind)
+    assert_train_step_matches("conv", r, i, x, steps=2)
+    assert_eval_matches("conv", r, i, x)
+    if kind == "conv3d":
+        with torch.no_grad():
+            want = out(r, x)
+            for m in (r, i):
+                m.merge_adapter()
+            assert_same_state(r, i)
+            assert_close(out(i, x), want)
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_files_both_ways(dora, tmp_path):
+    r, i = pair(use_dora=dora, lora_bias=not dora)
+    add_both(r, i, "second", seed=2, target_modules=["conv0", "head"], r=2, use_dora=dora)
+    for m in (r, i):
+        m.save_pretrained(tmp_path / ("ref" if m is r else "impl"))
+    for sub in ("", "second"):
+        assert_same_files(tmp_path / "impl" / sub, tmp_path / "ref" / sub)
+    x = inputs()
+    r.eval()
+    with torch.no_grad():
+        want = {"default": out(r, x)}
+        r.set_adapter("second")
+        want["second"] = out(r, x)
+    for src in ("ref", "impl"):
+        for lib in (impl, ref):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                loaded = lib.PeftModel.from_pretrained(base(), str(tmp_path / src))
+                loaded.load_adapter(str(tmp_path / src / "second"), adapter_name="second")
+            with torch.no_grad():
+                assert_close(out(loaded, x), want["default"], msg=f"{src} -> {lib.__name__}")
+                loaded.set_adapter("second")
+                assert_close(out(loaded, x), want["second"], msg=f"{src} -> {lib.__name__}")
+
+
+@pytest.mark.parametrize("kw", [{}, {"lora_bias": True}, {"use_dora": True}], ids=["lora", "lora_bias", "dora"])
+def test_merge_unmerge_and_unload(kw):
+    r, i = pair(**kw, **({"target_modules": ["conv0", "conv2"]} if kw.get("lora_bias") else {}))  # with biases
+    add_both(r, i, "other", seed=1, target_modules=["conv0", "conv2"], **kw)
+    if kw.get("use_dora"):
+        perturb_magnitudes(r, i, seed=1)
+    x = inputs()
+    for m in (r, i):
+        m.eval()
+    with torch.no_grad():
+        want = out(r, x)
+        for m in (r, i):
+            m.merge_adapter()
+        assert_same_state(r, i)
+        assert_close(out(i, x), want)
+        for m in (r, i):
+            m.unmerge_adapter()
+        assert_same_state(r, i)
+        assert_close(out(i, x), want)
+        for m in (r, i):
+            m.merge_adapter(adapter_names=["default", "other"], safe_merge=True)
+        assert_same_state(r, i)
+        for m in (r, i):
+            m.unmerge_adapter()
+        merged_r = r.merge_and_unload(adapter_names=["other"], safe_merge=True)
+        merged_i = i.merge_and_unload(adapter_names=["other"], safe_merge=True)
+        assert_same_state(merged_r, merged_i)
+        assert type(merged_i.conv0) is nn.Conv2d and type(merged_i.conv2) is nn.Conv1d
+    r, i = pair()
+    assert_same_state(r.unload(), i.unload(), atol=0, rtol=0)
+
+
+def test_several_adapters_set_disable_delete():
+    r, i = pair()
+    add_both(r, i, "other", seed=3, target_modules=["conv0", "conv1"], r=6, lora_dropout=0.1)
+    x = inputs()
+    for names in (["default", "other"], "other"):
+        for m in (r, i):
+            set_active(m, names)
+        assert_train_step_matches("conv", r, i, x)
+        assert_eval_matches("conv", r, i, x)
+    for m in (r, i):
+        m.eval()
+    with torch.no_grad(), r.disable_adapter(), i.disable_adapter():
+        assert_close(out(i, x), out(r, x))
+        assert_close(out(i, x), base()(**x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for m in (r, i):
+            m.delete_adapter("other")
+    assert i.active_adapters == r.active_adapters == ["default"]
+    assert_same_state(r, i)
+    assert_eval_matches("conv", r, i, x)
+
+
+def test_mixed_batch_matches_peft():
+    """`adapter_names`: each row through its adapter (PEFT's _mixed_batch_forward), outputs and gradients."""
+    r, i = pair()
+    add_both(r, i, "b", seed=1, target_modules=["conv0", "conv2", "head"], r=2)
+    x = inputs()
+    names = ["b", "default", "__base__"]
+    for m in (r, i):
+        m.eval()
+    with torch.no_grad():
+        assert_close(out(i, x, adapter_names=names), out(r, x, adapter_names=names))
+    for m in (r, i):
+        out(m, x, adapter_names=names).pow(2).mean().backward()
+    params = dict(i.named_parameters())
+    for n, p in r.named_parameters():
+        if p.grad is not None:
+            assert_close(params[n].grad, p.grad, msg=n)
+
+
+def test_refusals_like_peft():
+    """A module LoRA does not adapt, a rank that groups do not divide, PiSSA, merging a grouped convolution or a
+    lora_bias adapter over a base without bias, DoRA in a mixed batch."""
+    norm = One(nn.LayerNorm(4))
+    raises_like_peft(ValueError, ["is not supported", "`torch.nn.Embedding`", "`torch.nn.Conv3d`"],
+                     lambda: impl.get_peft_model(norm, impl.LoraConfig(target_modules=["conv"])),
+                     lambda: ref.get_peft_model(copy.deepcopy(norm), ref.LoraConfig(target_modules=["conv"])))
+    assert type(norm.conv) is nn.LayerNorm
+    for kw, exc, words in (({"r": 3}, ValueError, ["groups=2 and rank 3", "divisible by groups"]),
+                           ({"init_lora_weights": "pissa"}, ValueError, ["Unknown initialization"])):
+        grouped = base("groups")
+        snap = snapshot(grouped)
+        raises_like_peft(exc, words,
+                         lambda g=grouped, k=kw: impl.get_peft_model(g, impl.LoraConfig(**cfg("groups", **k))),
+                         lambda k=kw: ref.get_peft_model(base("groups"), ref.LoraConfig(**cfg("groups", **k))))
+        if impl is not ref:
+            assert_unchanged(grouped, snap)
+    for kind, kw, exc, words in (("groups", {}, NotImplementedError, ["groups > 1"]),
+                                 ("net", {"lora_bias": True}, RuntimeError, ["base layer has no bias"])):
+        r, i = build(kind, **kw)  # PEFT raises when it reaches the layer; peft_fast before any layer changes
+        snap = snapshot(i)
+        raises_like_peft(exc, words, i.merge_adapter, r.merge_adapter)
+        if impl is not ref:
+            assert_unchanged(i, snap)
+    r, i = pair(use_dora=True)
+    for m in (r, i):
+        m.eval()
+    raises_like_peft(ValueError, ["Cannot pass `adapter_names` when DoRA is enabled"],
+                     lambda: out(i, inputs(), adapter_names=["default"] * 3),
+                     lambda: out(r, inputs(), adapter_names=["default"] * 3))
+
+
+def test_all_linear_adapts_only_linear_layers():
+    r, i = build(target_modules="all-linear")
+    assert [(s.name, s.module_type) for s in i.get_layer_status()] == \
+        [(s.name, s.module_type) for s in r.get_layer_status()] == [("model.head", "lora.Linear")]
+
+
+def test_peft_forward_is_not_its_merged_layer_on_dilated_or_padded_convolutions():
+    """What the deliberate difference is about (if PEFT fixes it, this fails, and the difference can go)."""
+    r, _ = build("dilated")
+    with pytest.raises(RuntimeError):
+        out(r, inputs("dilated"))
+    r, _ = build("reflect")
+    r.eval()
+    x = inputs("reflect")
+    with torch.no_grad():
+        unmerged = out(r, x)
+        r.merge_adapter()
+        assert (out(r, x) - unmerged).abs().max() > 1e-3
+
+
+@peft_fast_only
+@pytest.mark.parametrize("kind", ["dilated", "reflect"])
+def test_dilated_and_padded_forward_is_peft_merged_layer(kind, tmp_path):
+    r, i = build(kind)
+    assert_same_state(r, i, atol=0, rtol=0)
+    x = inputs(kind)
+    with torch.no_grad():
+        r.merge_adapter()
+        want = out(r, x)
+        r.unmerge_adapter()
+        for mode in ("train", "eval"):
+            getattr(i, mode)()
+            assert_close(out(i, x), want, msg=mode)
+        assert_same_state(r.merge_and_unload(), i.merge_and_unload())
+    r, i = build(kind)
+    for m in (r, i):
+        m.save_pretrained(tmp_path / ("ref" if m is r else "impl"))
+    assert_same_files(tmp_path / "impl", tmp_path / "ref")
+
+
+@peft_fast_only
+def test_dora_on_a_grouped_convolution_is_refused():
+    grouped = base("groups")
+    with pytest.raises(ValueError, match="use_dora.*groups=2"):
+        impl.get_peft_model(grouped, impl.LoraConfig(**cfg("groups", use_dora=True)))
+    assert type(grouped.conv) is nn.Conv2d
+
+
+@peft_fast_only
+def test_hotswap_of_convolutions(tmp_path):
+    """A prepared model takes a smaller-rank adapter in place: the outputs of that adapter loaded fresh. Grouped
+    convolutions are refused up front; add_weighted_adapter over convolutions too."""
+    from peft_fast.tuners.lora import hotswap
+
+    _, i = pair()
+    _, new = build(seed=5, r=2, lora_alpha=3, lora_bias=False)
+    new.save_pretrained(tmp_path)
+    hotswap.prepare_model_for_compiled_hotswap(i, target_rank=6)
+    assert i.base_model.model.conv0.lora_A["default"].weight.shape == (6, 3, 3, 5)
+    hotswap.hotswap_adapter(i, str(tmp_path), adapter_name="default")
+    x = inputs()
+    for m in (i, new):
+        m.eval()
+    with torch.no_grad():
+        assert_close(out(i, x), out(new, x))
+    _, grouped = build("groups")
+    snap = snapshot(grouped)
+    with pytest.raises(ValueError, match="groups=2"):
+        hotswap.prepare_model_for_compiled_hotswap(grouped, target_rank=8)
+    with pytest.raises(NotImplementedError, match="conv0"):
+        i.add_weighted_adapter(["default"], [1.0], "merged")
+    assert_unchanged(grouped, snap)

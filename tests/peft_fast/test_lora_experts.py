@@ -1,0 +1,259 @@
+"""LoRA on mixture-of-experts weights (LoraConfig.target_parameters) against PEFT's lora.ParamWrapper: tiny Mixtral,
+Qwen3-MoE and gpt-oss, experts alone and experts with attention; parameters, outputs, gradients, files both ways, merging,
+several adapters, and PEFT's refusals."""
+import copy
+import importlib
+import os
+import tempfile
+import warnings
+
+import pytest
+import torch
+from moe_models import EXPERTS, moe_base, moe_cfg, moe_inputs, moe_pair
+from switches import use_settings
+from tiny_models import assert_close, assert_same_params, count_calls, impl, peft_fast_only, raises_like_peft, ref
+
+KINDS = ["mixtral", "qwen3_moe", "gpt_oss"]
+TARGETS = ["experts", "experts+attention"]
+TOL = dict(atol=1e-10, rtol=1e-10)
+
+
+def _logits(model, x):
+    return model(**x).logits
+
+
+def _grads(model, x):
+    model.zero_grad()
+    out = model(**x, labels=x["input_ids"])
+    out.loss.backward()
+    return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("targets", TARGETS)
+def test_parameters_and_init_like_peft(kind, targets):
+    """Same names, shapes, trainability; PEFT's default init (A kaiming over [r·E, in], B zero) under one seed."""
+    _, ref_model, impl_model = moe_pair(kind, targets, init_lora_weights=True)
+    assert_same_params(ref_model, impl_model)
+    rs, is_ = ref_model.state_dict(), impl_model.state_dict()
+    lora = [k for k in rs if "lora_" in k]
+    assert any("experts.base_layer.lora_A" in k for k in lora) and any("experts.lora_B" in k for k in lora)
+    assert any("q_proj" in k for k in lora) == (targets == "experts+attention")
+    for k in lora:
+        assert torch.equal(is_[k], rs[k]), k
+    assert impl_model.get_nb_trainable_parameters() == ref_model.get_nb_trainable_parameters()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("targets", TARGETS)
+def test_outputs_and_gradients_like_peft(kind, targets):
+    base, ref_model, impl_model = moe_pair(kind, targets)
+    x = moe_inputs()
+    r_out, r_grads = _grads(ref_model, x)
+    i_out, i_grads = _grads(impl_model, x)
+    assert (r_out - _logits(base, x)).abs().max() > 1e-3  # the adapters do something
+    assert_close(i_out, r_out, **TOL)
+    assert set(i_grads) == set(r_grads)
+    for n in r_grads:
+        assert_close(i_grads[n], r_grads[n], **TOL, msg=n)
+    with ref_model.disable_adapter(), impl_model.disable_adapter():
+        assert_close(_logits(impl_model, x), _logits(base, x), **TOL)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_files_both_ways(kind):
+    base, ref_model, impl_model = moe_pair(kind, "experts+attention")
+    x = moe_inputs()
+    want = _logits(ref_model, x)
+    with tempfile.TemporaryDirectory() as d_ref, tempfile.TemporaryDirectory() as d_impl:
+        ref_model.save_pretrained(d_ref)
+        impl_model.save_pretrained(d_impl)
+        from safetensors.torch import load_file
+        r_file = load_file(os.path.join(d_ref, "adapter_model.safetensors"))
+        i_file = load_file(os.path.join(d_impl, "adapter_model.safetensors"))
+        assert set(r_file) == set(i_file)
+        for k in r_file:
+            assert torch.equal(r_file[k], i_file[k]), k
+        loaded_impl = impl.PeftModel.from_pretrained(copy.deepcopy(base), d_ref)
+        loaded_ref = ref.PeftModel.from_pretrained(copy.deepcopy(base), d_impl)
+    assert_close(_logits(loaded_impl, x), want, **TOL)
+    assert_close(_logits(loaded_ref, x), want, **TOL)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_merge_unmerge_and_unload(kind):
+    base, ref_model, impl_model = moe_pair(kind, "experts+attention")
+    x = moe_inputs()
+    want = _logits(ref_model, x)
+    impl_model.merge_adapter()
+    assert_close(_logits(impl_model, x), want, **TOL)
+    impl_model.unmerge_adapter()
+    assert_close(_logits(impl_model, x), want, **TOL)
+    experts = impl_model.base_model.model.model.layers[0].mlp.experts
+    assert_close(experts.base_layer.base_layer.gate_up_proj, base.model.layers[0].mlp.experts.gate_up_proj, **TOL)
+    merged_ref = ref_model.merge_and_unload()
+    merged = impl_model.merge_and_unload()
+    assert type(merged.model.layers[0].mlp.experts) is type(base.model.layers[0].mlp.experts)
+    mine, theirs = dict(merged.named_parameters()), dict(merged_ref.named_parameters())
+    assert set(mine) == set(theirs)
+    for n, q in theirs.items():
+        assert_close(mine[n], q, **TOL, msg=n)
+    assert_close(_logits(merged, x), want, **TOL)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_several_adapters(kind):
+    _, ref_model, impl_model = moe_pair(kind)
+    kw = moe_cfg(r=2, lora_alpha=5)
+    for model, lib in ((ref_model, ref), (impl_model, impl)):
+        torch.manual_seed(3)
+        model.add_adapter("other", lib.LoraConfig(**kw))
+    x = moe_inputs()
+    for name in ("other", "default"):
+        ref_model.set_adapter(name)
+        impl_model.set_adapter(name)
+        assert_close(_logits(impl_model, x), _logits(ref_model, x), **TOL, msg=name)
+    ref_model.base_model.set_adapter(["default", "other"])
+    impl_model.base_model.set_adapter(["default", "other"])
+    assert_close(_logits(impl_model, x), _logits(ref_model, x), **TOL, msg="both")
+    ref_model.delete_adapter("other")
+    impl_model.delete_adapter("other")
+    assert_close(_logits(impl_model, x), _logits(ref_model, x), **TOL, msg="after delete")
+    assert set(impl_model.state_dict()) == set(ref_model.state_dict())
+    bad = moe_cfg(target_parameters=["experts.down_proj"])
+    raises_like_peft(ValueError, ["same set of parameters"], lambda: impl_model.add_adapter("x", impl.LoraConfig(**bad)),
+                     lambda: ref_model.add_adapter("x", ref.LoraConfig(**bad)))
+
+
+def test_a_2d_parameter_target_runs_the_module_with_the_adapted_weight():
+    """Qwen3-MoE's dense layer: its Linear weight as a parameter target (PEFT: one expert)."""
+    kw = dict(target_parameters=["layers.1.mlp.down_proj.weight", *EXPERTS])
+    base, ref_model, impl_model = moe_pair("qwen3_moe", **kw)
+    x = moe_inputs()
+    r_out, r_grads = _grads(ref_model, x)
+    i_out, i_grads = _grads(impl_model, x)
+    assert_close(i_out, r_out, **TOL)
+    for n in r_grads:
+        assert_close(i_grads[n], r_grads[n], **TOL, msg=n)
+    assert any("layers.1.mlp.down_proj.lora_A" in k for k in impl_model.state_dict())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_float32_model_takes_the_grouped_path(kind, monkeypatch):
+    """float32 on CPU: the experts' LoRA is torch's grouped matmul, not a loop over experts (PEFT's default experts
+    implementation, grouped_mm, is the comparison)."""
+    op = importlib.import_module("peft_fast.kernels.grouped_lora")
+    loops = count_calls(monkeypatch, op, "grouped_lora_reference")
+    base, ref_model, impl_model = moe_pair(kind, dtype=torch.float32)
+    x = moe_inputs()
+    r_out, r_grads = _grads(ref_model, x)
+    i_out, i_grads = _grads(impl_model, x)
+    assert_close(i_out, r_out, atol=1e-4, rtol=1e-4)
+    for n in r_grads:
+        assert_close(i_grads[n], r_grads[n], atol=1e-4, rtol=1e-4, msg=n)
+    assert not loops
+
+
+@peft_fast_only
+@pytest.mark.parametrize("kind", KINDS)
+def test_triton_kernels_under_the_interpreter(kind, monkeypatch):
+    """The GPU path (grouped shrink/expand and weight-gradient launches), run by the interpreter, equals PEFT."""
+    from peft_fast.kernels import interpreting
+
+    op = importlib.import_module("peft_fast.kernels.grouped_lora")
+    if not interpreting():
+        pytest.skip("needs the Triton interpreter (tests/conftest.py turns it on without a GPU)")
+    base, ref_model, impl_model = moe_pair(kind)
+    use_settings(monkeypatch, backend="triton")
+    launches = count_calls(monkeypatch, op, "grouped_lora_triton")
+    x = moe_inputs(batch=2, seq=5)
+    r_out, r_grads = _grads(ref_model, x)
+    i_out, i_grads = _grads(impl_model, x)
+    assert_close(i_out, r_out, **TOL)
+    for n in r_grads:
+        assert_close(i_grads[n], r_grads[n], **TOL, msg=n)
+    layers = sum(type(m).__name__.endswith("Experts") for m in base.modules())
+    assert len(launches) == 2 * layers  # one grouped op per adapted projection, whatever the number of experts
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("lora_dropout", 0.1, ["lora_dropout"]), ("use_dora", True, ["dora"]), ("lora_bias", True, ["lora_bias"]),
+])
+def test_refusals_like_peft(field, value, words):
+    kw = moe_cfg(**{field: value})
+    raises_like_peft(ValueError, words, lambda: impl.get_peft_model(moe_base("mixtral"), impl.LoraConfig(**kw)),
+                     lambda: ref.get_peft_model(moe_base("mixtral"), ref.LoraConfig(**kw)))
+
+
+@peft_fast_only
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_mixed_batches_beyond_peft(kind, backend, grad, monkeypatch):
+    """PEFT refuses adapter_names on parameter targets; peft_fast serves them with the multi-adapter kernels, each
+    (adapter, expert) pair a slot. Each sample must get what PEFT gives it alone with its adapter active."""
+    from peft_fast.kernels import interpreting
+
+    if backend == "triton":
+        if not interpreting():
+            pytest.skip("needs the Triton interpreter (tests/conftest.py turns it on without a GPU)")
+        use_settings(monkeypatch, backend="triton")
+    _, ref_model, impl_model = moe_pair(kind, "experts+attention")
+    kw = moe_cfg("experts+attention", r=2, lora_alpha=5)
+    for model, lib in ((ref_model, ref), (impl_model, impl)):
+        torch.manual_seed(3)
+        model.add_adapter("other", lib.LoraConfig(**kw))
+        model.eval()
+    x = moe_inputs(batch=4)
+    names = ["other", "default", "__base__", "other"]
+    with torch.set_grad_enabled(grad):  # no grad: the batched kernels; grad: each adapter's differentiable op
+        got = _logits(impl_model, {**x, "adapter_names": names})
+    for i, name in enumerate(names):
+        one = {"input_ids": x["input_ids"][i:i + 1]}
+        if name == "__base__":
+            with ref_model.disable_adapter():
+                want = _logits(ref_model, one)
+        else:
+            ref_model.set_adapter(name)
+            want = _logits(ref_model, one)
+        assert_close(got[i:i + 1], want, **TOL, msg=f"sample {i} ({name})")
+
+
+def test_bad_targets_refused_like_peft():
+    with pytest.raises(TypeError, match="list of str"):
+        impl.LoraConfig(target_parameters="experts.down_proj")
+    nothing = moe_cfg(target_parameters=["experts.no_such_proj"])
+    raises_like_peft(ValueError, ["no `target_parameters` found"],
+                     lambda: impl.get_peft_model(moe_base("mixtral"), impl.LoraConfig(**nothing)),
+                     lambda: ref.get_peft_model(moe_base("mixtral"), ref.LoraConfig(**nothing)))
+
+
+@peft_fast_only
+def test_failed_injection_leaves_the_model_as_it_was():
+    model = moe_base("mixtral")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    kw = moe_cfg(target_modules=["q_proj"], target_parameters=["experts.down_proj", "q_proj.weight"])
+    with pytest.raises(ValueError, match="not a valid target"):
+        impl.get_peft_model(model, impl.LoraConfig(**kw))
+    assert set(model.state_dict()) == set(before)
+    assert type(model.model.layers[0].mlp.experts).__name__ == "MixtralExperts"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_add_weighted_adapter_refused_like_peft():
+    _, ref_model, impl_model = moe_pair("mixtral")
+    raises_like_peft(ValueError, ["add_weighted_adapter", "nn.Parameter"],
+                     lambda: impl_model.add_weighted_adapter(["default"], [1.0], "mix", combination_type="linear"),
+                     lambda: ref_model.add_weighted_adapter(["default"], [1.0], "mix", combination_type="linear"))
+
+
+@peft_fast_only
+def test_hotswap_refused_and_nothing_changes(tmp_path):
+    _, ref_model, impl_model = moe_pair("mixtral")
+    ref_model.save_pretrained(tmp_path)
+    before = {k: v.clone() for k, v in impl_model.state_dict().items()}
+    with pytest.raises(ValueError, match="target_parameters wrapper"):
+        impl.hotswap_adapter(impl_model, str(tmp_path), adapter_name="default")
+    assert all(torch.equal(v, before[k]) for k, v in impl_model.state_dict().items())
