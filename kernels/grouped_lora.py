@@ -177,6 +177,8 @@ def grouped_lora(x: Tensor, a3: Tensor, b3: Tensor, scaling: float, meta: LoraBa
     `rows_sorted`: the rows are already grouped by expert in order (what torch's grouped matmul needs)."""
     if use_triton(x, a3, b3, meta.sorted_tokens):
         return grouped_lora_triton(x, a3, b3, scaling, meta)
-    if rows_sorted and _grouped_mm_ok(a3, b3) and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
+    if rows_sorted and _grouped_mm_ok(a3, b3) and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and \
+            (a3.dtype == torch.bfloat16 or not torch.compiler.is_compiling()):
+        # (torch.compile's fake grouped matmul takes bf16 only: other dtypes trace the reference, a graph break)
         return grouped_lora_torch(x, a3, b3, scaling, meta)
     return grouped_lora_reference(x, a3, b3, scaling, meta)

@@ -22,7 +22,8 @@ from ..kernels import nf4_dequantize
 from ..kernels.common.batch_meta import LoraBatchMeta
 from ..kernels.grouped_lora import experts_meta
 
-REQUIRED = ("num_experts",)
+# What transformers' `use_experts_implementation` gives an experts module (the markers its __init__ sets).
+REQUIRED = ("num_experts", "has_gate", "has_bias", "is_transposed")
 
 
 def stack_shape(module: nn.Module, name: str) -> Optional[torch.Size]:
@@ -36,15 +37,15 @@ def stack_shape(module: nn.Module, name: str) -> Optional[torch.Size]:
 
 
 def is_experts_module(module: nn.Module) -> bool:
-    """A transformers experts module (3-D gate_up_proj or up_proj, and down_proj, with num_experts), whose forward
-    takes (hidden_states, top_k_index, top_k_weights): the grouped path below runs it. Other modules whose
-    parameters are targeted run their own forward with the adapted weights (PEFT's way)."""
+    """A transformers experts module built with `use_experts_implementation` (3-D gate_up_proj or up_proj and
+    down_proj stacks, num_experts, and the markers that decorator sets), whose forward takes (hidden_states,
+    top_k_index, top_k_weights): the grouped path below runs it. Other modules (Llama 4's experts take no routing)
+    run their own forward with the adapted weights, PEFT's way."""
     if not all(hasattr(module, a) for a in REQUIRED):
         return False
     up = stack_shape(module, "gate_up_proj") or stack_shape(module, "up_proj")
     down = stack_shape(module, "down_proj")
-    return up is not None and down is not None and len(up) == 3 and len(down) == 3 and \
-        (hasattr(module, "_apply_gate") or hasattr(module, "act_fn"))
+    return up is not None and down is not None and len(up) == 3 and len(down) == 3
 
 
 def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor, meta: LoraBatchMeta,
@@ -72,12 +73,12 @@ class _NF4Grouped(torch.autograd.Function):
     def forward(ctx, x, packed, state, offs, meta, transposed):
         ctx.save_for_backward(packed)
         ctx.state, ctx.offs, ctx.meta, ctx.transposed = state, offs, meta, transposed
-        return _grouped_linear(x, nf4_dequantize(packed, state), offs, meta, None, transposed)
+        return _grouped_linear(x, nf4_dequantize(packed, state).to(x.dtype), offs, meta, None, transposed)
 
     @staticmethod
     def backward(ctx, grad):
         (packed,) = ctx.saved_tensors
-        w = nf4_dequantize(packed, ctx.state)
+        w = nf4_dequantize(packed, ctx.state).to(grad.dtype)
         return _grouped_linear(grad.to(w.dtype), w, ctx.offs, ctx.meta, None, not ctx.transposed), None, None, \
             None, None, None
 
@@ -88,7 +89,9 @@ def _project(experts: nn.Module, name: str, x: torch.Tensor, offs: torch.Tensor,
     state = quantized(name) if quantized is not None else None
     if state is None:
         return _grouped_linear(x, getattr(experts, name), offs, meta, bias, transposed)
-    out = _NF4Grouped.apply(x.to(state.dtype), experts.packed(name), state, offs, meta, transposed)
+    # bitsandbytes' compute dtype when quantize was given one, else the dtype the stack was quantized from
+    compute = getattr(experts, "nf4_compute_dtype", None) or state.dtype
+    out = _NF4Grouped.apply(x.to(compute), experts.packed(name), state, offs, meta, transposed)
     return out + bias if bias is not None else out
 
 
@@ -123,11 +126,8 @@ def experts_forward(experts: nn.Module, deltas: dict[str, "Delta"], hidden_state
     ids = expert_ids_g.clamp(max=E - 1)
     if sentinel is not None:
         x = x.masked_fill(sentinel, 0.0)
-    transposed = getattr(experts, "is_transposed", False)
-    has_bias = getattr(experts, "has_bias", False)
-    has_gate = getattr(experts, "has_gate", None)
-    if has_gate is None:
-        has_gate = stack_shape(experts, "gate_up_proj") is not None
+    transposed, has_bias = experts.is_transposed, experts.has_bias
+    has_gate = experts.has_gate
 
     up_name = "gate_up_proj" if has_gate else "up_proj"
     bias = getattr(experts, f"{up_name}_bias")[ids] if has_bias else None

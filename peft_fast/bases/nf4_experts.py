@@ -71,6 +71,10 @@ class NF4Experts(nn.Module):
             self.register_parameter(n, nn.Parameter(w, requires_grad=False))
         return self
 
+    def __reduce_ex__(self, protocol):
+        # The NF4<cls> class is made at runtime: a pickle names the transformers class and remakes it on load.
+        return _remake, (self._dense_class, self._nf4_names), self.__getstate__()
+
     def _apply(self, fn, recurse=True):
         # The codes are uint8 and stay as they are under .half()/.to(dtype); the states follow the device only.
         super()._apply(fn, recurse)
@@ -138,6 +142,10 @@ def _nf4_class(cls: type, names: tuple[str, ...]) -> type:
     return _CLASSES[key]
 
 
+def _remake(cls: type, names: tuple[str, ...]) -> nn.Module:
+    return _nf4_class(cls, names).__new__(_nf4_class(cls, names))
+
+
 def is_nf4_experts(module: nn.Module) -> bool:
     return isinstance(module, NF4Experts)
 
@@ -149,8 +157,9 @@ def expert_stacks(module: nn.Module) -> tuple[str, ...]:
 
 
 def quantize_experts(module: nn.Module, *, blocksize: int = 64, double_quant: bool = True,
-                     quant_type: str = "nf4") -> nn.Module:
-    """Store `module`'s expert stacks in 4 bits, in place (its class becomes NF4<class>); returns the module."""
+                     quant_type: str = "nf4", compute_dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """Store `module`'s expert stacks in 4 bits, in place (its class becomes NF4<class>); returns the module.
+    `compute_dtype`: the grouped matmuls' dtype (bitsandbytes' compute dtype; None: the stacks' own dtype)."""
     if is_nf4_experts(module):
         return module
     if not is_experts_module(module):
@@ -168,6 +177,7 @@ def quantize_experts(module: nn.Module, *, blocksize: int = 64, double_quant: bo
         del module._parameters[n]
     module.__class__ = _nf4_class(type(module), names)
     module._nf4_states = {}
+    module.nf4_compute_dtype = compute_dtype
     for n, (packed, state) in made.items():
         module.register_buffer(f"{n}_nf4", packed, persistent=False)
         module._nf4_states[n] = state

@@ -1,10 +1,12 @@
 """peft_fast.quantize: turn a model's nn.Linear layers into 4-bit NF4Linear layers, and its mixture-of-experts stacks
 into 4-bit stacks (nf4_experts.py), without bitsandbytes.
 
-The same bytes as transformers' `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=..., ...)` would give
-(kernels/nf4_quantize.py is bit for bit bitsandbytes' quantize_4bit), the same layers left dense (the output
-embedding), and the same checkpoint keys; but no bitsandbytes and no CUDA needed to quantize, and the layers run on peft_fast's
-kernels. Patch the result with peft_fast.get_peft_model for QLoRA.
+The linear layers get the same bytes as transformers' `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=...)`
+would give (kernels/nf4_quantize.py is bit for bit bitsandbytes' quantize_4bit), the same layers left dense (the
+output embedding), and the same checkpoint keys; but no bitsandbytes and no CUDA are needed to quantize, and the
+layers run on peft_fast's kernels. bitsandbytes leaves expert stacks 16-bit: a model whose stacks are 4-bit here
+(the default, `experts=True`) loads back with peft_fast.load_quantized, not with transformers + bitsandbytes.
+Patch the result with peft_fast.get_peft_model for QLoRA.
 """
 from __future__ import annotations
 
@@ -78,6 +80,7 @@ def quantize(model: nn.Module, *, quant_type: str = "nf4", blocksize: int = 64, 
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
     for _, m in stacks:  # after the checks above, this cannot fail half way
-        quantize_experts(m, blocksize=blocksize, double_quant=double_quant, quant_type=quant_type)
+        quantize_experts(m, blocksize=blocksize, double_quant=double_quant, quant_type=quant_type,
+                         compute_dtype=compute_dtype)
         bar.update()
     return model

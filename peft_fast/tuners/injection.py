@@ -226,9 +226,9 @@ def unload(model: nn.Module, merge: bool, safe_merge: bool = False, adapter_name
             merge_layers(layers, safe_merge, adapter_names, bar)
     finally:
         bar.close()
-    for key, m in list(tuner_layers(model)):
-        if _inside_adapter_machinery(model, key):
-            continue
+    # The outermost layers, all found before the first replacement (which makes a nested wrapper look outermost).
+    outer = [(key, m) for key, m in tuner_layers(model) if not _inside_adapter_machinery(model, key)]
+    for key, m in outer:
         parent, child = parent_of(model, key)
         base = m.unload() if not isinstance(m, TunerLayer) else m.base_layer
         while isinstance(base, TunerLayer):  # wrappers nested over one module (several parameters targeted)

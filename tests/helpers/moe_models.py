@@ -9,8 +9,8 @@ import warnings
 
 import torch
 from tiny_models import impl, ref
-from transformers import GptOssConfig, GptOssForCausalLM, MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, \
-    Qwen3MoeForCausalLM
+from transformers import GptOssConfig, GptOssForCausalLM, Llama4ForCausalLM, Llama4TextConfig, MixtralConfig, \
+    MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
 ATTENTION = ["q_proj", "v_proj"]
@@ -39,7 +39,16 @@ def _gpt_oss():
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}))
 
 
-BUILDERS = {"mixtral": _mixtral, "qwen3_moe": _qwen3_moe, "gpt_oss": _gpt_oss}
+def _llama4():
+    """Llama 4's experts hold 3-D stacks but take no routing (the block scales the tokens before): not transformers'
+    shared experts contract, so their parameters run the module with W + ΔW, as PEFT does."""
+    return Llama4ForCausalLM(Llama4TextConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, intermediate_size_mlp=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=1,
+        max_position_embeddings=64, interleave_moe_layer_step=1, attention_chunk_size=16))
+
+
+BUILDERS = {"mixtral": _mixtral, "qwen3_moe": _qwen3_moe, "gpt_oss": _gpt_oss, "llama4": _llama4}
 
 
 def moe_base(kind: str, dtype=torch.float64):
@@ -49,7 +58,7 @@ def moe_base(kind: str, dtype=torch.float64):
             warnings.simplefilter("ignore")
             _CACHE[kind] = BUILDERS[kind]()
     model = copy.deepcopy(_CACHE[kind]).to(dtype)
-    if dtype == torch.float64:
+    if dtype == torch.float64 and kind != "llama4":
         model.set_experts_implementation("eager")
     return model
 

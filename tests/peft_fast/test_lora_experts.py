@@ -9,6 +9,8 @@ import warnings
 
 import pytest
 import torch
+
+import peft_fast
 from moe_models import EXPERTS, moe_base, moe_cfg, moe_inputs, moe_pair
 from switches import use_settings
 from tiny_models import assert_close, assert_same_params, count_calls, impl, peft_fast_only, raises_like_peft, ref
@@ -94,6 +96,7 @@ def test_merge_unmerge_and_unload(kind):
     merged_ref = ref_model.merge_and_unload()
     merged = impl_model.merge_and_unload()
     assert type(merged.model.layers[0].mlp.experts) is type(base.model.layers[0].mlp.experts)
+    assert set(merged.state_dict()) == set(base.state_dict())  # no wrapper left behind, nested or not
     mine, theirs = dict(merged.named_parameters()), dict(merged_ref.named_parameters())
     assert set(mine) == set(theirs)
     for n, q in theirs.items():
@@ -257,3 +260,56 @@ def test_hotswap_refused_and_nothing_changes(tmp_path):
     with pytest.raises(ValueError, match="target_parameters wrapper"):
         impl.hotswap_adapter(impl_model, str(tmp_path), adapter_name="default")
     assert all(torch.equal(v, before[k]) for k, v in impl_model.state_dict().items())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_unload_and_disable_after_merge(kind):
+    base, ref_model, impl_model = moe_pair(kind, "experts+attention")
+    x = moe_inputs()
+    for model in (ref_model, impl_model):
+        model.merge_adapter()
+    with ref_model.disable_adapter(), impl_model.disable_adapter():  # unmerges first, as every layer does
+        assert_close(_logits(impl_model, x), _logits(ref_model, x), **TOL)
+        assert_close(_logits(impl_model, x), _logits(base, x), **TOL)
+    plain = impl_model.unload()
+    assert set(plain.state_dict()) == set(base.state_dict())
+    assert_close(_logits(plain, x), _logits(base, x), **TOL)
+
+
+def test_experts_without_routing_run_their_module_as_peft_does():
+    """Llama 4's experts module takes no routing arguments: its stacks are adapted through its own forward."""
+    base, ref_model, impl_model = moe_pair("llama4", target_parameters=["feed_forward.experts.gate_up_proj",
+                                                                        "feed_forward.experts.down_proj"])
+    x = moe_inputs()
+    r_out, r_grads = _grads(ref_model, x)
+    i_out, i_grads = _grads(impl_model, x)
+    assert (r_out - _logits(base, x)).abs().max() > 1e-3
+    assert_close(i_out, r_out, **TOL)
+    for n in r_grads:
+        assert_close(i_grads[n], r_grads[n], **TOL, msg=n)
+
+
+@peft_fast_only
+def test_compiled_forward_and_backward_equal_eager():
+    """torch.compile of a training step over experts LoRA (float32 on CPU: the grouped matmul's compiled form takes
+    bf16 only, so the per-expert reference is traced there, with graph breaks) gives eager's loss and gradients."""
+    import torch._dynamo
+
+    _, _, model = moe_pair("mixtral", "experts+attention", dtype=torch.float32)
+    x = moe_inputs()
+    want_loss, want = _grads(model, x)
+    torch._dynamo.reset()
+    step = torch.compile(lambda ids: model(input_ids=ids, labels=ids).loss, backend="aot_eager")
+    model.zero_grad()
+    step(x["input_ids"]).backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert_close(p.grad, want[n], atol=1e-5, rtol=1e-5, msg=n)
+
+
+@peft_fast_only
+def test_packed_4bit_weights_are_not_parameter_targets():
+    model = peft_fast.quantize(moe_base("mixtral", torch.float32))
+    with pytest.raises(ValueError, match="target the module with target_modules"):
+        impl.get_peft_model(model, impl.LoraConfig(target_modules=[], target_parameters=["q_proj.weight"]))
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "NF4Linear"

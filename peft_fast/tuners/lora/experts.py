@@ -49,6 +49,7 @@ class ParamView(BaseView):
         if shape is None:
             shape = getattr(self.experts, parameter_name).shape
         transposed = getattr(self.experts, "is_transposed", False)
+        self.ndim = len(shape)
         if len(shape) == 3:
             self.num_experts = shape[0]
             self._in, self._out = (shape[1], shape[2]) if transposed else (shape[2], shape[1])
@@ -183,6 +184,7 @@ class LoraParam(TunerLayer):
 
     def update_layer(self, name: str, config, r: int, lora_alpha: float, autocast_adapter_dtype: bool = True,
                      parameter_name: Optional[str] = None) -> None:
+        """Add adapter `name` (`parameter_name`: the planned target's, which is this wrapper's own)."""
         if r <= 0:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
         init = config.init_lora_weights
@@ -217,12 +219,13 @@ class LoraParam(TunerLayer):
         return a.view(E, r, self.in_features), b.view(self.out_features, r, E).permute(2, 0, 1)
 
     def get_delta_weight(self, name: str) -> torch.Tensor:
+        """ΔW in the parameter's layout: [E, out, in] ([E, in, out] for transposed experts), [out, in] in 2-D."""
         a3, b3 = self.factors(name)
         delta = torch.bmm(b3, a3) * self.scaling[name]  # [E, out, in]
-        if getattr(innermost(self), "is_transposed", False):
+        view = self.base_view
+        if getattr(view.experts, "is_transposed", False):
             delta = delta.transpose(1, 2)
-        return delta[0] if len(stack_shape(innermost(self), self.parameter_name) or
-                                 getattr(innermost(self), self.parameter_name).shape) == 2 else delta
+        return delta[0] if view.ndim == 2 else delta
 
     def merge_weight(self, name: str, weight: torch.Tensor, ctx: Any, live: bool = False) -> torch.Tensor:
         return self.base_view.merge_add(weight, self.get_delta_weight(name), live)
@@ -271,7 +274,23 @@ class LoraParam(TunerLayer):
 
     def _mixed_stacks(self, names: tuple[str, ...], device: torch.device):
         """[adapters·E, r_max, in] and [adapters·E, out, r_max] stacks, ranks and scalings (rank 0: an adapter this
-        parameter does not have)."""
+        parameter does not have), kept until an adapter changes (its parameters' versions or storage, the set, the
+        scalings) or an event of the layer drops them."""
+        here = [n for n in names if n in self.lora_A]
+        key = (names, device, tuple((p._version, p.data_ptr()) for n in here
+                                    for p in (self.lora_A[n].weight, self.lora_B[n].weight)),
+               tuple(float(self.scaling[n]) for n in here))
+        cached = getattr(self, "_mixed_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        stacks = self._build_mixed_stacks(names, device)
+        self._mixed_cache = (key, stacks)
+        return stacks
+
+    def _clear_caches(self) -> None:
+        self._mixed_cache = None
+
+    def _build_mixed_stacks(self, names: tuple[str, ...], device: torch.device):
         E = self.num_experts
         here = [n for n in names if n in self.lora_A]
         r_max = max([self.r[n] for n in here], default=1)
@@ -297,9 +316,6 @@ class LoraParam(TunerLayer):
         return "lora.ParamWrapper" + super().__repr__()[len(type(self).__name__):]
 
     # --- forward -------------------------------------------------------------------------------------------------
-    def make_plan(self, x: torch.Tensor):
-        return self.base_layer
-
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         names = kwargs.pop("adapter_names", None)
         if names is not None and not isinstance(names, AdapterNames):  # a direct call with a plain list
@@ -307,6 +323,8 @@ class LoraParam(TunerLayer):
         batch = names if names is not None else batch_for(self)
         chain, module = {}, self
         while isinstance(module, LoraParam):
+            if module.disable_adapters and module.merged:  # as every layer: disabling undoes a merge first
+                module.unmerge()
             if batch is not None:
                 if module.merged:
                     raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "

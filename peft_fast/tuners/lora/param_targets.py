@@ -22,6 +22,10 @@ def plan_parameters(model: nn.Module, config, module_targets: list[str], target_
     names = sorted(set(config.target_parameters or ()))
     if not names:
         return []
+    init = config.init_lora_weights
+    if not (isinstance(init, bool) or init == "gaussian"):  # before anything changes (PiSSA would rewrite a base)
+        raise ValueError(f"init_lora_weights={init!r} needs a base weight matrix; target_parameters supports True, "
+                         "False and 'gaussian'.")
     for pname, _ in model.named_parameters(recurse=False):
         if _matches(pname, names):
             raise ValueError(f"Targeting an nn.Parameter on the top-level module is not supported (parameter "
@@ -62,6 +66,9 @@ def check_param_target(base: nn.Module, key: str, parameter_name: str) -> None:
     param = getattr(base, parameter_name, None)
     if not isinstance(param, nn.Parameter):
         raise ValueError(f"target_parameters: {key} has no parameter {parameter_name!r}.")
+    if not param.dtype.is_floating_point:  # e.g. a 4-bit layer's packed codes
+        raise ValueError(f"target_parameters: {key}.{parameter_name} holds {param.dtype} values, not weights LoRA "
+                         f"can adapt ({type(base).__name__}); target the module with target_modules instead.")
     if param.dim() not in (2, 3):
         raise ValueError(f"target_parameters: {key}.{parameter_name} has {param.dim()} dimensions; LoRA adapts 2-D "
                          "and 3-D parameters.")
