@@ -60,6 +60,14 @@ def _grouped_mm_ok(*ts: Tensor) -> bool:
                                                  and t.dtype == ts[0].dtype for t in ts)
 
 
+def _grouped_mm_layout(m: Tensor) -> bool:
+    """A 3-D operand torch._grouped_mm reads as it is: row- or column-major matrices, 16-byte aligned strides."""
+    size = m.element_size()
+    if m.stride(2) == 1:
+        return m.stride(1) * size % 16 == 0
+    return m.stride(1) == 1 and m.stride(2) * size % 16 == 0
+
+
 def grouped_lora_torch(x: Tensor, a3: Tensor, b3: Tensor, scaling: float, meta: LoraBatchMeta) -> Tensor:
     """torch._grouped_mm twice (its autograd gives the backward). Needs the rows already sorted by expert, as an
     experts layer holds them (meta.sorted_tokens the identity); float32/16-bit operands."""
@@ -69,8 +77,10 @@ def grouped_lora_torch(x: Tensor, a3: Tensor, b3: Tensor, scaling: float, meta: 
     # them on the way in zeroes their input gradient, on the way out their delta.
     keep = torch.arange(x.shape[0], device=x.device)[:, None] < offs[-1]
     z = torch._grouped_mm(torch.where(keep, x.to(a3.dtype), 0.0), a3.transpose(1, 2), offs=offs)
-    # PEFT's B layout strides the experts innermost, which the grouped matmul does not take: one small copy.
-    delta = torch._grouped_mm(z, b3.transpose(1, 2).contiguous(), offs=offs) * scaling
+    bt = b3.transpose(1, 2)  # [E, r, out]: column-major when b3 is [E, out, r] contiguous (kernel_factors)
+    if not _grouped_mm_layout(bt):  # PEFT's own layout strides the experts innermost: one small copy
+        bt = bt.contiguous()
+    delta = torch._grouped_mm(z, bt, offs=offs) * scaling
     return torch.where(keep, delta, delta.new_zeros(()))
 
 

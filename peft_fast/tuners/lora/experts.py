@@ -147,6 +147,8 @@ class LoraParam(TunerLayer):
                 raise ValueError(f"lora.ParamWrapper does not work with {field}={bad!r} (target_parameters "
                                  f"{parameter_name!r}); target the module with target_modules instead.")
         self.parameter_name = parameter_name
+        self._b_cache: dict = {}  # adapter -> B in the kernels' layout, while B does not change (kernel_factors)
+        self._mixed_cache = None  # the mixed-batch stacks and what they were built from (_mixed_stacks)
         self.lora_A, self.lora_B, self.lora_dropout = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
@@ -218,6 +220,20 @@ class LoraParam(TunerLayer):
         E, r = self.num_experts, self.r[name]
         return a.view(E, r, self.in_features), b.view(self.out_features, r, E).permute(2, 0, 1)
 
+    def kernel_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """`factors`, with B in the experts-outermost layout the grouped kernels read. PEFT's layout strides the
+        experts innermost, so B is copied: once per call while it trains (the copy is in the autograd graph),
+        once per change of B otherwise."""
+        a3, b3 = self.factors(name)
+        b = self.lora_B[name].weight
+        if torch.is_grad_enabled() and b.requires_grad:
+            return a3, b3.contiguous()
+        key = (b._version, b.data_ptr(), b.dtype)
+        cached = self._b_cache.get(name)
+        if cached is None or cached[0] != key:
+            cached = self._b_cache[name] = (key, b3.detach().contiguous())
+        return a3, cached[1]
+
     def get_delta_weight(self, name: str) -> torch.Tensor:
         """ΔW in the parameter's layout: [E, out, in] ([E, in, out] for transposed experts), [out, in] in 2-D."""
         a3, b3 = self.factors(name)
@@ -238,7 +254,7 @@ class LoraParam(TunerLayer):
         def delta(x: torch.Tensor, routing: Routing) -> torch.Tensor:
             out = None
             for name in active:
-                a3, b3 = self.factors(name)
+                a3, b3 = self.kernel_factors(name)
                 d = grouped_lora(x, a3, b3, self.scaling[name], routing.meta, rows_sorted=True)
                 out = d if out is None else out + d
             return out
@@ -289,6 +305,7 @@ class LoraParam(TunerLayer):
 
     def _clear_caches(self) -> None:
         self._mixed_cache = None
+        self._b_cache = {}
 
     def _build_mixed_stacks(self, names: tuple[str, ...], device: torch.device):
         E = self.num_experts
