@@ -152,6 +152,11 @@ def mm_config(M: int, N: int, K: int, a_dtype: torch.dtype, b_dtype: torch.dtype
 
 
 @functools.lru_cache(maxsize=256)
+def _hi_lo(v: float) -> tuple[float, float]:
+    return hi_lo(v)  # a layer's scaling is one value: split it once
+
+
+@functools.lru_cache(maxsize=256)
 def _keep_inverse(p: float) -> tuple[float, float]:
     return hi_lo(0.0 if p >= 1.0 else 1.0 / (1.0 - p))
 
@@ -169,13 +174,14 @@ def mm(a: Tensor, b: Tensor, c: Tensor, *, scale: float = 1.0, accumulate: bool 
                     torch.are_deterministic_algorithms_enabled(), settings.current())
     if cfg.split > 1:
         c.zero_()
-    s_hi, s_lo = hi_lo(float(scale))
+    s_hi, s_lo = _hi_lo(float(scale))
     i_hi, i_lo = _keep_inverse(float(p))
-    ld4 = cdiv(ld_x, 4)
+    ld4 = (ld_x + 3) // 4
+    sa, sb, sc = a.stride(), b.stride(), c.stride()
     _lora_mm_kernel[cfg.grid](
         a, b, c, bias if bias is not None else c, seed if seed is not None else c,
         M, N, K,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+        sa[0], sa[1], sb[0], sb[1], sc[0], sc[1],
         s_hi, s_lo, float(p), i_hi, i_lo, ld4, cfg.k_tiles,
         ACCUMULATE=accumulate, HAS_BIAS=bias is not None, DROP=drop, IDX64=rows_x * ld4 >= 2**31,
         DOT=cfg.dot, PRECISION=cfg.precision, SPLIT_K=cfg.split,

@@ -40,6 +40,11 @@ class Settings:
         if self.nf4_decode not in NF4_DECODES:
             raise ValueError(f"nf4_decode (PEFT_FAST_NF4_DECODE) = {self.nf4_decode!r} is not one of {NF4_DECODES}; "
                              "unset it or pick one of those.")
+        # Settings key caches read on every kernel call (launch configs, plans): hash them once.
+        object.__setattr__(self, "_hash", hash((self.backend, self.lora_dot, self.interpret, self.nf4_decode)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
 
 def _from_environment() -> Settings:
