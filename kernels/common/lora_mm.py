@@ -48,8 +48,8 @@ if HAS_TRITON:
         return factor
 
     @triton.jit
-    def _lora_mm_kernel(
-        a_ptr, b_ptr, c_ptr, bias_ptr, seed_ptr,
+    def _mm_tile(
+        pid, pid_k, a_ptr, b_ptr, c_ptr, bias_ptr, seed_ptr,
         M, N, K,
         stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
         scale_hi, scale_lo, p, inv_keep_hi, inv_keep_lo, ld4, k_tiles,
@@ -57,8 +57,7 @@ if HAS_TRITON:
         DOT: tl.constexpr, PRECISION: tl.constexpr, SPLIT_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        pid = tl.program_id(0)
-        pid_k = tl.program_id(1)
+        """Output tile `pid` (K part `pid_k`) of one matmul: what both kernels below run."""
         num_n = tl.cdiv(N, BLOCK_N)
         pid_m = pid // num_n
         pid_n = pid % num_n
@@ -105,6 +104,44 @@ if HAS_TRITON:
             if ACCUMULATE:
                 out += tl.load(c_ptrs, mask=mask_c, other=0.0).to(out.dtype)
             tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=mask_c)
+
+    @triton.jit
+    def _lora_mm_kernel(
+        a_ptr, b_ptr, c_ptr, bias_ptr, seed_ptr,
+        M, N, K,
+        stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+        scale_hi, scale_lo, p, inv_keep_hi, inv_keep_lo, ld4, k_tiles,
+        ACCUMULATE: tl.constexpr, HAS_BIAS: tl.constexpr, DROP: tl.constexpr, IDX64: tl.constexpr,
+        DOT: tl.constexpr, PRECISION: tl.constexpr, SPLIT_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        _mm_tile(tl.program_id(0), tl.program_id(1), a_ptr, b_ptr, c_ptr, bias_ptr, seed_ptr, M, N, K,
+                 stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+                 scale_hi, scale_lo, p, inv_keep_hi, inv_keep_lo, ld4, k_tiles,
+                 ACCUMULATE, HAS_BIAS, DROP, IDX64, DOT, PRECISION, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K)
+
+    @triton.jit
+    def _lora_mm2_kernel(
+        tiles1, seed_ptr, p, inv_keep_hi, inv_keep_lo, ld4,
+        a1, b1, c1, M1, N1, K1, sam1, sak1, sbk1, sbn1, scm1, scn1, s_hi1, s_lo1, k_tiles1,
+        a2, b2, c2, M2, N2, K2, sam2, sak2, sbk2, sbn2, scm2, scn2, s_hi2, s_lo2, k_tiles2,
+        ACC1: tl.constexpr, DROP1: tl.constexpr, DOT1: tl.constexpr, PREC1: tl.constexpr,
+        BM1: tl.constexpr, BN1: tl.constexpr, BK1: tl.constexpr,
+        ACC2: tl.constexpr, DROP2: tl.constexpr, DOT2: tl.constexpr, PREC2: tl.constexpr,
+        BM2: tl.constexpr, BN2: tl.constexpr, BK2: tl.constexpr, IDX64: tl.constexpr,
+    ):
+        # Two independent matmuls in one launch (the LoRA backward's dB beside dz, then dA beside dx): the first
+        # `tiles1` programs take the first one's output tiles, the rest the second's. No split-K: each fills the
+        # machine with the other's tiles instead.
+        pid = tl.program_id(0)
+        if pid < tiles1:
+            _mm_tile(pid, 0, a1, b1, c1, c1, seed_ptr, M1, N1, K1, sam1, sak1, sbk1, sbn1, scm1, scn1,
+                     s_hi1, s_lo1, p, inv_keep_hi, inv_keep_lo, ld4, k_tiles1,
+                     ACC1, False, DROP1, IDX64, DOT1, PREC1, 1, BM1, BN1, BK1)
+        else:
+            _mm_tile(pid - tiles1, 0, a2, b2, c2, c2, seed_ptr, M2, N2, K2, sam2, sak2, sbk2, sbn2, scm2, scn2,
+                     s_hi2, s_lo2, p, inv_keep_hi, inv_keep_lo, ld4, k_tiles2,
+                     ACC2, False, DROP2, IDX64, DOT2, PREC2, 1, BM2, BN2, BK2)
 
 
 def blocks(M: int, N: int, K: int) -> tuple[int, int, int]:
@@ -189,27 +226,68 @@ def mm(a: Tensor, b: Tensor, c: Tensor, *, scale: float = 1.0, accumulate: bool 
     )
 
 
+def mm2(first: tuple, second: tuple, *, seed: Optional[Tensor] = None, p: float = 0.0, ld_x: int = 0,
+        rows_x: int = 0) -> None:
+    """Two independent `mm`s in one launch, each given as (a, b, c, scale, accumulate, drop), without bias or
+    split-K; they share the dropout mask's arguments (it is x's, whichever product takes it)."""
+    parts, cfgs = [], []
+    for a, b, c, scale, accumulate, drop in (first, second):
+        M, K = a.shape
+        N = b.shape[1]
+        cfgs.append(mm_config(M, N, K, a.dtype, b.dtype, c.dtype, c.device, False,
+                              torch.get_float32_matmul_precision(), torch.are_deterministic_algorithms_enabled(),
+                              settings.current()))
+        sa, sb, sc = a.stride(), b.stride(), c.stride()
+        parts.append((a, b, c, M, N, K, sa[0], sa[1], sb[0], sb[1], sc[0], sc[1], *_hi_lo(float(scale))))
+    c1, c2 = cfgs
+    if c1.grid[0] == 0 or c2.grid[0] == 0:  # an empty product: launch the other one alone
+        for (a, b, c, scale, accumulate, drop), cfg in zip((first, second), cfgs):
+            if cfg.grid[0]:
+                mm(a, b, c, scale=scale, accumulate=accumulate, drop=drop, seed=seed, p=p, ld_x=ld_x, rows_x=rows_x)
+        return
+    i_hi, i_lo = _keep_inverse(float(p))
+    ld4 = (ld_x + 3) // 4
+    seed_arg = seed if seed is not None else first[2]
+    _lora_mm2_kernel[(c1.grid[0] + c2.grid[0],)](
+        c1.grid[0], seed_arg, float(p), i_hi, i_lo, ld4,
+        *parts[0], c1.k_tiles, *parts[1], c2.k_tiles,
+        ACC1=first[4], DROP1=first[5], DOT1=c1.dot, PREC1=c1.precision,
+        BM1=c1.block_m, BN1=c1.block_n, BK1=c1.block_k,
+        ACC2=second[4], DROP2=second[5], DOT2=c2.dot, PREC2=c2.precision,
+        BM2=c2.block_m, BN2=c2.block_n, BK2=c2.block_k, IDX64=rows_x * ld4 >= 2**31,
+    )
+
+
 def lora_backward(dy2d: Tensor, x2d: Tensor, lora_a: Tensor, lora_b: Tensor, z2d: Tensor, seed: Optional[Tensor],
                   scaling: float, dropout_p: float, need_da: bool, need_db: bool, dx2d: Optional[Tensor],
                   accumulate: bool) -> tuple[Tensor, Tensor]:
     """The LoRA side of backward, shared by every op with a LoRA branch: dB = s·dyᵀ·z, dA = (s·dy·B)ᵀ·drop(x), and,
     when dx2d is given, drop-mask ⊙ (s·dy·B)·A added into it (or written, accumulate=False). Returns (dA, dB),
-    empty when not needed."""
+    empty when not needed. Two launches: dB beside dz = s·dy·B, then dA beside dx (each pair reads one input)."""
     M, in_f = x2d.shape
     drop = dropout_p > 0
     da, db = lora_a.new_empty(0), lora_b.new_empty(0)
+    mask = dict(seed=seed, p=dropout_p, ld_x=in_f, rows_x=M)
+    need_dz = dx2d is not None or need_da
     if need_db:
         db = torch.empty(lora_b.shape, device=x2d.device, dtype=lora_b.dtype)
-        mm(dy2d.t(), z2d, db, scale=scaling)
-    if dx2d is not None or need_da:
+    if need_dz:
         dz = torch.empty(z2d.shape, device=x2d.device, dtype=z2d.dtype)
+    if need_db and need_dz:
+        mm2((dy2d.t(), z2d, db, scaling, False, DROP_NONE), (dy2d, lora_b, dz, scaling, False, DROP_NONE))
+    elif need_db:
+        mm(dy2d.t(), z2d, db, scale=scaling)
+    elif need_dz:
         mm(dy2d, lora_b, dz, scale=scaling)
-        if need_da:
-            da = torch.empty(lora_a.shape, device=x2d.device, dtype=lora_a.dtype)
-            mm(dz.t(), x2d, da, drop=DROP_B if drop else DROP_NONE, seed=seed, p=dropout_p, ld_x=in_f, rows_x=M)
-        if dx2d is not None:
-            mm(dz, lora_a, dx2d, accumulate=accumulate, drop=DROP_C if drop else DROP_NONE, seed=seed,
-               p=dropout_p, ld_x=in_f, rows_x=M)
+    if need_da:
+        da = torch.empty(lora_a.shape, device=x2d.device, dtype=lora_a.dtype)
+    da_call = (dz.t(), x2d, da, 1.0, False, DROP_B if drop else DROP_NONE) if need_da else None
+    dx_call = (dz, lora_a, dx2d, 1.0, accumulate, DROP_C if drop else DROP_NONE) if dx2d is not None else None
+    if da_call and dx_call:
+        mm2(da_call, dx_call, **mask)
+    for call in (c for c in (da_call, dx_call) if c and not (da_call and dx_call)):
+        a, b, c, scale, acc, d = call
+        mm(a, b, c, scale=scale, accumulate=acc, drop=d, **mask)
     return da, db
 
 
