@@ -233,7 +233,7 @@ class TunerModel(nn.Module):
         unknown = {n for n in adapter_names if n != BASE_NAME} - set(self.peft_config)
         if unknown:
             raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")
-        slots = tuple(sorted(self.peft_config))
+        slots = self._slot_table()
         device = next((p.device for _, layer in self.adapter_layers() for p in layer.adapter_parameters()[:1]), None)
         encoder = None
         if isinstance(num_beams, int) and num_beams > 1:
@@ -249,6 +249,23 @@ class TunerModel(nn.Module):
                 layer.prepare_mixed(slots)
             self._batch_key.stale = False
         return AdapterNames(list(adapter_names), slots, self._batch_key, encoder, device)
+
+    def _slot_table(self) -> tuple:
+        """Each adapter's slot in the layers' stacks, stable while it exists: a new adapter takes the first free slot
+        (None) or a new one at the end, a deleted one frees its slot, so no other adapter's slot moves and the
+        layers rewrite only the slots that changed."""
+        table = getattr(self, "_slots", [])
+        names = set(self.peft_config)
+        table = [n if n in names else None for n in table]
+        for name in sorted(names - set(table)):
+            if None in table:
+                table[table.index(None)] = name
+            else:
+                table.append(name)
+        while table and table[-1] is None:
+            table.pop()
+        self._slots = table
+        return tuple(table)
 
     def claim_layers(self) -> None:
         """Mark this model's adapter layers as the ones its mixed batches reach (after layers are added)."""

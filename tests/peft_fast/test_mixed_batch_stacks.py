@@ -156,7 +156,8 @@ def test_eval_mode_trusts_the_stacks_without_checking_every_parameter(monkeypatc
     with torch.no_grad():
         out(impl, x, adapter_names=NAMES)
         checks = []
-        monkeypatch.setattr(stacks.StackCache, "fresh", lambda *a: checks.append(1) or True)
+        real = stacks.StackCache.update
+        monkeypatch.setattr(stacks.StackCache, "update", lambda self, *a: checks.append(1) or real(self, *a))
         out(impl, x, adapter_names=NAMES)
         assert checks == []
         layer = _layers(impl)[0]
@@ -165,3 +166,42 @@ def test_eval_mode_trusts_the_stacks_without_checking_every_parameter(monkeypatc
         for _ in range(2):  # the first call after train() builds the stacks, the second checks them
             layer.mixed_batch_forward(torch.randn(2, layer.in_features), adapter_names=names)
         assert checks
+
+
+def test_events_write_only_the_slots_that_changed(monkeypatch):
+    """Adapters keep their slot while they exist: adding, deleting, loading or training one adapter writes that
+    adapter's slot in each layer, never the others' (only growing the capacity, by doubling, rewrites all)."""
+    from peft_fast.tuners.lora import stacks
+
+    _, impl = _three()
+    writes = []
+    real = stacks.write_slot
+    monkeypatch.setattr(stacks, "write_slot", lambda st, i, layer, name: writes.append(name) or real(st, i, layer,
+                                                                                                    name))
+    layers = _layers(impl)
+    x = inputs("llama", batch=4, seq=4, seed=3)
+
+    def batch(names):
+        writes.clear()
+        _check(impl, names)
+        return sorted(set(writes), key=str)
+
+    cfg = dict(r=4, init_lora_weights=False)
+    assert batch(["a", "b", "c", "__base__"]) == ["a", "b", "c"]  # the first mixed batch fills the slots
+    assert batch(["c", "b", "a", "a"]) == []
+    impl.add_adapter("d", peft_fast.LoraConfig(**cfg))  # 4 slots: the capacity (3) doubles, everything is written
+    batch(["d", "a", "b", "c"])
+    impl.add_adapter("e", peft_fast.LoraConfig(**cfg))
+    assert batch(["e", "a", "d", "__base__"]) == ["e"]
+    slot_of_c = impl.base_model._slots.index("c")
+    impl.delete_adapter("c")
+    assert batch(["e", "a", "d", "b"]) == [None]  # c's slots freed
+    impl.add_adapter("f", peft_fast.LoraConfig(**cfg))
+    assert batch(["f", "a", "e", "b"]) == ["f"] and impl.base_model._slots.index("f") == slot_of_c
+    impl.train()
+    impl.set_adapter("a")
+    opt = torch.optim.SGD([p for p in impl.parameters() if p.requires_grad], lr=1.0)
+    impl(**x).logits.pow(2).mean().backward()
+    opt.step()
+    assert batch(["f", "a", "e", "b"]) == ["a"]
+    assert all(len(m._stack_cache.slot_names) == 5 for m in layers)

@@ -97,16 +97,18 @@ class LoraCompute:
                                       for p in d.parameters())
 
     def _stacks(self, slot_names: tuple[str, ...], x: torch.Tensor) -> AdapterStacks:
-        """Stacked adapter weights for the batched kernels, rebuilt only when an adapter changed. In eval mode the
-        stacks change only with the layer's events (adding, loading, deleting, merging, hotswaps, load_state_dict,
-        train() / eval()), so they are reused without looking at every parameter, as serving needs (and as a
-        compiled forward must); in training mode every parameter's version and storage is checked."""
+        """The adapter slots for the batched kernels (stacks.py), written only where an adapter changed. In eval mode
+        they change only with the layer's events (adding, loading, deleting, merging, hotswaps, load_state_dict,
+        train() / eval()), so they are reused without looking at any parameter, as serving needs (and as a
+        compiled forward must); after an event, or in training mode, each slot's parameters are checked."""
         adapter_dtype = next(iter(self.lora_A.values())).weight.dtype
         dtype = stack_dtype(x, adapter_dtype, use_triton(x))
         cache = self._stack_cache
-        if (cache is None or cache.slot_names != slot_names or cache.dtype != dtype
-                or (self.training and not cache.fresh(self, slot_names, dtype))):
+        if cache is None or cache.dtype != dtype:
             cache = self._stack_cache = StackCache(self, slot_names, dtype)
+        elif self.training or getattr(self, "_stack_dirty", True) or cache.slot_names != slot_names:
+            cache.update(self, slot_names)  # only the slots whose adapter changed are written
+        self._stack_dirty = False
         return cache.stacks
 
     def prepare_mixed(self, slot_names: tuple[str, ...]) -> None:

@@ -137,7 +137,7 @@ class LoraLinear(LoraCompute, TunerLayer):
                 mod[name] = mod[name].to(torch.float32)
 
     def _clear_caches(self) -> None:
-        self._stack_cache = None
+        self._stack_dirty = True  # the slots stay allocated; the next mixed batch rewrites the ones that changed
         for variant in self.lora_variant.values():
             variant.clear()
 

@@ -2,6 +2,7 @@
 reused by every mixed batch until then (kernels/multi_lora.py takes them)."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -28,48 +29,91 @@ class AdapterStacks:
     dora_scale: Optional[torch.Tensor] = None  # [n_slots, out] when some adapter is DoRA: m / norm, 1 elsewhere
 
 
-def _adapter_params(layer, slot_names: tuple[str, ...]) -> list[torch.Tensor]:
-    # Straight through the module dicts: nn.Module.__getattr__ would cost ~1 µs per lookup, on every forward.
-    a_mods, b_mods = layer.lora_A._modules, layer.lora_B._modules
-    m_mods = layer.lora_magnitude_vector._modules
-    out = []
-    for name in slot_names:
-        a = a_mods.get(name)
-        if a is None:
-            continue
-        b_params = b_mods[name]._parameters
-        out += [a._parameters["weight"], b_params["weight"]]
-        if b_params.get("bias") is not None:
-            out.append(b_params["bias"])
-        if name in m_mods:  # a DoRA adapter's scale depends on its magnitude too
-            out.append(m_mods[name]._parameters["weight"])
+def _slot_params(layer, name: Optional[str]) -> list[torch.Tensor]:
+    """What adapter `name`'s slot is built from (None: a free slot)."""
+    # Straight through the module dicts: nn.Module.__getattr__ would cost ~1 µs per lookup.
+    a = layer.lora_A._modules.get(name) if name is not None else None
+    if a is None:
+        return []
+    b_params = layer.lora_B._modules[name]._parameters
+    out = [a._parameters["weight"], b_params["weight"]]
+    if b_params.get("bias") is not None:
+        out.append(b_params["bias"])
+    m = layer.lora_magnitude_vector._modules.get(name)
+    if m is not None:  # a DoRA adapter's scale depends on its magnitude too
+        out.append(m._parameters["weight"])
     return out
 
 
 class StackCache:
-    """A layer's stacked adapters and what they were built from. Checked on every mixed batch: the adapter set,
-    each parameter's version counter (an optimizer step or load bumps it) and storage (``p.data = ...`` swaps it),
-    so the stacks are never stale; only what changed triggers a rebuild."""
+    """A layer's adapter slots for the batched kernels: one preallocated stack per operand with room for
+    `capacity` adapters of rank up to `r_cap`, grown by doubling. `update` writes only the slots whose adapter
+    changed (added, loaded, trained, deleted: its parameters' identity, storage or version, its scaling, and for
+    DoRA the base weight), so an event costs one slot, not a repack; a forward only reads them."""
 
-    def __init__(self, layer, slot_names: tuple[str, ...], dtype: torch.dtype):
-        self.slot_names, self.dtype = slot_names, dtype
-        self.params = _adapter_params(layer, slot_names)
-        self.state = self._state(layer)
-        self.stacks = build_stacks(layer, slot_names, dtype)
+    def __init__(self, layer, slot_names: tuple, dtype: torch.dtype):
+        self.dtype = dtype
+        self.slot_names: tuple = ()
+        self.signatures: list = []
+        self.capacity = self.r_cap = 0
+        self.has_bias = self.has_dora = False
+        self.full: Optional[AdapterStacks] = None
+        self.stacks: Optional[AdapterStacks] = None
+        self.update(layer, slot_names)
 
-    def _state(self, layer) -> list:
-        # A DoRA scale also depends on the base weight (its norm): its identity, storage and version.
-        dora_base = (layer.base_view.version() if any(_scales_channels(layer, n) for n in self.slot_names)
-                     else None)
-        return ([p._version for p in self.params] + [p.data_ptr() for p in self.params]
-                + [_scalar(layer.scaling.get(n)) for n in self.slot_names] + [dora_base])
+    def _signature(self, layer, name: Optional[str]) -> tuple:
+        params = _slot_params(layer, name)
+        if not params:
+            return ()
+        dora = layer.base_view.version() if _scales_channels(layer, name) else None
+        return (tuple((id(p), p.data_ptr(), p._version) for p in params), layer.r[name],
+                _scalar(layer.scaling[name]), dora)
 
-    def fresh(self, layer, slot_names: tuple[str, ...], dtype: torch.dtype) -> bool:
-        if slot_names != self.slot_names or dtype != self.dtype:
-            return False
-        current = _adapter_params(layer, slot_names)
-        return (len(current) == len(self.params) and all(a is b for a, b in zip(current, self.params))
-                and self._state(layer) == self.state)
+    def update(self, layer, slot_names: tuple) -> int:
+        """Bring the slots up to date with `slot_names` (the model's slot order; None: a free slot). Returns how
+        many slots were written."""
+        sigs = [self._signature(layer, n) for n in slot_names]
+        present = [n for n in slot_names if n is not None and n in layer.lora_A]
+        r_need = max((layer.r[n] for n in present), default=1)
+        has_bias = any(layer.lora_B[n].bias is not None for n in present)
+        has_dora = any(_scales_channels(layer, n) for n in present)
+        ref = layer.lora_A[present[0]].weight if present else None
+        if (self.full is None or len(slot_names) > self.capacity or r_need > self.r_cap or has_bias != self.has_bias
+                or has_dora != self.has_dora or (ref is not None and ref.device != self.full.a.device)):
+            self._allocate(layer, len(slot_names), r_need, has_bias, has_dora, ref)
+            self.signatures = [()] * self.capacity
+        written = 0
+        for i, (name, sig) in enumerate(zip(slot_names, sigs)):
+            # (a free slot stays free: its rank is 0 whichever adapter now names it)
+            if sig != self.signatures[i] or (sig and i < len(self.slot_names) and self.slot_names[i] != name):
+                write_slot(self.full, i, layer, name if sig else None)
+                self.signatures[i] = sig
+                written += 1
+        for i in range(len(slot_names), len(self.slot_names)):  # slots beyond the model's now: free them
+            if self.signatures[i]:
+                write_slot(self.full, i, layer, None)
+                self.signatures[i] = ()
+        self.slot_names = tuple(slot_names)
+        n, f = len(slot_names), self.full
+        self.stacks = AdapterStacks(f.a[:n], f.b[:n], f.ranks[:n], f.scalings[:n],
+                                    f.bias[:n] if f.bias is not None else None,
+                                    f.dora_scale[:n] if f.dora_scale is not None else None)
+        return written
+
+    def _allocate(self, layer, n: int, r_need: int, has_bias: bool, has_dora: bool, ref) -> None:
+        capacity = max(n, 2 * self.capacity if n > self.capacity else self.capacity, 1)
+        r_cap = max(r_need, self.r_cap)
+        device = ref.device if ref is not None else torch.device("cpu")
+        zeros = functools.partial(torch.zeros, device=device)
+        m_dtype = next((layer.lora_magnitude_vector[m].weight.dtype for m in layer.lora_magnitude_vector), None)
+        self.full = AdapterStacks(
+            zeros(capacity, r_cap, layer.in_features, dtype=self.dtype),
+            zeros(capacity, layer.out_features, r_cap, dtype=self.dtype),
+            zeros(capacity, dtype=torch.int32), zeros(capacity, dtype=torch.float32),
+            zeros(capacity, layer.out_features, dtype=self.dtype) if has_bias else None,
+            torch.ones(capacity, layer.out_features, device=device, dtype=m_dtype) if has_dora else None)
+        self.capacity, self.r_cap, self.has_bias, self.has_dora = capacity, r_cap, has_bias, has_dora
+        self.slot_names = ()
 
 
 def _scales_channels(layer, name: str) -> bool:
@@ -82,35 +126,22 @@ def _scalar(scaling) -> Optional[float]:
     return float(scaling) if isinstance(scaling, torch.Tensor) else scaling
 
 
-def build_stacks(layer, slot_names: tuple[str, ...], dtype: torch.dtype) -> AdapterStacks:
-    present = [n for n in slot_names if n in layer.lora_A]
-    ref = layer.lora_A[present[0]].weight
-    r_max = max(layer.r[n] for n in present)
-    n = len(slot_names)
-    a = torch.zeros(n, r_max, layer.in_features, device=ref.device, dtype=dtype)
-    b = torch.zeros(n, layer.out_features, r_max, device=ref.device, dtype=dtype)
-    ranks = torch.zeros(n, dtype=torch.int32)
-    scalings = torch.zeros(n, dtype=torch.float32)
-    has_bias = any(layer.lora_B[p].bias is not None for p in present)
-    bias = torch.zeros(n, layer.out_features, device=ref.device, dtype=dtype) if has_bias else None
+def write_slot(stacks: AdapterStacks, i: int, layer, name: Optional[str]) -> None:
+    """Slot i of the stacks holds adapter `name` of `layer` (None or absent: rank 0, which the kernels skip; its
+    padding is never read)."""
     with torch.no_grad():
-        for i, name in enumerate(slot_names):
-            if name not in layer.lora_A:
-                continue
-            r = layer.r[name]
-            a[i, :r] = layer.lora_A[name].weight
-            b[i, :, :r] = layer.lora_B[name].weight
-            ranks[i], scalings[i] = r, _scalar(layer.scaling[name])
-            if bias is not None and layer.lora_B[name].bias is not None:
-                bias[i] = layer.lora_B[name].bias
-    dora_scale = None
-    dora_names = [n for n in present if _scales_channels(layer, n)]
-    if dora_names:
-        # Kept in the magnitude's dtype (float32): the expand's epilogue applies it at accumulator precision.
-        m_dtype = layer.lora_magnitude_vector[dora_names[0]].weight.dtype
-        dora_scale = torch.ones(n, layer.out_features, device=ref.device, dtype=m_dtype)
-        with torch.no_grad():
-            for i, name in enumerate(slot_names):
-                if name in dora_names:
-                    dora_scale[i] = layer.variant(name).mixed_scale(layer, name)
-    return AdapterStacks(a, b, ranks.to(ref.device), scalings.to(ref.device), bias, dora_scale)
+        if name is None or name not in layer.lora_A:
+            stacks.ranks[i], stacks.scalings[i] = 0, 0.0
+            if stacks.dora_scale is not None:
+                stacks.dora_scale[i] = 1.0
+            return
+        r = layer.r[name]
+        stacks.a[i, :r] = layer.lora_A[name].weight
+        stacks.b[i, :, :r] = layer.lora_B[name].weight
+        stacks.ranks[i], stacks.scalings[i] = r, _scalar(layer.scaling[name])
+        if stacks.bias is not None:
+            bias = layer.lora_B[name].bias
+            stacks.bias[i] = bias if bias is not None else 0.0
+        if stacks.dora_scale is not None:
+            stacks.dora_scale[i] = layer.variant(name).mixed_scale(layer, name) if _scales_channels(layer, name) \
+                else 1.0
