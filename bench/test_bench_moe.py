@@ -56,7 +56,8 @@ def _pair(name: str, four_bit: bool = False):
     in 4 bits (peft_fast.quantize), PEFT's stay 16-bit (it has no 4-bit stacks)."""
     hidden, inter, experts, top_k = LAYERS[name]
     torch.manual_seed(0)
-    base = OneExperts(hidden, inter, experts, top_k).to(DEVICE, BASE_DTYPE)
+    with torch.device(DEVICE):  # Mixtral's stacks are 1.4B values: initialised where they run, not on the CPU
+        base = OneExperts(hidden, inter, experts, top_k).to(BASE_DTYPE)
     kw = dict(target_modules=[], target_parameters=TARGETS, r=RANK, lora_alpha=ALPHA, init_lora_weights=False)
     ref = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kw))
     mine = peft_fast.quantize(copy.deepcopy(base)) if four_bit else copy.deepcopy(base)
