@@ -14,6 +14,7 @@ import torch
 from lycoris_pairs import assert_eval_matches, assert_same_files, assert_train_step_matches
 from torch import nn
 
+from merge_checks import check_merge_round_trip
 from tiny_models import assert_close, assert_same_params, assert_same_state, assert_unchanged, copy_weights, \
     impl, out, peft_fast_only, perturb_magnitudes, raises_like_peft, ref, set_active, snapshot
 
@@ -190,23 +191,7 @@ def test_merge_unmerge_and_unload(kw):
     for m in (r, i):
         m.eval()
     with torch.no_grad():
-        want = out(r, x)
-        for m in (r, i):
-            m.merge_adapter()
-        assert_same_state(r, i)
-        assert_close(out(i, x), want)
-        for m in (r, i):
-            m.unmerge_adapter()
-        assert_same_state(r, i)
-        assert_close(out(i, x), want)
-        for m in (r, i):
-            m.merge_adapter(adapter_names=["default", "other"], safe_merge=True)
-        assert_same_state(r, i)
-        for m in (r, i):
-            m.unmerge_adapter()
-        merged_r = r.merge_and_unload(adapter_names=["other"], safe_merge=True)
-        merged_i = i.merge_and_unload(adapter_names=["other"], safe_merge=True)
-        assert_same_state(merged_r, merged_i)
+        _, merged_i = check_merge_round_trip(r, i, x, out)
         assert type(merged_i.conv0) is nn.Conv2d and type(merged_i.conv2) is nn.Conv1d
     r, i = pair()
     assert_same_state(r.unload(), i.unload(), atol=0, rtol=0)

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from merge_checks import check_merge_round_trip
 from tiny_models import assert_close, assert_same_params, assert_same_state, assert_unchanged, copy_weights, \
     impl, out, peft_fast_only, perturb_magnitudes, raises_like_peft, ref, set_active, snapshot
 
@@ -190,23 +191,7 @@ def test_merge_unmerge_and_unload(dora):
     for m in (r, i):
         m.eval()
     with torch.no_grad():
-        want = out(r, x)
-        for m in (r, i):
-            m.merge_adapter()
-        assert_same_state(r, i)
-        assert_close(out(i, x), want)
-        for m in (r, i):
-            m.unmerge_adapter()
-        assert_same_state(r, i)
-        assert_close(out(i, x), want)
-        for m in (r, i):
-            m.merge_adapter(adapter_names=["default", "other"], safe_merge=True)
-        assert_same_state(r, i)
-        for m in (r, i):
-            m.unmerge_adapter()
-        merged_r = r.merge_and_unload(adapter_names=["other"], safe_merge=True)
-        merged_i = i.merge_and_unload(adapter_names=["other"], safe_merge=True)
-        assert_same_state(merged_r, merged_i)
+        _, merged_i = check_merge_round_trip(r, i, x, out)
         assert type(merged_i.model.embed_tokens) is nn.Embedding
     r, i = pair()
     assert_same_state(r.unload(), i.unload(), atol=0, rtol=0)
