@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .common.autograd import FusedOp, needs_grad
 from .common.backend import HAS_TRITON, use_triton
 from .common.batch_meta import LoraBatchMeta, check_launch, make_lora_batch_meta, slot_rows
 from .common.dot_policy import dot_mode, precision
@@ -140,45 +141,97 @@ def _wgrad(g: Tensor, h: Tensor, meta: LoraBatchMeta, scale: float, dtype: torch
     return out
 
 
-class _GroupedLora(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, a3: Tensor, b3: Tensor, scaling: float, meta: LoraBatchMeta) -> Tensor:
-        E, r = a3.shape[0], a3.shape[1]
-        # PEFT's B strides the experts innermost: every kernel would read it scattered. One copy ([E, out, r], the
-        # layout of the multi-adapter stacks) costs out·r·E elements, small beside the rows' traffic.
-        b3 = b3.contiguous()
-        ranks = torch.full((E,), r, dtype=torch.int32, device=x.device)
-        sdtype = torch.float64 if a3.dtype == torch.float64 else torch.float32  # the scale exact as the math
-        scalings = torch.full((E,), float(scaling), dtype=sdtype, device=x.device)
-        z = lora_shrink_triton(x, a3, ranks, meta)
-        y = torch.zeros((x.shape[0], b3.shape[1]), device=x.device, dtype=a3.dtype)
-        lora_expand_triton(y, z, b3, ranks, scalings, meta)
-        ctx.save_for_backward(x, a3, b3, z, ranks, scalings)
-        ctx.scaling, ctx.meta = float(scaling), meta
-        return y
+def _meta(token_slots: Tensor, sorted_tokens: Tensor, starts: Tensor, counts: Tensor, tile_slots: Tensor,
+          tile_rows: Tensor, n_slots: int, block_m: int) -> LoraBatchMeta:
+    return LoraBatchMeta(token_slots, sorted_tokens, starts, counts, tile_slots, tile_rows, token_slots.numel(),
+                         n_slots, block_m)
 
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        x, a3, b3, z, ranks, scalings = ctx.saved_tensors
-        meta, s = ctx.meta, ctx.scaling
-        grad = grad.contiguous()
-        dz = lora_shrink_triton(grad, b3.transpose(1, 2).contiguous(), ranks, meta)  # g·B_e, [N, r]
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.zeros((x.shape[0], x.shape[1]), device=x.device, dtype=torch.promote_types(x.dtype, a3.dtype))
-            lora_expand_triton(dx, dz, a3.transpose(1, 2), ranks, scalings, meta)  # s·(g·B_e)·A_e
-            dx = dx.to(x.dtype)
-        da = _wgrad(dz, x, meta, s, a3.dtype) if ctx.needs_input_grad[1] else None  # s·(g·B_e)ᵀ·x_e
-        db = _wgrad(grad, z, meta, s, b3.dtype) if ctx.needs_input_grad[2] else None  # s·gᵀ·(x_e·A_eᵀ)
-        return dx, da, db, None, None
+
+def _rank_scale(a3: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
+    E, r = a3.shape[0], a3.shape[1]
+    sdtype = torch.float64 if a3.dtype == torch.float64 else torch.float32  # the scale exact as the math
+    return (torch.full((E,), r, dtype=torch.int32, device=a3.device),
+            torch.full((E,), float(scaling), dtype=sdtype, device=a3.device))
+
+
+def _forward(x: Tensor, a3: Tensor, b3: Tensor, scaling: float, token_slots: Tensor, sorted_tokens: Tensor,
+             starts: Tensor, counts: Tensor, tile_slots: Tensor, tile_rows: Tensor, n_slots: int,
+             block_m: int) -> tuple[Tensor, Tensor]:
+    meta = _meta(token_slots, sorted_tokens, starts, counts, tile_slots, tile_rows, n_slots, block_m)
+    ranks, scalings = _rank_scale(a3, scaling)
+    # PEFT's B strides the experts innermost: every kernel would read it scattered. Callers that keep B
+    # contiguous [E, out, r] (LoraParam.kernel_factors) skip this copy.
+    b3 = b3.contiguous()
+    z = lora_shrink_triton(x, a3, ranks, meta)
+    y = torch.zeros((x.shape[0], b3.shape[1]), device=x.device, dtype=a3.dtype)
+    lora_expand_triton(y, z, b3, ranks, scalings, meta)
+    return y, z
+
+
+def _forward_fake(x, a3, b3, scaling, token_slots, sorted_tokens, starts, counts, tile_slots, tile_rows, n_slots,
+                  block_m):
+    return (x.new_empty((x.shape[0], b3.shape[1]), dtype=a3.dtype),
+            x.new_empty((x.shape[0], a3.shape[1]), dtype=torch.float64 if torch.float64 in (x.dtype, a3.dtype)
+                        else torch.float32))
+
+
+def _backward_impl(grad: Tensor, x: Tensor, a3: Tensor, b3: Tensor, z: Tensor, scaling: float, token_slots: Tensor,
+                   sorted_tokens: Tensor, starts: Tensor, counts: Tensor, tile_slots: Tensor, tile_rows: Tensor,
+                   n_slots: int, block_m: int, need_dx: bool, need_da: bool,
+                   need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dA, dB): dx by the shrink and expand on the transposed stacks, dA and dB by the grouped weight-gradient
+    kernel; an unneeded gradient comes back empty (custom ops cannot return None)."""
+    meta = _meta(token_slots, sorted_tokens, starts, counts, tile_slots, tile_rows, n_slots, block_m)
+    ranks, scalings = _rank_scale(a3, scaling)
+    grad = grad.contiguous()
+    dz = lora_shrink_triton(grad, b3.transpose(1, 2).contiguous(), ranks, meta)  # g·B_e, [N, r]
+    dx, da, db = x.new_empty(0), a3.new_empty(0), b3.new_empty(0)
+    if need_dx:
+        dx = torch.zeros((x.shape[0], x.shape[1]), device=x.device, dtype=torch.promote_types(x.dtype, a3.dtype))
+        lora_expand_triton(dx, dz, a3.transpose(1, 2), ranks, scalings, meta)  # s·(g·B_e)·A_e
+        dx = dx.to(x.dtype)
+    if need_da:
+        da = _wgrad(dz, x, meta, scaling, a3.dtype)  # s·(g·B_e)ᵀ·x_e
+    if need_db:
+        db = _wgrad(grad, z, meta, scaling, b3.dtype)  # s·gᵀ·(x_e·A_eᵀ)
+    return dx, da, db
+
+
+def _backward_fake(grad, x, a3, b3, z, scaling, token_slots, sorted_tokens, starts, counts, tile_slots, tile_rows,
+                   n_slots, block_m, need_dx, need_da, need_db):
+    return (x.new_empty(x.shape) if need_dx else x.new_empty(0), a3.new_empty(a3.shape) if need_da else
+            a3.new_empty(0), b3.new_empty(b3.shape) if need_db else b3.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    x, a3, b3, scaling, *meta = inputs
+    _, z = output
+    ctx.mark_non_differentiable(z)
+    ctx.save_for_backward(x, a3, b3, z, *meta[:6])
+    ctx.scaling, ctx.sizes = scaling, meta[6:]
+    ctx.needs = tuple(t.requires_grad for t in (x, a3, b3))
+
+
+def _backward(ctx, grad, _dz, *, bwd):
+    x, a3, b3, z, *meta = ctx.saved_tensors
+    dx, da, db = bwd(grad, x, a3, b3, z, ctx.scaling, *meta, *ctx.sizes, *ctx.needs)
+    return (dx if ctx.needs[0] else None, da if ctx.needs[1] else None, db if ctx.needs[2] else None,
+            *([None] * 9))
+
+
+_OP = FusedOp("grouped_lora", forward=_forward, forward_fake=_forward_fake, backward_impl=_backward_impl,
+              backward_fake=_backward_fake, setup_context=_setup_context, backward=_backward) if HAS_TRITON else None
 
 
 def grouped_lora_triton(x: Tensor, a3: Tensor, b3: Tensor, scaling: float, meta: LoraBatchMeta) -> Tensor:
-    """Two launches forward (shrink, expand), four backward; differentiable in x, a3 and b3."""
+    """Two launches forward (shrink, expand), four backward; differentiable in x, a3 and b3. One custom op under
+    torch.compile (its graph stays whole), an autograd.Function in eager training."""
     if not HAS_TRITON:
         raise RuntimeError("grouped_lora_triton needs triton, which is not installed; use grouped_lora_reference.")
     check_grouped_lora_args(x, a3, b3, meta)
-    return _GroupedLora.apply(x, a3, b3, scaling, meta)
+    m = meta
+    return _OP(x, a3, b3, float(scaling), m.token_slots, m.sorted_tokens, m.slot_starts, m.slot_counts,
+               m.tile_slots, m.tile_rows, m.n_slots, m.block_m, needs_grad=needs_grad(x, a3, b3))[0]
 
 
 def grouped_lora(x: Tensor, a3: Tensor, b3: Tensor, scaling: float, meta: LoraBatchMeta, *,

@@ -313,3 +313,33 @@ def test_packed_4bit_weights_are_not_parameter_targets():
     with pytest.raises(ValueError, match="target the module with target_modules"):
         impl.get_peft_model(model, impl.LoraConfig(target_modules=[], target_parameters=["q_proj.weight"]))
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "NF4Linear"
+
+
+@peft_fast_only
+def test_compiled_triton_path_has_no_graph_break(monkeypatch):
+    """The GPU path under torch.compile: the grouped LoRA is one custom op forward and backward, so a training
+    step over experts LoRA is one graph (run here by the Triton interpreter), with eager's loss and gradients."""
+    import torch._dynamo
+
+    from peft_fast.kernels import interpreting
+
+    if not interpreting():
+        pytest.skip("needs the Triton interpreter (tests/conftest.py turns it on without a GPU)")
+    use_settings(monkeypatch, backend="triton")
+    _, _, model = moe_pair("mixtral", dtype=torch.float32)
+    x = moe_inputs(batch=2, seq=5)
+
+    def step(ids):
+        return model(input_ids=ids, labels=ids).loss
+
+    _, want = _grads(model, x)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(step)(x["input_ids"])
+    assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]
+    torch._dynamo.reset()
+    model.zero_grad()
+    loss = torch.compile(step, backend="aot_eager")(x["input_ids"])
+    loss.backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert_close(p.grad, want[n], atol=1e-6, rtol=1e-6, msg=n)
