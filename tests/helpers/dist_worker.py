@@ -24,11 +24,11 @@ torch.set_num_threads(1)
 
 import peft_fast  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM  # noqa: E402
 
 ROWS, SEQ, STEPS, LR = 4, 8, 2, 0.5
 SCENARIOS = [("ddp", "lora"), ("ddp", "dora"), ("ddp", "nf4"), ("ddp", "bnb"), ("fsdp", "lora-bf16"),
-             ("fsdp", "dora"), ("fsdp", "nf4"), ("fsdp", "bnb")]
+             ("fsdp", "dora"), ("fsdp", "nf4"), ("fsdp", "bnb"), ("ddp", "moe"), ("fsdp", "moe")]
 BNB_DIR = None  # a tiny Llama saved once, loaded in 4-bit by transformers + bitsandbytes for the "bnb" scenarios
 
 
@@ -38,6 +38,11 @@ def base(kind: str):
 
         return load4(BNB_DIR, (torch.float32, torch.float32, True, "nf4"))
     torch.manual_seed(0)
+    if kind == "moe":  # experts as 3-D stacks, adapted through target_parameters
+        return MixtralForCausalLM(MixtralConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                                num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                                                max_position_embeddings=32, num_local_experts=4,
+                                                num_experts_per_tok=2))
     model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
                                          max_position_embeddings=32))
@@ -50,6 +55,9 @@ def adapted(kind: str):
     torch.manual_seed(1)
     config = peft_fast.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False,
                                   use_dora=kind == "dora")
+    if kind == "moe":
+        config = peft_fast.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                                      target_parameters=["experts.gate_up_proj", "experts.down_proj"])
     return peft_fast.get_peft_model(base(kind), config)
 
 

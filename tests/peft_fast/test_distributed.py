@@ -1,5 +1,6 @@
 """DDP and FSDP2 on the CPU with gloo, two processes: training equals one process on the whole batch (LoRA, DoRA,
-NF4Linear and bitsandbytes 4-bit bases, fp32 adapters over a bf16 base), saving from a sharded model writes the single process's files,
+NF4Linear and bitsandbytes 4-bit bases, fp32 adapters over a bf16 base, a Mixtral's expert stacks through
+target_parameters), saving from a sharded model writes the single process's files,
 loading into a sharded model works, merging refuses with a way out, and eval caches do not outlive a step across
 reshards. The ranks run tests/helpers/dist_worker.py (all scenarios in one launch, about 15 s here); the example
 examples/train_distributed.py runs under torchrun as users run it."""
@@ -54,7 +55,8 @@ def results(tmp_path_factory):
     return json.loads((out / "results.json").read_text())
 
 
-SCENARIOS = ["ddp-lora", "ddp-dora", "ddp-nf4", "ddp-bnb", "fsdp-lora-bf16", "fsdp-dora", "fsdp-nf4", "fsdp-bnb"]
+SCENARIOS = ["ddp-lora", "ddp-dora", "ddp-nf4", "ddp-bnb", "fsdp-lora-bf16", "fsdp-dora", "fsdp-nf4", "fsdp-bnb",
+             "ddp-moe", "fsdp-moe"]
 
 
 def _tol(name):  # a bf16 base rounds the activations the adapters see
