@@ -78,6 +78,8 @@ def _train(model, args):
 
 
 def _decode(model, args):
+    model.requires_grad_(False)  # served adapters are frozen (PeftModel.from_pretrained's default)
+
     def run():
         with torch.no_grad():
             return model(*args)

@@ -343,3 +343,29 @@ def test_compiled_triton_path_has_no_graph_break(monkeypatch):
     for n, p in model.named_parameters():
         if p.requires_grad:
             assert_close(p.grad, want[n], atol=1e-6, rtol=1e-6, msg=n)
+
+
+@peft_fast_only
+@pytest.mark.parametrize("kind", ["mixtral", "gpt_oss"])
+def test_patch_runs_peft_moe_models_on_the_grouped_kernels(kind, monkeypatch):
+    """peft_fast.patch(peft_model): PEFT's own ParamWrappers run the grouped experts forward in place, with PEFT's
+    outputs and gradients; unpatch gives PEFT's classes back."""
+    op = importlib.import_module("peft_fast.kernels.grouped_lora")
+    _, ref_model, _ = moe_pair(kind, "experts+attention")
+    x = moe_inputs()
+    want_out, want = _grads(ref_model, x)
+    patched = peft_fast.patch(copy.deepcopy(ref_model))
+    wrappers = [n for n in peft_fast.patched_layers(patched) if n.endswith("experts")
+                or n.endswith("experts.base_layer")]
+    layers = sum(type(m).__name__.endswith("Experts") and "ParamWrapper" not in type(m).__name__
+                 for m in patched.modules())
+    assert len(wrappers) == 2 * layers
+    calls = count_calls(monkeypatch, op, "grouped_lora_reference")
+    got_out, got = _grads(patched, x)
+    assert len(calls) == 2 * layers  # one grouped op per adapted projection (float64: the reference)
+    assert_close(got_out, want_out, **TOL)
+    for n in want:
+        assert_close(got[n], want[n], **TOL, msg=n)
+    peft_fast.unpatch(patched)
+    assert not peft_fast.patched_layers(patched)
+    assert type(patched.base_model.model.model.layers[0].mlp.experts).__name__ == "ParamWrapper"

@@ -131,6 +131,14 @@ class ParamView(BaseView):
         return (self.stored,)
 
 
+def expert_factors(wrapper, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A [E, r, in], B [E, out, r]) of adapter `name` of a parameter wrapper (ours, or PEFT's own ParamWrapper,
+    which has the same attributes): views of PEFT's `lora_A` [r·E, in] and `lora_B` [out, r·E]."""
+    a, b = wrapper.lora_A[name].weight, wrapper.lora_B[name].weight
+    E, r = wrapper.num_experts, wrapper.r[name]
+    return a.view(E, r, a.shape[1]), b.view(b.shape[0], r, E).permute(2, 0, 1)
+
+
 class LoraParam(TunerLayer):
     """PEFT's ``lora.ParamWrapper``: same attributes (parameter_name, num_experts, lora_A/lora_B), same files."""
 
@@ -216,22 +224,21 @@ class LoraParam(TunerLayer):
     # --- the math ------------------------------------------------------------------------------------------------
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A [E, r, in], B [E, out, r]) of adapter `name`: views of PEFT's two matrices."""
-        a, b = self.lora_A[name].weight, self.lora_B[name].weight
-        E, r = self.num_experts, self.r[name]
-        return a.view(E, r, self.in_features), b.view(self.out_features, r, E).permute(2, 0, 1)
+        return expert_factors(self, name)
 
     def kernel_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """`factors`, with B in the experts-outermost layout the grouped kernels read. PEFT's layout strides the
-        experts innermost, so B is copied: once per call while it trains (the copy is in the autograd graph),
-        once per change of B otherwise."""
+        experts innermost, so B is copied: on every call while B is trainable (under FSDP2 an optimizer step can
+        change it in the same parameter, storage address and version, which no key could tell), once per change
+        of a frozen B (adapters loaded for inference)."""
         a3, b3 = self.factors(name)
         b = self.lora_B[name].weight
-        if torch.is_grad_enabled() and b.requires_grad:
+        if b.requires_grad:
             return a3, b3.contiguous()
-        key = (b._version, b.data_ptr(), b.dtype)
+        key = (id(b), b._version, b.data_ptr(), b.dtype)
         cached = self._b_cache.get(name)
         if cached is None or cached[0] != key:
-            cached = self._b_cache[name] = (key, b3.detach().contiguous())
+            cached = self._b_cache[name] = (key, b3.detach().contiguous(), b)
         return a3, cached[1]
 
     def get_delta_weight(self, name: str) -> torch.Tensor:

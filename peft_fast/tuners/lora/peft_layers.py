@@ -7,8 +7,10 @@ original back. Because PEFT's own methods (set_adapter, merge, ...) do not know 
 layer's plan key also holds the PEFT state a plan depends on (active adapters, their DoRA flags, merged).
 
 Adopted: `lora.Linear` and `lora.bnb.Linear4bit` over bases peft_fast has a view for, with plain LoRA or DoRA
-adapters. Anything else (embeddings, convolutions, 8-bit bases, aLoRA/QALoRA/Arrow/VeLoRA variants) is left to
-PEFT, and `adopt` says why.
+adapters; `lora.ParamWrapper` (target_parameters) over a transformers experts module, whose outermost wrapper then
+runs the grouped experts forward with every wrapper's LoRA as one grouped op (PEFT adds each expert's B·A to a
+weight-sized copy). Anything else (embeddings, convolutions, 8-bit bases, aLoRA/QALoRA/Arrow/VeLoRA variants,
+parameters of other modules) is left to PEFT, and `adopt` says why.
 """
 from __future__ import annotations
 
@@ -19,11 +21,14 @@ from typing import Any, Optional
 import torch
 
 from ...bases import supported
+from ...bases.experts import experts_forward, is_experts_module
 from ...batching import AdapterNames
+from ...kernels.grouped_lora import grouped_lora
 from ...names import BASE_NAME
 from ..base_layer import TunerLayer, invalidate_after_load
 from .compute import LoraCompute
 from .dora import DoraVariant
+from .experts import expert_factors
 from .variants import LORA
 
 # Per thread: (the last adapter_names seen, as a tuple, and its AdapterNames): one conversion per forward (every
@@ -97,6 +102,44 @@ def _batch_names(names):
     return last[1]
 
 
+class FastPeftParam:
+    """PEFT's lora.ParamWrapper with the grouped experts forward; mixed in before PEFT's class."""
+
+    _batch_key = None
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if kwargs.get("adapter_names") is not None:  # PEFT's own refusal
+            return self._pf_original.forward(self, x, *args, **kwargs)
+        peft_wrapper, chain, module = self._pf_original, {}, self
+        while isinstance(module, peft_wrapper):
+            if module.disable_adapters and module.merged:  # as PEFT: disabling undoes a merge first
+                module.unmerge()
+            active = [a for a in module.active_adapters if a in module.lora_A]
+            if active and not module.merged and not module.disable_adapters:
+                chain[module.parameter_name] = _grouped_delta(module, active)
+            module = module.base_layer
+        if not chain:
+            return module(x, *args, **kwargs)
+        return experts_forward(module, chain, x, *args, **kwargs)
+
+
+def _grouped_delta(wrapper, active: list[str]):
+    def delta(x: torch.Tensor, routing) -> torch.Tensor:
+        out = None
+        for name in active:
+            a3, b3 = expert_factors(wrapper, name)
+            d = grouped_lora(x, a3, b3.contiguous(), wrapper.scaling[name], routing.meta, rows_sorted=True)
+            out = d if out is None else out + d
+        return out
+    return delta
+
+
+def _innermost(layer):
+    while hasattr(layer, "parameter_name") and hasattr(layer, "base_layer"):
+        layer = layer.base_layer
+    return layer
+
+
 def _peft_classes() -> dict[type, type]:
     """PEFT's adoptable layer classes -> their Fast subclasses, built once (module attributes: picklable)."""
     if _CLASSES:
@@ -107,9 +150,11 @@ def _peft_classes() -> dict[type, type]:
         originals.append(importlib.import_module("peft.tuners.lora.bnb").Linear4bit)
     except (ImportError, AttributeError):  # PEFT without bitsandbytes has no 4-bit layer
         pass
-    for original in originals:
+    param_wrapper = getattr(layer, "ParamWrapper", None)
+    for original in originals + ([param_wrapper] if param_wrapper is not None else []):
         name = f"Fast{original.__name__}"
-        fast = type(name, (FastPeftLora, original), {"__module__": __name__, "_pf_original": original})
+        mixin = FastPeftParam if original is param_wrapper else FastPeftLora
+        fast = type(name, (mixin, original), {"__module__": __name__, "_pf_original": original})
         globals()[name] = fast
         _CLASSES[original] = fast
     return _CLASSES
@@ -127,7 +172,7 @@ def handles(layer) -> bool:
 
 
 def adopted(layer) -> bool:
-    return isinstance(layer, FastPeftLora)
+    return isinstance(layer, (FastPeftLora, FastPeftParam))
 
 
 def adopt(layer) -> Optional[str]:
@@ -137,6 +182,11 @@ def adopt(layer) -> Optional[str]:
     fast = _peft_classes().get(type(layer))
     if fast is None:
         return f"{type(layer).__name__} layers are not accelerated (peft_fast runs LoRA on Linear/Conv1D and 4-bit bases)"
+    if issubclass(fast, FastPeftParam):
+        if not is_experts_module(_innermost(layer)):
+            return f"its parameter belongs to {type(_innermost(layer)).__name__}, not a transformers experts module"
+        layer.__class__ = fast
+        return None
     if not supported(layer.base_layer):
         return f"its base {type(layer.base_layer).__name__} has no peft_fast view"
     dora = importlib.import_module("peft.tuners.lora.variants").DoraLinearVariant
@@ -154,6 +204,8 @@ def release(layer) -> None:
     if not adopted(layer):
         return
     layer.__class__ = layer._pf_original
+    if "_pf_load_hook" not in layer.__dict__:  # a parameter wrapper: nothing else was added
+        return
     layer._pf_load_hook.remove()
     for key in ("_plans", "_view", "_stack_cache", "_pf_variants", "_pf_load_hook"):
         layer.__dict__.pop(key, None)
