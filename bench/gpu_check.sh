@@ -3,7 +3,7 @@
 # and profile scripts, one JSON report, and a summary table printed last (so the tail of the output is enough).
 # Usage, from the repo root: bash bench/gpu_check.sh
 # Each stage stops at its time limit (GPU_CHECK_*_S below): with the defaults the whole run takes at most about
-# 8.9 minutes (535 s of stages) plus startup, whatever the card; a faster card just finishes more of each stage.
+# 8.9 minutes (530 s of stages) plus startup, whatever the card; a faster card just finishes more of each stage.
 # Writes bench/results/gpu_report_<card>.json, and $OUT/gpu_report.json plus logs when $OUT is set (a folder
 # to collect the results from, e.g. on a remote or batch machine).
 set -uo pipefail  # no -e: a failing test stage must not cost us the benchmarks or the report
@@ -70,27 +70,28 @@ STAGES=",${GPU_CHECK_STAGES:-kernels,peft_fast,moe,bench,host,profile,distribute
 picked() { case "$STAGES" in *",$1,"*) return 0;; *) return 1;; esac; }
 existing() { local f; for f in "$@"; do [ -e "$f" ] && printf '%s ' "$f"; done; }
 FIRST_TESTS=${GPU_CHECK_FIRST_TESTS:-}
-# Every kernel moved onto kernels/common (shared dot casts, launch configs, custom-op factory): all are new code.
-[ -z "$FIRST_TESTS" ] && FIRST_TESTS=$(existing tests/kernels/test_lora_linear.py tests/kernels/test_dora_linear.py \
+# New on a GPU: the two-matmul launch of the LoRA backward (lora_mm.py), then the kernels built on it.
+[ -z "$FIRST_TESTS" ] && FIRST_TESTS=$(existing tests/kernels/test_lora_mm.py tests/kernels/test_lora_linear.py \
+  tests/kernels/test_dora_linear.py \
   tests/kernels/test_qlora_linear.py tests/kernels/test_multi_lora.py tests/kernels/test_dora_norm.py)
 # GPU_CHECK_ONLY_NEW=1: only those first files, in the kernels and bench stages (a quick check after a change).
 ALL_TESTS=tests/kernels ALL_BENCH=bench
 [ "${GPU_CHECK_ONLY_NEW:-0}" = 1 ] && ALL_TESTS="" && ALL_BENCH=""
 # GPU_CHECK_PYTEST_ARGS: extra pytest arguments for the kernels stage (e.g. "--maxfail=5 -x").
-stage kernels "${GPU_CHECK_KERNELS_S:-90}" $FIRST_TESTS $ALL_TESTS -q -rf --tb=short $TEST_TIMEOUT \
+stage kernels "${GPU_CHECK_KERNELS_S:-80}" $FIRST_TESTS $ALL_TESTS -q -rf --tb=short $TEST_TIMEOUT \
   ${GPU_CHECK_PYTEST_ARGS:-}
-stage peft_fast "${GPU_CHECK_TESTS_S:-80}" tests/peft_fast -q $XDIST $TEST_TIMEOUT
+stage peft_fast "${GPU_CHECK_TESTS_S:-75}" tests/peft_fast -q $XDIST $TEST_TIMEOUT
 # Rows are written as measured (into $OUT when set), so they survive a stage that times out.
 export PEFT_FAST_BENCH_ROWS="${OUT:-$LOGS}/bench_rows.jsonl"
 # LoRA on mixture-of-experts weights: the grouped kernels' tests, the model tests, then one experts layer at
 # Mixtral-8x7B and Qwen3-30B-A3B shapes against PEFT and against the layer without LoRA (rows into the table).
-stage moe "${GPU_CHECK_MOE_S:-45}" tests/kernels/test_grouped_lora.py tests/peft_fast/test_lora_experts.py \
+stage moe "${GPU_CHECK_MOE_S:-75}" tests/kernels/test_grouped_lora.py tests/peft_fast/test_lora_experts.py \
   bench/test_bench_moe.py -q -rf --tb=short $TEST_TIMEOUT --benchmark-json="$LOGS/moe.json" \
   --benchmark-min-rounds=3 --benchmark-max-time=0.2
 FIRST_BENCH=${GPU_CHECK_FIRST_BENCH:-}
 [ -z "$FIRST_BENCH" ] && FIRST_BENCH=$(existing bench/test_bench_lora_linear.py bench/test_bench_dora.py \
   bench/test_bench_qlora_linear.py)
-stage bench "${GPU_CHECK_BENCH_S:-115}" $FIRST_BENCH $ALL_BENCH --ignore=bench/test_bench_serving.py \
+stage bench "${GPU_CHECK_BENCH_S:-100}" $FIRST_BENCH $ALL_BENCH --ignore=bench/test_bench_serving.py \
   --ignore=bench/test_bench_moe.py -q $TEST_TIMEOUT \
   --benchmark-json="$LOGS/bench.json" --benchmark-min-rounds=3 --benchmark-max-time=0.5 \
   --benchmark-warmup=on --benchmark-warmup-iterations=2 --benchmark-columns=median,iqr,rounds
