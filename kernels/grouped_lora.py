@@ -9,7 +9,8 @@ Rows whose expert id lies outside [0, E) (expert parallelism's sentinels) get a 
 
 Three paths, one result: the reference loops over the experts (PEFT's math per expert); the Triton path launches
 twice forward and four times backward whatever the number of experts; where Triton does not run (CPU), float32 and
-16-bit operands take torch's grouped matmul, also without a loop over experts.
+16-bit operands take torch's grouped matmul, also without a loop over experts. Under torch.compile both fast
+paths are custom ops, so a compiled step over them stays one graph.
 """
 from __future__ import annotations
 
@@ -69,11 +70,8 @@ def _grouped_mm_layout(m: Tensor) -> bool:
     return m.stride(1) == 1 and m.stride(2) * size % 16 == 0
 
 
-def grouped_lora_torch(x: Tensor, a3: Tensor, b3: Tensor, scaling: float, meta: LoraBatchMeta) -> Tensor:
-    """torch._grouped_mm twice (its autograd gives the backward). Needs the rows already sorted by expert, as an
-    experts layer holds them (meta.sorted_tokens the identity); float32/16-bit operands."""
-    check_grouped_lora_args(x, a3, b3, meta)
-    offs = torch.cumsum(meta.slot_counts, 0, dtype=torch.int32)
+def _torch_delta(x: Tensor, a3: Tensor, b3: Tensor, scaling: float, counts: Tensor) -> Tensor:
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
     # Rows past the last group (no expert here) are left unwritten by _grouped_mm, forward and backward: masking
     # them on the way in zeroes their input gradient, on the way out their delta.
     keep = torch.arange(x.shape[0], device=x.device)[:, None] < offs[-1]
@@ -83,6 +81,71 @@ def grouped_lora_torch(x: Tensor, a3: Tensor, b3: Tensor, scaling: float, meta: 
         bt = bt.contiguous()
     delta = torch._grouped_mm(z, bt, offs=offs) * scaling
     return torch.where(keep, delta, delta.new_zeros(()))
+
+
+def _torch_forward(x: Tensor, a3: Tensor, b3: Tensor, scaling: float, counts: Tensor) -> tuple[Tensor]:
+    return (_torch_delta(x, a3, b3, scaling, counts),)
+
+
+def _torch_forward_fake(x, a3, b3, scaling, counts):
+    return (x.new_empty((x.shape[0], b3.shape[1]), dtype=a3.dtype),)
+
+
+def _torch_backward_impl(grad: Tensor, x: Tensor, a3: Tensor, b3: Tensor, scaling: float, counts: Tensor,
+                         need_dx: bool, need_da: bool, need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dA, dB) of the compiled CPU path, per expert (autograd does not record inside a custom op, and the
+    grouped matmul's weight-gradient form wants 16-byte aligned ranks); an unneeded gradient comes back empty.
+    Eager training never comes here: it differentiates the grouped matmuls directly."""
+    g, xa = grad.to(a3.dtype), x.to(a3.dtype)
+    dx = torch.zeros_like(xa) if need_dx else x.new_empty(0)
+    da = torch.zeros_like(a3) if need_da else a3.new_empty(0)
+    db = torch.zeros_like(b3) if need_db else b3.new_empty(0)
+    start = 0
+    for e, c in enumerate(counts.tolist()):
+        if c:
+            rows = slice(start, start + c)
+            dz = (g[rows] @ b3[e]) * scaling  # [c, r]
+            if need_dx:
+                dx[rows] = dz @ a3[e]
+            if need_da:
+                da[e] = dz.t() @ xa[rows]
+            if need_db:
+                db[e] = (g[rows].t() @ (xa[rows] @ a3[e].t())) * scaling
+        start += c
+    return dx.to(x.dtype) if need_dx else dx, da, db
+
+
+def _torch_backward_fake(grad, x, a3, b3, scaling, counts, need_dx, need_da, need_db):
+    return tuple(t.new_empty(t.shape) if need else t.new_empty(0) for t, need in ((x, need_dx), (a3, need_da),
+                                                                                  (b3, need_db)))
+
+
+def _torch_setup_context(ctx, inputs, output):
+    x, a3, b3, scaling, counts = inputs
+    ctx.save_for_backward(x, a3, b3, counts)
+    ctx.scaling, ctx.needs = scaling, tuple(t.requires_grad for t in (x, a3, b3))
+
+
+def _torch_backward(ctx, grad, *, bwd):
+    x, a3, b3, counts = ctx.saved_tensors
+    dx, da, db = bwd(grad, x, a3, b3, ctx.scaling, counts, *ctx.needs)
+    return dx if ctx.needs[0] else None, da if ctx.needs[1] else None, db if ctx.needs[2] else None, None, None
+
+
+# One custom op under torch.compile: tracing torch._grouped_mm itself takes bf16 only (its fake implementation).
+_TORCH_OP = FusedOp("grouped_lora_torch", forward=_torch_forward, forward_fake=_torch_forward_fake,
+                    backward_impl=_torch_backward_impl, backward_fake=_torch_backward_fake,
+                    setup_context=_torch_setup_context, backward=_torch_backward)
+
+
+def grouped_lora_torch(x: Tensor, a3: Tensor, b3: Tensor, scaling: float, meta: LoraBatchMeta) -> Tensor:
+    """torch._grouped_mm twice, differentiated by autograd; under torch.compile one custom op. Needs the rows
+    already sorted by expert, as an experts layer holds them (meta.sorted_tokens the identity); float32/16-bit
+    operands."""
+    check_grouped_lora_args(x, a3, b3, meta)
+    if torch.compiler.is_compiling():
+        return _TORCH_OP(x, a3, b3, float(scaling), meta.slot_counts, needs_grad=needs_grad(x, a3, b3))[0]
+    return _torch_delta(x, a3, b3, float(scaling), meta.slot_counts)
 
 
 if HAS_TRITON:
@@ -240,8 +303,6 @@ def grouped_lora(x: Tensor, a3: Tensor, b3: Tensor, scaling: float, meta: LoraBa
     `rows_sorted`: the rows are already grouped by expert in order (what torch's grouped matmul needs)."""
     if use_triton(x, a3, b3, meta.sorted_tokens):
         return grouped_lora_triton(x, a3, b3, scaling, meta)
-    if rows_sorted and _grouped_mm_ok(a3, b3) and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and \
-            (a3.dtype == torch.bfloat16 or not torch.compiler.is_compiling()):
-        # (torch.compile's fake grouped matmul takes bf16 only: other dtypes trace the reference, a graph break)
+    if rows_sorted and _grouped_mm_ok(a3, b3) and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
         return grouped_lora_torch(x, a3, b3, scaling, meta)
     return grouped_lora_reference(x, a3, b3, scaling, meta)
