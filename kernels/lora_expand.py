@@ -68,7 +68,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .common.jit import acc_zeros, dot_operands
+    from .common.jit import acc_zeros, dot_operands, slot_epilogue
 
     @triton.jit
     def _lora_expand_kernel(
@@ -110,25 +110,9 @@ if HAS_TRITON:
                         mask=mask_r[:, None] & mask_n[None, :], other=0.0)
             a, b = dot_operands(a, b, DOT)
             acc += tl.dot(a, b, input_precision=PRECISION)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + slot.to(tl.int64) * stride_biass + rn * stride_biasn, mask=mask_n, other=0.0)
-            acc += bias.to(acc.dtype)[None, :]
-        # A tensor, not a kernel argument: float arguments would arrive as fp32 and break float64 exactness.
-        acc = acc * tl.load(scal_ptr + slot).to(acc.dtype)
-        y_ptrs = y_ptr + tok[:, None] * stride_ym + rn[None, :] * stride_yn
-        mask_y = mask_m[:, None] & mask_n[None, :]
-        y = tl.load(y_ptrs, mask=mask_y, other=0.0).to(acc.dtype)
-        if HAS_DORA:
-            c = tl.load(dscale_ptr + slot.to(tl.int64) * stride_dss + rn * stride_dsn, mask=mask_n,
-                        other=1.0).to(acc.dtype)[None, :]
-            if HAS_BBIAS:
-                base = y - tl.load(bbias_ptr + rn, mask=mask_n, other=0.0).to(acc.dtype)[None, :]
-            else:
-                base = y
-            out = y + (c - 1.0) * base + c * acc
-        else:
-            out = y + acc
-        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask_y)
+        slot_epilogue(acc, slot, tok, rn, mask_m, mask_n, y_ptr, bias_ptr, scal_ptr, dscale_ptr, bbias_ptr,
+                      stride_ym, stride_yn, stride_biass, stride_biasn, stride_dss, stride_dsn,
+                      HAS_BIAS, HAS_DORA, HAS_BBIAS)
 
 
 def _expand_blocks(out_f: int, r_max: int) -> tuple[int, int]:

@@ -12,7 +12,7 @@ again in the backward, so that training keeps no dense copy of the experts betwe
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -103,6 +103,7 @@ class Routing:
     expert_ids: torch.Tensor  # [rows]: each row's expert, sorted (expert parallelism's sentinels >= E last)
     token_of_row: torch.Tensor  # [rows]: the token each row is a routed copy of
     num_tokens: int
+    shared: dict = field(default_factory=dict)  # what the projections' deltas derive once per forward
 
 
 Delta = Callable[[torch.Tensor, Routing], torch.Tensor]  # (rows sorted by expert, where they come from) -> delta

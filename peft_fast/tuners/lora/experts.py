@@ -131,6 +131,34 @@ class ParamView(BaseView):
         return (self.stored,)
 
 
+def grouped_delta_fn(wrapper, active: list[str], factors):
+    """(rows sorted by expert, routing) -> the sum of the active adapters' grouped deltas; `factors(name)` gives
+    an adapter's (A [E, r, in], B [E, out, r]). Wrappers: ours, or PEFT's ParamWrapper (peft_layers.py)."""
+    def delta(x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        out = None
+        for name in active:
+            a3, b3 = factors(name)
+            d = grouped_lora(x, a3, b3, wrapper.scaling[name], routing.meta, rows_sorted=True)
+            out = d if out is None else out + d
+        return out
+    return delta
+
+
+def _mixed_rows(routing: Routing, batch, num_experts: int):
+    """(each row's sample slot, the rows grouped by (adapter, expert) slot) of a mixed batch, made once per forward
+    and shared by the projections."""
+    key = ("mixed", id(batch), num_experts)
+    if key not in routing.shared:
+        per_sample = routing.num_tokens // len(batch)
+        sample = batch.sample_slots.to(routing.token_of_row.device).long().repeat_interleave(per_sample)
+        sample = sample[routing.token_of_row]
+        ok = (sample >= 0) & (routing.expert_ids < num_experts)
+        slots = torch.where(ok, sample * num_experts + routing.expert_ids.clamp(max=num_experts - 1), -1)
+        routing.shared[key] = (sample, make_lora_batch_meta(slots, len(batch.slot_names) * num_experts,
+                                                            validate=False))
+    return routing.shared[key]
+
+
 def expert_factors(wrapper, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(A [E, r, in], B [E, out, r]) of adapter `name` of a parameter wrapper (ours, or PEFT's own ParamWrapper,
     which has the same attributes): views of PEFT's `lora_A` [r·E, in] and `lora_B` [out, r·E]."""
@@ -258,14 +286,7 @@ class LoraParam(TunerLayer):
 
     def delta_fn(self, active: list[str]):
         """The grouped LoRA delta of this parameter's active adapters over rows sorted by expert."""
-        def delta(x: torch.Tensor, routing: Routing) -> torch.Tensor:
-            out = None
-            for name in active:
-                a3, b3 = self.kernel_factors(name)
-                d = grouped_lora(x, a3, b3, self.scaling[name], routing.meta, rows_sorted=True)
-                out = d if out is None else out + d
-            return out
-        return delta
+        return grouped_delta_fn(self, active, self.kernel_factors)
 
     def mixed_delta_fn(self, batch):
         """A mixed batch (beyond PEFT, which refuses it here): each row takes its sample's adapter for its expert.
@@ -273,24 +294,18 @@ class LoraParam(TunerLayer):
         every adapter and expert of the batch."""
         def delta(x: torch.Tensor, routing: Routing) -> torch.Tensor:
             E, names = self.num_experts, batch.slot_names
-            per_sample = routing.num_tokens // len(batch)
-            sample = batch.sample_slots.to(x.device).long().repeat_interleave(per_sample)[routing.token_of_row]
+            sample, meta = _mixed_rows(routing, batch, E)  # shared by both projections of the forward
             if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
                 # Gradients wanted: each adapter's grouped op on its own rows, differentiable (the batched kernels
                 # are inference launchers).
-                out = x.new_zeros(x.shape[0], self.out_features, dtype=self.lora_A[names[0]].weight.dtype) \
-                    if names and names[0] in self.lora_A else None
+                out = x.new_zeros(x.shape[0], self.out_features)
                 for i, n in enumerate(names):
                     if n in self.lora_A:
                         a3, b3 = self.factors(n)
                         d = grouped_lora(x, a3, b3, self.scaling[n], routing.meta, rows_sorted=True)
-                        d = d * (sample == i).unsqueeze(-1).to(d.dtype)
-                        out = d if out is None else out + d
-                return out if out is not None else x.new_zeros(x.shape[0], self.out_features)
+                        out = out.to(d.dtype) + d * (sample == i).unsqueeze(-1).to(d.dtype)
+                return out
             a_stack, b_stack, ranks, scalings = self._mixed_stacks(names, x.device)
-            ok = (sample >= 0) & (routing.expert_ids < E)
-            slots = torch.where(ok, sample * E + routing.expert_ids.clamp(max=E - 1), -1)
-            meta = make_lora_batch_meta(slots, len(names) * E, validate=False)
             y = torch.zeros(x.shape[0], self.out_features, dtype=a_stack.dtype, device=x.device)
             return multi_lora(x, y, a_stack, b_stack, ranks, scalings, meta, inplace=True)
         return delta

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import threading
+from functools import partial
 from typing import Any, Optional
 
 import torch
@@ -23,12 +24,11 @@ import torch
 from ...bases import supported
 from ...bases.experts import experts_forward, is_experts_module
 from ...batching import AdapterNames
-from ...kernels.grouped_lora import grouped_lora
 from ...names import BASE_NAME
 from ..base_layer import TunerLayer, invalidate_after_load
 from .compute import LoraCompute
 from .dora import DoraVariant
-from .experts import expert_factors
+from .experts import expert_factors, grouped_delta_fn
 from .variants import LORA
 
 # Per thread: (the last adapter_names seen, as a tuple, and its AdapterNames): one conversion per forward (every
@@ -116,22 +116,11 @@ class FastPeftParam:
                 module.unmerge()
             active = [a for a in module.active_adapters if a in module.lora_A]
             if active and not module.merged and not module.disable_adapters:
-                chain[module.parameter_name] = _grouped_delta(module, active)
+                chain[module.parameter_name] = grouped_delta_fn(module, active, partial(expert_factors, module))
             module = module.base_layer
         if not chain:
             return module(x, *args, **kwargs)
         return experts_forward(module, chain, x, *args, **kwargs)
-
-
-def _grouped_delta(wrapper, active: list[str]):
-    def delta(x: torch.Tensor, routing) -> torch.Tensor:
-        out = None
-        for name in active:
-            a3, b3 = expert_factors(wrapper, name)
-            d = grouped_lora(x, a3, b3.contiguous(), wrapper.scaling[name], routing.meta, rows_sorted=True)
-            out = d if out is None else out + d
-        return out
-    return delta
 
 
 def _innermost(layer):
