@@ -31,6 +31,7 @@ from .peft_model import (  # noqa: E402
     get_peft_model,
     patch,
 )
+from .fused import fuse, fused_parts, unfuse  # noqa: E402
 from .peft_interop import patch_peft, patched_layers, unpatch  # noqa: E402
 from .state_dict import get_peft_model_state_dict, set_peft_model_state_dict  # noqa: E402
 from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status  # noqa: E402
@@ -87,4 +88,6 @@ __all__ = [
     "prepare_model_for_kbit_training",
     # 4-bit NF4 base models without bitsandbytes
     "NF4Linear", "load_quantized", "quantize",
+    # the fused decoder (RMSNorm, RoPE, SwiGLU/GeGLU, the loss without logits) through Liger-Kernel or torch.compile
+    "fuse", "fused_parts", "unfuse",
 ]
