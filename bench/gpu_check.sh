@@ -16,7 +16,10 @@ PY=python3
 LOGS=$(mktemp -d /tmp/pf_gpu_check.XXXXXX)
 T0=$(date +%s)
 
-if compgen -G ".whl/*.whl" >/dev/null; then  # wheels put in .whl/ (e.g. bitsandbytes on an offline machine)
+# Wheels put in .whl/ for an offline machine (carry .whl there): bitsandbytes for the QLoRA baselines, Liger-Kernel
+# for the fused decoder's liger backend. To fill it: pip download --no-deps --only-binary=:all: --python-version 3.11
+#   --platform manylinux_2_24_x86_64 -d .whl bitsandbytes==0.50.2 liger-kernel==0.8.5
+if compgen -G ".whl/*.whl" >/dev/null; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
@@ -66,7 +69,7 @@ stage() {  # stage NAME SECONDS pytest-args...: log, junit xml and "rc seconds" 
 #   GPU_CHECK_KERNELS_S=60 GPU_CHECK_TESTS_S=0 GPU_CHECK_BENCH_S=110 bash bench/gpu_check.sh
 # or pick stages by name: GPU_CHECK_STAGES=kernels,bench bash bench/gpu_check.sh (default: all of them).
 # Files never run on a GPU before go first, so that a short run still covers them; pytest drops the repeats.
-STAGES=",${GPU_CHECK_STAGES:-kernels,peft_fast,moe,bench,host,profile,distributed,serving},"
+STAGES=",${GPU_CHECK_STAGES:-kernels,peft_fast,fused,moe,bench,host,profile,distributed,serving},"
 picked() { case "$STAGES" in *",$1,"*) return 0;; *) return 1;; esac; }
 existing() { local f; for f in "$@"; do [ -e "$f" ] && printf '%s ' "$f"; done; }
 FIRST_TESTS=${GPU_CHECK_FIRST_TESTS:-}
@@ -80,42 +83,49 @@ ALL_TESTS=tests/kernels ALL_BENCH=bench
 # GPU_CHECK_PYTEST_ARGS: extra pytest arguments for the kernels stage (e.g. "--maxfail=5 -x").
 stage kernels "${GPU_CHECK_KERNELS_S:-80}" $FIRST_TESTS $ALL_TESTS -q -rf --tb=short $TEST_TIMEOUT \
   ${GPU_CHECK_PYTEST_ARGS:-}
-stage peft_fast "${GPU_CHECK_TESTS_S:-75}" tests/peft_fast -q $XDIST $TEST_TIMEOUT
+stage peft_fast "${GPU_CHECK_TESTS_S:-60}" tests/peft_fast -q $XDIST $TEST_TIMEOUT \
+  --ignore=tests/peft_fast/test_fused_ops.py --ignore=tests/peft_fast/test_fused_decoder.py  # the fused stage runs them
 # Rows are written as measured (into $OUT when set), so they survive a stage that times out.
 export PEFT_FAST_BENCH_ROWS="${OUT:-$LOGS}/bench_rows.jsonl"
+# The fused decoder: its ops against transformers' (Liger's RMSNorm, SwiGLU and soft-capped loss run only here), the
+# tiny-model equality tests, then the 1.1B and 8B-shape QLoRA training steps: PEFT + bitsandbytes, the same with
+# Liger's kernels, peft_fast unfused and fused (compile, liger). Liger-Kernel comes from .whl/ like bitsandbytes.
+stage fused "${GPU_CHECK_FUSED_S:-80}" tests/peft_fast/test_fused_ops.py tests/peft_fast/test_fused_decoder.py \
+  bench/test_bench_fused_decoder.py -q -rf --tb=short $TEST_TIMEOUT --benchmark-json="$LOGS/fused.json" \
+  --benchmark-min-rounds=3 --benchmark-max-time=0.2
 # LoRA on mixture-of-experts weights: the grouped kernels' tests, the model tests, then one experts layer at
 # Mixtral-8x7B and Qwen3-30B-A3B shapes against PEFT and against the layer without LoRA (rows into the table).
-stage moe "${GPU_CHECK_MOE_S:-75}" tests/kernels/test_grouped_lora.py tests/peft_fast/test_lora_experts.py \
+stage moe "${GPU_CHECK_MOE_S:-60}" tests/kernels/test_grouped_lora.py tests/peft_fast/test_lora_experts.py \
   bench/test_bench_moe.py -q -rf --tb=short $TEST_TIMEOUT --benchmark-json="$LOGS/moe.json" \
   --benchmark-min-rounds=3 --benchmark-max-time=0.2
 FIRST_BENCH=${GPU_CHECK_FIRST_BENCH:-}
 [ -z "$FIRST_BENCH" ] && FIRST_BENCH=$(existing bench/test_bench_lora_linear.py bench/test_bench_dora.py \
   bench/test_bench_qlora_linear.py)
-stage bench "${GPU_CHECK_BENCH_S:-100}" $FIRST_BENCH $ALL_BENCH --ignore=bench/test_bench_serving.py \
-  --ignore=bench/test_bench_moe.py -q $TEST_TIMEOUT \
+stage bench "${GPU_CHECK_BENCH_S:-85}" $FIRST_BENCH $ALL_BENCH --ignore=bench/test_bench_serving.py \
+  --ignore=bench/test_bench_moe.py --ignore=bench/test_bench_fused_decoder.py -q $TEST_TIMEOUT \
   --benchmark-json="$LOGS/bench.json" --benchmark-min-rounds=3 --benchmark-max-time=0.5 \
   --benchmark-warmup=on --benchmark-warmup-iterations=2 --benchmark-columns=median,iqr,rounds
 
 # Host time per layer call with real launches on the GPU (bench/host_overhead.py also runs on CPUs, stubbed).
-if [ "${GPU_CHECK_HOST_S:-45}" -gt 0 ] && picked host; then
-  echo "== host: bench/host_overhead.py --device cuda (limit ${GPU_CHECK_HOST_S:-45}s)"
-  timeout -k 5 "${GPU_CHECK_HOST_S:-45}" $PY bench/host_overhead.py --device cuda --json "$LOGS/host.json" 2>&1 \
+if [ "${GPU_CHECK_HOST_S:-40}" -gt 0 ] && picked host; then
+  echo "== host: bench/host_overhead.py --device cuda (limit ${GPU_CHECK_HOST_S:-40}s)"
+  timeout -k 5 "${GPU_CHECK_HOST_S:-40}" $PY bench/host_overhead.py --device cuda --json "$LOGS/host.json" 2>&1 \
     | tee "$LOGS/host.log" ${OUT:+"$OUT/host.log"}
 fi
 
 # Where the QLoRA layer's time goes (kernel times, host overhead, profiler tables): a log only, for the next change.
-if [ "${GPU_CHECK_PROFILE_S:-30}" -gt 0 ] && picked profile; then
-  echo "== profile: bench/profile_qlora.py (limit ${GPU_CHECK_PROFILE_S:-30}s)"
-  timeout -k 5 "${GPU_CHECK_PROFILE_S:-30}" $PY bench/profile_qlora.py 2>&1 | tee "$LOGS/profile.log" ${OUT:+"$OUT/profile.log"} \
+if [ "${GPU_CHECK_PROFILE_S:-20}" -gt 0 ] && picked profile; then
+  echo "== profile: bench/profile_qlora.py (limit ${GPU_CHECK_PROFILE_S:-20}s)"
+  timeout -k 5 "${GPU_CHECK_PROFILE_S:-20}" $PY bench/profile_qlora.py 2>&1 | tee "$LOGS/profile.log" ${OUT:+"$OUT/profile.log"} \
     | grep -E "^(host|[0-9]+x[0-9]+:|==)" || true
 fi
 
 # Serving: mixed batches captured as CUDA graphs (bench/test_bench_serving.py, rows into the same table), then
 # examples/serve_adapters.py with 64 adapters under CUDA graphs (its tokens must equal PEFT's).
-stage serving "${GPU_CHECK_SERVING_S:-75}" bench/test_bench_serving.py tests/peft_fast/test_serve_example.py -q \
+stage serving "${GPU_CHECK_SERVING_S:-65}" bench/test_bench_serving.py tests/peft_fast/test_serve_example.py -q \
   $TEST_TIMEOUT --benchmark-json="$LOGS/serving.json" --benchmark-min-rounds=3 --benchmark-max-time=0.2
 # examples/train_distributed.py under torchrun with NCCL on one GPU (FSDP2; then NF4 + DoRA under FSDP2).
-stage distributed "${GPU_CHECK_DISTRIBUTED_S:-50}" tests/peft_fast/test_distributed.py -q -k one_gpu $TEST_TIMEOUT
+stage distributed "${GPU_CHECK_DISTRIBUTED_S:-40}" tests/peft_fast/test_distributed.py -q -k one_gpu $TEST_TIMEOUT
 
 mkdir -p bench/results
 $PY bench/gpu_report.py "$LOGS" --seconds $(( $(date +%s) - T0 ))

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # gpu_check.sh s
 
 import benchreport  # noqa: E402
 
-STAGES = ("kernels", "peft_fast", "moe", "bench", "distributed", "serving")
+STAGES = ("kernels", "peft_fast", "fused", "moe", "bench", "distributed", "serving")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
