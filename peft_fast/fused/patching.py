@@ -56,13 +56,13 @@ def _causal_lm_forward(loss_fn: Callable, params: tuple) -> Callable:
     def forward(self, *args, labels=None, **kwargs):
         kwargs.update(zip(params, args))
         labels = kwargs.pop("labels", labels)
-        original = type(self).forward
         head = self.lm_head
         # The fused loss replaces logits the caller never sees: training with labels, the whole sequence, a plain
-        # bias-free head (an adapted or modules_to_save head keeps the unfused path).
+        # bias-free head (an adapted or modules_to_save head keeps the unfused path). TRL's own fused head
+        # (fused_lm_head=True, from a wrapper around this forward or under it) is left to TRL.
         if (labels is None or not self.training or kwargs.get("logits_to_keep") not in (None, 0)
-                or type(head) is not nn.Linear or head.bias is not None):
-            return original(self, labels=labels, **kwargs)
+                or type(head) is not nn.Linear or head.bias is not None or "fused_lm_head" in kwargs):
+            return previous_forward(self)(labels=labels, **kwargs)
         return_dict = kwargs.pop("return_dict", None)
         kwargs.pop("logits_to_keep", None)
         loss_kw = {k: kwargs.pop(k) for k in ("ignore_index", "shift_labels") if k in kwargs}
@@ -126,9 +126,18 @@ def attention_forward(cls: type, ops: Ops) -> Optional[Callable]:
     return _rebuilt(cls.forward, new_inner)
 
 
+def previous_forward(module: nn.Module) -> Callable:
+    """The forward this module had before it was fused: its class's, or an instance-level one (e.g. TRL's)."""
+    prev = module.__dict__[MARK][2]
+    return prev if prev is not None else types.MethodType(type(module).forward, module)
+
+
 def _bind(module: nn.Module, kind: str, forward: Callable) -> None:
-    module.forward = types.MethodType(forward, module)
-    setattr(module, MARK, kind)
+    # (part, our forward, the instance forward it replaced): bound methods, so that deepcopy rebinds all of them
+    prev = module.__dict__.get("forward")
+    ours = types.MethodType(forward, module)
+    module.forward = ours
+    module.__dict__[MARK] = (kind, ours, prev)
 
 
 def fuse_module(module: nn.Module, ops: Ops) -> Optional[str]:
@@ -154,14 +163,26 @@ def fuse_module(module: nn.Module, ops: Ops) -> Optional[str]:
             return "rope"
     elif name.endswith("ForCausalLM") and hasattr(module, "lm_head"):
         params = tuple(inspect.signature(type(module).forward).parameters)[1:]
-        _bind(module, "loss", _causal_lm_forward(ops.causal_lm_loss, params))
+        # The class forward's signature stays visible: Trainer drops the dataset columns it does not name.
+        _bind(module, "loss", functools.wraps(type(module).forward)(_causal_lm_forward(ops.causal_lm_loss, params)))
         return "loss"
     return None
 
 
 def unfuse_module(module: nn.Module) -> bool:
-    if MARK not in module.__dict__:
+    """Give the module the forward it had before fusing. False when it is not fused, or when its fused forward was
+    wrapped since (e.g. by TRL's add_fused_lm_head): the wrapper calls it, so it stays."""
+    state = module.__dict__.get(MARK)
+    if state is None or module.__dict__.get("forward") != state[1]:
         return False
-    module.__dict__.pop("forward", None)
-    del module.__dict__[MARK]
+    _, _, prev = module.__dict__.pop(MARK)
+    if prev is None:
+        del module.__dict__["forward"]
+    else:
+        module.forward = prev
     return True
+
+
+def part_of(module: nn.Module) -> Optional[str]:
+    state = module.__dict__.get(MARK)
+    return state[0] if state is not None else None
