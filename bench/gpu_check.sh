@@ -69,7 +69,7 @@ stage() {  # stage NAME SECONDS pytest-args...: log, junit xml and "rc seconds" 
 #   GPU_CHECK_KERNELS_S=60 GPU_CHECK_TESTS_S=0 GPU_CHECK_BENCH_S=110 bash bench/gpu_check.sh
 # or pick stages by name: GPU_CHECK_STAGES=kernels,bench bash bench/gpu_check.sh (default: all of them).
 # Files never run on a GPU before go first, so that a short run still covers them; pytest drops the repeats.
-STAGES=",${GPU_CHECK_STAGES:-kernels,peft_fast,fused,moe,bench,host,profile,distributed,serving},"
+STAGES=",${GPU_CHECK_STAGES:-kernels,peft_fast,fused,memory,moe,bench,host,profile,distributed,serving},"
 picked() { case "$STAGES" in *",$1,"*) return 0;; *) return 1;; esac; }
 existing() { local f; for f in "$@"; do [ -e "$f" ] && printf '%s ' "$f"; done; }
 FIRST_TESTS=${GPU_CHECK_FIRST_TESTS:-}
@@ -81,9 +81,9 @@ FIRST_TESTS=${GPU_CHECK_FIRST_TESTS:-}
 ALL_TESTS=tests/kernels ALL_BENCH=bench
 [ "${GPU_CHECK_ONLY_NEW:-0}" = 1 ] && ALL_TESTS="" && ALL_BENCH=""
 # GPU_CHECK_PYTEST_ARGS: extra pytest arguments for the kernels stage (e.g. "--maxfail=5 -x").
-stage kernels "${GPU_CHECK_KERNELS_S:-80}" $FIRST_TESTS $ALL_TESTS -q -rf --tb=short $TEST_TIMEOUT \
+stage kernels "${GPU_CHECK_KERNELS_S:-75}" $FIRST_TESTS $ALL_TESTS -q -rf --tb=short $TEST_TIMEOUT \
   ${GPU_CHECK_PYTEST_ARGS:-}
-stage peft_fast "${GPU_CHECK_TESTS_S:-60}" tests/peft_fast -q $XDIST $TEST_TIMEOUT \
+stage peft_fast "${GPU_CHECK_TESTS_S:-50}" tests/peft_fast -q $XDIST $TEST_TIMEOUT \
   --ignore=tests/peft_fast/test_fused_ops.py --ignore=tests/peft_fast/test_fused_decoder.py  # the fused stage runs them
 # Rows are written as measured (into $OUT when set), so they survive a stage that times out.
 export PEFT_FAST_BENCH_ROWS="${OUT:-$LOGS}/bench_rows.jsonl"
@@ -93,23 +93,30 @@ export PEFT_FAST_BENCH_ROWS="${OUT:-$LOGS}/bench_rows.jsonl"
 stage fused "${GPU_CHECK_FUSED_S:-80}" tests/peft_fast/test_fused_ops.py tests/peft_fast/test_fused_decoder.py \
   bench/test_bench_fused_decoder.py -q -rf --tb=short $TEST_TIMEOUT --benchmark-json="$LOGS/fused.json" \
   --benchmark-min-rounds=3 --benchmark-max-time=0.2
+# Where a QLoRA step's peak memory goes (parameters, optimizer state, activations, temporaries; torch's MemTracker) at
+# 1.1B and 8B shapes, for PEFT, peft_fast and peft_fast fused: a table in the log and memory.json.
+if [ "${GPU_CHECK_MEMORY_S:-40}" -gt 0 ] && picked memory; then
+  echo "== memory: bench/memory_report.py --device cuda (limit ${GPU_CHECK_MEMORY_S:-40}s)"
+  timeout -k 5 "${GPU_CHECK_MEMORY_S:-40}" $PY bench/memory_report.py --device cuda --json "${OUT:-$LOGS}/memory.json" \
+    2>&1 | tee "$LOGS/memory.log" ${OUT:+"$OUT/memory.log"}
+fi
 # LoRA on mixture-of-experts weights: the grouped kernels' tests, the model tests, then one experts layer at
 # Mixtral-8x7B and Qwen3-30B-A3B shapes against PEFT and against the layer without LoRA (rows into the table).
-stage moe "${GPU_CHECK_MOE_S:-60}" tests/kernels/test_grouped_lora.py tests/peft_fast/test_lora_experts.py \
+stage moe "${GPU_CHECK_MOE_S:-55}" tests/kernels/test_grouped_lora.py tests/peft_fast/test_lora_experts.py \
   bench/test_bench_moe.py -q -rf --tb=short $TEST_TIMEOUT --benchmark-json="$LOGS/moe.json" \
   --benchmark-min-rounds=3 --benchmark-max-time=0.2
 FIRST_BENCH=${GPU_CHECK_FIRST_BENCH:-}
 [ -z "$FIRST_BENCH" ] && FIRST_BENCH=$(existing bench/test_bench_lora_linear.py bench/test_bench_dora.py \
   bench/test_bench_qlora_linear.py)
-stage bench "${GPU_CHECK_BENCH_S:-85}" $FIRST_BENCH $ALL_BENCH --ignore=bench/test_bench_serving.py \
+stage bench "${GPU_CHECK_BENCH_S:-80}" $FIRST_BENCH $ALL_BENCH --ignore=bench/test_bench_serving.py \
   --ignore=bench/test_bench_moe.py --ignore=bench/test_bench_fused_decoder.py -q $TEST_TIMEOUT \
   --benchmark-json="$LOGS/bench.json" --benchmark-min-rounds=3 --benchmark-max-time=0.5 \
   --benchmark-warmup=on --benchmark-warmup-iterations=2 --benchmark-columns=median,iqr,rounds
 
 # Host time per layer call with real launches on the GPU (bench/host_overhead.py also runs on CPUs, stubbed).
-if [ "${GPU_CHECK_HOST_S:-40}" -gt 0 ] && picked host; then
-  echo "== host: bench/host_overhead.py --device cuda (limit ${GPU_CHECK_HOST_S:-40}s)"
-  timeout -k 5 "${GPU_CHECK_HOST_S:-40}" $PY bench/host_overhead.py --device cuda --json "$LOGS/host.json" 2>&1 \
+if [ "${GPU_CHECK_HOST_S:-35}" -gt 0 ] && picked host; then
+  echo "== host: bench/host_overhead.py --device cuda (limit ${GPU_CHECK_HOST_S:-35}s)"
+  timeout -k 5 "${GPU_CHECK_HOST_S:-35}" $PY bench/host_overhead.py --device cuda --json "$LOGS/host.json" 2>&1 \
     | tee "$LOGS/host.log" ${OUT:+"$OUT/host.log"}
 fi
 
@@ -122,10 +129,10 @@ fi
 
 # Serving: mixed batches captured as CUDA graphs (bench/test_bench_serving.py, rows into the same table), then
 # examples/serve_adapters.py with 64 adapters under CUDA graphs (its tokens must equal PEFT's).
-stage serving "${GPU_CHECK_SERVING_S:-65}" bench/test_bench_serving.py tests/peft_fast/test_serve_example.py -q \
+stage serving "${GPU_CHECK_SERVING_S:-60}" bench/test_bench_serving.py tests/peft_fast/test_serve_example.py -q \
   $TEST_TIMEOUT --benchmark-json="$LOGS/serving.json" --benchmark-min-rounds=3 --benchmark-max-time=0.2
 # examples/train_distributed.py under torchrun with NCCL on one GPU (FSDP2; then NF4 + DoRA under FSDP2).
-stage distributed "${GPU_CHECK_DISTRIBUTED_S:-40}" tests/peft_fast/test_distributed.py -q -k one_gpu $TEST_TIMEOUT
+stage distributed "${GPU_CHECK_DISTRIBUTED_S:-35}" tests/peft_fast/test_distributed.py -q -k one_gpu $TEST_TIMEOUT
 
 mkdir -p bench/results
 $PY bench/gpu_report.py "$LOGS" --seconds $(( $(date +%s) - T0 ))

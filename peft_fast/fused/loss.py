@@ -35,11 +35,12 @@ def chunk_step(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, igno
     loss = torch.where(valid, lse - picked, torch.zeros_like(lse)).sum()
     if not want_grad:
         return loss, None
-    grad = torch.exp(logits - lse.unsqueeze(1))
-    grad = grad - F.one_hot(safe, grad.shape[1]).to(grad.dtype)
-    grad = grad * (valid.to(grad.dtype) * scale).unsqueeze(1)
+    # d loss / d logits = softmax - one_hot, in place over the logits (one [chunk, vocab] buffer, not four).
+    grad = logits.sub_(lse.unsqueeze(1)).exp_()
+    grad.scatter_add_(1, safe.unsqueeze(1), torch.full_like(lse, -1.0).unsqueeze(1))
+    grad.mul_((valid.to(grad.dtype) * scale).unsqueeze(1))
     if softcap is not None:
-        grad = grad * (1 - capped * capped)
+        grad.mul_(capped.mul_(capped).neg_().add_(1))
     return loss, grad.to(h.dtype)
 
 

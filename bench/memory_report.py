@@ -1,0 +1,150 @@
+"""Where the peak memory of a LoRA/QLoRA training step goes: parameters, gradients, optimizer state, activations and
+temporaries at the step's peak, measured by torch's MemTracker (it follows every tensor storage, on GPUs and CPUs),
+for PEFT, peft_fast, and peft_fast with the fused decoder (fused=, whose loss never builds the logits).
+
+The recipe is the whole-model one of bench/test_bench_fused_decoder.py: LoRA r=16 on all seven projections, gradient
+checkpointing, AdamW; on CUDA over bitsandbytes NF4 bases (bf16 compute) when bitsandbytes is installed, else dense
+bf16; on CPU dense fp32 at small shapes whose vocabulary/hidden ratio is TinyLlama's (what makes the logits matter).
+One step runs before the measured one, so the optimizer state exists, as in training.
+
+    python bench/memory_report.py [--device cpu|cuda] [--shapes tiny 1.1B 8B] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import sys
+import warnings
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+SHAPES = {  # name: (LlamaConfig fields, batch, sequence)
+    "tiny": (dict(hidden_size=128, intermediate_size=352, num_attention_heads=4, num_key_value_heads=2,
+                  num_hidden_layers=2, vocab_size=2000), 4, 256),
+    "1.1B": (dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4,
+                  num_hidden_layers=22, vocab_size=32000), 4, 1024),
+    "8B": (dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                num_hidden_layers=4, vocab_size=128256), 2, 1024),  # 4 of Llama-3-8B's 32 decoder layers
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+CATEGORIES = ("Parameter", "Buffer", "Gradient", "Optstate", "Activation", "Temp", "Other")
+
+
+def _base(shape: str, device: str):
+    model_kw, _, seq = SHAPES[shape]
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    with torch.device(device):
+        model = LlamaForCausalLM(LlamaConfig(**model_kw, max_position_embeddings=seq,
+                                             attn_implementation="sdpa")).to(dtype)
+    quantized = False
+    if device == "cuda":
+        try:
+            sys.path.insert(0, __file__.rsplit("/", 1)[0])
+            from test_bench_qlora_model import _bnb_quantize
+
+            model, quantized = _bnb_quantize(model), True
+        except ImportError:
+            pass
+    return model, quantized
+
+
+def _recipe(lib, model, quantized: bool, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if quantized:
+            model = lib.prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                        gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        model = lib.get_peft_model(model, lib.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS,
+                                                         lora_dropout=0.05, task_type="CAUSAL_LM"), **kw)
+    return model.train()
+
+
+def _tracker():
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    class FrozenAwareTracker(MemTracker):
+        # MemTracker hooks every parameter's gradient, which a frozen base weight cannot take; the adapters'
+        # gradients are still found on .grad and by the storages the backward allocates.
+        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+            return super()._track_module_params_and_buffers(module, install_grad_hooks=False)
+
+    return FrozenAwareTracker()
+
+
+def measure(model, ids) -> dict:
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # the optimizer state, compiled kernels, caches
+    tracker = _tracker()
+    tracker.track_external(model, opt)
+    with tracker:
+        step()
+    peak = tracker.get_tracker_snapshot("peak")
+    per_device = next(iter(peak.values()))
+    mib = {getattr(k, "value", str(k)): v / 2**20 for k, v in per_device.items()}
+    return {c: round(mib.get(c, 0.0), 2) for c in CATEGORIES} | {"Total": round(mib.get("Total", 0.0), 2)}
+
+
+def report(device: str, shapes) -> list[dict]:
+    import peft
+
+    import peft_fast
+
+    rows = []
+    for shape in shapes:
+        model_kw, batch, seq = SHAPES[shape]
+        ids = torch.randint(0, model_kw["vocab_size"], (batch, seq), device=device)
+        base, quantized = _base(shape, device)
+        fused = "auto" if device == "cuda" else "compile"
+        variants = {"peft": (peft, {}), "peft_fast": (peft_fast, {}), f"peft_fast fused={fused}": (peft_fast,
+                                                                                                {"fused": fused})}
+        logits_mib = batch * seq * model_kw["vocab_size"] * (2 if device == "cuda" else 4) / 2**20
+        for name, (lib, kw) in variants.items():
+            model = _recipe(lib, copy.deepcopy(base), quantized, **kw)
+            row = {"shape": shape, "variant": name, "base": "bnb nf4" if quantized else str(
+                next(base.parameters()).dtype), "tokens": batch * seq, "logits_mib": round(logits_mib, 2)}
+            row.update(measure(model, ids))
+            rows.append(row)
+            del model
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        del base
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=None)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    shapes = args.shapes or (["1.1B", "8B"] if args.device == "cuda" else ["tiny"])
+    rows = report(args.device, shapes)
+    where = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(f"== memory at the training step's peak (MiB), {where}, torch {torch.__version__}")
+    print(f"{'shape':<6} {'variant':<26} " + " ".join(f"{c[:10]:>10}" for c in CATEGORIES + ("Total",))
+          + f" {'logits':>8}")
+    for r in rows:
+        print(f"{r['shape']:<6} {r['variant']:<26} " + " ".join(f"{r[c]:>10.1f}" for c in CATEGORIES + ("Total",))
+              + f" {r['logits_mib']:>8.1f}")
+    print("logits = one (tokens x vocabulary) tensor in the model's dtype; the unfused loss also holds its float32 "
+          "copy and that copy's gradient")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"device": where, "torch": torch.__version__, "rows": rows}, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
