@@ -57,11 +57,12 @@ def _causal_lm_forward(loss_fn: Callable, params: tuple) -> Callable:
         kwargs.update(zip(params, args))
         labels = kwargs.pop("labels", labels)
         head = self.lm_head
-        # The fused loss replaces logits the caller never sees: training with labels, the whole sequence, a plain
-        # bias-free head (an adapted or modules_to_save head keeps the unfused path). TRL's own fused head
-        # (fused_lm_head=True, from a wrapper around this forward or under it) is left to TRL.
+        # The fused loss replaces logits the caller never sees: training with labels, the whole sequence, a
+        # bias-free head that computes what nn.Linear computes (FSDP2's subclasses do; an adapted, modules_to_save or
+        # 4-bit head keeps the unfused path). TRL's own fused head (fused_lm_head=True, from a wrapper around this
+        # forward or under it) is left to TRL.
         if (labels is None or not self.training or kwargs.get("logits_to_keep") not in (None, 0)
-                or type(head) is not nn.Linear or head.bias is not None or "fused_lm_head" in kwargs):
+                or type(head).forward is not nn.Linear.forward or head.bias is not None or "fused_lm_head" in kwargs):
             return previous_forward(self)(labels=labels, **kwargs)
         return_dict = kwargs.pop("return_dict", None)
         kwargs.pop("logits_to_keep", None)

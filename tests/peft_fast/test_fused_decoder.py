@@ -208,3 +208,16 @@ def test_compiled_training_step_is_one_graph_with_eager_loss_and_gradients(famil
     loss.backward()
     torch.testing.assert_close(loss.detach(), want_loss, atol=1e-5, rtol=1e-5)
     _assert_grads({n: p.grad for n, p in fast.named_parameters() if p.grad is not None}, want, atol=1e-5, rtol=1e-4)
+
+
+def test_an_adapted_head_keeps_the_unfused_loss_and_its_logits():
+    plain, fast = _pair("llama", target_modules=["q_proj", "lm_head"])
+    ids = torch.randint(0, 211, (2, 12))
+    want_loss, want = _loss_and_grads(plain, ids)
+    fast.train()
+    out = fast(input_ids=ids, labels=ids)
+    assert out.logits is not None  # the head is a LoRA layer: the loss cannot skip it
+    got_loss, got = _loss_and_grads(fast, ids)
+    torch.testing.assert_close(got_loss, want_loss, atol=1e-5, rtol=1e-5)
+    _assert_grads(got, want, atol=1e-5, rtol=1e-4)
+    assert any("lm_head.lora" in n for n in got)
