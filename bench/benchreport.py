@@ -4,7 +4,7 @@ Torch-free on purpose, so that bench/compare.py and bench/gpu_report.py
 can load results files quickly and anywhere. A row is what benchutil.measure records for one benchmark:
 `peft_fast_ms` and `peft_ms` are the medians of the interleaved rounds of peft_fast and of its baseline (the key
 says `peft` for history: it is whatever `baseline` names, e.g. PEFT + bitsandbytes or a PEFT-style loop), `ratio`
-is peft_fast / baseline, `*_peak_mib` the extra peak memory of one call (GPU only, else null).
+is peft_fast / baseline, `*_peak_mib` the extra peak memory of one call (see MEMORY_NOTE; null if unmeasured).
 
 Charts from any saved results file (latest.json, a gpu_report JSON, pytest-benchmark JSON, bench_rows.jsonl):
     .venv/bin/python bench/benchreport.py bench/results/gpu_report_nvidia-h200.json --charts /tmp/charts
@@ -22,14 +22,14 @@ from pathlib import Path
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 LATEST = RESULTS_DIR / "latest.json"
 SCHEMA = 1
-MEMORY_NOTE = ("peak memory: GPU only (torch.cuda.max_memory_allocated, extra bytes during one call); "
-               "on CPU torch's allocator is invisible to tracemalloc, so it is not measured")
+MEMORY_NOTE = ("peak memory: extra bytes during one call; GPU: torch.cuda.max_memory_allocated; CPU: the tensor "
+               "storages torch's MemTracker follows (no allocator blocks), less parameters and optimizer state")
 KEYS = {  # written into latest.json, so that the file explains itself
     "benchmark": "the pytest test case (both sides of it: `-peft_fast` and `-baseline` ids)",
     "group": "pytest-benchmark group = label: one table per group, peft_fast and baseline side by side",
     "peft_fast_ms / peft_ms": "median ms of peft_fast / of the baseline (named in `baseline`), interleaved rounds",
     "ratio": "peft_fast_ms / peft_ms: < 1 means peft_fast is faster; bench/compare.py judges regressions on it",
-    "peft_fast_peak_mib / peft_peak_mib": "extra peak memory of one call, GPU only (null on CPU)",
+    "peft_fast_peak_mib / peft_peak_mib": "extra peak memory of one call (GPU: allocator; CPU: MemTracker)",
     "fixture_*_median_ms": "pytest-benchmark's own median of each side, timed separately (cross-check)",
 }
 

@@ -73,10 +73,39 @@ def time_pair(fast, ref) -> tuple[float, float]:
     return fast_s, ref_s
 
 
+def storage_tracker():
+    """torch's MemTracker (every tensor storage, by kind: parameters, gradients, optimizer state, activations,
+    temporaries; any device), made to accept frozen parameters: it hooks every parameter's gradient, which a frozen
+    base weight cannot take (the adapters' gradients are still found on .grad and by the storages backward makes)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    class FrozenAwareTracker(MemTracker):
+        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+            return super()._track_module_params_and_buffers(module, install_grad_hooks=False)
+
+    return FrozenAwareTracker()
+
+
+def tracked_peak(fn) -> dict[str, float]:
+    """MiB by kind ("Parameter", "Gradient", "Activation", "Temp", "Optstate", ..., "Total") at the peak of one call."""
+    tracker = storage_tracker()
+    with tracker:
+        fn()
+    peak = next(iter(tracker.get_tracker_snapshot("peak").values()), {})
+    return {getattr(k, "value", str(k)): v / 2**20 for k, v in peak.items()}
+
+
 def peak_mib(fn) -> float | None:
-    """Extra device memory one call needs at its peak, over what was allocated before it; None on CPU."""
+    """Extra memory one call needs at its peak, over what was allocated before it. On GPUs the caching allocator's
+    peak; on CPUs the tensor storages MemTracker follows, less the parameters, buffers and optimizer state (None
+    where the tracker cannot follow the call)."""
     if not ON_GPU:
-        return None
+        try:
+            kinds = tracked_peak(fn)
+        except Exception as e:  # a private torch tool: a call it cannot follow gets no number, not a failed run
+            warnings.warn(f"no CPU memory number: MemTracker failed ({type(e).__name__}: {e})", stacklevel=2)
+            return None
+        return kinds.get("Total", 0.0) - sum(kinds.get(k, 0.0) for k in ("Parameter", "Buffer", "Optstate"))
     gc.collect()
     sync()
     torch.cuda.reset_peak_memory_stats()

@@ -17,6 +17,7 @@ import gc
 import json
 import sys
 import warnings
+from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -29,6 +30,7 @@ SHAPES = {  # name: (LlamaConfig fields, batch, sequence)
     "8B": (dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                 num_hidden_layers=4, vocab_size=128256), 2, 1024),  # 4 of Llama-3-8B's 32 decoder layers
 }
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchutil, test_bench_qlora_model (PYTHONSAFEPATH=1)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CATEGORIES = ("Parameter", "Buffer", "Gradient", "Optstate", "Activation", "Temp", "Other")
 
@@ -42,7 +44,6 @@ def _base(shape: str, device: str):
     quantized = False
     if device == "cuda":
         try:
-            sys.path.insert(0, __file__.rsplit("/", 1)[0])
             from test_bench_qlora_model import _bnb_quantize
 
             model, quantized = _bnb_quantize(model), True
@@ -65,18 +66,6 @@ def _recipe(lib, model, quantized: bool, **kw):
     return model.train()
 
 
-def _tracker():
-    from torch.distributed._tools.mem_tracker import MemTracker
-
-    class FrozenAwareTracker(MemTracker):
-        # MemTracker hooks every parameter's gradient, which a frozen base weight cannot take; the adapters'
-        # gradients are still found on .grad and by the storages the backward allocates.
-        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
-            return super()._track_module_params_and_buffers(module, install_grad_hooks=False)
-
-    return FrozenAwareTracker()
-
-
 def measure(model, ids) -> dict:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
@@ -86,7 +75,9 @@ def measure(model, ids) -> dict:
         opt.zero_grad(set_to_none=True)
 
     step()  # the optimizer state, compiled kernels, caches
-    tracker = _tracker()
+    from benchutil import storage_tracker
+
+    tracker = storage_tracker()
     tracker.track_external(model, opt)
     with tracker:
         step()
