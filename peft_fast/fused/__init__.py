@@ -12,7 +12,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from peft_fast.fused.ops import BACKENDS, liger_available, ops_for, resolve
+from peft_fast.fused.ops import BACKENDS, liger_available, resolve
 from peft_fast.fused.patching import FAMILIES, fuse_module, part_of, unfuse_module
 
 __all__ = ["BACKENDS", "FAMILIES", "fuse", "fused_parts", "liger_available", "resolve_backend", "unfuse"]
@@ -39,9 +39,7 @@ def fuse(model: nn.Module, backend: Union[str, bool, None] = "auto") -> nn.Modul
     unfuse(model)
     if name is None:
         return model
-    ops = ops_for(name)
-    parts = Counter(part for module in model.modules()  # a module kept fused by unfuse (wrapped) is not re-fused
-                    if part_of(module) is None and (part := fuse_module(module, ops)) is not None)
+    parts = Counter(part for module in model.modules() if (part := fuse_module(module, name)) is not None)
     if not parts:
         kinds = sorted({type(m).__name__ for m in model.modules() if m is not model})[:6]
         warnings.warn(f"fused={backend!r}: peft_fast fuses the decoders of {', '.join(FAMILIES)} models, and "
@@ -55,12 +53,9 @@ def fuse(model: nn.Module, backend: Union[str, bool, None] = "auto") -> nn.Modul
 
 
 def unfuse(model: nn.Module) -> nn.Module:
-    """Give every fused module the forward it had before; returns the model. A fused forward that something wrapped
-    since (TRL's add_fused_lm_head wraps the causal LM's) stays, with a warning: its wrapper calls it."""
-    kept = [type(m).__name__ for m in model.modules() if not unfuse_module(m) and part_of(m) is not None]
-    if kept:
-        warnings.warn(f"unfuse: {', '.join(kept)} keep(s) the fused forward, which another forward wrapped after "
-                      "fusing (e.g. TRL's fused LM head).", stacklevel=2)
+    """Give every fused module its own class back; returns the model."""
+    for module in model.modules():
+        unfuse_module(module)
     return model
 
 

@@ -22,8 +22,10 @@ _MIN_CHUNK = 32
 
 
 def chunk_step(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, ignore_index: int,
-               softcap: Optional[float], scale: torch.Tensor, want_grad: bool):
-    """One chunk: (summed loss, d loss / d logits in the hidden states' dtype, or None)."""
+               softcap: Optional[float], want_grad: bool):
+    """One chunk: (summed loss, d summed loss / d logits in the hidden states' dtype, or None). The gradient is that
+    of the sum, entries in [-1, 1], so that a 16-bit copy neither underflows nor overflows; the reduction's scale
+    (1 / tokens) is applied in float32 afterwards."""
     logits = _upcast(h @ weight.t())
     if softcap is not None:
         capped = torch.tanh(logits / softcap)
@@ -38,7 +40,7 @@ def chunk_step(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, igno
     # d loss / d logits = softmax - one_hot, in place over the logits (one [chunk, vocab] buffer, not four).
     grad = logits.sub_(lse.unsqueeze(1)).exp_()
     grad.scatter_add_(1, safe.unsqueeze(1), torch.full_like(lse, -1.0).unsqueeze(1))
-    grad.mul_((valid.to(grad.dtype) * scale).unsqueeze(1))
+    grad.mul_(valid.to(grad.dtype).unsqueeze(1))
     if softcap is not None:
         grad.mul_(capped.mul_(capped).neg_().add_(1))
     return loss, grad.to(h.dtype)
@@ -58,18 +60,25 @@ def _run(h, weight, target, ignore_index, softcap, scale, step, want_h, want_w):
     n = h.shape[0]
     rows = _chunk_rows(n, weight.shape[0], weight.shape[1])
     want = want_h or want_w
-    grad_h = torch.empty_like(h) if want_h else None
     acc = torch.promote_types(h.dtype, torch.float32)
+    # The hidden states' gradient waits for the upstream gradient in float32 when h is float16: a loss scaler's
+    # factor is applied to it in backward, and float16 could not hold the unscaled small values.
+    grad_h = torch.empty(h.shape, dtype=acc if h.dtype == torch.float16 else h.dtype, device=h.device) \
+        if want_h else None
     grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_w else None
     total = h.new_zeros((), dtype=acc)
+    # Gradients of a batch whose labels are all ignored are zeros, as transformers' mean gives them (not 0 * inf).
+    grad_scale = torch.where(torch.isfinite(scale), scale, torch.zeros_like(scale))
     for start in range(0, n, rows):
         hc = h[start:start + rows]
-        loss, g = step(hc, weight, target[start:start + rows], ignore_index, softcap, scale, want)
+        loss, g = step(hc, weight, target[start:start + rows], ignore_index, softcap, want)
         total = total + loss
         if want_h:
-            grad_h[start:start + rows] = g @ weight
+            grad_h[start:start + rows] = (g @ weight).to(acc).mul_(grad_scale)
         if want_w:
             grad_w.addmm_(g.t().to(acc), hc.to(acc))
+    if want_w:
+        grad_w.mul_(grad_scale)
     return total * scale, grad_h, grad_w
 
 
@@ -79,13 +88,14 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         loss, grad_h, grad_w = _run(h, weight, target, ignore_index, softcap, scale, step,
                                     ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         ctx.save_for_backward(grad_h, grad_w)
-        ctx.weight_dtype = weight.dtype
+        ctx.weight_dtype, ctx.h_dtype = weight.dtype, h.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
-        dh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        # The upstream factor (1, or a loss scaler's) multiplies in float32, then the result takes the input's dtype.
+        dh = (grad_h.to(grad_out.dtype) * grad_out).to(ctx.h_dtype) if grad_h is not None else None
         dw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
         return dh, dw, None, None, None, None, None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import types
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -55,6 +56,13 @@ def _compiled(fn: Callable) -> Callable:
     return torch.compile(fn, dynamic=None)
 
 
+def compiled_copy(fn: Callable, tag: str) -> Callable:
+    """`fn` compiled with a dynamo cache of its own: dynamo keys its cache (and its recompile limit) on the code
+    object, so each copy of the code gets one."""
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{tag}", co_qualname=f"{fn.__qualname__}_{tag}")
+    return _compiled(types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__))
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled_rope(apply_rotary_pos_emb: Callable) -> Callable:
     return _compiled(apply_rotary_pos_emb)
@@ -78,7 +86,10 @@ def liger_ops() -> Ops:
         # in_place=False: the residual stream's gradient reaches the norm and the skip connection both.
         if gemma:
             return liger_rms_norm(x, weight, eps, offset=1.0, casting_mode="gemma", in_place=False)
-        return liger_rms_norm(x, weight, eps, offset=0.0, casting_mode="llama", in_place=False)
+        y = liger_rms_norm(x, weight, eps, offset=0.0, casting_mode="llama", in_place=False)
+        # Llama's norm returns weight * x.to(x.dtype): the promoted dtype (float32 weights after kbit preparation)
+        out = torch.promote_types(x.dtype, weight.dtype)
+        return y if y.dtype == out else y.to(out)
 
     def causal_lm_loss(hidden, weight, labels, *, ignore_index=-100, shift_labels=None, num_items_in_batch=None,
                        softcap: Optional[float] = None, **_):

@@ -1,11 +1,18 @@
-"""Where the fused decoder's operations go: instance-level forwards on the decoder's own modules (RMSNorm, the gated
-MLP, the attention's rotary embedding, the causal-LM head and loss), so that one model is fused and every other
-model of the same class in the process is not. Adapter layers inside those modules are untouched: the MLP's
-projections and the attention's q/k/v/o are called as before, LoRA layers or plain ones.
+"""Where the fused decoder's operations go: each fused module of a model gets a subclass of its own class whose
+forward calls the backend's op (RMSNorm, the gated MLP's activation, the attention's rotary embedding, the causal-LM
+loss without logits). Swapping one module's class changes that module only: every other model of the class in the
+process stays as it was. Adapter layers inside those modules are untouched: the MLP's projections and the attention's
+q/k/v/o are called as before, LoRA layers or plain ones.
+
+A class swap (not an instance-level forward) is what keeps the fused forward with the module through deepcopy,
+nn.DataParallel's replicas (which copy __dict__, so a bound method would still point at the original module),
+pickling (a fused class is found by name, `__getattr__` below, in any process) and accelerate's hooks (which call
+`module._old_forward`, rebound here). Instance-level forwards set by others (TRL's fused LM head) are left alone.
 """
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 import sys
 import types
@@ -14,69 +21,100 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from peft_fast.fused.ops import Ops
+from peft_fast.bases.view import has_hooks
+from peft_fast.fused.ops import compiled_copy, gelu_tanh_mul_reference, ops_for, rms_norm_reference, \
+    silu_mul_reference
 
 # transformers' decoder families whose modules follow the shapes below (tests/peft_fast/test_fused_decoder.py
 # checks each against its unfused self).
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
 _GEMMA_NORMS = ("gemma", "gemma2", "gemma3")
-MARK = "_peft_fast_fused"
+_SOFTCAP = ("gemma2", "gemma3")  # families whose causal LM soft-caps its final logits
+_GLU = {"silu": silu_mul_reference, "swish": silu_mul_reference, "gelu_pytorch_tanh": gelu_tanh_mul_reference}
+_PREFIX = "Fused__"
+
+
+def base_class(cls: type) -> type:
+    return cls.__dict__.get("_peft_fast_base", cls)
+
+
+def part_of(module: nn.Module) -> Optional[str]:
+    return type(module).__dict__.get("_peft_fast_part")
 
 
 def family_of(module: nn.Module) -> Optional[str]:
-    parts = type(module).__module__.split(".")
+    parts = base_class(type(module)).__module__.split(".")
     if len(parts) == 4 and parts[:2] == ["transformers", "models"] and parts[3] == f"modeling_{parts[2]}":
         return parts[2] if parts[2] in FAMILIES else None
     return None
 
 
-def _act_name(act_fn: nn.Module, names) -> Optional[str]:
+def _act_name(act_fn: nn.Module) -> Optional[str]:
     from transformers.activations import ACT2FN
 
-    for name in names:
+    for name in _GLU:
         if name in ACT2FN and type(ACT2FN[name]) is type(act_fn):
             return name
     return None
 
 
-# ---- instance forwards (bound with types.MethodType, so deepcopy rebinds them to the copy)
-def _norm_forward(rms_norm: Callable, eps: float, gemma: bool) -> Callable:
+# ---- the fused forwards, one per part, built once per (class, part, backend)
+def _norm_forward(base: type, backend: str, family: str, eps_attr: str) -> Callable:
+    ops = ops_for(backend)
+    # Compiled per class: one shared function would pool every model's norms in one dynamo cache and its limit.
+    rms_norm = compiled_copy(rms_norm_reference, base.__name__) if backend == "compile" else ops.rms_norm
+    gemma = family in _GEMMA_NORMS
+
     def forward(self, hidden_states):
-        return rms_norm(hidden_states, self.weight, eps, gemma)
+        return rms_norm(hidden_states, self.weight, getattr(self, eps_attr), gemma)
     return forward
 
 
-def _mlp_forward(glu: Callable) -> Callable:
+def _mlp_forward(base: type, backend: str, act: str) -> Callable:
+    ops = ops_for(backend)
+    glu = compiled_copy(_GLU[act], base.__name__) if backend == "compile" else ops.glu[act]
+
     def forward(self, x):
         return self.down_proj(glu(self.gate_proj(x), self.up_proj(x)))
     return forward
 
 
-def _causal_lm_forward(loss_fn: Callable, params: tuple) -> Callable:
+def _keeps_logits(model, labels, kwargs) -> bool:
+    """When the model computes its logits as usual: no labels, eval mode, only some positions, a tuple output, a
+    loss of its own (loss_function / loss_type), TRL's fused head (fused_lm_head=True), or a head that is not a
+    plain bias-free matmul: adapted, modules_to_save, 4-bit, or with hooks (FSDP2 or ZeRO-3 gathering its weight)."""
+    head = model.lm_head
+    keep = kwargs.get("logits_to_keep")
+    return (labels is None or not model.training or not (keep is None or (isinstance(keep, int) and keep == 0))
+            or kwargs.get("return_dict") is False or "fused_lm_head" in kwargs
+            or "_loss_function" in model.__dict__ or getattr(model, "loss_type", None) not in (None, "ForCausalLM")
+            or type(head).forward is not nn.Linear.forward or head.bias is not None or has_hooks(head)
+            or getattr(head, "_hf_hook", None) is not None)
+
+
+def _causal_lm_forward(base: type, backend: str, family: str) -> Callable:
+    loss_fn = ops_for(backend).causal_lm_loss
+    params = tuple(inspect.signature(base.forward).parameters)[1:]
+    softcap_family = family in _SOFTCAP
+
+    @functools.wraps(base.forward)  # its signature: Trainer drops the dataset columns forward does not name
     def forward(self, *args, labels=None, **kwargs):
         kwargs.update(zip(params, args))
         labels = kwargs.pop("labels", labels)
-        head = self.lm_head
-        # The fused loss replaces logits the caller never sees: training with labels, the whole sequence, a
-        # bias-free head that computes what nn.Linear computes (FSDP2's subclasses do; an adapted, modules_to_save or
-        # 4-bit head keeps the unfused path). TRL's own fused head (fused_lm_head=True, from a wrapper around this
-        # forward or under it) is left to TRL.
-        if (labels is None or not self.training or kwargs.get("logits_to_keep") not in (None, 0)
-                or type(head).forward is not nn.Linear.forward or head.bias is not None or "fused_lm_head" in kwargs):
-            return previous_forward(self)(labels=labels, **kwargs)
-        return_dict = kwargs.pop("return_dict", None)
+        if type(self) is base or _keeps_logits(self, labels, kwargs):  # (base: a stale bound method, unfused since)
+            return base.forward(self, labels=labels, **kwargs)
         kwargs.pop("logits_to_keep", None)
+        kwargs.pop("return_dict", None)
         loss_kw = {k: kwargs.pop(k) for k in ("ignore_index", "shift_labels") if k in kwargs}
         if "num_items_in_batch" in kwargs:  # transformers passes it to the decoder too
             loss_kw["num_items_in_batch"] = kwargs["num_items_in_batch"]
         outputs = getattr(self, self.base_model_prefix)(**kwargs)
-        loss = loss_fn(outputs[0], head.weight, labels, softcap=getattr(self.config, "final_logit_softcapping", None),
-                       **loss_kw)
+        softcap = getattr(self.config, "final_logit_softcapping", None) if softcap_family else None
+        loss = loss_fn(outputs[0], self.lm_head.weight, labels, softcap=softcap, **loss_kw)
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
-        out = CausalLMOutputWithPast(loss=loss, logits=None,
-                                     **{k: v for k, v in outputs.items() if k != "last_hidden_state"})
-        return out.to_tuple() if return_dict is False else out
+        return CausalLMOutputWithPast(loss=loss, logits=None,
+                                      **{k: v for k, v in outputs.items() if k != "last_hidden_state"})
     return forward
 
 
@@ -106,84 +144,105 @@ def _contents(cell):
         return None
 
 
-@functools.lru_cache(maxsize=None)
-def attention_forward(cls: type, ops: Ops) -> Optional[Callable]:
-    """cls.forward calling the backend's rotary embedding, or None when its forward does not call one by name."""
-    inner = inspect.unwrap(cls.forward)
+def _attention_forward(base: type, backend: str) -> Optional[Callable]:
+    """base.forward calling the backend's rotary embedding, or None when it does not call one by name."""
+    inner = inspect.unwrap(base.forward)
     original = inner.__globals__.get("apply_rotary_pos_emb")
     if original is None or "apply_rotary_pos_emb" not in inner.__code__.co_names:
         return None
     # The copied namespace is a registered module of its own: torch.compile guards an inlined function's globals
     # by importing its module by name, which must then find this namespace, not transformers' module.
-    name = f"{__package__}._rope_{inner.__globals__['__name__'].replace('.', '_')}_{ops.name}"
-    namespace = types.ModuleType(name)
-    namespace.__dict__.update({k: v for k, v in inner.__globals__.items() if k not in ("__name__", "__spec__")})
-    namespace.apply_rotary_pos_emb = ops.rope(original)
-    sys.modules[name] = namespace
+    name = f"{__name__}._rope_{inner.__globals__['__name__'].replace('.', '_')}_{backend}"
+    namespace = sys.modules.get(name)
+    if namespace is None:
+        namespace = types.ModuleType(name)
+        namespace.__dict__.update({k: v for k, v in inner.__globals__.items() if k not in ("__name__", "__spec__")})
+        namespace.apply_rotary_pos_emb = ops_for(backend).rope(original)
+        sys.modules[name] = namespace
     new_inner = types.FunctionType(inner.__code__, namespace.__dict__, inner.__name__, inner.__defaults__,
                                    inner.__closure__)
     new_inner.__kwdefaults__, new_inner.__qualname__ = inner.__kwdefaults__, inner.__qualname__
     new_inner.__dict__.update(inner.__dict__)
-    return _rebuilt(cls.forward, new_inner)
+    return _rebuilt(base.forward, new_inner)
 
 
-def previous_forward(module: nn.Module) -> Callable:
-    """The forward this module had before it was fused: its class's, or an instance-level one (e.g. TRL's)."""
-    prev = module.__dict__[MARK][2]
-    return prev if prev is not None else types.MethodType(type(module).forward, module)
+# ---- fused classes, by name (what pickle stores: `peft_fast.fused.patching.Fused__...`)
+def _class_name(base: type, part: str, backend: str, detail: str) -> str:
+    return f"{_PREFIX}{backend}__{part}__{detail}__{base.__module__.replace('.', '_o_')}__{base.__name__}"
 
 
-def _bind(module: nn.Module, kind: str, forward: Callable) -> None:
-    # (part, our forward, the instance forward it replaced): bound methods, so that deepcopy rebinds all of them
-    prev = module.__dict__.get("forward")
-    ours = types.MethodType(forward, module)
-    module.forward = ours
-    module.__dict__[MARK] = (kind, ours, prev)
+@functools.lru_cache(maxsize=None)
+def fused_class(base: type, part: str, backend: str, detail: str) -> Optional[type]:
+    """`base` with the fused forward of `part` (detail: the norm's eps attribute, the MLP's activation)."""
+    family = base.__module__.split(".")[2]
+    if part == "rms_norm":
+        forward = _norm_forward(base, backend, family, detail)
+    elif part == "glu":
+        forward = _mlp_forward(base, backend, detail)
+    elif part == "rope":
+        forward = _attention_forward(base, backend)
+    else:
+        forward = _causal_lm_forward(base, backend, family)
+    if forward is None:
+        return None
+    name = _class_name(base, part, backend, detail)
+    return type(base.__name__, (base,), {  # base's __name__: config.json's "architectures" names the model's class
+        "forward": forward, "__module__": __name__, "__qualname__": name, "_peft_fast_base": base,
+        "_peft_fast_part": part, "_peft_fast_backend": backend})
 
 
-def fuse_module(module: nn.Module, ops: Ops) -> Optional[str]:
-    """Fuse one module if it is a part the backend covers; returns which part, or None."""
-    family = family_of(module)
-    if family is None:
+def __getattr__(name: str):
+    """A fused class named by pickle, rebuilt in a process that has not fused that class yet."""
+    if not name.startswith(_PREFIX):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    backend, part, detail, module, cls = name[len(_PREFIX):].split("__")
+    base = getattr(importlib.import_module(module.replace("_o_", ".")), cls)
+    return fused_class(base, part, backend, detail)
+
+
+def _plan(module: nn.Module) -> Optional[tuple[str, str]]:
+    """(part, detail) when the module is one the fused decoder covers."""
+    if family_of(module) is None:
         return None
     name = type(module).__name__
     if name.endswith("RMSNorm") and isinstance(getattr(module, "weight", None), torch.Tensor):
-        eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-        if eps is not None:
-            _bind(module, "rms_norm", _norm_forward(ops.rms_norm, eps, family in _GEMMA_NORMS))
-            return "rms_norm"
-    elif name.endswith("MLP") and all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
-        act = _act_name(module.act_fn, ops.glu)
-        if act is not None:
-            _bind(module, "glu", _mlp_forward(ops.glu[act]))
-            return "glu"
-    elif name.endswith("Attention"):
-        forward = attention_forward(type(module), ops)
-        if forward is not None:
-            _bind(module, "rope", forward)
-            return "rope"
-    elif name.endswith("ForCausalLM") and hasattr(module, "lm_head"):
-        params = tuple(inspect.signature(type(module).forward).parameters)[1:]
-        # The class forward's signature stays visible: Trainer drops the dataset columns it does not name.
-        _bind(module, "loss", functools.wraps(type(module).forward)(_causal_lm_forward(ops.causal_lm_loss, params)))
-        return "loss"
+        eps_attr = next((a for a in ("variance_epsilon", "eps") if isinstance(getattr(module, a, None), float)), None)
+        return ("rms_norm", eps_attr) if eps_attr else None
+    if name.endswith("MLP") and all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+        act = _act_name(module.act_fn)
+        return ("glu", act) if act else None
+    if name.endswith("Attention"):
+        return "rope", ""
+    if name.endswith("ForCausalLM") and hasattr(module, "lm_head"):
+        return "loss", ""
     return None
 
 
+def _rebind_old_forward(module: nn.Module, old_cls: type, new_cls: type) -> None:
+    """accelerate's hooks call module._old_forward, bound when they were added: bind it to the new class's forward."""
+    old = module.__dict__.get("_old_forward")
+    if isinstance(old, types.MethodType) and old.__self__ is module and old.__func__ is old_cls.forward:
+        module._old_forward = types.MethodType(new_cls.forward, module)
+
+
+def fuse_module(module: nn.Module, backend: str) -> Optional[str]:
+    """Fuse one module if it is a part the backend covers (and is not fused already); returns which part."""
+    if part_of(module) is not None:
+        return None
+    plan = _plan(module)
+    cls = fused_class(type(module), plan[0], backend, plan[1]) if plan else None
+    if cls is None:
+        return None
+    old = type(module)
+    module.__class__ = cls
+    _rebind_old_forward(module, old, cls)
+    return plan[0]
+
+
 def unfuse_module(module: nn.Module) -> bool:
-    """Give the module the forward it had before fusing. False when it is not fused, or when its fused forward was
-    wrapped since (e.g. by TRL's add_fused_lm_head): the wrapper calls it, so it stays."""
-    state = module.__dict__.get(MARK)
-    if state is None or module.__dict__.get("forward") != state[1]:
+    if part_of(module) is None:
         return False
-    _, _, prev = module.__dict__.pop(MARK)
-    if prev is None:
-        del module.__dict__["forward"]
-    else:
-        module.forward = prev
+    fused = type(module)
+    module.__class__ = base_class(fused)
+    _rebind_old_forward(module, fused, module.__class__)
     return True
-
-
-def part_of(module: nn.Module) -> Optional[str]:
-    state = module.__dict__.get(MARK)
-    return state[0] if state is not None else None

@@ -74,11 +74,35 @@ def test_loss_without_grad_mode_makes_no_gradients():
     torch.testing.assert_close(got, loss_ops.causal_lm_loss_reference(h.detach(), w.detach(), labels))
 
 
-def test_all_labels_ignored_gives_nan_as_transformers():
+def test_all_labels_ignored_gives_a_nan_loss_and_zero_gradients_as_transformers():
     h, w, labels = _loss_inputs()
     labels.fill_(-100)
-    assert torch.isnan(loss_ops.causal_lm_loss(h, w, labels))
-    assert torch.isnan(loss_ops.causal_lm_loss_reference(h, w, labels))
+    got, want = loss_ops.causal_lm_loss(h, w, labels), loss_ops.causal_lm_loss_reference(h, w, labels)
+    assert torch.isnan(got) and torch.isnan(want)
+    for a, b in zip(torch.autograd.grad(got, [h, w]), torch.autograd.grad(want, [h, w])):
+        assert torch.equal(a, torch.zeros_like(a)) and torch.equal(b, torch.zeros_like(b))
+
+
+@pytest.mark.parametrize("upstream", [3.0, 65536.0])
+def test_the_upstream_gradient_scales_both_gradients(upstream):
+    """A loss multiplied before backward (a weighted sum of losses, a loss scaler's factor)."""
+    h, w, labels = _loss_inputs()
+    g_out = torch.tensor(upstream, dtype=torch.float64, device=DEVICE)
+    got = torch.autograd.grad(loss_ops.causal_lm_loss(h, w, labels), [h, w], g_out)
+    want = torch.autograd.grad(loss_ops.causal_lm_loss_reference(h, w, labels), [h, w], g_out)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-10 * upstream, rtol=1e-9)
+
+
+def test_float16_gradients_survive_a_loss_scalers_factor():
+    """GradScaler starts at 65536: float16 cannot hold that factor, nor the unscaled gradients of many tokens."""
+    h, w, labels = _loss_inputs(n_batch=8, seq=256, dtype=torch.float16, head_grad=False)
+    g_out = torch.tensor(65536.0, device=DEVICE)
+    (got,) = torch.autograd.grad(loss_ops.causal_lm_loss(h, w, labels), [h], g_out)
+    h32 = h.detach().float().requires_grad_()
+    (want,) = torch.autograd.grad(loss_ops.causal_lm_loss_reference(h32, w.float(), labels), [h32], g_out)
+    assert got.dtype == torch.float16 and torch.isfinite(got).all()
+    assert (got.float() - want).norm() / want.norm() < 2e-3
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -167,3 +191,22 @@ def test_auto_picks_liger_only_on_cuda():
     assert ops.resolve(None, torch.device("cpu")) is None and ops.resolve(False, torch.device("cpu")) is None
     expected = "liger" if ops.liger_available() else "compile"
     assert ops.resolve("auto", torch.device("cuda")) == expected
+
+
+@pytest.mark.parametrize("kw", LOSS_CASES[:4] + LOSS_CASES[5:], ids=lambda kw: ",".join(kw) or "mean")
+def test_chunked_loss_matches_transformers_own_loss_function(kw, monkeypatch):
+    """transformers' ForCausalLMLoss itself as the oracle (float32: it upcasts to float32), shifting included."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    monkeypatch.setattr(loss_ops, "_MIN_CHUNK", 8)
+    kw = _case(kw)
+    softcap = kw.pop("softcap", None)
+    h, w, labels = _loss_inputs(dtype=torch.float32)
+    logits = h @ w.t()
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    want = ForCausalLMLoss(logits, labels, w.shape[0], **kw)
+    got = loss_ops.causal_lm_loss(h, w, labels, softcap=softcap, **kw)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for a, b in zip(torch.autograd.grad(got, [h, w]), torch.autograd.grad(want, [h, w])):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

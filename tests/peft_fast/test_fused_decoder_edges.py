@@ -1,0 +1,122 @@
+"""The fused decoder where a model is called or carried in less common ways: every call shape transformers accepts
+gives the unfused result, and a fused model survives DataParallel's replicas, pickling and accelerate's hooks."""
+import copy
+import io
+
+import pytest
+import torch
+from decoder_families import tiny_causal_lm
+from tiny_models import peft_fast_only
+
+import peft_fast
+from peft_fast.fused import patching
+
+pytestmark = peft_fast_only
+
+
+def _pair(family="llama", **overrides):
+    plain = tiny_causal_lm(family, **overrides)
+    fast = peft_fast.fuse(copy.deepcopy(plain), "compile")
+    return plain.train(), fast.train()
+
+
+def _same(a, b):
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+IDS = torch.randint(0, 211, (2, 11), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("call", ["eval", "logits_to_keep_tensor", "logits_to_keep_int", "positional"])
+def test_calls_that_keep_the_logits_match_unfused(call):
+    plain, fast = _pair()
+    kw = {"labels": IDS}
+    if call == "eval":
+        plain.eval(), fast.eval()
+    elif call == "logits_to_keep_tensor":  # every position, so that transformers' loss takes the labels
+        kw["logits_to_keep"] = torch.arange(IDS.shape[1])
+    elif call == "logits_to_keep_int":  # the last positions (no loss: transformers cannot match them to labels)
+        kw = {"logits_to_keep": 4}
+    want = plain(IDS, **kw) if call == "positional" else plain(input_ids=IDS, **kw)
+    got = fast(IDS, **kw) if call == "positional" else fast(input_ids=IDS, **kw)
+    if call == "positional":  # training with labels: the fused loss, reached through a positional input_ids
+        assert got.logits is None
+    else:
+        _same(got.logits, want.logits)
+    if want.loss is not None:
+        _same(got.loss, want.loss)
+
+
+def test_tuple_outputs_match_unfused_position_by_position():
+    plain, fast = _pair()
+    want = plain(input_ids=IDS, labels=IDS, return_dict=False)
+    got = fast(input_ids=IDS, labels=IDS, return_dict=False)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        if torch.is_tensor(b):
+            _same(a, b)
+
+
+def test_a_models_own_loss_function_is_kept():
+    plain, fast = _pair()
+    custom = lambda logits, labels, **kw: logits.float().pow(2).mean()  # noqa: E731
+    plain.loss_function = custom
+    fast.loss_function = custom
+    _same(fast(input_ids=IDS, labels=IDS).loss, plain(input_ids=IDS, labels=IDS).loss)
+
+
+def test_a_head_with_a_bias_or_hooks_keeps_the_unfused_loss():
+    plain, fast = _pair()
+    bias = torch.randn(211)
+    for m in (plain, fast):
+        head = torch.nn.Linear(64, 211, bias=True)
+        head.weight.data.copy_(m.lm_head.weight)
+        head.bias.data.copy_(bias)
+        m.lm_head = head
+    assert fast(input_ids=IDS, labels=IDS).logits is not None
+    _same(fast(input_ids=IDS, labels=IDS).loss, plain(input_ids=IDS, labels=IDS).loss)
+    plain, fast = _pair()
+    fast.lm_head.register_forward_pre_hook(lambda mod, args: None)  # as FSDP2 or ZeRO-3 gather a sharded head
+    assert fast(input_ids=IDS, labels=IDS).logits is not None
+
+
+def test_final_logit_softcapping_applies_only_where_the_family_uses_it():
+    plain, fast = _pair("llama", final_logit_softcapping=2.0)  # Llama's config may carry it; its model ignores it
+    _same(fast(input_ids=IDS, labels=IDS).loss, plain(input_ids=IDS, labels=IDS).loss)
+
+
+def test_data_parallel_replicas_run_fused_on_their_own_weights():
+    _, fast = _pair()
+    norm = fast.model.norm
+    replica = norm._replicate_for_data_parallel()  # what nn.DataParallel makes on each device
+    assert patching.part_of(replica) == "rms_norm"
+    replica.weight = torch.nn.Parameter(norm.weight.detach() * 2)
+    x = torch.randn(2, 3, 64)
+    _same(replica(x), 2 * norm(x))
+
+
+def test_pickling_keeps_the_fused_classes_and_outputs():
+    plain, fast = _pair("qwen2")
+    buf = io.BytesIO()
+    torch.save(fast, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert peft_fast.fused_parts(loaded) == peft_fast.fused_parts(fast)
+    assert type(loaded.model.norm).__name__ == "Qwen2RMSNorm"  # config.json's architectures stay the model's
+    assert isinstance(loaded.model.norm, patching.base_class(type(fast.model.norm)))
+    _same(loaded(input_ids=IDS, labels=IDS).loss, plain(input_ids=IDS, labels=IDS).loss)
+
+
+def test_accelerate_hooks_call_the_fused_forward_and_unfuse_restores_theirs():
+    accelerate = pytest.importorskip("accelerate")
+    plain, fast = _pair()
+    fast = peft_fast.unfuse(fast)
+    accelerate.cpu_offload(fast, execution_device=torch.device("cpu"))
+    want = plain(input_ids=IDS, labels=IDS).loss
+    peft_fast.fuse(fast, "compile")
+    norm = fast.model.norm
+    assert norm._old_forward.__func__ is type(norm).forward  # the hook now calls the fused forward
+    _same(fast(input_ids=IDS, labels=IDS).loss, want)
+    peft_fast.unfuse(fast)
+    assert norm._old_forward.__func__ is type(norm).forward and not patching.part_of(norm)
+    _same(fast(input_ids=IDS, labels=IDS).loss, want)
