@@ -221,3 +221,20 @@ def test_an_adapted_head_keeps_the_unfused_loss_and_its_logits():
     torch.testing.assert_close(got_loss, want_loss, atol=1e-5, rtol=1e-5)
     _assert_grads(got, want, atol=1e-5, rtol=1e-4)
     assert any("lm_head.lora" in n for n in got)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Liger-Kernel's kernels need CUDA (bench/gpu_check.sh: fused)")
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2"])
+def test_liger_backend_whole_model_matches_unfused(family):
+    """Liger's kernels inside a whole model: its RMSNorm's backward meets the residual stream's shared gradient."""
+    pytest.importorskip("liger_kernel")
+    base = tiny_causal_lm(family).cuda()
+    plain = peft_fast.get_peft_model(copy.deepcopy(base), peft_fast.LoraConfig(**LORA))
+    fast = peft_fast.get_peft_model(base, peft_fast.LoraConfig(**LORA), fused="liger")
+    fast.load_state_dict(plain.state_dict())
+    assert sum(peft_fast.fused_parts(fast).values()) > 3
+    ids = torch.randint(0, 211, (2, 37), device="cuda")
+    want_loss, want = _loss_and_grads(plain, ids)
+    got_loss, got = _loss_and_grads(fast, ids)
+    torch.testing.assert_close(got_loss, want_loss, atol=1e-4, rtol=1e-4)
+    _assert_grads(got, want, atol=1e-4, rtol=1e-3)
