@@ -49,6 +49,9 @@ __all__ = [
     "dora_linear",
     "dora_linear_reference",
     "dora_linear_triton",
+    "dora_dropout_linear",
+    "dora_dropout_linear_reference",
+    "dora_dropout_linear_triton",
     "experts_meta",
     "grouped_lora",
     "grouped_lora_reference",
@@ -73,6 +76,7 @@ if __name__ == "peft_fast.kernels":
     from .dora_norm import (dora_norm, dora_norm_nf4, dora_norm_nf4_reference, dora_norm_nf4_triton,
                             dora_norm_reference, dora_norm_triton)
     from .dora_linear import dora_linear, dora_linear_reference, dora_linear_triton
+    from .dora_dropout_linear import dora_dropout_linear, dora_dropout_linear_reference, dora_dropout_linear_triton
     from .grouped_lora import (experts_meta, grouped_lora, grouped_lora_reference, grouped_lora_torch,
                                grouped_lora_triton)
 else:

@@ -74,8 +74,9 @@ if HAS_TRITON:
         M, N, R, s_hi, s_lo,
         stride_zm, stride_zr, stride_bn, stride_br, stride_basem, stride_basen, stride_ym, stride_yn,
         HAS_BIAS: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, RESID: tl.constexpr,
     ):
+        # RESID: y holds a residual r on entry and gets r + c ⊙ (base + s·z·Bᵀ) - base (DoRA with dropout).
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -103,6 +104,9 @@ if HAS_TRITON:
         out = c[None, :] * (base + s[None, :] * acc)
         if HAS_BIAS:
             out += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(acc.dtype)[None, :]
+        if RESID:
+            out += tl.load(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, mask=mask,
+                           other=0.0).to(acc.dtype) - base
         tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, out.to(y_ptr.dtype.element_ty),
                  mask=mask)
 
@@ -135,7 +139,7 @@ if HAS_TRITON:
 
 
 def _expand(z: Tensor, lora_b: Tensor, base2d: Tensor, y2d: Tensor, c: Tensor, bias: Optional[Tensor],
-            scaling: float) -> None:
+            scaling: float, resid: bool = False) -> None:
     M, R = z.shape
     N = lora_b.shape[0]
     if M == 0 or N == 0:
@@ -150,6 +154,7 @@ def _expand(z: Tensor, lora_b: Tensor, base2d: Tensor, y2d: Tensor, c: Tensor, b
         z.stride(0), z.stride(1), lora_b.stride(0), lora_b.stride(1), base2d.stride(0), base2d.stride(1),
         y2d.stride(0), y2d.stride(1),
         HAS_BIAS=bias is not None, DOT=dot, PRECISION=precision(dot), BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br,
+        RESID=resid,
     )
 
 

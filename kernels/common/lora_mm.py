@@ -144,6 +144,28 @@ if HAS_TRITON:
                      ACC2, False, DROP2, IDX64, DOT2, PREC2, 1, BM2, BN2, BK2)
 
 
+    @triton.jit
+    def _masked_add_kernel(a_ptr, b_ptr, out_ptr, seed_ptr, M, N, stride_am, stride_an, stride_bm, stride_bn,
+                           stride_om, stride_on, p, inv_keep_hi, inv_keep_lo, ld4,
+                           HAS_A: tl.constexpr, IDX64: tl.constexpr, EXACT: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # out = a + mask ⊙ b over tiles of x's [M, in] layout, the mask of _keep_scale (the matmuls' one)
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        mask = (rm < M)[:, None] & (rn < N)[None, :]
+        keep = _keep_scale(tl.load(seed_ptr), rm, pid_n * BLOCK_N, ld4, p, inv_keep_hi, inv_keep_lo,
+                           BLOCK_M, BLOCK_N, IDX64, EXACT)
+        out = keep * tl.load(b_ptr + rm[:, None] * stride_bm + rn[None, :] * stride_bn, mask=mask,
+                             other=0.0).to(keep.dtype)
+        if HAS_A:
+            out += tl.load(a_ptr + rm[:, None] * stride_am + rn[None, :] * stride_an, mask=mask,
+                           other=0.0).to(keep.dtype)
+        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on, out.to(out_ptr.dtype.element_ty),
+                 mask=mask)
+
+
 def blocks(M: int, N: int, K: int) -> tuple[int, int, int]:
     # tl.dot needs every block dim >= 16. A rank up to 128 fits one N block, so x is streamed once.
     bm = min(64, max(16, np2(M)))
@@ -256,6 +278,22 @@ def mm2(first: tuple, second: tuple, *, seed: Optional[Tensor] = None, p: float 
         ACC2=second[4], DROP2=second[5], DOT2=c2.dot, PREC2=c2.precision,
         BM2=c2.block_m, BN2=c2.block_n, BK2=c2.block_k, IDX64=rows_x * ld4 >= 2**31,
     )
+
+
+def masked_add(a: Optional[Tensor], b: Tensor, out: Tensor, seed: Tensor, p: float) -> None:
+    """out = a + drop-mask ⊙ b (a None: the mask alone), b [M, in] laid out as x: the mask `mm` gives x's entries
+    for this seed, so `masked_add(None, x, xd, ...)` is the dropped x the LoRA matmuls saw."""
+    M, N = b.shape
+    if M == 0 or N == 0:
+        return
+    bm, bn = min(32, max(16, np2(M))), min(64, max(16, np2(N)))
+    i_hi, i_lo = _keep_inverse(float(p))
+    ld4 = (N + 3) // 4
+    a_arg = a if a is not None else b
+    _masked_add_kernel[(cdiv(N, bn), cdiv(M, bm))](
+        a_arg, b, out, seed, M, N, a_arg.stride(0), a_arg.stride(1), b.stride(0), b.stride(1),
+        out.stride(0), out.stride(1), float(p), i_hi, i_lo, ld4,
+        HAS_A=a is not None, IDX64=M * ld4 >= 2**31, EXACT=out.dtype == torch.float64, BLOCK_M=bm, BLOCK_N=bn)
 
 
 def lora_backward(dy2d: Tensor, x2d: Tensor, lora_a: Tensor, lora_b: Tensor, z2d: Tensor, seed: Optional[Tensor],

@@ -239,16 +239,19 @@ def test_triton_backend_train_and_eval(monkeypatch, dropout):
     import peft_fast.tuners.lora.dora as dora_mod
 
     fused = []
-    real = dora_mod.dora_linear
-    monkeypatch.setattr(dora_mod, "dora_linear", lambda *a, **k: fused.append(1) or real(*a, **k))
+    op = "dora_dropout_linear" if dropout else "dora_linear"
+    real = getattr(dora_mod, op)
+    monkeypatch.setattr(dora_mod, op, lambda *a, **k: fused.append(1) or real(*a, **k))
+    if dropout:  # our masks come from seeds (as LoRA's on Triton): PEFT's dropout modules replay them
+        _replay_masks_in_peft(monkeypatch, r, dropout)
     r.train()
     i.train()
     x = inputs("llama", batch=2, seq=4)
     torch.manual_seed(11)
-    r_loss = loss_of(r, x)
+    i_loss = loss_of(i, x)  # ours first: PEFT replays its masks
     torch.manual_seed(11)
-    i_loss = loss_of(i, x)
-    assert len(fused) == 6  # every DoRA layer (3 targets x 2 layers) took the fused epilogue
+    r_loss = loss_of(r, x)
+    assert len(fused) == 6  # every DoRA layer (3 targets x 2 layers) took the fused op
     assert_close(i_loss, r_loss, atol=1e-5, rtol=1e-5)
     r_loss.backward()
     i_loss.backward()
@@ -257,6 +260,31 @@ def test_triton_backend_train_and_eval(monkeypatch, dropout):
     i.eval()
     with torch.no_grad():
         assert_close(out(i, x), out(r, x), atol=1e-5, rtol=1e-5)
+
+
+def _replay_masks_in_peft(monkeypatch, peft_model, p):
+    """Record the seed of each dora_dropout_linear call and make PEFT's dropout modules, called in the same order,
+    multiply by the mask that seed gives (lora_mm.masked_add: the mask of the LoRA matmuls)."""
+    import sys
+
+    from peft_fast.kernels.common.lora_mm import masked_add
+
+    op_mod = sys.modules["peft_fast.kernels.dora_dropout_linear"]  # (the package's attribute is the op itself)
+
+    seeds = []
+    real_seed = op_mod.dropout_seed
+    monkeypatch.setattr(op_mod, "dropout_seed", lambda device: seeds.append(real_seed(device)) or seeds[-1])
+
+    class Replay(torch.nn.Module):
+        def forward(self, x):
+            x2d = x.reshape(-1, x.shape[-1])
+            mask = torch.empty_like(x2d)
+            masked_add(None, torch.ones_like(x2d), mask, seeds.pop(0), p)
+            return x * mask.view(x.shape)
+
+    for module in peft_model.modules():
+        if hasattr(module, "lora_dropout") and "default" in module.lora_dropout:
+            module.lora_dropout["default"] = Replay()
 
 
 def test_delete_and_readd_adapter():

@@ -13,8 +13,10 @@ as a naive `c ⊙ lora_linear(x) + b` would, moved a tiny bf16 Llama's logits by
 - dropout in training: PEFT recomputes the base on the dropped-out input, `(c - 1)·(drop(x)·Wᵀ)`; that term is
   exact only with drop(x)·Wᵀ itself, so it is the one extra matmul, taken only then.
 - on Triton (CUDA): `kernels.dora_linear`, c ⊙ (x·Wᵀ + s·lora(x)) + b with c and b applied in the LoRA expand's
-  epilogue and the magnitude's gradient recovered from y: LoRA's launches and activations. With dropout,
-  result - v + dora_linear(v, drop(x)), v = drop(x)·Wᵀ in the base dtype.
+  epilogue and the magnitude's gradient recovered from y: LoRA's launches and activations. With dropout over a
+  dense base, `kernels.dora_dropout_linear`: the mask regenerated from a seed as LoRA's, so that backward keeps
+  only v = drop(x)·Wᵀ beside LoRA's z (the masks are then not PEFT's draws, as with LoRA on Triton); over a 4-bit
+  base, result - v + dora_linear(v, drop(x)) with PEFT's dropout module.
 
 Caches (never in the state dict): ||W||² on the base view (keyed on the base weight's identity, storage and version),
 and per adapter the eval scale (norm and c, keyed likewise on A, B, m and the base, used only while the layer is not
@@ -29,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...kernels import dora_linear, dora_norm, dora_norm_nf4, lora_linear, nf4_linear, use_triton
+from ...kernels import dora_dropout_linear, dora_linear, dora_norm, dora_norm_nf4, lora_linear, nf4_linear, use_triton
 from .variants import LoraVariant, nf4_fallback
 
 
@@ -191,6 +193,11 @@ class DoraVariant(LoraVariant):
                 if dense:  # the base matmul inside the op, its output buffer reused for y
                     return dora_linear(None, x, view.bias, a, b, s, c, weight=view.oriented())
                 return dora_linear(base(x), x, view.bias, a, b, s, c)
+            if dense:
+                weight = view.oriented()
+                if weight.dtype == x.dtype and not torch.is_autocast_enabled(x.device.type):
+                    # the mask regenerated from a seed: no dropped x, mask or [T, out] output kept for backward
+                    return dora_dropout_linear(x, weight, view.bias, a, b, s, c, p)
             # Dropout: y = result + (c - 1)·v + c·s·lora(xd), v = xd·Wᵀ, = result - v + dora_linear(v, xd). The dropped
             # x stays in x's dtype and v runs in the base dtype (PEFT upcasts W for it: an [out, in] copy).
             result = base(x, view.bias)
