@@ -40,6 +40,15 @@ def _assert_grads(got, want, atol, rtol):
         torch.testing.assert_close(got[name], want[name], atol=atol, rtol=rtol, msg=name)
 
 
+def _assert_same_step(plain, fast, ids, loss_tol=1e-5, atol=1e-5, rtol=1e-4):
+    """The unfused and fused models' training losses and gradients on ids; returns the fused model's gradients."""
+    want_loss, want = _loss_and_grads(plain, ids)
+    got_loss, got = _loss_and_grads(fast, ids)
+    torch.testing.assert_close(got_loss, want_loss, atol=loss_tol, rtol=loss_tol)
+    _assert_grads(got, want, atol=atol, rtol=rtol)
+    return got
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_family_loss_gradients_and_logits_match_unfused(family):
     plain, fast = _pair(family)
@@ -106,25 +115,18 @@ def test_gradient_checkpointing_dropout_and_4bit_base_match_unfused():
 def test_bf16_model_matches_within_bf16_rounding():
     plain, fast = _pair("gemma", dtype=torch.bfloat16)
     ids = torch.randint(0, 211, (2, 21))
-    want_loss, want = _loss_and_grads(plain, ids)
-    got_loss, got = _loss_and_grads(fast, ids)
-    torch.testing.assert_close(got_loss, want_loss, atol=2e-2, rtol=2e-2)
-    _assert_grads(got, want, atol=2e-2, rtol=5e-2)
+    _assert_same_step(plain, fast, ids, loss_tol=2e-2, atol=2e-2, rtol=5e-2)
 
 
 def test_fuse_works_without_adapters_and_unfuse_reverts():
     model = tiny_causal_lm("mistral")
     plain = copy.deepcopy(model)
     peft_fast.fuse(model, "compile")
-    ids = torch.randint(0, 211, (2, 8))
-    want_loss, want = _loss_and_grads(plain, ids)
-    got_loss, got = _loss_and_grads(model, ids)
-    torch.testing.assert_close(got_loss, want_loss, atol=1e-5, rtol=1e-5)
-    _assert_grads(got, want, atol=1e-5, rtol=1e-4)
+    got = _assert_same_step(plain, model, torch.randint(0, 211, (2, 8)))
     assert "lm_head.weight" in got  # a trainable head gets its gradient from the fused loss
     peft_fast.unfuse(model)
     assert not peft_fast.fused_parts(model)
-    assert all("forward" not in m.__dict__ for m in model.modules())
+    assert [type(m) for m in model.modules()] == [type(m) for m in plain.modules()]
 
 
 def test_fusing_one_model_leaves_others_of_its_class_alone_and_deepcopy_rebinds():
@@ -176,10 +178,7 @@ def test_patch_of_a_peft_model_takes_fused():
         fast = peft_fast.patch(ref, fused="compile")
     assert peft_fast.fused_parts(fast)["loss"] == 1
     ids = torch.randint(0, 211, (2, 10))
-    want_loss, want = _loss_and_grads(plain, ids)
-    got_loss, got = _loss_and_grads(fast, ids)
-    torch.testing.assert_close(got_loss, want_loss, atol=1e-5, rtol=1e-5)
-    _assert_grads(got, want, atol=1e-5, rtol=1e-4)
+    _assert_same_step(plain, fast, ids)
 
 
 def test_generate_gives_the_unfused_tokens():
@@ -213,13 +212,9 @@ def test_compiled_training_step_is_one_graph_with_eager_loss_and_gradients(famil
 def test_an_adapted_head_keeps_the_unfused_loss_and_its_logits():
     plain, fast = _pair("llama", target_modules=["q_proj", "lm_head"])
     ids = torch.randint(0, 211, (2, 12))
-    want_loss, want = _loss_and_grads(plain, ids)
     fast.train()
-    out = fast(input_ids=ids, labels=ids)
-    assert out.logits is not None  # the head is a LoRA layer: the loss cannot skip it
-    got_loss, got = _loss_and_grads(fast, ids)
-    torch.testing.assert_close(got_loss, want_loss, atol=1e-5, rtol=1e-5)
-    _assert_grads(got, want, atol=1e-5, rtol=1e-4)
+    assert fast(input_ids=ids, labels=ids).logits is not None  # the head is a LoRA layer: the loss cannot skip it
+    got = _assert_same_step(plain, fast, ids)
     assert any("lm_head.lora" in n for n in got)
 
 
@@ -233,8 +228,5 @@ def test_liger_backend_whole_model_matches_unfused(family):
     fast = peft_fast.get_peft_model(base, peft_fast.LoraConfig(**LORA), fused="liger")
     fast.load_state_dict(plain.state_dict())
     assert sum(peft_fast.fused_parts(fast).values()) > 3
-    ids = torch.randint(0, 211, (2, 37), device="cuda")
-    want_loss, want = _loss_and_grads(plain, ids)
-    got_loss, got = _loss_and_grads(fast, ids)
-    torch.testing.assert_close(got_loss, want_loss, atol=1e-4, rtol=1e-4)
-    _assert_grads(got, want, atol=1e-4, rtol=1e-3)
+    _assert_same_step(plain, fast, torch.randint(0, 211, (2, 37), device="cuda"), loss_tol=1e-4, atol=1e-4,
+                      rtol=1e-3)
