@@ -6,7 +6,7 @@ common/lora_mm.py), so neither a dropped x nor a mask is kept: the forward makes
 cuBLAS matmul v = xd·Wᵀ, and backward keeps v beside LoRA's z. The expand's epilogue writes
 y = (x·Wᵀ + b) + c ⊙ (v + s·z·Bᵀ) - v over the base output's buffer.
 
-Backward, with dt = c ⊙ dy (one pass that also sums Σ_tokens dy ⊙ v, `dora_linear`'s kernel) and D the mask:
+Backward, with dt = c ⊙ dy (one pass that also sums Σ_tokens dy ⊙ v, common/dora_epilogue.py) and D the mask:
 - dx = dy·W + D ⊙ ((dt - dy)·W + s·(dt·B)·A), the last term through LoRA's masked dx, the middle one added with
   the mask (`masked_add`);
 - dA, dB as LoRA's (dt in place of dy, xd's mask applied in the kernel);
@@ -24,9 +24,9 @@ from torch import Tensor
 
 from .common.autograd import FusedOp, needs_grad
 from .common.backend import HAS_TRITON, use_triton
+from .common.dora_epilogue import dora_expand, dora_scale_grad
 from .common.lora_mm import DROP_A, dropout_seed, lora_backward, masked_add, mm
 from .common.tiling import z_dtype
-from .dora_linear import _expand, _scale_grad
 
 __all__ = ["dora_dropout_linear", "dora_dropout_linear_reference", "dora_dropout_linear_triton"]
 
@@ -54,7 +54,7 @@ def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, 
     y = F.linear(x2d, weight, bias)
     z = torch.empty((M, lora_a.shape[0]), device=x.device, dtype=z_dtype(x, lora_a, lora_b))
     mm(x2d, lora_a.t(), z, drop=DROP_A, seed=seed, p=dropout_p, ld_x=in_f, rows_x=M)
-    _expand(z, lora_b, v, y, mag_scale, None, scaling, resid=True)
+    dora_expand(z, lora_b, v, y, mag_scale, None, scaling, resid=True)
     return y.view(*x.shape[:-1], out_f), z, v
 
 
@@ -75,7 +75,7 @@ def _backward_impl(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b
     f64 = torch.float64 in (dy.dtype, v.dtype, mag_scale.dtype)
     colsum = torch.zeros(out_f, device=dy.device, dtype=torch.float64 if f64 else torch.float32)
     dt = torch.empty_like(dy2d)
-    _scale_grad(dy2d, v, mag_scale, None, dt, colsum)
+    dora_scale_grad(dy2d, v, mag_scale, None, dt, colsum)
     dx2d = torch.empty_like(x2d) if need_x else None
     # the adapter's part of dx (masked) written first, dA beside it; dB also when only dc needs it
     da, db = lora_backward(dt, x2d, lora_a, lora_b, z, seed, scaling, dropout_p, need_a, need_b or need_c, dx2d,

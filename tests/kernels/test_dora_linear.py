@@ -186,8 +186,8 @@ def test_backward_in_row_blocks(device, monkeypatch, deterministic):
 
     # a frozen weight (the usual case): dt is not kept, the blocks really run
     calls = []
-    real = mod._scale_grad
-    monkeypatch.setattr(mod, "_scale_grad", lambda *args: calls.append(args[0].shape[0]) or real(*args))
+    real = mod.dora_scale_grad
+    monkeypatch.setattr(mod, "dora_scale_grad", lambda *args: calls.append(args[0].shape[0]) or real(*args))
     y = dora_linear_triton(None, x, bvec, a, b, 0.7, m / norm, weight=w)
     gx = torch.autograd.grad(y, (x, a, b, m, bvec), gy)
     assert calls == [7] * 6 + [3]
