@@ -76,12 +76,15 @@ def _backward_impl(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b
     colsum = torch.zeros(out_f, device=dy.device, dtype=torch.float64 if f64 else torch.float32)
     dt = torch.empty_like(dy2d)
     dora_scale_grad(dy2d, v, mag_scale, None, dt, colsum)
-    dx2d = torch.empty_like(x2d) if need_x else None
+    # contiguous whatever x's layout: the fake implementation promises it (torch.compile relies on that)
+    dx2d = torch.empty(x2d.shape, dtype=x.dtype, device=x.device) if need_x else None
     # the adapter's part of dx (masked) written first, dA beside it; dB also when only dc needs it
     da, db = lora_backward(dt, x2d, lora_a, lora_b, z, seed, scaling, dropout_p, need_a, need_b or need_c, dx2d,
                            accumulate=False)
     dw = weight.new_empty(0)
-    e = dt.sub_(dy2d)  # (c - 1) ⊙ dy: the dropped base's output gradient
+    # (c - 1) ⊙ dy, the dropped base's output gradient, over dt's buffer; from dy itself, not as dt - dy, whose
+    # 16-bit cancellation would cost precision where c is near 1
+    e = torch.mul(dy2d, mag_scale.to(colsum.dtype) - 1, out=dt)
     if need_x:
         masked_add(dx2d, e @ weight, dx2d, seed, dropout_p)
         dx2d.addmm_(dy2d, weight)
@@ -151,6 +154,16 @@ def dora_dropout_linear_triton(x: Tensor, weight: Tensor, bias, lora_a: Tensor, 
     _check(x, weight, lora_a, lora_b, mag_scale, dropout_p)
     if not HAS_TRITON:
         raise RuntimeError("dora_dropout_linear_triton needs triton; use dora_dropout_linear_reference.")
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Autocast does not reach inside the custom op: apply its casts to the base operands here, then run without
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight, bias = (t.to(dtype) if t is not None else t for t in (x, weight, bias))
+        with torch.autocast(device_type, enabled=False):
+            return dora_dropout_linear_triton(x, weight, bias, lora_a, lora_b, scaling, mag_scale, dropout_p)
+    if weight.dtype != x.dtype:
+        raise ValueError(f"dora_dropout_linear: the base weight ({weight.dtype}) and x ({x.dtype}) must have one "
+                         "dtype (as F.linear needs); cast one of them, or run under torch.autocast")
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
     seed = dropout_seed(x.device)

@@ -108,7 +108,7 @@ def _backward_impl(dy: Tensor, y: Tensor, weight: Optional[Tensor], x: Tensor, b
     colsum = torch.zeros(out_f, device=dy.device, dtype=torch.float64 if f64 else torch.float32)
     keep_dt = keep_dt or weight is None
     dt_full = torch.empty_like(dy2d) if keep_dt else None
-    dx2d = (torch.empty_like(x2d) if need_x else None)
+    dx2d = torch.empty(x2d.shape, dtype=x.dtype, device=x.device) if need_x else None  # contiguous, as the fake
     da = torch.zeros_like(lora_a) if need_a else lora_a.new_empty(0)
     db = torch.zeros_like(lora_b) if need_b else lora_b.new_empty(0)
     step = max(M, 1) if keep_dt else max(BWD_BLOCK_ROWS, BWD_BLOCK_BYTES // max(1, out_f * dy2d.element_size()))

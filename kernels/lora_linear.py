@@ -90,7 +90,7 @@ def _backward_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], lora_a: Tens
     dy2d, x2d = dy.reshape(-1, out_f), x.reshape(-1, in_f)
     dx2d = None
     if need_dx:  # the base's part stays on cuBLAS
-        dx2d = dy2d @ weight if weight is not None else torch.empty_like(x2d)
+        dx2d = dy2d @ weight if weight is not None else torch.empty(x2d.shape, dtype=x.dtype, device=x.device)
     da, db = lora_backward(dy2d, x2d, lora_a, lora_b, z.reshape(-1, lora_b.shape[1]), seed, scaling, dropout_p,
                            need_da, need_db, dx2d, accumulate=weight is not None)
     return (dx2d.view(x.shape) if need_dx else x.new_empty(0)), da, db

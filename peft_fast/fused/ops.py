@@ -45,7 +45,8 @@ class Ops:
     rms_norm: Callable  # (x, weight, eps, gemma) -> y
     glu: dict  # activation name (transformers' ACT2FN key) -> (gate, up) -> act(gate) * up
     rope: Callable  # (the model's apply_rotary_pos_emb) -> its fused replacement
-    causal_lm_loss: Callable  # (hidden, head weight, labels, *, ignore_index, shift_labels, num_items_in_batch, softcap)
+    causal_lm_loss: Callable  # (hidden, head weight, labels, *, ignore_index, shift_labels, num_items_in_batch,
+    #                           softcap) -> the loss
 
 
 def liger_available() -> bool:

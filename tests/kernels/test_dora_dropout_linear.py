@@ -105,8 +105,68 @@ def test_zero_magnitudes(device):
     live = inputs[5].detach() != 0
     for name, got, want in zip(names, g, g_ref):
         if name == "m":
+            x, w, _, _, _, _, norm = inputs
+            mask = _mask((*lead, 16), 5, device)  # as _pair: the mask, then its gy
+            gy = torch.randn(*lead, out_f, dtype=torch.float64, device=device)
+            v = F.linear(x.detach() * mask, w)
+            dead = ((gy * v).reshape(-1, out_f).sum(0) / norm)[~live]  # Σ dy ⊙ v only (through c = m / norm)
+            torch.testing.assert_close(got[~live], dead, rtol=1e-9, atol=1e-10, msg="dead channels")
             got, want = got[live], want[live]
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10, msg=name)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("trains", ["a", "b", "m", "x", "x,b", "m,w", "bias"])
+def test_each_gradient_alone(device, trains):
+    """Any subset of inputs may train (frozen adapters while only the magnitude trains: dB is still needed)."""
+    lead, out_f = (3, 5), 18
+    x, w, bias, a, b, m, norm = _inputs(lead, 20, out_f, 4, device)
+    flags = dict(x=x, a=a, b=b, m=m, bias=bias, w=w)
+    for name, t in flags.items():
+        t.requires_grad_(name in trains.split(","))
+    (y, g), (y_ref, g_ref) = _pair((x, w, bias, a, b, m, norm), lead, out_f)
+    assert len(g) == len(trains.split(","))
+    for got, want in zip(g, g_ref):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("x_layout", ["contiguous", "column-major"])
+def test_custom_ops_pass_opcheck(device, x_layout):
+    """The fake implementations' shapes, dtypes and strides against the real ones, and the autograd registration."""
+    from peft_fast.kernels.common.lora_mm import dropout_seed
+
+    x, w, bias, a, b, m, norm = (t.detach() if t is not None else t for t in _inputs((10,), 24, 12, 4, device))
+    if x_layout == "column-major":
+        x = x.t().contiguous().t()
+    c = (m / norm).requires_grad_()
+    args = (x.requires_grad_(), w, bias, a.requires_grad_(), b.requires_grad_(), c, 1.3, P, dropout_seed(x.device))
+    torch.library.opcheck(torch.ops.peft_fast.dora_dropout_linear_fwd.default, args)
+    _, z, v = torch.ops.peft_fast.dora_dropout_linear_fwd(*args)
+    dy = torch.randn(10, 12, dtype=torch.float64, device=device)
+    bwd = (dy, x.detach(), w, a.detach(), b.detach(), z, v, c.detach(), args[-1], 1.3, P, True, True, True, True, False)
+    torch.library.opcheck(torch.ops.peft_fast.dora_dropout_linear_bwd.default, bwd)
+
+
+@pytest.mark.triton
+def test_autocast_and_a_bias_of_another_dtype(device):
+    """Under autocast the base operands take its dtype, as F.linear's would (the adapters stay float32)."""
+    lead, out_f = (2, 7), 16
+    x, w, bias, a, b, m, norm = (t.detach().float() for t in _inputs(lead, 32, out_f, 4, device))
+    seed = 9
+    mask = _mask((*lead, 32), seed, device).float()
+    torch.manual_seed(seed)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        y = dora_dropout_linear_triton(x, w, bias, a, b, 1.5, m / norm, P)
+    want = dora_dropout_linear_reference(x.bfloat16(), w.bfloat16(), bias.bfloat16(), a, b, 1.5, m / norm,
+                                         mask.bfloat16())
+    assert y.dtype == torch.bfloat16
+    assert (y.float() - want.float()).abs().max() / want.float().abs().max() < 2e-2
+    torch.manual_seed(seed)
+    y16 = dora_dropout_linear_triton(x.bfloat16(), w.bfloat16(), bias, a, b, 1.5, m / norm, P)  # a float32 bias
+    assert y16.dtype == torch.bfloat16 and (y16.float() - want.float()).abs().max() / want.float().abs().max() < 2e-2
+    with pytest.raises(ValueError, match="one dtype"):
+        dora_dropout_linear_triton(x.bfloat16(), w, bias, a, b, 1.5, m / norm, P)
 
 
 @pytest.mark.triton

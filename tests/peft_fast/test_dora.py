@@ -262,6 +262,33 @@ def test_triton_backend_train_and_eval(monkeypatch, dropout):
         assert_close(out(i, x), out(r, x), atol=1e-5, rtol=1e-5)
 
 
+def test_triton_backend_dropout_under_autocast(monkeypatch):
+    """Under autocast the dropout op takes autocast's dtype for its base matmuls, as PEFT's F.linear calls do."""
+    from peft_fast.kernels import interpreting
+
+    if not (interpreting() or torch.cuda.is_available()):
+        pytest.skip("no Triton device")
+    _, r, i = _pair("llama", lora_dropout=0.2)
+    use_settings(monkeypatch, backend="triton")
+    import peft_fast.tuners.lora.dora as dora_mod
+
+    taken = []
+    real = dora_mod.dora_dropout_linear
+    monkeypatch.setattr(dora_mod, "dora_dropout_linear", lambda *a, **k: taken.append(1) or real(*a, **k))
+    _replay_masks_in_peft(monkeypatch, r, 0.2)
+    r.train()
+    i.train()
+    x = inputs("llama", batch=2, seq=4)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    losses = []
+    for model in (i, r):  # ours first: PEFT replays its masks
+        torch.manual_seed(11)
+        with torch.autocast(device, dtype=torch.bfloat16):
+            losses.append(loss_of(model, x))
+    assert len(taken) == 6
+    assert_close(losses[0], losses[1], atol=2e-2, rtol=2e-2)
+
+
 def _replay_masks_in_peft(monkeypatch, peft_model, p):
     """Record the seed of each dora_dropout_linear call and make PEFT's dropout modules, called in the same order,
     multiply by the mask that seed gives (lora_mm.masked_add: the mask of the LoRA matmuls)."""

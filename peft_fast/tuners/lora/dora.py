@@ -195,7 +195,7 @@ class DoraVariant(LoraVariant):
                 return dora_linear(base(x), x, view.bias, a, b, s, c)
             if dense:
                 weight = view.oriented()
-                if weight.dtype == x.dtype and not torch.is_autocast_enabled(x.device.type):
+                if weight.dtype == x.dtype or torch.is_autocast_enabled(x.device.type):
                     # the mask regenerated from a seed: no dropped x, mask or [T, out] output kept for backward
                     return dora_dropout_linear(x, weight, view.bias, a, b, s, c, p)
             # Dropout: y = result + (c - 1)·v + c·s·lora(xd), v = xd·Wᵀ, = result - v + dora_linear(v, xd). The dropped
