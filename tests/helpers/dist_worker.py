@@ -28,7 +28,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralFo
 
 ROWS, SEQ, STEPS, LR = 4, 8, 2, 0.5
 SCENARIOS = [("ddp", "lora"), ("ddp", "dora"), ("ddp", "nf4"), ("ddp", "bnb"), ("fsdp", "lora-bf16"),
-             ("fsdp", "dora"), ("fsdp", "nf4"), ("fsdp", "bnb"), ("ddp", "moe"), ("fsdp", "moe")]
+             ("fsdp", "dora"), ("fsdp", "nf4"), ("fsdp", "bnb"), ("ddp", "moe"), ("fsdp", "moe"), ("ddp", "fused"),
+             ("fsdp", "fused")]
 BNB_DIR = None  # a tiny Llama saved once, loaded in 4-bit by transformers + bitsandbytes for the "bnb" scenarios
 
 
@@ -58,7 +59,8 @@ def adapted(kind: str):
     if kind == "moe":
         config = peft_fast.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
                                       target_parameters=["experts.gate_up_proj", "experts.down_proj"])
-    return peft_fast.get_peft_model(base(kind), config)
+    # "fused": the fused decoder (norms, rotary embedding, MLP activation, the loss without logits) under the wrappers
+    return peft_fast.get_peft_model(base(kind), config, fused="compile" if kind == "fused" else None)
 
 
 def wrap(model, mode: str):
@@ -127,6 +129,9 @@ def scenario(mode: str, kind: str, rank: int, world: int, out: str) -> dict:
         res.update(rank_bytes=local, full_bytes=full_bytes)
         res.update(files(model, single, rank, kind, f"{out}/{mode}-{kind}"))
         res.update(eval_after_step(model, single, ids))
+    if kind == "fused":  # the fused loss ran under the wrapper: a training forward with labels builds no logits
+        wrapped.train()  # (last: a forward without backward leaves FSDP2's root unsharded)
+        res["logits_skipped"] = wrapped(input_ids=mine, labels=mine).logits is None
     if mode == "ddp":  # a DDP wrapper alive after its group is torn down hangs the process at exit
         del wrapped
     return res

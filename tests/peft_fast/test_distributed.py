@@ -1,6 +1,6 @@
 """DDP and FSDP2 on the CPU with gloo, two processes: training equals one process on the whole batch (LoRA, DoRA,
 NF4Linear and bitsandbytes 4-bit bases, fp32 adapters over a bf16 base, a Mixtral's expert stacks through
-target_parameters), saving from a sharded model writes the single process's files,
+target_parameters, the fused decoder), saving from a sharded model writes the single process's files,
 loading into a sharded model works, merging refuses with a way out, and eval caches do not outlive a step across
 reshards. The ranks run tests/helpers/dist_worker.py (all scenarios in one launch, about 15 s here); the example
 examples/train_distributed.py runs under torchrun as users run it."""
@@ -56,7 +56,7 @@ def results(tmp_path_factory):
 
 
 SCENARIOS = ["ddp-lora", "ddp-dora", "ddp-nf4", "ddp-bnb", "fsdp-lora-bf16", "fsdp-dora", "fsdp-nf4", "fsdp-bnb",
-             "ddp-moe", "fsdp-moe"]
+             "ddp-moe", "fsdp-moe", "ddp-fused", "fsdp-fused"]
 
 
 def _tol(name):  # a bf16 base rounds the activations the adapters see
@@ -74,6 +74,7 @@ def _result(results, name):
 @pytest.mark.parametrize("name", SCENARIOS)
 def test_training_equals_one_process_on_the_whole_batch(results, name):
     r = _result(results, name)
+    assert r.get("logits_skipped", "fused" not in name)  # the fused decoder's loss ran under DDP / FSDP2
     assert r["loss_fell"]
     assert r["loss_diff"] < 1e-5, r
     assert r["weight_diff"] < _tol(name), r
