@@ -1,7 +1,7 @@
 """The fused decoder: RMSNorm, the rotary embedding, the gated MLP's activation and the causal-LM loss (without its
-logits) of Llama, Mistral, Qwen2/3 and Gemma 1/2/3 decoders run as fused kernels, through Liger-Kernel or
-torch.compile. Switched on by ``fused=`` of ``peft_fast.patch`` / ``get_peft_model``, or by ``fuse(model)`` on any
-model (with or without adapters); ``unfuse(model)`` reverts it.
+logits) of Llama, Mistral, Qwen2/3, Gemma 1/2/3, Mixtral and Qwen2/3-MoE decoders run as fused kernels, through
+Liger-Kernel or torch.compile. Switched on by ``fused=`` of ``peft_fast.patch`` / ``get_peft_model``, or by
+``fuse(model)`` on any model (with or without adapters); ``unfuse(model)`` reverts it.
 """
 from __future__ import annotations
 

@@ -27,8 +27,9 @@ from peft_fast.fused.ops import compiled_copy, gelu_tanh_mul_reference, ops_for,
 
 # transformers' decoder families whose modules follow the shapes below (tests/peft_fast/test_fused_decoder.py
 # checks each against its unfused self).
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe")
 _GEMMA_NORMS = ("gemma", "gemma2", "gemma3")
+_MOE = ("mixtral", "qwen2_moe", "qwen3_moe")  # causal LMs that may add a router loss (then their logits are kept)
 _SOFTCAP = ("gemma2", "gemma3")  # families whose causal LM soft-caps its final logits
 _GLU = {"silu": silu_mul_reference, "swish": silu_mul_reference, "gelu_pytorch_tanh": gelu_tanh_mul_reference}
 _PREFIX = "Fused__"
@@ -79,12 +80,16 @@ def _mlp_forward(base: type, backend: str, act: str) -> Callable:
     return forward
 
 
-def _keeps_logits(model, labels, kwargs) -> bool:
+def _keeps_logits(model, labels, kwargs, moe: bool) -> bool:
     """When the model computes its logits as usual: no labels, eval mode, only some positions, a tuple output, a
-    loss of its own (loss_function / loss_type), TRL's fused head (fused_lm_head=True), or a head that is not a
-    plain bias-free matmul: adapted, modules_to_save, 4-bit, or with hooks (FSDP2 or ZeRO-3 gathering its weight)."""
+    loss of its own (loss_function / loss_type), a mixture of experts' router loss, TRL's fused head
+    (fused_lm_head=True), or a head that is not a plain bias-free matmul: adapted, modules_to_save, 4-bit, or with
+    hooks (FSDP2 or ZeRO-3 gathering its weight)."""
     head = model.lm_head
     keep = kwargs.get("logits_to_keep")
+    router = kwargs.get("output_router_logits")
+    if moe and (router if router is not None else getattr(model.config, "output_router_logits", False)):
+        return True
     return (labels is None or not model.training or not (keep is None or (isinstance(keep, int) and keep == 0))
             or kwargs.get("return_dict") is False or "fused_lm_head" in kwargs
             or "_loss_function" in model.__dict__ or getattr(model, "loss_type", None) not in (None, "ForCausalLM")
@@ -95,13 +100,13 @@ def _keeps_logits(model, labels, kwargs) -> bool:
 def _causal_lm_forward(base: type, backend: str, family: str) -> Callable:
     loss_fn = ops_for(backend).causal_lm_loss
     params = tuple(inspect.signature(base.forward).parameters)[1:]
-    softcap_family = family in _SOFTCAP
+    softcap_family, moe = family in _SOFTCAP, family in _MOE
 
     @functools.wraps(base.forward)  # its signature: Trainer drops the dataset columns forward does not name
     def forward(self, *args, labels=None, **kwargs):
         kwargs.update(zip(params, args))
         labels = kwargs.pop("labels", labels)
-        if type(self) is base or _keeps_logits(self, labels, kwargs):  # (base: a stale bound method, unfused since)
+        if type(self) is base or _keeps_logits(self, labels, kwargs, moe):  # (base: a stale bound method, unfused)
             return base.forward(self, labels=labels, **kwargs)
         kwargs.pop("logits_to_keep", None)
         kwargs.pop("return_dict", None)
@@ -111,10 +116,10 @@ def _causal_lm_forward(base: type, backend: str, family: str) -> Callable:
         outputs = getattr(self, self.base_model_prefix)(**kwargs)
         softcap = getattr(self.config, "final_logit_softcapping", None) if softcap_family else None
         loss = loss_fn(outputs[0], self.lm_head.weight, labels, softcap=softcap, **loss_kw)
-        from transformers.modeling_outputs import CausalLMOutputWithPast
+        from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 
-        return CausalLMOutputWithPast(loss=loss, logits=None,
-                                      **{k: v for k, v in outputs.items() if k != "last_hidden_state"})
+        output = MoeCausalLMOutputWithPast if moe else CausalLMOutputWithPast
+        return output(loss=loss, logits=None, **{k: v for k, v in outputs.items() if k != "last_hidden_state"})
     return forward
 
 

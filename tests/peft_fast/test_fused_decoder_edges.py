@@ -120,3 +120,16 @@ def test_accelerate_hooks_call_the_fused_forward_and_unfuse_restores_theirs():
     peft_fast.unfuse(fast)
     assert norm._old_forward.__func__ is type(norm).forward and not patching.part_of(norm)
     _same(fast(input_ids=IDS, labels=IDS).loss, want)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_mixtures_of_experts_keep_their_router_loss(family):
+    """With output_router_logits the loss adds the router's balancing loss: the logits path stays, loss included."""
+    plain, fast = _pair(family, output_router_logits=True)
+    want, got = plain(input_ids=IDS, labels=IDS), fast(input_ids=IDS, labels=IDS)
+    assert got.logits is not None and got.aux_loss is not None
+    _same(got.loss, want.loss)
+    plain.config.output_router_logits = fast.config.output_router_logits = False
+    got = fast(input_ids=IDS, labels=IDS)  # no router loss: the fused loss, in the mixture of experts' output type
+    assert got.logits is None and type(got).__name__ == "MoeCausalLMOutputWithPast"
+    _same(got.loss, plain(input_ids=IDS, labels=IDS).loss)
