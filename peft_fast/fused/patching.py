@@ -16,6 +16,7 @@ import importlib
 import inspect
 import sys
 import types
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -235,7 +236,11 @@ def fuse_module(module: nn.Module, backend: str) -> Optional[str]:
     if part_of(module) is not None:
         return None
     plan = _plan(module)
-    cls = fused_class(type(module), plan[0], backend, plan[1]) if plan else None
+    try:
+        cls = fused_class(type(module), plan[0], backend, plan[1]) if plan else None
+    except Exception as e:  # a module that does not have the shape its family's modules have: it stays unfused
+        warnings.warn(f"fused decoder: {type(module).__name__} stays unfused ({type(e).__name__}: {e})", stacklevel=3)
+        return None
     if cls is None:
         return None
     old = type(module)

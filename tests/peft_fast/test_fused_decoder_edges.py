@@ -133,3 +133,19 @@ def test_mixtures_of_experts_keep_their_router_loss(family):
     got = fast(input_ids=IDS, labels=IDS)  # no router loss: the fused loss, in the mixture of experts' output type
     assert got.logits is None and type(got).__name__ == "MoeCausalLMOutputWithPast"
     _same(got.loss, plain(input_ids=IDS, labels=IDS).loss)
+
+
+def test_a_module_that_cannot_be_fused_stays_unfused_with_a_warning(monkeypatch):
+    """get_peft_model(fused=...) has injected the adapters by then: a failing part must not fail the whole call."""
+    real = patching.fused_class
+
+    def broken(base, part, backend, detail):
+        if part == "rope":
+            raise RuntimeError("no rotary embedding here")
+        return real(base, part, backend, detail)
+
+    monkeypatch.setattr(patching, "fused_class", broken)
+    with pytest.warns(UserWarning, match="MistralAttention stays unfused"):
+        fast = peft_fast.get_peft_model(tiny_causal_lm("mistral"), peft_fast.LoraConfig(target_modules=["q_proj"]),
+                                        fused="compile")
+    assert "rope" not in peft_fast.fused_parts(fast) and peft_fast.fused_parts(fast)["rms_norm"] == 5
