@@ -2,7 +2,8 @@
 
 Usage: python3 bench/gpu_report.py LOGDIR [--seconds N]
 Reads LOGDIR/{kernels,peft_fast,bench}.{xml,rc}, LOGDIR/bench_rows.jsonl (one row per benchmark, written as it
-finished) and LOGDIR/bench.json (pytest-benchmark's own stats for each side, peft_fast and baseline).
+finished), LOGDIR/bench.json (pytest-benchmark's own stats for each side, peft_fast and baseline) and memory.json
+(bench/memory_report.py's rows, in LOGDIR or $OUT).
 Writes bench/results/gpu_report_<card>.json, and $OUT/gpu_report.json with the logs when OUT is set.
 """
 from __future__ import annotations
@@ -117,7 +118,21 @@ def _summary(report: dict) -> list[str]:
     else:
         lines.append("(no benchmark rows: see bench.log)")
     lines.append("ratio = peft_fast / baseline time (< 1: peft_fast faster); MiB = extra peak memory of one call")
+    if report.get("memory"):  # bench/memory_report.py: what the training step's peak is made of
+        lines += ["", "memory at a training step's peak (MiB): shape, variant, total = parameters + optimizer state + "
+                  "activations + temporaries + ..."]
+        for r in report["memory"]:
+            lines.append(f"  {r['shape']:<6} {r['variant']:<26} total {r['Total']:>9.1f}  params {r['Parameter']:>8.1f}"
+                         f"  optstate {r['Optstate']:>7.1f}  activations {r['Activation']:>8.1f}"
+                         f"  temp {r['Temp']:>8.1f}")
     return lines
+
+
+def _memory(logs: Path) -> list:
+    for folder in (logs, Path(os.environ["OUT"]) if os.environ.get("OUT") else None):
+        if folder is not None and (folder / "memory.json").exists():
+            return json.loads((folder / "memory.json").read_text()).get("rows", [])
+    return []
 
 
 def main() -> None:
@@ -132,6 +147,7 @@ def main() -> None:
         "seconds": args.seconds,
         "tests": {name: _stage(args.logs, name) for name in STAGES},
         "benchmarks": _benchmarks(args.logs),
+        "memory": _memory(args.logs),
     }
     text = json.dumps(report, indent=1)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
@@ -139,7 +155,7 @@ def main() -> None:
     out = os.environ.get("OUT")
     if out:
         targets.append(Path(out) / "gpu_report.json")
-        for name in [f"{s}.log" for s in STAGES] + ["bench.json"]:
+        for name in [f"{s}.log" for s in STAGES] + ["bench.json", "memory.log"]:
             if (args.logs / name).exists():
                 shutil.copy(args.logs / name, Path(out) / name)
     for t in targets:
