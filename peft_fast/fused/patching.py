@@ -21,6 +21,7 @@ from typing import Callable, Optional
 
 import torch
 from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 
 from peft_fast.bases.view import has_hooks
 from peft_fast.fused.ops import compiled_copy, gelu_tanh_mul_reference, ops_for, rms_norm_reference, \
@@ -117,8 +118,6 @@ def _causal_lm_forward(base: type, backend: str, family: str) -> Callable:
         outputs = getattr(self, self.base_model_prefix)(**kwargs)
         softcap = getattr(self.config, "final_logit_softcapping", None) if softcap_family else None
         loss = loss_fn(outputs[0], self.lm_head.weight, labels, softcap=softcap, **loss_kw)
-        from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
-
         output = MoeCausalLMOutputWithPast if moe else CausalLMOutputWithPast
         return output(loss=loss, logits=None, **{k: v for k, v in outputs.items() if k != "last_hidden_state"})
     return forward
