@@ -203,7 +203,7 @@ def _memory_chart(plt, rows, title):
     ax.invert_yaxis()
     ax.set_xlabel("extra peak MiB during one call (torch.cuda.max_memory_allocated; symlog scale)")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.set_title(f"peak memory, measured on GPU only\n{title}", fontsize=9)
+    ax.set_title(f"peak memory of one call (GPU: allocator; CPU: MemTracker)\n{title}", fontsize=9)
     return fig
 
 
@@ -247,7 +247,7 @@ def draw_charts(rows: list[dict], out_dir: str | Path, title: str = "") -> list[
     if mem:
         save(_memory_chart(plt, mem, title), "memory.png")
     else:
-        lines.append("chart: memory.png not drawn: no row has peak memory, which is measured on GPU only")
+        lines.append("chart: memory.png not drawn: no row has peak memory (on CPUs it needs torch's MemTracker)")
     series: dict[str, list[dict]] = {}
     for r in rows:
         if r.get("n_adapters") and r.get("tokens_per_s"):

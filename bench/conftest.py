@@ -7,7 +7,7 @@ pytest-benchmark prints one table per group with both side by side. The session 
 
 Options (README "Benchmarks"):
   --pf-json PATH   where the run's rows go (default bench/results/latest.json)
-  --pf-charts DIR  also draw PNG charts into DIR: ratio per benchmark, GPU peak memory, multi-adapter tokens/s
+  --pf-charts DIR  also draw PNG charts into DIR: ratio per benchmark, peak memory, multi-adapter tokens/s
                    (needs matplotlib, an optional extra; replaces --benchmark-histogram, which needs pygal)
 """
 import datetime
@@ -38,7 +38,7 @@ def pytest_addoption(parser):
                     help="write the run's rows (medians, ratios, peak memory, device, versions) to PATH "
                          "(default: bench/results/latest.json)")
     group.addoption("--pf-charts", metavar="DIR", default=None,
-                    help="draw PNG charts into DIR: ratio per benchmark, peak memory (GPU only), multi-adapter "
+                    help="draw PNG charts into DIR: ratio per benchmark, peak memory, multi-adapter "
                          "tokens/s. Needs matplotlib (optional extra)")
 
 
