@@ -4,7 +4,7 @@ Torch-free on purpose, so that bench/compare.py and bench/gpu_report.py
 can load results files quickly and anywhere. A row is what benchutil.measure records for one benchmark:
 `peft_fast_ms` and `peft_ms` are the medians of the interleaved rounds of peft_fast and of its baseline (the key
 says `peft` for history: it is whatever `baseline` names, e.g. PEFT + bitsandbytes or a PEFT-style loop), `ratio`
-is peft_fast / baseline, `*_peak_mib` the extra peak memory of one call (see MEMORY_NOTE; null if unmeasured).
+is peft_fast / baseline, `*_peak_mib` the extra peak memory of one call (see MEMORY_NOTE).
 
 Charts from any saved results file (latest.json, a gpu_report JSON, pytest-benchmark JSON, bench_rows.jsonl):
     .venv/bin/python bench/benchreport.py bench/results/gpu_report_nvidia-h200.json --charts /tmp/charts
@@ -22,14 +22,14 @@ from pathlib import Path
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 LATEST = RESULTS_DIR / "latest.json"
 SCHEMA = 1
-MEMORY_NOTE = ("peak memory: extra bytes during one call; GPU: torch.cuda.max_memory_allocated; CPU: the tensor "
-               "storages torch's MemTracker follows (no allocator blocks), less parameters and optimizer state")
+MEMORY_NOTE = ("peak memory: extra bytes during one call; GPU: torch.cuda.max_memory_allocated; CPU: the peak of "
+               "the tensor storages the call's ops create (no allocator blocks)")
 KEYS = {  # written into latest.json, so that the file explains itself
     "benchmark": "the pytest test case (both sides of it: `-peft_fast` and `-baseline` ids)",
     "group": "pytest-benchmark group = label: one table per group, peft_fast and baseline side by side",
     "peft_fast_ms / peft_ms": "median ms of peft_fast / of the baseline (named in `baseline`), interleaved rounds",
     "ratio": "peft_fast_ms / peft_ms: < 1 means peft_fast is faster; bench/compare.py judges regressions on it",
-    "peft_fast_peak_mib / peft_peak_mib": "extra peak memory of one call (GPU: allocator; CPU: MemTracker)",
+    "peft_fast_peak_mib / peft_peak_mib": "extra peak memory of one call (GPU: allocator; CPU: new tensor storages)",
     "fixture_*_median_ms": "pytest-benchmark's own median of each side, timed separately (cross-check)",
 }
 
@@ -203,7 +203,7 @@ def _memory_chart(plt, rows, title):
     ax.invert_yaxis()
     ax.set_xlabel("extra peak MiB during one call (torch.cuda.max_memory_allocated; symlog scale)")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.set_title(f"peak memory of one call (GPU: allocator; CPU: MemTracker)\n{title}", fontsize=9)
+    ax.set_title(f"peak memory of one call (GPU: allocator; CPU: new tensor storages)\n{title}", fontsize=9)
     return fig
 
 
@@ -247,7 +247,7 @@ def draw_charts(rows: list[dict], out_dir: str | Path, title: str = "") -> list[
     if mem:
         save(_memory_chart(plt, mem, title), "memory.png")
     else:
-        lines.append("chart: memory.png not drawn: no row has peak memory (on CPUs it needs torch's MemTracker)")
+        lines.append("chart: memory.png not drawn: no row has peak memory")
     series: dict[str, list[dict]] = {}
     for r in rows:
         if r.get("n_adapters") and r.get("tokens_per_s"):

@@ -95,17 +95,46 @@ def tracked_peak(fn) -> dict[str, float]:
     return {getattr(k, "value", str(k)): v / 2**20 for k, v in peak.items()}
 
 
+class _NewStorages(torch.utils._python_dispatch.TorchDispatchMode):
+    """Bytes of the tensor storages that ops create while active and that are still alive, and their peak. A storage
+    an op was given (in-place results, views, out= buffers) is not new, so what existed before is never counted.
+    No module or gradient hooks (MemTracker's would stay on the tensors of a call that uses autograd.grad)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict = {}
+        self.peak = 0
+
+    @staticmethod
+    def _storages(tree) -> dict:
+        out = {}
+        for t in torch.utils._pytree.tree_leaves(tree):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                st = t.untyped_storage()
+                out[(st.data_ptr(), st.nbytes())] = st
+        return out
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        self.live = {k: v for k, v in self.live.items() if not v[0].expired()}
+        given = self._storages((args, kwargs))
+        for key, st in self._storages(out).items():
+            if key not in given and key not in self.live and st.nbytes():
+                self.live[key] = (StorageWeakRef(st), st.nbytes())
+        self.peak = max(self.peak, sum(n for _, n in self.live.values()))
+        return out
+
+
 def peak_mib(fn) -> float | None:
-    """Extra memory one call needs at its peak, over what was allocated before it. On GPUs the caching allocator's
-    peak; on CPUs the tensor storages MemTracker follows, less the parameters, buffers and optimizer state (None
-    where the tracker cannot follow the call)."""
+    """Extra memory one call needs at its peak, over what was allocated before it: on GPUs the caching allocator's
+    peak, on CPUs the peak of the tensor storages the call's ops create (`_NewStorages`)."""
     if not ON_GPU:
-        try:
-            kinds = tracked_peak(fn)
-        except Exception as e:  # a private torch tool: a call it cannot follow gets no number, not a failed run
-            warnings.warn(f"no CPU memory number: MemTracker failed ({type(e).__name__}: {e})", stacklevel=2)
-            return None
-        return kinds.get("Total", 0.0) - sum(kinds.get(k, 0.0) for k in ("Parameter", "Buffer", "Optstate"))
+        tracker = _NewStorages()
+        with tracker:
+            fn()
+        return tracker.peak / 2**20
     gc.collect()
     sync()
     torch.cuda.reset_peak_memory_stats()
