@@ -28,9 +28,8 @@ from .peft_model import (  # noqa: E402
     PeftModelForSeq2SeqLM,
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
-    get_peft_model,
-    patch,
 )
+from .mapping import get_peft_model, patch  # noqa: E402
 from .fused import fuse, fused_parts, unfuse  # noqa: E402
 from .peft_interop import patch_peft, patched_layers, unpatch  # noqa: E402
 from .state_dict import get_peft_model_state_dict, set_peft_model_state_dict  # noqa: E402
