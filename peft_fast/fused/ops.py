@@ -39,6 +39,10 @@ def gelu_tanh_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tenso
     return F.gelu(gate, approximate="tanh") * up
 
 
+def _shared(fn: Callable, tag: str) -> Callable:
+    return fn
+
+
 @dataclass(frozen=True, eq=False)  # hashed by identity: one per backend
 class Ops:
     name: str
@@ -47,6 +51,8 @@ class Ops:
     rope: Callable  # (the model's apply_rotary_pos_emb) -> its fused replacement
     causal_lm_loss: Callable  # (hidden, head weight, labels, *, ignore_index, shift_labels, num_items_in_batch,
     #                           softcap) -> the loss
+    # (rms_norm or a glu function, a module class's name) -> what that class's fused forward calls
+    per_class: Callable = _shared
 
 
 def liger_available() -> bool:
@@ -72,10 +78,13 @@ def _compiled_rope(apply_rotary_pos_emb: Callable) -> Callable:
 @functools.lru_cache(maxsize=None)
 def compile_ops() -> Ops:
     step = _compiled(loss_ops.chunk_step)
-    return Ops(name="compile", rms_norm=_compiled(rms_norm_reference),
-               glu={"silu": _compiled(silu_mul_reference), "swish": _compiled(silu_mul_reference),
-                    "gelu_pytorch_tanh": _compiled(gelu_tanh_mul_reference)},
-               rope=_compiled_rope, causal_lm_loss=functools.partial(loss_ops.causal_lm_loss, step=step))
+    # Norms and activations are compiled once per module class (per_class): one shared compiled function would
+    # pool every model's norms in one dynamo cache and its recompile limit.
+    return Ops(name="compile", rms_norm=rms_norm_reference,
+               glu={"silu": silu_mul_reference, "swish": silu_mul_reference,
+                    "gelu_pytorch_tanh": gelu_tanh_mul_reference},
+               rope=_compiled_rope, causal_lm_loss=functools.partial(loss_ops.causal_lm_loss, step=step),
+               per_class=compiled_copy)
 
 
 @functools.lru_cache(maxsize=None)

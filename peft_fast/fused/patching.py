@@ -24,8 +24,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 
 from peft_fast.bases.view import has_hooks
-from peft_fast.fused.ops import compiled_copy, gelu_tanh_mul_reference, ops_for, rms_norm_reference, \
-    silu_mul_reference
+from peft_fast.fused.ops import ops_for
 
 # transformers' decoder families whose modules follow the shapes below (tests/peft_fast/test_fused_decoder.py
 # checks each against its unfused self).
@@ -33,7 +32,7 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "
 _GEMMA_NORMS = ("gemma", "gemma2", "gemma3")
 _MOE = ("mixtral", "qwen2_moe", "qwen3_moe")  # causal LMs that may add a router loss (then their logits are kept)
 _SOFTCAP = ("gemma2", "gemma3")  # families whose causal LM soft-caps its final logits
-_GLU = {"silu": silu_mul_reference, "swish": silu_mul_reference, "gelu_pytorch_tanh": gelu_tanh_mul_reference}
+_ACTS = ("silu", "swish", "gelu_pytorch_tanh")  # the gated MLP activations both backends fuse
 _PREFIX = "Fused__"
 
 
@@ -55,7 +54,7 @@ def family_of(module: nn.Module) -> Optional[str]:
 def _act_name(act_fn: nn.Module) -> Optional[str]:
     from transformers.activations import ACT2FN
 
-    for name in _GLU:
+    for name in _ACTS:
         if name in ACT2FN and type(ACT2FN[name]) is type(act_fn):
             return name
     return None
@@ -64,8 +63,7 @@ def _act_name(act_fn: nn.Module) -> Optional[str]:
 # ---- the fused forwards, one per part, built once per (class, part, backend)
 def _norm_forward(base: type, backend: str, family: str, eps_attr: str) -> Callable:
     ops = ops_for(backend)
-    # Compiled per class: one shared function would pool every model's norms in one dynamo cache and its limit.
-    rms_norm = compiled_copy(rms_norm_reference, base.__name__) if backend == "compile" else ops.rms_norm
+    rms_norm = ops.per_class(ops.rms_norm, base.__name__)
     gemma = family in _GEMMA_NORMS
 
     def forward(self, hidden_states):
@@ -75,7 +73,7 @@ def _norm_forward(base: type, backend: str, family: str, eps_attr: str) -> Calla
 
 def _mlp_forward(base: type, backend: str, act: str) -> Callable:
     ops = ops_for(backend)
-    glu = compiled_copy(_GLU[act], base.__name__) if backend == "compile" else ops.glu[act]
+    glu = ops.per_class(ops.glu[act], base.__name__)
 
     def forward(self, x):
         return self.down_proj(glu(self.gate_proj(x), self.up_proj(x)))

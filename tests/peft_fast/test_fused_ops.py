@@ -172,14 +172,14 @@ def test_backend_norm_and_glu_match_references(backend, gemma):
     g = torch.Generator().manual_seed(2)
     x = torch.randn(2, 5, 48, generator=g).to(DEVICE).requires_grad_()
     w = torch.randn(48, generator=g).to(DEVICE).requires_grad_()
-    got, want = table.rms_norm(x, w, 1e-6, gemma), ops.rms_norm_reference(x, w, 1e-6, gemma)
+    got, want = table.per_class(table.rms_norm, "Test")(x, w, 1e-6, gemma), ops.rms_norm_reference(x, w, 1e-6, gemma)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     for a, b in zip(torch.autograd.grad(got.sin().sum(), [x, w]), torch.autograd.grad(want.sin().sum(), [x, w])):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     act = "gelu_pytorch_tanh" if gemma else "silu"
     ref = ops.gelu_tanh_mul_reference if gemma else ops.silu_mul_reference
     a, b = (torch.randn(2, 5, 40, generator=g).to(DEVICE).requires_grad_() for _ in range(2))
-    got, want = table.glu[act](a, b), ref(a, b)
+    got, want = table.per_class(table.glu[act], "Test")(a, b), ref(a, b)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     for p, q in zip(torch.autograd.grad(got.sum(), [a, b]), torch.autograd.grad(want.sum(), [a, b])):
         torch.testing.assert_close(p, q, atol=1e-4, rtol=1e-4)
