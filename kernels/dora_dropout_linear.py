@@ -3,7 +3,7 @@
 PEFT runs the base twice (on x, and on the dropped x) and autograd keeps the dropped copy of x, its mask, and the
 adapter's [T, out] output for backward. Here the mask is the LoRA matmuls' own (regenerated from a seed:
 common/lora_mm.py), so neither a dropped x nor a mask is kept: the forward makes xd only long enough for the
-cuBLAS matmul v = xd·Wᵀ, and backward keeps v beside LoRA's z. The expand's epilogue writes
+cuBLAS matmul v = xd·Wᵀ and the LoRA shrink z = xd·Aᵀ, and backward keeps v beside z. The expand's epilogue writes
 y = (x·Wᵀ + b) + c ⊙ (v + s·z·Bᵀ) - v over the base output's buffer.
 
 Backward, with dt = c ⊙ dy (one pass that also sums Σ_tokens dy ⊙ v, common/dora_epilogue.py) and D the mask:
@@ -25,7 +25,7 @@ from torch import Tensor
 from .common.autograd import FusedOp, needs_grad
 from .common.backend import HAS_TRITON, use_triton
 from .common.dora_epilogue import dora_expand, dora_scale_grad
-from .common.lora_mm import DROP_A, dropout_seed, lora_backward, masked_add, mm
+from .common.lora_mm import dropout_seed, lora_backward, masked_add, mm
 from .common.tiling import z_dtype
 
 __all__ = ["dora_dropout_linear", "dora_dropout_linear_reference", "dora_dropout_linear_triton"]
@@ -50,10 +50,10 @@ def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, 
     xd = torch.empty_like(x2d)
     masked_add(None, x2d, xd, seed, dropout_p)
     v = F.linear(xd, weight)
+    z = torch.empty((M, lora_a.shape[0]), device=x.device, dtype=z_dtype(x, lora_a, lora_b))
+    mm(xd, lora_a.t(), z)  # the dropped x exists here: the shrink reads it rather than making the mask again
     del xd
     y = F.linear(x2d, weight, bias)
-    z = torch.empty((M, lora_a.shape[0]), device=x.device, dtype=z_dtype(x, lora_a, lora_b))
-    mm(x2d, lora_a.t(), z, drop=DROP_A, seed=seed, p=dropout_p, ld_x=in_f, rows_x=M)
     dora_expand(z, lora_b, v, y, mag_scale, None, scaling, resid=True)
     return y.view(*x.shape[:-1], out_f), z, v
 
