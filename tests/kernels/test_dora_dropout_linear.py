@@ -5,6 +5,7 @@ adapters, a second route to the seed's mask."""
 import pytest
 import torch
 import torch.nn.functional as F
+from dora_inputs import dora_inputs as _inputs
 from switches import use_settings
 
 from peft_fast.kernels import (dora_dropout_linear, dora_dropout_linear_reference, dora_dropout_linear_triton,
@@ -20,21 +21,6 @@ def _mask(shape, seed, device, p=P):
     torch.manual_seed(seed)
     return lora_linear_triton(x, None, None, eye, eye, 1.0, p) / x
 
-
-def _inputs(lead, in_f, out_f, r, device, dtype=torch.float64, bias=True, zero_c=False, train_w=False):
-    g = torch.Generator().manual_seed(in_f * 1000 + out_f * 10 + r)
-    t = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)  # noqa: E731
-    x = t(*lead, in_f).requires_grad_()
-    w = (t(out_f, in_f) / in_f**0.5).requires_grad_(train_w)
-    a = (t(r, in_f) / in_f**0.5).requires_grad_()
-    b = t(out_f, r).requires_grad_()
-    m = t(out_f).abs() + 0.5
-    if zero_c:
-        m[::3] = 0.0
-    m.requires_grad_()
-    norm = t(out_f).abs() + 0.5
-    bvec = t(out_f).requires_grad_() if bias else None
-    return x, w, bvec, a, b, m, norm
 
 
 def _run(fn, inputs, s, gy, seed):

@@ -3,25 +3,9 @@ in float64, forward and backward, odd shapes, strides, with and without bias, an
 import pytest
 import torch
 import torch.nn.functional as F
+from dora_inputs import dora_inputs as _inputs
 
 from peft_fast.kernels import dora_linear, dora_linear_reference, dora_linear_triton
-
-
-
-def _inputs(lead, in_f, out_f, r, device, dtype=torch.float64, bias=True, zero_c=False):
-    g = torch.Generator().manual_seed(in_f * 1000 + out_f * 10 + r)
-    t = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)  # noqa: E731
-    x = t(*lead, in_f).requires_grad_()
-    w = t(out_f, in_f) / in_f**0.5
-    a = (t(r, in_f) / in_f**0.5).requires_grad_()
-    b = t(out_f, r).requires_grad_()
-    m = (t(out_f).abs() + 0.5)
-    if zero_c:
-        m[::3] = 0.0
-    m.requires_grad_()
-    norm = t(out_f).abs() + 0.5
-    bvec = t(out_f).requires_grad_() if bias else None
-    return x, w, bvec, a, b, m, norm
 
 
 def _run(fn, x, w, bias, a, b, m, norm, s, gy, mode="base"):
