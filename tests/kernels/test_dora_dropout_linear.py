@@ -22,7 +22,6 @@ def _mask(shape, seed, device, p=P):
     return lora_linear_triton(x, None, None, eye, eye, 1.0, p) / x
 
 
-
 def _run(fn, inputs, s, gy, seed):
     x, w, bias, a, b, m, norm = inputs
     torch.manual_seed(seed)
