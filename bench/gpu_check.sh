@@ -73,9 +73,11 @@ STAGES=",${GPU_CHECK_STAGES:-kernels,peft_fast,fused,memory,moe,bench,host,profi
 picked() { case "$STAGES" in *",$1,"*) return 0;; *) return 1;; esac; }
 existing() { local f; for f in "$@"; do [ -e "$f" ] && printf '%s ' "$f"; done; }
 FIRST_TESTS=${GPU_CHECK_FIRST_TESTS:-}
-# New on a GPU: DoRA with dropout (masked_add, the expand's residual epilogue), the two-matmul launch of the
-# LoRA backward (lora_mm.py), then the kernels built on them.
-[ -z "$FIRST_TESTS" ] && FIRST_TESTS=$(existing tests/kernels/test_dora_dropout_linear.py tests/kernels/test_lora_mm.py \
+# New on a GPU: the cached launches (launch.py; test_launch checks them against this machine's Triton on a stand-in
+# device, and every kernel test after it launches through them), DoRA with dropout (masked_add, the expand's
+# residual epilogue), the two-matmul launch of the LoRA backward (lora_mm.py), then the kernels built on them.
+[ -z "$FIRST_TESTS" ] && FIRST_TESTS=$(existing tests/kernels/test_launch.py tests/kernels/test_dora_dropout_linear.py \
+  tests/kernels/test_lora_mm.py \
   tests/kernels/test_lora_linear.py tests/kernels/test_dora_linear.py \
   tests/kernels/test_qlora_linear.py tests/kernels/test_multi_lora.py tests/kernels/test_dora_norm.py)
 # GPU_CHECK_ONLY_NEW=1: only those first files, in the kernels and bench stages (a quick check after a change).
@@ -115,7 +117,8 @@ stage bench "${GPU_CHECK_BENCH_S:-80}" $FIRST_BENCH $ALL_BENCH --ignore=bench/te
   --benchmark-json="$LOGS/bench.json" --benchmark-min-rounds=3 --benchmark-max-time=0.5 \
   --benchmark-warmup=on --benchmark-warmup-iterations=2 --benchmark-columns=median,iqr,rounds
 
-# Host time per layer call with real launches on the GPU (bench/host_overhead.py also runs on CPUs, stubbed).
+# Host time per layer call with real launches on the GPU, through peft_fast's cached launches and through Triton's
+# dispatcher on every launch (bench/host_overhead.py also runs on CPUs: stubbed, or on a stand-in GPU).
 if [ "${GPU_CHECK_HOST_S:-35}" -gt 0 ] && picked host; then
   echo "== host: bench/host_overhead.py --device cuda (limit ${GPU_CHECK_HOST_S:-35}s)"
   timeout -k 5 "${GPU_CHECK_HOST_S:-35}" $PY bench/host_overhead.py --device cuda --json "$LOGS/host.json" 2>&1 \

@@ -125,13 +125,20 @@ def _summary(report: dict) -> list[str]:
             lines.append(f"  {r['shape']:<6} {r['variant']:<26} total {r['Total']:>9.1f}  params {r['Parameter']:>8.1f}"
                          f"  optstate {r['Optstate']:>7.1f}  activations {r['Activation']:>8.1f}"
                          f"  temp {r['Temp']:>8.1f}")
+    if report.get("host"):  # bench/host_overhead.py --device cuda: host time per layer call, tiny shapes
+        lines += ["", "host time per layer call (us): peft_fast (cached launches) | dispatcher on every launch | PEFT"]
+        nan = float("nan")
+        for r in report["host"]:
+            lines.append(f"  {r['case']:<30} {r['peft_fast_us']:>7.1f} | {r.get('peft_fast_jit_us', nan):>7.1f}"
+                         f" | {r.get('peft_us', nan):>7.1f}  ({r['peft_fast_launches']} launches)")
     return lines
 
 
-def _memory(logs: Path) -> list:
+def _rows(logs: Path, name: str) -> list:
+    """The rows of a script's JSON (memory.json, host.json), from the logs or $OUT."""
     for folder in (logs, Path(os.environ["OUT"]) if os.environ.get("OUT") else None):
-        if folder is not None and (folder / "memory.json").exists():
-            return json.loads((folder / "memory.json").read_text()).get("rows", [])
+        if folder is not None and (folder / name).exists():
+            return json.loads((folder / name).read_text()).get("rows", [])
     return []
 
 
@@ -147,7 +154,8 @@ def main() -> None:
         "seconds": args.seconds,
         "tests": {name: _stage(args.logs, name) for name in STAGES},
         "benchmarks": _benchmarks(args.logs),
-        "memory": _memory(args.logs),
+        "memory": _rows(args.logs, "memory.json"),
+        "host": _rows(args.logs, "host.json"),
     }
     text = json.dumps(report, indent=1)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
@@ -155,7 +163,7 @@ def main() -> None:
     out = os.environ.get("OUT")
     if out:
         targets.append(Path(out) / "gpu_report.json")
-        for name in [f"{s}.log" for s in STAGES] + ["bench.json", "memory.log"]:
+        for name in [f"{s}.log" for s in STAGES] + ["bench.json", "memory.log", "host.json"]:
             if (args.logs / name).exists():
                 shutil.copy(args.logs / name, Path(out) / name)
     for t in targets:

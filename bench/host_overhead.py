@@ -5,10 +5,16 @@ median of interleaved rounds.
 - `--device cpu` (default, any machine): the Triton path is forced (PEFT_FAST_BACKEND=triton, TRITON_INTERPRET=1)
   and each kernel's launch is replaced by a counter, so the numbers are host time without launches (base matmuls
   still run, on tiny CPU tensors, one thread).
+- `--device fake`: Triton's own launch path on a stand-in sm_90 GPU (fake_gpu.py: kernels compile for real, the
+  launcher only returns), so the numbers include Triton's dispatcher or peft_fast's cached launches but not the
+  CUDA driver's launch call. The Triton path is forced for CPU tensors.
 - `--device cuda`: real launches on a GPU at the same tiny shapes, synchronized per round: host time including
   Triton's launch path (the GPU work is negligible at these shapes).
 
-    .venv/bin/python bench/host_overhead.py [--device cpu|cuda] [--json out.json] [--rounds 7] [--iters 300]
+With real launches (fake, cuda) peft_fast runs twice, launching through its cached compiled kernels (the default)
+and through Triton's dispatcher on every launch (PEFT_FAST_LAUNCH=jit): `launch_gain_us` is what the cache saves.
+
+    .venv/bin/python bench/host_overhead.py [--device cpu|fake|cuda] [--json out.json] [--rounds 7] [--iters 300]
 """
 from __future__ import annotations
 
@@ -20,10 +26,16 @@ import sys
 import time
 import warnings
 
-DEVICE = "cuda" if "cuda" in sys.argv else "cpu"
-if DEVICE == "cpu":  # before peft_fast is imported: Triton picks the interpreter when kernels are decorated
+MODE = "cuda" if "cuda" in sys.argv else "fake" if "fake" in sys.argv else "cpu"
+DEVICE = "cuda" if MODE == "cuda" else "cpu"
+if MODE == "cpu":  # before peft_fast is imported: Triton picks the interpreter when kernels are decorated
     os.environ.setdefault("TRITON_INTERPRET", "1")
     os.environ["PEFT_FAST_BACKEND"] = "triton"
+if MODE == "fake":
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import fake_gpu  # noqa: E402  (kernels must be decorated as JIT functions, before peft_fast)
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -35,8 +47,17 @@ import peft  # noqa: E402
 
 import peft_fast  # noqa: E402
 import peft_fast.kernels  # noqa: E402
+from peft_fast.kernels.common import backend, settings  # noqa: E402
 
 LAUNCHES: list[str] = []
+
+
+def force_triton_on_cpu() -> None:
+    """Every `use_triton` answer True, as on a GPU (the stand-in device's tensors live on the CPU)."""
+    original = backend.use_triton
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("peft_fast") and mod is not None and getattr(mod, "use_triton", None) is original:
+            mod.use_triton = lambda *tensors: True
 
 
 class _Launches:
@@ -51,9 +72,12 @@ class _Launches:
         return lambda *args, **kwargs: LAUNCHES.append(self.name)
 
 
+_WRAPPED: list[tuple] = []
+
+
 def count_launches(real: bool) -> int:
-    """Wrap every Triton kernel object in the loaded peft_fast.kernels modules in a launch counter."""
-    n = 0
+    """Wrap every Triton kernel object in the loaded peft_fast.kernels modules in a launch counter (`uncount`
+    puts them back: a wrapped kernel always goes through Triton's dispatcher)."""
     for name, mod in list(sys.modules.items()):
         if not name.startswith("peft_fast.kernels") or mod is None:
             continue
@@ -61,8 +85,14 @@ def count_launches(real: bool) -> int:
             # kernels only (named *_kernel): device functions are resolved by the compiler, never launched
             if attr.endswith("_kernel") and type(value).__name__ in ("JITFunction", "InterpretedFunction"):
                 setattr(mod, attr, _Launches(attr, value, real))
-                n += 1
-    return n
+                _WRAPPED.append((mod, attr, value))
+    return len(_WRAPPED)
+
+
+def uncount() -> None:
+    while _WRAPPED:
+        mod, attr, value = _WRAPPED.pop()
+        setattr(mod, attr, value)
 
 
 def _model(in_f: int, out_f: int) -> nn.Module:
@@ -114,6 +144,8 @@ def measure(rounds: int, iters: int, in_f: int = 64, out_f: int = 64, r: int = 8
     rows = []
     for name, (kind, step, training) in CASES.items():
         layers = {lib.__name__: _layer(lib, kind, in_f, out_f, r) for lib in (peft_fast, peft)}
+        if MODE != "cpu":  # the same layer again, launching through Triton's dispatcher every time
+            layers["peft_fast_jit"] = layers["peft_fast"]
         x = torch.randn(tokens, in_f, device=DEVICE, requires_grad=training)
         g = torch.randn(tokens, out_f, device=DEVICE)
         times: dict[str, list[float]] = {k: [] for k, v in layers.items() if v is not None}
@@ -122,22 +154,32 @@ def measure(rounds: int, iters: int, in_f: int = 64, out_f: int = 64, r: int = 8
             if layer is None:
                 continue
             layer.train(training)
-            for _ in range(20):  # warm-up: plans, caches, autograd
+            with settings.override(launch="jit" if lib == "peft_fast_jit" else "cached"):
+                for _ in range(20):  # warm-up: plans, caches, autograd
+                    step(layer, x, g)
+                if MODE != "cpu":
+                    count_launches(real=True)
+                LAUNCHES.clear()
                 step(layer, x, g)
-            LAUNCHES.clear()
-            step(layer, x, g)
+                if MODE != "cpu":
+                    uncount()
+                    step(layer, x, g)  # warm again without the counters
             launches[lib] = len(LAUNCHES)
         for _ in range(rounds):
             for lib in times:
                 layer = layers[lib]
-                _sync()
-                t0 = time.perf_counter()
-                for _ in range(iters):
-                    step(layer, x, g)
-                _sync()
+                with settings.override(launch="jit" if lib == "peft_fast_jit" else "cached"):
+                    _sync()
+                    t0 = time.perf_counter()
+                    for _ in range(iters):
+                        step(layer, x, g)
+                    _sync()
                 times[lib].append((time.perf_counter() - t0) / iters * 1e6)
         row = {"case": name, "peft_fast_us": statistics.median(times["peft_fast"]),
                "peft_fast_launches": launches["peft_fast"]}
+        if "peft_fast_jit" in times:
+            row["peft_fast_jit_us"] = statistics.median(times["peft_fast_jit"])
+            row["launch_gain_us"] = row["peft_fast_jit_us"] - row["peft_fast_us"]
         if "peft" in times:
             row["peft_us"] = statistics.median(times["peft"])
             row["ratio"] = row["peft_fast_us"] / row["peft_us"]
@@ -147,23 +189,30 @@ def measure(rounds: int, iters: int, in_f: int = 64, out_f: int = 64, r: int = 8
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--device", choices=("cpu", "fake", "cuda"), default="cpu")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--iters", type=int, default=300)
     ap.add_argument("--json", default=None, help="also write the rows here")
     args = ap.parse_args()
-    kernels = count_launches(real=DEVICE == "cuda")
+    if MODE == "fake":
+        fake_gpu.install()
+        fake_gpu.RECORDER.record = False  # the launcher returns at once, as a real one does after queueing
+        force_triton_on_cpu()
+    kernels = count_launches(real=False) if MODE == "cpu" else 0
     rows = measure(args.rounds, args.iters)
-    where = f"{kernels} Triton kernels stubbed, 1 thread" if DEVICE == "cpu" else torch.cuda.get_device_name()
-    print(f"host time per call on {DEVICE} ({where}), torch {torch.__version__}, x [4, 64], r 8 "
+    where = {"cpu": f"{kernels} Triton kernels stubbed, 1 thread",
+             "fake": "Triton's launch path on a stand-in sm_90 GPU, 1 thread"}.get(MODE) or torch.cuda.get_device_name()
+    print(f"host time per call on {MODE} ({where}), torch {torch.__version__}, x [4, 64], r 8 "
           "(ratio = peft_fast / PEFT eager)")
     for row in rows:
         peft_part = (f"   PEFT {row['peft_us']:7.1f} us   ratio {row['ratio']:.2f}" if "peft_us" in row else "")
+        jit_part = (f"   dispatcher every launch {row['peft_fast_jit_us']:7.1f} us" if "peft_fast_jit_us" in row
+                    else "")
         print(f"{row['case']:<30} peft_fast {row['peft_fast_us']:7.1f} us  ({row['peft_fast_launches']} launches)"
-              + peft_part)
+              + peft_part + jit_part)
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"device": DEVICE, "torch": torch.__version__, "rows": rows}, fh, indent=2)
+            json.dump({"device": MODE, "torch": torch.__version__, "rows": rows}, fh, indent=2)
 
 
 if __name__ == "__main__":

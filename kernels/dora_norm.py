@@ -26,6 +26,7 @@ from .common.dot_policy import DOT_F32, DOT_F64, precision
 from .common.nf4_format import NF4State, absmax_f32, check_nf4_args
 from .common.tiling import cdiv, hi_lo, np2
 from .nf4_dequantize import nf4_dequantize_reference
+from .common.launch import launch
 
 __all__ = ["dora_norm", "dora_norm_reference", "dora_norm_triton",
            "dora_norm_nf4", "dora_norm_nf4_reference", "dora_norm_nf4_triton"]
@@ -185,7 +186,7 @@ def _launch(out_f: int, in_f: int, lora_a: Tensor, lora_b: Tensor, scaling: floa
         blocksize, w_round = 64, 0
         w_arg, strides = weight, (weight.stride(0), weight.stride(1))
     b = lora_b.detach()
-    _dora_norm_kernel[(cdiv(out_f, bn),)](
+    launch(_dora_norm_kernel, (cdiv(out_f, bn),),
         w_arg, packed, absmax, code, lora_a.detach(), b, aat, sq_out, norm, sq_out,
         out_f, in_f, r, s_hi, s_lo,
         strides[0], strides[1], lora_a.stride(0), lora_a.stride(1), b.stride(0), b.stride(1),

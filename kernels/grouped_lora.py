@@ -25,6 +25,7 @@ from .common.dot_policy import dot_mode, precision
 from .common.tiling import cdiv, np2
 from .lora_expand import lora_expand_triton
 from .lora_shrink import lora_shrink_triton
+from .common.launch import launch
 
 __all__ = ["grouped_lora", "grouped_lora_reference", "grouped_lora_triton", "grouped_lora_torch",
            "experts_meta", "check_grouped_lora_args"]
@@ -196,7 +197,7 @@ def _wgrad(g: Tensor, h: Tensor, meta: LoraBatchMeta, scale: float, dtype: torch
     dot = dot_mode(g.dtype, h.dtype, torch.float64 if dtype == torch.float64 else torch.float32)
     bp, bq = min(64, max(16, np2(P))), min(64, max(16, np2(Q)))
     grid = (cdiv(P, bp) * cdiv(Q, bq), meta.n_slots)
-    _grouped_wgrad_kernel[grid](
+    launch(_grouped_wgrad_kernel, grid,
         g, h, out, meta.sorted_tokens, meta.slot_starts, meta.slot_counts, P, Q, float(scale),
         g.stride(0), g.stride(1), h.stride(0), h.stride(1), out.stride(0), out.stride(1), out.stride(2),
         DOT=dot, PRECISION=precision(dot), BLOCK_T=32, BLOCK_P=bp, BLOCK_Q=bq,

@@ -21,6 +21,7 @@ from .common.backend import HAS_TRITON, use_triton
 from .common.batch_meta import LoraBatchMeta, check_launch, slot_rows, slot_update
 from .common.dot_policy import dot_mode, precision
 from .common.tiling import cdiv, np2
+from .common.launch import launch
 
 __all__ = ["lora_expand", "lora_expand_reference", "lora_expand_triton", "check_expand_args"]
 
@@ -142,7 +143,7 @@ def lora_expand_triton(y: Tensor, z: Tensor, b_stack: Tensor, ranks: Tensor, sca
     bias = bias_stack if bias_stack is not None else b_stack
     dscale = dora_scale if dora_scale is not None else b_stack
     bbias = base_bias.contiguous() if base_bias is not None else b_stack
-    _lora_expand_kernel[grid](
+    launch(_lora_expand_kernel, grid,
         z, b_stack, y, bias, scalings, ranks, meta.sorted_tokens, meta.slot_starts, meta.slot_counts,
         meta.tile_slots, meta.tile_rows, dscale, bbias,
         out_f, r_max, meta.n_slots,

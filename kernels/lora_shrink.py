@@ -18,6 +18,7 @@ from .common.backend import HAS_TRITON, use_triton
 from .common.batch_meta import LoraBatchMeta, check_launch, slot_rows
 from .common.dot_policy import dot_mode, precision
 from .common.tiling import cdiv, np2, num_sms, z_dtype
+from .common.launch import launch
 
 __all__ = ["lora_shrink", "lora_shrink_reference", "lora_shrink_triton", "check_shrink_args"]
 
@@ -141,7 +142,7 @@ def lora_shrink_triton(x: Tensor, a_stack: Tensor, ranks: Tensor, meta: LoraBatc
         split = cdiv(k_tiles, per_split)  # no split left without K tiles
         k_tiles = per_split
     grid = (r_tiles * split, meta.max_tiles)
-    _lora_shrink_kernel[grid](
+    launch(_lora_shrink_kernel, grid,
         x, a_stack, z, ranks, meta.sorted_tokens, meta.slot_starts, meta.slot_counts, meta.tile_slots,
         meta.tile_rows, K, r_max, meta.n_slots, k_tiles,
         x.stride(0), x.stride(1), a_stack.stride(0), a_stack.stride(1), a_stack.stride(2), z.stride(0), z.stride(1),

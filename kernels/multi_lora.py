@@ -23,6 +23,7 @@ from .common.dot_policy import dot_mode, precision
 from .common.tiling import cdiv, np2, z_dtype
 from .lora_expand import check_expand_args, lora_expand_triton
 from .lora_shrink import check_shrink_args, lora_shrink_triton
+from .common.launch import launch
 
 __all__ = ["multi_lora", "multi_lora_", "multi_lora_reference", "multi_lora_triton"]
 
@@ -138,7 +139,7 @@ def _fused(x, result, a_stack, b_stack, ranks, scalings, meta, bias_stack, dora_
     bias = bias_stack if bias_stack is not None else b_stack
     dscale = dora_scale if dora_scale is not None else b_stack
     bbias = base_bias.contiguous() if base_bias is not None else b_stack
-    _multi_lora_fused_kernel[(cdiv(out_f, bn), meta.max_tiles)](
+    launch(_multi_lora_fused_kernel, (cdiv(out_f, bn), meta.max_tiles),
         x, a_stack, b_stack, result, bias, scalings, ranks, meta.sorted_tokens, meta.slot_starts, meta.slot_counts,
         meta.tile_slots, meta.tile_rows, dscale, bbias,
         K, out_f, r_max, meta.n_slots,

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from .common.backend import HAS_TRITON, use_triton
 from .common.nf4_format import NF4State, absmax_f32, check_nf4_args, launch_args
+from .common.launch import launch
 
 __all__ = ["nf4_dequantize", "nf4_dequantize_reference", "nf4_dequantize_triton", "dequantize_raw"]
 
@@ -80,10 +81,9 @@ def dequantize_raw(packed: Tensor, absmax: Tensor, code: Tensor, shape, dtype: t
     grid = (triton.cdiv((n + 1) // 2, BLOCK),)
     nabs, ncode, offset, nbs = nested if nested is not None else (absmax, code, absmax, 1)
     # No FMA: code2·absmax2 + offset must round twice, as bitsandbytes' two steps do, to stay bit for bit.
-    _nf4_dequant_kernel[grid](packed, absmax, code, nabs, ncode, offset, out, n,
-                              BLOCKSIZE=blocksize, NESTED=nested is not None, NESTED_BS=nbs,
-                              BLOCK=BLOCK, IDX64=n + 4 * BLOCK >= 2**31, OUT_BF16=dtype == torch.bfloat16,
-                              enable_fp_fusion=False)
+    launch(_nf4_dequant_kernel, grid, packed, absmax, code, nabs, ncode, offset, out, n,
+           BLOCKSIZE=blocksize, NESTED=nested is not None, NESTED_BS=nbs, BLOCK=BLOCK, IDX64=n + 4 * BLOCK >= 2**31,
+           OUT_BF16=dtype == torch.bfloat16, enable_fp_fusion=False)
     return out
 
 

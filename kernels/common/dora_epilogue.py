@@ -11,6 +11,7 @@ from torch import Tensor
 from .backend import HAS_TRITON
 from .dot_policy import dot_mode, precision
 from .tiling import cdiv, hi_lo, np2
+from .launch import launch
 
 if HAS_TRITON:
     import triton
@@ -99,7 +100,7 @@ def dora_expand(z: Tensor, lora_b: Tensor, base2d: Tensor, y2d: Tensor, c: Tenso
     br = min(64, max(16, np2(R)))
     s_hi, s_lo = hi_lo(float(scaling))  # kernel arguments, not a tensor: no host-to-device copy per call
     grid = (cdiv(N, bn), cdiv(M, bm))
-    _dora_expand_kernel[grid](
+    launch(_dora_expand_kernel, grid,
         z, lora_b, base2d, y2d, c, bias if bias is not None else c, M, N, R, s_hi, s_lo,
         z.stride(0), z.stride(1), lora_b.stride(0), lora_b.stride(1), base2d.stride(0), base2d.stride(1),
         y2d.stride(0), y2d.stride(1),
@@ -121,7 +122,7 @@ def dora_scale_grad(dy2d: Tensor, y2d: Tensor, mag_scale: Tensor, bias: Optional
         dt.copy_(mag_scale.to(acc) * dy2d.to(acc))
         return
     bm, bn = min(64, max(16, np2(M))), min(64, max(16, np2(N)))
-    _dora_bwd_kernel[(cdiv(N, bn), cdiv(M, bm))](
+    launch(_dora_bwd_kernel, (cdiv(N, bn), cdiv(M, bm)),
         dy2d, y2d, mag_scale, bias if bias is not None else mag_scale, dt, colsum,
         M, N, dy2d.stride(0), dy2d.stride(1), y2d.stride(0), y2d.stride(1), dt.stride(0), dt.stride(1),
         HAS_BIAS=bias is not None, F64=colsum.dtype == torch.float64, BLOCK_M=bm, BLOCK_N=bn,

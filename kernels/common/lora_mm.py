@@ -19,6 +19,7 @@ from . import settings
 from .backend import HAS_TRITON
 from .dot_policy import dot_mode, precision
 from .tiling import cdiv, hi_lo, np2, num_sms
+from .launch import launch
 
 DROP_NONE, DROP_A, DROP_B, DROP_C = 0, 1, 2, 3
 
@@ -237,7 +238,7 @@ def mm(a: Tensor, b: Tensor, c: Tensor, *, scale: float = 1.0, accumulate: bool 
     i_hi, i_lo = _keep_inverse(float(p))
     ld4 = (ld_x + 3) // 4
     sa, sb, sc = a.stride(), b.stride(), c.stride()
-    _lora_mm_kernel[cfg.grid](
+    launch(_lora_mm_kernel, cfg.grid,
         a, b, c, bias if bias is not None else c, seed if seed is not None else c,
         M, N, K,
         sa[0], sa[1], sb[0], sb[1], sc[0], sc[1],
@@ -270,7 +271,7 @@ def mm2(first: tuple, second: tuple, *, seed: Optional[Tensor] = None, p: float 
     i_hi, i_lo = _keep_inverse(float(p))
     ld4 = (ld_x + 3) // 4
     seed_arg = seed if seed is not None else first[2]
-    _lora_mm2_kernel[(c1.grid[0] + c2.grid[0],)](
+    launch(_lora_mm2_kernel, (c1.grid[0] + c2.grid[0],),
         c1.grid[0], seed_arg, float(p), i_hi, i_lo, ld4,
         *parts[0], c1.k_tiles, *parts[1], c2.k_tiles,
         ACC1=first[4], DROP1=first[5], DOT1=c1.dot, PREC1=c1.precision,
@@ -290,7 +291,7 @@ def masked_add(a: Optional[Tensor], b: Tensor, out: Tensor, seed: Tensor, p: flo
     i_hi, i_lo = _keep_inverse(float(p))
     ld4 = (N + 3) // 4
     a_arg = a if a is not None else b
-    _masked_add_kernel[(cdiv(N, bn), cdiv(M, bm))](
+    launch(_masked_add_kernel, (cdiv(N, bn), cdiv(M, bm)),
         a_arg, b, out, seed, M, N, a_arg.stride(0), a_arg.stride(1), b.stride(0), b.stride(1),
         out.stride(0), out.stride(1), float(p), i_hi, i_lo, ld4,
         HAS_A=a is not None, IDX64=M * ld4 >= 2**31, EXACT=out.dtype == torch.float64, BLOCK_M=bm, BLOCK_N=bn)

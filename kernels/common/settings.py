@@ -5,6 +5,8 @@
 | PEFT_FAST_BACKEND    | auto (default), torch, triton | which implementation runs (see backend.py)                          |
 | PEFT_FAST_LORA_DOT   | half (default), fp32       | 16-bit activations: LoRA dots in that 16-bit type, or in float32       |
 | PEFT_FAST_NF4_DECODE | dequant (default), gemv    | 4-bit matmuls of <= 16 rows: dequantize + cuBLAS, or the NF4 GEMV      |
+| PEFT_FAST_LAUNCH     | cached (default), jit      | Triton launches through their cached compiled kernels (launch.py), or  |
+|                      |                            | through Triton's dispatcher on every call                              |
 | TRITON_INTERPRET     | 1 or unset                 | Triton kernels run on the CPU interpreter (set before kernels load)    |
 
 This is the only module that reads `os.environ`. Everything else asks `current()`, whose value is one object
@@ -21,6 +23,7 @@ from typing import Iterator
 BACKENDS = ("auto", "torch", "triton")
 LORA_DOTS = ("half", "fp32")
 NF4_DECODES = ("dequant", "gemv")
+LAUNCHES = ("cached", "jit")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +32,7 @@ class Settings:
     lora_dot: str = "half"
     interpret: bool = False
     nf4_decode: str = "dequant"
+    launch: str = "cached"
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -40,8 +44,12 @@ class Settings:
         if self.nf4_decode not in NF4_DECODES:
             raise ValueError(f"nf4_decode (PEFT_FAST_NF4_DECODE) = {self.nf4_decode!r} is not one of {NF4_DECODES}; "
                              "unset it or pick one of those.")
+        if self.launch not in LAUNCHES:
+            raise ValueError(f"launch (PEFT_FAST_LAUNCH) = {self.launch!r} is not one of {LAUNCHES}; unset it or "
+                             "pick one of those.")
         # Settings key caches read on every kernel call (launch configs, plans): hash them once.
-        object.__setattr__(self, "_hash", hash((self.backend, self.lora_dot, self.interpret, self.nf4_decode)))
+        object.__setattr__(self, "_hash", hash((self.backend, self.lora_dot, self.interpret, self.nf4_decode,
+                                                   self.launch)))
 
     def __hash__(self) -> int:
         return self._hash
@@ -61,7 +69,7 @@ def _from_environment() -> Settings:
             os.environ["TRITON_INTERPRET"] = "1"
     return Settings(backend=backend, lora_dot=get("PEFT_FAST_LORA_DOT", "half"),
                     interpret=os.environ.get("TRITON_INTERPRET", "0") == "1",
-                    nf4_decode=get("PEFT_FAST_NF4_DECODE", "dequant"))
+                    nf4_decode=get("PEFT_FAST_NF4_DECODE", "dequant"), launch=get("PEFT_FAST_LAUNCH", "cached"))
 
 
 _current = _from_environment()

@@ -1,0 +1,138 @@
+"""Launching a Triton kernel without Triton's dispatcher on every call.
+
+`fn[grid](*args, **consts)` runs Triton's JIT dispatcher each time: it binds every argument, specializes each one,
+builds and hashes a cache key, checks globals and builds launch metadata before the compiled kernel's launcher runs.
+That is about 10 µs per launch on this project's CPUs (`bench/host_overhead.py --device fake`), several times per
+layer and step. `launch` goes through
+the dispatcher once per argument fingerprint, keeps the compiled kernel it returns, and from then on calls that
+kernel's launcher directly.
+
+The fingerprint holds everything Triton specializes a compiled kernel on: every non-tensor argument's value (ints
+are specialized on == 1, divisibility by 16 and width), each tensor's dtype and 16-byte alignment, the constexprs
+and launch options by name, the current device and Triton's debug switch. Calls with equal fingerprints therefore
+get the kernel Triton's own cache would return. The dispatcher still runs under the interpreter, for stand-ins
+(benchmarks' launch counters), with launch hooks installed (profilers read their metadata), with
+PEFT_FAST_LAUNCH=jit, on Triton releases outside VERIFIED_TRITON, and for a call whose arguments the cache cannot
+lay out (see `_Layout`).
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from . import settings
+from .backend import HAS_TRITON
+
+_MAX_ENTRIES = 4096  # distinct fingerprints per kernel before its cache starts over (token counts vary)
+# Triton releases whose dispatcher hands the compiled kernel's launcher exactly what `launch` hands it (checked by
+# tests/kernels/test_launch.py on 3.6, the GPU machine's, and 3.9, CI's); others keep the dispatcher.
+VERIFIED_TRITON = ((3, 6), (3, 9))
+
+if HAS_TRITON:
+    import triton
+    from triton import knobs
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
+
+    CACHEABLE = VERIFIED_TRITON[0] <= tuple(int(p) for p in triton.__version__.split(".")[:2]) <= VERIFIED_TRITON[1]
+else:  # pragma: no cover - platforms without triton never launch kernels
+    JITFunction, CACHEABLE = (), False
+
+
+class _Layout:
+    """Where one kernel's tensors are among its positional arguments, learnt from its first launch.
+
+    Only a launch that passes every parameter, positionals first and constexprs after them in signature order (then
+    launch options such as num_warps), is cached: the launcher takes the parameters in signature order."""
+
+    __slots__ = ("n_args", "n_consts", "tensor_at", "fingerprint", "compiled", "stream", "device")
+
+    def __init__(self, n_args: int, n_consts: int, tensor_at: tuple[int, ...]):
+        self.n_args, self.n_consts, self.tensor_at = n_args, n_consts, tensor_at
+        self.fingerprint = _fingerprint(n_args, tensor_at)
+        self.compiled: dict[tuple, Any] = {}
+        self.device = driver.active.get_current_device
+        self.stream = driver.active.get_current_stream
+
+    def matches(self, args: tuple) -> bool:
+        """Tensors exactly where the first launch had them (checked before a fingerprint is kept)."""
+        return all(_is_tensor(a) == (i in self.tensor_at) for i, a in enumerate(args))
+
+
+def _fingerprint(n_args: int, tensor_at: tuple[int, ...]):
+    """args -> one tuple: each tensor's dtype and 16-byte alignment, every other argument's value. Generated once
+    per kernel: a Python loop over ~30 arguments would cost a good part of the dispatcher work it saves."""
+    items = "".join((f"a[{i}].dtype, a[{i}].data_ptr() & 15 == 0, " if i in tensor_at else f"a[{i}], ")
+                    for i in range(n_args))
+    namespace: dict = {}
+    exec(f"def fingerprint(a):\n    return ({items})\n", namespace)  # noqa: S102 - source built above from ints
+    return namespace["fingerprint"]
+
+
+_layouts: dict[int, _Layout | None] = {}
+_lock = threading.Lock()
+
+
+def _is_tensor(a) -> bool:
+    return hasattr(a, "data_ptr") and hasattr(a, "dtype")
+
+
+def _learn(fn, args: tuple, consts: dict) -> _Layout | None:
+    """The layout of fn's launches, or None when they cannot be cached (the dispatcher then runs every time)."""
+    names = list(fn.arg_names)
+    n, keys = len(args), list(consts)
+    n_consts = len(names) - n
+    if n_consts < 0 or keys[:n_consts] != names[n:] or any(k in names for k in keys[n_consts:]):
+        return None
+    return _Layout(n, n_consts, tuple(i for i, a in enumerate(args) if _is_tensor(a)))
+
+
+def _dispatch(fn, layout: _Layout, key, grid, args: tuple, consts: dict) -> None:
+    """Launch through Triton's dispatcher and keep the compiled kernel it used under `key`."""
+    kernel = fn.run(*args, grid=grid, warmup=False, **consts)
+    if key is None or getattr(kernel, "function", None) is None or not layout.matches(args):
+        return
+    with _lock:
+        if len(layout.compiled) >= _MAX_ENTRIES:
+            layout.compiled.clear()
+        layout.compiled[key] = kernel
+
+
+def launch(fn, grid: tuple, *args, **consts) -> None:
+    """`fn[grid](*args, **consts)` for a tuple grid, through the compiled kernel once an equal fingerprint of
+    arguments went through Triton's dispatcher."""
+    if not CACHEABLE or type(fn) is not JITFunction or settings.current().launch != "cached":
+        fn[grid](*args, **consts)
+        return
+    layout = _layouts.get(id(fn), False)
+    if layout is False:
+        with _lock:
+            layout = _layouts.setdefault(id(fn), _learn(fn, args, consts))
+    runtime = knobs.runtime
+    if (layout is None or len(args) != layout.n_args or runtime.launch_enter_hook.calls
+            or runtime.launch_exit_hook.calls):  # a profiler's hooks want the dispatcher's launch metadata
+        fn.run(*args, grid=grid, warmup=False, **consts)
+        return
+    try:
+        fingerprint = layout.fingerprint(args)
+    except AttributeError:  # something other than a tensor where the first launch had one
+        fn.run(*args, grid=grid, warmup=False, **consts)
+        return
+    device = layout.device()
+    key = (device, runtime.debug, fingerprint, tuple(consts.items()))
+    try:
+        kernel = layout.compiled.get(key)
+    except TypeError:  # an unhashable argument: the dispatcher decides
+        kernel, key = None, None
+    if kernel is None:
+        _dispatch(fn, layout, key, grid, args, consts)
+        return
+    n = len(grid)
+    kernel.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, layout.stream(device), kernel.function,
+               kernel.packed_metadata, None, None, None, *args, *tuple(consts.values())[:layout.n_consts])
+
+
+def reset() -> None:
+    """Forget every cached kernel and layout (tests that swap Triton's driver)."""
+    with _lock:
+        _layouts.clear()
