@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .common.autograd import OpaqueOp
 from .common.backend import HAS_TRITON, use_triton
 from .common.dot_policy import DOT_F32, DOT_F64, precision
 from .common.nf4_format import NF4State, absmax_f32, check_nf4_args
@@ -196,13 +197,50 @@ def _launch(out_f: int, in_f: int, lora_a: Tensor, lora_b: Tensor, scaling: floa
     return norm, sq_out
 
 
+def _dense(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float,
+           weight_sq: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    acc = _acc_dtype(weight, lora_a, lora_b, weight_sq)
+    return _launch(weight.shape[0], weight.shape[1], lora_a, lora_b, scaling, weight_sq, acc, weight=weight)
+
+
+def _nf4(flat: Tensor, absmax: Tensor, code: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float,
+         weight_sq: Optional[Tensor], out_f: int, in_f: int, blocksize: int, w_round: int) -> tuple[Tensor, Tensor]:
+    acc = _acc_dtype(lora_a, lora_b, weight_sq)
+    return _launch(out_f, in_f, lora_a, lora_b, scaling, weight_sq, acc, nf4=(flat, absmax, code, blocksize, w_round))
+
+
+def _dense_op(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float,
+              weight_sq: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    norm, sq = _dense(weight, lora_a, lora_b, scaling, weight_sq)
+    return norm, sq.clone() if weight_sq is not None else sq
+
+
+def _nf4_op(flat: Tensor, absmax: Tensor, code: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float,
+            weight_sq: Optional[Tensor], out_f: int, in_f: int, blocksize: int, w_round: int) -> tuple[Tensor, Tensor]:
+    norm, sq = _nf4(flat, absmax, code, lora_a, lora_b, scaling, weight_sq, out_f, in_f, blocksize, w_round)
+    return norm, sq.clone() if weight_sq is not None else sq
+
+
+def _dense_fake(weight, lora_a, lora_b, scaling, weight_sq):
+    acc = _acc_dtype(weight, lora_a, lora_b, weight_sq)
+    return weight.new_empty(weight.shape[0], dtype=acc), weight.new_empty(weight.shape[0], dtype=acc)
+
+
+def _nf4_fake(flat, absmax, code, lora_a, lora_b, scaling, weight_sq, out_f, in_f, blocksize, w_round):
+    acc = _acc_dtype(lora_a, lora_b, weight_sq)
+    return lora_a.new_empty(out_f, dtype=acc), lora_a.new_empty(out_f, dtype=acc)
+
+
+_DENSE = OpaqueOp("dora_norm", _dense_op, _dense_fake, eager=_dense)
+_NF4 = OpaqueOp("dora_norm_nf4", _nf4_op, _nf4_fake, eager=_nf4)
+
+
 @torch.no_grad()
 def dora_norm_triton(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float,
                      weight_sq: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """One launch: out-row tiles, a K loop accumulating W·Aᵀ (and ||W||² unless given), the B terms in the epilogue."""
     _check(weight.shape[0], weight.shape[1], lora_a, lora_b, weight_sq)
-    acc = _acc_dtype(weight, lora_a, lora_b, weight_sq)
-    return _launch(weight.shape[0], weight.shape[1], lora_a, lora_b, scaling, weight_sq, acc, weight=weight.detach())
+    return _DENSE(weight.detach(), lora_a.detach(), lora_b.detach(), float(scaling), weight_sq)
 
 
 @torch.no_grad()
@@ -221,9 +259,8 @@ def dora_norm_nf4_triton(packed: Tensor, state: NF4State, lora_a: Tensor, lora_b
     flat = (flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)).contiguous()
     code = state.code.to(device=packed.device, dtype=torch.float32).contiguous()
     w_round = {torch.bfloat16: 1, torch.float16: 2}.get(state.dtype, 0)
-    acc = _acc_dtype(lora_a, lora_b, weight_sq)
-    return _launch(out_f, in_f, lora_a, lora_b, scaling, weight_sq, acc,
-                   nf4=(flat, absmax_f32(state).contiguous(), code, state.blocksize, w_round))
+    return _NF4(flat, absmax_f32(state).contiguous(), code, lora_a.detach(), lora_b.detach(), float(scaling),
+                weight_sq, int(out_f), int(in_f), int(state.blocksize), w_round)
 
 
 def dora_norm(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float,

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .common.backend import HAS_TRITON, use_triton
+from .common.autograd import OpaqueOp
 from .common.nf4_format import NF4State, absmax_f32, check_nf4_args, launch_args
 from .common.launch import launch
 
@@ -70,21 +71,38 @@ if HAS_TRITON:
             tl.store(out_ptr + elem, v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def _dequantize(packed: Tensor, absmax: Tensor, code: Tensor, nabs: Optional[Tensor], ncode: Optional[Tensor],
+                offset: Optional[Tensor], nested_blocksize: int, shape: list[int], dtype: torch.dtype,
+                blocksize: int) -> Tensor:
+    n = math.prod(shape)
+    out = torch.empty(shape, dtype=dtype, device=packed.device)
+    BLOCK = 1024
+    grid = (triton.cdiv((n + 1) // 2, BLOCK),)
+    nested = nabs is not None
+    if not nested:
+        nabs, ncode, offset, nested_blocksize = absmax, code, absmax, 1
+    # No FMA: code2·absmax2 + offset must round twice, as bitsandbytes' two steps do, to stay bit for bit.
+    launch(_nf4_dequant_kernel, grid, packed, absmax, code, nabs, ncode, offset, out, n,
+           BLOCKSIZE=blocksize, NESTED=nested, NESTED_BS=nested_blocksize, BLOCK=BLOCK, IDX64=n + 4 * BLOCK >= 2**31,
+           OUT_BF16=dtype == torch.bfloat16, enable_fp_fusion=False)
+    return out
+
+
+def _dequantize_fake(packed, absmax, code, nabs, ncode, offset, nested_blocksize, shape, dtype, blocksize):
+    return packed.new_empty(shape, dtype=dtype)
+
+
+_DEQUANTIZE = OpaqueOp("nf4_dequantize_raw", _dequantize, _dequantize_fake)
+
+
 def dequantize_raw(packed: Tensor, absmax: Tensor, code: Tensor, shape, dtype: torch.dtype, blocksize: int,
                    nested: Optional[tuple] = None) -> Tensor:
     """The Triton dequantization from launch-ready tensors (flat uint8 bytes, float32 codebook, all contiguous on one
     device): what every 4-bit matmul runs before handing the weight to cuBLAS. `absmax` is float32, or with
     `nested` = (nested_absmax, nested_code, offset, nested_blocksize) the uint8 codes of a double-quantized one."""
-    n = math.prod(shape)
-    out = torch.empty(shape, dtype=dtype, device=packed.device)
-    BLOCK = 1024
-    grid = (triton.cdiv((n + 1) // 2, BLOCK),)
-    nabs, ncode, offset, nbs = nested if nested is not None else (absmax, code, absmax, 1)
-    # No FMA: code2·absmax2 + offset must round twice, as bitsandbytes' two steps do, to stay bit for bit.
-    launch(_nf4_dequant_kernel, grid, packed, absmax, code, nabs, ncode, offset, out, n,
-           BLOCKSIZE=blocksize, NESTED=nested is not None, NESTED_BS=nbs, BLOCK=BLOCK, IDX64=n + 4 * BLOCK >= 2**31,
-           OUT_BF16=dtype == torch.bfloat16, enable_fp_fusion=False)
-    return out
+    nabs, ncode, offset, nbs = nested if nested is not None else (None, None, None, 1)
+    return _DEQUANTIZE(packed, absmax, code, nabs, ncode, offset, int(nbs), [int(d) for d in shape], dtype,
+                       int(blocksize))
 
 
 def nf4_dequantize_triton(packed: Tensor, state: NF4State) -> Tensor:

@@ -23,6 +23,7 @@ import dataclasses
 
 import torch.nn.functional as F
 
+from .common.autograd import OpaqueOp
 from .common.backend import HAS_TRITON, use_triton
 from .common.dot_policy import DOT_F64, dot_mode, precision
 from .common.nf4_format import NF4State, check_nf4_args, launch_args
@@ -103,24 +104,39 @@ if HAS_TRITON:
                  mask=mask_m[:, None] & mask_n[None, :])
 
 
-def gemv_raw(x2d: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, nested: Optional[tuple], out_f: int,
-             blocksize: int, bias: Optional[Tensor] = None) -> Tensor:
-    """x2d [M <= GEMV_MAX_ROWS, in] @ dequant(Wq)ᵀ (+ bias) in x's dtype, from `launch_args`' tensors."""
+def _gemv(x2d: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, nabs: Optional[Tensor], ncode: Optional[Tensor],
+          offset: Optional[Tensor], nbs: int, out_f: int, blocksize: int, bias: Optional[Tensor]) -> Tensor:
     M, K = x2d.shape
     y = torch.empty((M, out_f), device=x2d.device, dtype=x2d.dtype)
     if M == 0 or out_f == 0:
         return y
     dot = dot_mode(x2d.dtype, x2d.dtype, x2d.dtype)
-    nabs, ncode, offset, nbs = nested if nested is not None else (absmax, code, absmax, 1)
+    nested = nabs is not None
+    if not nested:
+        nabs, ncode, offset, nbs = absmax, code, absmax, 1
     # float64 (tests) reduces a [BLOCK_M, BLOCK_N, BLOCK_K] product in registers: keep that block small.
     BLOCK_N, BLOCK_K = 16, min(32 if dot == DOT_F64 else 256, max(16, triton.next_power_of_2(K)))
     launch(_nf4_gemv_kernel, (cdiv(out_f, BLOCK_N),),
         x2d, packed, absmax, code, nabs, ncode, offset, bias if bias is not None else y, y,
         M, out_f, K, x2d.stride(0), x2d.stride(1), y.stride(0), y.stride(1),
-        BLOCKSIZE=blocksize, NESTED=nested is not None, NESTED_BS=nbs, HAS_BIAS=bias is not None,
+        BLOCKSIZE=blocksize, NESTED=nested, NESTED_BS=nbs, HAS_BIAS=bias is not None,
         DOT=dot, PRECISION=precision(dot), BLOCK_M=GEMV_MAX_ROWS, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
     )
     return y
+
+
+def _gemv_fake(x2d, packed, absmax, code, nabs, ncode, offset, nbs, out_f, blocksize, bias):
+    return x2d.new_empty((x2d.shape[0], out_f))
+
+
+_GEMV = OpaqueOp("nf4_gemv_raw", _gemv, _gemv_fake)
+
+
+def gemv_raw(x2d: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, nested: Optional[tuple], out_f: int,
+             blocksize: int, bias: Optional[Tensor] = None) -> Tensor:
+    """x2d [M <= GEMV_MAX_ROWS, in] @ dequant(Wq)ᵀ (+ bias) in x's dtype, from `launch_args`' tensors."""
+    nabs, ncode, offset, nbs = nested if nested is not None else (None, None, None, 1)
+    return _GEMV(x2d, packed, absmax, code, nabs, ncode, offset, int(nbs), int(out_f), int(blocksize), bias)
 
 
 def nf4_gemv_triton(x: Tensor, packed: Tensor, state: NF4State, bias: Optional[Tensor]) -> Tensor:

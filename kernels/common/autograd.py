@@ -9,7 +9,7 @@ Under torch.compile the custom ops (with fake implementations and registered aut
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -56,3 +56,20 @@ class FusedOp:
 def needs_grad(*tensors) -> bool:
     """Whether autograd must record an op over these tensors (None entries allowed)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+class OpaqueOp:
+    """A forward-only kernel call (no gradient flows through it) as one `peft_fast::name` custom op under
+    torch.compile, which then keeps the graph whole around it instead of tracing into Triton's launch, while eager
+    calls run `eager` (default: `impl`) directly, since torch.library's dispatch costs tens of µs. `impl` and
+    `fake` take the same annotated arguments; `impl`'s outputs must be new tensors (`eager` may return an input)."""
+
+    def __init__(self, name: str, impl: Callable, fake: Callable, eager: Optional[Callable] = None):
+        self.impl = eager or impl
+        self.op = torch.library.custom_op(f"peft_fast::{name}", impl, mutates_args=())
+        self.op.register_fake(fake)
+
+    def __call__(self, *args):
+        if torch.compiler.is_compiling():
+            return self.op(*args)
+        return self.impl(*args)

@@ -1,0 +1,100 @@
+"""torch.compile of a whole training step (forward, loss; backward through the compiled graph) on a tiny Llama, for
+every fast path: LoRA with dropout, DoRA, an NF4Linear base (peft_fast.quantize) and a bitsandbytes 4-bit base,
+each with and without gradient checkpointing, on the reference path and on the Triton path (the CPU interpreter).
+
+Each step must be one graph (fullgraph=True, and a counting backend sees one frame), and give the eager model's
+loss and gradients. The step is compiled after one eager optimizer step, because eager calls fill caches that a
+compiled step must not trip over (a DoRA step once broke 42 times there)."""
+import copy
+import warnings
+
+import pytest
+import torch
+from switches import use_settings
+from tiny_models import peft_fast_only
+from torch._dynamo.testing import CompileCounterWithBackend
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+import peft_fast
+
+pytestmark = peft_fast_only
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = 2e-3 if DEVICE == "cuda" else 1e-5  # float32 dots may use tf32 on a GPU
+
+VARIANTS = {
+    "lora-dropout": dict(lora_dropout=0.1),
+    "dora": dict(use_dora=True),
+    "nf4": dict(),
+    "bnb4": dict(),
+}
+
+
+def _model(variant, checkpointing, tmp_path):
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=97, max_position_embeddings=64)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(cfg).to(DEVICE)
+    if variant == "nf4":
+        peft_fast.quantize(base)
+    if variant == "bnb4":
+        pytest.importorskip("bitsandbytes")
+        base.save_pretrained(tmp_path)
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+                               bnb_4bit_use_double_quant=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            base = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=q, device_map=DEVICE,
+                                                        dtype=torch.float32)
+    lora = peft_fast.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                init_lora_weights=False, **VARIANTS[variant])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft_fast.get_peft_model(base, lora)
+    if checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers hooks the input embeddings to call requires_grad_ on their output, which dynamo cannot trace:
+        # a graph break, with PEFT alike. Non-reentrant checkpointing does not need the hook. (Enabled before
+        # get_peft_model, the hook is registered twice, as with PEFT, and disable_input_require_grads removes one.)
+        base.disable_input_require_grads()
+    return model
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_compiled_step_is_one_graph_with_eager_loss_and_gradients(variant, checkpointing, backend, monkeypatch,
+                                                                  tmp_path):
+    use_settings(monkeypatch, backend=backend)
+    model = _model(variant, checkpointing, tmp_path)
+    model.train()
+    ids = torch.randint(1, 97, (2, 12), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+
+    def step(m):
+        return m(input_ids=ids, labels=ids, use_cache=False).loss  # the cache would warn mid-graph (checkpointing)
+
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    step(model).backward()  # one eager step first: whatever it caches must not break the compiled one
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    eager = copy.deepcopy(model)
+
+    torch.manual_seed(3)
+    want_loss = step(eager)
+    want_loss.backward()
+    want = _grads(eager)
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    torch.manual_seed(3)
+    loss = torch.compile(step, fullgraph=True, backend=counter)(model)
+    loss.backward()
+    assert counter.frame_count == 1
+    got = _grads(model)
+    assert got.keys() == want.keys() and any("lora_" in n for n in want)
+    torch.testing.assert_close(loss.detach(), want_loss.detach(), atol=TOL, rtol=TOL)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=TOL, rtol=10 * TOL, msg=name)
