@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .common.autograd import FusedOp, needs_grad
 from .common.backend import HAS_TRITON, use_triton
+from .common.lora_decode import decodes, mm_decode
 from .common.lora_mm import DROP_A, DROP_NONE, dropout_seed, lora_backward, mm
 from .common.tiling import z_dtype
 
@@ -73,6 +74,20 @@ def _forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lora_a
         y = torch.empty((M, out_f), device=x.device, dtype=lora_a.dtype)
     mm(z, lora_b.t(), y, scale=scaling, accumulate=weight is not None, bias=lora_bias)
     return y.view(*x.shape[:-1], out_f), z.view(*x.shape[:-1], r)
+
+
+def _decode(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
+            lora_bias: Optional[Tensor], scaling: float) -> Tensor:
+    """_forward's y for a decode call: the base on cuBLAS, then the whole LoRA delta in one launch."""
+    in_f, out_f = x.shape[-1], lora_b.shape[0]
+    x2d = x.reshape(-1, in_f)
+    if weight is not None:
+        y = F.linear(x2d, weight, bias)
+    else:
+        y = torch.empty((x2d.shape[0], out_f), device=x.device, dtype=lora_a.dtype)
+    mm_decode(x2d, lora_a.t(), lora_b.t(), y, z_dtype(x, lora_a, lora_b), scale=scaling,
+              accumulate=weight is not None, bias=lora_bias)
+    return y.view(*x.shape[:-1], out_f)
 
 
 def _forward_fake(x, weight, bias, lora_a, lora_b, lora_bias, scaling, dropout_p, seed):
@@ -149,8 +164,10 @@ def lora_linear_triton(x, weight, bias, lora_a, lora_b, scaling: float, dropout_
         x, weight, bias = (t.to(dtype) if t is not None and t.is_floating_point() else t for t in (x, weight, bias))
         with torch.autocast(device_type, enabled=False):
             return lora_linear_triton(x, weight, bias, lora_a, lora_b, scaling, dropout_p, lora_bias)
-    seed = dropout_seed(x.device) if dropout_p > 0 else None
     grad = needs_grad(x, weight, bias, lora_a, lora_b, lora_bias)
+    if decodes(x, lora_a, dropout_p, grad):
+        return _decode(x, weight, bias, lora_a, lora_b, lora_bias, float(scaling))
+    seed = dropout_seed(x.device) if dropout_p > 0 else None
     return _OP(x, weight, bias, lora_a, lora_b, lora_bias, float(scaling), float(dropout_p), seed, needs_grad=grad)[0]
 
 

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .common.autograd import FusedOp, needs_grad
 from .common.backend import HAS_TRITON, use_triton
+from .common.lora_decode import decodes, mm_decode
 from .common.lora_mm import DROP_A, DROP_NONE, dropout_seed, lora_backward, mm
 from .common.nf4_format import NF4State, launch_args
 from .common.tiling import z_dtype
@@ -153,8 +154,15 @@ def qlora_linear_triton(x, packed, state: NF4State, bias, lora_a, lora_b, scalin
     packed_flat, absmax, code, nested = launch_args(packed, state, x.device)
     nabs, ncode, offset, nbs = nested if nested is not None else (None, None, None, 0)
     bias = bias.to(x.dtype) if bias is not None else None  # bnb computes the bias in the compute dtype
-    seed = dropout_seed(x.device) if dropout_p > 0 else None
     grad = needs_grad(x, bias, lora_a, lora_b, lora_bias)
+    if decodes(x, lora_a, dropout_p, grad):  # the base (dequantize + cuBLAS, or the GEMV), then one LoRA launch
+        x2d = x.reshape(-1, x.shape[-1])
+        y = nf4_matmul(x2d, packed_flat, absmax, code, nested, int(state.shape[0]), int(state.blocksize),
+                       trans=False, bias=bias)
+        mm_decode(x2d, lora_a.t(), lora_b.t(), y, z_dtype(x, lora_a, lora_b), scale=float(scaling), accumulate=True,
+                  bias=lora_bias)
+        return y.view(*x.shape[:-1], y.shape[-1])
+    seed = dropout_seed(x.device) if dropout_p > 0 else None
     return _OP(x, packed_flat, absmax, code, nabs, ncode, offset, nbs, bias, lora_a, lora_b, lora_bias,
                int(state.shape[0]), int(state.blocksize), float(scaling), float(dropout_p), seed, needs_grad=grad)[0]
 

@@ -111,7 +111,12 @@ def op_calls():
                               rnd(24, 8, grad=True), 0.5, 0.1).sum().backward()
         K.dora_norm_nf4_triton(packed, state, rnd(8, 64), rnd(24, 8), 0.5)
 
-    return {"lora": lora(0.0), "lora dropout": lora(0.1), "dora": dora, "dora dropout": dora_dropout,
+    def decode():
+        with torch.no_grad():
+            K.lora_linear_triton(x[:4], w, b, a, bb, 0.5, 0.0)
+            K.lora_linear_triton(x[:4].to(torch.bfloat16), w.to(torch.bfloat16), None, a, bb, 0.5, 0.0)
+
+    return {"lora": lora(0.0), "lora dropout": lora(0.1), "lora decode": decode, "dora": dora, "dora dropout": dora_dropout,
             "dora norm": lambda: K.dora_norm_triton(w, a.detach(), bb.detach(), 0.5),
             "multi-lora fused": multi(True), "multi-lora shrink+expand": multi(False), "grouped": grouped, "nf4": nf4}
 

@@ -175,6 +175,23 @@ def test_launches_per_layer_on_the_triton_path(monkeypatch, dropout):
     assert len(launches) == 4
 
 
+@pytest.mark.parametrize("rows", [4, 40])
+def test_inference_launches_one_kernel_at_decode(monkeypatch, rows):
+    """In eval without grad, a decode call (at most 16 rows) runs the whole LoRA delta as one launch; more rows take
+    the shrink and expand."""
+    from peft_fast.kernels.common import lora_decode
+
+    use_settings(monkeypatch, backend="triton")
+    launches = []
+    for mod, name in ((lora_mm, "_lora_mm_kernel"), (lora_decode, "_lora_decode_kernel")):
+        monkeypatch.setattr(mod, name, _CountLaunches(getattr(mod, name), launches))
+    model = _model(lora_dropout=0.1, target_modules=["lin1"])
+    model.eval()
+    with torch.no_grad():
+        out(model, {"X": torch.randn(rows, 16)})
+    assert len(launches) == (1 if rows <= 16 else 2)
+
+
 def _mlp_layer(model, name="lin0"):
     return getattr(model.base_model.model, name)
 

@@ -1,0 +1,109 @@
+"""kernels/common/lora_decode.py: the one-launch LoRA delta of inference at decode, against float64 references and
+against the two-launch path, and its use by lora_linear / qlora_linear (inference only, at most 16 rows)."""
+import sys
+
+import pytest
+import torch
+
+from peft_fast.kernels import (lora_linear_reference, lora_linear_triton, nf4_quantize_reference,
+                               qlora_linear_reference, qlora_linear_triton)
+from peft_fast.kernels.common import lora_decode
+from peft_fast.kernels.common.lora_decode import DECODE_MAX_RANK, DECODE_MAX_ROWS, decodes, mm_decode
+
+SHAPES = [(1, 40, 8, 24), (5, 130, 17, 70), (16, 64, 64, 200), (3, 8, 1, 5), (7, 33, 128, 19)]  # M, K, R, N
+
+
+def _ref(x, a, b, y0, scale, bias, accumulate):
+    d = (x.double() @ a.double()) @ b.double()
+    if bias is not None:
+        d = d + bias.double()
+    return (y0.double() if accumulate else 0) + scale * d
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"M{m}K{k}R{r}N{n}" for m, k, r, n in SHAPES])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_matches_float64(device, shape, bias, accumulate):
+    M, K, R, N = shape
+    g = torch.Generator(device=device).manual_seed(M * K + R)
+    x, a, b = (torch.randn(*s, dtype=torch.float64, device=device, generator=g) for s in ((M, K), (R, K), (N, R)))
+    y0 = torch.randn(M, N, dtype=torch.float64, device=device, generator=g)
+    bv = torch.randn(N, dtype=torch.float64, device=device, generator=g) if bias else None
+    y = y0.clone()
+    mm_decode(x, a.t(), b.t(), y, torch.float64, scale=0.7, accumulate=accumulate, bias=bv)
+    torch.testing.assert_close(y, _ref(x, a.t(), b.t(), y0, 0.7, bv, accumulate), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_low_precision_and_strides(device, dtype, tol):
+    """Activations and output in `dtype` with float32 adapters, x and y as strided views."""
+    M, K, R, N = 6, 72, 12, 40
+    x = torch.randn(K, M, device=device).to(dtype).t()  # column-major x
+    a, b = torch.randn(R, K, device=device) / K**0.5, torch.randn(N, R, device=device) / R**0.5
+    y0 = torch.randn(M, N, device=device).to(dtype)
+    y = torch.empty(M, 2 * N, device=device, dtype=dtype)[:, ::2]  # every other column of a wider buffer
+    y.copy_(y0)
+    mm_decode(x, a.t(), b.t(), y, torch.float32, scale=2.0, accumulate=True)
+    want = _ref(x, a.t(), b.t(), y0, 2.0, None, True)
+    torch.testing.assert_close(y.double(), want, rtol=tol[dtype], atol=tol[dtype] * want.abs().max().item())
+
+
+def test_decodes_only_inference_without_dropout_at_few_rows():
+    a = torch.randn(8, 16)
+    x = torch.randn(2, DECODE_MAX_ROWS // 2, 16)
+    assert decodes(x, a, 0.0, grad=False)
+    assert not decodes(x, a, 0.0, grad=True)
+    assert not decodes(x, a, 0.1, grad=False)
+    assert not decodes(torch.randn(DECODE_MAX_ROWS + 1, 16), a, 0.0, grad=False)
+    assert not decodes(x, torch.randn(DECODE_MAX_RANK + 1, 16), 0.0, grad=False)
+    assert not decodes(torch.randn(3, 0), a[:, :0], 0.0, grad=False)
+
+
+def _count(monkeypatch):
+    calls = []
+    real = lora_decode.mm_decode
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    for op in ("lora_linear", "qlora_linear"):  # the modules: the package's attributes of those names are the ops
+        monkeypatch.setattr(sys.modules[f"peft_fast.kernels.{op}"], "mm_decode", spy)
+    return calls
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("rows", [1, 16, 17])
+@pytest.mark.parametrize("weight", [True, False])
+def test_lora_linear_inference_takes_one_launch_at_decode(device, monkeypatch, rows, weight):
+    calls = _count(monkeypatch)
+    x = torch.randn(rows, 48, dtype=torch.float64, device=device)
+    w = torch.randn(20, 48, dtype=torch.float64, device=device) if weight else None
+    bias = torch.randn(20, dtype=torch.float64, device=device) if weight else None
+    a, b = (torch.randn(*s, dtype=torch.float64, device=device) for s in ((6, 48), (20, 6)))
+    lb = torch.randn(20, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        got = lora_linear_triton(x, w, bias, a, b, 1.5, 0.0, lb)
+    torch.testing.assert_close(got, lora_linear_reference(x, w, bias, a, b, 1.5, 0.0, lb), rtol=1e-12, atol=1e-12)
+    assert len(calls) == (rows <= DECODE_MAX_ROWS)
+    with torch.no_grad():  # dropout's value matters only in training: the layers pass 0 in eval
+        lora_linear_triton(x, w, bias, a, b, 1.5, 0.1, lb)
+    lora_linear_triton(x.requires_grad_(), w, bias, a, b, 1.5, 0.0, lb)
+    assert len(calls) == (rows <= DECODE_MAX_ROWS)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("rows", [2, 17])
+def test_qlora_linear_inference_takes_one_launch_at_decode(device, monkeypatch, rows):
+    calls = _count(monkeypatch)
+    packed, state = nf4_quantize_reference(torch.randn(24, 64, device=device), 64, compress_statistics=True)
+    x = torch.randn(rows, 64, device=device)
+    a, b = torch.randn(4, 64, device=device) / 8, torch.randn(24, 4, device=device) / 2
+    bias = torch.randn(24, device=device)
+    with torch.no_grad():
+        got = qlora_linear_triton(x, packed, state, bias, a, b, 2.0)
+    want = qlora_linear_reference(x, packed, state, bias, a, b, 2.0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert len(calls) == (rows <= DECODE_MAX_ROWS)
