@@ -26,50 +26,56 @@ from .backend import HAS_TRITON
 _MAX_ENTRIES = 4096  # distinct fingerprints per kernel before its cache starts over (token counts vary)
 # Triton releases whose dispatcher hands the compiled kernel's launcher exactly what `launch` hands it (checked by
 # tests/kernels/test_launch.py on 3.6, the GPU machine's, and 3.9, CI's); others keep the dispatcher.
-VERIFIED_TRITON = ((3, 6), (3, 9))
+VERIFIED_TRITON = frozenset({(3, 6), (3, 9)})
 
 if HAS_TRITON:
     import triton
     from triton import knobs
+    from triton.knobs import HookChain
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
 
-    CACHEABLE = VERIFIED_TRITON[0] <= tuple(int(p) for p in triton.__version__.split(".")[:2]) <= VERIFIED_TRITON[1]
+    CACHEABLE = tuple(int(p) for p in triton.__version__.split(".")[:2]) in VERIFIED_TRITON
 else:  # pragma: no cover - platforms without triton never launch kernels
     JITFunction, CACHEABLE = (), False
+_MISSING = object()
 
 
 class _Layout:
     """Where one kernel's tensors are among its positional arguments, learnt from its first launch.
 
-    Only a launch that passes every parameter, positionals first and constexprs after them in signature order (then
-    launch options such as num_warps), is cached: the launcher takes the parameters in signature order."""
+    Only launches that pass the kernel's non-constexpr parameters positionally and every constexpr by keyword in
+    signature order (then launch options such as num_warps) are cached: the launcher takes the parameters in
+    signature order, so a fingerprint is kept only for a call laid out that way."""
 
-    __slots__ = ("n_args", "n_consts", "tensor_at", "fingerprint", "compiled", "stream", "device")
+    __slots__ = ("fn", "n_args", "const_names", "tensor_at", "fingerprint", "compiled", "stream", "device")
 
-    def __init__(self, n_args: int, n_consts: int, tensor_at: tuple[int, ...]):
-        self.n_args, self.n_consts, self.tensor_at = n_args, n_consts, tensor_at
+    def __init__(self, fn, n_args: int, tensor_at: tuple[int, ...]):
+        self.fn, self.n_args, self.tensor_at = fn, n_args, tensor_at
+        self.const_names = list(fn.arg_names[n_args:])
         self.fingerprint = _fingerprint(n_args, tensor_at)
         self.compiled: dict[tuple, Any] = {}
         self.device = driver.active.get_current_device
         self.stream = driver.active.get_current_stream
 
-    def matches(self, args: tuple) -> bool:
-        """Tensors exactly where the first launch had them (checked before a fingerprint is kept)."""
-        return all(_is_tensor(a) == (i in self.tensor_at) for i, a in enumerate(args))
+    def matches(self, args: tuple, consts: dict) -> bool:
+        """The layout of the first launch: tensors at the same places, the constexprs in signature order."""
+        return (len(args) == self.n_args and list(consts)[:len(self.const_names)] == self.const_names
+                and all(_is_tensor(a) == (i in self.tensor_at) for i, a in enumerate(args)))
 
 
 def _fingerprint(n_args: int, tensor_at: tuple[int, ...]):
-    """args -> one tuple: each tensor's dtype and 16-byte alignment, every other argument's value. Generated once
-    per kernel: a Python loop over ~30 arguments would cost a good part of the dispatcher work it saves."""
-    items = "".join((f"a[{i}].dtype, a[{i}].data_ptr() & 15 == 0, " if i in tensor_at else f"a[{i}], ")
-                    for i in range(n_args))
+    """args -> one tuple: each tensor's dtype and 16-byte alignment, every other argument's type and value (1,
+    1.0 and True are equal but compile to different kernels). Generated once per kernel: a Python loop over ~30
+    arguments would cost a good part of the dispatcher work it saves."""
+    items = "".join((f"a[{i}].dtype, a[{i}].data_ptr() & 15 == 0, " if i in tensor_at
+                     else f"a[{i}].__class__, a[{i}], ") for i in range(n_args))
     namespace: dict = {}
     exec(f"def fingerprint(a):\n    return ({items})\n", namespace)  # noqa: S102 - source built above from ints
     return namespace["fingerprint"]
 
 
-_layouts: dict[int, _Layout | None] = {}
+_layouts: dict[int, _Layout | None] = {}  # id(fn) -> layout, which holds fn: an id is never reused while here
 _lock = threading.Lock()
 
 
@@ -79,18 +85,30 @@ def _is_tensor(a) -> bool:
 
 def _learn(fn, args: tuple, consts: dict) -> _Layout | None:
     """The layout of fn's launches, or None when they cannot be cached (the dispatcher then runs every time)."""
-    names = list(fn.arg_names)
-    n, keys = len(args), list(consts)
-    n_consts = len(names) - n
-    if n_consts < 0 or keys[:n_consts] != names[n:] or any(k in names for k in keys[n_consts:]):
+    names, n = list(fn.arg_names), len(args)
+    if n > len(names) or not all(p.is_constexpr for p in fn.params[n:]):
         return None
-    return _Layout(n, n_consts, tuple(i for i, a in enumerate(args) if _is_tensor(a)))
+    layout = _Layout(fn, n, tuple(i for i, a in enumerate(args) if _is_tensor(a)))
+    return layout if layout.matches(args, consts) else None
+
+
+def _hooked(hook) -> bool:
+    return hook is not None and (type(hook) is not HookChain or bool(hook.calls))
+
+
+def _needs_dispatcher(fn, runtime) -> bool:
+    """What the dispatcher does besides choosing a kernel: launch hooks (profilers read its metadata), pre-run
+    hooks, a stage-inspection hook, and its check that no global a kernel read has changed (it raises then)."""
+    if (_hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook) or fn.pre_run_hooks
+            or getattr(runtime, "add_stages_inspection_hook", None) is not None):
+        return True
+    return any(g.get(name, _MISSING) != val for (name, _), (val, g) in getattr(fn, "used_global_vals", {}).items())
 
 
 def _dispatch(fn, layout: _Layout, key, grid, args: tuple, consts: dict) -> None:
     """Launch through Triton's dispatcher and keep the compiled kernel it used under `key`."""
     kernel = fn.run(*args, grid=grid, warmup=False, **consts)
-    if key is None or getattr(kernel, "function", None) is None or not layout.matches(args):
+    if key is None or getattr(kernel, "function", None) is None or not layout.matches(args, consts):
         return
     with _lock:
         if len(layout.compiled) >= _MAX_ENTRIES:
@@ -99,18 +117,17 @@ def _dispatch(fn, layout: _Layout, key, grid, args: tuple, consts: dict) -> None
 
 
 def launch(fn, grid: tuple, *args, **consts) -> None:
-    """`fn[grid](*args, **consts)` for a tuple grid, through the compiled kernel once an equal fingerprint of
-    arguments went through Triton's dispatcher."""
-    if not CACHEABLE or type(fn) is not JITFunction or settings.current().launch != "cached":
+    """`fn[grid](*args, **consts)`, through the compiled kernel once an equal fingerprint of arguments went through
+    Triton's dispatcher."""
+    if not CACHEABLE or type(fn) is not JITFunction or settings.current().launch != "cached" or callable(grid):
         fn[grid](*args, **consts)
         return
     layout = _layouts.get(id(fn), False)
-    if layout is False:
+    if layout is False or (layout is not None and layout.fn is not fn):
         with _lock:
-            layout = _layouts.setdefault(id(fn), _learn(fn, args, consts))
+            layout = _layouts[id(fn)] = _learn(fn, args, consts)
     runtime = knobs.runtime
-    if (layout is None or len(args) != layout.n_args or runtime.launch_enter_hook.calls
-            or runtime.launch_exit_hook.calls):  # a profiler's hooks want the dispatcher's launch metadata
+    if layout is None or len(args) != layout.n_args or _needs_dispatcher(fn, runtime):
         fn.run(*args, grid=grid, warmup=False, **consts)
         return
     try:
@@ -119,7 +136,9 @@ def launch(fn, grid: tuple, *args, **consts) -> None:
         fn.run(*args, grid=grid, warmup=False, **consts)
         return
     device = layout.device()
-    key = (device, runtime.debug, fingerprint, tuple(consts.items()))
+    compilation = knobs.compilation  # the dispatcher's options: a switch compiles other kernels
+    key = (device, runtime.debug, compilation.instrumentation_mode,
+           getattr(compilation, "fpsan_homomorphic_casts", None), fingerprint, tuple(consts.items()))
     try:
         kernel = layout.compiled.get(key)
     except TypeError:  # an unhashable argument: the dispatcher decides
@@ -129,7 +148,7 @@ def launch(fn, grid: tuple, *args, **consts) -> None:
         return
     n = len(grid)
     kernel.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, layout.stream(device), kernel.function,
-               kernel.packed_metadata, None, None, None, *args, *tuple(consts.values())[:layout.n_consts])
+               kernel.packed_metadata, None, None, None, *args, *tuple(consts.values())[:len(layout.const_names)])
 
 
 def reset() -> None:

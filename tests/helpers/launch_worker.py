@@ -221,6 +221,141 @@ def layouts():
     L.reset()
 
 
+_PROBE_OFFSET = tl.constexpr(1.0)
+
+
+@triton.jit
+def _global_kernel(x_ptr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(x_ptr + offs, tl.load(x_ptr + offs) + _PROBE_OFFSET)
+
+
+def _probe(*args, grid=(1,), **consts):
+    return lambda: L.launch(_probe_kernel, grid, *args, **consts)
+
+
+def _sequence_matches(calls) -> None:
+    """Each call in turn, through the cache, launches what the dispatcher launches: a cache hit on an earlier call's
+    entry (a key that misses something Triton specializes on) shows as another kernel or other arguments."""
+    L.reset()
+    for call in calls:
+        want = run_recorded(call, "jit")[0]
+        for _ in range(2):
+            got = run_recorded(call, "cached")[0]
+            assert got == want, f"cached {got} vs dispatcher {want}"
+
+
+def scalar_types():
+    """2 and 2.0, 1, 1.0 and True, 0 and False are equal keys for a dict but compile to different kernels."""
+    x = torch.zeros(16)
+    _sequence_matches([_probe(x, v, BLOCK=16, ADD=1) for v in (2, 2.0, 1, 1.0, True, 0, False, 2**40)])
+
+
+def dtypes_and_alignment():
+    """Only a tensor's dtype changes, then only its address: by 8 bytes, by 4 bytes."""
+    base = torch.zeros(64)
+    _sequence_matches([_probe(t, 5, BLOCK=16, ADD=1) for t in (base[:16], base.half()[:16], base[2:18], base[1:17])])
+
+
+def keyword_orders():
+    """Constexprs by keyword in another order than the first launch's, and a non-constexpr by keyword."""
+    x = torch.zeros(16)
+    _sequence_matches([_probe(x, 5, BLOCK=16, ADD=1), _probe(x, 5, ADD=1, BLOCK=16), _probe(x, 5, ADD=2, BLOCK=16)])
+    L.reset()
+    _sequence_matches([_probe(x, n=5, BLOCK=16, ADD=1), _probe(x, 5, BLOCK=16, ADD=1)])
+    L.reset()
+    for _ in range(2):
+        assert run_recorded(_probe(x, n=5, BLOCK=16, ADD=1), "cached")[1] == 1, "a keyword n must keep the dispatcher"
+
+
+def triton_switches():
+    """Triton's debug switch and its instrumentation options change the compiled kernel."""
+    x = torch.zeros(16)
+    call = _probe(x, 5, BLOCK=16, ADD=1)
+    switches = [(knobs.runtime, "debug", True), (knobs.compilation, "instrumentation_mode", "fpsan"),
+                (knobs.compilation, "fpsan_homomorphic_casts", True)]
+    tried = 0
+    for obj, name, value in switches:
+        if not hasattr(obj, name):
+            continue  # not in this Triton release
+        L.reset()
+        run_recorded(call, "cached")
+        old = getattr(obj, name)
+        setattr(obj, name, value)
+        try:
+            try:
+                want = run_recorded(call, "jit")[0]
+            except Exception:  # noqa: BLE001 - a mode this Triton cannot compile here: nothing to compare
+                continue
+            tried += 1
+            for _ in range(2):
+                got = run_recorded(call, "cached")[0]
+                assert got == want, f"{name}={value}: cached {got} vs dispatcher {want}"
+        finally:
+            setattr(obj, name, old)
+    assert tried >= 1
+
+
+def hook_kinds():
+    """A launch hook set to None, to a plain function, or added to the exit chain."""
+    x = torch.zeros(16)
+    call = _probe(x, 5, BLOCK=16, ADD=1)
+    run_recorded(call, "cached")
+    runtime, seen = knobs.runtime, []
+    for name in ("launch_enter_hook", "launch_exit_hook"):
+        old = getattr(runtime, name)
+        try:
+            setattr(runtime, name, None)
+            assert run_recorded(call, "cached")[1] == 0, f"{name}=None"
+            setattr(runtime, name, lambda metadata: seen.append(name))
+            launches, n = run_recorded(call, "cached")
+            assert n == 1 and launches, f"{name} as a function must keep the dispatcher"
+        finally:
+            setattr(runtime, name, old)
+    hook = lambda metadata: seen.append("exit chain")  # noqa: E731
+    runtime.launch_exit_hook.add(hook)
+    try:
+        assert run_recorded(call, "cached")[1] == 1
+    finally:
+        runtime.launch_exit_hook.remove(hook)
+
+
+def changed_global():
+    """The dispatcher refuses a kernel whose global constexpr changed since it compiled; so must the cache."""
+    global _PROBE_OFFSET
+    x = torch.zeros(16)
+    call = lambda: L.launch(_global_kernel, (1,), x, BLOCK=16)  # noqa: E731
+    for _ in range(2):
+        run_recorded(call, "cached")
+    saved, _PROBE_OFFSET = _PROBE_OFFSET, tl.constexpr(2.0)
+    try:
+        for mode in ("jit", "cached"):
+            try:
+                run_recorded(call, mode)
+            except RuntimeError as e:
+                assert "changed" in str(e), e
+            else:
+                raise AssertionError(f"{mode}: a changed global was launched")
+    finally:
+        _PROBE_OFFSET = saved
+
+
+def bounded_and_callable_grid():
+    x = torch.zeros(16)
+    saved, L._MAX_ENTRIES = L._MAX_ENTRIES, 8
+    try:
+        L.reset()
+        for n in range(20):
+            run_recorded(_probe(x, n + 2, BLOCK=16, ADD=1), "cached")
+        layout = L._layouts[id(_probe_kernel)]
+        assert 0 < len(layout.compiled) <= 8, len(layout.compiled)
+    finally:
+        L._MAX_ENTRIES = saved
+    for _ in range(2):
+        launches, n = run_recorded(_probe(x, 5, grid=lambda meta: (3,), BLOCK=16, ADD=1), "cached")
+        assert n == 1 and launches[0][2] == (3, 1, 1), (n, launches)
+
+
 def stand_in():
     """Something other than a JIT function (the benchmarks' launch counters) is launched as fn[grid](...)."""
     calls = []
@@ -242,6 +377,9 @@ def main(out: Path) -> None:
     results = {}
     checks = {"verified triton": verified}
     checks.update({f"same as dispatcher: {name}": (lambda f=f: same_as_dispatcher(f)) for name, f in op_calls().items()})
+    checks.update({"scalar types": scalar_types, "dtypes and alignment": dtypes_and_alignment,
+                   "keyword orders": keyword_orders, "triton switches": triton_switches, "hook kinds": hook_kinds,
+                   "changed global": changed_global, "bounded cache, callable grid": bounded_and_callable_grid})
     checks.update({"respecializes": respecializes, "device and stream": device_and_stream, "hooks": hooks,
                    "jit setting": jit_setting, "layouts": layouts, "stand-in": stand_in})
     for name, check in checks.items():

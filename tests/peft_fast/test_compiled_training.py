@@ -25,6 +25,7 @@ VARIANTS = {
     "lora-dropout": dict(lora_dropout=0.1),
     "dora": dict(use_dora=True),
     "nf4": dict(),
+    "dora-nf4": dict(use_dora=True),
     "bnb4": dict(),
 }
 
@@ -34,7 +35,7 @@ def _model(variant, checkpointing, tmp_path):
                       num_key_value_heads=2, vocab_size=97, max_position_embeddings=64)
     torch.manual_seed(0)
     base = LlamaForCausalLM(cfg).to(DEVICE)
-    if variant == "nf4":
+    if variant in ("nf4", "dora-nf4"):
         peft_fast.quantize(base)
     if variant == "bnb4":
         pytest.importorskip("bitsandbytes")
@@ -98,3 +99,22 @@ def test_compiled_step_is_one_graph_with_eager_loss_and_gradients(variant, check
     torch.testing.assert_close(loss.detach(), want_loss.detach(), atol=TOL, rtol=TOL)
     for name in want:
         torch.testing.assert_close(got[name], want[name], atol=TOL, rtol=10 * TOL, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_compiled_nf4_decode_with_the_gemv_is_one_graph(backend, monkeypatch, tmp_path):
+    """Inference over NF4 bases with PEFT_FAST_NF4_DECODE=gemv: the GEMV runs as a custom op inside the graph."""
+    use_settings(monkeypatch, backend=backend, nf4_decode="gemv")
+    model = _model("nf4", False, tmp_path).eval()
+    ids = torch.randint(1, 97, (1, 5), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+
+    def logits(m):
+        return m(input_ids=ids, use_cache=False).logits
+
+    with torch.no_grad():
+        want = logits(model)
+        torch._dynamo.reset()
+        counter = CompileCounterWithBackend("aot_eager")
+        got = torch.compile(logits, fullgraph=True, backend=counter)(model)
+    assert counter.frame_count == 1
+    torch.testing.assert_close(got, want, atol=TOL, rtol=TOL)
