@@ -92,17 +92,8 @@ def _learn(fn, args: tuple, consts: dict) -> _Layout | None:
     return layout if layout.matches(args, consts) else None
 
 
-def _hooked(hook) -> bool:
-    return hook is not None and (type(hook) is not HookChain or bool(hook.calls))
-
-
-def _needs_dispatcher(fn, runtime) -> bool:
-    """What the dispatcher does besides choosing a kernel: launch hooks (profilers read its metadata), pre-run
-    hooks, a stage-inspection hook, and its check that no global a kernel read has changed (it raises then)."""
-    if (_hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook) or fn.pre_run_hooks
-            or getattr(runtime, "add_stages_inspection_hook", None) is not None):
-        return True
-    return any(g.get(name, _MISSING) != val for (name, _), (val, g) in getattr(fn, "used_global_vals", {}).items())
+def _globals_changed(fn) -> bool:
+    return any(g.get(name, _MISSING) != val for (name, _), (val, g) in fn.used_global_vals.items())
 
 
 def _dispatch(fn, layout: _Layout, key, grid, args: tuple, consts: dict) -> None:
@@ -126,8 +117,16 @@ def launch(fn, grid: tuple, *args, **consts) -> None:
     if layout is False or (layout is not None and layout.fn is not fn):
         with _lock:
             layout = _layouts[id(fn)] = _learn(fn, args, consts)
+    # What the dispatcher does besides choosing a kernel keeps it: launch hooks (profilers read its metadata; a
+    # HookChain without calls is Triton's idle default), pre-run hooks, a stage-inspection hook, and its check that
+    # no global a kernel read has changed since it compiled (it raises then).
     runtime = knobs.runtime
-    if layout is None or len(args) != layout.n_args or _needs_dispatcher(fn, runtime):
+    enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
+    if (layout is None or len(args) != layout.n_args
+            or (enter is not None and (enter.__class__ is not HookChain or enter.calls))
+            or (leave is not None and (leave.__class__ is not HookChain or leave.calls))
+            or fn.pre_run_hooks or getattr(runtime, "add_stages_inspection_hook", None) is not None
+            or (fn.used_global_vals and _globals_changed(fn))):
         fn.run(*args, grid=grid, warmup=False, **consts)
         return
     try:
