@@ -25,6 +25,7 @@ from torch import Tensor
 from .common.autograd import FusedOp, needs_grad
 from .common.backend import HAS_TRITON, use_triton
 from .common.dora_epilogue import dora_expand, dora_scale_grad
+from .common.lora_decode import decodes, mm_decode
 from .common.lora_mm import lora_backward, mm
 from .common.tiling import z_dtype
 
@@ -74,6 +75,17 @@ def _fwd_impl(base, weight, x, bias, lora_a, lora_b, mag_scale, scaling, inplace
     y2d = base2d if inplace else torch.empty_like(base2d)
     dora_expand(z, lora_b, base2d, y2d, mag_scale, bias, scaling)
     return y2d.view(*x.shape[:-1], out_f), z
+
+
+def _decode(base, weight, x, bias, lora_a, lora_b, mag_scale, scaling) -> Tensor:
+    """_fwd_impl's y in place over the base output, for inference at decode: one launch for the LoRA delta and
+    DoRA's epilogue together."""
+    in_f, out_f = x.shape[-1], lora_b.shape[0]
+    x2d = x.reshape(-1, in_f)
+    y2d = F.linear(x2d, weight) if base is None else base.reshape(-1, out_f)
+    mm_decode(x2d, lora_a.t(), lora_b.t(), y2d, z_dtype(x, lora_a, lora_b), scale=scaling, accumulate=True,
+              bias=bias, dora_scale=mag_scale)
+    return y2d.view(*x.shape[:-1], out_f)
 
 
 def _forward(base: Optional[Tensor], weight: Optional[Tensor], x: Tensor, bias: Optional[Tensor],
@@ -184,7 +196,10 @@ def dora_linear_triton(base: Optional[Tensor], x: Tensor, bias: Optional[Tensor]
     grad = needs_grad(*args[:7])
     if not grad and not torch.compiler.is_compiling():
         # eager inference: base is the caller's fresh temporary, so y overwrites it (no second [T, out] buffer)
-        return _fwd_impl(*args, inplace=base is None or base.is_contiguous())[0]
+        inplace = base is None or base.is_contiguous()
+        if inplace and decodes(x, lora_a, 0.0, grad):  # and at decode the whole delta is one launch
+            return _decode(*args)
+        return _fwd_impl(*args, inplace=inplace)[0]
     return _OP(*args, needs_grad=grad)[0]
 
 

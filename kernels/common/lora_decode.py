@@ -23,14 +23,16 @@ if HAS_TRITON:
 
     from .jit import acc_zeros, dot_operands
     @triton.jit
-    def _lora_decode_kernel(x_ptr, a_ptr, b_ptr, y_ptr, bias_ptr, M, N, K, R,
+    def _lora_decode_kernel(x_ptr, a_ptr, b_ptr, y_ptr, bias_ptr, c_ptr, M, N, K, R,
                             stride_xm, stride_xk, stride_ak, stride_ar, stride_br, stride_bn, stride_ym, stride_yn,
                             scale_hi, scale_lo,
-                            ACCUMULATE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_A: tl.constexpr,
-                            DOT_B: tl.constexpr, PREC_A: tl.constexpr, PREC_B: tl.constexpr, BLOCK_M: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+                            ACCUMULATE: tl.constexpr, HAS_BIAS: tl.constexpr, DORA: tl.constexpr,
+                            DOT_A: tl.constexpr, DOT_B: tl.constexpr, PREC_A: tl.constexpr, PREC_B: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                            BLOCK_K: tl.constexpr):
         # y[rows, out tile] (+)= s·((x·a)·b (+ bias)) for a few rows: each program computes the rows' whole
-        # z = x·a [BLOCK_M, R] in registers, then its out tile of z·b. No z in memory, one launch.
+        # z = x·a [BLOCK_M, R] in registers, then its out tile of z·b. No z in memory, one launch. DORA: y holds
+        # the base output and becomes c ⊙ (y + s·(x·a)·b) + bias (dora_epilogue's expand).
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -52,7 +54,7 @@ if HAS_TRITON:
         z, bb = dot_operands(z, bb, DOT_B)
         acc = acc_zeros(BLOCK_M, BLOCK_N, DOT_B)
         acc += tl.dot(z, bb, input_precision=PREC_B)
-        if HAS_BIAS:
+        if HAS_BIAS and not DORA:
             acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(acc.dtype)[None, :]
         out = acc * scale_hi
         if DOT_B == 2:
@@ -61,6 +63,10 @@ if HAS_TRITON:
         mask_y = mask_m[:, None] & mask_n[None, :]
         if ACCUMULATE:
             out += tl.load(y_ptrs, mask=mask_y, other=0.0).to(out.dtype)
+        if DORA:
+            out = tl.load(c_ptr + rn, mask=mask_n, other=0.0).to(out.dtype)[None, :] * out
+            if HAS_BIAS:
+                out += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(out.dtype)[None, :]
         tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask_y)
 
 
@@ -101,10 +107,11 @@ def decodes(x: Tensor, lora_a: Tensor, dropout_p: float, grad: bool) -> bool:
 
 
 def mm_decode(x: Tensor, a: Tensor, b: Tensor, y: Tensor, z_type: torch.dtype, *, scale: float,
-              accumulate: bool, bias: Optional[Tensor] = None) -> None:
+              accumulate: bool, bias: Optional[Tensor] = None, dora_scale: Optional[Tensor] = None) -> None:
     """y[M,N] (+)= scale·((x[M,K] @ a[K,R]) @ b[R,N] (+ bias[N])), any strides, in one launch: for M <=
     DECODE_MAX_ROWS and R <= DECODE_MAX_RANK. z = x @ a stays in registers, accumulated as a z_type tensor would
-    be (the two-launch path's z), so the dots' dtypes are the two launches' ones."""
+    be (the two-launch path's z), so the dots' dtypes are the two launches' ones. With `dora_scale` c [N], y holds
+    the base output x·Wᵀ and becomes DoRA's c ⊙ (y + scale·(x @ a) @ b) + bias (bias: the base layer's)."""
     M, K = x.shape
     R, N = b.shape
     if M == 0 or N == 0:
@@ -112,8 +119,12 @@ def mm_decode(x: Tensor, a: Tensor, b: Tensor, y: Tensor, z_type: torch.dtype, *
     cfg = decode_config(M, N, K, R, x.dtype, a.dtype, b.dtype, y.dtype, z_type, torch.get_float32_matmul_precision(),
                         settings.current())
     s_hi, s_lo = hi_lo(float(scale))
-    launch(_lora_decode_kernel, cfg.grid, x, a, b, y, bias if bias is not None else y, M, N, K, R,
+    if dora_scale is not None and not accumulate:
+        raise ValueError("mm_decode: DoRA's epilogue reads the base output from y: pass accumulate=True")
+    launch(_lora_decode_kernel, cfg.grid, x, a, b, y, bias if bias is not None else y,
+           dora_scale if dora_scale is not None else y, M, N, K, R,
            x.stride(0), x.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1), y.stride(0), y.stride(1),
-           s_hi, s_lo, ACCUMULATE=accumulate, HAS_BIAS=bias is not None, DOT_A=cfg.dot_a, DOT_B=cfg.dot_b,
+           s_hi, s_lo, ACCUMULATE=accumulate, HAS_BIAS=bias is not None, DORA=dora_scale is not None,
+           DOT_A=cfg.dot_a, DOT_B=cfg.dot_b,
            PREC_A=cfg.prec_a, PREC_B=cfg.prec_b, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_r,
            BLOCK_K=cfg.block_k)

@@ -115,6 +115,7 @@ def op_calls():
         with torch.no_grad():
             K.lora_linear_triton(x[:4], w, b, a, bb, 0.5, 0.0)
             K.lora_linear_triton(x[:4].to(torch.bfloat16), w.to(torch.bfloat16), None, a, bb, 0.5, 0.0)
+            K.dora_linear_triton(None, x[:4], b, a, bb, 0.5, mag, w)
 
     return {"lora": lora(0.0), "lora dropout": lora(0.1), "lora decode": decode, "dora": dora, "dora dropout": dora_dropout,
             "dora norm": lambda: K.dora_norm_triton(w, a.detach(), bb.detach(), 0.5),

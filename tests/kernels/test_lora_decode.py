@@ -5,8 +5,8 @@ import sys
 import pytest
 import torch
 
-from peft_fast.kernels import (lora_linear_reference, lora_linear_triton, nf4_quantize_reference,
-                               qlora_linear_reference, qlora_linear_triton)
+from peft_fast.kernels import (dora_linear_reference, dora_linear_triton, lora_linear_reference, lora_linear_triton,
+                               nf4_quantize_reference, qlora_linear_reference, qlora_linear_triton)
 from peft_fast.kernels.common import lora_decode
 from peft_fast.kernels.common.lora_decode import DECODE_MAX_RANK, DECODE_MAX_ROWS, decodes, mm_decode
 
@@ -69,7 +69,7 @@ def _count(monkeypatch):
         calls.append(args[0].shape)
         return real(*args, **kwargs)
 
-    for op in ("lora_linear", "qlora_linear"):  # the modules: the package's attributes of those names are the ops
+    for op in ("lora_linear", "qlora_linear", "dora_linear"):  # the modules: the package's attributes of those names are the ops
         monkeypatch.setattr(sys.modules[f"peft_fast.kernels.{op}"], "mm_decode", spy)
     return calls
 
@@ -107,3 +107,41 @@ def test_qlora_linear_inference_takes_one_launch_at_decode(device, monkeypatch, 
     want = qlora_linear_reference(x, packed, state, bias, a, b, 2.0)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert len(calls) == (rows <= DECODE_MAX_ROWS)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("rows", [1, 16, 17])
+@pytest.mark.parametrize("given", ["weight", "base"])
+def test_dora_linear_inference_takes_one_launch_at_decode(device, monkeypatch, rows, given):
+    """DoRA's epilogue c ⊙ (base + s·(x·Aᵀ)·Bᵀ) + b in the same launch, over our base output or the caller's."""
+    calls = _count(monkeypatch)
+    f64 = dict(dtype=torch.float64, device=device)
+    x, w, bias = torch.randn(rows, 48, **f64), torch.randn(20, 48, **f64), torch.randn(20, **f64)
+    a, b, c = torch.randn(6, 48, **f64), torch.randn(20, 6, **f64), torch.rand(20, **f64) + 0.5
+    base = x @ w.t()
+    want = dora_linear_reference(base.clone(), x, bias, a, b, 1.5, c)
+    with torch.no_grad():
+        if given == "weight":
+            got = dora_linear_triton(None, x, bias, a, b, 1.5, c, w)
+        else:
+            got = dora_linear_triton(base, x, bias, a, b, 1.5, c)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert len(calls) == (rows <= DECODE_MAX_ROWS)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dora_decode_low_precision(device, dtype, tol):
+    x, w, bias = torch.randn(3, 64, device=device), torch.randn(40, 64, device=device) / 8, torch.randn(40, device=device)
+    a, b, c = torch.randn(8, 64, device=device) / 8, torch.randn(40, 8, device=device) / 3, torch.rand(40, device=device) + 0.5
+    want = dora_linear_reference(None, x.double(), bias.double(), a.double(), b.double(), 2.0, c.double(), w.double())
+    with torch.no_grad():
+        got = dora_linear_triton(None, x.to(dtype), bias.to(dtype), a, b, 2.0, c, w.to(dtype))
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), want, rtol=tol[dtype], atol=tol[dtype] * want.abs().max().item())
+
+
+def test_dora_epilogue_needs_the_base_in_y():
+    x, a, b = torch.randn(2, 8), torch.randn(8, 4), torch.randn(4, 8)
+    with pytest.raises(ValueError, match="accumulate=True"):
+        mm_decode(x, a, b, torch.empty(2, 8), torch.float32, scale=1.0, accumulate=False, dora_scale=torch.ones(8))
