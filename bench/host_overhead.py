@@ -100,7 +100,28 @@ def _model(in_f: int, out_f: int) -> nn.Module:
     return nn.Sequential(nn.Linear(in_f, out_f, device=DEVICE))
 
 
+class _Mixed(nn.Module):
+    """A PEFT model with four adapters, called with one adapter per token (a mixed decode batch)."""
+
+    NAMES = ["a0", "a1", "a2", "a3"]
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x, adapter_names=self.NAMES)
+
+
 def _layer(lib, kind: str, in_f: int, out_f: int, r: int):
+    if kind == "mixed":
+        cfg = lib.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"], init_lora_weights=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = lib.get_peft_model(_model(in_f, out_f), cfg, adapter_name="a0")
+            for name in _Mixed.NAMES[1:]:
+                model.add_adapter(name, cfg)
+        return _Mixed(model)
     base = _model(in_f, out_f)
     if kind == "qlora":
         if lib is peft:
@@ -137,6 +158,7 @@ CASES = {  # name: (layer kind, step, training)
     "qlora fwd+bwd": ("qlora", _train_step, True),
     "lora decode (eval, no grad)": ("lora", _decode, False),
     "dora decode (eval, no grad)": ("dora", _decode, False),
+    "mixed decode, 4 adapters (eval)": ("mixed", _decode, False),
 }
 
 

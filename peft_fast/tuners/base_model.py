@@ -234,7 +234,7 @@ class TunerModel(nn.Module):
         if unknown:
             raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")
         slots = self._slot_table()
-        device = next((p.device for _, layer in self.adapter_layers() for p in layer.adapter_parameters()[:1]), None)
+        device = self._adapter_device()
         encoder = None
         if isinstance(num_beams, int) and num_beams > 1:
             # Beam search repeats every sample num_beams times, except in an encoder (the original batch).
@@ -249,6 +249,15 @@ class TunerModel(nn.Module):
                 layer.prepare_mixed(slots)
             self._batch_key.stale = False
         return AdapterNames(list(adapter_names), slots, self._batch_key, encoder, device)
+
+    def _adapter_device(self) -> Optional[torch.device]:
+        """The device of the first adapter part found (per batch: without listing any layer's parameters)."""
+        for _, layer in self.adapter_layers():
+            for _, part in layer.adapter_parts():
+                p = next(part.parameters(), None) if isinstance(part, nn.Module) else part
+                if p is not None:
+                    return p.device
+        return None
 
     def _slot_table(self) -> tuple:
         """Each adapter's slot in the layers' stacks, stable while it exists: a new adapter takes the first free slot
