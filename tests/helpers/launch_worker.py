@@ -319,6 +319,12 @@ def hook_kinds():
         assert run_recorded(call, "cached")[1] == 1
     finally:
         runtime.launch_exit_hook.remove(hook)
+    _probe_kernel.add_pre_run_hook(lambda *args, **kwargs: seen.append("pre-run"))
+    try:
+        assert run_recorded(call, "cached")[1] == 1 and seen[-1] == "pre-run", "a pre-run hook must keep the dispatcher"
+    finally:
+        _probe_kernel.pre_run_hooks.clear()
+    assert run_recorded(call, "cached")[1] == 0
 
 
 def changed_global():
