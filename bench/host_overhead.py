@@ -26,7 +26,17 @@ import sys
 import time
 import warnings
 
-MODE = "cuda" if "cuda" in sys.argv else "fake" if "fake" in sys.argv else "cpu"
+def _mode(argv: list[str]) -> str:
+    """--device's value, read before torch and peft_fast are imported (the interpreter is chosen at import)."""
+    for i, a in enumerate(argv):
+        if a.startswith("--device="):
+            return a.split("=", 1)[1]
+        if a == "--device" and i + 1 < len(argv):
+            return argv[i + 1]
+    return "cpu"
+
+
+MODE = _mode(sys.argv)
 DEVICE = "cuda" if MODE == "cuda" else "cpu"
 if MODE == "cpu":  # before peft_fast is imported: Triton picks the interpreter when kernels are decorated
     os.environ.setdefault("TRITON_INTERPRET", "1")
