@@ -72,7 +72,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .common.jit import acc_zeros, dot_operands, slot_epilogue
+    from .common.jit import acc_zeros, dot_operands, rows_times_a, slot_epilogue
 
     @triton.jit
     def _multi_lora_fused_kernel(
@@ -108,16 +108,8 @@ if HAS_TRITON:
         for r0 in range(0, rank, BLOCK_R):
             rr = r0 + tl.arange(0, BLOCK_R)
             mask_r = rr < rank
-            z = acc_zeros(BLOCK_M, BLOCK_R, DOT_A)
-            for k0 in range(0, K, BLOCK_K):
-                rk = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
-                mask_k = rk < K
-                xa = tl.load(x_ptr + tok[:, None] * stride_xm + rk[None, :] * stride_xk,
-                             mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-                aa = tl.load(a_base + rk[:, None] * stride_ak + rr[None, :] * stride_ar,
-                             mask=mask_k[:, None] & mask_r[None, :], other=0.0)
-                xa, aa = dot_operands(xa, aa, DOT_A)
-                z += tl.dot(xa, aa, input_precision=PRECISION_A)
+            z = rows_times_a(x_ptr, a_base, tok, rr, mask_m, mask_r, K, stride_xm, stride_xk, stride_ak, stride_ar,
+                             DOT_A, PRECISION_A, BLOCK_M, BLOCK_R, BLOCK_K)
             bb = tl.load(b_base + rr[:, None] * stride_br + rn[None, :] * stride_bn,
                          mask=mask_r[:, None] & mask_n[None, :], other=0.0)
             z, bb = dot_operands(z, bb, DOT_B)

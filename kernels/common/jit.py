@@ -34,6 +34,24 @@ if HAS_TRITON:
         return acc
 
     @triton.jit
+    def rows_times_a(x_ptr, a_ptr, rows, rr, mask_m, mask_r, K, stride_xm, stride_xk, stride_ak, stride_ar,
+                     DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+        """z [BLOCK_M, BLOCK_R] = x[rows, :] · a[:, rr] over the whole K: the LoRA shrink of a few rows, kept in
+        registers by the one-launch kernels (decode, mixed-batch decode)."""
+        z = acc_zeros(BLOCK_M, BLOCK_R, DOT)
+        for k0 in range(0, K, BLOCK_K):
+            rk = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+            mask_k = rk < K
+            xa = tl.load(x_ptr + rows[:, None] * stride_xm + rk[None, :] * stride_xk,
+                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            aa = tl.load(a_ptr + rk[:, None] * stride_ak + rr[None, :] * stride_ar,
+                         mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+            xa, aa = dot_operands(xa, aa, DOT)
+            z += tl.dot(xa, aa, input_precision=PRECISION)
+        return z
+
+    @triton.jit
     def to_bf16_rne(x):
         """float32 -> bfloat16, round to nearest even, by bits (finite x): the interpreter's cast truncates."""
         u = x.to(tl.uint32, bitcast=True)

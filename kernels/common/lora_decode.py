@@ -21,7 +21,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .jit import acc_zeros, dot_operands
+    from .jit import acc_zeros, dot_operands, rows_times_a
     @triton.jit
     def _lora_decode_kernel(x_ptr, a_ptr, b_ptr, y_ptr, bias_ptr, c_ptr, M, N, K, R,
                             stride_xm, stride_xk, stride_ak, stride_ar, stride_br, stride_bn, stride_ym, stride_yn,
@@ -39,16 +39,8 @@ if HAS_TRITON:
         rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         rr = tl.arange(0, BLOCK_R)
         mask_m, mask_n, mask_r = rm < M, rn < N, rr < R
-        z = acc_zeros(BLOCK_M, BLOCK_R, DOT_A)
-        for k0 in range(0, K, BLOCK_K):
-            rk = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
-            mask_k = rk < K
-            xa = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
-                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            aa = tl.load(a_ptr + rk[:, None] * stride_ak + rr[None, :] * stride_ar,
-                         mask=mask_k[:, None] & mask_r[None, :], other=0.0)
-            xa, aa = dot_operands(xa, aa, DOT_A)
-            z += tl.dot(xa, aa, input_precision=PREC_A)
+        z = rows_times_a(x_ptr, a_ptr, rm, rr, mask_m, mask_r, K, stride_xm, stride_xk, stride_ak, stride_ar,
+                         DOT_A, PREC_A, BLOCK_M, BLOCK_R, BLOCK_K)
         bb = tl.load(b_ptr + rr[:, None] * stride_br + rn[None, :] * stride_bn,
                      mask=mask_r[:, None] & mask_n[None, :], other=0.0)
         z, bb = dot_operands(z, bb, DOT_B)
