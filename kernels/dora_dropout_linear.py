@@ -26,7 +26,7 @@ from .common.autograd import FusedOp, needs_grad
 from .common.backend import HAS_TRITON, use_triton
 from .common.dora_epilogue import dora_expand, dora_scale_grad
 from .common.lora_mm import dropout_seed, lora_backward, masked_add, mm
-from .common.tiling import z_dtype
+from .common.tiling import rows2d, z_dtype
 
 __all__ = ["dora_dropout_linear", "dora_dropout_linear_reference", "dora_dropout_linear_triton"]
 
@@ -44,8 +44,8 @@ def dora_dropout_linear_reference(x: Tensor, weight: Tensor, bias, lora_a: Tenso
 
 def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor, mag_scale: Tensor,
              scaling: float, dropout_p: float, seed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    in_f, out_f = x.shape[-1], lora_b.shape[0]
-    x2d = x.reshape(-1, in_f)
+    out_f = lora_b.shape[0]
+    x2d = rows2d(x)
     M = x2d.shape[0]
     xd = torch.empty_like(x2d)
     masked_add(None, x2d, xd, seed, dropout_p)
@@ -70,8 +70,8 @@ def _backward_impl(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b
                    mag_scale: Tensor, seed: Tensor, scaling: float, dropout_p: float, need_x: bool, need_a: bool,
                    need_b: bool, need_c: bool, need_w: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dA, dB, dc, dW); unneeded ones come back empty."""
-    in_f, out_f = x.shape[-1], lora_b.shape[0]
-    dy2d, x2d = dy.reshape(-1, out_f), x.reshape(-1, in_f)
+    out_f = lora_b.shape[0]
+    dy2d, x2d = rows2d(dy), rows2d(x)
     f64 = torch.float64 in (dy.dtype, v.dtype, mag_scale.dtype)
     colsum = torch.zeros(out_f, device=dy.device, dtype=torch.float64 if f64 else torch.float32)
     dt = torch.empty_like(dy2d)
@@ -127,7 +127,7 @@ def _backward(ctx, dy, _dz, _dv, *, bwd):
         dx, da, db, dc, dw = bwd(dy.contiguous(), x, weight, lora_a, lora_b, z, v, mag_scale, seed, ctx.scaling,
                                  ctx.dropout_p, need_x, need_a, need_b, need_c, need_w)
     if need_bias:
-        dbias = dy.reshape(-1, dy.shape[-1]).sum(0).to(ctx.bias_dtype)
+        dbias = rows2d(dy).sum(0).to(ctx.bias_dtype)
     return (dx if need_x else None, dw if need_w else None, dbias, da if need_a else None,
             db if need_b else None, dc if need_c else None, None, None, None)
 
@@ -161,6 +161,9 @@ def dora_dropout_linear_triton(x: Tensor, weight: Tensor, bias, lora_a: Tensor, 
         x, weight, bias = (t.to(dtype) if t is not None else t for t in (x, weight, bias))
         with torch.autocast(device_type, enabled=False):
             return dora_dropout_linear_triton(x, weight, bias, lora_a, lora_b, scaling, mag_scale, dropout_p)
+    # The kernels read the per-channel vectors as contiguous (a no-op for the layers' own)
+    bias = bias.contiguous() if bias is not None else None
+    mag_scale = mag_scale.contiguous()
     if weight.dtype != x.dtype:
         raise ValueError(f"dora_dropout_linear: the base weight ({weight.dtype}) and x ({x.dtype}) must have one "
                          "dtype (as F.linear needs); cast one of them, or run under torch.autocast")

@@ -27,7 +27,7 @@ from .common.backend import HAS_TRITON, use_triton
 from .common.dora_epilogue import dora_expand, dora_scale_grad
 from .common.lora_decode import decodes, mm_decode
 from .common.lora_mm import lora_backward, mm
-from .common.tiling import z_dtype
+from .common.tiling import rows2d, z_dtype
 
 __all__ = ["dora_linear", "dora_linear_reference", "dora_linear_triton"]
 
@@ -64,12 +64,12 @@ def dora_linear_reference(base: Optional[Tensor], x: Tensor, bias: Optional[Tens
 
 
 def _fwd_impl(base, weight, x, bias, lora_a, lora_b, mag_scale, scaling, inplace: bool = False):
-    in_f, out_f = x.shape[-1], lora_b.shape[0]
-    x2d = x.reshape(-1, in_f)
+    out_f = lora_b.shape[0]
+    x2d = rows2d(x)
     if base is None:  # our own buffer: y overwrites it
         base2d, inplace = F.linear(x2d, weight), True
     else:
-        base2d = base.reshape(-1, out_f)
+        base2d = rows2d(base)
     z = torch.empty((x2d.shape[0], lora_a.shape[0]), device=x.device, dtype=z_dtype(x, lora_a, lora_b))
     mm(x2d, lora_a.t(), z)
     y2d = base2d if inplace else torch.empty_like(base2d)
@@ -80,9 +80,9 @@ def _fwd_impl(base, weight, x, bias, lora_a, lora_b, mag_scale, scaling, inplace
 def _decode(base, weight, x, bias, lora_a, lora_b, mag_scale, scaling) -> Tensor:
     """_fwd_impl's y in place over the base output, for inference at decode: one launch for the LoRA delta and
     DoRA's epilogue together."""
-    in_f, out_f = x.shape[-1], lora_b.shape[0]
-    x2d = x.reshape(-1, in_f)
-    y2d = F.linear(x2d, weight) if base is None else base.reshape(-1, out_f)
+    out_f = lora_b.shape[0]
+    x2d = rows2d(x)
+    y2d = F.linear(x2d, weight) if base is None else rows2d(base)
     mm_decode(x2d, lora_a.t(), lora_b.t(), y2d, z_dtype(x, lora_a, lora_b), scale=scaling, accumulate=True,
               bias=bias, dora_scale=mag_scale)
     return y2d.view(*x.shape[:-1], out_f)
@@ -113,8 +113,8 @@ def _backward_impl(dy: Tensor, y: Tensor, weight: Optional[Tensor], x: Tensor, b
                      need_a: bool, need_b: bool, keep_dt: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dt = c ⊙ dy [empty unless keep_dt], dx, dA, dB, dc); dx has the base's part when weight is given (else the
     caller's base op adds it from dt); unneeded ones come back empty."""
-    in_f, out_f = x.shape[-1], lora_b.shape[0]
-    dy2d, y2d, x2d = dy.reshape(-1, out_f), y.reshape(-1, out_f), x.reshape(-1, in_f)
+    out_f = lora_b.shape[0]
+    dy2d, y2d, x2d = rows2d(dy), rows2d(y), rows2d(x)
     M = dy2d.shape[0]
     f64 = torch.float64 in (dy.dtype, y.dtype, mag_scale.dtype)
     colsum = torch.zeros(out_f, device=dy.device, dtype=torch.float64 if f64 else torch.float32)
@@ -168,10 +168,10 @@ def _backward(ctx, dy, _dz, *, bwd):
     need_base, need_w, need_x, need_bias, need_a, need_b, need_c = ctx.needs
     dt, dx, da, db, dc = bwd(dy.contiguous(), y, weight, x, bias, lora_a, lora_b, z, mag_scale, ctx.scaling, need_x,
                              need_a, need_b, need_base or need_w)
-    dbias = dy.reshape(-1, dy.shape[-1]).sum(0).to(bias.dtype) if need_bias else None
+    dbias = rows2d(dy).sum(0).to(bias.dtype) if need_bias else None
     dw = None
     if need_w:  # a trainable base weight is rare: plain torch
-        dw = (dt.reshape(-1, dt.shape[-1]).t() @ x.reshape(-1, x.shape[-1])).to(weight.dtype)
+        dw = (rows2d(dt).t() @ rows2d(x)).to(weight.dtype)
     return (dt if need_base else None, dw, dx if need_x else None, dbias, da if need_a else None,
             db if need_b else None, dc if need_c else None, None)
 
@@ -192,6 +192,9 @@ def dora_linear_triton(base: Optional[Tensor], x: Tensor, bias: Optional[Tensor]
     out_dtype = base.dtype if base is not None else x.dtype
     if bias is not None and bias.dtype != out_dtype:
         bias = bias.to(out_dtype)
+    # The kernels read the per-channel vectors as contiguous (a no-op for the layers' own)
+    bias = bias.contiguous() if bias is not None else None
+    mag_scale = mag_scale.contiguous()
     args = (base, weight, x, bias, lora_a, lora_b, mag_scale, float(scaling))
     grad = needs_grad(*args[:7])
     if not grad and not torch.compiler.is_compiling():

@@ -18,7 +18,7 @@ from .common.autograd import FusedOp, needs_grad
 from .common.backend import HAS_TRITON, use_triton
 from .common.lora_decode import decodes, mm_decode
 from .common.lora_mm import DROP_A, DROP_NONE, dropout_seed, lora_backward, mm
-from .common.tiling import z_dtype
+from .common.tiling import rows2d, z_dtype
 
 __all__ = ["lora_linear", "lora_linear_reference", "lora_linear_triton", "lora_linear_masked_reference"]
 
@@ -63,7 +63,7 @@ def _forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lora_a
              lora_bias: Optional[Tensor], scaling: float, dropout_p: float,
              seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     in_f, r, out_f = x.shape[-1], lora_a.shape[0], lora_b.shape[0]
-    x2d = x.reshape(-1, in_f)
+    x2d = rows2d(x)
     M = x2d.shape[0]
     # z stays in fp32 (fp64 for fp64 inputs) whatever the adapter dtype: it is kept for dB in backward.
     z = torch.empty((M, r), device=x.device, dtype=z_dtype(x, lora_a, lora_b))
@@ -79,8 +79,8 @@ def _forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lora_a
 def _decode(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
             lora_bias: Optional[Tensor], scaling: float) -> Tensor:
     """_forward's y for a decode call: the base on cuBLAS, then the whole LoRA delta in one launch."""
-    in_f, out_f = x.shape[-1], lora_b.shape[0]
-    x2d = x.reshape(-1, in_f)
+    out_f = lora_b.shape[0]
+    x2d = rows2d(x)
     if weight is not None:
         y = F.linear(x2d, weight, bias)
     else:
@@ -101,8 +101,7 @@ def _backward_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], lora_a: Tens
                    seed: Optional[Tensor], scaling: float, dropout_p: float,
                    need_dx: bool, need_da: bool, need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dA, dB); an unneeded gradient comes back empty (custom ops cannot return None)."""
-    in_f, out_f = x.shape[-1], lora_b.shape[0]
-    dy2d, x2d = dy.reshape(-1, out_f), x.reshape(-1, in_f)
+    dy2d, x2d = rows2d(dy), rows2d(x)
     dx2d = None
     if need_dx:  # the base's part stays on cuBLAS
         dx2d = dy2d @ weight if weight is not None else torch.empty(x2d.shape, dtype=x.dtype, device=x.device)
@@ -135,10 +134,10 @@ def _backward(ctx, dy, _dz, *, bwd):
     dx = da = db = dw = dbias = dlbias = None
     if need_x or need_a or need_lb:
         dx, da, db = bwd(dy, x, weight, lora_a, lora_b, z, seed, ctx.scaling, ctx.dropout_p, need_x, need_a, need_lb)
-    dy2d = dy.reshape(-1, dy.shape[-1])
+    dy2d = rows2d(dy)
     # The frozen base's grads are rare and plain cuBLAS work: torch ops, not our kernel.
     if need_w:
-        dw = (dy2d.t() @ x.reshape(-1, x.shape[-1])).to(weight.dtype)
+        dw = (dy2d.t() @ rows2d(x)).to(weight.dtype)
     if need_b:
         dbias = dy2d.sum(0).to(ctx.bias_dtype)
     if need_lbias:

@@ -23,7 +23,7 @@ from .common.backend import HAS_TRITON, use_triton
 from .common.lora_decode import decodes, mm_decode
 from .common.lora_mm import DROP_A, DROP_NONE, dropout_seed, lora_backward, mm
 from .common.nf4_format import NF4State, launch_args
-from .common.tiling import z_dtype
+from .common.tiling import rows2d, z_dtype
 from .nf4_dequantize import nf4_dequantize_reference
 from .nf4_linear import check_nf4_linear_args, nf4_matmul
 
@@ -63,7 +63,7 @@ def _forward(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, nabs: Opti
              lora_a: Tensor, lora_b: Tensor, lora_bias: Optional[Tensor], out_f: int, blocksize: int,
              scaling: float, dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     in_f, r = x.shape[-1], lora_a.shape[0]
-    x2d = x.reshape(-1, in_f)
+    x2d = rows2d(x)
     M = x2d.shape[0]
     z = torch.empty((M, r), device=x.device, dtype=z_dtype(x, lora_a, lora_b))
     mm(x2d, lora_a.t(), z, drop=DROP_A if dropout_p > 0 else DROP_NONE, seed=seed, p=dropout_p, ld_x=in_f, rows_x=M)
@@ -85,8 +85,8 @@ def _backward_impl(dy: Tensor, x: Tensor, packed: Tensor, absmax: Tensor, code: 
                    z: Tensor, seed: Optional[Tensor], blocksize: int, scaling: float, dropout_p: float,
                    need_dx: bool, need_da: bool, need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dA, dB); an unneeded gradient comes back empty (custom ops cannot return None)."""
-    in_f, out_f = x.shape[-1], lora_b.shape[0]
-    dy2d, x2d = dy.reshape(-1, out_f), x.reshape(-1, in_f)
+    out_f = lora_b.shape[0]
+    dy2d, x2d = rows2d(dy), rows2d(x)
     # dy·dequant(Wq): the weight dequantized again (not kept from forward); the LoRA part adds into it.
     dx2d = nf4_matmul(dy2d.to(x.dtype), packed, absmax, code, _nested(nabs, ncode, offset, nbs), out_f, blocksize,
                       trans=True) if need_dx else None
@@ -122,7 +122,7 @@ def _backward(ctx, dy, _dz, *, bwd):
     if need_x or need_a or need_lb:
         dx, da, db = bwd(dy, x, packed, absmax, code, nabs, ncode, offset, ctx.nbs, lora_a, lora_b, z, seed,
                          ctx.blocksize, ctx.scaling, ctx.dropout_p, need_x, need_a, need_lb)
-    dy2d = dy.reshape(-1, dy.shape[-1])
+    dy2d = rows2d(dy)
     if need_b:
         dbias = dy2d.sum(0).to(ctx.bias_dtype)
     if need_lbias:
@@ -156,7 +156,7 @@ def qlora_linear_triton(x, packed, state: NF4State, bias, lora_a, lora_b, scalin
     bias = bias.to(x.dtype) if bias is not None else None  # bnb computes the bias in the compute dtype
     grad = needs_grad(x, bias, lora_a, lora_b, lora_bias)
     if decodes(x, lora_a, dropout_p, grad):  # the base (dequantize + cuBLAS, or the GEMV), then one LoRA launch
-        x2d = x.reshape(-1, x.shape[-1])
+        x2d = rows2d(x)
         y = nf4_matmul(x2d, packed_flat, absmax, code, nested, int(state.shape[0]), int(state.blocksize),
                        trans=False, bias=bias)
         mm_decode(x2d, lora_a.t(), lora_b.t(), y, z_dtype(x, lora_a, lora_b), scale=float(scaling), accumulate=True,

@@ -63,8 +63,12 @@ if HAS_TRITON:
 
 
 # At most this many rows (decode) and this rank, the LoRA delta of an inference call runs as one launch
-# (`mm_decode`): recomputing the rows' z per out tile costs less than writing it and launching again.
-DECODE_MAX_ROWS, DECODE_MAX_RANK = 16, 128
+# (`mm_decode`): recomputing the rows' z per out tile costs less than writing it and launching again, as long as
+# the A each program re-reads stays small. Every out tile streams all of A (from L2 after the first): at 256 KiB
+# (rank 16 over 4096 features in fp32) a 64-tile layer moves 16 MiB through L2, about what the second launch's
+# latency costs; larger adapters take the two launches, whose shrink splits K. The crossover is for gpu_check's
+# decode benchmarks to confirm.
+DECODE_MAX_ROWS, DECODE_MAX_RANK, DECODE_MAX_A_BYTES = 16, 128, 256 << 10
 
 
 class DecodeConfig(NamedTuple):
@@ -91,11 +95,12 @@ def decode_config(M: int, N: int, K: int, R: int, x_dtype: torch.dtype, a_dtype:
 
 
 def decodes(x: Tensor, lora_a: Tensor, dropout_p: float, grad: bool) -> bool:
-    """Whether an eager LoRA call takes the one-launch path: inference, no dropout, few rows, a small rank. (Under
-    torch.compile the ops stay custom ops with their two launches.)"""
-    in_f = x.shape[-1]
+    """Whether an eager LoRA call takes the one-launch path: inference, no dropout, few rows, a small adapter.
+    (Under torch.compile the ops stay custom ops with their two launches.)"""
+    in_f, r = x.shape[-1], lora_a.shape[0]
     return (not grad and dropout_p == 0 and in_f > 0 and x.numel() // in_f <= DECODE_MAX_ROWS
-            and lora_a.shape[0] <= DECODE_MAX_RANK and not torch.compiler.is_compiling())
+            and r <= DECODE_MAX_RANK and r * in_f * lora_a.element_size() <= DECODE_MAX_A_BYTES
+            and not torch.compiler.is_compiling())
 
 
 def mm_decode(x: Tensor, a: Tensor, b: Tensor, y: Tensor, z_type: torch.dtype, *, scale: float,
@@ -113,6 +118,9 @@ def mm_decode(x: Tensor, a: Tensor, b: Tensor, y: Tensor, z_type: torch.dtype, *
     s_hi, s_lo = hi_lo(float(scale))
     if dora_scale is not None and not accumulate:
         raise ValueError("mm_decode: DoRA's epilogue reads the base output from y: pass accumulate=True")
+    # the kernel reads the vectors as contiguous
+    bias = bias.contiguous() if bias is not None else None
+    dora_scale = dora_scale.contiguous() if dora_scale is not None else None
     launch(_lora_decode_kernel, cfg.grid, x, a, b, y, bias if bias is not None else y,
            dora_scale if dora_scale is not None else y, M, N, K, R,
            x.stride(0), x.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1), y.stride(0), y.stride(1),

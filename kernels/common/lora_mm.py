@@ -234,6 +234,8 @@ def mm(a: Tensor, b: Tensor, c: Tensor, *, scale: float = 1.0, accumulate: bool 
                     torch.are_deterministic_algorithms_enabled(), settings.current())
     if cfg.split > 1:
         c.zero_()
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()  # the kernel reads it as contiguous
     s_hi, s_lo = _hi_lo(float(scale))
     i_hi, i_lo = _keep_inverse(float(p))
     ld4 = (ld_x + 3) // 4

@@ -33,6 +33,11 @@ def hi_lo(v: float) -> tuple[float, float]:
     return hi, v - hi
 
 
+def rows2d(t: Tensor) -> Tensor:
+    """t as [rows, last dim]; unlike reshape(-1, d) it also works when d is 0."""
+    return t.reshape(t.shape[:-1].numel(), t.shape[-1])
+
+
 def z_dtype(*ts: Tensor) -> torch.dtype:
     """The LoRA intermediate z = x·Aᵀ is float32 (float64 for float64 inputs) whatever the adapter dtype."""
     return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32

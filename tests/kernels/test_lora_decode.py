@@ -1,5 +1,7 @@
 """kernels/common/lora_decode.py: the one-launch LoRA delta of inference at decode, against float64 references and
 against the two-launch path, and its use by lora_linear / qlora_linear (inference only, at most 16 rows)."""
+import dataclasses
+import itertools
 import sys
 
 import pytest
@@ -7,8 +9,10 @@ import torch
 
 from peft_fast.kernels import (dora_linear_reference, dora_linear_triton, lora_linear_reference, lora_linear_triton,
                                nf4_quantize_reference, qlora_linear_reference, qlora_linear_triton)
-from peft_fast.kernels.common import lora_decode
-from peft_fast.kernels.common.lora_decode import DECODE_MAX_RANK, DECODE_MAX_ROWS, decodes, mm_decode
+from peft_fast.kernels.common import lora_decode, settings
+from peft_fast.kernels.common.dot_policy import dot_mode
+from peft_fast.kernels.common.lora_decode import (DECODE_MAX_A_BYTES, DECODE_MAX_RANK, DECODE_MAX_ROWS, decodes,
+                                                  mm_decode)
 
 SHAPES = [(1, 40, 8, 24), (5, 130, 17, 70), (16, 64, 64, 200), (3, 8, 1, 5), (7, 33, 128, 19)]  # M, K, R, N
 
@@ -145,3 +149,110 @@ def test_dora_epilogue_needs_the_base_in_y():
     x, a, b = torch.randn(2, 8), torch.randn(8, 4), torch.randn(4, 8)
     with pytest.raises(ValueError, match="accumulate=True"):
         mm_decode(x, a, b, torch.empty(2, 8), torch.float32, scale=1.0, accumulate=False, dora_scale=torch.ones(8))
+
+
+@pytest.mark.parametrize("lora_dot", ["half", "fp32"])
+def test_decode_dots_meet_in_the_two_launch_dtypes(monkeypatch, lora_dot):
+    """On a GPU (interpret=False) x·A meets as mm(x, Aᵀ, z) does and z·B as mm(z, Bᵀ, y) does. The interpreter
+    always picks float32 dots, so this compares configurations: nothing launches."""
+    monkeypatch.setattr(settings, "_current", dataclasses.replace(settings.current(), interpret=False,
+                                                                  lora_dot=lora_dot))
+    dtypes = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+    for xd, ad, bd, yd in itertools.product(dtypes, repeat=4):
+        zd = torch.float64 if torch.float64 in (xd, ad, bd) else torch.float32
+        cfg = lora_decode.decode_config(4, 40, 72, 8, xd, ad, bd, yd, zd, "highest", settings.current())
+        assert (cfg.dot_a, cfg.dot_b) == (dot_mode(xd, ad, zd), dot_mode(zd, bd, yd)), (xd, ad, bd, yd)
+
+
+def test_decodes_bounds():
+    a = torch.randn(DECODE_MAX_RANK, 16)
+    assert decodes(torch.randn(2, 16), a, 0.0, grad=False)  # the largest rank still decodes
+    big_in = DECODE_MAX_A_BYTES // (4 * 16) + 1  # rank 16 in float32: just over the bytes each program re-reads
+    assert decodes(torch.randn(2, big_in - 1), torch.randn(16, big_in - 1), 0.0, grad=False)
+    assert not decodes(torch.randn(2, big_in), torch.randn(16, big_in), 0.0, grad=False)
+    assert decodes(torch.randn(2, big_in), torch.randn(16, big_in, dtype=torch.bfloat16), 0.0, grad=False)
+
+
+def test_decodes_not_while_compiling(monkeypatch):
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not decodes(torch.randn(2, 16), torch.randn(4, 16), 0.0, grad=False)
+
+
+@pytest.mark.triton
+def test_dora_decode_leaves_a_strided_base_alone(device):
+    """A base the caller passes as a strided view is not overwritten: only a contiguous one is ours to reuse."""
+    x, w, a, b = (torch.randn(*s, device=device) for s in ((4, 32), (24, 32), (8, 32), (24, 8)))
+    c, bias = torch.rand(24, device=device) + 0.5, torch.randn(24, device=device)
+    buf = torch.randn(4, 48, device=device)
+    base = buf[:, :24]
+    base.copy_(x @ w.t())
+    before = buf.clone()
+    with torch.no_grad():
+        y = dora_linear_triton(base, x, bias, a, b, 0.7, c)
+    assert torch.equal(buf, before) and y.data_ptr() != base.data_ptr()
+    torch.testing.assert_close(y, dora_linear_reference(base.clone(), x, bias, a, b, 0.7, c), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.triton
+def test_decode_reads_no_padding(device):
+    """Rank 5 and 3 rows, with NaN right past B's columns and past x's rows: masked loads never meet them."""
+    store_b = torch.full((24, 21), float("nan"), device=device)
+    store_b[:, :5] = torch.randn(24, 5, device=device)
+    store_x = torch.full((20, 40), float("nan"), device=device)
+    store_x[:3] = torch.randn(3, 40, device=device)
+    x, a, b = store_x[:3], torch.randn(5, 40, device=device), store_b[:, :5]
+    with torch.no_grad():
+        got = lora_linear_triton(x, None, None, a, b, 0.5)
+    torch.testing.assert_close(got, lora_linear_reference(x, None, None, a, b, 0.5), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float64])
+def test_delta_only_decode_is_in_the_adapters_dtype(device, x_dtype):
+    x = torch.randn(3, 40, device=device).to(x_dtype)
+    a, b = torch.randn(6, 40, device=device), torch.randn(24, 6, device=device)
+    with torch.no_grad():
+        got = lora_linear_triton(x, None, None, a, b, 0.5)
+    want = lora_linear_reference(x, None, None, a, b, 0.5)
+    assert got.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.triton
+def test_qlora_decode_with_lora_bias_and_dropout(device):
+    packed, state = nf4_quantize_reference(torch.randn(24, 64, device=device), 64)
+    x, a = torch.randn(2, 64, device=device), torch.randn(4, 64, device=device) / 8
+    b, lb = torch.randn(24, 4, device=device) / 2, torch.randn(24, device=device)
+    with torch.no_grad():
+        got = qlora_linear_triton(x, packed, state, None, a, b, 2.0, 0.0, lb)
+        want = qlora_linear_reference(x, packed, state, None, a, b, 2.0, 0.0, lb)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(qlora_linear_triton(x, packed, state, None, a, b, 2.0, 0.9, lb), got)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("rows", [3, 40])
+def test_strided_vectors(device, rows):
+    """A magnitude scale, bias or LoRA bias given as strided views reads the right elements (the kernels read the
+    vectors as contiguous, so the ops make them so), on the decode path and the two-launch one."""
+    f64 = dict(dtype=torch.float64, device=device)
+    x, w, a, b = torch.randn(rows, 32, **f64), torch.randn(24, 32, **f64), torch.randn(4, 32, **f64), torch.randn(24, 4, **f64)
+    c = torch.stack([torch.rand(24, **f64) + 0.5, torch.full((24,), 100.0, **f64)], 1)[:, 0]
+    bias = torch.stack([torch.randn(24, **f64), torch.full((24,), 100.0, **f64)], 1)[:, 0]
+    with torch.no_grad():
+        got = dora_linear_triton(None, x, bias, a, b, 0.7, c, w)
+        torch.testing.assert_close(got, dora_linear_reference(None, x, bias, a, b, 0.7, c, w), rtol=1e-10, atol=1e-10)
+        got = lora_linear_triton(x, w, None, a, b, 0.7, 0.0, bias)
+        torch.testing.assert_close(got, lora_linear_reference(x, w, None, a, b, 0.7, 0.0, bias), rtol=1e-10,
+                                   atol=1e-10)
+
+
+@pytest.mark.triton
+def test_zero_features(device):
+    """No in or out features: an empty output of the right shape, as the references give."""
+    x0, a0, b0 = torch.randn(3, 0, device=device), torch.randn(4, 0, device=device), torch.randn(5, 4, device=device)
+    with torch.no_grad():
+        assert lora_linear_triton(x0, None, None, a0, b0, 1.0).shape == (3, 5)
+        x, a, b = torch.randn(3, 8, device=device), torch.randn(4, 8, device=device), torch.randn(0, 4, device=device)
+        base = torch.randn(3, 0, device=device)
+        assert dora_linear_triton(base, x, None, a, b, 1.0, torch.ones(0, device=device)).shape == (3, 0)
