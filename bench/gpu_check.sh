@@ -74,10 +74,11 @@ picked() { case "$STAGES" in *",$1,"*) return 0;; *) return 1;; esac; }
 existing() { local f; for f in "$@"; do [ -e "$f" ] && printf '%s ' "$f"; done; }
 FIRST_TESTS=${GPU_CHECK_FIRST_TESTS:-}
 # New on a GPU: the cached launches (launch.py; test_launch checks them against this machine's Triton on a stand-in
-# device, and every kernel test after it launches through them), DoRA with dropout (masked_add, the expand's
+# device, and every kernel test after it launches through them), the one-launch decode (lora_decode.py), the
+# forward-only kernels as custom ops (test_opaque_ops), DoRA with dropout (masked_add, the expand's
 # residual epilogue), the two-matmul launch of the LoRA backward (lora_mm.py), then the kernels built on them.
-[ -z "$FIRST_TESTS" ] && FIRST_TESTS=$(existing tests/kernels/test_launch.py tests/kernels/test_dora_dropout_linear.py \
-  tests/kernels/test_lora_mm.py \
+[ -z "$FIRST_TESTS" ] && FIRST_TESTS=$(existing tests/kernels/test_launch.py tests/kernels/test_lora_decode.py \
+  tests/kernels/test_opaque_ops.py tests/kernels/test_dora_dropout_linear.py tests/kernels/test_lora_mm.py \
   tests/kernels/test_lora_linear.py tests/kernels/test_dora_linear.py \
   tests/kernels/test_qlora_linear.py tests/kernels/test_multi_lora.py tests/kernels/test_dora_norm.py)
 # GPU_CHECK_ONLY_NEW=1: only those first files, in the kernels and bench stages (a quick check after a change).
