@@ -87,3 +87,35 @@ def test_lora_linear_decode(benchmark, impl, shape, tokens):
     err = rel_err(inference(fast, x)(), inference(ref, x)())
     label = f"lora_linear decode {in_f}x{out_f} M={tokens}"
     measure(benchmark, impl, label, inference(fast, x), inference(ref, x), baseline=BASELINE, err=err)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the one-launch decode is a Triton path: on a GPU only (gpu_check stage bench)")
+@both_sides
+@pytest.mark.parametrize("rank", [16, 64])
+@pytest.mark.parametrize("tokens", (1, 16))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_lora_decode_one_launch_vs_two(benchmark, impl, shape, tokens, rank):
+    """The crossover behind lora_decode.DECODE_MAX_A_BYTES: the LoRA delta at decode as one launch (each out tile
+    re-reads A) against the shrink and expand launches, whatever the bound would choose, on the same layer."""
+    from peft_fast.kernels.common import lora_decode
+
+    torch.manual_seed(0)
+    in_f, out_f = shape
+    kw = dict(r=rank, lora_alpha=ALPHA, target_modules=["proj"], init_lora_weights=False)
+    model = peft_fast.get_peft_model(OneLayer(_linear(in_f, out_f)), peft_fast.LoraConfig(**kw)).eval()
+    x = torch.randn(tokens, 1, in_f, device=DEVICE, dtype=BASE_DTYPE)
+    run = inference(model, x)
+
+    def with_bound(limit):
+        def timed():
+            saved, lora_decode.DECODE_MAX_A_BYTES = lora_decode.DECODE_MAX_A_BYTES, limit
+            try:
+                return run()
+            finally:
+                lora_decode.DECODE_MAX_A_BYTES = saved
+        return timed
+
+    one, two = with_bound(1 << 40), with_bound(0)
+    label = f"lora decode one launch vs two {in_f}x{out_f} r={rank} M={tokens} (A {rank * in_f * 4 >> 10} KiB)"
+    measure(benchmark, impl, label, one, two, baseline="the same layer's shrink + expand launches",
+            err=rel_err(one(), two()))
