@@ -2,18 +2,19 @@
 
 `fn[grid](*args, **consts)` runs Triton's JIT dispatcher each time: it binds every argument, specializes each one,
 builds and hashes a cache key, checks globals and builds launch metadata before the compiled kernel's launcher runs.
-That is about 10 µs per launch on this project's CPUs (`bench/host_overhead.py --device fake`), several times per
-layer and step. `launch` goes through
-the dispatcher once per argument fingerprint, keeps the compiled kernel it returns, and from then on calls that
-kernel's launcher directly.
+That is about 15 µs per launch on this project's CPUs against 5-6 µs through the cache (`bench/host_overhead.py
+--device fake`), several times per layer and step. `launch` goes through the dispatcher once per argument
+fingerprint, keeps the compiled kernel it returns, and from then on calls that kernel's launcher directly.
 
-The fingerprint holds everything Triton specializes a compiled kernel on: every non-tensor argument's value (ints
-are specialized on == 1, divisibility by 16 and width), each tensor's dtype and 16-byte alignment, the constexprs
-and launch options by name, the current device and Triton's debug switch. Calls with equal fingerprints therefore
-get the kernel Triton's own cache would return. The dispatcher still runs under the interpreter, for stand-ins
-(benchmarks' launch counters), with launch hooks installed (profilers read their metadata), with
-PEFT_FAST_LAUNCH=jit, on Triton releases outside VERIFIED_TRITON, and for a call whose arguments the cache cannot
-lay out (see `_Layout`).
+The fingerprint holds everything Triton specializes a compiled kernel on: every non-tensor argument's type and value
+(ints are specialized on == 1, divisibility by 16 and width; 1, 1.0 and True compile differently), each tensor's
+dtype and 16-byte alignment, the constexprs and launch options by name, the current device, Triton's debug switch
+and its instrumentation options. Calls with equal fingerprints therefore get the kernel Triton's own cache would
+return. The dispatcher still runs under the interpreter, for stand-ins (benchmarks' launch counters), with
+PEFT_FAST_LAUNCH=jit, on Triton releases outside VERIFIED_TRITON, for callable grids, whenever it has more to do
+than choose a kernel (launch or pre-run hooks, a stage-inspection hook, a changed global), and for a call whose
+arguments the cache cannot lay out (see `_Layout`). tests/kernels/test_launch.py checks all of this against the
+dispatcher on a stand-in GPU.
 """
 from __future__ import annotations
 
