@@ -127,6 +127,26 @@ def test_the_environment_is_read_in_one_module():
     assert readers == ["peft_fast.kernels.common.settings"]
 
 
+def _grid_launches(path: Path) -> list[int]:
+    """Lines that launch a Triton kernel as `something[grid](...)`: a call of a subscript."""
+    return [node.lineno for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript)]
+
+
+def test_kernels_launch_through_the_cache():
+    """Every kernel launch goes through common/launch.launch (cached compiled kernels); `fn[grid](...)` would take
+    Triton's dispatcher on every call. launch.py itself falls back to it."""
+    offenders = {m: lines for m, p in MODULES.items() if m.startswith("peft_fast.kernels")
+                 and m != "peft_fast.kernels.common.launch" and (lines := _grid_launches(p))}
+    assert offenders == {}
+
+
+def test_a_grid_launch_would_be_found(tmp_path):
+    src = tmp_path / "k.py"
+    src.write_text("def f(k, x):\n    k[(1,)](x)\n    launch(k, (1,), x)\n")
+    assert _grid_launches(src) == [2]
+
+
 LORA_NAMES = {"LoraLinear", "LoraConfig", "LoraModel"}
 
 
