@@ -161,9 +161,6 @@ def dora_dropout_linear_triton(x: Tensor, weight: Tensor, bias, lora_a: Tensor, 
         x, weight, bias = (t.to(dtype) if t is not None else t for t in (x, weight, bias))
         with torch.autocast(device_type, enabled=False):
             return dora_dropout_linear_triton(x, weight, bias, lora_a, lora_b, scaling, mag_scale, dropout_p)
-    # The kernels read the per-channel vectors as contiguous (a no-op for the layers' own)
-    bias = bias.contiguous() if bias is not None else None
-    mag_scale = mag_scale.contiguous()
     if weight.dtype != x.dtype:
         raise ValueError(f"dora_dropout_linear: the base weight ({weight.dtype}) and x ({x.dtype}) must have one "
                          "dtype (as F.linear needs); cast one of them, or run under torch.autocast")

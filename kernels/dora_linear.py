@@ -192,9 +192,6 @@ def dora_linear_triton(base: Optional[Tensor], x: Tensor, bias: Optional[Tensor]
     out_dtype = base.dtype if base is not None else x.dtype
     if bias is not None and bias.dtype != out_dtype:
         bias = bias.to(out_dtype)
-    # The kernels read the per-channel vectors as contiguous (a no-op for the layers' own)
-    bias = bias.contiguous() if bias is not None else None
-    mag_scale = mag_scale.contiguous()
     args = (base, weight, x, bias, lora_a, lora_b, mag_scale, float(scaling))
     grad = needs_grad(*args[:7])
     if not grad and not torch.compiler.is_compiling():

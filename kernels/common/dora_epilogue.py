@@ -89,6 +89,11 @@ if HAS_TRITON:
         tl.atomic_add(colsum_ptr + rn, tl.sum(tl.where(mask, dyf * yf, 0.0), axis=0), mask=mask_n)
 
 
+def _vector(t: Optional[Tensor]) -> Optional[Tensor]:
+    """A per-channel vector as the kernels read it: contiguous (a no-op for the layers' own)."""
+    return t.contiguous() if t is not None else None
+
+
 def dora_expand(z: Tensor, lora_b: Tensor, base2d: Tensor, y2d: Tensor, c: Tensor, bias: Optional[Tensor],
             scaling: float, resid: bool = False) -> None:
     M, R = z.shape
@@ -96,6 +101,7 @@ def dora_expand(z: Tensor, lora_b: Tensor, base2d: Tensor, y2d: Tensor, c: Tenso
     if M == 0 or N == 0:
         return
     dot = dot_mode(z.dtype, lora_b.dtype, y2d.dtype)
+    c, bias = _vector(c), _vector(bias)
     bm, bn = min(64, max(16, np2(M))), min(64, max(16, np2(N)))
     br = min(64, max(16, np2(R)))
     s_hi, s_lo = hi_lo(float(scaling))  # kernel arguments, not a tensor: no host-to-device copy per call
@@ -121,6 +127,7 @@ def dora_scale_grad(dy2d: Tensor, y2d: Tensor, mag_scale: Tensor, bias: Optional
         colsum += torch.einsum("ij,ij->j", dy2d.to(acc), t)
         dt.copy_(mag_scale.to(acc) * dy2d.to(acc))
         return
+    mag_scale, bias = _vector(mag_scale), _vector(bias)
     bm, bn = min(64, max(16, np2(M))), min(64, max(16, np2(N)))
     launch(_dora_bwd_kernel, (cdiv(N, bn), cdiv(M, bm)),
         dy2d, y2d, mag_scale, bias if bias is not None else mag_scale, dt, colsum,
