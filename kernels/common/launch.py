@@ -37,6 +37,9 @@ if HAS_TRITON:
     from triton.runtime.jit import JITFunction
 
     CACHEABLE = tuple(int(p) for p in triton.__version__.split(".")[:2]) in VERIFIED_TRITON
+    # knobs that only some of the verified releases have (3.9): looked up once, not per launch
+    _INSPECTION_HOOK = hasattr(knobs.runtime, "add_stages_inspection_hook")
+    _FPSAN = hasattr(knobs.compilation, "fpsan_homomorphic_casts")
 else:  # pragma: no cover - platforms without triton never launch kernels
     JITFunction, CACHEABLE = (), False
 _MISSING = object()
@@ -126,7 +129,7 @@ def launch(fn, grid: tuple, *args, **consts) -> None:
     if (layout is None or len(args) != layout.n_args
             or (enter is not None and (enter.__class__ is not HookChain or enter.calls))
             or (leave is not None and (leave.__class__ is not HookChain or leave.calls))
-            or fn.pre_run_hooks or getattr(runtime, "add_stages_inspection_hook", None) is not None
+            or fn.pre_run_hooks or (_INSPECTION_HOOK and runtime.add_stages_inspection_hook is not None)
             or (fn.used_global_vals and _globals_changed(fn))):
         fn.run(*args, grid=grid, warmup=False, **consts)
         return
@@ -138,7 +141,7 @@ def launch(fn, grid: tuple, *args, **consts) -> None:
     device = layout.device()
     compilation = knobs.compilation  # the dispatcher's options: a switch compiles other kernels
     key = (device, runtime.debug, compilation.instrumentation_mode,
-           getattr(compilation, "fpsan_homomorphic_casts", None), fingerprint, tuple(consts.items()))
+           compilation.fpsan_homomorphic_casts if _FPSAN else None, fingerprint, tuple(consts.items()))
     try:
         kernel = layout.compiled.get(key)
     except TypeError:  # an unhashable argument: the dispatcher decides
