@@ -87,27 +87,30 @@ ALL_TESTS=tests/kernels ALL_BENCH=bench
 # GPU_CHECK_PYTEST_ARGS: extra pytest arguments for the kernels stage (e.g. "--maxfail=5 -x").
 stage kernels "${GPU_CHECK_KERNELS_S:-70}" $FIRST_TESTS $ALL_TESTS -q -rf --tb=short $TEST_TIMEOUT \
   ${GPU_CHECK_PYTEST_ARGS:-}
-stage peft_fast "${GPU_CHECK_TESTS_S:-45}" tests/peft_fast -q $XDIST $TEST_TIMEOUT \
+# test_offload_checkpoints first: its CUDA test measures the device memory the offload frees.
+stage peft_fast "${GPU_CHECK_TESTS_S:-45}" tests/peft_fast/test_offload_checkpoints.py tests/peft_fast -q $XDIST $TEST_TIMEOUT \
   --ignore=tests/peft_fast/test_fused_ops.py --ignore=tests/peft_fast/test_fused_decoder.py  # the fused stage runs them
 # Rows are written as measured (into $OUT when set), so they survive a stage that times out.
 export PEFT_FAST_BENCH_ROWS="${OUT:-$LOGS}/bench_rows.jsonl"
 # The fused decoder: Liger's side of its tests (its RMSNorm, SwiGLU and soft-capped loss fail under the CPU
 # interpreter, so they run only here; the compile backend's tests run on CPUs), then the 1.1B and 8B-shape QLoRA
-# training steps: PEFT + bitsandbytes, the same with Liger's kernels, peft_fast unfused and fused (compile, liger).
+# training steps: PEFT + bitsandbytes, the same with Liger's kernels, peft_fast unfused and fused (compile, liger),
+# and fused with offload_checkpoints.
 # Liger-Kernel comes from .whl/ like bitsandbytes. The first compile-backend step compiles (cold: tens of seconds).
-stage fused "${GPU_CHECK_FUSED_S:-90}" tests/peft_fast/test_fused_ops.py tests/peft_fast/test_fused_decoder.py \
+stage fused "${GPU_CHECK_FUSED_S:-100}" tests/peft_fast/test_fused_ops.py tests/peft_fast/test_fused_decoder.py \
   bench/test_bench_fused_decoder.py -k "liger or fused_decoder_train_step" -q -rf --tb=short $TEST_TIMEOUT --benchmark-json="$LOGS/fused.json" \
   --benchmark-min-rounds=3 --benchmark-max-time=0.2
 # Where a QLoRA step's peak memory goes (parameters, optimizer state, activations, temporaries; torch's MemTracker) at
-# 1.1B and 8B shapes, for PEFT, peft_fast and peft_fast fused: a table in the log and memory.json.
-if [ "${GPU_CHECK_MEMORY_S:-40}" -gt 0 ] && picked memory; then
-  echo "== memory: bench/memory_report.py --device cuda (limit ${GPU_CHECK_MEMORY_S:-40}s)"
-  timeout -k 5 "${GPU_CHECK_MEMORY_S:-40}" $PY bench/memory_report.py --device cuda --json "${OUT:-$LOGS}/memory.json" \
+# 1.1B and 8B shapes, for PEFT, peft_fast, peft_fast fused and fused with offload_checkpoints (its host memory in a
+# column of its own): a table in the log and memory.json.
+if [ "${GPU_CHECK_MEMORY_S:-50}" -gt 0 ] && picked memory; then
+  echo "== memory: bench/memory_report.py --device cuda (limit ${GPU_CHECK_MEMORY_S:-50}s)"
+  timeout -k 5 "${GPU_CHECK_MEMORY_S:-50}" $PY bench/memory_report.py --device cuda --json "${OUT:-$LOGS}/memory.json" \
     2>&1 | tee "$LOGS/memory.log" ${OUT:+"$OUT/memory.log"}
 fi
 # LoRA on mixture-of-experts weights: the grouped kernels' tests, the model tests, then one experts layer at
 # Mixtral-8x7B and Qwen3-30B-A3B shapes against PEFT and against the layer without LoRA (rows into the table).
-stage moe "${GPU_CHECK_MOE_S:-55}" tests/kernels/test_grouped_lora.py tests/peft_fast/test_lora_experts.py \
+stage moe "${GPU_CHECK_MOE_S:-50}" tests/kernels/test_grouped_lora.py tests/peft_fast/test_lora_experts.py \
   bench/test_bench_moe.py -q -rf --tb=short $TEST_TIMEOUT --benchmark-json="$LOGS/moe.json" \
   --benchmark-min-rounds=3 --benchmark-max-time=0.2
 FIRST_BENCH=${GPU_CHECK_FIRST_BENCH:-}
@@ -127,9 +130,9 @@ if [ "${GPU_CHECK_HOST_S:-35}" -gt 0 ] && picked host; then
 fi
 
 # Where the QLoRA layer's time goes (kernel times, host overhead, profiler tables): a log only, for the next change.
-if [ "${GPU_CHECK_PROFILE_S:-20}" -gt 0 ] && picked profile; then
-  echo "== profile: bench/profile_qlora.py (limit ${GPU_CHECK_PROFILE_S:-20}s)"
-  timeout -k 5 "${GPU_CHECK_PROFILE_S:-20}" $PY bench/profile_qlora.py 2>&1 | tee "$LOGS/profile.log" ${OUT:+"$OUT/profile.log"} \
+if [ "${GPU_CHECK_PROFILE_S:-15}" -gt 0 ] && picked profile; then
+  echo "== profile: bench/profile_qlora.py (limit ${GPU_CHECK_PROFILE_S:-15}s)"
+  timeout -k 5 "${GPU_CHECK_PROFILE_S:-15}" $PY bench/profile_qlora.py 2>&1 | tee "$LOGS/profile.log" ${OUT:+"$OUT/profile.log"} \
     | grep -E "^(host|[0-9]+x[0-9]+:|==)" || true
 fi
 
@@ -138,7 +141,7 @@ fi
 stage serving "${GPU_CHECK_SERVING_S:-60}" bench/test_bench_serving.py tests/peft_fast/test_serve_example.py -q \
   $TEST_TIMEOUT --benchmark-json="$LOGS/serving.json" --benchmark-min-rounds=3 --benchmark-max-time=0.2
 # examples/train_distributed.py under torchrun with NCCL on one GPU (FSDP2; then NF4 + DoRA under FSDP2).
-stage distributed "${GPU_CHECK_DISTRIBUTED_S:-35}" tests/peft_fast/test_distributed.py -q -k one_gpu $TEST_TIMEOUT
+stage distributed "${GPU_CHECK_DISTRIBUTED_S:-25}" tests/peft_fast/test_distributed.py -q -k one_gpu $TEST_TIMEOUT
 
 mkdir -p bench/results
 $PY bench/gpu_report.py "$LOGS" --seconds $(( $(date +%s) - T0 ))

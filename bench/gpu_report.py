@@ -122,9 +122,9 @@ def _summary(report: dict) -> list[str]:
         lines += ["", "memory at a training step's peak (MiB): shape, variant, total = parameters + optimizer state + "
                   "activations + temporaries + ..."]
         for r in report["memory"]:
-            lines.append(f"  {r['shape']:<6} {r['variant']:<26} total {r['Total']:>9.1f}  params {r['Parameter']:>8.1f}"
+            lines.append(f"  {r['shape']:<6} {r['variant']:<30} total {r['Total']:>9.1f}  params {r['Parameter']:>8.1f}"
                          f"  optstate {r['Optstate']:>7.1f}  activations {r['Activation']:>8.1f}"
-                         f"  temp {r['Temp']:>8.1f}")
+                         f"  temp {r['Temp']:>8.1f}  host {r.get('host_mib', 0.0):>7.1f}")
     if report.get("host"):  # bench/host_overhead.py --device cuda: host time per layer call, tiny shapes
         lines += ["", "host time per layer call (us): peft_fast (cached launches) | dispatcher on every launch | PEFT"]
         nan = float("nan")

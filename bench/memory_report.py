@@ -52,7 +52,7 @@ def _base(shape: str, device: str):
     return model, quantized
 
 
-def _recipe(lib, model, quantized: bool, **kw):
+def _recipe(lib, model, quantized: bool, offload: bool = False, **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if quantized:
@@ -63,10 +63,12 @@ def _recipe(lib, model, quantized: bool, **kw):
             model.enable_input_require_grads()
         model = lib.get_peft_model(model, lib.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS,
                                                          lora_dropout=0.05, task_type="CAUSAL_LM"), **kw)
+    if offload:
+        lib.offload_checkpoints(model)
     return model.train()
 
 
-def measure(model, ids) -> dict:
+def measure(model, ids, device: str) -> dict:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
     def step():
@@ -82,9 +84,12 @@ def measure(model, ids) -> dict:
     with tracker:
         step()
     peak = tracker.get_tracker_snapshot("peak")
-    per_device = next(iter(peak.values()))
+    # the model's device; offloaded checkpoint inputs are host memory, reported apart
+    per_device = next(v for d, v in peak.items() if torch.device(d).type == device)
     mib = {getattr(k, "value", str(k)): v / 2**20 for k, v in per_device.items()}
-    return {c: round(mib.get(c, 0.0), 2) for c in CATEGORIES} | {"Total": round(mib.get("Total", 0.0), 2)}
+    host = sum(v.get("Total", 0) for d, v in peak.items() if torch.device(d).type != device) / 2**20
+    return ({c: round(mib.get(c, 0.0), 2) for c in CATEGORIES} | {"Total": round(mib.get("Total", 0.0), 2)}
+            | {"host_mib": round(host, 2)})
 
 
 def report(device: str, shapes) -> list[dict]:
@@ -98,14 +103,16 @@ def report(device: str, shapes) -> list[dict]:
         ids = torch.randint(0, model_kw["vocab_size"], (batch, seq), device=device)
         base, quantized = _base(shape, device)
         fused = "auto" if device == "cuda" else "compile"
-        variants = {"peft": (peft, {}), "peft_fast": (peft_fast, {}), f"peft_fast fused={fused}": (peft_fast,
-                                                                                                {"fused": fused})}
+        variants = {"peft": (peft, {}), "peft_fast": (peft_fast, {}),
+                    f"peft_fast fused={fused}": (peft_fast, {"fused": fused})}
+        if device == "cuda":  # offload_checkpoints moves only CUDA tensors
+            variants[f"peft_fast fused={fused} offload"] = (peft_fast, {"fused": fused, "offload": True})
         logits_mib = batch * seq * model_kw["vocab_size"] * (2 if device == "cuda" else 4) / 2**20
         for name, (lib, kw) in variants.items():
             model = _recipe(lib, copy.deepcopy(base), quantized, **kw)
             row = {"shape": shape, "variant": name, "base": "bnb nf4" if quantized else str(
                 next(base.parameters()).dtype), "tokens": batch * seq, "logits_mib": round(logits_mib, 2)}
-            row.update(measure(model, ids))
+            row.update(measure(model, ids, device))
             rows.append(row)
             del model
             gc.collect()
@@ -125,13 +132,13 @@ def main() -> None:
     rows = report(args.device, shapes)
     where = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"== memory at the training step's peak (MiB), {where}, torch {torch.__version__}")
-    print(f"{'shape':<6} {'variant':<26} " + " ".join(f"{c[:10]:>10}" for c in CATEGORIES + ("Total",))
-          + f" {'logits':>8}")
+    print(f"{'shape':<6} {'variant':<30} " + " ".join(f"{c[:10]:>10}" for c in CATEGORIES + ("Total",))
+          + f" {'logits':>8} {'host':>8}")
     for r in rows:
-        print(f"{r['shape']:<6} {r['variant']:<26} " + " ".join(f"{r[c]:>10.1f}" for c in CATEGORIES + ("Total",))
-              + f" {r['logits_mib']:>8.1f}")
+        print(f"{r['shape']:<6} {r['variant']:<30} " + " ".join(f"{r[c]:>10.1f}" for c in CATEGORIES + ("Total",))
+              + f" {r['logits_mib']:>8.1f} {r['host_mib']:>8.1f}")
     print("logits = one (tokens x vocabulary) tensor in the model's dtype; the unfused loss also holds its float32 "
-          "copy and that copy's gradient")
+          "copy and that copy's gradient; host = host memory at the peak (offloaded checkpoint inputs)")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"device": where, "torch": torch.__version__, "rows": rows}, fh, indent=2)

@@ -5,7 +5,9 @@ dropout 0.05, gradient checkpointing, AdamW) on a ~1.1B Llama (TinyLlama's shape
 layers at Llama-3-8B's shapes (vocabulary 128256, 2x1024 tokens). The pair is peft_fast with fused="auto" (Liger on
 CUDA when installed) against transformers + bitsandbytes + PEFT; the row also times peft_fast unfused and, with
 Liger installed, the compile backend and the PEFT baseline with Liger-Kernel's kernels (applied by
-peft_fast.fuse(peft_model, "liger"), to that model only): what the adapter engine adds by itself.
+peft_fast.fuse(peft_model, "liger"), to that model only): what the adapter engine adds by itself; and the fast side
+with peft_fast.offload_checkpoints (checkpointed layers' inputs in pinned host memory): what the offload costs in
+tokens/s and saves in memory.
 Memory columns: the peak over the weights, per variant (`*_peak_mib`), and its ratio to PEFT's.
 
 On a CPU (no bitsandbytes kernels worth timing): dense fp32 LoRA on a tiny Llama, fused="compile" against PEFT,
@@ -75,9 +77,13 @@ def test_fused_decoder_train_step(benchmark, impl, shape):
     if ON_GPU and liger_available():  # the pair's fast side runs Liger: time the compile backend and PEFT + Liger too
         variants["peft_fast_compile"] = (peft_fast, "compile")
         variants["peft_liger"] = (peft, "liger")
+    if ON_GPU:  # the fast side with its checkpoint inputs in host memory (offload_checkpoints moves CUDA tensors)
+        variants["peft_fast_offload"] = (peft_fast, fused)
     models = {name: _recipe(lib, copy.deepcopy(base), f) for name, (lib, f) in variants.items()}
     if "peft_liger" in models:
         peft_fast.fuse(models["peft_liger"], "liger")
+    if "peft_fast_offload" in models:
+        peft_fast.offload_checkpoints(models["peft_fast_offload"])
     fast, ref = _recipe(peft_fast, copy.deepcopy(base), fused), _recipe(peft, base)
     ids = torch.randint(0, model_kw["vocab_size"], (batch, seq), device=DEVICE)
     tokens = batch * seq

@@ -31,6 +31,7 @@ from .peft_model import (  # noqa: E402
 )
 from .mapping import get_peft_model, patch  # noqa: E402
 from .fused import fuse, fused_parts, unfuse  # noqa: E402
+from .offload import offload_checkpoints, offloaded_scopes  # noqa: E402
 from .peft_interop import patch_peft, patched_layers, unpatch  # noqa: E402
 from .state_dict import get_peft_model_state_dict, set_peft_model_state_dict  # noqa: E402
 from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status  # noqa: E402
@@ -89,4 +90,6 @@ __all__ = [
     "NF4Linear", "load_quantized", "quantize",
     # the fused decoder (RMSNorm, RoPE, SwiGLU/GeGLU, the loss without logits) through Liger-Kernel or torch.compile
     "fuse", "fused_parts", "unfuse",
+    # gradient checkpointing whose saved layer inputs wait in pinned host memory
+    "offload_checkpoints", "offloaded_scopes",
 ]
