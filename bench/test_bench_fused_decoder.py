@@ -7,13 +7,14 @@ CUDA when installed) against transformers + bitsandbytes + PEFT; the row also ti
 Liger installed, the compile backend and the PEFT baseline with Liger-Kernel's kernels (applied by
 peft_fast.fuse(peft_model, "liger"), to that model only): what the adapter engine adds by itself; and the fast side
 with peft_fast.offload_checkpoints (checkpointed layers' inputs in pinned host memory): what the offload costs in
-tokens/s and saves in memory.
+tokens/s and saves in memory, beside transformers' own offload (copies on the compute stream) where it has one.
 Memory columns: the peak over the weights, per variant (`*_peak_mib`), and its ratio to PEFT's.
 
 On a CPU (no bitsandbytes kernels worth timing): dense fp32 LoRA on a tiny Llama, fused="compile" against PEFT,
 for the harness; CPU times say nothing about GPU speed.
 """
 import copy
+import inspect
 import warnings
 
 import peft
@@ -79,11 +80,16 @@ def test_fused_decoder_train_step(benchmark, impl, shape):
         variants["peft_liger"] = (peft, "liger")
     if ON_GPU:  # the fast side with its checkpoint inputs in host memory (offload_checkpoints moves CUDA tensors)
         variants["peft_fast_offload"] = (peft_fast, fused)
+        if "offload" in inspect.signature(getattr(type(base), "activation_checkpointing_enable", len)).parameters:
+            variants["peft_fast_hf_offload"] = (peft_fast, fused)  # transformers' own: copies on the compute stream
     models = {name: _recipe(lib, copy.deepcopy(base), f) for name, (lib, f) in variants.items()}
     if "peft_liger" in models:
         peft_fast.fuse(models["peft_liger"], "liger")
     if "peft_fast_offload" in models:
         peft_fast.offload_checkpoints(models["peft_fast_offload"])
+    if "peft_fast_hf_offload" in models:
+        models["peft_fast_hf_offload"].get_base_model().activation_checkpointing_enable({"use_reentrant": False},
+                                                                                        offload=True)
     fast, ref = _recipe(peft_fast, copy.deepcopy(base), fused), _recipe(peft, base)
     ids = torch.randint(0, model_kw["vocab_size"], (batch, seq), device=DEVICE)
     tokens = batch * seq

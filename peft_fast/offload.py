@@ -1,7 +1,7 @@
 """Activation offload for gradient checkpointing.
 
 A checkpointed decoder layer keeps only its inputs for the backward's recomputation: one [tokens, hidden] tensor per
-layer (22 x 16 MiB for a 1.1B Llama at 4x1024 tokens in bf16, 32 x 32 MiB for an 8B one at 2x1024), alive from the
+layer (22 x 16 MiB for a 1.1B Llama at 4x1024 tokens in bf16, 32 x 16 MiB for an 8B one at 2x1024), alive from the
 forward until that layer's backward. `offload_checkpoints(model)` moves them to pinned host memory as the forward
 saves them and brings each back one layer ahead of the backward that needs it, so GPU memory holds one or two of
 them instead of all.
@@ -10,12 +10,16 @@ How: saved-tensor hooks around the forward of each module that runs a stack of t
 `GradientCheckpointingLayer`s (the decoder model, e.g. `LlamaModel`). Both torch checkpoint variants save a layer's
 inputs through those hooks, while what the layer saves inside the checkpoint goes to the checkpoint's own hooks, so
 only the checkpoint inputs, and the few large tensors the module saves outside its layers (the final norm's input),
-are offloaded. Copies to the host run on a side stream and overlap the forward; copies back run on a side stream one
-saved tensor ahead of the backward. Nothing changes numerically: the bytes come back as they left.
+are offloaded; layers left unchecked (transformers' `every_n_layers`) keep theirs on the device. Copies to the host
+run on a side stream and overlap the forward; copies back run on a side stream one saved tensor ahead of the
+backward, the first as soon as the forward ends. Nothing changes numerically: the bytes come back as they left.
+transformers' own `offload=True` (`activation_checkpointing_enable`, 5.2x) runs both copies on the compute stream;
+where both are on, its hooks take the checkpoint inputs first.
 
 It is on only while gradient checkpointing is (so `Trainer`'s later `gradient_checkpointing_enable()` turns it on),
 in training mode, with gradients enabled and outside `torch.compile` (a compiled step keeps its inputs on the device);
-tensors below `min_bytes`, parameters, and tensors not on a CUDA device stay where they are.
+tensors below `min_bytes`, parameters (and views of them), autograd leaves, and tensors not on a CUDA device stay
+where they are.
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ __all__ = ["offload_checkpoints", "offloaded_scopes"]
 # "host copy" is a clone.
 DEVICE_TYPES = {"cuda"}
 _ATTR = "_peft_fast_offload"
-_local = threading.local()  # per thread: the open (module, hooks) of the scopes now running
+_local = threading.local()  # per thread: the open (module, hooks, session) of the scopes and layers now running
 _streams: dict[torch.device, torch.cuda.Stream] = {}
 
 
@@ -98,11 +102,13 @@ class _Session:
         self.min_bytes = min_bytes
         self.order: list[weakref.ref] = []  # what was offloaded, in forward order
         self.seen = WeakIdKeyDictionary()  # a tensor saved by several layers (a shared mask) leaves once
+        self.cursor: Optional[int] = None  # below this, nothing has been prefetched or used yet
 
     def pack(self, t: torch.Tensor):
-        if (t.device.type not in DEVICE_TYPES or isinstance(t, nn.Parameter)
-                or t.numel() * t.element_size() < self.min_bytes):
-            return t
+        base = t._base if t._base is not None else t  # nn.Linear saves weight.t(), a view
+        if (t.device.type not in DEVICE_TYPES or t.numel() * t.element_size() < self.min_bytes
+                or isinstance(base, nn.Parameter) or (base.grad_fn is None and base.requires_grad)):
+            return t.detach()  # parameters, and leaves autograd keeps alive anyway (detached: no reference cycle)
         box = self.seen.get(t)
         if box is not None and box.version == t._version:
             return box
@@ -115,12 +121,32 @@ class _Session:
         if not isinstance(packed, _Offloaded):
             return packed
         t = packed.take()
-        for ref in reversed(self.order[:packed.index]):  # the next one the backward will want: start its copy now
-            box = ref()
+        self.prefetch_below(packed.index)
+        return t
+
+    def prefetch_below(self, index: int) -> None:
+        """Start the copy back of the newest offload below `index` not back yet: the one the backward wants next.
+        One copy is ahead at a time."""
+        i = index if self.cursor is None else min(index, self.cursor)
+        if i == self.cursor and i < len(self.order):
+            ahead = self.order[i]()
+            if ahead is not None and not ahead.used:
+                return  # the copy started last is still to be taken
+        while i > 0:
+            i -= 1
+            box = self.order[i]()
             if box is not None and not box.used:
                 box.prefetch()
                 break
-        return t
+        self.cursor = i
+
+
+def _keep(t):
+    return t.detach()  # torch's advice: the packed value must not hold the tensor, or a saved output makes a cycle
+
+
+def _same(t):
+    return t
 
 
 def _checkpointed_layers(module: nn.Module) -> list[nn.Module]:
@@ -148,43 +174,75 @@ class _Scope:
     def __init__(self, module: nn.Module, min_bytes: int, explicit: bool):
         self.min_bytes, self.explicit, self.warned = min_bytes, explicit, False
         self.layers = [] if explicit else _checkpointed_layers(module)
-        self.handles = (module.register_forward_pre_hook(self.enter),
-                        module.register_forward_hook(self.exit, always_call=True))
+        self.owned = {id(module)} | {id(m) for m in self.layers}
+        self.handles = [module.register_forward_pre_hook(self.enter),
+                        module.register_forward_hook(self.exit, always_call=True)]
+        for layer in self.layers:  # a layer left unchecked (every_n_layers > 1) keeps its activations on the device
+            self.handles += [layer.register_forward_pre_hook(self.enter_layer),
+                             layer.register_forward_hook(self.exit, always_call=True)]
 
     def active(self, module: nn.Module) -> bool:
-        if torch.compiler.is_compiling() or not torch.is_grad_enabled() or not module.training:
+        if not torch.is_grad_enabled() or not module.training:
             return False
         if self.explicit or any(layer.gradient_checkpointing and layer.training for layer in self.layers):
             return True
         if not self.warned:
             self.warned = True
             warnings.warn(f"offload_checkpoints: gradient checkpointing is off in {type(module).__name__}, so there "
-                          "is nothing to offload; call model.gradient_checkpointing_enable() (Trainer does it with "
+                          "is nothing to offload; enable it (model.gradient_checkpointing_enable(), or Trainer's "
                           "gradient_checkpointing=True).", stacklevel=3)
         return False
 
     def enter(self, module, args):
         if torch.compiler.is_compiling():
             return
-        hooks = None
+        stack = _open()
+        while stack and id(stack[-1][0]) in self.owned:  # left by a forward that an interrupt cut short
+            _close(stack.pop()[1])
+        session = None
         if self.active(module):
             session = _Session(self.min_bytes)
-            hooks = torch.autograd.graph.saved_tensors_hooks(session.pack, session.unpack)
-            hooks.__enter__()
-        _open().append((module, hooks))
+            hooks = _open_hooks(session.pack, session.unpack)
+            if hooks is None:
+                session = None
+        stack.append((module, hooks if session is not None else None, session))
+
+    def enter_layer(self, layer, args):
+        if torch.compiler.is_compiling():
+            return
+        stack = _open()
+        offloading = any(session is not None for m, _, session in stack if m is not layer and id(m) in self.owned)
+        checkpointed = layer.gradient_checkpointing and layer.training and torch.is_grad_enabled()
+        stack.append((layer, _open_hooks(_keep, _same) if offloading and not checkpointed else None, None))
 
     def exit(self, module, args, output):
         if torch.compiler.is_compiling():
             return
         stack = _open()
         if stack and stack[-1][0] is module:  # not when an earlier pre-hook raised before ours ran
-            _, hooks = stack.pop()
-            if hooks is not None:
-                hooks.__exit__(None, None, None)
+            _, hooks, session = stack.pop()
+            _close(hooks)
+            if session is not None and session.order:
+                # the newest offload is the backward's first want: its copy back starts now, behind the loss
+                session.prefetch_below(len(session.order))
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
+
+
+def _open_hooks(pack, unpack):
+    hooks = torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+    try:
+        hooks.__enter__()
+    except RuntimeError:  # saved-tensor hooks are disabled here (e.g. inside a torch.func transform): no offload
+        return None
+    return hooks
+
+
+def _close(hooks) -> None:
+    if hooks is not None:
+        hooks.__exit__(None, None, None)
 
 
 def _open() -> list:

@@ -7,6 +7,7 @@ tests see through storage weak references. Losses and gradients must be bitwise 
 offload (the bytes come back as they left), for peft_fast and PEFT models, both torch checkpoint variants, and
 decoder families with different layer signatures. The GPU test measures the memory it frees.
 """
+import gc
 import threading
 import warnings
 
@@ -120,6 +121,66 @@ def test_off_without_checkpointing_in_eval_and_no_grad(on_cpu, monkeypatch):
     assert packs
 
 
+@pytest.mark.parametrize("which", ["kept", "layer left unchecked"])
+def test_what_stays_makes_no_reference_cycle(which):
+    """A saved-tensor hook that packs a tensor as itself makes a cycle through an op's saved output: freed only by
+    the garbage collector."""
+    session = offload._Session(min_bytes=1 << 40)
+    pack, unpack = (session.pack, session.unpack) if which == "kept" else (offload._keep, offload._same)
+    x = torch.randn(1000, requires_grad=True)
+    gc.collect()
+    gc.disable()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            y = x.exp()  # exp saves its output
+        y.sum().backward()
+        ref = StorageWeakRef(y.untyped_storage())
+        torch.testing.assert_close(x.grad, y.detach())
+        del y
+        assert ref.expired()
+    finally:
+        gc.enable()
+
+
+def test_parameters_and_leaves_stay(on_cpu):
+    session = offload._Session(min_bytes=0)
+    w = nn.Parameter(torch.randn(8, 8))
+    leaf = torch.randn(4, 8, requires_grad=True)
+    h = leaf * 2
+    assert not isinstance(session.pack(w), offload._Offloaded)
+    assert not isinstance(session.pack(w.t()), offload._Offloaded)  # what nn.Linear saves: a view
+    assert not isinstance(session.pack(nn.Parameter(torch.randn(3), requires_grad=False)), offload._Offloaded)
+    assert not isinstance(session.pack(leaf), offload._Offloaded)  # autograd's AccumulateGrad holds it anyway
+    box = session.pack(h)
+    assert isinstance(box, offload._Offloaded) and session.pack(h) is box  # saved twice, offloaded once
+    h.mul_(3)  # changed in place between two saves: the second is a new copy
+    again = session.pack(h)
+    assert again is not box and torch.equal(session.unpack(again), h) and torch.equal(session.unpack(box) * 3, h)
+
+
+@pytest.mark.parametrize("guard", [True, False], ids=["unchecked_layers_guarded", "control"])
+def test_layers_left_unchecked_keep_their_activations(on_cpu, monkeypatch, guard):
+    """transformers' every_n_layers checkpoints some layers only: the others keep what they save on the device.
+    (The control, without that guard, shows the check can fail: their MLP activations would be offloaded.)"""
+    packs = []
+    real = offload._Session.pack
+    monkeypatch.setattr(offload._Session, "pack", lambda self, t: packs.append(tuple(t.shape)) or real(self, t))
+    if not guard:
+        monkeypatch.setattr(offload._Scope, "enter_layer", lambda self, layer, args: offload._open().append(
+            (layer, None, None)))
+    ids = _ids()
+    control = _step(_model(layers=4), ids)
+    model = _model(layers=4)
+    for i, layer in enumerate(_layers(model)):
+        layer.gradient_checkpointing = i % 2 == 0
+    peft_fast.offload_checkpoints(model, min_bytes=0)
+    got = _step(model, ids)
+    _same(control, got)
+    mlp_wide = [s for s in packs if s[-1] == 96]  # intermediate_size: saved inside an MLP only
+    assert (not mlp_wide) == guard, packs
+    assert packs.count(tuple(ids.shape) + (64,)) >= 2  # the checkpointed layers' inputs did leave
+
+
 def test_checkpointing_enabled_later_turns_it_on(on_cpu):
     """Trainer enables checkpointing when training starts, after the model was built and offloaded."""
     ids = _ids()
@@ -227,10 +288,15 @@ def test_prefetches_the_next_layer(on_cpu, monkeypatch):
     assert firsts == sorted(firsts, reverse=True) and firsts[-1] == 0 and len(firsts) >= 4
     for i in firsts[1:]:
         assert ("prefetch", i) in events[:events.index(("take", i))], i
-    used = set()
+    used, ahead = set(), set()
     for kind, i in events:
-        assert kind == "take" or i not in used
-        used |= {i} if kind == "take" else set()
+        if kind == "take":
+            used.add(i)
+            ahead.discard(i)
+        else:
+            assert i not in used
+            ahead.add(i)
+        assert len(ahead) <= 1, events  # one copy on its way back at a time
 
 
 def test_compiled_step_keeps_one_graph(on_cpu):
@@ -326,3 +392,22 @@ def test_frees_device_memory_on_cuda():
     # Without the offload all six inputs wait on the device; with it at most the one in use and the one prefetched.
     assert peaks[1] <= peaks[0] - (layers - 3) * hidden, (peaks, hidden)
     assert not any(steps[1][2][1:])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="streams: needs CUDA")
+def test_slow_copies_are_waited_for(monkeypatch):
+    """Copies held up on the side stream (a GPU sleep before each) must still be waited for: a missing wait reads
+    pinned memory before the copy filled it, or device memory before the copy back did."""
+    real = offload._side_stream
+
+    def slow(device):
+        stream = real(device)
+        with torch.cuda.stream(stream):
+            torch.cuda._sleep(2_000_000)
+        return stream
+
+    ids = _ids(shape=(2, 256), device="cuda")
+    control = _step(_model(layers=4, device="cuda"), ids)
+    monkeypatch.setattr(offload, "_side_stream", slow)
+    got = _step(peft_fast.offload_checkpoints(_model(layers=4, device="cuda"), min_bytes=0), ids)
+    _same(control, got, tol=1e-4)  # float32: tf32 or atomics may differ run to run, stale bytes would not be close
