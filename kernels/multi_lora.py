@@ -18,12 +18,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .common.backend import HAS_TRITON, use_triton
-from .common.batch_meta import LoraBatchMeta, check_launch, slot_update
+from .common.batch_meta import LoraBatchMeta, check_launch, rows_update, slot_update
 from .common.dot_policy import dot_mode, precision
 from .common.tiling import cdiv, np2, z_dtype
 from .lora_expand import check_expand_args, lora_expand_triton
 from .lora_shrink import check_shrink_args, lora_shrink_triton
 from .common.launch import launch
+from .common.rank_buckets import bucket_deltas, bucket_plan
 
 __all__ = ["multi_lora", "multi_lora_", "multi_lora_reference", "multi_lora_triton"]
 
@@ -43,18 +44,32 @@ def multi_lora_reference(x: Tensor, y: Tensor, a_stack: Tensor, b_stack: Tensor,
                          meta: LoraBatchMeta, bias_stack: Optional[Tensor] = None, *, inplace: bool = False,
                          dora_scale: Optional[Tensor] = None, base_bias: Optional[Tensor] = None) -> Tensor:
     """PEFT's `_mixed_batch_forward`: result[idx] += (lora_B(lora_A(x[idx].to(A.dtype))) * scaling).to(result.dtype);
-    DoRA slots: PEFT's DoRA output for those rows, as if that adapter ran alone. Bit for bit PEFT's, with one gather
-    of x and y and one write back for the whole batch (each adapter reads a contiguous run of the sorted rows)."""
+    DoRA slots: PEFT's DoRA output for those rows, as if that adapter ran alone. Adapters that share a rank run
+    together as batched matmuls (common/rank_buckets.py), equal to PEFT's within rounding. Where they cannot (every
+    rank different, one adapter, token counts too uneven), adapter by adapter, bit for bit PEFT's, with one gather of
+    x and y and one write back for the whole batch (each adapter reads a contiguous run of the sorted rows)."""
     _check(x, y, a_stack, b_stack, ranks, scalings, meta, bias_stack, dora_scale, base_bias)
     result = y if inplace else y.clone()
     starts, counts, rows = meta.host_groups()
     rank_list = ranks.tolist()
+    r_max = a_stack.shape[1]
+
+    def groups():  # (slot, start among the sorted rows, count, rank) of every adapter with tokens here
+        return [(s, start, count, min(int(rank_list[s]), r_max))
+                for s, (start, count) in enumerate(zip(starts, counts)) if count > 0 and rank_list[s] > 0]
+
+    plan = meta.plan((tuple(rank_list), r_max), lambda: bucket_plan(groups(), rows.tolist(), x.shape[0]))
+    if plan is not None:
+        delta = bucket_deltas(x, a_stack, b_stack, scalings, bias_stack, plan)
+        tokens = plan.tokens.to(x.device)
+        if dora_scale is None:
+            return result.index_add_(0, tokens, delta.to(result.dtype))
+        update = rows_update(result.index_select(0, tokens), delta, dora_scale, plan.token_slots.to(x.device),
+                             base_bias)
+        return result.index_copy_(0, tokens, update)
     xs, ys = x.index_select(0, rows), result.index_select(0, rows)
     new = ys.clone()
-    for s, (start, count) in enumerate(zip(starts, counts)):
-        r = min(int(rank_list[s]), a_stack.shape[1])
-        if count == 0 or r == 0:
-            continue
+    for s, start, count, r in groups():
         a, b = a_stack[s, :r], b_stack[s, :, :r]
         bias = bias_stack[s].to(b.dtype) if bias_stack is not None else None
         # F.linear as PEFT's nn.Linear modules call it: addmm with the bias, bit for bit on CPU.

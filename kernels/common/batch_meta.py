@@ -8,7 +8,7 @@ holds; tiles past the real ones name slot n_slots and their programs return at o
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -31,6 +31,7 @@ class LoraBatchMeta:
     n_slots: int
     block_m: int  # tile height, chosen from T and n_slots: the kernels' BLOCK_M
     _host: Optional[tuple] = field(default=None, repr=False, compare=False)
+    _plans: dict = field(default_factory=dict, repr=False, compare=False)
 
     def host_groups(self) -> tuple[list[int], list[int], Tensor]:
         """(slot starts, slot counts, the sorted rows that have a slot) on the host, read once per batch and kept:
@@ -39,6 +40,13 @@ class LoraBatchMeta:
             starts, counts = self.slot_starts.tolist(), self.slot_counts.tolist()
             self._host = (starts, counts, self.sorted_tokens[:sum(counts)].long())
         return self._host
+
+    def plan(self, key, make: Callable):
+        """make() once per batch and key (what the plan depends on besides the batch): the layers of one forward
+        share it."""
+        if key not in self._plans:
+            self._plans[key] = make()
+        return self._plans[key]
 
     @property
     def max_tiles(self) -> int:
@@ -114,8 +122,18 @@ def slot_update(y_rows: Tensor, delta: Tensor, dora_scale: Optional[Tensor], s: 
                 base_bias: Optional[Tensor]) -> Tensor:
     """The new rows of y for slot s's tokens (the references): y + delta, or PEFT's DoRA output when dora_scale is
     given."""
-    if dora_scale is None:
+    return _update(y_rows, delta, dora_scale[s] if dora_scale is not None else None, base_bias)
+
+
+def rows_update(y_rows: Tensor, delta: Tensor, dora_scale: Optional[Tensor], row_slots: Tensor,
+                base_bias: Optional[Tensor]) -> Tensor:
+    """slot_update for rows of several slots at once: row i belongs to slot row_slots[i]."""
+    return _update(y_rows, delta, dora_scale.index_select(0, row_slots) if dora_scale is not None else None,
+                   base_bias)
+
+
+def _update(y_rows: Tensor, delta: Tensor, c: Optional[Tensor], base_bias: Optional[Tensor]) -> Tensor:
+    if c is None:
         return y_rows + delta.to(y_rows.dtype)
-    c = dora_scale[s]
     base_nb = y_rows - base_bias if base_bias is not None else y_rows
     return (y_rows + (c - 1) * base_nb + c * delta).to(y_rows.dtype)

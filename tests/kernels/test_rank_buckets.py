@@ -1,0 +1,130 @@
+"""kernels/common/rank_buckets.py: the reference's batched form of a mixed batch (adapters grouped by rank, two bmm
+per group) against the per-adapter loop it replaces and the formula token by token, in float64: NaN beyond each
+slot's rank (never read), evenly and unevenly spaced slots of one rank, uneven token counts, slot -1 and rank-0
+slots, lora bias, DoRA scales; and which batches take it."""
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from peft_fast.kernels import make_lora_batch_meta, multi_lora_reference
+from peft_fast.kernels.common import rank_buckets
+from peft_fast.kernels.common.rank_buckets import bucket_plan
+
+
+def _case(slots, ranks, in_f=13, out_f=11, *, bias=False, dora=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    n, r_max = len(ranks), max(ranks) + 2
+    a, b = rnd(n, r_max, in_f), rnd(n, out_f, r_max)
+    for s, r in enumerate(ranks):
+        a[s, r:] = float("nan")
+        b[s, :, r:] = float("nan")
+    lb = rnd(n, out_f) if bias else None
+    c = rnd(n, out_f).abs() + 0.5 if dora else None
+    if lb is not None:
+        lb[[s for s, r in enumerate(ranks) if r == 0]] = float("nan")  # an absent adapter's bias is never applied
+    slots = torch.tensor(slots)
+    return dict(x=rnd(len(slots), in_f), y=rnd(len(slots), out_f), a=a, b=b,
+                ranks=torch.tensor(ranks, dtype=torch.int32),
+                scal=torch.rand(n, generator=g, dtype=torch.float64) + 0.5, lb=lb, c=c,
+                bb=rnd(out_f) if dora else None, meta=make_lora_batch_meta(slots, n))
+
+
+def _run(k):
+    return multi_lora_reference(k["x"], k["y"], k["a"], k["b"], k["ranks"], k["scal"], k["meta"], k["lb"],
+                                dora_scale=k["c"], base_bias=k["bb"])
+
+
+def _by_hand(k):
+    y = k["y"].clone()
+    for t, s in enumerate(k["meta"].token_slots.tolist()):
+        r = int(k["ranks"][s]) if s >= 0 else 0
+        if r == 0:
+            continue
+        d = F.linear(F.linear(k["x"][t], k["a"][s, :r]), k["b"][s, :, :r])
+        d = (d + (k["lb"][s] if k["lb"] is not None else 0)) * k["scal"][s]
+        if k["c"] is None:
+            y[t] = k["y"][t] + d
+        else:
+            y[t] = k["y"][t] + (k["c"][s] - 1) * (k["y"][t] - k["bb"]) + k["c"][s] * d
+    return y
+
+
+def _took(k) -> bool:
+    return any(p is not None for p in k["meta"]._plans.values())
+
+
+CASES = {
+    # 8 slots, ranks (4, 2) alternating: every other slot, a strided view of the stacks
+    "strided": ([0, 1, 2, 3, 4, 5, 6, 7, 7, 6, 5, 4, 3, 2, 1, 0, -1, -1], [4, 2] * 4),
+    # ranks in no pattern: the slots of a rank are gathered
+    "gathered": ([5, 0, 3, 1, 4, 2, 0, 3, 5, 1, 2, 4, -1], [3, 3, 1, 3, 1, 1]),
+    # one rank: consecutive slots; token counts 1 to 2 per slot
+    "one rank": ([0, 1, 2, 3, 0, 2, -1, 3], [5, 5, 5, 5]),
+    # a rank-0 slot (this layer lacks that adapter) and tokens without an adapter keep y exactly
+    "rank 0": ([0, 1, 2, 3, 1, 3, -1, 2], [2, 0, 2, 2]),
+}
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "lora_bias"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_buckets_match_the_loop_and_the_formula(case, bias, dora, monkeypatch):
+    slots, ranks = CASES[case]
+    k = _case(slots, ranks, bias=bias, dora=dora)
+    got = _run(k)
+    assert _took(k), "the batched form did not run"
+    loop_k = _case(slots, ranks, bias=bias, dora=dora)
+    monkeypatch.setattr(rank_buckets, "MAX_PAD_FACTOR", 0)  # the control: every batch loops
+    loop = _run(loop_k)
+    assert not _took(loop_k)
+    assert not got.isnan().any(), "the padding beyond a rank (NaN) was read"
+    torch.testing.assert_close(got, loop, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got, _by_hand(k), rtol=1e-12, atol=1e-12)
+    keep = torch.tensor([s < 0 or ranks[s] == 0 for s in slots])
+    assert torch.equal(got[keep], k["y"][keep])
+
+
+def test_inplace_and_float32():
+    slots, ranks = CASES["strided"]
+    k = _case(slots, ranks, bias=True)
+    k32 = {n: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for n, v in k.items()}
+    y = k32["y"].clone()
+    got = multi_lora_reference(k32["x"], y, k32["a"], k32["b"], k32["ranks"], k32["scal"], k32["meta"], k32["lb"],
+                               inplace=True)
+    assert got is y and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), _by_hand(k), rtol=1e-5, atol=1e-5)
+
+
+def test_which_batches_take_it():
+    def plan(slots, ranks):
+        k = _case(slots, ranks)
+        _run(k)
+        return next(iter(k["meta"]._plans.values()))
+
+    assert plan([0, 1, 2, 3], [2, 2, 2, 2]) is not None
+    assert plan([0, 1, 2, 3], [1, 2, 3, 4]) is None  # every rank different: nothing to batch
+    assert plan([0, 0, 0, 0, 0, 0, 0, 1, 2], [2, 2, 2]) is None  # padding to 7 rows a slot: 21 rows for 9 tokens
+    assert plan([0, 0, 0, 0, 0, 0, 1, 2, 2], [2, 2, 2]) is not None  # 18 for 9: at most twice
+    assert plan([0, 0, 0, 0, 0, 0, 0], [2, 2]) is None  # one adapter present
+    p = plan([0, 2, 4, 1, 3], [2, 1, 2, 1, 2])
+    assert [(b.rank, b.select, b.offset) for b in p.buckets] == [(1, slice(1, 4, 2), 0), (2, slice(0, 5, 2), 2)]
+    assert p.tokens.tolist() == [3, 4, 0, 1, 2] and p.token_slots.tolist() == [1, 3, 0, 2, 4]
+    assert p.gather.tolist() == p.tokens.tolist() and p.scatter.tolist() == [0, 1, 2, 3, 4]
+    p = plan([1, 0, 1, -1, 2, 2], [3, 3, 3])  # widths 2: slot 0 pads one row with the zero row (token 6)
+    assert p.gather.tolist() == [1, 6, 0, 2, 4, 5] and p.scatter.tolist() == [0, 2, 3, 4, 5]
+
+
+def test_the_layers_of_one_forward_share_a_plan(monkeypatch):
+    calls = []
+    real = rank_buckets.bucket_plan
+    module = sys.modules["peft_fast.kernels.multi_lora"]  # the package's `multi_lora` is the function
+    monkeypatch.setattr(module, "bucket_plan", lambda *a: calls.append(1) or real(*a))
+    slots, ranks = CASES["strided"]
+    k = _case(slots, ranks)
+    for _ in range(3):  # three layers, one batch
+        _run(k)
+    assert len(calls) == 1
+    assert bucket_plan([(0, 0, 1, 2), (1, 1, 1, 2)], [1, 0], 2) is not None
