@@ -88,7 +88,8 @@ def bucket_deltas(x: Tensor, a_stack: Tensor, b_stack: Tensor, scalings: Tensor,
     for bk in plan.buckets:
         sel, r = _on(bk.select, dev), bk.rank
         x_b = padded[bk.offset:bk.offset + bk.n * bk.width].view(bk.n, bk.width, -1)
-        z = torch.bmm(x_b, a_stack[sel, :r].transpose(1, 2))  # [n, width, r]: the ranks only are read
+        # A·xᵀ: A's rows read in order, at the memory's bandwidth (x·Aᵀ ran ~10% slower here, bench/results/)
+        z = torch.bmm(a_stack[sel, :r], x_b.transpose(1, 2)).transpose(1, 2)  # [n, width, r]: the ranks only
         b = b_stack[sel, :, :r].transpose(1, 2)
         if bias_stack is not None:
             deltas.append(torch.baddbmm(bias_stack[sel].to(b.dtype).unsqueeze(1), z, b).view(bk.n * bk.width, -1))

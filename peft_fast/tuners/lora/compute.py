@@ -102,10 +102,11 @@ class LoraCompute:
         train() / eval()), so they are reused without looking at any parameter, as serving needs (and as a
         compiled forward must); after an event, or in training mode, each slot's parameters are checked."""
         adapter_dtype = next(iter(self.lora_A.values())).weight.dtype
-        dtype = stack_dtype(x, adapter_dtype, use_triton(x))
+        on_triton = use_triton(x)
+        dtype = stack_dtype(x, adapter_dtype, on_triton)
         cache = self._stack_cache
-        if cache is None or cache.dtype != dtype:
-            cache = self._stack_cache = StackCache(self, slot_names, dtype)
+        if cache is None or cache.dtype != dtype or cache.b_rank_major == on_triton:
+            cache = self._stack_cache = StackCache(self, slot_names, dtype, b_rank_major=not on_triton)
         elif self.training or getattr(self, "_stack_dirty", True) or cache.slot_names != slot_names:
             cache.update(self, slot_names)  # only the slots whose adapter changed are written
         self._stack_dirty = False

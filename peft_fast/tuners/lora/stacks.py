@@ -51,8 +51,8 @@ class StackCache:
     changed (added, loaded, trained, deleted: its parameters' identity, storage or version, its scaling, and for
     DoRA the base weight), so an event costs one slot, not a repack; a forward only reads them."""
 
-    def __init__(self, layer, slot_names: tuple, dtype: torch.dtype):
-        self.dtype = dtype
+    def __init__(self, layer, slot_names: tuple, dtype: torch.dtype, b_rank_major: bool = False):
+        self.dtype, self.b_rank_major = dtype, b_rank_major
         self.slot_names: tuple = ()
         self.signatures: list = []
         self.capacity = self.r_cap = 0
@@ -108,7 +108,10 @@ class StackCache:
         m_dtype = next((layer.lora_magnitude_vector[m].weight.dtype for m in layer.lora_magnitude_vector), None)
         self.full = AdapterStacks(
             zeros(capacity, r_cap, layer.in_features, dtype=self.dtype),
-            zeros(capacity, layer.out_features, r_cap, dtype=self.dtype),
+            # B is [n_slots, out, r_max] either way; stored rank-major, a slot's first r ranks are r contiguous rows,
+            # which the CPU reference's matmuls read at twice the speed of out rows strided by r_max
+            (zeros(capacity, r_cap, layer.out_features, dtype=self.dtype).transpose(1, 2) if self.b_rank_major
+             else zeros(capacity, layer.out_features, r_cap, dtype=self.dtype)),
             zeros(capacity, dtype=torch.int32), zeros(capacity, dtype=torch.float32),
             zeros(capacity, layer.out_features, dtype=self.dtype) if has_bias else None,
             torch.ones(capacity, layer.out_features, device=device, dtype=m_dtype) if has_dora else None)
