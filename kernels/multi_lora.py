@@ -24,6 +24,7 @@ from .common.tiling import cdiv, np2, z_dtype
 from .lora_expand import check_expand_args, lora_expand_triton
 from .lora_shrink import check_shrink_args, lora_shrink_triton
 from .common.launch import launch
+from .common.lora_decode import DECODE_MAX_A_BYTES
 from .common.rank_buckets import bucket_deltas, bucket_plan
 
 __all__ = ["multi_lora", "multi_lora_", "multi_lora_reference", "multi_lora_triton"]
@@ -80,8 +81,16 @@ def multi_lora_reference(x: Tensor, y: Tensor, a_stack: Tensor, b_stack: Tensor,
 
 # Up to this many tokens (decode) the whole delta runs as one launch: each program recomputes its tile's z for its
 # out tile instead of writing z to memory for a second launch. Above it, the rows are many and the two launches'
-# one z per tile wins. (The crossover is for bench/gpu_check.sh to confirm on a GPU.)
+# one z per tile wins. As for a single adapter's decode (common/lora_decode.py), a slot's A is re-read by every out
+# tile, so a slot larger than DECODE_MAX_A_BYTES takes the two launches too. (The crossovers are for
+# bench/gpu_check.sh to confirm on a GPU: test_bench_multi_lora.py's kernel rows time one launch against two.)
 FUSED_MAX_TOKENS = 16
+
+
+def fuses(meta: LoraBatchMeta, a_stack: Tensor) -> bool:
+    """Whether a batch takes the one-launch path: decode-sized, with slots small enough to re-read per out tile."""
+    return (meta.num_tokens <= FUSED_MAX_TOKENS
+            and a_stack.shape[1] * a_stack.shape[2] * a_stack.element_size() <= DECODE_MAX_A_BYTES)
 
 if HAS_TRITON:
     import triton
@@ -164,15 +173,15 @@ def multi_lora_triton(x: Tensor, y: Tensor, a_stack: Tensor, b_stack: Tensor, ra
                       meta: LoraBatchMeta, bias_stack: Optional[Tensor] = None, *, inplace: bool = False,
                       dora_scale: Optional[Tensor] = None, base_bias: Optional[Tensor] = None,
                       fused: Optional[bool] = None) -> Tensor:
-    """One launch for a decode batch (<= FUSED_MAX_TOKENS tokens), else two (lora_shrink into an fp32 z [T, r_max],
-    then lora_expand), whatever the number of adapters. `fused` forces one or the other."""
+    """One launch for a decode batch of small slots (`fuses`), else two (lora_shrink into an fp32 z [T, r_max], then
+    lora_expand), whatever the number of adapters. `fused` forces one or the other."""
     if not HAS_TRITON:
         raise RuntimeError("multi_lora_triton needs triton, which is not installed; use multi_lora_reference.")
     _check(x, y, a_stack, b_stack, ranks, scalings, meta, bias_stack, dora_scale, base_bias)
     check_launch("multi_lora", x, y, a_stack, b_stack, ranks, scalings, bias_stack, meta.sorted_tokens, dora_scale,
                   base_bias)
     result = y if inplace else y.clone()
-    if fused if fused is not None else meta.num_tokens <= FUSED_MAX_TOKENS:
+    if fused if fused is not None else fuses(meta, a_stack):
         return _fused(x, result, a_stack, b_stack, ranks, scalings, meta, bias_stack, dora_scale, base_bias)
     z = lora_shrink_triton(x, a_stack, ranks, meta)
     return lora_expand_triton(result, z, b_stack, ranks, scalings, meta, bias_stack, dora_scale=dora_scale,

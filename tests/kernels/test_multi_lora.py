@@ -1,4 +1,6 @@
 """kernels/multi_lora.py: batch metadata, the Triton path against the float64 reference, the reference against PEFT."""
+import sys
+
 import pytest
 import torch
 
@@ -273,3 +275,31 @@ def test_reference_is_peft_bit_for_bit(dtype):
                                    bias_stack)
     assert a_stack.dtype == torch.float32 and got.dtype == want.dtype
     assert torch.equal(got.reshape(5, 3, 20), want)
+
+
+@pytest.mark.triton
+def test_one_launch_only_for_small_slots(monkeypatch):
+    """Decode batches take the one-launch kernel unless a slot's A (re-read by every out tile) is over
+    DECODE_MAX_A_BYTES, as for a single adapter's decode; larger batches always take two launches."""
+    from peft_fast.kernels.common.lora_decode import DECODE_MAX_A_BYTES
+
+    module = sys.modules["peft_fast.kernels.multi_lora"]
+    calls = []
+    monkeypatch.setattr(module, "_fused", lambda *a: calls.append("one") or a[1])
+    monkeypatch.setattr(module, "lora_shrink_triton", lambda *a, **k: calls.append("two"))
+    monkeypatch.setattr(module, "lora_expand_triton", lambda y, *a, **k: y)
+
+    def path(T, r_max, in_f, dtype=torch.float32):
+        calls.clear()
+        n = 3
+        a = torch.zeros(n, r_max, in_f, dtype=dtype)
+        multi_lora_triton(torch.zeros(T, in_f, dtype=dtype), torch.zeros(T, 5, dtype=dtype), a,
+                          torch.zeros(n, 5, r_max, dtype=dtype), torch.ones(n, dtype=torch.int32), torch.ones(n),
+                          make_lora_batch_meta(torch.arange(T) % n, n))
+        return calls[0]
+
+    fits = DECODE_MAX_A_BYTES // (16 * 4)  # in_features of a 16-rank fp32 slot exactly at the bound
+    assert path(16, 16, fits) == "one"
+    assert path(16, 16, fits + 1) == "two"
+    assert path(16, 16, fits + 1, torch.bfloat16) == "one"  # bytes, not elements
+    assert path(17, 16, 8) == "two"
