@@ -87,8 +87,10 @@ ALL_TESTS=tests/kernels ALL_BENCH=bench
 # GPU_CHECK_PYTEST_ARGS: extra pytest arguments for the kernels stage (e.g. "--maxfail=5 -x").
 stage kernels "${GPU_CHECK_KERNELS_S:-70}" $FIRST_TESTS $ALL_TESTS -q -rf --tb=short $TEST_TIMEOUT \
   ${GPU_CHECK_PYTEST_ARGS:-}
-# test_offload_checkpoints first: its CUDA test measures the device memory the offload frees.
-stage peft_fast "${GPU_CHECK_TESTS_S:-45}" tests/peft_fast/test_offload_checkpoints.py tests/peft_fast -q $XDIST $TEST_TIMEOUT \
+# New on a GPU, first: test_offload_checkpoints (its CUDA tests measure the memory the offload frees and delay the
+# copies' stream) and test_compiled_training (a training step replayed as CUDA graphs, mode="reduce-overhead").
+stage peft_fast "${GPU_CHECK_TESTS_S:-45}" tests/peft_fast/test_offload_checkpoints.py \
+  tests/peft_fast/test_compiled_training.py tests/peft_fast -q $XDIST $TEST_TIMEOUT \
   --ignore=tests/peft_fast/test_fused_ops.py --ignore=tests/peft_fast/test_fused_decoder.py  # the fused stage runs them
 # Rows are written as measured (into $OUT when set), so they survive a stage that times out.
 export PEFT_FAST_BENCH_ROWS="${OUT:-$LOGS}/bench_rows.jsonl"

@@ -4,7 +4,8 @@ each with and without gradient checkpointing, on the reference path and on the T
 
 Each step must be one graph (fullgraph=True, and a counting backend sees one frame), and give the eager model's
 loss and gradients. The step is compiled after one eager optimizer step, because eager calls fill caches that a
-compiled step must not trip over (a DoRA step once broke 42 times there)."""
+compiled step must not trip over (a DoRA step once broke 42 times there). On a GPU, the step also replays as CUDA
+graphs under mode="reduce-overhead"."""
 import copy
 import warnings
 
@@ -118,3 +119,45 @@ def test_compiled_nf4_decode_with_the_gemv_is_one_graph(backend, monkeypatch, tm
         got = torch.compile(logits, fullgraph=True, backend=counter)(model)
     assert counter.frame_count == 1
     torch.testing.assert_close(got, want, atol=TOL, rtol=TOL)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU (gpu_check stage peft_fast)")
+@pytest.mark.parametrize("variant", ["lora-dropout", "dora-nf4"])
+def test_training_step_replays_as_a_cuda_graph(variant, monkeypatch, tmp_path):
+    """mode="reduce-overhead": inductor captures the whole step (forward, loss, backward), Triton launches and custom
+    ops included, as CUDA graphs, and replays it with eager's loss and gradients."""
+    from torch._dynamo.utils import counters
+
+    use_settings(monkeypatch, backend="triton")
+    model = _model(variant, False, tmp_path).train()
+    ids = torch.randint(1, 97, (2, 12), generator=torch.Generator().manual_seed(1)).to("cuda")
+
+    def step(m):
+        return m(input_ids=ids, labels=ids, use_cache=False).loss
+
+    def eager_grads():
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(3)
+        loss = step(model)
+        loss.backward()
+        return loss.detach().clone(), _grads(model)
+
+    want_loss, want = eager_grads()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):  # warm-up, record, replay
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(3)
+        loss = compiled(model)
+        loss.backward()
+        loss = loss.detach().clone()  # the graph's output buffer is reused by the next replay
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
+    got = _grads(model)
+    assert got.keys() == want.keys()
+    if variant == "lora-dropout":  # the replayed dropout masks come from inductor's RNG, not eager's
+        assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in got.values())
+        return
+    torch.testing.assert_close(loss, want_loss, atol=2e-3, rtol=2e-3)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=2e-3, rtol=2e-2, msg=name)
