@@ -5,7 +5,7 @@ import functools
 
 import pytest
 import torch
-import torch.nn.functional as F
+from mixed_formula import by_hand
 
 from peft_fast.kernels import (
     lora_expand_reference,
@@ -38,22 +38,6 @@ def _case(T, in_f, out_f, ranks, device, *, dora_slots, base_bias=True, lora_bia
                 bb=dev(rnd(out_f)) if base_bias else None, meta=make_lora_batch_meta(slots.to(device), n))
 
 
-def _by_hand(k):
-    """The formula, token by token."""
-    y = k["y"].clone()
-    for t, s in enumerate(k["meta"].token_slots.tolist()):
-        r = int(k["ranks"][s]) if s >= 0 else 0
-        if r == 0:
-            continue
-        d = F.linear(F.linear(k["x"][t], k["a"][s, :r]), k["b"][s, :, :r])
-        if k["lb"] is not None:
-            d = d + k["lb"][s]
-        d = d * k["scal"][s]
-        base = k["y"][t] - (k["bb"] if k["bb"] is not None else 0)
-        y[t] = k["y"][t] + (k["c"][s] - 1) * base + k["c"][s] * d
-    return y
-
-
 def _run(fn, k):
     return fn(k["x"], k["y"], k["a"], k["b"], k["ranks"], k["scal"], k["meta"], k["lb"], dora_scale=k["c"],
               base_bias=k["bb"])
@@ -62,7 +46,7 @@ def _run(fn, k):
 @pytest.mark.parametrize("base_bias", [True, False])
 def test_reference_is_the_formula(base_bias):
     k = _case(23, 12, 10, [3, 0, 5, 2], "cpu", dora_slots=[0, 2], base_bias=base_bias, lora_bias=True)
-    torch.testing.assert_close(_run(multi_lora_reference, k), _by_hand(k), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(_run(multi_lora_reference, k), by_hand(k), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.triton
@@ -79,7 +63,7 @@ def test_triton_matches_reference_float64(device, T, in_f, out_f, ranks, dora_sl
     got = _run(functools.partial(multi_lora_triton, fused=fused), k)
     want = _run(multi_lora_reference, k)
     torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-11)
-    torch.testing.assert_close(want.cpu(), _by_hand({kk: (v.cpu() if torch.is_tensor(v) else v)
+    torch.testing.assert_close(want.cpu(), by_hand({kk: (v.cpu() if torch.is_tensor(v) else v)
                                                      for kk, v in k.items()}), rtol=1e-11, atol=1e-11)
     slots = k["meta"].token_slots.long().cpu()
     rank_of = torch.cat([k["ranks"].long().cpu(), torch.zeros(1, dtype=torch.long)])

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
+from mixed_formula import by_hand
 
 from peft_fast.kernels import make_lora_batch_meta, multi_lora_reference
 from peft_fast.kernels.common import rank_buckets
@@ -35,21 +35,6 @@ def _case(slots, ranks, in_f=13, out_f=11, *, bias=False, dora=False, seed=0):
 def _run(k):
     return multi_lora_reference(k["x"], k["y"], k["a"], k["b"], k["ranks"], k["scal"], k["meta"], k["lb"],
                                 dora_scale=k["c"], base_bias=k["bb"])
-
-
-def _by_hand(k):
-    y = k["y"].clone()
-    for t, s in enumerate(k["meta"].token_slots.tolist()):
-        r = int(k["ranks"][s]) if s >= 0 else 0
-        if r == 0:
-            continue
-        d = F.linear(F.linear(k["x"][t], k["a"][s, :r]), k["b"][s, :, :r])
-        d = (d + (k["lb"][s] if k["lb"] is not None else 0)) * k["scal"][s]
-        if k["c"] is None:
-            y[t] = k["y"][t] + d
-        else:
-            y[t] = k["y"][t] + (k["c"][s] - 1) * (k["y"][t] - k["bb"]) + k["c"][s] * d
-    return y
 
 
 def _took(k) -> bool:
@@ -82,7 +67,7 @@ def test_buckets_match_the_loop_and_the_formula(case, bias, dora, monkeypatch):
     assert not _took(loop_k)
     assert not got.isnan().any(), "the padding beyond a rank (NaN) was read"
     torch.testing.assert_close(got, loop, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(got, _by_hand(k), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got, by_hand(k), rtol=1e-12, atol=1e-12)
     keep = torch.tensor([s < 0 or ranks[s] == 0 for s in slots])
     assert torch.equal(got[keep], k["y"][keep])
 
@@ -95,7 +80,7 @@ def test_inplace_and_float32():
     got = multi_lora_reference(k32["x"], y, k32["a"], k32["b"], k32["ranks"], k32["scal"], k32["meta"], k32["lb"],
                                inplace=True)
     assert got is y and got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), _by_hand(k), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.double(), by_hand(k), rtol=1e-5, atol=1e-5)
 
 
 def test_which_batches_take_it():
