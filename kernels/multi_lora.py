@@ -56,8 +56,8 @@ def multi_lora_reference(x: Tensor, y: Tensor, a_stack: Tensor, b_stack: Tensor,
     r_max = a_stack.shape[1]
 
     def groups():  # (slot, start among the sorted rows, count, rank) of every adapter with tokens here
-        return [(s, start, count, min(int(rank_list[s]), r_max))
-                for s, (start, count) in enumerate(zip(starts, counts)) if count > 0 and rank_list[s] > 0]
+        return [(s, start, count, r) for s, (start, count) in enumerate(zip(starts, counts))
+                if count > 0 and (r := min(int(rank_list[s]), r_max)) > 0]
 
     plan = meta.plan((tuple(rank_list), r_max), lambda: bucket_plan(groups(), rows.tolist(), x.shape[0]))
     if plan is not None:

@@ -30,8 +30,9 @@ class LoraBatchMeta:
     num_tokens: int  # T
     n_slots: int
     block_m: int  # tile height, chosen from T and n_slots: the kernels' BLOCK_M
-    _host: Optional[tuple] = field(default=None, repr=False, compare=False)
-    _plans: dict = field(default_factory=dict, repr=False, compare=False)
+    # per-batch caches: a copy of the metadata (dataclasses.replace) starts its own
+    _host: Optional[tuple] = field(default=None, init=False, repr=False, compare=False)
+    _plans: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def host_groups(self) -> tuple[list[int], list[int], Tensor]:
         """(slot starts, slot counts, the sorted rows that have a slot) on the host, read once per batch and kept:

@@ -113,3 +113,46 @@ def test_the_layers_of_one_forward_share_a_plan(monkeypatch):
         _run(k)
     assert len(calls) == 1
     assert bucket_plan([(0, 0, 1, 2), (1, 1, 1, 2)], [1, 0], 2) is not None
+
+
+def _loop(monkeypatch, k):
+    with monkeypatch.context() as m:
+        m.setattr(rank_buckets, "MAX_PAD_FACTOR", 0)
+        return _run({**k, "meta": make_lora_batch_meta(k["meta"].token_slots, k["meta"].n_slots)})
+
+
+@pytest.mark.parametrize("layers", [[(2, 2, 1, 1), (1, 2, 1, 2), (2, 1, 2, 1)], [(3, 3, 5, 5, "r_max 4"), (3, 3, 5, 5)]],
+                         ids=["other ranks", "other r_max"])
+def test_one_batch_through_layers_of_other_ranks(layers, monkeypatch):
+    """The layers of a forward share the batch's plans, keyed by what a plan depends on besides the batch: each
+    layer's ranks, and its r_max (ranks beyond it are clamped)."""
+    slots = [0, 1, 2, 3, 3, 2, 1, 0, -1]
+    meta = make_lora_batch_meta(torch.tensor(slots), 4)
+    for i, ranks in enumerate(layers):
+        r_max = 4 if ranks[-1] == "r_max 4" else None
+        k = _case(slots, [r for r in ranks if r != "r_max 4"], seed=i)
+        if r_max is not None:
+            k["a"], k["b"] = k["a"][:, :r_max], k["b"][:, :, :r_max]
+        k["meta"] = meta
+        torch.testing.assert_close(_run(k), _loop(monkeypatch, k), rtol=1e-12, atol=1e-12)
+    assert len(meta._plans) == len(layers)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_activations_over_float32_adapters(dtype, monkeypatch):
+    """x is cast to the adapters' dtype, as PEFT casts it; the result comes back in y's."""
+    slots, ranks = CASES["one rank"]
+    k = _case(slots, ranks)
+    k = {n: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for n, v in k.items()}
+    k["x"], k["y"] = k["x"].to(dtype), k["y"].to(dtype)
+    got = _run(k)
+    assert _took(k) and got.dtype == dtype
+    assert torch.equal(got, _loop(monkeypatch, k))
+
+
+def test_ranks_clamped_to_nothing_keep_y_bit_for_bit():
+    """A rank beyond the stacks' r_max is clamped; at r_max 0 nothing is added, not even the bias (or +0.0)."""
+    k = _case([0, 1, 0, 1], [2, 2], bias=True)
+    k["a"], k["b"] = k["a"][:, :0], k["b"][:, :, :0]
+    k["y"][0, 0] = -0.0
+    assert torch.equal(_run(k).view(torch.int64), k["y"].view(torch.int64))

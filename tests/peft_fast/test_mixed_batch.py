@@ -1,10 +1,12 @@
 """Mixed-adapter batches (`adapter_names=[...]`, one name per sample, "__base__" for none), forward and generate."""
+import importlib
 import warnings
 
 import pytest
 import torch
 
 from tiny_models import (
+    AGAINST_PEFT,
     add_both,
     assert_close,
     inputs,
@@ -75,6 +77,30 @@ def test_mixed_batch_matches_peft_and_single_adapter_runs(kind):
     # the adapters are really different from each other and from the base model
     assert not torch.allclose(got[0], got[2], atol=1e-4)
     assert not torch.allclose(got[0], got[1], atol=1e-4)
+
+
+EQUAL_RANK_NAMES = ["a", "__base__", "b", "c", "a", "b", "c", "d"]
+
+
+@pytest.mark.parametrize("extra", [{}, {"lora_bias": True}], ids=["lora", "lora_bias"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_adapters_of_one_rank_match_peft(kind, extra, monkeypatch):
+    """Adapters that share a rank take the CPU reference's batched form (kernels/common/rank_buckets.py); the
+    batches above, of three different ranks, take its per-adapter loop."""
+    module = importlib.import_module("peft_fast.kernels.multi_lora")  # the package's `multi_lora` is the function
+    calls = []
+    real = module.bucket_deltas
+    monkeypatch.setattr(module, "bucket_deltas", lambda *a: calls.append(1) or real(*a))
+    base, r, i = make_pair(kind, adapter_name="a", r=4, lora_alpha=8, init_lora_weights=False, **extra)
+    for k, name in enumerate("bcd"):
+        add_both(r, i, name, kind, seed=10 + k, r=4, lora_alpha=4 * (k + 1), init_lora_weights=False, **extra)
+    r.eval()
+    i.eval()
+    x = inputs(kind, batch=len(EQUAL_RANK_NAMES), seq=3, seed=3)
+    with torch.no_grad():
+        got, want = out(i, x, adapter_names=EQUAL_RANK_NAMES), out(r, x, adapter_names=EQUAL_RANK_NAMES)
+    assert_close(got, want)
+    assert calls or AGAINST_PEFT, "the batched form did not run"
 
 
 @pytest.mark.parametrize("kind", ["llama", "mlp"])
