@@ -59,7 +59,7 @@ def multi_lora_reference(x: Tensor, y: Tensor, a_stack: Tensor, b_stack: Tensor,
         return [(s, start, count, r) for s, (start, count) in enumerate(zip(starts, counts))
                 if count > 0 and (r := min(int(rank_list[s]), r_max)) > 0]
 
-    plan = meta.plan((tuple(rank_list), r_max), lambda: bucket_plan(groups(), rows.tolist(), x.shape[0]))
+    plan = meta.plan((tuple(rank_list), r_max), lambda: bucket_plan(groups(), rows.tolist()))
     if plan is not None:
         delta = bucket_deltas(x, a_stack, b_stack, scalings, bias_stack, plan)
         tokens = plan.tokens.to(x.device)

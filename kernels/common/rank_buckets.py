@@ -34,7 +34,8 @@ class Bucket:  # the adapters of one rank
 @dataclass
 class BucketPlan:
     buckets: list[Bucket]
-    gather: Tensor  # int64: the token of each padded row, or the zero row past the last token
+    gather: Tensor  # int64: the token of each padded row (token 0 for padding: rows are independent, and the
+    # padding's results are never scattered back)
     scatter: Tensor  # int64: the padded row of each token the buckets hold
     tokens: Tensor  # int64: those tokens, in that order (where the deltas go)
     token_slots: Tensor  # int64: their slots
@@ -47,8 +48,7 @@ def _select(slots: list[int]) -> Union[slice, Tensor]:
     return torch.tensor(slots)
 
 
-def bucket_plan(groups: list[tuple[int, int, int, int]], sorted_tokens: list[int], n_tokens: int
-                ) -> Optional[BucketPlan]:
+def bucket_plan(groups: list[tuple[int, int, int, int]], sorted_tokens: list[int]) -> Optional[BucketPlan]:
     """The buckets for groups of (slot, start, count, rank), slot s owning sorted_tokens[start:start + count], or
     None where the loop is the better choice: fewer than two groups, one adapter per rank, or padding beyond
     MAX_PAD_FACTOR."""
@@ -67,10 +67,10 @@ def bucket_plan(groups: list[tuple[int, int, int, int]], sorted_tokens: list[int
         for slot, start, count in members:
             own = sorted_tokens[start:start + count]
             scatter += range(len(gather), len(gather) + count)
-            gather += own + [n_tokens] * (width - count)
+            gather += own + [0] * (width - count)
             tokens += own
             token_slots += [slot] * count
-    return BucketPlan(buckets, *(torch.tensor(v) for v in (gather, scatter, tokens, token_slots)))
+    return BucketPlan(buckets, *(torch.tensor(v, dtype=torch.long) for v in (gather, scatter, tokens, token_slots)))
 
 
 def _on(select: Union[slice, Tensor], device: torch.device) -> Union[slice, Tensor]:
@@ -82,8 +82,7 @@ def bucket_deltas(x: Tensor, a_stack: Tensor, b_stack: Tensor, scalings: Tensor,
     """The LoRA deltas (lora_B(lora_A(x)) + lora bias) * scaling of plan.tokens, in b_stack's dtype (x is cast to the
     adapters' dtype first, as PEFT casts it)."""
     dev = x.device
-    x_z = torch.cat([x, x.new_zeros(1, x.shape[1])])  # the padding's zero row
-    padded = x_z.index_select(0, plan.gather.to(dev)).to(a_stack.dtype)
+    padded = x.index_select(0, plan.gather.to(dev)).to(a_stack.dtype)
     deltas = []
     for bk in plan.buckets:
         sel, r = _on(bk.select, dev), bk.rank

@@ -98,8 +98,8 @@ def test_which_batches_take_it():
     assert [(b.rank, b.select, b.offset) for b in p.buckets] == [(1, slice(1, 4, 2), 0), (2, slice(0, 5, 2), 2)]
     assert p.tokens.tolist() == [3, 4, 0, 1, 2] and p.token_slots.tolist() == [1, 3, 0, 2, 4]
     assert p.gather.tolist() == p.tokens.tolist() and p.scatter.tolist() == [0, 1, 2, 3, 4]
-    p = plan([1, 0, 1, -1, 2, 2], [3, 3, 3])  # widths 2: slot 0 pads one row with the zero row (token 6)
-    assert p.gather.tolist() == [1, 6, 0, 2, 4, 5] and p.scatter.tolist() == [0, 2, 3, 4, 5]
+    p = plan([1, 0, 1, -1, 2, 2], [3, 3, 3])  # widths 2: slot 0 pads one row (token 0's, never scattered back)
+    assert p.gather.tolist() == [1, 0, 0, 2, 4, 5] and p.scatter.tolist() == [0, 2, 3, 4, 5]
 
 
 def test_the_layers_of_one_forward_share_a_plan(monkeypatch):
@@ -112,7 +112,7 @@ def test_the_layers_of_one_forward_share_a_plan(monkeypatch):
     for _ in range(3):  # three layers, one batch
         _run(k)
     assert len(calls) == 1
-    assert bucket_plan([(0, 0, 1, 2), (1, 1, 1, 2)], [1, 0], 2) is not None
+    assert bucket_plan([(0, 0, 1, 2), (1, 1, 1, 2)], [1, 0]) is not None
 
 
 def _loop(monkeypatch, k):
@@ -121,8 +121,8 @@ def _loop(monkeypatch, k):
         return _run({**k, "meta": make_lora_batch_meta(k["meta"].token_slots, k["meta"].n_slots)})
 
 
-@pytest.mark.parametrize("layers", [[(2, 2, 1, 1), (1, 2, 1, 2), (2, 1, 2, 1)], [(3, 3, 5, 5, "r_max 4"), (3, 3, 5, 5)]],
-                         ids=["other ranks", "other r_max"])
+@pytest.mark.parametrize("layers", [[(2, 2, 1, 1), (1, 2, 1, 2), (2, 1, 2, 1)],
+                                    [(3, 3, 5, 5, "r_max 4"), (3, 3, 5, 5)]], ids=["other ranks", "other r_max"])
 def test_one_batch_through_layers_of_other_ranks(layers, monkeypatch):
     """The layers of a forward share the batch's plans, keyed by what a plan depends on besides the batch: each
     layer's ranks, and its r_max (ranks beyond it are clamped)."""
@@ -156,3 +156,15 @@ def test_ranks_clamped_to_nothing_keep_y_bit_for_bit():
     k["a"], k["b"] = k["a"][:, :0], k["b"][:, :, :0]
     k["y"][0, 0] = -0.0
     assert torch.equal(_run(k).view(torch.int64), k["y"].view(torch.int64))
+
+
+def test_padding_rows_stay_apart():
+    """A bucket's short slots are padded with token 0's row, whose results are dropped: even a NaN there (token 0
+    has no adapter) reaches no other token."""
+    slots, ranks = [-1, 0, 0, 1, 2, 2, 3], [2, 2, 2, 2]  # widths 2: slots 1 and 3 have one padded row each
+    k = _case(slots, ranks)
+    k["x"][0] = float("nan")
+    got = _run(k)
+    assert _took(k) and not got[1:].isnan().any()
+    assert torch.equal(got[0], k["y"][0])
+    torch.testing.assert_close(got[1:], by_hand(k)[1:], rtol=1e-12, atol=1e-12)
