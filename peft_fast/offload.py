@@ -173,13 +173,15 @@ def _default_scopes(model: nn.Module) -> list[nn.Module]:
 class _Scope:
     def __init__(self, module: nn.Module, min_bytes: int, explicit: bool):
         self.min_bytes, self.explicit, self.warned = min_bytes, explicit, False
-        self.layers = [] if explicit else _checkpointed_layers(module)
-        self.owned = {id(module)} | {id(m) for m in self.layers}
+        self.module, self.layers = module, [] if explicit else _checkpointed_layers(module)
         self.handles = [module.register_forward_pre_hook(self.enter),
                         module.register_forward_hook(self.exit, always_call=True)]
         for layer in self.layers:  # a layer left unchecked (every_n_layers > 1) keeps its activations on the device
             self.handles += [layer.register_forward_pre_hook(self.enter_layer),
                              layer.register_forward_hook(self.exit, always_call=True)]
+
+    def owns(self, module: nn.Module) -> bool:
+        return module is self.module or any(module is layer for layer in self.layers)
 
     def active(self, module: nn.Module) -> bool:
         if not torch.is_grad_enabled() or not module.training:
@@ -197,7 +199,7 @@ class _Scope:
         if torch.compiler.is_compiling():
             return
         stack = _open()
-        while stack and id(stack[-1][0]) in self.owned:  # left by a forward that an interrupt cut short
+        while stack and self.owns(stack[-1][0]):  # left by a forward that an interrupt cut short
             _close(stack.pop()[1])
         session = None
         if self.active(module):
@@ -211,7 +213,7 @@ class _Scope:
         if torch.compiler.is_compiling():
             return
         stack = _open()
-        offloading = any(session is not None for m, _, session in stack if m is not layer and id(m) in self.owned)
+        offloading = any(session is not None for m, _, session in stack if m is self.module)
         checkpointed = layer.gradient_checkpointing and layer.training and torch.is_grad_enabled()
         stack.append((layer, _open_hooks(_keep, _same) if offloading and not checkpointed else None, None))
 

@@ -7,6 +7,7 @@ tests see through storage weak references. Losses and gradients must be bitwise 
 offload (the bytes come back as they left), for peft_fast and PEFT models, both torch checkpoint variants, and
 decoder families with different layer signatures. The GPU test measures the memory it frees.
 """
+import copy
 import gc
 import threading
 import warnings
@@ -219,6 +220,20 @@ def test_disable_and_enable_again(on_cpu):
     assert (len(owner._forward_pre_hooks), len(owner._forward_hooks)) == hooks
     assert peft_fast.offloaded_scopes(model) == []
     assert all(_step(model, ids)[2])
+
+
+def test_deep_copies_offload_on_their_own(on_cpu):
+    ids = _ids()
+    model = peft_fast.offload_checkpoints(_model(layers=4), min_bytes=0)
+    twin = copy.deepcopy(model)
+    for i, layer in enumerate(_layers(twin)):  # and the copy's unchecked layers keep theirs
+        layer.gradient_checkpointing = i % 2 == 0
+    assert len(peft_fast.offloaded_scopes(twin)) == 1
+    _same(_step(model, ids), _step(twin, ids))
+    # inputs of layers 1 and 3 (unchecked) are kept by those layers; layer 2's (checkpointed) leaves
+    assert _step(twin, ids)[2] == [True, True, False, True]
+    peft_fast.offload_checkpoints(twin, False)
+    assert all(_step(twin, ids)[2]) and not any(_step(model, ids)[2][1:])
 
 
 def test_failed_forward_leaves_no_hooks_behind(on_cpu, monkeypatch):
