@@ -100,3 +100,30 @@ def test_single_adapter_and_disabled_forwards_compile_whole(fresh, kind):
         assert_close(compiled(ids), eager)
         with model.disable_adapter():
             assert_close(compiled(ids), model(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_static_cache_generate_compiles_once_across_mixes(fresh, backend, monkeypatch):
+    """transformers' static-cache generate with the decoder's forward compiled (as a server would, with
+    mode="reduce-overhead" on a GPU): each mix gives eager's tokens, and after the first generate a new mix of
+    adapters at the same batch shape compiles nothing new."""
+    use_settings(monkeypatch, backend=backend)
+    model, ids, cnt = _model(), _ids(), CompileCounter()
+    kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, cache_implementation="static")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = [model.generate(input_ids=ids, adapter_names=mix, **kw) for mix in MIXES]
+        inner = model.get_base_model()
+        inner.forward = torch.compile(inner.forward, backend=cnt)
+        try:
+            got = []
+            for i, mix in enumerate(MIXES):
+                got.append(model.generate(input_ids=ids, adapter_names=mix, **kw))
+                graphs = cnt.frame_count if i == 0 else graphs
+        finally:
+            del inner.forward  # the class's forward again
+    for mix, g, w in zip(MIXES, got, want):
+        assert torch.equal(g, w), mix
+    assert len({tuple(g[:, ids.shape[1]:].flatten().tolist()) for g in got}) > 1  # the mixes matter
+    assert 0 < graphs == cnt.frame_count, f"{graphs} graphs after the first generate, then {cnt.frame_count}"
+    assert not counters["graph_break"], _breaks()
