@@ -1,7 +1,7 @@
 """Serving many adapters at once: every request names its own adapter, and a batch mixes them.
 
     python examples/serve_adapters.py                       # CPU: 16 adapters, batches of 8, 16 new tokens each
-    python examples/serve_adapters.py --device cuda --adapters 64 --batch 32 --cuda-graphs
+    python examples/serve_adapters.py --device cuda --adapters 64 --batch 32 --cuda-graphs   # static cache
 
 A small Llama (the demo's shape, random weights: this is about speed, not text) gets N LoRA adapters of mixed
 ranks. A stream of requests, each naming one adapter (or "__base__"), is served in batches with
@@ -39,7 +39,10 @@ def parse() -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the peft_fast model's forward")
     p.add_argument("--cuda-graphs", action="store_true",
-                   help="torch.compile(mode='reduce-overhead'): the decode step replayed as a CUDA graph")
+                   help="torch.compile(mode='reduce-overhead') over a static cache: the decode step replayed as a "
+                        "CUDA graph")
+    p.add_argument("--static-cache", action="store_true",
+                   help="generate with transformers' static KV cache (fixed shapes: one compiled decode step)")
     p.add_argument("--no-peft", action="store_true", help="skip the Hugging Face PEFT baseline")
     return p.parse_args()
 
@@ -78,6 +81,8 @@ def serve(model, requests, args, mixed: bool) -> tuple[float, list[torch.Tensor]
         chunk = requests[i:i + args.batch]
         ids = torch.stack([p for p, _ in chunk]).to(args.device)
         kw = {"adapter_names": [n for _, n in chunk]} if mixed else {}
+        if args.static_cache or args.cuda_graphs:  # CUDA graphs replay fixed shapes: the cache must not grow
+            kw["cache_implementation"] = "static"
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
                                  min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0, **kw)

@@ -28,6 +28,11 @@ def test_serving_example_matches_peft(tmp_path):
     assert "tokens/s" in out
 
 
+def test_serving_example_compiled_over_a_static_cache(tmp_path):
+    _run(tmp_path, "--adapters", "6", "--requests", "12", "--batch", "6", "--new-tokens", "4", "--compile",
+         "--static-cache")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (bench/gpu_check.sh: serving)")
 def test_serving_example_under_cuda_graphs(tmp_path):
     _run(tmp_path, "--adapters", "64", "--requests", "64", "--batch", "32", "--new-tokens", "16", "--cuda-graphs")
