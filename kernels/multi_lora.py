@@ -11,6 +11,7 @@ The reference is PEFT's `_mixed_batch_forward`, token rows instead of sample row
 """
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 import torch
@@ -207,10 +208,33 @@ def _multi_lora_op(x: Tensor, y: Tensor, a_stack: Tensor, b_stack: Tensor, ranks
                    token_slots: Tensor, sorted_tokens: Tensor, slot_starts: Tensor, slot_counts: Tensor,
                    tile_slots: Tensor, tile_rows: Tensor, block_m: int, bias_stack: Optional[Tensor],
                    dora_scale: Optional[Tensor], base_bias: Optional[Tensor]) -> None:
-    meta = LoraBatchMeta(token_slots, sorted_tokens, slot_starts, slot_counts, tile_slots, tile_rows,
-                         token_slots.numel(), a_stack.shape[0], block_m)
+    meta = _batch_meta(token_slots, sorted_tokens, slot_starts, slot_counts, tile_slots, tile_rows,
+                       a_stack.shape[0], block_m)
     multi_lora(x, y, a_stack, b_stack, ranks, scalings, meta, bias_stack, inplace=True, dora_scale=dora_scale,
                base_bias=base_bias)
+
+
+_metas = threading.local()  # per thread: the last few batches' metadata, as the compiled graph's layers call in turn
+
+
+def _batch_meta(token_slots: Tensor, *tensors: Tensor) -> LoraBatchMeta:
+    """The op's LoraBatchMeta. A compiled graph hands each layer the batch's tensors, not the eager forward's one
+    meta object, so on the CPU (where the reference plans on the host) a batch already seen gets its meta back, with
+    the host groups and plans its first layer made, instead of every layer planning again."""
+    *others, n_slots, block_m = tensors
+    meta = LoraBatchMeta(token_slots, *others, token_slots.numel(), n_slots, block_m)
+    if token_slots.device.type != "cpu":
+        return meta
+    key = (n_slots, block_m, token_slots.numpy().tobytes())  # the metadata is a function of these alone
+    seen = getattr(_metas, "seen", None)
+    if seen is None:
+        seen = _metas.seen = {}
+    if key in seen:
+        return seen[key]
+    if len(seen) >= 8:
+        seen.pop(next(iter(seen)))
+    seen[key] = meta
+    return meta
 
 
 @_multi_lora_op.register_fake

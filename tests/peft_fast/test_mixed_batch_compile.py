@@ -1,6 +1,7 @@
 """torch.compile with mixed adapter batches: eager's outputs, one graph break (where the names become the batch
 plan, outside the traced code), and no recompilation when the mix of adapters changes at the same batch shape;
 single-adapter and adapter-disabled forwards compile whole (fullgraph), also after eager calls filled the caches."""
+import importlib
 import warnings
 
 import pytest
@@ -126,3 +127,21 @@ def test_static_cache_generate_compiles_once_across_mixes(fresh, backend, monkey
     assert len({tuple(g[:, ids.shape[1]:].flatten().tolist()) for g in got}) > 1  # the mixes matter
     assert 0 < graphs == cnt.frame_count, f"{graphs} graphs after the first generate, then {cnt.frame_count}"
     assert not counters["graph_break"], _breaks()
+
+
+def test_compiled_layers_share_the_batch_plan(fresh, monkeypatch):
+    """On the CPU reference, a compiled forward plans a batch as often as an eager one (once per kind of layer),
+    not once per layer: the compiled graph's layers get the batch's metadata back (kernels/multi_lora.py)."""
+    module = importlib.import_module("peft_fast.kernels.multi_lora")
+    plans = []
+    real = module.bucket_plan
+    monkeypatch.setattr(module, "bucket_plan", lambda *a: plans.append(1) or real(*a))
+    model, ids, mix = _model(), _ids(), ["a", "b", "__base__", "b"]  # two adapters of one rank: batched
+    layers = sum(1 for n, _ in model.named_modules() if n.endswith("lora_A"))
+    with torch.no_grad():
+        want = model(input_ids=ids, adapter_names=mix).logits
+        eager = len(plans)
+        plans.clear()
+        got = torch.compile(model, backend="eager")(input_ids=ids, adapter_names=mix).logits
+    assert_close(got, want)
+    assert 0 < eager < layers and len(plans) == eager, (eager, len(plans), layers)
