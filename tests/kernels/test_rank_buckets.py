@@ -168,3 +168,30 @@ def test_padding_rows_stay_apart():
     assert _took(k) and not got[1:].isnan().any()
     assert torch.equal(got[0], k["y"][0])
     torch.testing.assert_close(got[1:], by_hand(k)[1:], rtol=1e-12, atol=1e-12)
+
+
+def test_matmuls_per_layer_are_two_per_rank():
+    """The claim in numbers: a layer's mixed batch costs two batched matmuls per distinct rank among the adapters
+    present, whatever their number, and no per-adapter matmul."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    slots = [s % 16 for s in range(40)]  # 16 adapters of 2 ranks, every one present
+    k = _case(slots, [4, 2] * 8)
+    with Ops() as ops:
+        _run(k)
+    assert ops.seen["bmm"] == 4 and not ops.seen["mm"] and not ops.seen["addmm"], dict(ops.seen)
+    loop = _case(slots, [4, 2, 3, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17])  # every rank different: the loop
+    with Ops() as ops:
+        _run(loop)
+    assert not ops.seen["bmm"] and ops.seen["mm"] + ops.seen["addmm"] == 32, dict(ops.seen)
