@@ -1,12 +1,13 @@
 """A mixed batch on the CPU references without a loop over adapters: the adapters present are grouped by rank, each
 group's tokens are padded to its largest token count, and each group costs two batched matmuls (bmm) instead of two
 matmuls per adapter. At decode, where every adapter has a token or two, the per-adapter loop is all call overhead:
-32 sequences over 32 adapters cost 896 small matmuls a step in a 4-layer model (bench/test_bench_multi_lora.py).
+32 sequences over 32 adapters cost 1,792 small matmuls a step in a 4-layer model, two per adapter in each of its 28
+adapted layers (bench/test_bench_multi_lora.py).
 
 A group reads only its adapters' own ranks (the stacks' padding beyond a rank is never read, as in the kernels):
 the slots of one rank are a strided view of the stacks when evenly spaced (one slot, consecutive slots, every k-th
 slot), and a gathered copy of exactly those ranks otherwise. The result equals the per-adapter loop's within float
-rounding (bmm instead of mm); the loop stays for batches whose groups are few or too uneven to pad. The plan (which
+rounding (bmm instead of mm); the loop stays for batches with one adapter per rank, or too uneven to pad. The plan (which
 token goes where) depends on the batch and the ranks alone, so the layers of one forward share it
 (LoraBatchMeta.plan), and a layer's work is one gather of x, two bmm per rank, and one scatter into y.
 """
