@@ -7,8 +7,8 @@ adapted layers (bench/test_bench_multi_lora.py).
 A group reads only its adapters' own ranks (the stacks' padding beyond a rank is never read, as in the kernels):
 the slots of one rank are a strided view of the stacks when evenly spaced (one slot, consecutive slots, every k-th
 slot), and a gathered copy of exactly those ranks otherwise. The result equals the per-adapter loop's within float
-rounding (bmm instead of mm); the loop stays for batches with one adapter per rank, or too uneven to pad. The plan (which
-token goes where) depends on the batch and the ranks alone, so the layers of one forward share it
+rounding (bmm instead of mm); the loop stays for batches with one adapter per rank, or too uneven to pad. The plan
+(which token goes where) depends on the batch and the ranks alone, so the layers of one forward share it
 (LoraBatchMeta.plan), and a layer's work is one gather of x, two bmm per rank, and one scatter into y.
 """
 from __future__ import annotations
