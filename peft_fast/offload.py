@@ -108,7 +108,7 @@ class _Session:
         base = t._base if t._base is not None else t  # nn.Linear saves weight.t(), a view
         if (t.device.type not in DEVICE_TYPES or t.numel() * t.element_size() < self.min_bytes
                 or isinstance(base, nn.Parameter) or (base.grad_fn is None and base.requires_grad)):
-            return t.detach()  # parameters, and leaves autograd keeps alive anyway (detached: no reference cycle)
+            return _keep(t)  # parameters, and leaves autograd keeps alive anyway
         box = self.seen.get(t)
         if box is not None and box.version == t._version:
             return box

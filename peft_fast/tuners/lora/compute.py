@@ -103,10 +103,10 @@ class LoraCompute:
         compiled forward must); after an event, or in training mode, each slot's parameters are checked."""
         adapter_dtype = next(iter(self.lora_A.values())).weight.dtype
         on_triton = use_triton(x)
-        dtype = stack_dtype(x, adapter_dtype, on_triton)
+        dtype, b_rank_major = stack_dtype(x, adapter_dtype, on_triton), not on_triton  # the reference's layout
         cache = self._stack_cache
-        if cache is None or cache.dtype != dtype or cache.b_rank_major == on_triton:
-            cache = self._stack_cache = StackCache(self, slot_names, dtype, b_rank_major=not on_triton)
+        if cache is None or cache.dtype != dtype or cache.b_rank_major != b_rank_major:
+            cache = self._stack_cache = StackCache(self, slot_names, dtype, b_rank_major=b_rank_major)
         elif self.training or getattr(self, "_stack_dirty", True) or cache.slot_names != slot_names:
             cache.update(self, slot_names)  # only the slots whose adapter changed are written
         self._stack_dirty = False
