@@ -121,24 +121,26 @@ def _backward_impl(dy: Tensor, y: Tensor, weight: Optional[Tensor], x: Tensor, b
     keep_dt = keep_dt or weight is None
     dt_full = torch.empty_like(dy2d) if keep_dt else None
     dx2d = torch.empty(x2d.shape, dtype=x.dtype, device=x.device) if need_x else None  # contiguous, as the fake
-    da = torch.zeros_like(lora_a) if need_a else lora_a.new_empty(0)
-    db = torch.zeros_like(lora_b) if need_b else lora_b.new_empty(0)
+    da = db = None
     step = max(M, 1) if keep_dt else max(BWD_BLOCK_ROWS, BWD_BLOCK_BYTES // max(1, out_f * dy2d.element_size()))
     for r0 in range(0, M, step):
-        rows = slice(r0, min(M, r0 + step))
-        dt = dt_full[rows] if keep_dt else torch.empty_like(dy2d[rows])
-        dora_scale_grad(dy2d[rows], y2d[rows], mag_scale, bias, dt, colsum)
+        r1 = min(M, r0 + step)
+        part = (lambda t: t) if r1 - r0 == M else (lambda t: t[r0:r1])  # one block: no slices, no sums
+        dt = part(dt_full) if keep_dt else torch.empty_like(part(dy2d))
+        dora_scale_grad(part(dy2d), part(y2d), mag_scale, bias, dt, colsum)
         dx_rows = None
         if need_x:
-            dx_rows = dx2d[rows]
+            dx_rows = part(dx2d)
             if weight is not None:  # the base's part on cuBLAS, the LoRA part added by the kernels
                 torch.matmul(dt, weight, out=dx_rows)
-        da_r, db_r = lora_backward(dt, x2d[rows], lora_a, lora_b, z[rows], None, scaling, 0.0, need_a, need_b,
+        da_r, db_r = lora_backward(dt, part(x2d), lora_a, lora_b, part(z), None, scaling, 0.0, need_a, need_b,
                                    dx_rows, accumulate=weight is not None)
-        if need_a:
-            da += da_r
-        if need_b:
-            db += db_r
+        da = da_r if da is None else da.add_(da_r)
+        db = db_r if db is None else db.add_(db_r)
+    if M == 0:
+        da, db = (torch.zeros_like(lora_a) if need_a else None), (torch.zeros_like(lora_b) if need_b else None)
+    da = da if need_a else lora_a.new_empty(0)
+    db = db if need_b else lora_b.new_empty(0)
     c = mag_scale.to(colsum.dtype)
     dc = torch.where(c != 0, colsum / torch.where(c != 0, c, 1), 0).to(mag_scale.dtype)
     return ((dt_full.view(dy.shape) if keep_dt else dy.new_empty(0)),

@@ -17,7 +17,8 @@ import torch
 class FusedOp:
     """`name`_fwd / `name`_bwd custom ops in the `peft_fast` namespace, from annotated implementations.
 
-    - forward(*args) -> tuple of outputs; forward_fake(*args) likewise, for fake tensors.
+    - forward(*args) -> tuple of outputs, the first the only differentiable one (the rest are kept for backward);
+      forward_fake(*args) likewise, for fake tensors.
     - backward_impl(...) -> tuple of tensors (the backward op); backward_fake likewise.
     - setup_context(ctx, inputs, outputs) saves what backward needs.
     - backward(ctx, *grads, bwd) -> one gradient per forward input; `bwd` is the backward op under torch.compile
@@ -34,11 +35,16 @@ class FusedOp:
         self.fwd_op.register_autograd(functools.partial(backward, bwd=self.bwd_op), setup_context=setup_context)
 
         def eager_forward(ctx, *args):
+            # Only the first output is differentiable; the others are kept for backward: no zero-filled gradients
+            # for them (a DoRA-with-dropout layer would get a [tokens, out] one).
+            ctx.set_materialize_grads(False)
             out = forward(*args)
             setup_context(ctx, args, out)
             return out
 
         def eager_backward(ctx, *grads):
+            if grads[0] is None:  # no gradient reached the one differentiable output (a zero one, unmaterialized)
+                return (None,) * len(ctx.needs_input_grad)
             return backward(ctx, *grads, bwd=backward_impl)
 
         self.eager = type(f"_Eager_{name}", (torch.autograd.Function,),

@@ -1,0 +1,63 @@
+"""The eager backward of the fused training ops (common/autograd.FusedOp): the outputs they keep for backward (z,
+DoRA's v) are never differentiated, so autograd must not fill zero gradients for them. For DoRA with dropout that
+would be a [tokens, out] buffer in every layer's backward, the size of an activation. A backward that reaches no
+gradient of the output returns none either."""
+import pytest
+import torch
+from dora_inputs import dora_inputs
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from peft_fast.kernels import dora_dropout_linear_triton, dora_linear_triton, lora_linear_triton
+
+ZERO_FILLS = {"aten.zeros.default", "aten.zeros_like.default", "aten.new_zeros.default", "aten.zero_.default",
+              "aten.fill_.Scalar"}
+
+
+class _ZeroFills(TorchDispatchMode):
+    """The shapes of the tensors that zero-filling ops make or fill while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if str(func) in ZERO_FILLS:
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+def _op(device, op):
+    """(y, the leaves it was computed from) for one op on fresh float64 inputs."""
+    x, w, bias, a, b, m, norm = dora_inputs((6,), 20, 12, 4, device)
+    c = (m / norm).detach().requires_grad_()
+    y = {
+        "lora": lambda: lora_linear_triton(x, w, bias, a, b, 1.5, 0.0),
+        "lora dropout": lambda: lora_linear_triton(x, w, bias, a, b, 1.5, 0.3),
+        "dora": lambda: dora_linear_triton(None, x, bias, a, b, 1.5, c, w),
+        "dora dropout": lambda: dora_dropout_linear_triton(x, w, bias, a, b, 1.5, c, 0.3),
+    }[op]()
+    return y, [x, bias, a, b] + ([c] if "dora" in op else [])
+
+
+OPS = ["lora", "lora dropout", "dora", "dora dropout"]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("op", OPS)
+def test_no_zero_gradients_for_the_kept_outputs(device, op):
+    y, _ = _op(device, op)
+    with _ZeroFills() as fills:
+        y.backward(torch.randn_like(y))
+    # DoRA's backward zero-initializes its per-channel sum of dy ⊙ t ([out]); nothing [tokens, *] is filled
+    assert all(len(shape) == 1 for shape in fills.shapes), fills.shapes
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("op", OPS)
+def test_an_undefined_output_gradient_gives_none(device, op):
+    """gradcheck's check_undefined_grad: the output reaches the loss through an undefined gradient."""
+    y, leaves = _op(device, op)
+    undefined = torch._C._functions.UndefinedGrad()(y)
+    grads = torch.autograd.grad(undefined, leaves, torch.ones_like(y), allow_unused=True)
+    assert all(g is None or not g.any() for g in grads)
