@@ -25,7 +25,8 @@ from torch import Tensor
 from .common.autograd import FusedOp, needs_grad
 from .common.backend import HAS_TRITON, use_triton
 from .common.dora_epilogue import dora_expand, dora_scale_grad
-from .common.lora_mm import dropout_seed, lora_backward, masked_add, mm
+from .common.lora_launches import lora_backward
+from .common.lora_mm import dropout_seed, masked_add, mm
 from .common.tiling import rows2d, z_dtype
 
 __all__ = ["dora_dropout_linear", "dora_dropout_linear_reference", "dora_dropout_linear_triton"]

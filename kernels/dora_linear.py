@@ -26,7 +26,8 @@ from .common.autograd import FusedOp, needs_grad
 from .common.backend import HAS_TRITON, use_triton
 from .common.dora_epilogue import dora_expand, dora_scale_grad
 from .common.lora_decode import decodes, mm_decode
-from .common.lora_mm import lora_backward, mm
+from .common.lora_launches import lora_backward
+from .common.lora_mm import mm
 from .common.tiling import rows2d, z_dtype
 
 __all__ = ["dora_linear", "dora_linear_reference", "dora_linear_triton"]

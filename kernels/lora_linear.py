@@ -17,7 +17,8 @@ from torch import Tensor
 from .common.autograd import FusedOp, needs_grad
 from .common.backend import HAS_TRITON, use_triton
 from .common.lora_decode import decodes, mm_decode
-from .common.lora_mm import DROP_A, DROP_NONE, dropout_seed, lora_backward, mm
+from .common.lora_launches import lora_backward, lora_forward
+from .common.lora_mm import dropout_seed
 from .common.tiling import rows2d, z_dtype
 
 __all__ = ["lora_linear", "lora_linear_reference", "lora_linear_triton", "lora_linear_masked_reference"]
@@ -62,18 +63,14 @@ def lora_linear_masked_reference(x, weight, bias, lora_a, lora_b, scaling, mask,
 def _forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
              lora_bias: Optional[Tensor], scaling: float, dropout_p: float,
              seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    in_f, r, out_f = x.shape[-1], lora_a.shape[0], lora_b.shape[0]
-    x2d = rows2d(x)
-    M = x2d.shape[0]
-    # z stays in fp32 (fp64 for fp64 inputs) whatever the adapter dtype: it is kept for dB in backward.
-    z = torch.empty((M, r), device=x.device, dtype=z_dtype(x, lora_a, lora_b))
-    mm(x2d, lora_a.t(), z, drop=DROP_A if dropout_p > 0 else DROP_NONE, seed=seed, p=dropout_p, ld_x=in_f, rows_x=M)
     if weight is not None:
-        y = F.linear(x2d, weight, bias)
+        y = F.linear(x, weight, bias)
     else:
-        y = torch.empty((M, out_f), device=x.device, dtype=lora_a.dtype)
-    mm(z, lora_b.t(), y, scale=scaling, accumulate=weight is not None, bias=lora_bias)
-    return y.view(*x.shape[:-1], out_f), z.view(*x.shape[:-1], r)
+        y = torch.empty((*x.shape[:-1], lora_b.shape[0]), device=x.device, dtype=lora_a.dtype)
+    # z stays in fp32 (fp64 for fp64 inputs) whatever the adapter dtype: it is kept for dB in backward.
+    z = lora_forward(x, lora_a, lora_b, y, z_dtype(x, lora_a, lora_b), scaling, dropout_p, seed,
+                     accumulate=weight is not None, lora_bias=lora_bias)
+    return y, z
 
 
 def _decode(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
@@ -101,13 +98,12 @@ def _backward_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], lora_a: Tens
                    seed: Optional[Tensor], scaling: float, dropout_p: float,
                    need_dx: bool, need_da: bool, need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dA, dB); an unneeded gradient comes back empty (custom ops cannot return None)."""
-    dy2d, x2d = rows2d(dy), rows2d(x)
-    dx2d = None
+    dx = None
     if need_dx:  # the base's part stays on cuBLAS
-        dx2d = dy2d @ weight if weight is not None else torch.empty(x2d.shape, dtype=x.dtype, device=x.device)
-    da, db = lora_backward(dy2d, x2d, lora_a, lora_b, z.reshape(-1, lora_b.shape[1]), seed, scaling, dropout_p,
-                           need_da, need_db, dx2d, accumulate=weight is not None)
-    return (dx2d.view(x.shape) if need_dx else x.new_empty(0)), da, db
+        dx = dy @ weight if weight is not None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    da, db = lora_backward(dy, x, lora_a, lora_b, z, seed, scaling, dropout_p, need_da, need_db, dx,
+                           accumulate=weight is not None)
+    return (dx if need_dx else x.new_empty(0)), da, db
 
 
 def _backward_fake(dy, x, weight, lora_a, lora_b, z, seed, scaling, dropout_p, need_dx, need_da, need_db):
@@ -125,17 +121,16 @@ def _setup_context(ctx, inputs, output):
     ctx.scaling, ctx.dropout_p = scaling, dropout_p
     ctx.bias_dtype = bias.dtype if bias is not None else None
     ctx.lora_bias_dtype = lora_bias.dtype if lora_bias is not None else None
-    ctx.needs = tuple(t is not None and t.requires_grad for t in (x, weight, bias, lora_a, lora_b, lora_bias))
 
 
 def _backward(ctx, dy, _dz, *, bwd):
     x, weight, lora_a, lora_b, z, seed = ctx.saved_tensors
-    need_x, need_w, need_b, need_a, need_lb, need_lbias = ctx.needs
+    need_x, need_w, need_b, need_a, need_lb, need_lbias = ctx.needs_input_grad[:6]
     dx = da = db = dw = dbias = dlbias = None
     if need_x or need_a or need_lb:
         dx, da, db = bwd(dy, x, weight, lora_a, lora_b, z, seed, ctx.scaling, ctx.dropout_p, need_x, need_a, need_lb)
-    dy2d = rows2d(dy)
     # The frozen base's grads are rare and plain cuBLAS work: torch ops, not our kernel.
+    dy2d = rows2d(dy) if need_w or need_b or need_lbias else None
     if need_w:
         dw = (dy2d.t() @ rows2d(x)).to(weight.dtype)
     if need_b:

@@ -21,7 +21,8 @@ from torch import Tensor
 from .common.autograd import FusedOp, needs_grad
 from .common.backend import HAS_TRITON, use_triton
 from .common.lora_decode import decodes, mm_decode
-from .common.lora_mm import DROP_A, DROP_NONE, dropout_seed, lora_backward, mm
+from .common.lora_launches import lora_backward, lora_forward
+from .common.lora_mm import dropout_seed
 from .common.nf4_format import NF4State, launch_args
 from .common.tiling import rows2d, z_dtype
 from .nf4_dequantize import nf4_dequantize_reference
@@ -62,14 +63,12 @@ def _forward(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, nabs: Opti
              ncode: Optional[Tensor], offset: Optional[Tensor], nbs: int, bias: Optional[Tensor],
              lora_a: Tensor, lora_b: Tensor, lora_bias: Optional[Tensor], out_f: int, blocksize: int,
              scaling: float, dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    in_f, r = x.shape[-1], lora_a.shape[0]
+    r = lora_a.shape[0]
     x2d = rows2d(x)
-    M = x2d.shape[0]
-    z = torch.empty((M, r), device=x.device, dtype=z_dtype(x, lora_a, lora_b))
-    mm(x2d, lora_a.t(), z, drop=DROP_A if dropout_p > 0 else DROP_NONE, seed=seed, p=dropout_p, ld_x=in_f, rows_x=M)
     y = nf4_matmul(x2d, packed, absmax, code, _nested(nabs, ncode, offset, nbs), out_f, blocksize, trans=False,
                    bias=bias)
-    mm(z, lora_b.t(), y, scale=scaling, accumulate=True, bias=lora_bias)
+    z = lora_forward(x2d, lora_a, lora_b, y, z_dtype(x, lora_a, lora_b), scaling, dropout_p, seed, accumulate=True,
+                     lora_bias=lora_bias)
     return y.view(*x.shape[:-1], out_f), z.view(*x.shape[:-1], r)
 
 

@@ -212,75 +212,113 @@ def mm_config(M: int, N: int, K: int, a_dtype: torch.dtype, b_dtype: torch.dtype
 
 
 @functools.lru_cache(maxsize=256)
-def _hi_lo(v: float) -> tuple[float, float]:
-    return hi_lo(v)  # a layer's scaling is one value: split it once
-
-
-@functools.lru_cache(maxsize=256)
 def _keep_inverse(p: float) -> tuple[float, float]:
     return hi_lo(0.0 if p >= 1.0 else 1.0 / (1.0 - p))
+
+
+def state() -> tuple:
+    """The global switches a launch's configuration depends on: part of every key of prepared launches."""
+    return torch.get_float32_matmul_precision(), torch.are_deterministic_algorithms_enabled(), settings.current()
+
+
+class Launch(NamedTuple):
+    """One `mm` launch with everything but its tensors worked out: the kernel's arguments after its five tensors,
+    its constexprs, and whether C is zeroed first (split-K adds into it). Made once per signature, so a call costs
+    a cache lookup and the launch."""
+    cfg: MMConfig
+    tail: tuple
+    consts: dict
+
+
+def prepare(M: int, N: int, K: int, sa: tuple, sb: tuple, sc: tuple, a_dtype: torch.dtype, b_dtype: torch.dtype,
+            c_dtype: torch.dtype, device: torch.device, glob: tuple, *, scale: float = 1.0, accumulate: bool = False,
+            has_bias: bool = False, drop: int = DROP_NONE, p: float = 0.0, ld_x: int = 0, rows_x: int = 0,
+            may_split: bool = True) -> Launch:
+    """C[M,N] (+)= scale·(A[M,K] @ B[K,N] (+ bias)) for operands of strides sa, sb, sc (each (row, column)); glob is
+    `state()`."""
+    may_split = may_split and not (accumulate or has_bias) and drop != DROP_C and c_dtype == torch.float32
+    cfg = mm_config(M, N, K, a_dtype, b_dtype, c_dtype, device, may_split, *glob)
+    ld4 = (ld_x + 3) // 4
+    tail = (M, N, K, *sa, *sb, *sc, *hi_lo(float(scale)), float(p), *_keep_inverse(float(p)), ld4, cfg.k_tiles)
+    consts = dict(ACCUMULATE=accumulate, HAS_BIAS=has_bias, DROP=drop, IDX64=rows_x * ld4 >= 2**31, DOT=cfg.dot,
+                  PRECISION=cfg.precision, SPLIT_K=cfg.split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                  BLOCK_K=cfg.block_k)
+    return Launch(cfg, tail, consts)
+
+
+def fire(plan: Launch, a: Tensor, b: Tensor, c: Tensor, bias: Optional[Tensor] = None,
+         seed: Optional[Tensor] = None) -> None:
+    """Run a prepared `mm` on these tensors (laid out as prepared; a transposed operand is passed as the tensor
+    itself, its strides swapped in the plan)."""
+    if plan.cfg.grid[0] == 0:  # no rows or no columns
+        return
+    if plan.cfg.split > 1:
+        c.zero_()
+    launch(_lora_mm_kernel, plan.cfg.grid, a, b, c, bias if bias is not None else c, seed if seed is not None else c,
+           *plan.tail, **plan.consts)
+
+
+class Launch2(NamedTuple):
+    """Two prepared `mm`s (unsplit, without bias) as one launch of the two-matmul kernel."""
+    one: Launch
+    two: Launch
+    shared: tuple  # p and 1/(1-p) as hi, lo, then ceil(in/4): the dropout mask's, shared by both products
+    tail1: tuple
+    tail2: tuple
+    consts: dict
+
+
+def prepare2(one: Launch, two: Launch) -> Launch2:
+    c1, c2 = one.consts, two.consts
+    consts = dict(ACC1=c1["ACCUMULATE"], DROP1=c1["DROP"], DOT1=c1["DOT"], PREC1=c1["PRECISION"],
+                  BM1=c1["BLOCK_M"], BN1=c1["BLOCK_N"], BK1=c1["BLOCK_K"],
+                  ACC2=c2["ACCUMULATE"], DROP2=c2["DROP"], DOT2=c2["DOT"], PREC2=c2["PRECISION"],
+                  BM2=c2["BLOCK_M"], BN2=c2["BLOCK_N"], BK2=c2["BLOCK_K"], IDX64=c1["IDX64"])
+    return Launch2(one, two, one.tail[11:15], (*one.tail[:11], one.cfg.k_tiles), (*two.tail[:11], two.cfg.k_tiles),
+                   consts)
+
+
+def fire2(plan: Launch2, first: tuple, second: tuple, seed: Optional[Tensor] = None) -> None:
+    """Run two prepared `mm`s, given as (a, b, c) each, in one launch; an empty one leaves the other alone."""
+    g1, g2 = plan.one.cfg.grid[0], plan.two.cfg.grid[0]
+    if g1 == 0 or g2 == 0:
+        fire(plan.one, *first, seed=seed)
+        fire(plan.two, *second, seed=seed)
+        return
+    launch(_lora_mm2_kernel, (g1 + g2,), g1, seed if seed is not None else first[2], *plan.shared,
+           *first, *plan.tail1, *second, *plan.tail2, **plan.consts)
+
+
+@functools.lru_cache(maxsize=4096)
+def _prepared(M, N, K, sa, sb, sc, a_dtype, b_dtype, c_dtype, device, glob, scale, accumulate, has_bias, drop, p,
+              ld_x, rows_x, may_split) -> Launch:
+    return prepare(M, N, K, sa, sb, sc, a_dtype, b_dtype, c_dtype, device, glob, scale=scale, accumulate=accumulate,
+                   has_bias=has_bias, drop=drop, p=p, ld_x=ld_x, rows_x=rows_x, may_split=may_split)
+
+
+def _plan(a: Tensor, b: Tensor, c: Tensor, scale, accumulate: bool, has_bias: bool, drop: int, p, ld_x: int,
+          rows_x: int, may_split: bool) -> Launch:
+    M, K = a.shape
+    return _prepared(M, b.shape[1], K, a.stride(), b.stride(), c.stride(), a.dtype, b.dtype, c.dtype, c.device,
+                     state(), scale, accumulate, has_bias, drop, p, ld_x, rows_x, may_split)
 
 
 def mm(a: Tensor, b: Tensor, c: Tensor, *, scale: float = 1.0, accumulate: bool = False,
        bias: Optional[Tensor] = None, drop: int = DROP_NONE, seed: Optional[Tensor] = None,
        p: float = 0.0, ld_x: int = 0, rows_x: int = 0) -> None:
     """c[M,N] (+)= scale·(a[M,K] @ b[K,N] (+ bias)), any strides; `drop` applies x's dropout mask to one operand."""
-    M, K = a.shape
-    N = b.shape[1]
-    if M == 0 or N == 0:
-        return
-    may_split = not accumulate and bias is None and drop != DROP_C and c.dtype == torch.float32
-    cfg = mm_config(M, N, K, a.dtype, b.dtype, c.dtype, c.device, may_split, torch.get_float32_matmul_precision(),
-                    torch.are_deterministic_algorithms_enabled(), settings.current())
-    if cfg.split > 1:
-        c.zero_()
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()  # the kernel reads it as contiguous
-    s_hi, s_lo = _hi_lo(float(scale))
-    i_hi, i_lo = _keep_inverse(float(p))
-    ld4 = (ld_x + 3) // 4
-    sa, sb, sc = a.stride(), b.stride(), c.stride()
-    launch(_lora_mm_kernel, cfg.grid,
-        a, b, c, bias if bias is not None else c, seed if seed is not None else c,
-        M, N, K,
-        sa[0], sa[1], sb[0], sb[1], sc[0], sc[1],
-        s_hi, s_lo, float(p), i_hi, i_lo, ld4, cfg.k_tiles,
-        ACCUMULATE=accumulate, HAS_BIAS=bias is not None, DROP=drop, IDX64=rows_x * ld4 >= 2**31,
-        DOT=cfg.dot, PRECISION=cfg.precision, SPLIT_K=cfg.split,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-    )
+    fire(_plan(a, b, c, scale, accumulate, bias is not None, drop, p, ld_x, rows_x, True), a, b, c, bias, seed)
 
 
 def mm2(first: tuple, second: tuple, *, seed: Optional[Tensor] = None, p: float = 0.0, ld_x: int = 0,
         rows_x: int = 0) -> None:
     """Two independent `mm`s in one launch, each given as (a, b, c, scale, accumulate, drop), without bias or
     split-K; they share the dropout mask's arguments (it is x's, whichever product takes it)."""
-    parts, cfgs = [], []
-    for a, b, c, scale, accumulate, drop in (first, second):
-        M, K = a.shape
-        N = b.shape[1]
-        cfgs.append(mm_config(M, N, K, a.dtype, b.dtype, c.dtype, c.device, False,
-                              torch.get_float32_matmul_precision(), torch.are_deterministic_algorithms_enabled(),
-                              settings.current()))
-        sa, sb, sc = a.stride(), b.stride(), c.stride()
-        parts.append((a, b, c, M, N, K, sa[0], sa[1], sb[0], sb[1], sc[0], sc[1], *_hi_lo(float(scale))))
-    c1, c2 = cfgs
-    if c1.grid[0] == 0 or c2.grid[0] == 0:  # an empty product: launch the other one alone
-        for (a, b, c, scale, accumulate, drop), cfg in zip((first, second), cfgs):
-            if cfg.grid[0]:
-                mm(a, b, c, scale=scale, accumulate=accumulate, drop=drop, seed=seed, p=p, ld_x=ld_x, rows_x=rows_x)
-        return
-    i_hi, i_lo = _keep_inverse(float(p))
-    ld4 = (ld_x + 3) // 4
-    seed_arg = seed if seed is not None else first[2]
-    launch(_lora_mm2_kernel, (c1.grid[0] + c2.grid[0],),
-        c1.grid[0], seed_arg, float(p), i_hi, i_lo, ld4,
-        *parts[0], c1.k_tiles, *parts[1], c2.k_tiles,
-        ACC1=first[4], DROP1=first[5], DOT1=c1.dot, PREC1=c1.precision,
-        BM1=c1.block_m, BN1=c1.block_n, BK1=c1.block_k,
-        ACC2=second[4], DROP2=second[5], DOT2=c2.dot, PREC2=c2.precision,
-        BM2=c2.block_m, BN2=c2.block_n, BK2=c2.block_k, IDX64=rows_x * ld4 >= 2**31,
-    )
+    one, two = (_plan(a, b, c, scale, acc, False, drop, p, ld_x, rows_x, False)
+                for a, b, c, scale, acc, drop in (first, second))
+    fire2(prepare2(one, two), first[:3], second[:3], seed)
 
 
 def masked_add(a: Optional[Tensor], b: Tensor, out: Tensor, seed: Tensor, p: float) -> None:

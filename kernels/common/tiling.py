@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import struct
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -31,6 +32,16 @@ def hi_lo(v: float) -> tuple[float, float]:
     """v as fp32 + fp32: Triton passes float arguments as fp32, and hi + lo added in float64 keeps v exact."""
     hi = struct.unpack("f", struct.pack("f", v))[0]
     return hi, v - hi
+
+
+def row_strides(t: Tensor) -> Optional[tuple[int, int]]:
+    """The (row, column) strides of t seen as [rows, last dim] without a copy, or None when its leading dims do not
+    collapse into one stride (rows2d then copies)."""
+    if t.dim() == 2:
+        return t.stride()
+    if t.is_contiguous():
+        return t.shape[-1], 1
+    return None
 
 
 def rows2d(t: Tensor) -> Tensor:

@@ -161,6 +161,38 @@ def test_dropout_same_mask_forward_and_backward(device, weight):
         _assert_close(gt, gr, 1e-10, f"grad {i}")
 
 
+def _strided(device, layout, in_f=24, out_f=29, r=5):
+    """Operands as the prepared launches must read them in place or copy: x whose leading dims do not collapse
+    (a transposed batch) or whose rows are padded (a column slice), adapters seen through .t()."""
+    kw = dict(dtype=torch.float64, device=device)
+    if layout == "batch-transposed":
+        x = torch.randn(7, 3, in_f, **kw).transpose(0, 1)
+    else:
+        x = torch.randn(21, in_f + 3, **kw)[:, 2:in_f + 2]
+    w = torch.randn(out_f, in_f, **kw) / in_f**0.5
+    a = (torch.randn(in_f, r, **kw) / in_f**0.5).t()
+    bb = torch.randn(r, out_f, **kw).t()
+    return [t.detach().requires_grad_() for t in (x, w, torch.randn(out_f, **kw), a, bb, torch.randn(out_f, **kw))]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("layout", ["batch-transposed", "padded-rows"])
+@pytest.mark.parametrize("p", [0.0, 0.4])
+def test_strided_operands_and_a_broadcast_gradient(device, layout, p):
+    """Forward and backward (dy = ones broadcast from y.sum(), stride 0) against the reference with the kernel's own
+    mask, which depends on x's logical index only."""
+    x, w, b, a, bb, lb = inputs = _strided(device, layout)
+    mask = _dropout_mask(x.shape, p, 11, device) if p else torch.ones_like(x)
+    torch.manual_seed(11)
+    y = lora_linear_triton(x, w, b, a, bb, 0.6, p, lb)
+    got = torch.autograd.grad(y.sum(), inputs)
+    want_y = lora_linear_masked_reference(x, w, b, a, bb, 0.6, mask, lb)
+    want = torch.autograd.grad(want_y.sum(), inputs)
+    _assert_close(y, want_y, 1e-10, "forward")
+    for i, (g, wg) in enumerate(zip(got, want)):
+        _assert_close(g, wg, 1e-10, f"grad {i}")
+
+
 @pytest.mark.triton
 def test_dropout_seeding(device):
     x, w, b, a, bb, lb = _inputs((5, 3), 32, 16, 4, device=device)

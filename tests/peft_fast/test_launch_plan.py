@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from switches import use_settings
 from tiny_models import AGAINST_PEFT, base_model, default_cfg, inputs, out
 
@@ -173,6 +174,62 @@ def test_launches_per_layer_on_the_triton_path(monkeypatch, dropout):
     assert len(launches) == 2
     y.sum().backward()
     assert len(launches) == 4
+
+
+class _TorchOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _ops_of(fn):
+    with _TorchOps() as mode:
+        fn()
+    return sorted(mode.ops)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_torch_ops_per_layer_on_the_triton_path(monkeypatch, dropout):
+    """Host work a training step of one layer does besides its four launches (the lean launch path): forward, the
+    base linear and z's buffer (and the dropout seed); backward, dx's base matmul and the three buffers dB, dz, dA.
+    No views, reshapes, transposes or zero fills: PEFT's layer runs 8 + 19 torch ops at this shape, and host time
+    per op is what a GPU waits on at small layers (bench/host_overhead.py)."""
+    use_settings(monkeypatch, backend="triton")
+    launches = []
+    for name in ("_lora_mm_kernel", "_lora_mm2_kernel"):  # stubbed: the interpreter's own torch ops are not ours
+        monkeypatch.setattr(lora_mm, name, _StubLaunches(launches))
+    model = _model(lora_dropout=dropout, target_modules=["lin1"])
+    model.train()
+    layer = _mlp_layer(model, "lin1")
+    x = torch.randn(4, 32, requires_grad=True)
+    layer(x).sum().backward()  # plans and caches made
+    base = _ops_of(lambda: layer.base_layer(x))
+    y = None
+
+    def forward():
+        nonlocal y
+        y = layer(x)
+
+    seed = ["aten.randint.low"] if dropout else []
+    assert _ops_of(forward) == sorted(base + ["aten.empty.memory_format"] + seed)
+    dy, leaves = torch.ones_like(y), [x] + [p for p in layer.parameters() if p.requires_grad]
+    assert len(leaves) == 3
+    # autograd.grad, not backward: what autograd adds to store gradients in .grad is the same for PEFT
+    backward = _ops_of(lambda: torch.autograd.grad(y, leaves, dy))
+    assert backward == sorted(["aten.mm.default"] + ["aten.empty.memory_format"] * 3)
+    assert len(launches) == 2 * 4  # the warm-up step's and this one's
+
+
+class _StubLaunches:
+    def __init__(self, launches):
+        self.launches = launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append(grid)
 
 
 @pytest.mark.parametrize("rows", [4, 40])

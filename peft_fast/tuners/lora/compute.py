@@ -9,6 +9,7 @@ adapter's step in PEFT's order (`loop`). A class mixing this in provides `varian
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -43,6 +44,23 @@ class LoraCompute:
         b_params = self.lora_B._modules[name]._parameters
         return op_args(self.lora_A._modules[name]._parameters["weight"], b_params["weight"], b_params.get("bias"),
                        self.scaling[name], p)
+
+    def adapter_reader(self, name: str):
+        """`adapter_args(name)` as a callable for a launch plan: the adapter dicts are looked up now, their entries
+        (modules, parameters, scaling, dropout state) still at every call."""
+        if type(self).adapter_args is not LoraCompute.adapter_args:  # a layer reading its adapters another way
+            return functools.partial(self.adapter_args, name)
+        a_mods, b_mods, drops, scaling = (self.lora_A._modules, self.lora_B._modules, self.lora_dropout._modules,
+                                          self.scaling)
+
+        def read() -> tuple:
+            dropout = drops[name]
+            p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+            b_params = b_mods[name]._parameters
+            return op_args(a_mods[name]._parameters["weight"], b_params["weight"], b_params.get("bias"),
+                           scaling[name], p)
+
+        return read
 
     # --- forward -------------------------------------------------------------------------------------------------
     def make_plan(self, x: torch.Tensor):

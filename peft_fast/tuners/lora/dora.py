@@ -185,8 +185,10 @@ class DoraVariant(LoraVariant):
 
     def _fused_triton(self, layer, name: str, view, base, dense: bool):
         """The base matmul without bias, then one expand whose epilogue applies c and b (dora_linear.py)."""
+        adapter = layer.adapter_reader(name)
+
         def run(x):
-            args = layer.adapter_args(name)
+            args = adapter()
             a, b, s, p = args[:4]
             c = self.scale(layer, name, args=args).to(torch.float64 if x.dtype == torch.float64 else torch.float32)
             if p == 0:

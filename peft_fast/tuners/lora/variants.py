@@ -78,11 +78,11 @@ class Lora(LoraVariant):
         dense = view.fused_dense()
         if dense is not None:
             op = lora_linear_triton if use_triton(x, dense[0], a, b) else lora_linear_reference
-            params, transposed = view.module._parameters, view.fan_in_fan_out
+            params, transposed, adapter = view.module._parameters, view.fan_in_fan_out, layer.adapter_reader(name)
 
             def run_dense(x):
                 w = params["weight"]
-                return op(x, w.T if transposed else w, params.get("bias"), *layer.adapter_args(name))
+                return op(x, w.T if transposed else w, params.get("bias"), *adapter())
 
             return run_dense
         q = view.fused_nf4(x)
@@ -90,13 +90,13 @@ class Lora(LoraVariant):
             return None
         cast = q[3]
         op = qlora_linear_triton if use_triton(x, q[0], a, b) else qlora_linear_reference
-        params = view.module._parameters
+        params, adapter = view.module._parameters, layer.adapter_reader(name)
 
         def run_nf4(x):
             packed, state = view.nf4()
             if cast is not None:  # float32 activations into a 16-bit compute dtype: run in it, cast back
-                return op(x.to(cast), packed, state, params.get("bias"), *layer.adapter_args(name)).to(x.dtype)
-            return op(x, packed, state, params.get("bias"), *layer.adapter_args(name))
+                return op(x.to(cast), packed, state, params.get("bias"), *adapter()).to(x.dtype)
+            return op(x, packed, state, params.get("bias"), *adapter())
 
         return nf4_fallback(layer, view, name, run_nf4)
 
