@@ -24,7 +24,7 @@ from .common.lora_decode import decodes, mm_decode
 from .common.lora_launches import lora_backward, lora_forward
 from .common.lora_mm import dropout_seed
 from .common.nf4_format import NF4State, launch_args
-from .common.tiling import rows2d, z_dtype
+from .common.tiling import rows2d, unrows, z_dtype
 from .nf4_dequantize import nf4_dequantize_reference
 from .nf4_linear import check_nf4_linear_args, nf4_matmul
 
@@ -63,13 +63,12 @@ def _forward(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, nabs: Opti
              ncode: Optional[Tensor], offset: Optional[Tensor], nbs: int, bias: Optional[Tensor],
              lora_a: Tensor, lora_b: Tensor, lora_bias: Optional[Tensor], out_f: int, blocksize: int,
              scaling: float, dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    r = lora_a.shape[0]
     x2d = rows2d(x)
     y = nf4_matmul(x2d, packed, absmax, code, _nested(nabs, ncode, offset, nbs), out_f, blocksize, trans=False,
                    bias=bias)
     z = lora_forward(x2d, lora_a, lora_b, y, z_dtype(x, lora_a, lora_b), scaling, dropout_p, seed, accumulate=True,
                      lora_bias=lora_bias)
-    return y.view(*x.shape[:-1], out_f), z.view(*x.shape[:-1], r)
+    return unrows(y, x.shape[:-1]), unrows(z, x.shape[:-1])
 
 
 def _forward_fake(x, packed, absmax, code, nabs, ncode, offset, nbs, bias, lora_a, lora_b, lora_bias, out_f,
@@ -89,9 +88,9 @@ def _backward_impl(dy: Tensor, x: Tensor, packed: Tensor, absmax: Tensor, code: 
     # dy·dequant(Wq): the weight dequantized again (not kept from forward); the LoRA part adds into it.
     dx2d = nf4_matmul(dy2d.to(x.dtype), packed, absmax, code, _nested(nabs, ncode, offset, nbs), out_f, blocksize,
                       trans=True) if need_dx else None
-    da, db = lora_backward(dy2d, x2d, lora_a, lora_b, z.reshape(-1, lora_b.shape[1]), seed, scaling, dropout_p,
-                           need_da, need_db, dx2d, accumulate=True)
-    return (dx2d.view(x.shape) if need_dx else x.new_empty(0)), da, db
+    da, db = lora_backward(dy2d, x2d, lora_a, lora_b, z, seed, scaling, dropout_p, need_da, need_db, dx2d,
+                           accumulate=True)
+    return (unrows(dx2d, x.shape[:-1]) if need_dx else x.new_empty(0)), da, db
 
 
 def _backward_fake(dy, x, packed, absmax, code, nabs, ncode, offset, nbs, lora_a, lora_b, z, seed, blocksize,
@@ -111,17 +110,17 @@ def _setup_context(ctx, inputs, output):
     ctx.blocksize, ctx.scaling, ctx.dropout_p, ctx.nbs = blocksize, scaling, dropout_p, nbs
     ctx.bias_dtype = bias.dtype if bias is not None else None
     ctx.lora_bias_dtype = lora_bias.dtype if lora_bias is not None else None
-    ctx.needs = tuple(t is not None and t.requires_grad for t in (x, bias, lora_a, lora_b, lora_bias))
 
 
 def _backward(ctx, dy, _dz, *, bwd):
     x, packed, absmax, code, nabs, ncode, offset, lora_a, lora_b, z, seed = ctx.saved_tensors
-    need_x, need_b, need_a, need_lb, need_lbias = ctx.needs
+    needs = ctx.needs_input_grad
+    need_x, need_b, need_a, need_lb, need_lbias = needs[0], needs[8], needs[9], needs[10], needs[11]
     dx = da = db = dbias = dlbias = None
     if need_x or need_a or need_lb:
         dx, da, db = bwd(dy, x, packed, absmax, code, nabs, ncode, offset, ctx.nbs, lora_a, lora_b, z, seed,
                          ctx.blocksize, ctx.scaling, ctx.dropout_p, need_x, need_a, need_lb)
-    dy2d = rows2d(dy)
+    dy2d = rows2d(dy) if need_b or need_lbias else None
     if need_b:
         dbias = dy2d.sum(0).to(ctx.bias_dtype)
     if need_lbias:

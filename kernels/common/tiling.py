@@ -45,10 +45,17 @@ def row_strides(t: Tensor) -> Optional[tuple[int, int]]:
 
 
 def rows2d(t: Tensor) -> Tensor:
-    """t as [rows, last dim]; unlike reshape(-1, d) it also works when d is 0."""
+    """t as [rows, last dim] (t itself when 2-D); unlike reshape(-1, d) it also works when d is 0."""
+    if t.dim() == 2:
+        return t
     return t.reshape(t.shape[:-1].numel(), t.shape[-1])
 
 
 def z_dtype(*ts: Tensor) -> torch.dtype:
     """The LoRA intermediate z = x·Aᵀ is float32 (float64 for float64 inputs) whatever the adapter dtype."""
     return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+
+
+def unrows(t: Tensor, lead: torch.Size) -> Tensor:
+    """rows2d undone: t [rows, d] as [*lead, d] (t itself when lead is one dim)."""
+    return t if len(lead) == 1 else t.view(*lead, t.shape[-1])
