@@ -26,9 +26,8 @@ from .common.autograd import FusedOp, needs_grad
 from .common.backend import HAS_TRITON, use_triton
 from .common.dora_epilogue import dora_expand, dora_scale_grad
 from .common.lora_decode import decodes, mm_decode
-from .common.lora_launches import lora_backward
-from .common.lora_mm import mm
-from .common.tiling import rows2d, z_dtype
+from .common.lora_launches import lora_backward, lora_shrink
+from .common.tiling import rows2d, unrows, z_dtype
 
 __all__ = ["dora_linear", "dora_linear_reference", "dora_linear_triton"]
 
@@ -65,17 +64,15 @@ def dora_linear_reference(base: Optional[Tensor], x: Tensor, bias: Optional[Tens
 
 
 def _fwd_impl(base, weight, x, bias, lora_a, lora_b, mag_scale, scaling, inplace: bool = False):
-    out_f = lora_b.shape[0]
     x2d = rows2d(x)
     if base is None:  # our own buffer: y overwrites it
         base2d, inplace = F.linear(x2d, weight), True
     else:
         base2d = rows2d(base)
-    z = torch.empty((x2d.shape[0], lora_a.shape[0]), device=x.device, dtype=z_dtype(x, lora_a, lora_b))
-    mm(x2d, lora_a.t(), z)
+    z = lora_shrink(x2d, lora_a, z_dtype(x, lora_a, lora_b))
     y2d = base2d if inplace else torch.empty_like(base2d)
     dora_expand(z, lora_b, base2d, y2d, mag_scale, bias, scaling)
-    return y2d.view(*x.shape[:-1], out_f), z
+    return unrows(y2d, x.shape[:-1]), z
 
 
 def _decode(base, weight, x, bias, lora_a, lora_b, mag_scale, scaling) -> Tensor:
@@ -143,7 +140,7 @@ def _backward_impl(dy: Tensor, y: Tensor, weight: Optional[Tensor], x: Tensor, b
     da = da if need_a else lora_a.new_empty(0)
     db = db if need_b else lora_b.new_empty(0)
     c = mag_scale.to(colsum.dtype)
-    dc = torch.where(c != 0, colsum / torch.where(c != 0, c, 1), 0).to(mag_scale.dtype)
+    dc = torch.where(c != 0, colsum / c, 0).to(mag_scale.dtype)  # the inf/nan of a zero c is never selected
     return ((dt_full.view(dy.shape) if keep_dt else dy.new_empty(0)),
             (dx2d.view(x.shape) if need_x else x.new_empty(0)), da, db, dc)
 

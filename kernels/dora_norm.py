@@ -169,7 +169,7 @@ def _launch(out_f: int, in_f: int, lora_a: Tensor, lora_b: Tensor, scaling: floa
     sq_out = torch.empty(out_f, device=device, dtype=acc) if weight_sq is None else weight_sq.to(acc).contiguous()
     if out_f == 0:
         return norm, sq_out
-    a_acc = lora_a.detach().to(acc)
+    a_acc = lora_a.to(acc)  # callers pass detached adapters (dora_norm_triton, dora_norm_nf4_triton)
     aat = (a_acc @ a_acc.T).contiguous()  # [r, r]: tiny, torch's matmul
     s_hi, s_lo = hi_lo(float(scaling))  # kernel arguments, not a tensor: no host-to-device copy per call
     dot = DOT_F64 if acc == torch.float64 else DOT_F32
@@ -186,11 +186,10 @@ def _launch(out_f: int, in_f: int, lora_a: Tensor, lora_b: Tensor, scaling: floa
         packed = absmax = code = weight
         blocksize, w_round = 64, 0
         w_arg, strides = weight, (weight.stride(0), weight.stride(1))
-    b = lora_b.detach()
     launch(_dora_norm_kernel, (cdiv(out_f, bn),),
-        w_arg, packed, absmax, code, lora_a.detach(), b, aat, sq_out, norm, sq_out,
+        w_arg, packed, absmax, code, lora_a, lora_b, aat, sq_out, norm, sq_out,
         out_f, in_f, r, s_hi, s_lo,
-        strides[0], strides[1], lora_a.stride(0), lora_a.stride(1), b.stride(0), b.stride(1),
+        strides[0], strides[1], lora_a.stride(0), lora_a.stride(1), lora_b.stride(0), lora_b.stride(1),
         NF4=nf4 is not None, BS=blocksize, W_ROUND=w_round, HAS_SQ=weight_sq is not None,
         DOT=dot, PRECISION=precision(dot), BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br,
     )

@@ -70,6 +70,22 @@ def lora_forward(x: Tensor, lora_a: Tensor, lora_b: Tensor, y: Tensor, z_dtype: 
     return z
 
 
+@functools.lru_cache(maxsize=4096)
+def _shrink_plan(M, in_f, r, sx, sa, x_dtype, a_dtype, z_dtype, device, glob) -> Launch:
+    return prepare(M, r, in_f, sx, _t(sa), (r, 1), x_dtype, a_dtype, z_dtype, device, glob)
+
+
+def lora_shrink(x: Tensor, lora_a: Tensor, z_dtype: torch.dtype) -> Tensor:
+    """z = x·Aᵀ, shaped [..., r] like x: a forward's first launch alone, for ops with an expand of their own."""
+    r, in_f = lora_a.shape
+    lead = x.shape[:-1]
+    x, sx = _rows(x)
+    z = torch.empty((*lead, r), device=x.device, dtype=z_dtype)
+    fire(_shrink_plan(lead.numel(), in_f, r, sx, lora_a.stride(), x.dtype, lora_a.dtype, z_dtype, x.device, state()),
+         x, lora_a, z)
+    return z
+
+
 class _Backward(NamedTuple):
     first: object  # dB beside dz (Launch2), or one of them (Launch), or None
     second: object  # dA beside dx, or one of them, or None
