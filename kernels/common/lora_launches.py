@@ -133,11 +133,11 @@ def lora_backward(dy: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, z: Tens
     device = x.device
     db = torch.empty(lora_b.shape, device=device, dtype=lora_b.dtype) if need_db else lora_b.new_empty(0)
     dz = torch.empty((M, r), device=device, dtype=z.dtype) if dx is not None or need_da else None
-    da = torch.empty(lora_a.shape, device=device, dtype=lora_a.dtype) if need_da else lora_a.new_empty(0)
     if isinstance(plan.first, Launch):
         fire(plan.first, *((dy, z, db) if need_db else (dy, lora_b, dz)))
     elif plan.first is not None:
         fire2(plan.first, (dy, z, db), (dy, lora_b, dz))
+    da = torch.empty(lora_a.shape, device=device, dtype=lora_a.dtype) if need_da else lora_a.new_empty(0)
     if isinstance(plan.second, Launch):
         fire(plan.second, *((dz, x, da) if need_da else (dz, lora_a, dx)), seed=seed)
     elif plan.second is not None:
