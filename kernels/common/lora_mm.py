@@ -222,9 +222,9 @@ def state() -> tuple:
 
 
 class Launch(NamedTuple):
-    """One `mm` launch with everything but its tensors worked out: the kernel's arguments after its five tensors,
-    its constexprs, and whether C is zeroed first (split-K adds into it). Made once per signature, so a call costs
-    a cache lookup and the launch."""
+    """One `mm` launch with everything but its tensors worked out: its configuration (cfg.split > 1: C is zeroed
+    first, split-K adds into it), the kernel's arguments after its five tensors, and its constexprs. Made once per
+    signature, so a call costs a cache lookup and the launch."""
     cfg: MMConfig
     tail: tuple
     consts: dict
@@ -335,39 +335,6 @@ def masked_add(a: Optional[Tensor], b: Tensor, out: Tensor, seed: Tensor, p: flo
         a_arg, b, out, seed, M, N, a_arg.stride(0), a_arg.stride(1), b.stride(0), b.stride(1),
         out.stride(0), out.stride(1), float(p), i_hi, i_lo, ld4,
         HAS_A=a is not None, IDX64=M * ld4 >= 2**31, EXACT=out.dtype == torch.float64, BLOCK_M=bm, BLOCK_N=bn)
-
-
-def lora_backward(dy2d: Tensor, x2d: Tensor, lora_a: Tensor, lora_b: Tensor, z2d: Tensor, seed: Optional[Tensor],
-                  scaling: float, dropout_p: float, need_da: bool, need_db: bool, dx2d: Optional[Tensor],
-                  accumulate: bool) -> tuple[Tensor, Tensor]:
-    """The LoRA side of backward, shared by every op with a LoRA branch: dB = s·dyᵀ·z, dA = (s·dy·B)ᵀ·drop(x), and,
-    when dx2d is given, drop-mask ⊙ (s·dy·B)·A added into it (or written, accumulate=False). Returns (dA, dB),
-    empty when not needed. Two launches: dB beside dz = s·dy·B, then dA beside dx (each pair reads one input)."""
-    M, in_f = x2d.shape
-    drop = dropout_p > 0
-    da, db = lora_a.new_empty(0), lora_b.new_empty(0)
-    mask = dict(seed=seed, p=dropout_p, ld_x=in_f, rows_x=M)
-    need_dz = dx2d is not None or need_da
-    if need_db:
-        db = torch.empty(lora_b.shape, device=x2d.device, dtype=lora_b.dtype)
-    if need_dz:
-        dz = torch.empty(z2d.shape, device=x2d.device, dtype=z2d.dtype)
-    if need_db and need_dz:
-        mm2((dy2d.t(), z2d, db, scaling, False, DROP_NONE), (dy2d, lora_b, dz, scaling, False, DROP_NONE))
-    elif need_db:
-        mm(dy2d.t(), z2d, db, scale=scaling)
-    elif need_dz:
-        mm(dy2d, lora_b, dz, scale=scaling)
-    if need_da:
-        da = torch.empty(lora_a.shape, device=x2d.device, dtype=lora_a.dtype)
-    da_call = (dz.t(), x2d, da, 1.0, False, DROP_B if drop else DROP_NONE) if need_da else None
-    dx_call = (dz, lora_a, dx2d, 1.0, accumulate, DROP_C if drop else DROP_NONE) if dx2d is not None else None
-    if da_call and dx_call:
-        mm2(da_call, dx_call, **mask)
-    for call in (c for c in (da_call, dx_call) if c and not (da_call and dx_call)):
-        a, b, c, scale, acc, d = call
-        mm(a, b, c, scale=scale, accumulate=acc, drop=d, **mask)
-    return da, db
 
 
 def dropout_seed(device: torch.device) -> Tensor:

@@ -41,7 +41,18 @@ def row_strides(t: Tensor) -> Optional[tuple[int, int]]:
         return t.stride()
     if t.is_contiguous():
         return t.shape[-1], 1
-    return None
+    *sizes, _ = t.shape
+    *strides, col = t.stride()
+    row = outer = None
+    for size, stride in zip(reversed(sizes), reversed(strides)):  # innermost leading dim first
+        if size == 1:
+            continue  # any stride: never stepped over
+        if row is None:
+            row = stride
+        elif stride != outer:
+            return None
+        outer = stride * size
+    return (row if row is not None else t.shape[-1] * col), col
 
 
 def rows2d(t: Tensor) -> Tensor:

@@ -273,16 +273,34 @@ def _swap_base_storage(model):
     w.data = torch.randn_like(w)  # a new storage under the same version counter
 
 
+def _replace_lora_a_dict(model):
+    _mlp_layer(model).lora_A = torch.nn.ModuleDict({"default": torch.nn.Linear(16, 4, bias=False)})
+
+
+def _replace_scaling_dict(model):
+    layer = _mlp_layer(model)
+    layer.scaling = {k: v * 3 for k, v in layer.scaling.items()}
+
+
+def _swap_lora_b_weight(model):
+    b = _mlp_layer(model).lora_B["default"]
+    b.weight = torch.nn.Parameter(torch.randn_like(b.weight))
+
+
 CHANGES = {"replace base_layer": _replace_base, "replace lora_A[name]": _replace_lora_a,
-           "scaling[name] *= 3": _scale_adapter, "base weight.data = ...": _swap_base_storage}
+           "scaling[name] *= 3": _scale_adapter, "base weight.data = ...": _swap_base_storage,
+           "replace the lora_A dict": _replace_lora_a_dict, "replace the scaling dict": _replace_scaling_dict,
+           "a new lora_B weight Parameter": _swap_lora_b_weight}
 
 
+@pytest.mark.parametrize("backend", ["auto", "triton"])  # on a CPU, auto runs the reference ops
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("change", list(CHANGES))
-def test_changes_outside_the_api_are_seen_at_the_next_call(change, mode, use_dora):
-    """What a plan does not decide (parameters, scalings, the base module and its weight) it reads at call time, and
-    values derived from them follow the parameters' identity, storage and version."""
+def test_changes_outside_the_api_are_seen_at_the_next_call(monkeypatch, change, mode, use_dora, backend):
+    """What a plan does not decide (parameters, scalings, the adapter dicts, the base module and its weight) it reads
+    at call time, and values derived from them follow the parameters' identity, storage and version."""
+    use_settings(monkeypatch, backend=backend)
     model = _model(use_dora=use_dora, lora_dropout=0.0)
     getattr(model, mode)()
     x = inputs("mlp")

@@ -46,19 +46,19 @@ class LoraCompute:
                        self.scaling[name], p)
 
     def adapter_reader(self, name: str):
-        """`adapter_args(name)` as a callable for a launch plan: the adapter dicts are looked up now, their entries
-        (modules, parameters, scaling, dropout state) still at every call."""
-        if type(self).adapter_args is not LoraCompute.adapter_args:  # a layer reading its adapters another way
-            return functools.partial(self.adapter_args, name)
-        a_mods, b_mods, drops, scaling = (self.lora_A._modules, self.lora_B._modules, self.lora_dropout._modules,
-                                          self.scaling)
+        """`adapter_args(name)` as a callable for a launch plan: the same reads at every call (dicts, modules,
+        parameters, scaling, dropout state, so a replaced dict or entry is seen), through the module's own dicts
+        rather than nn.Module's attribute lookup."""
+        if "adapter_args" in vars(self) or type(self).adapter_args is not LoraCompute.adapter_args:
+            return functools.partial(self.adapter_args, name)  # a layer reading its adapters another way
+        modules, attrs = self._modules, vars(self)
 
         def read() -> tuple:
-            dropout = drops[name]
+            dropout = modules["lora_dropout"]._modules[name]
             p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-            b_params = b_mods[name]._parameters
-            return op_args(a_mods[name]._parameters["weight"], b_params["weight"], b_params.get("bias"),
-                           scaling[name], p)
+            b_params = modules["lora_B"]._modules[name]._parameters
+            return op_args(modules["lora_A"]._modules[name]._parameters["weight"], b_params["weight"],
+                           b_params.get("bias"), attrs["scaling"][name], p)
 
         return read
 
