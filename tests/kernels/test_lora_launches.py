@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from peft_fast.kernels import dora_linear_triton, lora_linear_reference, lora_linear_triton
+from peft_fast.kernels import (dora_linear_reference, dora_linear_triton, lora_linear_reference, lora_linear_triton,
+                               nf4_quantize, qlora_linear_reference, qlora_linear_triton)
 
 lora_mm = importlib.import_module("peft_fast.kernels.common.lora_mm")
 
@@ -16,11 +17,11 @@ LEAD, IN, OUT, R = (3, 5), 24, 20, 4
 
 
 def _leaves(device, dtype=torch.float64, adapter_dtype=torch.float64, *, a_layout="plain", lora_bias="plain",
-            trains=("x", "a", "b", "lb"), lead=LEAD, r=R):
+            trains=("x", "a", "b", "lb"), lead=LEAD, r=R, in_f=IN):
     g = torch.Generator().manual_seed(1)
     t = lambda *s, dt=dtype: torch.randn(*s, generator=g, dtype=torch.float64).to(device=device, dtype=dt)  # noqa
-    x, w, bias = t(*lead, IN), t(OUT, IN) / IN**0.5, t(OUT)
-    a = t(r, IN, dt=adapter_dtype) / IN**0.5 if a_layout == "plain" else (t(IN, r, dt=adapter_dtype) / IN**0.5).t()
+    x, w, bias = t(*lead, in_f), t(OUT, in_f) / in_f**0.5, t(OUT)
+    a = (t(r, in_f, dt=adapter_dtype) if a_layout == "plain" else t(in_f, r, dt=adapter_dtype).t()) / in_f**0.5
     b = t(OUT, r, dt=adapter_dtype)
     lb = {"plain": t(OUT, dt=adapter_dtype), "strided": t(2 * OUT, dt=adapter_dtype)[::2], None: None}[lora_bias]
     named = dict(x=x, w=w, bias=bias, a=a, b=b, lb=lb)
@@ -75,8 +76,8 @@ def test_split_k_products(device):
         _check(_leaves(device, torch.float32, torch.float32, trains=trains, lead=(640,)), tol=1e-5)
     expand = lora_mm.mm_config(4, OUT, 512, torch.float32, torch.float32, torch.float32, torch.device(device), True,
                                *lora_mm.state())
-    assert expand.split > 1  # so only the plan's accumulate rule keeps the expand whole
-    _check(_leaves(device, torch.float32, torch.float32, lead=(4,), r=512), tol=1e-5)
+    assert expand.split > 1  # so only the plan's accumulate rule keeps the expand whole (without a lora bias)
+    _check(_leaves(device, torch.float32, torch.float32, lead=(4,), r=512, lora_bias=None), tol=1e-5)
 
 
 @pytest.mark.triton
@@ -91,15 +92,19 @@ def test_deterministic_mode_never_splits(device, monkeypatch):
         real(fn, grid, *args, **consts)
 
     monkeypatch.setattr(lora_mm, "launch", spy)
-    _check(_leaves(device, torch.float32, torch.float32, trains=("b",), lead=(640,)), tol=1e-5)
-    assert max(splits) > 1
-    splits.clear()
-    try:
-        torch.use_deterministic_algorithms(True)
-        _check(_leaves(device, torch.float32, torch.float32, trains=("b",), lead=(640,)), tol=1e-5)
-    finally:
-        torch.use_deterministic_algorithms(False)
-    assert splits and set(splits) == {1}
+    cases = [dict(trains=("b",), lead=(640,)),  # backward: dB alone splits over the tokens
+             dict(trains=("a",), lead=(4,), in_f=640, lora_bias=None)]  # forward: the shrink splits over in
+    for case in cases:
+        splits.clear()
+        _check(_leaves(device, torch.float32, torch.float32, **case), tol=1e-5)
+        assert max(splits) > 1, case
+        splits.clear()
+        try:
+            torch.use_deterministic_algorithms(True)
+            _check(_leaves(device, torch.float32, torch.float32, **case), tol=1e-5)
+        finally:
+            torch.use_deterministic_algorithms(False)
+        assert splits and set(splits) == {1}, case
 
 
 class _EmptyDtypes(TorchDispatchMode):
@@ -137,3 +142,41 @@ def test_dora_without_tokens(device):
     y = dora_linear_triton(None, x, None, a, b, 0.7, c, w)
     da, db, dc = torch.autograd.grad(y.sum(), [a, b, c])
     assert y.shape == (0, OUT) and not da.any() and not db.any() and not dc.any()
+
+
+@pytest.mark.triton
+def test_dora_shrink_reads_x_in_place_or_copied(device):
+    """DoRA's shrink alone (its expand is its own): x with padded rows, then contiguous, at the same shapes."""
+    w = torch.randn(OUT, IN, device=device, dtype=torch.float64) / IN**0.5
+    a = torch.randn(R, IN, device=device, dtype=torch.float64) / IN**0.5
+    b = torch.randn(OUT, R, device=device, dtype=torch.float64)
+    c = torch.rand(OUT, device=device, dtype=torch.float64) + 0.5
+    for x in (torch.randn(15, IN + 3, device=device, dtype=torch.float64)[:, 1:IN + 1],
+              torch.randn(15, IN, device=device, dtype=torch.float64)):
+        got = dora_linear_triton(None, x, None, a, b, 0.7, c, w)
+        torch.testing.assert_close(got, dora_linear_reference(None, x, None, a, b, 0.7, c, w), rtol=1e-10, atol=0)
+
+
+def _qlora(device, x_shape, trains):
+    g = torch.Generator().manual_seed(2)
+    t = lambda *s: torch.randn(*s, generator=g, dtype=torch.float32).to(device)  # noqa: E731
+    packed, state = nf4_quantize(t(OUT, 64) / 8, blocksize=64)
+    named = dict(x=t(*x_shape), bias=t(OUT), a=t(R, 64) / 8, b=t(OUT, R), lb=t(OUT))
+    named = {k: v.requires_grad_(k in trains) for k, v in named.items()}
+    outs = []
+    for fn in (qlora_linear_triton, qlora_linear_reference):
+        y = fn(named["x"], packed, state, named["bias"], named["a"], named["b"], 0.7, 0.0, named["lb"])
+        wanted = [v for v in named.values() if v.requires_grad]
+        outs.append((y, torch.autograd.grad(y, wanted, torch.ones_like(y))))
+    return outs
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("trains", [("x",), ("a",), ("b",), ("lb",), ("bias",), ("x", "a", "b", "lb", "bias")])
+@pytest.mark.parametrize("x_shape", [(64,), (3, 64)], ids=["1-D", "2-D"])
+def test_qlora_each_gradient_alone_and_a_1d_input(device, trains, x_shape):
+    (y, got), (y_ref, want) = _qlora(device, x_shape, trains)
+    assert y.shape == y_ref.shape == (*x_shape[:-1], OUT)
+    for g, w in zip((y, *got), (y_ref, *want)):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
