@@ -146,13 +146,14 @@ def test_dora_without_tokens(device):
 
 @pytest.mark.triton
 def test_dora_shrink_reads_x_in_place_or_copied(device):
-    """DoRA's shrink alone (its expand is its own): x with padded rows, then contiguous, at the same shapes."""
+    """DoRA's shrink alone (its expand is its own): x with padded rows, then contiguous, at the same shapes (more
+    rows than a decode, which runs its one-launch path instead)."""
     w = torch.randn(OUT, IN, device=device, dtype=torch.float64) / IN**0.5
     a = torch.randn(R, IN, device=device, dtype=torch.float64) / IN**0.5
     b = torch.randn(OUT, R, device=device, dtype=torch.float64)
     c = torch.rand(OUT, device=device, dtype=torch.float64) + 0.5
-    for x in (torch.randn(15, IN + 3, device=device, dtype=torch.float64)[:, 1:IN + 1],
-              torch.randn(15, IN, device=device, dtype=torch.float64)):
+    for x in (torch.randn(40, IN + 3, device=device, dtype=torch.float64)[:, 1:IN + 1],
+              torch.randn(40, IN, device=device, dtype=torch.float64)):
         got = dora_linear_triton(None, x, None, a, b, 0.7, c, w)
         torch.testing.assert_close(got, dora_linear_reference(None, x, None, a, b, 0.7, c, w), rtol=1e-10, atol=0)
 
