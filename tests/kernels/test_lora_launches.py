@@ -6,7 +6,7 @@ import importlib
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch_ops import TorchOps
 
 from peft_fast.kernels import (dora_linear_reference, dora_linear_triton, lora_linear_reference, lora_linear_triton,
                                nf4_quantize, qlora_linear_reference, qlora_linear_triton)
@@ -107,27 +107,16 @@ def test_deterministic_mode_never_splits(device, monkeypatch):
         assert splits and set(splits) == {1}, case
 
 
-class _EmptyDtypes(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.made = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if str(func) == "aten.empty.memory_format":
-            self.made.append((tuple(out.shape), out.dtype))
-        return out
-
-
 @pytest.mark.triton
 def test_z_and_dz_stay_float32_for_16_bit_adapters(device):
     """z (kept for dB) and dz = s·dy·B accumulate in float32 whatever the adapters' dtype."""
     leaves = _leaves(device, torch.bfloat16, torch.bfloat16)
-    with _EmptyDtypes() as mode:
+    with TorchOps() as mode:
         y = lora_linear_triton(*[leaves[k] for k in ("x", "w", "bias", "a", "b")], 0.7, 0.0, leaves["lb"])
         y.backward(torch.ones_like(y))
     rows = LEAD[0] * LEAD[1]
-    zs = [dtype for shape, dtype in mode.made if shape in ((*LEAD, R), (rows, R))]
+    zs = [dtype for name, shape, dtype in mode.made
+          if name == "aten.empty.memory_format" and shape in ((*LEAD, R), (rows, R))]
     assert len(zs) == 2 and set(zs) == {torch.float32}, mode.made
 
 

@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from switches import use_settings
+from torch_ops import TorchOps
 from tiny_models import AGAINST_PEFT, base_model, default_cfg, inputs, out
 
 pytestmark = pytest.mark.skipif(AGAINST_PEFT, reason="peft_fast's launch plans")
@@ -176,18 +176,8 @@ def test_launches_per_layer_on_the_triton_path(monkeypatch, dropout):
     assert len(launches) == 4
 
 
-class _TorchOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 def _ops_of(fn):
-    with _TorchOps() as mode:
+    with TorchOps() as mode:
         fn()
     return sorted(mode.ops)
 
