@@ -56,7 +56,7 @@ $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
 stage() {  # stage NAME SECONDS pytest-args...: log, junit xml and "rc seconds" under $LOGS; 0 seconds = skip
   local name=$1 limit=$2 start
   shift 2
-  if [ "$limit" -le 0 ] || ! picked "$name"; then echo "== $name: skipped"; return; fi
+  if [ "$limit" -le 0 ] || ! picked "$name"; then echo "== $name: skipped"; : >"$LOGS/$name.skipped"; return; fi
   start=$(date +%s)
   echo "== $name: pytest $* (limit ${limit}s)"
   # The log also goes straight to $OUT, so it is there even if the machine goes away mid-stage.

@@ -5,7 +5,9 @@
 - bench/compare.py passes an unchanged run, fails a regressed ratio with a readable summary and exit 1, and
   reports unreadable input with exit 2 and one line, never a traceback;
 - --pf-charts without matplotlib, and --benchmark-histogram without pygal, stop at startup with a UsageError;
-- end to end: a child `pytest` on one small real benchmark writes latest.json and the charts where it is told.
+- end to end: a child `pytest` on one small real benchmark writes latest.json and the charts where it is told;
+- gpu_report.py turns what gpu_check.sh leaves (junit xml, rc files, skip markers, benchmark rows, the memory and
+  host scripts' JSON) into the report and the one summary table a GPU run ends with.
 """
 import importlib.util
 import json
@@ -154,3 +156,39 @@ def test_a_run_writes_latest_json_and_charts(tmp_path):
     assert meta["versions"]["peft"] and meta["device"]
     if charts:
         assert (tmp_path / "charts" / "ratio.png").read_bytes()[:8] == PNG
+
+
+def test_gpu_report_summarizes_a_check_folder(tmp_path, monkeypatch, capsys):
+    """The table a GPU session reads last: a passed stage with a failure, a timed-out one, one left out by
+    GPU_CHECK_STAGES, benchmark rows, memory and host rows; the JSON report goes where RESULTS_DIR says."""
+    spec = importlib.util.spec_from_file_location("gpu_report", BENCH / "gpu_report.py")
+    gpu_report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_report)
+    logs, results = tmp_path / "logs", tmp_path / "results"
+    logs.mkdir()
+    (logs / "kernels.xml").write_text(
+        '<testsuites><testsuite tests="3" failures="1" errors="0" skipped="1">'
+        '<testcase classname="t" name="ok"/><testcase classname="t" name="bad"><failure message="x"/></testcase>'
+        '<testcase classname="t" name="gpu_only"><skipped message="needs two GPUs"/></testcase>'
+        '</testsuite></testsuites>')
+    (logs / "kernels.rc").write_text("1 40")
+    (logs / "fused.rc").write_text("124 100")
+    (logs / "serving.skipped").write_text("")
+    (logs / "bench_rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in GPU_ROWS))
+    (logs / "memory.json").write_text(json.dumps({"rows": [dict(
+        shape="1.1B", variant="peft_fast", Total=100.0, Parameter=50.0, Optstate=10.0, Activation=30.0, Temp=10.0)]}))
+    (logs / "host.json").write_text(json.dumps({"rows": [dict(case="lora fwd+bwd", peft_fast_us=70.0,
+                                                               peft_fast_jit_us=110.0, peft_us=90.0,
+                                                               peft_fast_launches=4)]}))
+    monkeypatch.setattr(gpu_report, "RESULTS_DIR", results)
+    monkeypatch.delenv("OUT", raising=False)
+    monkeypatch.setattr(sys, "argv", ["gpu_report.py", str(logs), "--seconds", "500"])
+    gpu_report.main()
+    text = capsys.readouterr().out
+    assert "tests kernels: 1 passed, 1 failed, 0 errors, 1 skipped" in text and "FAILED t::bad" in text
+    assert "tests fused: no junit xml" in text and "(TIMED OUT)" in text
+    assert "tests serving: skipped" in text
+    assert "1.1B   peft_fast" in text and "70.0 |   110.0 |    90.0  (4 launches)" in text  # memory, host rows
+    assert all(r["label"] in text for r in GPU_ROWS)  # the benchmark table
+    report = json.loads(next(results.glob("gpu_report_*.json")).read_text())
+    assert report["tests"]["kernels"]["failed"] == ["t::bad"] and report["seconds"] == 500
