@@ -10,9 +10,16 @@ slot), and a gathered copy of exactly those ranks otherwise. The result equals t
 rounding (bmm instead of mm); the loop stays for batches with one adapter per rank, or too uneven to pad. The plan
 (which token goes where) depends on the batch and the ranks alone, so the layers of one forward share it
 (LoraBatchMeta.plan), and a layer's work is one gather of x, two bmm per rank, and one scatter into y.
+
+At decode the weights are streamed from memory and everything else is per-call overhead on cache-cold host state:
+so a layer's views of its stacks for a plan's buckets are made once and kept while its stacks live (`_views`),
+each bucket writes its rows of the deltas in place (no concatenation), and a batch without padding needs no
+reordering.
 """
 from __future__ import annotations
 
+import functools
+import weakref
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -40,6 +47,13 @@ class BucketPlan:
     scatter: Tensor  # int64: the padded row of each token the buckets hold
     tokens: Tensor  # int64: those tokens, in that order (where the deltas go)
     token_slots: Tensor  # int64: their slots
+    padded: bool = True  # False: every adapter fills its bucket's width, so the padded rows are the tokens' rows
+
+    @functools.cached_property
+    def key(self) -> tuple:  # what a layer's views of its stacks depend on
+        return tuple((b.rank, (b.select.start, b.select.stop, b.select.step) if isinstance(b.select, slice)
+                      else tuple(b.select.tolist()))
+                     for b in self.buckets)
 
 
 def _select(slots: list[int]) -> Union[slice, Tensor]:
@@ -71,11 +85,49 @@ def bucket_plan(groups: list[tuple[int, int, int, int]], sorted_tokens: list[int
             gather += own + [0] * (width - count)
             tokens += own
             token_slots += [slot] * count
-    return BucketPlan(buckets, *(torch.tensor(v, dtype=torch.long) for v in (gather, scatter, tokens, token_slots)))
+    return BucketPlan(buckets, *(torch.tensor(v, dtype=torch.long) for v in (gather, scatter, tokens, token_slots)),
+                      padded=len(gather) != len(tokens))
 
 
-def _on(select: Union[slice, Tensor], device: torch.device) -> Union[slice, Tensor]:
-    return select if isinstance(select, slice) else select.to(device)
+# id(a_stack) -> (weak reference to it, {views key: per-bucket views}): the entry goes when the stack does, so it
+# never keeps a replaced stack's memory alive. The views read the stacks' current contents; only their shapes and
+# strides are kept.
+_VIEWS: dict[int, tuple[weakref.ref, dict]] = {}
+_PLANS_PER_STACK = 16  # mixes remembered per layer; more are rebuilt (cheaply) rather than kept
+
+
+def _drop(key: int, ref: weakref.ref) -> None:
+    entry = _VIEWS.get(key)
+    if entry is not None and entry[0] is ref:
+        del _VIEWS[key]
+
+
+def _views(a_stack: Tensor, b_stack: Tensor, bias_stack: Optional[Tensor], plan: BucketPlan) -> list[tuple]:
+    """Per bucket (A [n, r, in], Bᵀ [n, r, out], bias [n, 1, out] or None, None), views of the stacks; for
+    unevenly spaced slots the views span every slot and the last entry holds the slots to gather. They depend on the
+    buckets' ranks and slots alone (plan.key), not on their token counts."""
+    entry = _VIEWS.get(id(a_stack))
+    if entry is None or entry[0]() is not a_stack:
+        entry = (weakref.ref(a_stack, lambda ref, key=id(a_stack): _drop(key, ref)), {})
+        _VIEWS[id(a_stack)] = entry
+    key = (plan.key, id(b_stack), id(bias_stack))
+    hit = entry[1].get(key)
+    if hit is not None and hit[0]() is b_stack and (bias_stack is None or hit[1]() is bias_stack):
+        return hit[2]
+    # Views of detached aliases: a view keeps its base tensor alive, and the stacks themselves must be free to go.
+    a, b = a_stack.detach(), b_stack.detach()
+    lb = bias_stack.detach() if bias_stack is not None else None
+    views = []
+    for bk in plan.buckets:
+        # Unevenly spaced slots are gathered at each call (a copy of exactly their ranks): kept, it would go stale.
+        sel, gather = (bk.select, None) if isinstance(bk.select, slice) else (slice(None), bk.select.to(a.device))
+        views.append((a[sel, :bk.rank], b[sel, :, :bk.rank].transpose(1, 2),
+                      lb[sel].unsqueeze(1) if lb is not None else None, gather))
+    cache = entry[1]
+    if len(cache) >= _PLANS_PER_STACK:
+        cache.clear()
+    cache[key] = (weakref.ref(b_stack), weakref.ref(bias_stack) if bias_stack is not None else None, views)
+    return views
 
 
 def bucket_deltas(x: Tensor, a_stack: Tensor, b_stack: Tensor, scalings: Tensor, bias_stack: Optional[Tensor],
@@ -84,16 +136,22 @@ def bucket_deltas(x: Tensor, a_stack: Tensor, b_stack: Tensor, scalings: Tensor,
     adapters' dtype first, as PEFT casts it)."""
     dev = x.device
     padded = x.index_select(0, plan.gather.to(dev)).to(a_stack.dtype)
-    deltas = []
-    for bk in plan.buckets:
-        sel, r = _on(bk.select, dev), bk.rank
-        x_b = padded[bk.offset:bk.offset + bk.n * bk.width].view(bk.n, bk.width, -1)
+    delta = torch.empty((padded.shape[0], b_stack.shape[1]), dtype=b_stack.dtype, device=dev)
+    in_f, out_f = padded.shape[1], delta.shape[1]
+    for bk, (a, bt, bias, gather) in zip(plan.buckets, _views(a_stack, b_stack, bias_stack, plan)):
+        offset, n, width = bk.offset, bk.n, bk.width
+        if gather is not None:
+            a, bt = a.index_select(0, gather), bt.index_select(0, gather)
+            bias = bias.index_select(0, gather) if bias is not None else None
+        # the bucket's rows as [n, in, width] and [n, width, out], each in one view op
+        x_t = padded.as_strided((n, in_f, width), (width * in_f, 1, in_f), offset * in_f)
+        out = delta.as_strided((n, width, out_f), (width * out_f, out_f, 1), offset * out_f)
         # A·xᵀ: A's rows read in order, at the memory's bandwidth (x·Aᵀ ran ~10% slower here, bench/results/)
-        z = torch.bmm(a_stack[sel, :r], x_b.transpose(1, 2)).transpose(1, 2)  # [n, width, r]: the ranks only
-        b = b_stack[sel, :, :r].transpose(1, 2)
-        if bias_stack is not None:
-            deltas.append(torch.baddbmm(bias_stack[sel].to(b.dtype).unsqueeze(1), z, b).view(bk.n * bk.width, -1))
+        z = torch.bmm(a, x_t).transpose(1, 2)  # [n, width, r]
+        if bias is not None:
+            torch.baddbmm(bias.to(bt.dtype), z, bt, out=out)
         else:
-            deltas.append(torch.bmm(z, b).view(bk.n * bk.width, -1))
-    delta = torch.cat(deltas).index_select(0, plan.scatter.to(dev))
+            torch.bmm(z, bt, out=out)
+    if plan.padded:
+        delta = delta.index_select(0, plan.scatter.to(dev))
     return delta.mul_(scalings.index_select(0, plan.token_slots.to(dev)).to(delta.dtype).unsqueeze(1))

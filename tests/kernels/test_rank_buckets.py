@@ -195,3 +195,87 @@ def test_matmuls_per_layer_are_two_per_rank():
     with Ops() as ops:
         _run(loop)
     assert not ops.seen["bmm"] and ops.seen["mm"] + ops.seen["addmm"] == 32, dict(ops.seen)
+
+
+def test_a_layer_work_per_bucket_is_its_two_matmuls_and_two_views():
+    """Host work is what decode costs on top of reading the weights: once a layer's views of its stacks exist (its
+    first batch of a mix), a bucket costs two views of the batch's rows, a transpose and its two matmuls; the deltas
+    are written in place (no concatenation), and a batch without padding is not reordered."""
+    from torch_ops import TorchOps
+
+    for slots, padded in (([s % 16 for s in range(32)], False), ([s % 16 for s in range(40)], True)):
+        k = _case(slots, [4, 2] * 8)
+        _run(k)
+        with TorchOps() as ops:
+            _run(k)
+        names = [n.split(".")[1] for n in ops.ops]
+        assert "cat" not in names and "slice" not in names and "select" not in names, names
+        assert names.count("bmm") == 4 and names.count("as_strided") == 4 and names.count("transpose") == 2, names
+        # the x gather and the scalings', and with padding the deltas' reordering
+        assert names.count("index_select") == (3 if padded else 2), names
+
+
+def test_views_follow_the_stacks():
+    """The views kept per layer read the stacks' current contents (an adapter written into a slot in place is
+    seen), other stacks of the same shapes get their own, and a stack that goes takes its views with it (no
+    memory kept alive)."""
+    import gc
+    import weakref
+
+    for case in ("gathered", "strided"):
+        slots, ranks = CASES[case]
+        k = _case(slots, ranks, bias=True)
+        _run(k)
+        k["a"][3, :1] = torch.randn(1, k["a"].shape[2], dtype=torch.float64)  # slot 3 rewritten in place
+        k["b"][5, :, :1] *= -3
+        k["lb"][1] += 1
+        k["scal"][4] = 4.0
+        got = _run(k)
+        assert _took(k)
+        torch.testing.assert_close(got, by_hand(k), rtol=1e-12, atol=1e-12)
+    other = {**k, "a": k["a"].clone().mul_(2), "b": k["b"].clone(), "lb": k["lb"].clone()}
+    torch.testing.assert_close(_run(other), by_hand(other), rtol=1e-12, atol=1e-12)
+    storage = weakref.ref(other["a"].untyped_storage())
+    key = id(other["a"])
+    assert key in rank_buckets._VIEWS
+    del other
+    gc.collect()
+    assert key not in rank_buckets._VIEWS or rank_buckets._VIEWS[key][0]() is None
+    assert storage() is None, "the views kept a dropped stack alive"
+
+
+def test_a_new_stack_at_a_dead_one_s_address_gets_its_own_views():
+    """The views are found by the stacks' ids; an id is reused once its tensor is gone, so a new B stack at the old
+    one's address must not get the old one's views (CPython reuses a freed object's memory at once)."""
+    slots, ranks = CASES["strided"]
+    k = _case(slots, ranks)
+    _run(k)
+    old_id, fresh = id(k["b"]), k["b"].clone().mul_(-2)
+    del k["b"]
+    reused = None
+    for _ in range(100):
+        candidate = fresh.clone()
+        if id(candidate) == old_id:
+            reused = candidate
+            break
+        del candidate
+    if reused is None:
+        pytest.skip("CPython did not reuse the freed tensor's address here")
+    k["b"] = reused
+    torch.testing.assert_close(_run(k), by_hand(k), rtol=1e-12, atol=1e-12)
+
+
+def test_batches_of_other_token_counts_over_the_same_stacks():
+    """Kept views depend on the buckets' ranks and slots, not on how many tokens each slot has: decode after
+    prefill (and back) over one layer's stacks, with and without padding."""
+    ranks = [4, 2] * 4
+    k = _case(list(range(8)), ranks, bias=True)
+    for slots in (list(range(8)), [s for s in range(8) for _ in range(3)], list(range(8)) * 2 + [0, 2],
+                  list(range(8))):
+        g = torch.Generator().manual_seed(len(slots))
+        k = {**k, "x": torch.randn(len(slots), k["x"].shape[1], generator=g, dtype=torch.float64),
+             "y": torch.randn(len(slots), k["y"].shape[1], generator=g, dtype=torch.float64),
+             "meta": make_lora_batch_meta(torch.tensor(slots), len(ranks))}
+        got = _run(k)
+        assert _took(k)
+        torch.testing.assert_close(got, by_hand(k), rtol=1e-12, atol=1e-12)
