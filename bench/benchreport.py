@@ -111,6 +111,22 @@ def fmt_ratio(v: float) -> str:
 
 
 # --- the terminal table ---------------------------------------------------------------------------------------------
+def dora_ratios(rows: list[dict]) -> list[str]:
+    """bench/memory_report.py's rows: per shape and library, DoRA's peak over LoRA's, the whole step's and the part
+    above parameters, gradients and optimizer state (what the adapters' activations and temporaries add)."""
+    lines = []
+    by = {(r["shape"], r["variant"]): r for r in rows}
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        for lib in ("peft_fast", "peft"):
+            lora, dora = by.get((shape, lib)), by.get((shape, f"{lib} dora"))
+            if lora and dora:
+                fixed = ("Parameter", "Buffer", "Optstate", "Gradient")
+                extra = [r["Total"] - sum(r.get(k, 0.0) for k in fixed) for r in (lora, dora)]
+                lines.append(f"{shape:<6} {lib:<10} DoRA/LoRA peak {dora['Total'] / lora['Total']:.3f} "
+                             f"(activations and temporaries {extra[1] / max(extra[0], 1e-9):.3f})")
+    return lines
+
+
 def table(rows: list[dict]) -> list[str]:
     """Aligned rows, a `vs <baseline>` heading whenever the baseline changes, notes indented under their row."""
     width = max([len(r["label"]) for r in rows] + [9])

@@ -103,8 +103,9 @@ stage fused "${GPU_CHECK_FUSED_S:-100}" tests/peft_fast/test_fused_ops.py tests/
   bench/test_bench_fused_decoder.py -k "liger or fused_decoder_train_step" -q -rf --tb=short $TEST_TIMEOUT --benchmark-json="$LOGS/fused.json" \
   --benchmark-min-rounds=3 --benchmark-max-time=0.2
 # Where a QLoRA step's peak memory goes (parameters, optimizer state, activations, temporaries; torch's MemTracker) at
-# 1.1B and 8B shapes, for PEFT, peft_fast, peft_fast fused and fused with offload_checkpoints (its host memory in a
-# column of its own): a table in the log and memory.json.
+# 1.1B and 8B shapes, for PEFT, peft_fast, DoRA in both (its peak over LoRA's: issue #11's 1.05x), peft_fast fused
+# and fused with offload_checkpoints (its host memory in a column of its own): a table in the log and memory.json,
+# rows written as they are measured.
 if [ "${GPU_CHECK_MEMORY_S:-50}" -gt 0 ] && picked memory; then
   echo "== memory: bench/memory_report.py --device cuda (limit ${GPU_CHECK_MEMORY_S:-50}s)"
   timeout -k 5 "${GPU_CHECK_MEMORY_S:-50}" $PY bench/memory_report.py --device cuda --json "${OUT:-$LOGS}/memory.json" \

@@ -127,6 +127,7 @@ def _summary(report: dict) -> list[str]:
             lines.append(f"  {r['shape']:<6} {r['variant']:<30} total {r['Total']:>9.1f}  params {r['Parameter']:>8.1f}"
                          f"  optstate {r['Optstate']:>7.1f}  activations {r['Activation']:>8.1f}"
                          f"  temp {r['Temp']:>8.1f}  host {r.get('host_mib', 0.0):>7.1f}")
+        lines += [f"  {line}" for line in benchreport.dora_ratios(report["memory"])]
     if report.get("host"):  # bench/host_overhead.py --device cuda: host time per layer call, tiny shapes
         lines += ["", "host time per layer call (us): peft_fast (cached launches) | dispatcher on every launch | PEFT"]
         nan = float("nan")

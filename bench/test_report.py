@@ -160,7 +160,8 @@ def test_a_run_writes_latest_json_and_charts(tmp_path):
 
 def test_gpu_report_summarizes_a_check_folder(tmp_path, monkeypatch, capsys):
     """The table a GPU session reads last: a passed stage with a failure, a timed-out one, one left out by
-    GPU_CHECK_STAGES, benchmark rows, memory and host rows; the JSON report goes where RESULTS_DIR says."""
+    GPU_CHECK_STAGES, benchmark rows, memory rows with DoRA's ratio to LoRA, host rows; the JSON report goes where
+    RESULTS_DIR says."""
     spec = importlib.util.spec_from_file_location("gpu_report", BENCH / "gpu_report.py")
     gpu_report = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_report)
@@ -175,8 +176,10 @@ def test_gpu_report_summarizes_a_check_folder(tmp_path, monkeypatch, capsys):
     (logs / "fused.rc").write_text("124 100")
     (logs / "serving.skipped").write_text("")
     (logs / "bench_rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in GPU_ROWS))
-    (logs / "memory.json").write_text(json.dumps({"rows": [dict(
-        shape="1.1B", variant="peft_fast", Total=100.0, Parameter=50.0, Optstate=10.0, Activation=30.0, Temp=10.0)]}))
+    memory = dict(shape="1.1B", variant="peft_fast", Total=100.0, Parameter=50.0, Optstate=10.0, Activation=30.0,
+                  Temp=10.0)
+    dora = dict(memory, variant="peft_fast dora", Total=104.0, Activation=34.0)
+    (logs / "memory.json").write_text(json.dumps({"rows": [memory, dora]}))
     (logs / "host.json").write_text(json.dumps({"rows": [dict(case="lora fwd+bwd", peft_fast_us=70.0,
                                                                peft_fast_jit_us=110.0, peft_us=90.0,
                                                                peft_fast_launches=4)]}))
@@ -188,6 +191,7 @@ def test_gpu_report_summarizes_a_check_folder(tmp_path, monkeypatch, capsys):
     assert "tests kernels: 1 passed, 1 failed, 0 errors, 1 skipped" in text and "FAILED t::bad" in text
     assert "tests fused: no junit xml" in text and "(TIMED OUT)" in text
     assert "tests serving: skipped" in text
+    assert "1.1B   peft_fast  DoRA/LoRA peak 1.040 (activations and temporaries 1.100)" in text
     assert "1.1B   peft_fast" in text and "70.0 |   110.0 |    90.0  (4 launches)" in text  # memory, host rows
     assert all(r["label"] in text for r in GPU_ROWS)  # the benchmark table
     report = json.loads(next(results.glob("gpu_report_*.json")).read_text())
