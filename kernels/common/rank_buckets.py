@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import weakref
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -89,16 +89,27 @@ def bucket_plan(groups: list[tuple[int, int, int, int]], sorted_tokens: list[int
                       padded=len(gather) != len(tokens))
 
 
+class _Entry(NamedTuple):
+    stack: weakref.ref  # to the A stack
+    plans: dict  # (plan.key, id(B stack), id(bias stack)) -> _Kept
+
+
+class _Kept(NamedTuple):
+    b: weakref.ref
+    bias: Optional[weakref.ref]
+    views: list
+
+
 # id(a_stack) -> (weak reference to it, {views key: per-bucket views}): the entry goes when the stack does, so it
 # never keeps a replaced stack's memory alive. The views read the stacks' current contents; only their shapes and
 # strides are kept.
-_VIEWS: dict[int, tuple[weakref.ref, dict]] = {}
+_VIEWS: dict[int, _Entry] = {}
 _PLANS_PER_STACK = 16  # mixes remembered per layer; more are rebuilt (cheaply) rather than kept
 
 
 def _drop(key: int, ref: weakref.ref) -> None:
     entry = _VIEWS.get(key)
-    if entry is not None and entry[0] is ref:
+    if entry is not None and entry.stack is ref:
         del _VIEWS[key]
 
 
@@ -107,13 +118,13 @@ def _views(a_stack: Tensor, b_stack: Tensor, bias_stack: Optional[Tensor], plan:
     unevenly spaced slots the views span every slot and the last entry holds the slots to gather. They depend on the
     buckets' ranks and slots alone (plan.key), not on their token counts."""
     entry = _VIEWS.get(id(a_stack))
-    if entry is None or entry[0]() is not a_stack:
-        entry = (weakref.ref(a_stack, lambda ref, key=id(a_stack): _drop(key, ref)), {})
+    if entry is None or entry.stack() is not a_stack:
+        entry = _Entry(weakref.ref(a_stack, lambda ref, key=id(a_stack): _drop(key, ref)), {})
         _VIEWS[id(a_stack)] = entry
     key = (plan.key, id(b_stack), id(bias_stack))
-    hit = entry[1].get(key)
-    if hit is not None and hit[0]() is b_stack and (bias_stack is None or hit[1]() is bias_stack):
-        return hit[2]
+    hit = entry.plans.get(key)
+    if hit is not None and hit.b() is b_stack and (bias_stack is None or hit.bias() is bias_stack):
+        return hit.views
     # Views of detached aliases: a view keeps its base tensor alive, and the stacks themselves must be free to go.
     a, b = a_stack.detach(), b_stack.detach()
     lb = bias_stack.detach() if bias_stack is not None else None
@@ -123,10 +134,10 @@ def _views(a_stack: Tensor, b_stack: Tensor, bias_stack: Optional[Tensor], plan:
         sel, gather = (bk.select, None) if isinstance(bk.select, slice) else (slice(None), bk.select.to(a.device))
         views.append((a[sel, :bk.rank], b[sel, :, :bk.rank].transpose(1, 2),
                       lb[sel].unsqueeze(1) if lb is not None else None, gather))
-    cache = entry[1]
+    cache = entry.plans
     if len(cache) >= _PLANS_PER_STACK:
         cache.clear()
-    cache[key] = (weakref.ref(b_stack), weakref.ref(bias_stack) if bias_stack is not None else None, views)
+    cache[key] = _Kept(weakref.ref(b_stack), weakref.ref(bias_stack) if bias_stack is not None else None, views)
     return views
 
 

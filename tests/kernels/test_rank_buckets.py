@@ -240,7 +240,7 @@ def test_views_follow_the_stacks():
     assert key in rank_buckets._VIEWS
     del other
     gc.collect()
-    assert key not in rank_buckets._VIEWS or rank_buckets._VIEWS[key][0]() is None
+    assert key not in rank_buckets._VIEWS or rank_buckets._VIEWS[key].stack() is None
     assert storage() is None, "the views kept a dropped stack alive"
 
 
