@@ -64,6 +64,15 @@ stage() {  # stage NAME SECONDS pytest-args...: log, junit xml and "rc seconds" 
     | tee "$LOGS/$name.log" ${OUT:+"$OUT/$name.log"}
   echo "${PIPESTATUS[0]} $(( $(date +%s) - start ))" >"$LOGS/$name.rc"
 }
+script() {  # script NAME SECONDS command...: a stage that runs a script (no junit xml; its rows go to its JSON)
+  local name=$1 limit=$2 start
+  shift 2
+  if [ "$limit" -le 0 ] || ! picked "$name"; then echo "== $name: skipped"; : >"$LOGS/$name.skipped"; return; fi
+  start=$(date +%s)
+  echo "== $name: $* (limit ${limit}s)"
+  timeout -k 5 "$limit" "$@" 2>&1 | tee "$LOGS/$name.log" ${OUT:+"$OUT/$name.log"}
+  echo "${PIPESTATUS[0]} $(( $(date +%s) - start ))" >"$LOGS/$name.rc"
+}
 
 # Stage limits in seconds (0 skips a stage): when GPU time is short, run e.g.
 #   GPU_CHECK_KERNELS_S=60 GPU_CHECK_TESTS_S=0 GPU_CHECK_BENCH_S=110 bash bench/gpu_check.sh
@@ -106,11 +115,7 @@ stage fused "${GPU_CHECK_FUSED_S:-100}" tests/peft_fast/test_fused_ops.py tests/
 # 1.1B and 8B shapes, for PEFT, peft_fast, DoRA in both (its peak over LoRA's: issue #11's 1.05x), peft_fast fused
 # and fused with offload_checkpoints (its host memory in a column of its own): a table in the log and memory.json,
 # rows written as they are measured.
-if [ "${GPU_CHECK_MEMORY_S:-50}" -gt 0 ] && picked memory; then
-  echo "== memory: bench/memory_report.py --device cuda (limit ${GPU_CHECK_MEMORY_S:-50}s)"
-  timeout -k 5 "${GPU_CHECK_MEMORY_S:-50}" $PY bench/memory_report.py --device cuda --json "${OUT:-$LOGS}/memory.json" \
-    2>&1 | tee "$LOGS/memory.log" ${OUT:+"$OUT/memory.log"}
-fi
+script memory "${GPU_CHECK_MEMORY_S:-50}" $PY bench/memory_report.py --device cuda --json "${OUT:-$LOGS}/memory.json"
 # LoRA on mixture-of-experts weights: the grouped kernels' tests, the model tests, then one experts layer at
 # Mixtral-8x7B and Qwen3-30B-A3B shapes against PEFT and against the layer without LoRA (rows into the table).
 stage moe "${GPU_CHECK_MOE_S:-50}" tests/kernels/test_grouped_lora.py tests/peft_fast/test_lora_experts.py \
@@ -126,18 +131,10 @@ stage bench "${GPU_CHECK_BENCH_S:-80}" $FIRST_BENCH $ALL_BENCH --ignore=bench/te
 
 # Host time per layer call with real launches on the GPU, through peft_fast's cached launches and through Triton's
 # dispatcher on every launch (bench/host_overhead.py also runs on CPUs: stubbed, or on a stand-in GPU).
-if [ "${GPU_CHECK_HOST_S:-35}" -gt 0 ] && picked host; then
-  echo "== host: bench/host_overhead.py --device cuda (limit ${GPU_CHECK_HOST_S:-35}s)"
-  timeout -k 5 "${GPU_CHECK_HOST_S:-35}" $PY bench/host_overhead.py --device cuda --json "$LOGS/host.json" 2>&1 \
-    | tee "$LOGS/host.log" ${OUT:+"$OUT/host.log"}
-fi
+script host "${GPU_CHECK_HOST_S:-35}" $PY bench/host_overhead.py --device cuda --json "$LOGS/host.json"
 
 # Where the QLoRA layer's time goes (kernel times, host overhead, profiler tables): a log only, for the next change.
-if [ "${GPU_CHECK_PROFILE_S:-15}" -gt 0 ] && picked profile; then
-  echo "== profile: bench/profile_qlora.py (limit ${GPU_CHECK_PROFILE_S:-15}s)"
-  timeout -k 5 "${GPU_CHECK_PROFILE_S:-15}" $PY bench/profile_qlora.py 2>&1 | tee "$LOGS/profile.log" ${OUT:+"$OUT/profile.log"} \
-    | grep -E "^(host|[0-9]+x[0-9]+:|==)" || true
-fi
+script profile "${GPU_CHECK_PROFILE_S:-15}" $PY bench/profile_qlora.py | grep -E "^(host|[0-9]+x[0-9]+:|==)" || true
 
 # Serving: mixed batches captured as CUDA graphs (bench/test_bench_serving.py, rows into the same table), then
 # examples/serve_adapters.py with 64 adapters under CUDA graphs (its tokens must equal PEFT's).

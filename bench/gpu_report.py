@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # gpu_check.sh s
 import benchreport  # noqa: E402
 
 STAGES = ("kernels", "peft_fast", "fused", "moe", "bench", "distributed", "serving")
+SCRIPTS = ("memory", "host", "profile")  # stages that run a script: an exit status and a log, no junit xml
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -43,6 +44,17 @@ def _card() -> str:
         return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     except Exception:
         return "unknown"
+
+
+def _script(logs: Path, name: str) -> dict:
+    if (logs / f"{name}.skipped").exists():
+        return {"status": "skipped (not in GPU_CHECK_STAGES, or a 0 s limit)"}
+    rc_file = logs / f"{name}.rc"
+    if not rc_file.exists():
+        return {"status": "did not run"}
+    rc, secs = (int(v) for v in rc_file.read_text().split())
+    status = "ok" if rc == 0 else f"exit status {rc} (see {name}.log)"
+    return {"status": status, "rc": rc, "seconds": secs, "timed_out": rc in (124, 137)}
 
 
 def _stage(logs: Path, name: str) -> dict:
@@ -112,6 +124,9 @@ def _summary(report: dict) -> list[str]:
             line += " (TIMED OUT)"
         lines.append(line)
         lines += [f"  FAILED {f}" for f in st.get("failed", [])[:10]]
+    for name, st in report.get("scripts", {}).items():
+        line = f"script {name}: {st['status']}" + (f" in {st['seconds']} s" if "seconds" in st else "")
+        lines.append(line + (" (TIMED OUT: rows measured until then are kept)" if st.get("timed_out") else ""))
     for s in report["tests"].get("bench", {}).get("skips", []):
         lines.append(f"  skipped: {s.splitlines()[0][:150]}")
     lines.append("")
@@ -156,6 +171,7 @@ def main() -> None:
         "versions": _versions(),
         "seconds": args.seconds,
         "tests": {name: _stage(args.logs, name) for name in STAGES},
+        "scripts": {name: _script(args.logs, name) for name in SCRIPTS},
         "benchmarks": _benchmarks(args.logs),
         "memory": _rows(args.logs, "memory.json"),
         "host": _rows(args.logs, "host.json"),
@@ -166,7 +182,7 @@ def main() -> None:
     out = os.environ.get("OUT")
     if out:
         targets.append(Path(out) / "gpu_report.json")
-        for name in [f"{s}.log" for s in STAGES] + ["bench.json", "memory.log", "host.json"]:
+        for name in [f"{s}.log" for s in STAGES + SCRIPTS] + ["bench.json", "host.json"]:
             if (args.logs / name).exists():
                 shutil.copy(args.logs / name, Path(out) / name)
     for t in targets:

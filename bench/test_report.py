@@ -175,6 +175,9 @@ def test_gpu_report_summarizes_a_check_folder(tmp_path, monkeypatch, capsys):
     (logs / "kernels.rc").write_text("1 40")
     (logs / "fused.rc").write_text("124 100")
     (logs / "serving.skipped").write_text("")
+    (logs / "memory.rc").write_text("124 50")
+    (logs / "host.rc").write_text("0 12")
+    (logs / "profile.skipped").write_text("")
     (logs / "bench_rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in GPU_ROWS))
     memory = dict(shape="1.1B", variant="peft_fast", Total=100.0, Parameter=50.0, Optstate=10.0, Activation=30.0,
                   Temp=10.0)
@@ -191,6 +194,8 @@ def test_gpu_report_summarizes_a_check_folder(tmp_path, monkeypatch, capsys):
     assert "tests kernels: 1 passed, 1 failed, 0 errors, 1 skipped" in text and "FAILED t::bad" in text
     assert "tests fused: no junit xml" in text and "(TIMED OUT)" in text
     assert "tests serving: skipped" in text
+    assert "script memory: exit status 124 (see memory.log) in 50 s (TIMED OUT" in text
+    assert "script host: ok in 12 s" in text and "script profile: skipped" in text
     assert "1.1B   peft_fast  DoRA/LoRA peak 1.040 (activations and temporaries 1.100)" in text
     assert "1.1B   peft_fast" in text and "70.0 |   110.0 |    90.0  (4 launches)" in text  # memory, host rows
     assert all(r["label"] in text for r in GPU_ROWS)  # the benchmark table
