@@ -86,6 +86,29 @@ def storage_tracker():
     return FrozenAwareTracker()
 
 
+def free_interpreter_copies() -> None:
+    """Under Triton's interpreter, free each launch's argument copies as the launch ends. The interpreter keeps them
+    (and the arguments' storages) in reference cycles, through its recursive nested copy helpers, until the next
+    garbage collection. Storage-level memory measurements would then count tensors that a GPU run has already freed:
+    at one collection per launch, a LoRA step over three layers measured 12% less. No-op without the interpreter."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    from triton.runtime import interpreter
+
+    call = interpreter.GridExecutor.__call__
+    if getattr(call, "_collects", False):
+        return
+
+    def collecting(self, *args, **kwargs):
+        try:
+            return call(self, *args, **kwargs)
+        finally:
+            gc.collect()
+
+    collecting._collects = True
+    interpreter.GridExecutor.__call__ = collecting
+
+
 def tracked_peak(fn) -> dict[str, float]:
     """MiB by kind ("Parameter", "Gradient", "Activation", "Temp", "Optstate", ..., "Total") at the peak of one call."""
     tracker = storage_tracker()

@@ -25,7 +25,7 @@ from torch import nn  # noqa: E402
 import peft  # noqa: E402
 
 import peft_fast  # noqa: E402
-from benchutil import tracked_peak  # noqa: E402
+from benchutil import free_interpreter_copies, tracked_peak  # noqa: E402
 
 
 def extra_peak(lib, dora: bool, p: float, width: int, layers: int, tokens: int, device: str) -> float:
@@ -57,6 +57,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = ap.parse_args()
+    free_interpreter_copies()
     print(f"extra peak memory of a training step, {args.layers} x {args.width}-wide layers, {args.tokens} tokens, "
           f"{args.device} (Triton path)")
     for p in (0.0, 0.05):

@@ -168,6 +168,10 @@ def main() -> None:
     if args.kernels and args.device != "cpu":
         ap.error("--kernels is for --device cpu (on a GPU the kernels run anyway)")
     kernels_on_cpu = args.kernels
+    if kernels_on_cpu:
+        from benchutil import free_interpreter_copies
+
+        free_interpreter_copies()
     shapes = args.shapes or (["1.1B", "8B"] if args.device == "cuda" else ["tiny"])
     where = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"== memory at the training step's peak (MiB), {where}, torch {torch.__version__}"
