@@ -46,26 +46,32 @@ def _card() -> str:
         return "unknown"
 
 
-def _script(logs: Path, name: str) -> dict:
-    if (logs / f"{name}.skipped").exists():
-        return {"status": "skipped (not in GPU_CHECK_STAGES, or a 0 s limit)"}
+SKIPPED = {"status": "skipped (not in GPU_CHECK_STAGES, or a 0 s limit)"}
+
+
+def _rc(logs: Path, name: str) -> dict:
+    """What gpu_check.sh's stage() and script() leave: "rc seconds", rc 124/137 when the time limit stopped it."""
     rc_file = logs / f"{name}.rc"
     if not rc_file.exists():
-        return {"status": "did not run"}
+        return {}
     rc, secs = (int(v) for v in rc_file.read_text().split())
-    status = "ok" if rc == 0 else f"exit status {rc} (see {name}.log)"
-    return {"status": status, "rc": rc, "seconds": secs, "timed_out": rc in (124, 137)}
+    return {"rc": rc, "seconds": secs, "timed_out": rc in (124, 137)}
+
+
+def _script(logs: Path, name: str) -> dict:
+    if (logs / f"{name}.skipped").exists():
+        return dict(SKIPPED)
+    info = _rc(logs, name)
+    if not info:
+        return {"status": "did not run"}
+    return {"status": "ok" if info["rc"] == 0 else f"exit status {info['rc']} (see {name}.log)", **info}
 
 
 def _stage(logs: Path, name: str) -> dict:
     """Pass/fail counts from the junit xml; rc 124/137 means the stage hit its time limit."""
     if (logs / f"{name}.skipped").exists():
-        return {"status": "skipped (not in GPU_CHECK_STAGES, or a 0 s limit)"}
-    info: dict = {}
-    rc_file = logs / f"{name}.rc"
-    if rc_file.exists():
-        rc, secs = rc_file.read_text().split()
-        info.update(rc=int(rc), seconds=int(secs), timed_out=int(rc) in (124, 137))
+        return dict(SKIPPED)
+    info = _rc(logs, name)
     xml = logs / f"{name}.xml"
     if not xml.exists():
         info["status"] = "no junit xml: the stage did not run, timed out or crashed (see its log)"
