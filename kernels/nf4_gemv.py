@@ -9,19 +9,17 @@ programs for a Llama-sized layer, enough to keep the memory system busy.
 
 nf4_linear's `nf4_matmul` (the base matmul of NF4Linear and of the fused QLoRA op) runs it for up to GEMV_MAX_ROWS
 rows when the nf4_decode setting is "gemv" (PEFT_FAST_NF4_DECODE); the default, "dequant", keeps
-dequantize-then-cuBLAS until bench/test_bench_nf4_decode.py on a GPU shows where each is faster.
+dequantize-then-cuBLAS until bench/test_bench_qlora_linear.py on a GPU shows where each is faster.
 The reference is bitsandbytes' Linear4bit forward, written out (as nf4_linear's).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
-from torch import Tensor
-
-import dataclasses
-
 import torch.nn.functional as F
+from torch import Tensor
 
 from .common.autograd import OpaqueOp
 from .common.backend import HAS_TRITON, use_triton

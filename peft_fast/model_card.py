@@ -7,6 +7,7 @@ import dataclasses
 import os
 
 import torch.nn as nn
+from transformers import PreTrainedModel
 
 from .files import atomic_write_text
 from .tuners import registry
@@ -29,13 +30,8 @@ def _model_config(model: nn.Module):
 def _tags(peft_model) -> set[str]:
     base = peft_model.get_base_model()
     tags = set(getattr(base, "model_tags", None) or [])
-    try:
-        from transformers import PreTrainedModel
-
-        if isinstance(base, PreTrainedModel):
-            tags.add("transformers")
-    except ImportError:
-        pass
+    if isinstance(base, PreTrainedModel):
+        tags.add("transformers")
     card_tag = registry.get(peft_model.active_peft_config.peft_type).card_tag
     if card_tag:
         tags.add(card_tag)

@@ -1,5 +1,5 @@
 """Progress bars for the long whole-model operations (merging, unloading, quantizing), as PEFT's
-``progressbar=True``: tqdm when asked for and installed (it comes with transformers), otherwise nothing."""
+``progressbar=True``: tqdm (it comes with transformers) when asked for, otherwise nothing."""
 from __future__ import annotations
 
 
@@ -11,12 +11,10 @@ class _NoBar:
         pass
 
 
-def progress(total: int, enabled: bool, desc: str, unit: str = "layer"):
-    """A bar counting `total` steps (``update()`` each, ``close()`` at the end), or one that shows nothing."""
+def progress(total: int, enabled: bool, desc: str):
+    """A bar counting `total` layers (``update()`` each, ``close()`` at the end), or one that shows nothing."""
     if not enabled:
         return _NoBar()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return _NoBar()
-    return tqdm(total=total, desc=desc, unit=unit)
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="layer")

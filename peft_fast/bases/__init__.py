@@ -16,7 +16,7 @@ from .conv import ConvView
 from .embedding import EmbeddingView
 from .nf4 import NF4View
 from .nf4_linear import NF4Linear
-from .view import BaseView, DenseView, conv1d_type
+from .view import BaseView, Conv1D, DenseView
 
 VIEWS: list[type[BaseView]] = [NF4View, Bnb4View, DenseView]  # most specific first (Linear4bit is an nn.Linear)
 
@@ -50,8 +50,7 @@ def is_4bit(module: nn.Module) -> bool:
 
 def linear_types() -> tuple[type, ...]:
     """Module types that count as linear layers for target matching ("all-linear")."""
-    conv1d = conv1d_type()
-    return (nn.Linear, NF4Linear) + ((conv1d,) if conv1d is not None else ())
+    return (nn.Linear, NF4Linear, Conv1D)
 
 
 __all__ = ["BaseView", "Bnb4View", "ConvView", "DenseView", "EmbeddingView", "NF4View", "NF4Linear", "VIEWS",

@@ -124,13 +124,9 @@ def _shards(path: str) -> list[str]:
 
 def _empty_model(model_class: Any, config: Any) -> nn.Module:
     """The model without its random init (every weight is loaded afterwards; a 7B init takes minutes)."""
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # older transformers: pay for the init
-        import contextlib
+    from transformers.initialization import no_init_weights
 
-        no_init_weights = contextlib.nullcontext
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    dtype = getattr(config, "dtype", None) or torch.float32
     with no_init_weights():
         if hasattr(model_class, "from_config"):
             return model_class.from_config(config, dtype=_dtype(dtype) if isinstance(dtype, str) else dtype)

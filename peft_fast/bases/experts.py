@@ -50,12 +50,10 @@ def is_experts_module(module: nn.Module) -> bool:
 
 def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor, meta: LoraBatchMeta,
                     bias: Optional[torch.Tensor], transposed: bool) -> torch.Tensor:
-    try:
-        from transformers.integrations.moe import _grouped_linear as grouped
-    except ImportError:  # a transformers without grouped experts: one matmul per expert
-        grouped = None
+    from transformers.integrations.moe import _grouped_linear as grouped
+
     # torch's grouped matmul serves float32 and 16-bit operands; float64 (the tests' precision) loops.
-    if grouped is not None and weight.dtype in (torch.float32, torch.bfloat16, torch.float16):
+    if weight.dtype in (torch.float32, torch.bfloat16, torch.float16):
         return grouped(x, weight, offs, bias=bias, is_transposed=transposed)
     out = x.new_zeros(x.shape[0], weight.shape[2] if transposed else weight.shape[1])
     start = 0

@@ -19,18 +19,10 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+from transformers.pytorch_utils import Conv1D
 
 from ..kernels import use_triton
 from ..kernels.common.nf4_format import check_nf4_args
-
-
-def conv1d_type():
-    try:
-        from transformers.pytorch_utils import Conv1D
-
-        return Conv1D
-    except ImportError:  # transformers is a dependency, but keep plain-torch use working
-        return None
 
 
 def has_hooks(module: nn.Module) -> bool:
@@ -158,9 +150,8 @@ class DenseView(BaseView):
 
     def __init__(self, module: nn.Module):
         super().__init__(module)
-        conv1d = conv1d_type()
-        self.fan_in_fan_out = conv1d is not None and isinstance(module, conv1d)
-        self._plain = type(module) is nn.Linear or (conv1d is not None and type(module) is conv1d)
+        self.fan_in_fan_out = isinstance(module, Conv1D)
+        self._plain = type(module) is nn.Linear or type(module) is Conv1D
 
     @property
     def in_features(self) -> int:
@@ -183,8 +174,7 @@ class DenseView(BaseView):
 
     @classmethod
     def accepts(cls, module: nn.Module) -> bool:
-        conv1d = conv1d_type()
-        return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+        return isinstance(module, (nn.Linear, Conv1D))
 
 
 def compute_cast(compute_dtype, x: torch.Tensor):

@@ -315,6 +315,3 @@ class TunerModel(nn.Module):
     def unload(self) -> nn.Module:
         return injection.unload(self.model, merge=False)
 
-    def get_peft_config_as_dict(self) -> dict[str, dict]:
-        return {k: v.to_dict() for k, v in self.peft_config.items()}
-

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from ...bases import BaseView, ConvView, is_4bit, linear_view
-from ...bases.view import conv1d_type
+from ...bases.view import Conv1D
 from ..base_layer import TunerLayer
 from .compute import AdaLoraCompute
 
@@ -31,8 +31,7 @@ def base_kind(module: nn.Module, key: Optional[str] = None) -> str:
                              "layers only (PEFT 0.21.2 fails in forward on grouped ones); leave it out of "
                              "target_modules.")
         return "Conv2d"
-    conv1d = conv1d_type()
-    if isinstance(module, nn.Linear) or is_4bit(module) or (conv1d is not None and isinstance(module, conv1d)):
+    if isinstance(module, (nn.Linear, Conv1D)) or is_4bit(module):
         return "Linear"
     raise ValueError(f"{where} ({type(module).__name__}) is not supported. Currently, only `torch.nn.Linear`, "
                      "`Conv1D`, and `torch.nn.Conv2d` are supported (and 4-bit linear layers).")
