@@ -47,4 +47,4 @@ def test_an_undefined_output_gradient_gives_none(device, op):
     y, leaves = _op(device, op)
     undefined = torch._C._functions.UndefinedGrad()(y)
     grads = torch.autograd.grad(undefined, leaves, torch.ones_like(y), allow_unused=True)
-    assert all(g is None or not g.any() for g in grads)
+    assert all(g is None for g in grads)  # not zeros: the backward must not run on a materialized zero dy

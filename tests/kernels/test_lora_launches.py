@@ -66,18 +66,29 @@ def test_each_gradient_alone(device, trains):
 
 
 @pytest.mark.triton
-def test_split_k_products(device):
+def test_split_k_products(device, monkeypatch):
     """Float32 buffers with a long K split it across programs and add atomically: dA's and dB's K is the token count
-    (split when each runs alone), the forward expand's is the rank (never split: it adds into the base output)."""
-    cfg = lora_mm.mm_config(OUT, 4, 640, torch.float32, torch.float32, torch.float32, torch.device(device), True,
-                            *lora_mm.state())
-    assert cfg.split > 1  # dB's shape below, when allowed to split
-    for trains in (("b",), ("a",), ("x", "a", "b")):
+    (split when each runs alone), the forward expand's is the rank (never split: it adds into the base output). The
+    spy checks that the launches themselves split (results alone are the same either way)."""
+    splits = []
+    real = lora_mm.launch
+
+    def spy(fn, grid, *args, **consts):
+        splits.append(consts.get("SPLIT_K", 1))
+        real(fn, grid, *args, **consts)
+
+    monkeypatch.setattr(lora_mm, "launch", spy)
+    # forward shrink and expand, then backward: dB alone, dA alone (after dz), or dB beside dz and dA beside dx
+    for trains, last_splits in ((("b",), True), (("a",), True), (("x", "a", "b"), False)):
+        splits.clear()
         _check(_leaves(device, torch.float32, torch.float32, trains=trains, lead=(640,)), tol=1e-5)
+        assert (splits[-1] > 1) == last_splits, (trains, splits)
     expand = lora_mm.mm_config(4, OUT, 512, torch.float32, torch.float32, torch.float32, torch.device(device), True,
                                *lora_mm.state())
     assert expand.split > 1  # so only the plan's accumulate rule keeps the expand whole (without a lora bias)
+    splits.clear()
     _check(_leaves(device, torch.float32, torch.float32, lead=(4,), r=512, lora_bias=None), tol=1e-5)
+    assert splits[1] == 1, splits  # the forward's expand
 
 
 @pytest.mark.triton

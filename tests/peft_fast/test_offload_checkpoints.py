@@ -122,25 +122,26 @@ def test_off_without_checkpointing_in_eval_and_no_grad(on_cpu, monkeypatch):
     assert packs
 
 
-@pytest.mark.parametrize("which", ["kept", "layer left unchecked"])
+@pytest.mark.parametrize("which", ["kept", "layer left unchecked", "control: packed as itself"])
 def test_what_stays_makes_no_reference_cycle(which):
-    """A saved-tensor hook that packs a tensor as itself makes a cycle through an op's saved output: freed only by
-    the garbage collector."""
+    """A saved-tensor hook that packs a tensor as itself makes a cycle through an op's saved output (the output
+    holds its grad_fn, which holds the output): freed only by the garbage collector. No backward here: it would free
+    the saved tensors and hide the cycle. The control packs as itself and must keep the storage alive."""
     session = offload._Session(min_bytes=1 << 40)
-    pack, unpack = (session.pack, session.unpack) if which == "kept" else (offload._keep, offload._same)
+    pack, unpack = {"kept": (session.pack, session.unpack), "layer left unchecked": (offload._keep, offload._same),
+                    "control: packed as itself": (lambda t: t, offload._same)}[which]
     x = torch.randn(1000, requires_grad=True)
     gc.collect()
     gc.disable()
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
             y = x.exp()  # exp saves its output
-        y.sum().backward()
         ref = StorageWeakRef(y.untyped_storage())
-        torch.testing.assert_close(x.grad, y.detach())
         del y
-        assert ref.expired()
+        assert ref.expired() == (not which.startswith("control"))
     finally:
         gc.enable()
+        gc.collect()
 
 
 def test_parameters_and_leaves_stay(on_cpu):
@@ -258,12 +259,18 @@ def test_failed_forward_leaves_no_hooks_behind(on_cpu, monkeypatch):
 
 
 def test_other_threads_are_not_offloaded(on_cpu, monkeypatch):
-    """While one thread is inside an offloaded forward, another thread's autograd saves stay its own."""
+    """While one thread is paused inside an offloaded forward, another thread sees none of its open layers: the
+    other thread's plain autograd saves stay its own, and a whole offloaded step it runs meanwhile is bitwise that
+    step run alone. The paused step then finishes with its inputs offloaded."""
     packs = []
     real = offload._Session.pack
     monkeypatch.setattr(offload._Session, "pack",
                         lambda self, t: packs.append(threading.current_thread().name) or real(self, t))
+    ids = _ids()
     model = peft_fast.offload_checkpoints(_model(), min_bytes=0)
+    other = peft_fast.offload_checkpoints(_model(), min_bytes=0)
+    alone = _step(other, ids)
+    packs.clear()
     inside, done = threading.Event(), threading.Event()
 
     def wait(module, args):
@@ -271,24 +278,31 @@ def test_other_threads_are_not_offloaded(on_cpu, monkeypatch):
         assert done.wait(30)
 
     handle = _layers(model)[1].register_forward_pre_hook(wait)
-    errors = []
+    results, errors = [], []
 
     def train():
         try:
-            _step(model, _ids())
+            results.append(_step(model, ids))
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
 
     worker = threading.Thread(target=train, name="trainer")
     worker.start()
-    assert inside.wait(30)
-    a = torch.randn(64, requires_grad=True)
-    (a * torch.randn(64)).sum().backward()
-    done.set()
-    worker.join(30)
-    handle.remove()
-    assert not errors
-    assert "trainer" in packs and threading.current_thread().name not in packs
+    try:
+        assert inside.wait(30)
+        assert offload._open() == []  # the trainer's open layer is its own
+        a = torch.randn(64, requires_grad=True)
+        (a * torch.randn(64)).sum().backward()
+        assert threading.current_thread().name not in packs
+        _same(alone, _step(other, ids))
+        assert offload._open() == []
+    finally:
+        done.set()
+        worker.join(30)
+        handle.remove()
+    assert not errors and len(results) == 1
+    _, _, alive = results[0]
+    assert alive[0] and not any(alive[1:])  # as in test_same_step_and_inputs_leave
 
 
 def test_prefetches_the_next_layer(on_cpu, monkeypatch):
