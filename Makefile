@@ -17,7 +17,8 @@ BENCH_LATEST := bench/results/latest.json
 # More pytest arguments for the bench targets, e.g. BENCH_ARGS="-k decode" or "--pf-charts bench/results/charts".
 BENCH_ARGS ?=
 
-# `make test-lowest`: the suite on the lowest transformers and safetensors pyproject.toml allows (.ci/lowest.txt),
+# `make test-lowest`: the suite on the lowest torch, triton, transformers and safetensors pyproject.toml allows
+# (.ci/lowest.txt; torch 2.11 with triton 3.6 is also the GPU machine's pair, here a CUDA build run on the CPU),
 # in its own venv, so that those lower bounds are tested rather than claimed.
 LOWEST_VENV ?= .venv-lowest
 
@@ -42,12 +43,12 @@ test: setup
 $(LOWEST_VENV)/.installed: pyproject.toml .ci/lowest.txt
 	$(PYTHON) -m venv $(LOWEST_VENV)
 	$(LOWEST_VENV)/bin/python -m pip install -q --upgrade pip
-	$(LOWEST_VENV)/bin/python -m pip install -q "$(TORCH)"
+	$(LOWEST_VENV)/bin/python -m pip install -q -c .ci/lowest.txt torch numpy
 	$(LOWEST_VENV)/bin/python -m pip install -q -c .ci/lowest.txt -e ".[test]"
 	touch $@
 
 test-lowest: $(LOWEST_VENV)/.installed
-	$(LOWEST_VENV)/bin/python -c "import transformers, safetensors; print('lowest:', 'transformers', transformers.__version__, 'safetensors', safetensors.__version__)"
+	$(LOWEST_VENV)/bin/python -c "import torch, triton, transformers, safetensors; print('lowest:', *(f'{m.__name__} {m.__version__}' for m in (torch, triton, transformers, safetensors)))"
 	$(LOWEST_VENV)/bin/pytest tests -q
 
 bench: setup

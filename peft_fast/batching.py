@@ -66,7 +66,10 @@ class RoutingKey:
 
 
 class _Current(threading.local):
-    batch: Optional[AdapterNames] = None  # the mixed batch of the forward running in this thread
+    def __init__(self) -> None:  # runs once in each thread that reads it
+        # The mixed batch of the forward running in this thread. An instance attribute, not a class default: torch
+        # 2.11's torch.compile read a thread-local's class default where the instance had its own value.
+        self.batch: Optional[AdapterNames] = None
 
 
 CURRENT = _Current()

@@ -187,3 +187,22 @@ def test_every_package_is_in_the_wheel():
               for p in (ROOT / "kernels").rglob("__init__.py")}
     assert found - listed == set(), f"add to [tool.setuptools] packages in pyproject.toml: {sorted(found - listed)}"
     assert listed - found == set(), f"listed in pyproject.toml but not in the tree: {sorted(listed - found)}"
+
+
+def test_the_lowest_run_pins_the_lower_bounds():
+    """`make test-lowest` installs .ci/lowest.txt: each library there must be pinned at the lower bound pyproject.toml
+    claims, and every claimed bound of torch, transformers and safetensors must be there, or the bound is untested."""
+    import re
+    import tomllib
+
+    bounds = {}
+    for dep in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]:
+        m = re.match(r"([A-Za-z0-9_.-]+)\s*>=\s*([0-9.]+)", dep)
+        if m and m[1] in ("torch", "transformers", "safetensors"):
+            bounds[m[1]] = m[2]
+    pins = dict(re.match(r"([A-Za-z0-9_.-]+)==([0-9.]+)", line).groups()
+                for line in (ROOT / ".ci" / "lowest.txt").read_text().splitlines() if "==" in line)
+    assert bounds.keys() == {"torch", "transformers", "safetensors"}, bounds
+    for name, bound in bounds.items():
+        want = tuple(int(v) for v in bound.split("."))
+        assert tuple(int(v) for v in pins.get(name, "0").split("."))[:len(want)] == want, (name, bound, pins)

@@ -77,7 +77,11 @@ def _compiled_rope(apply_rotary_pos_emb: Callable) -> Callable:
 
 @functools.lru_cache(maxsize=None)
 def compile_ops() -> Ops:
-    step = _compiled(loss_ops.chunk_step)
+    compiled_step = _compiled(loss_ops.chunk_step)
+
+    def step(*args):  # a plain function around it: torch 2.11's compile breaks on a compiled one given to apply
+        return compiled_step(*args)
+
     # Norms and activations are compiled once per module class (per_class): one shared compiled function would
     # pool every model's norms in one dynamo cache and its recompile limit.
     return Ops(name="compile", rms_norm=rms_norm_reference,

@@ -63,10 +63,19 @@ def _tol(name):  # a bf16 base rounds the activations the adapters see
     return 2e-2 if "bf16" in name else 1e-5
 
 
+# torch 2.11's fully_shard makes every sharded parameter require grad before it copies the original's flag, which
+# integer tensors refuse: 4-bit bases (uint8 codes) cannot be sharded before torch 2.12.
+SHARDS_INTEGERS = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 12)
+TORCH_REFUSAL = "only Tensors of floating point dtype can require gradients"
+
+
 def _result(results, name):
     if "bnb" in name:
         pytest.importorskip("bitsandbytes")
     r = results[name]
+    if name in ("fsdp-nf4", "fsdp-bnb") and not SHARDS_INTEGERS:
+        assert TORCH_REFUSAL in r.get("error", ""), r  # so this skip ends with the limitation
+        pytest.skip(f"torch {torch.__version__}: FSDP2 cannot shard the 4-bit codes (uint8) before torch 2.12")
     assert "error" not in r, r["error"]
     return r
 
@@ -125,4 +134,6 @@ def test_the_example_runs_under_torchrun(tmp_path, args):
                          ids=["fsdp", "fsdp-nf4-dora"])
 def test_the_example_on_one_gpu(tmp_path, args):
     """World size 1 is enough to meet the CUDA-only faults: NCCL, bf16 bases, the Triton kernels under FSDP2."""
+    if "--quantize" in args and not SHARDS_INTEGERS:
+        pytest.skip(f"torch {torch.__version__}: FSDP2 cannot shard the 4-bit codes (uint8) before torch 2.12")
     _run_example(tmp_path, 1, args)

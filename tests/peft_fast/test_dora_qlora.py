@@ -28,7 +28,9 @@ def make_pair(path, case, **over):
 
 
 def tol(case):
-    return {"atol": 1e-5, "rtol": 1e-5} if case[0] == torch.float32 else {"atol": 1e-5, "rtol": 8e-3}
+    # by the compute dtype (case[1]): bf16 matmuls round by the order of their sums, which differs between torch
+    # releases (2.11 against 2.13 here)
+    return {"atol": 1e-5, "rtol": 1e-5} if case[1] == torch.float32 else {"atol": 1e-5, "rtol": 8e-3}
 
 
 @pytest.fixture(scope="module")
