@@ -46,11 +46,14 @@ class Bnb4View(BaseView):
         `QuantState.to` swaps in place), or a move, converts again."""
         weight = self.module.weight
         qs = getattr(weight, "quant_state", None)
-        if qs is None and weight.dtype == torch.uint8 and getattr(self.module, "quant_state", None) is not None:
+        if (qs is None and getattr(self.module, "quant_state", None) is not None
+                and weight.dtype == getattr(self.module, "quant_storage", torch.uint8) and weight.dim() == 2
+                and weight.shape[1] == 1):
             # FSDP2 gathers a bitsandbytes weight into a plain parameter, without the quant state bitsandbytes
             # keeps on the weight; it keeps a copy on the module. Give it back to the parameter FSDP2 uses (rather
             # than letting bitsandbytes' forward replace that parameter with a new Params4bit, which FSDP2 does
-            # not manage).
+            # not manage). The codes are packed [n, 1] in the layer's quant_storage dtype: uint8, or the float
+            # type FSDP setups choose (bnb_4bit_quant_storage) so that the codes shard like the other weights.
             qs = weight.quant_state = self.module.quant_state
         if qs is None or _repacked(qs) or len(qs.shape) != 2:
             return None

@@ -24,10 +24,10 @@ def save_tiny_llama(path):
     return path
 
 
-def load4(path, case):
+def load4(path, case, quant_storage=torch.uint8):
     dtype, compute, double, qt = case
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=qt, bnb_4bit_compute_dtype=compute,
-                           bnb_4bit_use_double_quant=double)
+                           bnb_4bit_use_double_quant=double, bnb_4bit_quant_storage=quant_storage)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_pretrained(path, quantization_config=q, device_map="cpu", dtype=dtype)
