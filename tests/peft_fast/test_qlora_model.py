@@ -65,6 +65,31 @@ def test_train_logits_and_grads(model_dir, case, fused_calls):
     assert impl_model.get_nb_trainable_parameters() == ref_model.get_nb_trainable_parameters()
 
 
+@pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_codes_stored_in_a_float_type(model_dir, storage, fused_calls, monkeypatch):
+    """bnb_4bit_quant_storage as FSDP setups set it: the same packed codes held in a float tensor ([n/4, 1] for
+    float32). The fused op reads them as bytes; logits and gradients are PEFT's."""
+    import qlora_models
+
+    case = CASES[0]
+    real = qlora_models.load4
+    monkeypatch.setattr(qlora_models, "load4", lambda path, c: real(path, c, quant_storage=storage))
+    ref_model, impl_model = make_pair(model_dir, case)
+    assert impl_model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.dtype == storage
+    x = ids()
+    ref_out = ref_model.train()(input_ids=x, labels=x)
+    impl_out = impl_model.train()(input_ids=x, labels=x)
+    if not AGAINST_PEFT:
+        assert len(fused_calls) == 8
+    assert_close(impl_out.logits, ref_out.logits, **tol(case))
+    ref_out.loss.backward()
+    impl_out.loss.backward()
+    rg, ig = _lora_grads(ref_model), _lora_grads(impl_model)
+    assert set(rg) == set(ig) and rg
+    for n in rg:
+        assert_close(ig[n], rg[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
 @pytest.mark.parametrize("case", CASES[:3], ids=IDS[:3])
 def test_eval_logits(model_dir, case):
     ref_model, impl_model = make_pair(model_dir, case)
