@@ -65,19 +65,25 @@ def test_each_gradient_alone(device, trains):
     _check(_leaves(device, trains=trains))
 
 
-@pytest.mark.triton
-def test_split_k_products(device, monkeypatch):
-    """Float32 buffers with a long K split it across programs and add atomically: dA's and dB's K is the token count
-    (split when each runs alone), the forward expand's is the rank (never split: it adds into the base output). The
-    spy checks that the launches themselves split (results alone are the same either way)."""
-    splits = []
+@pytest.fixture
+def splits(monkeypatch) -> list:
+    """SPLIT_K of every LoRA matmul launch, in order."""
+    seen = []
     real = lora_mm.launch
 
     def spy(fn, grid, *args, **consts):
-        splits.append(consts.get("SPLIT_K", 1))
+        seen.append(consts.get("SPLIT_K", 1))
         real(fn, grid, *args, **consts)
 
     monkeypatch.setattr(lora_mm, "launch", spy)
+    return seen
+
+
+@pytest.mark.triton
+def test_split_k_products(device, splits):
+    """Float32 buffers with a long K split it across programs and add atomically: dA's and dB's K is the token count
+    (split when each runs alone), the forward expand's is the rank (never split: it adds into the base output). The
+    spy checks that the launches themselves split (results alone are the same either way)."""
     # forward shrink and expand, then backward: dB alone, dA alone (after dz), or dB beside dz and dA beside dx
     for trains, last_splits in ((("b",), True), (("a",), True), (("x", "a", "b"), False)):
         splits.clear()
@@ -92,17 +98,9 @@ def test_split_k_products(device, monkeypatch):
 
 
 @pytest.mark.triton
-def test_deterministic_mode_never_splits(device, monkeypatch):
+def test_deterministic_mode_never_splits(device, splits):
     """Split-K adds partial sums atomically, in any order: deterministic mode must get a plan without it, even after a
     call at the same shapes made one with it."""
-    splits = []
-    real = lora_mm.launch
-
-    def spy(fn, grid, *args, **consts):
-        splits.append(consts.get("SPLIT_K", 1))
-        real(fn, grid, *args, **consts)
-
-    monkeypatch.setattr(lora_mm, "launch", spy)
     cases = [dict(trains=("b",), lead=(640,)),  # backward: dB alone splits over the tokens
              dict(trains=("a",), lead=(4,), in_f=640, lora_bias=None)]  # forward: the shrink splits over in
     for case in cases:
