@@ -5,7 +5,7 @@ wanted, the global switches) and then fired with nothing but the call's tensors.
 A call costs one cache lookup, the buffers it returns, and the launches (the issue's lean launch path): no views (a
 transposed operand is the tensor itself with its strides swapped in the plan; [..., d] activations whose leading
 dims collapse are read in place as [rows, d]) and no per-launch configuration. The matmuls are common/lora_mm.py's,
-so results are those of `mm` / `mm2` on the same operands.
+so results are those of `mm` on the same operands (and of two `mm`s for a paired launch).
 """
 from __future__ import annotations
 

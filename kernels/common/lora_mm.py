@@ -312,15 +312,6 @@ def mm(a: Tensor, b: Tensor, c: Tensor, *, scale: float = 1.0, accumulate: bool 
     fire(_plan(a, b, c, scale, accumulate, bias is not None, drop, p, ld_x, rows_x, True), a, b, c, bias, seed)
 
 
-def mm2(first: tuple, second: tuple, *, seed: Optional[Tensor] = None, p: float = 0.0, ld_x: int = 0,
-        rows_x: int = 0) -> None:
-    """Two independent `mm`s in one launch, each given as (a, b, c, scale, accumulate, drop), without bias or
-    split-K; they share the dropout mask's arguments (it is x's, whichever product takes it)."""
-    one, two = (_plan(a, b, c, scale, acc, False, drop, p, ld_x, rows_x, False)
-                for a, b, c, scale, acc, drop in (first, second))
-    fire2(prepare2(one, two), first[:3], second[:3], seed)
-
-
 def masked_add(a: Optional[Tensor], b: Tensor, out: Tensor, seed: Tensor, p: float) -> None:
     """out = a + drop-mask ⊙ b (a None: the mask alone), b [M, in] laid out as x: the mask `mm` gives x's entries
     for this seed, so `masked_add(None, x, xd, ...)` is the dropped x the LoRA matmuls saw."""

@@ -1,9 +1,18 @@
-"""kernels/common/lora_mm.py's two-matmul launch (`mm2`): equal to the two `mm`s it replaces, dropout masks included."""
+"""kernels/common/lora_mm.py's two-matmul launch (prepare2/fire2, the LoRA backward's paired launches): equal to the
+two `mm`s it replaces, dropout masks included."""
 import pytest
 import torch
 
 from peft_fast.kernels.common import lora_mm
-from peft_fast.kernels.common.lora_mm import DROP_B, DROP_C, DROP_NONE, mm, mm2
+from peft_fast.kernels.common.lora_mm import DROP_B, DROP_C, DROP_NONE, mm
+
+
+def mm2(first: tuple, second: tuple, *, seed=None, p: float = 0.0, ld_x: int = 0, rows_x: int = 0) -> None:
+    """Two `mm`s, each (a, b, c, scale, accumulate, drop), in one launch, planned as lora_launches.py plans a pair:
+    no bias, no split-K, one dropout mask (x's) for both."""
+    one, two = (lora_mm._plan(a, b, c, scale, acc, False, drop, p, ld_x, rows_x, False)
+                for a, b, c, scale, acc, drop in (first, second))
+    lora_mm.fire2(lora_mm.prepare2(one, two), first[:3], second[:3], seed)
 
 
 def _rand(*shape, dtype, seed):
