@@ -131,10 +131,9 @@ def test_the_example_runs_under_torchrun(tmp_path, args):
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not torch.distributed.is_nccl_available(),
                     reason="needs a CUDA GPU and NCCL (bench/gpu_check.sh runs it: stage distributed)")
-@pytest.mark.parametrize("args", [["--mode", "fsdp"], ["--mode", "fsdp", "--quantize", "--dora"]],
-                         ids=["fsdp", "fsdp-nf4-dora"])
+@pytest.mark.parametrize("args", [["--mode", "fsdp"], ["--mode", "fsdp", "--dora"] + ["--quantize"] * SHARDS_INTEGERS],
+                         ids=["fsdp", "fsdp-nf4-dora" if SHARDS_INTEGERS else "fsdp-dora"])
 def test_the_example_on_one_gpu(tmp_path, args):
-    """World size 1 is enough to meet the CUDA-only faults: NCCL, bf16 bases, the Triton kernels under FSDP2."""
-    if "--quantize" in args and not SHARDS_INTEGERS:
-        pytest.skip(f"torch {torch.__version__}: FSDP2 cannot shard the 4-bit codes (uint8) before torch 2.12")
+    """World size 1 is enough to meet the CUDA-only faults: NCCL, bf16 bases, the Triton kernels under FSDP2 (DoRA
+    over NF4 from torch 2.12 on; before it FSDP2 cannot shard the codes, so DoRA over the dense base)."""
     _run_example(tmp_path, 1, args)
