@@ -28,8 +28,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralFo
 
 ROWS, SEQ, STEPS, LR = 4, 8, 2, 0.5
 SCENARIOS = [("ddp", "lora"), ("ddp", "dora"), ("ddp", "nf4"), ("ddp", "bnb"), ("fsdp", "lora-bf16"),
-             ("fsdp", "dora"), ("fsdp", "nf4"), ("fsdp", "bnb"), ("fsdp", "bnb-f32store"), ("ddp", "moe"),
-             ("fsdp", "moe"), ("ddp", "fused"), ("fsdp", "fused")]
+             ("fsdp", "dora"), ("fsdp", "nf4"), ("fsdp", "bnb"), ("fsdp", "bnb-f32store"),
+             ("fsdp", "bnb-bfloat16store"), ("ddp", "moe"), ("fsdp", "moe"), ("ddp", "fused"), ("fsdp", "fused")]
 BNB_DIR = None  # a tiny Llama saved once, loaded in 4-bit by transformers + bitsandbytes for the "bnb" scenarios
 
 
@@ -37,9 +37,9 @@ def base(kind: str):
     if kind.startswith("bnb"):
         from qlora_models import load4
 
-        # f32store: the codes stored as float32 (bnb_4bit_quant_storage), as FSDP setups do so that they shard like
+        # *store: the codes stored as a float type (bnb_4bit_quant_storage), as FSDP setups do so that they shard like
         # the other weights (and so that torch 2.11's fully_shard, which refuses integer parameters, takes them)
-        storage = torch.float32 if kind == "bnb-f32store" else torch.uint8
+        storage = {"bnb-f32store": torch.float32, "bnb-bfloat16store": torch.bfloat16}.get(kind, torch.uint8)
         return load4(BNB_DIR, (torch.float32, torch.float32, True, "nf4"), quant_storage=storage)
     torch.manual_seed(0)
     if kind == "moe":  # experts as 3-D stacks, adapted through target_parameters

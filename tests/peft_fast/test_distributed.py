@@ -56,7 +56,7 @@ def results(tmp_path_factory):
 
 
 SCENARIOS = ["ddp-lora", "ddp-dora", "ddp-nf4", "ddp-bnb", "fsdp-lora-bf16", "fsdp-dora", "fsdp-nf4", "fsdp-bnb",
-             "fsdp-bnb-f32store", "ddp-moe", "fsdp-moe", "ddp-fused", "fsdp-fused"]
+             "fsdp-bnb-f32store", "fsdp-bnb-bfloat16store", "ddp-moe", "fsdp-moe", "ddp-fused", "fsdp-fused"]
 
 
 def _tol(name):  # a bf16 base rounds the activations the adapters see
