@@ -157,6 +157,14 @@ def nf4_state_from_bnb(quant_state) -> NF4State:
     return NF4State(quant_state.absmax, quant_state.shape, quant_state.dtype, quant_state.blocksize, qt, code)
 
 
+def code_bytes(packed: Tensor) -> Tensor:
+    """The packed codes as [bytes, 1] uint8. bitsandbytes' quant_storage (bnb_4bit_quant_storage) may hold the same
+    bytes in another dtype, e.g. bf16 or float32 for FSDP; those are read as their bytes, nothing is converted."""
+    if packed.dtype == torch.uint8:
+        return packed
+    return packed.contiguous().reshape(-1).view(torch.uint8).unsqueeze(1)
+
+
 def nf4_from_bnb(weight) -> tuple[Tensor, NF4State]:
     """(packed uint8, state) from a bitsandbytes `Params4bit` or `Linear4bit` (no re-quantization)."""
     if isinstance(weight, torch.nn.Module):
@@ -166,6 +174,4 @@ def nf4_from_bnb(weight) -> tuple[Tensor, NF4State]:
         raise ValueError("nf4_from_bnb: expected a quantized bitsandbytes Params4bit / Linear4bit (no quant_state "
                          "found; bnb quantizes a Linear4bit when it is moved to a device)")
     data = weight.data if isinstance(weight, torch.Tensor) else weight
-    if data.dtype != torch.uint8:  # quant_storage other than uint8: same bytes
-        data = data.reshape(-1).view(torch.uint8).unsqueeze(1)
-    return data, nf4_state_from_bnb(qs)
+    return code_bytes(data), nf4_state_from_bnb(qs)

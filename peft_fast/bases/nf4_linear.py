@@ -1,9 +1,11 @@
 """NF4Linear: a frozen 4-bit linear layer in bitsandbytes' layout, made and run without bitsandbytes.
 
 `peft_fast.quantize` puts it where a model had nn.Linear layers. Its packed weight, absmax and codebook are exactly
-what bitsandbytes' `quantize_4bit` gives (kernels/nf4_quantize.py), and its state dict uses transformers' 4-bit checkpoint
-keys (`weight`, `weight.absmax`, `weight.quant_map`, `weight.nested_*`, `weight.quant_state.bitsandbytes__<type>`),
-so a 4-bit checkpoint saved by transformers + bitsandbytes loads into it and one saved from it loads there.
+what bitsandbytes' `quantize_4bit` gives (kernels/nf4_quantize.py), and its state dict uses transformers' 4-bit
+checkpoint keys (`weight`, `weight.absmax`, `weight.quant_map`, `weight.nested_*`,
+`weight.quant_state.bitsandbytes__<type>`), so a 4-bit checkpoint saved by transformers + bitsandbytes (codes stored
+as uint8 or, with a float bnb_4bit_quant_storage, as the same bytes in a float tensor) loads into it, and one saved
+from it loads there. The codes are kept as uint8.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from ..kernels import NF4State, nf4_dequantize, nf4_linear, nf4_quantize
+from ..kernels.common.nf4_format import code_bytes
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -133,6 +136,8 @@ class NF4Linear(nn.Module):
                                   "before peft_fast.quantize(), or a 4-bit checkpoint after it.")
                 return
             packed = state_dict[prefix + "weight"]
+            if packed.dtype.is_floating_point:  # saved with a float bnb_4bit_quant_storage: the same bytes
+                packed = code_bytes(packed.detach())
             try:
                 state = self._state_from(state_dict, w, blob_keys[0])
             except (KeyError, ValueError, UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -86,10 +86,14 @@ def test_quantized_checkpoint_loads_with_transformers_and_bitsandbytes(ws, tmp_p
     # load_quantized reads what transformers + bitsandbytes save, too: the same bytes, the same model
     from qlora_models import load4
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        load4(ws["root"] / "base", (torch.float32, torch.float32, True, "nf4")).save_pretrained(tmp_path / "bnb")
-    assert torch.equal(_logits(load_quantized(str(tmp_path / "bnb"))), _logits(ours))
+    # with the codes stored as uint8, or as a float type (bnb_4bit_quant_storage, the usual FSDP setting)
+    for storage in (torch.uint8, torch.bfloat16, torch.float32):
+        folder = tmp_path / f"bnb-{storage}"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            load4(ws["root"] / "base", (torch.float32, torch.float32, True, "nf4"),
+                  quant_storage=storage).save_pretrained(folder)
+        assert torch.equal(_logits(load_quantized(str(folder))), _logits(ours)), storage
 
 
 # --- convert --------------------------------------------------------------------------------------------------
