@@ -314,4 +314,3 @@ class TunerModel(nn.Module):
 
     def unload(self) -> nn.Module:
         return injection.unload(self.model, merge=False)
-

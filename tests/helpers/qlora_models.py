@@ -42,17 +42,17 @@ def lora_kw(**over):
     return kw
 
 
-def make_qlora_pair(path, case, **over):
-    """PEFT and the implementation over two fresh 4-bit loads, the implementation's adapter weights copied from
-    PEFT's; PEFT's 4-bit layer is checked to be the reference."""
+def make_qlora_pair(path, case, quant_storage=torch.uint8, **over):
+    """PEFT and the implementation over two fresh 4-bit loads (codes stored as `quant_storage`), the implementation's
+    adapter weights copied from PEFT's; PEFT's 4-bit layer is checked to be the reference."""
     from tiny_models import impl, name_diff, ref
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.manual_seed(0)
-        ref_model = ref.get_peft_model(load4(path, case), ref.LoraConfig(**lora_kw(**over)))
+        ref_model = ref.get_peft_model(load4(path, case, quant_storage), ref.LoraConfig(**lora_kw(**over)))
         torch.manual_seed(0)
-        impl_model = impl.get_peft_model(load4(path, case), impl.LoraConfig(**lora_kw(**over)))
+        impl_model = impl.get_peft_model(load4(path, case, quant_storage), impl.LoraConfig(**lora_kw(**over)))
     layer = ref_model.base_model.model.model.layers[0].self_attn.q_proj
     assert type(layer).__module__ == "peft.tuners.lora.bnb", type(layer)
     r_p, i_p = dict(ref_model.named_parameters()), dict(impl_model.named_parameters())
