@@ -140,7 +140,7 @@ script profile "${GPU_CHECK_PROFILE_S:-15}" $PY bench/profile_qlora.py | grep -E
 # examples/serve_adapters.py with 64 adapters under CUDA graphs (its tokens must equal PEFT's).
 stage serving "${GPU_CHECK_SERVING_S:-60}" bench/test_bench_serving.py tests/peft_fast/test_serve_example.py -q \
   $TEST_TIMEOUT --benchmark-json="$LOGS/serving.json" --benchmark-min-rounds=3 --benchmark-max-time=0.2
-# examples/train_distributed.py under torchrun with NCCL on one GPU (FSDP2; then DoRA, over NF4 from torch 2.12).
+# examples/train_distributed.py under torchrun with NCCL on one GPU (FSDP2; then DoRA over NF4 codes stored as bf16).
 stage distributed "${GPU_CHECK_DISTRIBUTED_S:-25}" tests/peft_fast/test_distributed.py -q -k one_gpu $TEST_TIMEOUT
 
 mkdir -p bench/results

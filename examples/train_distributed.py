@@ -52,8 +52,13 @@ def setup() -> tuple[int, int, torch.device]:
 
 
 def make_base(args, device: torch.device):
-    base = build_base().to(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    return peft_fast.quantize(base) if args.quantize else base
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    base = build_base().to(device, dtype)
+    if not args.quantize:
+        return base
+    # Under FSDP2 the 4-bit codes are stored in the base's float type (bitsandbytes' quant_storage), so that they
+    # shard like the other weights: torch 2.11's fully_shard refuses integer parameters.
+    return peft_fast.quantize(base, quant_storage=dtype if args.mode == "fsdp" else torch.uint8)
 
 
 def make_model(args, device: torch.device):

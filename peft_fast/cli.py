@@ -116,6 +116,9 @@ def build_parser(prog: str = "peft-fast") -> argparse.ArgumentParser:
                    help="keep mixture-of-experts stacks 16-bit (as transformers + bitsandbytes can load the result; "
                         "4-bit stacks load with peft_fast.load_quantized only)")
     s.add_argument("--compute-dtype", choices=DTYPES, help="matmul dtype of the 4-bit layers (default: the input's)")
+    s.add_argument("--quant-storage", choices=("uint8",) + DTYPES, default="uint8",
+                   help="dtype the packed codes are stored in (bnb_4bit_quant_storage; default uint8). A float type "
+                        "lets FSDP2 on torch 2.11 shard them; it must then be FSDP's param_dtype too")
     s.add_argument("--dtype", choices=("auto",) + DTYPES, default="auto",
                    help="dtype to load BASE in, which dequantization gives back (default: auto, the checkpoint's)")
     s.add_argument("--task-type", choices=TASK_TYPES, default="CAUSAL_LM",

@@ -88,7 +88,8 @@ def quantize(args: argparse.Namespace) -> int:
     settings = {"quant_type": args.quant_type, "blocksize": args.blocksize, "double_quant": not args.no_double_quant,
                 "compute_dtype": args.compute_dtype}
     quantize_model(model, quant_type=args.quant_type, blocksize=args.blocksize, double_quant=settings["double_quant"],
-                   compute_dtype=_dtype(args.compute_dtype), experts=not args.dense_experts)
+                   compute_dtype=_dtype(args.compute_dtype), experts=not args.dense_experts,
+                   quant_storage=_dtype(args.quant_storage))
     n4 = sum(isinstance(m, NF4Linear) for m in model.modules())
     if n4 == 0:
         raise CliError(f"{args.base} has no torch.nn.Linear layers to quantize (besides the output head)")

@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from .. import files
 from .experts import is_experts_module
+from .nf4_linear import NF4Linear, storage_dtype
 from .quantize import quantize as quantize_model
 
 QUANTIZE_KEY = "peft_fast_quantize"  # safetensors metadata: the settings `quantize` used (compute dtype included)
@@ -41,10 +42,14 @@ def save_quantized(model: nn.Module, folder: str, settings: dict) -> None:
     """config.json (+ generation_config.json) and model.safetensors of a `peft_fast.quantize`d model."""
     config = model.config
     compute = settings["compute_dtype"] or str(model.dtype).removeprefix("torch.")
+    storages = {str(m.quant_storage).removeprefix("torch.") for m in model.modules() if isinstance(m, NF4Linear)}
+    if len(storages) > 1:  # the config names one bnb_4bit_quant_storage for every layer
+        raise ValueError(f"save_quantized: the 4-bit layers store their codes in several dtypes ({sorted(storages)}); "
+                         "transformers' config names one. Quantize every layer with the same quant_storage.")
     config.quantization_config = {
         "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
         "bnb_4bit_quant_type": settings["quant_type"], "bnb_4bit_use_double_quant": settings["double_quant"],
-        "bnb_4bit_compute_dtype": compute, "bnb_4bit_quant_storage": "uint8",
+        "bnb_4bit_compute_dtype": compute, "bnb_4bit_quant_storage": next(iter(storages), "uint8"),
         "llm_int8_skip_modules": _dense_linears(model),
     }
     try:
@@ -57,12 +62,15 @@ def save_quantized(model: nn.Module, folder: str, settings: dict) -> None:
         model.generation_config.save_pretrained(folder)
 
 
-def load_quantized(path: str, model_class: Any = None, device: Optional[str] = None) -> nn.Module:
+def load_quantized(path: str, model_class: Any = None, device: Optional[str] = None,
+                   quant_storage: Any = None) -> nn.Module:
     """Load a 4-bit checkpoint saved by `peft-fast quantize` (or by transformers + bitsandbytes, safetensors)
     as a model with peft_fast NF4Linear layers, without bitsandbytes: the model is built from its config, its
     linear layers are made NF4Linear with the saved settings (and its expert stacks 4-bit, when the checkpoint holds
     them so), and the checkpoint is loaded into them.
-    `model_class`: a transformers class (default: config.architectures[0]); `device`: where to put the model."""
+    `model_class`: a transformers class (default: config.architectures[0]); `device`: where to put the model;
+    `quant_storage`: the dtype the layers keep their codes in (default: the checkpoint's bnb_4bit_quant_storage;
+    a float type for FSDP2 on torch 2.11, see peft_fast.quantize)."""
     import transformers
     from safetensors import safe_open
     from transformers import AutoConfig
@@ -72,6 +80,7 @@ def load_quantized(path: str, model_class: Any = None, device: Optional[str] = N
     qc = qc.to_dict() if hasattr(qc, "to_dict") else qc
     if not isinstance(qc, dict) or not qc.get("load_in_4bit"):
         raise ValueError(f"{path} is not a 4-bit checkpoint (config.json has no 4-bit quantization_config)")
+    storage = storage_dtype(quant_storage or qc.get("bnb_4bit_quant_storage") or "uint8")
     del config.quantization_config  # build the dense model; the 4-bit layers are peft_fast's
     shards = _shards(path)
     with safe_open(shards[0], framework="pt") as fh:
@@ -97,7 +106,7 @@ def load_quantized(path: str, model_class: Any = None, device: Optional[str] = N
     compute = saved.get("compute_dtype", qc.get("bnb_4bit_compute_dtype"))
     quantize_model(model, quant_type=qc.get("bnb_4bit_quant_type", "nf4"),
                    double_quant=bool(qc.get("bnb_4bit_use_double_quant")), compute_dtype=_dtype(compute),
-                   skip_modules=qc.get("llm_int8_skip_modules") or None, experts=stacks)
+                   skip_modules=qc.get("llm_int8_skip_modules") or None, experts=stacks, quant_storage=storage)
     state: dict[str, torch.Tensor] = {}
     for shard in shards:
         state.update(files.load_tensors(shard))

@@ -42,8 +42,12 @@ def _quantization(model: nn.Module) -> tuple[bool, bool]:
 
 
 def _upcast_half_params(model: nn.Module) -> None:
+    # 4-bit codes stored in a half type (quant_storage) are bytes, not values: bitsandbytes' Params4bit and
+    # NF4Linear's weight are left alone.
+    codes = {id(m.weight) for m in model.modules() if isinstance(m, NF4Linear)}
     for param in model.parameters():
-        if param.dtype in (torch.float16, torch.bfloat16) and type(param).__name__ != "Params4bit":
+        if (param.dtype in (torch.float16, torch.bfloat16) and type(param).__name__ != "Params4bit"
+                and id(param) not in codes):
             param.data = param.data.to(torch.float32)
 
 

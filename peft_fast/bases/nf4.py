@@ -20,10 +20,14 @@ class NF4View(BaseView):
         cast = compute_cast(m.compute_dtype, x)
         if cast is False or m.weight.device != x.device:
             return None
-        return m.weight, m.quant_state, m.bias, cast
+        return m.codes(), m.quant_state, m.bias, cast
 
     def nf4(self):
-        return self.module.weight, self.module.quant_state
+        return self.module.codes(), self.module.quant_state
+
+    @property
+    def adapter_dtype(self) -> Optional[torch.dtype]:
+        return None  # whatever dtype the codes are stored in (quant_storage), they are bytes, not the weight's dtype
 
     @property
     def init_dtype(self) -> Optional[torch.dtype]:
@@ -69,7 +73,7 @@ class NF4View(BaseView):
         return dense_linear(weight, bias, self.dense_dtype, self.module.training)
 
     def check(self, name: str) -> None:
-        check_quant_state(self.module, name, self.module.weight, self.module.quant_state)
+        check_quant_state(self.module, name, self.module.codes(), self.module.quant_state)
 
     @classmethod
     def accepts(cls, module: nn.Module) -> bool:

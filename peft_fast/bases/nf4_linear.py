@@ -5,7 +5,13 @@ what bitsandbytes' `quantize_4bit` gives (kernels/nf4_quantize.py), and its stat
 checkpoint keys (`weight`, `weight.absmax`, `weight.quant_map`, `weight.nested_*`,
 `weight.quant_state.bitsandbytes__<type>`), so a 4-bit checkpoint saved by transformers + bitsandbytes (codes stored
 as uint8 or, with a float bnb_4bit_quant_storage, as the same bytes in a float tensor) loads into it, and one saved
-from it loads there. The codes are kept as uint8.
+from it loads there.
+
+`quant_storage` is bitsandbytes' bnb_4bit_quant_storage: the dtype the `weight` parameter holds the packed bytes in
+([bytes / itemsize, 1], as bitsandbytes stores them). uint8 by default; a float type lets FSDP2 shard the codes like
+the other weights on torch versions whose `fully_shard` refuses integer parameters (2.11), and must then be FSDP's
+param_dtype too, since its all-gather casts values. The kernels always read the bytes (`codes()`); moves keep them,
+and casts of the module (`.half()`, `.to(dtype)`) never convert them.
 """
 from __future__ import annotations
 
@@ -20,6 +26,26 @@ from ..kernels import NF4State, nf4_dequantize, nf4_linear, nf4_quantize
 from ..kernels.common.nf4_format import code_bytes
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+STORAGES = {"uint8": torch.uint8, "int8": torch.int8, "float16": torch.float16, "bfloat16": torch.bfloat16,
+            "float32": torch.float32}
+
+
+def storage_dtype(value) -> torch.dtype:
+    """A quant_storage given as a dtype or its name (as config.json writes bnb_4bit_quant_storage)."""
+    dtype = STORAGES.get(value.removeprefix("torch.")) if isinstance(value, str) else value
+    if dtype not in STORAGES.values():
+        raise ValueError(f"quant_storage must be one of {sorted(STORAGES)} (a torch dtype or its name), got {value!r}")
+    return dtype
+
+
+def stored(packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Packed uint8 codes as bitsandbytes stores them in quant_storage `dtype`: the same bytes, [bytes/itemsize, 1]."""
+    if dtype == torch.uint8:
+        return packed
+    if packed.numel() % dtype.itemsize:
+        raise ValueError(f"quant_storage {_dtype_name(dtype)}: the weight packs into {packed.numel()} bytes, not a "
+                         f"multiple of {dtype.itemsize}; store its codes as uint8 (the default) instead")
+    return packed.contiguous().reshape(-1).view(dtype).unsqueeze(1)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -42,17 +68,21 @@ def save_4bit_state(destination: dict, key: str, s: NF4State) -> None:
 
 class NF4Linear(nn.Module):
     """y = x·dequant(W)ᵀ + b. `weight` is the packed uint8 codes (frozen); `quant_state` holds absmax and codebook.
-    `compute_dtype` as in bitsandbytes: x is cast to it for the matmul and the output cast back (None: x's dtype)."""
+    `compute_dtype` as in bitsandbytes: x is cast to it for the matmul and the output cast back (None: x's dtype).
+    `quant_storage`: the dtype `weight` holds the codes' bytes in (see the module's docstring)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, blocksize: int = 64,
                  compress_statistics: bool = True, quant_type: str = "nf4",
                  compute_dtype: Optional[torch.dtype] = None, device=None, dtype=None,
-                 weight: Optional[torch.Tensor] = None, bias_value: Optional[torch.Tensor] = None):
+                 weight: Optional[torch.Tensor] = None, bias_value: Optional[torch.Tensor] = None,
+                 quant_storage: torch.dtype = torch.uint8):
         """`weight` / `bias_value`: the dense values to quantize / keep (from_linear); else nn.Linear's init."""
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.blocksize, self.compress_statistics, self.quant_type = blocksize, compress_statistics, quant_type
         self.compute_dtype = compute_dtype
+        self.quant_storage = storage_dtype(quant_storage)
+        self._code_view = None  # (weight, its bytes as uint8) when the codes are stored in another dtype
         if weight is None:
             weight = torch.empty(out_features, in_features, device=device, dtype=dtype or torch.float32)
             nn.init.kaiming_uniform_(weight, a=5**0.5)
@@ -63,23 +93,45 @@ class NF4Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, blocksize: int = 64, compress_statistics: bool = True,
-                    quant_type: str = "nf4", compute_dtype: Optional[torch.dtype] = None) -> "NF4Linear":
+                    quant_type: str = "nf4", compute_dtype: Optional[torch.dtype] = None,
+                    quant_storage: torch.dtype = torch.uint8) -> "NF4Linear":
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, blocksize=blocksize,
                     compress_statistics=compress_statistics, quant_type=quant_type, compute_dtype=compute_dtype,
-                    weight=linear.weight, bias_value=linear.bias)
+                    weight=linear.weight, bias_value=linear.bias, quant_storage=quant_storage)
         return layer.train(linear.training)
 
     def _set_weight(self, w: torch.Tensor) -> None:
         """Quantize a dense [out, in] weight (bit for bit as bitsandbytes would) into this layer."""
         packed, state = nf4_quantize(w, blocksize=self.blocksize, compress_statistics=self.compress_statistics,
                                      quant_type=self.quant_type)
-        self.weight = nn.Parameter(packed, requires_grad=False)
+        self.weight = nn.Parameter(stored(packed, self.quant_storage), requires_grad=False)
         self.quant_state = state
+
+    def codes(self) -> torch.Tensor:
+        """The packed codes as uint8 [bytes, 1], what the kernels read: `weight` itself, or its bytes when
+        quant_storage is another dtype (a view, kept with the weight it came from)."""
+        w = self.weight
+        if w.dtype == torch.uint8:
+            return w
+        if w.dtype != self.quant_storage:
+            raise RuntimeError(f"NF4Linear: its 4-bit codes are stored as {_dtype_name(self.quant_storage)} but the "
+                               f"weight is now {_dtype_name(w.dtype)}: something cast the codes' values (FSDP2 "
+                               "with a MixedPrecisionPolicy param_dtype other than the storage, or a plain "
+                               "`param.data = param.data.to(...)`), which destroys them. Quantize with "
+                               "quant_storage equal to FSDP's param_dtype, and reload the weights.")
+        if torch.compiler.is_compiling():  # a traced graph makes the view itself, for free
+            return code_bytes(w)
+        c = self._code_view
+        if c is not None and c[0] is w and c[1].data_ptr() == w.data_ptr():
+            return c[1]
+        view = code_bytes(w)
+        self._code_view = (w, view)
+        return view
 
     # --- math ----------------------------------------------------------------------------------------------------
     def dequantize(self) -> torch.Tensor:
         """The dense weight, in the dtype it was quantized from (as bitsandbytes' dequantize_4bit)."""
-        return nf4_dequantize(self.weight, self.quant_state)
+        return nf4_dequantize(self.codes(), self.quant_state)
 
     def requantize(self, weight: torch.Tensor) -> None:
         """Replace the weight by the 4-bit rounding of ``weight`` (merging adapters into this layer)."""
@@ -90,19 +142,31 @@ class NF4Linear(nn.Module):
         in_dtype = x.dtype
         if self.compute_dtype is not None:
             x = x.to(self.compute_dtype)
-        return nf4_linear(x, self.weight, self.quant_state, self.bias).to(in_dtype)
+        return nf4_linear(x, self.codes(), self.quant_state, self.bias).to(in_dtype)
 
     def _apply(self, fn, recurse=True):
-        # The codes are uint8 and stay as they are under .half()/.to(dtype); the state follows the device only.
-        super()._apply(fn, recurse)
+        # The codes stay as they are under .half()/.to(dtype), which leave uint8 tensors alone: codes stored in a
+        # float type are seen as their bytes meanwhile. The state follows the device only.
+        w = self.weight
+        float_stored = (isinstance(w, nn.Parameter) and w.dtype == self.quant_storage != torch.uint8
+                        and type(w.data) is torch.Tensor)  # (FSDP2's sharded DTensor: moved as it is)
+        if float_stored:
+            w.data = code_bytes(w.data)
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            if float_stored:
+                self.weight.data = stored(code_bytes(self.weight.data), self.quant_storage)
+        self._code_view = None
         if self.quant_state.absmax.device != self.weight.device:
             self.quant_state = self.quant_state.to(self.weight.device)
         return self
 
     def extra_repr(self) -> str:
+        storage = "" if self.quant_storage == torch.uint8 else f", quant_storage={_dtype_name(self.quant_storage)}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"quant_type={self.quant_type}, blocksize={self.blocksize}, "
-                f"double_quant={self.quant_state.nested}")
+                f"double_quant={self.quant_state.nested}{storage}")
 
     # --- transformers' 4-bit checkpoint keys ---------------------------------------------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -136,7 +200,7 @@ class NF4Linear(nn.Module):
                                   "before peft_fast.quantize(), or a 4-bit checkpoint after it.")
                 return
             packed = state_dict[prefix + "weight"]
-            if packed.dtype.is_floating_point:  # saved with a float bnb_4bit_quant_storage: the same bytes
+            if packed.dtype != torch.uint8 and packed.dtype in STORAGES.values():  # another quant_storage: its bytes
                 packed = code_bytes(packed.detach())
             try:
                 state = self._state_from(state_dict, w, blob_keys[0])
@@ -150,7 +214,8 @@ class NF4Linear(nn.Module):
                                   f"[{self.out_features}, {self.in_features}].")
                 return
             device = self.weight.device
-            self.weight = nn.Parameter(packed.detach().to(device).reshape(-1, 1).clone(), requires_grad=False)
+            codes = packed.detach().to(device).reshape(-1, 1).clone()
+            self.weight = nn.Parameter(stored(codes, self.quant_storage), requires_grad=False)
             self.quant_state = state.to(device)
             self.blocksize, self.quant_type, self.compress_statistics = state.blocksize, state.quant_type, state.nested
         elif strict:

@@ -19,7 +19,7 @@ from ..kernels.common.nf4_format import BLOCKSIZES
 from ..progress import progress
 from .experts import is_experts_module
 from .nf4_experts import quantize_experts
-from .nf4_linear import NF4Linear
+from .nf4_linear import NF4Linear, storage_dtype
 
 __all__ = ["quantize"]
 
@@ -37,20 +37,24 @@ def _skipped(name: str, skips: Iterable[str]) -> bool:
 
 def quantize(model: nn.Module, *, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
              compute_dtype: Optional[torch.dtype] = None, skip_modules: Optional[list[str]] = None,
-             experts: bool = True, progressbar: bool = False) -> nn.Module:
+             experts: bool = True, progressbar: bool = False, quant_storage: torch.dtype = torch.uint8) -> nn.Module:
     """Replace every `torch.nn.Linear` in ``model`` (in place) by a frozen 4-bit `NF4Linear` and return the model.
 
     quant_type: "nf4" or "fp4"; blocksize: bitsandbytes' block size (64 by default); double_quant: quantize the
     absmax too (bnb_4bit_use_double_quant); compute_dtype: the matmul dtype (bnb_4bit_compute_dtype; None: the
     input's); skip_modules: names (or name suffixes) to leave dense, in addition to the output embedding;
     experts: also store transformers mixture-of-experts stacks (`mlp.experts.gate_up_proj`, ...) in 4 bits, which
-    bitsandbytes cannot (they are not nn.Linear), keeping each experts module's class and forward contract.
+    bitsandbytes cannot (they are not nn.Linear), keeping each experts module's class and forward contract;
+    quant_storage: the dtype the linear layers' `weight` parameters hold the packed codes in
+    (bnb_4bit_quant_storage): uint8, or a float type for FSDP2 on torch 2.11, which shards no integer parameters
+    (then also FSDP's param_dtype). Expert stacks are buffers, never sharded: they stay uint8.
     Nothing changes unless every layer can be quantized.
     """
     if quant_type not in ("nf4", "fp4"):
         raise ValueError(f"quantize: quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
     if blocksize not in BLOCKSIZES:
         raise ValueError(f"quantize: blocksize must be one of {BLOCKSIZES} (bitsandbytes' sizes), got {blocksize}")
+    quant_storage = storage_dtype(quant_storage)
     skips = set(skip_modules or ()) | _default_skips(model)
     todo = [(n, m) for n, m in model.named_modules()
             if type(m) is nn.Linear and n and not _skipped(n, skips)]
@@ -67,12 +71,19 @@ def quantize(model: nn.Module, *, quant_type: str = "nf4", blocksize: int = 64, 
             if p is not None and p.dim() == 3 and (p.dtype not in (torch.float32, torch.float16, torch.bfloat16)
                                                    or not torch.isfinite(p).all()):
                 raise ValueError(f"quantize: {name}.{pname} must be finite float32/float16/bfloat16, got {p.dtype}")
+    for name, m in todo:
+        if quant_storage.itemsize > 1 and (m.weight.numel() + 1) // 2 % quant_storage.itemsize:
+            raise ValueError(f"quantize: {name}'s {tuple(m.weight.shape)} weight packs into "
+                             f"{(m.weight.numel() + 1) // 2} bytes, not a multiple of quant_storage "
+                             f"{quant_storage}'s {quant_storage.itemsize}; store the codes as uint8, or skip it "
+                             "(skip_modules)")
     bar = progress(len(todo) + len(stacks), progressbar, f"Quantizing to {quant_type.upper()}")
     made = {}
     try:
         for n, m in todo:
             made[n] = NF4Linear.from_linear(m, blocksize=blocksize, compress_statistics=double_quant,
-                                            quant_type=quant_type, compute_dtype=compute_dtype)
+                                            quant_type=quant_type, compute_dtype=compute_dtype,
+                                            quant_storage=quant_storage)
             bar.update()
     finally:
         bar.close()

@@ -4,8 +4,8 @@ a tiny Llama saved in a temp folder, with adapters written by peft_fast and by H
 Importing peft_fast (PEFT and transformers with it) costs a child process several seconds here, so the commands
 run in three children started at once, all with the test folder as cwd (so the repo root, whose `kernels/` folder
 shadows Hugging Face's `kernels` package, is not on sys.path): a real `python -m peft_fast` run (the module entry
-point, its output and exit code), one of the `peft-fast` console script, and a driver that imports the CLI once and runs every other command line through
-`peft_fast.cli.main(argv)`, recording each one's exit code, stdout and stderr. The tests then load the outputs with
+point, its output and exit code), one of the `peft-fast` console script, and a driver that imports the CLI once
+and runs every other command line through `peft_fast.cli.main(argv)`, recording each one's exit code, stdout and stderr. The tests then load the outputs with
 transformers, peft_fast and PEFT and compare them with the adapters' own outputs. tests/peft_fast/conftest.py
 builds the workspace once per session (fixture `ws`); the CLI is peft_fast's alone, so those tests are skipped
 when the suite runs against PEFT.
@@ -145,6 +145,7 @@ def _commands(root):
         ("quantize_nf4", ["quantize", r("base"), r("q_nf4")]),
         ("quantize_fp4", ["quantize", r("base"), r("q_fp4"), "--quant-type", "fp4", "--blocksize", "128",
                           "--no-double-quant", "--compute-dtype", "bfloat16"]),
+        ("quantize_bf16store", ["quantize", r("base"), r("q_bf16store"), "--quant-storage", "bfloat16"]),
         ("quantize_bad_blocksize", ["quantize", r("base"), r("q_bad"), "--blocksize", "100"]),
         ("convert_to_st", ["convert", r("peft"), r("conv_st")]),
         ("convert_to_bin", ["convert", r("pf"), r("conv_bin"), "--to", "bin"]),

@@ -29,7 +29,12 @@ from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralFo
 ROWS, SEQ, STEPS, LR = 4, 8, 2, 0.5
 SCENARIOS = [("ddp", "lora"), ("ddp", "dora"), ("ddp", "nf4"), ("ddp", "bnb"), ("fsdp", "lora-bf16"),
              ("fsdp", "dora"), ("fsdp", "nf4"), ("fsdp", "bnb"), ("fsdp", "bnb-f32store"),
-             ("fsdp", "bnb-bfloat16store"), ("ddp", "moe"), ("fsdp", "moe"), ("ddp", "fused"), ("fsdp", "fused")]
+             ("fsdp", "bnb-bfloat16store"), ("fsdp", "nf4-f32store"), ("fsdp", "nf4-bfloat16store"), ("ddp", "moe"),
+             ("fsdp", "moe"), ("ddp", "fused"), ("fsdp", "fused")]
+# *store: 4-bit codes stored as a float type (bnb_4bit_quant_storage / quantize's quant_storage), as FSDP setups do so
+# that they shard like the other weights (and so that torch 2.11's fully_shard, which refuses integer parameters,
+# takes them)
+STORAGES = {"f32store": torch.float32, "bfloat16store": torch.bfloat16}
 BNB_DIR = None  # a tiny Llama saved once, loaded in 4-bit by transformers + bitsandbytes for the "bnb" scenarios
 
 
@@ -37,9 +42,7 @@ def base(kind: str):
     if kind.startswith("bnb"):
         from qlora_models import load4
 
-        # *store: the codes stored as a float type (bnb_4bit_quant_storage), as FSDP setups do so that they shard like
-        # the other weights (and so that torch 2.11's fully_shard, which refuses integer parameters, takes them)
-        storage = {"bnb-f32store": torch.float32, "bnb-bfloat16store": torch.bfloat16}.get(kind, torch.uint8)
+        storage = STORAGES.get(kind.removeprefix("bnb-"), torch.uint8)
         return load4(BNB_DIR, (torch.float32, torch.float32, True, "nf4"), quant_storage=storage)
     torch.manual_seed(0)
     if kind == "moe":  # experts as 3-D stacks, adapted through target_parameters
@@ -52,7 +55,9 @@ def base(kind: str):
                                          max_position_embeddings=32))
     if kind == "lora-bf16":
         model = model.to(torch.bfloat16)  # fp32 adapters over a bf16 base: one FSDP unit of mixed dtypes
-    return peft_fast.quantize(model) if kind == "nf4" else model
+    if kind.startswith("nf4"):
+        return peft_fast.quantize(model, quant_storage=STORAGES.get(kind.removeprefix("nf4-"), torch.uint8))
+    return model
 
 
 def adapted(kind: str):
@@ -124,8 +129,9 @@ def scenario(mode: str, kind: str, rank: int, world: int, out: str) -> dict:
         logged = wrapped._get_ddp_logging_data()
         res["bucket_bytes"] = sum(int(b) for b in str(logged["bucket_sizes"]).split(",") if b.strip())
         res["buffer_bytes"] = sum(b.numel() * b.element_size() for b in model.buffers())
-        res["nf4_params_frozen"] = all(not p.requires_grad for n, p in model.named_parameters()
-                                       if p.dtype == torch.uint8)
+        res["nf4_params_frozen"] = all(not m.weight.requires_grad for m in model.modules()
+                                       if isinstance(m, peft_fast.NF4Linear)) and all(
+            not p.requires_grad for p in model.parameters() if p.dtype == torch.uint8)
     else:
         local = sum(p.to_local().numel() * p.element_size() if type(p).__name__ == "DTensor"
                     else p.numel() * p.element_size() for p in model.parameters())

@@ -1,5 +1,6 @@
 """`peft-fast merge`, `quantize` and `convert`: what they write loads in transformers, peft_fast and PEFT and gives
 the adapters' outputs. The folders and the runs of every command are built once: tests/helpers/cli_workspace.py."""
+import importlib.util
 import json
 import os
 import warnings
@@ -67,6 +68,29 @@ def test_quantize_round_trip_without_bitsandbytes(ws):
     ref = peft_fast.quantize(_load_base(root / "base"), quant_type="fp4", blocksize=128, double_quant=False,
                              compute_dtype=torch.bfloat16)
     assert torch.equal(_logits(loaded), _logits(ref))
+
+
+def test_quantize_with_the_codes_stored_as_bfloat16(ws):
+    """--quant-storage: the codes' bytes in a bf16 tensor (bnb_4bit_quant_storage, for FSDP2), the same model."""
+    from peft_fast import load_quantized
+
+    root = ws["root"]
+    _ok(ws["quantize_bf16store"])
+    cfg = json.loads((root / "q_bf16store" / "config.json").read_text())["quantization_config"]
+    assert cfg["bnb_4bit_quant_storage"] == "bfloat16"
+    loaded, uint8 = load_quantized(str(root / "q_bf16store")), load_quantized(str(root / "q_nf4"))
+    layer = loaded.model.layers[1].mlp.down_proj
+    assert layer.weight.dtype == torch.bfloat16 and layer.quant_storage == torch.bfloat16
+    assert torch.equal(layer.codes(), uint8.model.layers[1].mlp.down_proj.weight)
+    assert torch.equal(_logits(loaded), _logits(uint8))
+    as_bytes = load_quantized(str(root / "q_bf16store"), quant_storage=torch.uint8)  # the storage is the loader's
+    assert as_bytes.model.layers[1].mlp.down_proj.weight.dtype == torch.uint8
+    if importlib.util.find_spec("bitsandbytes"):  # transformers + bitsandbytes read the storage from the config
+        import bitsandbytes.functional as F
+
+        bnb = _load_base(root / "q_bf16store").model.layers[1].mlp.down_proj
+        assert bnb.weight.dtype == torch.bfloat16
+        assert torch.equal(F.dequantize_4bit(bnb.weight.data, bnb.weight.quant_state), layer.dequantize())
 
 
 def test_quantized_checkpoint_loads_with_transformers_and_bitsandbytes(ws, tmp_path):

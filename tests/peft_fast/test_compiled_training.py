@@ -27,6 +27,7 @@ VARIANTS = {
     "dora": dict(use_dora=True),
     "nf4": dict(),
     "dora-nf4": dict(use_dora=True),
+    "dora-nf4-bf16store": dict(use_dora=True),  # the codes stored as bf16 (quant_storage), read as their bytes
     "bnb4": dict(),
 }
 
@@ -36,8 +37,8 @@ def _model(variant, checkpointing, tmp_path):
                       num_key_value_heads=2, vocab_size=97, max_position_embeddings=64)
     torch.manual_seed(0)
     base = LlamaForCausalLM(cfg).to(DEVICE)
-    if variant in ("nf4", "dora-nf4"):
-        peft_fast.quantize(base)
+    if "nf4" in variant:
+        peft_fast.quantize(base, quant_storage=torch.bfloat16 if variant.endswith("bf16store") else torch.uint8)
     if variant == "bnb4":
         pytest.importorskip("bitsandbytes")
         base.save_pretrained(tmp_path)
