@@ -18,6 +18,7 @@ def push_to_hub(model, repo_id: str, *, commit_message: Optional[str] = None,
     from huggingface_hub import HfApi, ModelCard
     from huggingface_hub.errors import EntryNotFoundError, RevisionNotFoundError
 
+    model._adapters_to_save(selected_adapters)  # a bad selection creates no repo or branch
     api = HfApi()
     repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
     if revision is not None and not revision.startswith("refs/pr"):

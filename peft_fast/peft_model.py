@@ -206,12 +206,7 @@ class PeftModel(*_bases()):
             raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
         if kwargs.get("path_initial_model_for_weight_conversion") is not None:
             raise NotImplementedError("path_initial_model_for_weight_conversion is not supported by peft_fast yet.")
-        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
-        for n in names:  # a name is a folder below save_directory: never one that leaves it
-            check_adapter_name(n)
-        if any(n not in self.peft_config for n in names):
-            raise ValueError("You passed an invalid `selected_adapters` arguments, current supported adapter names "
-                             f"are {list(self.peft_config.keys())} - got {selected_adapters}.")
+        names = self._adapters_to_save(selected_adapters)
         if state_dict is not None and not is_main_process:
             return
         # Before the main-process check: gathering sharded tensors needs every rank.
@@ -233,6 +228,15 @@ class PeftModel(*_bases()):
                                       metadata={files.CONFIG_KEY: text})
             files.atomic_write_text(os.path.join(out_dir, CONFIG_NAME), text)
         write_model_card(self, save_directory)
+
+    def _adapters_to_save(self, selected_adapters: Optional[list[str]]) -> list[str]:
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        for n in names:  # a name is a folder below save_directory: never one that leaves it
+            check_adapter_name(n)
+        if any(n not in self.peft_config for n in names):
+            raise ValueError("You passed an invalid `selected_adapters` arguments, current supported adapter names "
+                             f"are {list(self.peft_config.keys())} - got {selected_adapters}.")
+        return names
 
     def push_to_hub(self, repo_id: str, **kwargs: Any):
         """Upload the adapter files and model card to the Hub repo `repo_id` (created if missing) in one commit;

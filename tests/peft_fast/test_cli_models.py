@@ -168,3 +168,20 @@ def test_convert_output_folder_rules(ws):
     assert not (root / "conv_int").exists()
 
 
+
+
+def test_convert_reads_every_adapter_before_writing(tmp_path, capsys):
+    """A good first adapter and an interrupted second one (its config edited after the save): OUT is not made."""
+    import peft_fast
+    from peft_fast.cli import main
+
+    torch.manual_seed(0)
+    model = peft_fast.get_peft_model(torch.nn.Sequential(torch.nn.Linear(8, 8)),
+                                     peft_fast.LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
+    model.add_adapter("second", peft_fast.LoraConfig(r=2, lora_alpha=8, target_modules=["0"]))
+    model.save_pretrained(tmp_path / "src")
+    config = tmp_path / "src" / "second" / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "lora_alpha": 16}))
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "out"), "--to", "bin"]) == 1
+    assert "interrupted" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

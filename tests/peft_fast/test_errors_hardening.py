@@ -114,6 +114,62 @@ def test_a_pair_from_two_saves_is_refused_as_an_interrupted_save(tmp_path):
     assert_unchanged(model, snap)
 
 
+def test_a_computation_key_deleted_from_the_config_is_refused_as_an_interrupted_save(tmp_path):
+    """A key missing from adapter_config.json falls back to its default (lora_alpha 8 here, saved as 4): compared
+    with the config saved beside the weights, that changes the math like any other edit."""
+    _model().save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    del cfg["lora_alpha"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InterruptedSaveError, match="lora_alpha"):
+        PeftModel.from_pretrained(_base(), str(tmp_path))
+
+
+def test_a_failed_save_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
+    """A write that fails (a full disk) halfway through the weights: the previous pair stays, no temp file left."""
+    import safetensors.torch
+
+    _model().save_pretrained(tmp_path)
+    before = _tree(tmp_path)
+
+    def disk_full(tensors, filename, metadata=None):
+        with open(filename, "wb") as fh:
+            fh.write(b"half")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        _model(lora_alpha=32).save_pretrained(tmp_path)
+    assert _tree(tmp_path) == before
+
+
+def test_missing_and_truncated_weights_are_named(tmp_path):
+    """The error names the file looked for (safetensors first, not the .bin fallback) or the file that is cut."""
+    _model().save_pretrained(tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    base = _base()
+    snap = snapshot(base)
+    with pytest.raises(ValueError, match="corrupt or truncated") as info:
+        PeftModel.from_pretrained(base, str(tmp_path))
+    assert str(weights) in str(info.value)
+    assert_unchanged(base, snap)
+    os.remove(weights)
+    with pytest.raises(FileNotFoundError) as info:
+        PeftModel.from_pretrained(base, str(tmp_path))
+    assert "adapter_model.safetensors" in str(info.value) and str(tmp_path) in str(info.value)
+    assert_unchanged(base, snap)
+
+
+def test_loading_leaves_the_callers_config_as_it_was(tmp_path):
+    _model().save_pretrained(tmp_path)
+    cfg = _cfg()
+    loaded = PeftModel.from_pretrained(_base(), str(tmp_path), config=cfg)
+    assert cfg.inference_mode is False and loaded.peft_config["default"] is not cfg
+    assert loaded.peft_config["default"].inference_mode
+
+
 def test_edits_that_do_not_change_the_math_still_load_and_peft_files_load(tmp_path):
     model = _model()
     model.save_pretrained(tmp_path)
@@ -192,20 +248,31 @@ def test_killing_repeated_saves_never_leaves_a_silent_mix(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ 3. reloads
-def test_reloading_over_an_adapter_is_all_or_nothing(tmp_path):
+@pytest.mark.parametrize("fault", ["sparse", "missing"])
+def test_reloading_over_an_adapter_is_all_or_nothing(fault, tmp_path):
+    """A file whose last layer's tensor is unusable (sparse) or absent: lin0's tensors come first and would already
+    be copied; none are. PEFT warns about a missing key and keeps that tensor's old value."""
     model = _model()
     model.save_pretrained(tmp_path, safe_serialization=False)
     tensors = torch.load(tmp_path / "adapter_model.bin", weights_only=True)
-    key = "base_model.model.lin1.lora_B.weight"  # lin0's tensors come first and would already be copied
-    tensors[key] = tensors[key].to_sparse()
+    key = "base_model.model.lin1.lora_B.weight"
+    if fault == "sparse":
+        tensors[key] = tensors[key].to_sparse()
+    else:
+        del tensors[key]
     torch.save(tensors, tmp_path / "adapter_model.bin")
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0) if p.requires_grad else None  # the model differs from the file everywhere
     snap = snapshot(model)
-    with pytest.raises(ValueError, match="sparse"):
+    with pytest.raises(ValueError, match="sparse" if fault == "sparse" else r"missing, e\.g\. .*lin1\.lora_B"):
         model.load_adapter(str(tmp_path), adapter_name="default")
     assert_unchanged(model, snap)
+    if fault == "missing":  # and a new adapter from that file is not made either
+        base = _base()
+        with pytest.raises(ValueError, match="missing"):
+            PeftModel.from_pretrained(base, str(tmp_path))
+        assert all(type(m).__name__ != "LoraLinear" for m in base.modules())
 
 
 def test_a_copy_failing_midway_puts_back_what_was_copied(tmp_path, monkeypatch):

@@ -123,6 +123,25 @@ def test_push_to_hub_keeps_the_repo_card_and_pushes_to_a_branch(monkeypatch, tmp
     assert "# Kept text" in text and "library_name: peft" in text and "license: mit" in text
 
 
+@pytest.mark.skipif(AGAINST_PEFT, reason="PEFT's push_to_hub is transformers' generic one")
+def test_push_to_hub_refusals_upload_nothing(monkeypatch, tmp_path):
+    """A bad selection is refused before the repo is created; a README that cannot be read for another reason than
+    its absence (here: no access) stops the push, rather than replacing the repo's card with a new one."""
+    hub = _FakeHub(monkeypatch)
+    _, _, model = make_pair("mlp")
+    with pytest.raises(ValueError, match="selected_adapters"):
+        model.push_to_hub("org/repo", selected_adapters=["nope"])
+    assert hub.calls == []
+
+    def unauthorized(api, **kw):
+        raise OSError("401 Unauthorized")
+
+    monkeypatch.setattr(HfApi, "hf_hub_download", unauthorized)
+    with pytest.raises(OSError, match="401"):
+        model.push_to_hub("org/repo")
+    assert [c[0] for c in hub.calls] == ["create_repo"] and hub.uploaded == {}
+
+
 @pytest.mark.skipif(AGAINST_PEFT, reason="PEFT's bar text differs in details")
 def test_progress_bars_where_asked(capsys):
     _, _, model = make_pair("llama")

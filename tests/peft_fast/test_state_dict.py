@@ -47,3 +47,19 @@ def test_save_pretrained_refuses_a_state_dict_without_the_adapter(tmp_path):
     with pytest.raises(ValueError, match="lacks 2 tensor"):
         model.save_pretrained(tmp_path, state_dict={"base_model.model.0.base_layer.weight": torch.zeros(8, 6)})
     assert not (tmp_path / "adapter_model.safetensors").exists()
+
+
+def test_set_peft_model_state_dict_refuses_a_wrong_shape_that_would_broadcast():
+    """A [1, in] tensor where the model has [r, in] would broadcast in a copy: refused, naming it, nothing changed
+    (PEFT's load_state_dict refuses it too, with a size-mismatch RuntimeError)."""
+    import pytest
+
+    model = peft_fast.get_peft_model(_mlp(), peft_fast.LoraConfig(r=2, target_modules=["0", "2"],
+                                                                 init_lora_weights=False))
+    tensors = peft_fast.get_peft_model_state_dict(model)
+    key = "base_model.model.0.lora_A.weight"
+    tensors[key] = tensors[key][:1] + 1
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"0\.lora_A"):
+        peft_fast.set_peft_model_state_dict(model, tensors)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
