@@ -110,7 +110,7 @@ class NF4Linear(nn.Module):
     def codes(self) -> torch.Tensor:
         """The packed codes as uint8 [bytes, 1], what the kernels read: `weight` itself, or its bytes when
         quant_storage is another dtype (a view, kept with the weight it came from)."""
-        w = self.weight
+        w = self._parameters["weight"]  # (not Module.__getattr__: this runs on every call)
         if w.dtype == torch.uint8:
             return w
         if w.dtype != self.quant_storage:
