@@ -195,6 +195,25 @@ def eval_after_step(model, single, ids) -> dict:
     return {"eval_after_step_diff": diff}
 
 
+def mixed_precision(storage: torch.dtype) -> dict:
+    """FSDP2 with a bf16 param_dtype over NF4 codes stored as `storage`: the all-gather casts them, so only a bf16
+    storage computes (its bytes cross unchanged); another one must be named, not computed with."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    model = peft_fast.get_peft_model(peft_fast.quantize(base("lora"), quant_storage=storage), peft_fast.LoraConfig(
+        r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in model.get_base_model().model.layers:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    ids = torch.randint(0, 64, (ROWS, SEQ), generator=torch.Generator().manual_seed(2))
+    try:
+        losses = [loss.item() for loss in train(model, ids, steps=3)]
+    except RuntimeError as exc:
+        return {"error": str(exc)}
+    return {"loss_fell": losses[-1] < losses[0]}
+
+
 def main() -> int:
     out = sys.argv[1]
     dist.init_process_group("gloo")
@@ -215,6 +234,8 @@ def main() -> int:
         except Exception as exc:  # recorded for the test to show; the other scenarios still run
             res = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
         results[f"{mode}-{kind}"] = {**res, "seconds": time.perf_counter() - start}
+    for name, storage in (("bfloat16store", torch.bfloat16), ("f32store", torch.float32)):
+        results[f"fsdp-bf16-params-nf4-{name}"] = mixed_precision(storage)
     if rank == 0:
         with open(os.path.join(out, "results.json"), "w") as fh:
             json.dump(results, fh, indent=1)

@@ -1,5 +1,5 @@
 """DDP and FSDP2 on the CPU with gloo, two processes: training equals one process on the whole batch (LoRA, DoRA,
-NF4Linear and bitsandbytes 4-bit bases, fp32 adapters over a bf16 base, a Mixtral's expert stacks through
+NF4Linear and bitsandbytes 4-bit bases (codes stored as uint8 or a float type), fp32 adapters over a bf16 base, a Mixtral's expert stacks through
 target_parameters, the fused decoder), saving from a sharded model writes the single process's files,
 loading into a sharded model works, merging refuses with a way out, and eval caches do not outlive a step across
 reshards. The ranks run tests/helpers/dist_worker.py (all scenarios in one launch, about 15 s here); the example
@@ -112,6 +112,14 @@ def test_fsdp2_shards_saves_loads_and_refuses_merging(results, name):
     # (bitsandbytes computes eval forwards without gradients in bf16 on CPUs: it rounds more)
     eval_tol = _tol(name) if "bf16" in name else 1e-3 if "bnb" in name else 1e-4
     assert r["eval_after_step_diff"] < eval_tol, r
+
+
+def test_fsdp2_mixed_precision_over_codes_stored_as_its_param_dtype(results):
+    """A bf16 param_dtype casts every gathered parameter: NF4 codes stored as bf16 cross it unchanged and train;
+    stored as float32 they would be converted, and the next forward says so instead of computing with them."""
+    assert results["fsdp-bf16-params-nf4-bfloat16store"] == {"loss_fell": True}
+    refused = results["fsdp-bf16-params-nf4-f32store"]["error"]
+    assert "stored as float32 but the weight is now bfloat16" in refused and "param_dtype" in refused
 
 
 def _run_example(tmp_path, world: int, args: list) -> None:
