@@ -1,8 +1,9 @@
 """DDP and FSDP2 on the CPU with gloo, two processes: training equals one process on the whole batch (LoRA, DoRA,
-NF4Linear and bitsandbytes 4-bit bases (codes stored as uint8 or a float type), fp32 adapters over a bf16 base, a Mixtral's expert stacks through
-target_parameters, the fused decoder), saving from a sharded model writes the single process's files,
-loading into a sharded model works, merging refuses with a way out, and eval caches do not outlive a step across
-reshards. The ranks run tests/helpers/dist_worker.py (all scenarios in one launch, about 15 s here); the example
+NF4Linear and bitsandbytes 4-bit bases with codes stored as uint8 or a float type, fp32 adapters over a bf16 base,
+a Mixtral's expert stacks through target_parameters, the fused decoder), saving from a sharded model writes the
+single process's files, loading into a sharded model works, merging refuses with a way out, eval caches do not
+outlive a step across reshards, and a bf16 param_dtype meets NF4 codes stored as bf16 or is named. The ranks run
+tests/helpers/dist_worker.py (all scenarios in one launch, about 15 s here); the example
 examples/train_distributed.py runs under torchrun as users run it."""
 import json
 import os
