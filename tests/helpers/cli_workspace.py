@@ -5,8 +5,9 @@ Importing peft_fast (PEFT and transformers with it) costs a child process severa
 run in three children started at once, all with the test folder as cwd (so the repo root, whose `kernels/` folder
 shadows Hugging Face's `kernels` package, is not on sys.path): a real `python -m peft_fast` run (the module entry
 point, its output and exit code), one of the `peft-fast` console script, and a driver that imports the CLI once
-and runs every other command line through `peft_fast.cli.main(argv)`, recording each one's exit code, stdout and stderr. The tests then load the outputs with
-transformers, peft_fast and PEFT and compare them with the adapters' own outputs. tests/peft_fast/conftest.py
+and runs every other command line through `peft_fast.cli.main(argv)`, recording each one's exit code, stdout and
+stderr. The tests then load the outputs with transformers, peft_fast and PEFT and compare them with the adapters'
+own outputs. tests/peft_fast/conftest.py
 builds the workspace once per session (fixture `ws`); the CLI is peft_fast's alone, so those tests are skipped
 when the suite runs against PEFT.
 """

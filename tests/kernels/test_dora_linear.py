@@ -160,27 +160,30 @@ def test_backward_in_row_blocks(device, monkeypatch, deterministic):
     x, w, bvec, a, b, m, norm = _inputs((5, 9), 24, 40, 6, device)
     gy = torch.randn(5, 9, 40, dtype=torch.float64, device=device)
     _, g_ref = _run(dora_linear_reference, x, w, bvec, a, b, m, norm, 0.7, gy, "weight")
+    # deterministic: the magnitude's gradient summed by torch over the blocks, not by the kernels' atomics
+    was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
     try:
         _, g = _run(dora_linear_triton, x, w.detach(), bvec, a, b, m, norm, 0.7, gy, "weight")
-    finally:
-        torch.use_deterministic_algorithms(False)
-    for got, want in zip(g, g_ref):
-        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+        for got, want in zip(g, g_ref):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
 
-    # a frozen weight (the usual case): dt is not kept, the blocks really run
-    calls = []
-    real = mod.dora_scale_grad
-    monkeypatch.setattr(mod, "dora_scale_grad", lambda *args: calls.append(args[0].shape[0]) or real(*args))
-    y = dora_linear_triton(None, x, bvec, a, b, 0.7, m / norm, weight=w)
-    gx = torch.autograd.grad(y, (x, a, b, m, bvec), gy)
-    assert calls == [7] * 6 + [3]
-    for got, want in zip(gx, g_ref[:5]):
-        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
-    # blocks grow to BWD_BLOCK_BYTES of dt: 16 rows of 40 float64 channels
-    monkeypatch.setattr(mod, "BWD_BLOCK_BYTES", 16 * 40 * 8)
-    calls.clear()
-    gx = torch.autograd.grad(dora_linear_triton(None, x, bvec, a, b, 0.7, m / norm, weight=w), (x, a, b, m, bvec), gy)
-    assert calls == [16, 16, 13]
-    for got, want in zip(gx, g_ref[:5]):
-        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+        # a frozen weight (the usual case): dt is not kept, the blocks really run
+        calls = []
+        real = mod.dora_scale_grad
+        monkeypatch.setattr(mod, "dora_scale_grad", lambda *args: calls.append(args[0].shape[0]) or real(*args))
+        y = dora_linear_triton(None, x, bvec, a, b, 0.7, m / norm, weight=w)
+        gx = torch.autograd.grad(y, (x, a, b, m, bvec), gy)
+        assert calls == [7] * 6 + [3]
+        for got, want in zip(gx, g_ref[:5]):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+        # blocks grow to BWD_BLOCK_BYTES of dt: 16 rows of 40 float64 channels
+        monkeypatch.setattr(mod, "BWD_BLOCK_BYTES", 16 * 40 * 8)
+        calls.clear()
+        gx = torch.autograd.grad(dora_linear_triton(None, x, bvec, a, b, 0.7, m / norm, weight=w),
+                                 (x, a, b, m, bvec), gy)
+        assert calls == [16, 16, 13]
+        for got, want in zip(gx, g_ref[:5]):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    finally:
+        torch.use_deterministic_algorithms(was)

@@ -16,8 +16,9 @@ import pytest
 from peft_fast.kernels import HAS_TRITON
 
 WORKER = Path(__file__).resolve().parents[1] / "helpers" / "launch_worker.py"
-CHECKS = ["verified triton"] + ["same as dispatcher: " + op for op in ("lora", "lora dropout", "lora decode", "dora", "dora dropout", "dora norm",
-                                                  "multi-lora fused", "multi-lora shrink+expand", "grouped", "nf4")]
+CHECKS = ["verified triton"] + ["same as dispatcher: " + op for op in (
+    "lora", "lora dropout", "lora decode", "dora", "dora dropout", "dora norm", "multi-lora fused",
+    "multi-lora shrink+expand", "grouped", "nf4")]
 CHECKS += ["scalar types", "dtypes and alignment", "keyword orders", "triton switches", "hook kinds", "changed global",
            "bounded cache, callable grid"]
 CHECKS += ["respecializes", "device and stream", "hooks", "jit setting", "layouts", "stand-in"]

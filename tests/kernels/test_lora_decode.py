@@ -73,7 +73,8 @@ def _count(monkeypatch):
         calls.append(args[0].shape)
         return real(*args, **kwargs)
 
-    for op in ("lora_linear", "qlora_linear", "dora_linear"):  # the modules: the package's attributes of those names are the ops
+    # the modules: the package's attributes of those names are the ops
+    for op in ("lora_linear", "qlora_linear", "dora_linear"):
         monkeypatch.setattr(sys.modules[f"peft_fast.kernels.{op}"], "mm_decode", spy)
     return calls
 
@@ -136,8 +137,10 @@ def test_dora_linear_inference_takes_one_launch_at_decode(device, monkeypatch, r
 @pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dora_decode_low_precision(device, dtype, tol):
-    x, w, bias = torch.randn(3, 64, device=device), torch.randn(40, 64, device=device) / 8, torch.randn(40, device=device)
-    a, b, c = torch.randn(8, 64, device=device) / 8, torch.randn(40, 8, device=device) / 3, torch.rand(40, device=device) + 0.5
+    x, w = torch.randn(3, 64, device=device), torch.randn(40, 64, device=device) / 8
+    bias = torch.randn(40, device=device)
+    a, b = torch.randn(8, 64, device=device) / 8, torch.randn(40, 8, device=device) / 3
+    c = torch.rand(40, device=device) + 0.5
     want = dora_linear_reference(None, x.double(), bias.double(), a.double(), b.double(), 2.0, c.double(), w.double())
     with torch.no_grad():
         got = dora_linear_triton(None, x.to(dtype), bias.to(dtype), a, b, 2.0, c, w.to(dtype))
@@ -236,7 +239,8 @@ def test_strided_vectors(device, rows):
     """A magnitude scale, bias or LoRA bias given as strided views reads the right elements (the kernels read the
     vectors as contiguous, so the ops make them so), on the decode path and the two-launch one."""
     f64 = dict(dtype=torch.float64, device=device)
-    x, w, a, b = torch.randn(rows, 32, **f64), torch.randn(24, 32, **f64), torch.randn(4, 32, **f64), torch.randn(24, 4, **f64)
+    x, w = torch.randn(rows, 32, **f64), torch.randn(24, 32, **f64)
+    a, b = torch.randn(4, 32, **f64), torch.randn(24, 4, **f64)
     c = torch.stack([torch.rand(24, **f64) + 0.5, torch.full((24,), 100.0, **f64)], 1)[:, 0]
     bias = torch.stack([torch.randn(24, **f64), torch.full((24,), 100.0, **f64)], 1)[:, 0]
     with torch.no_grad():

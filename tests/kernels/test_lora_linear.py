@@ -293,3 +293,28 @@ def test_autocast_matches_the_reference(device):
         results.append((y.float(), *grads))
     for got, want in zip(*results):
         assert ((got - want).norm() / want.norm()).item() < 2e-2
+
+
+@pytest.mark.triton
+def test_a_bf16_adapter_gradient_over_cancelling_tokens(device, tol):
+    """dA = dzᵀ·x over 600 tokens into a bf16 lora_A gradient, half the tokens cancelling the other half: partial
+    sums over K are ~300x the result. Summed in float32 and rounded once, dA is good to bf16 precision; partial sums
+    rounded to bf16 (split-K into a 16-bit buffer) would not be. (Under the CPU interpreter such a split fails
+    outright: no bf16 atomics.)"""
+    g = torch.Generator().manual_seed(4)
+    m, in_f, out_f, r = 600, 64, 24, 8
+    v = torch.randn(in_f, generator=g, dtype=torch.float64)
+    sign = torch.ones(m, 1, dtype=torch.float64)
+    sign[m // 2:] = -1
+    x = (sign * v + 0.05 * torch.randn(m, in_f, generator=g, dtype=torch.float64)).to(torch.bfloat16).to(device)
+    a = (torch.randn(r, in_f, generator=g, dtype=torch.float64) / 8).to(torch.bfloat16).to(device)
+    b = (torch.randn(out_f, r, generator=g, dtype=torch.float64) / 3).to(torch.bfloat16).to(device)
+    dy = torch.randn(1, out_f, generator=g, dtype=torch.float64).expand(m, out_f).to(device)
+    a_t = a.clone().requires_grad_()
+    y = lora_linear_triton(x, None, None, a_t, b, 0.5)
+    (got,) = torch.autograd.grad(y, a_t, dy.to(y.dtype))
+    a64 = a.double().requires_grad_()
+    (want,) = torch.autograd.grad(lora_linear_reference(x.double(), None, None, a64, b.double(), 0.5), a64, dy)
+    assert got.dtype == torch.bfloat16
+    err = (got.double() - want).abs().max().item()
+    assert err <= tol[torch.bfloat16] * want.abs().max().item(), err

@@ -6,6 +6,10 @@ import torch
 
 from peft_fast.kernels import (
     interpreting,
+    lora_expand_reference,
+    lora_expand_triton,
+    lora_shrink_reference,
+    lora_shrink_triton,
     make_lora_batch_meta,
     multi_lora,
     multi_lora_reference,
@@ -303,3 +307,38 @@ def test_one_launch_only_for_small_slots(monkeypatch):
     assert path(16, 16, fits + 1) == "two"
     assert path(16, 16, fits + 1, torch.bfloat16) == "one"  # bytes, not elements
     assert path(17, 16, 8) == "two"
+
+
+# ---------------------------------------------------------------------------- a slot's rank above the stacks' r_max
+def _rank_above_r_max(device, seed=0):
+    """Stacks of r_max 5 with a slot whose rank (8) exceeds it: every path clamps the rank to r_max, as the
+    references do (min(rank, r_max)). At the suite's usual r_max of 64 a missing clamp changes nothing."""
+    g = torch.Generator().manual_seed(seed)
+    tokens, in_f, out_f, r_max, ranks = 23, 24, 19, 5, [8, 3, 5, 0]
+    n = len(ranks)
+    kw = dict(dtype=torch.float64, generator=g)
+    a = torch.randn(n, r_max, in_f, **kw) / in_f**0.5
+    b = torch.randn(n, out_f, r_max, **kw)
+    x, y = torch.randn(tokens, in_f, **kw), torch.randn(tokens, out_f, **kw)
+    slots = torch.randint(-1, n, (tokens,), generator=g)
+    slots[:3] = 0  # the over-ranked slot surely has tokens
+    meta = make_lora_batch_meta(slots.to(device), n)
+    ranks_t = torch.tensor(ranks, dtype=torch.int32, device=device)
+    scal = torch.rand(n, dtype=torch.float64, generator=g).to(device) + 0.5
+    return [t.to(device) for t in (x, y, a, b)] + [ranks_t, scal, meta]
+
+
+@pytest.mark.triton
+def test_a_rank_above_r_max_is_clamped(device):
+    x, y, a, b, ranks, scal, meta = _rank_above_r_max(device)
+    opts = dict(rtol=1e-10, atol=1e-10)
+    for split_k in (None, 1, 2):
+        torch.testing.assert_close(lora_shrink_triton(x, a, ranks, meta, split_k=split_k),
+                                   lora_shrink_reference(x, a, ranks, meta), **opts, msg=f"split_k={split_k}")
+    z = lora_shrink_reference(x, a, ranks, meta)
+    torch.testing.assert_close(lora_expand_triton(y.clone(), z, b, ranks, scal, meta),
+                               lora_expand_reference(y.clone(), z, b, ranks, scal, meta), **opts)
+    want = multi_lora_reference(x, y, a, b, ranks, scal, meta)
+    for fused in (True, False):
+        torch.testing.assert_close(multi_lora_triton(x, y, a, b, ranks, scal, meta, fused=fused), want, **opts,
+                                   msg=f"fused={fused}")

@@ -1,4 +1,5 @@
-"""kernels/nf4.py: quantize / dequantize against bitsandbytes on CPU, exactly; the Triton dequantize against the reference."""
+"""kernels/nf4.py: quantize / dequantize against bitsandbytes on CPU, exactly; the Triton dequantize against the
+reference."""
 import pytest
 import torch
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from peft_fast.kernels import (
+    NF4State,
     nf4_gemv,
     nf4_gemv_reference,
     nf4_gemv_triton,
@@ -93,3 +94,37 @@ def test_nf4_linear_and_qlora_linear_use_it_when_selected(device, monkeypatch, r
     wq = qlora_linear_reference(x.detach(), packed, state, b, a, bb, 0.5, 0.0)
     torch.testing.assert_close(yq, wq, rtol=1e-10, atol=1e-10)
     assert len(calls) == (2 if rows <= 16 else 0)
+
+
+@pytest.mark.triton
+def test_the_weight_is_rounded_to_x_dtype(device):
+    """bitsandbytes dequantizes to x's dtype, then multiplies: two weights one bf16 ulp apart in float32 are equal
+    there. x = e0 - e64 over such a pair gives exactly 0, as the reference does."""
+    n_in = 128
+    q = torch.full((n_in,), 7, dtype=torch.uint8)  # code 7 is 0.0
+    q[0] = q[64] = 15  # code 15 is 1.0
+    packed = ((q[0::2] << 4) | q[1::2]).unsqueeze(1).to(device)
+    absmax = torch.tensor([1.0, 1.0 + 2.0**-12], dtype=torch.float32, device=device)  # equal in bf16
+    state = NF4State(absmax, torch.Size((1, n_in)), torch.bfloat16, 64, "nf4")
+    x = torch.zeros(2, n_in, dtype=torch.bfloat16, device=device)
+    x[:, 0], x[:, 64] = 1.0, -1.0
+    want = nf4_gemv_reference(x, packed, state, None)
+    assert torch.equal(want, torch.zeros_like(want))
+    assert torch.equal(nf4_gemv_triton(x, packed, state, None), want)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_double_quant_over_several_nested_blocks(device, dtype, tol):
+    """64 x 512 at blocksize 64: 512 absmax values in two 256-blocks of double quantization, of different scales
+    (the other cases fit one)."""
+    g = torch.Generator().manual_seed(9)
+    w = torch.randn(64, 512, generator=g) / 512**0.5
+    w[32:] *= 8
+    packed, state = nf4_quantize(w.to(device), blocksize=64, compress_statistics=True)
+    assert state.nested and state.nested_absmax.numel() == 2
+    x = torch.randn(3, 512, generator=g).to(device=device, dtype=dtype)
+    b = torch.randn(64, generator=g).to(device=device, dtype=dtype)
+    want = nf4_gemv_reference(x, packed, state, b)
+    err = (nf4_gemv_triton(x, packed, state, b).double() - want.double()).abs().max().item()
+    assert err <= 10 * tol[dtype] * want.abs().max().item(), err
