@@ -279,3 +279,15 @@ def test_batches_of_other_token_counts_over_the_same_stacks():
         got = _run(k)
         assert _took(k)
         torch.testing.assert_close(got, by_hand(k), rtol=1e-12, atol=1e-12)
+
+
+def test_views_kept_per_stack_are_bounded():
+    """A server cycling through many mixes keeps at most _PLANS_PER_STACK of them per stack (more are rebuilt)."""
+    n_slots, r, d = 40, 2, 8
+    a, b = torch.randn(n_slots, r, d), torch.randn(n_slots, d, r)
+    x = torch.randn(4, d)
+    for k in range(3 * rank_buckets._PLANS_PER_STACK):
+        s0, s1 = k % n_slots, (k + 1 + k // n_slots) % n_slots
+        plan = rank_buckets.bucket_plan([(s0, 0, 2, r), (s1, 2, 2, r)], [0, 1, 2, 3])
+        rank_buckets.bucket_deltas(x, a, b, torch.ones(n_slots), None, plan)
+        assert len(rank_buckets._VIEWS[id(a)].plans) <= rank_buckets._PLANS_PER_STACK

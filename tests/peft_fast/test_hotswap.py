@@ -381,3 +381,46 @@ def test_files_of_prepared_model_load_as_in_peft(tmp_path, with_config):
             a = out(lib.PeftModel.from_pretrained(base_model("llama"), str(tmp_path / "impl")), x)
             b = out(ref.PeftModel.from_pretrained(base_model("llama"), str(tmp_path / "ref")), x)
         assert_close(a, b)
+
+
+def _mixed(model, x):
+    return out(model, x, adapter_names=["default", "other", "__base__"])
+
+
+@peft_fast_only
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_a_swap_after_a_mixed_batch_is_served_by_the_next_one(adapters, compiled):
+    """Stacks built by a mixed batch before a swap (eval mode trusts them until an event) are dropped by the swap:
+    the next mixed batch serves the new weights. Compiled, the stale layers are rewritten by the batch plan outside
+    the graph: no recompilation."""
+    model = load(adapters["a0"])
+    model.load_adapter(adapters["same_rank"], "other")
+    hs.prepare_model_for_compiled_hotswap(model, target_rank=8)
+    model.eval()
+    x = inputs("llama")
+    with torch.no_grad():
+        want = out(load(adapters["small"]), x)
+    torch._dynamo.reset()
+    run = torch.compile(model, backend="aot_eager") if compiled else model
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True), torch.no_grad():
+            _mixed(run, x)  # stacks built
+            hs.hotswap_adapter(run, adapters["small"], "default")
+            got = _mixed(run, x)
+    finally:
+        torch._dynamo.reset()
+    assert_close(got[0], want[0])
+
+
+@peft_fast_only
+def test_an_unprepared_swap_of_a_larger_rank_serves_mixed_batches(adapters):
+    """Unprepared, a larger rank changes the parameters' shape (as in PEFT): the layer's r follows, since the
+    mixed-batch stacks are sized and written from it."""
+    model = load(adapters["a0"])
+    model.load_adapter(adapters["same_rank"], "other")
+    model.eval()
+    hs.hotswap_adapter(model, adapters["big"], "default")
+    x = inputs("llama")
+    with torch.no_grad():
+        got, want = _mixed(model, x), out(load(adapters["big"]), x)
+    assert_close(got[0], want[0])

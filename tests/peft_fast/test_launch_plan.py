@@ -311,19 +311,6 @@ def test_replacing_the_dropout_module_is_seen():
     torch.testing.assert_close(got, out(fresh, x), rtol=0, atol=0)
 
 
-def test_mixed_batch_stacks_follow_a_base_storage_swap():
-    model = _model(use_dora=True)
-    model.add_adapter("other", LoraConfig(**default_cfg("mlp", r=3)))
-    model.eval()
-    x, names = inputs("mlp", batch=4), ["default", "other", "__base__", "default"]
-    with torch.no_grad():
-        out(model, x, adapter_names=names)
-        _swap_base_storage(model)
-        got = out(model, x, adapter_names=names)
-        want = out(copy.deepcopy(model), x, adapter_names=names)
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
-
-
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
 def test_a_weight_bitsandbytes_repacked_after_planning_runs_through_bitsandbytes(use_dora):
     """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight into its own layout the first time its module

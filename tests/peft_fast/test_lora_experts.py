@@ -1,6 +1,6 @@
 """LoRA on mixture-of-experts weights (LoraConfig.target_parameters) against PEFT's lora.ParamWrapper: tiny Mixtral,
-Qwen3-MoE and gpt-oss, experts alone and experts with attention; parameters, outputs, gradients, files both ways, merging,
-several adapters, and PEFT's refusals."""
+Qwen3-MoE and gpt-oss, experts alone and experts with attention; parameters, outputs, gradients, files both ways,
+merging, several adapters, and PEFT's refusals."""
 import copy
 import importlib
 import os
@@ -124,7 +124,8 @@ def test_several_adapters(kind):
     assert_close(_logits(impl_model, x), _logits(ref_model, x), **TOL, msg="after delete")
     assert set(impl_model.state_dict()) == set(ref_model.state_dict())
     bad = moe_cfg(target_parameters=["experts.down_proj"])
-    raises_like_peft(ValueError, ["same set of parameters"], lambda: impl_model.add_adapter("x", impl.LoraConfig(**bad)),
+    raises_like_peft(ValueError, ["same set of parameters"],
+                     lambda: impl_model.add_adapter("x", impl.LoraConfig(**bad)),
                      lambda: ref_model.add_adapter("x", ref.LoraConfig(**bad)))
 
 
@@ -211,6 +212,10 @@ def test_mixed_batches_beyond_peft(kind, backend, grad, monkeypatch):
     names = ["other", "default", "__base__", "other"]
     with torch.set_grad_enabled(grad):  # no grad: the batched kernels; grad: each adapter's differentiable op
         got = _logits(impl_model, {**x, "adapter_names": names})
+    _each_sample_as_alone(got, ref_model, x, names)
+
+
+def _each_sample_as_alone(got, ref_model, x, names):
     for i, name in enumerate(names):
         one = {"input_ids": x["input_ids"][i:i + 1]}
         if name == "__base__":
@@ -220,6 +225,35 @@ def test_mixed_batches_beyond_peft(kind, backend, grad, monkeypatch):
             ref_model.set_adapter(name)
             want = _logits(ref_model, one)
         assert_close(got[i:i + 1], want, **TOL, msg=f"sample {i} ({name})")
+
+
+@peft_fast_only
+@pytest.mark.parametrize("edit", ["weight", "scaling"])
+def test_mixed_batch_stacks_follow_an_adapter_edit(edit):
+    """The experts' mixed-batch stacks are kept while the adapters' parameter versions and scalings stay: an
+    in-place edit of one adapter's B, or of its scaling, in eval mode is served by the next batch."""
+    _, ref_model, impl_model = moe_pair("mixtral", "experts")
+    for model, lib in ((ref_model, ref), (impl_model, impl)):
+        torch.manual_seed(3)
+        model.add_adapter("other", lib.LoraConfig(**moe_cfg("experts", r=2, lora_alpha=5)))
+        model.eval()
+    x = moe_inputs(batch=4)
+    names = ["other", "default", "__base__", "other"]
+    with torch.no_grad():
+        _logits(impl_model, {**x, "adapter_names": names})  # the stacks are built
+        ref_mods = dict(ref_model.named_modules())
+        edited = 0
+        for name, m in impl_model.named_modules():
+            if hasattr(m, "_mixed_cache") and hasattr(m, "lora_B"):
+                for layer in (m, ref_mods[name]):
+                    if edit == "weight":
+                        layer.lora_B["other"].weight.mul_(2.0)
+                    else:
+                        layer.scaling["other"] = layer.scaling["other"] * 3
+                edited += 1
+        assert edited
+        got = _logits(impl_model, {**x, "adapter_names": names})
+    _each_sample_as_alone(got, ref_model, x, names)
 
 
 def test_bad_targets_refused_like_peft():

@@ -2,7 +2,8 @@
 equal PEFT's and per-sample runs, on the reference and the Triton path, and the cached stacks are never stale."""
 import pytest
 import torch
-from tiny_models import AGAINST_PEFT, add_both, assert_close, base_model, default_cfg, inputs, make_pair, out
+from tiny_models import (AGAINST_PEFT, add_both, assert_close, base_model, default_cfg, inputs, make_pair, out,
+                         perturb_magnitudes)
 
 import peft_fast
 from peft_fast import LoraLinear
@@ -205,3 +206,103 @@ def test_events_write_only_the_slots_that_changed(monkeypatch):
     opt.step()
     assert batch(["f", "a", "e", "b"]) == ["a"]
     assert all(len(m._stack_cache.slot_names) == 5 for m in layers)
+
+
+# ---------------------------------------------------------------------- slots that change kind, and base weights
+def _two_built(first: dict, second: dict):
+    """Adapters "a" and "b" on the MLP, in eval mode, with their stacks built by one mixed batch."""
+    _, ref, impl = make_pair("mlp", adapter_name="a", r=4, **first)
+    add_both(ref, impl, "b", "mlp", seed=1, r=4, **second)
+    for m in (ref, impl):
+        m.eval()
+    x = inputs("mlp", batch=4, seed=2)
+    with torch.no_grad():
+        out(impl, x, adapter_names=["a", "b", "__base__", "a"])
+    return ref, impl, x
+
+
+def _set_lora_biases(*models):
+    with torch.no_grad():
+        for m in models:
+            for n, p in m.named_parameters():
+                if ".lora_B." in n and n.endswith(".bias"):
+                    p.copy_(torch.linspace(-1, 1, p.numel()).reshape(p.shape))
+
+
+@pytest.mark.parametrize("old,new", [({}, {"use_dora": True}), ({}, {"lora_bias": True}),
+                                     ({"use_dora": True}, {}), ({"lora_bias": True}, {})],
+                         ids=["lora-then-dora", "lora-then-bias", "dora-then-lora", "bias-then-lora"])
+def test_a_freed_slot_taken_by_another_kind_of_adapter(old, new):
+    """"b" deleted, "c" of another kind added into its slot (no new capacity), "a" still of the old kind: the
+    stacks gain the per-channel scale or bias stack "c" needs, or "c" does not inherit the one "b" left."""
+    ref, impl, x = _two_built(old, old)
+    for m in (ref, impl):
+        m.delete_adapter("b")
+    add_both(ref, impl, "c", "mlp", seed=2, r=4, **new)
+    perturb_magnitudes(ref, impl)
+    _set_lora_biases(ref, impl)
+    for m in (ref, impl):
+        m.eval()
+    names = ["c", "a", "__base__", "c"]
+    with torch.no_grad():
+        assert_close(out(impl, x, adapter_names=names), _per_sample(ref, x, names), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("edit", ["in place", "new storage"])
+def test_dora_slots_follow_a_base_weight_edit_at_the_next_eval(edit):
+    """A DoRA slot's scale depends on the base weight: edited by hand (in place, or `weight.data = ...`) in eval
+    mode, it is seen after the next eval() (README, "Stacks"), although no adapter parameter changed. The oracle is
+    PEFT running each sample alone (a deepcopy of the model would copy the stale stacks too)."""
+    ref, impl, x = _two_built({"use_dora": True}, {})
+    assert perturb_magnitudes(ref, impl) > 0
+    for m in (ref, impl):
+        m.eval()
+    names = ["a", "b", "__base__", "a"]
+    new = torch.randn_like(ref.base_model.model.lin0.base_layer.weight)
+    with torch.no_grad():
+        out(impl, x, adapter_names=names)
+        for m in (ref, impl):
+            w = m.base_model.model.lin0.base_layer.weight
+            if edit == "in place":
+                w.mul_(1.5)
+            else:
+                w.data = new.clone()
+    for m in (ref, impl):
+        m.eval()
+    with torch.no_grad():
+        assert_close(out(impl, x, adapter_names=names), _per_sample(ref, x, names), atol=2e-5, rtol=2e-5)
+
+
+def test_stacks_follow_a_dtype_cast_of_the_model():
+    """Stacks built in float32, then the model cast to float64: the slots are float64 too (a float32 stack would
+    round the adapters), as PEFT's mixed batch in float64."""
+    ref, impl, x = _two_built({}, {"lora_alpha": 3})
+    names = ["a", "b", "__base__", "b"]
+    for m in (ref, impl):
+        m.double()
+    x64 = {"X": x["X"].double()}
+    with torch.no_grad():
+        assert_close(out(impl, x64, adapter_names=names), out(ref, x64, adapter_names=names), atol=1e-12,
+                     rtol=1e-12)
+
+
+def test_a_model_run_inside_another_models_mixed_batch_runs_its_own_adapter():
+    """The batch plan reaches only the layers of the model that started it: another peft_fast model called from
+    inside that forward (here from a hook) runs its own active adapter."""
+    _, _, outer = make_pair("mlp", adapter_name="a", r=2)
+    outer.add_adapter("b", peft_fast.LoraConfig(**default_cfg("mlp", r=4)))
+    torch.manual_seed(5)
+    inner = peft_fast.get_peft_model(base_model("mlp"), peft_fast.LoraConfig(**default_cfg("mlp", r=3)))
+    outer.eval(), inner.eval()
+    x = inputs("mlp", batch=4, seed=2)
+    with torch.no_grad():
+        want = out(inner, x)
+    seen = []
+    hook = outer.base_model.model.lin1.register_forward_hook(lambda *a: seen.append(out(inner, x)))
+    try:
+        with torch.no_grad():
+            out(outer, x, adapter_names=["a", "b", "__base__", "a"])
+    finally:
+        hook.remove()
+    assert len(seen) == 1
+    assert_close(seen[0], want)
