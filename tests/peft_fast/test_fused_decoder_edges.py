@@ -149,3 +149,44 @@ def test_a_module_that_cannot_be_fused_stays_unfused_with_a_warning(monkeypatch)
         fast = peft_fast.get_peft_model(tiny_causal_lm("mistral"), peft_fast.LoraConfig(target_modules=["q_proj"]),
                                         fused="compile")
     assert "rope" not in peft_fast.fused_parts(fast) and peft_fast.fused_parts(fast)["rms_norm"] == 5
+
+
+def test_gemma3_soft_capping_when_its_config_sets_it():
+    """Gemma 3's config has no final soft-capping by default (the family test's model): set, the fused loss caps."""
+    plain, fast = _pair("gemma3", final_logit_softcapping=2.0)
+    assert fast(input_ids=IDS, labels=IDS).logits is None  # the fused loss ran
+    _same(fast(input_ids=IDS, labels=IDS).loss, plain(input_ids=IDS, labels=IDS).loss)
+
+
+def test_a_llama_shaped_family_outside_the_list_stays_unfused():
+    """Granite's modules have Llama's shapes (RMSNorm, gate/up/down MLP, *ForCausalLM) but it scales its logits: a
+    family not on the list stays unfused, with the warning, and gives its own loss."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    torch.manual_seed(0)
+    plain = GraniteForCausalLM(GraniteConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                                             num_key_value_heads=2, num_hidden_layers=2, vocab_size=211,
+                                             max_position_embeddings=64, logits_scaling=4.0)).train()
+    fast = copy.deepcopy(plain)
+    with pytest.warns(UserWarning, match="fuses the decoders of llama"):
+        peft_fast.fuse(fast, "compile")
+    assert not peft_fast.fused_parts(fast)
+    torch.testing.assert_close(fast(input_ids=IDS, labels=IDS).loss, plain(input_ids=IDS, labels=IDS).loss)
+
+
+@pytest.mark.parametrize("off", [None, False])
+def test_fuse_with_no_backend_unfuses(off):
+    model = tiny_causal_lm("llama")
+    classes = [type(m) for m in model.modules()]
+    peft_fast.fuse(model, "compile")
+    assert peft_fast.fused_parts(model)
+    assert peft_fast.fuse(model, off) is model
+    assert not peft_fast.fused_parts(model) and [type(m) for m in model.modules()] == classes
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_the_norms_take_the_models_own_epsilon(family):
+    """rms_norm_eps far from every default (0.5): the fused norm reads the module's epsilon."""
+    plain, fast = _pair(family, rms_norm_eps=0.5)
+    assert "rms_norm" in peft_fast.fused_parts(fast)
+    _same(fast.eval()(input_ids=IDS).logits, plain.eval()(input_ids=IDS).logits)

@@ -43,3 +43,26 @@ def test_dora_through_reentrant_checkpointing_matches_peft():
     for n in got:
         assert got[n] is not None and got[n].abs().sum() > 0, n
         torch.testing.assert_close(got[n], want[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_kbit_preparation_treats_a_peft_fast_quantized_model_as_4_bit():
+    """A model quantized by peft_fast.quantize (NF4Linear layers, no is_loaded_in_4bit flag) is a k-bit model for
+    prepare_model_for_kbit_training: it gets gradient checkpointing and input embeddings whose output requires grad,
+    as a bitsandbytes model does. (PEFT's own function does not know NF4Linear: peft_fast's alone.)"""
+    import peft_fast
+
+    torch.manual_seed(0)
+    model = peft_fast.quantize(LlamaForCausalLM(LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=64)))
+    model.main_input_name = "inputs_embeds"  # so that transformers does not add the input hook itself
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_fast.prepare_model_for_kbit_training(model)
+    assert model.is_gradient_checkpointing
+    seen = []
+    model.get_input_embeddings().register_forward_hook(lambda m, i, o: seen.append(o.requires_grad))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.train()(input_ids=torch.randint(0, 64, (2, 5)))
+    assert seen == [True]

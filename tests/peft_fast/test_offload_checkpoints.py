@@ -440,3 +440,45 @@ def test_slow_copies_are_waited_for(monkeypatch):
     monkeypatch.setattr(offload, "_side_stream", slow)
     got = _step(peft_fast.offload_checkpoints(_model(layers=4, device="cuda"), min_bytes=0), ids)
     _same(control, got, tol=1e-4)  # float32: tf32 or atomics may differ run to run, stale bytes would not be close
+
+
+def test_a_no_grad_forward_in_train_mode_is_left_alone(on_cpu):
+    """Under no_grad nothing is saved, so nothing is offloaded or checked: no "checkpointing is off" warning (as in
+    generate() or an evaluation loop of a model left in train mode)."""
+    model = peft_fast.offload_checkpoints(_model(checkpointing=False), min_bytes=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            model(input_ids=_ids())
+
+
+def test_host_copies_live_from_their_offload_to_the_backward_that_takes_them(on_cpu, monkeypatch):
+    """Host memory peaks at the forward's end and shrinks through the backward: when the first layer's input comes
+    back, every later layer's host copy (used already) is gone, none outlives the step even while the caller keeps
+    the loss, and none piles up across steps."""
+    import weakref
+
+    boxes, alive_at_first = [], []
+    init, take = offload._Offloaded.__init__, offload._Offloaded.take
+
+    def track(self, *args):
+        init(self, *args)
+        boxes.append(weakref.ref(self))
+
+    def taking(self):
+        if self.index == 0:
+            alive_at_first.append(sorted(b().index for b in boxes if b() is not None))
+        return take(self)
+
+    monkeypatch.setattr(offload._Offloaded, "__init__", track)
+    monkeypatch.setattr(offload._Offloaded, "take", taking)
+    model = peft_fast.offload_checkpoints(_model(), min_bytes=0)
+    for step in range(2):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loss = model(input_ids=_ids(), labels=_ids())
+        assert any(b() is not None for b in boxes)
+        loss.loss.backward()
+        assert all(b() is None for b in boxes), sum(b() is not None for b in boxes)
+        assert alive_at_first[step] == [0], alive_at_first
+    assert len(boxes) >= 6
