@@ -25,9 +25,9 @@ import torch.nn as nn
 from ..kernels import NF4State, nf4_dequantize, nf4_linear, nf4_quantize
 from ..kernels.common.nf4_format import code_bytes
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 STORAGES = {"uint8": torch.uint8, "int8": torch.int8, "float16": torch.float16, "bfloat16": torch.bfloat16,
             "float32": torch.float32}
+_DTYPES = {name: dtype for name, dtype in STORAGES.items() if dtype.is_floating_point}  # a quant state's weight dtype
 
 
 def storage_dtype(value) -> torch.dtype:
@@ -38,13 +38,18 @@ def storage_dtype(value) -> torch.dtype:
     return dtype
 
 
+def check_storable(n_bytes: int, dtype: torch.dtype, what: str) -> None:
+    """Refuse packed codes of `n_bytes` that quant_storage `dtype` cannot hold whole; `what` names the weight."""
+    if n_bytes % dtype.itemsize:
+        raise ValueError(f"{what} packs into {n_bytes} bytes, not a multiple of quant_storage {_dtype_name(dtype)}'s "
+                         f"{dtype.itemsize}; store the codes as uint8 (the default), or leave the layer dense")
+
+
 def stored(packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Packed uint8 codes as bitsandbytes stores them in quant_storage `dtype`: the same bytes, [bytes/itemsize, 1]."""
     if dtype == torch.uint8:
         return packed
-    if packed.numel() % dtype.itemsize:
-        raise ValueError(f"quant_storage {_dtype_name(dtype)}: the weight packs into {packed.numel()} bytes, not a "
-                         f"multiple of {dtype.itemsize}; store its codes as uint8 (the default) instead")
+    check_storable(packed.numel(), dtype, "the weight")
     return packed.contiguous().reshape(-1).view(dtype).unsqueeze(1)
 
 

@@ -19,7 +19,7 @@ from ..kernels.common.nf4_format import BLOCKSIZES
 from ..progress import progress
 from .experts import is_experts_module
 from .nf4_experts import quantize_experts
-from .nf4_linear import NF4Linear, storage_dtype
+from .nf4_linear import NF4Linear, check_storable, storage_dtype
 
 __all__ = ["quantize"]
 
@@ -71,12 +71,8 @@ def quantize(model: nn.Module, *, quant_type: str = "nf4", blocksize: int = 64, 
             if p is not None and p.dim() == 3 and (p.dtype not in (torch.float32, torch.float16, torch.bfloat16)
                                                    or not torch.isfinite(p).all()):
                 raise ValueError(f"quantize: {name}.{pname} must be finite float32/float16/bfloat16, got {p.dtype}")
-    for name, m in todo:
-        if quant_storage.itemsize > 1 and (m.weight.numel() + 1) // 2 % quant_storage.itemsize:
-            raise ValueError(f"quantize: {name}'s {tuple(m.weight.shape)} weight packs into "
-                             f"{(m.weight.numel() + 1) // 2} bytes, not a multiple of quant_storage "
-                             f"{quant_storage}'s {quant_storage.itemsize}; store the codes as uint8, or skip it "
-                             "(skip_modules)")
+    for name, m in todo:  # before any layer changes
+        check_storable((m.weight.numel() + 1) // 2, quant_storage, f"quantize: {name}'s {tuple(m.weight.shape)} weight")
     bar = progress(len(todo) + len(stacks), progressbar, f"Quantizing to {quant_type.upper()}")
     made = {}
     try:
