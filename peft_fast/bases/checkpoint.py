@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from .. import files
 from .experts import is_experts_module
+from .nf4_experts import NF4Experts
 from .nf4_linear import NF4Linear, _dtype_name, storage_dtype
 from .quantize import quantize as quantize_model
 
@@ -42,7 +43,7 @@ def save_quantized(model: nn.Module, folder: str, settings: dict) -> None:
     """config.json (+ generation_config.json) and model.safetensors of a `peft_fast.quantize`d model."""
     config = model.config
     compute = settings["compute_dtype"] or str(model.dtype).removeprefix("torch.")
-    storages = {_dtype_name(m.quant_storage) for m in model.modules() if isinstance(m, NF4Linear)}
+    storages = {_dtype_name(m.quant_storage) for m in model.modules() if isinstance(m, (NF4Linear, NF4Experts))}
     if len(storages) > 1:  # the config names one bnb_4bit_quant_storage for every layer
         raise ValueError(f"save_quantized: the 4-bit layers store their codes in several dtypes ({sorted(storages)}); "
                          "transformers' config names one. Quantize every layer with the same quant_storage.")

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .nf4_linear import NF4Linear
+from .nf4_experts import code_parameters
 
 # quantization methods whose models PEFT does not upcast (their weights are not plain float tensors).
 _NO_UPCAST_METHODS = ("gptq", "aqlm", "eetq", "torchao", "hqq")
@@ -37,14 +37,14 @@ def _quantization(model: nn.Module) -> tuple[bool, bool]:
     method = getattr(model, "quantization_method", None)
     no_upcast = method in _NO_UPCAST_METHODS or bool(getattr(model, "hqq_quantized", False))
     kbit = bool(getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False))
-    kbit = kbit or any(isinstance(m, NF4Linear) for m in model.modules())  # peft_fast.quantize
+    kbit = kbit or bool(code_parameters(model))  # peft_fast.quantize
     return kbit or no_upcast, no_upcast
 
 
 def _upcast_half_params(model: nn.Module) -> None:
     # 4-bit codes stored in a half type (quant_storage) are bytes, not values: bitsandbytes' Params4bit and
-    # NF4Linear's weight are left alone.
-    codes = {id(m.weight) for m in model.modules() if isinstance(m, NF4Linear)}
+    # peft_fast's code parameters (NF4Linear weights, 4-bit expert stacks) are left alone.
+    codes = code_parameters(model)
     for param in model.parameters():
         if (param.dtype in (torch.float16, torch.bfloat16) and type(param).__name__ != "Params4bit"
                 and id(param) not in codes):

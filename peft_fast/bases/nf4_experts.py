@@ -10,18 +10,24 @@ its grouped matmul and again in the backward instead of keeping a dense copy. Lo
 `target_parameters` as it reaches dense ones; merging re-quantizes, as for 4-bit linear layers.
 State dict: under each stack's own key, the packed codes, with transformers' 4-bit companions (`<stack>.absmax`,
 `<stack>.quant_map`, `<stack>.quant_state.bitsandbytes__nf4`, ...), as NF4Linear writes its weight.
+The codes are frozen parameters, `<stack>_nf4` (the stack's own name reads dense): DDP does not broadcast them every
+step as it does buffers, FSDP2 shards them, and `quant_storage` (NF4Linear's) lets torch versions whose
+`fully_shard` refuses integer parameters (2.11) shard them as a float type.
 """
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
 from ..kernels import NF4State, nf4_dequantize, nf4_quantize
+from ..kernels.common.nf4_format import code_bytes
 from .experts import experts_forward, is_experts_module, stack_shape
-from .nf4_linear import NF4Linear, save_4bit_state
+from .nf4_linear import (STORAGES, NF4Linear, _dtype_name, check_storable, code_view, float_stored, save_4bit_state,
+                         state_key_tree, storage_dtype, stored)
 
 __all__ = ["NF4Experts", "quantize_experts", "is_nf4_experts"]
 
@@ -33,12 +39,27 @@ class NF4Experts(nn.Module):
 
     _nf4_names: tuple[str, ...] = ()
     _dense_class: type = nn.Module  # the transformers class it was made from
+    quant_storage: torch.dtype = torch.uint8
 
     def nf4_state(self, name: str) -> Optional[NF4State]:
         return self._nf4_states.get(name)
 
     def packed(self, name: str) -> torch.Tensor:
-        return self._buffers[f"{name}_nf4"]
+        """Stack `name`'s packed codes as uint8 [bytes, 1], what the kernels read (NF4Linear.codes)."""
+        w = self._parameters[stack_codes(name)]
+        if w.dtype == torch.uint8:
+            return w
+        cached = None if torch.compiler.is_compiling() else self._code_views.get(name)
+        view, cached = code_view(w, self.quant_storage, cached, f"{type(self).__name__}.{name}: its 4-bit codes")
+        if cached is not None:
+            self._code_views[name] = cached
+        return view
+
+    def _store(self, name: str, packed: torch.Tensor) -> None:
+        """Keep uint8 codes `packed` as stack `name`, a frozen parameter in quant_storage."""
+        # (not register_parameter: its hasattr check would read the stack's property, dequantizing it)
+        self._parameters[stack_codes(name)] = nn.Parameter(stored(packed, self.quant_storage), requires_grad=False)
+        self._code_views.pop(name, None)
 
     def dequantize(self, name: str) -> torch.Tensor:
         """Stack `name`, dense, in the dtype it was quantized from."""
@@ -54,7 +75,7 @@ class NF4Experts(nn.Module):
     def _set(self, name: str, weight: torch.Tensor, blocksize: int, double_quant: bool, quant_type: str) -> None:
         packed, state = nf4_quantize(weight, blocksize=blocksize, compress_statistics=double_quant,
                                      quant_type=quant_type)
-        self.register_buffer(f"{name}_nf4", packed, persistent=False)  # saved under `name` (_save_to_state_dict)
+        self._store(name, packed)
         self._nf4_states[name] = state
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
@@ -64,8 +85,8 @@ class NF4Experts(nn.Module):
         """Back to the original class with dense stacks (in place; returns the module)."""
         dense = {n: self.dequantize(n) for n in self._nf4_names}
         for n in self._nf4_names:
-            del self._buffers[f"{n}_nf4"]
-        del self._nf4_states
+            del self._parameters[stack_codes(n)]
+        del self._nf4_states, self._code_views
         self.__class__ = self._dense_class
         for n, w in dense.items():
             self.register_parameter(n, nn.Parameter(w, requires_grad=False))
@@ -76,8 +97,18 @@ class NF4Experts(nn.Module):
         return _remake, (self._dense_class, self._nf4_names), self.__getstate__()
 
     def _apply(self, fn, recurse=True):
-        # The codes are uint8 and stay as they are under .half()/.to(dtype); the states follow the device only.
-        super()._apply(fn, recurse)
+        # The codes stay as they are under .half()/.to(dtype), which leave uint8 tensors alone: codes stored in a
+        # float type are seen as their bytes meanwhile (NF4Linear._apply). The states follow the device only.
+        keep = [p for p in (self._parameters[stack_codes(n)] for n in self._nf4_names)
+                if float_stored(p, self.quant_storage)]
+        for p in keep:
+            p.data = code_bytes(p.data)
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for p in keep:
+                p.data = stored(code_bytes(p.data), self.quant_storage)
+        self._code_views.clear()
         for n in self._nf4_names:
             device = self.packed(n).device
             if self._nf4_states[n].absmax.device != device:
@@ -86,14 +117,24 @@ class NF4Experts(nn.Module):
 
     def extra_repr(self) -> str:
         s = self._nf4_states[self._nf4_names[0]]
+        storage = "" if self.quant_storage == torch.uint8 else f", quant_storage={_dtype_name(self.quant_storage)}"
         return f"4-bit stacks {list(self._nf4_names)}, quant_type={s.quant_type}, blocksize={s.blocksize}, " \
-               f"double_quant={s.nested}"
+               f"double_quant={s.nested}{storage}"
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        for n in self._nf4_names:
-            destination[prefix + n] = self.packed(n)
+        for n in self._nf4_names:  # the codes under the stack's own key, as stored (a DTensor under FSDP2)
+            destination[prefix + n] = destination.pop(prefix + stack_codes(n))
             save_4bit_state(destination, prefix + n, self._nf4_states[n])
+
+    def _fqn_modifiers(self) -> dict[str, str]:
+        """torch.distributed.checkpoint's state-dict helpers resolve each key as an attribute path: a stack's name
+        reads it dequantized (a property), so its keys resolve through `_state_keys` (NF4Linear._fqn_modifiers)."""
+        return dict.fromkeys(self._nf4_names, "_state_keys")
+
+    @property
+    def _state_keys(self):
+        return SimpleNamespace(**{n: state_key_tree(self._nf4_states[n]) for n in self._nf4_names})
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -115,6 +156,8 @@ class NF4Experts(nn.Module):
                 error_msgs.append(f"{key}: the 4-bit quant state is corrupt or incomplete ({e!r}).")
                 continue
             packed = state_dict[key]
+            if packed.dtype != torch.uint8 and packed.dtype in STORAGES.values():  # another quant_storage: its bytes
+                packed = code_bytes(packed.detach())
             if tuple(state.shape) != tuple(self._nf4_states[n].shape) or packed.dtype != torch.uint8 or \
                     packed.numel() != (state.shape.numel() + 1) // 2:
                 error_msgs.append(f"{key}: a 4-bit stack of shape {tuple(state.shape)} does not fit this module's "
@@ -123,13 +166,16 @@ class NF4Experts(nn.Module):
             ours[n] = (packed, state)
         rest = {k: v for k, v in state_dict.items()
                 if not any(k == prefix + n or k.startswith(prefix + n + ".") for n in self._nf4_names)}
+        before = len(missing_keys)
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        codes = {prefix + stack_codes(n) for n in self._nf4_names}  # saved under the stack's name, handled above
+        missing_keys[before:] = [k for k in missing_keys[before:] if k not in codes]
         if error_msgs:
             return
         for n, (packed, state) in ours.items():
-            device = self.packed(n).device
-            self.register_buffer(f"{n}_nf4", packed.detach().to(device).reshape(-1, 1).clone(), persistent=False)
+            device = self._parameters[stack_codes(n)].device
+            self._store(n, packed.detach().to(device).reshape(-1, 1).clone())
             self._nf4_states[n] = state.to(device)
 
 
@@ -150,6 +196,23 @@ def is_nf4_experts(module: nn.Module) -> bool:
     return isinstance(module, NF4Experts)
 
 
+def code_parameters(model: nn.Module) -> dict[int, nn.Parameter]:
+    """peft_fast's parameters that hold packed 4-bit codes (NF4Linear weights, 4-bit expert stacks), by id: bytes,
+    not values, whatever dtype stores them."""
+    found = {}
+    for m in model.modules():
+        if isinstance(m, NF4Linear):
+            found[id(m.weight)] = m.weight
+        elif isinstance(m, NF4Experts):
+            found.update((id(p), p) for p in (m._parameters[stack_codes(n)] for n in m._nf4_names))
+    return found
+
+
+def stack_codes(name: str) -> str:
+    """The name of the parameter holding 4-bit stack `name`'s codes (the stack's own name reads it dense)."""
+    return f"{name}_nf4"
+
+
 def expert_stacks(module: nn.Module) -> tuple[str, ...]:
     """The 3-D expert stacks of a transformers experts module (what quantize_experts stores in 4 bits)."""
     names = [n for n in ("gate_up_proj", "up_proj", "down_proj") if stack_shape(module, n) is not None]
@@ -157,28 +220,32 @@ def expert_stacks(module: nn.Module) -> tuple[str, ...]:
 
 
 def quantize_experts(module: nn.Module, *, blocksize: int = 64, double_quant: bool = True,
-                     quant_type: str = "nf4", compute_dtype: Optional[torch.dtype] = None) -> nn.Module:
+                     quant_type: str = "nf4", compute_dtype: Optional[torch.dtype] = None,
+                     quant_storage: torch.dtype = torch.uint8) -> nn.Module:
     """Store `module`'s expert stacks in 4 bits, in place (its class becomes NF4<class>); returns the module.
-    `compute_dtype`: the grouped matmuls' dtype (bitsandbytes' compute dtype; None: the stacks' own dtype)."""
+    `compute_dtype`: the grouped matmuls' dtype (bitsandbytes' compute dtype; None: the stacks' own dtype);
+    `quant_storage`: the dtype the codes' parameters hold the bytes in (NF4Linear's)."""
     if is_nf4_experts(module):
         return module
     if not is_experts_module(module):
         raise ValueError(f"quantize_experts: {type(module).__name__} is not a transformers experts module "
                          "(3-D gate_up_proj/up_proj and down_proj stacks with num_experts)")
+    storage = storage_dtype(quant_storage)
     names = expert_stacks(module)
     dense = {n: module._parameters[n].detach() for n in names}
     for n, w in dense.items():
         if not w.dtype.is_floating_point or w.dtype == torch.float64 or not torch.isfinite(w).all():
             raise ValueError(f"quantize: {type(module).__name__}.{n} must be finite float32/float16/bfloat16, got "
                              f"{w.dtype}")
+        check_storable((w.numel() + 1) // 2, storage, f"quantize: {type(module).__name__}.{n}'s {tuple(w.shape)} stack")
     made = {n: nf4_quantize(w, blocksize=blocksize, compress_statistics=double_quant, quant_type=quant_type)
             for n, w in dense.items()}  # all quantized before the module changes
     for n in names:
         del module._parameters[n]
     module.__class__ = _nf4_class(type(module), names)
-    module._nf4_states = {}
-    module.nf4_compute_dtype = compute_dtype
+    module._nf4_states, module._code_views = {}, {}
+    module.nf4_compute_dtype, module.quant_storage = compute_dtype, storage
     for n, (packed, state) in made.items():
-        module.register_buffer(f"{n}_nf4", packed, persistent=False)
+        module._store(n, packed)
         module._nf4_states[n] = state
     return module

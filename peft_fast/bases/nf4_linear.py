@@ -57,6 +57,31 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def code_view(w: torch.Tensor, storage: torch.dtype, cached, what: str):
+    """(the uint8 bytes of codes `w` stored as `storage`, the cache entry to keep for the next call). `cached` is the
+    last entry, (weight, view), reused while it is still this weight's storage; nothing is cached under compile,
+    where the traced graph makes the view for free. A weight no longer of its storage dtype had its values cast:
+    named, with the fix, since the bytes are gone."""
+    if w.dtype != storage:
+        raise RuntimeError(f"{what} are stored as {_dtype_name(storage)} but the weight is now "
+                           f"{_dtype_name(w.dtype)}: something cast the codes' values (FSDP2 with a "
+                           "MixedPrecisionPolicy param_dtype other than the storage, or a plain "
+                           "`param.data = param.data.to(...)`), which destroys them. Quantize with quant_storage "
+                           "equal to FSDP's param_dtype, and reload the weights.")
+    if torch.compiler.is_compiling():
+        return code_bytes(w), cached
+    if cached is not None and cached[0] is w and cached[1].data_ptr() == w.data_ptr():
+        return cached[1], cached
+    view = code_bytes(w)
+    return view, (w, view)
+
+
+def float_stored(w, storage: torch.dtype) -> bool:
+    """Whether parameter `w` holds codes in a float quant_storage as a plain tensor: what module casts must not
+    convert (FSDP2's sharded DTensor is moved as it is)."""
+    return isinstance(w, nn.Parameter) and w.dtype == storage != torch.uint8 and type(w.data) is torch.Tensor
+
+
 def save_4bit_state(destination: dict, key: str, s: NF4State) -> None:
     """The quant state of the packed tensor saved at `key`, under transformers' 4-bit checkpoint keys."""
     w = key + "."
@@ -69,6 +94,15 @@ def save_4bit_state(destination: dict, key: str, s: NF4State) -> None:
         meta.update(nested_blocksize=s.nested_blocksize, nested_dtype="float32", nested_offset=float(s.offset))
     blob = json.dumps(meta).encode()
     destination[w + f"quant_state.bitsandbytes__{s.quant_type}"] = torch.tensor(list(blob), dtype=torch.uint8)
+
+
+def state_key_tree(s: NF4State) -> SimpleNamespace:
+    """The 4-bit keys save_4bit_state writes below a packed tensor's key, as an attribute tree (what
+    torch.distributed.checkpoint's helpers resolve them through; see NF4Linear._fqn_modifiers)."""
+    names = ["absmax", "quant_map"] + (["nested_absmax", "nested_quant_map"] if s.nested else [])
+    below = {n: None for n in names}
+    below["quant_state"] = SimpleNamespace(**{f"bitsandbytes__{s.quant_type}": None})
+    return SimpleNamespace(**below)
 
 
 class NF4Linear(nn.Module):
@@ -118,19 +152,7 @@ class NF4Linear(nn.Module):
         w = self._parameters["weight"]  # (not Module.__getattr__: this runs on every call)
         if w.dtype == torch.uint8:
             return w
-        if w.dtype != self.quant_storage:
-            raise RuntimeError(f"NF4Linear: its 4-bit codes are stored as {_dtype_name(self.quant_storage)} but the "
-                               f"weight is now {_dtype_name(w.dtype)}: something cast the codes' values (FSDP2 "
-                               "with a MixedPrecisionPolicy param_dtype other than the storage, or a plain "
-                               "`param.data = param.data.to(...)`), which destroys them. Quantize with "
-                               "quant_storage equal to FSDP's param_dtype, and reload the weights.")
-        if torch.compiler.is_compiling():  # a traced graph makes the view itself, for free
-            return code_bytes(w)
-        c = self._code_view
-        if c is not None and c[0] is w and c[1].data_ptr() == w.data_ptr():
-            return c[1]
-        view = code_bytes(w)
-        self._code_view = (w, view)
+        view, self._code_view = code_view(w, self.quant_storage, self._code_view, "NF4Linear: its 4-bit codes")
         return view
 
     # --- math ----------------------------------------------------------------------------------------------------
@@ -153,14 +175,13 @@ class NF4Linear(nn.Module):
         # The codes stay as they are under .half()/.to(dtype), which leave uint8 tensors alone: codes stored in a
         # float type are seen as their bytes meanwhile. The state follows the device only.
         w = self.weight
-        float_stored = (isinstance(w, nn.Parameter) and w.dtype == self.quant_storage != torch.uint8
-                        and type(w.data) is torch.Tensor)  # (FSDP2's sharded DTensor: moved as it is)
-        if float_stored:
+        keep = float_stored(w, self.quant_storage)
+        if keep:
             w.data = code_bytes(w.data)
         try:
             super()._apply(fn, recurse)
         finally:
-            if float_stored:
+            if keep:
                 self.weight.data = stored(code_bytes(self.weight.data), self.quant_storage)
         self._code_view = None
         if self.quant_state.absmax.device != self.weight.device:
@@ -187,11 +208,7 @@ class NF4Linear(nn.Module):
 
     @property
     def _state_keys(self):
-        s = self.quant_state
-        names = ["absmax", "quant_map"] + (["nested_absmax", "nested_quant_map"] if s.nested else [])
-        below = {n: None for n in names}
-        below["quant_state"] = SimpleNamespace(**{f"bitsandbytes__{s.quant_type}": None})
-        return SimpleNamespace(weight=SimpleNamespace(**below))
+        return SimpleNamespace(weight=state_key_tree(self.quant_state))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

@@ -45,9 +45,9 @@ def quantize(model: nn.Module, *, quant_type: str = "nf4", blocksize: int = 64, 
     input's); skip_modules: names (or name suffixes) to leave dense, in addition to the output embedding;
     experts: also store transformers mixture-of-experts stacks (`mlp.experts.gate_up_proj`, ...) in 4 bits, which
     bitsandbytes cannot (they are not nn.Linear), keeping each experts module's class and forward contract;
-    quant_storage: the dtype the linear layers' `weight` parameters hold the packed codes in
-    (bnb_4bit_quant_storage): uint8, or a float type for FSDP2 on torch 2.11, which shards no integer parameters
-    (then also FSDP's param_dtype). Expert stacks are buffers, never sharded: they stay uint8.
+    quant_storage: the dtype the parameters holding the packed codes (the linear layers' `weight`, the expert
+    stacks' `<stack>_nf4`) keep them in (bnb_4bit_quant_storage): uint8, or a float type for FSDP2 on torch 2.11,
+    which shards no integer parameters (then also FSDP's param_dtype).
     Nothing changes unless every layer can be quantized.
     """
     if quant_type not in ("nf4", "fp4"):
@@ -71,6 +71,9 @@ def quantize(model: nn.Module, *, quant_type: str = "nf4", blocksize: int = 64, 
             if p is not None and p.dim() == 3 and (p.dtype not in (torch.float32, torch.float16, torch.bfloat16)
                                                    or not torch.isfinite(p).all()):
                 raise ValueError(f"quantize: {name}.{pname} must be finite float32/float16/bfloat16, got {p.dtype}")
+            if p is not None and p.dim() == 3:
+                check_storable((p.numel() + 1) // 2, quant_storage,
+                               f"quantize: {name}.{pname}'s {tuple(p.shape)} stack")
     for name, m in todo:  # before any layer changes
         check_storable((m.weight.numel() + 1) // 2, quant_storage, f"quantize: {name}'s {tuple(m.weight.shape)} weight")
     bar = progress(len(todo) + len(stacks), progressbar, f"Quantizing to {quant_type.upper()}")
@@ -88,6 +91,6 @@ def quantize(model: nn.Module, *, quant_type: str = "nf4", blocksize: int = 64, 
         setattr(model.get_submodule(parent) if parent else model, child, layer)
     for _, m in stacks:  # after the checks above, this cannot fail half way
         quantize_experts(m, blocksize=blocksize, double_quant=double_quant, quant_type=quant_type,
-                         compute_dtype=compute_dtype)
+                         compute_dtype=compute_dtype, quant_storage=quant_storage)
         bar.update()
     return model

@@ -30,7 +30,8 @@ ROWS, SEQ, STEPS, LR = 4, 8, 2, 0.5
 SCENARIOS = [("ddp", "lora"), ("ddp", "dora"), ("ddp", "nf4"), ("ddp", "bnb"), ("fsdp", "lora-bf16"),
              ("fsdp", "dora"), ("fsdp", "nf4"), ("fsdp", "bnb"), ("fsdp", "bnb-f32store"),
              ("fsdp", "bnb-bfloat16store"), ("fsdp", "nf4-f32store"), ("fsdp", "nf4-bfloat16store"), ("ddp", "moe"),
-             ("fsdp", "moe"), ("ddp", "fused"), ("fsdp", "fused")]
+             ("fsdp", "moe"), ("ddp", "moe-nf4"), ("fsdp", "moe-nf4"), ("fsdp", "moe-nf4-bfloat16store"),
+             ("ddp", "fused"), ("fsdp", "fused")]
 # *store: 4-bit codes stored as a float type (bnb_4bit_quant_storage / quantize's quant_storage), as FSDP setups do so
 # that they shard like the other weights (and so that torch 2.11's fully_shard, which refuses integer parameters,
 # takes them)
@@ -45,11 +46,14 @@ def base(kind: str):
         storage = STORAGES.get(kind.removeprefix("bnb-"), torch.uint8)
         return load4(BNB_DIR, (torch.float32, torch.float32, True, "nf4"), quant_storage=storage)
     torch.manual_seed(0)
-    if kind == "moe":  # experts as 3-D stacks, adapted through target_parameters
-        return MixtralForCausalLM(MixtralConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                                num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
-                                                max_position_embeddings=32, num_local_experts=4,
-                                                num_experts_per_tok=2))
+    if kind.startswith("moe"):  # experts as 3-D stacks, adapted through target_parameters; moe-nf4*: stacks in 4 bits
+        model = MixtralForCausalLM(MixtralConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                                 num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                                                 max_position_embeddings=32, num_local_experts=4,
+                                                 num_experts_per_tok=2))
+        if kind.startswith("moe-nf4"):
+            return peft_fast.quantize(model, quant_storage=STORAGES.get(kind.removeprefix("moe-nf4-"), torch.uint8))
+        return model
     model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
                                          max_position_embeddings=32))
@@ -64,7 +68,7 @@ def adapted(kind: str):
     torch.manual_seed(1)
     config = peft_fast.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False,
                                   use_dora=kind == "dora")
-    if kind == "moe":
+    if kind.startswith("moe"):
         config = peft_fast.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
                                       target_parameters=["experts.gate_up_proj", "experts.down_proj"])
     # "fused": the fused decoder (norms, rotary embedding, MLP activation, the loss without logits) under the wrappers
@@ -114,7 +118,7 @@ def scenario(mode: str, kind: str, rank: int, world: int, out: str) -> dict:
     mine = ids[rank * ROWS // world:(rank + 1) * ROWS // world]
     model = adapted(kind)
     single = copy.deepcopy(model)  # the run to equal: one process, the whole batch, no wrapper
-    full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    full_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     wrapped = wrap(model, mode)
     losses = train(wrapped, mine)
     for loss in losses:
@@ -133,8 +137,8 @@ def scenario(mode: str, kind: str, rank: int, world: int, out: str) -> dict:
                                        if isinstance(m, peft_fast.NF4Linear)) and all(
             not p.requires_grad for p in model.parameters() if p.dtype == torch.uint8)
     else:
-        local = sum(p.to_local().numel() * p.element_size() if type(p).__name__ == "DTensor"
-                    else p.numel() * p.element_size() for p in model.parameters())
+        local = sum(t.to_local().numel() * t.element_size() if type(t).__name__ == "DTensor"
+                    else t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
         res.update(rank_bytes=local, full_bytes=full_bytes)
         res.update(files(model, single, rank, kind, f"{out}/{mode}-{kind}"))
         res.update(eval_after_step(model, single, ids))

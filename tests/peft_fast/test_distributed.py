@@ -1,8 +1,9 @@
 """DDP and FSDP2 on the CPU with gloo, two processes: training equals one process on the whole batch (LoRA, DoRA,
 NF4Linear and bitsandbytes 4-bit bases with codes stored as uint8 or a float type, fp32 adapters over a bf16 base,
-a Mixtral's expert stacks through target_parameters, the fused decoder), saving from a sharded model writes the
-single process's files, loading into a sharded model works, merging refuses with a way out, eval caches do not
-outlive a step across reshards, and a bf16 param_dtype meets NF4 codes stored as bf16 or is named. The ranks run
+a Mixtral's expert stacks through target_parameters, dense or 4-bit, the fused decoder), DDP broadcasts no base
+weights and FSDP2 shards them all, saving from a sharded model writes the single process's files, loading into a
+sharded model works, merging refuses with a way out, eval caches do not outlive a step across reshards, and a bf16
+param_dtype meets NF4 codes stored as bf16 or is named. The ranks run
 tests/helpers/dist_worker.py (all scenarios in one launch, about 15 s here); the example
 examples/train_distributed.py runs under torchrun as users run it."""
 import json
@@ -58,7 +59,7 @@ def results(tmp_path_factory):
 
 SCENARIOS = ["ddp-lora", "ddp-dora", "ddp-nf4", "ddp-bnb", "fsdp-lora-bf16", "fsdp-dora", "fsdp-nf4", "fsdp-bnb",
              "fsdp-bnb-f32store", "fsdp-bnb-bfloat16store", "fsdp-nf4-f32store", "fsdp-nf4-bfloat16store", "ddp-moe",
-             "fsdp-moe", "ddp-fused", "fsdp-fused"]
+             "fsdp-moe", "ddp-moe-nf4", "fsdp-moe-nf4", "fsdp-moe-nf4-bfloat16store", "ddp-fused", "fsdp-fused"]
 
 
 def _tol(name):  # a bf16 base rounds the activations the adapters see
@@ -75,7 +76,7 @@ def _result(results, name):
     if "bnb" in name:
         pytest.importorskip("bitsandbytes")
     r = results[name]
-    if name in ("fsdp-nf4", "fsdp-bnb") and not SHARDS_INTEGERS:
+    if name in ("fsdp-nf4", "fsdp-bnb", "fsdp-moe-nf4") and not SHARDS_INTEGERS:
         assert TORCH_REFUSAL in r.get("error", ""), r  # so this skip ends with the limitation
         pytest.skip(f"torch {torch.__version__}: FSDP2 cannot shard the 4-bit codes (uint8) before torch 2.12")
     assert "error" not in r, r["error"]
@@ -102,7 +103,8 @@ def test_ddp_reduces_only_the_adapter_and_broadcasts_no_base_weights(results, na
 @pytest.mark.parametrize("name", [s for s in SCENARIOS if s.startswith("fsdp")])
 def test_fsdp2_shards_saves_loads_and_refuses_merging(results, name):
     r = _result(results, name)
-    assert r["rank_bytes"] <= r["full_bytes"] / WORLD + 1024, r  # parameters (NF4 codes too) split across ranks
+    # parameters and buffers, NF4 codes (expert stacks too) included, split across ranks
+    assert r["rank_bytes"] <= r["full_bytes"] / WORLD + 1024, r
     assert r["saved_keys_equal"]
     assert r["saved_vs_single"] < _tol(name), r  # gathered on every rank, written by rank 0
     assert r["state_dict_vs_sharded"] == 0.0  # save_pretrained(state_dict=get_model_state_dict(...)), Accelerate's way

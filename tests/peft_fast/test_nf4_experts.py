@@ -155,3 +155,143 @@ def test_pickle_compute_dtype_and_modules_outside_the_contract():
     assert 0 < err < 5e-2 * dense.abs().max()
     llama4 = peft_fast.quantize(moe_base("llama4", torch.float32))  # no routing contract: stacks stay dense
     assert not _experts(llama4) and any(p.dim() == 3 for p in llama4.parameters())
+
+
+def test_codes_are_frozen_parameters_under_their_own_name_and_count_unpacked():
+    """The codes are frozen parameters, `<stack>_nf4`: DDP broadcasts buffers at every step and FSDP2 shards
+    parameters only (tests/peft_fast/test_distributed.py runs both). The state dict keeps the stack's own key, the
+    stack's name reads it dense, and parameter counts see the stacks (and NF4Linear weights) at their unpacked size,
+    as PEFT counts bitsandbytes' 4-bit weights."""
+    base, q = _quantized("mixtral")
+    e = q.model.layers[0].mlp.experts
+    codes = dict(q.named_parameters())["model.layers.0.mlp.experts.gate_up_proj_nf4"]
+    assert codes.dtype == torch.uint8 and not codes.requires_grad and codes is e.packed("gate_up_proj")
+    assert not any(b.dtype == torch.uint8 for b in q.buffers())
+    assert not any(k.endswith("_proj_nf4") for k in q.state_dict())
+    assert e.gate_up_proj.shape == base.model.layers[0].mlp.experts.gate_up_proj.shape  # dense, as before
+    model = peft_fast.get_peft_model(q, peft_fast.LoraConfig(target_modules=["q_proj"], target_parameters=EXPERTS))
+    trainable, total = model.get_nb_trainable_parameters()
+    assert trainable > 0 and total - trainable == sum(p.numel() for p in base.parameters())
+    # the codes' parameter is not a LoRA target: it is bytes, and the stack is targeted by its own name
+    other = _quantized("mixtral")[1]
+    with pytest.raises(ValueError, match="matched no parameter"):
+        peft_fast.get_peft_model(other, peft_fast.LoraConfig(target_modules=[],
+                                                             target_parameters=["experts.gate_up_proj_nf4"]))
+
+
+def _train(q, x, steps=2):
+    torch.manual_seed(1)
+    model = peft_fast.get_peft_model(q, peft_fast.LoraConfig(target_modules=["q_proj"], target_parameters=EXPERTS,
+                                                             init_lora_weights=False))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    losses = []
+    for _ in range(steps):
+        loss = model(**x, labels=x["input_ids"]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.detach())
+    return model, torch.stack(losses), {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float32])
+def test_stacks_in_a_float_quant_storage_hold_the_same_bytes_and_train_alike(storage):
+    """quant_storage applies to the stacks as to the linear layers (FSDP2 on torch 2.11 shards no integer
+    parameters): the same bytes in a float tensor, [bytes / itemsize, 1], computing and training bit for bit as
+    uint8 codes do, and merging re-quantizes into the same storage."""
+    base = moe_base("mixtral", torch.float32)
+    u8 = peft_fast.quantize(copy.deepcopy(base))
+    fl = peft_fast.quantize(copy.deepcopy(base), quant_storage=storage)
+    e8, ef = u8.model.layers[1].mlp.experts, fl.model.layers[1].mlp.experts
+    for n in e8._nf4_names:
+        p = ef._parameters[f"{n}_nf4"]
+        assert p.dtype == storage and tuple(p.shape) == (e8.packed(n).numel() // storage.itemsize, 1)
+        assert ef.packed(n).dtype == torch.uint8 and torch.equal(ef.packed(n), e8.packed(n))
+    assert "quant_storage=" + str(storage).removeprefix("torch.") in repr(ef)
+    x = moe_inputs()
+    (m8, l8, w8), (mf, lf, wf) = _train(u8, x), _train(fl, x)
+    assert torch.equal(l8, lf) and lf[1] < lf[0]
+    assert w8.keys() == wf.keys() and all(torch.equal(w8[k], wf[k]) for k in w8)
+    a, b = m8.merge_and_unload(), mf.merge_and_unload()
+    stacks = [m for m in b.modules() if is_nf4_experts(m)]
+    assert stacks and all(m._parameters[f"{n}_nf4"].dtype == storage for m in stacks for n in m._nf4_names)
+    assert torch.equal(a(**x).logits, b(**x).logits)
+
+
+def test_casts_and_kbit_preparation_keep_float_stored_stacks():
+    q = peft_fast.quantize(moe_base("mixtral", torch.bfloat16), quant_storage=torch.bfloat16)
+    e = q.model.layers[0].mlp.experts
+    codes = {n: e.packed(n).clone() for n in e._nf4_names}
+
+    def kept():
+        return all(e._parameters[f"{n}_nf4"].dtype == torch.bfloat16 and torch.equal(e.packed(n), c)
+                   for n, c in codes.items())
+
+    for cast in (torch.nn.Module.half, torch.nn.Module.float, torch.nn.Module.bfloat16,
+                 lambda m: m.to(torch.float16), lambda m: m.to("cpu", torch.float32)):
+        cast(q)
+        assert kept()
+    q.to(torch.bfloat16)
+    peft_fast.prepare_model_for_kbit_training(q)
+    assert q.model.embed_tokens.weight.dtype == torch.float32 and kept()  # the other bf16 weights are upcast
+    # a cast nothing guards (PEFT's own kbit preparation, an FSDP2 param_dtype) is named, not computed with
+    e._parameters["down_proj_nf4"].data = e._parameters["down_proj_nf4"].data.float()
+    with pytest.raises(RuntimeError, match="down_proj: its 4-bit codes are stored as bfloat16 but the weight is now "
+                                           "float32.*param_dtype"):
+        q(**moe_inputs())
+
+
+def test_save_and_load_keep_or_change_the_stacks_storage(tmp_path):
+    q = peft_fast.quantize(moe_base("mixtral", torch.float32), quant_storage=torch.float32)
+    x = moe_inputs()
+    want = q(**x).logits
+    save_quantized(q, str(tmp_path), {"quant_type": "nf4", "blocksize": 64, "double_quant": True,
+                                      "compute_dtype": None})
+    for storage, dtype in ((None, torch.float32), (torch.uint8, torch.uint8), ("bfloat16", torch.bfloat16)):
+        loaded = load_quantized(str(tmp_path), quant_storage=storage)  # None: the checkpoint's
+        e = loaded.model.layers[0].mlp.experts
+        assert all(e._parameters[f"{n}_nf4"].dtype == dtype for n in e._nf4_names), storage
+        assert torch.equal(loaded(**x).logits, want)
+    # a model whose stacks and linear layers store their codes differently is refused before anything is written
+    mixed = peft_fast.quantize(moe_base("mixtral", torch.float32), experts=False, quant_storage=torch.float32)
+    peft_fast.bases.nf4_experts.quantize_experts(mixed.model.layers[0].mlp.experts)
+    with pytest.raises(ValueError, match=r"several dtypes \(\['float32', 'uint8'\]\)"):
+        save_quantized(mixed, str(tmp_path / "mixed"), {"quant_type": "nf4", "blocksize": 64, "double_quant": True,
+                                                        "compute_dtype": None})
+    assert not (tmp_path / "mixed").exists()
+
+
+def test_a_stack_its_storage_cannot_hold_is_refused_before_anything_changes():
+    model = moe_base("mixtral", torch.float32)
+    model.model.layers[1].mlp.experts.down_proj = torch.nn.Parameter(torch.randn(3, 5, 7))  # 53 bytes of codes
+    with pytest.raises(ValueError, match=r"layers\.1\.mlp\.experts\.down_proj's \(3, 5, 7\) stack packs into 53 bytes"):
+        peft_fast.quantize(model, quant_storage=torch.bfloat16)
+    assert not _experts(model) and type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+
+
+@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16])
+def test_compiled_training_step_over_4bit_stacks_is_one_graph(storage):
+    """torch.compile of a QLoRA step over 4-bit stacks, after an eager step (whose cached byte views must not trip
+    the compiled one): no graph break, eager's loss and gradients."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    q = peft_fast.quantize(moe_base("mixtral", torch.float32), quant_storage=storage)
+    model = peft_fast.get_peft_model(q, peft_fast.LoraConfig(target_modules=["q_proj"], target_parameters=EXPERTS,
+                                                             init_lora_weights=False))
+    x = moe_inputs()
+
+    def step(ids):
+        return model(input_ids=ids, labels=ids).loss
+
+    step(x["input_ids"]).backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    want_loss = step(x["input_ids"]).detach()
+    model.zero_grad()
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    loss = torch.compile(step, fullgraph=True, backend=counter)(x["input_ids"])
+    loss.backward()
+    assert counter.frame_count == 1
+    assert_close(loss.detach(), want_loss, atol=1e-6, rtol=1e-6)
+    for n, w in want.items():
+        assert_close(dict(model.named_parameters())[n].grad, w, **TOL, msg=n)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from ...bases.nf4_experts import is_nf4_experts
+from ...bases.nf4_experts import is_nf4_experts, stack_codes
 from ..base_layer import TunerLayer
 from .experts import LoraParam, ParamView, innermost
 
@@ -41,7 +41,8 @@ def plan_parameters(model: nn.Module, config, module_targets: list[str], target_
         while isinstance(m, LoraParam):
             chain.insert(0, m.parameter_name)
             m = m.base_layer
-        own = [p for p, _ in base.named_parameters(recurse=False)] + list(getattr(base, "_nf4_names", ()))
+        stacks = list(getattr(base, "_nf4_names", ()))  # 4-bit stacks: by their names, not their codes' parameters
+        own = [p for p, _ in base.named_parameters(recurse=False) if p not in map(stack_codes, stacks)] + stacks
         matched = [p for p in own if _matches(f"{key}.{p}", names)]
         if not matched:
             continue
