@@ -49,10 +49,10 @@ class NF4Experts(nn.Module):
         w = self._parameters[stack_codes(name)]
         if w.dtype == torch.uint8:
             return w
-        cached = None if torch.compiler.is_compiling() else self._code_views.get(name)
-        view, cached = code_view(w, self.quant_storage, cached, f"{type(self).__name__}.{name}: its 4-bit codes")
-        if cached is not None:
-            self._code_views[name] = cached
+        what = f"{type(self).__name__}.{name}: its 4-bit codes"
+        if torch.compiler.is_compiling():
+            return code_view(w, self.quant_storage, None, what)[0]
+        view, self._code_views[name] = code_view(w, self.quant_storage, self._code_views.get(name), what)
         return view
 
     def _store(self, name: str, packed: torch.Tensor) -> None:

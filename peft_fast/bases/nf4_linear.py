@@ -59,17 +59,15 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def code_view(w: torch.Tensor, storage: torch.dtype, cached, what: str):
     """(the uint8 bytes of codes `w` stored as `storage`, the cache entry to keep for the next call). `cached` is the
-    last entry, (weight, view), reused while it is still this weight's storage; nothing is cached under compile,
-    where the traced graph makes the view for free. A weight no longer of its storage dtype had its values cast:
-    named, with the fix, since the bytes are gone."""
+    last entry, (weight, view), reused while it is still this weight's storage; pass None under compile, where the
+    traced graph makes the view for free and a module must not be written. A weight no longer of its storage dtype
+    had its values cast: named, with the fix, since the bytes are gone."""
     if w.dtype != storage:
         raise RuntimeError(f"{what} are stored as {_dtype_name(storage)} but the weight is now "
                            f"{_dtype_name(w.dtype)}: something cast the codes' values (FSDP2 with a "
                            "MixedPrecisionPolicy param_dtype other than the storage, or a plain "
                            "`param.data = param.data.to(...)`), which destroys them. Quantize with quant_storage "
                            "equal to FSDP's param_dtype, and reload the weights.")
-    if torch.compiler.is_compiling():
-        return code_bytes(w), cached
     if cached is not None and cached[0] is w and cached[1].data_ptr() == w.data_ptr():
         return cached[1], cached
     view = code_bytes(w)
@@ -152,6 +150,8 @@ class NF4Linear(nn.Module):
         w = self._parameters["weight"]  # (not Module.__getattr__: this runs on every call)
         if w.dtype == torch.uint8:
             return w
+        if torch.compiler.is_compiling():
+            return code_view(w, self.quant_storage, None, "NF4Linear: its 4-bit codes")[0]
         view, self._code_view = code_view(w, self.quant_storage, self._code_view, "NF4Linear: its 4-bit codes")
         return view
 

@@ -269,19 +269,24 @@ def test_a_stack_its_storage_cannot_hold_is_refused_before_anything_changes():
     assert not _experts(model) and type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
 
 
-@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16])
-def test_compiled_training_step_over_4bit_stacks_is_one_graph(storage):
+@pytest.mark.parametrize("storage,checkpointing", [(torch.uint8, False), (torch.bfloat16, True)],
+                         ids=["uint8", "bfloat16-checkpointing"])
+def test_compiled_training_step_over_4bit_stacks_is_one_graph(storage, checkpointing):
     """torch.compile of a QLoRA step over 4-bit stacks, after an eager step (whose cached byte views must not trip
-    the compiled one): no graph break, eager's loss and gradients."""
+    the compiled one, nor be written from inside a checkpointed region): no graph break, eager's loss and
+    gradients."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     q = peft_fast.quantize(moe_base("mixtral", torch.float32), quant_storage=storage)
     model = peft_fast.get_peft_model(q, peft_fast.LoraConfig(target_modules=["q_proj"], target_parameters=EXPERTS,
                                                              init_lora_weights=False))
+    if checkpointing:
+        q.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        q.disable_input_require_grads()  # its hook is one graph break, with PEFT alike (test_compiled_training.py)
     x = moe_inputs()
 
     def step(ids):
-        return model(input_ids=ids, labels=ids).loss
+        return model(input_ids=ids, labels=ids, use_cache=False).loss
 
     step(x["input_ids"]).backward()
     want = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
