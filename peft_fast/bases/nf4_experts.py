@@ -99,15 +99,15 @@ class NF4Experts(nn.Module):
     def _apply(self, fn, recurse=True):
         # The codes stay as they are under .half()/.to(dtype), which leave uint8 tensors alone: codes stored in a
         # float type are seen as their bytes meanwhile (NF4Linear._apply). The states follow the device only.
-        keep = [p for p in (self._parameters[stack_codes(n)] for n in self._nf4_names)
-                if float_stored(p, self.quant_storage)]
-        for p in keep:
-            p.data = code_bytes(p.data)
+        # By name, not by object: .to("meta") or overwrite_module_params_on_conversion replace the parameters.
+        keep = [k for k in map(stack_codes, self._nf4_names) if float_stored(self._parameters[k], self.quant_storage)]
+        for k in keep:
+            self._parameters[k].data = code_bytes(self._parameters[k].data)
         try:
             super()._apply(fn, recurse)
         finally:
-            for p in keep:
-                p.data = stored(code_bytes(p.data), self.quant_storage)
+            for k in keep:
+                self._parameters[k].data = stored(code_bytes(self._parameters[k].data), self.quant_storage)
         self._code_views.clear()
         for n in self._nf4_names:
             device = self.packed(n).device
@@ -164,8 +164,11 @@ class NF4Experts(nn.Module):
                                   f"{tuple(self._nf4_states[n].shape)}.")
                 continue
             ours[n] = (packed, state)
-        rest = {k: v for k, v in state_dict.items()
-                if not any(k == prefix + n or k.startswith(prefix + n + ".") for n in self._nf4_names)}
+        # the codes' own parameter name is never a saved key: loaded as is it would pair bytes with a stale state
+        stray = [prefix + stack_codes(n) for n in self._nf4_names if prefix + stack_codes(n) in state_dict]
+        unexpected_keys.extend(stray)
+        rest = {k: v for k, v in state_dict.items() if k not in stray and
+                not any(k == prefix + n or k.startswith(prefix + n + ".") for n in self._nf4_names)}
         before = len(missing_keys)
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)

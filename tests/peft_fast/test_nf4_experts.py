@@ -241,6 +241,46 @@ def test_casts_and_kbit_preparation_keep_float_stored_stacks():
         q(**moe_inputs())
 
 
+@pytest.mark.parametrize("how", ["meta", "overwrite"])
+def test_conversions_that_replace_the_parameters_keep_the_storage(how):
+    """`.to("meta")` (Accelerate's FSDP2 cpu_ram_efficient_loading) and torch's overwrite-on-conversion mode put
+    new parameter objects in the module: the storage is restored on those, not on the ones they replaced."""
+    q = peft_fast.quantize(moe_base("mixtral", torch.float32), quant_storage=torch.bfloat16)
+    e = q.model.layers[0].mlp.experts
+    codes = {n: e.packed(n).clone() for n in e._nf4_names}
+    old = {n: e._parameters[f"{n}_nf4"] for n in e._nf4_names}
+    if how == "meta":
+        q.to("meta")
+    else:
+        torch.__future__.set_overwrite_module_params_on_conversion(True)
+        try:
+            q.half()
+        finally:
+            torch.__future__.set_overwrite_module_params_on_conversion(False)
+    for n in e._nf4_names:
+        p = e._parameters[f"{n}_nf4"]
+        assert p is not old[n] and p.dtype == torch.bfloat16 and p.device == e._nf4_states[n].absmax.device
+        if how == "overwrite":
+            assert torch.equal(e.packed(n), codes[n])
+    if how == "meta":
+        assert e._nf4_states["down_proj"].absmax.is_meta and e.packed("down_proj").is_meta
+
+
+def test_state_dict_keys_resolve_for_distributed_checkpoint_and_the_codes_name_is_not_a_key():
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    q = peft_fast.quantize(moe_base("mixtral", torch.float32))
+    e = q.model.layers[0].mlp.experts
+    sd = get_model_state_dict(q)  # resolves every key as an attribute path (_fqn_modifiers)
+    assert sd.keys() == q.state_dict().keys() and torch.equal(sd["model.layers.0.mlp.experts.down_proj"],
+                                                              e.packed("down_proj"))
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    bad = dict(q.state_dict())
+    bad["model.layers.0.mlp.experts.down_proj_nf4"] = torch.zeros_like(e.packed("down_proj"))
+    with pytest.raises(RuntimeError, match='Unexpected key.*"model.layers.0.mlp.experts.down_proj_nf4"'):
+        q.load_state_dict(bad)
+    assert all(torch.equal(v, before[k]) for k, v in q.state_dict().items())
+
+
 def test_save_and_load_keep_or_change_the_stacks_storage(tmp_path):
     q = peft_fast.quantize(moe_base("mixtral", torch.float32), quant_storage=torch.float32)
     x = moe_inputs()
