@@ -86,6 +86,13 @@ def save_4bit_state(destination: dict, key: str, s: NF4State) -> None:
     destination[w + "absmax"] = s.absmax
     destination[w + "quant_map"] = s.code
     meta = {"quant_type": s.quant_type, "blocksize": s.blocksize, "dtype": _dtype_name(s.dtype), "shape": list(s.shape)}
+    if s.nested and s.offset.is_meta:
+        raise RuntimeError(
+            f"{key}: a double-quantized 4-bit state on the meta device has no nested_offset to save (its "
+            "checkpoint entry holds the value). Accelerate's FSDP2 cpu_ram_efficient_loading moves the model to meta "
+            "and reloads it by state-dict keys, which cannot reach 4-bit quant states (it skips that step for "
+            "bitsandbytes' layers): turn it off (fsdp_cpu_ram_efficient_loading: false in the Accelerate config, "
+            "FSDP_CPU_RAM_EFFICIENT_LOADING=false, or Trainer's fsdp_config cpu_ram_efficient_loading=False).")
     if s.nested:
         destination[w + "nested_absmax"] = s.nested_absmax
         destination[w + "nested_quant_map"] = s.nested_code

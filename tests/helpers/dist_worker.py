@@ -31,7 +31,9 @@ SCENARIOS = [("ddp", "lora"), ("ddp", "dora"), ("ddp", "nf4"), ("ddp", "bnb"), (
              ("fsdp", "dora"), ("fsdp", "nf4"), ("fsdp", "bnb"), ("fsdp", "bnb-f32store"),
              ("fsdp", "bnb-bfloat16store"), ("fsdp", "nf4-f32store"), ("fsdp", "nf4-bfloat16store"), ("ddp", "moe"),
              ("fsdp", "moe"), ("ddp", "moe-nf4"), ("fsdp", "moe-nf4"), ("fsdp", "moe-nf4-bfloat16store"),
-             ("ddp", "fused"), ("fsdp", "fused")]
+             ("ddp", "fused"), ("fsdp", "fused"), ("accelerate", "nf4-bfloat16store"),
+             ("accelerate", "moe-nf4-bfloat16store")]
+# accelerate: sharded by Accelerate's own FSDP2 preparation (what Trainer's and TRL's fsdp settings run)
 # *store: 4-bit codes stored as a float type (bnb_4bit_quant_storage / quantize's quant_storage), as FSDP setups do so
 # that they shard like the other weights (and so that torch 2.11's fully_shard, which refuses integer parameters,
 # takes them)
@@ -75,7 +77,27 @@ def adapted(kind: str):
     return peft_fast.get_peft_model(base(kind), config, fused="compile" if kind == "fused" else None)
 
 
+def accelerate_fsdp2(model, cpu_ram_efficient_loading=False):
+    """Accelerate's FSDP2 preparation, driven directly: its Accelerator takes FSDP on accelerators only, and the
+    preparation reads nothing else from it than the stand-in gives."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    layer = type(model.get_base_model().model.layers[0]).__name__
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                            transformer_cls_names_to_wrap=[layer],
+                                            cpu_ram_efficient_loading=cpu_ram_efficient_loading)
+    accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), device=torch.device("cpu"),
+                                  is_main_process=dist.get_rank() == 0, process_index=dist.get_rank(),
+                                  parallelism_config=None, mixed_precision="no", torch_device_mesh=None)
+    return fsdp2_prepare_model(accelerator, model)
+
+
 def wrap(model, mode: str):
+    if mode == "accelerate":
+        return accelerate_fsdp2(model)
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -240,6 +262,11 @@ def main() -> int:
         results[f"{mode}-{kind}"] = {**res, "seconds": time.perf_counter() - start}
     for name, storage in (("bfloat16store", torch.bfloat16), ("f32store", torch.float32)):
         results[f"fsdp-bf16-params-nf4-{name}"] = mixed_precision(storage)
+    try:  # reloads by state-dict keys from the meta device, which 4-bit quant states cannot take: named
+        accelerate_fsdp2(adapted("nf4-bfloat16store"), cpu_ram_efficient_loading=True)
+        results["accelerate-cpu-ram-efficient-loading"] = {}
+    except Exception as exc:
+        results["accelerate-cpu-ram-efficient-loading"] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
     if rank == 0:
         with open(os.path.join(out, "results.json"), "w") as fh:
             json.dump(results, fh, indent=1)

@@ -2,9 +2,9 @@
 NF4Linear and bitsandbytes 4-bit bases with codes stored as uint8 or a float type, fp32 adapters over a bf16 base,
 a Mixtral's expert stacks through target_parameters, dense or 4-bit, the fused decoder), DDP broadcasts no base
 weights and FSDP2 shards them all, saving from a sharded model writes the single process's files, loading into a
-sharded model works, merging refuses with a way out, eval caches do not outlive a step across reshards, and a bf16
-param_dtype meets NF4 codes stored as bf16 or is named. The ranks run
-tests/helpers/dist_worker.py (all scenarios in one launch, about 15 s here); the example
+sharded model works, merging refuses with a way out, eval caches do not outlive a step across reshards, a bf16
+param_dtype meets NF4 codes stored as bf16 or is named, and Accelerate's own FSDP2 preparation shards 4-bit models.
+The ranks run tests/helpers/dist_worker.py (all scenarios in one launch, about 15 s here); the example
 examples/train_distributed.py runs under torchrun as users run it."""
 import json
 import os
@@ -59,7 +59,8 @@ def results(tmp_path_factory):
 
 SCENARIOS = ["ddp-lora", "ddp-dora", "ddp-nf4", "ddp-bnb", "fsdp-lora-bf16", "fsdp-dora", "fsdp-nf4", "fsdp-bnb",
              "fsdp-bnb-f32store", "fsdp-bnb-bfloat16store", "fsdp-nf4-f32store", "fsdp-nf4-bfloat16store", "ddp-moe",
-             "fsdp-moe", "ddp-moe-nf4", "fsdp-moe-nf4", "fsdp-moe-nf4-bfloat16store", "ddp-fused", "fsdp-fused"]
+             "fsdp-moe", "ddp-moe-nf4", "fsdp-moe-nf4", "fsdp-moe-nf4-bfloat16store", "ddp-fused", "fsdp-fused",
+             "accelerate-nf4-bfloat16store", "accelerate-moe-nf4-bfloat16store"]
 
 
 def _tol(name):  # a bf16 base rounds the activations the adapters see
@@ -100,7 +101,7 @@ def test_ddp_reduces_only_the_adapter_and_broadcasts_no_base_weights(results, na
     assert r["nf4_params_frozen"]
 
 
-@pytest.mark.parametrize("name", [s for s in SCENARIOS if s.startswith("fsdp")])
+@pytest.mark.parametrize("name", [s for s in SCENARIOS if s.startswith(("fsdp", "accelerate"))])
 def test_fsdp2_shards_saves_loads_and_refuses_merging(results, name):
     r = _result(results, name)
     # parameters and buffers, NF4 codes (expert stacks too) included, split across ranks
@@ -123,6 +124,14 @@ def test_fsdp2_mixed_precision_over_codes_stored_as_its_param_dtype(results):
     assert results["fsdp-bf16-params-nf4-bfloat16store"] == {"loss_fell": True}
     refused = results["fsdp-bf16-params-nf4-f32store"]["error"]
     assert "stored as float32 but the weight is now bfloat16" in refused and "param_dtype" in refused
+
+
+def test_accelerate_cpu_ram_efficient_loading_over_4bit_codes_is_named(results):
+    """Accelerate's FSDP2 cpu_ram_efficient_loading moves the model to meta and reloads it by state-dict keys, which
+    reach no 4-bit quant state (it skips the step for bitsandbytes' layers, which it recognises by class): the
+    error says so and how to turn it off, instead of failing inside torch."""
+    refused = results["accelerate-cpu-ram-efficient-loading"]["error"]
+    assert "meta device" in refused and "cpu_ram_efficient_loading" in refused and "false" in refused, refused
 
 
 def _run_example(tmp_path, world: int, args: list) -> None:
