@@ -5,7 +5,7 @@ Switch from PEFT by changing the import: ``from peft_fast import LoraConfig, get
 from .version import __version__  # noqa: F401
 
 from .bases import NF4Linear  # noqa: E402
-from .bases.checkpoint import load_quantized  # noqa: E402
+from .bases.checkpoint import load_quantized, save_quantized  # noqa: E402
 from .bases.kbit import prepare_model_for_kbit_training  # noqa: E402
 from .bases.quantize import quantize  # noqa: E402
 from .auto import (  # noqa: E402
@@ -87,7 +87,7 @@ __all__ = [
     # preparing a quantized model for training (PEFT's peft.utils.other)
     "prepare_model_for_kbit_training",
     # 4-bit NF4 base models without bitsandbytes
-    "NF4Linear", "load_quantized", "quantize",
+    "NF4Linear", "load_quantized", "quantize", "save_quantized",
     # the fused decoder (RMSNorm, RoPE, SwiGLU/GeGLU, the loss without logits) through Liger-Kernel or torch.compile
     "fuse", "fused_parts", "unfuse",
     # gradient checkpointing whose saved layer inputs wait in pinned host memory

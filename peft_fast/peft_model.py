@@ -181,6 +181,14 @@ class PeftModel(*_bases()):
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         return count_parameters(self)
 
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """transformers' PreTrainedModel.num_parameters (Trainer's FLOPs, loggers' model size), counting 4-bit codes at
+        their unpacked size as it does bitsandbytes' (it would count peft_fast's packed code elements)."""
+        skip = frozenset(id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)) if exclude_embeddings \
+            else frozenset()
+        trainable, total = count_parameters(self, skip)
+        return trainable if only_trainable else total
+
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || "

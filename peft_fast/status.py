@@ -132,7 +132,7 @@ def get_model_status(model: nn.Module) -> TunerModelStatus:
     )
 
 
-def count_parameters(model: nn.Module) -> tuple[int, int]:
+def count_parameters(model: nn.Module, skip: frozenset = frozenset()) -> tuple[int, int]:
     """(trainable, total), counting 4-bit parameters at their unpacked size, as PEFT does for bitsandbytes' (so
     peft_fast.quantize's NF4Linear weights and 4-bit expert stacks count as bitsandbytes' layers would)."""
     from .bases.nf4_experts import code_parameters
@@ -140,6 +140,8 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     codes = code_parameters(model)
     trainable = total = 0
     for _, p in model.named_parameters():
+        if id(p) in skip:
+            continue
         n = p.numel()
         if p.__class__.__name__ == "Params4bit" or id(p) in codes:
             n *= 2 * (p.element_size() if hasattr(p, "element_size") else 1)

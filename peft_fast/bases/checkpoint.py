@@ -39,8 +39,43 @@ def _dense_linears(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if n and isinstance(m, (nn.Linear, Conv1D))]
 
 
-def save_quantized(model: nn.Module, folder: str, settings: dict) -> None:
-    """config.json (+ generation_config.json) and model.safetensors of a `peft_fast.quantize`d model."""
+def quant_settings(model: nn.Module) -> dict:
+    """The settings a checkpoint records (`quantize`'s quant type, blocksize, double quantization and compute
+    dtype), read from the model's 4-bit layers and stacks. One config names one of each, so layers that differ in
+    any but the blocksize (each layer's own quant state holds it) are refused."""
+    layers = [m for m in model.modules() if isinstance(m, (NF4Linear, NF4Experts))]
+    if not layers:
+        raise ValueError(f"save_quantized: {type(model).__name__} has no 4-bit layers (peft_fast.quantize makes "
+                         "them); save a 16- or 32-bit model with save_pretrained.")
+    seen: dict[str, set] = {"quant_type": set(), "blocksize": set(), "double_quant": set(), "compute_dtype": set()}
+    for m in layers:
+        states = [m.quant_state] if isinstance(m, NF4Linear) else [m._nf4_states[n] for n in m._nf4_names]
+        compute = m.compute_dtype if isinstance(m, NF4Linear) else m.nf4_compute_dtype
+        for st in states:
+            seen["quant_type"].add(st.quant_type)
+            seen["blocksize"].add(st.blocksize)
+            seen["double_quant"].add(st.nested)
+            seen["compute_dtype"].add(None if compute is None else _dtype_name(compute))
+    mixed = {k: sorted(map(str, v)) for k, v in seen.items() if len(v) > 1 and k != "blocksize"}
+    if mixed:
+        raise ValueError(f"save_quantized: the 4-bit layers differ in {mixed}; a checkpoint's config names one of "
+                         "each. Quantize every layer with the same settings.")
+    return {k: min(v, key=str) for k, v in seen.items()}
+
+
+def save_quantized(model: nn.Module, folder: str, settings: Optional[dict] = None) -> None:
+    """Save a `peft_fast.quantize`d model (a merged QLoRA model, say) as a transformers 4-bit checkpoint:
+    config.json (+ generation_config.json) and model.safetensors, which `load_quantized` and transformers +
+    bitsandbytes load. transformers' save_pretrained cannot write it (see the module's docstring). `settings`:
+    what the checkpoint records (default: read from the layers, `quant_settings`). Everything is checked before
+    anything is written; each file is written atomically, the weights first."""
+    if any(hasattr(m, "lora_A") or hasattr(m, "base_layer") for m in model.modules()):
+        raise ValueError(f"save_quantized: {type(model).__name__} has adapter layers. Save the adapter with "
+                         "save_pretrained, or merge it first (merge_and_unload()) and save the merged model.")
+    if not hasattr(model, "config"):
+        raise ValueError(f"save_quantized: {type(model).__name__} is not a transformers model (no .config): the "
+                         "checkpoint's config.json comes from it.")
+    settings = quant_settings(model) if settings is None else settings
     config = model.config
     compute = settings["compute_dtype"] or str(model.dtype).removeprefix("torch.")
     storages = {_dtype_name(m.quant_storage) for m in model.modules() if isinstance(m, (NF4Linear, NF4Experts))}

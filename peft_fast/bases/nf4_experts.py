@@ -92,6 +92,12 @@ class NF4Experts(nn.Module):
             self.register_parameter(n, nn.Parameter(w, requires_grad=False))
         return self
 
+    def __getstate__(self):
+        # the cached uint8 views of float-stored codes alias the codes' storage as another dtype: torch.save refuses
+        state = super().__getstate__().copy()
+        state["_code_views"] = {}
+        return state
+
     def __reduce_ex__(self, protocol):
         # The NF4<cls> class is made at runtime: a pickle names the transformers class and remakes it on load.
         return _remake, (self._dense_class, self._nf4_names), self.__getstate__()
@@ -101,13 +107,17 @@ class NF4Experts(nn.Module):
         # float type are seen as their bytes meanwhile (NF4Linear._apply). The states follow the device only.
         # By name, not by object: .to("meta") or overwrite_module_params_on_conversion replace the parameters.
         keep = [k for k in map(stack_codes, self._nf4_names) if float_stored(self._parameters[k], self.quant_storage)]
+        saved = {}
         for k in keep:
-            self._parameters[k].data = code_bytes(self._parameters[k].data)
+            self._parameters[k].data = saved[k] = code_bytes(self._parameters[k].data)
         try:
             super()._apply(fn, recurse)
         finally:
             for k in keep:
-                self._parameters[k].data = stored(code_bytes(self._parameters[k].data), self.quant_storage)
+                b = self._parameters[k].data
+                if b.dtype != torch.uint8:  # fn converted integer tensors too (Module.type): keep the bytes, moved
+                    b = saved[k].to(b.device)
+                self._parameters[k].data = stored(code_bytes(b), self.quant_storage)
         self._code_views.clear()
         for n in self._nf4_names:
             device = self.packed(n).device

@@ -178,18 +178,28 @@ class NF4Linear(nn.Module):
             x = x.to(self.compute_dtype)
         return nf4_linear(x, self.codes(), self.quant_state, self.bias).to(in_dtype)
 
+    def __getstate__(self):
+        # the cached uint8 view of float-stored codes aliases the weight's storage as another dtype: torch.save
+        # refuses that, and a copy rebuilds it anyway
+        state = super().__getstate__().copy()
+        state["_code_view"] = None
+        return state
+
     def _apply(self, fn, recurse=True):
         # The codes stay as they are under .half()/.to(dtype), which leave uint8 tensors alone: codes stored in a
         # float type are seen as their bytes meanwhile. The state follows the device only.
         w = self.weight
         keep = float_stored(w, self.quant_storage)
         if keep:
-            w.data = code_bytes(w.data)
+            w.data = saved = code_bytes(w.data)
         try:
             super()._apply(fn, recurse)
         finally:
             if keep:
-                self.weight.data = stored(code_bytes(self.weight.data), self.quant_storage)
+                b = self.weight.data
+                if b.dtype != torch.uint8:  # fn converted integer tensors too (Module.type): keep the bytes, moved
+                    b = saved.to(b.device)
+                self.weight.data = stored(code_bytes(b), self.quant_storage)
         self._code_view = None
         if self.quant_state.absmax.device != self.weight.device:
             self.quant_state = self.quant_state.to(self.weight.device)
