@@ -60,7 +60,10 @@ def quant_settings(model: nn.Module) -> dict:
     if mixed:
         raise ValueError(f"save_quantized: the 4-bit layers differ in {mixed}; a checkpoint's config names one of "
                          "each. Quantize every layer with the same settings.")
-    return {k: min(v, key=str) for k, v in seen.items()}
+    # blocksize: informative only (loading reads each layer's own); the most common one when layers differ
+    blocksizes = [st.blocksize for m in layers for st in ([m.quant_state] if isinstance(m, NF4Linear) else
+                                                           [m._nf4_states[n] for n in m._nf4_names])]
+    return {**{k: next(iter(v)) for k, v in seen.items()}, "blocksize": max(set(blocksizes), key=blocksizes.count)}
 
 
 def save_quantized(model: nn.Module, folder: str, settings: Optional[dict] = None) -> None:
@@ -69,6 +72,8 @@ def save_quantized(model: nn.Module, folder: str, settings: Optional[dict] = Non
     bitsandbytes load. transformers' save_pretrained cannot write it (see the module's docstring). `settings`:
     what the checkpoint records (default: read from the layers, `quant_settings`). Everything is checked before
     anything is written; each file is written atomically, the weights first."""
+    if hasattr(model, "get_base_model"):  # an adapter model (merged in place by merge_and_unload): the model within
+        model = model.get_base_model()
     if any(hasattr(m, "lora_A") or hasattr(m, "base_layer") for m in model.modules()):
         raise ValueError(f"save_quantized: {type(model).__name__} has adapter layers. Save the adapter with "
                          "save_pretrained, or merge it first (merge_and_unload()) and save the merged model.")

@@ -26,7 +26,7 @@ import torch.nn as nn
 from ..kernels import NF4State, nf4_dequantize, nf4_quantize
 from ..kernels.common.nf4_format import code_bytes
 from .experts import experts_forward, is_experts_module, stack_shape
-from .nf4_linear import (STORAGES, NF4Linear, _dtype_name, check_storable, code_view, float_stored, save_4bit_state,
+from .nf4_linear import (STORAGES, NF4Linear, _dtype_name, check_storable, code_view, plain_codes, save_4bit_state,
                          state_key_tree, storage_dtype, stored)
 
 __all__ = ["NF4Experts", "quantize_experts", "is_nf4_experts"]
@@ -103,10 +103,9 @@ class NF4Experts(nn.Module):
         return _remake, (self._dense_class, self._nf4_names), self.__getstate__()
 
     def _apply(self, fn, recurse=True):
-        # The codes stay as they are under .half()/.to(dtype), which leave uint8 tensors alone: codes stored in a
-        # float type are seen as their bytes meanwhile (NF4Linear._apply). The states follow the device only.
+        # The codes keep their bytes under every cast (NF4Linear._apply). The states follow the device only.
         # By name, not by object: .to("meta") or overwrite_module_params_on_conversion replace the parameters.
-        keep = [k for k in map(stack_codes, self._nf4_names) if float_stored(self._parameters[k], self.quant_storage)]
+        keep = [k for k in map(stack_codes, self._nf4_names) if plain_codes(self._parameters[k], self.quant_storage)]
         saved = {}
         for k in keep:
             self._parameters[k].data = saved[k] = code_bytes(self._parameters[k].data)
@@ -115,7 +114,7 @@ class NF4Experts(nn.Module):
         finally:
             for k in keep:
                 b = self._parameters[k].data
-                if b.dtype != torch.uint8:  # fn converted integer tensors too (Module.type): keep the bytes, moved
+                if b.dtype != torch.uint8:  # converted by Module.type: the bytes as they were, moved
                     b = saved[k].to(b.device)
                 self._parameters[k].data = stored(code_bytes(b), self.quant_storage)
         self._code_views.clear()
@@ -174,10 +173,12 @@ class NF4Experts(nn.Module):
                                   f"{tuple(self._nf4_states[n].shape)}.")
                 continue
             ours[n] = (packed, state)
-        # the codes' own parameter name is never a saved key: loaded as is it would pair bytes with a stale state
-        stray = [prefix + stack_codes(n) for n in self._nf4_names if prefix + stack_codes(n) in state_dict]
-        unexpected_keys.extend(stray)
-        rest = {k: v for k, v in state_dict.items() if k not in stray and
+        # The codes' own parameter name is not a saved key: beside the stack's key (torch.distributed.checkpoint's
+        # set_model_state_dict adds the module's named parameters) the stack's key is what loads; alone it would
+        # pair bytes with a stale state, so it is refused.
+        named = {prefix + stack_codes(n): prefix + n for n in self._nf4_names if prefix + stack_codes(n) in state_dict}
+        unexpected_keys.extend(k for k, stack in named.items() if stack not in state_dict)
+        rest = {k: v for k, v in state_dict.items() if k not in named and
                 not any(k == prefix + n or k.startswith(prefix + n + ".") for n in self._nf4_names)}
         before = len(missing_keys)
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,

@@ -74,10 +74,10 @@ def code_view(w: torch.Tensor, storage: torch.dtype, cached, what: str):
     return view, (w, view)
 
 
-def float_stored(w, storage: torch.dtype) -> bool:
-    """Whether parameter `w` holds codes in a float quant_storage as a plain tensor: what module casts must not
-    convert (FSDP2's sharded DTensor is moved as it is)."""
-    return isinstance(w, nn.Parameter) and w.dtype == storage != torch.uint8 and type(w.data) is torch.Tensor
+def plain_codes(w, storage: torch.dtype) -> bool:
+    """Whether parameter `w` holds codes in its quant_storage as a plain tensor: what module casts must not convert
+    (Module.type converts uint8 tensors too; FSDP2's sharded DTensor is moved as it is)."""
+    return isinstance(w, nn.Parameter) and w.dtype == storage and type(w.data) is torch.Tensor
 
 
 def save_4bit_state(destination: dict, key: str, s: NF4State) -> None:
@@ -86,13 +86,14 @@ def save_4bit_state(destination: dict, key: str, s: NF4State) -> None:
     destination[w + "absmax"] = s.absmax
     destination[w + "quant_map"] = s.code
     meta = {"quant_type": s.quant_type, "blocksize": s.blocksize, "dtype": _dtype_name(s.dtype), "shape": list(s.shape)}
-    if s.nested and s.offset.is_meta:
+    if s.absmax.is_meta:
         raise RuntimeError(
-            f"{key}: a double-quantized 4-bit state on the meta device has no nested_offset to save (its "
-            "checkpoint entry holds the value). Accelerate's FSDP2 cpu_ram_efficient_loading moves the model to meta "
-            "and reloads it by state-dict keys, which cannot reach 4-bit quant states (it skips that step for "
-            "bitsandbytes' layers): turn it off (fsdp_cpu_ram_efficient_loading: false in the Accelerate config, "
-            "FSDP_CPU_RAM_EFFICIENT_LOADING=false, or Trainer's fsdp_config cpu_ram_efficient_loading=False).")
+            f"{key}: a 4-bit quant state on the meta device cannot be saved (a double-quantized one's checkpoint "
+            "entry holds its nested_offset value) nor reloaded by its keys, which are not modules' attributes. "
+            "If this is Accelerate's FSDP2 cpu_ram_efficient_loading, which moves the model to meta and reloads it "
+            "that way (it skips the step for bitsandbytes' layers only): turn it off (fsdp_cpu_ram_efficient_loading: "
+            "false in the Accelerate config, FSDP_CPU_RAM_EFFICIENT_LOADING=false, or Trainer's fsdp_config "
+            "cpu_ram_efficient_loading=False).")
     if s.nested:
         destination[w + "nested_absmax"] = s.nested_absmax
         destination[w + "nested_quant_map"] = s.nested_code
@@ -186,10 +187,11 @@ class NF4Linear(nn.Module):
         return state
 
     def _apply(self, fn, recurse=True):
-        # The codes stay as they are under .half()/.to(dtype), which leave uint8 tensors alone: codes stored in a
-        # float type are seen as their bytes meanwhile. The state follows the device only.
+        # The codes keep their bytes under every cast: codes stored in a float type are seen as their bytes
+        # meanwhile, which .half()/.to(dtype) leave alone, and bytes Module.type converted are put back. The state
+        # follows the device only.
         w = self.weight
-        keep = float_stored(w, self.quant_storage)
+        keep = plain_codes(w, self.quant_storage)
         if keep:
             w.data = saved = code_bytes(w.data)
         try:
@@ -197,7 +199,7 @@ class NF4Linear(nn.Module):
         finally:
             if keep:
                 b = self.weight.data
-                if b.dtype != torch.uint8:  # fn converted integer tensors too (Module.type): keep the bytes, moved
+                if b.dtype != torch.uint8:  # converted by Module.type: the bytes as they were, moved
                     b = saved.to(b.device)
                 self.weight.data = stored(code_bytes(b), self.quant_storage)
         self._code_view = None

@@ -275,10 +275,19 @@ def test_state_dict_keys_resolve_for_distributed_checkpoint_and_the_codes_name_i
                                                               e.packed("down_proj"))
     before = {k: v.clone() for k, v in q.state_dict().items()}
     bad = dict(q.state_dict())
+    del bad["model.layers.0.mlp.experts.down_proj"]  # the codes' name alone would pair these bytes with a stale state
     bad["model.layers.0.mlp.experts.down_proj_nf4"] = torch.zeros_like(e.packed("down_proj"))
     with pytest.raises(RuntimeError, match='Unexpected key.*"model.layers.0.mlp.experts.down_proj_nf4"'):
         q.load_state_dict(bad)
     assert all(torch.equal(v, before[k]) for k, v in q.state_dict().items())
+    # beside the stack's key (set_model_state_dict adds the named parameters to what it loads) the stack's key loads
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    other = peft_fast.quantize(moe_base("mixtral", torch.float32), quant_storage=torch.bfloat16, blocksize=128)
+    src = peft_fast.quantize(moe_base("mixtral", torch.float32), quant_storage=torch.bfloat16)
+    full = StateDictOptions(full_state_dict=True)
+    assert not set_model_state_dict(other, get_model_state_dict(src, options=full), options=full).unexpected_keys
+    x = moe_inputs()
+    assert torch.equal(other(**x).logits, src(**x).logits)
 
 
 def test_save_and_load_keep_or_change_the_stacks_storage(tmp_path):

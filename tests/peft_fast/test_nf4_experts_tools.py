@@ -239,6 +239,8 @@ def test_a_merged_4bit_model_saves_with_save_quantized_and_its_own_settings(tmp_
         merged = model.merge_and_unload()
     peft_fast.save_quantized(merged, str(tmp_path / "merged"))
     assert torch.equal(_logits(load_quantized(str(tmp_path / "merged"))), _logits(merged))
+    peft_fast.save_quantized(model, str(tmp_path / "wrapper"))  # the adapter model, merged in place: its base
+    assert torch.equal(_logits(load_quantized(str(tmp_path / "wrapper"))), _logits(merged))
     with pytest.raises(ValueError, match="no 4-bit layers"):
         peft_fast.save_quantized(moe_base("mixtral", torch.float32), str(tmp_path / "dense"))
     mixed = peft_fast.quantize(moe_base("mixtral", torch.float32), experts=False, double_quant=False)
@@ -290,9 +292,19 @@ def test_torch_save_of_a_model_with_float_stored_codes_after_a_forward(adapter):
     assert torch.equal(_logits(_torch_round_trip(model)), want)
 
 
-def test_module_type_cast_keeps_float_stored_codes():
+@STORAGES
+def test_module_type_cast_keeps_the_codes(storage):
     """Module.type(dtype), unlike .half() and .to(dtype), converts integer tensors too: the codes' bytes are kept."""
-    q = peft_fast.quantize(moe_base("mixtral", torch.float32), quant_storage=torch.bfloat16)
+    q = peft_fast.quantize(moe_base("mixtral", torch.float32), quant_storage=storage)
     want = _logits(q)
     q.type(torch.float16)
     assert_close(_logits(q), want, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_a_4bit_state_on_the_meta_device_is_not_saved_and_says_why(double_quant):
+    """Accelerate's FSDP2 cpu_ram_efficient_loading moves the model to meta and reloads it by state-dict keys, which
+    cannot reach 4-bit quant states (tests/peft_fast/test_distributed.py runs it): the error names the setting."""
+    q = peft_fast.quantize(moe_base("mixtral", torch.float32), double_quant=double_quant).to("meta")
+    with pytest.raises(RuntimeError, match="meta device cannot be saved.*cpu_ram_efficient_loading=False"):
+        q.state_dict()
