@@ -86,3 +86,16 @@ def moe_pair(kind: str, targets: str = "experts", *, seed: int = 0, dtype=torch.
 def moe_inputs(batch: int = 3, seq: int = 7, seed: int = 1) -> dict:
     g = torch.Generator().manual_seed(seed)
     return {"input_ids": torch.randint(1, VOCAB, (batch, seq), generator=g)}
+
+
+def dense_twin(base, quantized):
+    """`base` with every 4-bit weight of `quantized` (peft_fast.quantize of a copy of it) replaced by its dequantized
+    values: the dense model the 4-bit one must compute exactly."""
+    dense = copy.deepcopy(base)
+    for name, m in quantized.named_modules():
+        if hasattr(m, "_nf4_names"):
+            for n in m._nf4_names:
+                getattr(dense.get_submodule(name), n).data = m.dequantize(n).float()
+        elif type(m).__name__ == "NF4Linear":
+            dense.get_submodule(name).weight.data = m.dequantize().float()
+    return dense

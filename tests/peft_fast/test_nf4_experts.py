@@ -8,7 +8,7 @@ import tempfile
 
 import pytest
 import torch
-from moe_models import EXPERTS, moe_base, moe_inputs
+from moe_models import EXPERTS, dense_twin, moe_base, moe_inputs
 from tiny_models import assert_close, peft_fast_only, ref
 
 import peft_fast
@@ -26,18 +26,6 @@ def _quantized(kind):
     return base, peft_fast.quantize(copy.deepcopy(base))
 
 
-def _dense_twin(base, quantized):
-    """`base` with every 4-bit weight of `quantized` replaced by its dequantized values."""
-    dense = copy.deepcopy(base)
-    for name, m in quantized.named_modules():
-        if is_nf4_experts(m):
-            for n in m._nf4_names:
-                getattr(dense.get_submodule(name), n).data = m.dequantize(n).float()
-        elif type(m).__name__ == "NF4Linear":
-            dense.get_submodule(name).weight.data = m.dequantize().float()
-    return dense
-
-
 def _experts(model):
     return [m for m in model.modules() if is_nf4_experts(m)]
 
@@ -52,7 +40,7 @@ def test_quantize_stores_the_stacks_in_4_bits_and_computes_the_dequantized_model
     assert torch.equal(experts[0].packed("gate_up_proj"), packed)  # bitsandbytes' bytes for that tensor
     assert not any(p.dim() == 3 for p in q.parameters())
     x = moe_inputs()
-    assert_close(q(**x).logits, _dense_twin(base, q)(**x).logits, **TOL)
+    assert_close(q(**x).logits, dense_twin(base, q)(**x).logits, **TOL)
 
 
 def test_state_dict_and_checkpoint_round_trip():
@@ -79,7 +67,7 @@ def test_state_dict_and_checkpoint_round_trip():
 @pytest.mark.parametrize("kind", KINDS)
 def test_qlora_on_4bit_experts_equals_peft_on_the_dequantized_model(kind):
     base, q = _quantized(kind)
-    dense = _dense_twin(base, q)
+    dense = dense_twin(base, q)
     spare = copy.deepcopy(dense)
     kw = dict(target_modules=["q_proj"], target_parameters=list(EXPERTS), r=3, lora_alpha=6, init_lora_weights=False)
     torch.manual_seed(1)
@@ -150,7 +138,7 @@ def test_pickle_compute_dtype_and_modules_outside_the_contract():
     assert torch.equal(again(**x).logits, q(**x).logits)
     assert again.model.layers[0].mlp.experts.nf4_compute_dtype == torch.bfloat16
     with torch.no_grad():  # the grouped matmuls run in bf16: close to the float32 model, not equal
-        dense = _dense_twin(moe_base("mixtral", torch.float32), q)(**x).logits
+        dense = dense_twin(moe_base("mixtral", torch.float32), q)(**x).logits
         err = (q(**x).logits - dense).abs().max()
     assert 0 < err < 5e-2 * dense.abs().max()
     llama4 = peft_fast.quantize(moe_base("llama4", torch.float32))  # no routing contract: stacks stay dense

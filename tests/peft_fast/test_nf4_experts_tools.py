@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from moe_models import EXPERTS, moe_base, moe_inputs
+from moe_models import EXPERTS, dense_twin, moe_base, moe_inputs
 from tiny_models import AGAINST_PEFT, assert_close, ref
 
 import peft_fast
@@ -36,23 +36,11 @@ class Rows(torch.utils.data.Dataset):
         return {"input_ids": self.rows[i], "labels": self.rows[i]}
 
 
-def _dense_twin(base, quantized):
-    """`base` with every 4-bit weight of `quantized` replaced by its dequantized values (test_nf4_experts.py)."""
-    dense = copy.deepcopy(base)
-    for name, m in quantized.named_modules():
-        if is_nf4_experts(m):
-            for n in m._nf4_names:
-                getattr(dense.get_submodule(name), n).data = m.dequantize(n).float()
-        elif type(m).__name__ == "NF4Linear":
-            dense.get_submodule(name).weight.data = m.dequantize().float()
-    return dense
-
-
 def _qlora(storage, seed=1):
     """(dense base, its dequantized twin, QLoRA model on q_proj and the 4-bit stacks)."""
     base = moe_base("mixtral", torch.float32)
     q = peft_fast.quantize(copy.deepcopy(base), quant_storage=storage)
-    dense = _dense_twin(base, q)
+    dense = dense_twin(base, q)
     torch.manual_seed(seed)
     cfg = peft_fast.LoraConfig(r=3, lora_alpha=6, target_modules=["q_proj"], target_parameters=list(EXPERTS),
                                init_lora_weights=False, task_type="CAUSAL_LM")
