@@ -47,22 +47,16 @@ def quant_settings(model: nn.Module) -> dict:
     if not layers:
         raise ValueError(f"save_quantized: {type(model).__name__} has no 4-bit layers (peft_fast.quantize makes "
                          "them); save a 16- or 32-bit model with save_pretrained.")
-    seen: dict[str, set] = {"quant_type": set(), "blocksize": set(), "double_quant": set(), "compute_dtype": set()}
-    for m in layers:
-        states = [m.quant_state] if isinstance(m, NF4Linear) else [m._nf4_states[n] for n in m._nf4_names]
-        compute = m.compute_dtype if isinstance(m, NF4Linear) else m.nf4_compute_dtype
-        for st in states:
-            seen["quant_type"].add(st.quant_type)
-            seen["blocksize"].add(st.blocksize)
-            seen["double_quant"].add(st.nested)
-            seen["compute_dtype"].add(None if compute is None else _dtype_name(compute))
-    mixed = {k: sorted(map(str, v)) for k, v in seen.items() if len(v) > 1 and k != "blocksize"}
+    states = [(st, m.compute_dtype if isinstance(m, NF4Linear) else m.nf4_compute_dtype) for m in layers
+              for st in ([m.quant_state] if isinstance(m, NF4Linear) else [m.nf4_state(n) for n in m._nf4_names])]
+    seen = {"quant_type": {st.quant_type for st, _ in states}, "double_quant": {st.nested for st, _ in states},
+            "compute_dtype": {None if c is None else _dtype_name(c) for _, c in states}}
+    mixed = {k: sorted(map(str, v)) for k, v in seen.items() if len(v) > 1}
     if mixed:
         raise ValueError(f"save_quantized: the 4-bit layers differ in {mixed}; a checkpoint's config names one of "
                          "each. Quantize every layer with the same settings.")
     # blocksize: informative only (loading reads each layer's own); the most common one when layers differ
-    blocksizes = [st.blocksize for m in layers for st in ([m.quant_state] if isinstance(m, NF4Linear) else
-                                                           [m._nf4_states[n] for n in m._nf4_names])]
+    blocksizes = [st.blocksize for st, _ in states]
     return {**{k: next(iter(v)) for k, v in seen.items()}, "blocksize": max(set(blocksizes), key=blocksizes.count)}
 
 

@@ -26,8 +26,8 @@ import torch.nn as nn
 from ..kernels import NF4State, nf4_dequantize, nf4_quantize
 from ..kernels.common.nf4_format import code_bytes
 from .experts import experts_forward, is_experts_module, stack_shape
-from .nf4_linear import (STORAGES, NF4Linear, _dtype_name, check_storable, code_view, plain_codes, save_4bit_state,
-                         state_key_tree, storage_dtype, stored)
+from .nf4_linear import (STORAGES, NF4Linear, _dtype_name, apply_keeping_codes, check_storable, code_view,
+                         save_4bit_state, state_key_tree, storage_dtype, stored)
 
 __all__ = ["NF4Experts", "quantize_experts", "is_nf4_experts"]
 
@@ -103,20 +103,9 @@ class NF4Experts(nn.Module):
         return _remake, (self._dense_class, self._nf4_names), self.__getstate__()
 
     def _apply(self, fn, recurse=True):
-        # The codes keep their bytes under every cast (NF4Linear._apply). The states follow the device only.
-        # By name, not by object: .to("meta") or overwrite_module_params_on_conversion replace the parameters.
-        keep = [k for k in map(stack_codes, self._nf4_names) if plain_codes(self._parameters[k], self.quant_storage)]
-        saved = {}
-        for k in keep:
-            self._parameters[k].data = saved[k] = code_bytes(self._parameters[k].data)
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            for k in keep:
-                b = self._parameters[k].data
-                if b.dtype != torch.uint8:  # converted by Module.type: the bytes as they were, moved
-                    b = saved[k].to(b.device)
-                self._parameters[k].data = stored(code_bytes(b), self.quant_storage)
+        # The codes keep their bytes under every cast; the states follow the device only.
+        apply_keeping_codes(self, [stack_codes(n) for n in self._nf4_names], self.quant_storage,
+                            lambda: super(NF4Experts, self)._apply(fn, recurse))
         self._code_views.clear()
         for n in self._nf4_names:
             device = self.packed(n).device

@@ -80,6 +80,23 @@ def plain_codes(w, storage: torch.dtype) -> bool:
     return isinstance(w, nn.Parameter) and w.dtype == storage and type(w.data) is torch.Tensor
 
 
+def apply_keeping_codes(module: nn.Module, names, storage: torch.dtype, apply) -> None:
+    """Run `apply` (the module's nn.Module._apply) so that the codes in parameters `names` keep their bytes under
+    every cast: codes stored in a float type are seen as their bytes meanwhile, which .half()/.to(dtype) leave
+    alone, and bytes Module.type converted are put back. By name, not by object: .to("meta") or
+    overwrite_module_params_on_conversion replace the parameters."""
+    params = module._parameters
+    saved = {k: code_bytes(params[k].data) for k in names if plain_codes(params[k], storage)}
+    for k, b in saved.items():
+        params[k].data = b
+    try:
+        apply()
+    finally:
+        for k, b in saved.items():
+            now = params[k].data
+            params[k].data = stored(code_bytes(now) if now.dtype == torch.uint8 else b.to(now.device), storage)
+
+
 def save_4bit_state(destination: dict, key: str, s: NF4State) -> None:
     """The quant state of the packed tensor saved at `key`, under transformers' 4-bit checkpoint keys."""
     w = key + "."
@@ -187,21 +204,8 @@ class NF4Linear(nn.Module):
         return state
 
     def _apply(self, fn, recurse=True):
-        # The codes keep their bytes under every cast: codes stored in a float type are seen as their bytes
-        # meanwhile, which .half()/.to(dtype) leave alone, and bytes Module.type converted are put back. The state
-        # follows the device only.
-        w = self.weight
-        keep = plain_codes(w, self.quant_storage)
-        if keep:
-            w.data = saved = code_bytes(w.data)
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            if keep:
-                b = self.weight.data
-                if b.dtype != torch.uint8:  # converted by Module.type: the bytes as they were, moved
-                    b = saved.to(b.device)
-                self.weight.data = stored(code_bytes(b), self.quant_storage)
+        # The codes keep their bytes under every cast; the state follows the device only.
+        apply_keeping_codes(self, ["weight"], self.quant_storage, lambda: super(NF4Linear, self)._apply(fn, recurse))
         self._code_view = None
         if self.quant_state.absmax.device != self.weight.device:
             self.quant_state = self.quant_state.to(self.weight.device)
