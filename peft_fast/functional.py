@@ -3,7 +3,6 @@ plain model), `get_peft_config` (a config from a dict) and `load_peft_weights` (
 from __future__ import annotations
 
 import copy
-import re
 import warnings
 from typing import Any, Optional
 
@@ -12,6 +11,7 @@ import torch.nn as nn
 
 from . import files
 from .config import PeftConfig, as_config
+from .loading import remap_keys
 from .names import check_adapter_name
 from .tuners import registry
 from .tuners.file_keys import PREFIX
@@ -67,19 +67,4 @@ def load_peft_weights(model_id: str, device: Optional[str] = None, key_mapping: 
     tensors = files.load_tensors(files.find_weights(model_id, subfolder=subfolder, **hub))
     if device is not None:
         tensors = {k: v.to(device) for k, v in tensors.items()}
-    if not key_mapping:
-        return tensors
-    out = {}
-    for key, value in tensors.items():
-        prefix = PREFIX if key.startswith(PREFIX) else "base_model." if key.startswith("base_model.") else None
-        if prefix is None:
-            raise ValueError(f"load_peft_weights: key_mapping needs PEFT file keys (base_model.model.<module>...), "
-                             f"got {key!r} in {model_id}.")
-        rest = key.removeprefix(prefix)
-        for pattern, replacement in key_mapping.items():
-            new, n = re.subn(pattern, replacement, rest)
-            if n:
-                rest = new
-                break
-        out[prefix + rest] = value
-    return out
+    return remap_keys(tensors, key_mapping, model_id)

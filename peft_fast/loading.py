@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any, Optional
+
+import torch
 
 from . import files
 from .config import CONFIG_NAME, PeftConfig, as_config
+from .tuners.file_keys import PREFIX
 
 
 def read_adapter(model_id: str, config: Optional[Any], is_trainable: bool, kwargs: dict):
@@ -23,4 +27,29 @@ def read_adapter(model_id: str, config: Optional[Any], is_trainable: bool, kwarg
         config = copy.deepcopy(as_config(config))
         path = files.find_weights(model_id, subfolder=subfolder, **hub)
     config.inference_mode = not is_trainable
-    return config, files.load_tensors(path), path
+    tensors = files.load_tensors(path)
+    return config, remap_keys(tensors, kwargs.get("key_mapping"), path), path
+
+
+def remap_keys(tensors: dict[str, torch.Tensor], key_mapping: Optional[dict[str, str]],
+               source: str) -> dict[str, torch.Tensor]:
+    """PEFT's `key_mapping`: regex -> replacement, applied to each file key without its `base_model.model.` (or
+    `base_model.`) prefix; the first pattern that matches wins."""
+    if not key_mapping:
+        return tensors
+    out = {}
+    for key, value in tensors.items():
+        prefix = PREFIX if key.startswith(PREFIX) else "base_model." if key.startswith("base_model.") else None
+        if prefix is None:
+            raise ValueError(f"key_mapping needs PEFT file keys (base_model.model.<module>...), got {key!r} in "
+                             f"{source}.")
+        rest = key.removeprefix(prefix)
+        for pattern, replacement in key_mapping.items():
+            new, n = re.subn(pattern, replacement, rest)
+            if n:
+                rest = new
+                break
+        if prefix + rest in out:
+            raise ValueError(f"key_mapping maps two keys of {source} to {prefix + rest!r}; nothing was loaded.")
+        out[prefix + rest] = value
+    return out

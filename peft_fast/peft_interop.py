@@ -19,6 +19,7 @@ from typing import Iterator
 import torch.nn as nn
 
 from .tuners import registry
+from .tuners.base_layer import TunerLayer  # registered as a BaseTunerLayer, and not one of PEFT's layers
 
 
 def _peft():
@@ -46,7 +47,8 @@ def peft_layer_names(model: nn.Module) -> list[str]:
         base_tuner_layer = importlib.import_module("peft.tuners.tuners_utils").BaseTunerLayer
     except ImportError:
         return []
-    return [name for name, module in model.named_modules() if isinstance(module, base_tuner_layer)]
+    return [name for name, module in model.named_modules()
+            if isinstance(module, base_tuner_layer) and not isinstance(module, TunerLayer)]
 
 
 def patch_peft_model(model: nn.Module) -> nn.Module:

@@ -45,12 +45,13 @@ class PeftModel(*_bases()):
     """A model with adapters. ``state_dict`` keys are PEFT's: ``base_model.model.<path>.lora_A.<name>.weight``."""
 
     _is_prompt_learning = False  # read by PEFT's inherited helpers (model cards, generation) when PEFT is installed
+    _head_task: Optional[str] = None  # a task model's: its heads train as modules_to_save for every adapter added
 
     def __init__(self, model: nn.Module, peft_config: Any, adapter_name: str = "default",
                  autocast_adapter_dtype: bool = True, *, _plan: Optional[injection.Plan] = None,
                  _tensors: Optional[dict] = None, _source: str = "the adapter", **_ignored: Any):
         nn.Module.__init__(self)
-        config = as_config(peft_config)
+        config = self._with_task_heads(as_config(peft_config)) if _tensors is None else as_config(peft_config)
         self.special_peft_forward_args = {"adapter_names"}
         self._adapters_disabled = False
         tuner_cls = registry.get(config.peft_type).model_cls
@@ -116,7 +117,16 @@ class PeftModel(*_bases()):
     @unsharded_only("add_adapter")
     def add_adapter(self, adapter_name: str, peft_config: Any, low_cpu_mem_usage: bool = False,
                     autocast_adapter_dtype: bool = True) -> None:
-        self.base_model.add_adapter(adapter_name, peft_config, autocast_adapter_dtype)
+        self.base_model.add_adapter(adapter_name, self._with_task_heads(as_config(peft_config)), autocast_adapter_dtype)
+
+    def _with_task_heads(self, config: PeftConfig) -> PeftConfig:
+        """As PEFT's task models do, whatever the config's task_type: a classifier model trains its head in full
+        under every adapter (a copy of the config; the caller's is left alone). Loading keeps the file's config."""
+        if self._head_task is None:
+            return config
+        config = copy.copy(config)
+        injection.add_task_heads(config, self._head_task)
+        return config
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
@@ -203,8 +213,11 @@ class PeftModel(*_bases()):
     # --- files -------------------------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str, safe_serialization: bool = True,
                         selected_adapters: Optional[list[str]] = None, is_main_process: bool = True,
-                        state_dict: Optional[dict] = None, **kwargs: Any) -> None:
+                        state_dict: Optional[dict] = None, save_embedding_layers: bool | str = "auto",
+                        **kwargs: Any) -> None:
         """PEFT's layout: the "default" adapter in ``save_directory``, others in ``save_directory/<name>/``.
+        ``save_embedding_layers``: also save the input and output embedding tables, as PEFT: "auto" when an
+        embedding layer is a target or the vocabulary was resized since the base model's config.
 
         ``state_dict``: take the adapter's values from this full state dict (Accelerate / TRL pass the one they
         gathered from a sharded model) instead of from the parameters. A model sharded by FSDP2 without it: call
@@ -218,7 +231,8 @@ class PeftModel(*_bases()):
         if state_dict is not None and not is_main_process:
             return
         # Before the main-process check: gathering sharded tensors needs every rank.
-        adapters = {n: get_peft_model_state_dict(self, state_dict, adapter_name=n) for n in names}
+        adapters = {n: get_peft_model_state_dict(self, state_dict, adapter_name=n,
+                                                 save_embedding_layers=save_embedding_layers) for n in names}
         if not is_main_process:
             return
         for name, tensors in adapters.items():
@@ -342,13 +356,13 @@ def _expose_forward_signature(peft_model: PeftModel) -> None:
     peft_model.__dict__["forward"] = _SignedForward(peft_model, signature)
 
 
-# PEFT returns one subclass per task type; here they differ only in name.
+# PEFT returns one subclass per task type; here they differ in name and in the heads trained in full.
 class PeftModelForCausalLM(PeftModel):
     pass
 
 
 class PeftModelForSequenceClassification(PeftModel):
-    pass
+    _head_task = "SEQ_CLS"
 
 
 class PeftModelForSeq2SeqLM(PeftModel):
@@ -356,11 +370,11 @@ class PeftModelForSeq2SeqLM(PeftModel):
 
 
 class PeftModelForTokenClassification(PeftModel):
-    pass
+    _head_task = "TOKEN_CLS"
 
 
 class PeftModelForQuestionAnswering(PeftModel):
-    pass
+    _head_task = "QUESTION_ANS"
 
 
 class PeftModelForFeatureExtraction(PeftModel):

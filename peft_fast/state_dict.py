@@ -39,11 +39,13 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: Optional[dict[str, t
                               save_embedding_layers: bool | str = "auto") -> dict[str, torch.Tensor]:
     """File-ready tensors of one adapter. Keys of a PeftModel get PEFT's ``base_model.model.`` prefix; those of a
     model adapted by inject_adapter_in_model are its own module names, as PEFT writes them. ``state_dict``: take
-    the values from it (keys as ``model.state_dict()``'s) instead of from the model's parameters."""
+    the values from it (keys as ``model.state_dict()``'s) instead of from the model's parameters.
+    ``save_embedding_layers``: also the input and output embedding tables; "auto" (PEFT's rule) when an embedding
+    layer is a target, or the vocabulary differs from the base model's config."""
     if unwrap_compiled:
         model = getattr(model, "_orig_mod", model)
     inner, configs, wrapped = _unwrap(model)
-    tensors = adapter_tensors(inner, adapter_name, configs)
+    tensors = adapter_tensors(inner, adapter_name, configs, save_embedding_layers)
     if state_dict is not None:
         tensors = _from_state_dict(inner, tensors, state_dict, adapter_name, wrapped)
     tensors = {k: _whole(v) for k, v in tensors.items()}

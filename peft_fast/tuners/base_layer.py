@@ -350,3 +350,17 @@ class TunerLayer(nn.Module):
 
     def unmerge_done(self, name: str) -> None:
         """After adapter `name` was taken out of the base again."""
+
+
+def _count_as_peft_layers() -> None:
+    """Libraries check `isinstance(module, peft.tuners.tuners_utils.BaseTunerLayer)` to see an adapter layer: TRL
+    refuses an adapter on lm_head (its losses read lm_head.weight directly, so that adapter would never train).
+    With PEFT installed, peft_fast's layers count as such layers too, as the PeftModel counts as PEFT's."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return
+    BaseTunerLayer.register(TunerLayer)
+
+
+_count_as_peft_layers()

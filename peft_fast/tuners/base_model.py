@@ -27,7 +27,7 @@ from .trainable_tokens import TrainableTokensWrapper, merge_plan, token_wrappers
 
 class TunerModel(nn.Module):
     layer_cls: type = TunerLayer
-    default_targets: dict[str, list[str]] = {}
+    default_targets: dict[str, list[str] | str] = {}
 
     def __init__(self, model: nn.Module, config: Any, adapter_name: str = "default",
                  autocast_adapter_dtype: bool = True, *, init: Optional[object] = None,

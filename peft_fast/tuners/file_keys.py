@@ -3,6 +3,7 @@ load; each layer class names its own keys (TunerLayer.adapter_state / param_key 
 layers of a model share (TunerLayer.shared_adapter_dicts) are saved once, under `base_model.<dict>`, as PEFT does."""
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from typing import Optional
@@ -19,8 +20,10 @@ PREFIX = "base_model.model."
 SHARED_PREFIX = "base_model."  # PEFT's key for a tensor held by the tuner model itself (VeRA's "base_model.vera_A")
 
 
-def adapter_tensors(model: nn.Module, adapter_name: str, configs: dict) -> dict[str, torch.Tensor]:
-    """File-ready tensors of one adapter of the adapted model `model` (keys get PEFT's `base_model.model.`)."""
+def adapter_tensors(model: nn.Module, adapter_name: str, configs: dict,
+                    save_embedding_layers: bool | str = "auto") -> dict[str, torch.Tensor]:
+    """File-ready tensors of one adapter of the adapted model `model` (keys get PEFT's `base_model.model.`);
+    `save_embedding_layers` as in PEFT (`_embedding_tables`)."""
     config = configs.get(adapter_name)
     bias = getattr(config, "bias", "none")
     out: dict[str, torch.Tensor] = {}
@@ -38,7 +41,7 @@ def adapter_tensors(model: nn.Module, adapter_name: str, configs: dict) -> dict[
             for k, v in m.modules_to_save[adapter_name].state_dict().items():
                 out[f"{PREFIX}{key}.{k}"] = v
     out.update(_shared_tensors(model, adapter_name))
-    out.update(_embedding_tables(model, config))
+    out.update(_embedding_tables(model, config, save_embedding_layers))
     if bias == "all":
         # PEFT: every bias of the model minus other adapters' ones, this adapter's name dropped from the key.
         others = [n for n in configs if n != adapter_name]
@@ -54,13 +57,12 @@ def adapter_tensors(model: nn.Module, adapter_name: str, configs: dict) -> dict[
 EMBEDDING_NAMES = ("embed_tokens", "lm_head")  # PEFT's EMBEDDING_LAYER_NAMES
 
 
-def _embedding_tables(model: nn.Module, config) -> dict[str, torch.Tensor]:
-    """PEFT's save_embedding_layers="auto": when target_modules names an embedding layer, the base weights of the
-    model's input and output embeddings that carry an adapter (over nn.Embedding or nn.Linear) are saved with it,
-    under `<path>.base_layer.<param>` (loading writes them back, as PEFT's load_state_dict does). Not with
-    trainable_token_indices, whose point is to save a few rows rather than the tables (PEFT's rule)."""
-    if getattr(config, "trainable_token_indices", None) is not None:
-        return {}
+def _embedding_tables(model: nn.Module, config, save: bool | str = "auto") -> dict[str, torch.Tensor]:
+    """PEFT's save_embedding_layers: the model's input and output embedding tables, saved with the adapter (loading
+    writes them back into the base, as PEFT's load_state_dict does). "auto": when target_modules names an embedding
+    layer (not with trainable_token_indices, whose point is to save a few rows rather than the tables), or when
+    the vocabulary was resized since the base model's config (`_vocab_resized`). An adapted table is saved under
+    `<path>.base_layer.<param>`, a plain one under `<path>.<param>`."""
     targets = getattr(config, "target_modules", None)
     if isinstance(targets, str):
         targeted = targets != "all-linear" and any(
@@ -68,14 +70,58 @@ def _embedding_tables(model: nn.Module, config) -> dict[str, torch.Tensor]:
             if any(re.match(rf"(.*\.)?{e}$", k) for e in EMBEDDING_NAMES))
     else:
         targeted = bool(targets) and any(e in targets for e in EMBEDDING_NAMES)
-    if not targeted or not hasattr(model, "get_input_embeddings"):
+    if save == "auto":
+        save = (targeted and getattr(config, "trainable_token_indices", None) is None) or _vocab_resized(model, config)
+    if not save or not hasattr(model, "get_input_embeddings"):
         return {}
     out: dict[str, torch.Tensor] = {}
     for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
+        path = next((k for k, m in model.named_modules() if m is layer), None)
+        if path is None:
+            continue
         if isinstance(layer, TunerLayer) and isinstance(layer.base_layer, (nn.Linear, nn.Embedding)):
-            path = next(k for k, m in model.named_modules() if m is layer)
             out.update({f"{PREFIX}{path}.base_layer.{k}": v for k, v in layer.base_layer.state_dict().items()})
+        elif not targeted and type(layer) in (nn.Linear, nn.Embedding):
+            out.update({f"{PREFIX}{path}.{k}": v for k, v in layer.state_dict().items()})
     return out
+
+
+def _vocab_resized(model: nn.Module, config) -> bool:
+    """Whether the model's vocabulary differs from its base model's config (PEFT's test for resized embeddings).
+    The base config is read from its folder, or from the local Hub cache: saving makes no network call."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    model_id = getattr(config, "base_model_name_or_path", None)
+    if not vocab or not model_id:
+        return False
+    if os.path.isfile(os.path.join(model_id, "config.json")):
+        folder = model_id
+    else:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(model_id, "config.json")
+        except Exception:  # not a repo id
+            return False
+        if not isinstance(cached, str):
+            return False
+        folder = os.path.dirname(cached)
+    try:
+        base_vocab = type(model.config).from_pretrained(folder).vocab_size
+    except Exception:
+        return False
+    return vocab != base_vocab
+
+
+def _plain_table_key(key: str, model: nn.Module) -> bool:
+    """A saved table of the model's input or output embedding that no adapter wraps (`_embedding_tables`)."""
+    if not hasattr(model, "get_input_embeddings"):
+        return False
+    path, _, param = key.removeprefix(PREFIX).rpartition(".")
+    for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if type(layer) in (nn.Linear, nn.Embedding) and param in dict(layer.named_parameters(recurse=False)):
+            if any(m is layer for k, m in model.named_modules(remove_duplicate=False) if k == path):
+                return True
+    return False
 
 
 def _base_table_key(key: str, bases: dict) -> bool:
@@ -145,7 +191,7 @@ def check_file_tensors(tensors: dict[str, torch.Tensor], model: nn.Module, plan,
     model_state = {_base_key(PREFIX + k): v for k, v in model.state_dict().items()}
     bases = {k: m.base_layer for k, m in model.named_modules() if isinstance(m, TunerLayer)}
     bases.update({t.key: t.module.base_layer if isinstance(t.module, TunerLayer) else t.module for t in plan.targets})
-    tables = {k for k in tensors if k not in expected and _base_table_key(k, bases)}
+    tables = {k for k in tensors if k not in expected and (_base_table_key(k, bases) or _plain_table_key(k, model))}
     skipped |= {k for k in tensors if k not in expected and k not in tables and _ignored_table(k, model)}
     problems: list[str] = []
     unknown = [k for k in tensors if k not in expected and k not in skipped and k not in tables
@@ -161,7 +207,9 @@ def check_file_tensors(tensors: dict[str, torch.Tensor], model: nn.Module, plan,
     for k in tables:
         base = model_state.get(_base_key(k))
         if base is not None and tuple(base.shape) != tuple(tensors[k].shape):
-            problems.append(f"{k} has shape {tuple(tensors[k].shape)} but the model's is {tuple(base.shape)}")
+            problems.append(f"{k} has shape {tuple(tensors[k].shape)} but the model's is {tuple(base.shape)} (a "
+                            "vocabulary resized for training: resize the base's embeddings the same way first, "
+                            "model.resize_token_embeddings(n))")
     for k, v in tensors.items():
         if k not in expected and k not in tables and "bias" in k and _base_key(k) in model_state:
             if tuple(model_state[_base_key(k)].shape) != tuple(v.shape):

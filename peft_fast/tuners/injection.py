@@ -12,7 +12,14 @@ from .base_layer import TunerLayer
 from .merging import dequantize_remaining, merge_dequantized, merge_layers
 from .modules_to_save import ModulesToSaveWrapper
 from .trainable_tokens import TrainableTokensWrapper
-from .targets import is_excluded, matches_target, no_match_error, resolve_target_modules
+from .targets import (
+    TASK_HEADS,
+    compact_target_modules,
+    is_excluded,
+    matches_target,
+    no_match_error,
+    resolve_target_modules,
+)
 
 
 @dataclass
@@ -29,7 +36,7 @@ class Target:
 
 @dataclass
 class Plan:
-    config: Any  # resolved copy: explicit target_modules, SEQ_CLS heads added to modules_to_save
+    config: Any  # resolved copy: explicit target_modules, the task's heads added to modules_to_save
     targets: list[Target]
     save_modules: list[str]  # paths to wrap (or extend) as modules_to_save
 
@@ -43,10 +50,9 @@ def plan_adapter(model: nn.Module, config, tuner_cls) -> Plan:
     gives the per-layer values (`target_kwargs`); its layer class, which bases it adapts (`view_for`)."""
     config = copy.deepcopy(config)
     resolve_target_modules(config, model, tuner_cls.default_targets)
+    compact_target_modules(config, [k for k, _ in model.named_modules()])
     tuner_cls.prepare_config(config, model)
-    if config.task_type == "SEQ_CLS":
-        extra = [h for h in ("classifier", "score") if h not in (config.modules_to_save or [])]
-        config.modules_to_save = (config.modules_to_save or []) + extra
+    add_task_heads(config, config.task_type)
     targets: list[Target] = []
     excluded_any = False
     for key, module in model.named_modules():
@@ -82,6 +88,15 @@ def plan_adapter(model: nn.Module, config, tuner_cls) -> Plan:
                 continue
             save_modules.append(key)
     return Plan(config, targets, save_modules)
+
+
+def add_task_heads(config, task_type: Optional[str]) -> None:
+    """The heads PEFT's model for `task_type` trains in full (a classifier, QA outputs), added to modules_to_save
+    before targets are matched, so that they are not adapted."""
+    heads = TASK_HEADS.get(task_type, ())
+    if heads and hasattr(config, "modules_to_save"):
+        config.modules_to_save = list(config.modules_to_save or []) + [
+            h for h in heads if h not in (config.modules_to_save or [])]
 
 
 def _inside_adapter_machinery(model: nn.Module, key: str) -> bool:

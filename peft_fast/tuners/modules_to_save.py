@@ -85,10 +85,14 @@ class ModulesToSaveWrapper(nn.Module):
         adapter_names = kwargs.pop("adapter_names", None)
         if adapter_names is None:
             adapter_names = batch_for(self)
-        if self._passthrough():
-            return self.original_module(*args, **kwargs)
-        if adapter_names is None:
+        if adapter_names is None or self._disable_adapters:
+            if self._passthrough():
+                return self.original_module(*args, **kwargs)
             return self.modules_to_save[self._active_adapter[0]](*args, **kwargs)
+        # A mixed batch: each row's own adapter's copy, whichever adapter is active; the original for "__base__"
+        # and for adapters without a copy here (their modules_to_save did not name this module).
+        if not any(name in self.modules_to_save for name in set(adapter_names)):
+            return self.original_module(*args, **kwargs)
         if args:
             check_adapter_names(args[0], adapter_names)
         return self._mixed_batch_forward(*args, adapter_names=adapter_names, **kwargs)
@@ -100,7 +104,7 @@ class ModulesToSaveWrapper(nn.Module):
         results: list[Any] = [None] * len(x)
         for name in set(adapter_names):
             rows = [i for i, n in enumerate(adapter_names) if n == name]
-            mod = self.original_module if name == "__base__" else self.modules_to_save[name]
+            mod = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
             out = mod(x[rows], *args, **kwargs)
             for k, row in enumerate(rows):
                 results[row] = out[k]

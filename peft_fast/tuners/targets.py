@@ -10,14 +10,17 @@ import torch.nn as nn
 from ..bases import linear_types
 from .base_layer import TunerLayer
 
-SEQ_CLS_HEADS = ("classifier", "score")
+# The heads PEFT's task models (PeftModelForSequenceClassification, ...) train in full as modules_to_save.
+TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
+# PEFT shortens a list this long to the suffixes telling targets apart (MIN_TARGET_MODULES_FOR_OPTIMIZATION)
+MIN_TARGETS_TO_COMPACT = 20
 
 
 class NoMatchingPeftModuleError(ValueError):
     """PEFT's error type for a target_modules that matches nothing (a ValueError, as in PEFT)."""
 
 
-def resolve_target_modules(config, model: nn.Module, defaults: dict[str, list[str]]):
+def resolve_target_modules(config, model: nn.Module, defaults: dict[str, list[str] | str]):
     """Expand ``None`` (the tuner's `defaults` by model type) and ``"all-linear"`` into explicit targets, as PEFT
     does before injection."""
     targets = config.target_modules
@@ -30,7 +33,8 @@ def resolve_target_modules(config, model: nn.Module, defaults: dict[str, list[st
                 f"target_modules is None and there is no default for model_type={model_type!r}: "
                 "pass target_modules (a list of module names, a regex, or 'all-linear')."
             )
-        config.target_modules = set(defaults[model_type])
+        default = defaults[model_type]
+        config.target_modules = default if isinstance(default, str) else set(default)  # gemma4's is a regex
     elif isinstance(targets, str) and targets.lower() == "all-linear":
         names = {n for n, m in model.named_modules() if isinstance(m, linear_types() + (TunerLayer,))}
         exclude: set[str] = set()
@@ -38,8 +42,10 @@ def resolve_target_modules(config, model: nn.Module, defaults: dict[str, list[st
         out = get_out() if callable(get_out) else None
         if out is not None:
             exclude |= {n for n, m in model.named_modules() if m is out}
-        elif config.task_type == "SEQ_CLS":
-            for head in SEQ_CLS_HEADS:
+        elif config.task_type in TASK_HEADS:
+            # PEFT excludes a SEQ_CLS head; with TOKEN_CLS and QUESTION_ANS it adapts the head, then fails making it
+            # a modules_to_save. Here every task's head is trained in full, as the task asks, and not adapted.
+            for head in TASK_HEADS[config.task_type]:
                 mod = getattr(model, head, None)
                 if mod is not None:
                     exclude |= {n for n, m in model.named_modules() if m is mod}
@@ -49,6 +55,33 @@ def resolve_target_modules(config, model: nn.Module, defaults: dict[str, list[st
                 exclude |= {f"{prefix}.{s}" for s, _ in m.named_modules() if s}
         config.target_modules = names - exclude
     return config
+
+
+def compact_target_modules(config, keys: list[str]) -> None:
+    """Shorten a long target list as PEFT does before injecting (`all-linear` on any real model lists every layer's
+    path): each target becomes the shortest suffix of its name that no untargeted module's name ends with, so the
+    same modules match and adapter_config.json lists what PEFT's lists. `keys`: every module name of the model. IA3
+    keeps its list, as in PEFT (its feedforward_modules must stay a subset of it)."""
+    targets = config.target_modules
+    if isinstance(targets, str) or len(targets or ()) < MIN_TARGETS_TO_COMPACT or config.peft_type == "IA3":
+        return
+    targets = set(targets)
+
+    def suffixes(name: str) -> list[str]:  # the shortest first
+        parts = name.split(".")
+        return [".".join(parts[i:]) for i in reversed(range(len(parts)))]
+
+    others = [k for k in keys if k not in targets and not any(k.endswith("." + t) for t in targets)]
+    taken = {s for k in others for s in suffixes(k)}
+    chosen: set[str] = set()
+    for name, options in sorted(((t, suffixes(t)) for t in targets), key=lambda item: item[1]):  # PEFT's order
+        if any(name.endswith("." + c) for c in chosen):
+            continue
+        free = [s for s in options if s not in taken and s not in chosen]
+        if free:
+            chosen.add(free[0])
+    if chosen and len(chosen) < len(targets):
+        config.target_modules = chosen
 
 
 def is_excluded(config, key: str) -> bool:

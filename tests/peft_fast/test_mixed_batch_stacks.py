@@ -182,9 +182,10 @@ def test_events_write_only_the_slots_that_changed(monkeypatch):
     layers = _layers(impl)
     x = inputs("llama", batch=4, seq=4, seed=3)
 
-    def batch(names):
+    def batch(names):  # in eval mode already: no eval() call, which rewrites every slot (the next test)
         writes.clear()
-        _check(impl, names)
+        with torch.no_grad():
+            out(impl, inputs("llama", batch=len(names), seq=4, seed=3), adapter_names=names)
         return sorted(set(writes), key=str)
 
     cfg = dict(r=4, init_lora_weights=False)
@@ -204,8 +205,13 @@ def test_events_write_only_the_slots_that_changed(monkeypatch):
     opt = torch.optim.SGD([p for p in impl.parameters() if p.requires_grad], lr=1.0)
     impl(**x).logits.pow(2).mean().backward()
     opt.step()
-    assert batch(["f", "a", "e", "b"]) == ["a"]
+    impl.eval()  # a train()/eval() call, the way to make hand edits seen, rewrites every slot (the next test)
+    assert {"a", "b", "d", "e", "f"} <= set(batch(["f", "a", "e", "b"]))
     assert all(len(m._stack_cache.slot_names) == 5 for m in layers)
+    assert batch(["f", "a", "e", "b"]) == []
+    _check(impl, ["f", "a", "e", "b"])
+    impl.add_adapter("g", peft_fast.LoraConfig(**cfg))
+    assert batch(["g", "a", "e", "b"]) == ["g"]
 
 
 # ---------------------------------------------------------------------- slots that change kind, and base weights
@@ -306,3 +312,72 @@ def test_a_model_run_inside_another_models_mixed_batch_runs_its_own_adapter():
         hook.remove()
     assert len(seen) == 1
     assert_close(seen[0], want)
+
+
+def test_a_layer_left_without_adapters_by_a_delete_serves_its_base():
+    """"b" alone adapts k_proj, o_proj and up_proj: once it is deleted those layers hold no adapter, and mixed
+    batches of the others run them as their base (before: StopIteration in every later mixed batch)."""
+    ref, impl = _three()
+    _check(impl)  # stacks built with "b" in them
+    for m in (ref, impl):
+        m.delete_adapter("b")
+    names = ["a", "__base__", "c", "a"]
+    _check(impl, names)
+    x = inputs("llama", batch=len(names), seq=4, seed=3)
+    with torch.no_grad():
+        assert_close(out(impl, x, adapter_names=names), out(ref, x, adapter_names=names))
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("edit", ["in place", ".data in place", ".data =", "new Parameter"])
+def test_hand_edits_of_adapter_weights_are_seen_after_the_next_eval(edit, dora):
+    """README ("Stacks"): weights edited by hand in eval mode are seen after the next model.eval(), although the
+    model was in eval mode already. A `.data` edit in place bumps no version counter, so eval() rewrites every
+    slot rather than the ones whose parameters' signatures changed."""
+    ref, impl, x = _two_built({"use_dora": dora}, {"use_dora": dora})
+    names = ["a", "b", "__base__", "b"]
+    for m in (ref, impl):
+        layer = m.base_model.model.lin0
+        with torch.no_grad():
+            if edit == "in place":
+                layer.lora_B["b"].weight.mul_(3)
+            elif edit == ".data in place":
+                layer.lora_B["b"].weight.data.mul_(3)
+            elif edit == ".data =":
+                layer.lora_B["b"].weight.data = layer.lora_B["b"].weight.data * 3
+            else:
+                layer.lora_B["b"].weight = torch.nn.Parameter(layer.lora_B["b"].weight * 3)
+        m.eval()
+    with torch.no_grad():
+        assert_close(out(impl, x, adapter_names=names), _per_sample(ref, x, names), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("active", ["a", "c"])
+def test_modules_to_save_of_some_adapters_only(active):
+    """"c" trains its own lm_head (modules_to_save), "a" does not: in a mixed batch each row gets its adapter's
+    head, or the original one, whichever adapter is active. Deliberate difference: PEFT raises KeyError('a')."""
+    _, ref, impl = make_pair("llama", adapter_name="a", r=2)
+    add_both(ref, impl, "c", "llama", seed=3, r=4, modules_to_save=["lm_head"])
+    with torch.no_grad():
+        for n, p in impl.named_parameters():
+            if "modules_to_save.c" in n:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(7)))
+    impl.set_adapter(active)
+    impl.eval()
+    names = ["a", "c", "__base__", "c"]
+    x = inputs("llama", batch=len(names), seq=4, seed=3)
+    with torch.no_grad():
+        mixed = out(impl, x, adapter_names=names)
+        alone = _per_sample(impl, x, names)
+        impl.set_adapter(active)
+        generated = impl.generate(**x, adapter_names=names, max_new_tokens=3, do_sample=False)
+        for i, name in enumerate(names):
+            xi = {k: v[i:i + 1] for k, v in x.items()}
+            if name == "__base__":
+                with impl.disable_adapter():
+                    row = impl.generate(**xi, max_new_tokens=3, do_sample=False)
+            else:
+                impl.set_adapter(name)
+                row = impl.generate(**xi, max_new_tokens=3, do_sample=False)
+            assert torch.equal(generated[i:i + 1], row), name
+    assert_close(mixed, alone, atol=2e-5, rtol=2e-5)

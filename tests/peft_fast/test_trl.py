@@ -56,6 +56,18 @@ def test_sft_trainer_trains_a_peft_fast_model(tmp_path):
     _loads_in_peft(tmp_path / "final", model)
 
 
+@pytest.mark.parametrize("lib", [peft, peft_fast], ids=["peft", "peft_fast"])
+def test_trl_refuses_an_adapter_on_lm_head_as_for_peft(lib, tmp_path):
+    """TRL computes its losses from lm_head.weight directly, so an adapter there would never train: it refuses
+    models whose output embedding is a PEFT adapter layer, which peft_fast's layers count as (tuners/base_layer.py).
+    Without that, the lm_head adapter stayed untrained, unnoticed, and was saved as if trained."""
+    model = lib.get_peft_model(llama(), lib.LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    with pytest.raises(ValueError, match="lm_head"):
+        _sft(tmp_path, model)
+    names = peft_fast.peft_interop.peft_layer_names(model)  # what patch() would convert: PEFT's layers only
+    assert names == [] if lib is peft_fast else "lm_head" in {n.rpartition(".")[2] for n in names}
+
+
 def test_sft_trainer_refuses_a_peft_fast_config_and_says_what_to_pass(tmp_path):
     """TRL checks peft_config against PEFT's class before it builds anything; its message names peft.LoraConfig,
     which is what to pass (see the next test for running it on peft_fast's kernels)."""

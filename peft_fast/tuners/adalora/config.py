@@ -6,11 +6,11 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
+from ..lora.config import GEMMA4_TARGETS
 from ...config import ConfigError, PeftConfig
 
-# PEFT's defaults for target_modules=None, by transformers model_type (its AdaLoRA table; gemma4's entry, a regex,
-# is left out: pass target_modules for it).
-DEFAULT_TARGETS: dict[str, list[str]] = {
+# PEFT's defaults for target_modules=None, by transformers model_type (its AdaLoRA table).
+DEFAULT_TARGETS: dict[str, list[str] | str] = {
     "t5": ["q", "k", "v", "o", "wi", "wo"], "mt5": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"],
     "bart": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"], "gpt2": ["c_attn"],
     "bloom": ["query_key_value"], "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
@@ -19,7 +19,7 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "roberta": ["query", "key", "value", "dense"], "deberta-v2": ["query_proj", "key_proj", "value_proj", "dense"],
     "gpt_bigcode": ["c_attn"], "deberta": ["in_proj"], "gemma": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"],
     "gemma3_text": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"],
-    "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"], "gemma4": GEMMA4_TARGETS,
 }
 
 

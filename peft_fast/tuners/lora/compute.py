@@ -86,6 +86,8 @@ class LoraCompute:
 
     def mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
         result = self.base_layer(x, *args, **kwargs)
+        if not self.lora_A:  # every adapter of this layer deleted: it is its base until one is added
+            return result
         if isinstance(adapter_names, AdapterNames) and not self._needs_grad(x):
             # One shrink and one expand for the whole batch, whatever the number of adapters in it. Nothing here
             # reads the names: under torch.compile another mix of adapters reuses the graph.
@@ -132,6 +134,8 @@ class LoraCompute:
 
     def prepare_mixed(self, slot_names: tuple[str, ...]) -> None:
         """The stacks for activations of the base's dtype on its device, built before the forward."""
+        if not self.lora_A:
+            return
         view = self.base_view
         self._stacks(slot_names, torch.empty(0, dtype=view.dense_dtype, device=view.device))
 

@@ -142,8 +142,19 @@ class LoraLinear(LoraCompute, TunerLayer):
             variant.clear()
 
     def refresh(self) -> None:
-        if len(self.lora_magnitude_vector):  # only DoRA's values can go stale without a version bump's notice
+        if len(self.lora_magnitude_vector):  # DoRA's values also depend on the base weight: drop its view's too
             super().refresh()
+        else:  # the base view's values (a bitsandbytes conversion) stay: Trainer calls train() every step
+            self._clear_caches()
+            if self._batch_key is not None:
+                self._batch_key.stale = True
+
+    def train(self, mode: bool = True):
+        # Every train()/eval() call is how hand edits are made seen (README, "Stacks"): the slots copy the adapters,
+        # and a .data edit in place bumps no version, so all of them are rewritten, not only those that changed.
+        if self._stack_cache is not None:
+            self._stack_cache.forget()
+        return super().train(mode)
 
     def variant(self, name: str):
         return self.lora_variant[name]

@@ -45,6 +45,9 @@ def _slot_params(layer, name: Optional[str]) -> list[torch.Tensor]:
     return out
 
 
+_FORGOTTEN = ("forgotten",)  # a signature no slot has (a free slot's is ())
+
+
 class StackCache:
     """A layer's adapter slots for the batched kernels: one preallocated stack per operand with room for
     `capacity` adapters of rank up to `r_cap`, grown by doubling. `update` writes only the slots whose adapter
@@ -68,6 +71,12 @@ class StackCache:
         dora = layer.base_view.version() if _scales_channels(layer, name) else None
         return (tuple((id(p), p.data_ptr(), p._version) for p in params), layer.r[name],
                 _scalar(layer.scaling[name]), dora)
+
+    def forget(self) -> None:
+        """Rewrite every slot in use at the next update, whatever its parameters' signatures say (the ones beyond
+        were freed, and nothing reads them)."""
+        n = len(self.slot_names)
+        self.signatures = [_FORGOTTEN] * n + self.signatures[n:]
 
     def update(self, layer, slot_names: tuple) -> int:
         """Bring the slots up to date with `slot_names` (the model's slot order; None: a free slot). Returns how

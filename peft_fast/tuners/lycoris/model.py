@@ -6,7 +6,8 @@ from ..lora.config import DEFAULT_TARGETS as _LORA_DEFAULT_TARGETS
 from ..targets import pattern_value
 
 # PEFT's LoHa and LoKr default target_modules (by model_type) are a copy of LoRA's table.
-DEFAULT_TARGETS: dict[str, list[str]] = {k: list(v) for k, v in _LORA_DEFAULT_TARGETS.items()}
+DEFAULT_TARGETS: dict[str, list[str] | str] = {k: v if isinstance(v, str) else list(v)
+                                              for k, v in _LORA_DEFAULT_TARGETS.items()}
 
 
 class LycorisModel(TunerModel):

@@ -7,11 +7,12 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from ..lora.config import GEMMA4_TARGETS
 from ...config import ConfigError, PeftConfig
 from ...version import __version__
 
 # PEFT's defaults for target_modules=None, by transformers model_type (its OFT table).
-DEFAULT_TARGETS: dict[str, list[str]] = {
+DEFAULT_TARGETS: dict[str, list[str] | str] = {
     "t5": ["q", "v"], "mt5": ["q", "v"], "bart": ["q_proj", "v_proj"], "gpt2": ["c_attn"],
     "bloom": ["query_key_value"], "blip-2": ["q", "v", "q_proj", "v_proj"], "opt": ["q_proj", "v_proj"],
     "gptj": ["q_proj", "v_proj"], "gpt_neox": ["query_key_value"], "gpt_neo": ["q_proj", "v_proj"],
@@ -23,7 +24,7 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "btlm": ["c_proj", "c_attn"], "codegen": ["qkv_proj"], "mistral": ["q_proj", "v_proj"],
     "mixtral": ["q_proj", "v_proj"], "stablelm": ["q_proj", "v_proj"], "phi": ["q_proj", "v_proj", "fc1", "fc2"],
     "gemma": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"], "gemma3_text": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"],
+    "gemma4": GEMMA4_TARGETS, "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"],
     "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"], "rwkv": ["key", "value", "receptance", "output"],
     "rwkv7": ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
 }
