@@ -24,7 +24,8 @@ def test_unknown_key_warns_and_is_ignored():
     assert cfg.r == 4 and any("brand_new_option" in m and "ignored" in m for m in messages)
 
 
-@pytest.mark.parametrize("extra", [{"layer_replication": [[0, 1]]}, {"use_qalora": True}])
+@pytest.mark.parametrize("extra", [{"layer_replication": [[0, 1]]}, {"use_qalora": True},
+                                   {"ensure_weight_tying": True}])  # PEFT then also saves the tied lm_head copy
 def test_output_changing_peft_features_are_refused(extra):
     with pytest.raises(NotImplementedError, match=next(iter(extra))):
         _load(extra)
@@ -37,7 +38,8 @@ def test_init_only_recipe_warns():
 
 def test_neutral_peft_values_are_silent():
     _, messages = _load({"megatron_config": None, "loftq_config": {}, "use_qalora": False,
-                         "runtime_config": {"ephemeral_gpu_offload": False}, "layer_replication": None})
+                         "runtime_config": {"ephemeral_gpu_offload": False}, "layer_replication": None,
+                         "ensure_weight_tying": False})
     assert messages == []
 
 

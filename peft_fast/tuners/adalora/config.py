@@ -52,6 +52,7 @@ class AdaLoraConfig(PeftConfig):
     OUTPUT_CHANGING_KEYS = (
         "megatron_config", "layer_replication", "use_qalora", "target_parameters", "trainable_token_indices",
         "alora_invocation_tokens", "use_bdlora", "arrow_config", "kasa_config", "velora_config", "monteclora_config",
+        "ensure_weight_tying",  # ties the adapters of tied embedding and output layers: not implemented here
     )
 
     r: int = 8

@@ -53,6 +53,7 @@ class LoraConfig(PeftConfig):
     OUTPUT_CHANGING_KEYS = (
         "megatron_config", "layer_replication", "use_qalora", "alora_invocation_tokens", "use_bdlora",
         "arrow_config", "kasa_config", "velora_config", "monteclora_config",
+        "ensure_weight_tying",  # ties the adapters of tied embedding and output layers: not implemented here
     )
 
     r: int = 8
