@@ -40,7 +40,7 @@ from .tuners.ia3 import IA3Config, IA3Linear, IA3Model  # noqa: E402  (registers
 from .tuners.loha import LoHaConfig, LoHaLayer, LoHaModel  # noqa: E402  (registers LoHa)
 from .tuners.lokr import LoKrConfig, LoKrLayer, LoKrModel  # noqa: E402  (registers LoKr)
 from .tuners.lora import (  # noqa: E402  (registers LoRA, the default type)
-    LoraConfig, LoraConv1d, LoraConv2d, LoraConv3d, LoraEmbedding, LoraLinear, LoraModel,
+    LoraConfig, LoraConv1d, LoraConv2d, LoraConv3d, LoraEmbedding, LoraLinear, LoraModel, LoraRuntimeConfig,
 )
 from .tuners.oft import OFTConfig, OFTLayer, OFTModel  # noqa: E402  (registers OFT)
 from .tuners.vera import VeraConfig, VeraLinear, VeraModel  # noqa: E402  (registers VeRA)
@@ -65,7 +65,8 @@ from .tuners.trainable_tokens import TrainableTokensWrapper  # noqa: E402
 from .tuners.targets import NoMatchingPeftModuleError  # noqa: E402
 
 __all__ = [
-    "LoraConfig", "PeftConfig", "LoraLinear", "LoraEmbedding", "LoraConv1d", "LoraConv2d", "LoraConv3d", "LoraModel",
+    "LoraConfig", "LoraRuntimeConfig", "PeftConfig", "LoraLinear", "LoraEmbedding", "LoraConv1d", "LoraConv2d",
+    "LoraConv3d", "LoraModel",
     "LoHaConfig", "LoHaLayer", "LoHaModel", "LoKrConfig", "LoKrLayer", "LoKrModel", "AdaLoraConfig", "AdaLoraLayer",
     "AdaLoraModel", "OFTConfig", "OFTLayer", "OFTModel", "IA3Config", "IA3Linear", "IA3Model", "VeraConfig",
     "VeraLinear", "VeraModel", "ModulesToSaveWrapper", "TrainableTokensWrapper", "NoMatchingPeftModuleError",

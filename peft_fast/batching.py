@@ -73,6 +73,9 @@ class _Current(threading.local):
 
 
 CURRENT = _Current()
+# Held while layers write what mixed batches read (their adapter stacks, after an event): threads that start
+# serving at once then write them one at a time, and none reads a half-written or replaced stack.
+PREPARE_LOCK = threading.RLock()
 
 
 def batch_for(layer) -> Optional[AdapterNames]:

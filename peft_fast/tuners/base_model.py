@@ -14,7 +14,7 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.nn as nn
 
-from ..batching import AdapterNames, RoutingKey, routing
+from ..batching import PREPARE_LOCK, AdapterNames, RoutingKey, routing
 from ..config import as_config
 from ..names import BASE_NAME, check_adapter_name
 from . import injection
@@ -170,6 +170,25 @@ class TunerModel(nn.Module):
     def adapter_layers(self) -> Iterator[tuple[str, TunerLayer]]:
         return injection.adapter_layers(self.model)
 
+    @property
+    def targeted_module_names(self) -> list[str]:
+        """PEFT's attribute: the modules that carry an adapter layer (parameters: `targeted_parameter_names`)."""
+        return [k for k, m in self.adapter_layers() if getattr(m, "parameter_name", None) is None]
+
+    @property
+    def targeted_parameter_names(self) -> list[str]:
+        """PEFT's attribute: `<module>.<parameter>` of every parameter an adapter targets (target_parameters)."""
+        names = []
+        for k, m in self.adapter_layers():
+            if getattr(m, "parameter_name", None) is not None:
+                path = k.removesuffix(".base_layer")
+                while path.endswith(".base_layer"):  # several parameters of one module: nested wrappers
+                    path = path.removesuffix(".base_layer")
+                name = f"{path}.{m.parameter_name}"
+                if name not in names:
+                    names.append(name)
+        return names
+
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False, _check: bool = True) -> None:
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         if _check:  # every check before any change: a refused call leaves the model as it was
@@ -245,9 +264,11 @@ class TunerModel(nn.Module):
                 encoder = (ids, AdapterNames(list(adapter_names), slots, self._batch_key, device=device))
             adapter_names = [n for n in adapter_names for _ in range(num_beams)]
         if self._batch_key.stale:  # after an event: ready the layers here, outside any compiled forward
-            for _, layer in self.adapter_layers():
-                layer.prepare_mixed(slots)
-            self._batch_key.stale = False
+            with PREPARE_LOCK:
+                if self._batch_key.stale:  # (another thread may have readied them meanwhile)
+                    for _, layer in self.adapter_layers():
+                        layer.prepare_mixed(slots)
+                    self._batch_key.stale = False
         return AdapterNames(list(adapter_names), slots, self._batch_key, encoder, device)
 
     def _adapter_device(self) -> Optional[torch.device]:

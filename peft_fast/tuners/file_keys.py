@@ -41,7 +41,7 @@ def adapter_tensors(model: nn.Module, adapter_name: str, configs: dict,
             for k, v in m.modules_to_save[adapter_name].state_dict().items():
                 out[f"{PREFIX}{key}.{k}"] = v
     out.update(_shared_tensors(model, adapter_name))
-    out.update(_embedding_tables(model, config, save_embedding_layers))
+    out.update(_embedding_tables(model, config, adapter_name, save_embedding_layers))
     if bias == "all":
         # PEFT: every bias of the model minus other adapters' ones, this adapter's name dropped from the key.
         others = [n for n in configs if n != adapter_name]
@@ -57,12 +57,14 @@ def adapter_tensors(model: nn.Module, adapter_name: str, configs: dict,
 EMBEDDING_NAMES = ("embed_tokens", "lm_head")  # PEFT's EMBEDDING_LAYER_NAMES
 
 
-def _embedding_tables(model: nn.Module, config, save: bool | str = "auto") -> dict[str, torch.Tensor]:
+def _embedding_tables(model: nn.Module, config, adapter_name: str,
+                      save: bool | str = "auto") -> dict[str, torch.Tensor]:
     """PEFT's save_embedding_layers: the model's input and output embedding tables, saved with the adapter (loading
     writes them back into the base, as PEFT's load_state_dict does). "auto": when target_modules names an embedding
     layer (not with trainable_token_indices, whose point is to save a few rows rather than the tables), or when
     the vocabulary was resized since the base model's config (`_vocab_resized`). An adapted table is saved under
-    `<path>.base_layer.<param>`, a plain one under `<path>.<param>`."""
+    `<path>.base_layer.<param>`, a plain one under `<path>.<param>`, one a wrapper trains (modules_to_save, trainable
+    tokens) under PEFT's keys of its original table."""
     targets = getattr(config, "target_modules", None)
     if isinstance(targets, str):
         targeted = targets != "all-linear" and any(
@@ -81,7 +83,18 @@ def _embedding_tables(model: nn.Module, config, save: bool | str = "auto") -> di
             continue
         if isinstance(layer, TunerLayer) and isinstance(layer.base_layer, (nn.Linear, nn.Embedding)):
             out.update({f"{PREFIX}{path}.base_layer.{k}": v for k, v in layer.base_layer.state_dict().items()})
-        elif not targeted and type(layer) in (nn.Linear, nn.Embedding):
+        elif targeted:
+            continue
+        elif isinstance(layer, TrainableTokensWrapper):  # PEFT's keys for the table under trained rows
+            out.update({f"{PREFIX}{path}.token_adapter.base_layer.{k}": v
+                        for k, v in layer.token_adapter.base_layer.state_dict().items()})
+        elif isinstance(layer, ModulesToSaveWrapper):  # the original table, and this adapter's copy once more
+            out.update({f"{PREFIX}{path}.original_module.{k}": v
+                        for k, v in layer.original_module.state_dict().items()})
+            if adapter_name in layer.modules_to_save:
+                out.update({f"{PREFIX}{path}.modules_to_save.{k}": v
+                            for k, v in layer.modules_to_save[adapter_name].state_dict().items()})
+        elif type(layer) in (nn.Linear, nn.Embedding):
             out.update({f"{PREFIX}{path}.{k}": v for k, v in layer.state_dict().items()})
     return out
 
@@ -112,13 +125,16 @@ def _vocab_resized(model: nn.Module, config) -> bool:
     return vocab != base_vocab
 
 
-def _plain_table_key(key: str, model: nn.Module) -> bool:
-    """A saved table of the model's input or output embedding that no adapter wraps (`_embedding_tables`)."""
+def _embedding_table_key(key: str, model: nn.Module) -> bool:
+    """A saved table of the model's input or output embedding (`_embedding_tables`): plain, or under the wrapper
+    that trains it whole or some of its rows (`original_module`, `modules_to_save`, `token_adapter.base_layer`),
+    which a plan may not have made yet."""
     if not hasattr(model, "get_input_embeddings"):
         return False
-    path, _, param = key.removeprefix(PREFIX).rpartition(".")
+    path, _, param = _base_key(key.removeprefix(PREFIX)).rpartition(".")
     for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
-        if type(layer) in (nn.Linear, nn.Embedding) and param in dict(layer.named_parameters(recurse=False)):
+        base = layer.original_module if isinstance(layer, ModulesToSaveWrapper) else layer
+        if isinstance(base, (nn.Linear, nn.Embedding)) and param in dict(base.named_parameters(recurse=False)):
             if any(m is layer for k, m in model.named_modules(remove_duplicate=False) if k == path):
                 return True
     return False
@@ -191,7 +207,8 @@ def check_file_tensors(tensors: dict[str, torch.Tensor], model: nn.Module, plan,
     model_state = {_base_key(PREFIX + k): v for k, v in model.state_dict().items()}
     bases = {k: m.base_layer for k, m in model.named_modules() if isinstance(m, TunerLayer)}
     bases.update({t.key: t.module.base_layer if isinstance(t.module, TunerLayer) else t.module for t in plan.targets})
-    tables = {k for k in tensors if k not in expected and (_base_table_key(k, bases) or _plain_table_key(k, model))}
+    tables = {k for k in tensors
+              if k not in expected and (_base_table_key(k, bases) or _embedding_table_key(k, model))}
     skipped |= {k for k in tensors if k not in expected and k not in tables and _ignored_table(k, model)}
     problems: list[str] = []
     unknown = [k for k in tensors if k not in expected and k not in skipped and k not in tables
@@ -220,9 +237,9 @@ def check_file_tensors(tensors: dict[str, torch.Tensor], model: nn.Module, plan,
 
 
 def _base_key(key: str) -> str:
-    """The key of a base-model tensor whether or not its module is wrapped (adapter layer or modules_to_save, whose
-    copies PEFT saves as ``<path>.modules_to_save.bias`` under bias="all")."""
-    key = key.replace(".base_layer.", ".").replace(".original_module.", ".")
+    """The key of a base-model tensor whether or not its module is wrapped (adapter layer, trainable tokens or
+    modules_to_save, whose copies PEFT saves as ``<path>.modules_to_save.bias`` under bias="all")."""
+    key = key.replace(".token_adapter.base_layer.", ".").replace(".base_layer.", ".").replace(".original_module.", ".")
     return re.sub(r"\.modules_to_save\.([^.]+\.)?(?=[^.]+$)", ".", key)
 
 
@@ -256,7 +273,8 @@ def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], ada
             planned.append((dest, _converted(file_key, value, dest)))
             if layer is not None:
                 touched.add(layer)
-            if value.is_floating_point() and not torch.isfinite(value).all():
+            if value.is_floating_point() and not torch.isfinite(value.float() if value.element_size() == 1
+                                                               else value).all():  # float8: no isfinite kernel
                 nonfinite.append(file_key)
         backup = [(dest, dest.detach().clone()) for dest, _ in planned]
         try:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
@@ -52,7 +54,6 @@ def plan_adapter(model: nn.Module, config, tuner_cls) -> Plan:
     resolve_target_modules(config, model, tuner_cls.default_targets)
     compact_target_modules(config, [k for k, _ in model.named_modules()])
     tuner_cls.prepare_config(config, model)
-    add_task_heads(config, config.task_type)
     targets: list[Target] = []
     excluded_any = False
     for key, module in model.named_modules():
@@ -80,23 +81,39 @@ def plan_adapter(model: nn.Module, config, tuner_cls) -> Plan:
             raise ValueError("All modules were excluded. This is likely unintended. Check your `target_modules` "
                              "and `exclude_modules` configuration.")
         raise no_match_error(config, model)
+    _warn_unmatched_patterns(config, [k for t in targets for k in (t.key, t.file_key) if k])
     save_modules = []
-    for name in config.modules_to_save or []:
+    for name in dict.fromkeys(config.modules_to_save or []):
         for key, module in model.named_modules():
             # PEFT's rule, a plain suffix: "head" also wraps "lm_head", "norm" every "*norm".
-            if not key or not key.endswith(name) or _inside_adapter_machinery(model, key):
+            if not key or not key.endswith(name) or _inside_adapter_machinery(model, key) or key in save_modules:
                 continue
+            if isinstance(module, TunerLayer):  # PEFT's error; its copies would hold the other adapters' layers
+                raise TypeError(f"modules_to_save cannot be applied to modules of type {type(module)}: {key} "
+                                f"carries an adapter already. Leave {name!r} out of modules_to_save, or out of the "
+                                "other adapter's target_modules.")
             save_modules.append(key)
     return Plan(config, targets, save_modules)
 
 
+def _warn_unmatched_patterns(config, targeted: list[str]) -> None:
+    """PEFT's warning for rank_pattern / alpha_pattern keys that match no targeted module (a typo leaves the
+    default rank or alpha, silently otherwise)."""
+    for attr in ("rank_pattern", "alpha_pattern"):
+        patterns = getattr(config, attr, None) or {}
+        unmatched = sorted(p for p in patterns if not any(re.match(rf"(.*\.)?({p})$", k) for k in targeted))
+        if unmatched:
+            warnings.warn(f"The following {attr} keys did not match any targeted module and were ignored: "
+                          f"{unmatched}", RuntimeWarning, stacklevel=4)
+
+
 def add_task_heads(config, task_type: Optional[str]) -> None:
     """The heads PEFT's model for `task_type` trains in full (a classifier, QA outputs), added to modules_to_save
-    before targets are matched, so that they are not adapted."""
+    as PEFT adds them (a name already there is listed twice, as in PEFT's adapter_config.json), before targets are
+    matched, so that they are not adapted."""
     heads = TASK_HEADS.get(task_type, ())
     if heads and hasattr(config, "modules_to_save"):
-        config.modules_to_save = list(config.modules_to_save or []) + [
-            h for h in heads if h not in (config.modules_to_save or [])]
+        config.modules_to_save = list(config.modules_to_save or []) + list(heads)
 
 
 def _inside_adapter_machinery(model: nn.Module, key: str) -> bool:

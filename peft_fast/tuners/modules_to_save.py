@@ -89,15 +89,17 @@ class ModulesToSaveWrapper(nn.Module):
             if self._passthrough():
                 return self.original_module(*args, **kwargs)
             return self.modules_to_save[self._active_adapter[0]](*args, **kwargs)
-        # A mixed batch: each row's own adapter's copy, whichever adapter is active; the original for "__base__"
-        # and for adapters without a copy here (their modules_to_save did not name this module).
-        if not any(name in self.modules_to_save for name in set(adapter_names)):
-            return self.original_module(*args, **kwargs)
-        if args:
-            check_adapter_names(args[0], adapter_names)
         return self._mixed_batch_forward(*args, adapter_names=adapter_names, **kwargs)
 
+    # Not traced: the rows are split by name, which torch.compile would otherwise guard on (a recompile for every
+    # new mix of adapters, then eager for the whole forward); a graph break here instead.
+    @torch.compiler.disable(recursive=False)
     def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
+        # Each row's own adapter's copy, whichever adapter is active; the original for "__base__" and for adapters
+        # without a copy here (their modules_to_save did not name this module).
+        if not any(name in self.modules_to_save for name in set(adapter_names)):
+            return self.original_module(x, *args, **kwargs)
+        check_adapter_names(x, adapter_names)
         if not isinstance(self.original_module, _MIXED_BATCH_TYPES):
             names = ", ".join(t.__name__ for t in _MIXED_BATCH_TYPES)
             raise TypeError(f"Mixed batching is only supported for the following modules: {names}.")

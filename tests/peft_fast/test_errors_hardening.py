@@ -382,3 +382,38 @@ def test_non_finite_adapter_weights_load_with_a_warning_and_safe_merge_refuses_t
     with pytest.raises(ValueError, match="NaN"):
         loaded.merge_adapter(safe_merge=True)
     assert_unchanged(loaded, snap)
+
+
+# ------------------------------------------------------------------------------------ found by probes (PEFT's rules)
+def test_modules_to_save_naming_an_adapted_module_is_refused_and_changes_nothing():
+    """PEFT raises TypeError (after adding half the adapter). Wrapping the adapted layer would move the other
+    adapter's parameters under `original_module` and write files neither library loads."""
+    model = _model()
+    before = snapshot(model)
+    with pytest.raises(TypeError, match=r"modules_to_save cannot be applied.*lin1"):
+        model.add_adapter("full", _cfg(target_modules=["lin0"], modules_to_save=["lin1"]))
+    assert_unchanged(model, before)
+    assert list(model.peft_config) == ["default"]
+
+
+def test_pattern_keys_matching_no_target_warn_as_in_peft():
+    with pytest.warns(RuntimeWarning, match=r"rank_pattern keys did not match any targeted module.*'lin9'"):
+        _model(rank_pattern={"lin9": 4, "lin0": 3})
+    with pytest.warns(RuntimeWarning, match=r"alpha_pattern keys did not match any targeted module.*'zz'"):
+        _model(alpha_pattern={"zz": 3})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _model(rank_pattern={"lin0": 3}, alpha_pattern={"lin1": 2})  # every key matches: silent
+
+
+def test_float8_adapter_files_load_as_in_peft(tmp_path):
+    """torch has no isfinite for float8: the non-finite check reads such tensors in float32."""
+    model = _model()
+    model.save_pretrained(tmp_path)
+    path = os.path.join(tmp_path, "adapter_model.safetensors")
+    tensors = {k: v.to(torch.float8_e4m3fn) for k, v in load_file(path).items()}
+    save_file(tensors, path, metadata={"format": "pt"})
+    loaded = PeftModel.from_pretrained(_base(), str(tmp_path), config=model.peft_config["default"])
+    for k, v in loaded.state_dict().items():
+        if "lora_" in k:
+            assert torch.equal(v, model.state_dict()[k].to(torch.float8_e4m3fn).float()), k

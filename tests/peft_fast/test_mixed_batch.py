@@ -219,3 +219,63 @@ def test_concurrent_mixed_batches_and_plain_forwards_stay_apart():
         assert len(results[k]) == 6
         for y in results[k]:
             assert_close(y, expected[k])
+
+
+@peft_fast_only
+def test_threads_starting_at_once_after_an_event_build_the_stacks_once():
+    """After add_adapter grows the stacks (a larger rank), two threads start mixed batches at once: one writes the
+    slots while the other waits (before: one could allocate new stacks halfway through the other's writes, leaving
+    a slot empty that its signature called up to date, wrong until the next event). Slow writes widen the window."""
+    import threading
+    import time
+
+    from peft_fast.tuners.lora import stacks
+
+    real_write, real_alloc = stacks.write_slot, stacks.StackCache._allocate
+
+    def slow_write(*a, **k):
+        time.sleep(0.0005)
+        return real_write(*a, **k)
+
+    calls: dict = {}
+
+    def slow_alloc(self, *a, **k):  # a second allocation of one cache lands amid the first one's writes
+        calls[id(self)] = calls.get(id(self), 0) + 1
+        time.sleep(0.001 if calls[id(self)] == 1 else 0.0025)
+        return real_alloc(self, *a, **k)
+
+    _, r, i = _three("llama")
+    x = _x("llama")
+    names = list(NAMES)
+    with torch.no_grad():
+        out(i, x, adapter_names=names)  # stacks built
+    add_both(r, i, "big", "llama", seed=9, r=16)
+    for m in (r, i):
+        m.eval()
+    names[0] = "big"
+    with torch.no_grad():
+        expected = out(r, x, adapter_names=names)
+    results, errors, barrier = {}, [], threading.Barrier(2)
+
+    def run(k):
+        try:
+            barrier.wait()
+            with torch.no_grad():
+                results[k] = out(i, x, adapter_names=names)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    stacks.write_slot, stacks.StackCache._allocate = slow_write, slow_alloc
+    try:
+        threads = [threading.Thread(target=run, args=(k,)) for k in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        stacks.write_slot, stacks.StackCache._allocate = real_write, real_alloc
+    assert not errors, errors
+    for k in (0, 1):
+        assert_close(results[k], expected)
+    with torch.no_grad():
+        assert_close(out(i, x, adapter_names=names), expected)

@@ -170,6 +170,22 @@ def test_fan_in_fan_out_corrected_for_conv1d_and_linear():
         assert_close(out(i, inputs("llama")), out(r, inputs("llama")))
 
 
+@pytest.mark.parametrize("tuner", ["VeraConfig", "AdaLoraConfig", "IA3Config"])
+@pytest.mark.parametrize("kind,given,stored", [("gpt2", False, True), ("llama", True, False)])
+def test_fan_in_fan_out_corrected_in_the_stored_config_of_other_adapter_types(tuner, kind, given, stored):
+    """What adapter_config.json then says, as for LoRA: the layers' correction, as PEFT records it."""
+    kw = dict(target_modules=["c_attn"] if kind == "gpt2" else ["q_proj"], fan_in_fan_out=given)
+    if tuner == "AdaLoraConfig":
+        kw["total_step"] = 10
+    if tuner == "IA3Config":
+        kw["feedforward_modules"] = []
+    for lib in (ref, impl):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = lib.get_peft_model(base_model(kind), getattr(lib, tuner)(**kw))
+        assert model.peft_config["default"].fan_in_fan_out is stored, lib.__name__
+
+
 def test_fan_in_fan_out_warns_like_peft():
     with pytest.warns(UserWarning, match="fan_in_fan_out is set to False"):
         impl.get_peft_model(base_model("gpt2"), impl.LoraConfig(target_modules=["c_attn"]))

@@ -138,3 +138,27 @@ def test_key_mapping_renames_the_file_keys_as_in_peft(how, tmp_path):
 def logits_of(model, ids):
     with torch.no_grad():
         return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("extra", [dict(modules_to_save=["embed_tokens", "lm_head"]),
+                                   dict(modules_to_save=["lm_head"]),
+                                   dict(trainable_token_indices=[130, 131])],
+                         ids=["both-tables-trained", "head-trained", "trainable-tokens"])
+def test_resized_tables_under_trained_copies_or_rows_as_in_peft(extra, base_dir, tmp_path):
+    """The usual recipe for added tokens trains the tables whole (modules_to_save) or their new rows: PEFT then
+    saves each wrapped table's original under `original_module` (or `token_adapter.base_layer`) beside the copy,
+    and loading writes it back, so the model with adapters disabled is the resized base too."""
+    models = {lib.__name__: trained(lib, base_dir, **extra) for lib in (ref, impl)}
+    for name, model in models.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.save_pretrained(tmp_path / name)
+    assert tables(tmp_path / impl.__name__) == tables(tmp_path / "peft")
+    for name, model in models.items():
+        for lib in (ref, impl):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                back = lib.PeftModel.from_pretrained(resized(base_dir, 123), tmp_path / name)
+            assert_close(logits(back), logits(model))
+            with back.disable_adapter(), model.disable_adapter():
+                assert_close(logits(back), logits(model))

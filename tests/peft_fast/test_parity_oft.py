@@ -8,8 +8,8 @@ import pytest
 import torch
 from lycoris_pairs import assert_eval_matches, assert_same_files, assert_train_step_matches
 from oft_adalora_pairs import OFTConfig, add_both, build, cfg, pair, x_for
-from tiny_models import assert_close, assert_same_params, assert_same_state, assert_unchanged, base_model, impl, \
-    out, peft_fast_only, raises_like_peft, ref, set_active, snapshot
+from tiny_models import assert_close, assert_same_params, assert_same_state, assert_unchanged, base_model, \
+    copy_weights, impl, out, peft_fast_only, raises_like_peft, ref, set_active, snapshot
 
 CASES = [
     ("llama", {}),
@@ -277,3 +277,68 @@ def test_bf16_base():
         for m in (r, i):
             m.merge_adapter()
         assert_same_state(r, i, atol=1e-6, rtol=2**-7)  # float32 products rounded to bf16: within one bf16 ulp
+
+
+def _loss_and_grads(model, x, autocast=False):
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(**x, labels=x["input_ids"]).loss
+    loss.backward()  # outside autocast, as Trainer and Accelerate run it
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_training_under_autocast_with_more_tokens_than_features():
+    """Trainer's bf16=True on a float32 model: a batch with more tokens than a layer's outputs takes the folded
+    weight's route, whose backward receives bf16 gradients for float32 weights."""
+    _, r, i = pair("oft", "llama")
+    x = {"input_ids": torch.randint(1, 128, (4, 32), generator=torch.Generator().manual_seed(5))}
+    results = []
+    for m in (r, i):
+        m.train()
+        results.append(_loss_and_grads(m, x, autocast=True))
+    (lr, gr), (li, gi) = results
+    assert_close(li, lr, atol=1e-2, rtol=1e-2)
+    for n, g in gr.items():
+        assert gi[n].dtype == g.dtype == torch.float32
+        assert_close(gi[n], g, atol=2e-2, rtol=5e-2, msg=n)
+
+
+def test_training_after_a_forward_under_inference_mode(monkeypatch):
+    """A validation pass under torch.inference_mode() (Lightning's default) before training: nothing it caches may
+    be an inference tensor, which autograd refuses to save."""
+    from peft_fast.tuners.oft import rotation
+
+    monkeypatch.setattr(rotation, "_SKEW_INDEX", {})  # as in a fresh process: the first forward builds the cache
+    _, r, i = pair("oft", "llama")
+    x = x_for("llama")
+    for m in (r, i):
+        with torch.inference_mode():
+            m(**x)
+        m.train()
+    (lr, gr), (li, gi) = _loss_and_grads(r, x), _loss_and_grads(i, x)
+    assert_close(li, lr)
+    for n, g in gr.items():
+        assert_close(gi[n], g, msg=n)
+
+
+@pytest.mark.parametrize("how", ["cast after", "bf16 base, no autocast"])
+def test_exact_cayley_with_16_bit_blocks(how):
+    """use_cayley_neumann=False solves in float32 (torch has no 16-bit inverse), as PEFT's solve does."""
+    kw = dict(use_cayley_neumann=False)
+    if how == "cast after":
+        _, r, i = pair("oft", "llama", **kw)
+        for m in (r, i):
+            m.to(torch.bfloat16)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            r, i = (lib.get_peft_model(base_model("llama").to(torch.bfloat16),
+                                       lib.OFTConfig(**cfg("oft", "llama", **kw)), autocast_adapter_dtype=False)
+                    for lib in (ref, impl))
+        copy_weights(r, i)
+    assert {p.dtype for n, p in i.named_parameters() if "oft_R" in n} == {torch.bfloat16}
+    x = x_for("llama")
+    for m in (r, i):
+        m.eval()
+    with torch.no_grad():
+        assert torch.equal(out(i, x), out(r, x))

@@ -44,8 +44,8 @@ def ids(seed=1):
 
 
 def pair(base, **cfg):
-    r = ref.get_peft_model(copy.deepcopy(base), ref.LoraConfig(**cfg))
-    i = impl.get_peft_model(copy.deepcopy(base), impl.LoraConfig(**cfg))
+    r = ref.get_peft_model(copy.deepcopy(base), ref.LoraConfig(**copy.deepcopy(cfg)))  # PEFT extends the lists
+    i = impl.get_peft_model(copy.deepcopy(base), impl.LoraConfig(**copy.deepcopy(cfg)))
     with torch.no_grad():  # a head that differs from the base's, so a head left untrained or unsaved shows
         for n, p in r.named_parameters():
             if p.requires_grad:
@@ -279,3 +279,30 @@ def test_loading_a_file_listing_every_path_matches_peft(tmp_path):
     x = ids()
     with torch.no_grad():
         assert_close(back_i(input_ids=x).logits, back_r(input_ids=x).logits)
+
+
+@pytest.mark.parametrize("entry", ["PeftModel", "inject_adapter_in_model"])
+def test_only_task_models_add_their_heads(entry):
+    """As in PEFT: the heads come with the task model class (get_peft_model picks it from task_type), not with the
+    config's task_type alone."""
+    base = build(BertForSequenceClassification, BertConfig, **ENCODER)
+    names = {}
+    for lib in (ref, impl):
+        cfg = lib.LoraConfig(r=4, task_type="SEQ_CLS", target_modules=["query"])
+        if entry == "PeftModel":
+            model = lib.PeftModel(copy.deepcopy(base), cfg)
+        else:
+            model = lib.inject_adapter_in_model(cfg, copy.deepcopy(base))
+        names[lib.__name__] = sorted(n for n, _ in model.named_modules())
+    assert names[impl.__name__] == names["peft"]
+    assert not any("modules_to_save" in n for n in names["peft"])
+
+
+def test_a_head_already_listed_is_listed_twice_as_in_peft(tmp_path):
+    base = build(BertForSequenceClassification, BertConfig, **ENCODER)
+    r, i = pair(base, r=4, task_type="SEQ_CLS", modules_to_save=["classifier"])
+    assert i.peft_config["default"].modules_to_save == r.peft_config["default"].modules_to_save
+    assert trainable(i) == trainable(r)
+    r.save_pretrained(tmp_path / "ref")
+    i.save_pretrained(tmp_path / "impl")
+    assert_same_adapter_dir(tmp_path / "impl", tmp_path / "ref")

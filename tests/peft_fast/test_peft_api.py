@@ -142,3 +142,35 @@ def test_inject_adapter_in_model_refuses_a_state_dict_without_adapter_keys():
     with pytest.raises(ValueError, match="no key of state_dict"):
         impl.inject_adapter_in_model(impl.LoraConfig(r=2, target_modules=["lin0"]), _mlp(),
                                      state_dict={"lin0.weight": torch.zeros(32, 16)})
+
+
+def test_targeted_module_and_parameter_names_as_peft():
+    """PEFT's attributes for checking what an adapter adapted (its custom-models guide prints them). Listed in
+    model order here, in the order adapters were added in PEFT: compared as sets."""
+    from moe_models import moe_pair
+
+    names = {}
+    for lib in (ref, impl):
+        model = lib.get_peft_model(TinyMLP(), lib.LoraConfig(target_modules=["lin0", "lin1"],
+                                                             modules_to_save=["lin2"]))
+        model.add_adapter("b", lib.LoraConfig(target_modules=["lin1"]))
+        names[lib.__name__] = (model.targeted_module_names, model.base_model.targeted_parameter_names)
+    assert names[impl.__name__][0] == ["lin0", "lin1"] and sorted(names["peft"][0]) == ["lin0", "lin1"]
+    assert names[impl.__name__][1] == names["peft"][1] == []
+    _, r, i = moe_pair("mixtral", "experts+attention")
+    assert sorted(i.targeted_module_names) == sorted(r.targeted_module_names)
+    assert sorted(i.targeted_parameter_names) == sorted(r.targeted_parameter_names)
+    assert i.targeted_parameter_names
+
+
+def test_lora_runtime_config_is_accepted_and_never_saved(tmp_path):
+    """The LoRA guide's DoRA snippet passes runtime_config=LoraRuntimeConfig(...): how PEFT initialises DoRA on
+    offloaded weights, no value changes. Neither library writes it to adapter_config.json."""
+    for lib in (ref, impl):
+        cfg = lib.LoraConfig(r=2, target_modules=["lin0"], use_dora=True,
+                             runtime_config=lib.LoraRuntimeConfig(ephemeral_gpu_offload=False))
+        lib.get_peft_model(TinyMLP(), cfg).save_pretrained(tmp_path / lib.__name__)
+        saved = json.loads((tmp_path / lib.__name__ / "adapter_config.json").read_text())
+        assert "runtime_config" not in saved
+    cfg = impl.LoraConfig(runtime_config=impl.LoraRuntimeConfig(ephemeral_gpu_offload=True))
+    assert cfg.runtime_config.ephemeral_gpu_offload and "runtime_config" not in cfg.to_dict()

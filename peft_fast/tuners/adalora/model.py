@@ -49,6 +49,9 @@ class AdaLoraModel(TunerModel):
             raise ValueError("AdaLoraModel supports only 1 trainable adapter. When using multiple adapters, set "
                              "inference_mode to True for all adapters except the one you want to train.")
 
+    def after_injection(self, config, seen) -> None:
+        config.fan_in_fan_out = seen.fan_in_fan_out  # the layers correct it to their type, as PEFT does
+
     def add_adapter(self, adapter_name: str, config, autocast_adapter_dtype: bool = True,
                     init: Optional[object] = None, plan: Optional[injection.Plan] = None,
                     tensors: Optional[dict] = None, source: str = "the adapter") -> None:

@@ -1,7 +1,7 @@
 """LoRA (and its DoRA variant): the first tenant of the tuner seam, registered as peft_type "LORA"."""
 from ..registry import TunerSpec, register
 from . import peft_layers
-from .config import LoraConfig
+from .config import LoraConfig, LoraRuntimeConfig
 from .conv import LoraConv, LoraConv1d, LoraConv2d, LoraConv3d
 from .embedding import LoraEmbedding
 from .experts import LoraParam
@@ -12,5 +12,5 @@ register(TunerSpec("LORA", LoraConfig, LoraModel, (LoraLinear, LoraEmbedding, Lo
                                                      LoraParam),
                    peft_layers=peft_layers, card_tag="lora", default=True))
 
-__all__ = ["LoraConfig", "LoraConv", "LoraConv1d", "LoraConv2d", "LoraConv3d", "LoraEmbedding", "LoraLinear",
-           "LoraModel", "LoraParam"]
+__all__ = ["LoraConfig", "LoraRuntimeConfig", "LoraConv", "LoraConv1d", "LoraConv2d", "LoraConv3d", "LoraEmbedding",
+           "LoraLinear", "LoraModel", "LoraParam"]

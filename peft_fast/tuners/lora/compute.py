@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ...batching import AdapterNames
+from ...batching import PREPARE_LOCK, AdapterNames
 from ...kernels import multi_lora_, use_triton
 from .stacks import AdapterStacks, StackCache, stack_dtype
 from .variants import op_args
@@ -125,11 +125,15 @@ class LoraCompute:
         on_triton = use_triton(x)
         dtype, b_rank_major = stack_dtype(x, adapter_dtype, on_triton), not on_triton  # the reference's layout
         cache = self._stack_cache
-        if cache is None or cache.dtype != dtype or cache.b_rank_major != b_rank_major:
-            cache = self._stack_cache = StackCache(self, slot_names, dtype, b_rank_major=b_rank_major)
-        elif self.training or getattr(self, "_stack_dirty", True) or cache.slot_names != slot_names:
-            cache.update(self, slot_names)  # only the slots whose adapter changed are written
-        self._stack_dirty = False
+        if (cache is None or cache.dtype != dtype or cache.b_rank_major != b_rank_major or self.training
+                or getattr(self, "_stack_dirty", True) or cache.slot_names != slot_names):
+            with PREPARE_LOCK:  # the stacks are shared by the threads serving this model
+                cache = self._stack_cache
+                if cache is None or cache.dtype != dtype or cache.b_rank_major != b_rank_major:
+                    cache = self._stack_cache = StackCache(self, slot_names, dtype, b_rank_major=b_rank_major)
+                else:
+                    cache.update(self, slot_names)  # only the slots whose adapter changed are written
+                self._stack_dirty = False
         return cache.stacks
 
     def prepare_mixed(self, slot_names: tuple[str, ...]) -> None:

@@ -30,6 +30,14 @@ DEFAULT_TARGETS: dict[str, list[str] | str] = {
 }
 
 
+@dataclass
+class LoraRuntimeConfig:
+    """PEFT's runtime options for LoRA. `ephemeral_gpu_offload` speeds up PEFT's DoRA initialisation of weights kept
+    on the CPU; it changes no value, and peft_fast's initialisation runs where the weights are."""
+
+    ephemeral_gpu_offload: bool = False
+
+
 @dataclass(kw_only=True)  # keyword arguments only, as PEFT's configs are used
 class LoraConfig(PeftConfig):
     """PEFT's ``LoraConfig``: same field names, same defaults, same validation.
@@ -73,8 +81,18 @@ class LoraConfig(PeftConfig):
     # Rows of the input embedding (a list of token ids) or of named layers ({"embed_tokens": [...]}) trained beside
     # the adapter; see tuners/trainable_tokens.py.
     trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = None
+    # PEFT's LoraRuntimeConfig (how, not what, is computed): accepted, never saved, as in PEFT.
+    runtime_config: Any = field(default_factory=lambda: LoraRuntimeConfig())
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        data.pop("runtime_config", None)  # PEFT never saves it
+        return data
 
     def __post_init__(self) -> None:
+        if isinstance(self.runtime_config, dict):  # as read from an older PEFT's file
+            self.runtime_config = LoraRuntimeConfig(**{k: v for k, v in self.runtime_config.items()
+                                                       if k == "ephemeral_gpu_offload"})
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {self.r}")
         super().__post_init__()  # the type of every field

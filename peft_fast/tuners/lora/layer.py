@@ -15,6 +15,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
+from ...batching import PREPARE_LOCK
 from ..base_layer import TunerLayer
 from . import init as lora_init
 from .compute import LoraCompute
@@ -150,10 +151,12 @@ class LoraLinear(LoraCompute, TunerLayer):
                 self._batch_key.stale = True
 
     def train(self, mode: bool = True):
-        # Every train()/eval() call is how hand edits are made seen (README, "Stacks"): the slots copy the adapters,
-        # and a .data edit in place bumps no version, so all of them are rewritten, not only those that changed.
-        if self._stack_cache is not None:
-            self._stack_cache.forget()
+        # A switch between training and eval rewrites every slot: the slots copy the adapters, and an edit in place
+        # through .data bumps no version. A call that keeps the mode (a server's eval() per request, Trainer's
+        # train() per step) rewrites only the slots whose adapter's parameters changed (README, "Stacks").
+        if mode != self.training and self._stack_cache is not None:
+            with PREPARE_LOCK:  # not amid another thread's update of the slots
+                self._stack_cache.forget()
         return super().train(mode)
 
     def variant(self, name: str):

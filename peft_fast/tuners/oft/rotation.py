@@ -49,12 +49,14 @@ def _skew_index(module: OFTRotation) -> torch.Tensor:
     key = (b, device)
     index = _SKEW_INDEX.get(key)
     if index is None:
-        n = module.n_elements
-        index = torch.zeros(b * b, dtype=torch.long, device=device)
-        upper = torch.arange(1, n + 1, device=device)
-        index[module.rows * b + module.cols] = upper
-        index[module.cols * b + module.rows] = upper + n
-        index = _SKEW_INDEX[key] = index
+        with torch.inference_mode(False):  # kept for every later call: never an inference tensor autograd refuses
+            n = module.n_elements
+            index = torch.zeros(b * b, dtype=torch.long, device=device)
+            upper = torch.arange(1, n + 1, device=device)
+            rows, cols = module.rows.clone(), module.cols.clone()  # (buffers made under inference_mode, maybe)
+            index[rows * b + cols] = upper
+            index[cols * b + rows] = upper + n
+            index = _SKEW_INDEX[key] = index
     return index
 
 
@@ -97,7 +99,8 @@ def rotation(module: OFTRotation, weight: torch.Tensor | None = None) -> torch.T
         else:
             r = _series(q, torch.bmm(q, q), eye, max(3, terms - 1), 1.0)
     else:  # PEFT solves X·(I + Q) = I - Q; X = 2·(I + Q)⁻¹ - I is the same matrix, one batched inverse (cheaper)
-        eye = torch.eye(b, device=weight.device, dtype=weight.dtype)
+        # in float32 at least, as PEFT's solve: torch has no 16-bit inverse
+        eye = torch.eye(b, device=weight.device, dtype=torch.promote_types(weight.dtype, torch.float32))
         r = 2 * torch.linalg.inv(eye + q) - eye
     return r.to(weight.dtype)
 
@@ -168,12 +171,14 @@ class FoldedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x, r, weight = ctx.saved_tensors
+        dy = dy.to(weight.dtype)  # under autocast the forward's linear ran in 16 bits, and dy comes in them
         du = dy @ weight
         dx = rotate(du, r.transpose(1, 2)) if ctx.needs_input_grad[0] else None
         dr = None
         if ctx.needs_input_grad[1]:
             blocks, b = r.shape[0], r.shape[-1]
             lead = x.shape[:-1]
-            dr = torch.einsum("...rk,...rc->rkc", x.reshape(*lead, blocks, b), du.reshape(*lead, blocks, b))
+            dr = torch.einsum("...rk,...rc->rkc", x.to(du.dtype).reshape(*lead, blocks, b),
+                              du.reshape(*lead, blocks, b))
         dbias = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
         return dx, dr, None, dbias

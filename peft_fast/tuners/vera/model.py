@@ -48,6 +48,9 @@ class VeraModel(TunerModel):
             raise ValueError("VeraModel supports only 1 adapter with bias. When using multiple adapters, set bias to "
                              "'none' for all adapters.")
 
+    def after_injection(self, config, seen) -> None:
+        config.fan_in_fan_out = seen.fan_in_fan_out  # the layers correct it to their type, as PEFT does
+
     def add_adapter(self, adapter_name: str, config, autocast_adapter_dtype: bool = True,
                     init: Optional[object] = None, plan: Optional[injection.Plan] = None,
                     tensors: Optional[dict] = None, source: str = "the adapter") -> None:
