@@ -26,6 +26,7 @@ from .state_dict import get_peft_model_state_dict
 from .status import TunerLayerStatus, TunerModelStatus, count_parameters, get_layer_status, get_model_status
 from .tuners import injection, registry
 from .tuners.file_keys import check_file_tensors, load_adapter_tensors
+from .tuners.lora.conversion import as_plain_lora
 
 
 def _bases() -> tuple[type, ...]:
@@ -218,6 +219,9 @@ class PeftModel(*_bases()):
         """PEFT's layout: the "default" adapter in ``save_directory``, others in ``save_directory/<name>/``.
         ``save_embedding_layers``: also save the input and output embedding tables, as PEFT: "auto" when an
         embedding layer is a target or the vocabulary was resized since the base model's config.
+        ``path_initial_model_for_weight_conversion``: a PiSSA/OLoRA adapter's folder saved at initialisation: the
+        adapter is saved as the plain LoRA of rank 2r that gives the trained model from the original base
+        (tuners/lora/conversion.py). Unlike PEFT, which rewrites its adapter_config.json, that folder is only read.
 
         ``state_dict``: take the adapter's values from this full state dict (Accelerate / TRL pass the one they
         gathered from a sharded model) instead of from the parameters. A model sharded by FSDP2 without it: call
@@ -225,8 +229,6 @@ class PeftModel(*_bases()):
         ``is_main_process=True`` writes the files."""
         if os.path.isfile(save_directory):
             raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
-        if kwargs.get("path_initial_model_for_weight_conversion") is not None:
-            raise NotImplementedError("path_initial_model_for_weight_conversion is not supported by peft_fast yet.")
         names = self._adapters_to_save(selected_adapters)
         if state_dict is not None and not is_main_process:
             return
@@ -235,10 +237,16 @@ class PeftModel(*_bases()):
                                                  save_embedding_layers=save_embedding_layers) for n in names}
         if not is_main_process:
             return
+        configs = {n: self.peft_config[n] for n in names}
+        initial_path = kwargs.get("path_initial_model_for_weight_conversion")
+        if initial_path is not None:  # a PiSSA/OLoRA adapter as plain LoRA of the original base, all before writing
+            _, initial, source = read_adapter(str(initial_path), None, False, {})
+            for n in names:
+                configs[n], adapters[n] = as_plain_lora(configs[n], adapters[n], initial, source)
         for name, tensors in adapters.items():
             out_dir = save_directory if name == "default" else os.path.join(save_directory, name)
             files.clean_temps(out_dir)
-            config = copy.deepcopy(self.peft_config[name])
+            config = copy.deepcopy(configs[name])
             if config.base_model_name_or_path is None:
                 config.base_model_name_or_path = getattr(self.get_base_model(), "name_or_path", None) or \
                     getattr(getattr(self.get_base_model(), "config", None), "_name_or_path", None) or None

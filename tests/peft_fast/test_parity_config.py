@@ -276,3 +276,39 @@ def test_rank_and_alpha_pattern_scaling():
     i2.load_state_dict(i.state_dict())
     i2.eval()
     assert not torch.allclose(out(i2, inputs("mlp")), out(i, inputs("mlp")), atol=1e-4)
+
+
+@pytest.mark.parametrize("init,extra", [("pissa", {}), ("olora", {}), ("pissa", {"use_rslora": True}),
+                                        ("pissa", {"rank_pattern": {"v_proj": 2}, "alpha_pattern": {"v_proj": 3}})])
+def test_pissa_and_olora_saved_as_plain_lora_of_the_original_base(init, extra, tmp_path):
+    """PEFT's conversion: the initial adapter saved before training, the trained one saved with
+    path_initial_model_for_weight_conversion: a LoRA of rank 2r on the unchanged base gives the trained model."""
+    original = base_model("llama")
+    x = inputs("llama")
+    kw = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=init, **extra)
+    trained = {}
+    for lib in (ref, impl):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = lib.get_peft_model(copy.deepcopy(original), lib.LoraConfig(**copy.deepcopy(kw)))
+        model.peft_config["default"].init_lora_weights = True  # PEFT's guide: so that loading it runs no init
+        model.save_pretrained(tmp_path / lib.__name__ / "init")
+        model.peft_config["default"].init_lora_weights = init
+        with torch.no_grad():  # "training": move every factor
+            for n, p in sorted(model.named_parameters()):
+                if "lora_" in n:
+                    p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.save_pretrained(tmp_path / lib.__name__ / "lora",
+                                  path_initial_model_for_weight_conversion=str(tmp_path / lib.__name__ / "init"))
+        trained[lib.__name__] = out(model.eval(), x)
+    assert_close(trained[impl.__name__], trained["peft"], atol=1e-5, rtol=1e-4)
+    ic = json.loads((tmp_path / impl.__name__ / "lora" / "adapter_config.json").read_text())
+    rc = json.loads((tmp_path / "peft" / "lora" / "adapter_config.json").read_text())
+    for key in ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "init_lora_weights"):
+        assert ic[key] == pytest.approx(rc[key]), key
+    for name in (impl.__name__, "peft"):
+        for lib in (ref, impl):
+            back = lib.PeftModel.from_pretrained(copy.deepcopy(original), tmp_path / name / "lora")
+            assert_close(out(back.eval(), x), trained[name], atol=1e-5, rtol=1e-4)
