@@ -94,11 +94,15 @@ class ModulesToSaveWrapper(nn.Module):
     # Not traced: the rows are split by name, which torch.compile would otherwise guard on (a recompile for every
     # new mix of adapters, then eager for the whole forward); a graph break here instead.
     @torch.compiler.disable(recursive=False)
-    def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
+    def _mixed_batch_forward(self, *args: Any, adapter_names: list[str], **kwargs: Any):
         # Each row's own adapter's copy, whichever adapter is active; the original for "__base__" and for adapters
         # without a copy here (their modules_to_save did not name this module).
         if not any(name in self.modules_to_save for name in set(adapter_names)):
-            return self.original_module(x, *args, **kwargs)
+            return self.original_module(*args, **kwargs)
+        if not args:
+            raise TypeError(f"A mixed batch through modules_to_save splits the module's first positional argument by "
+                            f"rows; {type(self.original_module).__name__} got keyword arguments only.")
+        x, *args = args
         check_adapter_names(x, adapter_names)
         if not isinstance(self.original_module, _MIXED_BATCH_TYPES):
             names = ", ".join(t.__name__ for t in _MIXED_BATCH_TYPES)

@@ -18,6 +18,7 @@ from tiny_models import (
     inputs,
     make_pair,
     out,
+    peft_fast_only,
     ref,
 )
 
@@ -278,18 +279,24 @@ def test_rank_and_alpha_pattern_scaling():
     assert not torch.allclose(out(i2, inputs("mlp")), out(i, inputs("mlp")), atol=1e-4)
 
 
-@pytest.mark.parametrize("init,extra", [("pissa", {}), ("olora", {}), ("pissa", {"use_rslora": True}),
-                                        ("pissa", {"rank_pattern": {"v_proj": 2}, "alpha_pattern": {"v_proj": 3}})])
+@pytest.mark.parametrize("init,extra", [
+    ("pissa", {}), ("olora", {}), ("pissa", {"use_rslora": True}),
+    ("pissa", {"rank_pattern": {"v_proj": 2}, "alpha_pattern": {"v_proj": 3}}),
+    ("pissa", {"target_modules": ["q_proj", "lm_head"]}),  # its saved base table is the residual: left out
+    ("pissa", {"target_modules": ["q_proj", "embed_tokens"]}),  # lora_embedding_A/B (PEFT drops them: see below)
+])
 def test_pissa_and_olora_saved_as_plain_lora_of_the_original_base(init, extra, tmp_path):
     """PEFT's conversion: the initial adapter saved before training, the trained one saved with
     path_initial_model_for_weight_conversion: a LoRA of rank 2r on the unchanged base gives the trained model."""
     original = base_model("llama")
     x = inputs("llama")
-    kw = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=init, **extra)
+    kw = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=init)
+    kw.update(extra)
     trained = {}
     for lib in (ref, impl):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            torch.manual_seed(0)  # (an embedding's factors are drawn at random)
             model = lib.get_peft_model(copy.deepcopy(original), lib.LoraConfig(**copy.deepcopy(kw)))
         model.peft_config["default"].init_lora_weights = True  # PEFT's guide: so that loading it runs no init
         model.save_pretrained(tmp_path / lib.__name__ / "init")
@@ -308,7 +315,20 @@ def test_pissa_and_olora_saved_as_plain_lora_of_the_original_base(init, extra, t
     rc = json.loads((tmp_path / "peft" / "lora" / "adapter_config.json").read_text())
     for key in ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "init_lora_weights"):
         assert ic[key] == pytest.approx(rc[key]), key
-    for name in (impl.__name__, "peft"):
+    # PEFT's own file lacks an embedding's converted factors (it keeps only lora_A/lora_B keys), and loads wrong
+    for name in (impl.__name__,) + (() if "embed_tokens" in kw["target_modules"] else ("peft",)):
         for lib in (ref, impl):
             back = lib.PeftModel.from_pretrained(copy.deepcopy(original), tmp_path / name / "lora")
             assert_close(out(back.eval(), x), trained[name], atol=1e-5, rtol=1e-4)
+
+
+@peft_fast_only
+def test_conversion_of_adapters_a_difference_of_products_cannot_express_is_refused(tmp_path):
+    """PEFT saves a DoRA adapter without its magnitudes, and fails on lora_bias; here both are refused, and nothing
+    is written."""
+    for extra in ({"use_dora": True}, {"lora_bias": True}):
+        model = impl.get_peft_model(base_model("llama"), impl.LoraConfig(r=2, target_modules=["q_proj"], **extra))
+        model.save_pretrained(tmp_path / "init")
+        with pytest.raises(ValueError, match="use_dora|lora_bias"):
+            model.save_pretrained(tmp_path / "out", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+        assert not (tmp_path / "out").exists()

@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-_A = re.compile(r"\.lora_(embedding_)?A(\.[^.]+)?\.weight$")
-_B = re.compile(r"\.lora_(embedding_)?B(\.[^.]+)?\.weight$")
+# The factors' file keys: a linear or conv layer's `lora_A.weight`, an embedding's `lora_embedding_A` (no `.weight`)
+_A = re.compile(r"\.(lora_A\.weight|lora_embedding_A)$")
+_B = re.compile(r"\.(lora_B\.weight|lora_embedding_B)$")
 
 
 def as_plain_lora(config: Any, tensors: dict[str, torch.Tensor], initial: dict[str, torch.Tensor],
@@ -30,6 +31,9 @@ def as_plain_lora(config: Any, tensors: dict[str, torch.Tensor], initial: dict[s
     if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
         raise ValueError("Passing `path_initial_model_for_weight_conversion` to `save_pretrained` is not supported "
                          "when using `rank_pattern` or `alpha_pattern` at the same time as `use_rslora=True`.")
+    if getattr(config, "target_parameters", None):  # expert stacks hold every expert's factors in one tensor
+        raise ValueError("path_initial_model_for_weight_conversion does not convert target_parameters adapters: "
+                         "their factors stack the experts, which a concatenation of whole tensors would mix.")
     if config.use_dora or config.lora_bias:  # PEFT would drop the magnitudes, and fail on a bias
         raise ValueError("path_initial_model_for_weight_conversion converts plain LoRA factors; an adapter with "
                          f"{'use_dora' if config.use_dora else 'lora_bias'}=True has parts a difference of products "
@@ -40,6 +44,8 @@ def as_plain_lora(config: Any, tensors: dict[str, torch.Tensor], initial: dict[s
     out = {}
     for key, value in tensors.items():
         dim = 0 if _A.search(key) else 1 if _B.search(key) else None
+        if dim is None and ".base_layer." in key:  # an adapted table saved with it: the residual, not W (PEFT too)
+            continue
         if dim is None:  # modules_to_save copies, trainable tokens: the same on either base
             out[key] = value
             continue
