@@ -30,6 +30,14 @@ DEFAULT_TARGETS: dict[str, list[str] | str] = {
 }
 
 
+def lora_targets_copy(**changes: list[str]) -> dict[str, list[str] | str]:
+    """A copy of LoRA's default table with some model types changed: PEFT's tables for LoHa, LoKr and OFT are copies
+    of LoRA's, and VeRA's differs only for phi."""
+    table = {k: v if isinstance(v, str) else list(v) for k, v in DEFAULT_TARGETS.items()}
+    table.update(changes)
+    return table
+
+
 @dataclass
 class LoraRuntimeConfig:
     """PEFT's runtime options for LoRA. `ephemeral_gpu_offload` speeds up PEFT's DoRA initialisation of weights kept

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 from ..base_model import TunerModel
-from ..lora.config import DEFAULT_TARGETS as _LORA_DEFAULT_TARGETS
+from ..lora.config import lora_targets_copy
 from ..targets import pattern_value
 
 # PEFT's LoHa and LoKr default target_modules (by model_type) are a copy of LoRA's table.
-DEFAULT_TARGETS: dict[str, list[str] | str] = {k: v if isinstance(v, str) else list(v)
-                                              for k, v in _LORA_DEFAULT_TARGETS.items()}
+DEFAULT_TARGETS: dict[str, list[str] | str] = lora_targets_copy()
 
 
 class LycorisModel(TunerModel):

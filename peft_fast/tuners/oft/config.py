@@ -7,27 +7,12 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ..lora.config import GEMMA4_TARGETS
+from ..lora.config import lora_targets_copy
 from ...config import ConfigError, PeftConfig
 from ...version import __version__
 
-# PEFT's defaults for target_modules=None, by transformers model_type (its OFT table).
-DEFAULT_TARGETS: dict[str, list[str] | str] = {
-    "t5": ["q", "v"], "mt5": ["q", "v"], "bart": ["q_proj", "v_proj"], "gpt2": ["c_attn"],
-    "bloom": ["query_key_value"], "blip-2": ["q", "v", "q_proj", "v_proj"], "opt": ["q_proj", "v_proj"],
-    "gptj": ["q_proj", "v_proj"], "gpt_neox": ["query_key_value"], "gpt_neo": ["q_proj", "v_proj"],
-    "bert": ["query", "value"], "roberta": ["query", "value"], "xlm-roberta": ["query", "value"],
-    "electra": ["query", "value"], "deberta-v2": ["query_proj", "value_proj"], "deberta": ["in_proj"],
-    "layoutlm": ["query", "value"], "llama": ["q_proj", "v_proj"], "llama4": ["q_proj", "v_proj"],
-    "chatglm": ["query_key_value"], "gpt_bigcode": ["c_attn"], "mpt": ["Wqkv"],
-    "RefinedWebModel": ["query_key_value"], "RefinedWeb": ["query_key_value"], "falcon": ["query_key_value"],
-    "btlm": ["c_proj", "c_attn"], "codegen": ["qkv_proj"], "mistral": ["q_proj", "v_proj"],
-    "mixtral": ["q_proj", "v_proj"], "stablelm": ["q_proj", "v_proj"], "phi": ["q_proj", "v_proj", "fc1", "fc2"],
-    "gemma": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"], "gemma3_text": ["q_proj", "v_proj"],
-    "gemma4": GEMMA4_TARGETS, "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"],
-    "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"], "rwkv": ["key", "value", "receptance", "output"],
-    "rwkv7": ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
-}
+# PEFT's defaults for target_modules=None, by transformers model_type (its OFT table, a copy of LoRA's).
+DEFAULT_TARGETS: dict[str, list[str] | str] = lora_targets_copy()
 
 
 @dataclass(kw_only=True)
