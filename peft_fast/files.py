@@ -13,7 +13,9 @@ import json
 import os
 import re
 import tempfile
-from typing import Any, Callable, Optional
+import threading
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -104,6 +106,21 @@ def clean_temps(folder: str) -> list[str]:
     return removed
 
 
+
+
+_FOLDER_LOCKS: dict[str, threading.Lock] = {}
+_FOLDER_LOCKS_GUARD = threading.Lock()
+
+
+@contextmanager
+def folder_lock(folder: str) -> Iterator[None]:
+    """Writers of one folder in this process, one at a time: each file is atomic, but two threads saving there at
+    once could leave one's weights beside the other's config (refused at load as an interrupted save)."""
+    key = os.path.realpath(folder)
+    with _FOLDER_LOCKS_GUARD:
+        lock = _FOLDER_LOCKS.setdefault(key, threading.Lock())
+    with lock:
+        yield
 
 
 def atomic_write_text(path: str, text: str) -> None:

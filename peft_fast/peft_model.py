@@ -254,9 +254,10 @@ class PeftModel(*_bases()):
             text = config.to_json_string(auto_mapping=self._auto_mapping(config))
             # The weights first, carrying the config that follows: an interrupted pair is refused when loaded.
             weights = files.WEIGHTS_NAME if safe_serialization else files.LEGACY_WEIGHTS_NAME
-            files.atomic_save_tensors(os.path.join(out_dir, weights), tensors, safe_serialization,
-                                      metadata={files.CONFIG_KEY: text})
-            files.atomic_write_text(os.path.join(out_dir, CONFIG_NAME), text)
+            with files.folder_lock(out_dir):
+                files.atomic_save_tensors(os.path.join(out_dir, weights), tensors, safe_serialization,
+                                          metadata={files.CONFIG_KEY: text})
+                files.atomic_write_text(os.path.join(out_dir, CONFIG_NAME), text)
         write_model_card(self, save_directory)
 
     def _adapters_to_save(self, selected_adapters: Optional[list[str]]) -> list[str]:

@@ -88,9 +88,10 @@ def save_quantized(model: nn.Module, folder: str, settings: Optional[dict] = Non
         "llm_int8_skip_modules": _dense_linears(model),
     }
     try:
-        files.atomic_save_tensors(os.path.join(folder, MODEL_WEIGHTS), model.state_dict(),
-                                  metadata={QUANTIZE_KEY: json.dumps(settings)})
-        files.atomic_write_text(os.path.join(folder, "config.json"), config.to_json_string())
+        with files.folder_lock(folder):
+            files.atomic_save_tensors(os.path.join(folder, MODEL_WEIGHTS), model.state_dict(),
+                                      metadata={QUANTIZE_KEY: json.dumps(settings)})
+            files.atomic_write_text(os.path.join(folder, "config.json"), config.to_json_string())
     finally:
         del config.quantization_config  # the model in memory is not a bitsandbytes model
     if getattr(model, "generation_config", None) is not None:

@@ -417,3 +417,30 @@ def test_float8_adapter_files_load_as_in_peft(tmp_path):
     for k, v in loaded.state_dict().items():
         if "lora_" in k:
             assert torch.equal(v, model.state_dict()[k].to(torch.float8_e4m3fn).float()), k
+
+
+def test_two_threads_saving_into_one_folder_leave_one_whole_adapter(tmp_path):
+    """Each file is written atomically; the pair is written under a lock per folder, so the folder ends up holding
+    one save's weights with that save's config, never one's weights beside the other's config."""
+    import threading
+
+    models = [_model(lora_alpha=4), _model(lora_alpha=8)]
+    folder = str(tmp_path / "shared")
+    for _ in range(12):
+        barrier, errors = threading.Barrier(2), []
+
+        def save(m):
+            try:
+                barrier.wait()
+                m.save_pretrained(folder)
+            except Exception as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=save, args=(m,)) for m in models]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        loaded = PeftModel.from_pretrained(_base(), folder)  # an interrupted pair would be refused here
+        assert loaded.peft_config["default"].lora_alpha in (4, 8)
