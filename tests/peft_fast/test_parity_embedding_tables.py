@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from tiny_models import assert_close, base_model, impl, peft_fast_only, ref
+from tiny_models import AGAINST_PEFT, assert_close, base_model, impl, peft_fast_only, ref
 
 NEW_VOCAB = 136  # the tiny Llama's 128 plus eight added tokens
 IDS = torch.tensor([[1, 5, 130, 135, 7]])  # new tokens included
@@ -131,8 +131,9 @@ def test_key_mapping_renames_the_file_keys_as_in_peft(how, tmp_path):
             model.load_adapter(tmp_path / "a", adapter_name="b", key_mapping=mapping)
             model.set_adapter("b")
         assert_close(logits_of(model.eval(), ids), want)
-    with pytest.raises(ValueError, match="match no adapter layer"):
-        impl.PeftModel.from_pretrained(base_model("llama"), tmp_path / "a")
+    if not AGAINST_PEFT:  # PEFT warns about the keys it cannot place and loads the rest
+        with pytest.raises(ValueError, match="match no adapter layer"):
+            impl.PeftModel.from_pretrained(base_model("llama"), tmp_path / "a")
 
 
 def logits_of(model, ids):
