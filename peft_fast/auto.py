@@ -54,9 +54,11 @@ class _BaseAutoPeftModel:
         base = target.from_pretrained(peft_config.base_model_name_or_path, revision=peft_config.revision,
                                       **base_kwargs)
         _resize_for_tokenizer(base, pretrained_model_name_or_path, kwargs)
+        extra = {"subfolder": subfolder} if subfolder else {}
+        if kwargs.get("key_mapping"):  # as PEFT: to the base model's from_pretrained and to the adapter's
+            extra["key_mapping"] = kwargs["key_mapping"]
         return cls._target_peft_class.from_pretrained(base, pretrained_model_name_or_path, adapter_name=adapter_name,
-                                                      is_trainable=is_trainable, config=config, **hub,
-                                                      **({"subfolder": subfolder} if subfolder else {}))
+                                                      is_trainable=is_trainable, config=config, **hub, **extra)
 
     @classmethod
     def _base_class(cls, peft_config: PeftConfig, config_path: str, import_allowlist: Optional[list[str]]):

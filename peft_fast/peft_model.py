@@ -56,7 +56,8 @@ class PeftModel(*_bases()):
         self.special_peft_forward_args = {"adapter_names"}
         self._adapters_disabled = False
         tuner_cls = registry.get(config.peft_type).model_cls
-        load = {"init": False, "plan": _plan, "tensors": _tensors, "source": _source} if _tensors is not None else {}
+        load = {"init": _init_when_loading(tuner_cls, config), "plan": _plan, "tensors": _tensors,
+                "source": _source} if _tensors is not None else {}
         self.base_model = tuner_cls(model, config, adapter_name, autocast_adapter_dtype, **load)
         _expose_forward_signature(self)
         _prepare_for_gradient_checkpointing(model)
@@ -320,7 +321,8 @@ class PeftModel(*_bases()):
                                  f"{self.peft_type}: load it into its own PeftModel.")
             plan = injection.plan_adapter(model, config, tuner_cls)
             check_file_tensors(tensors, model, plan, tuner_cls, source)
-            self.base_model.add_adapter(adapter_name, config, autocast_adapter_dtype, init=False, plan=plan,
+            self.base_model.add_adapter(adapter_name, config, autocast_adapter_dtype,
+                                        init=_init_when_loading(tuner_cls, config), plan=plan,
                                         tensors=tensors, source=source)
             if is_trainable:
                 self.set_requires_grad(adapter_name)
@@ -328,6 +330,12 @@ class PeftModel(*_bases()):
             self.eval()
         # PEFT returns torch's load result; files that do not fit raise instead, so nothing is ever missing.
         return _IncompatibleKeys([], [])
+
+
+def _init_when_loading(tuner_cls, config) -> Optional[bool]:
+    """False (the weights come from the file), except for PiSSA/OLoRA: their initialisation also makes the base
+    the residual the saved factors were trained on, so it runs, as in PEFT, before the file's factors replace its."""
+    return None if tuner_cls.rewrites_base(config) else False
 
 
 class _SignedForward:

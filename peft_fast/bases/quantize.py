@@ -25,10 +25,15 @@ __all__ = ["quantize"]
 
 
 def _default_skips(model: nn.Module) -> set[str]:
-    """transformers keeps the output embedding (lm_head) in 16-bit under bitsandbytes: do the same."""
+    """What transformers keeps in 16-bit under bitsandbytes (get_keys_to_not_convert): the output embedding
+    (lm_head), and the module of the model's last parameter (a classifier head, `score`)."""
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
-    return {n for n, m in model.named_modules() if head is not None and m is head}
+    skips = {n for n, m in model.named_modules() if head is not None and m is head}
+    last = next(reversed(list(model.named_parameters())), None)
+    if last is not None:
+        skips.add(last[0].removesuffix(".weight"))  # as transformers: a last bias names no module, and skips none
+    return skips
 
 
 def _skipped(name: str, skips: Iterable[str]) -> bool:

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from .base_layer import TunerLayer
 from .modules_to_save import ModulesToSaveWrapper
-from .token_targets import DELTA_KEY, token_file_shapes
+from .token_targets import DELTA_KEY, plan_tokens, token_file_shapes
 from .trainable_tokens import TrainableTokensWrapper
 
 PREFIX = "base_model.model."
@@ -88,6 +88,9 @@ def _embedding_tables(model: nn.Module, config, adapter_name: str,
         elif isinstance(layer, TrainableTokensWrapper):  # PEFT's keys for the table under trained rows
             out.update({f"{PREFIX}{path}.token_adapter.base_layer.{k}": v
                         for k, v in layer.token_adapter.base_layer.state_dict().items()})
+            rows = layer.token_adapter.trainable_tokens_delta
+            if adapter_name in rows:  # (a tied layer's: the embedding's rows, which PEFT writes here too)
+                out[f"{PREFIX}{path}.{DELTA_KEY}"] = rows[adapter_name]
         elif isinstance(layer, ModulesToSaveWrapper):  # the original table, and this adapter's copy once more
             out.update({f"{PREFIX}{path}.original_module.{k}": v
                         for k, v in layer.original_module.state_dict().items()})
@@ -204,6 +207,8 @@ def check_file_tensors(tensors: dict[str, torch.Tensor], model: nn.Module, plan,
     tensors = {k if k.startswith(SHARED_PREFIX) else PREFIX + k: v for k, v in tensors.items()}
     expected = expected_file_tensors(model, plan, tuner_cls)
     skipped = {k for k, shape in tuner_cls.layer_cls.expected_shared_state(model, plan).items() if shape is None}
+    # A tied layer's rows are the embedding's; PEFT saves them again under its path with the tables (resized vocab)
+    skipped |= {f"{PREFIX}{t.key}.{DELTA_KEY}" for t in plan_tokens(model, plan) if t.tied_to is not None}
     model_state = {_base_key(PREFIX + k): v for k, v in model.state_dict().items()}
     bases = {k: m.base_layer for k, m in model.named_modules() if isinstance(m, TunerLayer)}
     bases.update({t.key: t.module.base_layer if isinstance(t.module, TunerLayer) else t.module for t in plan.targets})
@@ -256,7 +261,8 @@ def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], ada
     with torch.no_grad():
         for file_key, value in tensors.items():
             key = file_key[len(PREFIX):] if file_key.startswith(PREFIX) else file_key
-            if _ignored_table(key, model):
+            if _ignored_table(key, model) or (key.endswith("." + DELTA_KEY) and getattr(
+                    wrappers.get(key.removesuffix("." + DELTA_KEY)), "tied", False)):  # (check_file_tensors)
                 continue
             target, layer = _resolve(key, adapter_name, layers, wrappers)
             if target is None:  # a shared tensor the model does not persist: not loaded, as load_state_dict skips it

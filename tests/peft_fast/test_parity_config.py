@@ -333,3 +333,26 @@ def test_conversion_of_adapters_a_difference_of_products_cannot_express_is_refus
         with pytest.raises(ValueError, match="use_dora|lora_bias"):
             model.save_pretrained(tmp_path / "out", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
         assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_a_pissa_or_olora_adapter_loads_onto_the_original_base_as_in_peft(init, tmp_path):
+    """Saved without conversion, the factors were trained over the residual base: loading runs the initialisation
+    again (the base becomes the residual), then the file's factors replace the fresh ones, as PEFT's loading does."""
+    original = base_model("llama")
+    x = inputs("llama")
+    model = impl.get_peft_model(copy.deepcopy(original), impl.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                         init_lora_weights=init))
+    with torch.no_grad():
+        for n, p in sorted(model.named_parameters()):
+            if "lora_" in n:
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))))
+    model.save_pretrained(tmp_path)
+    want = out(model.eval(), x)
+    for lib in (ref, impl):
+        back = lib.PeftModel.from_pretrained(copy.deepcopy(original), tmp_path)
+        assert_close(out(back.eval(), x), want, atol=1e-5, rtol=1e-4)
+        other = lib.get_peft_model(copy.deepcopy(original), lib.LoraConfig(r=2, target_modules=["k_proj"]))
+        other.load_adapter(tmp_path, adapter_name="p")
+        other.set_adapter("p")
+        assert_close(out(other.eval(), x), want, atol=1e-5, rtol=1e-4)

@@ -163,3 +163,47 @@ def test_resized_tables_under_trained_copies_or_rows_as_in_peft(extra, base_dir,
             assert_close(logits(back), logits(model))
             with back.disable_adapter(), model.disable_adapter():
                 assert_close(logits(back), logits(model))
+
+
+def test_auto_peft_model_passes_key_mapping_to_the_adapter(base_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        src = impl.get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
+                                  impl.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    src.save_pretrained(tmp_path / "a")
+    path = os.path.join(tmp_path / "a", "adapter_model.safetensors")
+    save_file({k.replace(".self_attn.", ".attn."): v for k, v in load_file(path).items()}, path,
+              metadata={"format": "pt"})
+    ids = torch.tensor([[3, 4, 5]])
+    for lib in (ref, impl):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = lib.AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "a"),
+                                                                 key_mapping={r"\.attn\.": ".self_attn."})
+        assert_close(logits_of(model.eval(), ids), logits_of(src.eval(), ids))
+
+
+def test_trainable_tokens_of_tied_tables_after_a_resize_as_in_peft(tmp_path):
+    """Tied embeddings (Qwen, Gemma, small Llamas) with added tokens trained as rows: PEFT also saves the tied
+    output layer's rows (the embedding's) with the tables; both files load in both libraries."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                 num_key_value_heads=1, vocab_size=128, tie_word_embeddings=True)
+                     ).save_pretrained(tmp_path / "base")
+    base_dir = str(tmp_path / "base")
+    models = {lib.__name__: trained(lib, base_dir, trainable_token_indices=[130, 131]) for lib in (ref, impl)}
+    for name, model in models.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.save_pretrained(tmp_path / name)
+    assert tables(tmp_path / impl.__name__) == tables(tmp_path / "peft")
+    for name, model in models.items():
+        for lib in (ref, impl):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                back = lib.PeftModel.from_pretrained(resized(base_dir, 123), tmp_path / name)
+            assert_close(logits(back), logits(model))

@@ -221,3 +221,25 @@ def test_float32_activations_into_bf16_compute_run_fused(model_dir, base, monkey
         if p.requires_grad:
             g, want = p.grad, r_p[n].grad
             torch.testing.assert_close(g, want, atol=3e-2 * want.abs().max().item(), rtol=0, msg=n)
+
+
+@pytest.mark.parametrize("case", CASES[:1], ids=IDS[:1])
+def test_a_classifier_head_stays_dense_as_under_bitsandbytes(model_dir, case):
+    """transformers keeps the module of the model's last parameter in 16 bits (a classifier's `score`), besides
+    the output embedding: the same layers stay dense here, and the same keys come out."""
+    from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
+
+    dtype, compute, double, qt = case
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=qt, bnb_4bit_compute_dtype=compute,
+                           bnb_4bit_use_double_quant=double)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bnb_model = AutoModelForSequenceClassification.from_pretrained(model_dir, quantization_config=q,
+                                                                       device_map="cpu", dtype=dtype, num_labels=3)
+        ours = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=dtype, num_labels=3)
+    ours.score.weight.data.copy_(bnb_model.score.weight.data)
+    quantize(ours, quant_type=qt, double_quant=double, compute_dtype=compute)
+    assert type(ours.score) is type(bnb_model.score) is nn.Linear
+    assert set(ours.state_dict()) == set(bnb_model.state_dict())
+    model = peft_fast.get_peft_model(ours, peft_fast.LoraConfig(r=2, task_type="SEQ_CLS"))  # the head trains
+    assert model.base_model.model.score.modules_to_save["default"].weight.requires_grad
