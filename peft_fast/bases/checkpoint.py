@@ -22,7 +22,7 @@ from .. import files
 from .experts import is_experts_module
 from .nf4_experts import NF4Experts
 from .nf4_linear import NF4Linear, _dtype_name, storage_dtype
-from .quantize import quantize as quantize_model
+from .quantize import quantize_except
 
 QUANTIZE_KEY = "peft_fast_quantize"  # safetensors metadata: the settings `quantize` used (compute dtype included)
 MODEL_WEIGHTS = "model.safetensors"
@@ -81,6 +81,8 @@ def save_quantized(model: nn.Module, folder: str, settings: Optional[dict] = Non
     if len(storages) > 1:  # the config names one bnb_4bit_quant_storage for every layer
         raise ValueError(f"save_quantized: the 4-bit layers store their codes in several dtypes ({sorted(storages)}); "
                          "transformers' config names one. Quantize every layer with the same quant_storage.")
+    architectures = getattr(config, "architectures", None)
+    config.architectures = [type(model).__name__]  # as save_pretrained records it: what load_quantized builds
     config.quantization_config = {
         "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
         "bnb_4bit_quant_type": settings["quant_type"], "bnb_4bit_use_double_quant": settings["double_quant"],
@@ -94,6 +96,7 @@ def save_quantized(model: nn.Module, folder: str, settings: Optional[dict] = Non
             files.atomic_write_text(os.path.join(folder, "config.json"), config.to_json_string())
     finally:
         del config.quantization_config  # the model in memory is not a bitsandbytes model
+        config.architectures = architectures
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(folder)
 
@@ -140,9 +143,13 @@ def load_quantized(path: str, model_class: Any = None, device: Optional[str] = N
                     nn.init.zeros_(p)
     # The blocksize and quant type of each layer come from its own saved quant state; the compute dtype does not.
     compute = saved.get("compute_dtype", qc.get("bnb_4bit_compute_dtype"))
-    quantize_model(model, quant_type=qc.get("bnb_4bit_quant_type", "nf4"),
-                   double_quant=bool(qc.get("bnb_4bit_use_double_quant")), compute_dtype=_dtype(compute),
-                   skip_modules=qc.get("llm_int8_skip_modules") or None, experts=stacks, quant_storage=storage)
+    # Which linear layers are 4-bit is the checkpoint's own choice (its quant-state keys), whatever the defaults
+    four_bit = {k.split(".weight.quant_state.")[0] for k in keys if ".weight.quant_state.bitsandbytes__" in k}
+    dense = {n for n, m in model.named_modules() if n and type(m) is nn.Linear and n not in four_bit}
+    quantize_except(model, dense | set(qc.get("llm_int8_skip_modules") or ()),
+                    quant_type=qc.get("bnb_4bit_quant_type", "nf4"), blocksize=64,
+                    double_quant=bool(qc.get("bnb_4bit_use_double_quant")), compute_dtype=_dtype(compute),
+                    experts=stacks, progressbar=False, quant_storage=storage)
     state: dict[str, torch.Tensor] = {}
     for shard in shards:
         state.update(files.load_tensors(shard))

@@ -47,20 +47,30 @@ def quantize(model: nn.Module, *, quant_type: str = "nf4", blocksize: int = 64, 
 
     quant_type: "nf4" or "fp4"; blocksize: bitsandbytes' block size (64 by default); double_quant: quantize the
     absmax too (bnb_4bit_use_double_quant); compute_dtype: the matmul dtype (bnb_4bit_compute_dtype; None: the
-    input's); skip_modules: names (or name suffixes) to leave dense, in addition to the output embedding;
-    experts: also store transformers mixture-of-experts stacks (`mlp.experts.gate_up_proj`, ...) in 4 bits, which
-    bitsandbytes cannot (they are not nn.Linear), keeping each experts module's class and forward contract;
-    quant_storage: the dtype the parameters holding the packed codes (the linear layers' `weight`, the expert
-    stacks' `<stack>_nf4`) keep them in (bnb_4bit_quant_storage): uint8, or a float type for FSDP2 on torch 2.11,
-    which shards no integer parameters (then also FSDP's param_dtype).
+    input's); skip_modules: names (or name suffixes) to leave dense, in addition to what transformers leaves
+    dense under bitsandbytes (the output embedding, the module of the last parameter); experts: also store
+    transformers mixture-of-experts stacks (`mlp.experts.gate_up_proj`, ...) in 4 bits, which bitsandbytes cannot
+    (they are not nn.Linear), keeping each experts module's class and forward contract; quant_storage: the dtype
+    the parameters holding the packed codes (the linear layers' `weight`, the expert stacks' `<stack>_nf4`) keep
+    them in (bnb_4bit_quant_storage): uint8, or a float type for FSDP2 on torch 2.11, which shards no integer
+    parameters (then also FSDP's param_dtype).
     Nothing changes unless every layer can be quantized.
     """
     if quant_type not in ("nf4", "fp4"):
         raise ValueError(f"quantize: quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
     if blocksize not in BLOCKSIZES:
         raise ValueError(f"quantize: blocksize must be one of {BLOCKSIZES} (bitsandbytes' sizes), got {blocksize}")
+    return quantize_except(model, set(skip_modules or ()) | _default_skips(model), quant_type=quant_type,
+                           blocksize=blocksize, double_quant=double_quant, compute_dtype=compute_dtype,
+                           experts=experts, progressbar=progressbar, quant_storage=quant_storage)
+
+
+def quantize_except(model: nn.Module, skips: set[str], *, quant_type: str, blocksize: int, double_quant: bool,
+                    compute_dtype: Optional[torch.dtype], experts: bool, progressbar: bool,
+                    quant_storage: torch.dtype) -> nn.Module:
+    """`quantize` with exactly these layers (names or name suffixes) left dense, no default added: what
+    load_quantized needs to rebuild a checkpoint's own choice."""
     quant_storage = storage_dtype(quant_storage)
-    skips = set(skip_modules or ()) | _default_skips(model)
     todo = [(n, m) for n, m in model.named_modules()
             if type(m) is nn.Linear and n and not _skipped(n, skips)]
     stacks = [(n, m) for n, m in model.named_modules()

@@ -188,8 +188,9 @@ def apply_plan(model: nn.Module, plan: Plan, adapter_name: str, undo: Undo, tune
 
 def _snapshot_base(base: nn.Module, undo: Undo) -> None:
     """An initialisation that rewrites the base weight (PiSSA, OLoRA): keep a copy so a failure can put it back."""
-    saved = base.weight.data.clone()
-    undo.push(lambda b=base, w=saved: setattr(b.weight, "data", w))
+    saved = base.weight.data.to("cpu", copy=True)  # in host memory: loading a PiSSA adapter onto a 7B model on a
+    # GPU would otherwise hold a second copy of every targeted weight there
+    undo.push(lambda b=base, w=saved, device=base.weight.device: setattr(b.weight, "data", w.to(device)))
 
 
 def tuner_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

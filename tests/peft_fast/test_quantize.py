@@ -243,3 +243,34 @@ def test_a_classifier_head_stays_dense_as_under_bitsandbytes(model_dir, case):
     assert set(ours.state_dict()) == set(bnb_model.state_dict())
     model = peft_fast.get_peft_model(ours, peft_fast.LoraConfig(r=2, task_type="SEQ_CLS"))  # the head trains
     assert model.base_model.model.score.modules_to_save["default"].weight.requires_grad
+
+
+def test_load_quantized_rebuilds_the_checkpoints_own_choice_of_4bit_layers(model_dir, tmp_path):
+    """Which layers a checkpoint holds in 4 bits is read from its keys, whatever the defaults now say: a classifier
+    checkpoint written before `score` stayed dense by default (a 4-bit `score`) still loads, and equals the model."""
+    from transformers import AutoModelForSequenceClassification
+
+    from peft_fast.bases.quantize import quantize_except
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=3)
+    quantize_except(model, set(), quant_type="nf4", blocksize=64, double_quant=True, compute_dtype=None,
+                    experts=True, progressbar=False, quant_storage=torch.uint8)
+    assert isinstance(model.score, NF4Linear)
+    peft_fast.save_quantized(model, str(tmp_path))
+    back = peft_fast.load_quantized(str(tmp_path))
+    assert isinstance(back.score, NF4Linear)
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids()).logits, model(ids()).logits, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16])
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_and_olora_on_4bit_layers_are_refused_naming_the_fix(model_dir, storage, init):
+    """They rewrite the base weight into a residual: quantize after initialising. With float-stored codes the
+    weight's dtype alone would let the SVD / QR run on packed bytes."""
+    model = quantize(LlamaForCausalLM.from_pretrained(model_dir), quant_storage=storage)
+    with pytest.raises(TypeError, match="4-bit codes.*initialise before quantising"):
+        peft_fast.get_peft_model(model, peft_fast.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=init))
+    assert isinstance(model.model.layers[0].self_attn.q_proj, NF4Linear)

@@ -29,9 +29,10 @@ def reset(layer, name: str, init) -> None:
 
 def _base_weight_float32(layer) -> tuple[torch.Tensor, torch.dtype]:
     weight = layer.get_base_layer().weight
-    if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16) or layer.base_view.quantized:
         raise TypeError(
-            f"PiSSA/OLoRA initialisation needs a float32, float16 or bfloat16 base weight, got {weight.dtype}; "
+            f"PiSSA/OLoRA initialisation needs a float32, float16 or bfloat16 base weight, got "
+            f"{'4-bit codes' if layer.base_view.quantized else weight.dtype}; "
             "initialise before quantising, then quantise the residual model."
         )
     return _transpose(weight.detach().to(torch.float32), layer.fan_in_fan_out), weight.dtype
