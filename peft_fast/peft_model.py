@@ -3,7 +3,6 @@ config's peft_type, through the tuner registry."""
 from __future__ import annotations
 
 import copy
-import inspect
 import os
 import warnings
 from contextlib import contextmanager
@@ -27,6 +26,7 @@ from .status import TunerLayerStatus, TunerModelStatus, count_parameters, get_la
 from .tuners import injection, registry
 from .tuners.file_keys import check_file_tensors, load_adapter_tensors
 from .tuners.lora.conversion import as_plain_lora
+from .wrapping import expose_forward_signature, prepare_for_gradient_checkpointing
 
 
 def _bases() -> tuple[type, ...]:
@@ -59,8 +59,8 @@ class PeftModel(*_bases()):
         load = {"init": _init_when_loading(tuner_cls, config), "plan": _plan, "tensors": _tensors,
                 "source": _source} if _tensors is not None else {}
         self.base_model = tuner_cls(model, config, adapter_name, autocast_adapter_dtype, **load)
-        _expose_forward_signature(self)
-        _prepare_for_gradient_checkpointing(model)
+        expose_forward_signature(self)
+        prepare_for_gradient_checkpointing(model)
 
     # --- passthrough -------------------------------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -336,41 +336,6 @@ def _init_when_loading(tuner_cls, config) -> Optional[bool]:
     """False (the weights come from the file), except for PiSSA/OLoRA: their initialisation also makes the base
     the residual the saved factors were trained on, so it runs, as in PEFT, before the file's factors replace its."""
     return None if tuner_cls.rewrites_base(config) else False
-
-
-class _SignedForward:
-    """``forward`` with the wrapped model's signature, so that tools which inspect it (transformers.Trainer's
-    remove_unused_columns) keep the dataset columns the base model accepts. Survives deepcopy and pickling."""
-
-    def __init__(self, owner: "PeftModel", signature: inspect.Signature):
-        self.owner = owner
-        self.__signature__ = signature
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return PeftModel.forward(self.owner, *args, **kwargs)
-
-
-def _prepare_for_gradient_checkpointing(model: nn.Module) -> None:
-    """As PEFT: with a frozen base, reentrant checkpointing needs inputs that require grad, or no gradient reaches
-    the adapters inside checkpointed blocks. Quantized models get this from prepare_model_for_kbit_training."""
-    with warnings.catch_warnings():  # transformers 5 deprecates the property we probe, as PEFT does
-        warnings.simplefilter("ignore", FutureWarning)
-        checkpointing = getattr(model, "is_gradient_checkpointing", True)
-    quantized = any(getattr(model, flag, False) for flag in ("is_loaded_in_8bit", "is_loaded_in_4bit", "is_quantized"))
-    if not checkpointing or quantized:
-        return
-    if hasattr(model, "enable_input_require_grads"):
-        model.enable_input_require_grads()
-    elif hasattr(model, "get_input_embeddings"):
-        model.get_input_embeddings().register_forward_hook(lambda module, inputs, output: output.requires_grad_(True))
-
-
-def _expose_forward_signature(peft_model: PeftModel) -> None:
-    try:
-        signature = inspect.signature(peft_model.get_base_model().forward)
-    except (TypeError, ValueError):
-        return
-    peft_model.__dict__["forward"] = _SignedForward(peft_model, signature)
 
 
 # PEFT returns one subclass per task type; here they differ in name and in the heads trained in full.

@@ -215,11 +215,11 @@ class TunerLayer(nn.Module):
             self.refresh()
         return super().train(mode)
 
-    def refresh(self) -> None:
-        """Forget cached values. train() and eval() call it: how a user refreshes them after in-place edits through
-        .data, which bump no version counter."""
+    def refresh(self, base: bool = True) -> None:
+        """Forget cached values (with base=False, keep those derived from the base). train() and eval() call it:
+        how a user refreshes them after in-place edits through .data, which bump no version counter."""
         self._clear_caches()
-        if self._view is not None:
+        if base and self._view is not None:
             self._view.clear()
         if self._batch_key is not None:
             self._batch_key.stale = True

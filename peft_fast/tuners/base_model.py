@@ -181,7 +181,7 @@ class TunerModel(nn.Module):
         names = []
         for k, m in self.adapter_layers():
             if getattr(m, "parameter_name", None) is not None:
-                path = k.removesuffix(".base_layer")
+                path = k
                 while path.endswith(".base_layer"):  # several parameters of one module: nested wrappers
                     path = path.removesuffix(".base_layer")
                 name = f"{path}.{m.parameter_name}"

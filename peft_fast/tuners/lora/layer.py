@@ -142,13 +142,10 @@ class LoraLinear(LoraCompute, TunerLayer):
         for variant in self.lora_variant.values():
             variant.clear()
 
-    def refresh(self) -> None:
-        if len(self.lora_magnitude_vector):  # DoRA's values also depend on the base weight: drop its view's too
-            super().refresh()
-        else:  # the base view's values (a bitsandbytes conversion) stay: Trainer calls train() every step
-            self._clear_caches()
-            if self._batch_key is not None:
-                self._batch_key.stale = True
+    def refresh(self, base: bool = True) -> None:
+        # Only DoRA's values depend on the base weight; otherwise the base view's (a bitsandbytes conversion) stay:
+        # Trainer calls train() every step
+        super().refresh(base=base and len(self.lora_magnitude_vector) > 0)
 
     def train(self, mode: bool = True):
         # A switch between training and eval rewrites every slot: the slots copy the adapters, and an edit in place
