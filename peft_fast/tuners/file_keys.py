@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from .base_layer import TunerLayer
 from .modules_to_save import ModulesToSaveWrapper
+from .tied import EMBEDDING_NAMES
 from .token_targets import DELTA_KEY, plan_tokens, token_file_shapes
 from .trainable_tokens import TrainableTokensWrapper
 
@@ -54,7 +55,6 @@ def adapter_tensors(model: nn.Module, adapter_name: str, configs: dict,
     return {k: v.detach() for k, v in out.items()}
 
 
-EMBEDDING_NAMES = ("embed_tokens", "lm_head")  # PEFT's EMBEDDING_LAYER_NAMES
 
 
 def _embedding_tables(model: nn.Module, config, adapter_name: str,
@@ -190,7 +190,7 @@ def expected_file_tensors(model: nn.Module, plan, tuner_cls) -> dict[str, tuple[
     for t in plan.targets:
         for suffix, shape in (t.layer_cls or tuner_cls.layer_cls).expected_state(t, plan.config).items():
             shapes[f"{PREFIX}{t.file_key or t.key}.{suffix}"] = shape
-    for key in plan.save_modules:
+    for key in plan.save_modules + plan.ties.save:
         module = model.get_submodule(key)
         if isinstance(module, ModulesToSaveWrapper):
             module = module.original_module

@@ -12,7 +12,7 @@ import torch.nn as nn
 from ..progress import progress
 from .base_layer import TunerLayer
 from .merging import dequantize_remaining, merge_dequantized, merge_layers
-from .modules_to_save import ModulesToSaveWrapper
+from .modules_to_save import ModulesToSaveWrapper, inside_adapter_machinery
 from .trainable_tokens import TrainableTokensWrapper
 from .targets import (
     TASK_HEADS,
@@ -22,6 +22,7 @@ from .targets import (
     no_match_error,
     resolve_target_modules,
 )
+from .tied import Ties, plan_ties
 
 
 @dataclass
@@ -34,6 +35,7 @@ class Target:
     layer_cls: Optional[type] = None  # the layer class that adapts this base (the tuner's layer_for)
     # Where the layer's tensors sit in the files, when not at `key` (a parameter's wrapper nested under others).
     file_key: Optional[str] = None
+    tied_to: Optional[str] = None  # the input embedding whose factors this layer's are (ensure_weight_tying)
 
 
 @dataclass
@@ -41,6 +43,7 @@ class Plan:
     config: Any  # resolved copy: explicit target_modules, the task's heads added to modules_to_save
     targets: list[Target]
     save_modules: list[str]  # paths to wrap (or extend) as modules_to_save
+    ties: Ties = field(default_factory=Ties)  # layers tied to the input embedding's copy or factors
 
 
 def base_of(module: nn.Module) -> nn.Module:
@@ -51,13 +54,14 @@ def plan_adapter(model: nn.Module, config, tuner_cls) -> Plan:
     """Work out everything an adapter will touch, without touching the model. `tuner_cls` (a TunerModel class)
     gives the per-layer values (`target_kwargs`); its layer class, which bases it adapts (`view_for`)."""
     config = copy.deepcopy(config)
+    ties = plan_ties(config, model)
     resolve_target_modules(config, model, tuner_cls.default_targets)
     compact_target_modules(config, [k for k, _ in model.named_modules()])
     tuner_cls.prepare_config(config, model)
     targets: list[Target] = []
     excluded_any = False
     for key, module in model.named_modules():
-        if not key or _inside_adapter_machinery(model, key):
+        if not key or inside_adapter_machinery(model, key) or ties.is_tied_target(key):
             continue
         if is_excluded(config, key):
             excluded_any = excluded_any or matches_target(config, key)
@@ -72,6 +76,7 @@ def plan_adapter(model: nn.Module, config, tuner_cls) -> Plan:
         targets.append(Target(key, module, view.in_features, view.out_features, tuner_cls.target_kwargs(config, key),
                               layer_cls))
     targets += tuner_cls.plan_parameters(model, config, [t.key for t in targets])
+    targets += _tied_targets(model, config, ties, targets, tuner_cls)
     if not targets:
         if getattr(config, "target_parameters", None):
             raise ValueError("No `target_modules` passed but also no `target_parameters` found: "
@@ -86,14 +91,38 @@ def plan_adapter(model: nn.Module, config, tuner_cls) -> Plan:
     for name in dict.fromkeys(config.modules_to_save or []):
         for key, module in model.named_modules():
             # PEFT's rule, a plain suffix: "head" also wraps "lm_head", "norm" every "*norm".
-            if not key or not key.endswith(name) or _inside_adapter_machinery(model, key) or key in save_modules:
+            if not key or not key.endswith(name) or inside_adapter_machinery(model, key) or key in save_modules:
                 continue
             if isinstance(module, TunerLayer):  # PEFT's error; its copies would hold the other adapters' layers
                 raise TypeError(f"modules_to_save cannot be applied to modules of type {type(module)}: {key} "
                                 f"carries an adapter already. Leave {name!r} out of modules_to_save, or out of the "
                                 "other adapter's target_modules.")
             save_modules.append(key)
-    return Plan(config, targets, save_modules)
+    return Plan(config, targets, save_modules, ties)
+
+
+def _tied_targets(model: nn.Module, config, ties: Ties, targets: list[Target], tuner_cls) -> list[Target]:
+    """The layers whose LoRA factors will be views of the input embedding's, planned after the others (PEFT
+    creates them last, from the embedding's adapter), with the embedding's rank and alpha."""
+    if not ties.targets:
+        return []
+    if tuner_cls.rewrites_base(config):
+        raise ValueError(f"init_lora_weights={config.init_lora_weights!r} rewrites the base weight, which "
+                         f"{', '.join(ties.targets)} shares with the input embedding (ensure_weight_tying=True): use "
+                         "another initialisation, or ensure_weight_tying=False.")
+    source = next((t for t in targets if t.key == ties.embedding), None)
+    if source is None:
+        raise ValueError(f"ensure_weight_tying=True ties {', '.join(ties.targets)} to the input embedding "
+                         f"{ties.embedding}, which this adapter does not adapt (exclude_modules or layers_to_transform "
+                         "left it out): adapt the embedding, or set ensure_weight_tying=False.")
+    out = []
+    for key, module in model.named_modules():
+        if key and not inside_adapter_machinery(model, key) and ties.is_tied_target(key):
+            layer_cls, view = tuner_cls.layer_for(base_of(module), key)
+            view.check(key)
+            out.append(Target(key, module, view.in_features, view.out_features, dict(source.kwargs), layer_cls,
+                              tied_to=ties.embedding))
+    return out
 
 
 def _warn_unmatched_patterns(config, targeted: list[str]) -> None:
@@ -114,17 +143,6 @@ def add_task_heads(config, task_type: Optional[str]) -> None:
     heads = TASK_HEADS.get(task_type, ())
     if heads and hasattr(config, "modules_to_save"):
         config.modules_to_save = list(config.modules_to_save or []) + list(heads)
-
-
-def _inside_adapter_machinery(model: nn.Module, key: str) -> bool:
-    """True for modules inside an adapter layer or a ModulesToSaveWrapper (their parts, base_layer, copies, ...)."""
-    parts = key.split(".")
-    mod = model
-    for part in parts[:-1]:
-        mod = getattr(mod, part, None) if not part.isdigit() else mod[int(part)]
-        if isinstance(mod, (TunerLayer, ModulesToSaveWrapper)):
-            return True
-    return False
 
 
 def parent_of(model: nn.Module, key: str) -> tuple[nn.Module, str]:
@@ -164,26 +182,42 @@ def apply_plan(model: nn.Module, plan: Plan, adapter_name: str, undo: Undo, tune
             active_before = home.active_adapters
             # pushed first: update_layer may fail halfway and leave a partial entry behind
             undo.push(lambda m=home, a=active_before: (m.delete_adapter(adapter_name), m.set_adapter(a)))
-            home.update_layer(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype, **t.kwargs)
+            home.update_layer(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype, **t.kwargs,
+                              **_tie_source(model, t, adapter_name))
             continue
         if isinstance(module, TunerLayer) and not layer_cls.wraps(module):
             raise ValueError(f"Target module {t.key} already carries a {type(module).__name__} adapter; one module "
                              "cannot hold adapters of two types.")
-        new = layer_cls(module, adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype, **t.kwargs)
+        new = layer_cls(module, adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype, **t.kwargs,
+                        **_tie_source(model, t, adapter_name))
         parent, child = parent_of(model, t.key)
         setattr(parent, child, new)
         undo.push(lambda p=parent, c=child, old=module: setattr(p, c, old))
-    for key in plan.save_modules:
+    for key in plan.save_modules + plan.ties.save:
         module = model.get_submodule(key)
+        # a tied output layer uses the embedding's copy (wrapped just before, in save_modules)
+        tied = model.get_submodule(plan.ties.embedding).modules_to_save[adapter_name] if key in plan.ties.save \
+            else None
         if isinstance(module, ModulesToSaveWrapper):
             undo.push(lambda m=module, a=module.active_adapters: m.delete_adapter(adapter_name, a))
-            module.update(adapter_name)
+            module.update(adapter_name, tied)
             continue
-        wrapper = ModulesToSaveWrapper(module, adapter_name)
+        wrapper = ModulesToSaveWrapper(module, adapter_name, tied)
         parent, child = parent_of(model, key)
         setattr(parent, child, wrapper)
         undo.push(lambda p=parent, c=child, old=module: setattr(p, c, old))
     return config
+
+
+def _tie_source(model: nn.Module, target: Target, adapter_name: str) -> dict[str, nn.Module]:
+    """{"tied": the input embedding's adapter layer} for a layer tied to it, else nothing."""
+    if target.tied_to is None:
+        return {}
+    embedding = model.get_submodule(target.tied_to)
+    if adapter_name not in getattr(embedding, "lora_embedding_A", {}):
+        raise ValueError(f"ensure_weight_tying: {target.key} is tied to {target.tied_to}, which holds no LoRA "
+                         f"embedding adapter {adapter_name!r}.")
+    return {"tied": embedding}
 
 
 def _snapshot_base(base: nn.Module, undo: Undo) -> None:
@@ -260,7 +294,7 @@ def unload(model: nn.Module, merge: bool, safe_merge: bool = False, adapter_name
     finally:
         bar.close()
     # The outermost layers, all found before the first replacement (which makes a nested wrapper look outermost).
-    outer = [(key, m) for key, m in tuner_layers(model) if not _inside_adapter_machinery(model, key)]
+    outer = [(key, m) for key, m in tuner_layers(model) if not inside_adapter_machinery(model, key)]
     for key, m in outer:
         parent, child = parent_of(model, key)
         base = m.unload() if not isinstance(m, TunerLayer) else m.base_layer

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from ..batching import batch_for
-from .base_layer import check_adapter_names
+from .base_layer import TunerLayer, check_adapter_names
 
 _MIXED_BATCH_TYPES = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -16,7 +16,7 @@ _MIXED_BATCH_TYPES = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 class ModulesToSaveWrapper(nn.Module):
     _batch_key = None  # set by the owning TunerModel (batching.py)
 
-    def __init__(self, module_to_save: nn.Module, adapter_name: str):
+    def __init__(self, module_to_save: nn.Module, adapter_name: str, tied: Optional[nn.Module] = None):
         super().__init__()
         if isinstance(module_to_save, (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)):
             raise TypeError(f"modules_to_save cannot be applied to modules of type {type(module_to_save)}")
@@ -24,7 +24,7 @@ class ModulesToSaveWrapper(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self._active_adapter: list[str] = [adapter_name]
         self._disable_adapters = False
-        self.update(adapter_name)
+        self.update(adapter_name, tied)
 
     @property
     def active_adapters(self) -> list[str]:
@@ -38,9 +38,12 @@ class ModulesToSaveWrapper(nn.Module):
     def disable_adapters(self) -> bool:
         return self._disable_adapters
 
-    def update(self, adapter_name: str) -> None:
+    def update(self, adapter_name: str, tied: Optional[nn.Module] = None) -> None:
+        """`tied`: the input embedding's copy, whose weight this (tied output layer's) copy shares, as in PEFT
+        (ensure_weight_tying); never copied, so no second vocabulary-sized table is allocated."""
         if adapter_name not in self.modules_to_save:
-            self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
+            memo = {id(self.original_module.weight): tied.weight} if tied is not None else None
+            self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module, memo)
         self.original_module.requires_grad_(False)
         if adapter_name in self._active_adapter:
             self.modules_to_save[adapter_name].requires_grad_(True)
@@ -132,3 +135,14 @@ class ModulesToSaveWrapper(nn.Module):
         if self._passthrough():
             return getattr(self.original_module, name)
         return getattr(self.modules_to_save[self._active_adapter[0]], name)
+
+
+def inside_adapter_machinery(model: nn.Module, key: str) -> bool:
+    """True for modules inside an adapter layer or a ModulesToSaveWrapper (their parts, base_layer, copies, ...)."""
+    parts = key.split(".")
+    mod = model
+    for part in parts[:-1]:
+        mod = getattr(mod, part, None) if not part.isdigit() else mod[int(part)]
+        if isinstance(mod, (TunerLayer, ModulesToSaveWrapper)):
+            return True
+    return False

@@ -15,7 +15,8 @@ from typing import Optional
 import torch.nn as nn
 
 from .base_layer import TunerLayer
-from .injection import Undo, _inside_adapter_machinery, parent_of
+from .injection import Undo, inside_adapter_machinery, parent_of
+from .tied import input_embedding, tied_to, unwrapped
 from .modules_to_save import ModulesToSaveWrapper
 from .trainable_tokens import TrainableTokensWrapper
 
@@ -30,31 +31,6 @@ class TokenTarget:
     tied_to: Optional[str] = None  # the input embedding's path, for an output layer sharing its weight
 
 
-def _unwrapped(module: nn.Module) -> nn.Module:
-    if isinstance(module, TrainableTokensWrapper):
-        return module.original_module
-    return module.base_layer if isinstance(module, TunerLayer) else module
-
-
-def _input_embedding(model: nn.Module) -> Optional[str]:
-    get = getattr(model, "get_input_embeddings", None)
-    try:
-        embedding = get() if callable(get) else None
-    except NotImplementedError:
-        return None
-    return next((k for k, m in model.named_modules() if m is embedding), None) if embedding is not None else None
-
-
-def _tied_to(model: nn.Module, embedding: Optional[str]) -> list[str]:
-    """Paths of the layers that share the input embedding's weight, when the model's config ties them (PEFT reads
-    `tie_word_embeddings` and the model's tied-weight keys; the shared parameter says the same)."""
-    if embedding is None or not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
-        return []
-    weight = getattr(_unwrapped(model.get_submodule(embedding)), "weight", None)
-    return [k for k, m in model.named_modules() if k and k != embedding and not _inside_adapter_machinery(model, k)
-            and weight is not None and getattr(_unwrapped(m), "weight", None) is weight]
-
-
 def plan_tokens(model: nn.Module, plan) -> list[TokenTarget]:
     """The layers the adapter planned by `plan` (injection.Plan) gives trainable tokens, embeddings first; raises
     what PEFT raises (and what it would fail on later) without touching the model."""
@@ -65,19 +41,24 @@ def plan_tokens(model: nn.Module, plan) -> list[TokenTarget]:
     spec = getattr(plan.config, "trainable_token_indices", None)
     if spec is None:
         return []
-    embedding = _input_embedding(model)
+    embedding = input_embedding(model)
     layers = dict(spec) if isinstance(spec, dict) else {embedding or "embed_tokens": spec}
     for name in layers:
         if name in (plan.config.modules_to_save or []):
             raise ValueError("The embedding layer is already marked to be trained fully, either specify "
                              f'`modules_to_save=[..., "{name}", ...]` or `trainable_tokens={{\'{name}\': x}}` but not '
                              "both.")
-    tied = _tied_to(model, embedding)
+    tied = tied_to(model, embedding)
     skip, mismatch = set(), False
     if len(layers) > 1 and tied:
         keys = [n for n in layers if embedding.endswith(n) or any(t.endswith(n) or n in t.split(".") for t in tied)]
         if len(keys) >= 2:
             mismatch = any(layers[k] != layers[keys[0]] for k in keys[1:])
+            if mismatch and getattr(plan.config, "ensure_weight_tying", False):
+                given = ", ".join(f"{k}: {layers[k]}" for k in keys)
+                raise ValueError("Cannot ensure weight tying when different token indices are specified for tied "
+                                 f"layers. Conflicting layers: {given}. Please use the same indices for all tied "
+                                 "layers or set ensure_weight_tying=False.")
             skip = set() if mismatch else set(keys) & set(tied)
     planned = {t.key for t in plan.targets}
     targets: list[TokenTarget] = []
@@ -85,7 +66,7 @@ def plan_tokens(model: nn.Module, plan) -> list[TokenTarget]:
         if name in skip:
             continue
         keys = [k for k, _ in model.named_modules(remove_duplicate=False)
-                if k.endswith(name) and not _inside_adapter_machinery(model, k)]
+                if k.endswith(name) and not inside_adapter_machinery(model, k)]
         if not keys:
             raise ValueError(f"Target modules {{{name!r}}} not found in the base model. Please check the target "
                              "modules and try again. (trainable_token_indices names layers by the end of their path.)")
@@ -111,7 +92,7 @@ def _target(model: nn.Module, key: str, indices: list[int], planned: set, save_m
         raise ValueError(f"{key} already has trainable tokens {'tied' if module.tied else 'not tied'} to the input "
                          "embedding's; every adapter must tie it the same way (give the tied layers the same "
                          "indices in every adapter, or different ones in every adapter).")
-    base = _unwrapped(module)
+    base = unwrapped(module)
     if not isinstance(base, (nn.Embedding, nn.Linear)):
         raise TypeError(f"trainable_token_indices applies to embedding layers (nn.Embedding) and the output layers "
                         f"tied to them (nn.Linear); {key} is a {type(base).__name__}.")

@@ -24,8 +24,7 @@ def test_unknown_key_warns_and_is_ignored():
     assert cfg.r == 4 and any("brand_new_option" in m and "ignored" in m for m in messages)
 
 
-@pytest.mark.parametrize("extra", [{"layer_replication": [[0, 1]]}, {"use_qalora": True},
-                                   {"ensure_weight_tying": True}])  # PEFT then also saves the tied lm_head copy
+@pytest.mark.parametrize("extra", [{"layer_replication": [[0, 1]]}, {"use_qalora": True}])
 def test_output_changing_peft_features_are_refused(extra):
     with pytest.raises(NotImplementedError, match=next(iter(extra))):
         _load(extra)

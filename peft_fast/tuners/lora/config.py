@@ -62,14 +62,12 @@ class LoraConfig(PeftConfig):
         "corda_config": None, "lora_ga_config": None, "velora_config": None, "alora_invocation_tokens": None,
         "use_qalora": False, "qalora_group_size": 16, "monteclora_config": None, "layer_replication": None,
         "runtime_config": {"ephemeral_gpu_offload": False}, "use_bdlora": None,
-        "arrow_config": None, "kasa_config": None, "ensure_weight_tying": False,
-        "auto_mapping": None, "revision": None,
+        "arrow_config": None, "kasa_config": None, "auto_mapping": None, "revision": None,
     }
     INERT_KEYS = ("auto_mapping", "revision", "runtime_config", "qalora_group_size", "megatron_core")
     OUTPUT_CHANGING_KEYS = (
         "megatron_config", "layer_replication", "use_qalora", "alora_invocation_tokens", "use_bdlora",
         "arrow_config", "kasa_config", "velora_config", "monteclora_config",
-        "ensure_weight_tying",  # ties the adapters of tied embedding and output layers: not implemented here
     )
 
     r: int = 8
@@ -89,6 +87,9 @@ class LoraConfig(PeftConfig):
     # Rows of the input embedding (a list of token ids) or of named layers ({"embed_tokens": [...]}) trained beside
     # the adapter; see tuners/trainable_tokens.py.
     trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = None
+    # On a model whose output layer shares the input embedding's weight, keep the adapters of the two tied (a
+    # modules_to_save copy shared, LoRA factors shared); see tuners/tied.py.
+    ensure_weight_tying: bool = False
     # PEFT's LoraRuntimeConfig (how, not what, is computed): accepted, never saved, as in PEFT.
     runtime_config: Any = field(default_factory=lambda: LoraRuntimeConfig())
 

@@ -42,11 +42,12 @@ class LoraLinear(LoraCompute, TunerLayer):
 
     adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
-    extra_adapter_dicts = ("use_rslora", "use_dora", "lora_bias", "lora_magnitude_vector", "lora_variant")
+    extra_adapter_dicts = ("use_rslora", "use_dora", "lora_bias", "lora_magnitude_vector", "lora_variant",
+                           "tied_adapters")
     file_key_renames = {"lora_magnitude_vector.weight": "lora_magnitude_vector"}  # PEFT's DoRA key
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, r: int, lora_alpha: float,
-                 autocast_adapter_dtype: bool = True):
+                 autocast_adapter_dtype: bool = True, tied: Optional[nn.Module] = None):
         super().__init__(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
@@ -62,11 +63,13 @@ class LoraLinear(LoraCompute, TunerLayer):
         self.use_dora: dict[str, bool] = {}
         self.lora_bias: dict[str, bool] = {}
         self.lora_variant: dict[str, Any] = {}
+        # adapter -> the input embedding's LoRA layer whose factors this layer's are views of (tied.py)
+        self.tied_adapters: dict[str, nn.Module] = {}
         self._stack_cache: Optional[StackCache] = None
         self._active_adapter = [adapter_name]
         self.fan_in_fan_out = self._check_fan_in_fan_out(config)
         self.in_features, self.out_features = self._features()
-        self.update_layer(adapter_name, config, r, lora_alpha, autocast_adapter_dtype)
+        self.update_layer(adapter_name, config, r, lora_alpha, autocast_adapter_dtype, tied)
 
     def _features(self) -> tuple[int, int]:
         """(in_features, out_features) as PEFT's layer of this type names them."""
@@ -86,7 +89,8 @@ class LoraLinear(LoraCompute, TunerLayer):
         return False
 
     # --- adapters ------------------------------------------------------------------------------------------------
-    def update_layer(self, name: str, config, r: int, lora_alpha: float, autocast_adapter_dtype: bool = True) -> None:
+    def update_layer(self, name: str, config, r: int, lora_alpha: float, autocast_adapter_dtype: bool = True,
+                     tied: Optional[nn.Module] = None) -> None:
         self._check_config(config, r)
         variant = self.variant_for(config)
         variant.check(self, config)
@@ -97,6 +101,9 @@ class LoraLinear(LoraCompute, TunerLayer):
         # not drop out (PEFT 0.21 leaves it training until the next .eval()).
         self.lora_dropout[name].train(self.training)
         self._new_factors(name, r, config.lora_bias)
+        self.tied_adapters.pop(name, None)
+        if tied is not None:  # before the initialisation, which then writes into the embedding's factors (PEFT)
+            self._tie(name, tied)
         self.lora_bias[name] = config.lora_bias
         self.use_rslora[name] = config.use_rslora
         self.use_dora[name] = variant.name == "dora"  # PEFT's attribute, for introspection
@@ -104,10 +111,43 @@ class LoraLinear(LoraCompute, TunerLayer):
         self.scaling[name] = lora_alpha / math.sqrt(r) if config.use_rslora else lora_alpha / r
         self._initialise(name, config.init_lora_weights)
         self._move_adapter_to_base(name, autocast_adapter_dtype)
+        if tied is not None:  # a cast to the adapter dtype made new tensors
+            self._tie(name, tied)
         if name in self.lora_magnitude_vector:
             del self.lora_magnitude_vector[name]
         variant.init(self, name)  # DoRA: the magnitude, from the initialised adapter, on the base's device
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    # --- tied to the input embedding (ensure_weight_tying, tied.py) ------------------------------------------------
+    def _tie(self, name: str, embedding: nn.Module) -> None:
+        """Make this adapter's factors views of the embedding's: A = its Bᵀ, B = its Aᵀ, so that both layers add the
+        same delta and train the same numbers (one storage, one version counter, so caches see every update)."""
+        a, b = embedding.lora_embedding_B[name].t(), embedding.lora_embedding_A[name].t()
+        if a.shape != self.lora_A[name].weight.shape or b.shape != self.lora_B[name].weight.shape:
+            raise ValueError(f"ensure_weight_tying: the input embedding's factors {tuple(a.shape)}/{tuple(b.shape)} "
+                             f"do not fit this layer's {tuple(self.lora_A[name].weight.shape)}/"
+                             f"{tuple(self.lora_B[name].weight.shape)}; the tied layers must have one size.")
+        self.lora_A[name].weight = nn.Parameter(a, requires_grad=self.lora_A[name].weight.requires_grad)
+        self.lora_B[name].weight = nn.Parameter(b, requires_grad=self.lora_B[name].weight.requires_grad)
+        self.tied_adapters[name] = embedding
+
+    def _merged_by_embedding(self, name: str) -> bool:
+        """A tied adapter on a layer that shares the embedding's weight: the embedding's merge adds the (same) delta
+        to that one weight, so this layer's must not add it again (PEFT adds it twice)."""
+        embedding = self.tied_adapters.get(name)
+        weight = getattr(self.base_layer, "weight", None)
+        return embedding is not None and weight is not None and getattr(embedding.base_layer, "weight", None) is weight
+
+    def _apply(self, fn, recurse: bool = True):
+        # model.to(...) / .half() convert each parameter on its own, which would untie the factors; the embedding
+        # comes first in module order, so its converted factors are there to view again.
+        out = super()._apply(fn, recurse)
+        for name, embedding in self.tied_adapters.items():
+            source = embedding.lora_embedding_B.get(name)
+            if source is not None and (source.device, source.dtype) == (self.lora_A[name].weight.device,
+                                                                         self.lora_A[name].weight.dtype):
+                self._tie(name, embedding)
+        return out
 
     # --- what a layer type changes (embedding.py, conv.py) ----------------------------------------------------------
     @classmethod
@@ -169,6 +209,12 @@ class LoraLinear(LoraCompute, TunerLayer):
         return delta.to(b.dtype) if cast else delta
 
     def check_merge(self, names: list[str]) -> None:
+        tied_dora = [n for n in names if self._merged_by_embedding(n) and self.lora_variant[n].scales_channels]
+        if tied_dora:
+            raise ValueError(f"Cannot merge DoRA adapter(s) {tied_dora} tied to the input embedding "
+                             "(ensure_weight_tying): the two layers scale the shared weight differently, which one "
+                             "merged weight cannot hold. Untie the embeddings first (load the model with "
+                             "tie_word_embeddings=False).")
         if any(self.lora_bias[n] for n in names) and getattr(self.base_layer, "bias", None) is None:
             raise RuntimeError("Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias.")
 
@@ -190,6 +236,8 @@ class LoraLinear(LoraCompute, TunerLayer):
         return weight
 
     def merge_weight(self, name: str, weight: torch.Tensor, ctx: _MergeContext, live: bool = False) -> torch.Tensor:
+        if self._merged_by_embedding(name):
+            return weight
         return self.lora_variant[name].merge(self, name, weight, ctx, live)
 
     def merge_bias(self, name: str, bias: Optional[torch.Tensor], live: bool = False) -> Optional[torch.Tensor]:
@@ -203,6 +251,8 @@ class LoraLinear(LoraCompute, TunerLayer):
             self.lora_variant[name].merge_done(self, name, ctx)
 
     def unmerge_weight(self, name: str, weight: torch.Tensor, live: bool = False) -> torch.Tensor:
+        if self._merged_by_embedding(name):
+            return weight
         return self.lora_variant[name].unmerge(self, name, weight, live)
 
     def unmerge_bias(self, name: str, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

@@ -17,7 +17,7 @@ def plan_parameters(model: nn.Module, config, module_targets: list[str], target_
     """injection.Target for every parameter `config.target_parameters` names, PEFT's way: a name matches a
     parameter's full name or its end after a dot; the parameters of one module are wrapped in the order the module
     registers them (so the first is innermost), and a later adapter joins the existing wrappers."""
-    from ..injection import Target, _inside_adapter_machinery
+    from ..injection import Target, inside_adapter_machinery
 
     names = sorted(set(config.target_parameters or ()))
     if not names:
@@ -32,7 +32,7 @@ def plan_parameters(model: nn.Module, config, module_targets: list[str], target_
                              f"'{pname}').")
     targets = []
     for key, module in model.named_modules():
-        if not key or _inside_adapter_machinery(model, key):
+        if not key or inside_adapter_machinery(model, key):
             continue
         adapted = isinstance(module, TunerLayer) and not isinstance(module, LoraParam)
         base = module.base_layer if adapted else innermost(module)

@@ -1,0 +1,218 @@
+"""LoRA's `ensure_weight_tying` on a model whose lm_head shares the input embedding's weight, against PEFT: the
+config PEFT rewrites, the shared copy or factors, the files both ways, training, warnings and refusals."""
+import copy
+import json
+import os
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from tiny_models import AGAINST_PEFT, assert_close, assert_same_params, copy_weights, impl, peft_fast_only, ref
+
+IDS = torch.tensor([[3, 17, 5, 60, 2, 9], [8, 1, 33, 4, 61, 12]])
+CASES = {
+    "target-embed": {"target_modules": ["embed_tokens", "q_proj"]},
+    "target-lm_head": {"target_modules": ["lm_head", "v_proj"]},
+    "target-regex": {"target_modules": r".*(embed_tokens|q_proj)"},
+    "save-embed": {"modules_to_save": ["embed_tokens"], "target_modules": ["q_proj"]},
+    "save-lm_head": {"modules_to_save": ["lm_head"], "target_modules": ["q_proj"]},
+}
+_BASE = {}
+
+
+def tied_llama(tie: bool = True):
+    if tie not in _BASE:
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _BASE[tie] = LlamaForCausalLM(LlamaConfig(
+                vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                num_key_value_heads=2, tie_word_embeddings=tie, pad_token_id=0))
+    return copy.deepcopy(_BASE[tie])
+
+
+def wrap(lib, adapter_name="default", model=None, **cfg):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return lib.get_peft_model(tied_llama() if model is None else model,
+                                  lib.LoraConfig(r=4, lora_alpha=8, ensure_weight_tying=True, **copy.deepcopy(cfg)),
+                                  adapter_name=adapter_name)
+
+
+def pair(**cfg):
+    """PEFT's model with its trainable numbers moved off their initial values, and the implementation's with the
+    same numbers (the tied ones are one storage in both, so copying both names writes the same values twice)."""
+    ref_model, impl_model = wrap(ref, **cfg), wrap(impl, **cfg)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, p in sorted(ref_model.named_parameters()):
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    copy_weights(ref_model, impl_model)
+    return ref_model, impl_model
+
+
+def logits(model, **kw):
+    with torch.no_grad():
+        return model(input_ids=IDS, **kw).logits
+
+
+def saved(model, path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(path)
+    with open(os.path.join(path, "adapter_config.json")) as f:
+        config = json.load(f)
+    return config, load_file(os.path.join(path, "adapter_model.safetensors"))
+
+
+def load(lib, path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return lib.PeftModel.from_pretrained(tied_llama(), path)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_tied_adapter_matches_peft(case, tmp_path):
+    ref_model, impl_model = pair(**CASES[case])
+    assert_same_params(ref_model, impl_model)  # PEFT lists a tied LoRA factor under both layers, a shared copy once
+    assert_close(logits(impl_model), logits(ref_model))
+    ref_cfg, ref_file = saved(ref_model, tmp_path / "ref")
+    impl_cfg, impl_file = saved(impl_model, tmp_path / "impl")
+    for key in ("target_modules", "modules_to_save", "ensure_weight_tying"):  # PEFT's rewritten lists
+        want, got = ref_cfg[key], impl_cfg[key]
+        assert (sorted(got) == sorted(want)) if isinstance(want, list) else got == want, key
+    assert sorted(impl_file) == sorted(ref_file)
+    for k in ref_file:
+        assert_close(impl_file[k], ref_file[k], msg=k)
+    assert_close(logits(load(impl, tmp_path / "ref")), logits(ref_model))
+    assert_close(logits(load(ref, tmp_path / "impl")), logits(ref_model))
+
+
+@pytest.mark.parametrize("case", ["target-embed", "save-lm_head"])
+def test_training_updates_both_tied_layers_as_peft(case):
+    ref_model, impl_model = pair(**CASES[case])
+    for model in (ref_model, impl_model):
+        params = [p for _, p in sorted(model.named_parameters()) if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=0.5)
+        for _ in range(2):
+            model(input_ids=IDS, labels=IDS).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    assert_close(logits(impl_model), logits(ref_model), atol=1e-4, rtol=1e-4)
+    inner = impl_model.base_model.model
+    if case == "target-embed":  # lm_head's factors still are the embedding's, after the optimizer's steps
+        emb = inner.model.embed_tokens
+        assert torch.equal(inner.lm_head.lora_A["default"].weight, emb.lora_embedding_B["default"].t())
+        assert torch.equal(inner.lm_head.lora_B["default"].weight, emb.lora_embedding_A["default"].t())
+    else:
+        assert inner.lm_head.modules_to_save["default"].weight is inner.model.embed_tokens.modules_to_save[
+            "default"].weight
+
+
+@peft_fast_only
+def test_merge_adds_the_tied_delta_once(tmp_path):
+    """Deliberate difference: PEFT merges the tied lm_head's delta into the weight it shares with the embedding
+    after the embedding's own merge added the same delta, so its merged model differs from the unmerged one."""
+    ref_model, impl_model = pair(**CASES["target-embed"])
+    want = logits(impl_model)
+    impl_model.merge_adapter()
+    assert_close(logits(impl_model), want, atol=1e-4, rtol=1e-4)
+    impl_model.unmerge_adapter()
+    assert_close(logits(impl_model), want, atol=1e-4, rtol=1e-4)
+    merged = impl_model.merge_and_unload()
+    assert merged.lm_head.weight is merged.model.embed_tokens.weight
+    assert_close(logits(merged), want, atol=1e-4, rtol=1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_merged = ref_model.merge_and_unload()
+    assert (logits(peft_merged) - want).abs().max() > 1e-2  # PEFT's double merge (if this fails, PEFT fixed it)
+
+
+@peft_fast_only
+def test_tie_survives_conversion_and_serves_mixed_batches():
+    model = wrap(impl, **CASES["target-embed"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.add_adapter("other", impl.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                   ensure_weight_tying=True, target_modules=["embed_tokens"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.3)
+    model = model.to(torch.float64)
+    lm_head, emb = model.base_model.model.lm_head, model.base_model.model.model.embed_tokens
+    for name in ("default", "other"):
+        assert lm_head.lora_A[name].weight.dtype == torch.float64
+        assert lm_head.lora_A[name].weight.data_ptr() == emb.lora_embedding_B[name].data_ptr()
+        assert lm_head.lora_B[name].weight.data_ptr() == emb.lora_embedding_A[name].data_ptr()
+    model.eval()
+    singles = {}
+    for name in ("default", "other"):
+        model.set_adapter(name)
+        singles[name] = logits(model)
+    mixed = logits(model, adapter_names=["other", "default"])
+    assert_close(mixed[0], singles["other"][0])
+    assert_close(mixed[1], singles["default"][1])
+    with torch.no_grad():  # a change made through the embedding is seen by lm_head's next batch
+        emb.lora_embedding_A["other"].mul_(2)
+    model.set_adapter("other")
+    again = logits(model)
+    assert (again - singles["other"]).abs().max() > 1e-3
+    assert_close(logits(model, adapter_names=["other", "other"]), again)
+    model.delete_adapter("other")
+    assert "other" not in lm_head.tied_adapters and "other" not in lm_head.lora_A
+
+
+def test_tied_layers_without_ensure_weight_tying_warn_as_peft():
+    for lib in (ref, impl):
+        with pytest.warns(UserWarning, match="ensure_weight_tying` is not set to True"):
+            lib.get_peft_model(tied_llama(), lib.LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"]))
+
+
+def test_ensure_weight_tying_on_an_untied_model_warns_as_peft():
+    for lib in (ref, impl):
+        with pytest.warns(UserWarning, match="no tied modules were found"):
+            lib.get_peft_model(tied_llama(tie=False), lib.LoraConfig(r=4, target_modules=["embed_tokens"],
+                                                                      ensure_weight_tying=True))
+        with pytest.warns(UserWarning, match="no tied modules are added"):
+            lib.get_peft_model(tied_llama(), lib.LoraConfig(r=4, target_modules=["q_proj"],
+                                                             ensure_weight_tying=True))
+
+
+def test_different_token_rows_for_tied_layers_are_refused_as_peft():
+    spec = {"embed_tokens": [1, 2], "lm_head": [3, 4]}
+    for lib in (ref, impl):
+        with pytest.raises(ValueError, match="Cannot ensure weight tying"):
+            lib.get_peft_model(tied_llama(), lib.LoraConfig(r=4, target_modules=["q_proj"], ensure_weight_tying=True,
+                                                             trainable_token_indices=spec))
+
+
+@peft_fast_only
+def test_tied_refusals_leave_the_model_unchanged():
+    model = tied_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="rewrites the base weight"):
+            impl.get_peft_model(model, impl.LoraConfig(r=4, target_modules=["embed_tokens"], init_lora_weights="olora",
+                                                       ensure_weight_tying=True))
+        with pytest.raises(ValueError, match="does not adapt"):
+            impl.get_peft_model(model, impl.LoraConfig(r=4, target_modules=["lm_head", "q_proj"],
+                                                       exclude_modules=["embed_tokens"], ensure_weight_tying=True))
+    assert all(type(m).__module__.startswith(("transformers", "torch")) for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    dora = wrap(impl, use_dora=True, init_lora_weights=False, **CASES["target-embed"])
+    with pytest.raises(ValueError, match="DoRA adapter"):
+        dora.merge_adapter()
+    assert not dora.base_model.model.lm_head.merged and not dora.base_model.model.model.embed_tokens.merged
+
+
+@pytest.mark.skipif(AGAINST_PEFT, reason="checks the implementation's rewritten config only")
+def test_config_records_the_flag():
+    cfg = impl.LoraConfig(r=4, target_modules=["q_proj"], ensure_weight_tying=True)
+    assert cfg.to_dict()["ensure_weight_tying"] is True
+    assert impl.LoraConfig.from_dict(cfg.to_dict()).ensure_weight_tying is True
