@@ -12,11 +12,7 @@ from typing import Iterator, Union
 import torch.nn as nn
 
 from .config import PeftConfig
-from .tuners.adalora.layer import AdaLoraLayer
-from .tuners.lora.experts import LoraParam
-from .tuners.lora.layer import LoraLinear
-
-_SCALED_LAYERS = (LoraLinear, LoraParam, AdaLoraLayer)  # PEFT's LoraLayer and its subclasses
+from .tuners.base_layer import TunerLayer
 
 
 def _only_varargs(method) -> bool:
@@ -71,7 +67,7 @@ def rescale_adapter_scale(model: nn.Module, multiplier: Union[float, int]) -> It
     an error. The layers' derived state (DoRA's cached norms, mixed-batch slots) follows both changes."""
     if not isinstance(multiplier, (float, int)) or isinstance(multiplier, bool):
         raise TypeError(f"Argument multiplier should be of type float, got {type(multiplier)}")
-    layers = [m for m in model.modules() if isinstance(m, _SCALED_LAYERS)]
+    layers = [m for m in model.modules() if isinstance(m, TunerLayer) and m.rescalable]
     if not layers:
         raise ValueError("scaling is only supported for models with `LoraLayer`s")
     original = {m: m.scaling for m in layers}

@@ -52,6 +52,9 @@ class TunerLayer(nn.Module):
     # Per-adapter dicts of which the model holds one object, shared by all its layers (VeRA's projections). PEFT
     # saves an adapter's entry once, as `base_model.<dict>`, and only when the dict's buffers are persistent.
     shared_adapter_dicts: tuple[str, ...] = ()
+    # A layer of PEFT's LoraLayer family, whose `scaling` multiplies each adapter's delta: peft_fast.helpers'
+    # rescale_adapter_scale rescales it, as PEFT's helper does LoraLayer's (and no other layer type's).
+    rescalable = False
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()

@@ -40,6 +40,7 @@ def base_kind(module: nn.Module, key: Optional[str] = None) -> str:
 class AdaLoraLayer(AdaLoraCompute, TunerLayer):
     adapter_layer_names = ("lora_A", "lora_B", "lora_E")
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "ranknum")
+    rescalable = True
     # The live config of each adapter (set by AdaLoraModel): its rank_pattern decides what the files hold.
     extra_adapter_dicts = ("adapter_config",)
 

@@ -172,6 +172,7 @@ class LoraParam(TunerLayer):
 
     adapter_layer_names = ("lora_A", "lora_B")
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "lora_bias")
+    rescalable = True
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, r: int, lora_alpha: float,
                  parameter_name: str, autocast_adapter_dtype: bool = True):

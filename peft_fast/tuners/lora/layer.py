@@ -45,6 +45,7 @@ class LoraLinear(LoraCompute, TunerLayer):
     extra_adapter_dicts = ("use_rslora", "use_dora", "lora_bias", "lora_magnitude_vector", "lora_variant",
                            "tied_adapters")
     file_key_renames = {"lora_magnitude_vector.weight": "lora_magnitude_vector"}  # PEFT's DoRA key
+    rescalable = True
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, r: int, lora_alpha: float,
                  autocast_adapter_dtype: bool = True, tied: Optional[nn.Module] = None):
