@@ -83,8 +83,19 @@ def _field_types(cls) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+class _AcceptsPeftKeys(type):
+    """Constructors take the keys PEFT's config class has and peft_fast does not model, as files do
+    (`PeftConfig.peft_only`): `LoraConfig(use_qalora=False, ...)` or `LoraConfig(**peft_config.to_dict())` as
+    with PEFT. Other unknown arguments still raise TypeError."""
+
+    def __call__(cls, *args: Any, **kwargs: Any):
+        if kwargs and cls.PEFT_TYPE is not None:
+            kwargs = cls.peft_only(kwargs, f"{cls.__name__}()", unknown_ok=True)
+        return super().__call__(*args, **kwargs)
+
+
 @dataclass(kw_only=True)
-class PeftConfig:
+class PeftConfig(metaclass=_AcceptsPeftKeys):
     """Fields every adapter type has. Subclasses add their own (positional first, as PEFT's configs)."""
 
     PEFT_TYPE: ClassVar[Optional[str]] = None
@@ -143,14 +154,29 @@ class PeftConfig:
         """Build from adapter_config.json's contents; on PeftConfig itself, the class its `peft_type` names."""
         if cls is PeftConfig:
             cls = registry.get(data.get("peft_type") or registry.default_type()).config_cls
-        data = dict(data)
-        data.pop("peft_version", None)
+        kwargs = cls.peft_only(data, source)
+        try:
+            return cls(**kwargs)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+
+    @classmethod
+    def peft_only(cls, data: dict[str, Any], source: str, unknown_ok: bool = False) -> dict[str, Any]:
+        """`data` without the keys this class does not model: PEFT's at their neutral values and inert ones are
+        dropped, those that would change the outputs refused, initialisation recipes dropped with a warning, unknown
+        keys dropped with a warning (kept instead with `unknown_ok`, for the constructor to refuse)."""
         known = {f.name for f in dataclasses.fields(cls) if f.init}
         kwargs = {k: v for k, v in data.items() if k in known}
         for key in sorted(set(data) - known):
             value = data[key]
+            if key == "peft_version":  # which PEFT wrote it
+                continue
             if key not in cls.PEFT_ONLY_KEYS:
-                warnings.warn(f"{source}: unknown key {key!r} is ignored (written by a newer PEFT or another tool?).")
+                if unknown_ok:
+                    kwargs[key] = value
+                else:
+                    warnings.warn(f"{source}: unknown key {key!r} is ignored (written by a newer PEFT or another "
+                                  "tool?).")
             elif value == cls.PEFT_ONLY_KEYS[key] or value in (None, {}, [], False) or key in cls.INERT_KEYS:
                 continue
             elif key in cls.OUTPUT_CHANGING_KEYS:
@@ -160,10 +186,7 @@ class PeftConfig:
                                           "for this adapter.")
             else:
                 warnings.warn(f"{source}: {key}={value!r} (a PEFT initialisation or training option) is ignored.")
-        try:
-            return cls(**kwargs)
-        except ConfigError as exc:
-            raise ConfigError(f"{source}: {exc}") from None
+        return kwargs
 
     @classmethod
     def from_peft(cls, config: Any) -> "PeftConfig":

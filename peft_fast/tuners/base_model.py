@@ -83,6 +83,10 @@ class TunerModel(nn.Module):
         return config
 
     @classmethod
+    def check_init(cls, config: Any) -> None:
+        """Refuse an initialisation this tuner cannot run, when an adapter is created (not loaded)."""
+
+    @classmethod
     def rewrites_base(cls, config: Any) -> bool:
         """Whether creating the adapter rewrites the base weights (then a failure must put them back)."""
         return False

@@ -172,6 +172,7 @@ def apply_plan(model: nn.Module, plan: Plan, adapter_name: str, undo: Undo, tune
     """Create the adapter in every planned place. `init` overrides the config's initialisation (e.g. False when
     loading). Returns the config the layers saw (a tuner may correct it per layer type, as PEFT does)."""
     config = plan.config if init is None else tuner_cls.with_init(plan.config, init)
+    tuner_cls.check_init(config)
     for t in plan.targets:
         layer_cls = t.layer_cls or tuner_cls.layer_cls
         module = model.get_submodule(t.key)  # an earlier target may have wrapped it (a parameter's wrapper)

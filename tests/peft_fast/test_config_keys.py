@@ -54,3 +54,26 @@ def test_refused_file_leaves_the_model_unchanged(tmp_path):
     with pytest.raises(NotImplementedError, match="layer_replication"):
         peft_fast.PeftModel.from_pretrained(base, str(tmp_path))
     assert type(base[0]) is torch.nn.Linear and all(p.requires_grad for p in base.parameters())
+
+
+@pytest.mark.parametrize("name", ["LoraConfig", "LoHaConfig", "LoKrConfig", "IA3Config", "VeraConfig", "OFTConfig",
+                                  "AdaLoraConfig"])
+def test_constructors_take_pefts_keyword_arguments(name):
+    """`Config(**peft_config.to_dict())` and PEFT's extra arguments at their neutral values, as with PEFT."""
+    import peft
+
+    extra = {"total_step": 10} if name == "AdaLoraConfig" else {}
+    data = getattr(peft, name)(target_modules=["q_proj"], **extra).to_dict()
+    data = {k: getattr(v, "value", v) for k, v in data.items()}
+    cfg = getattr(peft_fast, name)(**data)
+    assert cfg.target_modules == {"q_proj"} and cfg.peft_type == data["peft_type"]
+
+
+def test_constructor_refuses_as_files_do():
+    with pytest.raises(NotImplementedError, match="use_qalora"):
+        peft_fast.LoraConfig(r=4, use_qalora=True)
+    with pytest.raises(TypeError, match="bogus"):
+        peft_fast.LoraConfig(r=4, bogus=1)
+    with pytest.warns(UserWarning, match="loftq_config"):
+        cfg = peft_fast.LoraConfig(r=4, loftq_config={"loftq_bits": 4}, use_qalora=False, peft_version="0.21.2")
+    assert cfg.r == 4

@@ -335,6 +335,28 @@ def test_conversion_of_adapters_a_difference_of_products_cannot_express_is_refus
         assert not (tmp_path / "out").exists()
 
 
+@peft_fast_only
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_conversion_keeps_trained_biases(bias, tmp_path):
+    """PEFT fails on this save; the converted file must hold the biases trained beside the factors."""
+    original = base_model("gpt2")
+    x = inputs("gpt2")
+    model = impl.get_peft_model(copy.deepcopy(original), impl.LoraConfig(
+        r=4, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights="pissa", bias=bias))
+    model.save_pretrained(tmp_path / "init")
+    with torch.no_grad():
+        for n, p in sorted(model.named_parameters()):
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))))
+    model.save_pretrained(tmp_path / "lora", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    trained = out(model.eval(), x)
+    for lib in (ref, impl):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            back = lib.PeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "lora")
+        assert_close(out(back.eval(), x), trained, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_a_pissa_or_olora_adapter_loads_onto_the_original_base_as_in_peft(init, tmp_path):
     """Saved without conversion, the factors were trained over the residual base: loading runs the initialisation

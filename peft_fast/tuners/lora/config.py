@@ -113,13 +113,11 @@ class LoraConfig(PeftConfig):
         if not 0.0 <= float(self.lora_dropout) < 1.0:
             raise ValueError(f"`lora_dropout` must be in [0, 1), got {self.lora_dropout}.")
         init = self.init_lora_weights
-        if not (isinstance(init, bool) or init in ("gaussian", "pissa", "olora") or _is_pissa_niter(init)):
-            known = isinstance(init, str) and init.split("_niter_")[0] in PEFT_ONLY_INITS
-            raise (NotImplementedError if known else ValueError)(
-                f"Unknown initialization init_lora_weights={init!r}" if not known else
-                f"init_lora_weights={init!r} is a PEFT initialisation peft_fast does not implement yet"
-                f"; use one of {SUPPORTED_INITS}."
-            )
+        # A PEFT-only initialisation is a valid config (its adapters load: the weights come from the file);
+        # creating an adapter with it is refused (LoraModel.check_init).
+        if not (isinstance(init, bool) or (isinstance(init, str) and init.lower() in ("gaussian", "olora"))
+                or init == "pissa" or _is_pissa_niter(init) or peft_only_init(init)):
+            raise ValueError(f"Unknown initialization init_lora_weights={init!r}; use one of {SUPPORTED_INITS}.")
         if isinstance(self.target_parameters, str):
             raise TypeError("`target_parameters` must be a list of strings or None.")
         if self.trainable_token_indices is not None:
@@ -157,10 +155,15 @@ def _token_indices(value: Any) -> Any:
     return out if isinstance(value, dict) else out[None]
 
 
+def peft_only_init(init: Any) -> bool:
+    """An initialisation of PEFT's that peft_fast cannot run (its data-driven or quantisation-aware ones)."""
+    return isinstance(init, str) and (init.lower() in PEFT_ONLY_INITS or init.startswith("corda"))
+
+
 def _is_pissa_niter(init: Any) -> bool:
     return isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init) is not None
 
 
 def rewrites_base(init: Any) -> bool:
     """PiSSA and OLoRA move the principal part of the base weight into the adapter (the base keeps the residual)."""
-    return isinstance(init, str) and (init.startswith("pissa") or init == "olora")
+    return isinstance(init, str) and (init.startswith("pissa") or init.lower() == "olora")

@@ -44,8 +44,8 @@ def as_plain_lora(config: Any, tensors: dict[str, torch.Tensor], initial: dict[s
     out = {}
     for key, value in tensors.items():
         dim = 0 if _A.search(key) else 1 if _B.search(key) else None
-        if dim is None and ".base_layer." in key:  # an adapted table saved with it: the residual, not W (PEFT too)
-            continue
+        if dim is None and key.endswith(".base_layer.weight"):  # an adapted table saved with it: the residual, not
+            continue  # W (PEFT too); a trained bias (bias="lora_only"/"all") is kept: PiSSA leaves biases alone
         if dim is None:  # modules_to_save copies, trainable tokens: the same on either base
             out[key] = value
             continue

@@ -227,7 +227,7 @@ class LoraParam(TunerLayer):
         if r <= 0:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
         init = config.init_lora_weights
-        if not (isinstance(init, bool) or init == "gaussian"):
+        if not (isinstance(init, bool) or (isinstance(init, str) and init.lower() == "gaussian")):
             raise ValueError(f"init_lora_weights={init!r} needs a base weight matrix; target_parameters "
                              f"({self.parameter_name!r}) supports True, False and 'gaussian'.")
         E = self.num_experts

@@ -18,7 +18,7 @@ def reset(layer, name: str, init) -> None:
     a = layer.lora_A[name].weight
     if init is True:
         nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-    elif init == "gaussian":
+    elif isinstance(init, str) and init.lower() == "gaussian":  # PEFT compares lowercased
         nn.init.normal_(a, std=1 / layer.r[name])
     else:
         raise ValueError(f"Unknown initialization init_lora_weights={init!r}")

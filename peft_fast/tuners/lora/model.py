@@ -7,7 +7,7 @@ from typing import Optional
 from ..base_model import TunerModel
 from ..targets import pattern_value
 from . import dispatch
-from .config import DEFAULT_TARGETS, rewrites_base
+from .config import DEFAULT_TARGETS, SUPPORTED_INITS, peft_only_init, rewrites_base
 from .param_targets import plan_parameters
 from .layer import LoraLinear
 from .weighted import add_weighted_adapter
@@ -40,6 +40,14 @@ class LoraModel(TunerModel):
     @classmethod
     def rewrites_base(cls, config) -> bool:
         return rewrites_base(config.init_lora_weights)
+
+    @classmethod
+    def check_init(cls, config) -> None:
+        init = config.init_lora_weights
+        if peft_only_init(init):
+            raise NotImplementedError(f"init_lora_weights={init!r} is a PEFT initialisation peft_fast does not "
+                                      f"implement yet; use one of {SUPPORTED_INITS}. (Adapters trained with it "
+                                      "load: their weights come from the file.)")
 
     def check_new_adapter(self, config) -> None:
         if config.bias != "none" and any(c.bias != "none" for c in self.peft_config.values()):

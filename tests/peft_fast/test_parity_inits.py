@@ -1,0 +1,59 @@
+"""Initialisations by name, against PEFT: adapters trained with one of PEFT's initialisations that peft_fast cannot
+run (EVA, CorDA, LoftQ, ...) load, as their weights come from the file; creating one is refused; the names PEFT
+compares lowercased ("Gaussian", "OLoRA") work as in PEFT."""
+import json
+import warnings
+
+import pytest
+import torch
+
+from tiny_models import assert_close, base_model, impl, inputs, make_pair, out, peft_fast_only
+
+# PEFT runs LoftQ's and CorDA's initialisation when loading too (scipy; CorDA's preprocessing on data), so it
+# cannot load those files without them; peft_fast takes the weights from the file.
+PEFT_ONLY = ["eva", "orthogonal", "lora_ga", "mica", pytest.param("loftq", marks=peft_fast_only),
+             pytest.param("corda", marks=peft_fast_only)]
+
+
+@pytest.mark.parametrize("init", PEFT_ONLY)
+def test_adapter_trained_with_a_peft_only_init_loads(init, tmp_path):
+    _, ref_model, _ = make_pair("llama")
+    with torch.no_grad():
+        for n, p in ref_model.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.2)
+    ref_model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    data = json.loads(path.read_text())
+    data["init_lora_weights"] = init  # as PEFT writes it for an adapter created with that initialisation
+    path.write_text(json.dumps(data))
+    x = inputs("llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = impl.PeftModel.from_pretrained(base_model("llama"), str(tmp_path))
+    with torch.no_grad():
+        assert_close(out(loaded, x), out(ref_model.eval(), x))
+    assert loaded.peft_config["default"].init_lora_weights == init
+
+
+@peft_fast_only
+@pytest.mark.parametrize("init", ["eva", "corda", "loftq"])
+def test_creating_a_peft_only_init_is_refused_and_changes_nothing(init):
+    model = base_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(NotImplementedError, match=init):
+        impl.get_peft_model(model, impl.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=init))
+    assert all(type(m).__module__.startswith(("transformers", "torch")) for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("init", ["Gaussian", "OLoRA"])
+def test_init_names_are_compared_lowercased_as_in_peft(init):
+    _, ref_model, impl_model = make_pair("llama", copy=False, init_lora_weights=init)
+    ref_params = dict(ref_model.named_parameters())
+    for n, p in impl_model.named_parameters():  # same RNG draws, same base rewrites (OLoRA)
+        assert_close(p, ref_params[n], msg=n)
+    x = inputs("llama")
+    with torch.no_grad():
+        assert_close(out(impl_model, x), out(ref_model, x))
+    assert impl_model.peft_config["default"].init_lora_weights == init
