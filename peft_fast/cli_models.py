@@ -36,15 +36,39 @@ def _load_base(base: str, cls, dtype: Optional[str]):
         raise CliError(f"cannot load the model {base}{where}: {exc}") from None
 
 
-def _save_tokenizer(base: str, out: str) -> bool:
-    """Best effort: a model without a tokenizer (or one transformers cannot read) is saved without one."""
-    try:
-        from transformers import AutoTokenizer
+def _save_tokenizer(sources: tuple[str, ...], out: str) -> bool:
+    """The first tokenizer found in `sources` (an adapter folder holding the tokenizer its added tokens came with,
+    then the base), best effort: a model without one (or one transformers cannot read) is saved without one."""
+    from transformers import AutoTokenizer
 
-        AutoTokenizer.from_pretrained(base).save_pretrained(out)
-        return True
-    except Exception:
-        return False
+    for source in sources:
+        try:
+            AutoTokenizer.from_pretrained(source).save_pretrained(out)
+            return True
+        except Exception:  # no tokenizer there (or an unreadable one): try the next source
+            continue
+    return False
+
+
+def _saved_vocab(folder: str, model) -> Optional[int]:
+    """Rows of the input embedding's table saved with the adapter (PEFT's save_embedding_layers, as after
+    resize_token_embeddings for added tokens), when they differ from the model's; None otherwise."""
+    from safetensors import safe_open
+
+    path = os.path.join(folder, "adapter_model.safetensors")
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    name = next((k for k, m in model.named_modules() if m is embedding), None) if embedding is not None else None
+    if name is None or not os.path.isfile(path):
+        return None
+    prefix = f"base_model.model.{name}."
+    with safe_open(path, "pt") as fh:
+        for key in fh.keys():
+            rest = key[len(prefix):] if key.startswith(prefix) else ""
+            if rest.endswith("weight") and "lora_" not in rest:
+                shape = fh.get_slice(key).get_shape()
+                if len(shape) == 2 and shape[1] == embedding.embedding_dim and shape[0] != embedding.num_embeddings:
+                    return int(shape[0])
+    return None
 
 
 # --- merge -----------------------------------------------------------------------------------------------------
@@ -67,14 +91,17 @@ def merge(args: argparse.Namespace) -> int:
         raw = json.load(fh)
     cls = _auto_class(args.task_type or raw.get("task_type"), raw.get("auto_mapping"))
     model = _load_base(args.base, cls, args.dtype)
+    vocab = _saved_vocab(folder, model)
+    if vocab is not None:  # the adapter was trained with added tokens: its tables replace the resized ones
+        model.resize_token_embeddings(vocab)
     peft_model = PeftModel.from_pretrained(model, args.dir, subfolder=sub)
     merged = peft_model.merge_and_unload(safe_merge=args.safe)
     with staged_output(args.out) as stage:
         merged.save_pretrained(stage)
-        tokenizer = _save_tokenizer(args.base, stage)
+        tokenizer = _save_tokenizer((folder, args.dir, args.base), stage)
     print(f"merged adapter {args.adapter_name!r} of {args.dir} into {args.base} ({cls.__name__}, "
-          f"{str(merged.dtype).removeprefix('torch.')}); saved to {args.out}"
-          + ("" if tokenizer else " (no tokenizer found in BASE)"))
+          f"{str(merged.dtype).removeprefix('torch.')}" + (f", vocabulary resized to {vocab}" if vocab else "")
+          + f"); saved to {args.out}" + ("" if tokenizer else " (no tokenizer found in BASE)"))
     return 0
 
 
@@ -95,7 +122,7 @@ def quantize(args: argparse.Namespace) -> int:
         raise CliError(f"{args.base} has no torch.nn.Linear layers to quantize (besides the output head)")
     with staged_output(args.out) as stage:
         save_quantized(model, stage, settings)
-        tokenizer = _save_tokenizer(args.base, stage)
+        tokenizer = _save_tokenizer((args.base,), stage)
     stacks = sum(is_nf4_experts(m) for m in model.modules())
     print(f"quantized {n4} linear layers" + (f" and {stacks} experts modules" if stacks else "") +
           f" of {args.base} to 4-bit {args.quant_type} (blocksize {args.blocksize}, "

@@ -185,3 +185,33 @@ def test_convert_reads_every_adapter_before_writing(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "src"), str(tmp_path / "out"), "--to", "bin"]) == 1
     assert "interrupted" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_merge_an_adapter_trained_with_added_tokens(tmp_path):
+    """The base is resized to the vocabulary of the tables saved with the adapter, as training resized it; the
+    adapter folder's tokenizer is preferred to the base's."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    import peft_fast
+    from peft_fast.cli import main
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2))
+    base.save_pretrained(tmp_path / "base")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+        model.resize_token_embeddings(72)
+        model = peft_fast.get_peft_model(model, peft_fast.LoraConfig(r=4, target_modules=["q_proj"],
+                                                                     init_lora_weights=False,
+                                                                     base_model_name_or_path=str(tmp_path / "base")))
+    model.save_pretrained(tmp_path / "adapter")
+    ids = torch.tensor([[1, 5, 66, 71, 7]])  # added tokens included
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    assert main(["merge", str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert merged.get_input_embeddings().num_embeddings == 72
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
