@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import traceback
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence
@@ -175,8 +176,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "peft-fast") -> int:
         print("error: interrupted", file=sys.stderr)
         return 130
     except CliError as exc:
-        if args.traceback:
-            raise
+        if args.traceback:  # the traceback, and still the command's exit code (2: usage)
+            traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         return exc.code
     except Exception as exc:  # library errors (bad files, models that do not fit, ...): one line, exit 1

@@ -78,6 +78,19 @@ def _publishable(stage: str) -> None:
             os.chmod(os.path.join(root, n), 0o666 & ~umask)
 
 
+def _clashes(src: str, dst: str) -> list[str]:
+    """Paths under `dst` that a file of `src` cannot replace: a folder where a file goes, or a file where a folder
+    goes (found before anything moves, so that a refused publish changes nothing)."""
+    out = []
+    for entry in os.listdir(src):
+        s, d = os.path.join(src, entry), os.path.join(dst, entry)
+        if os.path.isdir(s) and os.path.isdir(d):
+            out += _clashes(s, d)
+        elif os.path.lexists(d) and os.path.isdir(s) != os.path.isdir(d):
+            out.append(d)
+    return out
+
+
 def _move_into(src: str, dst: str) -> None:
     """Move every file of `src` into `dst`, one atomic rename per file (subfolders merged)."""
     os.makedirs(dst, exist_ok=True)
@@ -91,22 +104,27 @@ def _move_into(src: str, dst: str) -> None:
 
 @contextlib.contextmanager
 def staged_output(out: str) -> Iterator[str]:
-    """A temp folder beside `out` to write into; on success it becomes `out` (one rename when `out` is new or
-    empty, else file by file). A command that fails or is killed leaves `out` as it was: transformers'
-    save_pretrained writes its files in place, so a half-written model is never seen under `out`."""
-    out = os.path.abspath(out)
-    parent = os.path.dirname(out)
+    """A temp folder to write into; on success its files become `out`'s. A new `out` is staged beside it and
+    renamed in one step; an existing folder (a mount point, a symlink's target, ".") is staged inside itself, on
+    its own file system, and filled file by file, the folder itself kept. A command that fails or is killed leaves
+    `out` as it was: transformers' save_pretrained writes its files in place, so a half-written model is never
+    seen under `out`."""
+    out = os.path.realpath(out)
+    exists = os.path.isdir(out)
+    parent = out if exists else os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     stage = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", suffix=".tmp", dir=parent)
     try:
         yield stage
         _publishable(stage)
-        if os.path.isdir(out) and not os.listdir(out):
-            os.rmdir(out)
-        if not os.path.exists(out):
+        if not exists:
             os.rename(stage, out)
-        else:
-            _move_into(stage, out)
+            return
+        clashes = _clashes(stage, out)
+        if clashes:
+            raise CliError(f"{clashes[0]} is in the way (a file where a folder goes, or the reverse); nothing was "
+                           "written: remove it, or write to another folder")
+        _move_into(stage, out)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 

@@ -33,6 +33,10 @@ def run(args: argparse.Namespace) -> int:
         with open(config_path, encoding="utf-8") as fh:
             text = fh.read()
         loaded.append((name, text, files.load_tensors(path), os.path.basename(path)))
+        out_dir = args.out if name == "default" else os.path.join(args.out, name)
+        if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+            raise CliError(f"{out_dir} is a file, where adapter {name!r} goes; nothing was written: remove it, or "
+                           "write to another folder")
     for name, text, tensors, source in loaded:
         out_dir = args.out if name == "default" else os.path.join(args.out, name)
         os.makedirs(out_dir, exist_ok=True)

@@ -86,7 +86,7 @@ def merge(args: argparse.Namespace) -> int:
         names = sorted(e for e in os.listdir(args.dir) if os.path.isfile(os.path.join(args.dir, e, CONFIG_NAME)))
         found = f"; adapters in subfolders: {', '.join(names)} (pick one with --adapter-name)" if names else ""
         raise UsageError(f"{folder} is not an adapter folder: no {CONFIG_NAME}{found}")
-    check_output(args.out, args.force, sources=(args.dir,))
+    check_output(args.out, args.force, sources=(args.dir, args.base))
     with open(config_path, encoding="utf-8") as fh:
         raw = json.load(fh)
     cls = _auto_class(args.task_type or raw.get("task_type"), raw.get("auto_mapping"))

@@ -215,3 +215,60 @@ def test_merge_an_adapter_trained_with_added_tokens(tmp_path):
     assert merged.get_input_embeddings().num_embeddings == 72
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """A tiny base folder and an adapter folder with a second adapter in a subfolder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import peft_fast
+
+    root = tmp_path_factory.mktemp("small")
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2))
+    base.save_pretrained(root / "base")
+    model = peft_fast.get_peft_model(base, peft_fast.LoraConfig(r=2, target_modules=["q_proj"],
+                                                                init_lora_weights=False))
+    model.add_adapter("second", peft_fast.LoraConfig(r=2, target_modules=["v_proj"], init_lora_weights=False))
+    model.save_pretrained(root / "adapter")
+    return root
+
+
+def test_merge_into_a_symlinked_folder_and_into_the_current_folder(small, tmp_path, monkeypatch):
+    """An existing OUT (a symlink's target, ".", a mount point) is filled in place: the folder itself stays."""
+    from peft_fast.cli import main
+
+    real = tmp_path / "scratch"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    assert main(["merge", str(small / "base"), str(small / "adapter"), str(tmp_path / "link")]) == 0
+    assert (tmp_path / "link").is_symlink() and (real / "config.json").is_file()
+    here = tmp_path / "here"
+    here.mkdir()
+    inode = here.stat().st_ino
+    monkeypatch.chdir(here)
+    assert main(["merge", str(small / "base"), str(small / "adapter"), "."]) == 0
+    assert here.stat().st_ino == inode and (here / "config.json").is_file()
+    assert not [p for p in os.listdir(here) if p.endswith(".tmp")]
+
+
+def test_merge_refuses_the_base_as_out_and_convert_refuses_a_clash(small, tmp_path, capsys):
+    from peft_fast.cli import main
+
+    before = sorted(os.listdir(small / "base"))
+    assert main(["merge", str(small / "base"), str(small / "adapter"), str(small / "base"), "--force"]) == 2
+    assert "input folder" in capsys.readouterr().err and sorted(os.listdir(small / "base")) == before
+    out = tmp_path / "c"
+    out.mkdir()
+    (out / "second").write_text("a file where the second adapter's folder goes")
+    assert main(["convert", str(small / "adapter"), str(out), "--force"]) == 1
+    assert "nothing was written" in capsys.readouterr().err and os.listdir(out) == ["second"]
+
+
+def test_traceback_keeps_the_usage_exit_code(tmp_path, capsys):
+    from peft_fast.cli import main
+
+    assert main(["inspect", str(tmp_path / "missing"), "--traceback"]) == 2
+    assert "Traceback" in capsys.readouterr().err
