@@ -255,7 +255,12 @@ class PeftModel(*_bases()):
             text = config.to_json_string(auto_mapping=self._auto_mapping(config))
             # The weights first, carrying the config that follows: an interrupted pair is refused when loaded.
             weights = files.WEIGHTS_NAME if safe_serialization else files.LEGACY_WEIGHTS_NAME
+            stale = os.path.join(out_dir, files.LEGACY_WEIGHTS_NAME if safe_serialization else files.WEIGHTS_NAME)
             with files.folder_lock(out_dir):
+                # An earlier save in the other format would be read instead of this one (safetensors first) or
+                # beside it: PEFT leaves it there, and its loads then return the old weights.
+                if os.path.isfile(stale):
+                    os.unlink(stale)
                 files.atomic_save_tensors(os.path.join(out_dir, weights), tensors, safe_serialization,
                                           metadata={files.CONFIG_KEY: text})
                 files.atomic_write_text(os.path.join(out_dir, CONFIG_NAME), text)

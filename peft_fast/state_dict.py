@@ -21,13 +21,21 @@ from .tuners.file_keys import PREFIX, _resolve, adapter_tensors, load_adapter_te
 from .tuners.modules_to_save import ModulesToSaveWrapper
 
 
-def _unwrap(model: nn.Module) -> tuple[nn.Module, dict, bool]:
-    """(the adapted model, its configs, whether it is wrapped in a PeftModel)."""
+def _unwrap(model: nn.Module, adapter_name: Optional[str] = None) -> tuple[nn.Module, dict, bool]:
+    """(the adapted model, its configs, whether it is wrapped in a PeftModel); with `adapter_name`, refuses a model
+    without that adapter (PEFT raises KeyError) rather than giving it no tensors."""
     tuner = getattr(model, "base_model", None)
     if isinstance(tuner, TunerModel):  # a PeftModel
-        return tuner.model, tuner.peft_config, True
-    configs = model.__dict__.get("peft_config")  # set by inject_adapter_in_model
-    return model, configs if isinstance(configs, dict) else {}, False
+        inner, configs, wrapped = tuner.model, tuner.peft_config, True
+    else:
+        configs = model.__dict__.get("peft_config")  # set by inject_adapter_in_model
+        inner, configs, wrapped = model, configs if isinstance(configs, dict) else {}, False
+    if adapter_name is not None and adapter_name not in configs:
+        if not configs:
+            raise ValueError(f"{type(model).__name__} holds no peft_fast adapter (a Hugging Face PEFT model takes "
+                             "peft's own get_peft_model_state_dict / set_peft_model_state_dict).")
+        raise KeyError(f"No adapter named {adapter_name!r}; the model has {sorted(configs)}.")
+    return inner, configs, wrapped
 
 
 def _whole(tensor: torch.Tensor) -> torch.Tensor:
@@ -44,7 +52,7 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: Optional[dict[str, t
     layer is a target, or the vocabulary differs from the base model's config."""
     if unwrap_compiled:
         model = getattr(model, "_orig_mod", model)
-    inner, configs, wrapped = _unwrap(model)
+    inner, configs, wrapped = _unwrap(model, adapter_name)
     tensors = adapter_tensors(inner, adapter_name, configs, save_embedding_layers)
     if state_dict is not None:
         tensors = _from_state_dict(inner, tensors, state_dict, adapter_name, wrapped)
@@ -79,6 +87,24 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
                               adapter_name: str = "default", ignore_mismatched_sizes: bool = False,
                               low_cpu_mem_usage: bool = False) -> _IncompatibleKeys:
     """Copy file-format tensors into an existing adapter's parameters (all or nothing; sharded parameters keep
-    their shard). Returns torch's load result, as PEFT; tensors that do not fit raise instead."""
-    load_adapter_tensors(_unwrap(model)[0], peft_model_state_dict, adapter_name)
-    return _IncompatibleKeys([], [])
+    their shard). Keys as `model.state_dict()` names them (`lora_A.default.weight`) are taken too, as in PEFT.
+    Returns torch's load result, as PEFT: `missing_keys` lists the model's state-dict entries not loaded (the
+    base's, and the adapter's that the dict lacks); tensors that do not fit raise instead."""
+    inner, configs, wrapped = _unwrap(model, adapter_name)
+    layers = {k: m for k, m in inner.named_modules() if isinstance(m, TunerLayer)}
+    wrappers = {k: m for k, m in inner.named_modules() if isinstance(m, ModulesToSaveWrapper)}
+    file_key_of = {}  # the model's name of each adapter tensor -> its file key
+    for file_key in adapter_tensors(inner, adapter_name, configs, save_embedding_layers=False):
+        name, _ = _resolve(file_key.removeprefix(PREFIX), adapter_name, layers, wrappers)
+        if name is not None:
+            file_key_of[name] = file_key
+    tensors, loaded = {}, set()
+    for key, value in peft_model_state_dict.items():
+        name = key.removeprefix(PREFIX)
+        key = file_key_of.get(name, key)  # a state-dict name: the file key it stands for
+        tensors[key] = value
+        resolved, _ = _resolve(key.removeprefix(PREFIX), adapter_name, layers, wrappers)
+        loaded.add(resolved)
+    load_adapter_tensors(inner, tensors, adapter_name)
+    prefix = PREFIX if wrapped and inner is not model else ""
+    return _IncompatibleKeys([k for k in model.state_dict() if k.removeprefix(prefix) not in loaded], [])
