@@ -155,7 +155,11 @@ def resolve_file(path: str, filename: str, subfolder: Optional[str] = None, **hu
     local = os.path.join(folder, filename)
     if os.path.isdir(folder):
         if not os.path.isfile(local):
-            raise AdapterFileNotFoundError(f"{filename} not found in {folder!r}; the adapter folder is incomplete.")
+            inside = sorted(e for e in os.listdir(folder) if os.path.isfile(os.path.join(folder, e, filename)))
+            hint = (f" It holds adapters in subfolders ({', '.join(inside)}), as save_pretrained writes every adapter "
+                    "but 'default': pass subfolder=<name> (load_adapter: the same)." if inside and not subfolder
+                    else " The adapter folder is incomplete.")
+            raise AdapterFileNotFoundError(f"{filename} not found in {folder!r}.{hint}")
         return local
     if os.path.exists(path) or path.startswith((".", "/")) or path.count("/") > 1:
         raise AdapterFileNotFoundError(f"Adapter folder {folder!r} does not exist.")

@@ -133,8 +133,11 @@ def pattern_value(patterns: dict, key: str, default):
 
 
 def no_match_error(config, model: nn.Module) -> NoMatchingPeftModuleError:
-    names = [n for n, _ in model.named_modules() if n]
-    linear_names = [n for n, m in model.named_modules() if isinstance(m, linear_types())]
+    # the model's own layers, not the parts of adapters already there (base_layer, lora_A.<name>, ...)
+    inside = {f"{k}.{s}" for k, m in model.named_modules() if k and isinstance(m, TunerLayer)
+              for s, _ in m.named_modules() if s}
+    names = [n for n, _ in model.named_modules() if n and n not in inside]
+    linear_names = [n for n, m in model.named_modules() if isinstance(m, linear_types()) and n not in inside]
     targets = config.target_modules
     wanted = [targets] if isinstance(targets, str) else sorted(targets)
     suffixes = sorted({n.rsplit(".", 1)[-1] for n in linear_names} or {n.rsplit(".", 1)[-1] for n in names})

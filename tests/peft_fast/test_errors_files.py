@@ -17,6 +17,7 @@ from tiny_models import (
     inputs,
     make_pair,
     out,
+    peft_fast_only,
     raises_like_peft,
     snapshot,
 )
@@ -159,3 +160,24 @@ def test_load_adapter_wrong_shape_message_like_peft(saved_adapter, tmp_path):
             lambda: r.load_adapter(str(d), adapter_name="other"),
         )
     assert re.search(r"\b3\b", msgs[1]) and "64" in msgs[1]
+
+
+@peft_fast_only
+def test_messages_point_to_the_fix(tmp_path):
+    """A folder holding only subfolder adapters names subfolder=; a model holding PEFT's own layers says so; the
+    closest-name hint lists the model's layers, not the parts of adapters already there."""
+    import peft
+
+    model = impl.get_peft_model(base_model("llama"), impl.LoraConfig(r=2, target_modules=["q_proj"]))
+    model.add_adapter("other", impl.LoraConfig(r=2, target_modules=["v_proj"]))
+    model.save_pretrained(tmp_path, selected_adapters=["other"])
+    with pytest.raises(FileNotFoundError, match=r"subfolders \(other\).*subfolder=<name>"):
+        impl.PeftModel.from_pretrained(base_model("llama"), str(tmp_path))
+    with pytest.raises(ValueError, match="no_such") as err:
+        model.add_adapter("third", impl.LoraConfig(r=2, target_modules=["no_such"]))
+    assert "base_layer" not in str(err.value) and "'default'" not in str(err.value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with_peft_layers = peft.get_peft_model(base_model("llama"), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="Hugging Face PEFT layer"):
+        impl.get_peft_model(with_peft_layers.base_model.model, impl.LoraConfig(r=2, target_modules=["q_proj"]))
