@@ -53,3 +53,42 @@ def remap_keys(tensors: dict[str, torch.Tensor], key_mapping: Optional[dict[str,
             raise ValueError(f"key_mapping maps two keys of {source} to {prefix + rest!r}; nothing was loaded.")
         out[prefix + rest] = value
     return out
+
+
+def convert_v4_layout(model, config, tensors: dict[str, torch.Tensor], adapter_name: str):
+    """(config, tensors) of an adapter trained on transformers v4 for a model whose layout v5 changed (Mixtral's
+    and other mixture-of-experts layers: one 3-D parameter per projection, the experts' w1/w3 fused), rewritten for
+    the v5 model as PEFT rewrites them; anything else is returned as it is. The conversion follows transformers'
+    own weight-conversion mapping, which PEFT's converter tracks, so it runs through PEFT when PEFT is installed;
+    without it such an adapter is refused when loading (its modules no longer exist)."""
+    if getattr(config, "peft_type", None) != "LORA" or not hasattr(getattr(model, "config", None), "model_type"):
+        return config, tensors
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:  # transformers 4: nothing changed
+        return config, tensors
+    if get_checkpoint_conversion_mapping(model.config.model_type) is None:
+        return config, tensors
+    try:
+        from peft.utils import transformers_weight_conversion as convert
+    except ImportError:
+        return config, tensors
+    peft_config = config.to_peft()
+    convert.convert_peft_config_for_transformers(peft_config, model=model,
+                                                 conversions=convert.get_model_conversion_mapping(model))
+    fields = ("target_modules", "target_parameters", "rank_pattern", "alpha_pattern")
+    if all(_same(getattr(peft_config, f), getattr(config, f)) for f in fields):
+        return config, tensors
+    tensors = convert.convert_peft_adapter_state_dict_for_transformers(
+        model=model, peft_config=peft_config, adapter_state_dict=tensors, adapter_name=adapter_name)
+    config = copy.deepcopy(config)
+    for f in fields:
+        value = getattr(peft_config, f)
+        setattr(config, f, set(value) if isinstance(value, (set, list)) and f == "target_modules" else
+                sorted(value) if isinstance(value, set) else value)
+    return config, tensors
+
+
+def _same(a, b) -> bool:
+    norm = lambda v: sorted(v) if isinstance(v, (set, list, tuple)) else ({} if v is None else v)  # noqa: E731
+    return norm(a) == norm(b)

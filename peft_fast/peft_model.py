@@ -16,7 +16,7 @@ from transformers.utils import PushToHubMixin
 from . import files
 from .config import CONFIG_NAME, PeftConfig, as_config
 from .batching import enter_batch, leave_batch
-from .loading import read_adapter
+from .loading import convert_v4_layout, read_adapter
 from .hub import push_to_hub
 from .model_card import write_model_card
 from .sharding import check_unsharded, unsharded_only
@@ -297,6 +297,7 @@ class PeftModel(*_bases()):
             raise TypeError("from_pretrained expects the base model; to add an adapter to a PeftModel use "
                             "load_adapter.")
         config, tensors, source = read_adapter(model_id, config, is_trainable, kwargs)
+        config, tensors = convert_v4_layout(model, config, tensors, adapter_name)
         tuner_cls = registry.get(config.peft_type).model_cls
         plan = injection.plan_adapter(model, config, tuner_cls)
         check_file_tensors(tensors, model, plan, tuner_cls, source)
@@ -321,6 +322,7 @@ class PeftModel(*_bases()):
         else:
             check_unsharded(self, f"load_adapter of a new adapter ({adapter_name!r})")
             config, tensors, source = read_adapter(model_id, None, is_trainable, kwargs)
+            config, tensors = convert_v4_layout(model, config, tensors, adapter_name)
             if registry.get(config.peft_type).model_cls is not tuner_cls:
                 raise ValueError(f"{model_id} holds a {config.peft_type} adapter; this model's adapters are "
                                  f"{self.peft_type}: load it into its own PeftModel.")

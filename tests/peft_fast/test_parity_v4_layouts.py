@@ -1,0 +1,67 @@
+"""Adapters trained on transformers v4 for a model whose layout v5 changed (Mixtral's experts and router): they
+load as PEFT loads them, converted to the v5 layout (target_parameters, w1/w3 fused with doubled rank and alpha)."""
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import MixtralConfig, MixtralForCausalLM
+
+from tiny_models import assert_close, impl, ref
+
+H, I, E = 32, 48, 2
+IDS = torch.tensor([[3, 17, 5, 60, 2], [8, 1, 33, 4, 61]])
+
+
+@pytest.fixture(scope="module")
+def base():
+    torch.manual_seed(0)
+    return MixtralForCausalLM(MixtralConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=1,
+                                            num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                                            num_local_experts=E, num_experts_per_tok=1, max_position_embeddings=32))
+
+
+def v4_adapter(path, targets):
+    """A v4 Mixtral adapter's files: per-expert w1/w2/w3 linears and the router `gate` under block_sparse_moe."""
+    config = ref.LoraConfig(r=2, lora_alpha=4, target_modules=targets).to_dict()
+    config.update(peft_type="LORA", target_modules=targets)
+    path.mkdir()
+    (path / "adapter_config.json").write_text(json.dumps(config, default=str))
+    shapes = {"w1": (H, I), "w3": (H, I), "w2": (I, H)}
+    g = torch.Generator().manual_seed(1)
+    tensors = {}
+    for t in targets:
+        mods = ([(f"block_sparse_moe.experts.{e}.{t}", *shapes[t]) for e in range(E)] if t in shapes else
+                [("block_sparse_moe.gate", H, E)] if t == "gate" else [("self_attn.q_proj", H, H)])
+        for name, fan_in, fan_out in mods:
+            key = f"base_model.model.model.layers.0.{name}"
+            tensors[f"{key}.lora_A.weight"] = 0.1 * torch.randn(2, fan_in, generator=g)
+            tensors[f"{key}.lora_B.weight"] = 0.1 * torch.randn(fan_out, 2, generator=g)
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    return str(path)
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "gate"], ["q_proj", "w1", "w2", "w3"]])
+def test_v4_mixtral_adapter_loads_as_in_peft(base, targets, tmp_path):
+    folder = v4_adapter(tmp_path / "v4", targets)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = ref.PeftModel.from_pretrained(copy.deepcopy(base), folder)
+        got = impl.PeftModel.from_pretrained(copy.deepcopy(base), folder)
+    assert (logits(want) - logits(base)).abs().max() > 1e-3  # the experts' adapters matter
+    assert_close(logits(got), logits(want))
+    for key in ("target_parameters", "rank_pattern", "alpha_pattern"):
+        assert sorted(getattr(got.peft_config["default"], key) or []) == sorted(
+            getattr(want.peft_config["default"], key) or []), key
+    got.save_pretrained(tmp_path / "v5")  # saved in the v5 layout: PEFT loads it back
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = ref.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "v5"))
+    assert_close(logits(back), logits(want))
