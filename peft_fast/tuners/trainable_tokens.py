@@ -295,6 +295,8 @@ class TrainableTokensWrapper(ModulesToSaveWrapper):
             return layer.base_layer(x, *args, **kwargs)
         return layer.forward_adapter(x, self._active_adapter[0])
 
+    # Rows split by name in Python, which torch.compile would guard on (a recompile per new mix): run eagerly.
+    @torch.compiler.disable
     def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
         """Each sample through its adapter's rows; samples of adapters without rows here (and "__base__") through
         the base layer."""

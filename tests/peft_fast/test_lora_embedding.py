@@ -314,3 +314,27 @@ def test_hotswap_and_weighted_merge_are_refused_clearly():
     with pytest.raises(NotImplementedError, match="embed_tokens"):
         i.add_weighted_adapter(["default"], [1.0], "merged")
     assert_unchanged(i, snap)
+
+
+def test_embedding_and_conv_models_run_after_deepcopy_and_pickle():
+    """Plain LoRA's variant is one shared object that layers test by identity: a deep copy or pickle of the model
+    (a reference model, EMA weights) must keep it, or embedding and conv layers take DoRA's path."""
+    import pickle
+
+    import peft_fast
+
+    torch.manual_seed(0)
+    emb = torch.nn.Sequential(torch.nn.Embedding(20, 8), torch.nn.Conv1d(8, 8, 3))
+    model = peft_fast.get_peft_model(emb, peft_fast.LoraConfig(r=2, target_modules=["0", "1"],
+                                                               init_lora_weights=False)).eval()
+    ids = torch.randint(0, 20, (2, 6))
+
+    def run(m):
+        with torch.no_grad():
+            return m.base_model.model[1](m.base_model.model[0](ids).transpose(1, 2))
+
+    want = run(model)
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        torch.testing.assert_close(run(clone), want)
+        clone.merge_adapter()
+        torch.testing.assert_close(run(clone), want, atol=1e-5, rtol=1e-5)

@@ -17,11 +17,29 @@ pytestmark = pytest.mark.skipif(AGAINST_PEFT, reason="peft_fast's compiled mixed
 MIXES = [["a", "b", "__base__", "a"], ["b", "b", "a", "__base__"], ["a", "a", "a", "a"], ["__base__"] * 4]
 
 
+def _other(kind: str):
+    """A config of another adapter type (LoHa, OFT), whose layers split mixed batches by name eagerly."""
+    if kind == "loha":
+        return peft_fast.LoHaConfig(r=4, target_modules=["q_proj", "v_proj"], init_weights=False)
+    return peft_fast.OFTConfig(r=0, oft_block_size=16, target_modules=["q_proj", "v_proj"], init_weights=False)
+
+
 def _model(kind="lora"):
     base = base_model("llama")
     if kind == "nf4":
         base = peft_fast.quantize(base)
+    if kind in ("loha", "oft"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.manual_seed(0)
+            model = peft_fast.get_peft_model(base, _other(kind), adapter_name="a")
+            model.add_adapter("b", _other(kind))
+        return model.eval()
     cfg = dict(use_dora=kind == "dora")
+    if kind == "tokens":  # the embedding's rows, split by name outside the graph
+        cfg["trainable_token_indices"] = [1, 5, 7]
+    if kind == "embed":
+        cfg["target_modules"] = ["q_proj", "embed_tokens"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.manual_seed(0)
@@ -51,7 +69,7 @@ def _breaks() -> dict:
     return {reason.split("\n")[0]: n for reason, n in counters["graph_break"].items()}
 
 
-@pytest.mark.parametrize("kind", ["lora", "dora", "nf4", "mts"])
+@pytest.mark.parametrize("kind", ["lora", "dora", "nf4", "mts", "tokens", "embed", "loha", "oft"])
 def test_a_new_mix_reuses_the_compiled_graph(fresh, kind):
     model, ids, cnt = _model(kind), _ids(), CompileCounter()
     compiled = torch.compile(model, backend=cnt)

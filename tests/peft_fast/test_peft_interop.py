@@ -248,3 +248,18 @@ def test_patch_of_a_peft_fast_model_is_refused_with_a_reason():
     model = peft_fast.get_peft_model(base_model("mlp"), peft_fast.LoraConfig(**default_cfg("mlp")))
     with pytest.raises(TypeError, match="already"):
         peft_fast.patch(model)
+
+
+@pytest.mark.parametrize("cfg", [{}, {"use_dora": True}], ids=["lora", "dora"])
+def test_a_patched_model_compiles_in_one_graph(cfg):
+    """A training step of a patched PEFT model traces whole (fullgraph) and gives the eager PEFT model's loss and
+    gradients."""
+    model = _peft_model("llama", **cfg)
+    eager = copy.deepcopy(model)
+    peft_fast.patch(model)
+    x = inputs("llama")
+    torch._dynamo.reset()
+    step = torch.compile(lambda m: _fwd_bwd(m, x), fullgraph=False, backend="aot_eager")
+    explain = torch._dynamo.explain(lambda m: out(m, x).pow(2).mean())(model)
+    assert explain.graph_break_count == 0, explain.break_reasons
+    _assert_same_run(step(model), _fwd_bwd(eager, x))

@@ -153,6 +153,8 @@ class AdaLoraCompute:
             hit = self._values[("scale", name)] = (key, float(self.scale(name)), ranknum)
         return hit[1]
 
+    # Rows split by name in Python, which torch.compile would guard on (a recompile per new mix): run eagerly.
+    @torch.compiler.disable
     def mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
         """Each sample through the adapter it names ("__base__": none). PEFT 0.21.2 fails on `adapter_names` for
         AdaLoRA (its layers hand the argument to the base layer) and leaves its hooks behind; here each sample

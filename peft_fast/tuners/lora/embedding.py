@@ -154,6 +154,8 @@ class LoraEmbedding(LoraLinear):
             return self.base_layer
         return _EmbeddingPlan(self, active)
 
+    # Rows split by name in Python, which torch.compile would guard on (a recompile per new mix): run eagerly.
+    @torch.compiler.disable
     def mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
         """PEFT's Embedding._mixed_batch_forward: each adapter's rows of the batch get its contribution."""
         names = [n for n in dict.fromkeys(adapter_names) if n != BASE_NAME and n in self.lora_embedding_A]

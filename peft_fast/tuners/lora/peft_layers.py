@@ -69,10 +69,11 @@ class FastPeftLora(LoraCompute):
         return result
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        variant_kwargs = {k: kwargs.get(k) for k in _variant_kwarg_keys() if kwargs.get(k) is not None}
+        keys = _VARIANT_KEYS if _VARIANT_KEYS is not None else _variant_kwarg_keys()
+        variant_kwargs = {k: kwargs.get(k) for k in keys if kwargs.get(k) is not None}
         if variant_kwargs:  # arguments of PEFT's other variants (aLoRA offsets, ...): PEFT computes those
             return self._pf_original.forward(self, x, *args, **kwargs)
-        for k in _variant_kwarg_keys():
+        for k in keys:
             kwargs.pop(k, None)
         self._check_forward_args(x, *args, **kwargs)
         adapter_names = kwargs.pop("adapter_names", None)
@@ -86,7 +87,14 @@ class FastPeftLora(LoraCompute):
 
 
 def _variant_kwarg_keys() -> tuple:
-    return tuple(getattr(importlib.import_module("peft.tuners.lora.layer"), "VARIANT_KWARG_KEYS", ()))
+    """PEFT's forward arguments for its other variants, read once (adopt reads them): an import per forward would
+    break a compiled graph at every layer."""
+    global _VARIANT_KEYS
+    _VARIANT_KEYS = tuple(getattr(importlib.import_module("peft.tuners.lora.layer"), "VARIANT_KWARG_KEYS", ()))
+    return _VARIANT_KEYS
+
+
+_VARIANT_KEYS: Optional[tuple] = None
 
 
 def _batch_names(names):
@@ -168,6 +176,7 @@ def adopt(layer) -> Optional[str]:
     """Run `layer` on peft_fast's kernels; None when done (or already), else why it stays PEFT's."""
     if adopted(layer):
         return None
+    _variant_kwarg_keys()
     fast = _peft_classes().get(type(layer))
     if fast is None:
         return f"{type(layer).__name__} layers are not accelerated (peft_fast runs LoRA on Linear/Conv1D and 4-bit bases)"

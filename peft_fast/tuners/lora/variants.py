@@ -70,6 +70,10 @@ class LoraVariant:
 class Lora(LoraVariant):
     """Plain LoRA: y = base(x) + s·(dropout(x)·Aᵀ)·Bᵀ (+ s·b_B)."""
 
+    def __reduce__(self) -> str:
+        # One instance (LORA), which layers test by identity: deepcopy and pickle give it back, not a copy.
+        return "LORA"
+
     def fused(self, layer, name: str, x: torch.Tensor):
         """The op for this adapter alone over a plain dense base (lora_linear) or an NF4 base (qlora_linear), with
         the implementation chosen now; everything else (parameters, scaling, dropout) is read at call time."""

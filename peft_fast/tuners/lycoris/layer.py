@@ -178,6 +178,8 @@ class LycorisLayer(TunerLayer):
             hit = self._values[slot] = (key, value, kept)  # kept alive: no id in the key can be reused meanwhile
         return hit[1]
 
+    # Rows split by name in Python, which torch.compile would guard on (a recompile per new mix): run eagerly.
+    @torch.compiler.disable
     def mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
         """Each sample through its own adapter ("__base__": none). PEFT 0.21.2 ignores `adapter_names` for LoHa and
         LoKr (every sample gets the active adapters); here each gets the one it names, as LoRA's mixed batches do."""

@@ -171,6 +171,8 @@ class OFTCompute:
             return m._conv_forward(x, weight, bias)
         return F.embedding(x, weight, m.padding_idx, None, m.norm_type, m.scale_grad_by_freq, m.sparse)
 
+    # Rows split by name in Python, which torch.compile would guard on (a recompile per new mix): run eagerly.
+    @torch.compiler.disable
     def mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
         """Each sample through the adapter it names ("__base__": none). PEFT 0.21.2 ignores `adapter_names` for OFT
         (every sample gets the active adapters); here each gets its own, as LoRA's mixed batches do: rotated inputs
