@@ -24,7 +24,8 @@ import torch
 from transformers import LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
-from demo import SEED, SEQ_LEN, build_base, encode, train  # examples/demo.py, next to this script
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # demo.py, also when the script's folder is not on sys.path
+from demo import SEED, SEQ_LEN, build_base, encode, train  # noqa: E402  (python -P, PYTHONSAFEPATH)
 from peft_fast import LoraConfig, PeftModel, get_peft_model
 
 HERE = Path(__file__).resolve().parent

@@ -36,8 +36,9 @@ unreadable or missing files, a config peft_fast refuses), 2 if DIR is not an ada
 printed in every case but the last."""
 MERGE = """Load BASE with transformers, with the Auto class the adapter's task_type names (AutoModelForCausalLM
 for CAUSAL_LM; for no task_type, the base class PEFT recorded, else AutoModelForCausalLM), load the adapter in DIR
-with peft_fast, merge_and_unload(), and save a plain transformers model to OUT, with BASE's tokenizer when it has
-one. OUT is written beside itself first and moved into place when complete."""
+with peft_fast, merge_and_unload(), and save a plain transformers model to OUT, with the adapter folder's tokenizer
+(its added tokens) or else BASE's, when there is one. An adapter trained with added tokens (its folder holds the
+embedding tables) is merged into BASE resized to their vocabulary. OUT is staged first and filled when complete."""
 QUANTIZE = """Load BASE with transformers, replace its linear layers (not the output head) by 4-bit NF4Linear layers
 (peft_fast.quantize: bitsandbytes' exact bytes, without bitsandbytes) and save a transformers 4-bit checkpoint to
 OUT: config.json with a bitsandbytes quantization_config, model.safetensors under transformers' 4-bit keys.

@@ -12,7 +12,8 @@ from .bases.checkpoint import _dtype, save_quantized
 from .bases.nf4_experts import is_nf4_experts
 from .bases.nf4_linear import NF4Linear
 from .bases.quantize import quantize as quantize_model
-from .cli_common import CliError, UsageError, check_output, staged_output
+from . import files
+from .cli_common import CliError, UsageError, check_output, staged_output, weights_file
 from .config import CONFIG_NAME
 from .names import check_adapter_name
 from .peft_model import PeftModel
@@ -53,22 +54,28 @@ def _save_tokenizer(sources: tuple[str, ...], out: str) -> bool:
 def _saved_vocab(folder: str, model) -> Optional[int]:
     """Rows of the input embedding's table saved with the adapter (PEFT's save_embedding_layers, as after
     resize_token_embeddings for added tokens), when they differ from the model's; None otherwise."""
-    from safetensors import safe_open
-
-    path = os.path.join(folder, "adapter_model.safetensors")
+    path = weights_file(folder)
     embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     name = next((k for k, m in model.named_modules() if m is embedding), None) if embedding is not None else None
-    if name is None or not os.path.isfile(path):
+    if name is None or path is None:
         return None
     prefix = f"base_model.model.{name}."
-    with safe_open(path, "pt") as fh:
-        for key in fh.keys():
-            rest = key[len(prefix):] if key.startswith(prefix) else ""
-            if rest.endswith("weight") and "lora_" not in rest:
-                shape = fh.get_slice(key).get_shape()
-                if len(shape) == 2 and shape[1] == embedding.embedding_dim and shape[0] != embedding.num_embeddings:
-                    return int(shape[0])
+    for key, shape in _shapes(path).items():
+        rest = key[len(prefix):] if key.startswith(prefix) else ""
+        if rest.endswith("weight") and "lora_" not in rest:
+            if len(shape) == 2 and shape[1] == embedding.embedding_dim and shape[0] != embedding.num_embeddings:
+                return int(shape[0])
     return None
+
+
+def _shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of a weights file: the safetensors header alone, or a .bin file read whole (adapter-sized)."""
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as fh:
+            return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+    return {k: tuple(v.shape) for k, v in files.load_tensors(path).items()}
 
 
 # --- merge -----------------------------------------------------------------------------------------------------
@@ -101,7 +108,7 @@ def merge(args: argparse.Namespace) -> int:
         tokenizer = _save_tokenizer((folder, args.dir, args.base), stage)
     print(f"merged adapter {args.adapter_name!r} of {args.dir} into {args.base} ({cls.__name__}, "
           f"{str(merged.dtype).removeprefix('torch.')}" + (f", vocabulary resized to {vocab}" if vocab else "")
-          + f"); saved to {args.out}" + ("" if tokenizer else " (no tokenizer found in BASE)"))
+          + f"); saved to {args.out}" + ("" if tokenizer else " (no tokenizer found in DIR or BASE)"))
     return 0
 
 

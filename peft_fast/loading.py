@@ -61,7 +61,9 @@ def convert_v4_layout(model, config, tensors: dict[str, torch.Tensor], adapter_n
     the v5 model as PEFT rewrites them; anything else is returned as it is. The conversion follows transformers'
     own weight-conversion mapping, which PEFT's converter tracks, so it runs through PEFT when PEFT is installed;
     without it such an adapter is refused when loading (its modules no longer exist)."""
-    if getattr(config, "peft_type", None) != "LORA" or not hasattr(getattr(model, "config", None), "model_type"):
+    # The conversion rewrites targets into target_parameters: only a config with that field can take it (PEFT
+    # converts LoRA adapters only, the one type that has it).
+    if not hasattr(config, "target_parameters") or not hasattr(getattr(model, "config", None), "model_type"):
         return config, tensors
     try:
         from transformers.conversion_mapping import get_checkpoint_conversion_mapping

@@ -210,11 +210,14 @@ def test_merge_an_adapter_trained_with_added_tokens(tmp_path):
     ids = torch.tensor([[1, 5, 66, 71, 7]])  # added tokens included
     with torch.no_grad():
         want = model(input_ids=ids).logits
-    assert main(["merge", str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "merged")]) == 0
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
-    assert merged.get_input_embeddings().num_embeddings == 72
-    with torch.no_grad():
-        torch.testing.assert_close(merged(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
+    assert main(["convert", str(tmp_path / "adapter"), str(tmp_path / "adapter_bin"), "--to", "bin"]) == 0
+    for adapter in ("adapter", "adapter_bin"):
+        out = tmp_path / f"merged_{adapter}"
+        assert main(["merge", str(tmp_path / "base"), str(tmp_path / adapter), str(out)]) == 0
+        merged = AutoModelForCausalLM.from_pretrained(out)
+        assert merged.get_input_embeddings().num_embeddings == 72
+        with torch.no_grad():
+            torch.testing.assert_close(merged(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")

@@ -98,12 +98,16 @@ class LoraConfig(PeftConfig):
         data.pop("runtime_config", None)  # PEFT never saves it
         return data
 
+    def _register_custom_module(self, mapping: dict) -> None:
+        raise NotImplementedError("LoraConfig._register_custom_module: peft_fast's LoRA adapts the layer types it has "
+                                  "views for (README, 'Supported / not yet'); custom layer classes need PEFT.")
+
     def __post_init__(self) -> None:
         if isinstance(self.runtime_config, dict):  # as read from an older PEFT's file
             self.runtime_config = LoraRuntimeConfig(**{k: v for k, v in self.runtime_config.items()
                                                        if k == "ephemeral_gpu_offload"})
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise ValueError(f"`r` should be a positive integer value but the value passed is {self.r}")
+            raise ValueError(f"`r` should be a positive integer value but the value passed is {self.r!r}")
         super().__post_init__()  # the type of every field
         bad_rank = {k: v for k, v in self.rank_pattern.items() if v <= 0}
         if bad_rank:
