@@ -234,11 +234,23 @@ _DENSE = OpaqueOp("dora_norm", _dense_op, _dense_fake, eager=_dense)
 _NF4 = OpaqueOp("dora_norm_nf4", _nf4_op, _nf4_fake, eager=_nf4)
 
 
+# The kernel holds an r x r tile of A·Aᵀ: beyond this rank it needs more shared memory than an H100/H200 block has
+# (bench/compile_check.py: 272 KB at r = 512), so larger ranks take the reference (cuBLAS, the same expansion).
+MAX_TRITON_RANK = 256
+
+
+def _check_rank(lora_a: Tensor, name: str) -> None:
+    if lora_a.shape[0] > MAX_TRITON_RANK:
+        raise ValueError(f"{name}: rank {lora_a.shape[0]} > {MAX_TRITON_RANK}, more than the kernel's tile fits in "
+                         "shared memory; use the reference (dora_norm / dora_norm_nf4 dispatch there).")
+
+
 @torch.no_grad()
 def dora_norm_triton(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float,
                      weight_sq: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """One launch: out-row tiles, a K loop accumulating W·Aᵀ (and ||W||² unless given), the B terms in the epilogue."""
     _check(weight.shape[0], weight.shape[1], lora_a, lora_b, weight_sq)
+    _check_rank(lora_a, "dora_norm_triton")
     return _DENSE(weight.detach(), lora_a.detach(), lora_b.detach(), float(scaling), weight_sq)
 
 
@@ -251,6 +263,7 @@ def dora_norm_nf4_triton(packed: Tensor, state: NF4State, lora_a: Tensor, lora_b
         raise ValueError(f"dora_norm_nf4: the 4-bit weight must be 2-D [out, in], got shape {tuple(state.shape)}")
     out_f, in_f = state.shape
     _check(out_f, in_f, lora_a, lora_b, weight_sq)
+    _check_rank(lora_a, "dora_norm_nf4_triton")
     if in_f % state.blocksize:
         raise ValueError(f"dora_norm_nf4_triton: in_features ({in_f}) must be a multiple of the 4-bit blocksize "
                          f"({state.blocksize}); use dora_norm_nf4_reference for this weight.")
@@ -265,14 +278,16 @@ def dora_norm_nf4_triton(packed: Tensor, state: NF4State, lora_a: Tensor, lora_b
 def dora_norm(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float,
               weight_sq: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """(||W + s·B·A|| per row, ||W||² per row), detached, in float32 (float64 for float64 inputs)."""
-    if use_triton(weight, lora_a, lora_b):
+    if use_triton(weight, lora_a, lora_b) and lora_a.shape[0] <= MAX_TRITON_RANK:
         return dora_norm_triton(weight, lora_a, lora_b, scaling, weight_sq)
     return dora_norm_reference(weight, lora_a, lora_b, scaling, weight_sq)
 
 
 def dora_norm_nf4(packed: Tensor, state: NF4State, lora_a: Tensor, lora_b: Tensor, scaling: float,
                   weight_sq: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    """dora_norm over a bnb-layout 4-bit weight; shapes Triton cannot tile (in % blocksize) take the reference."""
-    if use_triton(packed, lora_a, lora_b) and len(state.shape) == 2 and state.shape[1] % state.blocksize == 0:
+    """dora_norm over a bnb-layout 4-bit weight; shapes Triton cannot tile (in % blocksize, rank) take the
+    reference."""
+    if (use_triton(packed, lora_a, lora_b) and len(state.shape) == 2 and state.shape[1] % state.blocksize == 0
+            and lora_a.shape[0] <= MAX_TRITON_RANK):
         return dora_norm_nf4_triton(packed, state, lora_a, lora_b, scaling, weight_sq)
     return dora_norm_nf4_reference(packed, state, lora_a, lora_b, scaling, weight_sq)

@@ -133,6 +133,7 @@ def lora_expand_triton(y: Tensor, z: Tensor, b_stack: Tensor, ranks: Tensor, sca
     check_expand_args(y, z, b_stack, ranks, scalings, meta, bias_stack, dora_scale, base_bias)
     check_launch("lora_expand", y, z, b_stack, ranks, scalings, bias_stack, meta.sorted_tokens, meta.slot_starts,
                   meta.tile_slots, dora_scale, base_bias)
+    ranks, scalings = ranks.contiguous(), scalings.contiguous()  # read at ptr + slot, without a stride
     out_f, r_max = b_stack.shape[1], b_stack.shape[2]
     if meta.max_tiles == 0 or meta.n_slots == 0 or out_f == 0 or r_max == 0:
         return y

@@ -127,6 +127,7 @@ def lora_shrink_triton(x: Tensor, a_stack: Tensor, ranks: Tensor, meta: LoraBatc
         raise RuntimeError("lora_shrink_triton needs triton, which is not installed; use lora_shrink_reference.")
     check_shrink_args(x, a_stack, ranks, meta)
     check_launch("lora_shrink", x, a_stack, ranks, meta.sorted_tokens, meta.slot_starts, meta.tile_slots)
+    ranks = ranks.contiguous()  # read at ranks_ptr + slot (a view of every other entry would be misread)
     T, K = x.shape
     r_max = a_stack.shape[1]
     z = torch.zeros((T, r_max), device=x.device, dtype=z_dtype(x, a_stack))

@@ -42,12 +42,12 @@ def nf4_linear_reference(x: Tensor, packed: Tensor, state: NF4State, bias: Optio
 
 
 def nf4_matmul(a: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, nested: Optional[tuple], out_f: int,
-               blocksize: int, *, trans: bool, bias: Optional[Tensor] = None) -> Tensor:
+               blocksize: int, *, trans: bool, in_f: int, bias: Optional[Tensor] = None) -> Tensor:
     """a [M, in] @ dequant(Wq)ᵀ (+ bias) -> [M, out], or with trans a [M, out] @ dequant(Wq) -> [M, in], in a's
-    dtype, from `launch_args`' tensors: one dequantize launch, then cuBLAS; the weight is freed on return."""
+    dtype, from `launch_args`' tensors: one dequantize launch, then cuBLAS; the weight is freed on return. `in_f`
+    is given, not derived from the packed size: an odd weight size pads the codes by one nibble."""
     if not trans and a.shape[0] <= GEMV_MAX_ROWS and settings.current().nf4_decode == "gemv":
         return gemv_raw(a, packed, absmax, code, nested, out_f, blocksize, bias)  # decode: the codes read once
-    in_f = packed.numel() * 2 // out_f
     w = dequantize_raw(packed, absmax, code, (out_f, in_f), a.dtype, blocksize, nested)
     return a @ w if trans else F.linear(a, w, bias)
 
@@ -56,7 +56,8 @@ class _NF4Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, packed, absmax, code, nested, bias, out_f, blocksize):
         x2d = x.reshape(-1, x.shape[-1])
-        y = nf4_matmul(x2d, packed, absmax, code, nested, out_f, blocksize, trans=False, bias=bias)
+        y = nf4_matmul(x2d, packed, absmax, code, nested, out_f, blocksize, trans=False, in_f=x2d.shape[1],
+                       bias=bias)
         ctx.save_for_backward(packed, absmax, code)
         ctx.nested, ctx.out_f, ctx.blocksize, ctx.x_shape = nested, out_f, blocksize, x.shape
         ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -69,7 +70,7 @@ class _NF4Linear(torch.autograd.Function):
         dx = dbias = None
         if ctx.needs_input_grad[0]:
             dx = nf4_matmul(dy2d.contiguous(), packed, absmax, code, ctx.nested, ctx.out_f, ctx.blocksize,
-                            trans=True).view(ctx.x_shape)
+                            trans=True, in_f=ctx.x_shape[-1]).view(ctx.x_shape)
         if ctx.needs_input_grad[5]:
             dbias = dy2d.sum(0).to(ctx.bias_dtype)
         return dx, None, None, None, None, dbias, None, None

@@ -65,7 +65,7 @@ def _forward(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, nabs: Opti
              scaling: float, dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     x2d = rows2d(x)
     y = nf4_matmul(x2d, packed, absmax, code, _nested(nabs, ncode, offset, nbs), out_f, blocksize, trans=False,
-                   bias=bias)
+                   in_f=x2d.shape[1], bias=bias)
     z = lora_forward(x2d, lora_a, lora_b, y, z_dtype(x, lora_a, lora_b), scaling, dropout_p, seed, accumulate=True,
                      lora_bias=lora_bias)
     return unrows(y, x.shape[:-1]), unrows(z, x.shape[:-1])
@@ -87,7 +87,7 @@ def _backward_impl(dy: Tensor, x: Tensor, packed: Tensor, absmax: Tensor, code: 
     dy2d, x2d = rows2d(dy), rows2d(x)
     # dy·dequant(Wq): the weight dequantized again (not kept from forward); the LoRA part adds into it.
     dx2d = nf4_matmul(dy2d.to(x.dtype), packed, absmax, code, _nested(nabs, ncode, offset, nbs), out_f, blocksize,
-                      trans=True) if need_dx else None
+                      trans=True, in_f=x.shape[-1]) if need_dx else None
     da, db = lora_backward(dy2d, x2d, lora_a, lora_b, z, seed, scaling, dropout_p, need_da, need_db, dx2d,
                            accumulate=True)
     return (unrows(dx2d, x.shape[:-1]) if need_dx else x.new_empty(0)), da, db
@@ -156,7 +156,7 @@ def qlora_linear_triton(x, packed, state: NF4State, bias, lora_a, lora_b, scalin
     if decodes(x, lora_a, dropout_p, grad):  # the base (dequantize + cuBLAS, or the GEMV), then one LoRA launch
         x2d = rows2d(x)
         y = nf4_matmul(x2d, packed_flat, absmax, code, nested, int(state.shape[0]), int(state.blocksize),
-                       trans=False, bias=bias)
+                       trans=False, in_f=x2d.shape[1], bias=bias)
         mm_decode(x2d, lora_a.t(), lora_b.t(), y, z_dtype(x, lora_a, lora_b), scale=float(scaling), accumulate=True,
                   bias=lora_bias)
         return y.view(*x.shape[:-1], y.shape[-1])

@@ -57,10 +57,11 @@ def remap_keys(tensors: dict[str, torch.Tensor], key_mapping: Optional[dict[str,
 
 def convert_v4_layout(model, config, tensors: dict[str, torch.Tensor], adapter_name: str):
     """(config, tensors) of an adapter trained on transformers v4 for a model whose layout v5 changed (Mixtral's
-    and other mixture-of-experts layers: one 3-D parameter per projection, the experts' w1/w3 fused), rewritten for
-    the v5 model as PEFT rewrites them; anything else is returned as it is. The conversion follows transformers'
-    own weight-conversion mapping, which PEFT's converter tracks, so it runs through PEFT when PEFT is installed;
-    without it such an adapter is refused when loading (its modules no longer exist)."""
+    and other mixture-of-experts layers: one 3-D parameter per projection, the experts' w1/w3 fused; vision-language
+    models: modules moved, keys renamed), rewritten for the v5 model as PEFT rewrites them; anything else is
+    returned as it is. The conversion follows transformers' own weight-conversion mapping, which PEFT's converter
+    tracks, so it runs through PEFT when PEFT is installed; without it such an adapter is refused when loading
+    (its modules no longer exist)."""
     # The conversion rewrites targets into target_parameters: only a config with that field can take it (PEFT
     # converts LoRA adapters only, the one type that has it).
     if not hasattr(config, "target_parameters") or not hasattr(getattr(model, "config", None), "model_type"):
@@ -78,11 +79,11 @@ def convert_v4_layout(model, config, tensors: dict[str, torch.Tensor], adapter_n
     peft_config = config.to_peft()
     convert.convert_peft_config_for_transformers(peft_config, model=model,
                                                  conversions=convert.get_model_conversion_mapping(model))
+    tensors = convert.convert_peft_adapter_state_dict_for_transformers(  # renamed keys even where the config stays
+        model=model, peft_config=peft_config, adapter_state_dict=tensors, adapter_name=adapter_name)
     fields = ("target_modules", "target_parameters", "rank_pattern", "alpha_pattern")
     if all(_same(getattr(peft_config, f), getattr(config, f)) for f in fields):
         return config, tensors
-    tensors = convert.convert_peft_adapter_state_dict_for_transformers(
-        model=model, peft_config=peft_config, adapter_state_dict=tensors, adapter_name=adapter_name)
     config = copy.deepcopy(config)
     for f in fields:
         value = getattr(peft_config, f)

@@ -12,6 +12,7 @@ import functools
 from typing import Callable, Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 
 class FusedOp:
@@ -42,6 +43,9 @@ class FusedOp:
             setup_context(ctx, args, out)
             return out
 
+        # Double backward (create_graph=True) would differentiate only the parts written in torch (dy·W) and drop
+        # the kernels' part silently: refused instead, by torch's error for once-differentiable functions.
+        @once_differentiable
         def eager_backward(ctx, *grads):
             if grads[0] is None:  # no gradient reached the one differentiable output (a zero one, unmaterialized)
                 return (None,) * len(ctx.needs_input_grad)

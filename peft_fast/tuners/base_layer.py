@@ -55,6 +55,8 @@ class TunerLayer(nn.Module):
     # A layer of PEFT's LoraLayer family, whose `scaling` multiplies each adapter's delta: peft_fast.helpers'
     # rescale_adapter_scale rescales it, as PEFT's helper does LoraLayer's (and no other layer type's).
     rescalable = False
+    # Whether this layer can take the input embedding's factors as its own (ensure_weight_tying, tuners/tied.py).
+    ties_to_embedding = False
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()

@@ -62,6 +62,11 @@ class TunerModel(nn.Module):
         return {}
 
     @classmethod
+    def tied_kwargs(cls, config: Any, key: str, source: dict) -> dict:
+        """Per-layer values of a layer tied to the input embedding whose values are `source` (tied.py)."""
+        return dict(source)
+
+    @classmethod
     def layer_for(cls, module: nn.Module, key: str) -> tuple[type, Any]:
         """(layer class, base view) for a targeted base module, or an error naming `key` when no layer of this tuner
         adapts it. Default: the tuner's one `layer_cls`, which says through its `view_for` what it adapts."""

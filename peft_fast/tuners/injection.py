@@ -102,26 +102,32 @@ def plan_adapter(model: nn.Module, config, tuner_cls) -> Plan:
 
 
 def _tied_targets(model: nn.Module, config, ties: Ties, targets: list[Target], tuner_cls) -> list[Target]:
-    """The layers whose LoRA factors will be views of the input embedding's, planned after the others (PEFT
-    creates them last, from the embedding's adapter), with the embedding's rank and alpha."""
+    """The layers that share the input embedding's weight, planned after the others as PEFT creates them last: an
+    output layer gets factors that will be views of the embedding's (its own scaling, as in PEFT); another
+    embedding sharing the table (T5's encoder and decoder ones) gets its own adapter, as in PEFT."""
     if not ties.targets:
         return []
-    if tuner_cls.rewrites_base(config):
-        raise ValueError(f"init_lora_weights={config.init_lora_weights!r} rewrites the base weight, which "
-                         f"{', '.join(ties.targets)} shares with the input embedding (ensure_weight_tying=True): use "
-                         "another initialisation, or ensure_weight_tying=False.")
-    source = next((t for t in targets if t.key == ties.embedding), None)
-    if source is None:
-        raise ValueError(f"ensure_weight_tying=True ties {', '.join(ties.targets)} to the input embedding "
-                         f"{ties.embedding}, which this adapter does not adapt (exclude_modules or layers_to_transform "
-                         "left it out): adapt the embedding, or set ensure_weight_tying=False.")
     out = []
     for key, module in model.named_modules():
-        if key and not inside_adapter_machinery(model, key) and ties.is_tied_target(key):
-            layer_cls, view = tuner_cls.layer_for(base_of(module), key)
-            view.check(key)
-            out.append(Target(key, module, view.in_features, view.out_features, dict(source.kwargs), layer_cls,
-                              tied_to=ties.embedding))
+        if not key or inside_adapter_machinery(model, key) or not ties.is_tied_target(key):
+            continue
+        layer_cls, view = tuner_cls.layer_for(base_of(module), key)
+        view.check(key)
+        if not getattr(layer_cls, "ties_to_embedding", False):
+            out.append(Target(key, module, view.in_features, view.out_features, tuner_cls.target_kwargs(config, key),
+                              layer_cls))
+            continue
+        if tuner_cls.rewrites_base(config):
+            raise ValueError(f"init_lora_weights={config.init_lora_weights!r} rewrites the base weight, which {key} "
+                             "shares with the input embedding (ensure_weight_tying=True): use another "
+                             "initialisation, or ensure_weight_tying=False.")
+        source = next((t for t in targets if t.key == ties.embedding), None)
+        if source is None:
+            raise ValueError(f"ensure_weight_tying=True ties {key} to the input embedding {ties.embedding}, which "
+                             "this adapter does not adapt (exclude_modules or layers_to_transform left it out): "
+                             "adapt the embedding, or set ensure_weight_tying=False.")
+        out.append(Target(key, module, view.in_features, view.out_features,
+                          tuner_cls.tied_kwargs(config, key, source.kwargs), layer_cls, tied_to=ties.embedding))
     return out
 
 

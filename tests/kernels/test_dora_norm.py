@@ -167,3 +167,25 @@ def test_a_cancelled_row_has_a_finite_norm(device, dtype):
     assert torch.isfinite(norm).all(), f"{int((~torch.isfinite(norm)).sum())} rows are not finite"
     eps = torch.finfo(dtype).eps
     torch.testing.assert_close(norm.double(), ref.double(), rtol=1e3 * eps, atol=10 * eps**0.5 * ref.abs().max().item())
+
+
+@pytest.mark.triton
+def test_ranks_beyond_the_kernels_tile_take_the_reference(device, monkeypatch):
+    """At r > 256 the kernel's r x r tile of A·Aᵀ needs more shared memory than an sm_90 block has (found by
+    bench/compile_check.py): the dispatchers take the reference, the Triton entry points refuse."""
+    from switches import use_settings
+
+    from peft_fast.kernels.dora_norm import MAX_TRITON_RANK
+
+    use_settings(monkeypatch, backend="triton")
+    r = MAX_TRITON_RANK + 1
+    w = torch.randn(8, 64, dtype=torch.float64, device=device)
+    a, b = _adapter(8, 64, r, torch.float64, device)
+    torch.testing.assert_close(dora_norm(w, a, b, 0.5)[0], _direct(w, a, b, 0.5))
+    with pytest.raises(ValueError, match="shared memory"):
+        dora_norm_triton(w, a, b, 0.5)
+    packed, state = nf4_quantize(w.float(), blocksize=64)
+    want = dora_norm_nf4_reference(packed, state, a, b, 0.5)[0]
+    torch.testing.assert_close(dora_norm_nf4(packed, state, a, b, 0.5)[0], want)
+    with pytest.raises(ValueError, match="shared memory"):
+        dora_norm_nf4_triton(packed, state, a, b, 0.5)

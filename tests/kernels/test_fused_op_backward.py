@@ -42,6 +42,17 @@ def test_no_zero_gradients_for_the_kept_outputs(device, op):
 
 @pytest.mark.triton
 @pytest.mark.parametrize("op", OPS)
+def test_double_backward_is_refused(device, op):
+    """create_graph=True would differentiate only the torch part of the backward (dy·W), silently dropping the
+    kernels' part: the second backward raises instead."""
+    y, leaves = _op(device, op)
+    grads = torch.autograd.grad(y.pow(2).sum(), leaves[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grads[0].pow(2).sum().backward()
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("op", OPS)
 def test_an_undefined_output_gradient_gives_none(device, op):
     """gradcheck's check_undefined_grad: the output reaches the loss through an undefined gradient."""
     y, leaves = _op(device, op)

@@ -175,6 +175,18 @@ def test_matches_reference_float64(device, name, tol, fused):
 
 @pytest.mark.triton
 @pytest.mark.parametrize("fused", [True, False], ids=["one-launch", "two-launches"])
+def test_strided_ranks_and_scalings(device, tol, fused):
+    """ranks and scalings given as views of every other entry: read by stride, not as contiguous."""
+    x, y, a, b, ranks, scal, meta, lb = _case("odd-mixed-ranks", device)
+    spread_ranks = torch.stack([ranks, torch.full_like(ranks, 7)], 1).reshape(-1)[::2]
+    spread_scal = torch.stack([scal, torch.full_like(scal, 9.0)], 1).reshape(-1)[::2]
+    assert not spread_ranks.is_contiguous() and torch.equal(spread_ranks, ranks)
+    got = multi_lora_triton(x, y, a, b, spread_ranks, spread_scal, meta, lb, fused=fused)
+    _assert_close(got, multi_lora_reference(x, y, a, b, ranks, scal, meta, lb), tol[torch.float64], "strided")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("fused", [True, False], ids=["one-launch", "two-launches"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("name", ["odd-mixed-ranks", "decode-splitk"])
 def test_low_precision_against_float64(device, dtype, name, tol, fused):

@@ -24,7 +24,8 @@ def _close(got, want, tol):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("lead,out_f,in_f,nested,qt,bs", [((3, 5), 37, 128, True, "nf4", 64),
                                                          ((70,), 19, 96, False, "fp4", 32),
-                                                         ((1,), 130, 256, True, "nf4", 128)])
+                                                         ((1,), 130, 256, True, "nf4", 128),
+                                                         ((4,), 1, 45, True, "nf4", 64)])  # odd codes: a pad nibble
 def test_forward_backward_match_reference(device, dtype, lead, out_f, in_f, nested, qt, bs, tol):
     x, packed, state, b = _case(lead, out_f, in_f, device, dtype, nested, qt, bs)
     y = nf4_linear_triton(x, packed, state, b)

@@ -88,6 +88,15 @@ def test_matches_reference(device, shape, blocksize, nested, dtype, tol):
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("nested", [False, True])
+def test_one_output_and_an_odd_input_size(device, nested, tol):
+    """A [1, 45] weight packs 45 codes into 23 bytes: the input size must not be derived from the packed size."""
+    packed, state = _weight(1, 45, device, 64, nested)
+    inputs = _inputs((5,), 45, 1, 2, device=device, dtype=torch.float64, grad_bias=True)
+    _compare(packed, state, inputs, 0.37, tol[torch.float64])
+
+
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("nested", [False, True])
 def test_low_precision_against_float64(device, dtype, nested, tol):

@@ -65,3 +65,34 @@ def test_v4_mixtral_adapter_loads_as_in_peft(base, targets, tmp_path):
         warnings.simplefilter("ignore")
         back = ref.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "v5"))
     assert_close(logits(back), logits(want))
+
+
+def test_v4_vision_language_adapter_with_renamed_keys_loads_as_in_peft(tmp_path):
+    """LLaVA-style models moved the language model in v5 (`language_model.model.layers` became
+    `model.language_model.layers`): only the keys change, the config does not."""
+    from safetensors.torch import load_file
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    base = LlavaForConditionalGeneration(LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=4, image_size=16, patch_size=8),
+        text_config=dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=64), image_token_index=63))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(1)
+        model = ref.get_peft_model(copy.deepcopy(base), ref.LoraConfig(r=4, target_modules=["q_proj"],
+                                                                         init_lora_weights=False))
+    model.save_pretrained(tmp_path)
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    v4 = {k.replace("base_model.model.model.language_model.", "base_model.model.language_model.model."): v
+          for k, v in tensors.items()}
+    assert v4 != tensors
+    save_file(v4, str(tmp_path / "adapter_model.safetensors"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = impl.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
+    ids = torch.tensor([[3, 17, 5, 60, 2]])
+    with torch.no_grad():
+        assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tiny_models import AGAINST_PEFT, assert_close, assert_same_params, copy_weights, impl, peft_fast_only, ref
@@ -216,3 +216,98 @@ def test_config_records_the_flag():
     cfg = impl.LoraConfig(r=4, target_modules=["q_proj"], ensure_weight_tying=True)
     assert cfg.to_dict()["ensure_weight_tying"] is True
     assert impl.LoraConfig.from_dict(cfg.to_dict()).ensure_weight_tying is True
+
+
+def test_optimizer_built_before_model_to_keeps_training_both_layers():
+    """Trainer and Accelerate build the optimizer, then call model.to(): the tied factors must stay the parameters
+    the optimizer holds (a copy would leave lm_head's share of the gradient unapplied), as in PEFT."""
+    ref_model, impl_model = pair(**CASES["target-embed"])
+    for model in (ref_model, impl_model):
+        params = [p for _, p in sorted(model.named_parameters()) if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=0.05)
+        model.to(torch.float32)
+        assert {id(p) for p in params} == {id(p) for p in model.parameters() if p.requires_grad}
+        for _ in range(2):
+            model(input_ids=IDS, labels=IDS).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    assert_close(logits(impl_model), logits(ref_model), atol=1e-4, rtol=1e-4)
+
+
+@peft_fast_only
+def test_deep_copies_and_pickles_stay_tied():
+    import pickle
+
+    model = wrap(impl, init_lora_weights=False, **CASES["target-embed"])
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        lm_head, emb = clone.base_model.model.lm_head, clone.base_model.model.model.embed_tokens
+        assert lm_head.lora_A["default"].weight.data_ptr() == emb.lora_embedding_B["default"].data_ptr()
+        assert lm_head.lora_B["default"].weight.data_ptr() == emb.lora_embedding_A["default"].data_ptr()
+        assert_close(logits(clone), logits(model))
+
+
+@pytest.mark.parametrize("patterns", [{"rank_pattern": {"lm_head": 8}}, {"alpha_pattern": {"lm_head": 32}},
+                                      {"rank_pattern": {"embed_tokens": 2}, "use_rslora": True}])
+def test_patterns_on_tied_layers_scale_as_in_peft(patterns, tmp_path):
+    """PEFT gives the tied lm_head its own pattern's scaling over the embedding's factors."""
+    ref_model, impl_model = pair(**CASES["target-embed"], **patterns)
+    assert_close(logits(impl_model), logits(ref_model), atol=1e-4, rtol=1e-4)
+    saved(ref_model, tmp_path)
+    assert_close(logits(load(impl, tmp_path)), logits(ref_model), atol=1e-4, rtol=1e-4)
+
+
+def test_t5_embeddings_sharing_the_table_get_their_own_adapters_as_in_peft():
+    """T5 ties its encoder's and decoder's embed_tokens (and lm_head) to `shared`: the embeddings get their own
+    adapters, lm_head the shared one's factors."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    base = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                               num_decoder_layers=1, num_heads=4, tie_word_embeddings=True))
+    ids = IDS[:, :5]
+    out = {}
+    for lib in (ref, impl):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = lib.get_peft_model(copy.deepcopy(base), lib.LoraConfig(
+                r=2, target_modules=["embed_tokens", "q"], ensure_weight_tying=True, init_lora_weights=False))
+        out[lib.__name__] = model.eval()  # T5's dropout
+    copy_weights(out["peft"], out[impl.__name__])
+    with torch.no_grad():
+        want = out["peft"](input_ids=ids, decoder_input_ids=ids).logits
+        got = out[impl.__name__](input_ids=ids, decoder_input_ids=ids).logits
+    assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@peft_fast_only
+def test_a_model_whose_embedding_is_not_called_embed_tokens_reloads_tied(tmp_path):
+    """Deliberate difference: GPT-2's embedding is transformer.wte, the name PEFT writes into the config; PEFT then
+    ties nothing when loading its own file (it drops lm_head's factors). Here the embedding's path counts."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=64, n_positions=16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = impl.get_peft_model(copy.deepcopy(base), impl.LoraConfig(
+            r=2, target_modules=["lm_head"], ensure_weight_tying=True, init_lora_weights=False))
+        model.save_pretrained(tmp_path)
+        back = impl.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
+    assert back.base_model.model.lm_head.tied_adapters
+    assert_close(logits(back), logits(model.eval()))  # GPT-2's dropout
+
+
+def test_combining_adapters_created_with_a_peft_only_init(tmp_path):
+    model = wrap(impl, init_lora_weights=False, target_modules=["q_proj", "v_proj"])
+    model.save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "adapter_config.json").read_text())
+    data["init_lora_weights"] = "eva"  # as PEFT writes an EVA adapter (its weights carry no config copy)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(data))
+    save_file(load_file(str(tmp_path / "adapter_model.safetensors")), str(tmp_path / "adapter_model.safetensors"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = impl.PeftModel.from_pretrained(tied_llama(), str(tmp_path))
+        loaded.load_adapter(str(tmp_path), "b")
+        loaded.add_weighted_adapter(["default", "b"], [1.0, 0.0], "mix", combination_type="linear")
+    loaded.set_adapter("mix")
+    assert_close(logits(loaded), logits(model), atol=1e-5, rtol=1e-5)

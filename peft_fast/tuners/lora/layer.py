@@ -46,6 +46,7 @@ class LoraLinear(LoraCompute, TunerLayer):
                            "tied_adapters")
     file_key_renames = {"lora_magnitude_vector.weight": "lora_magnitude_vector"}  # PEFT's DoRA key
     rescalable = True
+    ties_to_embedding = True  # a tied output layer's factors can be views of the input embedding's (tied.py)
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, r: int, lora_alpha: float,
                  autocast_adapter_dtype: bool = True, tied: Optional[nn.Module] = None):
@@ -128,8 +129,10 @@ class LoraLinear(LoraCompute, TunerLayer):
             raise ValueError(f"ensure_weight_tying: the input embedding's factors {tuple(a.shape)}/{tuple(b.shape)} "
                              f"do not fit this layer's {tuple(self.lora_A[name].weight.shape)}/"
                              f"{tuple(self.lora_B[name].weight.shape)}; the tied layers must have one size.")
-        self.lora_A[name].weight = nn.Parameter(a, requires_grad=self.lora_A[name].weight.requires_grad)
-        self.lora_B[name].weight = nn.Parameter(b, requires_grad=self.lora_B[name].weight.requires_grad)
+        for module, view in ((self.lora_A[name], a), (self.lora_B[name], b)):
+            # Swapped in place: the Parameter objects an optimizer holds stay the layer's (model.to() after the
+            # optimizer was built, as Trainer/Accelerate do, must not orphan them).
+            torch.utils.swap_tensors(module.weight, nn.Parameter(view, requires_grad=module.weight.requires_grad))
         self.tied_adapters[name] = embedding
 
     def _merged_by_embedding(self, name: str) -> bool:
@@ -143,12 +146,20 @@ class LoraLinear(LoraCompute, TunerLayer):
         # model.to(...) / .half() convert each parameter on its own, which would untie the factors; the embedding
         # comes first in module order, so its converted factors are there to view again.
         out = super()._apply(fn, recurse)
-        for name, embedding in self.tied_adapters.items():
-            source = embedding.lora_embedding_B.get(name)
+        self._retie()
+        return out
+
+    def __setstate__(self, state) -> None:
+        # A deep copy or unpickling copies each parameter on its own: the copy's factors are views again.
+        super().__setstate__(state)
+        self._retie()
+
+    def _retie(self) -> None:
+        for name, embedding in getattr(self, "tied_adapters", {}).items():
+            source = getattr(embedding, "lora_embedding_B", {}).get(name)
             if source is not None and (source.device, source.dtype) == (self.lora_A[name].weight.device,
                                                                          self.lora_A[name].weight.dtype):
                 self._tie(name, embedding)
-        return out
 
     # --- what a layer type changes (embedding.py, conv.py) ----------------------------------------------------------
     @classmethod

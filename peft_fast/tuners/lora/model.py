@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from typing import Optional
 
 from ..base_model import TunerModel
@@ -22,6 +23,15 @@ class LoraModel(TunerModel):
     def target_kwargs(cls, config, key: str) -> dict:
         return {"r": pattern_value(config.rank_pattern, key, config.r),
                 "lora_alpha": pattern_value(config.alpha_pattern, key, config.lora_alpha)}
+
+    @classmethod
+    def tied_kwargs(cls, config, key: str, source: dict) -> dict:
+        """The embedding's rank (the factors are its own), with the scaling PEFT gives the tied layer: from this
+        layer's own rank_pattern / alpha_pattern entry, as an alpha over the embedding's rank."""
+        own = cls.target_kwargs(config, key)
+        scaling = own["lora_alpha"] / (math.sqrt(own["r"]) if config.use_rslora else own["r"])
+        r = source["r"]
+        return {"r": r, "lora_alpha": scaling * (math.sqrt(r) if config.use_rslora else r)}
 
     @classmethod
     def layer_for(cls, module, key: str):

@@ -61,7 +61,7 @@ from ..modules_to_save import ModulesToSaveWrapper
 from ..trainable_tokens import TrainableTokensWrapper
 from ...names import check_adapter_name
 from ...progress import progress
-from .config import rewrites_base
+from .config import peft_only_init, rewrites_base
 
 SVD_TYPES = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
 FACTOR_TYPES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -199,8 +199,9 @@ def add_weighted_adapter(tuner, adapters: Sequence[str], weights: Sequence[float
     source_keys = {k for k, m in tuner.adapter_layers() if any(a in m.lora_A for a in adapters)}
     config, plan = _merged_config(tuner, adapters, new_rank, new_targets, source_keys)
     # Same init as PEFT (its random draws come before DARE's masks), except inits that rewrite the base weights.
-    tuner.add_adapter(adapter_name, config, init=False if rewrites_base(config.init_lora_weights) else None,
-                      plan=plan)
+    # (an initialisation peft_fast cannot run is skipped too: the merge writes every factor)
+    skip_init = rewrites_base(config.init_lora_weights) or peft_only_init(config.init_lora_weights)
+    tuner.add_adapter(adapter_name, config, init=False if skip_init else None, plan=plan)
     layers = [m for _, m in tuner.adapter_layers() if adapter_name in m.lora_A]
     bar = progress(len(layers), progressbar, "Merging adapters")
     try:
