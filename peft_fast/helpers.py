@@ -67,19 +67,19 @@ def rescale_adapter_scale(model: nn.Module, multiplier: Union[float, int]) -> It
     an error. The layers' derived state (DoRA's cached norms, mixed-batch slots) follows both changes."""
     if not isinstance(multiplier, (float, int)) or isinstance(multiplier, bool):
         raise TypeError(f"Argument multiplier should be of type float, got {type(multiplier)}")
-    layers = [m for m in model.modules() if isinstance(m, TunerLayer) and m.rescalable]
+    layers = [m for m in model.modules() if getattr(m, "rescalable", False) is True]
     if not layers:
         raise ValueError("scaling is only supported for models with `LoraLayer`s")
     original = {m: m.scaling for m in layers}
     try:
         for m in layers:
             m.scaling = {k: v * multiplier for k, v in m.scaling.items()}
-            m.invalidate()
+            TunerLayer.invalidate(m)  # (PEFT's own layers that peft_fast.patch runs have no method of that name)
         yield
     finally:
         for m, scaling in original.items():
             m.scaling = scaling
-            m.invalidate()
+            TunerLayer.invalidate(m)
 
 
 @contextmanager

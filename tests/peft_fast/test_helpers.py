@@ -61,3 +61,17 @@ def test_check_if_peft_model_and_signatures(tmp_path):
     assert "input_ids" in __import__("inspect").signature(impl_model.forward).parameters
     with pytest.raises(ValueError, match="not supported"):
         helpers.update_signature(impl_model, "backward")
+
+
+@pytest.mark.skipif(AGAINST_PEFT, reason="peft_fast.patch has no PEFT counterpart")
+def test_rescale_on_a_patched_peft_model():
+    import peft_fast
+
+    _, ref_model, _ = make_pair("llama")
+    x = inputs("llama")
+    with torch.no_grad():
+        with ref_helpers.rescale_adapter_scale(ref_model, 0.5):
+            want = out(ref_model, x)
+        peft_fast.patch(ref_model)
+        with helpers.rescale_adapter_scale(ref_model, 0.5):
+            assert_close(out(ref_model, x), want)

@@ -44,6 +44,7 @@ class FastPeftLora(LoraCompute):
     plan = TunerLayer.plan
     _batch_key = None  # PEFT's own hooks bring adapter_names to these layers, not peft_fast's batch routing
     __getstate__ = TunerLayer.__getstate__
+    rescalable = True  # PEFT's LoraLayer: peft_fast.helpers.rescale_adapter_scale rescales it too
 
     def variant(self, name: str):
         # PEFT's lora_variant holds its own variant objects; ours live beside them, rebuilt if the adapter changes
