@@ -67,19 +67,34 @@ def rescale_adapter_scale(model: nn.Module, multiplier: Union[float, int]) -> It
     an error. The layers' derived state (DoRA's cached norms, mixed-batch slots) follows both changes."""
     if not isinstance(multiplier, (float, int)) or isinstance(multiplier, bool):
         raise TypeError(f"Argument multiplier should be of type float, got {type(multiplier)}")
-    layers = [m for m in model.modules() if getattr(m, "rescalable", False) is True]
+    layers = [m for m in model.modules() if getattr(m, "rescalable", False) is True or isinstance(m, _peft_lora())]
     if not layers:
         raise ValueError("scaling is only supported for models with `LoraLayer`s")
     original = {m: m.scaling for m in layers}
     try:
         for m in layers:
             m.scaling = {k: v * multiplier for k, v in m.scaling.items()}
-            TunerLayer.invalidate(m)  # (PEFT's own layers that peft_fast.patch runs have no method of that name)
+            _invalidate(m)
         yield
     finally:
         for m, scaling in original.items():
             m.scaling = scaling
-            TunerLayer.invalidate(m)
+            _invalidate(m)
+
+
+def _peft_lora() -> tuple:
+    """PEFT's LoraLayer, when PEFT is installed: a model `peft_fast.patch` runs keeps PEFT's layers it does not
+    accelerate (embeddings, convolutions, ...), which PEFT's helper rescales too."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return ()
+    return (LoraLayer,)
+
+
+def _invalidate(layer: nn.Module) -> None:
+    if hasattr(layer, "_plans"):  # peft_fast's layers, and PEFT's that peft_fast.patch runs
+        TunerLayer.invalidate(layer)
 
 
 @contextmanager

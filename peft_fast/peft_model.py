@@ -316,6 +316,7 @@ class PeftModel(*_bases()):
         model, tuner_cls = self.get_base_model(), type(self.base_model)
         if adapter_name in self.peft_config:
             _, tensors, source = read_adapter(model_id, self.peft_config[adapter_name], is_trainable, kwargs)
+            _, tensors = convert_v4_layout(model, self.peft_config[adapter_name], tensors, adapter_name)
             plan = injection.plan_adapter(model, self.peft_config[adapter_name], tuner_cls)
             check_file_tensors(tensors, model, plan, tuner_cls, source)
             load_adapter_tensors(model, tensors, adapter_name, source)

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.module import _IncompatibleKeys
 
+from .loading import convert_v4_layout
 from .sharding import is_sharded
 from .tuners.base_layer import TunerLayer
 from .tuners.base_model import TunerModel
@@ -91,6 +92,8 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
     Returns torch's load result, as PEFT: `missing_keys` lists the model's state-dict entries not loaded (the
     base's, and the adapter's that the dict lacks); tensors that do not fit raise instead."""
     inner, configs, wrapped = _unwrap(model, adapter_name)
+    # keys of a model transformers v5 laid out differently, as PEFT converts them here too
+    _, peft_model_state_dict = convert_v4_layout(inner, configs[adapter_name], peft_model_state_dict, adapter_name)
     layers = {k: m for k, m in inner.named_modules() if isinstance(m, TunerLayer)}
     wrappers = {k: m for k, m in inner.named_modules() if isinstance(m, ModulesToSaveWrapper)}
     file_key_of = {}  # the model's name of each adapter tensor -> its file key

@@ -65,16 +65,18 @@ def plan_ties(config, model: nn.Module) -> Ties:
     `modules_to_save` / `target_modules` as PEFT does and says which layers to tie; warns as PEFT warns."""
     embedding = input_embedding(model)
     tied = tied_to(model, embedding)
-    # PEFT's names, and the embedding's own path (PEFT writes it into the config, and GPT-2's is transformer.wte:
-    # PEFT then fails to tie its own file when loading it)
+    # PEFT's names, and the embedding's full path as PEFT's rewrite writes it into the config: GPT-2's is
+    # transformer.wte, which PEFT then fails to tie when loading its own file. A name a user writes ("wte", or a
+    # top-level "shared") keeps PEFT's rule, so PEFT's files of such adapters load as PEFT loads them.
     names = list(getattr(config, "modules_to_save", None) or [])
-    own = [embedding] if embedding is not None else []
-    to_save = any(m.split(".")[-1] in EMBEDDING_NAMES or _names(m, own) for m in names)
+    written = embedding if embedding is not None and "." in embedding else None
+    to_save = any(m.split(".")[-1] in EMBEDDING_NAMES or m == written for m in names)
     targets = getattr(config, "target_modules", None)
     if isinstance(targets, str):
-        in_targets = any(re.fullmatch(targets, n) for n in (*EMBEDDING_NAMES, *own))
+        rewritten = written is not None and targets.endswith(f"|^{re.escape(written)}$)")
+        in_targets = rewritten or any(re.fullmatch(targets, n) for n in EMBEDDING_NAMES)
     else:
-        in_targets = any(m.split(".")[-1] in EMBEDDING_NAMES or _names(m, own) for m in targets or ())
+        in_targets = any(m.split(".")[-1] in EMBEDDING_NAMES or m == written for m in targets or ())
     if not getattr(config, "ensure_weight_tying", False):
         if (to_save or in_targets) and tied:
             how = ("but `ensure_weight_tying` is not set to True" if hasattr(config, "ensure_weight_tying") else
@@ -105,11 +107,6 @@ def plan_ties(config, model: nn.Module) -> Ties:
     warnings.warn("You have requested `ensure_weight_tying`, but no tied modules are added in either "
                   "`modules_to_save` or `target_modules`", stacklevel=5)
     return Ties()
-
-
-def _names(name: str, paths: list[str]) -> bool:
-    """Whether a target or modules_to_save entry names one of `paths` (itself, or a suffix after a dot)."""
-    return any(p == name or p.endswith("." + name) for p in paths)
 
 
 def _without_tied(names: list[str], tied: list[str]) -> list[str]:

@@ -1,4 +1,6 @@
 """`peft_fast.helpers`: PEFT's helpers for peft_fast models, against `peft.helpers` on PEFT's models."""
+import warnings
+
 import pytest
 import torch
 
@@ -73,5 +75,22 @@ def test_rescale_on_a_patched_peft_model():
         with ref_helpers.rescale_adapter_scale(ref_model, 0.5):
             want = out(ref_model, x)
         peft_fast.patch(ref_model)
+        with helpers.rescale_adapter_scale(ref_model, 0.5):
+            assert_close(out(ref_model, x), want)
+
+
+@pytest.mark.skipif(AGAINST_PEFT, reason="peft_fast.patch has no PEFT counterpart")
+def test_rescale_on_a_patched_peft_model_with_layers_left_to_peft():
+    """peft_fast.patch leaves PEFT's lora.Embedding to PEFT: the helper rescales it too, as PEFT's does."""
+    import peft_fast
+
+    _, ref_model, _ = make_pair("llama", target_modules=["embed_tokens", "q_proj"])
+    x = inputs("llama")
+    with torch.no_grad():
+        with ref_helpers.rescale_adapter_scale(ref_model, 0.5):
+            want = out(ref_model, x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            peft_fast.patch(ref_model)
         with helpers.rescale_adapter_scale(ref_model, 0.5):
             assert_close(out(ref_model, x), want)

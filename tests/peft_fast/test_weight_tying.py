@@ -311,3 +311,43 @@ def test_combining_adapters_created_with_a_peft_only_init(tmp_path):
         loaded.add_weighted_adapter(["default", "b"], [1.0, 0.0], "mix", combination_type="linear")
     loaded.set_adapter("mix")
     assert_close(logits(loaded), logits(model), atol=1e-5, rtol=1e-5)
+
+
+def test_a_plain_wte_target_is_not_tied_as_in_peft(tmp_path):
+    """GPT-2's embedding named by the user ("wte", not PEFT's names): PEFT ties nothing, and its files load here."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=64, n_positions=16))
+    models = {}
+    for lib in (ref, impl):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            models[lib.__name__] = lib.get_peft_model(copy.deepcopy(base), lib.LoraConfig(
+                r=2, target_modules=["wte", "c_attn"], ensure_weight_tying=True, init_lora_weights=False)).eval()
+    copy_weights(models["peft"], models[impl.__name__])
+    assert_close(logits(models[impl.__name__]), logits(models["peft"]))
+    saved(models["peft"], tmp_path)
+    assert_close(logits(_load_on(base, tmp_path)), logits(models["peft"]))
+
+
+def _load_on(base, path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return impl.PeftModel.from_pretrained(copy.deepcopy(base), str(path)).eval()
+
+
+@peft_fast_only
+def test_model_to_keeps_gradients_and_works_with_a_live_graph():
+    """model.to() while a graph holds the tied factors, and after a backward: no error, gradients kept."""
+    model = wrap(impl, init_lora_weights=False, **CASES["target-embed"])
+    loss = model(input_ids=IDS, labels=IDS).loss
+    model.to(torch.float32)  # the graph of `loss` is alive
+    loss.backward()
+    lm_head = model.base_model.model.lm_head
+    grad = lm_head.lora_A["default"].weight.grad.clone()
+    model.to(torch.float64)
+    assert lm_head.lora_A["default"].weight.grad is not None
+    assert_close(lm_head.lora_A["default"].weight.grad, grad.double())
+    assert lm_head.lora_A["default"].weight.data_ptr() == \
+        model.base_model.model.model.embed_tokens.lora_embedding_B["default"].data_ptr()

@@ -24,6 +24,11 @@ from .stacks import StackCache
 from .variants import LORA
 
 
+def _same_view(param: torch.Tensor, view: torch.Tensor) -> bool:
+    return (param.data_ptr() == view.data_ptr() and param.shape == view.shape and param.stride() == view.stride()
+            and param.untyped_storage().data_ptr() == view.untyped_storage().data_ptr())
+
+
 def variant_for(config):
     """The variant an adapter with this config gets: where `use_dora` is read, and nowhere else."""
     return DoraVariant() if config.use_dora else LORA
@@ -155,11 +160,18 @@ class LoraLinear(LoraCompute, TunerLayer):
         self._retie()
 
     def _retie(self) -> None:
+        """Point the factors at the embedding's again where a conversion or copy separated them: through `.data`,
+        so the Parameter objects keep their identity, gradients and hooks (an optimizer built before model.to()
+        keeps training them), and a graph holding them does not block the move."""
         for name, embedding in getattr(self, "tied_adapters", {}).items():
-            source = getattr(embedding, "lora_embedding_B", {}).get(name)
-            if source is not None and (source.device, source.dtype) == (self.lora_A[name].weight.device,
-                                                                         self.lora_A[name].weight.dtype):
-                self._tie(name, embedding)
+            b_emb, a_emb = (getattr(embedding, d, {}).get(name) for d in ("lora_embedding_B", "lora_embedding_A"))
+            if b_emb is None or a_emb is None:
+                continue
+            for param, source in ((self.lora_A[name].weight, b_emb), (self.lora_B[name].weight, a_emb)):
+                view = source.detach().t()
+                if (source.device, source.dtype) != (param.device, param.dtype) or _same_view(param, view):
+                    continue
+                param.data = view
 
     # --- what a layer type changes (embedding.py, conv.py) ----------------------------------------------------------
     @classmethod
