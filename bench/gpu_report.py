@@ -4,7 +4,8 @@ Usage: python3 bench/gpu_report.py LOGDIR [--seconds N]
 Reads LOGDIR/{kernels,peft_fast,bench}.{xml,rc}, LOGDIR/bench_rows.jsonl (one row per benchmark, written as it
 finished), LOGDIR/bench.json (pytest-benchmark's own stats for each side, peft_fast and baseline) and memory.json
 (bench/memory_report.py's rows, in LOGDIR or $OUT).
-Writes bench/results/gpu_report_<card>.json, and $OUT/gpu_report.json with the logs when OUT is set.
+Writes bench/results/gpu_report_<card>.json, and $OUT/gpu_report.json and $OUT/logs.tar.gz (LOGDIR packed: the
+remote machine returns at most 8 files) when OUT is set.
 """
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import argparse
 import json
 import os
 import re
-import shutil
 import sys
+import tarfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -76,7 +77,11 @@ def _stage(logs: Path, name: str) -> dict:
     if not xml.exists():
         info["status"] = "no junit xml: the stage did not run, timed out or crashed (see its log)"
         return info
-    root = ET.parse(xml).getroot()
+    try:
+        root = ET.parse(xml).getroot()
+    except ET.ParseError:  # cut off by the hard kill after the grace period
+        info["status"] = "junit xml cut off: the stage was killed mid-write (see its log)"
+        return info
     suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
     counts = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
     counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
@@ -117,9 +122,15 @@ def _slug(card: str) -> str:
 
 
 def _summary(report: dict) -> list[str]:
-    lines = [f"== summary: {report['card']} | torch {report['versions'].get('torch')} | "
-             f"triton {report['versions'].get('triton')} | peft {report['versions'].get('peft')} | "
-             f"{report.get('seconds', '?')} s"]
+    header = (f"== summary: {report['card']} | torch {report['versions'].get('torch')} | "
+              f"triton {report['versions'].get('triton')} | peft {report['versions'].get('peft')} | "
+              f"{report.get('seconds', '?')} s")
+    return [header] + _tables(report) + ["", header.replace("summary", "stages")] + _stage_lines(report)
+
+
+def _stage_lines(report: dict) -> list[str]:
+    """One line per stage and script, with failures: printed last, where a cut output keeps them."""
+    lines = []
     for name, st in report["tests"].items():
         if "tests" in st:
             line = (f"tests {name}: {st['passed']} passed, {st['failures']} failed, {st['errors']} errors, "
@@ -135,7 +146,11 @@ def _summary(report: dict) -> list[str]:
         lines.append(line + (" (TIMED OUT: rows measured until then are kept)" if st.get("timed_out") else ""))
     for s in report["tests"].get("bench", {}).get("skips", []):
         lines.append(f"  skipped: {s.splitlines()[0][:150]}")
-    lines.append("")
+    return lines
+
+
+def _tables(report: dict) -> list[str]:
+    lines = []
     if report["benchmarks"]:
         lines += benchreport.table(report["benchmarks"])
     else:
@@ -188,9 +203,8 @@ def main() -> None:
     out = os.environ.get("OUT")
     if out:
         targets.append(Path(out) / "gpu_report.json")
-        for name in [f"{s}.log" for s in STAGES + SCRIPTS] + ["bench.json", "host.json"]:
-            if (args.logs / name).exists():
-                shutil.copy(args.logs / name, Path(out) / name)
+        with tarfile.open(Path(out) / "logs.tar.gz", "w:gz") as tar:
+            tar.add(args.logs, arcname="logs")
     for t in targets:
         t.write_text(text)
     print("\n".join(_summary(report)))

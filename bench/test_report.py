@@ -201,3 +201,31 @@ def test_gpu_report_summarizes_a_check_folder(tmp_path, monkeypatch, capsys):
     assert all(r["label"] in text for r in GPU_ROWS)  # the benchmark table
     report = json.loads(next(results.glob("gpu_report_*.json")).read_text())
     assert report["tests"]["kernels"]["failed"] == ["t::bad"] and report["seconds"] == 500
+
+
+def test_gpu_report_for_a_remote_run(tmp_path, monkeypatch, capsys):
+    """With $OUT (a remote machine returns at most 8 files from it): the report and one archive of the logs;
+    the stage lines come after the table (a cut output keeps its tail); a junit xml cut off by a hard kill is
+    reported, not a crash."""
+    spec = importlib.util.spec_from_file_location("gpu_report", BENCH / "gpu_report.py")
+    gpu_report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_report)
+    logs, results, out = tmp_path / "logs", tmp_path / "results", tmp_path / "out"
+    logs.mkdir()
+    out.mkdir()
+    (logs / "kernels.xml").write_text('<testsuites><testsuite tests="3" failures="0"')  # cut off
+    (logs / "kernels.rc").write_text("137 80")
+    (logs / "kernels.log").write_text("...")
+    (logs / "bench_rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in GPU_ROWS))
+    monkeypatch.setattr(gpu_report, "RESULTS_DIR", results)
+    monkeypatch.setenv("OUT", str(out))
+    monkeypatch.setattr(sys, "argv", ["gpu_report.py", str(logs), "--seconds", "500"])
+    gpu_report.main()
+    text = capsys.readouterr().out
+    assert "tests kernels: junit xml cut off" in text
+    assert text.index("tests kernels") > max(text.index(r["label"]) for r in GPU_ROWS)
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_report.json", "logs.tar.gz"]
+    import tarfile
+
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        assert "logs/kernels.log" in tar.getnames()
