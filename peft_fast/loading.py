@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -75,6 +76,7 @@ def convert_v4_layout(model, config, tensors: dict[str, torch.Tensor], adapter_n
     try:
         from peft.utils import transformers_weight_conversion as convert
     except ImportError:
+        _warn_unconverted(model, tensors)
         return config, tensors
     peft_config = config.to_peft()
     convert.convert_peft_config_for_transformers(peft_config, model=model,
@@ -95,3 +97,15 @@ def convert_v4_layout(model, config, tensors: dict[str, torch.Tensor], adapter_n
 def _same(a, b) -> bool:
     norm = lambda v: sorted(v) if isinstance(v, (set, list, tuple)) else ({} if v is None else v)  # noqa: E731
     return norm(a) == norm(b)
+
+
+def _warn_unconverted(model, tensors: dict[str, torch.Tensor]) -> None:
+    """Without PEFT, an adapter naming modules this model (whose layout transformers 5 changed) lacks is likely a
+    transformers-4 one: say so before loading refuses it, since the refusal cannot tell the cause."""
+    modules = {k for k, _ in model.named_modules()}
+    stale = [k for k in tensors if ".lora_" in k and k.removeprefix(PREFIX).split(".lora_")[0] not in modules]
+    if stale:
+        warnings.warn(f"This adapter names modules the {model.config.model_type} model lacks (e.g. {stale[0]}): it "
+                      "was probably trained on transformers 4, whose layout of this model transformers 5 changed. "
+                      "Converting it needs Hugging Face PEFT (pip install peft, or peft-fast[trainer]).",
+                      stacklevel=3)

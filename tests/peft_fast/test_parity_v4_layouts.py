@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import MixtralConfig, MixtralForCausalLM
 
-from tiny_models import assert_close, impl, ref
+from tiny_models import AGAINST_PEFT, assert_close, impl, ref
 
 H, I, E = 32, 48, 2
 IDS = torch.tensor([[3, 17, 5, 60, 2], [8, 1, 33, 4, 61]])
@@ -107,3 +107,15 @@ def test_v4_vision_language_adapter_with_renamed_keys_loads_as_in_peft(tmp_path)
         fresh = impl.get_peft_model(copy.deepcopy(base), impl.LoraConfig(r=4, target_modules=["q_proj"]))
         impl.set_peft_model_state_dict(fresh, v4)
         assert_close(fresh(input_ids=ids).logits, want)
+
+
+@pytest.mark.skipif(AGAINST_PEFT, reason="peft_fast without PEFT installed")
+def test_without_peft_a_v4_adapter_is_refused_with_the_cause(base, tmp_path, monkeypatch):
+    import sys
+
+    folder = v4_adapter(tmp_path / "v4", ["q_proj", "w1", "w2", "w3"])
+    monkeypatch.setitem(sys.modules, "peft.utils.transformers_weight_conversion", None)  # import fails
+    monkeypatch.delattr("peft.utils.transformers_weight_conversion", raising=False)
+    with pytest.warns(UserWarning, match="trained on transformers 4.*needs Hugging Face PEFT"):
+        with pytest.raises(ValueError):
+            impl.PeftModel.from_pretrained(copy.deepcopy(base), folder)
