@@ -2,9 +2,10 @@
 # Everything worth running on a CUDA GPU, in one command: versions, the GPU tests, the benchmarks, the host-overhead
 # and profile scripts, one JSON report, and a summary table printed last (so the tail of the output is enough).
 # Usage, from the repo root: bash bench/gpu_check.sh
-# Each stage stops at its time limit (GPU_CHECK_*_S below): with the defaults the whole run takes at most about
-# 8.7 minutes (505 s of stages, about 15 s of startup and report), whatever the card; a faster card just finishes
-# more of each stage. A stage at its limit gets SIGINT first, so pytest still writes its results.
+# Each stage stops at its time limit (GPU_CHECK_*_S below): with the defaults the stages take 470 s, startup and
+# the report about 15 s, so a run takes about 8.1 minutes, whatever the card (a faster card just finishes more of
+# each stage). A stage at its limit gets SIGINT first, so pytest still writes its results, then a kill after a
+# grace (10 s, 30 s for the xdist stage, 5 s for scripts): at worst about 590 s, under the device's 10 minutes.
 # Writes bench/results/gpu_report_<card>.json; with $OUT set (a folder to collect the results from, e.g. on a
 # remote machine that returns at most 8 files), five files there: gpu_report.json, stages.log (every stage's
 # output, written as it runs), bench_rows.jsonl and memory.json (rows as measured), logs.tar.gz (per-stage logs,
@@ -61,11 +62,12 @@ stage() {  # stage NAME SECONDS pytest-args...: log, junit xml and "rc seconds" 
   shift 2
   if [ "$limit" -le 0 ] || ! picked "$name"; then echo "== $name: skipped"; : >"$LOGS/$name.skipped"; return; fi
   start=$(date +%s)
-  echo "== $name: pytest $* (limit ${limit}s)"
   # The log also goes straight to $OUT, so it is there even if the machine goes away mid-stage.
-  # SIGINT at the limit: pytest stops as on Ctrl-C and still writes the junit xml and the benchmark JSON.
-  timeout -s INT -k 10 "$limit" $PY -m pytest "$@" -p no:cacheprovider --junitxml="$LOGS/$name.xml" 2>&1 \
-    | tee -a "$LOGS/$name.log" ${OUT:+"$OUT/stages.log"}
+  echo "== $name: pytest $* (limit ${limit}s)" | tee -a "$LOGS/$name.log" ${OUT:+"$OUT/stages.log"}
+  # SIGINT at the limit: pytest stops as on Ctrl-C and still writes the junit xml and the benchmark JSON (xdist's
+  # controller waits up to 10 s for its workers first: that stage gets a longer grace, GRACE).
+  timeout -s INT -k "${GRACE:-10}" "$limit" $PY -m pytest "$@" -p no:cacheprovider --junitxml="$LOGS/$name.xml" \
+    2>&1 | tee -a "$LOGS/$name.log" ${OUT:+"$OUT/stages.log"}
   echo "${PIPESTATUS[0]} $(( $(date +%s) - start ))" >"$LOGS/$name.rc"
 }
 script() {  # script NAME SECONDS command...: a stage that runs a script (no junit xml; its rows go to its JSON)
@@ -73,7 +75,7 @@ script() {  # script NAME SECONDS command...: a stage that runs a script (no jun
   shift 2
   if [ "$limit" -le 0 ] || ! picked "$name"; then echo "== $name: skipped"; : >"$LOGS/$name.skipped"; return; fi
   start=$(date +%s)
-  echo "== $name: $* (limit ${limit}s)"
+  echo "== $name: $* (limit ${limit}s)" | tee -a "$LOGS/$name.log" ${OUT:+"$OUT/stages.log"}
   timeout -s INT -k 5 "$limit" "$@" 2>&1 | tee -a "$LOGS/$name.log" ${OUT:+"$OUT/stages.log"}
   echo "${PIPESTATUS[0]} $(( $(date +%s) - start ))" >"$LOGS/$name.rc"
 }
@@ -85,6 +87,7 @@ script() {  # script NAME SECONDS command...: a stage that runs a script (no jun
 ALL_STAGES=kernels,peft_fast,fused,memory,moe,bench,host,profile,distributed,serving
 STAGES=",${GPU_CHECK_STAGES:-$ALL_STAGES},"
 stages_given=${GPU_CHECK_STAGES:-}
+case "$stages_given" in *" "*) echo "GPU_CHECK_STAGES: names separated by commas only, got '$stages_given'"; exit 2;; esac
 for s in ${stages_given//,/ }; do  # a misspelt name would silently run nothing of it
   case ",$ALL_STAGES," in *",$s,"*) ;; *) echo "GPU_CHECK_STAGES: unknown stage '$s' (stages: $ALL_STAGES)"; exit 2;; esac
 done
@@ -103,11 +106,11 @@ FIRST_TESTS=${GPU_CHECK_FIRST_TESTS:-}
 ALL_TESTS=tests/kernels ALL_BENCH=bench
 [ "${GPU_CHECK_ONLY_NEW:-0}" = 1 ] && ALL_TESTS="" && ALL_BENCH=""
 # GPU_CHECK_PYTEST_ARGS: extra pytest arguments for the kernels stage (e.g. "--maxfail=5 -x").
-stage kernels "${GPU_CHECK_KERNELS_S:-70}" $FIRST_TESTS $ALL_TESTS -q -rf --tb=short $TEST_TIMEOUT \
+stage kernels "${GPU_CHECK_KERNELS_S:-60}" $FIRST_TESTS $ALL_TESTS -q -rf --tb=short $TEST_TIMEOUT \
   ${GPU_CHECK_PYTEST_ARGS:-}
 # New on a GPU, first: test_offload_checkpoints (its CUDA tests measure the memory the offload frees and delay the
 # copies' stream) and test_compiled_training (a training step replayed as CUDA graphs, mode="reduce-overhead").
-stage peft_fast "${GPU_CHECK_TESTS_S:-30}" tests/peft_fast/test_offload_checkpoints.py \
+GRACE=30 stage peft_fast "${GPU_CHECK_TESTS_S:-30}" tests/peft_fast/test_offload_checkpoints.py \
   tests/peft_fast/test_compiled_training.py tests/peft_fast -q $XDIST $TEST_TIMEOUT \
   --ignore=tests/peft_fast/test_fused_ops.py --ignore=tests/peft_fast/test_fused_decoder.py  # the fused stage runs them
 # Rows are written as measured (into $OUT when set), so they survive a stage that times out.
@@ -117,7 +120,7 @@ export PEFT_FAST_BENCH_ROWS="${OUT:-$LOGS}/bench_rows.jsonl"
 # training steps: PEFT + bitsandbytes, the same with Liger's kernels, peft_fast unfused and fused (compile, liger),
 # and fused with offload_checkpoints.
 # Liger-Kernel comes from .whl/ like bitsandbytes. The first compile-backend step compiles (cold: tens of seconds).
-stage fused "${GPU_CHECK_FUSED_S:-100}" tests/peft_fast/test_fused_ops.py tests/peft_fast/test_fused_decoder.py \
+stage fused "${GPU_CHECK_FUSED_S:-90}" tests/peft_fast/test_fused_ops.py tests/peft_fast/test_fused_decoder.py \
   bench/test_bench_fused_decoder.py -k "liger or fused_decoder_train_step" -q -rf --tb=short $TEST_TIMEOUT --benchmark-json="$LOGS/fused.json" \
   --benchmark-min-rounds=3 --benchmark-max-time=0.2
 # Where a QLoRA step's peak memory goes (parameters, optimizer state, activations, temporaries; torch's MemTracker) at
@@ -135,7 +138,7 @@ FIRST_BENCH=${GPU_CHECK_FIRST_BENCH:-}
 # DoRA and QLoRA first: the LoRA layer's 27 rows alone can fill the stage's limit.
 [ -z "$FIRST_BENCH" ] && FIRST_BENCH=$(existing bench/test_bench_dora.py bench/test_bench_qlora_linear.py \
   bench/test_bench_lora_linear.py)
-stage bench "${GPU_CHECK_BENCH_S:-80}" $FIRST_BENCH $ALL_BENCH --ignore=bench/test_bench_serving.py \
+stage bench "${GPU_CHECK_BENCH_S:-75}" $FIRST_BENCH $ALL_BENCH --ignore=bench/test_bench_serving.py \
   --ignore=bench/test_bench_moe.py --ignore=bench/test_bench_fused_decoder.py -q $TEST_TIMEOUT \
   --benchmark-json="$LOGS/bench.json" --benchmark-min-rounds=3 --benchmark-max-time=0.5 \
   --benchmark-warmup=on --benchmark-warmup-iterations=2 --benchmark-columns=median,iqr,rounds
@@ -149,7 +152,7 @@ script profile "${GPU_CHECK_PROFILE_S:-15}" $PY bench/profile_qlora.py | grep -E
 
 # Serving: mixed batches captured as CUDA graphs (bench/test_bench_serving.py, rows into the same table), then
 # examples/serve_adapters.py with 64 adapters under CUDA graphs (its tokens must equal PEFT's).
-stage serving "${GPU_CHECK_SERVING_S:-60}" bench/test_bench_serving.py tests/peft_fast/test_serve_example.py -q \
+stage serving "${GPU_CHECK_SERVING_S:-50}" bench/test_bench_serving.py tests/peft_fast/test_serve_example.py -q \
   $TEST_TIMEOUT --benchmark-json="$LOGS/serving.json" --benchmark-min-rounds=3 --benchmark-max-time=0.2
 # examples/train_distributed.py under torchrun with NCCL on one GPU (FSDP2; then DoRA over NF4 codes stored as bf16).
 stage distributed "${GPU_CHECK_DISTRIBUTED_S:-25}" tests/peft_fast/test_distributed.py -q -k one_gpu $TEST_TIMEOUT

@@ -65,7 +65,7 @@ def _script(logs: Path, name: str) -> dict:
     info = _rc(logs, name)
     if not info:
         return {"status": "did not run"}
-    return {"status": "ok" if info["rc"] == 0 else f"exit status {info['rc']} (see {name}.log)", **info}
+    return {"status": "ok" if info["rc"] == 0 else f"exit status {info['rc']} (see stages.log)", **info}
 
 
 def _stage(logs: Path, name: str) -> dict:
@@ -105,7 +105,7 @@ def _benchmarks(logs: Path) -> list[dict]:
     stats = {}
     bench_json = logs / "bench.json"
     if bench_json.exists():
-        for b in json.loads(bench_json.read_text()).get("benchmarks", []):
+        for b in _json(bench_json).get("benchmarks", []):
             info = b.get("extra_info", {})
             stats[(info.get("label"), info.get("impl", "peft_fast"))] = b["stats"]
     for row in rows:  # pytest-benchmark's view of each side, for cross-checking the interleaved medians
@@ -143,7 +143,7 @@ def _stage_lines(report: dict) -> list[str]:
         lines += [f"  FAILED {f}" for f in st.get("failed", [])[:10]]
     for name, st in report.get("scripts", {}).items():
         line = f"script {name}: {st['status']}" + (f" in {st['seconds']} s" if "seconds" in st else "")
-        lines.append(line + (" (TIMED OUT: rows measured until then are kept)" if st.get("timed_out") else ""))
+        lines.append(line + (" (TIMED OUT)" if st.get("timed_out") else ""))
     for s in report["tests"].get("bench", {}).get("skips", []):
         lines.append(f"  skipped: {s.splitlines()[0][:150]}")
     return lines
@@ -177,8 +177,17 @@ def _rows(logs: Path, name: str) -> list:
     """The rows of a script's JSON (memory.json, host.json), from the logs or $OUT."""
     for folder in (logs, Path(os.environ["OUT"]) if os.environ.get("OUT") else None):
         if folder is not None and (folder / name).exists():
-            return json.loads((folder / name).read_text()).get("rows", [])
+            return _json(folder / name).get("rows", [])
     return []
+
+
+def _json(path: Path) -> dict:
+    """A JSON file a stage wrote, or {} when a kill cut it off mid-write (the report must still come out)."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        print(f"warning: {path.name} is cut off (a stage was killed while writing it); its rows are left out")
+        return {}
 
 
 def main() -> None:

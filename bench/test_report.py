@@ -194,7 +194,7 @@ def test_gpu_report_summarizes_a_check_folder(tmp_path, monkeypatch, capsys):
     assert "tests kernels: 1 passed, 1 failed, 0 errors, 1 skipped" in text and "FAILED t::bad" in text
     assert "tests fused: no junit xml" in text and "(TIMED OUT)" in text
     assert "tests serving: skipped" in text
-    assert "script memory: exit status 124 (see memory.log) in 50 s (TIMED OUT" in text
+    assert "script memory: exit status 124 (see stages.log) in 50 s (TIMED OUT)" in text
     assert "script host: ok in 12 s" in text and "script profile: skipped" in text
     assert "1.1B   peft_fast  DoRA/LoRA peak 1.040 (activations and temporaries 1.100)" in text
     assert "1.1B   peft_fast" in text and "70.0 |   110.0 |    90.0  (4 launches)" in text  # memory, host rows
@@ -217,6 +217,7 @@ def test_gpu_report_for_a_remote_run(tmp_path, monkeypatch, capsys):
     (logs / "kernels.rc").write_text("137 80")
     (logs / "kernels.log").write_text("...")
     (logs / "bench_rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in GPU_ROWS))
+    (out / "memory.json").write_text('{"device": "cuda", "rows": [{"shape": "1b", "vari')  # cut off too
     monkeypatch.setattr(gpu_report, "RESULTS_DIR", results)
     monkeypatch.setenv("OUT", str(out))
     monkeypatch.setattr(sys, "argv", ["gpu_report.py", str(logs), "--seconds", "500"])
@@ -224,7 +225,8 @@ def test_gpu_report_for_a_remote_run(tmp_path, monkeypatch, capsys):
     text = capsys.readouterr().out
     assert "tests kernels: junit xml cut off" in text
     assert text.index("tests kernels") > max(text.index(r["label"]) for r in GPU_ROWS)
-    assert sorted(p.name for p in out.iterdir()) == ["gpu_report.json", "logs.tar.gz"]
+    assert "memory.json is cut off" in text
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_report.json", "logs.tar.gz", "memory.json"]
     import tarfile
 
     with tarfile.open(out / "logs.tar.gz") as tar:

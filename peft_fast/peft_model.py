@@ -24,7 +24,7 @@ from .names import check_adapter_name
 from .state_dict import get_peft_model_state_dict
 from .status import TunerLayerStatus, TunerModelStatus, count_parameters, get_layer_status, get_model_status
 from .tuners import injection, registry
-from .tuners.file_keys import check_file_tensors, load_adapter_tensors
+from .tuners.file_keys import PREFIX, check_file_tensors, load_adapter_tensors
 from .tuners.lora.conversion import as_plain_lora
 from .wrapping import expose_forward_signature, prepare_for_gradient_checkpointing
 
@@ -299,7 +299,7 @@ class PeftModel(*_bases()):
         config, tensors, source = read_adapter(model_id, config, is_trainable, kwargs)
         config, tensors = convert_v4_layout(model, config, tensors, adapter_name)
         tuner_cls = registry.get(config.peft_type).model_cls
-        plan = injection.plan_adapter(model, config, tuner_cls)
+        plan = injection.plan_adapter(model, config, tuner_cls, _file_keys(tensors))
         check_file_tensors(tensors, model, plan, tuner_cls, source)
         if cls is PeftModel:
             cls = TASK_MODELS.get(config.task_type, PeftModel)
@@ -317,7 +317,7 @@ class PeftModel(*_bases()):
         if adapter_name in self.peft_config:
             _, tensors, source = read_adapter(model_id, self.peft_config[adapter_name], is_trainable, kwargs)
             _, tensors = convert_v4_layout(model, self.peft_config[adapter_name], tensors, adapter_name)
-            plan = injection.plan_adapter(model, self.peft_config[adapter_name], tuner_cls)
+            plan = injection.plan_adapter(model, self.peft_config[adapter_name], tuner_cls, _file_keys(tensors))
             check_file_tensors(tensors, model, plan, tuner_cls, source)
             load_adapter_tensors(model, tensors, adapter_name, source)
         else:
@@ -327,7 +327,7 @@ class PeftModel(*_bases()):
             if registry.get(config.peft_type).model_cls is not tuner_cls:
                 raise ValueError(f"{model_id} holds a {config.peft_type} adapter; this model's adapters are "
                                  f"{self.peft_type}: load it into its own PeftModel.")
-            plan = injection.plan_adapter(model, config, tuner_cls)
+            plan = injection.plan_adapter(model, config, tuner_cls, _file_keys(tensors))
             check_file_tensors(tensors, model, plan, tuner_cls, source)
             self.base_model.add_adapter(adapter_name, config, autocast_adapter_dtype,
                                         init=_init_when_loading(tuner_cls, config), plan=plan,
@@ -338,6 +338,11 @@ class PeftModel(*_bases()):
             self.eval()
         # PEFT returns torch's load result; files that do not fit raise instead, so nothing is ever missing.
         return _IncompatibleKeys([], [])
+
+
+def _file_keys(tensors: dict) -> set:
+    """A loaded file's keys as module paths (the prefix PEFT's files carry dropped): which layers it adapts."""
+    return {k.removeprefix(PREFIX) for k in tensors}
 
 
 def _init_when_loading(tuner_cls, config) -> Optional[bool]:

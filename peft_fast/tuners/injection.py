@@ -50,11 +50,12 @@ def base_of(module: nn.Module) -> nn.Module:
     return module.base_layer if isinstance(module, TunerLayer) else module
 
 
-def plan_adapter(model: nn.Module, config, tuner_cls) -> Plan:
+def plan_adapter(model: nn.Module, config, tuner_cls, file_keys: Optional[set] = None) -> Plan:
     """Work out everything an adapter will touch, without touching the model. `tuner_cls` (a TunerModel class)
-    gives the per-layer values (`target_kwargs`); its layer class, which bases it adapts (`view_for`)."""
+    gives the per-layer values (`target_kwargs`); its layer class, which bases it adapts (`view_for`).
+    `file_keys`: when loading, the file's keys (without `base_model.model.`), which decide tied layers."""
     config = copy.deepcopy(config)
-    ties = plan_ties(config, model)
+    ties = plan_ties(config, model, file_keys)
     resolve_target_modules(config, model, tuner_cls.default_targets)
     compact_target_modules(config, [k for k, _ in model.named_modules()])
     tuner_cls.prepare_config(config, model)

@@ -60,23 +60,25 @@ def tied_to(model: nn.Module, embedding: Optional[str]) -> list[str]:
             and weight is not None and getattr(unwrapped(m), "weight", None) is weight]
 
 
-def plan_ties(config, model: nn.Module) -> Ties:
+def plan_ties(config, model: nn.Module, file_keys: Optional[set] = None) -> Ties:
     """PEFT's _check_tied_modules, on the adapter's (copied) config before its targets are resolved: rewrites
-    `modules_to_save` / `target_modules` as PEFT does and says which layers to tie; warns as PEFT warns."""
+    `modules_to_save` / `target_modules` as PEFT does and says which layers to tie; warns as PEFT warns.
+
+    `file_keys` (loading: the file's keys without `base_model.model.`): PEFT's rewrite puts the embedding's own
+    path into the saved config (GPT-2's transformer.wte, T5's shared), which its rule does not recognise when
+    loading, and a config a user wrote can name the same path without any tie. So when loading, that path counts
+    too, and a layer is tied only where the file holds its adapter (what the saved model had)."""
     embedding = input_embedding(model)
     tied = tied_to(model, embedding)
-    # PEFT's names, and the embedding's full path as PEFT's rewrite writes it into the config: GPT-2's is
-    # transformer.wte, which PEFT then fails to tie when loading its own file. A name a user writes ("wte", or a
-    # top-level "shared") keeps PEFT's rule, so PEFT's files of such adapters load as PEFT loads them.
+    own = embedding if file_keys is not None else None
     names = list(getattr(config, "modules_to_save", None) or [])
-    written = embedding if embedding is not None and "." in embedding else None
-    to_save = any(m.split(".")[-1] in EMBEDDING_NAMES or m == written for m in names)
+    to_save = any(m.split(".")[-1] in EMBEDDING_NAMES or m == own for m in names)
     targets = getattr(config, "target_modules", None)
     if isinstance(targets, str):
-        rewritten = written is not None and targets.endswith(f"|^{re.escape(written)}$)")
+        rewritten = own is not None and targets.endswith(f"|^{re.escape(own)}$)")
         in_targets = rewritten or any(re.fullmatch(targets, n) for n in EMBEDDING_NAMES)
     else:
-        in_targets = any(m.split(".")[-1] in EMBEDDING_NAMES or m == written for m in targets or ())
+        in_targets = any(m.split(".")[-1] in EMBEDDING_NAMES or m == own for m in targets or ())
     if not getattr(config, "ensure_weight_tying", False):
         if (to_save or in_targets) and tied:
             how = ("but `ensure_weight_tying` is not set to True" if hasattr(config, "ensure_weight_tying") else
@@ -93,6 +95,10 @@ def plan_ties(config, model: nn.Module) -> Ties:
             warnings.warn("ensure_weight_tying=True but the model does not have tied weights (tie_word_embeddings="
                           "False). Weight tying will not be applied for trainable_token_indices.", stacklevel=5)
         return Ties()
+    if file_keys is not None:
+        tied = [k for k in tied if _saved(k, file_keys, to_save)]
+        if not tied:
+            return Ties()
     if to_save:
         if embedding not in names:
             names.append(embedding)
@@ -107,6 +113,13 @@ def plan_ties(config, model: nn.Module) -> Ties:
     warnings.warn("You have requested `ensure_weight_tying`, but no tied modules are added in either "
                   "`modules_to_save` or `target_modules`", stacklevel=5)
     return Ties()
+
+
+def _saved(key: str, file_keys: set, whole: bool) -> bool:
+    """Whether the file holds the adapter of layer `key`: its trained copy (`whole`) or its factors."""
+    prefix = key + "."
+    return any(f.startswith(prefix) and (("lora_" not in f and ".base_layer." not in f) if whole else "lora_" in f)
+               for f in file_keys)
 
 
 def _without_tied(names: list[str], tied: list[str]) -> list[str]:

@@ -351,3 +351,54 @@ def test_model_to_keeps_gradients_and_works_with_a_live_graph():
     assert_close(lm_head.lora_A["default"].weight.grad, grad.double())
     assert lm_head.lora_A["default"].weight.data_ptr() == \
         model.base_model.model.model.embed_tokens.lora_embedding_B["default"].data_ptr()
+
+
+def _t5():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    return T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                               num_decoder_layers=1, num_heads=4, tie_word_embeddings=True)).eval()
+
+
+@pytest.mark.parametrize("cfg", [{"target_modules": ["lm_head", "q"]}, {"target_modules": ["embed_tokens", "q"]},
+                                 {"modules_to_save": ["lm_head"], "target_modules": ["q"]}],
+                         ids=["lm_head", "embed_tokens", "save-lm_head"])
+@peft_fast_only  # PEFT reloads these with a different model (its rule misses `shared`)
+def test_t5_tied_adapters_reload(cfg, tmp_path):
+    """T5's embedding is the top-level `shared`, the name PEFT's rewrite saves in the config: the file's own keys
+    say which layers it adapts."""
+    base = _t5()
+    ids = IDS[:, :5]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = impl.get_peft_model(copy.deepcopy(base), impl.LoraConfig(
+            r=2, ensure_weight_tying=True, init_lora_weights=False, **copy.deepcopy(cfg))).eval()
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if p.requires_grad:
+                    p.add_(0.1)
+        model.save_pretrained(tmp_path)
+        back = impl.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    with torch.no_grad():
+        assert_close(back(input_ids=ids, decoder_input_ids=ids).logits,
+                     model(input_ids=ids, decoder_input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", [{"target_modules": ["transformer.wte", "c_attn"]},
+                                 {"modules_to_save": ["transformer.wte"], "target_modules": ["c_attn"]}],
+                         ids=["target", "save"])
+def test_a_user_written_full_embedding_path_loads_as_in_peft(cfg, tmp_path):
+    """PEFT ties nothing when a user names GPT-2's embedding by its path; its file then holds no lm_head adapter
+    and loads untied here too."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=64, n_positions=16)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = ref.get_peft_model(copy.deepcopy(base), ref.LoraConfig(
+            r=2, ensure_weight_tying=True, init_lora_weights=False, **copy.deepcopy(cfg))).eval()
+        model.save_pretrained(tmp_path)
+        back = impl.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    assert_close(logits(back), logits(model))
