@@ -244,6 +244,10 @@ def test_deep_copies_and_pickles_stay_tied():
         assert lm_head.lora_A["default"].weight.data_ptr() == emb.lora_embedding_B["default"].data_ptr()
         assert lm_head.lora_B["default"].weight.data_ptr() == emb.lora_embedding_A["default"].data_ptr()
         assert_close(logits(clone), logits(model))
+        before = lm_head.lora_A["default"].weight._version
+        with torch.no_grad():  # an edit through the embedding is one the lm_head factor's caches see
+            emb.lora_embedding_B["default"].mul_(1.0)
+        assert lm_head.lora_A["default"].weight._version > before
 
 
 @pytest.mark.parametrize("patterns", [{"rank_pattern": {"lm_head": 8}}, {"alpha_pattern": {"lm_head": 32}},

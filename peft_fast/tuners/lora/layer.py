@@ -157,12 +157,14 @@ class LoraLinear(LoraCompute, TunerLayer):
     def __setstate__(self, state) -> None:
         # A deep copy or unpickling copies each parameter on its own: the copy's factors are views again.
         super().__setstate__(state)
-        self._retie()
+        self._retie(fresh=True)
 
-    def _retie(self) -> None:
+    def _retie(self, fresh: bool = False) -> None:
         """Point the factors at the embedding's again where a conversion or copy separated them: through `.data`,
         so the Parameter objects keep their identity, gradients and hooks (an optimizer built before model.to()
-        keeps training them), and a graph holding them does not block the move."""
+        keeps training them), and a graph holding them does not block the move. A `fresh` copy's (nothing holds
+        its parameters yet) are swapped for views instead, which also share the embedding's version counter, so
+        caches see an edit made through either."""
         for name, embedding in getattr(self, "tied_adapters", {}).items():
             b_emb, a_emb = (getattr(embedding, d, {}).get(name) for d in ("lora_embedding_B", "lora_embedding_A"))
             if b_emb is None or a_emb is None:
@@ -171,6 +173,12 @@ class LoraLinear(LoraCompute, TunerLayer):
                 view = source.detach().t()
                 if (source.device, source.dtype) != (param.device, param.dtype) or _same_view(param, view):
                     continue
+                if fresh:
+                    try:
+                        torch.utils.swap_tensors(param, nn.Parameter(source.t(), requires_grad=param.requires_grad))
+                        continue
+                    except RuntimeError:  # something holds it after all: the .data route below
+                        pass
                 param.data = view
 
     # --- what a layer type changes (embedding.py, conv.py) ----------------------------------------------------------
