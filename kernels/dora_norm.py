@@ -234,8 +234,8 @@ _DENSE = OpaqueOp("dora_norm", _dense_op, _dense_fake, eager=_dense)
 _NF4 = OpaqueOp("dora_norm_nf4", _nf4_op, _nf4_fake, eager=_nf4)
 
 
-# The kernel holds an r x r tile of A·Aᵀ: beyond this rank it needs more shared memory than an H100/H200 block has
-# (bench/compile_check.py: 272 KB at r = 512), so larger ranks take the reference (cuBLAS, the same expansion).
+# The kernel holds an r x r tile of A·Aᵀ in shared memory, which an sm_90 block cannot hold beyond this rank:
+# larger ranks take the reference (cuBLAS, the same expansion).
 MAX_TRITON_RANK = 256
 
 

@@ -182,8 +182,8 @@ def multi_lora_triton(x: Tensor, y: Tensor, a_stack: Tensor, b_stack: Tensor, ra
     check_launch("multi_lora", x, y, a_stack, b_stack, ranks, scalings, bias_stack, meta.sorted_tokens, dora_scale,
                   base_bias)
     result = y if inplace else y.clone()
-    ranks, scalings = ranks.contiguous(), scalings.contiguous()  # read at ptr + slot, without a stride
-    if fused if fused is not None else fuses(meta, a_stack):
+    if fused if fused is not None else fuses(meta, a_stack):  # (the two-launch path's launchers do the same)
+        ranks, scalings = ranks.contiguous(), scalings.contiguous()  # read at ptr + slot, without a stride
         return _fused(x, result, a_stack, b_stack, ranks, scalings, meta, bias_stack, dora_scale, base_bias)
     z = lora_shrink_triton(x, a_stack, ranks, meta)
     return lora_expand_triton(result, z, b_stack, ranks, scalings, meta, bias_stack, dora_scale=dora_scale,

@@ -25,8 +25,7 @@ from .variants import LORA
 
 
 def _same_view(param: torch.Tensor, view: torch.Tensor) -> bool:
-    return (param.data_ptr() == view.data_ptr() and param.shape == view.shape and param.stride() == view.stride()
-            and param.untyped_storage().data_ptr() == view.untyped_storage().data_ptr())
+    return param.data_ptr() == view.data_ptr() and param.shape == view.shape and param.stride() == view.stride()
 
 
 def variant_for(config):
@@ -155,31 +154,25 @@ class LoraLinear(LoraCompute, TunerLayer):
         return out
 
     def __setstate__(self, state) -> None:
-        # A deep copy or unpickling copies each parameter on its own: the copy's factors are views again.
+        # A deep copy or unpickling copies each parameter on its own: nothing holds the copy's factors yet, so they
+        # are swapped for views again (sharing the embedding's version counter, as when created).
         super().__setstate__(state)
-        self._retie(fresh=True)
+        for name, embedding in self.tied_adapters.items():
+            if name in getattr(embedding, "lora_embedding_B", {}):
+                self._tie(name, embedding)
 
-    def _retie(self, fresh: bool = False) -> None:
-        """Point the factors at the embedding's again where a conversion or copy separated them: through `.data`,
-        so the Parameter objects keep their identity, gradients and hooks (an optimizer built before model.to()
-        keeps training them), and a graph holding them does not block the move. A `fresh` copy's (nothing holds
-        its parameters yet) are swapped for views instead, which also share the embedding's version counter, so
-        caches see an edit made through either."""
-        for name, embedding in getattr(self, "tied_adapters", {}).items():
-            b_emb, a_emb = (getattr(embedding, d, {}).get(name) for d in ("lora_embedding_B", "lora_embedding_A"))
-            if b_emb is None or a_emb is None:
+    def _retie(self) -> None:
+        """After a conversion (model.to(), .half()), point the factors at the embedding's converted ones again,
+        through `.data`: the Parameter objects keep their identity, gradients and hooks (an optimizer built before
+        model.to() keeps training them), and a graph holding them does not block the move."""
+        for name, embedding in self.tied_adapters.items():
+            if name not in embedding.lora_embedding_B:  # the embedding's adapter deleted on its own
                 continue
-            for param, source in ((self.lora_A[name].weight, b_emb), (self.lora_B[name].weight, a_emb)):
+            for param, source in ((self.lora_A[name].weight, embedding.lora_embedding_B[name]),
+                                  (self.lora_B[name].weight, embedding.lora_embedding_A[name])):
                 view = source.detach().t()
-                if (source.device, source.dtype) != (param.device, param.dtype) or _same_view(param, view):
-                    continue
-                if fresh:
-                    try:
-                        torch.utils.swap_tensors(param, nn.Parameter(source.t(), requires_grad=param.requires_grad))
-                        continue
-                    except RuntimeError:  # something holds it after all: the .data route below
-                        pass
-                param.data = view
+                if (source.device, source.dtype) == (param.device, param.dtype) and not _same_view(param, view):
+                    param.data = view
 
     # --- what a layer type changes (embedding.py, conv.py) ----------------------------------------------------------
     @classmethod
