@@ -301,8 +301,7 @@ class PeftModel(*_bases()):
         tuner_cls = registry.get(config.peft_type).model_cls
         plan = injection.plan_adapter(model, config, tuner_cls, _file_keys(tensors))
         check_file_tensors(tensors, model, plan, tuner_cls, source)
-        if cls is PeftModel:
-            cls = TASK_MODELS.get(config.task_type, PeftModel)
+        cls = TASK_MODELS.get(config.task_type, cls)  # as PEFT: the file's task type, whatever class was called
         peft_model = cls(model, config, adapter_name, autocast_adapter_dtype, _plan=plan, _tensors=tensors,
                          _source=source)
         if not is_trainable:
@@ -353,7 +352,13 @@ def _init_when_loading(tuner_cls, config) -> Optional[bool]:
 
 # PEFT returns one subclass per task type; here they differ in name and in the heads trained in full.
 class PeftModelForCausalLM(PeftModel):
-    pass
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        # As PEFT's: a generation config assigned to this model (Seq2SeqTrainer assigns args.generation_config) is
+        # the one generate uses, and the base model keeps it.
+        own = self.__dict__.get("generation_config")
+        if own is not None:
+            self.get_base_model().generation_config = own
+        return super().generate(*args, **kwargs)
 
 
 class PeftModelForSequenceClassification(PeftModel):

@@ -78,6 +78,28 @@ def test_auto_peft_model_refuses_the_wrong_class_naming_the_right_one(saved, cls
                 assert w.lower() in str(info.value).lower(), info.value
 
 
+@pytest.mark.parametrize("folder,want", [("causal", "PeftModelForCausalLM"), ("plain", "PeftModelForSeq2SeqLM")])
+def test_a_task_class_s_from_pretrained_returns_the_file_s_task_class(saved, folder, want):
+    """As PEFT: the adapter's task type picks the class whatever class from_pretrained is called on; an adapter
+    without one keeps the class called."""
+    base = AutoModelForCausalLM.from_pretrained(saved / "base")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = impl.PeftModelForSeq2SeqLM.from_pretrained(base, str(saved / folder))
+    assert type(model).__name__ == want
+
+
+def test_a_generation_config_assigned_to_a_causal_lm_model_is_the_one_generate_uses():
+    """As PEFT: Seq2SeqTrainer assigns args.generation_config to the model it trains, which may be a causal LM."""
+    from transformers import GenerationConfig
+
+    model = impl.get_peft_model(base_model("llama"), impl.LoraConfig(**default_cfg("llama", task_type="CAUSAL_LM")))
+    ids = inputs("llama", batch=1)["input_ids"]
+    model.generation_config = GenerationConfig(max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert model.generate(input_ids=ids).shape[1] == ids.shape[1] + 3
+    assert model.get_base_model().generation_config.max_new_tokens == 3
+
+
 def test_auto_peft_model_imports_only_allowed_libraries(saved, tmp_path):
     cfg = json.loads((saved / "plain" / "adapter_config.json").read_text())
     cfg["auto_mapping"]["parent_library"] = "os"
