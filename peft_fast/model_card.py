@@ -32,7 +32,7 @@ def _tags(peft_model) -> set[str]:
     tags = set(getattr(base, "model_tags", None) or [])
     if isinstance(base, PreTrainedModel):
         tags.add("transformers")
-    card_tag = registry.get(peft_model.active_peft_config.peft_type).card_tag
+    card_tag = registry.get(peft_model.peft_type).card_tag  # one tuner per model (none may be active)
     if card_tag:
         tags.add(card_tag)
     name = getattr(base, "name_or_path", None)

@@ -140,6 +140,25 @@ def test_delete_adapter_llama_per_layer_choice():
     assert_close(_eval_out(i, "llama"), _eval_out(r, "llama"))
 
 
+def test_save_with_no_adapter_active_after_a_delete(tmp_path):
+    """Deleting `default` where it alone adapts the first layer leaves no adapter active (PEFT's per-layer rule), a
+    state peft_fast runs (the base model's outputs, with a warning). Saving it writes the remaining adapter whole;
+    PEFT fails there (KeyError 'default') without writing anything."""
+    i = impl.get_peft_model(base_model("mlp"), impl.LoraConfig(r=2, target_modules=["lin0"]))
+    i.add_adapter("b", impl.LoraConfig(r=2, target_modules=["lin1"], init_lora_weights=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        i.delete_adapter("default")
+    if i.active_adapters:
+        pytest.skip("this library keeps an adapter active")
+    i.save_pretrained(tmp_path)
+    assert (tmp_path / "b" / "adapter_config.json").exists() and (tmp_path / "README.md").exists()
+    loaded = impl.PeftModel.from_pretrained(base_model("mlp"), str(tmp_path / "b"), adapter_name="b")
+    want = {n: p for n, p in i.state_dict().items() if "lora_" in n}
+    got = loaded.state_dict()
+    assert want and all(torch.equal(got[n], p) for n, p in want.items())
+
+
 # ------------------------------------------------------------------------------ (2) requires_grad parity
 def test_add_adapter_on_model_loaded_in_inference_mode(tmp_path):
     _, src, _ = make_pair("mlp", modules_to_save=["lin2"])

@@ -361,6 +361,20 @@ def test_svd_rank_above_layer_dims(tmp_path):
 
 
 @peft_fast_only
+@pytest.mark.parametrize("ctype,kw", [("svd", dict(svd_clamp=1.0)), ("magnitude_prune_svd", dict(density=1.0)),
+                                      ("dare_linear_svd", dict(density=1.0)), ("ties_svd", dict(density=0.5))])
+def test_svd_rank_above_layer_dims_for_dense_svd_types(ctype, kw):
+    """The same zero-padding for the types that take the SVD of a dense delta (full_matrices' U is [out, out] while
+    S has min(out, in) values). Nothing pruned (density 1) leaves the exact weighted sum."""
+    r, i = _trio()
+    _merge(i, combination_type=ctype, svd_rank=40, **kw)
+    v_i = i.base_model.model.model.layers[0].self_attn.v_proj
+    assert v_i.lora_B["merged"].weight.shape == (32, 40) and v_i.lora_A["merged"].weight.shape == (40, 64)
+    if kw.get("density") == 1.0:  # (sign election and clamping, PEFT's clamp(-q, q) of signed values, change it)
+        _close_to(_deltas(i), _weighted_sum(i, _layers(i)))
+
+
+@peft_fast_only
 def test_pissa_init_not_rerun_on_the_base():
     """PEFT bug 5: adapters[0] initialised with PiSSA makes PEFT run PiSSA again for the merged adapter, which
     rewrites the base weights under every adapter. Here the base weights are left alone."""

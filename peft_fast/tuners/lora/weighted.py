@@ -320,8 +320,9 @@ def _svd_merge(layers, adapters, weights, name, combination_type, merge, new_ran
                 stacked = torch.stack([d.to(dtype) for _, d in chunk])
                 u, s, vh = torch.linalg.svd(stacked, full_matrices=full_matrices, **kwargs)
                 del stacked
-            u = u[..., :new_rank] * s[:, None, :new_rank]  # U·diag(S), truncated
-            vh = vh[:, :new_rank, :]
+            k = min(new_rank, s.shape[-1])  # a rank above the layer's dimensions: _write zero-pads the rest
+            u = u[..., :k] * s[:, None, :k]  # U·diag(S), truncated (full_matrices' U has more columns than S)
+            vh = vh[:, :k, :]
             if clamp is not None:
                 hi = _row_quantile(torch.cat([u.flatten(1), vh.flatten(1)], dim=1), clamp)[:, None, None]
                 u, vh = u.clamp(-hi, hi), vh.clamp(-hi, hi)
