@@ -29,6 +29,26 @@ def tol(case):
     return {"atol": 1e-6, "rtol": 1e-6} if case[0] == torch.float32 else {"atol": 1e-5, "rtol": 8e-3}
 
 
+@pytest.mark.parametrize("init", [True, False])
+@pytest.mark.parametrize("autocast_adapter_dtype", [True, False])
+@pytest.mark.parametrize("case", [CASES[2], CASES[3]], ids=[IDS[2], IDS[3]])
+def test_new_adapters_are_made_in_the_4bit_layer_s_compute_dtype(model_dir, case, autocast_adapter_dtype, init):
+    """As PEFT: a new adapter on a 4-bit layer is cast to the layer's compute dtype (bf16 here), then upcast to
+    float32 by autocast_adapter_dtype: its initial values are bf16-rounded, and bf16 without the upcast."""
+    got = {}
+    for lib in (ref, impl):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.manual_seed(0)
+            model = lib.get_peft_model(load4(model_dir, case), lib.LoraConfig(**lora_kw(init_lora_weights=init)),
+                                       autocast_adapter_dtype=autocast_adapter_dtype)
+        got[lib] = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert got[impl].keys() == got[ref].keys()
+    for n, p in got[ref].items():
+        assert got[impl][n].dtype == p.dtype, n
+        assert torch.equal(got[impl][n], p), n
+
+
 @pytest.fixture
 def fused_calls(monkeypatch):
     """How often peft_fast's layers ran the fused 4-bit op (stays 0 against PEFT)."""

@@ -195,10 +195,11 @@ class LoraLinear(LoraCompute, TunerLayer):
         lora_init.initialise(self, name, init)
 
     def _move_adapter_to_base(self, name: str, autocast_adapter_dtype: bool) -> None:
-        # PEFT moves the adapter to the base layer's device and dtype, then upcasts half precision to float32.
+        # PEFT moves the adapter to the base layer's device and dtype (a 4-bit layer's compute dtype), then upcasts
+        # half precision to float32.
         view = self.base_view
         for mod in (self.lora_A, self.lora_B):
-            mod[name] = mod[name].to(view.device, dtype=view.adapter_dtype)
+            mod[name] = mod[name].to(view.device, dtype=view.init_dtype)
             if autocast_adapter_dtype and mod[name].weight.dtype in (torch.float16, torch.bfloat16):
                 mod[name] = mod[name].to(torch.float32)
 
