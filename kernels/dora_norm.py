@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .common.autocast import autocast_off
 from .common.autograd import OpaqueOp
 from .common.backend import HAS_TRITON, use_triton
 from .common.dot_policy import DOT_F32, DOT_F64, precision
@@ -63,10 +64,12 @@ def dora_norm_reference(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scaling:
     """weight [out, in] (any strides; a transposed view for fan_in_fan_out). The expansion above in torch."""
     _check(weight.shape[0], weight.shape[1], lora_a, lora_b, weight_sq)
     acc = _acc_dtype(weight, lora_a, lora_b, weight_sq)
-    w, a = weight.detach().to(acc), lora_a.detach().to(acc)
-    if weight_sq is None:
-        weight_sq = torch.einsum("ij,ij->i", w, w)  # a reduction, no [out, in] temporary
-    return _combine(weight_sq.to(acc), w @ a.T, a @ a.T, lora_b.detach(), float(scaling)), weight_sq.to(acc)
+    # In acc's precision under autocast too (which would run the products in 16 bits): callers cache the results.
+    with autocast_off(weight.device):
+        w, a = weight.detach().to(acc), lora_a.detach().to(acc)
+        if weight_sq is None:
+            weight_sq = torch.einsum("ij,ij->i", w, w)  # a reduction, no [out, in] temporary
+        return _combine(weight_sq.to(acc), w @ a.T, a @ a.T, lora_b.detach(), float(scaling)), weight_sq.to(acc)
 
 
 @torch.no_grad()

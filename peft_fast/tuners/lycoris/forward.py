@@ -71,12 +71,13 @@ class DeltaPlan:
             delta = training_delta(layer, self.active)
             if delta is None:  # module dropout skipped every adapter
                 return layer.base_layer(x, *args, **kwargs)
-            if fold is not None:
-                return run_op(layer, x, fold["weight"] + delta, fold.get("bias"))
+            if fold is not None:  # (back in x's dtype, as PEFT returns, also under autocast)
+                return run_op(layer, x, fold["weight"] + delta, fold.get("bias")).to(x.dtype)
             delta = delta.to(compute_dtype(layer, x, delta.dtype, cached=False))
             return add_delta(layer, x, layer.base_layer(x, *args, **kwargs), delta)
         if fold is not None:
-            return run_op(layer, x, layer.delta_value(self.active, x.dtype, fold["weight"]), fold.get("bias"))
+            weight = layer.delta_value(self.active, x.dtype, fold["weight"])
+            return run_op(layer, x, weight, fold.get("bias")).to(x.dtype)
         dtype = compute_dtype(layer, x, layer.adapter_dtype(self.active), layer.caches(self.active))
         return add_delta(layer, x, layer.base_layer(x, *args, **kwargs), layer.delta_value(self.active, dtype))
 

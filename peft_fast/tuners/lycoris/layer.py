@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from ...bases import BaseView
+from ...kernels.common.autocast import autocast_off
 from ...names import BASE_NAME
 from ..base_layer import TunerLayer
 from .bases import base_kind, view_for
@@ -172,9 +173,9 @@ class LycorisLayer(TunerLayer):
             tuple(self.scaling[n] for n in names) + ((self.base_view.version()) if base is not None else ())
         hit = self._values.get(slot)
         if hit is None or hit[0] != key:
-            with torch.no_grad():
-                value = compute()
             kept = [p for n in names for p in self.factors(n)] + ([base] if base is not None else [])
+            with torch.no_grad(), autocast_off(kept[0].device):  # kept for later calls, with or without autocast
+                value = compute()
             hit = self._values[slot] = (key, value, kept)  # kept alive: no id in the key can be reused meanwhile
         return hit[1]
 

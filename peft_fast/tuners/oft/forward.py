@@ -29,6 +29,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from ...kernels.common.autocast import autocast_off
 from ...names import BASE_NAME
 from .rotation import FoldedLinear, blocks_of, fold, project, rotate, rotate_channels, rotation
 
@@ -59,11 +60,13 @@ class OFTPlan:
         if self.fold is not None and not (args or kwargs):
             weight = self.fold["weight"]
             if layer.caches(self.active) and (layer.kind != "Embedding" or layer.base_layer.max_norm is None):
-                return layer.run_folded(x, layer.folded(self.active, weight), self.fold.get("bias"))
+                out = layer.run_folded(x, layer.folded(self.active, weight), self.fold.get("bias"))
+                return out if layer.kind == "Embedding" else out.to(x.dtype)  # x's dtype, as PEFT, under autocast
             if layer.kind == "Linear" and len(self.active) == 1 and x.numel() > weight.numel() and \
                     not weight.requires_grad:  # more tokens than output features: folding R into W costs less
                 module = layer.blocks[self.active[0]]
-                return FoldedLinear.apply(x, blocks_of(module, rotation(module)), weight, self.fold.get("bias"))
+                bias = self.fold.get("bias")
+                return FoldedLinear.apply(x, blocks_of(module, rotation(module)), weight, bias).to(x.dtype)
         if layer.kind == "Embedding":  # PEFT rotates the looked-up rows
             result = layer.base_layer(x, *args, **kwargs)
             return layer.rotate_input(result, self.active, layer.rotations(self.active))
@@ -109,7 +112,7 @@ class OFTCompute:
     def _cached(self, slot: tuple, key: tuple, kept: list, compute):
         hit = self._values.get(slot)
         if hit is None or hit[0] != key:
-            with torch.no_grad():
+            with torch.no_grad(), autocast_off(kept[0].device):  # kept for later calls, with or without autocast
                 value = compute()
             hit = self._values[slot] = (key, value, kept)  # kept alive: no id in the key can be reused meanwhile
         return hit[1]

@@ -124,6 +124,8 @@ class VeraCompute:
                 a, b = self.folded(name)
                 y = F.linear(x, w.T if transposed else w, params.get("bias"))
                 z = F.linear(x if x.dtype == a.dtype else x.to(a.dtype), a)
+                if torch.is_autocast_enabled(x.device.type):  # autocast's dtypes (addmm_ is not autocast), then x's
+                    return (y + F.linear(z, b)).to(x.dtype)
                 if y.dtype != z.dtype:  # a 16-bit base under float32 vectors: PEFT's float32 sum, rounded once
                     return (y + F.linear(z, b)).to(y.dtype)
                 # No autograd here: the delta goes into the fresh base output in place (measured 4-12% faster per
