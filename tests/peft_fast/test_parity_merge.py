@@ -8,7 +8,9 @@ from tiny_models import (
     add_both,
     assert_close,
     assert_same_state,
+    base_model,
     case_id,
+    copy_weights,
     impl,
     inputs,
     make_pair,
@@ -107,6 +109,36 @@ def test_merge_and_unload(case, safe_merge):
     assert_close(_out(im, kind), _out(rm, kind))
     assert_close(_out(im, kind), expected_out, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(_out(im, kind), _out(base, kind), atol=1e-4)
+
+
+@pytest.mark.parametrize("safe_merge", [False, True])
+def test_lora_bias_over_a_16bit_base_merges_and_unmerges_as_peft(safe_merge):
+    """float32 lora_B biases (autocast_adapter_dtype) into a bf16 bias: the sum is rounded to bf16 once."""
+    cfg = dict(r=4, target_modules=["lin0", "lin1"], lora_bias=True, init_lora_weights=False)
+    models = []
+    for lib in (ref, impl):
+        torch.manual_seed(0)
+        models.append(lib.get_peft_model(base_model("mlp").to(torch.bfloat16), lib.LoraConfig(**cfg)))
+    r, i = models
+    with torch.no_grad():
+        for n, p in r.named_parameters():
+            if n.endswith("lora_B.default.bias"):
+                p.copy_(torch.randn_like(p) * 0.37)
+    copy_weights(r, i)
+
+    def biases(model):
+        return {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("base_layer.bias")}
+
+    for step in ("merge", "unmerge"):
+        for model in (r, i):
+            if step == "merge":
+                model.merge_adapter(safe_merge=safe_merge)
+            else:
+                model.unmerge_adapter()
+        got, want = biases(i), biases(r)
+        assert got.keys() == want.keys() and want
+        for n in want:
+            assert torch.equal(got[n], want[n]), (step, n)
 
 
 def test_merge_and_unload_selected_adapter():

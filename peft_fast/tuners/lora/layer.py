@@ -268,8 +268,7 @@ class LoraLinear(LoraCompute, TunerLayer):
 
     def merge_bias(self, name: str, bias: Optional[torch.Tensor], live: bool = False) -> Optional[torch.Tensor]:
         if self.lora_bias[name]:
-            delta = self.lora_B[name].bias.data * self.scaling[name]
-            bias += delta if live else delta.to(bias.dtype)
+            bias += self.lora_B[name].bias.data * self.scaling[name]  # in place: rounded once to bias's dtype, as PEFT
         return bias
 
     def merge_done(self, ctx: _MergeContext) -> None:
@@ -283,7 +282,7 @@ class LoraLinear(LoraCompute, TunerLayer):
 
     def unmerge_bias(self, name: str, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         if self.lora_bias[name]:
-            bias -= (self.lora_B[name].bias.data * self.scaling[name]).to(bias.dtype)
+            bias -= self.lora_B[name].bias.data * self.scaling[name]
         return bias
 
     def unmerge_done(self, name: str) -> None:
