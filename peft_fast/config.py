@@ -152,8 +152,8 @@ class PeftConfig(metaclass=_AcceptsPeftKeys):
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "the config") -> "PeftConfig":
         """Build from adapter_config.json's contents; on PeftConfig itself, the class its `peft_type` names."""
-        if cls is PeftConfig:
-            cls = registry.get(data.get("peft_type") or registry.default_type()).config_cls
+        if cls is PeftConfig:  # the named class's own checks of a file (e.g. OFT's of older PEFT versions) run too
+            return registry.get(data.get("peft_type") or registry.default_type()).config_cls.from_dict(data, source)
         kwargs = cls.peft_only(data, source)
         try:
             return cls(**kwargs)

@@ -319,9 +319,11 @@ class TunerModel(nn.Module):
         write_tokens()
 
     def unmerge_adapter(self) -> None:
-        for _, m in list(self.adapter_layers()) + token_wrappers(self.model):
-            if m.merged:
-                m.unmerge()
+        layers = [m for _, m in list(self.adapter_layers()) + token_wrappers(self.model) if m.merged]
+        if not layers:
+            warnings.warn("Already unmerged. Nothing to do.")  # PEFT's warning (per layer there)
+        for m in layers:
+            m.unmerge()
 
     def _check_known(self, adapter_names: Optional[list[str]]) -> None:
         if isinstance(adapter_names, str):

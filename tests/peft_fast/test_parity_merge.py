@@ -141,6 +141,13 @@ def test_lora_bias_over_a_16bit_base_merges_and_unmerges_as_peft(safe_merge):
             assert torch.equal(got[n], want[n]), (step, n)
 
 
+def test_unmerge_with_nothing_merged_warns_as_peft():
+    _, r, i = _eval_pair("mlp")
+    for model in (r, i):
+        with pytest.warns(UserWarning, match="Already unmerged. Nothing to do."):
+            model.unmerge_adapter()
+
+
 def test_merge_and_unload_selected_adapter():
     base, r, i = _eval_pair("llama")
     add_both(r, i, "other", "llama", seed=4, r=2, lora_alpha=6, target_modules=["k_proj", "v_proj"])

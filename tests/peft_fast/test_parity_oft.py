@@ -111,6 +111,28 @@ def test_files_both_ways(tmp_path):
                 assert_close(out(loaded, x), want["second"], msg=f"{src} -> {lib.__name__}")
 
 
+@pytest.mark.parametrize("version,warns", [("0.13.2", True), (None, True), ("0.18.0", False), ("0.21.2@abc", False)])
+def test_a_cayley_neumann_file_from_before_peft_0_18_warns_as_peft(version, warns, tmp_path):
+    """PEFT 0.18 changed the Cayley-Neumann series: older files load with a warning that their outputs changed
+    (no peft_version: older than 0.18, which added it)."""
+    import json
+
+    _, r, _ = pair("oft", "llama")
+    r.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    data = json.loads(path.read_text())
+    assert data["use_cayley_neumann"] is True
+    data.pop("peft_version")
+    if version is not None:
+        data["peft_version"] = version
+    path.write_text(json.dumps(data))
+    for lib in (ref, impl):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            lib.PeftModel.from_pretrained(base_model("llama"), str(tmp_path))
+        assert any("cayley-neumann" in str(w.message) for w in seen) is warns, lib.__name__
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_files_with_embedding_tables(kind, tmp_path):
     """A config naming lm_head or embed_tokens in target_modules: PEFT saves the adapted layer's base table with the

@@ -73,6 +73,10 @@ class OFTConfig(PeftConfig):
                              "incompatible with the latest version of OFT. Please retrain your adapter weights with "
                              "newer PEFT versions. Alternatively, downgrade PEFT to version 0.13.0 to use the old "
                              "adapter weights.")
+        if cls is OFTConfig and data.get("use_cayley_neumann", False) and _before_0_18(data.get("peft_version")):
+            warnings.warn(f"{source}: the cayley-neumann parameterization has been slightly changed to be more "
+                          "numerically stable in PEFT 0.18.0. Please retrain your adapter weights with newer PEFT "
+                          "versions. Alternatively, downgrade PEFT to version 0.17.0 to use the old parameterization.")
         return super().from_dict(data, source)
 
     def to_json_string(self, auto_mapping: Optional[dict] = None) -> str:
@@ -82,3 +86,14 @@ class OFTConfig(PeftConfig):
         data = json.loads(super().to_json_string(auto_mapping))
         data["peft_version"] = f"0.21.2+peft_fast.{__version__}"
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
+def _before_0_18(peft_version: Optional[str]) -> bool:
+    """PEFT's test for files trained with the older Cayley-Neumann series (no peft_version: before 0.18.0, which
+    added it)."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return Version((peft_version or "0.0.0").partition("@")[0]) < Version("0.18.0")
+    except InvalidVersion:  # another library's label: not PEFT's history
+        return False
