@@ -147,10 +147,26 @@ def _contents(cell):
         return None
 
 
+def _plain_function(fn):
+    """The function under Hugging Face `kernels`' wrapper. With `kernels` installed, transformers (>= 5.25) turns
+    apply_rotary_pos_emb into a module instance (kernels' `Func`) calling the function from its closure, and the
+    attention's forward routes calls through that same instance; compiling the instance makes dynamo track one object
+    from two places, which it refuses. The fused forward never routes through kernels, so it takes the function."""
+    if fn is None or isinstance(fn, types.FunctionType) or not isinstance(fn, torch.nn.Module):
+        return fn
+    forward = getattr(type(fn), "forward", None)
+    code = getattr(forward, "__code__", None)
+    if code is not None and "func" in code.co_freevars:
+        inner = _contents(forward.__closure__[code.co_freevars.index("func")])
+        if isinstance(inner, types.FunctionType):
+            return inner
+    return fn
+
+
 def _attention_forward(base: type, backend: str) -> Optional[Callable]:
     """base.forward calling the backend's rotary embedding, or None when it does not call one by name."""
     inner = inspect.unwrap(base.forward)
-    original = inner.__globals__.get("apply_rotary_pos_emb")
+    original = _plain_function(inner.__globals__.get("apply_rotary_pos_emb"))
     if original is None or "apply_rotary_pos_emb" not in inner.__code__.co_names:
         return None
     # The copied namespace is a registered module of its own: torch.compile guards an inlined function's globals

@@ -7,6 +7,7 @@ all done here, all-or-nothing.
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
@@ -113,7 +114,11 @@ class TunerModel(nn.Module):
             raise ValueError(f"This model holds {', '.join(sorted(known))} adapters; a {config.peft_type} adapter "
                              "cannot be added beside them.")
         self.check_new_adapter(config)
-        plan = plan or injection.plan_adapter(self.model, config, type(self))
+        if plan is None:
+            plan = injection.plan_adapter(self.model, _converted(self.model, config, adapter_name), type(self))
+            for f in CONVERTED_FIELDS:  # recorded as PEFT records them (adapter_config.json: a reload finds them)
+                if hasattr(config, f):
+                    setattr(config, f, copy.deepcopy(getattr(plan.config, f)))
         config.target_modules = plan.config.target_modules
         config.modules_to_save = plan.config.modules_to_save
         tokens = plan_tokens(self.model, plan)  # trainable_token_indices: its checks, before any change
@@ -346,3 +351,16 @@ class TunerModel(nn.Module):
 
     def unload(self) -> nn.Module:
         return injection.unload(self.model, merge=False)
+
+
+CONVERTED_FIELDS = ("target_parameters", "rank_pattern", "alpha_pattern")
+
+
+def _converted(model: nn.Module, config: Any, adapter_name: str) -> Any:
+    """As PEFT's injection, for a new adapter too: on a transformers-5 model whose layout changed (mixture-of-experts
+    layers' stacked experts), MLP names in target_modules become the experts' target_parameters (the fused gate/up
+    pair with doubled rank and alpha). Without PEFT installed this cannot run, and the names reach Linear modules
+    only. A file's config was converted when it was read."""
+    from ..loading import convert_v4_layout
+
+    return convert_v4_layout(model, config, {}, adapter_name)[0]

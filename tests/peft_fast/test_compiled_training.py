@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from switches import use_settings
+from switches import hub_kernels_checkpointing, use_settings
 from tiny_models import peft_fast_only
 from torch._dynamo.testing import CompileCounterWithBackend
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
@@ -93,7 +93,8 @@ def test_compiled_step_is_one_graph_with_eager_loss_and_gradients(variant, check
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("aot_eager")
     torch.manual_seed(3)
-    loss = torch.compile(step, fullgraph=True, backend=counter)(model)
+    with hub_kernels_checkpointing(model):
+        loss = torch.compile(step, fullgraph=True, backend=counter)(model)
     loss.backward()
     assert counter.frame_count == 1
     got = _grads(model)

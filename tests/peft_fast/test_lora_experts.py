@@ -406,3 +406,43 @@ def test_patch_runs_peft_moe_models_on_the_grouped_kernels(kind, monkeypatch):
     peft_fast.unpatch(patched)
     assert not peft_fast.patched_layers(patched)
     assert type(patched.base_model.model.model.layers[0].mlp.experts).__name__ == "ParamWrapper"
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("names", ["mlp", "all-linear", "router"])
+def test_mlp_names_in_target_modules_reach_the_experts_as_in_peft(kind, names, tmp_path):
+    """PEFT converts every new adapter's config on a transformers-5 mixture-of-experts model: the MLP names of the
+    v4 layout (w1/w2/w3, gate/up/down_proj, gate) and "all-linear" become the stacked experts' and the router's
+    target_parameters, the fused gate/up pair with doubled rank and alpha. The same config here, then the files load
+    both ways (a saved config that still named the MLP would be converted again when read, and fail)."""
+    targets = {"mlp": ["q_proj", "v_proj", "w1", "w2", "w3"] if kind == "mixtral" else
+               ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"],
+               "all-linear": "all-linear", "router": ["q_proj", "gate"]}[names]
+    base = moe_base(kind)
+    models = {}
+    for lib in (ref, impl):
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            models[lib] = lib.get_peft_model(copy.deepcopy(base), lib.LoraConfig(r=2, target_modules=copy.deepcopy(
+                targets), init_lora_weights=False))
+    r, i = models[ref], models[impl]
+    assert_same_params(r, i)
+    rc, ic = r.peft_config["default"], i.peft_config["default"]
+    assert set(ic.target_modules) == set(rc.target_modules)
+    assert sorted(ic.target_parameters) == sorted(rc.target_parameters) and rc.target_parameters
+    assert (ic.rank_pattern, ic.alpha_pattern) == (rc.rank_pattern, rc.alpha_pattern)
+    i.load_state_dict(r.state_dict())
+    x = moe_inputs()
+    r.eval()
+    i.eval()
+    with torch.no_grad():
+        want = _logits(r, x)
+        assert_close(_logits(i, x), want, **TOL)
+    i.save_pretrained(tmp_path)
+    for lib in (ref, impl):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loaded = lib.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
+        with torch.no_grad():
+            assert_close(_logits(loaded, x), want, **TOL, msg=lib.__name__)

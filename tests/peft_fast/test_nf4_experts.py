@@ -9,6 +9,7 @@ import tempfile
 import pytest
 import torch
 from moe_models import EXPERTS, dense_twin, moe_base, moe_inputs
+from switches import hub_kernels_checkpointing
 from tiny_models import assert_close, peft_fast_only, ref
 
 import peft_fast
@@ -331,7 +332,8 @@ def test_compiled_training_step_over_4bit_stacks_is_one_graph(storage, checkpoin
     model.zero_grad()
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("aot_eager")
-    loss = torch.compile(step, fullgraph=True, backend=counter)(x["input_ids"])
+    with hub_kernels_checkpointing(model):
+        loss = torch.compile(step, fullgraph=True, backend=counter)(x["input_ids"])
     loss.backward()
     assert counter.frame_count == 1
     assert_close(loss.detach(), want_loss, atol=1e-6, rtol=1e-6)
