@@ -48,14 +48,22 @@ class AdapterNames(list):
         if torch.compiler.is_compiling():
             return self._make_meta(x)
         key = (tuple(x.shape[:-1]), x.device)
-        if key not in self._meta:
-            self._meta[key] = self._make_meta(x)
-        return self._meta[key]
+        meta = self._meta.get(key)
+        if meta is None:
+            if len(self._meta) >= _META_SHAPES:  # oldest first: a patched PEFT model keeps one per thread and mix
+                self._meta.pop(next(iter(self._meta)))
+            meta = self._meta[key] = self._make_meta(x)
+        return meta
 
     def _make_meta(self, x: torch.Tensor):
         per_sample = x[0].numel() // x.shape[-1] if x.dim() > 1 else 1
         token_slots = self.sample_slots.to(x.device).repeat_interleave(per_sample)
         return make_lora_batch_meta(token_slots, len(self.slot_names), validate=False)
+
+
+# Shapes of activations one forward's layers see (a decoder's: one; an encoder-decoder's or a VLM's: a few); a
+# patched PEFT model reuses its names across forwards (one per thread), whose lengths vary as generate goes on.
+_META_SHAPES = 8
 
 
 class RoutingKey:

@@ -141,6 +141,79 @@ def test_mixed_batch_on_a_patched_model():
         assert_close(out(fast.eval(), x, adapter_names=names), out(plain.eval(), x, adapter_names=names))
 
 
+def _readd_other(model):
+    model.delete_adapter("other")
+    torch.manual_seed(7)
+    model.add_adapter("other", ref.LoraConfig(**default_cfg("llama", r=2)))
+
+
+def _scaled(method, *args):
+    def change(model):
+        for m in model.modules():
+            if isinstance(m, peft_lora.LoraLayer):
+                getattr(m, method)(*args)
+    return change
+
+
+@pytest.mark.parametrize("change", [_readd_other, _scaled("set_scale", "other", 3.0), _scaled("scale_layer", 0.5)],
+                         ids=["delete-add", "set_scale", "scale_layer"])
+def test_a_patched_model_s_mixed_batches_see_peft_s_own_adapter_changes(change):
+    """PEFT's methods change adapters without telling anyone: a patched layer drops what it derived from them (the
+    mixed-batch stacks, the deleted adapter's variant) when they run, with no eval() needed."""
+    plain = _peft_model("llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(1)
+        plain.add_adapter("other", ref.LoraConfig(**default_cfg("llama")))
+    plain.eval()
+    fast = peft_fast.patch(copy.deepcopy(plain))
+    x = inputs("llama", batch=3)
+    names = ["default", "other", "__base__"]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out(fast, x, adapter_names=names)  # the stacks are built for the adapters as they were
+        for model in (plain, fast):
+            change(model)
+        assert_close(out(fast, x, adapter_names=names), out(plain, x, adapter_names=names))
+
+
+def test_a_patched_model_frees_deleted_dora_adapters():
+    import gc
+    import weakref
+
+    fast = peft_fast.patch(_peft_model("llama"))
+    x = inputs("llama", batch=2)
+    gone = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for k in range(3):
+            fast.add_adapter(f"t{k}", ref.LoraConfig(**default_cfg("llama", use_dora=True)))
+            peft_fast.patch(fast)
+            fast.set_adapter(f"t{k}")
+            fast.eval()
+            with torch.no_grad():
+                out(fast, x)
+            gone.append(weakref.ref(dict(fast.named_parameters())[
+                f"base_model.model.model.layers.0.self_attn.q_proj.lora_A.t{k}.weight"]))
+            fast.set_adapter("default")
+            fast.delete_adapter(f"t{k}")
+    gc.collect()
+    assert all(ref_() is None for ref_ in gone)
+
+
+def test_a_patched_model_keeps_batch_metadata_for_a_few_shapes_only():
+    """PEFT's names reach the layers once per forward; a patched model keeps them (and the token metadata per
+    activation shape) per thread while the mix stays the same: growing sequences must not grow that cache."""
+    from peft_fast.tuners.lora import peft_layers
+
+    plain = _peft_model("llama")
+    fast = peft_fast.patch(plain).eval()
+    with torch.no_grad():
+        for seq in range(1, 21):
+            out(fast, inputs("llama", batch=2, seq=seq), adapter_names=["default", "__base__"])
+    assert 1 <= len(peft_layers._BATCH_NAMES.last[1]._meta) <= 8
+
+
 def test_a_mixed_batch_list_edited_in_place_is_seen():
     """The adapter_names list is converted once per forward (every layer gets the same list): a list edited between
     forwards still routes every row to its own adapter. (Threads: PEFT's model routes adapter_names through forward

@@ -69,6 +69,39 @@ class FastPeftLora(LoraCompute):
         TunerLayer.invalidate(self, base=True)
         return result
 
+    # PEFT's own adapter events, which its methods announce to nobody: what was derived from the adapters goes (the
+    # mixed-batch stacks, DoRA's cached norms and the deleted adapter's variant, which holds its tensors).
+    def update_layer(self, adapter_name, *args, **kwargs):
+        result = super().update_layer(adapter_name, *args, **kwargs)
+        self._pf_variants.pop(adapter_name, None)
+        TunerLayer.invalidate(self)
+        return result
+
+    def delete_adapter(self, adapter_name):
+        result = super().delete_adapter(adapter_name)
+        self._pf_variants.pop(adapter_name, None)
+        TunerLayer.invalidate(self)
+        return result
+
+    def set_scale(self, *args, **kwargs):
+        result = super().set_scale(*args, **kwargs)
+        TunerLayer.invalidate(self)
+        return result
+
+    def scale_layer(self, *args, **kwargs):
+        result = super().scale_layer(*args, **kwargs)
+        TunerLayer.invalidate(self)
+        return result
+
+    def unscale_layer(self, *args, **kwargs):
+        result = super().unscale_layer(*args, **kwargs)
+        TunerLayer.invalidate(self)
+        return result
+
+    def train(self, mode: bool = True):
+        TunerLayer.invalidate(self)  # as peft_fast's own layers: a change of mode refreshes after in-place edits
+        return super().train(mode)
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         keys = _VARIANT_KEYS if _VARIANT_KEYS is not None else _variant_kwarg_keys()
         variant_kwargs = {k: kwargs.get(k) for k in keys if kwargs.get(k) is not None}
@@ -206,5 +239,5 @@ def release(layer) -> None:
     if "_pf_load_hook" not in layer.__dict__:  # a parameter wrapper: nothing else was added
         return
     layer._pf_load_hook.remove()
-    for key in ("_plans", "_view", "_stack_cache", "_pf_variants", "_pf_load_hook"):
+    for key in ("_plans", "_view", "_stack_cache", "_stack_dirty", "_pf_variants", "_pf_load_hook"):
         layer.__dict__.pop(key, None)
