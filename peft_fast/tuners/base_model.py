@@ -278,6 +278,10 @@ class TunerModel(nn.Module):
                 encoder = (ids, AdapterNames(list(adapter_names), slots, self._batch_key, device=device))
             adapter_names = [n for n in adapter_names for _ in range(num_beams)]
         if self._batch_key.stale:  # after an event: ready the layers here, outside any compiled forward
+            if any(layer.merged for _, layer in self.adapter_layers()):  # (a merge is an event) refused before the
+                # stacks are readied: slots made from merged weights would outlive the unmerge
+                raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
+                                 "`unmerge_adapter` first.")
             with PREPARE_LOCK:
                 if self._batch_key.stale:  # (another thread may have readied them meanwhile)
                     for _, layer in self.adapter_layers():

@@ -4,7 +4,8 @@ gradients through the per-adapter loop, and the stacked scales following the mag
 import pytest
 import torch
 
-from tiny_models import AGAINST_PEFT, add_both, assert_close, inputs, make_pair, out, perturb_magnitudes
+from tiny_models import (AGAINST_PEFT, add_both, assert_close, base_model, impl, inputs, make_pair, out,
+                         peft_fast_only, perturb_magnitudes)
 from switches import use_settings
 
 pytestmark = pytest.mark.skipif(AGAINST_PEFT, reason="PEFT refuses adapter_names with DoRA")
@@ -100,3 +101,31 @@ def test_mixed_batch_cache_follows_magnitude():
         assert_close(second, _alone(r, "mlp", x, NAMES), atol=2e-5, rtol=2e-5)
     assert not torch.allclose(first[3], second[3], atol=1e-4)
     assert torch.equal(first[0], second[0])  # d1 untouched
+
+
+@peft_fast_only
+def test_a_mixed_batch_refused_on_a_merged_model_leaves_no_stale_dora_slot():
+    """A mixed call while an adapter is merged is refused before the stacks are readied: DoRA slots made from the
+    merged base weight would otherwise serve mixed batches after the unmerge (the merge restores the weight's
+    values, so the slots' signatures do not change)."""
+    x = inputs("llama", batch=3)
+    names = ["default", "b", "__base__"]
+
+    def model():
+        base = base_model("llama")  # (built, on the first call, before the adapters' seed)
+        torch.manual_seed(0)
+        m = impl.get_peft_model(base, impl.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                     init_lora_weights=False))
+        torch.manual_seed(1)
+        m.add_adapter("b", impl.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                                           use_dora=True))
+        return m.eval()
+
+    with torch.no_grad():
+        want = model()(**x, adapter_names=names).logits
+        m = model()
+        m.merge_adapter(["default"])
+        with pytest.raises(ValueError, match="merged adapters"):
+            m(**x, adapter_names=names)
+        m.unmerge_adapter()
+        assert_close(m(**x, adapter_names=names).logits, want, atol=1e-5, rtol=1e-5)
