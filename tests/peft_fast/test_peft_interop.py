@@ -141,6 +141,17 @@ def test_mixed_batch_on_a_patched_model():
         assert_close(out(fast.eval(), x, adapter_names=names), out(plain.eval(), x, adapter_names=names))
 
 
+def _two_adapters_patched():
+    """(a PEFT model with adapters default and other, in eval; a patched copy)."""
+    plain = _peft_model("llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(1)
+        plain.add_adapter("other", ref.LoraConfig(**default_cfg("llama")))
+    plain.eval()
+    return plain, peft_fast.patch(copy.deepcopy(plain))
+
+
 def _readd_other(model):
     model.delete_adapter("other")
     torch.manual_seed(7)
@@ -160,13 +171,7 @@ def _scaled(method, *args):
 def test_a_patched_model_s_mixed_batches_see_peft_s_own_adapter_changes(change):
     """PEFT's methods change adapters without telling anyone: a patched layer drops what it derived from them (the
     mixed-batch stacks, the deleted adapter's variant) when they run, with no eval() needed."""
-    plain = _peft_model("llama")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.manual_seed(1)
-        plain.add_adapter("other", ref.LoraConfig(**default_cfg("llama")))
-    plain.eval()
-    fast = peft_fast.patch(copy.deepcopy(plain))
+    plain, fast = _two_adapters_patched()
     x = inputs("llama", batch=3)
     names = ["default", "other", "__base__"]
     with torch.no_grad(), warnings.catch_warnings():
@@ -219,13 +224,7 @@ def test_a_mixed_batch_list_edited_in_place_is_seen():
     forwards still routes every row to its own adapter. (Threads: PEFT's model routes adapter_names through forward
     hooks on shared layers, so concurrent mixed batches on a PEFT model, patched or not, can see each other's;
     peft_fast's own model does not, see test_mixed_batch.py.)"""
-    plain = _peft_model("llama")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.manual_seed(1)
-        plain.add_adapter("other", ref.LoraConfig(**default_cfg("llama")))
-    plain.eval()
-    fast = peft_fast.patch(copy.deepcopy(plain))
+    plain, fast = _two_adapters_patched()
     x = inputs("llama", batch=4)
     batches = [["default", "other", "__base__", "other"], ["other", "__base__", "default", "default"]]
     with torch.no_grad():
