@@ -312,6 +312,8 @@ class TunerModel(nn.Module):
                 table.append(name)
         while table and table[-1] is None:
             table.pop()
+        if 2 * table.count(None) > len(table):  # mostly holes (adapters deleted): compacted, in order, so that the
+            table = [n for n in table if n is not None]  # stacks can shrink; the moved adapters' slots are rewritten
         self._slots = table
         return tuple(table)
 

@@ -14,7 +14,9 @@ from peft_fast.fused import patching
 
 pytestmark = peft_fast_only
 
-LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False)
+# gate_proj with up_proj: on a mixture-of-experts model both become the experts' fused gate_up_proj (PEFT's
+# conversion of a new adapter refuses one without the other)
+LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj", "up_proj"], init_lora_weights=False)
 
 
 def _pair(family, fused="compile", dtype=torch.float32, **lora):

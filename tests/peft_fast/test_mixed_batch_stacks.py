@@ -1,5 +1,7 @@
 """Mixed batches through the batched kernels (one shrink + one expand per layer over stacked adapters): results
 equal PEFT's and per-sample runs, on the reference and the Triton path, and the cached stacks are never stale."""
+import warnings
+
 import pytest
 import torch
 from tiny_models import (AGAINST_PEFT, add_both, assert_close, base_model, default_cfg, inputs, make_pair, out,
@@ -214,6 +216,27 @@ def test_events_write_only_the_slots_that_changed(monkeypatch):
     _check(impl, ["f", "a", "e", "b"])
     impl.add_adapter("g", peft_fast.LoraConfig(**cfg))
     assert batch(["g", "a", "e", "b"]) == ["g"]
+
+
+def test_stacks_shrink_once_most_of_their_room_is_unused():
+    """Sixteen rank-16 adapters served, then deleted: the next mixed batch reallocates the stacks to the adapters
+    left (with room to grow back), instead of keeping the peak's memory; outputs stay right."""
+    _, impl = _three()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for k in range(16):
+            impl.add_adapter(f"big{k}", peft_fast.LoraConfig(r=16, init_lora_weights=False))
+    impl.eval()
+    big = ["big0", "big15", "a", "__base__"]
+    _check(impl, big)
+    peak = {id(m): m._stack_cache.full.a.numel() for m in _layers(impl)}
+    for k in range(16):
+        impl.delete_adapter(f"big{k}")
+    _check(impl)
+    for m in _layers(impl):
+        cache = m._stack_cache
+        assert len(cache.slot_names) == 3 and cache.capacity <= 6
+        assert cache.full.a.numel() * 3 <= peak[id(m)]
 
 
 # ---------------------------------------------------------------------- slots that change kind, and base weights

@@ -87,8 +87,11 @@ class StackCache:
         has_bias = any(layer.lora_B[n].bias is not None for n in present)
         has_dora = any(_scales_channels(layer, n) for n in present)
         ref = layer.lora_A[present[0]].weight if present else None
+        # Shrunk once a quarter of the room is left in use (deleted adapters, lower ranks): amortised like the
+        # doubling, so adapter churn around one size does not reallocate.
+        shrink = self.full is not None and (4 * max(len(slot_names), 1) <= self.capacity or 4 * r_need <= self.r_cap)
         if (self.full is None or len(slot_names) > self.capacity or r_need > self.r_cap or has_bias != self.has_bias
-                or has_dora != self.has_dora or (ref is not None and ref.device != self.full.a.device)):
+                or has_dora != self.has_dora or (ref is not None and ref.device != self.full.a.device) or shrink):
             self._allocate(layer, len(slot_names), r_need, has_bias, has_dora, ref)
             self.signatures = [()] * self.capacity
         written = 0
@@ -110,8 +113,14 @@ class StackCache:
         return written
 
     def _allocate(self, layer, n: int, r_need: int, has_bias: bool, has_dora: bool, ref) -> None:
-        capacity = max(n, 2 * self.capacity if n > self.capacity else self.capacity, 1)
-        r_cap = max(r_need, self.r_cap)
+        n = max(n, 1)
+        if n > self.capacity:  # doubled
+            capacity = max(n, 2 * self.capacity)
+        elif 4 * n <= self.capacity:  # shrunk, with room to grow back to twice the adapters before the next doubling
+            capacity = 2 * n
+        else:
+            capacity = self.capacity
+        r_cap = self.r_cap if r_need <= self.r_cap < 4 * r_need else r_need
         device = ref.device if ref is not None else torch.device("cpu")
         zeros = functools.partial(torch.zeros, device=device)
         m_dtype = next((layer.lora_magnitude_vector[m].weight.dtype for m in layer.lora_magnitude_vector), None)
