@@ -46,6 +46,8 @@ class IA3Plan:
     def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         layer = self.layer
         s = scale_of(layer, self.active)
+        if layer.ia3_l[self.active[0]].dim() > 2:  # a convolution's: over its channel axis
+            s = s.view(layer.ia3_l[self.active[0]].shape)
         if layer.base_view.quantized:
             return self.quantized(x, s, args, kwargs)
         if layer.is_feedforward:

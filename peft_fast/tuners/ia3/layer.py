@@ -1,4 +1,5 @@
-"""IA3Linear: PEFT's (IA)³ layer (`ia3.Linear`, and `ia3.Linear4bit` over 4-bit bases) on the tuner seam.
+"""IA3Linear: PEFT's (IA)³ layer (`ia3.Linear`, and `ia3.Linear4bit` over 4-bit bases) on the tuner seam; IA3Conv:
+its `ia3.Conv2d` / `ia3.Conv3d`, channels scaled instead of features.
 
 One vector per adapter, `ia3_l.<name>`: (1, in_features) on feedforward layers, which scale the input, and
 (out_features, 1) on the others, which scale the output. What forward runs is compute.py's; this file holds the
@@ -13,6 +14,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
+from ...bases import BaseView, ConvView
 from ..base_layer import TunerLayer
 from .compute import IA3Compute
 
@@ -85,3 +87,65 @@ class IA3Linear(IA3Compute, TunerLayer):
         # PEFT's names for its layers (what get_layer_status reports): `Linear` over dense bases, `ia3.Linear4bit`.
         name = "ia3.Linear4bit" if self.base_view.quantized else "Linear"
         return name + super().__repr__()[len(type(self).__name__):]
+
+
+class IA3Conv(IA3Linear):
+    """PEFT's (IA)³ over nn.Conv2d / nn.Conv3d: the vector is (1, channels, 1, ...) and scales the input channels
+    (feedforward layers) or the output channels; merging scales the weight's matching axis (with the groups'
+    layout for input channels, as PEFT)."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, autocast_adapter_dtype: bool = True,
+                 is_feedforward: bool = False):
+        TunerLayer.__init__(self, base_layer)
+        self.ia3_l = nn.ParameterDict()
+        self.is_feedforward = is_feedforward
+        self.fan_in_fan_out = False  # PEFT's conv layers keep the config's value and never read it
+        self.in_features, self.out_features = self.base_view.in_features, self.base_view.out_features
+        self._active_adapter = [adapter_name]
+        self.update_layer(adapter_name, config, autocast_adapter_dtype)
+
+    @classmethod
+    def view_for(cls, module: nn.Module, key: Optional[str] = None) -> BaseView:
+        return ConvView(module)
+
+    @staticmethod
+    def adapts(module: nn.Module) -> bool:
+        return isinstance(module, (nn.Conv2d, nn.Conv3d))
+
+    @staticmethod
+    def vector_shape(features: int, weight_dim: int) -> tuple[int, ...]:
+        return (1, features) + (1,) * (weight_dim - 2)
+
+    def update_layer(self, name: str, config, autocast_adapter_dtype: bool = True,
+                     is_feedforward: Optional[bool] = None) -> None:
+        shape = self.vector_shape(self.in_features if self.is_feedforward else self.out_features,
+                                  self.base_layer.weight.dim())
+        weight = torch.randn(shape)  # PEFT's draw, then ones
+        if config.init_ia3_weights:
+            weight.fill_(1.0)
+        self.ia3_l[name] = nn.Parameter(self.placed(weight, autocast_adapter_dtype))
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def _oriented(self, name: str) -> torch.Tensor:
+        vector = self.ia3_l[name].detach()
+        if not self.is_feedforward:
+            return vector.transpose(0, 1)  # (out, 1, ...): the weight's rows
+        m = self.base_layer
+        if m.groups == 1:
+            return vector
+        per_in, per_out = m.in_channels // m.groups, m.out_channels // m.groups
+        vector = vector.reshape(m.groups, 1, per_in, *vector.shape[2:])
+        return vector.expand(m.groups, per_out, per_in, *vector.shape[3:]).reshape(m.out_channels, per_in,
+                                                                                   *vector.shape[3:])
+
+    @classmethod
+    def expected_state(cls, target, config) -> dict[str, tuple[int, ...]]:
+        module = target.module
+        feedforward = module.is_feedforward if isinstance(module, cls) else target.kwargs["is_feedforward"]
+        base = module.base_layer if isinstance(module, TunerLayer) else module
+        return {"ia3_l": cls.vector_shape(target.in_features if feedforward else target.out_features,
+                                          base.weight.dim())}
+
+    def __repr__(self) -> str:
+        name = "Conv3d" if self.base_layer.weight.dim() == 5 else "Conv2d"
+        return name + TunerLayer.__repr__(self)[len(type(self).__name__):]

@@ -9,7 +9,7 @@ import torch
 from ..base_model import TunerModel
 from ..modules_to_save import ModulesToSaveWrapper
 from .config import DEFAULT_FEEDFORWARD, DEFAULT_TARGETS
-from .layer import IA3Linear
+from .layer import IA3Conv, IA3Linear
 
 
 def is_feedforward(config, key: str) -> bool:
@@ -34,6 +34,12 @@ class IA3Model(TunerModel):
                 raise ValueError("Please specify `feedforward_modules` in `peft_config`: there is no default for "
                                  f"model_type={model_type!r} (pass [] when no targeted module is a feedforward one).")
             config.feedforward_modules = set(DEFAULT_FEEDFORWARD[model_type])
+
+    @classmethod
+    def layer_for(cls, module, key: str):
+        if IA3Conv.adapts(module):  # PEFT's ia3.Conv2d / ia3.Conv3d (not Conv1d, in PEFT either)
+            return IA3Conv, IA3Conv.view_for(module, key)
+        return super().layer_for(module, key)
 
     @classmethod
     def target_kwargs(cls, config, key: str) -> dict:
