@@ -301,7 +301,7 @@ class TunerModel(nn.Module):
     def _slot_table(self) -> tuple:
         """Each adapter's slot in the layers' stacks, stable while it exists: a new adapter takes the first free slot
         (None) or a new one at the end, a deleted one frees its slot, so no other adapter's slot moves and the
-        layers rewrite only the slots that changed."""
+        layers rewrite only the slots that changed (until deletes leave three quarters of the table free)."""
         table = getattr(self, "_slots", [])
         names = set(self.peft_config)
         table = [n if n in names else None for n in table]
@@ -312,8 +312,11 @@ class TunerModel(nn.Module):
                 table.append(name)
         while table and table[-1] is None:
             table.pop()
-        if 2 * table.count(None) > len(table):  # mostly holes (adapters deleted): compacted, in order, so that the
-            table = [n for n in table if n is not None]  # stacks can shrink; the moved adapters' slots are rewritten
+        live = [n for n in table if n is not None]
+        if 4 * len(live) <= len(table):  # three quarters holes (adapters deleted): compacted, in order, so that the
+            # stacks shrink. At this ratio every layer's stacks are reallocated (stacks.py), so a batch another thread
+            # is running keeps reading its own, unmoved slots.
+            table = live
         self._slots = table
         return tuple(table)
 
