@@ -152,13 +152,25 @@ class PeftConfig(metaclass=_AcceptsPeftKeys):
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "the config") -> "PeftConfig":
         """Build from adapter_config.json's contents; on PeftConfig itself, the class its `peft_type` names."""
-        if cls is PeftConfig:  # the named class's own checks of a file (e.g. OFT's of older PEFT versions) run too
-            return registry.get(data.get("peft_type") or registry.default_type()).config_cls.from_dict(data, source)
+        if cls is PeftConfig:
+            cls = cls.named_class(data)
         kwargs = cls.peft_only(data, source)
         try:
             return cls(**kwargs)
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from None
+
+    @classmethod
+    def named_class(cls, data: dict[str, Any]) -> type:
+        """The config class `data`'s peft_type names (on PeftConfig itself; a subclass is its own)."""
+        if cls is not PeftConfig:
+            return cls
+        return registry.get(data.get("peft_type") or registry.default_type()).config_cls
+
+    @classmethod
+    def check_file(cls, data: dict[str, Any], source: str) -> None:
+        """A saved adapter_config.json's checks beyond the fields' (PEFT's `check_kwargs`, run on files only):
+        files written by older PEFT versions, for example."""
 
     @classmethod
     def peft_only(cls, data: dict[str, Any], source: str, unknown_ok: bool = False) -> dict[str, Any]:
@@ -236,7 +248,9 @@ class PeftConfig(metaclass=_AcceptsPeftKeys):
             raise ValueError(f"{path} is not valid JSON ({exc}); the adapter config is corrupt, save it again.") from exc
         if not isinstance(data, dict):
             raise ValueError(f"{path} must hold a JSON object, found {type(data).__name__}.")
-        return cls.from_dict(data, source=path)
+        target = cls.named_class(data)
+        target.check_file(data, path)
+        return target.from_dict(data, source=path)
 
     @classmethod
     def from_pretrained(cls, path: str, subfolder: Optional[str] = None, **hub_kwargs: Any) -> "PeftConfig":

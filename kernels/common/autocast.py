@@ -6,11 +6,14 @@ import contextlib
 import torch
 
 
-def autocast_off(device: torch.device):
-    """A context running ops in their inputs' dtypes while autocast is on for `device` (a no-op otherwise, and for
-    devices autocast does not know, e.g. meta)."""
+def autocast_on(device: torch.device) -> bool:
+    """Whether autocast is on for `device` (False for devices autocast does not know, e.g. meta)."""
     try:
-        enabled = torch.is_autocast_enabled(device.type)
+        return torch.is_autocast_enabled(device.type)
     except RuntimeError:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, enabled=False) if enabled else contextlib.nullcontext()
+        return False
+
+
+def autocast_off(device: torch.device):
+    """A context running ops in their inputs' dtypes while autocast is on for `device` (a no-op otherwise)."""
+    return torch.autocast(device.type, enabled=False) if autocast_on(device) else contextlib.nullcontext()

@@ -113,9 +113,10 @@ class TunerModel(nn.Module):
         if known and config.peft_type not in known:
             raise ValueError(f"This model holds {', '.join(sorted(known))} adapters; a {config.peft_type} adapter "
                              "cannot be added beside them.")
-        self.check_new_adapter(config)
+        converted = _converted(self.model, config, adapter_name) if plan is None else config
+        self.check_new_adapter(converted)  # as PEFT: the converted targets are the ones checked against the others'
         if plan is None:
-            plan = injection.plan_adapter(self.model, _converted(self.model, config, adapter_name), type(self))
+            plan = injection.plan_adapter(self.model, converted, type(self))
             for f in CONVERTED_FIELDS:  # recorded as PEFT records them (adapter_config.json: a reload finds them)
                 if hasattr(config, f):
                     setattr(config, f, copy.deepcopy(getattr(plan.config, f)))

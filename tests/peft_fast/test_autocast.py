@@ -77,3 +77,15 @@ def test_each_layer_returns_peft_s_dtype_under_autocast(case, grad, training):
             got[lib] = model(x)
     assert got["impl"].dtype == got["ref"].dtype
     torch.testing.assert_close(got["impl"].float(), got["ref"].float(), atol=0.1, rtol=0.05)
+
+
+def test_vera_runs_on_meta_tensors_without_gradients():
+    """Autocast is asked about the input's device, which autocast may not know (meta): that means off."""
+    for lib in (ref, impl):
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = lib.get_peft_model(nn.Sequential(nn.Linear(64, 64)), lib.VeraConfig(target_modules=["0"], r=8))
+        model = model.eval().to("meta")
+        with torch.no_grad():
+            assert model(torch.randn(2, 64, device="meta")).shape == (2, 64), lib.__name__

@@ -446,3 +446,16 @@ def test_mlp_names_in_target_modules_reach_the_experts_as_in_peft(kind, names, t
             loaded = lib.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
         with torch.no_grad():
             assert_close(_logits(loaded, x), want, **TOL, msg=lib.__name__)
+
+
+def test_a_second_adapter_is_checked_after_its_conversion_as_in_peft():
+    """Two adapters whose MLP names convert to different expert parameter sets cannot share the wrappers: refused as
+    PEFT refuses them, before anything changes (checked on the unconverted names, it was accepted and its files did
+    not reload)."""
+    for lib in (ref, impl):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = lib.get_peft_model(moe_base("mixtral"), lib.LoraConfig(r=2, target_modules=["w1", "w3"]))
+            with pytest.raises(ValueError, match="same set of parameters"):
+                model.add_adapter("b", lib.LoraConfig(r=2, target_modules=["w1", "w3", "w2"]))
+        assert list(model.peft_config) == ["default"], lib.__name__

@@ -133,6 +133,32 @@ def test_a_cayley_neumann_file_from_before_peft_0_18_warns_as_peft(version, warn
         assert any("cayley-neumann" in str(w.message) for w in seen) is warns, lib.__name__
 
 
+def test_an_oft_file_without_oft_block_size_is_refused_as_in_peft(tmp_path):
+    import json
+
+    _, r, _ = pair("oft", "llama")
+    r.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    data = json.loads(path.read_text())
+    del data["oft_block_size"]
+    path.write_text(json.dumps(data))
+    for lib in (ref, impl):
+        with pytest.raises(ValueError, match="OFT has been updated since PEFT 0.14.0"):
+            lib.PeftModel.from_pretrained(base_model("llama"), str(tmp_path))
+
+
+def test_file_checks_stay_with_files():
+    """PEFT checks a saved OFT config's version and fields when reading the file only: a dict without
+    oft_block_size or peft_version (get_peft_config, a round trip through to_dict) takes the defaults silently."""
+    for lib in (ref, impl):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            config = lib.get_peft_config({"peft_type": "OFT", "target_modules": ["q_proj"],
+                                          "use_cayley_neumann": True})
+            again = lib.get_peft_config(config.to_dict())
+        assert config.oft_block_size == again.oft_block_size == 32, lib.__name__
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_files_with_embedding_tables(kind, tmp_path):
     """A config naming lm_head or embed_tokens in target_modules: PEFT saves the adapted layer's base table with the

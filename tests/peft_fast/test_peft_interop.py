@@ -182,6 +182,25 @@ def test_a_patched_model_s_mixed_batches_see_peft_s_own_adapter_changes(change):
         assert_close(out(fast, x, adapter_names=names), out(plain, x, adapter_names=names))
 
 
+def test_a_patched_model_s_mixed_batches_follow_peft_s_rescale_adapter_scale():
+    """PEFT's helper replaces the layers' scaling values directly (no method to hook): mixed batches inside the
+    context and after it give PEFT's outputs."""
+    from peft.helpers import rescale_adapter_scale
+
+    plain, fast = _two_adapters_patched()
+    x = inputs("llama", batch=3)
+    names = ["default", "other", "__base__"]
+    with torch.no_grad():
+        out(fast, x, adapter_names=names)  # the slots are built at the original scale
+        for model in (plain, fast):
+            with rescale_adapter_scale(model, 0.5):
+                got = out(model, x, adapter_names=names)
+            if model is plain:
+                want = got
+        assert_close(got, want)
+        assert_close(out(fast, x, adapter_names=names), out(plain, x, adapter_names=names))
+
+
 def test_a_patched_model_frees_deleted_dora_adapters():
     import gc
     import weakref

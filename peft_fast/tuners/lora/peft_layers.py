@@ -116,6 +116,12 @@ class FastPeftLora(LoraCompute):
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
         if adapter_names is not None:
+            # PEFT's rescale_adapter_scale (and hand edits) replace scaling values with no call to hook: the slots
+            # hold them, so a change refreshes them (tensor scalings, of a compiled hotswap, change through events)
+            scalings = tuple((k, id(v) if isinstance(v, torch.Tensor) else v) for k, v in self.scaling.items())
+            if scalings != self.__dict__.get("_pf_scalings"):
+                self._pf_scalings = scalings
+                TunerLayer.invalidate(self)
             return self.mixed_batch_forward(x, *args, adapter_names=_batch_names(adapter_names), **kwargs)
         return self.plan(x)(x, *args, **kwargs)
 
@@ -239,5 +245,5 @@ def release(layer) -> None:
     if "_pf_load_hook" not in layer.__dict__:  # a parameter wrapper: nothing else was added
         return
     layer._pf_load_hook.remove()
-    for key in ("_plans", "_view", "_stack_cache", "_stack_dirty", "_pf_variants", "_pf_load_hook"):
+    for key in ("_plans", "_view", "_stack_cache", "_stack_dirty", "_pf_variants", "_pf_scalings", "_pf_load_hook"):
         layer.__dict__.pop(key, None)

@@ -67,17 +67,16 @@ class OFTConfig(PeftConfig):
                               f"{self.num_cayley_neumann_terms!r}.")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "the config") -> "PeftConfig":
-        if cls is OFTConfig and "oft_block_size" not in data:
+    def check_file(cls, data: dict[str, Any], source: str) -> None:
+        if "oft_block_size" not in data:
             raise ValueError(f"{source}: OFT has been updated since PEFT 0.14.0. Your trained adapter weights are "
                              "incompatible with the latest version of OFT. Please retrain your adapter weights with "
                              "newer PEFT versions. Alternatively, downgrade PEFT to version 0.13.0 to use the old "
                              "adapter weights.")
-        if cls is OFTConfig and data.get("use_cayley_neumann", False) and _before_0_18(data.get("peft_version")):
+        if data.get("use_cayley_neumann", False) and _before_0_18(data.get("peft_version")):
             warnings.warn(f"{source}: the cayley-neumann parameterization has been slightly changed to be more "
                           "numerically stable in PEFT 0.18.0. Please retrain your adapter weights with newer PEFT "
                           "versions. Alternatively, downgrade PEFT to version 0.17.0 to use the old parameterization.")
-        return super().from_dict(data, source)
 
     def to_json_string(self, auto_mapping: Optional[dict] = None) -> str:
         # PEFT's OFTConfig parses `peft_version` as a version number when it loads a Cayley-Neumann adapter (to warn

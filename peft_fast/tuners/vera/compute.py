@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...kernels import lora_linear_triton, qlora_linear_reference, qlora_linear_triton, use_triton
+from ...kernels.common.autocast import autocast_on
 
 
 class VeraPlan:
@@ -124,7 +125,7 @@ class VeraCompute:
                 a, b = self.folded(name)
                 y = F.linear(x, w.T if transposed else w, params.get("bias"))
                 z = F.linear(x if x.dtype == a.dtype else x.to(a.dtype), a)
-                if torch.is_autocast_enabled(x.device.type):  # autocast's dtypes (addmm_ is not autocast), then x's
+                if autocast_on(x.device):  # autocast's dtypes (addmm_ is not autocast), then x's
                     return (y + F.linear(z, b)).to(x.dtype)
                 if y.dtype != z.dtype:  # a 16-bit base under float32 vectors: PEFT's float32 sum, rounded once
                     return (y + F.linear(z, b)).to(y.dtype)
