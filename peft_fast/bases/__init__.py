@@ -12,13 +12,15 @@ from typing import Optional
 import torch.nn as nn
 
 from .bnb4 import Bnb4View, is_bnb_4bit
+from .bnb8 import Bnb8View
 from .conv import ConvView
 from .embedding import EmbeddingView
 from .nf4 import NF4View
 from .nf4_linear import NF4Linear
 from .view import BaseView, Conv1D, DenseView
 
-VIEWS: list[type[BaseView]] = [NF4View, Bnb4View, DenseView]  # most specific first (Linear4bit is an nn.Linear)
+# most specific first (Linear4bit and Linear8bitLt are nn.Linear)
+VIEWS: list[type[BaseView]] = [NF4View, Bnb4View, Bnb8View, DenseView]
 
 
 def view_of(module: nn.Module) -> BaseView:
@@ -53,5 +55,5 @@ def linear_types() -> tuple[type, ...]:
     return (nn.Linear, NF4Linear, Conv1D)
 
 
-__all__ = ["BaseView", "Bnb4View", "ConvView", "DenseView", "EmbeddingView", "NF4View", "NF4Linear", "VIEWS",
-           "is_4bit", "is_bnb_4bit", "linear_types", "linear_view", "supported", "view_of"]
+__all__ = ["BaseView", "Bnb4View", "Bnb8View", "ConvView", "DenseView", "EmbeddingView", "NF4View", "NF4Linear",
+           "VIEWS", "is_4bit", "is_bnb_4bit", "linear_types", "linear_view", "supported", "view_of"]

@@ -302,7 +302,7 @@ class TunerModel(nn.Module):
     def _slot_table(self) -> tuple:
         """Each adapter's slot in the layers' stacks, stable while it exists: a new adapter takes the first free slot
         (None) or a new one at the end, a deleted one frees its slot, so no other adapter's slot moves and the
-        layers rewrite only the slots that changed (until deletes leave three quarters of the table free)."""
+        layers rewrite only the slots that changed (and a batch another thread runs keeps its slots)."""
         table = getattr(self, "_slots", [])
         names = set(self.peft_config)
         table = [n if n in names else None for n in table]
@@ -313,11 +313,6 @@ class TunerModel(nn.Module):
                 table.append(name)
         while table and table[-1] is None:
             table.pop()
-        live = [n for n in table if n is not None]
-        if 4 * len(live) <= len(table):  # three quarters holes (adapters deleted): compacted, in order, so that the
-            # stacks shrink. At this ratio every layer's stacks are reallocated (stacks.py), so a batch another thread
-            # is running keeps reading its own, unmoved slots.
-            table = live
         self._slots = table
         return tuple(table)
 

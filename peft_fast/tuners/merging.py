@@ -53,9 +53,9 @@ class _Rounding:
         hint = (" Pass `dequantize=True` to `merge_and_unload` for a 16-bit model holding the exact merged weights."
                 if action == "Merging" else "")
         warnings.warn(QuantizedMergeWarning(
-            f"{action} adapter(s) {names} into {self.layers} 4-bit layer(s) re-quantized the weights, which changes "
-            f"the outputs (rounding): between the exact weights and their re-quantized values the max abs difference "
-            f"is {self.max:.6e} and the mean abs difference is {mean:.6e}.{hint}",
+            f"{action} adapter(s) {names} into {self.layers} quantized layer(s) re-quantized the weights, which "
+            f"changes the outputs (rounding): between the exact weights and their re-quantized values the max abs "
+            f"difference is {self.max:.6e} and the mean abs difference is {mean:.6e}.{hint}",
             list(self.adapters), self.layers, self.max, mean), stacklevel=4)
 
 
@@ -87,7 +87,7 @@ def merged_tensors(layer, names: list[str], check: bool = True):
     fp16 overflow is seen here), raising on the first adapter that makes them non-finite. A 4-bit base gives the
     exact merged weight (dequantized, plus the deltas). Returns (weight, bias, the rule's merge context)."""
     view = layer.base_view
-    weight = view.read_weight() if view.quantized else view.read_weight().clone()
+    weight = view.read_weight() if view.requantizes else view.read_weight().clone()
     bias = view.bias.data.clone() if view.bias is not None else None
     ctx = layer.merge_context(names, weight)
     for name in names:
@@ -118,7 +118,7 @@ def _merge(layer, safe_merge: bool, adapter_names: Optional[list[str]], rounding
     if not names:
         return
     view = layer.base_view
-    if view.quantized:
+    if view.requantizes:
         if safe_merge:
             merged_tensors(layer, names)  # raises before the weight changes
         _merge_quantized(layer, names, rounding)
@@ -165,7 +165,7 @@ def unmerge(layer) -> None:
         name = layer.merged_adapters.pop()
         if not layer.has_adapter(name):
             continue
-        if view.quantized:  # as PEFT: dequantize, subtract, re-quantize
+        if view.requantizes:  # as PEFT: dequantize, subtract, re-quantize
             exact = layer.unmerge_weight(name, view.read_weight() if exact is None else exact)
             view.write_weight(layer.unmerge_weight(name, view.read_weight()))
             undone.append(name)
@@ -196,7 +196,7 @@ def merge_dequantized(layers: list, safe_merge: bool, adapter_names: Optional[li
             view.make_dense()
             layer.invalidate(base=True)
             view = layer.base_view
-        if not view.quantized:
+        if not view.requantizes:
             _merge(layer, safe_merge, adapter_names, _Rounding())
             continue
         names = pending(layer, adapter_names)

@@ -135,7 +135,7 @@ def _exact_merged(model, name="default"):
 
 
 def _rounding_warnings(caught):
-    return [w for w in caught if "4-bit layer" in str(w.message) and "re-quantized" in str(w.message)]
+    return [w for w in caught if "quantized layer" in str(w.message) and "re-quantized" in str(w.message)]
 
 
 @peft_fast_only

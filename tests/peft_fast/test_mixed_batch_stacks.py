@@ -219,9 +219,11 @@ def test_events_write_only_the_slots_that_changed(monkeypatch):
 
 
 def test_stacks_shrink_once_most_of_their_room_is_unused():
-    """Sixteen rank-16 adapters served, then deleted: the next mixed batch reallocates the stacks to the adapters
+    """Sixteen rank-16 adapters served, then deleted (the slots at the table's end: slots never move while their
+    adapter exists, for batches other threads run): the next mixed batch reallocates the stacks to the adapters
     left (with room to grow back), instead of keeping the peak's memory; outputs stay right."""
     _, impl = _three()
+    _check(impl)  # a, b, c take the first slots
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for k in range(16):
@@ -237,6 +239,18 @@ def test_stacks_shrink_once_most_of_their_room_is_unused():
         cache = m._stack_cache
         assert len(cache.slot_names) == 3 and cache.capacity <= 6
         assert cache.full.a.numel() * 3 <= peak[id(m)]
+
+
+def test_a_layer_left_without_adapters_drops_its_stacks():
+    _, impl = _three()
+    impl.add_adapter("solo", peft_fast.LoraConfig(r=8, target_modules=["gate_proj"], init_lora_weights=False))
+    impl.eval()
+    _check(impl, ["solo", "a", "__base__", "b"])
+    gates = [m for n, m in impl.named_modules() if n.endswith("gate_proj") and isinstance(m, LoraLinear)]
+    assert gates and all(m._stack_cache is not None for m in gates)
+    impl.delete_adapter("solo")
+    assert all(m._stack_cache is None for m in gates)
+    _check(impl)
 
 
 # ---------------------------------------------------------------------- slots that change kind, and base weights

@@ -102,6 +102,25 @@ def test_merge_and_unmerge_match_peft(feedforward, safe_merge):
     assert [s.module_type for s in i.get_layer_status()] == [s.module_type for s in r.get_layer_status()]
 
 
+@pytest.mark.parametrize("feedforward", FEEDFORWARD, ids=str)
+def test_dtypes_under_autocast_and_16_bit_bases_match_peft(feedforward):
+    """PEFT's conv layers keep their own order (the output cast to the adapter's dtype, then x's): not the Linear
+    one's."""
+    r, i = _pair(feedforward)
+    inputs = {"c0": X, "c1": torch.randn(2, 8, 5, 5), "c3": torch.randn(2, 8, 1, 3, 3)}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for key, x in inputs.items():  # layer by layer: the model's Linear head makes its output bf16 anyway
+            yr, yi = getattr(r.base_model.model, key)(x), getattr(i.base_model.model, key)(x)
+            assert yi.dtype == yr.dtype == torch.float32, key
+            assert_close(yi, yr, msg=key)
+    for model in (r, i):
+        model.to(torch.bfloat16)
+    with torch.no_grad():
+        yr, yi = r(X=X.bfloat16()), i(X=X.bfloat16())
+    assert yi.dtype == yr.dtype
+    assert_close(yi.float(), yr.float())
+
+
 def test_conv1d_is_refused_as_in_peft():
     for lib in (ref, impl):
         with pytest.raises((TypeError, ValueError)):

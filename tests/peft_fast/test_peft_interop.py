@@ -201,6 +201,31 @@ def test_a_patched_model_s_mixed_batches_follow_peft_s_rescale_adapter_scale():
         assert_close(out(fast, x, adapter_names=names), out(plain, x, adapter_names=names))
 
 
+def test_a_patched_model_s_alternating_mixes_do_not_reallocate_stacks(monkeypatch):
+    """A patched model's slot table is each batch's names: batches alternating between many adapters and one keep
+    the stacks the layer's adapters need, instead of shrinking and growing them every time."""
+    from peft_fast.tuners.lora import stacks
+
+    plain, fast = _two_adapters_patched()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for k in range(6):
+            torch.manual_seed(10 + k)
+            fast.add_adapter(f"x{k}", ref.LoraConfig(**default_cfg("llama")))
+    peft_fast.patch(fast)
+    fast.eval()
+    calls = []
+    real = stacks.StackCache._allocate
+    monkeypatch.setattr(stacks.StackCache, "_allocate", lambda self, *a: calls.append(1) or real(self, *a))
+    many = ["default", "other", "x0", "x1", "x2", "x3", "x4", "x5"]
+    with torch.no_grad():
+        for _ in range(4):
+            out(fast, inputs("llama", batch=8), adapter_names=many)
+            out(fast, inputs("llama", batch=2), adapter_names=["x5", "__base__"])
+    layers = sum(1 for m in fast.modules() if isinstance(m, peft_lora.LoraLayer))
+    assert len(calls) <= 2 * layers  # built once (and grown once at most), never per batch
+
+
 def test_a_patched_model_frees_deleted_dora_adapters():
     import gc
     import weakref

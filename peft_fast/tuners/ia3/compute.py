@@ -46,8 +46,8 @@ class IA3Plan:
     def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         layer = self.layer
         s = scale_of(layer, self.active)
-        if layer.ia3_l[self.active[0]].dim() > 2:  # a convolution's: over its channel axis
-            s = s.view(layer.ia3_l[self.active[0]].shape)
+        if layer.ia3_l[self.active[0]].dim() > 2:
+            return self.conv(x, s.view(layer.ia3_l[self.active[0]].shape), args, kwargs)
         if layer.base_view.quantized:
             return self.quantized(x, s, args, kwargs)
         if layer.is_feedforward:
@@ -57,6 +57,17 @@ class IA3Plan:
         if self.inplace and not (args or kwargs):
             return result.mul_(s)  # computed in the promoted dtype, stored in result's: PEFT's (result * s).to(...)
         return (result * s).to(result.dtype)
+
+    def conv(self, x: torch.Tensor, s: torch.Tensor, args, kwargs) -> torch.Tensor:
+        """PEFT's ia3.Conv2d/Conv3d order (not its Linear one), the vector over the channel axis: the scaled input in
+        the base weight's dtype, or the output in the adapter's dtype times the vector; x's dtype at the end."""
+        layer = self.layer
+        dtype = layer.ia3_l[self.active[-1]].dtype
+        if layer.is_feedforward:
+            result = layer.base_layer((x.to(dtype) * s).to(layer.base_layer.weight.dtype), *args, **kwargs)
+        else:
+            result = layer.base_layer(x, *args, **kwargs).to(dtype) * s
+        return result.to(x.dtype)
 
     def quantized(self, x: torch.Tensor, s: torch.Tensor, args, kwargs) -> torch.Tensor:
         """PEFT's 4-bit order: a non-float32 input is scaled and run in float32; the output in the input's dtype."""

@@ -222,6 +222,12 @@ class LoraLinear(LoraCompute, TunerLayer):
                 self._stack_cache.forget()
         return super().train(mode)
 
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
+        if not self.lora_A and self._stack_cache is not None:  # nothing left to serve here: the stacks' memory goes
+            with PREPARE_LOCK:
+                self._stack_cache = None
+
     def variant(self, name: str):
         return self.lora_variant[name]
 

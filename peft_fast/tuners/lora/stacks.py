@@ -87,12 +87,15 @@ class StackCache:
         has_bias = any(layer.lora_B[n].bias is not None for n in present)
         has_dora = any(_scales_channels(layer, n) for n in present)
         ref = layer.lora_A[present[0]].weight if present else None
-        # Shrunk once a quarter of the room is left in use (deleted adapters, lower ranks): amortised like the
-        # doubling, so adapter churn around one size does not reallocate.
-        shrink = self.full is not None and (4 * max(len(slot_names), 1) <= self.capacity or 4 * r_need <= self.r_cap)
+        # Shrunk once the layer's adapters use a quarter of the room (slots freed at the table's end, lower ranks):
+        # amortised like the doubling. Measured on the layer's adapters, not this batch's (a patched PEFT model's
+        # table is each batch's names), so alternating batches do not reallocate.
+        held = max(1, len(slot_names), len(layer.lora_A))
+        r_held = max([layer.r[n] for n in layer.lora_A] + [r_need])
+        shrink = self.full is not None and (4 * held <= self.capacity or 4 * r_held <= self.r_cap)
         if (self.full is None or len(slot_names) > self.capacity or r_need > self.r_cap or has_bias != self.has_bias
                 or has_dora != self.has_dora or (ref is not None and ref.device != self.full.a.device) or shrink):
-            self._allocate(layer, len(slot_names), r_need, has_bias, has_dora, ref)
+            self._allocate(layer, len(slot_names), held, r_held, has_bias, has_dora, ref)
             self.signatures = [()] * self.capacity
         written = 0
         for i, (name, sig) in enumerate(zip(slot_names, sigs)):
@@ -112,15 +115,15 @@ class StackCache:
                                     f.dora_scale[:n] if f.dora_scale is not None else None)
         return written
 
-    def _allocate(self, layer, n: int, r_need: int, has_bias: bool, has_dora: bool, ref) -> None:
-        n = max(n, 1)
+    def _allocate(self, layer, n: int, held: int, r_held: int, has_bias: bool, has_dora: bool, ref) -> None:
+        """Room for n slots (held: what the layer's adapters need, at least n) of rank r_held."""
         if n > self.capacity:  # doubled
-            capacity = max(n, 2 * self.capacity)
-        elif 4 * n <= self.capacity:  # shrunk, with room to grow back to twice the adapters before the next doubling
-            capacity = 2 * n
+            capacity = max(n, 2 * self.capacity, 1)
+        elif 4 * held <= self.capacity:  # shrunk, with room to grow back to twice that before the next doubling
+            capacity = 2 * held
         else:
             capacity = self.capacity
-        r_cap = self.r_cap if r_need <= self.r_cap < 4 * r_need else r_need
+        r_cap = self.r_cap if r_held <= self.r_cap < 4 * r_held else r_held
         device = ref.device if ref is not None else torch.device("cpu")
         zeros = functools.partial(torch.zeros, device=device)
         m_dtype = next((layer.lora_magnitude_vector[m].weight.dtype for m in layer.lora_magnitude_vector), None)

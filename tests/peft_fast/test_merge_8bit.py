@@ -1,0 +1,114 @@
+"""LoRA over bitsandbytes 8-bit layers (transformers' load_in_8bit, on CPU): training and merging as PEFT's
+lora.bnb.Linear8bitLt. A merge dequantizes the int8 weight, adds the delta and re-quantizes it (the same int8 values
+and scales as PEFT's); unmerging subtracts the same way; merge_and_unload(dequantize=True) keeps the exact merged
+weight in a plain nn.Linear."""
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("bitsandbytes")
+
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
+
+from qlora_models import save_tiny_llama  # noqa: E402
+from tiny_models import assert_close, impl, ref  # noqa: E402
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama_8bit"))
+
+
+def _pair(model_dir):
+    models = []
+    for lib in (ref, impl):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            base = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=BitsAndBytesConfig(
+                load_in_8bit=True), device_map="cpu")
+            torch.manual_seed(0)
+            models.append(lib.get_peft_model(base, lib.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
+                                                                   init_lora_weights=False)))
+    assert type(models[1].base_model.model.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear8bitLt"
+    models[1].load_state_dict(models[0].state_dict())
+    return models
+
+
+IDS = torch.randint(1, 128, (2, 6), generator=torch.Generator().manual_seed(1))
+
+
+def _logits(model):
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return model(input_ids=IDS).logits
+
+
+def _int8(model):
+    return {n: (m.weight.data.clone(), (m.state.SCB if m.state.SCB is not None else m.weight.SCB).clone())
+            for n, m in model.named_modules()
+            if type(m).__module__.startswith("bitsandbytes") and any(t in n for t in TARGETS)}
+
+
+def test_training_step_matches_peft(model_dir):
+    r, i = _pair(model_dir)
+    losses = []
+    for model in (r, i):
+        model.train()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loss = model(input_ids=IDS, labels=IDS).loss
+        loss.backward()
+        losses.append(loss.detach())
+    assert_close(losses[1], losses[0])
+    gr = {n: p.grad for n, p in r.named_parameters() if p.grad is not None}
+    gi = {n: p.grad for n, p in i.named_parameters() if p.grad is not None}
+    assert gr.keys() == gi.keys() and gr
+    for n in gr:
+        assert_close(gi[n], gr[n], msg=n)
+
+
+@pytest.mark.parametrize("safe_merge", [False, True])
+def test_merge_and_unmerge_requantize_as_peft(model_dir, safe_merge):
+    r, i = _pair(model_dir)
+    r.eval()
+    i.eval()
+    before = _int8(i)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for model in (r, i):
+            model.merge_adapter(safe_merge=safe_merge)
+    got, want = _int8(i), _int8(r)
+    assert got.keys() == want.keys() and len(got) == 3 * 2  # three targets in each of two layers
+    for n in want:
+        assert torch.equal(got[n][0], want[n][0]) and torch.equal(got[n][1], want[n][1]), n
+        assert not torch.equal(got[n][0], before[n][0]), n
+    assert_close(_logits(i), _logits(r))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for model in (r, i):
+            model.unmerge_adapter()
+    got, want = _int8(i), _int8(r)
+    for n in want:
+        assert torch.equal(got[n][0], want[n][0]) and torch.equal(got[n][1], want[n][1]), n
+
+
+def test_merge_and_unload_as_peft_and_dequantized(model_dir):
+    r, i = _pair(model_dir)
+    r.eval()
+    i.eval()
+    unmerged = _logits(i)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r_merged, i_merged = r.merge_and_unload(), i.merge_and_unload()
+    assert type(i_merged.model.layers[0].self_attn.q_proj).__name__ == "Linear8bitLt"
+    assert_close(_logits(i_merged), _logits(r_merged))
+    _, i2 = _pair(model_dir)
+    i2.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dense = i2.merge_and_unload(dequantize=True)
+    assert type(dense.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert_close(_logits(dense), unmerged, atol=0.05, rtol=0.05)  # the 8-bit matmul's rounding, now gone
