@@ -27,16 +27,21 @@ class IA3Linear(IA3Compute, TunerLayer):
         super().__init__(base_layer)
         self.ia3_l = nn.ParameterDict()
         self.is_feedforward = is_feedforward
-        self.fan_in_fan_out = self.corrected_fan_in_fan_out(config)
+        self.fan_in_fan_out = self.orientation(config)
         self.in_features, self.out_features = self.base_view.in_features, self.base_view.out_features
         self._active_adapter = [adapter_name]
         self.update_layer(adapter_name, config, autocast_adapter_dtype)
 
+    def orientation(self, config) -> bool:
+        return self.corrected_fan_in_fan_out(config)
+
+    def vector_shape(self) -> tuple[int, ...]:
+        return (1, self.in_features) if self.is_feedforward else (self.out_features, 1)
+
     def update_layer(self, name: str, config, autocast_adapter_dtype: bool = True,
                      is_feedforward: Optional[bool] = None) -> None:
         # A layer keeps the role it was made with: a later adapter's feedforward_modules does not change it (PEFT).
-        shape = (1, self.in_features) if self.is_feedforward else (self.out_features, 1)
-        weight = torch.randn(shape)  # drawn even when it is then set to ones, as PEFT does: the same RNG stream
+        weight = torch.randn(self.vector_shape())  # drawn even when then set to ones, as PEFT does: the same RNG stream
         if config.init_ia3_weights:
             weight.fill_(1.0)
         self.ia3_l[name] = nn.Parameter(self.placed(weight, autocast_adapter_dtype))
@@ -94,15 +99,8 @@ class IA3Conv(IA3Linear):
     (feedforward layers) or the output channels; merging scales the weight's matching axis (with the groups'
     layout for input channels, as PEFT)."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config, autocast_adapter_dtype: bool = True,
-                 is_feedforward: bool = False):
-        TunerLayer.__init__(self, base_layer)
-        self.ia3_l = nn.ParameterDict()
-        self.is_feedforward = is_feedforward
-        self.fan_in_fan_out = False  # PEFT's conv layers keep the config's value and never read it
-        self.in_features, self.out_features = self.base_view.in_features, self.base_view.out_features
-        self._active_adapter = [adapter_name]
-        self.update_layer(adapter_name, config, autocast_adapter_dtype)
+    def orientation(self, config) -> bool:
+        return False  # PEFT's conv layers keep the config's value and never read it
 
     @classmethod
     def view_for(cls, module: nn.Module, key: Optional[str] = None) -> BaseView:
@@ -113,18 +111,12 @@ class IA3Conv(IA3Linear):
         return isinstance(module, (nn.Conv2d, nn.Conv3d))
 
     @staticmethod
-    def vector_shape(features: int, weight_dim: int) -> tuple[int, ...]:
+    def conv_shape(features: int, weight_dim: int) -> tuple[int, ...]:
         return (1, features) + (1,) * (weight_dim - 2)
 
-    def update_layer(self, name: str, config, autocast_adapter_dtype: bool = True,
-                     is_feedforward: Optional[bool] = None) -> None:
-        shape = self.vector_shape(self.in_features if self.is_feedforward else self.out_features,
-                                  self.base_layer.weight.dim())
-        weight = torch.randn(shape)  # PEFT's draw, then ones
-        if config.init_ia3_weights:
-            weight.fill_(1.0)
-        self.ia3_l[name] = nn.Parameter(self.placed(weight, autocast_adapter_dtype))
-        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+    def vector_shape(self) -> tuple[int, ...]:
+        return self.conv_shape(self.in_features if self.is_feedforward else self.out_features,
+                               self.base_layer.weight.dim())
 
     def _oriented(self, name: str) -> torch.Tensor:
         vector = self.ia3_l[name].detach()
@@ -143,8 +135,8 @@ class IA3Conv(IA3Linear):
         module = target.module
         feedforward = module.is_feedforward if isinstance(module, cls) else target.kwargs["is_feedforward"]
         base = module.base_layer if isinstance(module, TunerLayer) else module
-        return {"ia3_l": cls.vector_shape(target.in_features if feedforward else target.out_features,
-                                          base.weight.dim())}
+        return {"ia3_l": cls.conv_shape(target.in_features if feedforward else target.out_features,
+                                        base.weight.dim())}
 
     def __repr__(self) -> str:
         name = "Conv3d" if self.base_layer.weight.dim() == 5 else "Conv2d"
