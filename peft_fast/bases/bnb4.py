@@ -141,7 +141,7 @@ class Bnb4View(BaseView):
     def key_objects(self) -> tuple:
         return (self.module.weight, *self._state_tensors())
 
-    def dequantized_linear(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Linear:
+    def dequantized_linear(self, weight: torch.Tensor, bias: Optional[torch.Tensor], dtype=None) -> nn.Linear:
         """A plain nn.Linear in the dtype the layer was loaded in (its inputs' and outputs' dtype)."""
         qs = self.quant_state()
         dtype = qs.original_dtype if _repacked(qs) else qs.dtype

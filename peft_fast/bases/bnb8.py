@@ -20,6 +20,7 @@ def is_bnb_8bit(module: nn.Module) -> bool:
 
 class Bnb8View(DenseView):
     requantizes = True
+    bnb_order = True
 
     @classmethod
     def accepts(cls, module: nn.Module) -> bool:
@@ -61,7 +62,9 @@ class Bnb8View(DenseView):
         w = self.module.weight
         return (id(w), w.data_ptr(), w._version, w.device, w.dtype, id(getattr(self.module.state, "SCB", None)))
 
-    def dequantized_linear(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Linear:
-        """A plain nn.Linear holding the exact merged weight, in the dtype the layer's bias was loaded in (the
-        model's; float32 without a bias: an int8 weight does not record it)."""
-        return dense_linear(weight, bias, bias.dtype if bias is not None else torch.float32, self.module.training)
+    def dequantized_linear(self, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                           dtype: Optional[torch.dtype] = None) -> nn.Linear:
+        """A plain nn.Linear holding `weight` in `dtype`: the model's, which an int8 layer does not record (its bias
+        does, when it has one; float32 otherwise)."""
+        dtype = dtype or (bias.dtype if bias is not None else torch.float32)
+        return dense_linear(weight, bias, dtype, self.module.training)

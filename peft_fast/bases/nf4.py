@@ -69,7 +69,7 @@ class NF4View(BaseView):
         qs = self.module.quant_state
         return (self.module.weight, qs, qs.absmax)
 
-    def dequantized_linear(self, weight: torch.Tensor, bias) -> nn.Linear:
+    def dequantized_linear(self, weight: torch.Tensor, bias, dtype=None) -> nn.Linear:
         return dense_linear(weight, bias, self.dense_dtype, self.module.training)
 
     def check(self, name: str) -> None:

@@ -33,6 +33,8 @@ def has_hooks(module: nn.Module) -> bool:
 class BaseView:
     quantized = False  # a 4-bit base: the fused 4-bit paths, and merges that dequantize and re-quantize
     requantizes = property(lambda self: self.quantized)  # merges dequantize and re-quantize (4-bit, 8-bit bases)
+    # PEFT's bitsandbytes layers' order in the adapter loop: each delta cast to the output's dtype, then added
+    bnb_order = property(lambda self: self.quantized)
     fan_in_fan_out = False
 
     def __init__(self, module: nn.Module):

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from ..progress import progress
 from .base_layer import TunerLayer
-from .merging import dequantize_remaining, merge_dequantized, merge_layers
+from .merging import dequantize_remaining, merge_dequantized, merge_layers, model_dtype
 from .modules_to_save import ModulesToSaveWrapper, inside_adapter_machinery
 from .trainable_tokens import TrainableTokensWrapper
 from .targets import (
@@ -296,7 +296,7 @@ def unload(model: nn.Module, merge: bool, safe_merge: bool = False, adapter_name
     bar = progress(len(layers), progressbar and merge, "Unloading and merging model")
     try:
         if merge and dequantize:
-            merge_dequantized(layers, safe_merge, adapter_names, bar)
+            merge_dequantized(layers, safe_merge, adapter_names, bar, model_dtype(model))
         elif merge:
             merge_layers(layers, safe_merge, adapter_names, bar)
     finally:
@@ -310,5 +310,5 @@ def unload(model: nn.Module, merge: bool, safe_merge: bool = False, adapter_name
             base = base.base_layer
         setattr(parent, child, base)
     if merge and dequantize:
-        dequantize_remaining(model)
+        dequantize_remaining(model, model_dtype(model))
     return model

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from ..bases import is_4bit, view_of
+from ..bases.bnb8 import is_bnb_8bit
 from ..bases.nf4_experts import is_nf4_experts
 
 
@@ -180,7 +181,8 @@ def unmerge(layer) -> None:
         rounding.warn("Unmerging")
 
 
-def merge_dequantized(layers: list, safe_merge: bool, adapter_names: Optional[list[str]], bar=None) -> None:
+def merge_dequantized(layers: list, safe_merge: bool, adapter_names: Optional[list[str]], bar=None,
+                      dtype: Optional[torch.dtype] = None) -> None:
     """`merge_layers`, except that a 4-bit base is not re-quantized: it becomes a plain nn.Linear holding the
     exact merged weight (dequantized base plus the deltas) and bias. All-or-nothing, as merge_layers."""
     for layer in layers:
@@ -201,27 +203,28 @@ def merge_dequantized(layers: list, safe_merge: bool, adapter_names: Optional[li
             continue
         names = pending(layer, adapter_names)
         weight, bias, ctx = merged_tensors(layer, names, check=False)
-        layer.base_layer = view.dequantized_linear(weight, bias)
+        layer.base_layer = view.dequantized_linear(weight, bias, dtype)
         layer.merge_done(ctx)
         layer.merged_adapters.extend(names)
         layer.invalidate(base=True)
 
 
-def dequantize_remaining(model: nn.Module) -> None:
-    """Replace every 4-bit layer left in `model` by its dequantized nn.Linear; when none is left, drop
-    transformers' quantization markers, so the model saves and reloads as the 16-bit model."""
+def dequantize_remaining(model: nn.Module, dtype: Optional[torch.dtype] = None) -> None:
+    """Replace every 4-bit or 8-bit layer left in `model` by its dequantized nn.Linear (`dtype`: the model's, for
+    layers that do not record theirs); when none is left, drop transformers' quantization markers, so the model
+    saves and reloads as the 16-bit model."""
     for key, m in list(model.named_modules()):
         if is_nf4_experts(m):
             m.to_dense()
-        if not key or not is_4bit(m):
+        if not key or not (is_4bit(m) or is_bnb_8bit(m)):
             continue
         view = view_of(m)
         if not view.mergeable():
             continue
         parent = model.get_submodule(key.rpartition(".")[0]) if "." in key else model
         bias = m.bias.data if m.bias is not None else None
-        setattr(parent, key.rpartition(".")[2], view.dequantized_linear(view.read_weight(), bias))
-    if any(is_4bit(m) or is_nf4_experts(m) for m in model.modules()):
+        setattr(parent, key.rpartition(".")[2], view.dequantized_linear(view.read_weight(), bias, dtype))
+    if any(is_4bit(m) or is_bnb_8bit(m) or is_nf4_experts(m) for m in model.modules()):
         return
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None and hasattr(quantizer, "remove_quantization_config"):
@@ -229,3 +232,12 @@ def dequantize_remaining(model: nn.Module) -> None:
     for attr in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
         if getattr(model, attr, False):
             setattr(model, attr, False)
+
+
+def model_dtype(model: nn.Module) -> Optional[torch.dtype]:
+    """The dtype a transformers model was loaded in, as its config records it (None for other models)."""
+    config = getattr(model, "config", None)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None

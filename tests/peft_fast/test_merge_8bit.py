@@ -22,13 +22,13 @@ def model_dir(tmp_path_factory):
     return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama_8bit"))
 
 
-def _pair(model_dir):
+def _pair(model_dir, dtype=torch.float32):
     models = []
     for lib in (ref, impl):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             base = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=BitsAndBytesConfig(
-                load_in_8bit=True), device_map="cpu")
+                load_in_8bit=True), device_map="cpu", dtype=dtype)
             torch.manual_seed(0)
             models.append(lib.get_peft_model(base, lib.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
                                                                    init_lora_weights=False)))
@@ -52,8 +52,10 @@ def _int8(model):
             if type(m).__module__.startswith("bitsandbytes") and any(t in n for t in TARGETS)}
 
 
-def test_training_step_matches_peft(model_dir):
-    r, i = _pair(model_dir)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_training_step_matches_peft(model_dir, dtype):
+    """bf16: PEFT's bitsandbytes order (each delta cast to the output's dtype, then added), not its dense one."""
+    r, i = _pair(model_dir, dtype)
     losses = []
     for model in (r, i):
         model.train()
@@ -112,3 +114,22 @@ def test_merge_and_unload_as_peft_and_dequantized(model_dir):
         dense = i2.merge_and_unload(dequantize=True)
     assert type(dense.model.layers[0].self_attn.q_proj) is torch.nn.Linear
     assert_close(_logits(dense), unmerged, atol=0.05, rtol=0.05)  # the 8-bit matmul's rounding, now gone
+
+
+def test_dequantized_merge_of_a_bf16_model_is_a_bf16_model_that_saves_and_reloads(model_dir, tmp_path):
+    """Every 8-bit layer left (the untargeted ones too) becomes an nn.Linear in the model's dtype, which an int8
+    layer does not record; with none left, the quantization markers go, so the saved model reloads as it is."""
+    _, i = _pair(model_dir, torch.bfloat16)
+    i.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dense = i.merge_and_unload(dequantize=True)
+    linears = [m for n, m in dense.named_modules() if n.endswith("_proj")]
+    assert linears and all(type(m) is torch.nn.Linear and m.weight.dtype == torch.bfloat16 for m in linears)
+    assert not getattr(dense, "is_loaded_in_8bit", False)
+    want = _logits(dense)
+    dense.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert_close(_logits(again), want)

@@ -209,9 +209,9 @@ def test_a_patched_model_s_alternating_mixes_do_not_reallocate_stacks(monkeypatc
     plain, fast = _two_adapters_patched()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for k in range(6):
+        for k in range(6):  # x0 with lora_bias: only some batches hold a biased adapter
             torch.manual_seed(10 + k)
-            fast.add_adapter(f"x{k}", ref.LoraConfig(**default_cfg("llama")))
+            fast.add_adapter(f"x{k}", ref.LoraConfig(**default_cfg("llama", lora_bias=k == 0)))
     peft_fast.patch(fast)
     fast.eval()
     calls = []

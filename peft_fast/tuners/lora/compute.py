@@ -72,8 +72,9 @@ class LoraCompute:
 
     def loop(self, x: torch.Tensor, result: torch.Tensor, active: list[str]) -> torch.Tensor:
         """PEFT's adapter loop after the base output `result`: its dense `lora.Linear` order (the sum cast once) or
-        its bnb `Linear4bit` order (each delta cast to the output dtype, x kept cast to the adapter dtype)."""
-        q4 = self.base_view.quantized
+        its bnb `Linear4bit`/`Linear8bitLt` order (each delta cast to the output dtype, x kept cast to the adapter
+        dtype)."""
+        q4 = self.base_view.bnb_order
         cast = q4 or any(self.variant(n).scales_channels for n in active)
         out_dtype = result.dtype
         for name in active:
@@ -102,7 +103,7 @@ class LoraCompute:
         if not any(n in self.lora_A for n in set(adapter_names)):
             return result
         # Gradients wanted (or a caller passed a plain list): PEFT's per-adapter loop, differentiable.
-        q4 = self.base_view.quantized
+        q4 = self.base_view.bnb_order
         for name in set(adapter_names):
             if name == "__base__" or name not in self.lora_A:
                 continue

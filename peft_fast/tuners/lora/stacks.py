@@ -84,8 +84,9 @@ class StackCache:
         sigs = [self._signature(layer, n) for n in slot_names]
         present = [n for n in slot_names if n is not None and n in layer.lora_A]
         r_need = max((layer.r[n] for n in present), default=1)
-        has_bias = any(layer.lora_B[n].bias is not None for n in present)
-        has_dora = any(_scales_channels(layer, n) for n in present)
+        # over the layer's adapters, not this batch's (a patched PEFT model's table is each batch's names)
+        has_bias = any(layer.lora_B[n].bias is not None for n in layer.lora_A)
+        has_dora = any(_scales_channels(layer, n) for n in layer.lora_A)
         ref = layer.lora_A[present[0]].weight if present else None
         # Shrunk once the layer's adapters use a quarter of the room (slots freed at the table's end, lower ranks):
         # amortised like the doubling. Measured on the layer's adapters, not this batch's (a patched PEFT model's
@@ -118,7 +119,7 @@ class StackCache:
     def _allocate(self, layer, n: int, held: int, r_held: int, has_bias: bool, has_dora: bool, ref) -> None:
         """Room for n slots (held: what the layer's adapters need, at least n) of rank r_held."""
         if n > self.capacity:  # doubled
-            capacity = max(n, 2 * self.capacity, 1)
+            capacity = max(held, 2 * self.capacity)
         elif 4 * held <= self.capacity:  # shrunk, with room to grow back to twice that before the next doubling
             capacity = 2 * held
         else:
