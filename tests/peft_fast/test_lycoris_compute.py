@@ -147,7 +147,7 @@ def test_eval_mode_with_gradients_trains_the_factors(tuner):
 @pytest.mark.parametrize("tuner", TUNER_IDS)
 def test_the_shared_planner_asks_the_layer_which_bases_it_adapts(tuner):
     """injection.plan_adapter (get_peft_model, from_pretrained, load_adapter) takes a tuner's convolutions through its
-    layer's `view_for`; a tuner that keeps the default views (IA3) still refuses them."""
+    layer's `view_for`; a tuner whose layers take fewer kinds (IA3: Conv2d and Conv3d, as PEFT) refuses the rest."""
     import peft_fast
 
     model = pair(tuner, "conv")[0]
@@ -157,8 +157,8 @@ def test_the_shared_planner_asks_the_layer_which_bases_it_adapts(tuner):
         [("conv0", 3, 8), ("conv2", 12, 8), ("head", 6, 4)]
     ia3 = peft_fast.get_peft_model(base_model("mlp"), peft_fast.IA3Config(target_modules=["lin0"],
                                                                           feedforward_modules=[]))
-    with pytest.raises(ValueError, match="conv0 .Conv2d. is not supported"):
-        injection.plan_adapter(model, peft_fast.IA3Config(target_modules=["conv0"], feedforward_modules=[]),
+    with pytest.raises(ValueError, match="conv2 .Conv1d. is not supported"):
+        injection.plan_adapter(model, peft_fast.IA3Config(target_modules=["conv2"], feedforward_modules=[]),
                                type(ia3.base_model))
     assert LoHaModel.layer_cls is LoHaLayer
 
