@@ -7,7 +7,6 @@ all done here, all-or-nothing.
 """
 from __future__ import annotations
 
-import copy
 import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
@@ -115,11 +114,10 @@ class TunerModel(nn.Module):
                              "cannot be added beside them.")
         converted = _converted(self.model, config, adapter_name) if plan is None else config
         self.check_new_adapter(converted)  # as PEFT: the converted targets are the ones checked against the others'
-        if plan is None:
-            plan = injection.plan_adapter(self.model, converted, type(self))
-            for f in CONVERTED_FIELDS:  # recorded as PEFT records them (adapter_config.json: a reload finds them)
-                if hasattr(config, f):
-                    setattr(config, f, copy.deepcopy(getattr(plan.config, f)))
+        plan = plan or injection.plan_adapter(self.model, converted, type(self))
+        if converted is not config:  # recorded as PEFT records them (adapter_config.json: a reload finds them)
+            for f in CONVERTED_FIELDS:
+                setattr(config, f, getattr(converted, f))
         config.target_modules = plan.config.target_modules
         config.modules_to_save = plan.config.modules_to_save
         tokens = plan_tokens(self.model, plan)  # trainable_token_indices: its checks, before any change

@@ -293,10 +293,11 @@ def unload(model: nn.Module, merge: bool, safe_merge: bool = False, adapter_name
     `dequantize` (with merge): 4-bit bases become plain nn.Linear holding the exact merged weights, and every
     other 4-bit layer its dequantized nn.Linear. `progressbar`: a tqdm bar counting the layers merged."""
     layers = [m for _, m in adapter_layers(model)]
+    dtype = model_dtype(model) if merge and dequantize else None  # for dequantized layers that do not record theirs
     bar = progress(len(layers), progressbar and merge, "Unloading and merging model")
     try:
         if merge and dequantize:
-            merge_dequantized(layers, safe_merge, adapter_names, bar, model_dtype(model))
+            merge_dequantized(layers, safe_merge, adapter_names, bar, dtype)
         elif merge:
             merge_layers(layers, safe_merge, adapter_names, bar)
     finally:
@@ -310,5 +311,5 @@ def unload(model: nn.Module, merge: bool, safe_merge: bool = False, adapter_name
             base = base.base_layer
         setattr(parent, child, base)
     if merge and dequantize:
-        dequantize_remaining(model, model_dtype(model))
+        dequantize_remaining(model, dtype)
     return model

@@ -46,6 +46,13 @@ def _logits(model):
         return model(input_ids=IDS).logits
 
 
+def _on_both(models, method: str, **kwargs) -> list:
+    """Each model's `method` (PEFT's 8-bit merges warn about rounding)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return [getattr(model, method)(**kwargs) for model in models]
+
+
 def _int8(model):
     return {n: (m.weight.data.clone(), (m.state.SCB if m.state.SCB is not None else m.weight.SCB).clone())
             for n, m in model.named_modules()
@@ -78,20 +85,14 @@ def test_merge_and_unmerge_requantize_as_peft(model_dir, safe_merge):
     r.eval()
     i.eval()
     before = _int8(i)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for model in (r, i):
-            model.merge_adapter(safe_merge=safe_merge)
+    _on_both((r, i), "merge_adapter", safe_merge=safe_merge)
     got, want = _int8(i), _int8(r)
     assert got.keys() == want.keys() and len(got) == 3 * 2  # three targets in each of two layers
     for n in want:
         assert torch.equal(got[n][0], want[n][0]) and torch.equal(got[n][1], want[n][1]), n
         assert not torch.equal(got[n][0], before[n][0]), n
     assert_close(_logits(i), _logits(r))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for model in (r, i):
-            model.unmerge_adapter()
+    _on_both((r, i), "unmerge_adapter")
     got, want = _int8(i), _int8(r)
     for n in want:
         assert torch.equal(got[n][0], want[n][0]) and torch.equal(got[n][1], want[n][1]), n
@@ -102,16 +103,12 @@ def test_merge_and_unload_as_peft_and_dequantized(model_dir):
     r.eval()
     i.eval()
     unmerged = _logits(i)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        r_merged, i_merged = r.merge_and_unload(), i.merge_and_unload()
+    r_merged, i_merged = _on_both((r, i), "merge_and_unload")
     assert type(i_merged.model.layers[0].self_attn.q_proj).__name__ == "Linear8bitLt"
     assert_close(_logits(i_merged), _logits(r_merged))
     _, i2 = _pair(model_dir)
     i2.eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dense = i2.merge_and_unload(dequantize=True)
+    dense, = _on_both((i2,), "merge_and_unload", dequantize=True)
     assert type(dense.model.layers[0].self_attn.q_proj) is torch.nn.Linear
     assert_close(_logits(dense), unmerged, atol=0.05, rtol=0.05)  # the 8-bit matmul's rounding, now gone
 
@@ -121,9 +118,7 @@ def test_dequantized_merge_of_a_bf16_model_is_a_bf16_model_that_saves_and_reload
     layer does not record; with none left, the quantization markers go, so the saved model reloads as it is."""
     _, i = _pair(model_dir, torch.bfloat16)
     i.eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dense = i.merge_and_unload(dequantize=True)
+    dense, = _on_both((i,), "merge_and_unload", dequantize=True)
     linears = [m for n, m in dense.named_modules() if n.endswith("_proj")]
     assert linears and all(type(m) is torch.nn.Linear and m.weight.dtype == torch.bfloat16 for m in linears)
     assert not getattr(dense, "is_loaded_in_8bit", False)

@@ -28,10 +28,12 @@ def scale_of(layer, active: tuple[str, ...]) -> torch.Tensor:
 class IA3Plan:
     """Forward for a fixed set of active adapters, decided once per plan key (TunerLayer.plan)."""
 
-    __slots__ = ("layer", "active", "params", "inplace")
+    __slots__ = ("layer", "active", "params", "inplace", "channels")
 
     def __init__(self, layer, active: tuple[str, ...]):
         self.layer, self.active = layer, active
+        # a convolution's vectors, (1, channels, 1, ...): PEFT's conv order, over the channel axis
+        self.channels = layer.ia3_l[active[0]].shape if layer.ia3_l[active[0]].dim() > 2 else None
         view = layer.base_view
         # A plain nn.Linear: run its matmul directly (same op as its forward); else call the module.
         self.params = view.module._parameters if view.fused_dense() is not None and not view.fan_in_fan_out else None
@@ -46,8 +48,8 @@ class IA3Plan:
     def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         layer = self.layer
         s = scale_of(layer, self.active)
-        if layer.ia3_l[self.active[0]].dim() > 2:
-            return self.conv(x, s.view(layer.ia3_l[self.active[0]].shape), args, kwargs)
+        if self.channels is not None:
+            return self.conv(x, s.view(self.channels), args, kwargs)
         if layer.base_view.quantized:
             return self.quantized(x, s, args, kwargs)
         if layer.is_feedforward:

@@ -37,6 +37,17 @@ from .variants import LORA
 _BATCH_NAMES = threading.local()
 
 
+def _then_invalidate(name: str):
+    """PEFT's method `name`, then what the layer derived from its adapters dropped (the method changes them)."""
+    def method(self, *args, **kwargs):
+        result = getattr(super(FastPeftLora, self), name)(*args, **kwargs)
+        TunerLayer.invalidate(self)
+        return result
+
+    method.__name__ = method.__qualname__ = name
+    return method
+
+
 class FastPeftLora(LoraCompute):
     """The compute of a PEFT LoRA layer replaced by peft_fast's; mixed in before PEFT's class."""
 
@@ -83,20 +94,9 @@ class FastPeftLora(LoraCompute):
         TunerLayer.invalidate(self)
         return result
 
-    def set_scale(self, *args, **kwargs):
-        result = super().set_scale(*args, **kwargs)
-        TunerLayer.invalidate(self)
-        return result
-
-    def scale_layer(self, *args, **kwargs):
-        result = super().scale_layer(*args, **kwargs)
-        TunerLayer.invalidate(self)
-        return result
-
-    def unscale_layer(self, *args, **kwargs):
-        result = super().unscale_layer(*args, **kwargs)
-        TunerLayer.invalidate(self)
-        return result
+    set_scale = _then_invalidate("set_scale")
+    scale_layer = _then_invalidate("scale_layer")
+    unscale_layer = _then_invalidate("unscale_layer")
 
     def train(self, mode: bool = True):
         TunerLayer.invalidate(self)  # as peft_fast's own layers: a change of mode refreshes after in-place edits
