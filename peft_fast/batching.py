@@ -10,6 +10,7 @@ the same batch shape reuses the compiled graph.
 """
 from __future__ import annotations
 
+import math
 import threading
 from contextlib import contextmanager
 from typing import Iterator, Optional
@@ -56,7 +57,7 @@ class AdapterNames(list):
         return meta
 
     def _make_meta(self, x: torch.Tensor):
-        per_sample = x[0].numel() // x.shape[-1] if x.dim() > 1 else 1
+        per_sample = math.prod(x.shape[1:-1]) if x.dim() > 1 else 1  # (x[0] fails on an empty batch)
         token_slots = self.sample_slots.to(x.device).repeat_interleave(per_sample)
         return make_lora_batch_meta(token_slots, len(self.slot_names), validate=False)
 

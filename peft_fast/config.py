@@ -89,9 +89,13 @@ class _AcceptsPeftKeys(type):
     with PEFT. Other unknown arguments still raise TypeError."""
 
     def __call__(cls, *args: Any, **kwargs: Any):
+        kept = {}
         if kwargs and cls.PEFT_TYPE is not None:
+            kept = cls.kept_peft_keys(kwargs)
             kwargs = cls.peft_only(kwargs, f"{cls.__name__}()", unknown_ok=True)
-        return super().__call__(*args, **kwargs)
+        config = super().__call__(*args, **kwargs)
+        config.peft_only_values = kept
+        return config
 
 
 @dataclass(kw_only=True)
@@ -156,9 +160,11 @@ class PeftConfig(metaclass=_AcceptsPeftKeys):
             cls = cls.named_class(data)
         kwargs = cls.peft_only(data, source)
         try:
-            return cls(**kwargs)
+            config = cls(**kwargs)
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from None
+        config.peft_only_values = cls.kept_peft_keys(data)
+        return config
 
     @classmethod
     def named_class(cls, data: dict[str, Any]) -> type:
@@ -201,6 +207,24 @@ class PeftConfig(metaclass=_AcceptsPeftKeys):
         return kwargs
 
     @classmethod
+    def kept_peft_keys(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """The PEFT-only values in `data` that `peft_only` ignores but PEFT writes back as given (an EVA recipe,
+        `qalora_group_size`): kept on the config as `peft_only_values`, so that its files and `to_peft()` carry
+        them as PEFT's would."""
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
+        kept = {}
+        for key, value in data.items():
+            # (PEFT never writes runtime_config, save_pretrained writes auto_mapping, and PEFT empties loftq_config
+            # unless LoftQ initialises, which peft_fast refuses)
+            if (key in known or key not in cls.PEFT_ONLY_KEYS or key in ("runtime_config", "auto_mapping",
+                                                                          "loftq_config")
+                    or key in cls.OUTPUT_CHANGING_KEYS or value == cls.PEFT_ONLY_KEYS[key]
+                    or value in (None, {}, [], False)):
+                continue
+            kept[key] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+        return kept
+
+    @classmethod
     def from_peft(cls, config: Any) -> "PeftConfig":
         """Build from a Hugging Face PEFT config object (anything with `to_dict` and `peft_type`)."""
         target = registry.get(getattr(config, "peft_type", None)).config_cls
@@ -221,12 +245,13 @@ class PeftConfig(metaclass=_AcceptsPeftKeys):
         except ImportError as exc:
             raise ImportError("to_peft() needs Hugging Face PEFT (`pip install peft`).") from exc
         data = {k: sorted(v) if isinstance(v, set) else v for k, v in self.to_dict().items()}
-        return get_peft_config(data)
+        return get_peft_config({**copy.deepcopy(getattr(self, "peft_only_values", {})), **data})
 
     # --- files -------------------------------------------------------------------------------------------------
     def to_json_string(self, auto_mapping: Optional[dict] = None) -> str:
         """PEFT's adapter_config.json: every key PEFT writes (its features we lack at their neutral values)."""
         written = {k: v for k, v in self.PEFT_ONLY_KEYS.items() if k != "runtime_config"}  # PEFT never writes it
+        written.update(getattr(self, "peft_only_values", {}))
         data = {**copy.deepcopy(written), **self.to_dict(), "auto_mapping": auto_mapping}
         data = {k: sorted(v) if isinstance(v, set) else v for k, v in data.items()}
         data["peft_version"] = f"peft_fast-{__version__}"
@@ -237,7 +262,8 @@ class PeftConfig(metaclass=_AcceptsPeftKeys):
         atomic_write_text(os.path.join(save_directory, CONFIG_NAME), self.to_json_string(auto_mapping))
 
     @classmethod
-    def from_json_file(cls, path: str) -> "PeftConfig":
+    def from_json_file(cls, path_json_file: str) -> "PeftConfig":
+        path = path_json_file  # (PEFT's parameter names, for callers passing them by keyword)
         if not os.path.isfile(path):
             raise AdapterFileNotFoundError(f"Can't find {CONFIG_NAME} at {path!r}: is this a folder written by "
                                            "save_pretrained?")
@@ -253,8 +279,10 @@ class PeftConfig(metaclass=_AcceptsPeftKeys):
         return target.from_dict(data, source=path)
 
     @classmethod
-    def from_pretrained(cls, path: str, subfolder: Optional[str] = None, **hub_kwargs: Any) -> "PeftConfig":
-        return cls.from_json_file(resolve_file(path, CONFIG_NAME, subfolder=subfolder, **hub_kwargs))
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None,
+                        **hub_kwargs: Any) -> "PeftConfig":
+        path = resolve_file(pretrained_model_name_or_path, CONFIG_NAME, subfolder=subfolder, **hub_kwargs)
+        return cls.from_json_file(path)
 
     @property
     def is_prompt_learning(self) -> bool:

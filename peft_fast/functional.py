@@ -32,14 +32,12 @@ def inject_adapter_in_model(peft_config: Any, model: nn.Module, adapter_name: st
     check_adapter_name(adapter_name)
     config = copy.deepcopy(as_config(peft_config))
     model_cls = registry.get(config.peft_type).model_cls
-    if state_dict is not None:
-        config = _targets_from(state_dict, config, model_cls.prefix)
-    tuner = model_cls(model, config, adapter_name)
+    tuner = model_cls(model, config, adapter_name, state_dict=state_dict)
     model.peft_config = tuner.peft_config
     return model
 
 
-def _targets_from(state_dict: dict, config: PeftConfig, prefix: str) -> PeftConfig:
+def targets_from(state_dict: dict, config: PeftConfig, prefix: str) -> PeftConfig:
     names = sorted({k.removeprefix(PREFIX).rsplit("." + prefix, 1)[0] for k in state_dict if "." + prefix in k})
     if not names:
         raise ValueError(f"inject_adapter_in_model: no key of state_dict names an adapter module (keys holding "

@@ -58,7 +58,8 @@ class PeftModel(*_bases()):
         tuner_cls = registry.get(config.peft_type).model_cls
         load = {"init": _init_when_loading(tuner_cls, config), "plan": _plan, "tensors": _tensors,
                 "source": _source} if _tensors is not None else {}
-        self.base_model = tuner_cls(model, config, adapter_name, autocast_adapter_dtype, **load)
+        self.base_model = tuner_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                                    **load)
         expose_forward_signature(self)
         prepare_for_gradient_checkpointing(model)
 
@@ -214,8 +215,8 @@ class PeftModel(*_bases()):
 
     # --- files -------------------------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str, safe_serialization: bool = True,
-                        selected_adapters: Optional[list[str]] = None, is_main_process: bool = True,
-                        state_dict: Optional[dict] = None, save_embedding_layers: bool | str = "auto",
+                        selected_adapters: Optional[list[str]] = None, save_embedding_layers: bool | str = "auto",
+                        is_main_process: bool = True, path_initial_model_for_weight_conversion: Optional[str] = None,
                         **kwargs: Any) -> None:
         """PEFT's layout: the "default" adapter in ``save_directory``, others in ``save_directory/<name>/``.
         ``save_embedding_layers``: also save the input and output embedding tables, as PEFT: "auto" when an
@@ -230,6 +231,7 @@ class PeftModel(*_bases()):
         ``is_main_process=True`` writes the files."""
         if os.path.isfile(save_directory):
             raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
+        state_dict = kwargs.get("state_dict")  # a keyword, as in PEFT (whose positional order this follows)
         names = self._adapters_to_save(selected_adapters)
         if state_dict is not None and not is_main_process:
             return
@@ -239,7 +241,7 @@ class PeftModel(*_bases()):
         if not is_main_process:
             return
         configs = {n: self.peft_config[n] for n in names}
-        initial_path = kwargs.get("path_initial_model_for_weight_conversion")
+        initial_path = path_initial_model_for_weight_conversion
         if initial_path is not None:  # a PiSSA/OLoRA adapter as plain LoRA of the original base, all before writing
             _, initial, source = read_adapter(str(initial_path), None, False, {})
             for n in names:
@@ -291,11 +293,15 @@ class PeftModel(*_bases()):
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",
                         is_trainable: bool = False, config: Optional[Any] = None,
-                        autocast_adapter_dtype: bool = True, **kwargs: Any) -> "PeftModel":
+                        autocast_adapter_dtype: bool = True, ephemeral_gpu_offload: bool = False,
+                        low_cpu_mem_usage: bool = False, key_mapping: Optional[dict[str, str]] = None,
+                        **kwargs: Any) -> "PeftModel":
         """Load a PEFT-format adapter onto ``model``. On any error ``model`` is left exactly as it was."""
         if isinstance(model, PeftModel):
             raise TypeError("from_pretrained expects the base model; to add an adapter to a PeftModel use "
                             "load_adapter.")
+        # ephemeral_gpu_offload and low_cpu_mem_usage change where PEFT stages the tensors, not what is loaded
+        kwargs["key_mapping"] = key_mapping
         config, tensors, source = read_adapter(model_id, config, is_trainable, kwargs)
         config, tensors = convert_v4_layout(model, config, tensors, adapter_name)
         tuner_cls = registry.get(config.peft_type).model_cls
@@ -309,9 +315,14 @@ class PeftModel(*_bases()):
         return peft_model
 
     def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False,
-                     torch_device: Optional[str] = None, autocast_adapter_dtype: bool = True, **kwargs: Any):
-        """Add the adapter saved at ``model_id`` under ``adapter_name`` (or overwrite that adapter's weights)."""
+                     torch_device: Optional[str] = None, autocast_adapter_dtype: bool = True,
+                     ephemeral_gpu_offload: bool = False, low_cpu_mem_usage: bool = False,
+                     key_mapping: Optional[dict[str, str]] = None, **kwargs: Any):
+        """Add the adapter saved at ``model_id`` under ``adapter_name`` (or overwrite that adapter's weights).
+        ``torch_device``, ``ephemeral_gpu_offload`` and ``low_cpu_mem_usage`` change where PEFT stages the tensors,
+        not what is loaded: the adapter's weights go to its layers' devices."""
         check_adapter_name(adapter_name)
+        kwargs["key_mapping"] = key_mapping
         model, tuner_cls = self.get_base_model(), type(self.base_model)
         if adapter_name in self.peft_config:
             _, tensors, source = read_adapter(model_id, self.peft_config[adapter_name], is_trainable, kwargs)

@@ -7,6 +7,7 @@ all done here, all-or-nothing.
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
@@ -29,9 +30,18 @@ class TunerModel(nn.Module):
     layer_cls: type = TunerLayer
     default_targets: dict[str, list[str] | str] = {}
 
-    def __init__(self, model: nn.Module, config: Any, adapter_name: str = "default",
-                 autocast_adapter_dtype: bool = True, *, init: Optional[object] = None,
+    def __init__(self, model: nn.Module, peft_config: Any, adapter_name: str = "default",
+                 low_cpu_mem_usage: bool = False, state_dict: Optional[dict] = None, *,
+                 autocast_adapter_dtype: bool = True, init: Optional[object] = None,
                  plan: Optional[injection.Plan] = None, tensors: Optional[dict] = None, source: str = "the adapter"):
+        """PEFT's tuner constructor (its positional order). `low_cpu_mem_usage`: PEFT then makes the adapter on the
+        meta device, to be loaded; here it is made with its values (loading overwrites them). `state_dict`: adapt
+        the modules its keys name, as `inject_adapter_in_model(state_dict=...)`."""
+        config = peft_config
+        if state_dict is not None:
+            from ..functional import targets_from  # (functional builds on the tuners)
+
+            config = targets_from(state_dict, copy.deepcopy(as_config(config)), self.prefix)
         super().__init__()
         self.model = model
         self._batch_key = RoutingKey()  # what this model's mixed batches carry and its layers match (batching.py)

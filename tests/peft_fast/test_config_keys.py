@@ -24,7 +24,7 @@ def test_unknown_key_warns_and_is_ignored():
     assert cfg.r == 4 and any("brand_new_option" in m and "ignored" in m for m in messages)
 
 
-@pytest.mark.parametrize("extra", [{"layer_replication": [[0, 1]]}, {"use_qalora": True}])
+@pytest.mark.parametrize("extra", [{"layer_replication": [[0, 1]]}, {"alora_invocation_tokens": [1, 2]}])
 def test_output_changing_peft_features_are_refused(extra):
     with pytest.raises(NotImplementedError, match=next(iter(extra))):
         _load(extra)
@@ -70,10 +70,45 @@ def test_constructors_take_pefts_keyword_arguments(name):
 
 
 def test_constructor_refuses_as_files_do():
-    with pytest.raises(NotImplementedError, match="use_qalora"):
-        peft_fast.LoraConfig(r=4, use_qalora=True)
+    with pytest.raises(NotImplementedError, match="layer_replication"):
+        peft_fast.LoraConfig(r=4, layer_replication=[[0, 1]])
     with pytest.raises(TypeError, match="bogus"):
         peft_fast.LoraConfig(r=4, bogus=1)
     with pytest.warns(UserWarning, match="loftq_config"):
         cfg = peft_fast.LoraConfig(r=4, loftq_config={"loftq_bits": 4}, use_qalora=False, peft_version="0.21.2")
     assert cfg.r == 4
+
+
+def test_inert_peft_values_are_written_back_as_given(tmp_path):
+    """PEFT writes its options back as given, even those that change nothing here (QA-LoRA applies only to GPTQ
+    layers, which peft_fast does not adapt; a recipe for another initialisation): files and to_peft() keep them,
+    and with use_qalora the outputs are plain LoRA's in both libraries."""
+    import peft
+
+    extra = {"use_qalora": True, "qalora_group_size": 8, "megatron_core": "my.core", "eva_config": {"rho": 2.0}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = peft_fast.LoraConfig(r=2, target_modules=["0"], **extra)
+        theirs = peft.LoraConfig(r=2, target_modules=["0"], **extra).to_dict()
+    saved = json.loads(cfg.to_json_string())
+    for key in extra:
+        if key == "eva_config":  # PEFT fills in EvaConfig's defaults
+            assert saved[key]["rho"] == theirs[key]["rho"] == 2.0
+        else:
+            assert saved[key] == theirs[key] == extra[key], key
+    round_trip = peft_fast.LoraConfig.from_dict(saved)
+    assert json.loads(round_trip.to_json_string())["qalora_group_size"] == 8
+    assert cfg.to_peft().use_qalora and cfg.to_peft().qalora_group_size == 8
+
+    outputs = []
+    for lib, kw in ((peft, extra), (peft, {}), (peft_fast, extra)):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = lib.get_peft_model(model, lib.LoraConfig(r=2, target_modules=["0"], init_lora_weights=False,
+                                                             **kw))
+        with torch.no_grad():
+            outputs.append(model(torch.ones(3, 8)))
+    torch.testing.assert_close(outputs[0], outputs[1])
+    torch.testing.assert_close(outputs[2], outputs[1])

@@ -196,3 +196,46 @@ def test_lora_runtime_config_is_accepted_and_never_saved(tmp_path):
         assert "runtime_config" not in saved
     cfg = impl.LoraConfig(runtime_config=impl.LoraRuntimeConfig(ephemeral_gpu_offload=True))
     assert cfg.runtime_config.ephemeral_gpu_offload and "runtime_config" not in cfg.to_dict()
+
+
+def _positional(fn) -> list:
+    import inspect
+
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in sig.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+@peft_fast_only
+def test_public_signatures_take_pefts_positional_arguments():
+    """Every callable peft_fast shares with PEFT (functions, classes, their public methods) takes PEFT's positional
+    parameters in PEFT's order, under PEFT's names: `save_pretrained(d, True, None, False)` means
+    save_embedding_layers=False in both, and keyword callers use PEFT's names."""
+    import inspect
+
+    import peft
+
+    checked, wrong = 0, []
+    for name in sorted(n for n in dir(impl) if not n.startswith("_") and hasattr(peft, n)):
+        pairs = [(name, getattr(peft, name), getattr(impl, name))]
+        if inspect.isclass(pairs[0][1]) and inspect.isclass(pairs[0][2]):
+            pairs += [(f"{name}.{m}", getattr(pairs[0][1], m), getattr(pairs[0][2], m)) for m in dir(pairs[0][1])
+                      if (not m.startswith("_") or m == "__init__") and hasattr(pairs[0][2], m)]
+        for label, theirs, ours in pairs:
+            a, b = _positional(theirs), _positional(ours)
+            if not (callable(theirs) and callable(ours) and a and b):
+                continue
+            checked += 1
+            n = min(len(a), len(b))
+            if a[:n] != b[:n]:
+                wrong.append(f"{label}: PEFT {a}, peft_fast {b}")
+    assert checked > 100 and not wrong, "\n".join(wrong)
+
+
+def test_save_pretrained_positional_arguments_as_pefts(tmp_path):
+    for lib in (ref, impl):
+        model = lib.get_peft_model(TinyMLP(), lib.LoraConfig(r=2, target_modules=["lin0"]))
+        model.save_pretrained(str(tmp_path / lib.__name__), True, None, False)  # save_embedding_layers=False
+        assert (tmp_path / lib.__name__ / "adapter_model.safetensors").is_file()

@@ -128,7 +128,9 @@ class LoraCompute:
         cache = self._stack_cache
         if (cache is None or cache.dtype != dtype or cache.b_rank_major != b_rank_major or self.training
                 or getattr(self, "_stack_dirty", True) or cache.slot_names != slot_names):
-            with PREPARE_LOCK:  # the stacks are shared by the threads serving this model
+            # Shared by the threads serving this model; never inference tensors, which a later update outside
+            # torch.inference_mode could not write
+            with PREPARE_LOCK, torch.inference_mode(False):
                 cache = self._stack_cache
                 if cache is None or cache.dtype != dtype or cache.b_rank_major != b_rank_major:
                     cache = self._stack_cache = StackCache(self, slot_names, dtype, b_rank_major=b_rank_major)

@@ -64,9 +64,11 @@ class LoraConfig(PeftConfig):
         "runtime_config": {"ephemeral_gpu_offload": False}, "use_bdlora": None,
         "arrow_config": None, "kasa_config": None, "auto_mapping": None, "revision": None,
     }
-    INERT_KEYS = ("auto_mapping", "revision", "runtime_config", "qalora_group_size", "megatron_core")
+    # (PEFT applies QA-LoRA to GPTQ layers only, which peft_fast does not adapt: on every base it adapts,
+    # use_qalora changes nothing in PEFT either)
+    INERT_KEYS = ("auto_mapping", "revision", "runtime_config", "qalora_group_size", "megatron_core", "use_qalora")
     OUTPUT_CHANGING_KEYS = (
-        "megatron_config", "layer_replication", "use_qalora", "alora_invocation_tokens", "use_bdlora",
+        "megatron_config", "layer_replication", "alora_invocation_tokens", "use_bdlora",
         "arrow_config", "kasa_config", "velora_config", "monteclora_config",
     )
 

@@ -131,8 +131,11 @@ class DoraVariant(LoraVariant):
         key = (*_param_key(a), *_param_key(b), *_param_key(m), *layer.base_view.version(), float(s))
         hit = self._eval
         if hit is None or hit[0] != key:
-            norm = self.row_norm(layer, a, b, s).to(m.dtype)
-            c = m.detach() / norm
+            # kept for later calls: never inference tensors (a forward with autograd after torch.inference_mode
+            # could not save them for backward); the norm is a constant for autograd anyway, as PEFT detaches it
+            with torch.inference_mode(False), torch.no_grad():
+                norm = self.row_norm(layer, a, b, s).to(m.dtype)
+                c = m.detach() / norm
             hit = self._eval = (key, norm, c, c - 1, (a, b, m, *layer.base_view.key_objects()))
         return hit
 
