@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+from torch.nn.modules import module as _nn_module
 from transformers.pytorch_utils import Conv1D
 
 from ..kernels import use_triton
@@ -26,8 +27,32 @@ from ..kernels.common.nf4_format import check_nf4_args
 
 
 def has_hooks(module: nn.Module) -> bool:
-    """Hooks on the base module: then its forward must run as it is, not be replaced by a fused matmul."""
-    return bool(module._forward_hooks or module._forward_pre_hooks)
+    """Whether `module` must be called as a module rather than replaced by a fused op reading its weights: hooks on
+    it (forward, pre-forward, backward: accelerate's offload, DeepSpeed ZeRO-3, Opacus, activation capture), hooks
+    on every module (torch's global ones), or a forward replaced on the instance (accelerate's add_hook_to_module)."""
+    d = module.__dict__  # (read at every plan lookup: straight from the dicts, not nn.Module's attribute lookup)
+    return bool(d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"] or d["_backward_pre_hooks"]
+                or "forward" in d or _GLOBAL_FORWARD or _GLOBAL_FORWARD_PRE or _GLOBAL_BACKWARD
+                or _GLOBAL_BACKWARD_PRE)
+
+
+# torch's hooks on every module (nn.modules.module.register_module_forward_hook, ...): dicts torch mutates in place
+_GLOBAL_FORWARD, _GLOBAL_FORWARD_PRE = _nn_module._global_forward_hooks, _nn_module._global_forward_pre_hooks
+_GLOBAL_BACKWARD, _GLOBAL_BACKWARD_PRE = _nn_module._global_backward_hooks, _nn_module._global_backward_pre_hooks
+
+
+def global_hooks() -> bool:
+    return bool(_GLOBAL_FORWARD or _GLOBAL_FORWARD_PRE or _GLOBAL_BACKWARD or _GLOBAL_BACKWARD_PRE)
+
+
+def must_call(module: nn.Module) -> bool:
+    """`has_hooks` without the global ones (the caller checks those once), or parametrized weights
+    (torch.nn.utils.parametrize: weight_norm, spectral_norm, ...), which exist only while the module computes them:
+    an adapter's factor then runs as PEFT runs it, as a module. Read straight from the instance's dict: layers
+    check their adapters' modules at every call."""
+    d = module.__dict__
+    return bool(d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"] or d["_backward_pre_hooks"]
+                or "forward" in d or "parametrizations" in d["_modules"])
 
 
 class BaseView:
@@ -70,7 +95,15 @@ class BaseView:
 
     @property
     def device(self) -> torch.device:
-        return self.weight.device
+        """Where the base computes, so where its adapters live. A weight accelerate offloaded (device_map "cpu" or
+        "disk") is on meta between forwards and comes in to its hook's execution device for each: the adapters,
+        small, stay there instead (PEFT offloads them too)."""
+        device = self.weight.device
+        if device.type == "meta":
+            target = getattr(getattr(self.module, "_hf_hook", None), "execution_device", None)
+            if target is not None:
+                return torch.device(target)
+        return device
 
     @property
     def adapter_dtype(self) -> Optional[torch.dtype]:

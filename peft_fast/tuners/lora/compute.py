@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from ...batching import PREPARE_LOCK, AdapterNames
 from ...kernels import multi_lora_, use_triton
+from ...bases.view import global_hooks, must_call
 from .stacks import AdapterStacks, StackCache, stack_dtype
 from .variants import op_args
 
@@ -31,9 +32,14 @@ class _LoraPlan:
         self.layer, self.active, self.fused = layer, active, fused
 
     def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.fused is not None and not (args or kwargs):
+        # (hooks may be registered on an adapter's modules at any time, with no event: checked per call)
+        if self.fused is not None and not (args or kwargs or self.layer.calls_modules(self.active)):
             return self.fused(x)
         return self.layer.loop(x, self.layer.base_layer(x, *args, **kwargs), self.active)
+
+
+# A LoRA layer's per-adapter modules, as PEFT calls them
+_ADAPTER_MODULES = ("lora_dropout", "lora_A", "lora_B", "lora_magnitude_vector")
 
 
 class LoraCompute:
@@ -62,12 +68,37 @@ class LoraCompute:
 
         return read
 
+    def calls_modules(self, names) -> bool:
+        """Whether a module of these adapters must run as a module (bases/view.py `must_call`: hooks, a replaced
+        forward, parametrized weights), as PEFT runs them all: then the adapters run PEFT's steps, module by
+        module (`module_step`), instead of ops reading their weights."""
+        if global_hooks():
+            return True
+        modules = self._modules
+        for key in _ADAPTER_MODULES:
+            part = modules.get(key)
+            if part is not None:
+                for name in names:
+                    m = part._modules.get(name)
+                    if m is not None and must_call(m):
+                        return True
+        return False
+
+    def module_step(self, name: str, x: torch.Tensor, result: torch.Tensor, q4: bool, out_dtype) -> torch.Tensor:
+        """PEFT's step for adapter `name` after the base output, calling its modules (x already cast)."""
+        variant = self.variant(name)
+        if variant.scales_channels:
+            return variant.add_modules(self, name, x, result)
+        d = self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x))) * self.scaling[name]
+        return result + (d.to(out_dtype) if q4 else d)
+
     # --- forward -------------------------------------------------------------------------------------------------
     def make_plan(self, x: torch.Tensor):
         active = [a for a in self.active_adapters if a in self.lora_A]
         if self.merged or not active:
             return self.base_layer
-        fused = self.variant(active[0]).fused(self, active[0], x) if len(active) == 1 else None
+        fused = self.variant(active[0]).fused(self, active[0], x) \
+            if len(active) == 1 and not self.calls_modules(active) else None
         return _LoraPlan(self, active, fused)
 
     def loop(self, x: torch.Tensor, result: torch.Tensor, active: list[str]) -> torch.Tensor:
@@ -75,12 +106,16 @@ class LoraCompute:
         its bnb `Linear4bit`/`Linear8bitLt` order (each delta cast to the output dtype, x kept cast to the adapter
         dtype)."""
         q4 = self.base_view.bnb_order
-        cast = q4 or any(self.variant(n).scales_channels for n in active)
+        modules = self.calls_modules(active)
+        cast = q4 or modules or any(self.variant(n).scales_channels for n in active)
         out_dtype = result.dtype
         for name in active:
             if cast:
                 x = x.to(self.lora_A[name].weight.dtype)
-            result = self.variant(name).add(self, name, x, result, q4, out_dtype)
+            if modules:
+                result = self.module_step(name, x, result, q4, out_dtype)
+            else:
+                result = self.variant(name).add(self, name, x, result, q4, out_dtype)
             if q4:
                 result = result.to(out_dtype)
         return result.to(out_dtype)
@@ -89,10 +124,11 @@ class LoraCompute:
         result = self.base_layer(x, *args, **kwargs)
         if not self.lora_A:  # every adapter of this layer deleted: it is its base until one is added
             return result
-        if isinstance(adapter_names, AdapterNames) and not self._needs_grad(x):
-            # One shrink and one expand for the whole batch, whatever the number of adapters in it. Nothing here
-            # reads the names: under torch.compile another mix of adapters reuses the graph.
-            stacks = self._stacks(adapter_names.slot_names, x)
+        # One shrink and one expand for the whole batch, whatever the number of adapters in it. Nothing here reads
+        # the names: under torch.compile another mix of adapters reuses the graph. Unless an adapter module must
+        # run as a module (hooks, parametrized weights: checked where the stacks are written, at events).
+        if (isinstance(adapter_names, AdapterNames) and not self._needs_grad(x)
+                and not (stacks := self._stacks(adapter_names.slot_names, x)).modules):
             x2d, y2d = x.reshape(-1, self.in_features), result.reshape(-1, self.out_features)
             multi_lora_(x2d, y2d, stacks.a, stacks.b, stacks.ranks, stacks.scalings, adapter_names.meta_for(x),
                         stacks.bias,  # added in place: the base output is ours and needs no autograd
@@ -108,7 +144,15 @@ class LoraCompute:
             if name == "__base__" or name not in self.lora_A:
                 continue
             rows = [i for i, item in enumerate(adapter_names) if item == name]
-            x = self.variant(name).mixed_rows(self, name, x, result, rows, q4)
+            if self.calls_modules([name]):  # PEFT's _mixed_batch_forward step
+                sub = x[rows].to(self.lora_A[name].weight.dtype)
+                if self.variant(name).scales_channels:
+                    result[rows] = self.module_step(name, sub, result[rows], q4, result.dtype).to(result.dtype)
+                else:
+                    d = self.lora_B[name](self.lora_A[name](self.lora_dropout[name](sub))) * self.scaling[name]
+                    result[rows] += d.to(result.dtype)
+            else:
+                x = self.variant(name).mixed_rows(self, name, x, result, rows, q4)
         return result
 
     def _needs_grad(self, x: torch.Tensor) -> bool:

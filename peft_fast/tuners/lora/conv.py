@@ -111,6 +111,8 @@ class LoraConv(LoraLinear):
         """s·B(A(x)), with s folded into B's [out, r] weight and its bias."""
         a, b = self.lora_A[name], self.lora_B[name]
         s = self.scaling[name]
+        if self.calls_modules([name]):  # PEFT's order, B called as a module
+            return b(a(x)) * s
         bias = b.bias * s if b.bias is not None else None
         return b._conv_forward(a(x), b.weight * s, bias)
 
@@ -120,6 +122,8 @@ class LoraConv(LoraLinear):
         h = self.lora_A[name](x)
         b = self.lora_B[name]
         s = self.scaling[name]
+        if self.calls_modules([name]):  # PEFT's order, B called as a module
+            return result + b(h) * s
         w = b.weight * s
         if (self.base_layer.groups != 1 or result.dtype != h.dtype or result.dim() != w.dim()
                 or result.shape[2:] != h.shape[2:] or not (result.is_contiguous() and h.is_contiguous())):

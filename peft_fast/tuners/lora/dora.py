@@ -43,6 +43,26 @@ class DoraLinearLayer(nn.Module):
         self.fan_in_fan_out = fan_in_fan_out
         self.weight = nn.Parameter(magnitude, requires_grad=True)
 
+    def forward(self, x: torch.Tensor, *, lora_A: nn.Module, lora_B: nn.Module, scaling: float, base_layer: nn.Module,
+                base_result: Optional[torch.Tensor] = None, adapter_name: str = "default") -> torch.Tensor:
+        """PEFT's DoRA step, calling the factors as modules (so that their hooks run, as under DeepSpeed ZeRO-3 or
+        accelerate's offload): what the adapter adds to the base output. Run only when a module must be called
+        (LoraCompute.calls_modules); the fused ops compute the same without W + s·B·A or the identity pass."""
+        from ...bases import view_of  # (the bases import the tuners' helpers)
+
+        eye = torch.eye(lora_A.weight.shape[1], device=lora_A.weight.device, dtype=lora_A.weight.dtype)
+        lora_weight = lora_B(lora_A(eye)).T.to(x.dtype)
+        view = view_of(base_layer)
+        weight = (view.dense_weight() if view.quantized else view.oriented()).to(x.dtype)
+        norm = torch.linalg.norm(weight + scaling * lora_weight.detach(), dim=1).to(weight.dtype).detach()
+        scale = (self.weight / norm).view(1, -1)
+        lora_result = lora_B(lora_A(x))
+        if base_result is None:
+            base_result = F.linear(x, weight)
+        elif getattr(base_layer, "bias", None) is not None:
+            base_result = base_result - base_layer.bias
+        return (scale - 1) * base_result + scale * lora_result * scaling
+
     def __repr__(self) -> str:
         return "lora.dora." + super().__repr__()
 
@@ -253,6 +273,16 @@ class DoraVariant(LoraVariant):
 
     def add(self, layer, name: str, x, result, q4: bool, out_dtype):
         return result + self.delta(layer, name, x, result)
+
+    def add_modules(self, layer, name: str, x, result):
+        """PEFT's DoraLinearVariant.forward: through the modules (DoraLinearLayer.forward)."""
+        dropout = layer.lora_dropout[name]
+        base_result = result
+        if not (isinstance(dropout, nn.Identity) or not layer.training):
+            x, base_result = dropout(x), None
+        return result + layer.lora_magnitude_vector[name](
+            x, lora_A=layer.lora_A[name], lora_B=layer.lora_B[name], scaling=layer.scaling[name],
+            base_layer=layer.base_layer, base_result=base_result, adapter_name=name)
 
     def mixed_rows(self, layer, name: str, x, result, rows, q4: bool):
         """One DoRA adapter on a sub-batch, differentiable: PEFT's variant forward on result[rows]."""

@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 
+from ...bases.view import global_hooks, must_call
 from ...kernels.common.dot_policy import half_dots
 
 
@@ -27,6 +28,17 @@ class AdapterStacks:
     scalings: torch.Tensor  # float32 [n_slots]
     bias: Optional[torch.Tensor]  # [n_slots, out] when some adapter has lora_bias
     dora_scale: Optional[torch.Tensor] = None  # [n_slots, out] when some adapter is DoRA: m / norm, 1 elsewhere
+    # Some adapter's module must run as a module (bases/view.py `must_call`): the layer then runs PEFT's loop, and
+    # that adapter's slot holds rank 0 (its weights may not even be there, e.g. offloaded by accelerate)
+    modules: bool = False
+
+
+_CALLED = ("called as modules",)  # the signature of an adapter run through its modules (an empty slot)
+
+
+def _called(layer, name: str) -> bool:
+    parts = (layer.lora_A, layer.lora_B, layer.lora_dropout, layer.lora_magnitude_vector)
+    return global_hooks() or any(must_call(p._modules[name]) for p in parts if name in p._modules)
 
 
 def _slot_params(layer, name: Optional[str]) -> list[torch.Tensor]:
@@ -65,6 +77,8 @@ class StackCache:
         self.update(layer, slot_names)
 
     def _signature(self, layer, name: Optional[str]) -> tuple:
+        if name is not None and name in layer.lora_A and _called(layer, name):
+            return _CALLED
         params = _slot_params(layer, name)
         if not params:
             return ()
@@ -102,7 +116,7 @@ class StackCache:
         for i, (name, sig) in enumerate(zip(slot_names, sigs)):
             # (a free slot stays free: its rank is 0 whichever adapter now names it)
             if sig != self.signatures[i] or (sig and i < len(self.slot_names) and self.slot_names[i] != name):
-                write_slot(self.full, i, layer, name if sig else None)
+                write_slot(self.full, i, layer, name if sig and sig != _CALLED else None)
                 self.signatures[i] = sig
                 written += 1
         for i in range(len(slot_names), len(self.slot_names)):  # slots beyond the model's now: free them
@@ -113,7 +127,7 @@ class StackCache:
         n, f = len(slot_names), self.full
         self.stacks = AdapterStacks(f.a[:n], f.b[:n], f.ranks[:n], f.scalings[:n],
                                     f.bias[:n] if f.bias is not None else None,
-                                    f.dora_scale[:n] if f.dora_scale is not None else None)
+                                    f.dora_scale[:n] if f.dora_scale is not None else None, _CALLED in sigs)
         return written
 
     def _allocate(self, layer, n: int, held: int, r_held: int, has_bias: bool, has_dora: bool, ref) -> None:
