@@ -20,6 +20,16 @@ class _SignedForward:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return type(self.owner).forward(self.owner, *args, **kwargs)  # the class's, under the instance's
 
+    # What tools read off a function: torch.export (non-strict) reads forward.__code__, inspect.getsource follows
+    # __wrapped__ (inspect.signature stops at __signature__ first)
+    @property
+    def __code__(self):
+        return type(self.owner).forward.__code__
+
+    @property
+    def __wrapped__(self):
+        return type(self.owner).forward
+
 
 def prepare_for_gradient_checkpointing(model: nn.Module) -> None:
     """As PEFT: with a frozen base, reentrant checkpointing needs inputs that require grad, or no gradient reaches

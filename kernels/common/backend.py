@@ -26,10 +26,16 @@ def interpreting() -> bool:
     return settings.current().interpret
 
 
+def functorch_active() -> bool:
+    """Inside torch.func transforms (vmap, grad, jacrev, ...): the Triton ops' autograd functions and raw data
+    pointers cannot run on their wrapped tensors, while the references are plain torch ops that they transform."""
+    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+
+
 def use_triton(*tensors: torch.Tensor | None) -> bool:
     """True when the Triton implementation should run for these tensors."""
     s = settings.current()
-    if s.backend == "torch" or not HAS_TRITON:
+    if s.backend == "torch" or not HAS_TRITON or functorch_active():
         return False
     on_cuda = all(t.is_cuda for t in tensors if t is not None)
     if s.backend == "triton":

@@ -239,3 +239,18 @@ def test_save_pretrained_positional_arguments_as_pefts(tmp_path):
         model = lib.get_peft_model(TinyMLP(), lib.LoraConfig(r=2, target_modules=["lin0"]))
         model.save_pretrained(str(tmp_path / lib.__name__), True, None, False)  # save_embedding_layers=False
         assert (tmp_path / lib.__name__ / "adapter_model.safetensors").is_file()
+
+
+def test_torch_export_and_getsource_of_the_forward():
+    """torch.export's default (non-strict) mode reads model.forward.__code__; inspect.getsource follows it too."""
+    import inspect
+
+    x = torch.randn(3, 16)
+    for lib in (ref, impl):
+        torch.manual_seed(0)
+        model = lib.get_peft_model(TinyMLP(), lib.LoraConfig(r=2, target_modules=["lin0"], init_lora_weights=False))
+        model.eval()
+        exported = torch.export.export(model, (x,))
+        with torch.no_grad():
+            assert_close(exported.module()(x), model(x))
+        assert "def forward" in inspect.getsource(model.forward)

@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...kernels import dora_dropout_linear, dora_linear, dora_norm, dora_norm_nf4, lora_linear, nf4_linear, use_triton
+from ...kernels.common.backend import functorch_active
 from .variants import LoraVariant, nf4_fallback
 
 
@@ -144,7 +145,8 @@ class DoraVariant(LoraVariant):
     def _cached(self, layer, name: str, a, b, s) -> tuple:
         """(key, norm, c, c - 1) for the eval cache, rebuilt when any of A, B, m, the base or s changed."""
         m = layer.lora_magnitude_vector[name].weight
-        if torch.compiler.is_compiling():  # traced code keeps no state and compares no storage addresses
+        if torch.compiler.is_compiling() or functorch_active():  # traced or transformed code (torch.func) keeps
+            # no state and compares no storage addresses (its tensors have none)
             norm = self.row_norm(layer, a, b, s).to(m.dtype)
             c = m.detach() / norm
             return (None, norm, c, c - 1, None)
