@@ -139,7 +139,7 @@ _OP = FusedOp("dora_dropout_linear", forward=_forward, forward_fake=_forward_fak
 
 def _check(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, mag_scale: Tensor, dropout_p: float):
     if weight.shape != (lora_b.shape[0], x.shape[-1]) or lora_a.shape[1] != x.shape[-1] or \
-            mag_scale.shape != (lora_b.shape[0],):
+            lora_b.shape[1] != lora_a.shape[0] or mag_scale.shape != (lora_b.shape[0],):
         raise ValueError(f"dora_dropout_linear: x {tuple(x.shape)}, weight {tuple(weight.shape)}, lora_a "
                          f"{tuple(lora_a.shape)}, lora_b {tuple(lora_b.shape)} and mag_scale "
                          f"{tuple(mag_scale.shape)} do not fit together")

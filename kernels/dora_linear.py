@@ -41,7 +41,8 @@ def _check(base: Optional[Tensor], x: Tensor, lora_a: Tensor, lora_b: Tensor, ma
         raise ValueError(f"dora_linear: weight {tuple(weight.shape)} does not fit x {tuple(x.shape)} and lora_b "
                          f"{tuple(lora_b.shape)}")
     shape = base.shape if base is not None else (*x.shape[:-1], out_f)
-    if shape[:-1] != x.shape[:-1] or shape[-1] != out_f or x.shape[-1] != lora_a.shape[1]:
+    if shape[:-1] != x.shape[:-1] or shape[-1] != out_f or x.shape[-1] != lora_a.shape[1] \
+            or lora_b.shape[1] != lora_a.shape[0]:
         raise ValueError(f"dora_linear: base {tuple(shape)}, x {tuple(x.shape)}, lora_a {tuple(lora_a.shape)} "
                          f"and lora_b {tuple(lora_b.shape)} do not fit together")
     if mag_scale.shape != (out_f,) or (bias is not None and bias.shape != (out_f,)):
@@ -181,31 +182,38 @@ _OP = FusedOp("dora_linear", forward=_forward, forward_fake=_forward_fake, backw
 
 
 def dora_linear_triton(base: Optional[Tensor], x: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
-                       scaling: float, mag_scale: Tensor, weight: Optional[Tensor] = None) -> Tensor:
-    """The LoRA shrink in the strided LoRA kernel, the expand with DoRA's epilogue (common/dora_epilogue.py)."""
+                       scaling: float, mag_scale: Tensor, weight: Optional[Tensor] = None,
+                       overwrite_base: bool = False) -> Tensor:
+    """The LoRA shrink in the strided LoRA kernel, the expand with DoRA's epilogue (common/dora_epilogue.py).
+    `overwrite_base`: `base` is the caller's own temporary, which inference may overwrite with the output (no
+    second [T, out] buffer)."""
     _check(base, x, lora_a, lora_b, mag_scale, bias, weight)
     if not HAS_TRITON:
         raise RuntimeError("dora_linear_triton needs triton, which is not installed; use dora_linear_reference.")
     if weight is not None and (weight.dtype != x.dtype or torch.is_autocast_enabled(x.device.type)):
         # autocast (or mixed dtypes) decides the base matmul's dtype: let torch run it, then take the base path
-        return dora_linear_triton(F.linear(x, weight), x, bias, lora_a, lora_b, scaling, mag_scale)
+        return dora_linear_triton(F.linear(x, weight), x, bias, lora_a, lora_b, scaling, mag_scale,
+                                  overwrite_base=True)
     out_dtype = base.dtype if base is not None else x.dtype
     if bias is not None and bias.dtype != out_dtype:
         bias = bias.to(out_dtype)
-    args = (base, weight, x, bias, lora_a, lora_b, mag_scale, float(scaling))
+    args = [base, weight, x, bias, lora_a, lora_b, mag_scale, float(scaling)]
     grad = needs_grad(*args[:7])
     if not grad and not torch.compiler.is_compiling():
-        # eager inference: base is the caller's fresh temporary, so y overwrites it (no second [T, out] buffer)
-        inplace = base is None or base.is_contiguous()
-        if inplace and decodes(x, lora_a, 0.0, grad):  # and at decode the whole delta is one launch
+        # eager inference: y overwrites a base the caller gave up (no second [T, out] buffer), else a copy of it
+        if base is not None and not (overwrite_base and base.is_contiguous()):
+            args[0] = base.contiguous() if not base.is_contiguous() else base.clone()
+        if decodes(x, lora_a, 0.0, grad):  # and at decode the whole delta is one launch
             return _decode(*args)
-        return _fwd_impl(*args, inplace=inplace)[0]
+        return _fwd_impl(*args, inplace=True)[0]
     return _OP(*args, needs_grad=grad)[0]
 
 
 def dora_linear(base: Optional[Tensor], x: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
-                scaling: float, mag_scale: Tensor, weight: Optional[Tensor] = None) -> Tensor:
-    """c ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b; give the base output `base` = x·Wᵀ (no bias), or the dense `weight`."""
+                scaling: float, mag_scale: Tensor, weight: Optional[Tensor] = None,
+                overwrite_base: bool = False) -> Tensor:
+    """c ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b; give the base output `base` = x·Wᵀ (no bias), or the dense `weight`.
+    `overwrite_base=True`: the output may reuse `base`'s memory (the caller never reads it again)."""
     if use_triton(base, weight, x, lora_a, lora_b, mag_scale):
-        return dora_linear_triton(base, x, bias, lora_a, lora_b, scaling, mag_scale, weight)
+        return dora_linear_triton(base, x, bias, lora_a, lora_b, scaling, mag_scale, weight, overwrite_base)
     return dora_linear_reference(base, x, bias, lora_a, lora_b, scaling, mag_scale, weight)

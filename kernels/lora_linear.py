@@ -17,7 +17,7 @@ from torch import Tensor
 from .common.autograd import FusedOp, needs_grad
 from .common.backend import HAS_TRITON, use_triton
 from .common.lora_decode import decodes, mm_decode
-from .common.lora_launches import lora_backward, lora_forward
+from .common.lora_launches import check_factors, lora_backward, lora_forward
 from .common.lora_mm import dropout_seed
 from .common.tiling import rows2d, z_dtype
 
@@ -148,6 +148,7 @@ _OP = FusedOp("lora_linear", forward=_forward, forward_fake=_forward_fake, backw
 def lora_linear_triton(x, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float = 0.0, lora_bias=None):
     """Base matmul on torch, every LoRA matmul (forward and backward) in the strided LoRA kernel."""
     _check_args(weight, bias, dropout_p)
+    check_factors("lora_linear", x, weight.shape[0] if weight is not None else None, lora_a, lora_b, lora_bias)
     if not HAS_TRITON:
         raise RuntimeError("lora_linear_triton needs triton, which is not installed; use lora_linear_reference.")
     device_type = x.device.type

@@ -21,7 +21,7 @@ from torch import Tensor
 from .common.autograd import FusedOp, needs_grad
 from .common.backend import HAS_TRITON, use_triton
 from .common.lora_decode import decodes, mm_decode
-from .common.lora_launches import lora_backward, lora_forward
+from .common.lora_launches import check_factors, lora_backward, lora_forward
 from .common.lora_mm import dropout_seed
 from .common.nf4_format import NF4State, launch_args
 from .common.tiling import rows2d, unrows, z_dtype
@@ -137,6 +137,7 @@ def qlora_linear_triton(x, packed, state: NF4State, bias, lora_a, lora_b, scalin
                         lora_bias=None):
     """The NF4 base matmul (dequantize, then cuBLAS) and every LoRA matmul in the strided LoRA kernel."""
     _check_args(x, packed, state, dropout_p)
+    check_factors("qlora_linear", x, state.shape[0], lora_a, lora_b, lora_bias)
     if not HAS_TRITON:
         raise RuntimeError("qlora_linear_triton needs triton, which is not installed; use qlora_linear_reference.")
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):

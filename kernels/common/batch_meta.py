@@ -59,7 +59,8 @@ def make_lora_batch_meta(token_slots: Union[Tensor, Sequence[int]], n_slots: int
                          device: Optional[Union[str, torch.device]] = None, *, validate: bool = True) -> LoraBatchMeta:
     """Group the tokens by slot with device ops of static shape. `validate` checks the slots lie in [-1, n_slots),
     which costs one host sync: callers that made the slots themselves (the layers) pass False."""
-    slots = torch.as_tensor(token_slots, device=device)
+    # (a Python list is read as int64: an empty one would otherwise come out float32)
+    slots = torch.as_tensor(token_slots, device=device, dtype=None if isinstance(token_slots, Tensor) else torch.long)
     if slots.dim() != 1 or slots.dtype.is_floating_point or slots.dtype.is_complex or slots.dtype == torch.bool:
         raise ValueError(f"make_lora_batch_meta: token_slots must be a 1-D integer tensor, got {slots.dtype} "
                          f"of shape {tuple(slots.shape)}")

@@ -19,6 +19,20 @@ from .lora_mm import DROP_A, DROP_B, DROP_C, DROP_NONE, Launch, fire, fire2, pre
 from .tiling import row_strides, rows2d
 
 
+def check_factors(op: str, x: Tensor, out_f: Optional[int], lora_a: Tensor, lora_b: Tensor,
+                  lora_bias: Optional[Tensor] = None) -> None:
+    """The LoRA factors fit x ([..., in]) and each other (A [r, in], B [out, r], B's bias [out]), and B's out the
+    base's (`out_f`, None without a base): the kernels read by these sizes, so a mismatch would read or write past
+    a tensor instead of failing as a matmul does."""
+    r, out = lora_a.shape[0], lora_b.shape[0]
+    if (lora_a.dim() != 2 or lora_b.dim() != 2 or lora_a.shape[1] != x.shape[-1] or lora_b.shape[1] != r
+            or (out_f is not None and out != out_f) or (lora_bias is not None and tuple(lora_bias.shape) != (out,))):
+        raise ValueError(f"{op}: x {tuple(x.shape)}, lora_a {tuple(lora_a.shape)}, lora_b {tuple(lora_b.shape)}"
+                         + (f", lora_bias {tuple(lora_bias.shape)}" if lora_bias is not None else "")
+                         + (f" and the base's {out_f} outputs" if out_f is not None else "")
+                         + " do not fit together: A is [r, in], B [out, r], B's bias [out].")
+
+
 def _rows(t: Tensor) -> tuple[Tensor, tuple[int, int]]:
     """t and its [rows, last dim] strides, copied into that shape only when its leading dims do not collapse."""
     s = row_strides(t)

@@ -219,7 +219,7 @@ class DoraVariant(LoraVariant):
             if p == 0:
                 if dense:  # the base matmul inside the op, its output buffer reused for y
                     return dora_linear(None, x, view.bias, a, b, s, c, weight=view.oriented())
-                return dora_linear(base(x), x, view.bias, a, b, s, c)
+                return dora_linear(base(x), x, view.bias, a, b, s, c, overwrite_base=True)
             if dense:
                 weight = view.oriented()
                 if weight.dtype == x.dtype or torch.is_autocast_enabled(x.device.type):
@@ -230,7 +230,7 @@ class DoraVariant(LoraVariant):
             result = base(x, view.bias)
             xd = layer.lora_dropout[name](x)
             v = base(xd)
-            return (result - v) + dora_linear(v, xd, None, a, b, s, c)
+            return (result - v) + dora_linear(v, xd, None, a, b, s, c, overwrite_base=True)
 
         return run
 
