@@ -177,3 +177,20 @@ def test_inputs_with_attention_mask_and_labels():
         i = impl_model(input_ids=x["input_ids"], attention_mask=mask, labels=x["input_ids"])
     assert_close(i.logits, r.logits)
     assert_close(i.loss, r.loss)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_dropout_of_one_drops_the_adapter_in_training(use_dora):
+    """lora_dropout=1.0, which PEFT accepts: in training the adapter adds nothing, in eval everything."""
+    base, ref_model, impl_model = make_pair("mlp", lora_dropout=1.0, use_dora=use_dora)
+    x = inputs("mlp")
+    for model in (ref_model, impl_model):
+        model.train()
+    torch.manual_seed(0)
+    ref_loss = loss_of(ref_model, x)
+    torch.manual_seed(0)
+    impl_loss = loss_of(impl_model, x)
+    assert_close(impl_loss, ref_loss)
+    with torch.no_grad():
+        assert_close(out(impl_model, x), out(base, x))
+        assert_close(out(impl_model.eval(), x), out(ref_model.eval(), x))

@@ -83,8 +83,8 @@ class AdaLoraConfig(PeftConfig):
         if self.bias not in ("none", "all", "lora_only"):
             raise NotImplementedError(f"Requested bias: {self.bias}, is not implemented; use 'none', 'all' or "
                                       "'lora_only'.")
-        if not 0.0 <= float(self.lora_dropout) < 1.0:
-            raise ValueError(f"`lora_dropout` must be in [0, 1), got {self.lora_dropout}.")
+        if not 0.0 <= float(self.lora_dropout) <= 1.0:  # (as PEFT's nn.Dropout takes it)
+            raise ValueError(f"`lora_dropout` must be in [0, 1], got {self.lora_dropout}.")
         for key in ("init_r", "target_r", "tinit", "tfinal"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"AdaLoraConfig.{key} must be 0 or more, got {getattr(self, key)!r}.")

@@ -116,8 +116,8 @@ class LoraConfig(PeftConfig):
             raise ConfigError(f"LoraConfig.rank_pattern must map to positive ranks, got {bad_rank}.")
         if self.bias not in ("none", "all", "lora_only"):
             raise NotImplementedError(f"Requested bias: {self.bias}, is not implemented; use 'none', 'all' or 'lora_only'.")
-        if not 0.0 <= float(self.lora_dropout) < 1.0:
-            raise ValueError(f"`lora_dropout` must be in [0, 1), got {self.lora_dropout}.")
+        if not 0.0 <= float(self.lora_dropout) <= 1.0:  # (1: the adapter adds nothing in training, as in PEFT)
+            raise ValueError(f"`lora_dropout` must be in [0, 1], got {self.lora_dropout}.")
         init = self.init_lora_weights
         # A PEFT-only initialisation is a valid config (its adapters load: the weights come from the file);
         # creating an adapter with it is refused (LoraModel.check_init).

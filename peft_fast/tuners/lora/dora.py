@@ -220,7 +220,7 @@ class DoraVariant(LoraVariant):
                 if dense:  # the base matmul inside the op, its output buffer reused for y
                     return dora_linear(None, x, view.bias, a, b, s, c, weight=view.oriented())
                 return dora_linear(base(x), x, view.bias, a, b, s, c, overwrite_base=True)
-            if dense:
+            if dense and p < 1.0:  # (p = 1 drops every input: the path below, over zeros)
                 weight = view.oriented()
                 if weight.dtype == x.dtype or torch.is_autocast_enabled(x.device.type):
                     # the mask regenerated from a seed: no dropped x, mask or [T, out] output kept for backward
