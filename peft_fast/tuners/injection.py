@@ -90,7 +90,9 @@ def plan_adapter(model: nn.Module, config, tuner_cls, file_keys: Optional[set] =
     _warn_unmatched_patterns(config, [k for t in targets for k in (t.key, t.file_key) if k])
     save_modules = []
     for name in dict.fromkeys(config.modules_to_save or []):
-        for key, module in model.named_modules():
+        # Every place a module is reachable, as PEFT lists them (a module shared by two blocks, or an alias, gets a
+        # copy at each place named)
+        for key, module in model.named_modules(remove_duplicate=False):
             # PEFT's rule, a plain suffix: "head" also wraps "lm_head", "norm" every "*norm".
             if not key or not key.endswith(name) or inside_adapter_machinery(model, key) or key in save_modules:
                 continue

@@ -116,3 +116,57 @@ def test_base_weights_frozen_and_shared_parameter_names():
     # the wrapper prefix is PEFT's: base_model.model.<original name>
     assert all(n.startswith("base_model.model.") for n, _ in impl_model.named_parameters())
     assert isinstance(ref_model, ref.PeftModel)
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, norm):
+        super().__init__()
+        self.lin, self.norm = torch.nn.Linear(8, 8), norm
+
+    def forward(self, x):
+        return self.norm(self.lin(x))
+
+
+class _Shared(torch.nn.Module):
+    """One LayerNorm placed in two blocks, and an alias of the head."""
+
+    def __init__(self):
+        super().__init__()
+        norm = torch.nn.LayerNorm(8)
+        self.blocks = torch.nn.ModuleList([_Block(norm) for _ in range(2)])
+        self.head = torch.nn.Linear(8, 4)
+        self.alias = self.head
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.alias(x)
+
+
+@pytest.mark.parametrize("saved", [["norm"], ["alias"]])
+def test_modules_to_save_at_every_place_a_module_is_reachable(saved, tmp_path):
+    """PEFT lists modules with duplicates kept: a module shared by two blocks gets a trained copy in each, and an
+    alias is wrapped where it is named. Names, outputs after training one step, and files match; each loads the
+    other's file."""
+    from tiny_models import impl
+
+    models = {}
+    for lib in (ref, impl):
+        torch.manual_seed(0)
+        model = lib.get_peft_model(_Shared(), lib.LoraConfig(r=2, target_modules=["lin"], modules_to_save=saved))
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.grad = torch.full_like(p, 0.1) * (1 + len(n) % 3)
+        torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0).step()
+        models[lib] = model
+    assert_same_params(models[ref], models[impl])
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(models[impl](x), models[ref](x))
+    for lib, model in models.items():
+        model.save_pretrained(tmp_path / lib.__name__)
+    for lib, other in ((ref, impl), (impl, ref)):
+        torch.manual_seed(0)  # the same base
+        loaded = lib.PeftModel.from_pretrained(_Shared(), str(tmp_path / other.__name__))
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), models[ref](x))
