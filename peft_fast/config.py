@@ -289,6 +289,13 @@ class PeftConfig(metaclass=_AcceptsPeftKeys):
         return False
 
 
+def replace_config(config: PeftConfig, **changes: Any) -> PeftConfig:
+    """dataclasses.replace, keeping the PEFT-only values (`peft_only_values`) the new object would not get."""
+    new = dataclasses.replace(config, **changes)
+    new.peft_only_values = copy.deepcopy(getattr(config, "peft_only_values", {}))
+    return new
+
+
 def as_config(config: Any) -> PeftConfig:
     """Accept a peft_fast config, a Hugging Face PEFT config, or a dict (adapter_config.json's contents)."""
     if isinstance(config, PeftConfig):

@@ -76,6 +76,12 @@ def pending(layer, adapter_names: Optional[list[str]], warn: bool = True) -> lis
 
 
 def check_mergeable(layer, names: list[str]) -> None:
+    weight = getattr(layer.base_view, "weight", None)
+    if names and isinstance(weight, torch.Tensor) and weight.device.type == "meta":
+        raise NotImplementedError(
+            f"Merging into a base layer offloaded by accelerate ({type(layer.base_layer).__name__} whose weight is "
+            "on the meta device between forwards) is not supported yet: the merge would not reach the offloaded "
+            "copy. Load the base model without offloading (no \"cpu\"/\"disk\" in device_map) to merge.")
     if names and not layer.base_view.mergeable():
         raise NotImplementedError(
             f"Merging into a quantized base layer ({type(layer.base_layer).__name__}) is not supported yet; "

@@ -112,3 +112,12 @@ def test_inert_peft_values_are_written_back_as_given(tmp_path):
             outputs.append(model(torch.ones(3, 8)))
     torch.testing.assert_close(outputs[0], outputs[1])
     torch.testing.assert_close(outputs[2], outputs[1])
+
+
+def test_weighted_adapters_keep_the_inert_peft_values():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft_fast.get_peft_model(torch.nn.Sequential(torch.nn.Linear(6, 6)),
+                                         peft_fast.LoraConfig(r=2, target_modules=["0"], qalora_group_size=32))
+    model.add_weighted_adapter(["default"], [1.0], "w", combination_type="linear")
+    assert json.loads(model.peft_config["w"].to_json_string())["qalora_group_size"] == 32

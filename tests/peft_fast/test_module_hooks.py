@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrizations, prune
 
-from tiny_models import assert_close, inputs, loss_of, make_dora_pair, make_pair, out
+from tiny_models import assert_close, inputs, loss_of, make_dora_pair, make_pair, out, peft_fast_only
 
 KINDS = ["plain", "dora"]
 
@@ -179,3 +179,34 @@ def test_accelerate_offloaded_models():
 
 def _layer_of(model):
     return model.base_model.model.model.layers[1].self_attn.q_proj
+
+
+@peft_fast_only
+def test_offloaded_layers_refuse_merges_and_dora_and_stay_unchanged():
+    """Not yet supported (PEFT onloads the layer for both): refused, the model as it was."""
+    accelerate = pytest.importorskip("accelerate")
+    import tiny_models
+
+    x = inputs("llama")
+    _, _, i = make_pair("llama")
+    accelerate.cpu_offload(i, execution_device="cpu")
+    with torch.no_grad():
+        before = out(i.eval(), x)
+        with pytest.raises(NotImplementedError, match="offloaded"):
+            i.merge_and_unload()
+        assert_close(out(i, x), before)
+    base = accelerate.cpu_offload(tiny_models.base_model("llama"), execution_device="cpu")
+    with pytest.raises(NotImplementedError, match="offloaded"):
+        tiny_models.impl.get_peft_model(base, tiny_models.impl.LoraConfig(target_modules=["q_proj"], use_dora=True))
+
+
+@peft_fast_only
+def test_the_fused_op_comes_back_once_a_hook_is_removed():
+    _, _, i = make_pair("mlp")
+    i.eval()
+    layer = _layer(i)
+    handle = layer.lora_A["default"].register_forward_hook(lambda *a: None)
+    with torch.no_grad():
+        i(**inputs("mlp"))
+    handle.remove()
+    assert all(getattr(plan, "fused", None) is not None for plan in layer._plans.values())

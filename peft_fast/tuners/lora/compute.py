@@ -84,6 +84,9 @@ class LoraCompute:
                         return True
         return False
 
+    def _plain_factors(self, name: str) -> bool:
+        return all("weight" in self._modules[k]._modules[name]._parameters for k in ("lora_A", "lora_B"))
+
     def module_step(self, name: str, x: torch.Tensor, result: torch.Tensor, q4: bool, out_dtype) -> torch.Tensor:
         """PEFT's step for adapter `name` after the base output, calling its modules (x already cast)."""
         variant = self.variant(name)
@@ -97,8 +100,10 @@ class LoraCompute:
         active = [a for a in self.active_adapters if a in self.lora_A]
         if self.merged or not active:
             return self.base_layer
+        # (made while hooks are there too, which each call checks; not over parametrized or pruned factors, whose
+        # weight exists only while they run)
         fused = self.variant(active[0]).fused(self, active[0], x) \
-            if len(active) == 1 and not self.calls_modules(active) else None
+            if len(active) == 1 and self._plain_factors(active[0]) else None
         return _LoraPlan(self, active, fused)
 
     def loop(self, x: torch.Tensor, result: torch.Tensor, active: list[str]) -> torch.Tensor:

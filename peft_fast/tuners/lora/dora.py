@@ -69,6 +69,12 @@ class DoraLinearLayer(nn.Module):
 
 
 def _check_base(layer) -> None:
+    weight = getattr(layer.base_view, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.device.type == "meta":
+        raise NotImplementedError(f"DoRA (use_dora=True) over a {type(layer.base_layer).__name__} that accelerate "
+                                  "offloaded (its weight is on the meta device between forwards) is not supported "
+                                  "yet: DoRA's norms read the weight. Load the base model without offloading, or "
+                                  "use LoRA.")
     if not layer.base_view.supports_norms():
         raise NotImplementedError(f"DoRA (use_dora=True) over a {type(layer.base_layer).__name__} base layer is not "
                                   "supported in peft_fast: it needs a floating-point 2-D weight or a 4-bit one "

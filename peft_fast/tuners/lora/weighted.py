@@ -59,6 +59,7 @@ from .. import injection
 from ..merge_utils import dare_linear, dare_ties, magnitude_prune, task_arithmetic, ties
 from ..modules_to_save import ModulesToSaveWrapper
 from ..trainable_tokens import TrainableTokensWrapper
+from ...config import replace_config
 from ...names import check_adapter_name
 from ...progress import progress
 from .config import peft_only_init, rewrites_base
@@ -165,7 +166,7 @@ def _check_arguments(tuner, adapters, weights, combination_type, density, majori
 def _merged_config(tuner, adapters, new_rank, new_targets, source_keys):
     """PEFT's config for the merged adapter, and the injection plan; exact module names where PEFT's config would
     miss some of the adapters' layers or reach layers none of them adapts."""
-    config = dataclasses.replace(copy.deepcopy(tuner.peft_config[adapters[0]]), r=new_rank, lora_alpha=new_rank,
+    config = replace_config(copy.deepcopy(tuner.peft_config[adapters[0]]), r=new_rank, lora_alpha=new_rank,
                                  target_modules=new_targets, alpha_pattern={}, rank_pattern={})
     try:
         plan = injection.plan_adapter(tuner.model, config, type(tuner))
@@ -173,7 +174,7 @@ def _merged_config(tuner, adapters, new_rank, new_targets, source_keys):
             return config, plan
     except ValueError:  # nothing matched
         pass
-    config = dataclasses.replace(config, target_modules="(" + "|".join(re.escape(k) for k in sorted(source_keys))
+    config = replace_config(config, target_modules="(" + "|".join(re.escape(k) for k in sorted(source_keys))
                                  + ")", layers_to_transform=None, layers_pattern=None, exclude_modules=None)
     return config, injection.plan_adapter(tuner.model, config, type(tuner))
 
