@@ -5,6 +5,12 @@ then each element is scaled by 1 / max(absmax, 1e-38), clamped to [-1, 1], and i
 codebook midpoints strictly below it (a value on a midpoint takes the lower code), mapped back to bnb's code order
 (FP4's order is not sorted). Two codes share a byte, the first element in the high nibble; an odd element count
 ends with the code of a zero, as bnb pads. Double quantization of the absmax stays in torch (n / blocksize floats).
+
+Known departures from bitsandbytes 0.50's CPU backend, which treats the last, partial block apart (numel not a
+multiple of the blocksize): it divides that block by its absmax, so a value within an ulp of a midpoint may take
+the neighbouring code, and it stores that absmax clamped to 1e-38 (for an all-zero partial block, 1e-38 where this
+stores 0; the dequantized values agree). Blocks holding inf or NaN (whose absmax makes the whole block
+meaningless) may get other codes on the Triton path than the reference's.
 """
 from __future__ import annotations
 
