@@ -34,3 +34,29 @@ def test_adapter_added_in_eval_mode_does_not_drop_out():
     model.set_adapter("b")
     x = torch.randn(4, 8)
     torch.testing.assert_close(model(x), model(x), rtol=0, atol=0)
+
+
+class _OffsetConv(torch.nn.Conv2d):
+    """A Conv2d subclass whose forward adds a constant: PEFT builds the LoRA factors with the base's class."""
+
+    def forward(self, x):
+        return super().forward(x) + 1.0
+
+
+def test_lora_factors_of_a_conv_subclass_are_plain_convs():
+    """PEFT makes lora_A / lora_B of the base's own class, so a subclass's forward also runs on the factors, and
+    PEFT's merged model then disagrees with its forward; peft_fast's factors are plain convolutions, so its forward
+    is what its merge gives."""
+    import peft
+
+    x = torch.randn(2, 3, 6, 6)
+    outs = {}
+    for lib in (peft, peft_fast):
+        torch.manual_seed(0)
+        model = lib.get_peft_model(torch.nn.Sequential(_OffsetConv(3, 4, 3)),
+                                   lib.LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
+        with torch.no_grad():
+            outs[lib] = (model(x), model.merge_and_unload()(x))
+    assert not torch.allclose(outs[peft][0], outs[peft][1], atol=1e-4)  # PEFT: forward != merge
+    assert_close(outs[peft_fast][0], outs[peft_fast][1], atol=1e-5, rtol=1e-5)
+    assert_close(outs[peft_fast][1], outs[peft][1], atol=1e-5, rtol=1e-5)  # the merged models agree
