@@ -32,6 +32,12 @@ def functorch_active() -> bool:
     return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
 
 
+def keeps_no_state() -> bool:
+    """Traced (torch.compile) or transformed (torch.func) code: caches are neither read nor written there (traced
+    code keeps nothing; transformed tensors have no storage to key a cache on, and may be per-sample)."""
+    return torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+
+
 def use_triton(*tensors: torch.Tensor | None) -> bool:
     """True when the Triton implementation should run for these tensors."""
     s = settings.current()

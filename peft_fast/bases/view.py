@@ -55,6 +55,12 @@ def must_call(module: nn.Module) -> bool:
                 or "forward" in d or "parametrizations" in d["_modules"])
 
 
+def offloaded(module: nn.Module) -> bool:
+    """Whether accelerate offloaded `module`'s weights (cpu_offload, a device_map with "cpu" or "disk"): they sit on
+    the meta device between forwards and come in through its hook. (A model built on meta is not offloaded.)"""
+    return bool(getattr(getattr(module, "_hf_hook", None), "offload", False))
+
+
 class BaseView:
     quantized = False  # a 4-bit base: the fused 4-bit paths, and merges that dequantize and re-quantize
     requantizes = property(lambda self: self.quantized)  # merges dequantize and re-quantize (4-bit, 8-bit bases)

@@ -113,7 +113,13 @@ class TunerModel(nn.Module):
     def add_adapter(self, adapter_name: str, config: Any, autocast_adapter_dtype: bool = True,
                     init: Optional[object] = None, plan: Optional[injection.Plan] = None,
                     tensors: Optional[dict] = None, source: str = "the adapter") -> None:
-        """Plan, check, then inject (and load `tensors`); any failure undoes every change (model, configs, grads)."""
+        """Plan, check, then inject (and load `tensors`); any failure undoes every change (model, configs, grads).
+        Threads serving mixed batches meanwhile ready their layers after it, never amid it (PREPARE_LOCK)."""
+        with PREPARE_LOCK:
+            self._add_adapter(adapter_name, config, autocast_adapter_dtype, init, plan, tensors, source)
+
+    def _add_adapter(self, adapter_name: str, config: Any, autocast_adapter_dtype: bool, init: Optional[object],
+                     plan: Optional[injection.Plan], tensors: Optional[dict], source: str) -> None:
         check_adapter_name(adapter_name)
         config = as_config(config)
         if adapter_name in self.peft_config:
@@ -164,6 +170,10 @@ class TunerModel(nn.Module):
         """The config the layers saw (`apply_plan`'s result), e.g. to record corrections the layers made."""
 
     def delete_adapter(self, adapter_name: str) -> None:
+        with PREPARE_LOCK:  # (as add_adapter)
+            self._delete_adapter(adapter_name)
+
+    def _delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name} does not exist")
         layers = [m for _, m in self.adapter_layers()] + [m for _, m in token_wrappers(self.model)]

@@ -88,14 +88,20 @@ def plan_adapter(model: nn.Module, config, tuner_cls, file_keys: Optional[set] =
                              "and `exclude_modules` configuration.")
         raise no_match_error(config, model)
     _warn_unmatched_patterns(config, [k for t in targets for k in (t.key, t.file_key) if k])
-    save_modules = []
+    save_modules, places = [], set()
     for name in dict.fromkeys(config.modules_to_save or []):
-        # Every place a module is reachable, as PEFT lists them (a module shared by two blocks, or an alias, gets a
-        # copy at each place named)
+        # Every place a module is reachable, as PEFT lists them: a module shared by two blocks, or an alias, gets a
+        # copy at each place named. A place is a parent module's attribute: a block registered twice holds its
+        # children at one place (one wrapper, as in PEFT, which state dicts list under the first path).
         for key, module in model.named_modules(remove_duplicate=False):
             # PEFT's rule, a plain suffix: "head" also wraps "lm_head", "norm" every "*norm".
             if not key or not key.endswith(name) or inside_adapter_machinery(model, key) or key in save_modules:
                 continue
+            parent, _, attr = key.rpartition(".")
+            place = (id(model.get_submodule(parent)), attr)
+            if place in places:
+                continue
+            places.add(place)
             if isinstance(module, TunerLayer):  # PEFT's error; its copies would hold the other adapters' layers
                 raise TypeError(f"modules_to_save cannot be applied to modules of type {type(module)}: {key} "
                                 f"carries an adapter already. Leave {name!r} out of modules_to_save, or out of the "

@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from ..bases import is_4bit, view_of
 from ..bases.bnb8 import is_bnb_8bit
+from ..bases.view import offloaded
 from ..bases.nf4_experts import is_nf4_experts
 
 
@@ -76,8 +77,7 @@ def pending(layer, adapter_names: Optional[list[str]], warn: bool = True) -> lis
 
 
 def check_mergeable(layer, names: list[str]) -> None:
-    weight = getattr(layer.base_view, "weight", None)
-    if names and isinstance(weight, torch.Tensor) and weight.device.type == "meta":
+    if names and offloaded(layer.base_layer):
         raise NotImplementedError(
             f"Merging into a base layer offloaded by accelerate ({type(layer.base_layer).__name__} whose weight is "
             "on the meta device between forwards) is not supported yet: the merge would not reach the offloaded "

@@ -9,6 +9,7 @@ from tiny_models import (
     AGAINST_PEFT,
     add_both,
     assert_close,
+    impl,
     inputs,
     make_pair,
     out,
@@ -279,3 +280,42 @@ def test_threads_starting_at_once_after_an_event_build_the_stacks_once():
         assert_close(results[k], expected)
     with torch.no_grad():
         assert_close(out(i, x, adapter_names=names), expected)
+
+
+@peft_fast_only
+def test_adapters_added_and_deleted_while_threads_serve_other_adapters():
+    """A server loading and dropping adapters beside threads serving mixed batches of the others: every batch
+    completes with its own outputs (the layers ready their stacks before or after a change, never amid it)."""
+    import threading
+    import time
+
+    _, r, i = _three("llama")
+    x = _x("llama")
+    with torch.no_grad():
+        expected = out(i, x, adapter_names=list(NAMES))
+    done, errors, served = threading.Event(), [], [0]
+
+    def serve():
+        try:
+            while not done.is_set():
+                with torch.no_grad():
+                    assert_close(out(i, x, adapter_names=list(NAMES)), expected)
+                served[0] += 1
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=serve) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        for k in range(30):
+            i.add_adapter("new", impl.LoraConfig(r=2 + 6 * (k % 2), target_modules=["q_proj", "up_proj"]))
+            time.sleep(0.005)
+            i.delete_adapter("new")
+            time.sleep(0.005)
+    finally:
+        done.set()
+        for t in threads:
+            t.join()
+    assert not errors, errors[0]
+    assert served[0] > 0

@@ -210,3 +210,16 @@ def test_the_fused_op_comes_back_once_a_hook_is_removed():
         i(**inputs("mlp"))
     handle.remove()
     assert all(getattr(plan, "fused", None) is not None for plan in layer._plans.values())
+
+
+def test_dora_on_a_model_built_on_meta_is_not_taken_for_offloaded():
+    """Meta-device initialisation (then to_empty and a load), as with PEFT: not an offloaded model."""
+    import tiny_models
+
+    with torch.device("meta"):
+        base = tiny_models.base_model("llama")
+    model = tiny_models.impl.get_peft_model(base, tiny_models.impl.LoraConfig(target_modules=["q_proj"],
+                                                                                use_dora=True))
+    magnitudes = [p for n, p in model.named_parameters() if "lora_magnitude_vector" in n]
+    assert magnitudes and all(p.device.type == "meta" for p in magnitudes)
+    model.to_empty(device="cpu")

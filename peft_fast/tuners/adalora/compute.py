@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...kernels import lora_linear_triton, use_triton
+from ...kernels.common.backend import keeps_no_state
 from ...names import BASE_NAME
 
 
@@ -64,7 +65,7 @@ class AdaLoraCompute:
 
     def caches(self, names: list[str]) -> bool:
         """Outside training and compiled code, when no gradient of the adapters is wanted."""
-        if self.training or torch.compiler.is_compiling():
+        if self.training or keeps_no_state():
             return False
         return not (torch.is_grad_enabled() and any(getattr(self, d)[n].requires_grad
                                                     for n in names for d in ("lora_A", "lora_E", "lora_B")))
@@ -110,13 +111,13 @@ class AdaLoraCompute:
         parts = (self.lora_A[name], self.lora_E[name], self.lora_B[name], self.ranknum[name])
         key = tuple(k for p in parts for k in _param_key(p))
         hit = self._values.get(name)
-        if hit is not None and hit[0] == key and not torch.compiler.is_compiling():
+        if hit is not None and hit[0] == key and not keeps_no_state():
             return hit[1]
         with torch.no_grad():
             a, e, b, _ = parts
             kept = (e.view(-1) != 0).nonzero().view(-1)
             pair = ((a[kept] * e[kept] * self.scale(name)).contiguous(), b[:, kept].contiguous())
-        if not torch.compiler.is_compiling():
+        if not keeps_no_state():
             self._values[name] = (key, pair, parts)  # kept alive: no id in the key can be reused meanwhile
         return pair
 

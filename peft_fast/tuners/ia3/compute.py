@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ...kernels.common.backend import functorch_active
+
 
 def scale_of(layer, active: tuple[str, ...]) -> torch.Tensor:
     """The product of the active adapters' vectors, flat, in the first one's dtype (PEFT multiplies in place)."""
@@ -56,7 +58,7 @@ class IA3Plan:
             dtype = layer.ia3_l[self.active[-1]].dtype
             return self.base((x.to(dtype) * s).to(x.dtype), args, kwargs)
         result = self.base(x, args, kwargs)
-        if self.inplace and not (args or kwargs):
+        if self.inplace and not (args or kwargs or functorch_active()):  # (vmap refuses in-place steps)
             return result.mul_(s)  # computed in the promoted dtype, stored in result's: PEFT's (result * s).to(...)
         return (result * s).to(result.dtype)
 

@@ -31,8 +31,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ...bases.view import offloaded
 from ...kernels import dora_dropout_linear, dora_linear, dora_norm, dora_norm_nf4, lora_linear, nf4_linear, use_triton
-from ...kernels.common.backend import functorch_active
+from ...kernels.common.backend import functorch_active, keeps_no_state
 from .variants import LoraVariant, nf4_fallback
 
 
@@ -69,8 +70,7 @@ class DoraLinearLayer(nn.Module):
 
 
 def _check_base(layer) -> None:
-    weight = getattr(layer.base_view, "weight", None)
-    if isinstance(weight, torch.Tensor) and weight.device.type == "meta":
+    if offloaded(layer.base_layer):
         raise NotImplementedError(f"DoRA (use_dora=True) over a {type(layer.base_layer).__name__} that accelerate "
                                   "offloaded (its weight is on the meta device between forwards) is not supported "
                                   "yet: DoRA's norms read the weight. Load the base model without offloading, or "
@@ -84,7 +84,7 @@ def _check_base(layer) -> None:
 def _norm(layer, a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
     """||W + s·B·A|| per row (float32, or float64 for float64 tensors), ||W||² reused from the base view."""
     view = layer.base_view
-    compiling = torch.compiler.is_compiling()  # traced code keeps no state: it computes ||W||² in the same pass
+    compiling = keeps_no_state()  # traced or transformed code keeps no state: it computes ||W||² in the same pass
     sq = None if compiling else view.cached_norm_sq()
     q = view.nf4() if view.quantized else None
     if q is not None:
@@ -151,8 +151,8 @@ class DoraVariant(LoraVariant):
     def _cached(self, layer, name: str, a, b, s) -> tuple:
         """(key, norm, c, c - 1) for the eval cache, rebuilt when any of A, B, m, the base or s changed."""
         m = layer.lora_magnitude_vector[name].weight
-        if torch.compiler.is_compiling() or functorch_active():  # traced or transformed code (torch.func) keeps
-            # no state and compares no storage addresses (its tensors have none)
+        if keeps_no_state():  # traced or transformed code (torch.func) keeps no state and compares no storage
+            # addresses (its tensors have none)
             norm = self.row_norm(layer, a, b, s).to(m.dtype)
             c = m.detach() / norm
             return (None, norm, c, c - 1, None)
@@ -172,8 +172,8 @@ class DoraVariant(LoraVariant):
         `args`: the layer's `adapter_args(name)` when the caller has them already."""
         a, b, s, _, _ = args if args is not None else layer.adapter_args(name)
         m = layer.lora_magnitude_vector[name].weight
-        if grad is None:
-            grad = torch.is_grad_enabled() and m.requires_grad
+        if grad is None:  # (forward-mode AD under torch.func carries m's tangent without requires_grad)
+            grad = (torch.is_grad_enabled() and m.requires_grad) or functorch_active()
         if layer.training:
             norm = self.row_norm(layer, a, b, s).to(m.dtype)
             return m / norm if grad else (m.detach() / norm)
@@ -196,7 +196,7 @@ class DoraVariant(LoraVariant):
         base = _base_matmul(view, dense is not None)
         if use_triton(x, dense[0] if dense is not None else q[0], a, b):
             run = self._fused_triton(layer, name, view, base, dense is not None)
-        elif dense is not None and not (layer.training or torch.is_grad_enabled()):
+        elif dense is not None and not (layer.training or torch.is_grad_enabled() or functorch_active()):
             return self._fused_eval(layer, name, view, base)
         else:
             def run(x):
@@ -267,7 +267,7 @@ class DoraVariant(LoraVariant):
         """PEFT's `DoraLinearLayer.forward`: what adapter `name` adds to `result` (x already in the adapter dtype)."""
         args = layer.adapter_args(name)
         a, b, s, p, _ = args
-        if not (layer.training or torch.is_grad_enabled()):
+        if not (layer.training or torch.is_grad_enabled() or functorch_active()):  # (in-place steps)
             return self._delta_eval(layer, name, x, result, a, b, s)
         c = self.scale(layer, name, args=args)
         if p > 0:

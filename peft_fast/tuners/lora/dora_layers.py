@@ -14,12 +14,13 @@ from __future__ import annotations
 import torch
 
 from ...kernels import dora_norm
+from ...kernels.common.backend import keeps_no_state
 from .dora import DoraVariant
 
 
 def _cached_norm(view, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
     """dora_norm(weight, a, b, s), with ||weight||² per row kept by the base view while the base is unchanged."""
-    compiling = torch.compiler.is_compiling()
+    compiling = keeps_no_state()
     sq = None if compiling else view.cached_norm_sq()
     norm, sq_new = dora_norm(weight, a, b, s, sq)
     if sq is None and not compiling:

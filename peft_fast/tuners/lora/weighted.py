@@ -47,7 +47,6 @@ combination of the source deltas ``s_i·B_i·A_i``:
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import re
 from functools import partial, reduce

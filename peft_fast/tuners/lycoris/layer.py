@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from ...bases import BaseView
 from ...kernels.common.autocast import autocast_off
+from ...kernels.common.backend import keeps_no_state
 from ...names import BASE_NAME
 from ..base_layer import TunerLayer
 from .bases import base_kind, view_for
@@ -151,7 +152,7 @@ class LycorisLayer(TunerLayer):
     def caches(self, names: list[str], base: Optional[torch.Tensor] = None) -> bool:
         """Whether ΣΔW of `names` (plus `base`) is served from the cache: outside training and compiled code, when no
         gradient is wanted."""
-        if self.training or torch.compiler.is_compiling():
+        if self.training or keeps_no_state():
             return False
         return not (torch.is_grad_enabled() and (any(p.requires_grad for n in names for p in self.factors(n)) or
                                                  (base is not None and base.requires_grad)))

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ...kernels.common.autocast import autocast_off
+from ...kernels.common.backend import keeps_no_state
 from ...names import BASE_NAME
 from .rotation import FoldedLinear, blocks_of, fold, project, rotate, rotate_channels, rotation
 
@@ -105,7 +106,7 @@ class OFTCompute:
     def caches(self, names: list[str]) -> bool:
         """Whether values derived from the adapters are served from the cache: outside training and compiled code,
         when no gradient of the adapters is wanted."""
-        if self.training or torch.compiler.is_compiling():
+        if self.training or keeps_no_state():
             return False
         return not (torch.is_grad_enabled() and any(self.blocks[n].weight.requires_grad for n in names))
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ...kernels import lora_linear_triton, qlora_linear_reference, qlora_linear_triton, use_triton
 from ...kernels.common.autocast import autocast_on
+from ...kernels.common.backend import functorch_active, keeps_no_state
 
 
 class VeraPlan:
@@ -93,7 +94,7 @@ class VeraCompute:
     def folded(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(diag(Λ_d)·A_s, diag(Λ_b)·B_s), contiguous, cached until one of the four tensors changes."""
         parts = (self.vera_lambda_d[name], self.vera_lambda_b[name], self.vera_A[name], self.vera_B[name])
-        if torch.compiler.is_compiling():  # traced code keeps no state: it folds in the graph
+        if keeps_no_state():  # traced or transformed code keeps no state: it folds in the graph
             a, b = self.slices(name)
             return parts[0][:, None] * a, parts[1][:, None] * b
         key = tuple(_version(t) for t in parts)
@@ -127,6 +128,8 @@ class VeraCompute:
                 z = F.linear(x if x.dtype == a.dtype else x.to(a.dtype), a)
                 if autocast_on(x.device):  # autocast's dtypes (addmm_ is not autocast), then x's
                     return (y + F.linear(z, b)).to(x.dtype)
+                if functorch_active():  # (vmap refuses in-place steps)
+                    return y + F.linear(z, b)
                 if y.dtype != z.dtype:  # a 16-bit base under float32 vectors: PEFT's float32 sum, rounded once
                     return (y + F.linear(z, b)).to(y.dtype)
                 # No autograd here: the delta goes into the fresh base output in place (measured 4-12% faster per
