@@ -282,30 +282,31 @@ class TunerModel(nn.Module):
             if not isinstance(n, str):
                 raise TypeError(f"adapter_names holds {n!r} ({type(n).__name__}) at position {i}: every sample needs "
                                 f"an adapter name (str), or {BASE_NAME!r} for the base model alone.")
-        unknown = {n for n in adapter_names if n != BASE_NAME} - set(self.peft_config)
-        if unknown:
-            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")
-        slots = self._slot_table()
-        device = self._adapter_device()
-        encoder = None
-        if isinstance(num_beams, int) and num_beams > 1:
-            # Beam search repeats every sample num_beams times, except in an encoder (the original batch).
-            get_encoder = getattr(self.model, "get_encoder", None)
-            module = get_encoder() if callable(get_encoder) else None
-            if module is not None and module is not self.model:
-                ids = frozenset(id(m) for _, m in injection.tuner_layers(module))
-                encoder = (ids, AdapterNames(list(adapter_names), slots, self._batch_key, device=device))
-            adapter_names = [n for n in adapter_names for _ in range(num_beams)]
-        if self._batch_key.stale:  # after an event: ready the layers here, outside any compiled forward
-            if any(layer.merged for _, layer in self.adapter_layers()):  # (a merge is an event) refused before the
-                # stacks are readied: slots made from merged weights would outlive the unmerge
-                raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
-                                 "`unmerge_adapter` first.")
-            with PREPARE_LOCK:
-                if self._batch_key.stale:  # (another thread may have readied them meanwhile)
-                    for _, layer in self.adapter_layers():
-                        layer.prepare_mixed(slots)
-                    self._batch_key.stale = False
+        # Under the lock: an adapter added or deleted by another thread changes the configs, the slot table and the
+        # module tree this reads (add_adapter / delete_adapter hold it throughout)
+        with PREPARE_LOCK:
+            unknown = {n for n in adapter_names if n != BASE_NAME} - set(self.peft_config)
+            if unknown:
+                raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")
+            slots = self._slot_table()
+            device = self._adapter_device()
+            encoder = None
+            if isinstance(num_beams, int) and num_beams > 1:
+                # Beam search repeats every sample num_beams times, except in an encoder (the original batch).
+                get_encoder = getattr(self.model, "get_encoder", None)
+                module = get_encoder() if callable(get_encoder) else None
+                if module is not None and module is not self.model:
+                    ids = frozenset(id(m) for _, m in injection.tuner_layers(module))
+                    encoder = (ids, AdapterNames(list(adapter_names), slots, self._batch_key, device=device))
+                adapter_names = [n for n in adapter_names for _ in range(num_beams)]
+            if self._batch_key.stale:  # after an event: ready the layers here, outside any compiled forward
+                if any(layer.merged for _, layer in self.adapter_layers()):  # (a merge is an event) refused before
+                    # the stacks are readied: slots made from merged weights would outlive the unmerge
+                    raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
+                                     "`unmerge_adapter` first.")
+                for _, layer in self.adapter_layers():
+                    layer.prepare_mixed(slots)
+                self._batch_key.stale = False
         return AdapterNames(list(adapter_names), slots, self._batch_key, encoder, device)
 
     def _adapter_device(self) -> Optional[torch.device]:
