@@ -240,9 +240,12 @@ class TunerLayer(nn.Module):
         return result
 
     def __getstate__(self):
-        # Plans are closures over this layer's modules: a copy (deepcopy, pickling) starts without them.
+        # Plans are closures over this layer's modules: a copy (deepcopy, pickling) starts without them, and without
+        # the mixed-batch stacks (a copy of every adapter, rebuilt by the copy's first mixed batch).
         state = self.__dict__.copy()
         state["_plans"], state["_view"] = {}, None
+        if state.get("_stack_cache") is not None:
+            state["_stack_cache"], state["_stack_dirty"] = None, True
         return state
 
     # --- forward -------------------------------------------------------------------------------------------------

@@ -297,7 +297,7 @@ def test_a_freed_slot_taken_by_another_kind_of_adapter(old, new):
 def test_dora_slots_follow_a_base_weight_edit_at_the_next_eval(edit):
     """A DoRA slot's scale depends on the base weight: edited by hand (in place, or `weight.data = ...`) in eval
     mode, it is seen after the next eval() (README, "Stacks"), although no adapter parameter changed. The oracle is
-    PEFT running each sample alone (a deepcopy of the model would copy the stale stacks too)."""
+    PEFT running each sample alone."""
     ref, impl, x = _two_built({"use_dora": True}, {})
     assert perturb_magnitudes(ref, impl) > 0
     for m in (ref, impl):
@@ -422,3 +422,25 @@ def test_modules_to_save_of_some_adapters_only(active):
                 row = impl.generate(**xi, max_new_tokens=3, do_sample=False)
             assert torch.equal(generated[i:i + 1], row), name
     assert_close(mixed, alone, atol=2e-5, rtol=2e-5)
+
+
+def test_copies_start_without_stacks_and_build_their_own():
+    """deepcopy / pickling leave the stacks (a copy of every adapter) behind: the copy builds its own from its own
+    parameters at its first mixed batch, so an edit to the copy is served, and the original keeps its stacks."""
+    import copy
+
+    ref, impl, x = _two_built({}, {})
+    for m in (ref, impl):
+        m.eval()
+    names = ["a", "b", "__base__", "a"]
+    with torch.no_grad():
+        out(impl, x, adapter_names=names)
+        twin = copy.deepcopy(impl)
+        layers = [m for m in twin.modules() if isinstance(m, LoraLinear)]
+        assert layers and all(m._stack_cache is None for m in layers)
+        assert any(m._stack_cache is not None for m in impl.modules() if isinstance(m, LoraLinear))
+        for (n, p), (_, q) in zip(twin.named_parameters(), ref.named_parameters()):
+            if "lora_B" in n:
+                p.mul_(2)
+                q.mul_(2)
+        assert_close(out(twin, x, adapter_names=names), _per_sample(ref, x, names), atol=2e-5, rtol=2e-5)
