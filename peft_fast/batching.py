@@ -81,7 +81,61 @@ class _Current(threading.local):
         self.batch: Optional[AdapterNames] = None
 
 
+class _ServeLock:
+    """Mixed batches in flight (many at once) against adapter changes (one at a time): `changing()` waits until no
+    other thread is serving a mixed batch and holds new ones until it is done, so a batch never meets a half-added
+    or half-deleted adapter, nor a slot table that changed under it. A thread may change adapters from inside its own
+    batch (it then waits for the others only), and may nest batches; a waiting change goes before new batches."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers: dict[int, int] = {}  # thread ident -> depth
+        self._writer: Optional[int] = None
+        self._depth = 0
+        self._waiting = 0
+
+    @contextmanager
+    def serving(self) -> Iterator[None]:
+        me = threading.get_ident()
+        with self._cond:
+            if me not in self._readers and self._writer != me:
+                while self._writer is not None or self._waiting:
+                    self._cond.wait()
+            self._readers[me] = self._readers.get(me, 0) + 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers[me] -= 1
+                if not self._readers[me]:
+                    del self._readers[me]
+                    self._cond.notify_all()
+
+    @contextmanager
+    def changing(self) -> Iterator[None]:
+        me = threading.get_ident()
+        with self._cond:
+            if self._writer == me:
+                self._depth += 1
+            else:
+                self._waiting += 1
+                while self._writer is not None or any(t != me for t in self._readers):
+                    self._cond.wait()
+                self._waiting -= 1
+                self._writer, self._depth = me, 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._depth -= 1
+                if not self._depth:
+                    self._writer = None
+                    self._cond.notify_all()
+
+
 CURRENT = _Current()
+# Held by every mixed batch for its whole forward (or generate), and by adapter additions and deletions.
+SERVING = _ServeLock()
 # Held while layers write what mixed batches read (their adapter stacks, after an event): threads that start
 # serving at once then write them one at a time, and none reads a half-written or replaced stack.
 PREPARE_LOCK = threading.RLock()

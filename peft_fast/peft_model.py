@@ -15,7 +15,7 @@ from transformers.utils import PushToHubMixin
 
 from . import files
 from .config import CONFIG_NAME, PeftConfig, as_config
-from .batching import enter_batch, leave_batch
+from .batching import SERVING, enter_batch, leave_batch
 from .loading import convert_v4_layout, read_adapter
 from .hub import push_to_hub
 from .model_card import write_model_card
@@ -105,11 +105,12 @@ class PeftModel(*_bases()):
     def _mixed_forward(self, adapter_names: list[str], args: tuple, kwargs: dict) -> Any:
         # Not traced (torch.compile's one graph break of a mixed batch): here the names become the batch plan, so
         # the compiled base model called below sees tensors only, and a new mix reuses its graph.
-        previous = enter_batch(self.base_model.batch_plan(adapter_names))
-        try:
-            return self.get_base_model()(*args, **kwargs)
-        finally:
-            leave_batch(previous)
+        with SERVING.serving():
+            previous = enter_batch(self.base_model.batch_plan(adapter_names))
+            try:
+                return self.get_base_model()(*args, **kwargs)
+            finally:
+                leave_batch(previous)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         adapter_names = kwargs.pop("adapter_names", None)

@@ -15,7 +15,7 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.nn as nn
 
-from ..batching import PREPARE_LOCK, AdapterNames, RoutingKey, routing
+from ..batching import PREPARE_LOCK, SERVING, AdapterNames, RoutingKey, routing
 from ..config import as_config
 from ..names import BASE_NAME, check_adapter_name
 from . import injection
@@ -114,8 +114,8 @@ class TunerModel(nn.Module):
                     init: Optional[object] = None, plan: Optional[injection.Plan] = None,
                     tensors: Optional[dict] = None, source: str = "the adapter") -> None:
         """Plan, check, then inject (and load `tensors`); any failure undoes every change (model, configs, grads).
-        Threads serving mixed batches meanwhile ready their layers after it, never amid it (PREPARE_LOCK)."""
-        with PREPARE_LOCK:
+        It waits for the mixed batches other threads are serving and holds new ones until done (batching.SERVING)."""
+        with SERVING.changing(), PREPARE_LOCK:
             self._add_adapter(adapter_name, config, autocast_adapter_dtype, init, plan, tensors, source)
 
     def _add_adapter(self, adapter_name: str, config: Any, autocast_adapter_dtype: bool, init: Optional[object],
@@ -170,7 +170,7 @@ class TunerModel(nn.Module):
         """The config the layers saw (`apply_plan`'s result), e.g. to record corrections the layers made."""
 
     def delete_adapter(self, adapter_name: str) -> None:
-        with PREPARE_LOCK:  # (as add_adapter)
+        with SERVING.changing(), PREPARE_LOCK:  # (as add_adapter)
             self._delete_adapter(adapter_name)
 
     def _delete_adapter(self, adapter_name: str) -> None:
@@ -268,7 +268,7 @@ class TunerModel(nn.Module):
         if adapter_names is None:
             yield
             return
-        with routing(self.batch_plan(adapter_names, num_beams)):
+        with SERVING.serving(), routing(self.batch_plan(adapter_names, num_beams)):
             yield
 
     @torch.compiler.disable

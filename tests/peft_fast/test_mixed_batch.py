@@ -319,3 +319,42 @@ def test_adapters_added_and_deleted_while_threads_serve_other_adapters():
             t.join()
     assert not errors, errors[0]
     assert served[0] > 0
+
+
+@peft_fast_only
+def test_an_adapter_change_waits_for_the_batch_in_flight():
+    """A batch paused inside its forward (at its first layer): add_adapter in another thread waits until it is done,
+    so the batch finishes with the model it started with."""
+    import threading
+
+    _, r, i = _three("mlp")
+    x = _x("mlp")
+    with torch.no_grad():
+        expected = out(i, x, adapter_names=list(NAMES))
+    inside, release, added = threading.Event(), threading.Event(), threading.Event()
+    got = []
+    handle = i.base_model.model.lin0.register_forward_pre_hook(
+        lambda m, args: (inside.set(), release.wait(timeout=30)) and None)
+
+    def serve():
+        with torch.no_grad():
+            got.append(out(i, x, adapter_names=list(NAMES)))
+
+    def change():
+        i.add_adapter("new", impl.LoraConfig(r=2, target_modules=["lin0", "lin1"]))
+        added.set()
+
+    server = threading.Thread(target=serve)
+    server.start()
+    assert inside.wait(timeout=30)
+    changer = threading.Thread(target=change)
+    changer.start()
+    try:
+        assert not added.wait(timeout=0.5)  # held while the batch is in flight
+    finally:
+        release.set()
+        server.join(timeout=30)
+        changer.join(timeout=30)
+        handle.remove()
+    assert added.is_set() and "new" in i.peft_config
+    assert_close(got[0], expected)
