@@ -55,10 +55,16 @@ def must_call(module: nn.Module) -> bool:
                 or "forward" in d or "parametrizations" in d["_modules"])
 
 
+def _accelerate_hooks(module: nn.Module) -> list:
+    """accelerate's hooks on `module` (a SequentialHook holds several)."""
+    hook = getattr(module, "_hf_hook", None)
+    return [] if hook is None else list(getattr(hook, "hooks", None) or [hook])
+
+
 def offloaded(module: nn.Module) -> bool:
     """Whether accelerate offloaded `module`'s weights (cpu_offload, a device_map with "cpu" or "disk"): they sit on
     the meta device between forwards and come in through its hook. (A model built on meta is not offloaded.)"""
-    return bool(getattr(getattr(module, "_hf_hook", None), "offload", False))
+    return any(getattr(h, "offload", False) for h in _accelerate_hooks(module))
 
 
 class BaseView:
@@ -106,9 +112,9 @@ class BaseView:
         small, stay there instead (PEFT offloads them too)."""
         device = self.weight.device
         if device.type == "meta":
-            target = getattr(getattr(self.module, "_hf_hook", None), "execution_device", None)
-            if target is not None:
-                return torch.device(target)
+            for hook in _accelerate_hooks(self.module):
+                if getattr(hook, "execution_device", None) is not None:
+                    return torch.device(hook.execution_device)
         return device
 
     @property

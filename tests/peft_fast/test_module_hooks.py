@@ -223,3 +223,23 @@ def test_dora_on_a_model_built_on_meta_is_not_taken_for_offloaded():
     magnitudes = [p for n, p in model.named_parameters() if "lora_magnitude_vector" in n]
     assert magnitudes and all(p.device.type == "meta" for p in magnitudes)
     model.to_empty(device="cpu")
+
+
+@peft_fast_only
+def test_offload_seen_through_a_sequential_hook():
+    """A hook appended to an offloaded layer turns its _hf_hook into a SequentialHook: still offloaded."""
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    import tiny_models
+
+    def offloaded_base():
+        base = accelerate.cpu_offload(tiny_models.base_model("mlp"), execution_device="cpu")
+        add_hook_to_module(base.lin0, ModelHook(), append=True)
+        return base
+
+    with pytest.raises(NotImplementedError, match="offloaded"):
+        tiny_models.impl.get_peft_model(offloaded_base(), tiny_models.impl.LoraConfig(target_modules=["lin0"],
+                                                                                       use_dora=True))
+    model = tiny_models.impl.get_peft_model(offloaded_base(), tiny_models.impl.LoraConfig(target_modules=["lin0"]))
+    assert model.base_model.model.lin0.lora_A["default"].weight.device.type == "cpu"
