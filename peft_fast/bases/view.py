@@ -26,14 +26,19 @@ from ..kernels import use_triton
 from ..kernels.common.nf4_format import check_nf4_args
 
 
+def _hooked(module: nn.Module) -> bool:
+    """Hooks on `module` itself (forward, pre-forward, backward) or a forward replaced on the instance. Read straight
+    from the instance's dict: layers check their modules at every call."""
+    d = module.__dict__
+    return bool(d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"] or d["_backward_pre_hooks"]
+                or "forward" in d)
+
+
 def has_hooks(module: nn.Module) -> bool:
     """Whether `module` must be called as a module rather than replaced by a fused op reading its weights: hooks on
     it (forward, pre-forward, backward: accelerate's offload, DeepSpeed ZeRO-3, Opacus, activation capture), hooks
     on every module (torch's global ones), or a forward replaced on the instance (accelerate's add_hook_to_module)."""
-    d = module.__dict__  # (read at every plan lookup: straight from the dicts, not nn.Module's attribute lookup)
-    return bool(d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"] or d["_backward_pre_hooks"]
-                or "forward" in d or _GLOBAL_FORWARD or _GLOBAL_FORWARD_PRE or _GLOBAL_BACKWARD
-                or _GLOBAL_BACKWARD_PRE)
+    return _hooked(module) or global_hooks()
 
 
 # torch's hooks on every module (nn.modules.module.register_module_forward_hook, ...): dicts torch mutates in place
@@ -48,11 +53,8 @@ def global_hooks() -> bool:
 def must_call(module: nn.Module) -> bool:
     """`has_hooks` without the global ones (the caller checks those once), or parametrized weights
     (torch.nn.utils.parametrize: weight_norm, spectral_norm, ...), which exist only while the module computes them:
-    an adapter's factor then runs as PEFT runs it, as a module. Read straight from the instance's dict: layers
-    check their adapters' modules at every call."""
-    d = module.__dict__
-    return bool(d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"] or d["_backward_pre_hooks"]
-                or "forward" in d or "parametrizations" in d["_modules"])
+    an adapter's factor then runs as PEFT runs it, as a module."""
+    return _hooked(module) or "parametrizations" in module.__dict__["_modules"]
 
 
 def _accelerate_hooks(module: nn.Module) -> list:

@@ -23,7 +23,7 @@ from ..bases import BaseView, linear_view
 from ..bases.view import has_hooks
 from ..batching import batch_for
 from ..kernels import settings
-from ..kernels.common.backend import functorch_active
+from ..kernels.common.backend import keeps_no_state
 from . import merging
 
 
@@ -256,8 +256,8 @@ class TunerLayer(nn.Module):
 
     def plan(self, x: torch.Tensor):
         self.base_view  # noqa: B018  (a replaced base module drops the plans made for the old one)
-        if torch.compiler.is_compiling() or functorch_active():  # traced or transformed code (torch.func) builds
-            return self.make_plan(x)  # the plan inline and keeps nothing
+        if keeps_no_state():  # traced or transformed code (torch.func) builds the plan inline and keeps nothing
+            return self.make_plan(x)
         key = self.plan_key(x)
         plan = self._plans.get(key)
         if plan is None:

@@ -87,12 +87,16 @@ class LoraCompute:
     def _plain_factors(self, name: str) -> bool:
         return all("weight" in self._modules[k]._modules[name]._parameters for k in ("lora_A", "lora_B"))
 
+    def module_delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """PEFT's plain LoRA delta through the modules: lora_B(lora_A(dropout(x))) · s."""
+        return self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x))) * self.scaling[name]
+
     def module_step(self, name: str, x: torch.Tensor, result: torch.Tensor, q4: bool, out_dtype) -> torch.Tensor:
         """PEFT's step for adapter `name` after the base output, calling its modules (x already cast)."""
         variant = self.variant(name)
         if variant.scales_channels:
             return variant.add_modules(self, name, x, result)
-        d = self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x))) * self.scaling[name]
+        d = self.module_delta(name, x)
         return result + (d.to(out_dtype) if q4 else d)
 
     # --- forward -------------------------------------------------------------------------------------------------
@@ -154,8 +158,7 @@ class LoraCompute:
                 if self.variant(name).scales_channels:
                     result[rows] = self.module_step(name, sub, result[rows], q4, result.dtype).to(result.dtype)
                 else:
-                    d = self.lora_B[name](self.lora_A[name](self.lora_dropout[name](sub))) * self.scaling[name]
-                    result[rows] += d.to(result.dtype)
+                    result[rows] += self.module_delta(name, sub).to(result.dtype)
             else:
                 x = self.variant(name).mixed_rows(self, name, x, result, rows, q4)
         return result

@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ...bases import view_of
 from ...bases.view import offloaded
 from ...kernels import dora_dropout_linear, dora_linear, dora_norm, dora_norm_nf4, lora_linear, nf4_linear, use_triton
 from ...kernels.common.backend import functorch_active, keeps_no_state
@@ -50,8 +51,6 @@ class DoraLinearLayer(nn.Module):
         """PEFT's DoRA step, calling the factors as modules (so that their hooks run, as under DeepSpeed ZeRO-3 or
         accelerate's offload): what the adapter adds to the base output. Run only when a module must be called
         (LoraCompute.calls_modules); the fused ops compute the same without W + s·B·A or the identity pass."""
-        from ...bases import view_of  # (the bases import the tuners' helpers)
-
         eye = torch.eye(lora_A.weight.shape[1], device=lora_A.weight.device, dtype=lora_A.weight.dtype)
         lora_weight = lora_B(lora_A(eye)).T.to(x.dtype)
         view = view_of(base_layer)

@@ -8,7 +8,6 @@ from typing import Optional
 
 import torch
 
-from ...bases.view import global_hooks, must_call
 from ...kernels.common.dot_policy import half_dots
 
 
@@ -34,11 +33,6 @@ class AdapterStacks:
 
 
 _CALLED = ("called as modules",)  # the signature of an adapter run through its modules (an empty slot)
-
-
-def _called(layer, name: str) -> bool:
-    parts = (layer.lora_A, layer.lora_B, layer.lora_dropout, layer.lora_magnitude_vector)
-    return global_hooks() or any(must_call(p._modules[name]) for p in parts if name in p._modules)
 
 
 def _slot_params(layer, name: Optional[str]) -> list[torch.Tensor]:
@@ -77,7 +71,7 @@ class StackCache:
         self.update(layer, slot_names)
 
     def _signature(self, layer, name: Optional[str]) -> tuple:
-        if name is not None and name in layer.lora_A and _called(layer, name):
+        if name is not None and name in layer.lora_A and layer.calls_modules([name]):
             return _CALLED
         params = _slot_params(layer, name)
         if not params:
