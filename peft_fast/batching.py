@@ -10,10 +10,11 @@ the same batch shape reuses the compiled graph.
 """
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -25,14 +26,18 @@ class AdapterNames(list):
     """The ``adapter_names`` a layer sees: the user's one-name-per-sample list, plus what every layer of one forward
     pass shares. Slots number the model's adapters in one global order, so one token-to-slot mapping (and its
     grouping metadata, built once per batch shape) serves all layers. `owner` is the routing key of the model
-    whose layers take this batch; under beam search an encoder's layers take `encoder` (the original batch)."""
+    whose layers take this batch; under beam search an encoder's layers take `encoder` (the original batch).
+    `prepared`: the owner's layers were readied for these slots before the forward (its batch plan), so that a
+    compiled forward may take their stacks without comparing slot tables (which would guard on the adapters'
+    names, and recompile whenever one is added)."""
 
-    def __init__(self, names: list[str], slot_names: tuple[str, ...], owner: object = None,
-                 encoder: Optional[tuple[frozenset, "AdapterNames"]] = None, device: Optional[torch.device] = None):
+    def __init__(self, names: list[str], slot_names: tuple[Optional[str], ...], owner: object = None,
+                 encoder: Optional[tuple[frozenset, "AdapterNames"]] = None, device: Optional[torch.device] = None,
+                 prepared: bool = False):
         super().__init__(names)
         self.slot_names = slot_names
-        self.owner, self.encoder = owner, encoder
-        index = {n: i for i, n in enumerate(slot_names)}
+        self.owner, self.encoder, self.prepared = owner, encoder, prepared
+        index = {n: i for i, n in enumerate(slot_names) if n is not None}
         # On the model's device from the start: a compiled (or CUDA-graph) forward then reads a device tensor.
         self.sample_slots = torch.tensor([index.get(n, -1) if n != BASE else -1 for n in names], dtype=torch.int32,
                                          device=device)
@@ -134,11 +139,23 @@ class _ServeLock:
 
 
 CURRENT = _Current()
-# Held by every mixed batch for its whole forward (or generate), and by adapter additions and deletions.
+# Held by every mixed batch for its whole forward (or generate), and by what changes adapters (changes_adapters).
 SERVING = _ServeLock()
 # Held while layers write what mixed batches read (their adapter stacks, after an event): threads that start
 # serving at once then write them one at a time, and none reads a half-written or replaced stack.
 PREPARE_LOCK = threading.RLock()
+
+
+def changes_adapters(fn: Callable) -> Callable:
+    """For what changes the adapters mixed batches read (adding, deleting, loading weights, merging, activating,
+    hot-swapping): it waits for the batches other threads are serving and holds new ones until it is done, so that
+    no batch meets half of the change."""
+    @functools.wraps(fn)
+    def changing(*args: Any, **kwargs: Any) -> Any:
+        with SERVING.changing(), PREPARE_LOCK:
+            return fn(*args, **kwargs)
+
+    return changing
 
 
 def batch_for(layer) -> Optional[AdapterNames]:

@@ -15,7 +15,7 @@ from transformers.utils import PushToHubMixin
 
 from . import files
 from .config import CONFIG_NAME, PeftConfig, as_config
-from .batching import SERVING, enter_batch, leave_batch
+from .batching import SERVING, changes_adapters, enter_batch, leave_batch
 from .loading import convert_v4_layout, read_adapter
 from .hub import push_to_hub
 from .model_card import write_model_card
@@ -116,6 +116,10 @@ class PeftModel(*_bases()):
         adapter_names = kwargs.pop("adapter_names", None)
         with self.base_model.mixed_batch(adapter_names, kwargs.get("num_beams")):
             return self.get_base_model().generate(*args, **kwargs)
+
+    @changes_adapters
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return super().load_state_dict(state_dict, strict, assign)
 
     # --- adapters ----------------------------------------------------------------------------------------------
     @unsharded_only("add_adapter")

@@ -15,7 +15,8 @@ the objects it was derived from) and answers:
 """
 from __future__ import annotations
 
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -59,7 +60,7 @@ def must_call(module: nn.Module) -> bool:
 
 def _accelerate_hooks(module: nn.Module) -> list:
     """accelerate's hooks on `module` (a SequentialHook holds several)."""
-    hook = getattr(module, "_hf_hook", None)
+    hook = module.__dict__.get("_hf_hook")  # (an instance attribute: no nn.Module lookup, checked per call)
     return [] if hook is None else list(getattr(hook, "hooks", None) or [hook])
 
 
@@ -67,6 +68,40 @@ def offloaded(module: nn.Module) -> bool:
     """Whether accelerate offloaded `module`'s weights (cpu_offload, a device_map with "cpu" or "disk"): they sit on
     the meta device between forwards and come in through its hook. (A model built on meta is not offloaded.)"""
     return any(getattr(h, "offload", False) for h in _accelerate_hooks(module))
+
+
+def _offload_hook(module: nn.Module):
+    return next((h for h in _accelerate_hooks(module) if getattr(h, "offload", False)), None)
+
+
+@contextmanager
+def onloaded(layer: nn.Module, write_back: bool = False, base_only: bool = False) -> Iterator[None]:
+    """An adapter layer's weights that accelerate offloaded (its base's, and unless `base_only` its adapters'
+    modules'), on their execution device for the block, as PEFT's `onload_layer` brings them in for a merge. With
+    `write_back`, the base's tensors then replace its offloaded copy (in host memory, also for a layer offloaded to
+    disk), so that a merge outlives the block; not when the block raises. Nothing happens where nothing is
+    offloaded. Callers drop what they cached from the onloaded tensors (the base view's caches are dropped here)."""
+    modules = [layer.base_layer] if base_only else layer.modules()
+    hooked = [(m, h) for m in modules if (h := _offload_hook(m)) is not None]
+    if not hooked:
+        yield
+        return
+    from accelerate.utils import named_module_tensors
+
+    for m, h in hooked:
+        h.pre_forward(m)
+    try:
+        yield
+        base = layer.base_layer
+        hook = _offload_hook(base)
+        if write_back and hook is not None:
+            hook.weights_map = {name: t.detach().to("cpu") for name, t in named_module_tensors(base)}
+    finally:
+        for m, h in hooked:
+            h.post_forward(m, torch.tensor([]))
+        view = getattr(layer, "base_view", None)
+        if view is not None:  # values cached from the onloaded weight would keep it on the device
+            view.clear()
 
 
 class BaseView:

@@ -15,7 +15,7 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.nn as nn
 
-from ..batching import PREPARE_LOCK, SERVING, AdapterNames, RoutingKey, routing
+from ..batching import PREPARE_LOCK, SERVING, AdapterNames, RoutingKey, changes_adapters, routing
 from ..config import as_config
 from ..names import BASE_NAME, check_adapter_name
 from . import injection
@@ -110,16 +110,12 @@ class TunerModel(nn.Module):
         """Refuse an adapter that cannot live beside the existing ones (before anything changes)."""
 
     # --- adding and removing -----------------------------------------------------------------------------------
+    @changes_adapters
     def add_adapter(self, adapter_name: str, config: Any, autocast_adapter_dtype: bool = True,
                     init: Optional[object] = None, plan: Optional[injection.Plan] = None,
                     tensors: Optional[dict] = None, source: str = "the adapter") -> None:
         """Plan, check, then inject (and load `tensors`); any failure undoes every change (model, configs, grads).
         It waits for the mixed batches other threads are serving and holds new ones until done (batching.SERVING)."""
-        with SERVING.changing(), PREPARE_LOCK:
-            self._add_adapter(adapter_name, config, autocast_adapter_dtype, init, plan, tensors, source)
-
-    def _add_adapter(self, adapter_name: str, config: Any, autocast_adapter_dtype: bool, init: Optional[object],
-                     plan: Optional[injection.Plan], tensors: Optional[dict], source: str) -> None:
         check_adapter_name(adapter_name)
         config = as_config(config)
         if adapter_name in self.peft_config:
@@ -169,11 +165,8 @@ class TunerModel(nn.Module):
     def after_injection(self, config: Any, seen: Any) -> None:
         """The config the layers saw (`apply_plan`'s result), e.g. to record corrections the layers made."""
 
+    @changes_adapters
     def delete_adapter(self, adapter_name: str) -> None:
-        with SERVING.changing(), PREPARE_LOCK:  # (as add_adapter)
-            self._delete_adapter(adapter_name)
-
-    def _delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name} does not exist")
         layers = [m for _, m in self.adapter_layers()] + [m for _, m in token_wrappers(self.model)]
@@ -222,6 +215,7 @@ class TunerModel(nn.Module):
                     names.append(name)
         return names
 
+    @changes_adapters
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False, _check: bool = True) -> None:
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         if _check:  # every check before any change: a refused call leaves the model as it was
@@ -297,7 +291,8 @@ class TunerModel(nn.Module):
                 module = get_encoder() if callable(get_encoder) else None
                 if module is not None and module is not self.model:
                     ids = frozenset(id(m) for _, m in injection.tuner_layers(module))
-                    encoder = (ids, AdapterNames(list(adapter_names), slots, self._batch_key, device=device))
+                    encoder = (ids, AdapterNames(list(adapter_names), slots, self._batch_key, device=device,
+                                                 prepared=True))
                 adapter_names = [n for n in adapter_names for _ in range(num_beams)]
             if self._batch_key.stale:  # after an event: ready the layers here, outside any compiled forward
                 if any(layer.merged for _, layer in self.adapter_layers()):  # (a merge is an event) refused before
@@ -307,7 +302,7 @@ class TunerModel(nn.Module):
                 for _, layer in self.adapter_layers():
                     layer.prepare_mixed(slots)
                 self._batch_key.stale = False
-        return AdapterNames(list(adapter_names), slots, self._batch_key, encoder, device)
+        return AdapterNames(list(adapter_names), slots, self._batch_key, encoder, device, prepared=True)
 
     def _adapter_device(self) -> Optional[torch.device]:
         """The device of the first adapter part found (per batch: without listing any layer's parameters)."""
@@ -333,20 +328,28 @@ class TunerModel(nn.Module):
         while table and table[-1] is None:
             table.pop()
         self._slots = table
-        return tuple(table)
+        # Padded with free slots to a power of two: the stacks' and batch plans' shapes (which a compiled forward
+        # guards on) then change only when the adapters outgrow it, not with every adapter added or deleted
+        return tuple(table) + (None,) * (_pow2(len(table)) - len(table))
 
     def claim_layers(self) -> None:
         """Mark this model's adapter layers as the ones its mixed batches reach (after layers are added)."""
         for _, m in injection.tuner_layers(self.model):
             m._batch_key = self._batch_key
 
+    @changes_adapters
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return super().load_state_dict(state_dict, strict, assign)
+
     # --- merging -----------------------------------------------------------------------------------------------
+    @changes_adapters
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         self._check_known(adapter_names)
         write_tokens = merge_plan(self.model, adapter_names, safe_merge)  # checked before any layer changes
         injection.merge_layers([m for _, m in self.adapter_layers()], safe_merge, adapter_names)
         write_tokens()
 
+    @changes_adapters
     def unmerge_adapter(self) -> None:
         layers = [m for _, m in list(self.adapter_layers()) + token_wrappers(self.model) if m.merged]
         if not layers:
@@ -362,6 +365,7 @@ class TunerModel(nn.Module):
             if n not in self.peft_config:
                 raise ValueError(f"Adapter {n} not found. Available adapters: {sorted(self.peft_config)}")
 
+    @changes_adapters
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
                          adapter_names: Optional[list[str]] = None, dequantize: bool = False) -> nn.Module:
         """``dequantize=True`` (not in PEFT): merge into 4-bit bases without re-quantizing, returning plain
@@ -373,8 +377,13 @@ class TunerModel(nn.Module):
         write_tokens()
         return model
 
+    @changes_adapters
     def unload(self) -> nn.Module:
         return injection.unload(self.model, merge=False)
+
+
+def _pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 1 else n
 
 
 CONVERTED_FIELDS = ("target_parameters", "rank_pattern", "alpha_pattern")

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ..batching import changes_adapters
 from .base_layer import TunerLayer
 from .modules_to_save import ModulesToSaveWrapper
 from .tied import EMBEDDING_NAMES
@@ -248,6 +249,7 @@ def _base_key(key: str) -> str:
     return re.sub(r"\.modules_to_save\.([^.]+\.)?(?=[^.]+$)", ".", key)
 
 
+@changes_adapters
 def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name: str,
                          source: str = "the adapter") -> None:
     """Copy file-format tensors into an existing adapter's parameters of the adapted model `model`, all or nothing:

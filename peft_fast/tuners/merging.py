@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from ..bases import is_4bit, view_of
 from ..bases.bnb8 import is_bnb_8bit
-from ..bases.view import offloaded
+from ..bases.view import offloaded, onloaded
 from ..bases.nf4_experts import is_nf4_experts
 
 
@@ -77,11 +77,11 @@ def pending(layer, adapter_names: Optional[list[str]], warn: bool = True) -> lis
 
 
 def check_mergeable(layer, names: list[str]) -> None:
-    if names and offloaded(layer.base_layer):
+    if names and offloaded(layer.base_layer) and layer.base_view.requantizes:
         raise NotImplementedError(
-            f"Merging into a base layer offloaded by accelerate ({type(layer.base_layer).__name__} whose weight is "
-            "on the meta device between forwards) is not supported yet: the merge would not reach the offloaded "
-            "copy. Load the base model without offloading (no \"cpu\"/\"disk\" in device_map) to merge.")
+            f"Merging into a quantized base layer offloaded by accelerate ({type(layer.base_layer).__name__} whose "
+            "weight is on the meta device between forwards) is not supported yet. Load the base model without "
+            "offloading (no \"cpu\"/\"disk\" in device_map) to merge.")
     if names and not layer.base_view.mergeable():
         raise NotImplementedError(
             f"Merging into a quantized base layer ({type(layer.base_layer).__name__}) is not supported yet; "
@@ -124,6 +124,11 @@ def _merge(layer, safe_merge: bool, adapter_names: Optional[list[str]], rounding
     check_mergeable(layer, names)
     if not names:
         return
+    with onloaded(layer, write_back=True):  # weights accelerate offloaded: in for the merge, then the merged copy
+        _merge_names(layer, names, safe_merge, rounding)
+
+
+def _merge_names(layer, names: list[str], safe_merge: bool, rounding: _Rounding) -> None:
     view = layer.base_view
     if view.requantizes:
         if safe_merge:
@@ -153,7 +158,8 @@ def merge_layers(layers: list, safe_merge: bool, adapter_names: Optional[list[st
         check_mergeable(layer, pending(layer, adapter_names, warn=False))
     if safe_merge:
         for layer in layers:
-            merged_tensors(layer, pending(layer, adapter_names, warn=False))
+            with onloaded(layer):
+                merged_tensors(layer, pending(layer, adapter_names, warn=False))
     rounding = _Rounding()
     for layer in layers:
         _merge(layer, safe_merge, adapter_names, rounding)
@@ -166,6 +172,11 @@ def unmerge(layer) -> None:
     if not layer.merged:
         warnings.warn("Already unmerged. Nothing to do.")
         return
+    with onloaded(layer, write_back=True):
+        _unmerge(layer)
+
+
+def _unmerge(layer) -> None:
     view = layer.base_view
     rounding, exact, undone = _Rounding(), None, []
     while layer.merged_adapters:

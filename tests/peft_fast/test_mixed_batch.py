@@ -321,10 +321,38 @@ def test_adapters_added_and_deleted_while_threads_serve_other_adapters():
     assert served[0] > 0
 
 
+def _state_of(model, name, scale):
+    return {k: v * scale for k, v in impl.get_peft_model_state_dict(model, adapter_name=name).items()}
+
+
+def _doubled(i, w0):
+    return torch.equal(i.base_model.model.lin0.lora_A["a"].weight, 2 * w0)
+
+
+# What changes the adapters a mixed batch reads, each as a function of the model, and the check that it happened
+# (given adapter a's A in lin0 from before)
+CHANGES = {
+    "add_adapter": (lambda i: i.add_adapter("new", impl.LoraConfig(r=2, target_modules=["lin0", "lin1"])),
+                    lambda i, w0: "new" in i.peft_config),
+    "set_adapter": (lambda i: i.set_adapter("b"), lambda i, w0: i.active_adapter == "b"),
+    "merge_adapter": (lambda i: i.merge_adapter(["a"]), lambda i, w0: i.base_model.model.lin0.merged),
+    "load_state_dict": (lambda i: i.load_state_dict({k: v * 2 for k, v in i.state_dict().items()
+                                                     if "lora_A.a." in k}, strict=False), _doubled),
+    "set_peft_model_state_dict": (lambda i: impl.set_peft_model_state_dict(i, _state_of(i, "a", 2.0), "a"),
+                                  _doubled),
+    "hotswap": (lambda i: impl.hotswap_adapter_from_state_dict(i, _state_of(i, "a", 2.0), "a", i.peft_config["a"]),
+                _doubled),
+    "add_weighted_adapter": (lambda i: i.add_weighted_adapter(["a", "c"], [1.0, 1.0], "ac", "cat"),
+                             lambda i, w0: "ac" in i.peft_config),
+}
+
+
 @peft_fast_only
-def test_an_adapter_change_waits_for_the_batch_in_flight():
-    """A batch paused inside its forward (at its first layer): add_adapter in another thread waits until it is done,
-    so the batch finishes with the model it started with."""
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_an_adapter_change_waits_for_the_batch_in_flight(change):
+    """A batch paused inside its forward (at its first layer): a change of adapters in another thread (adding one,
+    activating, merging, loading weights, hot-swapping) waits until it is done, so the batch finishes with the
+    model it started with."""
     import threading
 
     _, r, i = _three("mlp")
@@ -335,13 +363,15 @@ def test_an_adapter_change_waits_for_the_batch_in_flight():
     got = []
     handle = i.base_model.model.lin0.register_forward_pre_hook(
         lambda m, args: (inside.set(), release.wait(timeout=30)) and None)
+    make, happened = CHANGES[change]
+    w0 = i.base_model.model.lin0.lora_A["a"].weight.detach().clone()
 
     def serve():
         with torch.no_grad():
             got.append(out(i, x, adapter_names=list(NAMES)))
 
     def change():
-        i.add_adapter("new", impl.LoraConfig(r=2, target_modules=["lin0", "lin1"]))
+        make(i)
         added.set()
 
     server = threading.Thread(target=serve)
@@ -356,5 +386,5 @@ def test_an_adapter_change_waits_for_the_batch_in_flight():
         server.join(timeout=30)
         changer.join(timeout=30)
         handle.remove()
-    assert added.is_set() and "new" in i.peft_config
+    assert added.is_set() and happened(i, w0)
     assert_close(got[0], expected)

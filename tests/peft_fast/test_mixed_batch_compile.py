@@ -168,3 +168,31 @@ def test_compiled_layers_share_the_batch_plan(fresh, monkeypatch):
         got = torch.compile(model, backend="eager")(input_ids=ids, adapter_names=mix).logits
     assert_close(got, want)
     assert 0 < eager < layers and len(plans) == eager, (eager, len(plans), layers)
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "nf4"])
+def test_adding_adapters_recompiles_only_when_the_slots_double(fresh, kind):
+    """A server adding adapters to a compiled model: its layers' slots grow by doubling (1, 2, 4, 8, ...), and only
+    a doubling compiles anew, not each adapter nor a deletion. Outputs stay eager's (the newest adapters in the
+    mix, and one in a slot a deleted adapter left)."""
+    model, ids, cnt = _model(kind), _ids(), CompileCounter()
+    cfg = peft_fast.LoraConfig(**default_cfg("llama", use_dora=kind == "dora", init_lora_weights=False))
+    compiled = torch.compile(model, backend=cnt)
+    names, counts = ["a", "b"], []
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for step in range(9):  # 2, 3, ..., 9 adapters, then one deleted: 8
+            mix = [names[-1], names[0], "__base__", names[-2]]
+            assert_close(compiled(input_ids=ids, adapter_names=mix).logits,
+                         model(input_ids=ids, adapter_names=mix).logits, msg=f"{len(names)} adapters")
+            counts.append(cnt.frame_count)
+            if step == 7:
+                model.delete_adapter(names.pop(1))  # a hole in the slot table
+            else:
+                names.append(f"x{step}")
+                torch.manual_seed(step)
+                model.add_adapter(names[-1], cfg)
+    g = counts[0]
+    # 2 adapters: compiled once; 3 (4 slots), 5 (8 slots) and 9 (16 slots) compile again; 4, 6, 7, 8 adapters and
+    # the deletion do not
+    assert counts == [g, 2 * g, 2 * g, 3 * g, 3 * g, 3 * g, 3 * g, 4 * g, 4 * g], counts

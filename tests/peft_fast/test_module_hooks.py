@@ -181,23 +181,73 @@ def _layer_of(model):
     return model.base_model.model.model.layers[1].self_attn.q_proj
 
 
-@peft_fast_only
-def test_offloaded_layers_refuse_merges_and_dora_and_stay_unchanged():
-    """Not yet supported (PEFT onloads the layer for both): refused, the model as it was."""
+def test_merging_into_offloaded_layers_as_in_peft():
+    """cpu_offload after creating the adapter: merging brings each layer's weights in, merges, and writes the
+    merged weight back to the offloaded copy (PEFT's onload_layer); unmerging and merge_and_unload too."""
+    accelerate = pytest.importorskip("accelerate")
+
+    x = inputs("llama")
+    _, r, i = make_pair("llama")
+    r.eval()
+    with torch.no_grad():
+        want = out(r, x)
+        r.merge_adapter()
+        want_merged = out(r, x)
+        r.unmerge_adapter()
+        accelerate.cpu_offload(i.eval(), execution_device="cpu")
+        i.merge_adapter()
+        assert _layer_of(i).base_layer.weight.device.type == "meta" and _layer_of(i).merged
+        assert_close(out(i, x), want_merged)
+        i.unmerge_adapter()
+        assert_close(out(i, x), want)
+        assert_close(out(i.merge_and_unload(), x), want_merged)
+
+
+def _offloaded_dora_pair():
+    """A DoRA adapter created over a base whose layers accelerate offloaded (the adapter itself is not), and its
+    twin over the same base in memory."""
     accelerate = pytest.importorskip("accelerate")
     import tiny_models
 
-    x = inputs("llama")
-    _, _, i = make_pair("llama")
-    accelerate.cpu_offload(i, execution_device="cpu")
-    with torch.no_grad():
-        before = out(i.eval(), x)
-        with pytest.raises(NotImplementedError, match="offloaded"):
-            i.merge_and_unload()
-        assert_close(out(i, x), before)
+    cfg = dict(target_modules=["q_proj", "v_proj"], use_dora=True, init_lora_weights=False)
+    twin_base = tiny_models.base_model("llama")
+    torch.manual_seed(0)
+    twin = tiny_models.impl.get_peft_model(twin_base, tiny_models.impl.LoraConfig(**cfg))
     base = accelerate.cpu_offload(tiny_models.base_model("llama"), execution_device="cpu")
-    with pytest.raises(NotImplementedError, match="offloaded"):
-        tiny_models.impl.get_peft_model(base, tiny_models.impl.LoraConfig(target_modules=["q_proj"], use_dora=True))
+    torch.manual_seed(0)
+    return twin, tiny_models.impl.get_peft_model(base, tiny_models.impl.LoraConfig(**cfg))
+
+
+@peft_fast_only
+def test_dora_over_offloaded_layers():
+    """Beyond PEFT, whose DoRA reads the offloaded (meta) weight and fails: DoRA's norms bring the base weight in
+    for its magnitude, forward, training, mixed batches and merges, and keep nothing of it afterwards (the
+    offloaded layer stays off the device)."""
+    twin, model = _offloaded_dora_pair()
+    x = inputs("llama")
+    assert _layer_of(model).base_layer.weight.device.type == "meta"
+    adapters = dict(model.named_parameters())
+    for n, a in twin.named_parameters():
+        if "lora_" in n:  # the magnitudes: ||W + s·B·A|| of the offloaded W
+            assert_close(adapters[n], a, msg=n)
+    assert_close(loss_of(model, x), loss_of(twin, x))
+    loss_of(model, x).backward()
+    loss_of(twin, x).backward()
+    for n, a in twin.named_parameters():
+        if a.requires_grad:
+            assert_close(adapters[n].grad, a.grad, msg=n)
+    twin.eval(), model.eval()
+    names = ["default", "__base__", "default"]
+    with torch.no_grad():
+        assert_close(out(model, x), out(twin, x))
+        assert_close(out(model, x, adapter_names=names), out(twin, x, adapter_names=names))
+        twin.merge_adapter(), model.merge_adapter()
+        assert_close(out(model, x), out(twin, x))
+        twin.unmerge_adapter(), model.unmerge_adapter()
+        assert_close(out(model, x), out(twin, x))
+    layer = _layer_of(model)
+    assert layer.base_layer.weight.device.type == "meta"
+    assert layer.base_view.norm_sq is None and all(v._eval is None for v in layer.lora_variant.values())
 
 
 @peft_fast_only
@@ -238,8 +288,9 @@ def test_offload_seen_through_a_sequential_hook():
         add_hook_to_module(base.lin0, ModelHook(), append=True)
         return base
 
-    with pytest.raises(NotImplementedError, match="offloaded"):
-        tiny_models.impl.get_peft_model(offloaded_base(), tiny_models.impl.LoraConfig(target_modules=["lin0"],
-                                                                                       use_dora=True))
     model = tiny_models.impl.get_peft_model(offloaded_base(), tiny_models.impl.LoraConfig(target_modules=["lin0"]))
     assert model.base_model.model.lin0.lora_A["default"].weight.device.type == "cpu"
+    dora = tiny_models.impl.get_peft_model(offloaded_base(), tiny_models.impl.LoraConfig(target_modules=["lin0"],
+                                                                                           use_dora=True))
+    weight = tiny_models.base_model("mlp").lin0.weight  # DoRA's magnitude starts at ||W|| (B = 0): W came in
+    assert_close(dora.base_model.model.lin0.lora_magnitude_vector["default"].weight, weight.norm(dim=1))

@@ -6,6 +6,7 @@ import re
 
 import torch
 
+from ...batching import changes_adapters
 from ..base_model import TunerModel
 from ..modules_to_save import ModulesToSaveWrapper
 from .config import DEFAULT_FEEDFORWARD, DEFAULT_TARGETS
@@ -49,6 +50,7 @@ class IA3Model(TunerModel):
         config.feedforward_modules = seen.feedforward_modules
         config.fan_in_fan_out = seen.fan_in_fan_out  # the layers correct it to their type, as PEFT does
 
+    @changes_adapters
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:
         """Add `adapter_name` whose vectors are Σ weight·vector of `adapters` (PEFT's IA3 add_weighted_adapter: it
         targets the union of their modules; a layer takes the sum over the adapters it holds; a name that exists

@@ -9,15 +9,17 @@ adapter's step in PEFT's order (`loop`). A class mixing this in provides `varian
 """
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
 
 from ...batching import PREPARE_LOCK, AdapterNames
 from ...kernels import multi_lora_, use_triton
-from ...bases.view import global_hooks, must_call
+from ...bases.view import global_hooks, must_call, offloaded, onloaded
 from .stacks import AdapterStacks, StackCache, stack_dtype
 from .variants import op_args
 
@@ -37,6 +39,8 @@ class _LoraPlan:
             return self.fused(x)
         return self.layer.loop(x, self.layer.base_layer(x, *args, **kwargs), self.active)
 
+
+_NO_ADAPTERS = AdapterStacks(*(None,) * 5)  # _readied_stacks: a layer left without adapters
 
 # A LoRA layer's per-adapter modules, as PEFT calls them
 _ADAPTER_MODULES = ("lora_dropout", "lora_A", "lora_B", "lora_magnitude_vector")
@@ -116,7 +120,14 @@ class LoraCompute:
         dtype)."""
         q4 = self.base_view.bnb_order
         modules = self.calls_modules(active)
-        cast = q4 or modules or any(self.variant(n).scales_channels for n in active)
+        dora = any(self.variant(n).scales_channels for n in active)
+        if dora and self._offloaded_dora():
+            with self._dora_onloaded():
+                return self._loop(x, result, active, q4, modules, True)
+        return self._loop(x, result, active, q4, modules, q4 or modules or dora)
+
+    def _loop(self, x: torch.Tensor, result: torch.Tensor, active: list[str], q4: bool, modules: bool,
+              cast: bool) -> torch.Tensor:
         out_dtype = result.dtype
         for name in active:
             if cast:
@@ -131,13 +142,36 @@ class LoraCompute:
 
     def mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
         result = self.base_layer(x, *args, **kwargs)
-        if not self.lora_A:  # every adapter of this layer deleted: it is its base until one is added
-            return result
+        if self._offloaded_dora():
+            with self._dora_onloaded():
+                return self._mixed_deltas(x, result, adapter_names)
+        return self._mixed_deltas(x, result, adapter_names)
+
+    def _offloaded_dora(self) -> bool:
+        """DoRA adapters over a base accelerate offloaded: their scales read its weight, brought in for them. (Not
+        in compiled code, which accelerate's hooks are not: a check there would guard on the adapters' number.)"""
+        return not torch.compiler.is_compiling() and bool(self._modules["lora_magnitude_vector"]._modules) \
+            and offloaded(self.base_layer)
+
+    @contextmanager
+    def _dora_onloaded(self) -> Iterator[None]:
+        with onloaded(self, base_only=True):
+            try:
+                yield
+            finally:
+                for variant in self.lora_variant.values():  # DoRA's eval cache keys on the onloaded weight
+                    variant.clear()
+
+    def _mixed_deltas(self, x: torch.Tensor, result: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
+        stacks = self._readied_stacks(adapter_names, x)
+        if stacks is _NO_ADAPTERS or (stacks is None and not self.lora_A):
+            return result  # every adapter of this layer deleted: it is its base until one is added
         # One shrink and one expand for the whole batch, whatever the number of adapters in it. Nothing here reads
         # the names: under torch.compile another mix of adapters reuses the graph. Unless an adapter module must
         # run as a module (hooks, parametrized weights: checked where the stacks are written, at events).
-        if (isinstance(adapter_names, AdapterNames) and not self._needs_grad(x)
-                and not (stacks := self._stacks(adapter_names.slot_names, x)).modules):
+        if stacks is None and isinstance(adapter_names, AdapterNames) and not self._needs_grad(x):
+            stacks = self._stacks(adapter_names.slot_names, x)
+        if stacks is not None and not stacks.modules:
             x2d, y2d = x.reshape(-1, self.in_features), result.reshape(-1, self.out_features)
             multi_lora_(x2d, y2d, stacks.a, stacks.b, stacks.ranks, stacks.scalings, adapter_names.meta_for(x),
                         stacks.bias,  # added in place: the base output is ours and needs no autograd
@@ -169,6 +203,23 @@ class LoraCompute:
         return x.requires_grad or any(p.requires_grad for d in (self.lora_A, self.lora_B, self.lora_magnitude_vector)
                                       for p in d.parameters())
 
+    def _readied_stacks(self, adapter_names, x: torch.Tensor):
+        """In a compiled forward of a batch whose model readied its layers (the batch plan's prepare_mixed, after
+        the last event): the stacks as prepared, without comparing slot tables or listing this layer's adapters,
+        which would make the graph guard on the adapters' names and number, and recompile with every adapter
+        added. _NO_ADAPTERS: the layer has none. None: take the checked route (eager calls, gradients, a layer
+        not readied or readied for another dtype)."""
+        if not (torch.compiler.is_compiling() and getattr(adapter_names, "prepared", False)) \
+                or torch.is_grad_enabled() or self.training or getattr(self, "_stack_dirty", True):
+            return None
+        cache = self._stack_cache
+        if cache is None:
+            return _NO_ADAPTERS
+        on_triton = use_triton(x)
+        if cache.dtype != stack_dtype(x, cache.adapter_dtype, on_triton) or cache.b_rank_major == on_triton:
+            return None
+        return cache.stacks
+
     def _stacks(self, slot_names: tuple[str, ...], x: torch.Tensor) -> AdapterStacks:
         """The adapter slots for the batched kernels (stacks.py), written only where an adapter changed. In eval mode
         they change only with the layer's events (adding, loading, deleting, merging, hotswaps, load_state_dict,
@@ -188,6 +239,7 @@ class LoraCompute:
                     cache = self._stack_cache = StackCache(self, slot_names, dtype, b_rank_major=b_rank_major)
                 else:
                     cache.update(self, slot_names)  # only the slots whose adapter changed are written
+                cache.adapter_dtype = adapter_dtype
                 self._stack_dirty = False
         return cache.stacks
 
@@ -196,6 +248,7 @@ class LoraCompute:
         if not self.lora_A:
             return
         view = self.base_view
-        self._stacks(slot_names, torch.empty(0, dtype=view.dense_dtype, device=view.device))
+        with self._dora_onloaded() if self._offloaded_dora() else contextlib.nullcontext():
+            self._stacks(slot_names, torch.empty(0, dtype=view.dense_dtype, device=view.device))
 
 

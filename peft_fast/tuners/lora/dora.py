@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...bases import view_of
-from ...bases.view import offloaded
+from ...bases.view import onloaded
 from ...kernels import dora_dropout_linear, dora_linear, dora_norm, dora_norm_nf4, lora_linear, nf4_linear, use_triton
 from ...kernels.common.backend import functorch_active, keeps_no_state
 from .variants import LoraVariant, nf4_fallback
@@ -69,11 +69,6 @@ class DoraLinearLayer(nn.Module):
 
 
 def _check_base(layer) -> None:
-    if offloaded(layer.base_layer):
-        raise NotImplementedError(f"DoRA (use_dora=True) over a {type(layer.base_layer).__name__} that accelerate "
-                                  "offloaded (its weight is on the meta device between forwards) is not supported "
-                                  "yet: DoRA's norms read the weight. Load the base model without offloading, or "
-                                  "use LoRA.")
     if not layer.base_view.supports_norms():
         raise NotImplementedError(f"DoRA (use_dora=True) over a {type(layer.base_layer).__name__} base layer is not "
                                   "supported in peft_fast: it needs a floating-point 2-D weight or a 4-bit one "
@@ -127,7 +122,8 @@ class DoraVariant(LoraVariant):
         """PEFT's init: m = ||W + s·B·A|| per row, in the dtype PEFT's sum promotes to (base dtype with the
         adapters')."""
         a, b = layer.adapter_args(name)[:2]
-        norm = self.row_norm(layer, a, b, float(layer.scaling[name]))
+        with onloaded(layer, base_only=True):  # a weight accelerate offloaded comes in for the norm
+            norm = self.row_norm(layer, a, b, float(layer.scaling[name]))
         view = layer.base_view
         wdtype = view.dense_dtype if view.quantized else layer.base_layer.weight.dtype
         ldtype = torch.float16 if a.dtype == torch.float16 else b.dtype

@@ -17,6 +17,7 @@ from typing import Literal, Optional, Union
 import torch
 import torch.nn as nn
 
+from ...batching import changes_adapters
 from ...config import as_config
 from ...loading import read_adapter
 from ..targets import pattern_value
@@ -258,6 +259,7 @@ def _copy(linear: nn.Module, attr: str, value: torch.Tensor, rank_dim: Optional[
 
 
 # --- swapping --------------------------------------------------------------------------------------------------
+@changes_adapters
 def hotswap_adapter_from_state_dict(
     model: nn.Module,
     state_dict: dict[str, torch.Tensor],

@@ -62,6 +62,7 @@ class StackCache:
 
     def __init__(self, layer, slot_names: tuple, dtype: torch.dtype, b_rank_major: bool = False):
         self.dtype, self.b_rank_major = dtype, b_rank_major
+        self.adapter_dtype: Optional[torch.dtype] = None  # the adapters' own dtype, which the stacks' follows
         self.slot_names: tuple = ()
         self.signatures: list = []
         self.capacity = self.r_cap = 0

@@ -58,6 +58,7 @@ from .. import injection
 from ..merge_utils import dare_linear, dare_ties, magnitude_prune, task_arithmetic, ties
 from ..modules_to_save import ModulesToSaveWrapper
 from ..trainable_tokens import TrainableTokensWrapper
+from ...batching import changes_adapters
 from ...config import replace_config
 from ...names import check_adapter_name
 from ...progress import progress
@@ -178,6 +179,7 @@ def _merged_config(tuner, adapters, new_rank, new_targets, source_keys):
     return config, injection.plan_adapter(tuner.model, config, type(tuner))
 
 
+@changes_adapters
 def add_weighted_adapter(tuner, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
                          combination_type: str = "svd", svd_rank: Optional[int] = None,
                          svd_clamp: Optional[float] = None, svd_full_matrices: bool = True,
