@@ -1,6 +1,6 @@
 """Initialisations by name, against PEFT: adapters trained with one of PEFT's initialisations that peft_fast cannot
 run (EVA, CorDA, LoftQ, ...) load, as their weights come from the file; creating one is refused; the names PEFT
-compares lowercased ("Gaussian", "OLoRA") work as in PEFT."""
+compares lowercased ("Gaussian", "OLoRA") work as in PEFT; "orthogonal" draws PEFT's factors."""
 import json
 import warnings
 
@@ -11,7 +11,7 @@ from tiny_models import assert_close, base_model, impl, inputs, make_pair, out, 
 
 # PEFT runs LoftQ's and CorDA's initialisation when loading too (scipy; CorDA's preprocessing on data), so it
 # cannot load those files without them; peft_fast takes the weights from the file.
-PEFT_ONLY = ["eva", "orthogonal", "lora_ga", "mica", pytest.param("loftq", marks=peft_fast_only),
+PEFT_ONLY = ["eva", "lora_ga", "mica", pytest.param("loftq", marks=peft_fast_only),
              pytest.param("corda", marks=peft_fast_only)]
 
 
@@ -57,3 +57,27 @@ def test_init_names_are_compared_lowercased_as_in_peft(init):
     with torch.no_grad():
         assert_close(out(impl_model, x), out(ref_model, x))
     assert impl_model.peft_config["default"].init_lora_weights == init
+
+
+@pytest.mark.parametrize("kind,dora", [("llama", False), ("gpt2", False), ("llama", True)])
+def test_orthogonal_init_as_in_peft(kind, dora):
+    """PEFT's draws in PEFT's order (one seed, the same factors), B·A = 0 at the start, and the same outputs."""
+    base, ref_model, impl_model = make_pair(kind, copy=False, init_lora_weights="orthogonal", use_dora=dora)
+    ref_params = dict(ref_model.named_parameters())
+    for n, p in impl_model.named_parameters():
+        assert_close(p, ref_params[n], msg=n)
+        if n.endswith("lora_A.default.weight"):
+            assert p.abs().sum() > 0
+    x = inputs(kind)
+    with torch.no_grad():
+        assert_close(out(impl_model.eval(), x), out(ref_model.eval(), x))
+        assert_close(out(impl_model, x), out(base.eval(), x))  # B·A = 0
+
+
+def test_orthogonal_init_needs_an_even_rank_as_in_peft():
+    from tiny_models import ref
+
+    for lib in (ref, impl):
+        with pytest.raises(ValueError, match="requires the LoRA rank to be even, got 3"):
+            lib.get_peft_model(base_model("llama"), lib.LoraConfig(r=3, target_modules=["q_proj"],
+                                                                   init_lora_weights="orthogonal"))

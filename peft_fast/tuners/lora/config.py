@@ -7,8 +7,8 @@ from typing import Any, Optional, Union
 
 from ...config import ConfigError, PeftConfig
 
-SUPPORTED_INITS = (True, False, "gaussian", "pissa", "pissa_niter_[n]", "olora")
-PEFT_ONLY_INITS = ("loftq", "eva", "corda", "orthogonal", "lora_ga", "mica")
+SUPPORTED_INITS = (True, False, "gaussian", "pissa", "pissa_niter_[n]", "olora", "orthogonal")
+PEFT_ONLY_INITS = ("loftq", "eva", "corda", "lora_ga", "mica")
 
 # PEFT's defaults for target_modules=None, by transformers model_type (its LoRA table; LoHa's and LoKr's too).
 GEMMA4_TARGETS = r".*language_model\..*\.(q_proj|v_proj)"  # PEFT's default for gemma4: a regex (its text part)
@@ -122,7 +122,7 @@ class LoraConfig(PeftConfig):
         # A PEFT-only initialisation is a valid config (its adapters load: the weights come from the file);
         # creating an adapter with it is refused (LoraModel.check_init).
         if not (isinstance(init, bool) or (isinstance(init, str) and init.lower() in ("gaussian", "olora"))
-                or init == "pissa" or _is_pissa_niter(init) or peft_only_init(init)):
+                or init in ("pissa", "orthogonal") or _is_pissa_niter(init) or peft_only_init(init)):
             raise ValueError(f"Unknown initialization init_lora_weights={init!r}; use one of {SUPPORTED_INITS}.")
         if isinstance(self.target_parameters, str):
             raise TypeError("`target_parameters` must be a list of strings or None.")

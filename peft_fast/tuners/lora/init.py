@@ -73,8 +73,25 @@ def olora(layer, name: str) -> None:
     _write_residual(layer, residual, dtype)
 
 
+def orthogonal(layer, name: str) -> None:
+    """PEFT's orthogonal init (its draws, in its order): A and B from the odd and even rows of one random orthogonal
+    r×r matrix, so that B·A = 0 at the start while neither factor is zero."""
+    r = layer.r[name]
+    if r % 2 != 0:
+        raise ValueError(f"Orthogonal initialization requires the LoRA rank to be even, got {r} instead.")
+    q, _ = torch.linalg.qr(torch.randn(r, r))
+    weight = layer.get_base_layer().weight  # (PEFT casts to the base's dtype; packed 4-bit codes are not one)
+    dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+    a = torch.randn(layer.in_features, r // 2).mm(q[0::2]).T / 10.0
+    b = torch.randn(r // 2, layer.out_features).T.mm(q[1::2]) / 10.0
+    layer.lora_A[name].weight = nn.Parameter(a.contiguous().to(dtype))
+    layer.lora_B[name].weight = nn.Parameter(b.contiguous().to(dtype))
+
+
 def initialise(layer, name: str, init) -> None:
-    if isinstance(init, str) and init.startswith("pissa"):
+    if init == "orthogonal":  # (compared as is, as PEFT: "Orthogonal" is an unknown init)
+        orthogonal(layer, name)
+    elif isinstance(init, str) and init.startswith("pissa"):
         pissa(layer, name, init)
     elif isinstance(init, str) and init.lower() == "olora":
         olora(layer, name)
