@@ -70,6 +70,8 @@ class NF4Experts(nn.Module):
         state = self._nf4_states[name]
         if tuple(weight.shape) != tuple(state.shape):
             raise ValueError(f"requantize: {name} has shape {tuple(state.shape)}, got {tuple(weight.shape)}")
+        # (in the stack's own dtype, unlike NF4Linear's promoted sum: without a compute dtype the grouped matmuls
+        # compute in it, and no PEFT merge of 4-bit experts exists to match)
         self._set(name, weight.detach().to(state.dtype), state.blocksize, state.nested, state.quant_type)
 
     def _set(self, name: str, weight: torch.Tensor, blocksize: int, double_quant: bool, quant_type: str) -> None:

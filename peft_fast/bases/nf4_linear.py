@@ -186,9 +186,10 @@ class NF4Linear(nn.Module):
         return nf4_dequantize(self.codes(), self.quant_state)
 
     def requantize(self, weight: torch.Tensor) -> None:
-        """Replace the weight by the 4-bit rounding of ``weight`` (merging adapters into this layer)."""
-        dtype = self.quant_state.dtype
-        self._set_weight(weight.detach().to(dtype))
+        """Replace the weight by the 4-bit rounding of ``weight`` (merging adapters into this layer). As PEFT's merge
+        into bitsandbytes' Linear4bit: the sum is quantized in the dtype it was promoted to (float32 adapters over a
+        16-bit base: float32, then also the state's dtype), which rounds the absmax differently from a 16-bit cast."""
+        self._set_weight(weight.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         in_dtype = x.dtype

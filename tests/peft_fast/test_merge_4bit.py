@@ -230,3 +230,39 @@ def test_nan_adapter_safe_merge_refused_untouched(model_dir, dequantize):
     assert type(model.base_model.model.model.layers[0].self_attn.q_proj).__name__ == "LoraLinear"
     model.base_model.set_adapter("default")
     assert torch.equal(logits(model), out_before)
+
+
+@peft_fast_only
+@pytest.mark.parametrize("case", [CASES[0], CASES[2]], ids=[IDS[0], IDS[2]])
+def test_merging_into_quantized_nf4_layers_gives_peft_bytes_over_bitsandbytes(model_dir, case):
+    """`peft_fast.quantize` layers hold bnb's bytes: a merge re-quantizes the promoted sum (float32 adapters over a
+    bf16 base: float32) as PEFT does over Linear4bit, so the packed codes, absmax and the state's dtype stay
+    bnb's, and the merged model dequantizes to the same weights."""
+    from transformers import LlamaForCausalLM
+
+    ref_model, _ = make_pair(model_dir, case)
+    dtype, _, double, quant_type = case
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = impl.quantize(LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype), quant_type=quant_type,
+                             double_quant=double)
+        model = impl.get_peft_model(base, impl.LoraConfig(**lora_kw()))
+    r_p = dict(ref_model.named_parameters())
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                assert p.dtype == r_p[n].dtype == torch.float32, n
+                p.copy_(r_p[n])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref_merged, merged = ref_model.merge_and_unload(), model.merge_and_unload()
+    want, got = four_bit(ref_merged), {n: m for n, m in merged.named_modules() if type(m).__name__ == "NF4Linear"}
+    assert set(want) == set(got) and want
+    for n in want:
+        codes, qs = unpacked(want[n].weight)
+        assert got[n].quant_state.dtype == qs.dtype, n
+        assert torch.equal(got[n].codes(), codes) and torch.equal(got[n].quant_state.absmax, qs.absmax), n
+        if qs.nested:
+            assert torch.equal(got[n].quant_state.nested_absmax, qs.state2.absmax), n
+            assert torch.equal(got[n].quant_state.offset, qs.offset), n
+        assert torch.equal(got[n].dequantize(), bnb.functional.dequantize_4bit(codes, qs)), n

@@ -1,13 +1,14 @@
 """add_weighted_adapter: PEFT's merged adapters (every combination type, same seeds for DARE), PEFT's config and
 errors, files that load in PEFT; and, where PEFT 0.21.2 is wrong, the mathematically right merged delta."""
+import copy
 import json
 import warnings
 
 import pytest
 import torch
 
-from tiny_models import (AGAINST_PEFT, add_both, assert_close, assert_unchanged, base_model, inputs, make_pair, out,
-                         peft_fast_only, ref, snapshot)
+from tiny_models import (AGAINST_PEFT, add_both, assert_close, assert_unchanged, base_model, copy_weights, default_cfg,
+                         impl, inputs, make_pair, out, peft_fast_only, ref, snapshot)
 
 ALL_TYPES = ["svd", "linear", "cat", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
              "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd"]
@@ -385,3 +386,33 @@ def test_pissa_init_not_rerun_on_the_base():
     assert not torch.equal(r.state_dict()[key], before_r)
     assert torch.equal(i.state_dict()[key], before_i)
     _close_to(_deltas(i), _weighted_sum(i, _layers(i)))
+
+
+@pytest.mark.parametrize("autocast", [True, False], ids=["autocast", "no-autocast"])
+@pytest.mark.parametrize("ctype", ["cat", "linear", "dare_ties", "svd"])
+def test_merged_adapter_dtype_over_a_bf16_model_as_peft(ctype, autocast):
+    """PEFT injects the merged adapter without upcasting: "cat" writes into it (the base's bf16), the factor types
+    assign the sources' dtype and the SVD types float32 at least, whatever `autocast_adapter_dtype` the sources
+    were made with."""
+    base = base_model("llama").to(torch.bfloat16)
+    models = []
+    for lib in (ref, impl):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.manual_seed(0)
+            m = lib.get_peft_model(copy.deepcopy(base), lib.LoraConfig(**default_cfg("llama", r=4)),
+                                   adapter_name="a0", autocast_adapter_dtype=autocast)
+            for k in (1, 2):
+                torch.manual_seed(k)
+                m.add_adapter(f"a{k}", lib.LoraConfig(**default_cfg("llama", r=4)), autocast_adapter_dtype=autocast)
+        models.append(m)
+    r, i = models
+    copy_weights(r, i)
+    _merge_both(r, i, combination_type=ctype, density=0.5)
+    want, got = dict(r.named_parameters()), dict(i.named_parameters())
+    merged = [n for n in want if ".merged." in n]
+    assert merged
+    for n in merged:
+        assert got[n].dtype == want[n].dtype, (n, got[n].dtype, want[n].dtype)
+    _assert_same_deltas({n: d.float() for n, d in _deltas(i).items()}, {n: d.float() for n, d in _deltas(r).items()},
+                        atol=1e-2 if ctype == "cat" or not autocast else 1e-5)

@@ -203,7 +203,10 @@ def add_weighted_adapter(tuner, adapters: Sequence[str], weights: Sequence[float
     # Same init as PEFT (its random draws come before DARE's masks), except inits that rewrite the base weights.
     # (an initialisation peft_fast cannot run is skipped too: the merge writes every factor)
     skip_init = rewrites_base(config.init_lora_weights) or peft_only_init(config.init_lora_weights)
-    tuner.add_adapter(adapter_name, config, init=False if skip_init else None, plan=plan)
+    # PEFT injects the merged adapter without upcasting it (in the base's dtype), then "cat" writes into it while
+    # the other types assign new factors: the sources' dtype, float32 at least for the SVD types.
+    tuner.add_adapter(adapter_name, config, autocast_adapter_dtype=False, init=False if skip_init else None,
+                      plan=plan)
     layers = [m for _, m in tuner.adapter_layers() if adapter_name in m.lora_A]
     bar = progress(len(layers), progressbar, "Merging adapters")
     try:
@@ -217,9 +220,11 @@ def add_weighted_adapter(tuner, adapters: Sequence[str], weights: Sequence[float
                 for layer in layers:
                     if combination_type == "cat":
                         a_new, b_new = _cat(layer, adapters, weights)
+                        dtype = None
                     else:
                         a_new, b_new = _merge_factors(layer, adapters, weights, merge)
-                    _write(layer, adapter_name, a_new, b_new, adapters, weights)
+                        dtype = layer.lora_A[_sources(layer, adapters, weights)[0][0]].weight.dtype
+                    _write(layer, adapter_name, a_new, b_new, adapters, weights, dtype)
                     bar.update(1)
     except BaseException:
         tuner.delete_adapter(adapter_name)
@@ -264,10 +269,12 @@ def _merge_factors(layer, adapters, weights, merge):
     return a_new, merge(b_list, torch.tensor(w_b).to(b_list[0].device))
 
 
-def _write(layer, name, a_new, b_new, adapters, weights) -> None:
+def _write(layer, name, a_new, b_new, adapters, weights, dtype=None) -> None:
     """Store factors whose product, times the merged adapter's own scaling, is the intended delta; zero-pad ranks
-    below the adapter's r."""
+    below the adapter's r. `dtype`: the factors' new dtype (None: keep the injected one)."""
     a, b = layer.lora_A[name], layer.lora_B[name]
+    if dtype is not None and a.weight.dtype != dtype:
+        a, b = a.to(dtype), b.to(dtype)
     s_new = float(layer.scaling[name])
     if s_new != 1.0:  # rsLoRA: lora_alpha/sqrt(r) != 1. PEFT keeps the factors as they are (bug 1)
         a_new, b_new = a_new / math.sqrt(s_new), b_new / math.sqrt(s_new)
@@ -329,7 +336,7 @@ def _svd_merge(layers, adapters, weights, name, combination_type, merge, new_ran
                 hi = _row_quantile(torch.cat([u.flatten(1), vh.flatten(1)], dim=1), clamp)[:, None, None]
                 u, vh = u.clamp(-hi, hi), vh.clamp(-hi, hi)
             for i, (layer, _) in enumerate(chunk):
-                _write(layer, name, vh[i], u[i], adapters, weights)
+                _write(layer, name, vh[i], u[i], adapters, weights, vh.dtype)
             bar.update(len(chunk))
 
 
