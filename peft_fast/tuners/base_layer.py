@@ -129,6 +129,18 @@ class TunerLayer(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.base_layer.weight
 
+    # A convolution base's geometry, which models read back from the layers they built (Whisper's encoder:
+    # conv1.stride[0]); PEFT's layers lack it, so adapting Whisper's convolutions fails there. Over other bases these
+    # raise AttributeError, as on the base itself.
+    in_channels = property(lambda self: self.base_layer.in_channels)
+    out_channels = property(lambda self: self.base_layer.out_channels)
+    kernel_size = property(lambda self: self.base_layer.kernel_size)
+    stride = property(lambda self: self.base_layer.stride)
+    padding = property(lambda self: self.base_layer.padding)
+    dilation = property(lambda self: self.base_layer.dilation)
+    groups = property(lambda self: self.base_layer.groups)
+    padding_mode = property(lambda self: self.base_layer.padding_mode)
+
     @property
     def bias(self) -> Optional[torch.Tensor]:
         return getattr(self.base_layer, "bias", None)

@@ -342,3 +342,37 @@ def test_hotswap_of_convolutions(tmp_path):
     with pytest.raises(NotImplementedError, match="conv0"):
         i.add_weighted_adapter(["default"], [1.0], "merged")
     assert_unchanged(grouped, snap)
+
+
+@peft_fast_only
+@pytest.mark.parametrize("tuner", ["lora", "loha"])
+def test_adapters_on_whisper_convolutions(tuner):
+    """Whisper's encoder reads conv1.stride and conv2.stride from the layers it holds: adapter layers show the
+    base's geometry (PEFT's lack it and fail there: AttributeError 'stride'), and the adapted model is its merged
+    model."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    cfg = WhisperConfig(vocab_size=100, num_mel_bins=8, encoder_layers=1, decoder_layers=1, d_model=16,
+                        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+                        max_source_positions=8, max_target_positions=16, decoder_start_token_id=1, pad_token_id=0,
+                        eos_token_id=2, bos_token_id=1)
+    torch.manual_seed(0)
+    base = WhisperForConditionalGeneration(cfg).eval()
+    feats, dec = torch.randn(2, 8, 16), torch.tensor([[1, 5, 6], [1, 7, 8]])
+    targets = ["conv1", "conv2", "q_proj"]
+    config = (impl.LoraConfig(r=2, target_modules=targets, init_lora_weights=False) if tuner == "lora" else
+              impl.LoHaConfig(r=2, target_modules=targets, init_weights=False))
+    model = impl.get_peft_model(copy.deepcopy(base), config)
+    enc = model.base_model.model.model.encoder
+    for name in ("conv1", "conv2"):
+        wrapped, plain = getattr(enc, name), getattr(base.model.encoder, name)
+        assert type(wrapped).__name__ == ("LoraConv1d" if tuner == "lora" else "LoHaLayer")
+        for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                     "padding_mode"):
+            assert getattr(wrapped, attr) == getattr(plain, attr), (name, attr)
+    with torch.no_grad():
+        got = model(input_features=feats, decoder_input_ids=dec).logits
+        merged = copy.deepcopy(model).merge_and_unload()(input_features=feats, decoder_input_ids=dec).logits
+        plain = base(input_features=feats, decoder_input_ids=dec).logits
+    assert_close(got, merged, atol=1e-5, rtol=1e-5)
+    assert (got - plain).abs().max() > 1e-4  # the adapters do act (well above the 1e-5 tolerance)
