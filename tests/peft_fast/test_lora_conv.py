@@ -321,7 +321,7 @@ def test_dora_on_a_grouped_convolution_is_refused():
 @peft_fast_only
 def test_hotswap_of_convolutions(tmp_path):
     """A prepared model takes a smaller-rank adapter in place: the outputs of that adapter loaded fresh. Grouped
-    convolutions are refused up front; add_weighted_adapter over convolutions too."""
+    convolutions are refused up front."""
     from peft_fast.tuners.lora import hotswap
 
     _, i = pair()
@@ -339,8 +339,6 @@ def test_hotswap_of_convolutions(tmp_path):
     snap = snapshot(grouped)
     with pytest.raises(ValueError, match="groups=2"):
         hotswap.prepare_model_for_compiled_hotswap(grouped, target_rank=8)
-    with pytest.raises(NotImplementedError, match="conv0"):
-        i.add_weighted_adapter(["default"], [1.0], "merged")
     assert_unchanged(grouped, snap)
 
 
@@ -376,3 +374,58 @@ def test_adapters_on_whisper_convolutions(tuner):
         plain = base(input_features=feats, decoder_input_ids=dec).logits
     assert_close(got, merged, atol=1e-5, rtol=1e-5)
     assert (got - plain).abs().max() > 1e-4  # the adapters do act (well above the 1e-5 tolerance)
+
+
+WEIGHTED_TYPES = ["cat", "linear", "ties", "dare_ties", "magnitude_prune", "svd", "ties_svd", "dare_linear_svd",
+                  "magnitude_prune_svd"]
+
+
+def _weighted_deltas(model):
+    return {n: m.get_delta_weight("merged") for n, m in model.named_modules()
+            if hasattr(m, "lora_A") and "merged" in m.lora_A}
+
+
+@pytest.mark.parametrize("ctype", WEIGHTED_TYPES)
+def test_add_weighted_adapter_over_convolutions_matches_peft(ctype, tmp_path):
+    """The Conv2d layers (PEFT's SVD types reshape only Conv2d deltas: its SVD merges fail on the Conv1d, see
+    the next test): the same merged deltas, under one seed for DARE's draws, and the file loads in PEFT."""
+    targets = ["conv0", "conv1"]
+    r, i = pair(target_modules=targets)
+    add_both(r, i, "b", seed=3, target_modules=targets)
+    for m in (r, i):
+        torch.manual_seed(7)
+        m.add_weighted_adapter(["default", "b"], [0.6, -0.9], "merged", combination_type=ctype, density=0.5)
+    want, got = _weighted_deltas(r), _weighted_deltas(i)
+    assert set(want) == set(got) == {"base_model.model.conv0", "base_model.model.conv1"}
+    for n in want:
+        assert_close(got[n], want[n], atol=1e-5, rtol=1e-5, msg=n)
+    for m in (r, i):
+        m.set_adapter("merged")
+        m.eval()
+    x = inputs()
+    with torch.no_grad():
+        assert_close(out(i, x), out(r, x), atol=1e-5, rtol=1e-5)
+    i.save_pretrained(str(tmp_path), selected_adapters=["merged"])
+    loaded = ref.PeftModel.from_pretrained(base(), str(tmp_path / "merged")).eval()
+    with torch.no_grad():
+        assert_close(out(loaded, x), out(i, x), atol=1e-5, rtol=1e-5)
+
+
+@peft_fast_only
+@pytest.mark.parametrize("ctype", ["cat", "svd", "magnitude_prune_svd"])  # (density 1: the plain sum)
+def test_add_weighted_adapter_over_a_conv1d_is_the_combined_delta(ctype):
+    """PEFT's SVD merges take a Conv1d's [out, in, k] delta as a batch of matrices and fail ("size mismatch"):
+    here every convolution's delta is flattened to [out, in·k] for the SVD, so at full rank the merged adapter is
+    the weighted sum of the deltas exactly."""
+    _, i = pair()
+    torch.manual_seed(3)
+    i.add_adapter("b", impl.LoraConfig(**cfg()))  # init_lora_weights=False: random factors of its own
+    i.add_weighted_adapter(["default", "b"], [0.6, -0.9], "merged", combination_type=ctype, svd_rank=8,
+                           density=1.0)
+    layers = {n: m for n, m in i.named_modules() if hasattr(m, "lora_A") and "merged" in m.lora_A}
+    assert type(layers["base_model.model.conv2"]).__name__ == "LoraConv1d"
+    for n, m in layers.items():
+        exact = 0.6 * m.get_delta_weight("default") - 0.9 * m.get_delta_weight("b")
+        assert m.lora_A["merged"].weight.shape[1:] == m.lora_A["default"].weight.shape[1:], n
+        assert m.lora_B["merged"].weight.shape[2:] == m.lora_B["default"].weight.shape[2:], n
+        assert_close(m.get_delta_weight("merged"), exact, atol=2e-6, rtol=1e-5, msg=n)

@@ -301,7 +301,7 @@ def test_all_linear_leaves_embeddings_alone():
 
 
 @peft_fast_only
-def test_hotswap_and_weighted_merge_are_refused_clearly():
+def test_hotswap_is_refused_clearly():
     from peft_fast.tuners.lora import hotswap
 
     _, i = pair()
@@ -311,8 +311,6 @@ def test_hotswap_and_weighted_merge_are_refused_clearly():
     state = {k: v for k, v in i.state_dict().items() if "lora_" in k}
     with pytest.raises(ValueError, match="embed_tokens.*lora.Embedding"):
         hotswap.hotswap_adapter_from_state_dict(i, state, "default", impl.LoraConfig(**cfg()))
-    with pytest.raises(NotImplementedError, match="embed_tokens"):
-        i.add_weighted_adapter(["default"], [1.0], "merged")
     assert_unchanged(i, snap)
 
 
@@ -338,3 +336,65 @@ def test_embedding_and_conv_models_run_after_deepcopy_and_pickle():
         torch.testing.assert_close(run(clone), want)
         clone.merge_adapter()
         torch.testing.assert_close(run(clone), want, atol=1e-5, rtol=1e-5)
+
+
+WEIGHTED_TYPES = ["cat", "linear", "ties", "dare_ties", "magnitude_prune", "svd", "ties_svd", "dare_linear_svd",
+                  "magnitude_prune_svd"]
+
+
+def _weighted_deltas(model):
+    return {n: m.get_delta_weight("merged") for n, m in model.named_modules()
+            if hasattr(m, "r") and "merged" in m.r}
+
+
+@pytest.mark.parametrize("ctype", WEIGHTED_TYPES)
+def test_add_weighted_adapter_over_embeddings_matches_peft(ctype, tmp_path):
+    """The embedding's factors combined as PEFT combines lora_embedding_A/B (its SVD types on the transposed
+    delta), beside q_proj's: the same deltas under one seed, outputs, and a file PEFT loads."""
+    r, i = pair()
+    add_both(r, i, "b", seed=3)
+    for m in (r, i):
+        torch.manual_seed(7)
+        m.add_weighted_adapter(["default", "b"], [0.6, -0.9], "merged", combination_type=ctype, density=0.5)
+    want, got = _weighted_deltas(r), _weighted_deltas(i)
+    assert set(want) == set(got) and any("embed_tokens" in n for n in want)
+    tol = 5e-5 if ctype == "svd" else 1e-5  # "svd": QRs of the factors here, a dense SVD in PEFT
+    for n in want:
+        assert_close(got[n], want[n], atol=tol, rtol=1e-5, msg=n)
+    for m in (r, i):
+        m.set_adapter("merged")
+        m.eval()
+    with torch.no_grad():
+        assert_close(out(i, ids()), out(r, ids()), atol=1e-5, rtol=1e-5)
+    i.save_pretrained(str(tmp_path), selected_adapters=["merged"])
+    loaded = ref.PeftModel.from_pretrained(llama(), str(tmp_path / "merged")).eval()
+    with torch.no_grad():
+        assert_close(out(loaded, ids()), out(i, ids()), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("ctype", ["cat", "linear", "svd"])
+def test_add_weighted_adapter_over_bf16_embeddings_gives_peft_dtypes(ctype):
+    """Sources kept in bf16 (autocast_adapter_dtype=False): "cat" and the factor types keep bf16 factors, the SVD
+    types make float32 ones, as in PEFT (the embedding's factors are parameters, not modules, so they are replaced)."""
+    base = llama().to(torch.bfloat16)
+    models = []
+    for lib in (ref, impl):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.manual_seed(0)
+            m = lib.get_peft_model(copy.deepcopy(base), lib.LoraConfig(**cfg()), autocast_adapter_dtype=False)
+            torch.manual_seed(3)
+            m.add_adapter("b", lib.LoraConfig(**cfg()), autocast_adapter_dtype=False)
+        models.append(m)
+    r, i = models
+    copy_weights(r, i)
+    for m in (r, i):
+        m.add_weighted_adapter(["default", "b"], [0.6, -0.9], "merged", combination_type=ctype)
+    want, got = dict(r.named_parameters()), dict(i.named_parameters())
+    merged = [n for n in want if ".merged" in n]
+    assert any("lora_embedding_A.merged" in n for n in merged)
+    for n in merged:
+        assert got[n].dtype == want[n].dtype and not got[n].requires_grad, n
+    wd, gd = _weighted_deltas(r), _weighted_deltas(i)
+    for n in wd:  # "svd": PEFT's SVD reads the bf16-rounded delta (about 0.4% off), this one the factors
+        assert_close(gd[n].float(), wd[n].float(), atol=3e-2 if ctype == "svd" else 1e-2, rtol=1e-2, msg=n)

@@ -406,3 +406,17 @@ def test_a_user_written_full_embedding_path_loads_as_in_peft(cfg, tmp_path):
         model.save_pretrained(tmp_path)
         back = impl.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
     assert_close(logits(back), logits(model))
+
+
+@peft_fast_only
+def test_combining_tied_adapters_is_refused_unchanged():
+    """One set of factors serves the embedding and lm_head: combinations written into each layer would overwrite
+    each other (PEFT's merged adapter leaves lm_head out, untying the two layers). Refused before anything changes."""
+    model = wrap(impl, init_lora_weights=False, **CASES["target-embed"])
+    before = logits(model)
+    names = sorted(n for n, _ in model.named_parameters())
+    with pytest.raises(NotImplementedError, match=r"\['default'\].*ensure_weight_tying"):
+        model.add_weighted_adapter(["default"], [0.5], "merged", combination_type="cat")
+    assert list(model.peft_config) == ["default"]
+    assert sorted(n for n, _ in model.named_parameters()) == names
+    assert torch.equal(logits(model), before)

@@ -59,7 +59,6 @@ class LoraConv(LoraLinear):
 
     conv_type: type = nn.Conv2d  # the torch class of the bases (and of lora_A / lora_B)
     kind = "Conv2d"  # PEFT's layer name after "lora."
-    combinable = False  # add_weighted_adapter (weighted.py) combines linear layers' factors only
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, r: int, lora_alpha: float,
                  autocast_adapter_dtype: bool = True):

@@ -49,7 +49,6 @@ class _EmbeddingPlan:
 class LoraEmbedding(LoraLinear):
     """PEFT's ``lora.Embedding``: same attribute names, same parameter names, same semantics."""
 
-    combinable = False  # add_weighted_adapter (weighted.py) combines linear layers' factors only
     ties_to_embedding = False  # a tied embedding (T5's encoder/decoder tables) gets its own adapter, as in PEFT
 
     @classmethod

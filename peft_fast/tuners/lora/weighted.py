@@ -43,6 +43,12 @@ combination of the source deltas ``s_i·B_i·A_i``:
    re-run for the merged adapter (PEFT would rewrite the base weights); only the merged adapter's parameters are
    frozen (PEFT freezes every parameter whose name contains the new name: "m" freezes the whole model).
 6. DARE with ``density=0`` gives zeros (PEFT divides by 0: NaN); see peft_fast.merge_utils.
+7. Convolutions: PEFT's SVD types reshape only Conv2d deltas and fail on Conv1d/Conv3d; here every convolution's
+   delta is flattened to [out, in·kernel] for the SVD and the factors get the kernel dims back.
+
+Embeddings (``lora_embedding_A/B``) and convolutions combine as in PEFT otherwise. Adapters tied by
+``ensure_weight_tying`` are refused: one set of factors serves two layers, and PEFT's merged adapter leaves lm_head
+out (untying it).
 """
 from __future__ import annotations
 
@@ -63,6 +69,7 @@ from ...config import replace_config
 from ...names import check_adapter_name
 from ...progress import progress
 from .config import peft_only_init, rewrites_base
+from .embedding import LoraEmbedding
 
 SVD_TYPES = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
 FACTOR_TYPES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -90,12 +97,10 @@ def check_weighted_adapter(tuner, adapters: Sequence[str], combination_type: str
         if getattr(tuner.peft_config[adapter], "target_parameters", None):
             raise ValueError(f"add_weighted_adapter does not support targeting nn.Parameter (problematic adapter "
                              f"'{adapter}')")
-    refused = [f"{key} ({repr(m).partition('(')[0]})" for key, m in tuner.adapter_layers()
-               if not getattr(m, "combinable", True) and any(m.has_adapter(a) for a in adapters)]
-    if refused:
-        raise NotImplementedError(f"add_weighted_adapter is not supported by peft_fast for LoRA on embedding and "
-                                  f"convolution layers yet, and these adapters have such layers: {', '.join(refused)} "
-                                  "(nothing was changed). Combine the adapters with Hugging Face PEFT.")
+    tied = sorted({a for _, m in tuner.adapter_layers() for a in getattr(m, "tied_adapters", {}) if a in adapters})
+    if tied:  # one set of factors serves two layers: a combination written into each would overwrite the other's
+        raise NotImplementedError(f"add_weighted_adapter: adapters {tied} tie lm_head to the input embedding "
+                                  "(ensure_weight_tying), which combining does not support (nothing was changed).")
     # Trainable-token rows are not combined (PEFT gives the new adapter fresh rows): only module copies clash.
     wrappers = [m for _, m in injection.tuner_layers(tuner.model)
                 if isinstance(m, ModulesToSaveWrapper) and not isinstance(m, TrainableTokensWrapper)]
@@ -157,7 +162,7 @@ def _check_arguments(tuner, adapters, weights, combination_type, density, majori
             raise ValueError(f"svd_driver must be one of {SVD_DRIVERS}, got {svd_driver!r}.")
     if combination_type in FACTOR_TYPES:
         for key, layer in tuner.adapter_layers():
-            layer_ranks = {layer.r[a] for a in adapters if a in layer.lora_A}
+            layer_ranks = {layer.r[a] for a in adapters if layer.has_adapter(a)}
             if len(layer_ranks) > 1:
                 raise ValueError("All adapters must have the same r value when using combination_type linear, "
                                  f"ties, dare_ties or dare_linear; {key} has ranks {sorted(layer_ranks)}.")
@@ -198,7 +203,7 @@ def add_weighted_adapter(tuner, adapters: Sequence[str], weights: Sequence[float
     combination_type, new_rank, new_targets = check_weighted_adapter(tuner, adapters, combination_type, svd_rank)
     _check_arguments(tuner, adapters, weights, combination_type, density, majority_sign_method, svd_clamp,
                      svd_driver)
-    source_keys = {k for k, m in tuner.adapter_layers() if any(a in m.lora_A for a in adapters)}
+    source_keys = {k for k, m in tuner.adapter_layers() if any(m.has_adapter(a) for a in adapters)}
     config, plan = _merged_config(tuner, adapters, new_rank, new_targets, source_keys)
     # Same init as PEFT (its random draws come before DARE's masks), except inits that rewrite the base weights.
     # (an initialisation peft_fast cannot run is skipped too: the merge writes every factor)
@@ -207,7 +212,7 @@ def add_weighted_adapter(tuner, adapters: Sequence[str], weights: Sequence[float
     # the other types assign new factors: the sources' dtype, float32 at least for the SVD types.
     tuner.add_adapter(adapter_name, config, autocast_adapter_dtype=False, init=False if skip_init else None,
                       plan=plan)
-    layers = [m for _, m in tuner.adapter_layers() if adapter_name in m.lora_A]
+    layers = [m for _, m in tuner.adapter_layers() if m.has_adapter(adapter_name)]
     bar = progress(len(layers), progressbar, "Merging adapters")
     try:
         injection.set_adapter_requires_grad(tuner.model, [adapter_name], False)
@@ -223,7 +228,7 @@ def add_weighted_adapter(tuner, adapters: Sequence[str], weights: Sequence[float
                         dtype = None
                     else:
                         a_new, b_new = _merge_factors(layer, adapters, weights, merge)
-                        dtype = layer.lora_A[_sources(layer, adapters, weights)[0][0]].weight.dtype
+                        dtype = _factors(layer, _sources(layer, adapters, weights)[0][0])[0].dtype
                     _write(layer, adapter_name, a_new, b_new, adapters, weights, dtype)
                     bar.update(1)
     except BaseException:
@@ -241,7 +246,7 @@ def _number(what: str, value) -> float:
 
 
 def _sources(layer, adapters, weights):
-    found = [(a, w) for a, w in zip(adapters, weights) if a in layer.lora_A]
+    found = [(a, w) for a, w in zip(adapters, weights) if layer.has_adapter(a)]
     if not found:
         raise ValueError("No matching LoRAs found. Please raise an issue on GitHub.")
     return found
@@ -249,8 +254,8 @@ def _sources(layer, adapters, weights):
 
 def _cat(layer, adapters, weights):
     found = _sources(layer, adapters, weights)
-    a_new = torch.cat([layer.lora_A[a].weight * w * float(layer.scaling[a]) for a, w in found], dim=0)
-    return a_new, torch.cat([layer.lora_B[a].weight for a, _ in found], dim=1)
+    a_new = torch.cat([_factors(layer, a)[0] * w * float(layer.scaling[a]) for a, w in found], dim=0)
+    return a_new, torch.cat([_factors(layer, a)[1] for a, _ in found], dim=1)
 
 
 def _merge_factors(layer, adapters, weights, merge):
@@ -263,32 +268,63 @@ def _merge_factors(layer, adapters, weights, merge):
         root = math.sqrt(abs(ws))
         w_a.append(root if ws >= 0 else -root)
         w_b.append(root)
-    a_list = [layer.lora_A[a].weight.detach() for a, _ in found]
-    b_list = [layer.lora_B[a].weight.detach() for a, _ in found]
+    a_list = [_factors(layer, a)[0].detach() for a, _ in found]
+    b_list = [_factors(layer, a)[1].detach() for a, _ in found]
     a_new = merge(a_list, torch.tensor(w_a).to(a_list[0].device))
     return a_new, merge(b_list, torch.tensor(w_b).to(b_list[0].device))
+
+
+def _factors(layer, name: str) -> tuple:
+    """(A, B) of adapter `name` as PEFT's add_weighted_adapter reads them: the lora_A / lora_B weights ([r, in],
+    [out, r]; a convolution's [r, in, *k], [out, r, 1, ...]), an embedding's lora_embedding_A / B ([r, vocab],
+    [dim, r])."""
+    embedding_a = getattr(layer, "lora_embedding_A", None)
+    if embedding_a is not None and name in embedding_a:
+        return embedding_a[name], layer.lora_embedding_B[name]
+    return layer.lora_A[name].weight, layer.lora_B[name].weight
+
+
+def _cast_factors(layer, name: str, dtype: torch.dtype) -> None:
+    embedding_a = getattr(layer, "lora_embedding_A", None)
+    if embedding_a is not None and name in embedding_a:
+        for params in (embedding_a, layer.lora_embedding_B):
+            old = params[name]
+            params[name] = torch.nn.Parameter(old.data.to(dtype), requires_grad=old.requires_grad)
+    else:
+        layer.lora_A[name].to(dtype)
+        layer.lora_B[name].to(dtype)
+
+
+def _as_matrix(layer, delta: torch.Tensor) -> torch.Tensor:
+    """A delta from get_delta_weight as the matrix B·A factors: [out, in] (a convolution's kernel dims flattened
+    into in; an embedding's [dim, vocab]; transposed back for fan_in_fan_out), as PEFT's SVD merge shapes it."""
+    if delta.dim() > 2:
+        delta = delta.flatten(1)
+    return delta.T if layer.fan_in_fan_out or isinstance(layer, LoraEmbedding) else delta
 
 
 def _write(layer, name, a_new, b_new, adapters, weights, dtype=None) -> None:
     """Store factors whose product, times the merged adapter's own scaling, is the intended delta; zero-pad ranks
     below the adapter's r. `dtype`: the factors' new dtype (None: keep the injected one)."""
-    a, b = layer.lora_A[name], layer.lora_B[name]
-    if dtype is not None and a.weight.dtype != dtype:
-        a, b = a.to(dtype), b.to(dtype)
+    if dtype is not None and _factors(layer, name)[0].dtype != dtype:
+        _cast_factors(layer, name, dtype)
+    a, b = _factors(layer, name)
     s_new = float(layer.scaling[name])
     if s_new != 1.0:  # rsLoRA: lora_alpha/sqrt(r) != 1. PEFT keeps the factors as they are (bug 1)
         a_new, b_new = a_new / math.sqrt(s_new), b_new / math.sqrt(s_new)
     k = a_new.shape[0]
-    a.weight.zero_()
-    b.weight.zero_()
-    a.weight[:k].copy_(a_new)
-    b.weight[:, :k].copy_(b_new)
-    if b.bias is not None:  # PEFT leaves the initial bias (bug 3)
-        b.bias.zero_()
+    a.zero_()
+    b.zero_()
+    # (an SVD's factors come as matrices: a convolution's A gets its kernel dims back, its B the trailing ones)
+    a[:k].copy_(a_new.reshape(k, *a.shape[1:]))
+    b[:, :k].copy_(b_new.reshape(b.shape[0], k, *b.shape[2:]))
+    b_bias = layer.lora_B[name].bias if name in layer.lora_B else None
+    if b_bias is not None:  # PEFT leaves the initial bias (bug 3)
+        b_bias.zero_()
         for src, w in zip(adapters, weights):
             bias = layer.lora_B[src].bias if src in layer.lora_B else None
             if bias is not None:
-                b.bias.add_(bias * (w * float(layer.scaling[src]) / s_new))
+                b_bias.add_(bias * (w * float(layer.scaling[src]) / s_new))
 
 
 def _svd_merge(layers, adapters, weights, name, combination_type, merge, new_rank, clamp, full_matrices, driver,
@@ -308,7 +344,7 @@ def _svd_merge(layers, adapters, weights, name, combination_type, merge, new_ran
         else:
             deltas = [layer.get_delta_weight(a) for a, _ in found]
             item = merge(deltas, torch.tensor([w for _, w in found]).to(deltas[0].device))
-            item = item.T if layer.fan_in_fan_out else item
+            item = _as_matrix(layer, item)
             key = (*item.shape, 0, item.device, torch.promote_types(item.dtype, torch.float32))  # no half SVDs
         groups.setdefault(key, []).append((layer, item))
     # 2. One batched SVD per run of same-shaped layers, on their device, in chunks of bounded memory.
@@ -342,9 +378,10 @@ def _svd_merge(layers, adapters, weights, name, combination_type, merge, new_ran
 
 def _low_rank_factors(layer, found):
     """(B_cat [out, R], A_cat [R, in]) with B_cat·A_cat = Σ w_i·s_i·B_i·A_i, in float32 at least."""
-    dtype = torch.promote_types(layer.lora_A[found[0][0]].weight.dtype, torch.float32)
-    b = torch.cat([layer.lora_B[a].weight.to(dtype) * (w * float(layer.scaling[a])) for a, w in found], dim=1)
-    return b, torch.cat([layer.lora_A[a].weight.to(dtype) for a, _ in found], dim=0)
+    dtype = torch.promote_types(_factors(layer, found[0][0])[0].dtype, torch.float32)
+    b = torch.cat([_factors(layer, a)[1].flatten(1).to(dtype) * (w * float(layer.scaling[a])) for a, w in found],
+                  dim=1)
+    return b, torch.cat([_factors(layer, a)[0].flatten(1).to(dtype) for a, _ in found], dim=0)
 
 
 def _low_rank_svd(b: torch.Tensor, a: torch.Tensor, kwargs: dict):
