@@ -310,11 +310,17 @@ class PeftModel(*_bases()):
         config, tensors, source = read_adapter(model_id, config, is_trainable, kwargs)
         config, tensors = convert_v4_layout(model, config, tensors, adapter_name)
         tuner_cls = registry.get(config.peft_type).model_cls
-        plan = injection.plan_adapter(model, config, tuner_cls, _file_keys(tensors))
-        check_file_tensors(tensors, model, plan, tuner_cls, source)
-        cls = TASK_MODELS.get(config.task_type, cls)  # as PEFT: the file's task type, whatever class was called
-        peft_model = cls(model, config, adapter_name, autocast_adapter_dtype, _plan=plan, _tensors=tensors,
-                         _source=source)
+        restore = tuner_cls.prepare_model(model, config)  # (LoRA's layer_replication: the file's layers exist then)
+        try:
+            plan = injection.plan_adapter(model, config, tuner_cls, _file_keys(tensors))
+            check_file_tensors(tensors, model, plan, tuner_cls, source)
+            cls = TASK_MODELS.get(config.task_type, cls)  # as PEFT: the file's task type, whatever class was called
+            peft_model = cls(model, config, adapter_name, autocast_adapter_dtype, _plan=plan, _tensors=tensors,
+                             _source=source)
+        except BaseException:
+            if restore is not None:
+                restore()
+            raise
         if not is_trainable:
             peft_model.eval()
         return peft_model
@@ -342,11 +348,17 @@ class PeftModel(*_bases()):
             if registry.get(config.peft_type).model_cls is not tuner_cls:
                 raise ValueError(f"{model_id} holds a {config.peft_type} adapter; this model's adapters are "
                                  f"{self.peft_type}: load it into its own PeftModel.")
-            plan = injection.plan_adapter(model, config, tuner_cls, _file_keys(tensors))
-            check_file_tensors(tensors, model, plan, tuner_cls, source)
-            self.base_model.add_adapter(adapter_name, config, autocast_adapter_dtype,
-                                        init=_init_when_loading(tuner_cls, config), plan=plan,
-                                        tensors=tensors, source=source)
+            restore = tuner_cls.prepare_model(model, config)
+            try:
+                plan = injection.plan_adapter(model, config, tuner_cls, _file_keys(tensors))
+                check_file_tensors(tensors, model, plan, tuner_cls, source)
+                self.base_model.add_adapter(adapter_name, config, autocast_adapter_dtype,
+                                            init=_init_when_loading(tuner_cls, config), plan=plan,
+                                            tensors=tensors, source=source)
+            except BaseException:
+                if restore is not None:
+                    restore()
+                raise
             if is_trainable:
                 self.set_requires_grad(adapter_name)
         if not is_trainable:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import warnings
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -126,6 +126,24 @@ class TunerModel(nn.Module):
                              "cannot be added beside them.")
         converted = _converted(self.model, config, adapter_name) if plan is None else config
         self.check_new_adapter(converted)  # as PEFT: the converted targets are the ones checked against the others'
+        restore = self.prepare_model(self.model, converted) if plan is None else None  # (a plan: made after it)
+        try:
+            self._add_planned(adapter_name, config, converted, plan, autocast_adapter_dtype, init, tensors, source)
+        except BaseException:
+            if restore is not None:
+                restore()
+            raise
+
+    @classmethod
+    def prepare_model(cls, model: nn.Module, config: Any) -> Optional[Callable[[], None]]:
+        """Change the model's structure before an adapter's targets are planned (PEFT's _prepare_model: LoRA's
+        layer_replication); returns the undo, for a failure before the adapter is in. Loading calls it before
+        planning the file's adapter, add_adapter when it plans itself."""
+        return None
+
+    def _add_planned(self, adapter_name: str, config: Any, converted: Any, plan: Optional[injection.Plan],
+                     autocast_adapter_dtype: bool, init: Optional[object], tensors: Optional[dict],
+                     source: str) -> None:
         plan = plan or injection.plan_adapter(self.model, converted, type(self))
         if converted is not config:  # recorded as PEFT records them (adapter_config.json: a reload finds them)
             for f in CONVERTED_FIELDS:
@@ -342,9 +360,13 @@ class TunerModel(nn.Module):
         return super().load_state_dict(state_dict, strict, assign)
 
     # --- merging -----------------------------------------------------------------------------------------------
+    def check_merge_allowed(self) -> None:
+        """Refuse merging into this model's base weights (before any layer changes)."""
+
     @changes_adapters
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         self._check_known(adapter_names)
+        self.check_merge_allowed()
         write_tokens = merge_plan(self.model, adapter_names, safe_merge)  # checked before any layer changes
         injection.merge_layers([m for _, m in self.adapter_layers()], safe_merge, adapter_names)
         write_tokens()
@@ -371,6 +393,7 @@ class TunerModel(nn.Module):
         """``dequantize=True`` (not in PEFT): merge into 4-bit bases without re-quantizing, returning plain
         nn.Linear layers with the exact merged weights; by default they are re-quantized, as PEFT does."""
         self._check_known(adapter_names)
+        self.check_merge_allowed()
         write_tokens = merge_plan(self.model, adapter_names, safe_merge)  # into layers the unload keeps
         model = injection.unload(self.model, merge=True, safe_merge=safe_merge, adapter_names=adapter_names,
                                  dequantize=dequantize, progressbar=progressbar)

@@ -24,7 +24,7 @@ def test_unknown_key_warns_and_is_ignored():
     assert cfg.r == 4 and any("brand_new_option" in m and "ignored" in m for m in messages)
 
 
-@pytest.mark.parametrize("extra", [{"layer_replication": [[0, 1]]}, {"alora_invocation_tokens": [1, 2]}])
+@pytest.mark.parametrize("extra", [{"arrow_config": {"top_k": 2}}, {"alora_invocation_tokens": [1, 2]}])
 def test_output_changing_peft_features_are_refused(extra):
     with pytest.raises(NotImplementedError, match=next(iter(extra))):
         _load(extra)
@@ -49,9 +49,9 @@ def test_refused_file_leaves_the_model_unchanged(tmp_path):
                                      peft_fast.LoraConfig(r=2, target_modules=["0"]))
     model.save_pretrained(tmp_path)
     data = json.loads((tmp_path / "adapter_config.json").read_text())
-    data["layer_replication"] = [[0, 1]]
+    data["alora_invocation_tokens"] = [1, 2]
     (tmp_path / "adapter_config.json").write_text(json.dumps(data))
-    with pytest.raises(NotImplementedError, match="layer_replication"):
+    with pytest.raises(NotImplementedError, match="alora_invocation_tokens"):
         peft_fast.PeftModel.from_pretrained(base, str(tmp_path))
     assert type(base[0]) is torch.nn.Linear and all(p.requires_grad for p in base.parameters())
 
@@ -70,8 +70,8 @@ def test_constructors_take_pefts_keyword_arguments(name):
 
 
 def test_constructor_refuses_as_files_do():
-    with pytest.raises(NotImplementedError, match="layer_replication"):
-        peft_fast.LoraConfig(r=4, layer_replication=[[0, 1]])
+    with pytest.raises(NotImplementedError, match="alora_invocation_tokens"):
+        peft_fast.LoraConfig(r=4, alora_invocation_tokens=[1, 2])
     with pytest.raises(TypeError, match="bogus"):
         peft_fast.LoraConfig(r=4, bogus=1)
     with pytest.warns(UserWarning, match="loftq_config"):

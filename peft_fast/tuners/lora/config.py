@@ -60,7 +60,7 @@ class LoraConfig(PeftConfig):
     PEFT_ONLY_KEYS = {
         "megatron_config": None, "megatron_core": "megatron.core", "loftq_config": {}, "eva_config": None,
         "corda_config": None, "lora_ga_config": None, "velora_config": None, "alora_invocation_tokens": None,
-        "use_qalora": False, "qalora_group_size": 16, "monteclora_config": None, "layer_replication": None,
+        "use_qalora": False, "qalora_group_size": 16, "monteclora_config": None,
         "runtime_config": {"ephemeral_gpu_offload": False}, "use_bdlora": None,
         "arrow_config": None, "kasa_config": None, "auto_mapping": None, "revision": None,
     }
@@ -68,7 +68,7 @@ class LoraConfig(PeftConfig):
     # use_qalora changes nothing in PEFT either)
     INERT_KEYS = ("auto_mapping", "revision", "runtime_config", "qalora_group_size", "megatron_core", "use_qalora")
     OUTPUT_CHANGING_KEYS = (
-        "megatron_config", "layer_replication", "alora_invocation_tokens", "use_bdlora",
+        "megatron_config", "alora_invocation_tokens", "use_bdlora",
         "arrow_config", "kasa_config", "velora_config", "monteclora_config",
     )
 
@@ -92,6 +92,9 @@ class LoraConfig(PeftConfig):
     # On a model whose output layer shares the input embedding's weight, keep the adapters of the two tied (a
     # modules_to_save copy shared, LoRA factors shared); see tuners/tied.py.
     ensure_weight_tying: bool = False
+    # Ranges of decoder layers to stack, each copy sharing the original's weights with adapters of its own
+    # ([[0, 4], [2, 5]]: layers 0 1 2 3 2 3 4); see tuners/lora/replication.py.
+    layer_replication: Optional[list[list[int]]] = None
     # PEFT's LoraRuntimeConfig (how, not what, is computed): accepted, never saved, as in PEFT.
     runtime_config: Any = field(default_factory=lambda: LoraRuntimeConfig())
 

@@ -11,6 +11,7 @@ from . import dispatch
 from .config import DEFAULT_TARGETS, SUPPORTED_INITS, peft_only_init, rewrites_base
 from .param_targets import plan_parameters
 from .layer import LoraLinear
+from .replication import replicate_layers
 from .weighted import add_weighted_adapter
 
 
@@ -71,6 +72,20 @@ class LoraModel(TunerModel):
                 raise ValueError("When using multiple adapters with `target_parameters`, all adapters must target the "
                                  f"same set of parameters, but got {sorted(wanted)} for the new adapter and "
                                  f"{sorted(theirs)} for adapter '{name}'.")
+
+    @classmethod
+    def prepare_model(cls, model, config):
+        if getattr(config, "layer_replication", None):
+            return replicate_layers(model, config.layer_replication)
+        return None
+
+    def check_merge_allowed(self) -> None:
+        # Replicas share their base weights: a replica's delta merged into them would reach every copy. (PEFT means
+        # to refuse this too; its check looks the key up among the adapter names and never fires.)
+        replicated = sorted(n for n, c in self.peft_config.items() if getattr(c, "layer_replication", None))
+        if replicated:
+            raise ValueError(f"Cannot merge LoRA layers when base model layers are replicated (adapters "
+                             f"{replicated} use layer_replication, whose copies share the base weights).")
 
     def after_injection(self, config, seen) -> None:
         config.fan_in_fan_out = seen.fan_in_fan_out  # the layers correct it to their type, as PEFT does

@@ -1,0 +1,76 @@
+"""PEFT's ``layer_replication``: before an adapter is injected, the decoder's layer list is rebuilt from ranges of
+the original layers ([[0, 4], [2, 5]] over 5 layers gives layers 0 1 2 3 2 3 4), each entry a copy that shares
+every parameter with the layer it copies, so the replicas cost no weight memory and each gets adapters of its own.
+As in PEFT: the list is found at ``model(.model)*.layers`` (Llama and most decoders), ``.encoder.layer`` (BERT) or
+``.h`` (Falcon), the copies' ``layer_idx`` follow their new position, the config's ``num_hidden_layers`` becomes
+the new count, and every adapter whose config asks replicates the layers it finds (a second such adapter
+replicates the replicated list again). A failure after the rebuild puts the original list back."""
+from __future__ import annotations
+
+import copy
+from typing import Callable, Sequence
+
+from torch import nn
+
+
+def _layer_list(model: nn.Module) -> tuple[nn.Module, nn.Module, str, nn.ModuleList]:
+    inner = model
+    while hasattr(inner, "model"):
+        inner = inner.model
+    if hasattr(inner, "bert"):
+        inner = inner.bert
+    for owner, attr in ((inner, "layers"), (getattr(inner, "encoder", None), "layer"), (inner, "h")):
+        layers = getattr(owner, attr, None) if owner is not None else None
+        if isinstance(layers, nn.ModuleList):
+            return inner, owner, attr, layers
+    raise ValueError("layer_replication: could not locate the layers attribute in the model (model(.model)*.layers, "
+                     ".encoder.layer or .h). Expected Llama, Bert or Falcon compatible architectures.")
+
+
+def _shared_copy(layer: nn.Module) -> nn.Module:
+    """A deep copy of `layer` whose parameters are the original's (buffers and plain attributes are copied)."""
+    clone = copy.deepcopy(layer)
+    for name, module in layer.named_modules():
+        target = clone.get_submodule(name)
+        for pname, param in module.named_parameters(recurse=False):
+            target.register_parameter(pname, param)
+    return clone
+
+
+def _check_map(layer_map, n: int) -> list[tuple[int, int]]:
+    ranges = []
+    for item in layer_map:
+        ok = isinstance(item, (list, tuple)) and len(item) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in item)
+        if not ok or not 0 <= item[0] < item[1] <= n:
+            raise ValueError(f"layer_replication: each entry must be a [start, end) range of layer indices with "
+                             f"0 <= start < end <= {n} (the model's layers), got {item!r} in {layer_map!r}.")
+        ranges.append((item[0], item[1]))
+    return ranges
+
+
+def replicate_layers(model: nn.Module, layer_map: Sequence) -> Callable[[], None]:
+    """Rebuild `model`'s layer list from `layer_map` (see the module docstring); returns the undo."""
+    inner, owner, attr, layers = _layer_list(model)
+    ranges = _check_map(layer_map, len(layers))
+    new = []
+    for start, end in ranges:
+        for i in range(start, end):
+            clone = _shared_copy(layers[i])
+            for module in clone.modules():  # transformers' attention layers index their cache by it
+                if hasattr(module, "layer_idx"):
+                    module.layer_idx = len(new)
+            new.append(clone)
+    config = getattr(inner, "config", None)
+    had_count = config is not None and hasattr(config, "num_hidden_layers")
+    old_count = config.num_hidden_layers if had_count else None
+    setattr(owner, attr, nn.ModuleList(new))
+    if had_count:  # transformers' decoders run config.num_hidden_layers of their layers
+        config.num_hidden_layers = len(new)
+
+    def restore() -> None:
+        setattr(owner, attr, layers)
+        if had_count:
+            config.num_hidden_layers = old_count
+
+    return restore
