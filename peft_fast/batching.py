@@ -90,7 +90,8 @@ class _ServeLock:
     """Mixed batches in flight (many at once) against adapter changes (one at a time): `changing()` waits until no
     other thread is serving a mixed batch and holds new ones until it is done, so a batch never meets a half-added
     or half-deleted adapter, nor a slot table that changed under it. A thread may change adapters from inside its own
-    batch (it then waits for the others only), and may nest batches; a waiting change goes before new batches."""
+    batch (it then waits for the others only; a second thread doing so at once is refused, as the two would wait
+    for each other), and may nest batches; a waiting change goes before new batches."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
@@ -98,6 +99,7 @@ class _ServeLock:
         self._writer: Optional[int] = None
         self._depth = 0
         self._waiting = 0
+        self._serving_waiters: set[int] = set()  # waiting changers that are inside a batch of their own
 
     @contextmanager
     def serving(self) -> Iterator[None]:
@@ -123,10 +125,22 @@ class _ServeLock:
             if self._writer == me:
                 self._depth += 1
             else:
+                serving = me in self._readers
+                if serving and self._serving_waiters:
+                    # each would wait for the other's batch to end
+                    raise RuntimeError("A change of adapters from inside a mixed batch, while another thread "
+                                       "serving one waits to change them too: the two would wait for each other "
+                                       "forever. Change adapters outside the forward (or from one thread).")
                 self._waiting += 1
-                while self._writer is not None or any(t != me for t in self._readers):
-                    self._cond.wait()
-                self._waiting -= 1
+                if serving:
+                    self._serving_waiters.add(me)
+                try:
+                    while self._writer is not None or any(t != me for t in self._readers):
+                        self._cond.wait()
+                finally:  # (an interrupted wait must not hold new batches back for good)
+                    self._waiting -= 1
+                    self._serving_waiters.discard(me)
+                    self._cond.notify_all()
                 self._writer, self._depth = me, 1
         try:
             yield

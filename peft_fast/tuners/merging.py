@@ -206,7 +206,8 @@ def merge_dequantized(layers: list, safe_merge: bool, adapter_names: Optional[li
         check_mergeable(layer, pending(layer, adapter_names, warn=False))
     if safe_merge:
         for layer in layers:
-            merged_tensors(layer, pending(layer, adapter_names, warn=False))
+            with onloaded(layer):
+                merged_tensors(layer, pending(layer, adapter_names, warn=False))
     for layer in layers:
         if bar is not None:
             bar.update()

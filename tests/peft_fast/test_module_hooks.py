@@ -203,6 +203,22 @@ def test_merging_into_offloaded_layers_as_in_peft():
         assert_close(out(i.merge_and_unload(), x), want_merged)
 
 
+@peft_fast_only
+@pytest.mark.parametrize("kw", [{"safe_merge": True}, {"safe_merge": True, "dequantize": True}, {"dequantize": True}],
+                         ids=["safe", "safe-dequantize", "dequantize"])
+def test_merge_and_unload_options_over_offloaded_layers(kw):
+    """safe_merge's dry run brings the offloaded weights in too (also with dequantize=True, peft_fast's option)."""
+    accelerate = pytest.importorskip("accelerate")
+
+    x = inputs("llama")
+    _, r, i = make_pair("llama")
+    with torch.no_grad():
+        r.eval().merge_adapter()
+        want = out(r, x)
+        accelerate.cpu_offload(i.eval(), execution_device="cpu")
+        assert_close(out(i.merge_and_unload(**kw), x), want)
+
+
 def _offloaded_dora_pair():
     """A DoRA adapter created over a base whose layers accelerate offloaded (the adapter itself is not), and its
     twin over the same base in memory."""

@@ -1,6 +1,7 @@
 """Initialisations by name, against PEFT: adapters trained with one of PEFT's initialisations that peft_fast cannot
 run (EVA, CorDA, LoftQ, ...) load, as their weights come from the file; creating one is refused; the names PEFT
 compares lowercased ("Gaussian", "OLoRA") work as in PEFT; "orthogonal" draws PEFT's factors."""
+import copy
 import json
 import warnings
 
@@ -81,3 +82,20 @@ def test_orthogonal_init_needs_an_even_rank_as_in_peft():
         with pytest.raises(ValueError, match="requires the LoRA rank to be even, got 3"):
             lib.get_peft_model(base_model("llama"), lib.LoraConfig(r=3, target_modules=["q_proj"],
                                                                    init_lora_weights="orthogonal"))
+
+
+def test_orthogonal_init_on_a_targeted_2d_parameter_as_in_peft():
+    """target_parameters on a Linear's weight: PEFT's orthogonal draws, the same factors under one seed."""
+    from tiny_models import TinyMLP, ref
+
+    torch.manual_seed(0)
+    base = TinyMLP()
+    made = []
+    for lib in (ref, impl):
+        torch.manual_seed(3)
+        m = lib.get_peft_model(copy.deepcopy(base), lib.LoraConfig(r=4, target_parameters=["lin0.weight"],
+                                                                   init_lora_weights="orthogonal"))
+        made.append({n: p for n, p in m.named_parameters() if "lora_" in n})
+    assert set(made[0]) == set(made[1]) and made[0]
+    for n in made[0]:
+        assert torch.equal(made[1][n], made[0][n]), n

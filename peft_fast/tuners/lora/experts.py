@@ -227,10 +227,13 @@ class LoraParam(TunerLayer):
         if r <= 0:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
         init = config.init_lora_weights
-        if not (isinstance(init, bool) or (isinstance(init, str) and init.lower() == "gaussian")):
-            raise ValueError(f"init_lora_weights={init!r} needs a base weight matrix; target_parameters "
-                             f"({self.parameter_name!r}) supports True, False and 'gaussian'.")
         E = self.num_experts
+        # (orthogonal reads no base weight: PEFT makes it for a 2-D parameter; its factors have no expert axis)
+        if not (isinstance(init, bool) or (isinstance(init, str) and init.lower() == "gaussian")
+                or (init == "orthogonal" and E == 1)):
+            raise ValueError(f"init_lora_weights={init!r} needs a base weight matrix; target_parameters "
+                             f"({self.parameter_name!r}) supports True, False and 'gaussian' ('orthogonal' on 2-D "
+                             "parameters).")
         self.r[name], self.lora_alpha[name], self.lora_bias[name] = r, lora_alpha, False
         self.lora_dropout[name] = nn.Identity()
         self.lora_A[name] = nn.Linear(self.in_features, r * E, bias=False)

@@ -23,9 +23,10 @@ def plan_parameters(model: nn.Module, config, module_targets: list[str], target_
     if not names:
         return []
     init = config.init_lora_weights
-    if not (isinstance(init, bool) or init == "gaussian"):  # before anything changes (PiSSA would rewrite a base)
+    # before anything changes (PiSSA would rewrite a base)
+    if not (isinstance(init, bool) or init in ("gaussian", "orthogonal")):
         raise ValueError(f"init_lora_weights={init!r} needs a base weight matrix; target_parameters supports True, "
-                         "False and 'gaussian'.")
+                         "False and 'gaussian' ('orthogonal' on 2-D parameters).")
     for pname, _ in model.named_parameters(recurse=False):
         if _matches(pname, names):
             raise ValueError(f"Targeting an nn.Parameter on the top-level module is not supported (parameter "
@@ -54,6 +55,9 @@ def plan_parameters(model: nn.Module, config, module_targets: list[str], target_
         for p in matched:
             check_param_target(base, key, p)
             view = ParamView(module, p)
+            if init == "orthogonal" and view.num_experts != 1:  # (PEFT draws factors without the expert axis)
+                raise ValueError(f"init_lora_weights='orthogonal' needs a 2-D parameter; {key}.{p} holds "
+                                 f"{view.num_experts} experts: use True, False or 'gaussian' there.")
             depth = len(final) - 1 - final.index(p)
             kwargs = {**target_kwargs(config, f"{key}.{p}"), "parameter_name": p}
             targets.append(Target(key, module, view.in_features, view.out_features, kwargs, LoraParam,
