@@ -1,4 +1,5 @@
-"""One merge round trip, compared with PEFT step by step (shared by the LoRA Embedding and Conv parity tests)."""
+"""Merge checks shared by the LoRA Embedding and Conv parity tests: one merge round trip compared with PEFT step by
+step, and add_weighted_adapter's types and merged deltas."""
 from __future__ import annotations
 
 from tiny_models import assert_close, assert_same_state
@@ -26,3 +27,13 @@ def check_merge_round_trip(r, i, x, out):
     merged_i = i.merge_and_unload(adapter_names=["other"], safe_merge=True)
     assert_same_state(merged_r, merged_i)
     return merged_r, merged_i
+
+
+# add_weighted_adapter's combination types that the embedding and convolution tests compare with PEFT
+WEIGHTED_TYPES = ["cat", "linear", "ties", "dare_ties", "magnitude_prune", "svd", "ties_svd", "dare_linear_svd",
+                  "magnitude_prune_svd"]
+
+
+def merged_deltas(model, name: str = "merged") -> dict:
+    """Per adapter layer holding `name`, its delta (get_delta_weight, in the layer's own orientation)."""
+    return {n: m.get_delta_weight(name) for n, m in model.named_modules() if hasattr(m, "r") and name in m.r}

@@ -14,7 +14,7 @@ import torch
 from lycoris_pairs import assert_eval_matches, assert_same_files, assert_train_step_matches
 from torch import nn
 
-from merge_checks import check_merge_round_trip
+from merge_checks import WEIGHTED_TYPES, check_merge_round_trip, merged_deltas
 from tiny_models import assert_close, assert_same_params, assert_same_state, assert_unchanged, copy_weights, \
     impl, out, peft_fast_only, perturb_magnitudes, raises_like_peft, ref, set_active, snapshot
 
@@ -376,15 +376,6 @@ def test_adapters_on_whisper_convolutions(tuner):
     assert (got - plain).abs().max() > 1e-4  # the adapters do act (well above the 1e-5 tolerance)
 
 
-WEIGHTED_TYPES = ["cat", "linear", "ties", "dare_ties", "magnitude_prune", "svd", "ties_svd", "dare_linear_svd",
-                  "magnitude_prune_svd"]
-
-
-def _weighted_deltas(model):
-    return {n: m.get_delta_weight("merged") for n, m in model.named_modules()
-            if hasattr(m, "lora_A") and "merged" in m.lora_A}
-
-
 @pytest.mark.parametrize("ctype", WEIGHTED_TYPES)
 def test_add_weighted_adapter_over_convolutions_matches_peft(ctype, tmp_path):
     """The Conv2d layers (PEFT's SVD types reshape only Conv2d deltas: its SVD merges fail on the Conv1d, see
@@ -395,7 +386,7 @@ def test_add_weighted_adapter_over_convolutions_matches_peft(ctype, tmp_path):
     for m in (r, i):
         torch.manual_seed(7)
         m.add_weighted_adapter(["default", "b"], [0.6, -0.9], "merged", combination_type=ctype, density=0.5)
-    want, got = _weighted_deltas(r), _weighted_deltas(i)
+    want, got = merged_deltas(r), merged_deltas(i)
     assert set(want) == set(got) == {"base_model.model.conv0", "base_model.model.conv1"}
     for n in want:
         assert_close(got[n], want[n], atol=1e-5, rtol=1e-5, msg=n)

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from merge_checks import check_merge_round_trip
+from merge_checks import WEIGHTED_TYPES, check_merge_round_trip, merged_deltas
 from tiny_models import assert_close, assert_same_params, assert_same_state, assert_unchanged, copy_weights, \
     impl, out, peft_fast_only, perturb_magnitudes, raises_like_peft, ref, set_active, snapshot
 
@@ -338,15 +338,6 @@ def test_embedding_and_conv_models_run_after_deepcopy_and_pickle():
         torch.testing.assert_close(run(clone), want, atol=1e-5, rtol=1e-5)
 
 
-WEIGHTED_TYPES = ["cat", "linear", "ties", "dare_ties", "magnitude_prune", "svd", "ties_svd", "dare_linear_svd",
-                  "magnitude_prune_svd"]
-
-
-def _weighted_deltas(model):
-    return {n: m.get_delta_weight("merged") for n, m in model.named_modules()
-            if hasattr(m, "r") and "merged" in m.r}
-
-
 @pytest.mark.parametrize("ctype", WEIGHTED_TYPES)
 def test_add_weighted_adapter_over_embeddings_matches_peft(ctype, tmp_path):
     """The embedding's factors combined as PEFT combines lora_embedding_A/B (its SVD types on the transposed
@@ -356,7 +347,7 @@ def test_add_weighted_adapter_over_embeddings_matches_peft(ctype, tmp_path):
     for m in (r, i):
         torch.manual_seed(7)
         m.add_weighted_adapter(["default", "b"], [0.6, -0.9], "merged", combination_type=ctype, density=0.5)
-    want, got = _weighted_deltas(r), _weighted_deltas(i)
+    want, got = merged_deltas(r), merged_deltas(i)
     assert set(want) == set(got) and any("embed_tokens" in n for n in want)
     tol = 5e-5 if ctype == "svd" else 1e-5  # "svd": QRs of the factors here, a dense SVD in PEFT
     for n in want:
@@ -395,6 +386,6 @@ def test_add_weighted_adapter_over_bf16_embeddings_gives_peft_dtypes(ctype):
     assert any("lora_embedding_A.merged" in n for n in merged)
     for n in merged:
         assert got[n].dtype == want[n].dtype and not got[n].requires_grad, n
-    wd, gd = _weighted_deltas(r), _weighted_deltas(i)
+    wd, gd = merged_deltas(r), merged_deltas(i)
     for n in wd:  # "svd": PEFT's SVD reads the bf16-rounded delta (about 0.4% off), this one the factors
         assert_close(gd[n].float(), wd[n].float(), atol=3e-2 if ctype == "svd" else 1e-2, rtol=1e-2, msg=n)
