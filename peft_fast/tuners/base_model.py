@@ -179,6 +179,9 @@ class TunerModel(nn.Module):
         except BaseException:
             undo.rollback()
             raise
+        order = self.__dict__.setdefault("_targeted_order", {})
+        for t in plan.targets:
+            order.setdefault(t.key, len(order))
 
     def after_injection(self, config: Any, seen: Any) -> None:
         """The config the layers saw (`apply_plan`'s result), e.g. to record corrections the layers made."""
@@ -216,8 +219,11 @@ class TunerModel(nn.Module):
 
     @property
     def targeted_module_names(self) -> list[str]:
-        """PEFT's attribute: the modules that carry an adapter layer (parameters: `targeted_parameter_names`)."""
-        return [k for k, m in self.adapter_layers() if getattr(m, "parameter_name", None) is None]
+        """PEFT's attribute: the modules that carry an adapter layer (parameters: `targeted_parameter_names`), in
+        PEFT's order: as the adapters first targeted them (each adapter's in module order)."""
+        live = [k for k, m in self.adapter_layers() if getattr(m, "parameter_name", None) is None]
+        first = self.__dict__.get("_targeted_order", {})
+        return sorted(live, key=lambda k: first.get(k, len(first)))  # (stable: others keep module order, last)
 
     @property
     def targeted_parameter_names(self) -> list[str]:

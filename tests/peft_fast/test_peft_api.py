@@ -167,17 +167,20 @@ def test_inject_adapter_in_model_refuses_a_state_dict_without_adapter_keys():
 
 
 def test_targeted_module_and_parameter_names_as_peft():
-    """PEFT's attributes for checking what an adapter adapted (its custom-models guide prints them). Listed in
-    model order here, in the order adapters were added in PEFT: compared as sets."""
+    """PEFT's attributes for checking what an adapter adapted (its custom-models guide prints them), in PEFT's
+    order: as the adapters first targeted the modules, each adapter's in model order."""
     from moe_models import moe_pair
 
     names = {}
     for lib in (ref, impl):
-        model = lib.get_peft_model(TinyMLP(), lib.LoraConfig(target_modules=["lin0", "lin1"],
-                                                             modules_to_save=["lin2"]))
-        model.add_adapter("b", lib.LoraConfig(target_modules=["lin1"]))
+        model = lib.get_peft_model(base_model("llama"), lib.LoraConfig(target_modules=["v_proj", "q_proj"],
+                                                                       modules_to_save=["lm_head"]))
+        model.add_adapter("b", lib.LoraConfig(target_modules=["o_proj", "q_proj"]))
+        model.delete_adapter("b")  # (its layers stay, without adapters, in both)
+        model.add_adapter("c", lib.LoraConfig(target_modules=["down_proj"]))
         names[lib.__name__] = (model.targeted_module_names, model.base_model.targeted_parameter_names)
-    assert names[impl.__name__][0] == ["lin0", "lin1"] and sorted(names["peft"][0]) == ["lin0", "lin1"]
+    assert names[impl.__name__][0] == names["peft"][0]
+    assert names["peft"][0][4:6] == ["model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj"]
     assert names[impl.__name__][1] == names["peft"][1] == []
     _, r, i = moe_pair("mixtral", "experts+attention")
     assert sorted(i.targeted_module_names) == sorted(r.targeted_module_names)
