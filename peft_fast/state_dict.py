@@ -1,5 +1,6 @@
 """PEFT's state-dict functions for a PeftModel (or the adapted model inside it): adapter tensors under PEFT's file
-keys, and loading such tensors into an existing adapter.
+keys, and loading such tensors into an existing adapter; the base model's tensors under the original model's keys,
+and loading those.
 
 Sharded models (FSDP2): parameters are DTensors, and `get_peft_model_state_dict` gathers each adapter tensor
 whole, which is a collective call: every rank must make it, in the same order (as `save_pretrained` does).
@@ -14,6 +15,7 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.module import _IncompatibleKeys
 
+from .batching import PREPARE_LOCK, SERVING
 from .loading import convert_v4_layout
 from .sharding import is_sharded
 from .tuners.base_layer import TunerLayer
@@ -111,3 +113,78 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
     load_adapter_tensors(inner, tensors, adapter_name)
     prefix = PREFIX if wrapped and inner is not model else ""
     return _IncompatibleKeys([k for k in model.state_dict() if k.removeprefix(prefix) not in loaded], [])
+
+
+def _original_paths(inner: nn.Module) -> tuple[dict[str, str], set[str]]:
+    """(module path in the adapted model -> its path in the original model, for the modules that hold base
+    tensors; the paths of adapter layers and wrappers, whose own direct tensors are the adapter's). What the
+    adapters added (factors, copies, token rows) has no entry. Walked through the live modules, as PEFT does, so
+    that a module whose own name is `base_layer` or `original_module` is not mistaken for a wrapper's infix."""
+    from .tuners.trainable_tokens import TrainableTokensWrapper
+
+    paths: dict[str, str] = {}
+    owned: set[str] = set()
+
+    def visit(module: nn.Module, path: str, original: str) -> None:
+        paths[path] = original
+        join = (lambda n: f"{path}.{n}") if path else (lambda n: n)
+        if isinstance(module, TrainableTokensWrapper):
+            owned.add(path)
+            owned.add(join("token_adapter"))
+            visit(module.token_adapter.base_layer, join("token_adapter.base_layer"), original)
+        elif isinstance(module, ModulesToSaveWrapper):
+            owned.add(path)
+            visit(module.original_module, join("original_module"), original)
+        elif isinstance(module, TunerLayer):
+            owned.add(path)
+            visit(module.base_layer, join("base_layer"), original)
+        else:
+            for name, child in module._modules.items():
+                if child is not None:
+                    visit(child, join(name), f"{original}.{name}" if original else name)
+
+    visit(inner, "", "")
+    return paths, owned
+
+
+def _base_keys(inner: nn.Module) -> dict[str, str]:
+    """The adapted model's state-dict key -> the original model's key, for every base tensor (4-bit layers'
+    quantization state included): a key belongs to the deepest module path it extends, and is the adapter's when
+    that is an adapter layer or wrapper (its factors, copies and token rows sit in modules the walk never enters)."""
+    paths, owned = _original_paths(inner)
+    out = {}
+    for key in inner.state_dict(keep_vars=True):
+        parts = key.split(".")
+        owner = next(".".join(parts[:cut]) for cut in range(len(parts) - 1, -1, -1)
+                     if ".".join(parts[:cut]) in paths)
+        if owner in owned:
+            continue
+        rest = ".".join(parts[len(owner.split(".")) if owner else 0:])
+        out[key] = f"{paths[owner]}.{rest}" if paths[owner] else rest
+    return out
+
+
+def get_base_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """PEFT's get_base_model_state_dict: the base model's tensors under the original model's keys (no
+    `base_layer` / `original_module` infixes, no adapter tensors), e.g. to save or compare the base after FSDP
+    wrapping."""
+    inner, _, _ = _unwrap(model)
+    state = inner.state_dict()
+    return {original: state[key] for key, original in _base_keys(inner).items()}
+
+
+def set_base_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True):
+    """PEFT's set_base_model_state_dict: load tensors keyed as in the original model into the adapted model's base
+    (counterpart of get_base_model_state_dict). Returns (missing_keys, unexpected_keys); with `strict`, either
+    raises RuntimeError before anything is loaded."""
+    inner, _, _ = _unwrap(model)
+    to_peft = {original: key for key, original in _base_keys(inner).items()}
+    unexpected = [k for k in state_dict if k not in to_peft]
+    missing = [k for k in to_peft if k not in state_dict]
+    if strict and (missing or unexpected):
+        msgs = ([f"Missing key(s) in state_dict: {missing}"] if missing else []) + (
+            [f"Unexpected key(s) in state_dict: {unexpected}"] if unexpected else [])
+        raise RuntimeError("Error(s) in loading state_dict:\n\t" + "\n\t".join(msgs))
+    with SERVING.changing(), PREPARE_LOCK:  # (mixed batches in flight finish on the old weights)
+        inner.load_state_dict({to_peft[k]: v for k, v in state_dict.items() if k in to_peft}, strict=False)
+    return _IncompatibleKeys(missing, unexpected)
