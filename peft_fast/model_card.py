@@ -54,7 +54,7 @@ def write_model_card(peft_model, directory: str) -> None:
     if not card.data.pipeline_tag and type(peft_model).__name__ == "PeftModelForCausalLM":
         card.data.pipeline_tag = "text-generation"
     config = _model_config(peft_model.get_base_model())
-    if config is not None and config.get("_name_or_path"):
+    if config is not None and "_name_or_path" in config:  # as PEFT: an empty name too (a model built from a config)
         card.data["base_model"] = config["_name_or_path"]
     lines = card.text.splitlines()
     quantization = (config or {}).get("quantization_config")

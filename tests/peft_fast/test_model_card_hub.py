@@ -43,6 +43,16 @@ def test_model_card_metadata_is_peft_s(base_dir, tmp_path, task):
     assert "### Framework versions" in i.text
 
 
+def test_model_card_of_a_model_built_from_a_config_is_peft_s(tmp_path):
+    """No name to record: PEFT still writes the empty `base_model`, and so does peft_fast."""
+    _, r, i = make_pair("llama")
+    r.save_pretrained(tmp_path / "ref")
+    i.save_pretrained(tmp_path / "impl")
+    cards = [ModelCard.load(tmp_path / d / "README.md") for d in ("ref", "impl")]
+    assert cards[1].data.to_dict() == cards[0].data.to_dict()
+    assert cards[1].data.to_dict()["base_model"] == ""
+
+
 def test_model_card_updates_an_existing_card(tmp_path):
     _, _, model = make_pair("mlp")
     (tmp_path / "README.md").write_text("---\nlicense: mit\n---\n# My adapter\n\nTrained on my data.\n")
