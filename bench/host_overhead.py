@@ -15,6 +15,7 @@ With real launches (fake, cuda) peft_fast runs twice, launching through its cach
 and through Triton's dispatcher on every launch (PEFT_FAST_LAUNCH=jit): `launch_gain_us` is what the cache saves.
 
     .venv/bin/python bench/host_overhead.py [--device cpu|fake|cuda] [--json out.json] [--rounds 7] [--iters 300]
+        [--breakdown]  (also: where a LoRA layer's fwd+bwd time goes, level by level)
 """
 from __future__ import annotations
 
@@ -219,12 +220,52 @@ def measure(rounds: int, iters: int, in_f: int = 64, out_f: int = 64, r: int = 8
     return rows
 
 
+def breakdown(rounds: int, iters: int, in_f: int = 64, out_f: int = 64, r: int = 8, tokens: int = 4) -> dict:
+    """Where a LoRA layer's fwd+bwd host time goes: each row is one level deeper into the call (the layer's
+    forward, its launch plan, the op's entry, the autograd.Function, then the forward and backward bodies alone),
+    so the differences between rows are what each level adds."""
+    import importlib
+
+    op = importlib.import_module("peft_fast.kernels.lora_linear")
+    layer = _layer(peft_fast, "lora", in_f, out_f, r)
+    layer.train(True)
+    x = torch.randn(tokens, in_f, device=DEVICE, requires_grad=True)
+    g = torch.randn(tokens, out_f, device=DEVICE)
+    w, a, b = layer.base_layer.weight, layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    z = torch.empty(tokens, r, device=DEVICE)
+    plan = layer.plan(x)
+    steps = {
+        "layer(x) fwd+bwd": lambda: _train_step(layer, x, g),
+        "its launch plan fwd+bwd": lambda: torch.autograd.backward(plan(x), g),
+        "lora_linear_triton fwd+bwd": lambda: torch.autograd.backward(
+            op.lora_linear_triton(x, w, None, a, b, 2.0, 0.0, None), g),
+        "autograd.Function fwd+bwd": lambda: torch.autograd.backward(
+            op._OP.eager.apply(x, w, None, a, b, None, 2.0, 0.0, None)[0], g),
+        "forward body alone": lambda: op._forward(x.detach(), w, None, a, b, None, 2.0, 0.0, None),
+        "backward body alone": lambda: op._backward_impl(g, x.detach(), w, a, b, z, None, 2.0, 0.0, True, True, True),
+    }
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for f in steps.values():
+        for _ in range(20):
+            f()
+    for _ in range(rounds):
+        for k, f in steps.items():
+            _sync()
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                f()
+            _sync()
+            times[k].append((time.perf_counter() - t0) / iters * 1e6)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=("cpu", "fake", "cuda"), default="cpu")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--iters", type=int, default=300)
     ap.add_argument("--json", default=None, help="also write the rows here")
+    ap.add_argument("--breakdown", action="store_true", help="also time each level of a LoRA layer's call")
     args = ap.parse_args()
     if MODE == "fake":
         fake_gpu.install()
@@ -242,9 +283,14 @@ def main() -> None:
                     else "")
         print(f"{row['case']:<30} peft_fast {row['peft_fast_us']:7.1f} us  ({row['peft_fast_launches']} launches)"
               + peft_part + jit_part)
+    levels = breakdown(args.rounds, args.iters) if args.breakdown else None
+    if levels:
+        print("lora fwd+bwd, level by level (each row one call deeper):")
+        for k, v in levels.items():
+            print(f"  {k:<30} {v:7.1f} us")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"device": MODE, "torch": torch.__version__, "rows": rows}, fh, indent=2)
+            json.dump({"device": MODE, "torch": torch.__version__, "rows": rows, "breakdown": levels}, fh, indent=2)
 
 
 if __name__ == "__main__":
