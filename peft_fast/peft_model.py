@@ -15,7 +15,7 @@ from transformers.utils import PushToHubMixin
 
 from . import files
 from .config import CONFIG_NAME, PeftConfig, as_config
-from .batching import SERVING, changes_adapters, enter_batch, leave_batch
+from .batching import PREPARE_LOCK, SERVING, changes_adapters, enter_batch, leave_batch
 from .loading import convert_v4_layout, read_adapter
 from .hub import push_to_hub
 from .model_card import write_model_card
@@ -312,6 +312,7 @@ class PeftModel(*_bases()):
         tuner_cls = registry.get(config.peft_type).model_cls
         restore = tuner_cls.prepare_model(model, config)  # (LoRA's layer_replication: the file's layers exist then)
         try:
+            tensors = tuner_cls.file_tensors(model, config, tensors)
             plan = injection.plan_adapter(model, config, tuner_cls, _file_keys(tensors))
             check_file_tensors(tensors, model, plan, tuner_cls, source)
             cls = TASK_MODELS.get(config.task_type, cls)  # as PEFT: the file's task type, whatever class was called
@@ -348,17 +349,20 @@ class PeftModel(*_bases()):
             if registry.get(config.peft_type).model_cls is not tuner_cls:
                 raise ValueError(f"{model_id} holds a {config.peft_type} adapter; this model's adapters are "
                                  f"{self.peft_type}: load it into its own PeftModel.")
-            restore = tuner_cls.prepare_model(model, config)
-            try:
-                plan = injection.plan_adapter(model, config, tuner_cls, _file_keys(tensors))
-                check_file_tensors(tensors, model, plan, tuner_cls, source)
-                self.base_model.add_adapter(adapter_name, config, autocast_adapter_dtype,
-                                            init=_init_when_loading(tuner_cls, config), plan=plan,
-                                            tensors=tensors, source=source)
-            except BaseException:
-                if restore is not None:
-                    restore()
-                raise
+            # (the model's structure may change first: mixed batches in other threads wait, as for add_adapter)
+            with SERVING.changing(), PREPARE_LOCK:
+                restore = tuner_cls.prepare_model(model, config)
+                try:
+                    tensors = tuner_cls.file_tensors(model, config, tensors)
+                    plan = injection.plan_adapter(model, config, tuner_cls, _file_keys(tensors))
+                    check_file_tensors(tensors, model, plan, tuner_cls, source)
+                    self.base_model.add_adapter(adapter_name, config, autocast_adapter_dtype,
+                                                init=_init_when_loading(tuner_cls, config), plan=plan,
+                                                tensors=tensors, source=source)
+                except BaseException:
+                    if restore is not None:
+                        restore()
+                    raise
             if is_trainable:
                 self.set_requires_grad(adapter_name)
         if not is_trainable:

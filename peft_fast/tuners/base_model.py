@@ -135,6 +135,12 @@ class TunerModel(nn.Module):
             raise
 
     @classmethod
+    def file_tensors(cls, model: nn.Module, config: Any, tensors: dict) -> dict:
+        """A file's tensors as they load into `model` once prepared (prepare_model): LoRA drops the keys of replicated
+        layers the model does not have, as PEFT does."""
+        return tensors
+
+    @classmethod
     def prepare_model(cls, model: nn.Module, config: Any) -> Optional[Callable[[], None]]:
         """Change the model's structure before an adapter's targets are planned (PEFT's _prepare_model: LoRA's
         layer_replication); returns the undo, for a failure before the adapter is in. Loading calls it before

@@ -3,12 +3,13 @@ sharing the base weights with adapters of their own. The same layers, draws, out
 files in both libraries (either loads the other's); merging is refused (PEFT means to refuse it; its check never
 fires); bad maps and failures leave the model as it was."""
 import json
+import threading
 import warnings
 
 import pytest
 import torch
 
-from tiny_models import assert_close, base_model, copy_weights, impl, inputs, out, peft_fast_only, ref
+from tiny_models import AGAINST_PEFT, assert_close, base_model, copy_weights, impl, inputs, out, peft_fast_only, ref
 
 MAP = [[0, 2], [1, 2]]  # layers 0 1 1 of the two-layer Llama
 
@@ -143,15 +144,106 @@ def test_a_file_that_does_not_fit_leaves_the_base_unreplicated(tmp_path):
     path = tmp_path / "adapter_model.safetensors"
     with safe_open(str(path), "pt") as f:
         tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
-    tensors["base_model.model.model.layers.5.self_attn.q_proj.lora_A.weight"] = torch.zeros(2, 64)  # no such layer
+    tensors["base_model.model.model.layers.2.self_attn.k_proj.lora_A.weight"] = torch.zeros(2, 64)  # not adapted
     save_file(tensors, str(path), metadata=metadata)
     base = base_model("llama")
     before = list(base.model.layers)
-    with pytest.raises(ValueError, match="layers.5"):
+    with pytest.raises(ValueError, match="layers.2.self_attn.k_proj"):
         impl.PeftModel.from_pretrained(base, str(tmp_path))
     assert list(base.model.layers) == before and base.config.num_hidden_layers == 2
     model = impl.get_peft_model(base_model("llama"), impl.LoraConfig(**cfg(layer_replication=None)))
-    with pytest.raises(ValueError, match="layers.5"):
+    with pytest.raises(ValueError, match="layers.2.self_attn.k_proj"):
         model.load_adapter(str(tmp_path), "loaded")
     assert len(layers(model)) == 2 and model.base_model.model.config.num_hidden_layers == 2
     assert list(model.peft_config) == ["default"]
+
+
+def _two_replicating(lib):
+    """`default` replicates [[0, 2], [1, 2]] (3 layers), then `two` replicates those: [[0, 3], [2, 3]] (4 layers,
+    layer 3 a copy of layer 2, sharing `default`'s factors there)."""
+    m = build(lib)
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m.add_adapter("two", lib.LoraConfig(**cfg(layer_replication=[[0, 3], [2, 3]])))
+    return m
+
+
+def test_two_replicating_adapters_save_and_reload_as_peft(tmp_path):
+    """The saved `default` holds factors for layers.3 (the second replication's copy of layer 2, sharing them);
+    loading `default` alone makes 3 layers, so those keys have no layer: skipped with a warning (PEFT drops them
+    silently). Loading both in order gives the saved model, in either library."""
+    r, i = _two_replicating(ref), _two_replicating(impl)
+    copy_weights(r, i)
+    assert len(layers(i)) == len(layers(r)) == 4
+    i.save_pretrained(str(tmp_path / "impl"))
+    r.save_pretrained(str(tmp_path / "ref"))
+    x = inputs("llama")
+    want = {}
+    with torch.no_grad():
+        for name in ("default", "two"):
+            i.set_adapter(name)
+            want[name] = out(i.eval(), x)
+    for lib, folder in ((impl, "impl"), (impl, "ref"), (ref, "impl")):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loaded = lib.PeftModel.from_pretrained(base_model("llama"), str(tmp_path / folder))
+        if lib is impl and not AGAINST_PEFT:
+            assert any("replicated layers this model does not have" in str(w.message) for w in caught)
+        loaded.load_adapter(str(tmp_path / folder / "two"), "two")
+        assert len(layers(loaded)) == 4
+        with torch.no_grad():
+            for name in ("default", "two"):
+                loaded.set_adapter(name)
+                assert_close(out(loaded.eval(), x), want[name], msg=f"{lib.__name__} {folder} {name}")
+
+
+@peft_fast_only
+def test_merging_stays_refused_after_the_replicating_adapter_is_gone():
+    """The copies share base weights whatever adapters remain: asked of the model, not of the configs."""
+    i = build(impl)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        i.add_adapter("other", impl.LoraConfig(**cfg(layer_replication=None)))
+        i.delete_adapter("default")
+    assert len(layers(i)) == 3
+    with pytest.raises(ValueError, match="replicated"):
+        i.merge_and_unload()
+    plain = i.unload()
+    again = impl.get_peft_model(plain, impl.LoraConfig(**cfg(layer_replication=None)))
+    with pytest.raises(ValueError, match="replicated"):
+        again.merge_adapter()
+
+
+@peft_fast_only
+def test_loading_a_replicating_adapter_waits_for_mixed_batches(tmp_path, monkeypatch):
+    """load_adapter rebuilds the layer list holding the serving lock, as add_adapter does."""
+    from peft_fast import batching
+    from peft_fast.tuners.lora import model as lora_model
+
+    build(impl).save_pretrained(str(tmp_path))
+    seen = []
+    original = lora_model.replicate_layers
+
+    def spy(*args, **kwargs):
+        seen.append((batching.SERVING._writer == threading.get_ident(), batching.PREPARE_LOCK._is_owned()))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(lora_model, "replicate_layers", spy)
+    model = impl.get_peft_model(base_model("llama"), impl.LoraConfig(**cfg(layer_replication=None)))
+    model.load_adapter(str(tmp_path), "loaded")
+    assert seen == [(True, True)] and len(layers(model)) == 3
+
+
+@peft_fast_only
+def test_a_combined_adapter_goes_into_the_layers_as_they_are():
+    """PEFT's add_weighted_adapter re-runs the merged config's replication (adapters[0]'s map) on the replicated
+    model, rewiring the other adapters' layers (its `default` outputs change); here nothing is replicated again."""
+    i = build(impl)
+    x = inputs("llama")
+    with torch.no_grad():
+        before = out(i.eval(), x)
+    i.add_weighted_adapter(["default"], [0.5], "halved", combination_type="linear")
+    assert len(layers(i)) == 3 and i.peft_config["halved"].layer_replication == MAP
+    with torch.no_grad():
+        assert torch.equal(out(i, x), before)

@@ -420,3 +420,18 @@ def test_add_weighted_adapter_over_a_conv1d_is_the_combined_delta(ctype):
         assert m.lora_A["merged"].weight.shape[1:] == m.lora_A["default"].weight.shape[1:], n
         assert m.lora_B["merged"].weight.shape[2:] == m.lora_B["default"].weight.shape[2:], n
         assert_close(m.get_delta_weight("merged"), exact, atol=2e-6, rtol=1e-5, msg=n)
+
+
+@peft_fast_only
+@pytest.mark.parametrize("ctype", ["cat", "linear", "svd"])
+def test_add_weighted_adapter_over_a_grouped_convolution_is_refused(ctype):
+    """B is [out, r/groups, 1, 1] there: PEFT builds factors its own layer then fails to use (or, for svd, leaves
+    half an adapter behind). Refused by name, with nothing changed."""
+    _, i = pair("groups")
+    torch.manual_seed(3)
+    i.add_adapter("b", impl.LoraConfig(**cfg("groups")))
+    snap = snapshot(i)
+    with pytest.raises(NotImplementedError, match="grouped convolutions.*conv"):
+        i.add_weighted_adapter(["default", "b"], [0.5, 0.5], "merged", combination_type=ctype)
+    assert_unchanged(i, snap)
+    assert "merged" not in i.peft_config

@@ -64,7 +64,11 @@ def replicate_layers(model: nn.Module, layer_map: Sequence) -> Callable[[], None
     config = getattr(inner, "config", None)
     had_count = config is not None and hasattr(config, "num_hidden_layers")
     old_count = config.num_hidden_layers if had_count else None
-    setattr(owner, attr, nn.ModuleList(new))
+    replicated = nn.ModuleList(new)
+    # (an attribute of the list, not of a config: the copies share their base weights for as long as they exist,
+    # whichever adapters are left, so merging stays refused; deep copies and pickles keep it)
+    replicated.shares_base_weights = True
+    setattr(owner, attr, replicated)
     if had_count:  # transformers' decoders run config.num_hidden_layers of their layers
         config.num_hidden_layers = len(new)
 
@@ -74,3 +78,30 @@ def replicate_layers(model: nn.Module, layer_map: Sequence) -> Callable[[], None
             config.num_hidden_layers = old_count
 
     return restore
+
+
+def has_replicated_layers(model: nn.Module) -> bool:
+    """Whether `model` holds a layer list that replicate_layers rebuilt (its copies share base weights)."""
+    return any(getattr(m, "shares_base_weights", False) for m in model.modules() if isinstance(m, nn.ModuleList))
+
+
+def keys_beyond_layers(model: nn.Module, keys, prefix: str = "") -> list[str]:
+    """The keys (module paths under `prefix`) that address a layer past the end of the model's layer list. A file
+    saved after a later adapter replicated the layers again holds an earlier adapter's factors for those copies
+    too (they share the factors of the layer they copy); loading that adapter alone rebuilds fewer layers, and PEFT
+    drops those keys."""
+    try:
+        _, _, _, layers = _layer_list(model)
+    except ValueError:
+        return []
+    path = next((k for k, m in model.named_modules() if m is layers), None)
+    if path is None:
+        return []
+    head = f"{prefix}{path}."
+    out = []
+    for key in keys:
+        if key.startswith(head):
+            index = key[len(head):].split(".", 1)[0]
+            if index.isdigit() and int(index) >= len(layers):
+                out.append(key)
+    return out

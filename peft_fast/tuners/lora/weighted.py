@@ -46,9 +46,14 @@ combination of the source deltas ``s_i·B_i·A_i``:
 7. Convolutions: PEFT's SVD types reshape only Conv2d deltas and fail on Conv1d/Conv3d; here every convolution's
    delta is flattened to [out, in·kernel] for the SVD and the factors get the kernel dims back.
 
-Embeddings (``lora_embedding_A/B``) and convolutions combine as in PEFT otherwise. Adapters tied by
-``ensure_weight_tying`` are refused: one set of factors serves two layers, and PEFT's merged adapter leaves lm_head
-out (untying it).
+8. ``layer_replication``: the merged adapter's config keeps adapters[0]'s map, and PEFT's injection then
+   replicates the (already replicated) layers again, rewiring the other adapters' layers; here the merged adapter
+   goes into the layers as they are. Its saved config still names the map, so loading it onto a fresh base
+   replicates once, as the model it was made on.
+
+Embeddings (``lora_embedding_A/B``) and convolutions combine as in PEFT otherwise; grouped convolutions are refused
+(PEFT builds factors its own layer cannot use there). Adapters tied by ``ensure_weight_tying`` are refused: one set
+of factors serves two layers, and PEFT's merged adapter leaves lm_head out (untying it).
 """
 from __future__ import annotations
 
@@ -97,6 +102,11 @@ def check_weighted_adapter(tuner, adapters: Sequence[str], combination_type: str
         if getattr(tuner.peft_config[adapter], "target_parameters", None):
             raise ValueError(f"add_weighted_adapter does not support targeting nn.Parameter (problematic adapter "
                              f"'{adapter}')")
+    grouped = [key for key, m in tuner.adapter_layers() if getattr(m.base_layer, "groups", 1) > 1
+               and any(m.has_adapter(a) for a in adapters)]
+    if grouped:  # B is [out, r/groups, 1...]: its factors combine in no way PEFT's layer reads back right either
+        raise NotImplementedError(f"add_weighted_adapter over grouped convolutions is not supported: {grouped} "
+                                  "(nothing was changed).")
     tied = sorted({a for _, m in tuner.adapter_layers() for a in getattr(m, "tied_adapters", {}) if a in adapters})
     if tied:  # one set of factors serves two layers: a combination written into each would overwrite the other's
         raise NotImplementedError(f"add_weighted_adapter: adapters {tied} tie lm_head to the input embedding "
