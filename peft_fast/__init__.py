@@ -33,6 +33,7 @@ from .mapping import get_peft_model, patch  # noqa: E402
 from .fused import fuse, fused_parts, unfuse  # noqa: E402
 from .offload import offload_checkpoints, offloaded_scopes  # noqa: E402
 from .peft_interop import patch_peft, patched_layers, unpatch  # noqa: E402
+from .mixed_precision import cast_mixed_precision_params  # noqa: E402
 from .state_dict import (get_base_model_state_dict, get_peft_model_state_dict,  # noqa: E402
                          set_base_model_state_dict, set_peft_model_state_dict)
 from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status  # noqa: E402
@@ -76,7 +77,7 @@ __all__ = [
     "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "QuantizedMergeWarning", "TaskType",
     "TunerLayerStatus", "TunerModelStatus", "get_layer_status", "get_model_status", "get_peft_model",
     "get_peft_model_state_dict", "patch", "set_peft_model_state_dict", "get_base_model_state_dict",
-    "set_base_model_state_dict",
+    "set_base_model_state_dict", "cast_mixed_precision_params",
     "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
     "AutoPeftModelForQuestionAnswering", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification", "get_peft_config", "inject_adapter_in_model", "load_peft_weights",
