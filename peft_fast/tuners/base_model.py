@@ -21,6 +21,7 @@ from ..names import BASE_NAME, check_adapter_name
 from . import injection
 from .base_layer import TunerLayer
 from .modules_to_save import ModulesToSaveWrapper
+from .replication import has_replicated_layers
 from .file_keys import load_adapter_tensors
 from .token_targets import apply_tokens, plan_tokens
 from .trainable_tokens import TrainableTokensWrapper, merge_plan, token_wrappers
@@ -187,7 +188,8 @@ class TunerModel(nn.Module):
             raise
         order = self.__dict__.setdefault("_targeted_order", {})
         for t in plan.targets:
-            order.setdefault(t.key, len(order))
+            parameter = t.kwargs.get("parameter_name")
+            order.setdefault(t.key if parameter is None else f"{_module_path(t.key)}.{parameter}", len(order))
 
     def after_injection(self, config: Any, seen: Any) -> None:
         """The config the layers saw (`apply_plan`'s result), e.g. to record corrections the layers made."""
@@ -237,13 +239,11 @@ class TunerModel(nn.Module):
         names = []
         for k, m in self.adapter_layers():
             if getattr(m, "parameter_name", None) is not None:
-                path = k
-                while path.endswith(".base_layer"):  # several parameters of one module: nested wrappers
-                    path = path.removesuffix(".base_layer")
-                name = f"{path}.{m.parameter_name}"
+                name = f"{_module_path(k)}.{m.parameter_name}"
                 if name not in names:
                     names.append(name)
-        return names
+        first = self.__dict__.get("_targeted_order", {})  # PEFT's order, as for targeted_module_names
+        return sorted(names, key=lambda n: first.get(n, len(first)))
 
     @changes_adapters
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False, _check: bool = True) -> None:
@@ -373,7 +373,12 @@ class TunerModel(nn.Module):
 
     # --- merging -----------------------------------------------------------------------------------------------
     def check_merge_allowed(self) -> None:
-        """Refuse merging into this model's base weights (before any layer changes)."""
+        """Refuse merging into this model's base weights (before any layer changes). Replicated layers (LoRA's
+        layer_replication) share their base weights: one copy's delta merged into them would reach every copy.
+        PEFT means to refuse this for LoRA; its check never fires, and its other tuners merge."""
+        if has_replicated_layers(self.model):
+            raise ValueError("Cannot merge into replicated layers (layer_replication: copies of one layer share its "
+                             "base weights, so one copy's delta would reach them all).")
 
     @changes_adapters
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
@@ -415,6 +420,13 @@ class TunerModel(nn.Module):
     @changes_adapters
     def unload(self) -> nn.Module:
         return injection.unload(self.model, merge=False)
+
+
+def _module_path(key: str) -> str:
+    """A parameter wrapper's module path: several parameters of one module are nested wrappers."""
+    while key.endswith(".base_layer"):
+        key = key.removesuffix(".base_layer")
+    return key
 
 
 def _pow2(n: int) -> int:

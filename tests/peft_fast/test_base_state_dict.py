@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from tiny_models import base_model, default_cfg, impl, inputs, out, ref
+from tiny_models import base_model, default_cfg, impl, inputs, out, peft_fast_only, ref
 
 CASES = {
     "lora": ("llama", {}),
@@ -102,3 +102,27 @@ def test_parameter_targets_as_peft():
     assert list(got) == list(want) and any("experts" in k for k in got)
     for k in want:
         assert torch.equal(got[k], want[k]), k
+
+
+@peft_fast_only
+@pytest.mark.parametrize("patched", [False, True], ids=["peft", "patched-peft"])
+def test_a_peft_model_gets_peft_s_own_answer(patched):
+    """peft_fast's functions over Hugging Face PEFT's model (as peft_fast.patch leaves it, or plain): PEFT's
+    result, not its layers walked as plain modules."""
+    import peft_fast
+
+    models = []
+    for _ in range(2):
+        base = base_model("llama")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.manual_seed(0)
+            models.append(ref.get_peft_model(base, ref.LoraConfig(**default_cfg("llama"))))
+    mine, theirs = models
+    if patched:
+        peft_fast.patch(mine)
+    got, want = peft_fast.get_base_model_state_dict(mine), ref.get_base_model_state_dict(theirs)
+    assert list(got) == list(want) and not any("lora_" in k or "base_layer" in k for k in got)
+    doubled = {k: v * 2 for k, v in want.items()}
+    assert tuple(peft_fast.set_base_model_state_dict(mine, doubled)) == ([], [])
+    assert all(torch.equal(v, doubled[k]) for k, v in peft_fast.get_base_model_state_dict(mine).items())

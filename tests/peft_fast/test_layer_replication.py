@@ -247,3 +247,46 @@ def test_a_combined_adapter_goes_into_the_layers_as_they_are():
     assert len(layers(i)) == 3 and i.peft_config["halved"].layer_replication == MAP
     with torch.no_grad():
         assert torch.equal(out(i, x), before)
+
+
+def test_a_map_that_copies_no_layer_merges_as_peft():
+    """[[0, 2]] rebuilds the list without a second copy of any layer: nothing shares a base weight, and merging
+    works, as in PEFT."""
+    r, i = build(ref, layer_replication=[[0, 2]]), build(impl, layer_replication=[[0, 2]])
+    copy_weights(r, i)
+    x = inputs("llama")
+    with torch.no_grad():
+        assert_close(out(i.merge_and_unload().eval(), x), out(r.merge_and_unload().eval(), x), atol=1e-5, rtol=1e-5)
+
+
+@peft_fast_only
+@pytest.mark.parametrize("tuner", ["LoHaConfig", "IA3Config"])
+def test_other_tuners_refuse_merging_into_replicated_layers(tuner):
+    """LoRA's replication outlives its adapters (unload keeps the layers): a LoHa or IA3 adapter put on the same
+    model merges into the shared weights no more than LoRA does (PEFT merges them, changing the outputs)."""
+    plain = build(impl).unload()
+    kw = {"feedforward_modules": ["down_proj"]} if tuner == "IA3Config" else {"init_weights": False}
+    model = impl.get_peft_model(plain, getattr(impl, tuner)(target_modules=["q_proj", "down_proj"], **kw))
+    with pytest.raises(ValueError, match="replicated"):
+        model.merge_and_unload()
+    assert not any(m.merged for m in model.modules() if hasattr(m, "merged_adapters"))
+
+
+@peft_fast_only
+def test_a_key_past_the_layers_that_is_no_copy_is_refused(tmp_path):
+    """Only keys repeating a kept layer's tensor are taken for a later replication's copies; another key past the
+    end (a broken file) is refused as any key without a layer, with the base left as it was."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    build(impl).save_pretrained(str(tmp_path))
+    path = tmp_path / "adapter_model.safetensors"
+    with safe_open(str(path), "pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    key = "base_model.model.model.layers.2.self_attn.q_proj.lora_A.weight"
+    tensors[key.replace("layers.2", "layers.3")] = tensors[key] + 1  # not a copy of layer 2's
+    save_file(tensors, str(path), metadata=metadata)
+    base = base_model("llama")
+    with pytest.raises(ValueError, match="layers.3"):
+        impl.PeftModel.from_pretrained(base, str(tmp_path))
+    assert len(base.model.layers) == 2

@@ -423,15 +423,45 @@ def test_add_weighted_adapter_over_a_conv1d_is_the_combined_delta(ctype):
 
 
 @peft_fast_only
-@pytest.mark.parametrize("ctype", ["cat", "linear", "svd"])
-def test_add_weighted_adapter_over_a_grouped_convolution_is_refused(ctype):
-    """B is [out, r/groups, 1, 1] there: PEFT builds factors its own layer then fails to use (or, for svd, leaves
-    half an adapter behind). Refused by name, with nothing changed."""
+@pytest.mark.parametrize("ctype", ["cat", "svd", "ties_svd"])
+def test_concatenating_or_svd_over_a_grouped_convolution_is_refused(ctype):
+    """B is [out, r/groups, 1, 1] there: concatenated, its groups would take the wrong channels (PEFT's cat is
+    wrong), and an SVD gives no grouped factors (PEFT's fails). Refused by name, with nothing changed."""
     _, i = pair("groups")
     torch.manual_seed(3)
     i.add_adapter("b", impl.LoraConfig(**cfg("groups")))
     snap = snapshot(i)
     with pytest.raises(NotImplementedError, match="grouped convolutions.*conv"):
-        i.add_weighted_adapter(["default", "b"], [0.5, 0.5], "merged", combination_type=ctype)
+        i.add_weighted_adapter(["default", "b"], [0.5, 0.5], "merged", combination_type=ctype, density=0.5)
     assert_unchanged(i, snap)
     assert "merged" not in i.peft_config
+
+
+@pytest.mark.parametrize("ctype", ["linear", "ties"])
+def test_factor_merges_over_a_grouped_convolution_match_peft(ctype):
+    r, i = pair("groups")
+    add_both(r, i, "b", seed=3, kind="groups")
+    for m in (r, i):
+        torch.manual_seed(7)
+        m.add_weighted_adapter(["default", "b"], [0.7, -0.4], "merged", combination_type=ctype, density=0.5)
+    want, got = dict(r.named_parameters()), dict(i.named_parameters())
+    merged = [n for n in want if ".merged." in n]
+    assert merged
+    for n in merged:
+        assert_close(got[n], want[n], msg=n)
+
+
+@peft_fast_only
+@pytest.mark.parametrize("ctype", ["cat", "svd"])
+def test_one_adapter_over_a_grouped_convolution_is_rescaled(ctype):
+    """One adapter is a rescale whatever the type: the merged adapter adds 0.7 of the source's delta."""
+    _, i = pair("groups")
+    i.add_weighted_adapter(["default"], [0.7], "merged", combination_type=ctype)
+    x = inputs("groups")
+    i.eval()
+    with torch.no_grad():
+        with i.disable_adapter():
+            plain = out(i, x)
+        delta = out(i, x) - plain
+        i.set_adapter("merged")
+        assert_close(out(i, x) - plain, 0.7 * delta, atol=1e-5, rtol=1e-4)

@@ -183,8 +183,8 @@ def test_targeted_module_and_parameter_names_as_peft():
     assert names["peft"][0][4:6] == ["model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj"]
     assert names[impl.__name__][1] == names["peft"][1] == []
     _, r, i = moe_pair("mixtral", "experts+attention")
-    assert sorted(i.targeted_module_names) == sorted(r.targeted_module_names)
-    assert sorted(i.targeted_parameter_names) == sorted(r.targeted_parameter_names)
+    assert i.targeted_module_names == r.targeted_module_names
+    assert i.targeted_parameter_names == r.targeted_parameter_names
     assert i.targeted_parameter_names
 
 

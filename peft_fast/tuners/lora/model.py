@@ -13,7 +13,7 @@ from . import dispatch
 from .config import DEFAULT_TARGETS, SUPPORTED_INITS, peft_only_init, rewrites_base
 from .param_targets import plan_parameters
 from .layer import LoraLinear
-from .replication import has_replicated_layers, keys_beyond_layers, replicate_layers
+from ..replication import keys_beyond_layers, replicate_layers
 from .weighted import add_weighted_adapter
 
 
@@ -91,14 +91,6 @@ class LoraModel(TunerModel):
                           f"have (e.g. {sorted(beyond)[:2]}): a later adapter replicated the layers again when it was "
                           "saved, and these are the copies of this adapter's own factors. Skipped, as PEFT does.")
         return {k: v for k, v in tensors.items() if k not in beyond}
-
-    def check_merge_allowed(self) -> None:
-        # Replicas share their base weights: a replica's delta merged into them would reach every copy. (PEFT means
-        # to refuse this too; its check looks the key up among the adapter names and never fires.) Asked of the
-        # model, not the configs: the copies stay after the adapter that made them is deleted.
-        if has_replicated_layers(self.model):
-            raise ValueError("Cannot merge LoRA layers when base model layers are replicated (layer_replication: "
-                             "the copies share their base weights, so one copy's delta would reach them all).")
 
     def after_injection(self, config, seen) -> None:
         config.fan_in_fan_out = seen.fan_in_fan_out  # the layers correct it to their type, as PEFT does

@@ -51,9 +51,10 @@ combination of the source deltas ``s_i·B_i·A_i``:
    goes into the layers as they are. Its saved config still names the map, so loading it onto a fresh base
    replicates once, as the model it was made on.
 
-Embeddings (``lora_embedding_A/B``) and convolutions combine as in PEFT otherwise; grouped convolutions are refused
-(PEFT builds factors its own layer cannot use there). Adapters tied by ``ensure_weight_tying`` are refused: one set
-of factors serves two layers, and PEFT's merged adapter leaves lm_head out (untying it).
+Embeddings (``lora_embedding_A/B``) and convolutions combine as in PEFT otherwise; over grouped convolutions "cat"
+and the SVD types are refused (B holds r/groups channels per group: PEFT's cat mixes the groups up, its svd fails).
+Adapters tied by ``ensure_weight_tying`` are refused: one set of factors serves two layers, and PEFT's merged
+adapter leaves lm_head out (untying it).
 """
 from __future__ import annotations
 
@@ -102,11 +103,15 @@ def check_weighted_adapter(tuner, adapters: Sequence[str], combination_type: str
         if getattr(tuner.peft_config[adapter], "target_parameters", None):
             raise ValueError(f"add_weighted_adapter does not support targeting nn.Parameter (problematic adapter "
                              f"'{adapter}')")
+    combining = "linear" if len(adapters) == 1 else combination_type  # (as below: one adapter is a rescale)
     grouped = [key for key, m in tuner.adapter_layers() if getattr(m.base_layer, "groups", 1) > 1
                and any(m.has_adapter(a) for a in adapters)]
-    if grouped:  # B is [out, r/groups, 1...]: its factors combine in no way PEFT's layer reads back right either
-        raise NotImplementedError(f"add_weighted_adapter over grouped convolutions is not supported: {grouped} "
-                                  "(nothing was changed).")
+    if grouped and (combining == "cat" or combining in SVD_TYPES):
+        # B is [out, r/groups, 1...] there: concatenated, its groups would take the wrong channels, and a delta's
+        # SVD gives no grouped factors (PEFT's cat is wrong there, its svd fails)
+        raise NotImplementedError(f"add_weighted_adapter with combination_type={combining!r} over grouped "
+                                  f"convolutions is not supported: {grouped} (nothing was changed); the factor "
+                                  "types ('linear', 'ties', ...) combine them as PEFT does.")
     tied = sorted({a for _, m in tuner.adapter_layers() for a in getattr(m, "tied_adapters", {}) if a in adapters})
     if tied:  # one set of factors serves two layers: a combination written into each would overwrite the other's
         raise NotImplementedError(f"add_weighted_adapter: adapters {tied} tie lm_head to the input embedding "
@@ -326,8 +331,9 @@ def _write(layer, name, a_new, b_new, adapters, weights, dtype=None) -> None:
     a.zero_()
     b.zero_()
     # (an SVD's factors come as matrices: a convolution's A gets its kernel dims back, its B the trailing ones)
+    kb = b_new.shape[1]  # (k, or k/groups for a grouped convolution's B)
     a[:k].copy_(a_new.reshape(k, *a.shape[1:]))
-    b[:, :k].copy_(b_new.reshape(b.shape[0], k, *b.shape[2:]))
+    b[:, :kb].copy_(b_new.reshape(b.shape[0], kb, *b.shape[2:]))
     b_bias = layer.lora_B[name].bias if name in layer.lora_B else None
     if b_bias is not None:  # PEFT leaves the initial bias (bug 3)
         b_bias.zero_()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from typing import Callable, Sequence
 
+import torch
 from torch import nn
 
 
@@ -65,9 +66,11 @@ def replicate_layers(model: nn.Module, layer_map: Sequence) -> Callable[[], None
     had_count = config is not None and hasattr(config, "num_hidden_layers")
     old_count = config.num_hidden_layers if had_count else None
     replicated = nn.ModuleList(new)
-    # (an attribute of the list, not of a config: the copies share their base weights for as long as they exist,
-    # whichever adapters are left, so merging stays refused; deep copies and pickles keep it)
-    replicated.shares_base_weights = True
+    sources = [i for start, end in ranges for i in range(start, end)]
+    # (an attribute of the list, not of a config: copies of one layer share its base weights for as long as they
+    # exist, whichever adapters are left, so merging stays refused; deep copies and pickles keep it. A map that
+    # copies no layer twice shares nothing.)
+    replicated.shares_base_weights = len(set(sources)) < len(sources) or getattr(layers, "shares_base_weights", False)
     setattr(owner, attr, replicated)
     if had_count:  # transformers' decoders run config.num_hidden_layers of their layers
         config.num_hidden_layers = len(new)
@@ -85,11 +88,12 @@ def has_replicated_layers(model: nn.Module) -> bool:
     return any(getattr(m, "shares_base_weights", False) for m in model.modules() if isinstance(m, nn.ModuleList))
 
 
-def keys_beyond_layers(model: nn.Module, keys, prefix: str = "") -> list[str]:
-    """The keys (module paths under `prefix`) that address a layer past the end of the model's layer list. A file
-    saved after a later adapter replicated the layers again holds an earlier adapter's factors for those copies
-    too (they share the factors of the layer they copy); loading that adapter alone rebuilds fewer layers, and PEFT
-    drops those keys."""
+def keys_beyond_layers(model: nn.Module, tensors: dict, prefix: str = "") -> list[str]:
+    """The keys of `tensors` (module paths under `prefix`) that address a layer past the end of the model's layer
+    list and repeat, value for value, the same key of a layer it has: a file saved after a later adapter
+    replicated the layers again holds an earlier adapter's factors for those copies too (they share the factors of
+    the layer they copy). Loading that adapter alone rebuilds fewer layers, and PEFT drops those keys; any other
+    key past the end is left to the file checks, which refuse it."""
     try:
         _, _, _, layers = _layer_list(model)
     except ValueError:
@@ -99,9 +103,13 @@ def keys_beyond_layers(model: nn.Module, keys, prefix: str = "") -> list[str]:
         return []
     head = f"{prefix}{path}."
     out = []
-    for key in keys:
-        if key.startswith(head):
-            index = key[len(head):].split(".", 1)[0]
-            if index.isdigit() and int(index) >= len(layers):
-                out.append(key)
+    for key, value in tensors.items():
+        if not key.startswith(head):
+            continue
+        index, _, rest = key[len(head):].partition(".")
+        if not (index.isdigit() and int(index) >= len(layers) and rest):
+            continue
+        twins = (tensors.get(f"{head}{i}.{rest}") for i in range(len(layers)))
+        if any(t is not None and t.shape == value.shape and torch.equal(t, value) for t in twins):
+            out.append(key)
     return out
