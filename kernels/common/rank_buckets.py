@@ -146,6 +146,12 @@ def bucket_deltas(x: Tensor, a_stack: Tensor, b_stack: Tensor, scalings: Tensor,
     """The LoRA deltas (lora_B(lora_A(x)) + lora bias) * scaling of plan.tokens, in b_stack's dtype (x is cast to the
     adapters' dtype first, as PEFT casts it)."""
     dev = x.device
+    if torch.is_autocast_enabled(dev.type):
+        # autocast would run the first bmm in 16 bits and leave the second, which writes into `out=`, in the
+        # stacks' dtype (torch refuses the mix): both run in the stacks' dtype, within rounding of PEFT's 16-bit
+        # matmuls, as the Triton kernels do
+        with torch.autocast(dev.type, enabled=False):
+            return bucket_deltas(x, a_stack, b_stack, scalings, bias_stack, plan)
     padded = x.index_select(0, plan.gather.to(dev)).to(a_stack.dtype)
     delta = torch.empty((padded.shape[0], b_stack.shape[1]), dtype=b_stack.dtype, device=dev)
     in_f, out_f = padded.shape[1], delta.shape[1]

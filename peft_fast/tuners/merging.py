@@ -77,6 +77,9 @@ def pending(layer, adapter_names: Optional[list[str]], warn: bool = True) -> lis
 
 
 def check_mergeable(layer, names: list[str]) -> None:
+    if names and getattr(layer.base_layer, "shared_by_replicas", False):  # (also a layer's own merge(): per layer)
+        raise ValueError("Cannot merge into replicated layers (layer_replication: copies of one layer share its base "
+                         "weights, so one copy's delta would reach them all).")
     if names and offloaded(layer.base_layer) and layer.base_view.requantizes:
         raise NotImplementedError(
             f"Merging into a quantized base layer offloaded by accelerate ({type(layer.base_layer).__name__} whose "

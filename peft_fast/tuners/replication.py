@@ -67,6 +67,10 @@ def replicate_layers(model: nn.Module, layer_map: Sequence) -> Callable[[], None
     old_count = config.num_hidden_layers if had_count else None
     replicated = nn.ModuleList(new)
     sources = [i for start, end in ranges for i in range(start, end)]
+    for clone, source in zip(new, sources):
+        if sources.count(source) > 1:  # every module of such a copy shares its weights with another copy's
+            for module in clone.modules():
+                module.shared_by_replicas = True
     # (an attribute of the list, not of a config: copies of one layer share its base weights for as long as they
     # exist, whichever adapters are left, so merging stays refused; deep copies and pickles keep it. A map that
     # copies no layer twice shares nothing.)

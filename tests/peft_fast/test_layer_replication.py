@@ -290,3 +290,17 @@ def test_a_key_past_the_layers_that_is_no_copy_is_refused(tmp_path):
     with pytest.raises(ValueError, match="layers.3"):
         impl.PeftModel.from_pretrained(base, str(tmp_path))
     assert len(base.model.layers) == 2
+
+
+@peft_fast_only
+def test_a_copy_s_own_merge_is_refused():
+    """layer.merge() on one copy (no model-level call): its shared base weight would carry the delta into the
+    other copy, which would still report itself unmerged."""
+    i = build(impl)
+    copy_layer = layers(i)[1].self_attn.q_proj
+    before = copy_layer.base_layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="replicated"):
+        copy_layer.merge()
+    assert not copy_layer.merged and torch.equal(copy_layer.base_layer.weight, before)
+    layers(i)[0].self_attn.q_proj.merge()  # layer 0 is copied once: nothing shares its weights
+    assert layers(i)[0].self_attn.q_proj.merged

@@ -104,6 +104,25 @@ def test_adapters_of_one_rank_match_peft(kind, extra, monkeypatch):
     assert calls or AGAINST_PEFT, "the batched form did not run"
 
 
+@pytest.mark.parametrize("extra", [{}, {"lora_bias": True}], ids=["lora", "lora_bias"])
+@pytest.mark.parametrize("ranks", ["equal", "mixed"])
+def test_mixed_batch_under_autocast_matches_peft(ranks, extra):
+    """torch.autocast around a float32 model (as after cast_mixed_precision_params): the batched form runs its
+    matmuls in the stacks' dtype (autocast would have made its two bmm disagree), the per-adapter loop as PEFT's;
+    both within bf16 rounding of PEFT."""
+    base, r, i = make_pair("llama", adapter_name="a", r=4, lora_alpha=8, init_lora_weights=False, **extra)
+    for k, name in enumerate("bcd"):
+        add_both(r, i, name, "llama", seed=10 + k, r=4 if ranks == "equal" else 2 + 2 * k, lora_alpha=8,
+                 init_lora_weights=False, **extra)
+    r.eval()
+    i.eval()
+    x = inputs("llama", batch=len(EQUAL_RANK_NAMES), seq=3, seed=3)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = out(i, x, adapter_names=EQUAL_RANK_NAMES), out(r, x, adapter_names=EQUAL_RANK_NAMES)
+    assert got.dtype == want.dtype
+    assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)
+
+
 @pytest.mark.parametrize("kind", ["llama", "mlp"])
 def test_mixed_batch_leaves_active_adapter_alone(kind):
     _, r, i = _three(kind)
