@@ -10,7 +10,8 @@ import torch
 
 from . import files
 from .config import CONFIG_NAME, PeftConfig, as_config
-from .tuners.file_keys import PREFIX
+from .tuners import injection
+from .tuners.file_keys import PREFIX, check_file_tensors
 
 
 def read_adapter(model_id: str, config: Optional[Any], is_trainable: bool, kwargs: dict):
@@ -109,3 +110,19 @@ def _warn_unconverted(model, tensors: dict[str, torch.Tensor]) -> None:
                       "was probably trained on transformers 4, whose layout of this model transformers 5 changed. "
                       "Converting it needs Hugging Face PEFT (pip install peft, or peft-fast[trainer]).",
                       stacklevel=3)
+
+
+def plan_file(model, config: Any, tuner_cls, tensors: dict, source: str) -> tuple[dict, Any]:
+    """(tensors, plan): a file's adapter planned on `model` (already prepared: tuner_cls.preparing) and checked
+    against it, so that nothing loads from a file that does not fit. The tensors are what loads: the keys a
+    prepared model does not have, as PEFT drops them, dropped (tuner_cls.file_tensors)."""
+    tensors = tuner_cls.file_tensors(model, config, tensors)
+    plan = injection.plan_adapter(model, config, tuner_cls, {k.removeprefix(PREFIX) for k in tensors})
+    check_file_tensors(tensors, model, plan, tuner_cls, source)
+    return tensors, plan
+
+
+def init_when_loading(tuner_cls, config) -> Optional[bool]:
+    """False (the weights come from the file), except for PiSSA/OLoRA: their initialisation also makes the base
+    the residual the saved factors were trained on, so it runs, as in PEFT, before the file's factors replace its."""
+    return None if tuner_cls.rewrites_base(config) else False

@@ -16,7 +16,7 @@ from transformers.utils import PushToHubMixin
 from . import files
 from .config import CONFIG_NAME, PeftConfig, as_config
 from .batching import PREPARE_LOCK, SERVING, changes_adapters, enter_batch, leave_batch
-from .loading import convert_v4_layout, read_adapter
+from .loading import convert_v4_layout, init_when_loading, plan_file, read_adapter
 from .hub import push_to_hub
 from .model_card import write_model_card
 from .sharding import check_unsharded, unsharded_only
@@ -24,7 +24,7 @@ from .names import check_adapter_name
 from .state_dict import get_peft_model_state_dict
 from .status import TunerLayerStatus, TunerModelStatus, count_parameters, get_layer_status, get_model_status
 from .tuners import injection, registry
-from .tuners.file_keys import PREFIX, check_file_tensors, load_adapter_tensors
+from .tuners.file_keys import load_adapter_tensors
 from .tuners.lora.conversion import as_plain_lora
 from .wrapping import expose_forward_signature, prepare_for_gradient_checkpointing
 
@@ -56,7 +56,7 @@ class PeftModel(*_bases()):
         self.special_peft_forward_args = {"adapter_names"}
         self._adapters_disabled = False
         tuner_cls = registry.get(config.peft_type).model_cls
-        load = {"init": _init_when_loading(tuner_cls, config), "plan": _plan, "tensors": _tensors,
+        load = {"init": init_when_loading(tuner_cls, config), "plan": _plan, "tensors": _tensors,
                 "source": _source} if _tensors is not None else {}
         self.base_model = tuner_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
                                     **load)
@@ -310,18 +310,11 @@ class PeftModel(*_bases()):
         config, tensors, source = read_adapter(model_id, config, is_trainable, kwargs)
         config, tensors = convert_v4_layout(model, config, tensors, adapter_name)
         tuner_cls = registry.get(config.peft_type).model_cls
-        restore = tuner_cls.prepare_model(model, config)  # (LoRA's layer_replication: the file's layers exist then)
-        try:
-            tensors = tuner_cls.file_tensors(model, config, tensors)
-            plan = injection.plan_adapter(model, config, tuner_cls, _file_keys(tensors))
-            check_file_tensors(tensors, model, plan, tuner_cls, source)
+        with tuner_cls.preparing(model, config):  # (LoRA's layer_replication: the file's layers exist then)
+            tensors, plan = plan_file(model, config, tuner_cls, tensors, source)
             cls = TASK_MODELS.get(config.task_type, cls)  # as PEFT: the file's task type, whatever class was called
             peft_model = cls(model, config, adapter_name, autocast_adapter_dtype, _plan=plan, _tensors=tensors,
                              _source=source)
-        except BaseException:
-            if restore is not None:
-                restore()
-            raise
         if not is_trainable:
             peft_model.eval()
         return peft_model
@@ -339,8 +332,7 @@ class PeftModel(*_bases()):
         if adapter_name in self.peft_config:
             _, tensors, source = read_adapter(model_id, self.peft_config[adapter_name], is_trainable, kwargs)
             _, tensors = convert_v4_layout(model, self.peft_config[adapter_name], tensors, adapter_name)
-            plan = injection.plan_adapter(model, self.peft_config[adapter_name], tuner_cls, _file_keys(tensors))
-            check_file_tensors(tensors, model, plan, tuner_cls, source)
+            tensors, _ = plan_file(model, self.peft_config[adapter_name], tuner_cls, tensors, source)
             load_adapter_tensors(model, tensors, adapter_name, source)
         else:
             check_unsharded(self, f"load_adapter of a new adapter ({adapter_name!r})")
@@ -350,36 +342,17 @@ class PeftModel(*_bases()):
                 raise ValueError(f"{model_id} holds a {config.peft_type} adapter; this model's adapters are "
                                  f"{self.peft_type}: load it into its own PeftModel.")
             # (the model's structure may change first: mixed batches in other threads wait, as for add_adapter)
-            with SERVING.changing(), PREPARE_LOCK:
-                restore = tuner_cls.prepare_model(model, config)
-                try:
-                    tensors = tuner_cls.file_tensors(model, config, tensors)
-                    plan = injection.plan_adapter(model, config, tuner_cls, _file_keys(tensors))
-                    check_file_tensors(tensors, model, plan, tuner_cls, source)
-                    self.base_model.add_adapter(adapter_name, config, autocast_adapter_dtype,
-                                                init=_init_when_loading(tuner_cls, config), plan=plan,
-                                                tensors=tensors, source=source)
-                except BaseException:
-                    if restore is not None:
-                        restore()
-                    raise
+            with SERVING.changing(), PREPARE_LOCK, tuner_cls.preparing(model, config):
+                tensors, plan = plan_file(model, config, tuner_cls, tensors, source)
+                self.base_model.add_adapter(adapter_name, config, autocast_adapter_dtype,
+                                            init=init_when_loading(tuner_cls, config), plan=plan, tensors=tensors,
+                                            source=source)
             if is_trainable:
                 self.set_requires_grad(adapter_name)
         if not is_trainable:
             self.eval()
         # PEFT returns torch's load result; files that do not fit raise instead, so nothing is ever missing.
         return _IncompatibleKeys([], [])
-
-
-def _file_keys(tensors: dict) -> set:
-    """A loaded file's keys as module paths (the prefix PEFT's files carry dropped): which layers it adapts."""
-    return {k.removeprefix(PREFIX) for k in tensors}
-
-
-def _init_when_loading(tuner_cls, config) -> Optional[bool]:
-    """False (the weights come from the file), except for PiSSA/OLoRA: their initialisation also makes the base
-    the residual the saved factors were trained on, so it runs, as in PEFT, before the file's factors replace its."""
-    return None if tuner_cls.rewrites_base(config) else False
 
 
 # PEFT returns one subclass per task type; here they differ in name and in the heads trained in full.

@@ -171,18 +171,14 @@ def _holds_peft_layers(model: nn.Module) -> bool:
     return bool(peft_layer_names(model))
 
 
-def _peft_module():
-    import peft
-
-    return peft
-
-
 def get_base_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """PEFT's get_base_model_state_dict: the base model's tensors under the original model's keys (no
     `base_layer` / `original_module` infixes, no adapter tensors), e.g. to save or compare the base after FSDP
     wrapping."""
     if _holds_peft_layers(model):
-        return _peft_module().get_base_model_state_dict(model)
+        import peft
+
+        return peft.get_base_model_state_dict(model)
     inner, _, _ = _unwrap(model)
     state = inner.state_dict()
     return {original: state[key] for key, original in _base_keys(inner).items()}
@@ -193,7 +189,9 @@ def set_base_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tens
     (counterpart of get_base_model_state_dict). Returns (missing_keys, unexpected_keys); with `strict`, either
     raises RuntimeError before anything is loaded."""
     if _holds_peft_layers(model):
-        return _peft_module().set_base_model_state_dict(model, state_dict, strict=strict)
+        import peft
+
+        return peft.set_base_model_state_dict(model, state_dict, strict=strict)
     inner, _, _ = _unwrap(model)
     to_peft = {original: key for key, original in _base_keys(inner).items()}
     unexpected = [k for k in state_dict if k not in to_peft]

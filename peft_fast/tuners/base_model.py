@@ -2,32 +2,31 @@
 
 A tuner subclasses it with its `layer_cls` (a TunerLayer subclass), `default_targets` (PEFT's target_modules
 defaults by model type) and, where it has per-layer values, `target_kwargs` (`prepare_config` for other
-model-dependent defaults). Adding, deleting, activating, enabling, merging, unloading and mixed-batch routing are
-all done here, all-or-nothing.
+model-dependent defaults). Adding, deleting, activating, enabling, merging and unloading are all done here,
+all-or-nothing; mixed-batch routing in mixed_routing.py.
 """
 from __future__ import annotations
 
 import copy
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Iterator, Optional
 
-import torch
 import torch.nn as nn
 
-from ..batching import PREPARE_LOCK, SERVING, AdapterNames, RoutingKey, changes_adapters, routing
+from ..batching import RoutingKey, changes_adapters
 from ..config import as_config
-from ..names import BASE_NAME, check_adapter_name
+from ..names import check_adapter_name
 from . import injection
 from .base_layer import TunerLayer
+from .mixed_routing import MixedBatchRouting
 from .modules_to_save import ModulesToSaveWrapper
-from .replication import has_replicated_layers
 from .file_keys import load_adapter_tensors
 from .token_targets import apply_tokens, plan_tokens
 from .trainable_tokens import TrainableTokensWrapper, merge_plan, token_wrappers
 
 
-class TunerModel(nn.Module):
+class TunerModel(MixedBatchRouting, nn.Module):
     layer_cls: type = TunerLayer
     default_targets: dict[str, list[str] | str] = {}
 
@@ -127,13 +126,8 @@ class TunerModel(nn.Module):
                              "cannot be added beside them.")
         converted = _converted(self.model, config, adapter_name) if plan is None else config
         self.check_new_adapter(converted)  # as PEFT: the converted targets are the ones checked against the others'
-        restore = self.prepare_model(self.model, converted) if plan is None else None  # (a plan: made after it)
-        try:
+        with self.preparing(self.model, converted) if plan is None else nullcontext():  # (a plan: made after it)
             self._add_planned(adapter_name, config, converted, plan, autocast_adapter_dtype, init, tensors, source)
-        except BaseException:
-            if restore is not None:
-                restore()
-            raise
 
     @classmethod
     def file_tensors(cls, model: nn.Module, config: Any, tensors: dict) -> dict:
@@ -144,9 +138,21 @@ class TunerModel(nn.Module):
     @classmethod
     def prepare_model(cls, model: nn.Module, config: Any) -> Optional[Callable[[], None]]:
         """Change the model's structure before an adapter's targets are planned (PEFT's _prepare_model: LoRA's
-        layer_replication); returns the undo, for a failure before the adapter is in. Loading calls it before
-        planning the file's adapter, add_adapter when it plans itself."""
+        layer_replication); returns the undo, or None when nothing changed."""
         return None
+
+    @classmethod
+    @contextmanager
+    def preparing(cls, model: nn.Module, config: Any) -> Iterator[None]:
+        """prepare_model, undone if the block raises (the adapter did not go in). Loading plans the file's adapter
+        inside it, add_adapter when it plans itself."""
+        restore = cls.prepare_model(model, config)
+        try:
+            yield
+        except BaseException:
+            if restore is not None:
+                restore()
+            raise
 
     def _add_planned(self, adapter_name: str, config: Any, converted: Any, plan: Optional[injection.Plan],
                      autocast_adapter_dtype: bool, init: Optional[object], tensors: Optional[dict],
@@ -285,105 +291,14 @@ class TunerModel(nn.Module):
         for _, m in injection.tuner_layers(self.model):
             m.enable_adapters(False)
 
-    @contextmanager
-    def mixed_batch(self, adapter_names: Optional[list[str]], num_beams: Optional[int] = None):
-        """Route ``adapter_names`` (one per sample) to this model's adapter layers for the duration of a call, in
-        this thread only (batching.routing)."""
-        if adapter_names is None:
-            yield
-            return
-        with SERVING.serving(), routing(self.batch_plan(adapter_names, num_beams)):
-            yield
-
-    @torch.compiler.disable
-    def batch_plan(self, adapter_names: list[str], num_beams: Optional[int] = None) -> AdapterNames:
-        """The checked batch plan of ``adapter_names`` for this model's layers (never traced: names are strings)."""
-        if self.training:
-            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
-        if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
-            raise TypeError(f"Got adapter names of type {type(adapter_names).__name__}, expected a list of str.")
-        for i, n in enumerate(adapter_names):
-            if not isinstance(n, str):
-                raise TypeError(f"adapter_names holds {n!r} ({type(n).__name__}) at position {i}: every sample needs "
-                                f"an adapter name (str), or {BASE_NAME!r} for the base model alone.")
-        # Under the lock: an adapter added or deleted by another thread changes the configs, the slot table and the
-        # module tree this reads (add_adapter / delete_adapter hold it throughout)
-        with PREPARE_LOCK:
-            unknown = {n for n in adapter_names if n != BASE_NAME} - set(self.peft_config)
-            if unknown:
-                raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")
-            slots = self._slot_table()
-            device = self._adapter_device()
-            encoder = None
-            if isinstance(num_beams, int) and num_beams > 1:
-                # Beam search repeats every sample num_beams times, except in an encoder (the original batch).
-                get_encoder = getattr(self.model, "get_encoder", None)
-                module = get_encoder() if callable(get_encoder) else None
-                if module is not None and module is not self.model:
-                    ids = frozenset(id(m) for _, m in injection.tuner_layers(module))
-                    encoder = (ids, AdapterNames(list(adapter_names), slots, self._batch_key, device=device,
-                                                 prepared=True))
-                adapter_names = [n for n in adapter_names for _ in range(num_beams)]
-            if self._batch_key.stale:  # after an event: ready the layers here, outside any compiled forward
-                if any(layer.merged for _, layer in self.adapter_layers()):  # (a merge is an event) refused before
-                    # the stacks are readied: slots made from merged weights would outlive the unmerge
-                    raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
-                                     "`unmerge_adapter` first.")
-                for _, layer in self.adapter_layers():
-                    layer.prepare_mixed(slots)
-                self._batch_key.stale = False
-        return AdapterNames(list(adapter_names), slots, self._batch_key, encoder, device, prepared=True)
-
-    def _adapter_device(self) -> Optional[torch.device]:
-        """The device of the first adapter part found (per batch: without listing any layer's parameters)."""
-        for _, layer in self.adapter_layers():
-            for _, part in layer.adapter_parts():
-                p = next(part.parameters(), None) if isinstance(part, nn.Module) else part
-                if p is not None:
-                    return p.device
-        return None
-
-    def _slot_table(self) -> tuple:
-        """Each adapter's slot in the layers' stacks, stable while it exists: a new adapter takes the first free slot
-        (None) or a new one at the end, a deleted one frees its slot, so no other adapter's slot moves and the
-        layers rewrite only the slots that changed (and a batch another thread runs keeps its slots)."""
-        table = getattr(self, "_slots", [])
-        names = set(self.peft_config)
-        table = [n if n in names else None for n in table]
-        for name in sorted(names - set(table)):
-            if None in table:
-                table[table.index(None)] = name
-            else:
-                table.append(name)
-        while table and table[-1] is None:
-            table.pop()
-        self._slots = table
-        # Padded with free slots to a power of two: the stacks' and batch plans' shapes (which a compiled forward
-        # guards on) then change only when the adapters outgrow it, not with every adapter added or deleted
-        return tuple(table) + (None,) * (_pow2(len(table)) - len(table))
-
-    def claim_layers(self) -> None:
-        """Mark this model's adapter layers as the ones its mixed batches reach (after layers are added)."""
-        for _, m in injection.tuner_layers(self.model):
-            m._batch_key = self._batch_key
-
     @changes_adapters
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         return super().load_state_dict(state_dict, strict, assign)
 
     # --- merging -----------------------------------------------------------------------------------------------
-    def check_merge_allowed(self) -> None:
-        """Refuse merging into this model's base weights (before any layer changes). Replicated layers (LoRA's
-        layer_replication) share their base weights: one copy's delta merged into them would reach every copy.
-        PEFT means to refuse this for LoRA; its check never fires, and its other tuners merge."""
-        if has_replicated_layers(self.model):
-            raise ValueError("Cannot merge into replicated layers (layer_replication: copies of one layer share its "
-                             "base weights, so one copy's delta would reach them all).")
-
     @changes_adapters
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         self._check_known(adapter_names)
-        self.check_merge_allowed()
         write_tokens = merge_plan(self.model, adapter_names, safe_merge)  # checked before any layer changes
         injection.merge_layers([m for _, m in self.adapter_layers()], safe_merge, adapter_names)
         write_tokens()
@@ -410,7 +325,6 @@ class TunerModel(nn.Module):
         """``dequantize=True`` (not in PEFT): merge into 4-bit bases without re-quantizing, returning plain
         nn.Linear layers with the exact merged weights; by default they are re-quantized, as PEFT does."""
         self._check_known(adapter_names)
-        self.check_merge_allowed()
         write_tokens = merge_plan(self.model, adapter_names, safe_merge)  # into layers the unload keeps
         model = injection.unload(self.model, merge=True, safe_merge=safe_merge, adapter_names=adapter_names,
                                  dequantize=dequantize, progressbar=progressbar)
@@ -427,10 +341,6 @@ def _module_path(key: str) -> str:
     while key.endswith(".base_layer"):
         key = key.removesuffix(".base_layer")
     return key
-
-
-def _pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length() if n > 1 else n
 
 
 CONVERTED_FIELDS = ("target_parameters", "rank_pattern", "alpha_pattern")

@@ -77,7 +77,9 @@ def pending(layer, adapter_names: Optional[list[str]], warn: bool = True) -> lis
 
 
 def check_mergeable(layer, names: list[str]) -> None:
-    if names and getattr(layer.base_layer, "shared_by_replicas", False):  # (also a layer's own merge(): per layer)
+    # Copies of one layer (layer_replication) share its base weights: one copy's delta would reach them all. PEFT
+    # means to refuse this too; its check never fires.
+    if names and getattr(layer.base_layer, "shared_by_replicas", False):
         raise ValueError("Cannot merge into replicated layers (layer_replication: copies of one layer share its base "
                          "weights, so one copy's delta would reach them all).")
     if names and offloaded(layer.base_layer) and layer.base_view.requantizes:

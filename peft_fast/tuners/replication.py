@@ -65,17 +65,15 @@ def replicate_layers(model: nn.Module, layer_map: Sequence) -> Callable[[], None
     config = getattr(inner, "config", None)
     had_count = config is not None and hasattr(config, "num_hidden_layers")
     old_count = config.num_hidden_layers if had_count else None
-    replicated = nn.ModuleList(new)
     sources = [i for start, end in ranges for i in range(start, end)]
     for clone, source in zip(new, sources):
-        if sources.count(source) > 1:  # every module of such a copy shares its weights with another copy's
+        if sources.count(source) > 1:
+            # Every module of such a copy shares its weights with another copy's: merging refuses them
+            # (merging.check_mergeable), whichever adapters come later; deep copies, pickles and a later
+            # replication's copies keep the mark. A map that copies no layer twice shares nothing.
             for module in clone.modules():
                 module.shared_by_replicas = True
-    # (an attribute of the list, not of a config: copies of one layer share its base weights for as long as they
-    # exist, whichever adapters are left, so merging stays refused; deep copies and pickles keep it. A map that
-    # copies no layer twice shares nothing.)
-    replicated.shares_base_weights = len(set(sources)) < len(sources) or getattr(layers, "shares_base_weights", False)
-    setattr(owner, attr, replicated)
+    setattr(owner, attr, nn.ModuleList(new))
     if had_count:  # transformers' decoders run config.num_hidden_layers of their layers
         config.num_hidden_layers = len(new)
 
@@ -85,11 +83,6 @@ def replicate_layers(model: nn.Module, layer_map: Sequence) -> Callable[[], None
             config.num_hidden_layers = old_count
 
     return restore
-
-
-def has_replicated_layers(model: nn.Module) -> bool:
-    """Whether `model` holds a layer list that replicate_layers rebuilt (its copies share base weights)."""
-    return any(getattr(m, "shares_base_weights", False) for m in model.modules() if isinstance(m, nn.ModuleList))
 
 
 def keys_beyond_layers(model: nn.Module, tensors: dict, prefix: str = "") -> list[str]:

@@ -93,7 +93,7 @@ class LoraConfig(PeftConfig):
     # modules_to_save copy shared, LoRA factors shared); see tuners/tied.py.
     ensure_weight_tying: bool = False
     # Ranges of decoder layers to stack, each copy sharing the original's weights with adapters of its own
-    # ([[0, 4], [2, 5]]: layers 0 1 2 3 2 3 4); see tuners/lora/replication.py.
+    # ([[0, 4], [2, 5]]: layers 0 1 2 3 2 3 4); see tuners/replication.py.
     layer_replication: Optional[list[list[int]]] = None
     # PEFT's LoraRuntimeConfig (how, not what, is computed): accepted, never saved, as in PEFT.
     runtime_config: Any = field(default_factory=lambda: LoraRuntimeConfig())

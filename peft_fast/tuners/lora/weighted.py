@@ -75,7 +75,7 @@ from ...config import replace_config
 from ...names import check_adapter_name
 from ...progress import progress
 from .config import peft_only_init, rewrites_base
-from .embedding import LoraEmbedding
+from .weighted_factors import as_matrix, cast_factors, factors
 
 SVD_TYPES = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
 FACTOR_TYPES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -243,7 +243,7 @@ def add_weighted_adapter(tuner, adapters: Sequence[str], weights: Sequence[float
                         dtype = None
                     else:
                         a_new, b_new = _merge_factors(layer, adapters, weights, merge)
-                        dtype = _factors(layer, _sources(layer, adapters, weights)[0][0])[0].dtype
+                        dtype = factors(layer, _sources(layer, adapters, weights)[0][0])[0].dtype
                     _write(layer, adapter_name, a_new, b_new, adapters, weights, dtype)
                     bar.update(1)
     except BaseException:
@@ -269,8 +269,8 @@ def _sources(layer, adapters, weights):
 
 def _cat(layer, adapters, weights):
     found = _sources(layer, adapters, weights)
-    a_new = torch.cat([_factors(layer, a)[0] * w * float(layer.scaling[a]) for a, w in found], dim=0)
-    return a_new, torch.cat([_factors(layer, a)[1] for a, _ in found], dim=1)
+    a_new = torch.cat([factors(layer, a)[0] * w * float(layer.scaling[a]) for a, w in found], dim=0)
+    return a_new, torch.cat([factors(layer, a)[1] for a, _ in found], dim=1)
 
 
 def _merge_factors(layer, adapters, weights, merge):
@@ -283,47 +283,18 @@ def _merge_factors(layer, adapters, weights, merge):
         root = math.sqrt(abs(ws))
         w_a.append(root if ws >= 0 else -root)
         w_b.append(root)
-    a_list = [_factors(layer, a)[0].detach() for a, _ in found]
-    b_list = [_factors(layer, a)[1].detach() for a, _ in found]
+    a_list = [factors(layer, a)[0].detach() for a, _ in found]
+    b_list = [factors(layer, a)[1].detach() for a, _ in found]
     a_new = merge(a_list, torch.tensor(w_a).to(a_list[0].device))
     return a_new, merge(b_list, torch.tensor(w_b).to(b_list[0].device))
-
-
-def _factors(layer, name: str) -> tuple:
-    """(A, B) of adapter `name` as PEFT's add_weighted_adapter reads them: the lora_A / lora_B weights ([r, in],
-    [out, r]; a convolution's [r, in, *k], [out, r, 1, ...]), an embedding's lora_embedding_A / B ([r, vocab],
-    [dim, r])."""
-    embedding_a = getattr(layer, "lora_embedding_A", None)
-    if embedding_a is not None and name in embedding_a:
-        return embedding_a[name], layer.lora_embedding_B[name]
-    return layer.lora_A[name].weight, layer.lora_B[name].weight
-
-
-def _cast_factors(layer, name: str, dtype: torch.dtype) -> None:
-    embedding_a = getattr(layer, "lora_embedding_A", None)
-    if embedding_a is not None and name in embedding_a:
-        for params in (embedding_a, layer.lora_embedding_B):
-            old = params[name]
-            params[name] = torch.nn.Parameter(old.data.to(dtype), requires_grad=old.requires_grad)
-    else:
-        layer.lora_A[name].to(dtype)
-        layer.lora_B[name].to(dtype)
-
-
-def _as_matrix(layer, delta: torch.Tensor) -> torch.Tensor:
-    """A delta from get_delta_weight as the matrix B·A factors: [out, in] (a convolution's kernel dims flattened
-    into in; an embedding's [dim, vocab]; transposed back for fan_in_fan_out), as PEFT's SVD merge shapes it."""
-    if delta.dim() > 2:
-        delta = delta.flatten(1)
-    return delta.T if layer.fan_in_fan_out or isinstance(layer, LoraEmbedding) else delta
 
 
 def _write(layer, name, a_new, b_new, adapters, weights, dtype=None) -> None:
     """Store factors whose product, times the merged adapter's own scaling, is the intended delta; zero-pad ranks
     below the adapter's r. `dtype`: the factors' new dtype (None: keep the injected one)."""
-    if dtype is not None and _factors(layer, name)[0].dtype != dtype:
-        _cast_factors(layer, name, dtype)
-    a, b = _factors(layer, name)
+    if dtype is not None and factors(layer, name)[0].dtype != dtype:
+        cast_factors(layer, name, dtype)
+    a, b = factors(layer, name)
     s_new = float(layer.scaling[name])
     if s_new != 1.0:  # rsLoRA: lora_alpha/sqrt(r) != 1. PEFT keeps the factors as they are (bug 1)
         a_new, b_new = a_new / math.sqrt(s_new), b_new / math.sqrt(s_new)
@@ -355,12 +326,12 @@ def _svd_merge(layers, adapters, weights, name, combination_type, merge, new_ran
     for layer in layers:
         found = _sources(layer, adapters, weights)
         if low_rank:
-            item = _low_rank_factors(layer, found)
+            item = _low_rankfactors(layer, found)
             key = (item[0].shape[0], item[1].shape[1], item[0].shape[1], item[0].device, item[0].dtype)
         else:
             deltas = [layer.get_delta_weight(a) for a, _ in found]
             item = merge(deltas, torch.tensor([w for _, w in found]).to(deltas[0].device))
-            item = _as_matrix(layer, item)
+            item = as_matrix(layer, item)
             key = (*item.shape, 0, item.device, torch.promote_types(item.dtype, torch.float32))  # no half SVDs
         groups.setdefault(key, []).append((layer, item))
     # 2. One batched SVD per run of same-shaped layers, on their device, in chunks of bounded memory.
@@ -392,12 +363,12 @@ def _svd_merge(layers, adapters, weights, name, combination_type, merge, new_ran
             bar.update(len(chunk))
 
 
-def _low_rank_factors(layer, found):
+def _low_rankfactors(layer, found):
     """(B_cat [out, R], A_cat [R, in]) with B_cat·A_cat = Σ w_i·s_i·B_i·A_i, in float32 at least."""
-    dtype = torch.promote_types(_factors(layer, found[0][0])[0].dtype, torch.float32)
-    b = torch.cat([_factors(layer, a)[1].flatten(1).to(dtype) * (w * float(layer.scaling[a])) for a, w in found],
+    dtype = torch.promote_types(factors(layer, found[0][0])[0].dtype, torch.float32)
+    b = torch.cat([factors(layer, a)[1].flatten(1).to(dtype) * (w * float(layer.scaling[a])) for a, w in found],
                   dim=1)
-    return b, torch.cat([_factors(layer, a)[0].flatten(1).to(dtype) for a, _ in found], dim=0)
+    return b, torch.cat([factors(layer, a)[0].flatten(1).to(dtype) for a, _ in found], dim=0)
 
 
 def _low_rank_svd(b: torch.Tensor, a: torch.Tensor, kwargs: dict):
