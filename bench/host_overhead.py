@@ -240,7 +240,7 @@ def breakdown(rounds: int, iters: int, in_f: int = 64, out_f: int = 64, r: int =
         "lora_linear_triton fwd+bwd": lambda: torch.autograd.backward(
             op.lora_linear_triton(x, w, None, a, b, 2.0, 0.0, None), g),
         "autograd.Function fwd+bwd": lambda: torch.autograd.backward(
-            op._OP.eager.apply(x, w, None, a, b, None, 2.0, 0.0, None)[0], g),
+            op._OP.eager.apply(x, w, None, a, b, None, 2.0, 0.0, None), g),
         "forward body alone": lambda: op._forward(x.detach(), w, None, a, b, None, 2.0, 0.0, None),
         "backward body alone": lambda: op._backward_impl(g, x.detach(), w, a, b, z, None, 2.0, 0.0, True, True, True),
     }

@@ -169,7 +169,7 @@ def dora_dropout_linear_triton(x: Tensor, weight: Tensor, bias, lora_a: Tensor, 
         bias = bias.to(x.dtype)
     seed = dropout_seed(x.device)
     args = (x, weight, bias, lora_a, lora_b, mag_scale, float(scaling), float(dropout_p), seed)
-    return _OP(*args, needs_grad=needs_grad(x, weight, bias, lora_a, lora_b, mag_scale))[0]
+    return _OP(*args, needs_grad=needs_grad(x, weight, bias, lora_a, lora_b, mag_scale))
 
 
 def dora_dropout_linear(x: Tensor, weight: Tensor, bias, lora_a: Tensor, lora_b: Tensor, scaling: float,

@@ -206,7 +206,7 @@ def dora_linear_triton(base: Optional[Tensor], x: Tensor, bias: Optional[Tensor]
         if decodes(x, lora_a, 0.0, grad):  # and at decode the whole delta is one launch
             return _decode(*args)
         return _fwd_impl(*args, inplace=True)[0]
-    return _OP(*args, needs_grad=grad)[0]
+    return _OP(*args, needs_grad=grad)
 
 
 def dora_linear(base: Optional[Tensor], x: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,

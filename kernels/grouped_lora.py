@@ -145,7 +145,7 @@ def grouped_lora_torch(x: Tensor, a3: Tensor, b3: Tensor, scaling: float, meta: 
     operands."""
     check_grouped_lora_args(x, a3, b3, meta)
     if torch.compiler.is_compiling():
-        return _TORCH_OP(x, a3, b3, float(scaling), meta.slot_counts, needs_grad=needs_grad(x, a3, b3))[0]
+        return _TORCH_OP(x, a3, b3, float(scaling), meta.slot_counts, needs_grad=needs_grad(x, a3, b3))
     return _torch_delta(x, a3, b3, float(scaling), meta.slot_counts)
 
 
@@ -295,7 +295,7 @@ def grouped_lora_triton(x: Tensor, a3: Tensor, b3: Tensor, scaling: float, meta:
     check_grouped_lora_args(x, a3, b3, meta)
     m = meta
     return _OP(x, a3, b3, float(scaling), m.token_slots, m.sorted_tokens, m.slot_starts, m.slot_counts,
-               m.tile_slots, m.tile_rows, m.n_slots, m.block_m, needs_grad=needs_grad(x, a3, b3))[0]
+               m.tile_slots, m.tile_rows, m.n_slots, m.block_m, needs_grad=needs_grad(x, a3, b3))
 
 
 def grouped_lora(x: Tensor, a3: Tensor, b3: Tensor, scaling: float, meta: LoraBatchMeta, *,

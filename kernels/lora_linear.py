@@ -163,7 +163,7 @@ def lora_linear_triton(x, weight, bias, lora_a, lora_b, scaling: float, dropout_
     if decodes(x, lora_a, dropout_p, grad):
         return _decode(x, weight, bias, lora_a, lora_b, lora_bias, float(scaling))
     seed = dropout_seed(x.device) if dropout_p > 0 else None
-    return _OP(x, weight, bias, lora_a, lora_b, lora_bias, float(scaling), float(dropout_p), seed, needs_grad=grad)[0]
+    return _OP(x, weight, bias, lora_a, lora_b, lora_bias, float(scaling), float(dropout_p), seed, needs_grad=grad)
 
 
 def lora_linear(x, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float = 0.0, lora_bias=None):

@@ -163,7 +163,7 @@ def qlora_linear_triton(x, packed, state: NF4State, bias, lora_a, lora_b, scalin
         return y.view(*x.shape[:-1], y.shape[-1])
     seed = dropout_seed(x.device) if dropout_p > 0 else None
     return _OP(x, packed_flat, absmax, code, nabs, ncode, offset, nbs, bias, lora_a, lora_b, lora_bias,
-               int(state.shape[0]), int(state.blocksize), float(scaling), float(dropout_p), seed, needs_grad=grad)[0]
+               int(state.shape[0]), int(state.blocksize), float(scaling), float(dropout_p), seed, needs_grad=grad)
 
 
 def qlora_linear(x, packed, state: NF4State, bias, lora_a, lora_b, scaling: float, dropout_p: float = 0.0,

@@ -19,7 +19,7 @@ class FusedOp:
     """`name`_fwd / `name`_bwd custom ops in the `peft_fast` namespace, from annotated implementations.
 
     - forward(*args) -> tuple of outputs, the first the only differentiable one (the rest are kept for backward);
-      forward_fake(*args) likewise, for fake tensors.
+      forward_fake(*args) likewise, for fake tensors. Calling the FusedOp returns that first output alone.
     - backward_impl(...) -> tuple of tensors (the backward op); backward_fake likewise.
     - setup_context(ctx, inputs, outputs) saves what backward needs.
     - backward(ctx, *grads, bwd) -> one gradient per forward input; `bwd` is the backward op under torch.compile
@@ -36,31 +36,40 @@ class FusedOp:
         self.fwd_op.register_autograd(functools.partial(backward, bwd=self.bwd_op), setup_context=setup_context)
 
         def eager_forward(ctx, *args):
-            # Only the first output is differentiable; the others are kept for backward: no zero-filled gradients
-            # for them (a DoRA-with-dropout layer would get a [tokens, out] one).
+            # One output, the differentiable one: the others are saved for backward as intermediates, so autograd
+            # neither wraps them nor fills zero gradients for them (a DoRA-with-dropout layer would get a
+            # [tokens, out] one), and a Function with one output is cheaper host time per call.
             ctx.set_materialize_grads(False)
             out = forward(*args)
             setup_context(ctx, args, out)
-            return out
+            ctx.kept = len(out) - 1
+            return out[0]
+
+        def run_backward(ctx, dy):
+            if dy is None:  # no gradient reached the output (an undefined one, unmaterialized)
+                return (None,) * len(ctx.needs_input_grad)
+            return backward(ctx, dy, *(None,) * ctx.kept, bwd=backward_impl)
 
         # Double backward (create_graph=True) would differentiate only the parts written in torch (dy·W) and drop
-        # the kernels' part silently: refused instead, by torch's error for once-differentiable functions.
-        @once_differentiable
-        def eager_backward(ctx, *grads):
-            if grads[0] is None:  # no gradient reached the one differentiable output (a zero one, unmaterialized)
-                return (None,) * len(ctx.needs_input_grad)
-            return backward(ctx, *grads, bwd=backward_impl)
+        # the kernels' part silently: refused instead, by torch's error for once-differentiable functions. Its
+        # wrapper costs host time, so only a backward that records a graph goes through it.
+        once = once_differentiable(run_backward)
+
+        def eager_backward(ctx, dy):
+            if torch.is_grad_enabled():
+                return once(ctx, dy)
+            return run_backward(ctx, dy)
 
         self.eager = type(f"_Eager_{name}", (torch.autograd.Function,),
                           {"forward": staticmethod(eager_forward), "backward": staticmethod(eager_backward)})
 
     def __call__(self, *args, needs_grad: bool):
-        """The outputs, by the cheapest route that still gives autograd (or compile) what it needs."""
+        """The differentiable output, by the cheapest route that still gives autograd (or compile) what it needs."""
         if torch.compiler.is_compiling():
-            return self.fwd_op(*args)
+            return self.fwd_op(*args)[0]
         if needs_grad:
             return self.eager.apply(*args)
-        return self.forward(*args)
+        return self.forward(*args)[0]
 
 
 def needs_grad(*tensors) -> bool:
