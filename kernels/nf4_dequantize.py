@@ -16,6 +16,7 @@ from .common.backend import HAS_TRITON, use_triton
 from .common.autograd import OpaqueOp
 from .common.nf4_format import NF4State, absmax_f32, check_nf4_args, launch_args
 from .common.launch import launch
+from .common.tiling import cdiv
 
 __all__ = ["nf4_dequantize", "nf4_dequantize_reference", "nf4_dequantize_triton", "dequantize_raw"]
 
@@ -77,7 +78,7 @@ def _dequantize(packed: Tensor, absmax: Tensor, code: Tensor, nabs: Optional[Ten
     n = math.prod(shape)
     out = torch.empty(shape, dtype=dtype, device=packed.device)
     BLOCK = 1024
-    grid = (triton.cdiv((n + 1) // 2, BLOCK),)
+    grid = (cdiv((n + 1) // 2, BLOCK),)
     nested = nabs is not None
     if not nested:
         nabs, ncode, offset, nested_blocksize = absmax, code, absmax, 1

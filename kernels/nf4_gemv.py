@@ -25,7 +25,7 @@ from .common.autograd import OpaqueOp
 from .common.backend import HAS_TRITON, use_triton
 from .common.dot_policy import DOT_F64, dot_mode, precision
 from .common.nf4_format import NF4State, check_nf4_args, launch_args
-from .common.tiling import cdiv
+from .common.tiling import cdiv, np2
 from .nf4_dequantize import nf4_dequantize_reference
 from .common.launch import launch
 
@@ -113,7 +113,7 @@ def _gemv(x2d: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, nabs: Optio
     if not nested:
         nabs, ncode, offset, nbs = absmax, code, absmax, 1
     # float64 (tests) reduces a [BLOCK_M, BLOCK_N, BLOCK_K] product in registers: keep that block small.
-    BLOCK_N, BLOCK_K = 16, min(32 if dot == DOT_F64 else 256, max(16, triton.next_power_of_2(K)))
+    BLOCK_N, BLOCK_K = 16, min(32 if dot == DOT_F64 else 256, max(16, np2(K)))
     launch(_nf4_gemv_kernel, (cdiv(out_f, BLOCK_N),),
         x2d, packed, absmax, code, nabs, ncode, offset, bias if bias is not None else y, y,
         M, out_f, K, x2d.stride(0), x2d.stride(1), y.stride(0), y.stride(1),

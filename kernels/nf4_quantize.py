@@ -20,6 +20,7 @@ from torch import Tensor
 from .common.backend import HAS_TRITON, use_triton
 from .common.nf4_format import BLOCKSIZES, DTYPES, DYNAMIC_CODE, NESTED_BLOCKSIZE, NF4State, code4
 from .common.launch import launch
+from .common.tiling import cdiv
 
 __all__ = ["nf4_quantize", "nf4_quantize_reference", "nf4_quantize_triton"]
 
@@ -83,7 +84,7 @@ def _quantize_codes(flat: Tensor, absmax: Tensor, code: Tensor, blocksize: int) 
     mids = ((code[order[:-1]] + code[order[1:]]) / 2).float().contiguous()
     packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=flat.device)
     BLOCK = 1024
-    launch(_nf4_quantize_kernel, (triton.cdiv((n + 1) // 2, BLOCK),),
+    launch(_nf4_quantize_kernel, (cdiv((n + 1) // 2, BLOCK),),
         flat, absmax.float().contiguous(), mids, order.to(torch.int32).contiguous(), packed, n,
         BLOCKSIZE=blocksize, BLOCK=BLOCK, IDX64=n + 4 * BLOCK >= 2**31)
     return packed
