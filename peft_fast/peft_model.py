@@ -14,6 +14,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 from transformers.utils import PushToHubMixin
 
 from . import files
+from .fused.patching import base_class
 from .config import CONFIG_NAME, PeftConfig, as_config
 from .batching import PREPARE_LOCK, SERVING, changes_adapters, enter_batch, leave_batch
 from .loading import convert_v4_layout, init_when_loading, plan_file, read_adapter
@@ -292,7 +293,7 @@ class PeftModel(*_bases()):
         # PEFT records the base model class for task-less adapters, so AutoPeftModel can rebuild the model.
         if config.task_type is not None:
             return None
-        cls = type(self.get_base_model())
+        cls = base_class(type(self.get_base_model()))  # a fused decoder's class records the class it fuses
         return {"base_model_class": cls.__name__, "parent_library": cls.__module__}
 
     @classmethod

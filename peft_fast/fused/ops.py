@@ -77,6 +77,10 @@ def _compiled_rope(apply_rotary_pos_emb: Callable) -> Callable:
 
 @functools.lru_cache(maxsize=None)
 def compile_ops() -> Ops:
+    # AOTAutograd's donated buffers (a compiled backward freeing its saved tensors) refuse a second backward
+    # (`retain_graph=True`, `create_graph=True`), which the unfused modules take. The flag is global (read where
+    # graphs compile and again at each backward), so the compile backend turns it off for the process (README).
+    torch._functorch.config.donated_buffer = False
     compiled_step = _compiled(loss_ops.chunk_step)
 
     def step(*args):  # a plain function around it: torch 2.11's compile breaks on a compiled one given to apply

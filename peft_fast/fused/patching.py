@@ -63,10 +63,16 @@ def _act_name(act_fn: nn.Module) -> Optional[str]:
 # ---- the fused forwards, one per part, built once per (class, part, backend)
 def _norm_forward(base: type, backend: str, family: str, eps_attr: str) -> Callable:
     ops = ops_for(backend)
-    rms_norm = ops.per_class(ops.rms_norm, base.__name__)
     gemma = family in _GEMMA_NORMS
+    # One compiled copy per rank and normalised size: Qwen3's and Gemma 3's q/k norms ([..., heads, head_dim]) would
+    # otherwise share the layer norms' dynamo cache, whose recompile limit a generate() then exhausts.
+    copies: dict[tuple[int, int], Callable] = {}
 
     def forward(self, hidden_states):
+        key = (hidden_states.dim(), hidden_states.shape[-1])
+        rms_norm = copies.get(key)
+        if rms_norm is None:
+            rms_norm = copies.setdefault(key, ops.per_class(ops.rms_norm, f"{base.__name__}_{key[0]}d{key[1]}"))
         return rms_norm(hidden_states, self.weight, getattr(self, eps_attr), gemma)
     return forward
 
@@ -182,7 +188,20 @@ def _attention_forward(base: type, backend: str) -> Optional[Callable]:
                                    inner.__closure__)
     new_inner.__kwdefaults__, new_inner.__qualname__ = inner.__kwdefaults__, inner.__qualname__
     new_inner.__dict__.update(inner.__dict__)
-    return _rebuilt(base.forward, new_inner)
+    # The other globals the forward reads come from the live module at each call: a later patch of the modeling
+    # module (an attention function, a mask helper) reaches fused models as it reaches unfused ones.
+    live = inner.__globals__
+    names = tuple(n for n in inner.__code__.co_names if n in live and n != "apply_rotary_pos_emb")
+    copied = namespace.__dict__
+
+    @functools.wraps(new_inner)
+    def synced(*args, **kwargs):
+        if not torch.compiler.is_compiling():  # (an outer compile guards on the namespace itself)
+            for n in names:
+                if n in live:
+                    copied[n] = live[n]
+        return new_inner(*args, **kwargs)
+    return _rebuilt(base.forward, synced)
 
 
 # ---- fused classes, by name (what pickle stores: `peft_fast.fused.patching.Fused__...`)

@@ -13,6 +13,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from .base_layer import TunerLayer
+
 
 def _layer_list(model: nn.Module) -> tuple[nn.Module, nn.Module, str, nn.ModuleList]:
     inner = model
@@ -38,6 +40,10 @@ def _shared_copy(layer: nn.Module) -> nn.Module:
     return clone
 
 
+def _carries_adapters(layer: nn.Module) -> bool:
+    return any(isinstance(m, TunerLayer) for m in layer.modules())
+
+
 def _check_map(layer_map, n: int) -> list[tuple[int, int]]:
     ranges = []
     for item in layer_map:
@@ -54,6 +60,14 @@ def replicate_layers(model: nn.Module, layer_map: Sequence) -> Callable[[], None
     """Rebuild `model`'s layer list from `layer_map` (see the module docstring); returns the undo."""
     inner, owner, attr, layers = _layer_list(model)
     ranges = _check_map(layer_map, len(layers))
+    kept = {i for start, end in ranges for i in range(start, end)}
+    dropped = [i for i in range(len(layers)) if i not in kept and _carries_adapters(layers[i])]
+    if dropped:
+        # PEFT drops them, and with them those adapters' factors: silently wrong outputs for the earlier adapters.
+        raise ValueError(f"layer_replication {list(layer_map)!r} leaves out layer(s) {dropped} of the model's current "
+                         f"{len(layers)}, which carry adapters: their factors would be lost. The layers were "
+                         "replicated already (or adapted before): give a map over the current layers that keeps "
+                         "them, or add this adapter to a fresh copy of the base model.")
     new = []
     for start, end in ranges:
         for i in range(start, end):

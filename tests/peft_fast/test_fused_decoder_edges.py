@@ -190,3 +190,113 @@ def test_the_norms_take_the_models_own_epsilon(family):
     plain, fast = _pair(family, rms_norm_eps=0.5)
     assert "rms_norm" in peft_fast.fused_parts(fast)
     _same(fast.eval()(input_ids=IDS).logits, plain.eval()(input_ids=IDS).logits)
+
+
+def test_a_second_backward_through_a_fused_lora_model_works_as_unfused():
+    """retain_graph=True, then another backward: AOTAutograd's donated buffers would refuse it in the compiled norms
+    and activations once the base weights are frozen (LoRA); the unfused model takes it."""
+    cfg = dict(r=4, target_modules=["q_proj", "v_proj"])
+    plain = peft_fast.get_peft_model(tiny_causal_lm("llama"), peft_fast.LoraConfig(**cfg))
+    fast = peft_fast.get_peft_model(copy.deepcopy(plain.base_model.model), peft_fast.LoraConfig(**cfg), fused="compile")
+    fast.load_state_dict(plain.state_dict())
+    grads = []
+    for model in (plain.train(), fast.train()):
+        loss = model(input_ids=IDS, labels=IDS).loss
+        loss.backward(retain_graph=True)
+        loss.backward()  # the gradients of two backwards, summed
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        _same(grads[1][name], grads[0][name])
+    norm = copy.deepcopy(fast.base_model.model.model.norm)  # a frozen fused norm on its own, at a new shape
+    x = torch.randn(2, 3, 64, requires_grad=True)
+    y = norm(x).sum()
+    y.backward(retain_graph=True)
+    y.backward()
+
+
+def test_the_fused_loss_refuses_a_second_differentiation():
+    """Its gradients are computed in forward: create_graph=True could not differentiate them again, so a second
+    derivative through it is refused rather than silently missing its dependence on the hidden states. (The
+    compiled norms refuse it too, with torch.compile's own error.)"""
+    from peft_fast.fused import loss as loss_ops
+
+    h = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(11, 8, dtype=torch.float64)
+    loss = loss_ops.linear_cross_entropy(h, w, torch.randint(0, 11, (6,)))
+    (g,) = torch.autograd.grad(loss * loss, h, create_graph=True)  # (loss²: the upstream gradient records a graph)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        g.pow(2).sum().backward()
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+def test_q_and_k_norms_do_not_exhaust_the_layer_norms_recompile_limit(family):
+    """Qwen3 and Gemma 3 normalise q and k per head ([..., heads, head_dim]) with the layer norms' class: one
+    compiled copy per rank and size keeps training steps, eval and a generate within dynamo's recompile limit (at
+    which the norms would silently run unfused for every model of the class)."""
+    import logging
+
+    lora = dict(r=4, target_modules=["q_proj", "v_proj", "gate_proj", "up_proj"])  # some norm inputs require grad
+    fast = peft_fast.get_peft_model(tiny_causal_lm(family), peft_fast.LoraConfig(**lora), fused="compile")
+    torch._dynamo.reset()
+    hits = []
+
+    class _Hits(logging.Handler):
+        def emit(self, record):
+            if "recompile_limit" in record.getMessage():
+                hits.append(record.getMessage())
+
+    handler = _Hits()
+    loggers = [logging.getLogger(n) for n in ("torch._dynamo", "torch._dynamo.convert_frame")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        for length in (9, 14, 23, 17):
+            ids = torch.randint(0, 211, (2, length))
+            fast(input_ids=ids, labels=ids).loss.backward()
+        fast.eval()
+        with torch.no_grad():
+            fast(input_ids=ids)
+        fast.generate(input_ids=ids[:, :5], max_new_tokens=4, do_sample=False, pad_token_id=0)
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+    assert not hits, hits  # dynamo logs each function that reached the limit
+
+
+def test_the_fused_attention_reads_the_modeling_modules_globals_as_they_are_now(monkeypatch):
+    """A later patch of the modeling module (here its attention function) reaches a fused model, fused before or
+    after the patch, as it reaches the unfused one."""
+    import transformers.models.llama.modeling_llama as modeling
+
+    plain = tiny_causal_lm("llama")
+    plain.config._attn_implementation = "eager"
+    before = peft_fast.fuse(copy.deepcopy(plain), "compile")
+    calls = []
+    original = modeling.eager_attention_forward
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(modeling, "eager_attention_forward", spy)
+    after = peft_fast.fuse(copy.deepcopy(plain), "compile")
+    counts = []
+    for model in (plain, before, after):
+        calls.clear()
+        model.eval()(input_ids=IDS[:1, :5])
+        counts.append(len(calls))
+    assert counts == [2, 2, 2]  # one call per decoder layer
+
+
+def test_a_task_less_adapter_saved_from_a_fused_model_names_the_transformers_class(tmp_path):
+    """auto_mapping (what AutoPeftModel rebuilds a task-less adapter's base from) names the class the fused one
+    stands for, in transformers' module."""
+    import json
+
+    model = peft_fast.get_peft_model(tiny_causal_lm("llama"), peft_fast.LoraConfig(r=2, target_modules=["q_proj"]),
+                                     fused="compile")
+    model.save_pretrained(tmp_path)
+    mapping = json.loads((tmp_path / "adapter_config.json").read_text())["auto_mapping"]
+    assert mapping == {"base_model_class": "LlamaForCausalLM",
+                       "parent_library": "transformers.models.llama.modeling_llama"}

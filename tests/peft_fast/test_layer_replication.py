@@ -304,3 +304,45 @@ def test_a_copy_s_own_merge_is_refused():
     assert not copy_layer.merged and torch.equal(copy_layer.base_layer.weight, before)
     layers(i)[0].self_attn.q_proj.merge()  # layer 0 is copied once: nothing shares its weights
     assert layers(i)[0].self_attn.q_proj.merged
+
+
+def test_a_plain_adapter_saved_beside_a_later_replicating_one_reloads_as_peft(tmp_path):
+    """`default` has no layer_replication; `rep`, added after it, replicates its layers, so the saved `default`
+    holds factors for the copies too. Loading `default` (two layers) skips those keys, as PEFT does, and loading
+    `rep` after it gives the saved model, in either library."""
+    kw = {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj", "down_proj"], "init_lora_weights": False}
+    base = base_model("llama")
+    torch.manual_seed(0)
+    model = impl.get_peft_model(base, impl.LoraConfig(**kw))
+    model.add_adapter("rep", impl.LoraConfig(**kw, layer_replication=[[0, 2], [0, 2]]))
+    x = inputs("llama")
+    with torch.no_grad():
+        want = out(model.eval(), x)  # `default` active, over the four layers
+    model.save_pretrained(str(tmp_path))
+    for lib in (impl, ref):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loaded = lib.PeftModel.from_pretrained(base_model("llama"), str(tmp_path))
+        loaded.load_adapter(str(tmp_path / "rep"), "rep")
+        assert len(layers(loaded)) == 4
+        with torch.no_grad():
+            assert_close(out(loaded.eval(), x), want, msg=lib.__name__)
+
+
+@peft_fast_only
+def test_a_replication_that_would_drop_adapted_layers_is_refused(tmp_path):
+    """Loading an adapter with MAP onto a model MAP replicated already rebuilds the list from the copies and drops
+    the last one, with `default`'s factors on it: PEFT does so silently (its outputs change); refused here, with the
+    model unchanged."""
+    model = build(impl)
+    model.save_pretrained(str(tmp_path))
+    x = inputs("llama")
+    with torch.no_grad():
+        want = out(model.eval(), x)
+    before = list(layers(model))
+    with pytest.raises(ValueError, match=r"leaves out layer\(s\) \[2\] .* carry adapters"):
+        model.load_adapter(str(tmp_path), "again")
+    assert list(layers(model)) == before and "again" not in model.peft_config
+    assert model.base_model.model.config.num_hidden_layers == 3
+    with torch.no_grad():
+        assert torch.equal(out(model.eval(), x), want)

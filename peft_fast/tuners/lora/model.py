@@ -83,8 +83,8 @@ class LoraModel(TunerModel):
 
     @classmethod
     def file_tensors(cls, model, config, tensors):
-        if not getattr(config, "layer_replication", None):
-            return tensors
+        # Whatever this adapter's config says: a plain adapter saved after a later one replicated the layers holds
+        # its factors for the copies too.
         beyond = set(keys_beyond_layers(model, tensors, PREFIX))
         if beyond:
             warnings.warn(f"{len(beyond)} key(s) of the adapter file address replicated layers this model does not "
