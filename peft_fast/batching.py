@@ -22,7 +22,7 @@ from .kernels import make_lora_batch_meta
 from .names import BASE_NAME as BASE
 
 
-class AdapterNames(list):
+class AdapterNames:
     """The ``adapter_names`` a layer sees: the user's one-name-per-sample list, plus what every layer of one forward
     pass shares. Slots number the model's adapters in one global order, so one token-to-slot mapping (and its
     grouping metadata, built once per batch shape) serves all layers. `owner` is the routing key of the model
@@ -34,7 +34,7 @@ class AdapterNames(list):
     def __init__(self, names: list[str], slot_names: tuple[Optional[str], ...], owner: object = None,
                  encoder: Optional[tuple[frozenset, "AdapterNames"]] = None, device: Optional[torch.device] = None,
                  prepared: bool = False):
-        super().__init__(names)
+        self._names = list(names)
         self.slot_names = slot_names
         self.owner, self.encoder, self.prepared = owner, encoder, prepared
         index = {n: i for i, n in enumerate(slot_names) if n is not None}
@@ -42,6 +42,25 @@ class AdapterNames(list):
         self.sample_slots = torch.tensor([index.get(n, -1) if n != BASE else -1 for n in names], dtype=torch.int32,
                                          device=device)
         self._meta: dict = {}
+
+    # A sequence of the names, not a list: traced code reading a list guards on its length, and a compiled forward
+    # would recompile for every batch size instead of going dynamic.
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __getitem__(self, i):
+        return self._names[i]
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, (list, tuple, AdapterNames)) and self._names == list(other)
+
+    __hash__ = None  # (as a list's)
+
+    def __repr__(self) -> str:
+        return repr(self._names)
 
     def for_layer(self, layer) -> "AdapterNames":
         if self.encoder is not None and id(layer) in self.encoder[0]:

@@ -13,7 +13,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .tiling import cdiv, np2
+from .tiling import cdiv
 
 
 @dataclass
@@ -106,7 +106,9 @@ def slot_rows(meta: LoraBatchMeta) -> list[tuple[int, Tensor]]:
 
 def block_m(tokens_per_slot: int) -> int:
     # tl.dot needs every block dim >= 16; 64 tokens per tile is where prefill tiles stop gaining reuse of A.
-    return min(64, max(16, np2(tokens_per_slot)))
+    # Comparisons rather than a power of two by bit_length: under torch.compile a symbolic token count then guards
+    # on a range (three graphs at most), not on its value (one graph per batch shape).
+    return 16 if tokens_per_slot <= 16 else 32 if tokens_per_slot <= 32 else 64
 
 
 def check_launch(op: str, *ts: Optional[Tensor]) -> None:

@@ -28,7 +28,9 @@ from . import merging
 
 
 def check_adapter_names(x: torch.Tensor, adapter_names: list[str]) -> None:
-    if len(x) != len(adapter_names):
+    slots = getattr(adapter_names, "sample_slots", None)
+    n = slots.shape[0] if slots is not None else len(adapter_names)  # symbolic under torch.compile
+    if len(x) != n:
         raise ValueError("Length of `adapter_names` should be the same as the number of inputs, but got "
                          f"{len(adapter_names)} and {len(x)} respectively.")
 

@@ -32,7 +32,7 @@ class MixedBatchRouting:
         """The checked batch plan of ``adapter_names`` for this model's layers (never traced: names are strings)."""
         if self.training:
             raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
-        if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple, AdapterNames)):
             raise TypeError(f"Got adapter names of type {type(adapter_names).__name__}, expected a list of str.")
         for i, n in enumerate(adapter_names):
             if not isinstance(n, str):

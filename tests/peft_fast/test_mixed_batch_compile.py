@@ -196,3 +196,22 @@ def test_adding_adapters_recompiles_only_when_the_slots_double(fresh, kind):
     # 2 adapters: compiled once; 3 (4 slots), 5 (8 slots) and 9 (16 slots) compile again; 4, 6, 7, 8 adapters and
     # the deletion do not
     assert counts == [g, 2 * g, 2 * g, 3 * g, 3 * g, 3 * g, 3 * g, 4 * g, 4 * g], counts
+
+
+def test_new_batch_shapes_go_dynamic_instead_of_recompiling_each(fresh):
+    """A server's prompts come in every length and batch size: after the second shape the compiled mixed forward is
+    dynamic, a few graphs in all (one per tile size of the batched kernels), where it used to compile one per shape
+    and run eagerly past dynamo's recompile limit. (The outer frames that only hand the names to the batch plan
+    make no graph; they guard on the names' number, and recompile per batch size, without a graph.)"""
+    model, cnt = _model(), CompileCounter()
+    compiled = torch.compile(model, backend=cnt)
+    shapes = [(4, s) for s in range(5, 12)] + [(b, 6) for b in (1, 2, 3, 5, 7, 9)]
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=64):
+        for b, s in shapes:
+            ids = torch.randint(1, 128, (b, s), generator=torch.Generator().manual_seed(b * 100 + s))
+            mix = (MIXES[0] * 3)[:b]
+            assert_close(compiled(input_ids=ids, adapter_names=mix).logits,
+                         model(input_ids=ids, adapter_names=mix).logits, msg=f"{b}x{s}")
+    # the first shape, each dimension going dynamic, batch size 1 (dynamo specializes 0 and 1), a tile size per
+    # range of tokens per slot: 6 here; 13 (one per shape) when a guard pinned the batch's sizes
+    assert cnt.frame_count <= 7, cnt.frame_count
