@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .base_layer import TunerLayer
+from .modules_to_save import ModulesToSaveWrapper
 
 
 def _layer_list(model: nn.Module) -> tuple[nn.Module, nn.Module, str, nn.ModuleList]:
@@ -41,7 +42,7 @@ def _shared_copy(layer: nn.Module) -> nn.Module:
 
 
 def _carries_adapters(layer: nn.Module) -> bool:
-    return any(isinstance(m, TunerLayer) for m in layer.modules())
+    return any(isinstance(m, (TunerLayer, ModulesToSaveWrapper)) for m in layer.modules())
 
 
 def _check_map(layer_map, n: int) -> list[tuple[int, int]]:
