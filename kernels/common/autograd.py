@@ -12,7 +12,6 @@ import functools
 from typing import Callable, Optional
 
 import torch
-from torch.autograd.function import once_differentiable
 
 
 class FusedOp:
@@ -45,20 +44,11 @@ class FusedOp:
             ctx.kept = len(out) - 1
             return out[0]
 
-        def run_backward(ctx, dy):
+        @differentiable_once
+        def eager_backward(ctx, dy):
             if dy is None:  # no gradient reached the output (an undefined one, unmaterialized)
                 return (None,) * len(ctx.needs_input_grad)
             return backward(ctx, dy, *(None,) * ctx.kept, bwd=backward_impl)
-
-        # Double backward (create_graph=True) would differentiate only the parts written in torch (dy·W) and drop
-        # the kernels' part silently: refused instead, by torch's error for once-differentiable functions. Its
-        # wrapper costs host time, so only a backward that records a graph goes through it.
-        once = once_differentiable(run_backward)
-
-        def eager_backward(ctx, dy):
-            if torch.is_grad_enabled():
-                return once(ctx, dy)
-            return run_backward(ctx, dy)
 
         self.eager = type(f"_Eager_{name}", (torch.autograd.Function,),
                           {"forward": staticmethod(eager_forward), "backward": staticmethod(eager_backward)})
@@ -70,6 +60,30 @@ class FusedOp:
         if needs_grad:
             return self.eager.apply(*args)
         return self.forward(*args)[0]
+
+
+def differentiable_once(backward: Callable) -> Callable:
+    """A custom Function's backward that refuses a second differentiation (create_graph=True), which would
+    differentiate only the parts written in torch (dy·W) and silently drop the kernels' part. torch's
+    once_differentiable refuses only when the incoming gradient requires grad; a loss linear in the output gives a
+    constant one, so the refusal is attached to every gradient here. Without create_graph it adds nothing (no
+    wrapper's host time on the training path)."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if not torch.is_grad_enabled():
+            return backward(ctx, *grads)
+        with torch.no_grad():
+            out = backward(ctx, *grads)
+        outs = out if isinstance(out, tuple) else (out,)
+        if all(g is None for g in outs):
+            return out
+        refuse = torch._C._functions.DelayedError(
+            b"peft_fast: trying to differentiate twice a fused op (its backward runs kernels autograd cannot "
+            b"differentiate; create_graph=True cannot go through it)", len(outs))
+        return refuse(*(g.detach().requires_grad_() if g is not None else None for g in outs))
+
+    return wrapper
 
 
 def needs_grad(*tensors) -> bool:

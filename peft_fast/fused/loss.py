@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
+from peft_fast.kernels.common.autograd import differentiable_once
 
 # Tokens per chunk are chosen so that one chunk's float32 logits take about as much memory as the hidden states.
 _MIN_CHUNK = 32
@@ -93,9 +93,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         return loss
 
     # The gradients were computed in forward: a second differentiation would miss their dependence on h and the
-    # weight, so create_graph=True is refused (torch's error) rather than silently wrong.
+    # weight, so create_graph=True is refused rather than silently wrong.
     @staticmethod
-    @once_differentiable
+    @differentiable_once
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
         # The upstream factor (1, or a loss scaler's) multiplies in float32, then the result takes the input's dtype.

@@ -46,9 +46,12 @@ def test_double_backward_is_refused(device, op):
     """create_graph=True would differentiate only the torch part of the backward (dy·W), silently dropping the
     kernels' part: the second backward raises instead."""
     y, leaves = _op(device, op)
-    grads = torch.autograd.grad(y.pow(2).sum(), leaves[0], create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice"):
-        grads[0].pow(2).sum().backward()
+    # y²: the upstream gradient records a graph; y·w: a constant one (a gradient penalty on a loss linear in y),
+    # which torch's once_differentiable would let through with the kernels' second-order part silently missing
+    for loss in (y.pow(2).sum(), (y * torch.randn_like(y)).sum()):
+        grads = torch.autograd.grad(loss, leaves[0], create_graph=True, retain_graph=True)
+        with pytest.raises(RuntimeError, match="differentiate twice"):
+            grads[0].pow(2).sum().backward()
 
 
 @pytest.mark.triton

@@ -224,9 +224,10 @@ def test_the_fused_loss_refuses_a_second_differentiation():
     h = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
     w = torch.randn(11, 8, dtype=torch.float64)
     loss = loss_ops.linear_cross_entropy(h, w, torch.randint(0, 11, (6,)))
-    (g,) = torch.autograd.grad(loss * loss, h, create_graph=True)  # (loss²: the upstream gradient records a graph)
-    with pytest.raises(RuntimeError, match="differentiate twice"):
-        g.pow(2).sum().backward()
+    for upstream in (loss, loss * loss):  # a constant upstream gradient, and one that records a graph
+        (g,) = torch.autograd.grad(upstream, h, create_graph=True, retain_graph=True)
+        with pytest.raises(RuntimeError, match="differentiate twice"):
+            g.pow(2).sum().backward()
 
 
 @pytest.mark.parametrize("family", ["qwen3", "gemma3"])
@@ -300,3 +301,22 @@ def test_a_task_less_adapter_saved_from_a_fused_model_names_the_transformers_cla
     mapping = json.loads((tmp_path / "adapter_config.json").read_text())["auto_mapping"]
     assert mapping == {"base_model_class": "LlamaForCausalLM",
                        "parent_library": "transformers.models.llama.modeling_llama"}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_a_fused_model_compiled_before_any_eager_call_is_one_graph(family):
+    """Trainer with torch_compile=True compiles before any eager step: the norms' compiled copies (made per rank and
+    size on their first eager call) must not be made inside the trace, a graph break fullgraph=True refuses. The
+    norm's class gets a fresh name, so no copy exists yet, whatever ran before in this process."""
+    base = tiny_causal_lm(family)
+    for module in base.modules():
+        if type(module).__name__.endswith("RMSNorm"):
+            fresh = type(type(module).__name__, (type(module),), {"__module__": type(module).__module__})
+            module.__class__ = fresh
+    fast = peft_fast.fuse(base, "compile").eval()
+    assert peft_fast.fused_parts(fast)["rms_norm"] > 0
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(fast, backend="eager", fullgraph=True)(input_ids=IDS).logits
+        want = fast(input_ids=IDS).logits
+    _same(got, want)
