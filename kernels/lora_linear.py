@@ -19,7 +19,7 @@ from .common.backend import HAS_TRITON, use_triton
 from .common.lora_decode import decodes, mm_decode
 from .common.lora_launches import check_factors, lora_backward, lora_forward
 from .common.lora_mm import dropout_seed
-from .common.tiling import rows2d, z_dtype
+from .common.tiling import rows2d, unrows_owned, z_dtype
 
 __all__ = ["lora_linear", "lora_linear_reference", "lora_linear_triton", "lora_linear_masked_reference"]
 
@@ -63,7 +63,10 @@ def lora_linear_masked_reference(x, weight, bias, lora_a, lora_b, scaling, mask,
 def _forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
              lora_bias: Optional[Tensor], scaling: float, dropout_p: float,
              seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    if weight is not None:
+    if weight is not None and bias is not None and x.dim() > 2:
+        # F.linear returns a view here (one addmm over the rows): the same addmm, returned as a fresh tensor
+        y = unrows_owned(F.linear(rows2d(x), weight, bias), x.shape[:-1])
+    elif weight is not None:
         y = F.linear(x, weight, bias)
     else:
         y = torch.empty((*x.shape[:-1], lora_b.shape[0]), device=x.device, dtype=lora_a.dtype)

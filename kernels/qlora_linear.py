@@ -24,7 +24,7 @@ from .common.lora_decode import decodes, mm_decode
 from .common.lora_launches import check_factors, lora_backward, lora_forward
 from .common.lora_mm import dropout_seed
 from .common.nf4_format import NF4State, launch_args
-from .common.tiling import rows2d, unrows, z_dtype
+from .common.tiling import rows2d, unrows, unrows_owned, z_dtype
 from .nf4_dequantize import nf4_dequantize_reference
 from .nf4_linear import check_nf4_linear_args, nf4_matmul
 
@@ -68,7 +68,7 @@ def _forward(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, nabs: Opti
                    in_f=x2d.shape[1], bias=bias)
     z = lora_forward(x2d, lora_a, lora_b, y, z_dtype(x, lora_a, lora_b), scaling, dropout_p, seed, accumulate=True,
                      lora_bias=lora_bias)
-    return unrows(y, x.shape[:-1]), unrows(z, x.shape[:-1])
+    return unrows_owned(y, x.shape[:-1]), unrows(z, x.shape[:-1])
 
 
 def _forward_fake(x, packed, absmax, code, nabs, ncode, offset, nbs, bias, lora_a, lora_b, lora_bias, out_f,

@@ -70,3 +70,10 @@ def z_dtype(*ts: Tensor) -> torch.dtype:
 def unrows(t: Tensor, lead: torch.Size) -> Tensor:
     """rows2d undone: t [rows, d] as [*lead, d] (t itself when lead is one dim)."""
     return t if len(lead) == 1 else t.view(*lead, t.shape[-1])
+
+
+def unrows_owned(t: Tensor, lead: torch.Size) -> Tensor:
+    """unrows for a fresh tensor a custom autograd Function returns and does not save: not a view in autograd's
+    eyes (aten._unsafe_view, as torch's matmul returns its folded result), so that callers may modify it in place,
+    as models do with a layer's output; a view made inside a Function could not be."""
+    return t if len(lead) == 1 else torch.ops.aten._unsafe_view(t, (*lead, t.shape[-1]))

@@ -62,3 +62,37 @@ def test_an_undefined_output_gradient_gives_none(device, op):
     undefined = torch._C._functions.UndefinedGrad()(y)
     grads = torch.autograd.grad(undefined, leaves, torch.ones_like(y), allow_unused=True)
     assert all(g is None for g in grads)  # not zeros: the backward must not run on a materialized zero dy
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("op", ["lora", "lora dropout", "qlora"])
+@pytest.mark.parametrize("lead", [(2, 3), (6,)])
+def test_the_output_may_be_modified_in_place_as_a_native_ops(device, op, lead):
+    """Models modify a layer's output in place (y.mul_(...)), which PEFT's native ops allow. The ops that do not keep
+    their output for backward return a tensor of their own, not a view made inside the Function (which autograd
+    would refuse to modify), also for [..., in] inputs with a bias; the gradients are the reference's."""
+    from peft_fast.kernels import lora_linear_reference, nf4_quantize, qlora_linear_reference, qlora_linear_triton
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(*lead, 12, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    bias = torch.randn(10, generator=g, dtype=torch.float64).to(device)
+    a = torch.randn(4, 12, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    b = torch.randn(10, 4, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    w = torch.randn(10, 12, generator=g, dtype=torch.float64).to(device)
+    if op == "qlora":
+        packed, state = nf4_quantize(w.float(), blocksize=64)
+        run = lambda f: f(x, packed, state, bias, a, b, 1.5, 0.0)  # noqa: E731
+        fns = (qlora_linear_triton, qlora_linear_reference)
+    else:
+        p = 0.3 if op == "lora dropout" else 0.0
+        run = lambda f: f(x, w, bias, a, b, 1.5, p)  # noqa: E731
+        fns = (lora_linear_triton, lora_linear_reference)
+    grads = []
+    for fn in fns:
+        torch.manual_seed(0)  # the same dropout draws for both: compared only without dropout below
+        y = run(fn)
+        y.mul_(2.0)
+        grads.append(torch.autograd.grad(y.pow(2).sum(), (x, a, b)))
+    if op != "lora dropout":
+        for got, want in zip(*grads):
+            torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9)
