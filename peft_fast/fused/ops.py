@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+import torch._functorch.config as functorch_config
 import torch.nn.functional as F
 
 from peft_fast.fused import loss as loss_ops
@@ -80,7 +81,7 @@ def compile_ops() -> Ops:
     # AOTAutograd's donated buffers (a compiled backward freeing its saved tensors) refuse a second backward
     # (`retain_graph=True`, `create_graph=True`), which the unfused modules take. The flag is global (read where
     # graphs compile and again at each backward), so the compile backend turns it off for the process (README).
-    torch._functorch.config.donated_buffer = False
+    functorch_config.donated_buffer = False
     compiled_step = _compiled(loss_ops.chunk_step)
 
     def step(*args):  # a plain function around it: torch 2.11's compile breaks on a compiled one given to apply
