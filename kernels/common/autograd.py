@@ -66,8 +66,8 @@ def differentiable_once(backward: Callable) -> Callable:
     """A custom Function's backward that refuses a second differentiation (create_graph=True), which would
     differentiate only the parts written in torch (dy·W) and silently drop the kernels' part. torch's
     once_differentiable refuses only when the incoming gradient requires grad; a loss linear in the output gives a
-    constant one, so the refusal is attached to every gradient here. Without create_graph it adds nothing (no
-    wrapper's host time on the training path)."""
+    constant one, so the refusal is attached to every gradient here. Without create_graph it costs one grad-mode
+    check."""
 
     @functools.wraps(backward)
     def wrapper(ctx, *grads):

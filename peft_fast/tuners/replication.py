@@ -13,8 +13,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .base_layer import TunerLayer
-from .modules_to_save import ModulesToSaveWrapper
+from .injection import tuner_layers
 
 
 def _layer_list(model: nn.Module) -> tuple[nn.Module, nn.Module, str, nn.ModuleList]:
@@ -41,10 +40,6 @@ def _shared_copy(layer: nn.Module) -> nn.Module:
     return clone
 
 
-def _carries_adapters(layer: nn.Module) -> bool:
-    return any(isinstance(m, (TunerLayer, ModulesToSaveWrapper)) for m in layer.modules())
-
-
 def _check_map(layer_map, n: int) -> list[tuple[int, int]]:
     ranges = []
     for item in layer_map:
@@ -61,8 +56,9 @@ def replicate_layers(model: nn.Module, layer_map: Sequence) -> Callable[[], None
     """Rebuild `model`'s layer list from `layer_map` (see the module docstring); returns the undo."""
     inner, owner, attr, layers = _layer_list(model)
     ranges = _check_map(layer_map, len(layers))
-    kept = {i for start, end in ranges for i in range(start, end)}
-    dropped = [i for i in range(len(layers)) if i not in kept and _carries_adapters(layers[i])]
+    sources = [i for start, end in ranges for i in range(start, end)]  # the layer each new one copies
+    kept = set(sources)
+    dropped = [i for i in range(len(layers)) if i not in kept and next(tuner_layers(layers[i]), None) is not None]
     if dropped:
         # PEFT drops them, and with them those adapters' factors: silently wrong outputs for the earlier adapters.
         raise ValueError(f"layer_replication {list(layer_map)!r} leaves out layer(s) {dropped} of the model's current "
@@ -70,17 +66,15 @@ def replicate_layers(model: nn.Module, layer_map: Sequence) -> Callable[[], None
                          "replicated already (or adapted before): give a map over the current layers that keeps "
                          "them, or add this adapter to a fresh copy of the base model.")
     new = []
-    for start, end in ranges:
-        for i in range(start, end):
-            clone = _shared_copy(layers[i])
-            for module in clone.modules():  # transformers' attention layers index their cache by it
-                if hasattr(module, "layer_idx"):
-                    module.layer_idx = len(new)
-            new.append(clone)
+    for i in sources:
+        clone = _shared_copy(layers[i])
+        for module in clone.modules():  # transformers' attention layers index their cache by it
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = len(new)
+        new.append(clone)
     config = getattr(inner, "config", None)
     had_count = config is not None and hasattr(config, "num_hidden_layers")
     old_count = config.num_hidden_layers if had_count else None
-    sources = [i for start, end in ranges for i in range(start, end)]
     for clone, source in zip(new, sources):
         if sources.count(source) > 1:
             # Every module of such a copy shares its weights with another copy's: merging refuses them
